@@ -1,0 +1,107 @@
+package api
+
+import "time"
+
+// Instance states (DESIGN: lifecycle). Transient states are shown while an
+// operation holds the instance's write lock.
+const (
+	StateCreated    = "Created"
+	StateRunning    = "Running"
+	StatePaused     = "Paused"
+	StateStandby    = "Standby"
+	StateStopped    = "Stopped"
+	StateForking    = "Forking"
+	StateStandingby = "Standingby"
+	StateRestoring  = "Restoring"
+	StateError      = "Error"
+)
+
+// Fork modes: how a fork got its mem-file.
+const (
+	ForkModeHardlink = "hardlink"
+	ForkModeReflink  = "reflink"
+	ForkModeCopy     = "copy"
+)
+
+// Restore backends.
+const (
+	BackendFile = "file"
+	BackendUffd = "uffd"
+)
+
+// Instance is the JSON shape of one VM.
+type Instance struct {
+	ID               string    `json:"id"`
+	Name             string    `json:"name"`
+	State            string    `json:"state"`
+	Vcpus            int       `json:"vcpus"`
+	MemoryMiB        int       `json:"memory_mib"`
+	Kernel           string    `json:"kernel,omitempty"`
+	Rootfs           string    `json:"rootfs,omitempty"`
+	BootArgs         string    `json:"boot_args,omitempty"`
+	CreatedAt        time.Time `json:"created_at"`
+	Source           string    `json:"source"`             // "" or "instance:<id>" / "snapshot:<id>"
+	SnapshotCacheKey string    `json:"snapshot_cache_key"` // "" until first standby/snapshot
+	MemoryCheck      string    `json:"memory_check"`       // "ok", "unknown" or first integrity error
+	ForkMode         string    `json:"fork_mode"`          // "" for non-forks
+	RestoreBackend   string    `json:"restore_backend"`    // backend of the last/next restore
+	Pid              int       `json:"pid,omitempty"`
+	Error            string    `json:"error"`
+}
+
+// Snapshot is the JSON shape of one immutable snapshot in the store.
+type Snapshot struct {
+	ID               string    `json:"id"`
+	Name             string    `json:"name"`
+	SourceInstance   string    `json:"source_instance"`
+	CreatedAt        time.Time `json:"created_at"`
+	SizeBytes        int64     `json:"size_bytes"`
+	Compression      string    `json:"compression"` // "none" | "zstd"
+	State            string    `json:"state"`       // "ready" | "compressing" | "compressed"
+	SnapshotCacheKey string    `json:"snapshot_cache_key"`
+	MemoryMiB        int       `json:"memory_mib"`
+	Vcpus            int       `json:"vcpus"`
+}
+
+// CreateInstanceRequest is the body of POST /instances.
+type CreateInstanceRequest struct {
+	Name      string `json:"name"`
+	Vcpus     int    `json:"vcpus,omitempty"`      // default 1
+	MemoryMiB int    `json:"memory_mib,omitempty"` // default 256
+	Kernel    string `json:"kernel,omitempty"`
+	Rootfs    string `json:"rootfs,omitempty"`
+	BootArgs  string `json:"boot_args,omitempty"`
+	Start     *bool  `json:"start,omitempty"` // default true
+}
+
+// ActionRequest is the optional body of lifecycle actions
+// (POST /instances/{id}/{action}). Only restore reads RestoreBackend.
+type ActionRequest struct {
+	RestoreBackend string `json:"restore_backend,omitempty"` // "file" | "uffd"; default from config
+}
+
+// ForkRequest is the body of POST /instances/{id}/fork and /snapshots/{id}/fork.
+type ForkRequest struct {
+	Name           string `json:"name"`
+	FromRunning    bool   `json:"from_running,omitempty"`
+	TargetState    string `json:"target_state,omitempty"`    // Standby|Running|Stopped; default: source's state
+	RestoreBackend string `json:"restore_backend,omitempty"` // for target_state Running; default fork_restore_backend
+}
+
+// SnapshotRequest is the body of POST /instances/{id}/snapshots.
+type SnapshotRequest struct {
+	Name        string `json:"name"`
+	Compression string `json:"compression,omitempty"` // "none" (default) | "zstd"
+}
+
+// Error is the body of every error response.
+type Error struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+// Health is the body of GET /health.
+type Health struct {
+	Status  string `json:"status"`
+	Version string `json:"version"`
+}
