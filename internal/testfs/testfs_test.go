@@ -1,0 +1,63 @@
+package testfs
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestMountMakesWritableFSAndCloseDetachesItsDevice(t *testing.T) {
+	for _, kind := range Kinds {
+		t.Run(string(kind), func(t *testing.T) {
+			if why := Unavailable(kind); why != "" {
+				t.Skip("SKIP (not run, not passed): " + why)
+			}
+			fs, err := Mount(kind, DefaultSize)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { fs.Close() })
+			if !mounted(fs.Dir) {
+				t.Fatalf("%s not mounted after Mount", fs.Dir)
+			}
+			if err := os.WriteFile(filepath.Join(fs.TempDir(t), "f"), []byte("x"), 0o600); err != nil {
+				t.Fatalf("write on %s: %v", kind, err)
+			}
+			mi, _ := os.ReadFile("/proc/self/mountinfo")
+			if !strings.Contains(string(mi), " "+string(kind)+" ") {
+				t.Fatalf("no %s mount in mountinfo", kind)
+			}
+			if err := fs.Close(); err != nil {
+				t.Fatalf("Close: %v", err)
+			}
+			if mounted(fs.Dir) {
+				t.Fatalf("%s still mounted after Close", fs.Dir)
+			}
+			if out, _ := run("losetup", "--noheadings", "--list", "--output", "BACK-FILE", fs.Device); strings.Contains(out, fs.Image) {
+				t.Fatalf("%s still attached to %s after Close", fs.Device, fs.Image)
+			}
+			if _, err := os.Stat(fs.Image); !os.IsNotExist(err) {
+				t.Fatalf("image %s left behind: %v", fs.Image, err)
+			}
+		})
+	}
+}
+
+func TestDetachLeavesForeignDeviceAlone(t *testing.T) {
+	if why := Unavailable(Ext4); why != "" {
+		t.Skip("SKIP (not run, not passed): " + why)
+	}
+	fs, err := Mount(Ext4, DefaultSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fs.Close() })
+	// Pretend our device is backed by another image: detach must refuse.
+	real := fs.Image
+	fs.Image = real + ".someone-else"
+	if err := fs.detach(); err == nil {
+		t.Fatalf("detach of %s backed by %s succeeded; want refusal", fs.Device, real)
+	}
+	fs.Image = real
+}
