@@ -234,7 +234,7 @@ func run(name string, args ...string) (string, error) {
 type Pool struct {
 	size int64
 
-	mu sync.Mutex // guards fss and errs
+	mu   sync.Mutex // guards fss and errs
 	fss  map[Kind]*FS
 	errs map[Kind]error
 }
