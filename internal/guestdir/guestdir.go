@@ -1,0 +1,181 @@
+// Package guestdir is the one place that knows every path under forkd's data
+// directory (DESIGN.md §4, a contract that tests and outside checks read):
+//
+//	<data>/forkd.db, <data>/forkd.sock
+//	<data>/guests/<id>/{vmm.sock, logs/vmm.log, kernel, rootfs.ext4}
+//	<data>/guests/<id>/snapshots/snapshot-{latest,base}/{vmstate,memory}
+//	<data>/snapshots/<snapshot-id>/{vmstate,memory,memory.zst,meta.json}
+//	<data>/pager/<version>/{control.sock,pager.pid,sessions/}
+//
+// No other package joins path segments under the data dir. Every id and
+// version is validated here, so no path built from a request can escape the
+// data directory. guestdir does no I/O except where a method says so.
+package guestdir
+
+import (
+	"fmt"
+	"path/filepath"
+	"regexp"
+	"strings"
+)
+
+// MaxSocketPath is the longest unix socket path the kernel accepts
+// (sizeof(sun_path) = 108, including the terminating NUL).
+const MaxSocketPath = 107
+
+// Names of the files and directories inside a guest or snapshot dir.
+const (
+	dbName        = "forkd.db"
+	sockName      = "forkd.sock"
+	guestsName    = "guests"
+	snapshotsName = "snapshots"
+	pagerName     = "pager"
+
+	vmmSockName   = "vmm.sock"
+	logsName      = "logs"
+	vmmLogName    = "vmm.log"
+	kernelName    = "kernel"
+	rootfsName    = "rootfs.ext4"
+	latestName    = "snapshot-latest"
+	baseName      = "snapshot-base"
+	vmstateName   = "vmstate"
+	memoryName    = "memory"
+	memoryZstName = "memory.zst"
+	metaName      = "meta.json"
+
+	// TempPrefix starts the name of every directory under guests/ or
+	// snapshots/ that is being built and not yet renamed into place. The
+	// reconciler removes such directories left by a crash.
+	TempPrefix = ".tmp-"
+	// UnshareSuffix is the temp name memfile.EnsureExclusive writes.
+	UnshareSuffix = ".unshare.tmp"
+)
+
+// idPattern is what ids and names used in paths look like: no dots, no
+// slashes, so an id can never be "..", a hidden temp name or a sub-path.
+var idPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$`)
+
+// versionPattern allows the dots of a semver but never a path separator or "..".
+var versionPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$`)
+
+// ValidID reports whether id can name a guest or snapshot directory.
+func ValidID(id string) error {
+	if !idPattern.MatchString(id) {
+		return fmt.Errorf("invalid id %q: want 1-64 of [A-Za-z0-9_-], not starting with - or _", id)
+	}
+	return nil
+}
+
+// Layout is the data directory. The zero value is not usable; use New.
+type Layout struct {
+	root string
+}
+
+// New returns the layout rooted at dataDir (made absolute and cleaned).
+func New(dataDir string) (Layout, error) {
+	if dataDir == "" {
+		return Layout{}, fmt.Errorf("guestdir: empty data dir")
+	}
+	abs, err := filepath.Abs(dataDir)
+	if err != nil {
+		return Layout{}, fmt.Errorf("guestdir: data dir %s: %w", dataDir, err)
+	}
+	return Layout{root: abs}, nil
+}
+
+// Root is the data directory.
+func (l Layout) Root() string { return l.root }
+
+// DB is the SQLite database.
+func (l Layout) DB() string { return filepath.Join(l.root, dbName) }
+
+// Socket is the daemon's default API socket.
+func (l Layout) Socket() string { return filepath.Join(l.root, sockName) }
+
+// GuestsDir holds one directory per instance.
+func (l Layout) GuestsDir() string { return filepath.Join(l.root, guestsName) }
+
+// SnapshotsDir is the immutable snapshot store.
+func (l Layout) SnapshotsDir() string { return filepath.Join(l.root, snapshotsName) }
+
+// PagerRoot holds one directory per pager version.
+func (l Layout) PagerRoot() string { return filepath.Join(l.root, pagerName) }
+
+// PagerDir is the directory of the pager of one version.
+func (l Layout) PagerDir(version string) (string, error) {
+	if !versionPattern.MatchString(version) || strings.Contains(version, "..") {
+		return "", fmt.Errorf("guestdir: invalid pager version %q", version)
+	}
+	return filepath.Join(l.PagerRoot(), version), nil
+}
+
+// Guest is the directory of one instance.
+func (l Layout) Guest(id string) (Guest, error) {
+	if err := ValidID(id); err != nil {
+		return Guest{}, fmt.Errorf("guestdir: guest: %w", err)
+	}
+	g := Guest{Dir: filepath.Join(l.GuestsDir(), id)}
+	if n := len(g.VMMSock()); n > MaxSocketPath {
+		return Guest{}, fmt.Errorf("guestdir: guest %s: socket path %s is %d bytes, over the kernel's limit of %d: use a shorter data dir", id, g.VMMSock(), n, MaxSocketPath)
+	}
+	return g, nil
+}
+
+// TempGuest is where a fork of id is built before it is renamed to Guest(id).
+func (l Layout) TempGuest(id string) (Guest, error) {
+	if _, err := l.Guest(id); err != nil {
+		return Guest{}, err
+	}
+	return Guest{Dir: filepath.Join(l.GuestsDir(), TempPrefix+id)}, nil
+}
+
+// Snapshot is the store directory of one snapshot.
+func (l Layout) Snapshot(id string) (SnapDir, error) {
+	if err := ValidID(id); err != nil {
+		return SnapDir{}, fmt.Errorf("guestdir: snapshot: %w", err)
+	}
+	return SnapDir{Dir: filepath.Join(l.SnapshotsDir(), id)}, nil
+}
+
+// TempSnapshot is where snapshot id is built before it is renamed into place.
+func (l Layout) TempSnapshot(id string) (SnapDir, error) {
+	if err := ValidID(id); err != nil {
+		return SnapDir{}, fmt.Errorf("guestdir: snapshot: %w", err)
+	}
+	return SnapDir{Dir: filepath.Join(l.SnapshotsDir(), TempPrefix+id)}, nil
+}
+
+// IsTemp reports whether a directory entry name under guests/ or snapshots/
+// is a half-built directory.
+func IsTemp(name string) bool { return strings.HasPrefix(name, TempPrefix) }
+
+// Guest is one instance's directory.
+type Guest struct {
+	Dir string
+}
+
+func (g Guest) VMMSock() string { return filepath.Join(g.Dir, vmmSockName) }
+func (g Guest) LogsDir() string { return filepath.Join(g.Dir, logsName) }
+func (g Guest) VMMLog() string  { return filepath.Join(g.Dir, logsName, vmmLogName) }
+func (g Guest) Kernel() string  { return filepath.Join(g.Dir, kernelName) }
+func (g Guest) Rootfs() string  { return filepath.Join(g.Dir, rootfsName) }
+func (g Guest) SnapshotsDir() string {
+	return filepath.Join(g.Dir, snapshotsName)
+}
+
+// Latest is snapshot-latest/: present exactly while the instance is Standby.
+func (g Guest) Latest() SnapDir { return SnapDir{Dir: filepath.Join(g.SnapshotsDir(), latestName)} }
+
+// Base is snapshot-base/: the retained diff base while the instance runs.
+func (g Guest) Base() SnapDir { return SnapDir{Dir: filepath.Join(g.SnapshotsDir(), baseName)} }
+
+// SnapDir is a directory holding one vmstate + mem-file pair: a guest's
+// snapshot-latest/ or snapshot-base/, or a snapshot in the store.
+type SnapDir struct {
+	Dir string
+}
+
+func (s SnapDir) VMState() string   { return filepath.Join(s.Dir, vmstateName) }
+func (s SnapDir) Memory() string    { return filepath.Join(s.Dir, memoryName) }
+func (s SnapDir) MemoryZst() string { return filepath.Join(s.Dir, memoryZstName) }
+func (s SnapDir) Meta() string      { return filepath.Join(s.Dir, metaName) }

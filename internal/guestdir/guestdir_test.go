@@ -1,0 +1,90 @@
+package guestdir
+
+import (
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestLayoutPathsFollowDesignLayout(t *testing.T) {
+	l, err := New("/data")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := l.Guest("abc123")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := l.Snapshot("snap1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := l.PagerDir("0.1.0-dev")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ got, want string }{
+		{l.DB(), "/data/forkd.db"},
+		{l.Socket(), "/data/forkd.sock"},
+		{g.VMMSock(), "/data/guests/abc123/vmm.sock"},
+		{g.VMMLog(), "/data/guests/abc123/logs/vmm.log"},
+		{g.Kernel(), "/data/guests/abc123/kernel"},
+		{g.Rootfs(), "/data/guests/abc123/rootfs.ext4"},
+		{g.Latest().VMState(), "/data/guests/abc123/snapshots/snapshot-latest/vmstate"},
+		{g.Latest().Memory(), "/data/guests/abc123/snapshots/snapshot-latest/memory"},
+		{g.Base().Memory(), "/data/guests/abc123/snapshots/snapshot-base/memory"},
+		{s.Memory(), "/data/snapshots/snap1/memory"},
+		{s.MemoryZst(), "/data/snapshots/snap1/memory.zst"},
+		{s.Meta(), "/data/snapshots/snap1/meta.json"},
+		{p, "/data/pager/0.1.0-dev"},
+	} {
+		if tc.got != tc.want {
+			t.Errorf("path = %q, want %q", tc.got, tc.want)
+		}
+	}
+}
+
+func TestIDsCannotEscapeDataDir(t *testing.T) {
+	l, _ := New("/data")
+	for _, id := range []string{"", "..", ".", "../x", "a/b", ".tmp-x", "-x", "a b", strings.Repeat("a", 65)} {
+		if g, err := l.Guest(id); err == nil {
+			t.Errorf("Guest(%q) = %s, want an error", id, g.Dir)
+		}
+		if s, err := l.Snapshot(id); err == nil {
+			t.Errorf("Snapshot(%q) = %s, want an error", id, s.Dir)
+		}
+	}
+	for _, v := range []string{"..", "../1", "a/b", ""} {
+		if p, err := l.PagerDir(v); err == nil {
+			t.Errorf("PagerDir(%q) = %s, want an error", v, p)
+		}
+	}
+}
+
+func TestGuestRefusesSocketPathOverKernelLimit(t *testing.T) {
+	long, _ := New("/" + strings.Repeat("d", 80))
+	if _, err := long.Guest(strings.Repeat("a", 24)); err == nil || !strings.Contains(err.Error(), "socket path") {
+		t.Fatalf("Guest under a long data dir: err = %v, want a socket path error", err)
+	}
+	short, _ := New("/d")
+	if _, err := short.Guest(strings.Repeat("a", 24)); err != nil {
+		t.Fatalf("Guest under a short data dir: %v", err)
+	}
+}
+
+func TestTempDirsAreRecognisable(t *testing.T) {
+	l, _ := New("/data")
+	g, err := l.TempGuest("abc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, _ := l.TempSnapshot("abc")
+	for _, d := range []string{g.Dir, s.Dir} {
+		if !IsTemp(filepath.Base(d)) {
+			t.Errorf("IsTemp(%s) = false", d)
+		}
+	}
+	if IsTemp("abc") {
+		t.Error("IsTemp(abc) = true")
+	}
+}
