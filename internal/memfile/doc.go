@@ -1,0 +1,55 @@
+// Package memfile owns every file operation on guest memory files
+// ("mem-files"): sharing one for a fork, cloning it, the unshare guard, merging
+// a diff layer into a base, and compressing it for cold storage.
+//
+// It knows nothing of VMs, instances or snapshots; everything here is a file
+// operation on paths the caller chose. It never logs: degraded paths are
+// reported through Options.Warn and through return values (Mode, Reason), so
+// the caller can log and count them.
+//
+// # Invariants enforced here (DESIGN.md §1)
+//
+//   - Fanout is zero-I/O: ShareForFork hardlinks; not one mem-file byte is read
+//     or written. Only when linking fails (EXDEV, EMLINK, EPERM, ...) does it
+//     fall back to Clone, and it returns the errno name that forced it.
+//   - Nobody writes a shared inode: MergeDiff, the only in-place writer,
+//     refuses a base whose link count is > 1 (ErrShared); EnsureExclusive
+//     replaces such a file with a private copy first, leaving the other links'
+//     inode and bytes untouched.
+//   - A page of zeros that is data stays data. Copies and merges walk
+//     SEEK_DATA/SEEK_HOLE and copy whole data extents; they never look at the
+//     bytes to turn zeros into holes, because a page the guest dirtied to all
+//     zeros must overwrite the base's page when a diff is merged.
+//   - Crash-safe: Clone and EnsureExclusive write <name>.tmp or
+//     <path>.unshare.tmp, fsync it, rename it over the name and fsync the
+//     directory (internal/atomicfile). After a crash the name holds the old
+//     file or the new one, never a partial one; the next call removes a stale
+//     temp. MergeDiff writes in place but is idempotent: after a crash, run it
+//     again with the same diff.
+//
+// # Compressed format (Compress, Decompress, OpenCompressed)
+//
+// A compressed mem-file is a sequence of independent zstd frames, one per
+// fixed-size chunk of the original (FrameSize, 4 MiB by default; the last
+// chunk may be shorter), followed by an index and a fixed-size footer:
+//
+//	frame 0 | frame 1 | ... | frame N-1 | index | footer
+//
+//	index  = N entries of 16 bytes, little-endian:
+//	           offset u64  (byte offset of the frame in the file)
+//	           length u32  (compressed length; 0 = the chunk is all zeros and
+//	                        has no frame: it is restored as a hole)
+//	           crc32c u32  (Castagnoli CRC of the uncompressed chunk; 0 for a
+//	                        zero chunk)
+//	footer = 40 bytes, little-endian:
+//	           magic      [8]byte "FORKDZS1"
+//	           size       u64 (uncompressed size of the original file)
+//	           frameSize  u64 (uncompressed bytes per frame)
+//	           indexOff   u64 (byte offset of the index)
+//	           indexCRC   u32 (crc32c of the index bytes)
+//	           reserved   u32 (0)
+//
+// A reader reads the footer, then the index, and can decompress any frame
+// alone, so ReadAt of a range decompresses only the frames it covers. Every
+// frame is a standard zstd frame, so `zstd -d` of one frame's bytes works too.
+package memfile
