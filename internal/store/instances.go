@@ -1,0 +1,144 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Instance is one row of the instances table: the API's instance fields
+// plus what the manager needs to find its VMM and pager session again.
+type Instance struct {
+	ID               string
+	Name             string
+	State            string
+	Vcpus            int
+	MemoryMiB        int
+	Kernel           string // user kernel path, or "" for the guest dir's own
+	Rootfs           string // the path the user gave at create (informational)
+	BootArgs         string
+	CreatedAt        time.Time
+	Source           string
+	SnapshotCacheKey string
+	MemoryCheck      string
+	ForkMode         string
+	RestoreBackend   string
+	Pid              int
+	Error            string
+	PagerSession     string // pager session serving this VM's memory, "" if none
+	PagerVersion     string // version of the pager owning PagerSession
+}
+
+const instanceCols = `id, name, state, vcpus, memory_mib, kernel, rootfs, boot_args, created_at, source,
+	snapshot_cache_key, memory_check, fork_mode, restore_backend, pid, error, pager_session, pager_version`
+
+func (in *Instance) args() []any {
+	return []any{in.ID, in.Name, in.State, in.Vcpus, in.MemoryMiB, in.Kernel, in.Rootfs, in.BootArgs,
+		in.CreatedAt.UnixNano(), in.Source, in.SnapshotCacheKey, in.MemoryCheck, in.ForkMode,
+		in.RestoreBackend, in.Pid, in.Error, in.PagerSession, in.PagerVersion}
+}
+
+func scanInstance(row interface{ Scan(...any) error }) (Instance, error) {
+	var in Instance
+	var created int64
+	err := row.Scan(&in.ID, &in.Name, &in.State, &in.Vcpus, &in.MemoryMiB, &in.Kernel, &in.Rootfs,
+		&in.BootArgs, &created, &in.Source, &in.SnapshotCacheKey, &in.MemoryCheck, &in.ForkMode,
+		&in.RestoreBackend, &in.Pid, &in.Error, &in.PagerSession, &in.PagerVersion)
+	in.CreatedAt = time.Unix(0, created).UTC()
+	return in, err
+}
+
+// CreateInstance inserts a new instance. A taken id or name is ErrExists:
+// the UNIQUE constraint is what admits names, so two concurrent creates or
+// forks with one name cannot both win.
+func (s *Store) CreateInstance(ctx context.Context, in Instance) error {
+	_, err := s.db.ExecContext(ctx, `INSERT INTO instances (`+instanceCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`, in.args()...)
+	if isUnique(err) {
+		return fmt.Errorf("create instance %s (%q): %w", in.ID, in.Name, ErrExists)
+	}
+	if err != nil {
+		return fmt.Errorf("create instance %s: %w", in.ID, err)
+	}
+	return nil
+}
+
+// GetInstance returns the instance with exactly this id.
+func (s *Store) GetInstance(ctx context.Context, id string) (Instance, error) {
+	in, err := scanInstance(s.db.QueryRowContext(ctx, `SELECT `+instanceCols+` FROM instances WHERE id = ?`, id))
+	if errors.Is(err, sql.ErrNoRows) {
+		return Instance{}, fmt.Errorf("instance %s: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return Instance{}, fmt.Errorf("get instance %s: %w", id, err)
+	}
+	return in, nil
+}
+
+// ListInstances returns all instances, oldest first.
+func (s *Store) ListInstances(ctx context.Context) ([]Instance, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT `+instanceCols+` FROM instances ORDER BY created_at, id`)
+	if err != nil {
+		return nil, fmt.Errorf("list instances: %w", err)
+	}
+	defer rows.Close()
+	var out []Instance
+	for rows.Next() {
+		in, err := scanInstance(rows)
+		if err != nil {
+			return nil, fmt.Errorf("list instances: %w", err)
+		}
+		out = append(out, in)
+	}
+	return out, rows.Err()
+}
+
+// UpdateInstance replaces every field of an existing instance.
+func (s *Store) UpdateInstance(ctx context.Context, in Instance) error {
+	a := in.args()
+	res, err := s.db.ExecContext(ctx, `UPDATE instances SET name=?, state=?, vcpus=?, memory_mib=?, kernel=?, rootfs=?,
+		boot_args=?, created_at=?, source=?, snapshot_cache_key=?, memory_check=?, fork_mode=?, restore_backend=?,
+		pid=?, error=?, pager_session=?, pager_version=? WHERE id=?`, append(a[1:], a[0])...)
+	if isUnique(err) {
+		return fmt.Errorf("update instance %s (%q): %w", in.ID, in.Name, ErrExists)
+	}
+	if err != nil {
+		return fmt.Errorf("update instance %s: %w", in.ID, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("update instance %s: %w", in.ID, ErrNotFound)
+	}
+	return nil
+}
+
+// DeleteInstance removes an instance row. A missing row is ErrNotFound.
+func (s *Store) DeleteInstance(ctx context.Context, id string) error {
+	res, err := s.db.ExecContext(ctx, `DELETE FROM instances WHERE id = ?`, id)
+	if err != nil {
+		return fmt.Errorf("delete instance %s: %w", id, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("delete instance %s: %w", id, ErrNotFound)
+	}
+	return nil
+}
+
+// CountInstancesByState returns how many instances are in each state.
+func (s *Store) CountInstancesByState(ctx context.Context) (map[string]int, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT state, COUNT(*) FROM instances GROUP BY state`)
+	if err != nil {
+		return nil, fmt.Errorf("count instances: %w", err)
+	}
+	defer rows.Close()
+	out := map[string]int{}
+	for rows.Next() {
+		var st string
+		var n int
+		if err := rows.Scan(&st, &n); err != nil {
+			return nil, fmt.Errorf("count instances: %w", err)
+		}
+		out[st] = n
+	}
+	return out, rows.Err()
+}

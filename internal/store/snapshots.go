@@ -1,0 +1,110 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Snapshot is one row of the snapshots table.
+type Snapshot struct {
+	ID               string
+	Name             string
+	SourceInstance   string
+	CreatedAt        time.Time
+	SizeBytes        int64
+	Compression      string // "none" | "zstd"
+	State            string // "ready" | "compressing" | "compressed"
+	SnapshotCacheKey string
+	MemoryMiB        int
+	Vcpus            int
+	Kernel           string // user kernel path of the source, "" for a guest-dir kernel
+	BootArgs         string
+}
+
+const snapshotCols = `id, name, source_instance, created_at, size_bytes, compression, state,
+	snapshot_cache_key, memory_mib, vcpus, kernel, boot_args`
+
+func (sn *Snapshot) args() []any {
+	return []any{sn.ID, sn.Name, sn.SourceInstance, sn.CreatedAt.UnixNano(), sn.SizeBytes, sn.Compression,
+		sn.State, sn.SnapshotCacheKey, sn.MemoryMiB, sn.Vcpus, sn.Kernel, sn.BootArgs}
+}
+
+func scanSnapshot(row interface{ Scan(...any) error }) (Snapshot, error) {
+	var sn Snapshot
+	var created int64
+	err := row.Scan(&sn.ID, &sn.Name, &sn.SourceInstance, &created, &sn.SizeBytes, &sn.Compression,
+		&sn.State, &sn.SnapshotCacheKey, &sn.MemoryMiB, &sn.Vcpus, &sn.Kernel, &sn.BootArgs)
+	sn.CreatedAt = time.Unix(0, created).UTC()
+	return sn, err
+}
+
+// CreateSnapshot inserts a snapshot; a taken id or name is ErrExists.
+func (s *Store) CreateSnapshot(ctx context.Context, sn Snapshot) error {
+	_, err := s.db.ExecContext(ctx, `INSERT INTO snapshots (`+snapshotCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)`, sn.args()...)
+	if isUnique(err) {
+		return fmt.Errorf("create snapshot %s (%q): %w", sn.ID, sn.Name, ErrExists)
+	}
+	if err != nil {
+		return fmt.Errorf("create snapshot %s: %w", sn.ID, err)
+	}
+	return nil
+}
+
+// GetSnapshot returns the snapshot with exactly this id.
+func (s *Store) GetSnapshot(ctx context.Context, id string) (Snapshot, error) {
+	sn, err := scanSnapshot(s.db.QueryRowContext(ctx, `SELECT `+snapshotCols+` FROM snapshots WHERE id = ?`, id))
+	if errors.Is(err, sql.ErrNoRows) {
+		return Snapshot{}, fmt.Errorf("snapshot %s: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return Snapshot{}, fmt.Errorf("get snapshot %s: %w", id, err)
+	}
+	return sn, nil
+}
+
+// ListSnapshots returns all snapshots, oldest first.
+func (s *Store) ListSnapshots(ctx context.Context) ([]Snapshot, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT `+snapshotCols+` FROM snapshots ORDER BY created_at, id`)
+	if err != nil {
+		return nil, fmt.Errorf("list snapshots: %w", err)
+	}
+	defer rows.Close()
+	var out []Snapshot
+	for rows.Next() {
+		sn, err := scanSnapshot(rows)
+		if err != nil {
+			return nil, fmt.Errorf("list snapshots: %w", err)
+		}
+		out = append(out, sn)
+	}
+	return out, rows.Err()
+}
+
+// UpdateSnapshot replaces every field of an existing snapshot.
+func (s *Store) UpdateSnapshot(ctx context.Context, sn Snapshot) error {
+	a := sn.args()
+	res, err := s.db.ExecContext(ctx, `UPDATE snapshots SET name=?, source_instance=?, created_at=?, size_bytes=?,
+		compression=?, state=?, snapshot_cache_key=?, memory_mib=?, vcpus=?, kernel=?, boot_args=? WHERE id=?`, append(a[1:], a[0])...)
+	if err != nil {
+		return fmt.Errorf("update snapshot %s: %w", sn.ID, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("update snapshot %s: %w", sn.ID, ErrNotFound)
+	}
+	return nil
+}
+
+// DeleteSnapshot removes a snapshot row. A missing row is ErrNotFound.
+func (s *Store) DeleteSnapshot(ctx context.Context, id string) error {
+	res, err := s.db.ExecContext(ctx, `DELETE FROM snapshots WHERE id = ?`, id)
+	if err != nil {
+		return fmt.Errorf("delete snapshot %s: %w", id, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("delete snapshot %s: %w", id, ErrNotFound)
+	}
+	return nil
+}

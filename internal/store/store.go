@@ -1,0 +1,154 @@
+// Package store is forkd's metadata: instances, snapshots and the operation
+// journal, in one SQLite database (modernc.org/sqlite, pure Go) opened in WAL
+// mode with synchronous=FULL, so a committed row survives a crash or power
+// loss. It knows nothing of VMs or files: the instance manager decides what
+// rows mean. Every multi-step operation writes a journal entry before it acts
+// (Begin), records each step (Step) and closes it (Finish); the startup
+// reconciler reads the entries left open (Open) and finishes or rolls them back.
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"net/url"
+	"strings"
+
+	_ "modernc.org/sqlite" // registers the "sqlite" driver
+)
+
+// Sentinel errors; the instance manager maps them to API errors.
+var (
+	ErrNotFound = errors.New("not found")
+	ErrExists   = errors.New("already exists")
+)
+
+// Store is an open database. It is safe for concurrent use.
+type Store struct {
+	db *sql.DB
+}
+
+// Open opens (creating if needed) the database at path and applies pending
+// migrations.
+func Open(ctx context.Context, path string) (*Store, error) {
+	q := url.Values{}
+	for _, p := range []string{"journal_mode(WAL)", "synchronous(FULL)", "foreign_keys(ON)", "busy_timeout(10000)"} {
+		q.Add("_pragma", p)
+	}
+	db, err := sql.Open("sqlite", "file:"+path+"?"+q.Encode())
+	if err != nil {
+		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
+	// One connection: SQLite serialises writers anyway, and a single
+	// connection makes every statement see the previous one's writes with no
+	// SQLITE_BUSY. Our transactions are short.
+	db.SetMaxOpenConns(1)
+	s := &Store{db: db}
+	if err := s.migrate(ctx); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
+	return s, nil
+}
+
+// Close closes the database.
+func (s *Store) Close() error { return s.db.Close() }
+
+// migrations are applied in order; schema_version records how many ran.
+// Never edit a released migration: append a new one.
+var migrations = []string{
+	`CREATE TABLE instances (
+		id TEXT PRIMARY KEY,
+		name TEXT NOT NULL UNIQUE,
+		state TEXT NOT NULL,
+		vcpus INTEGER NOT NULL,
+		memory_mib INTEGER NOT NULL,
+		kernel TEXT NOT NULL DEFAULT '',
+		rootfs TEXT NOT NULL DEFAULT '',
+		boot_args TEXT NOT NULL DEFAULT '',
+		created_at INTEGER NOT NULL,
+		source TEXT NOT NULL DEFAULT '',
+		snapshot_cache_key TEXT NOT NULL DEFAULT '',
+		memory_check TEXT NOT NULL DEFAULT '',
+		fork_mode TEXT NOT NULL DEFAULT '',
+		restore_backend TEXT NOT NULL DEFAULT '',
+		pid INTEGER NOT NULL DEFAULT 0,
+		error TEXT NOT NULL DEFAULT '',
+		pager_session TEXT NOT NULL DEFAULT '',
+		pager_version TEXT NOT NULL DEFAULT ''
+	);
+	CREATE TABLE snapshots (
+		id TEXT PRIMARY KEY,
+		name TEXT NOT NULL UNIQUE,
+		source_instance TEXT NOT NULL DEFAULT '',
+		created_at INTEGER NOT NULL,
+		size_bytes INTEGER NOT NULL DEFAULT 0,
+		compression TEXT NOT NULL DEFAULT 'none',
+		state TEXT NOT NULL,
+		snapshot_cache_key TEXT NOT NULL DEFAULT '',
+		memory_mib INTEGER NOT NULL,
+		vcpus INTEGER NOT NULL,
+		kernel TEXT NOT NULL DEFAULT '',
+		boot_args TEXT NOT NULL DEFAULT ''
+	);
+	CREATE TABLE journal (
+		id INTEGER PRIMARY KEY AUTOINCREMENT,
+		kind TEXT NOT NULL,
+		subject TEXT NOT NULL,
+		step TEXT NOT NULL DEFAULT '',
+		payload TEXT NOT NULL DEFAULT '{}',
+		started_at INTEGER NOT NULL,
+		finished_at INTEGER,
+		outcome TEXT NOT NULL DEFAULT ''
+	);
+	CREATE INDEX journal_open ON journal(finished_at) WHERE finished_at IS NULL;`,
+}
+
+func (s *Store) migrate(ctx context.Context) error {
+	if _, err := s.db.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)`); err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	var v int
+	err := s.db.QueryRowContext(ctx, `SELECT version FROM schema_version`).Scan(&v)
+	if errors.Is(err, sql.ErrNoRows) {
+		if _, err := s.db.ExecContext(ctx, `INSERT INTO schema_version(version) VALUES (0)`); err != nil {
+			return fmt.Errorf("migrate: %w", err)
+		}
+	} else if err != nil {
+		return fmt.Errorf("migrate: read version: %w", err)
+	}
+	if v > len(migrations) {
+		return fmt.Errorf("migrate: database schema version %d is newer than this forkd (%d)", v, len(migrations))
+	}
+	for i := v; i < len(migrations); i++ {
+		tx, err := s.db.BeginTx(ctx, nil)
+		if err != nil {
+			return fmt.Errorf("migrate %d: %w", i+1, err)
+		}
+		if _, err := tx.ExecContext(ctx, migrations[i]); err != nil {
+			tx.Rollback()
+			return fmt.Errorf("migrate %d: %w", i+1, err)
+		}
+		if _, err := tx.ExecContext(ctx, `UPDATE schema_version SET version = ?`, i+1); err != nil {
+			tx.Rollback()
+			return fmt.Errorf("migrate %d: %w", i+1, err)
+		}
+		if err := tx.Commit(); err != nil {
+			return fmt.Errorf("migrate %d: %w", i+1, err)
+		}
+	}
+	return nil
+}
+
+// SchemaVersion is the number of migrations applied.
+func (s *Store) SchemaVersion(ctx context.Context) (int, error) {
+	var v int
+	err := s.db.QueryRowContext(ctx, `SELECT version FROM schema_version`).Scan(&v)
+	return v, err
+}
+
+// isUnique reports whether err is a UNIQUE / PRIMARY KEY constraint failure.
+func isUnique(err error) bool {
+	return err != nil && strings.Contains(err.Error(), "UNIQUE constraint failed")
+}

@@ -1,0 +1,207 @@
+package store
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+)
+
+func openTemp(t *testing.T) (*Store, string) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "forkd.db")
+	s, err := Open(context.Background(), path)
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s, path
+}
+
+func TestOpenAppliesMigrationsOnceAndUsesWAL(t *testing.T) {
+	ctx := context.Background()
+	s, path := openTemp(t)
+	v, err := s.SchemaVersion(ctx)
+	if err != nil || v != len(migrations) {
+		t.Fatalf("SchemaVersion = %d, %v; want %d", v, err, len(migrations))
+	}
+	var mode string
+	if err := s.db.QueryRowContext(ctx, `PRAGMA journal_mode`).Scan(&mode); err != nil || mode != "wal" {
+		t.Fatalf("journal_mode = %q, %v; want wal", mode, err)
+	}
+	var sync int
+	if err := s.db.QueryRowContext(ctx, `PRAGMA synchronous`).Scan(&sync); err != nil || sync != 2 {
+		t.Fatalf("synchronous = %d, %v; want 2 (FULL)", sync, err)
+	}
+	s.Close()
+	// Reopening must not re-run migrations (they would fail on existing tables).
+	s2, err := Open(ctx, path)
+	if err != nil {
+		t.Fatalf("reopen: %v", err)
+	}
+	defer s2.Close()
+	if v, _ := s2.SchemaVersion(ctx); v != len(migrations) {
+		t.Fatalf("SchemaVersion after reopen = %d", v)
+	}
+}
+
+func TestOpenRefusesNewerSchema(t *testing.T) {
+	ctx := context.Background()
+	s, path := openTemp(t)
+	if _, err := s.db.ExecContext(ctx, `UPDATE schema_version SET version = 999`); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	if s2, err := Open(ctx, path); err == nil {
+		s2.Close()
+		t.Fatal("Open of a newer schema succeeded; want an error")
+	}
+}
+
+func TestInstanceCRUDSurvivesReopen(t *testing.T) {
+	ctx := context.Background()
+	s, path := openTemp(t)
+	in := Instance{ID: "a1", Name: "web", State: "Running", Vcpus: 2, MemoryMiB: 64,
+		CreatedAt: time.Unix(100, 5).UTC(), Source: "snapshot:s1", SnapshotCacheKey: "k", Pid: 42, PagerSession: "sess"}
+	if err := s.CreateInstance(ctx, in); err != nil {
+		t.Fatal(err)
+	}
+	in.State = "Standby"
+	in.Pid = 0
+	if err := s.UpdateInstance(ctx, in); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s, err := Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	got, err := s.GetInstance(ctx, "a1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != in {
+		t.Fatalf("GetInstance = %+v\nwant %+v", got, in)
+	}
+	list, _ := s.ListInstances(ctx)
+	if len(list) != 1 {
+		t.Fatalf("ListInstances = %d rows", len(list))
+	}
+	counts, _ := s.CountInstancesByState(ctx)
+	if counts["Standby"] != 1 {
+		t.Fatalf("counts = %v", counts)
+	}
+	if err := s.DeleteInstance(ctx, "a1"); err != nil {
+		t.Fatal(err)
+	}
+	for name, err := range map[string]error{
+		"get":    func() error { _, err := s.GetInstance(ctx, "a1"); return err }(),
+		"delete": s.DeleteInstance(ctx, "a1"),
+		"update": s.UpdateInstance(ctx, in),
+	} {
+		if !errors.Is(err, ErrNotFound) {
+			t.Errorf("%s of a deleted instance: err = %v, want ErrNotFound", name, err)
+		}
+	}
+}
+
+func TestInstanceNamesAreAdmittedOnce(t *testing.T) {
+	ctx := context.Background()
+	s, _ := openTemp(t)
+	var wg sync.WaitGroup
+	errs := make([]error, 8)
+	for i := range errs {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			errs[i] = s.CreateInstance(ctx, Instance{ID: string(rune('a' + i)), Name: "same", State: "Forking", Vcpus: 1, MemoryMiB: 32})
+		}(i)
+	}
+	wg.Wait()
+	won := 0
+	for _, err := range errs {
+		switch {
+		case err == nil:
+			won++
+		case !errors.Is(err, ErrExists):
+			t.Errorf("create: %v, want nil or ErrExists", err)
+		}
+	}
+	if won != 1 {
+		t.Fatalf("%d creates with one name succeeded, want exactly 1", won)
+	}
+}
+
+func TestSnapshotCRUD(t *testing.T) {
+	ctx := context.Background()
+	s, _ := openTemp(t)
+	sn := Snapshot{ID: "s1", Name: "golden", SourceInstance: "a1", CreatedAt: time.Unix(7, 0).UTC(),
+		SizeBytes: 1 << 20, Compression: "none", State: "ready", SnapshotCacheKey: "k", MemoryMiB: 64, Vcpus: 1}
+	if err := s.CreateSnapshot(ctx, sn); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CreateSnapshot(ctx, Snapshot{ID: "s2", Name: "golden", State: "ready"}); !errors.Is(err, ErrExists) {
+		t.Fatalf("duplicate snapshot name: err = %v, want ErrExists", err)
+	}
+	sn.State = "compressed"
+	if err := s.UpdateSnapshot(ctx, sn); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.GetSnapshot(ctx, "s1")
+	if err != nil || got != sn {
+		t.Fatalf("GetSnapshot = %+v, %v\nwant %+v", got, err, sn)
+	}
+	if err := s.DeleteSnapshot(ctx, "s1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.GetSnapshot(ctx, "s1"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("get deleted snapshot: %v", err)
+	}
+}
+
+func TestJournalOpenEntriesAreWhatACrashLeft(t *testing.T) {
+	ctx := context.Background()
+	s, path := openTemp(t)
+	done, err := s.Begin(ctx, "standby", "a1", map[string]string{"x": "1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	open, err := s.Begin(ctx, "fork", "b2", map[string]string{"source": "a1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Step(ctx, done, "snapshotted", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Finish(ctx, done, "done"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Step(ctx, open, "files-made", map[string]string{"source": "a1", "tmp": "/x"}); err != nil {
+		t.Fatal(err)
+	}
+	s.Close() // the "crash"
+	s, err = Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	entries, err := s.OpenEntries(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(entries) != 1 || entries[0].ID != open || entries[0].Kind != "fork" || entries[0].Step != "files-made" {
+		t.Fatalf("OpenEntries = %+v, want only the fork at step files-made", entries)
+	}
+	var p map[string]string
+	if err := json.Unmarshal(entries[0].Payload, &p); err != nil || p["tmp"] != "/x" {
+		t.Fatalf("payload = %s, %v", entries[0].Payload, err)
+	}
+	all, _ := s.Entries(ctx, 10)
+	if len(all) != 2 || all[1].Outcome != "done" || all[1].FinishedAt.IsZero() {
+		t.Fatalf("Entries = %+v", all)
+	}
+}
