@@ -1,0 +1,210 @@
+package firecracker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"time"
+)
+
+// LaunchSpec says how to start one VMM process.
+type LaunchSpec struct {
+	// Binary is the VMM executable: `firecracker`, or forkd's own binary.
+	Binary string
+	// Args go before the API flags, e.g. {"vmm"} for `forkd vmm`.
+	Args []string
+	// APISock is the API socket the VMM creates. A stale socket file nobody
+	// answers on is removed first; a live one is refused.
+	APISock string
+	// ID is passed as --id (Firecracker's instance id).
+	ID string
+	// LogPath receives the VMM's stdout and stderr (appended; the parent
+	// directory is created). Empty discards them.
+	LogPath string
+	// WorkDir is the VMM's working directory (relative paths in API calls
+	// resolve against it). Empty inherits the caller's.
+	WorkDir string
+	// Env is added to the VMM's environment, which otherwise holds only PATH.
+	Env []string
+}
+
+// defaultLaunchTimeout bounds the wait for the API socket when ctx has no
+// deadline.
+const defaultLaunchTimeout = 10 * time.Second
+
+// logTailBytes is how much of the VMM's log a launch error quotes.
+const logTailBytes = 4 << 10
+
+// fallbackPATH is the VMM's PATH when the caller has none.
+const fallbackPATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+// Launch starts a VMM and returns once its API socket answers GET /.
+//
+// The VMM runs in its own session (setsid): it is not in the caller's process
+// group, so a signal to the daemon's group or the daemon's exit does not take
+// the VMs down with it. While the caller lives the VMM is its child, reaped by
+// a goroutine so it never lingers as a zombie. ctx bounds only the wait for
+// the socket (default 10 s): cancelling it later does not touch the process.
+// If the VMM exits or the wait times out, the process is killed and the
+// error quotes the tail of its log.
+func Launch(ctx context.Context, spec LaunchSpec) (*Process, error) {
+	if spec.Binary == "" || spec.APISock == "" {
+		return nil, fmt.Errorf("launch vmm: binary and api socket are required (binary %q, socket %q)", spec.Binary, spec.APISock)
+	}
+	if err := clearStaleSocket(ctx, spec.APISock); err != nil {
+		return nil, fmt.Errorf("launch vmm %s: %w", spec.APISock, err)
+	}
+
+	stdout, logStart, err := openLog(spec.LogPath)
+	if err != nil {
+		return nil, fmt.Errorf("launch vmm %s: %w", spec.APISock, err)
+	}
+	defer stdout.Close() // the child holds its own copy
+
+	args := append(append([]string{}, spec.Args...), "--api-sock", spec.APISock)
+	if spec.ID != "" {
+		args = append(args, "--id", spec.ID)
+	}
+	cmd := exec.Command(spec.Binary, args...)
+	cmd.Dir = spec.WorkDir
+	cmd.Env = vmmEnv(spec.Env)
+	cmd.Stdin = nil // /dev/null
+	cmd.Stdout = stdout
+	cmd.Stderr = stdout
+	// Own session: the VMM must outlive the daemon (restart, upgrade, crash).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("launch vmm %s: start %s: %w", spec.APISock, spec.Binary, err)
+	}
+
+	p := &Process{Pid: cmd.Process.Pid, APISock: spec.APISock, os: cmd.Process, exited: make(chan struct{})}
+	p.startTime, _ = readStartTime(p.Pid)
+	go func() {
+		// Reap the child so it never lingers as a zombie while we live.
+		p.waitErr = cmd.Wait()
+		close(p.exited)
+	}()
+
+	if err := p.waitReady(ctx); err != nil {
+		killCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = p.Kill(killCtx)
+		return nil, fmt.Errorf("launch vmm %s (%s): %w%s", spec.APISock, spec.Binary, err, logTail(spec.LogPath, logStart))
+	}
+	return p, nil
+}
+
+// waitReady polls the API socket until GET / answers, the process exits, or
+// ctx (default 10 s) ends.
+func (p *Process) waitReady(ctx context.Context) error {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, defaultLaunchTimeout)
+		defer cancel()
+	}
+	c := newClient(p.APISock, Timeouts{Call: 500 * time.Millisecond, Snapshot: defaultSnapshotTimeout})
+	defer c.Close()
+	delay := 5 * time.Millisecond
+	var lastErr error
+	for {
+		select {
+		case <-p.exited:
+			return fmt.Errorf("vmm exited before its API socket answered: %v", p.waitErr)
+		default:
+		}
+		if _, err := c.Describe(ctx); err == nil {
+			return nil
+		} else {
+			lastErr = err
+		}
+		select {
+		case <-p.exited:
+			return fmt.Errorf("vmm exited before its API socket answered: %v", p.waitErr)
+		case <-ctx.Done():
+			return fmt.Errorf("vmm API socket did not answer: %w (last: %v)", ctx.Err(), lastErr)
+		case <-time.After(delay):
+		}
+		delay = min(delay*2, 50*time.Millisecond)
+	}
+}
+
+// clearStaleSocket removes a socket file left by a dead VMM. A socket that
+// answers belongs to a live VMM and must not be stolen.
+func clearStaleSocket(ctx context.Context, sock string) error {
+	if _, err := os.Lstat(sock); errors.Is(err, os.ErrNotExist) {
+		return os.MkdirAll(filepath.Dir(sock), 0o755)
+	} else if err != nil {
+		return fmt.Errorf("stat api socket: %w", err)
+	}
+	c := newClient(sock, Timeouts{Call: 500 * time.Millisecond, Snapshot: defaultSnapshotTimeout})
+	defer c.Close()
+	if _, err := c.Describe(ctx); err == nil {
+		return fmt.Errorf("api socket %s already answers: another VMM lives there", sock)
+	}
+	if err := os.Remove(sock); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove stale api socket: %w", err)
+	}
+	return nil
+}
+
+// openLog opens the VMM's log for appending and returns its size before this
+// launch, so an error quotes only what this launch wrote.
+func openLog(path string) (*os.File, int64, error) {
+	if path == "" {
+		f, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+		return f, 0, err
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, 0, fmt.Errorf("create log dir: %w", err)
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, 0, fmt.Errorf("open log: %w", err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, 0, fmt.Errorf("stat log: %w", err)
+	}
+	return f, st.Size(), nil
+}
+
+// logTail formats the end of what this launch wrote to the log, for errors.
+func logTail(path string, from int64) string {
+	if path == "" {
+		return " (no log: LogPath empty)"
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Sprintf(" (log %s: %v)", path, err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return fmt.Sprintf(" (log %s: %v)", path, err)
+	}
+	start := max(from, st.Size()-logTailBytes)
+	b, err := io.ReadAll(io.NewSectionReader(f, start, st.Size()-start))
+	if err != nil {
+		return fmt.Sprintf(" (log %s: %v)", path, err)
+	}
+	if len(b) == 0 {
+		return fmt.Sprintf(" (log %s: empty)", path)
+	}
+	return fmt.Sprintf("; log %s ends:\n%s", path, b)
+}
+
+// vmmEnv is PATH and nothing else of the caller's environment, plus extra.
+// A VMM must not inherit the daemon's secrets, proxies or locale.
+func vmmEnv(extra []string) []string {
+	path := os.Getenv("PATH")
+	if path == "" {
+		path = fallbackPATH
+	}
+	return append([]string{"PATH=" + path}, extra...)
+}

@@ -1,0 +1,179 @@
+package firecracker
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Process is a running VMM: launched by this process (a child) or adopted
+// after a daemon restart (not a child).
+type Process struct {
+	Pid     int
+	APISock string
+
+	// startTime is the process start time (clock ticks since boot, field 22
+	// of /proc/<pid>/stat). With the pid it names one process: a pid reused
+	// by another process never passes for the VMM.
+	startTime uint64
+
+	// For a child only: os is the handle Launch got, exited is closed once
+	// the reaper goroutine's Wait returned, and waitErr is then its result.
+	os      *os.Process
+	exited  chan struct{}
+	waitErr error
+}
+
+// Adopt re-attaches to a VMM started by an earlier daemon: the pid must be
+// alive (not a zombie) and its API socket must answer GET /.
+func Adopt(pid int, apiSock string) (*Process, error) {
+	if pid <= 0 {
+		return nil, fmt.Errorf("adopt vmm pid %d: invalid pid", pid)
+	}
+	if err := unix.Kill(pid, 0); err != nil {
+		return nil, fmt.Errorf("adopt vmm pid %d: %w", pid, err)
+	}
+	st, err := readStat(pid)
+	if err != nil {
+		return nil, fmt.Errorf("adopt vmm pid %d: %w", pid, err)
+	}
+	if st.state == 'Z' || st.state == 'X' {
+		return nil, fmt.Errorf("adopt vmm pid %d: process has exited (state %c)", pid, st.state)
+	}
+	c := newClient(apiSock, Timeouts{Call: 2 * time.Second, Snapshot: defaultSnapshotTimeout})
+	defer c.Close()
+	if _, err := c.Describe(context.Background()); err != nil {
+		return nil, fmt.Errorf("adopt vmm pid %d: api socket: %w", pid, err)
+	}
+	return &Process{Pid: pid, APISock: apiSock, startTime: st.startTime}, nil
+}
+
+// Alive reports whether the VMM process still runs (a zombie does not).
+func (p *Process) Alive() bool {
+	if p.exited != nil {
+		select {
+		case <-p.exited:
+			return false
+		default:
+		}
+	}
+	st, err := readStat(p.Pid)
+	if err != nil {
+		return false
+	}
+	if p.startTime != 0 && st.startTime != p.startTime {
+		return false // the pid now names another process
+	}
+	return st.state != 'Z' && st.state != 'X'
+}
+
+// Kill sends SIGKILL and waits until the process is gone (reaped, for a
+// child; exited, for an adopted process), then removes its API socket.
+// Killing a process that already exited is not an error.
+func (p *Process) Kill(ctx context.Context) error {
+	if p.exited != nil {
+		// A child: the os.Process handle signals through a pidfd, so it can
+		// never hit a reused pid, and the reaper tells us when it is gone.
+		if err := p.os.Signal(unix.SIGKILL); err != nil && !errors.Is(err, os.ErrProcessDone) {
+			return fmt.Errorf("kill vmm pid %d: %w", p.Pid, err)
+		}
+		select {
+		case <-p.exited:
+		case <-ctx.Done():
+			return fmt.Errorf("kill vmm pid %d: waiting for exit: %w", p.Pid, ctx.Err())
+		}
+		return p.removeSocket()
+	}
+	if err := killAdopted(ctx, p.Pid, p.startTime); err != nil {
+		return err
+	}
+	return p.removeSocket()
+}
+
+// killAdopted kills a non-child through a pidfd (which pins the process, so
+// the signal cannot reach a reused pid) and polls the pidfd until it exits.
+func killAdopted(ctx context.Context, pid int, startTime uint64) error {
+	fd, err := unix.PidfdOpen(pid, 0)
+	if errors.Is(err, unix.ESRCH) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("kill vmm pid %d: pidfd_open: %w", pid, err)
+	}
+	defer unix.Close(fd)
+	// The pidfd now pins this pid; check it is still our VMM.
+	if st, err := readStat(pid); err != nil || (startTime != 0 && st.startTime != startTime) {
+		return nil
+	}
+	if err := unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0); err != nil && !errors.Is(err, unix.ESRCH) {
+		return fmt.Errorf("kill vmm pid %d: %w", pid, err)
+	}
+	for {
+		// A pidfd polls readable once the process has exited.
+		n, err := unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 50)
+		if err != nil && !errors.Is(err, unix.EINTR) {
+			return fmt.Errorf("kill vmm pid %d: poll pidfd: %w", pid, err)
+		}
+		if n > 0 {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("kill vmm pid %d: waiting for exit: %w", pid, ctx.Err())
+		}
+	}
+}
+
+func (p *Process) removeSocket() error {
+	if p.APISock == "" {
+		return nil
+	}
+	if err := os.Remove(p.APISock); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("kill vmm pid %d: remove api socket: %w", p.Pid, err)
+	}
+	return nil
+}
+
+type procStat struct {
+	state     byte
+	startTime uint64
+}
+
+// readStat reads the state and start time of /proc/<pid>/stat.
+func readStat(pid int) (procStat, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return procStat{}, fmt.Errorf("read /proc/%d/stat: %w", pid, err)
+	}
+	return parseStat(b)
+}
+
+func readStartTime(pid int) (uint64, error) {
+	st, err := readStat(pid)
+	return st.startTime, err
+}
+
+// parseStat parses "pid (comm) state ppid ... starttime ...": comm may hold
+// spaces and parentheses, so fields are counted after the last ')'.
+func parseStat(b []byte) (procStat, error) {
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return procStat{}, fmt.Errorf("parse stat: no ')' in %q", b)
+	}
+	fields := strings.Fields(string(b[i+1:]))
+	// fields[0] is field 3 (state); starttime is field 22.
+	if len(fields) < 20 || len(fields[0]) != 1 {
+		return procStat{}, fmt.Errorf("parse stat: %d fields after comm", len(fields))
+	}
+	start, err := strconv.ParseUint(fields[19], 10, 64)
+	if err != nil {
+		return procStat{}, fmt.Errorf("parse stat starttime %q: %w", fields[19], err)
+	}
+	return procStat{state: fields[0][0], startTime: start}, nil
+}

@@ -1,0 +1,96 @@
+package firecracker
+
+// Snapshot types of PUT /snapshot/create.
+const (
+	SnapshotFull = "Full"
+	SnapshotDiff = "Diff"
+)
+
+// Memory backends of PUT /snapshot/load.
+const (
+	BackendFile = "File"
+	BackendUffd = "Uffd"
+)
+
+// VM states of PATCH /vm and of InstanceInfo.State.
+const (
+	StateNotStarted = "Not started"
+	StateRunning    = "Running"
+	StatePaused     = "Paused"
+)
+
+// MachineConfig is the body of PUT /machine-config.
+type MachineConfig struct {
+	VcpuCount  int  `json:"vcpu_count"`
+	MemSizeMib int  `json:"mem_size_mib"`
+	Smt        bool `json:"smt,omitempty"`
+	// TrackDirtyPages enables KVM dirty logging, which Diff snapshots need.
+	TrackDirtyPages bool `json:"track_dirty_pages"`
+}
+
+// BootSource is the body of PUT /boot-source.
+type BootSource struct {
+	KernelImagePath string `json:"kernel_image_path"`
+	BootArgs        string `json:"boot_args,omitempty"`
+	InitrdPath      string `json:"initrd_path,omitempty"`
+}
+
+// Drive is the body of PUT /drives/{drive_id}.
+type Drive struct {
+	DriveID      string `json:"drive_id"`
+	PathOnHost   string `json:"path_on_host"`
+	IsRootDevice bool   `json:"is_root_device"`
+	IsReadOnly   bool   `json:"is_read_only"`
+}
+
+// NetworkInterface is the body of PUT /network-interfaces/{iface_id}.
+type NetworkInterface struct {
+	IfaceID     string `json:"iface_id"`
+	HostDevName string `json:"host_dev_name"`
+	GuestMAC    string `json:"guest_mac,omitempty"`
+}
+
+// SnapshotCreate is the body of PUT /snapshot/create. The VM must be Paused.
+type SnapshotCreate struct {
+	SnapshotType string `json:"snapshot_type,omitempty"` // SnapshotFull (default) | SnapshotDiff
+	SnapshotPath string `json:"snapshot_path"`
+	MemFilePath  string `json:"mem_file_path"`
+}
+
+// MemBackend says where a loaded snapshot's guest memory comes from: a
+// mem-file mapped MAP_PRIVATE (File) or a userfaultfd handler listening on a
+// Unix socket (Uffd).
+type MemBackend struct {
+	BackendType string `json:"backend_type"` // BackendFile | BackendUffd
+	BackendPath string `json:"backend_path"`
+}
+
+// SnapshotLoad is the body of PUT /snapshot/load. It is accepted only by a
+// fresh VMM process; a failed load leaves the process unusable.
+type SnapshotLoad struct {
+	SnapshotPath string     `json:"snapshot_path"`
+	MemBackend   MemBackend `json:"mem_backend"`
+	// TrackDirtyPages is not persisted in the snapshot: send it on every load
+	// that should be able to take a Diff snapshot later.
+	TrackDirtyPages bool `json:"track_dirty_pages"`
+	ResumeVM        bool `json:"resume_vm"`
+}
+
+// InstanceInfo is the body of GET /.
+type InstanceInfo struct {
+	AppName    string `json:"app_name"`
+	ID         string `json:"id"`
+	State      string `json:"state"` // StateNotStarted | StateRunning | StatePaused
+	VMMVersion string `json:"vmm_version"`
+}
+
+// GuestStatus is the body of GET /guest, which only the emulator serves: the
+// state of its self-verifying guest workload.
+type GuestStatus struct {
+	Ticks               uint64 `json:"ticks"`
+	PagesRead           uint64 `json:"pages_read"`
+	PagesWritten        uint64 `json:"pages_written"`
+	PagesVerified       uint64 `json:"pages_verified"`
+	IntegrityErrors     uint64 `json:"integrity_errors"`
+	FirstIntegrityError string `json:"first_integrity_error"`
+}
