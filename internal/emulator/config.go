@@ -1,0 +1,169 @@
+package emulator
+
+import (
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"strings"
+)
+
+// machineConfig is PUT/GET /machine-config, with Firecracker's defaults
+// (1 vCPU, 128 MiB, no SMT, no dirty tracking).
+type machineConfig struct {
+	VCPUCount       int    `json:"vcpu_count"`
+	MemSizeMib      int    `json:"mem_size_mib"`
+	SMT             bool   `json:"smt"`
+	TrackDirtyPages bool   `json:"track_dirty_pages"`
+	HugePages       string `json:"huge_pages,omitempty"`
+	CPUTemplate     string `json:"cpu_template,omitempty"`
+}
+
+func defaultMachineConfig() machineConfig {
+	return machineConfig{VCPUCount: 1, MemSizeMib: 128, HugePages: "None"}
+}
+
+// machineConfigUpdate is the request body: PUT needs vcpu_count and
+// mem_size_mib, PATCH any subset.
+type machineConfigUpdate struct {
+	VCPUCount       *int    `json:"vcpu_count"`
+	MemSizeMib      *int    `json:"mem_size_mib"`
+	SMT             *bool   `json:"smt"`
+	TrackDirtyPages *bool   `json:"track_dirty_pages"`
+	HugePages       *string `json:"huge_pages"`
+	CPUTemplate     *string `json:"cpu_template"`
+}
+
+func (u machineConfigUpdate) apply(c machineConfig) (machineConfig, error) {
+	if u.VCPUCount != nil {
+		c.VCPUCount = *u.VCPUCount
+	}
+	if u.MemSizeMib != nil {
+		c.MemSizeMib = *u.MemSizeMib
+	}
+	if u.SMT != nil {
+		c.SMT = *u.SMT
+	}
+	if u.TrackDirtyPages != nil {
+		c.TrackDirtyPages = *u.TrackDirtyPages
+	}
+	if u.HugePages != nil {
+		c.HugePages = *u.HugePages
+	}
+	if u.CPUTemplate != nil {
+		c.CPUTemplate = *u.CPUTemplate
+	}
+	if c.VCPUCount < 1 || c.VCPUCount > maxVCPUs || (c.SMT && c.VCPUCount > 1 && c.VCPUCount%2 != 0) {
+		return c, fault("The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled.")
+	}
+	if c.MemSizeMib < 1 {
+		return c, fault("The memory size (MiB) is invalid.")
+	}
+	switch c.HugePages {
+	case "", "None":
+		c.HugePages = "None"
+	case "2M":
+		return c, fmt.Errorf("huge_pages 2M is not supported by forkd vmm (no hugetlbfs backing)")
+	default:
+		return c, fmt.Errorf("unknown variant `%s`, expected `None` or `2M`", c.HugePages)
+	}
+	return c, nil
+}
+
+type bootSource struct {
+	KernelImagePath string `json:"kernel_image_path"`
+	BootArgs        string `json:"boot_args,omitempty"`
+	InitrdPath      string `json:"initrd_path,omitempty"`
+}
+
+type drive struct {
+	DriveID      string          `json:"drive_id"`
+	IsRootDevice bool            `json:"is_root_device"`
+	PartUUID     string          `json:"partuuid,omitempty"`
+	CacheType    string          `json:"cache_type,omitempty"`
+	IsReadOnly   bool            `json:"is_read_only"`
+	PathOnHost   string          `json:"path_on_host,omitempty"`
+	RateLimiter  json.RawMessage `json:"rate_limiter,omitempty"`
+	IOEngine     string          `json:"io_engine,omitempty"`
+	Socket       string          `json:"socket,omitempty"`
+}
+
+type netIface struct {
+	IfaceID       string          `json:"iface_id"`
+	HostDevName   string          `json:"host_dev_name"`
+	GuestMAC      string          `json:"guest_mac,omitempty"`
+	MTU           int             `json:"mtu,omitempty"`
+	RxRateLimiter json.RawMessage `json:"rx_rate_limiter,omitempty"`
+	TxRateLimiter json.RawMessage `json:"tx_rate_limiter,omitempty"`
+}
+
+// guestArgs are the forkd.* boot args the workload reads (see the package
+// doc). Unset fields are 0 and get defaults in workloadFor.
+type guestArgs struct {
+	wsMib, writePct, rate, seed, discardPct, splitMib uint64
+	set                                               map[string]bool
+}
+
+// parseBootArgs reads the forkd.* keys of a kernel command line. Other
+// words are the kernel's business and ignored; a forkd.* key with a bad
+// value is refused, so a typo does not silently run the default workload.
+func parseBootArgs(cmdline string) (guestArgs, error) {
+	g := guestArgs{set: map[string]bool{}}
+	for _, word := range strings.Fields(cmdline) {
+		key, val, ok := strings.Cut(word, "=")
+		if !strings.HasPrefix(key, "forkd.") {
+			continue
+		}
+		dst := map[string]*uint64{
+			"forkd.ws_mib": &g.wsMib, "forkd.write_pct": &g.writePct, "forkd.rate": &g.rate,
+			"forkd.seed": &g.seed, "forkd.discard_pct": &g.discardPct, "forkd.split_mib": &g.splitMib,
+		}[key]
+		if dst == nil {
+			return g, fmt.Errorf("boot_args: unknown forkd key %q", key)
+		}
+		n, err := strconv.ParseUint(val, 10, 64)
+		if !ok || err != nil {
+			return g, fmt.Errorf("boot_args: %s wants a non-negative integer, got %q", key, val)
+		}
+		if (key == "forkd.write_pct" || key == "forkd.discard_pct") && n > 100 {
+			return g, fmt.Errorf("boot_args: %s=%d is not a percentage", key, n)
+		}
+		*dst = n
+		g.set[key] = true
+	}
+	return g, nil
+}
+
+// Workload defaults.
+const (
+	defaultWSMib    = 64
+	defaultWritePct = 20
+	defaultRate     = 2000
+	defaultSeed     = 1
+)
+
+// workloadFor turns boot args into the workload configuration for a VM of
+// memBytes, and the region split.
+func workloadFor(g guestArgs, vcpus int, memBytes uint64) (workloadConfig, uint64) {
+	pages := memBytes / pageSize
+	cfg := workloadConfig{VCPUs: vcpus, WritePct: defaultWritePct, Rate: defaultRate, Seed: defaultSeed}
+	want := min(uint64(defaultWSMib)<<20, memBytes/2) / pageSize
+	if g.set["forkd.ws_mib"] {
+		want = g.wsMib << 20 / pageSize
+	}
+	cfg.WSPages = clampWorkingSet(want, pages)
+	if g.set["forkd.write_pct"] {
+		cfg.WritePct = g.writePct
+	}
+	if g.set["forkd.rate"] {
+		cfg.Rate = g.rate
+	}
+	if g.set["forkd.seed"] {
+		cfg.Seed = g.seed
+	}
+	cfg.DiscardPct = g.discardPct
+	split := x86MMIOGapStart
+	if g.set["forkd.split_mib"] {
+		split = g.splitMib << 20
+	}
+	return cfg, split
+}

@@ -1,0 +1,65 @@
+// Package emulator is `forkd vmm`: a VMM process without KVM that speaks
+// Firecracker's HTTP API on a Unix socket and treats guest memory exactly as
+// Firecracker does, so every memory mechanism of forkd (hardlinked
+// mem-files, the unshare guard, in-place Diff merges, the userfaultfd pager,
+// page-cache sharing) runs for real where there is no KVM.
+//
+// It owns: the Firecracker command line (--api-sock, --id, --log-path,
+// --level), the API subset forkd's driver uses with Firecracker's field
+// names, status codes (204 on success, 400 with {"fault_message": "..."} on
+// refusal) and ordering rules, guest RAM as real mappings (anonymous at
+// boot, MAP_PRIVATE of the mem-file on a File load, anonymous + userfaultfd
+// with Firecracker's handshake on a Uffd load), Firecracker's snapshot file
+// semantics, and a self-checking guest workload. It must never execute the
+// kernel image (any existing file is accepted) and never write a snapshot
+// file other than the two paths a /snapshot/create names.
+//
+// # Guest memory layout
+//
+// RAM is one region, or two when it is larger than 3 GiB (Firecracker's x86
+// layout: the MMIO hole at 3 GiB, the rest from 4 GiB). Regions are
+// contiguous in the mem-file. The hidden boot arg forkd.split_mib=N splits at
+// N MiB instead, so tests reach the multi-region code paths with small VMs.
+//
+// Page 0 is the workload header (magic, generation, lineage, layout and one
+// step counter per vCPU), then the version table (16 bytes per working-set
+// page: version, lineage), then the working-set pages, then free pages.
+// Every working-set page starts with (page index, version, lineage,
+// checksum) and is filled from a PRNG seeded by those; the checksum covers
+// the whole page.
+//
+// # The workload
+//
+// While Resumed, one goroutine per vCPU runs on a locked OS thread. vCPU k
+// owns the working-set pages whose index is k mod vcpu_count, so vCPUs never
+// race. Each step it checks the header (magic, its step counter equals the
+// one in its "registers"), reads one page of its share, verifies it against
+// the version table, and with probability write_pct writes a new version.
+// Any mismatch is an integrity error: counted, the first one kept and
+// logged, and reported by GET /guest. The step counters also live in the
+// vmstate, so a restore whose memory and vmstate come from different moments
+// is an integrity error at the first step. Pausing stops every vCPU at a
+// step boundary. With discard_pct, steps also use free pages as scratch and
+// discard them as a balloon would (MADV_DONTNEED on anonymous/uffd memory,
+// an anonymous MAP_FIXED mapping over file-backed memory), then check they
+// read back as zeros: this sends UFFD_EVENT_REMOVE to a pager and catches
+// one that resurrects file data into removed ranges.
+//
+// Boot args (in boot_args of PUT /boot-source, space separated):
+//
+//	forkd.ws_mib=N        working set in MiB (default: min(64, half of RAM))
+//	forkd.write_pct=P     percentage of steps that write a page (default 20)
+//	forkd.rate=N          steps per second for the whole VM, 0 = unpaced (default 2000)
+//	forkd.seed=S          PRNG seed (default 1)
+//	forkd.discard_pct=P   percentage of steps that use or discard a free page (default 0)
+//	forkd.split_mib=N     split RAM into two regions at N MiB (testing; default 3072)
+//
+// # Emulator-only API
+//
+// GET /guest returns the workload's counters for this process:
+//
+//	{"ticks", "pages_read", "pages_written", "pages_verified",
+//	 "integrity_errors", "first_integrity_error" ("" when none),
+//	 "steps" (the guest's step counter, carried across snapshots),
+//	 "generation", "lineage", "discards"}
+package emulator

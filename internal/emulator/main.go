@@ -1,0 +1,134 @@
+package emulator
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/forkd/forkd/internal/version"
+)
+
+// FirecrackerVersion is the Firecracker release whose API this emulator
+// follows; GET / reports vmm_version as FirecrackerVersion-forkd+<forkd version>.
+const FirecrackerVersion = "1.13.0"
+
+// Config is the emulator's command line, named as Firecracker's.
+type Config struct {
+	APISock string // --api-sock
+	ID      string // --id
+	LogPath string // --log-path ("" = stderr)
+	Level   string // --level: Error, Warning, Info, Debug (any case)
+}
+
+// ParseArgs parses Firecracker's command line. Firecracker flags forkd does
+// not need (--no-seccomp, --boot-timer, --show-level, ...) are accepted and
+// ignored so a command line built for the real binary works.
+func ParseArgs(args []string) (Config, error) {
+	fs := flag.NewFlagSet("forkd vmm", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	var c Config
+	fs.StringVar(&c.APISock, "api-sock", "/run/firecracker.socket", "path of the API Unix socket")
+	fs.StringVar(&c.ID, "id", "anonymous-instance", "microVM id")
+	fs.StringVar(&c.LogPath, "log-path", "", "log file (appended to)")
+	fs.StringVar(&c.Level, "level", "Info", "log level: Error, Warning, Info, Debug")
+	for _, b := range []string{"no-seccomp", "boot-timer", "show-level", "show-log-origin", "no-api"} {
+		fs.Bool(b, false, "accepted for Firecracker compatibility; ignored")
+	}
+	for _, s := range []string{"seccomp-filter", "metrics-path", "module", "start-time-us", "start-time-cpu-us",
+		"parent-cpu-time-us", "http-api-max-payload-size", "mmds-size-limit"} {
+		fs.String(s, "", "accepted for Firecracker compatibility; ignored")
+	}
+	if err := fs.Parse(args); err != nil {
+		return c, fmt.Errorf("forkd vmm: %w", err)
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("forkd vmm: unexpected arguments %q", fs.Args())
+	}
+	return c, nil
+}
+
+func parseLevel(s string) (slog.Level, error) {
+	switch strings.ToLower(s) {
+	case "error":
+		return slog.LevelError, nil
+	case "warning", "warn":
+		return slog.LevelWarn, nil
+	case "info":
+		return slog.LevelInfo, nil
+	case "debug", "trace":
+		return slog.LevelDebug, nil
+	}
+	return 0, fmt.Errorf("forkd vmm: --level %q: want Error, Warning, Info or Debug", s)
+}
+
+// Main is `forkd vmm ARGS...`: it serves the API until SendCtrlAltDel,
+// SIGTERM/SIGINT or ctx ends, and returns nil on those orderly exits.
+func Main(ctx context.Context, args []string, stderr io.Writer) error {
+	cfg, err := ParseArgs(args)
+	if err != nil {
+		return err
+	}
+	return Run(ctx, cfg, stderr)
+}
+
+// Run serves one microVM's API on cfg.APISock.
+func Run(ctx context.Context, cfg Config, stderr io.Writer) error {
+	level, err := parseLevel(cfg.Level)
+	if err != nil {
+		return err
+	}
+	var out io.Writer = stderr
+	if cfg.LogPath != "" {
+		f, err := os.OpenFile(cfg.LogPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		if err != nil {
+			return fmt.Errorf("forkd vmm: open log %s: %w", cfg.LogPath, err)
+		}
+		defer f.Close()
+		out = f
+	}
+	log := slog.New(slog.NewTextHandler(out, &slog.HandlerOptions{Level: level})).With("instance", cfg.ID)
+
+	// Like Firecracker, refuse to start on a path that exists: a stale socket
+	// must be removed by whoever owns the directory, not silently stolen.
+	ln, err := net.Listen("unix", cfg.APISock)
+	if err != nil {
+		return fmt.Errorf("forkd vmm: failed to open the API socket: %w", err)
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(true)
+
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	ctx, exit := context.WithCancel(ctx)
+	defer exit()
+
+	v := newVMM(cfg.ID, FirecrackerVersion+"-forkd+"+version.Version, log, exit)
+	srv := &http.Server{Handler: v.handler(), ReadHeaderTimeout: 10 * time.Second}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	log.Info("API server listening", "api_sock", cfg.APISock, "pid", os.Getpid(), "vmm_version", v.version)
+
+	select {
+	case <-ctx.Done():
+	case err := <-served:
+		return fmt.Errorf("forkd vmm: API server: %w", err)
+	}
+	// Let the response of SendCtrlAltDel (or any in-flight call) go out.
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
+		log.Warn("API server shutdown", "error", err)
+	}
+	v.stopGuest()
+	log.Info("VMM exiting")
+	return nil
+}

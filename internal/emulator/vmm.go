@@ -1,0 +1,586 @@
+package emulator
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+
+	"github.com/forkd/forkd/internal/uffd"
+)
+
+// fault is an error whose text is the fault_message Firecracker would send.
+type fault string
+
+func (f fault) Error() string { return string(f) }
+
+func faultf(format string, args ...any) error { return fault(fmt.Sprintf(format, args...)) }
+
+// Firecracker's messages for its ordering rules.
+const (
+	errPostBoot   fault = "The requested operation is not supported after starting the microVM."
+	errPreBoot    fault = "The requested operation is not supported before starting the microVM."
+	errLoadAfter  fault = "Loading a microVM snapshot not allowed after configuring boot-specific resources."
+	errNoKernel   fault = "Cannot start microvm without kernel configuration."
+	errUnusable   fault = "The microVM is unusable: a snapshot load failed. Start a new VMM process."
+	errNotStopped fault = "Cannot create a snapshot: the microVM must be paused first (PATCH /vm {\"state\": \"Paused\"})."
+)
+
+type runState int
+
+const (
+	stateNotStarted runState = iota
+	stateRunning
+	statePaused
+	stateFailed // a load failed: every later action is refused
+)
+
+func (s runState) String() string {
+	switch s {
+	case stateRunning:
+		return "Running"
+	case statePaused:
+		return "Paused"
+	default:
+		return "Not started"
+	}
+}
+
+// vmm is one microVM. Firecracker runs every API action on its single VMM
+// thread; mu gives the same serialisation.
+type vmm struct {
+	id      string
+	version string
+	log     *slog.Logger
+	// shutdown asks Main to exit once the current response is written
+	// (SendCtrlAltDel).
+	shutdown func()
+
+	mu sync.Mutex // guards every field below; held for a whole API action
+	st runState
+	// configured: a boot-specific resource was set, so /snapshot/load is
+	// refused (it is allowed only on a fresh process).
+	configured bool
+	machine    machineConfig
+	boot       *bootSource
+	guest      guestArgs
+	drives     []drive
+	ifaces     []netIface
+	mem        *guestMemory
+	uffd       *uffd.FD      // Uffd load: Firecracker keeps its copy of the uffd
+	uffdConn   *net.UnixConn // and never closes the handshake socket (FC ≥ 1.12)
+	restored   bool          // the VM came from a snapshot (boot-source is empty in /vm/config)
+
+	// wl is the guest workload, read without mu by GET /guest.
+	wl atomic.Pointer[workload]
+}
+
+func newVMM(id, version string, log *slog.Logger, shutdown func()) *vmm {
+	return &vmm{id: id, version: version, log: log, shutdown: shutdown, machine: defaultMachineConfig()}
+}
+
+// usable refuses every action after a failed load.
+func (v *vmm) usable() error {
+	if v.st == stateFailed {
+		return errUnusable
+	}
+	return nil
+}
+
+// preBoot is the check of every pre-boot-only call.
+func (v *vmm) preBoot() error {
+	if err := v.usable(); err != nil {
+		return err
+	}
+	if v.st != stateNotStarted {
+		return errPostBoot
+	}
+	return nil
+}
+
+func (v *vmm) setMachineConfig(u machineConfigUpdate, put bool) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err := v.preBoot(); err != nil {
+		return err
+	}
+	base := v.machine
+	if put {
+		if u.VCPUCount == nil {
+			return fault("missing field `vcpu_count`")
+		}
+		if u.MemSizeMib == nil {
+			return fault("missing field `mem_size_mib`")
+		}
+		base = defaultMachineConfig()
+	}
+	c, err := u.apply(base)
+	if err != nil {
+		return err
+	}
+	v.machine, v.configured = c, true
+	return nil
+}
+
+func (v *vmm) setBootSource(b bootSource) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err := v.preBoot(); err != nil {
+		return err
+	}
+	// The kernel is never executed, but it must exist, as Firecracker
+	// refuses a missing one.
+	if _, err := os.Stat(b.KernelImagePath); err != nil {
+		return faultf("The kernel file cannot be opened: %v", err)
+	}
+	if b.InitrdPath != "" {
+		if _, err := os.Stat(b.InitrdPath); err != nil {
+			return faultf("The initrd file cannot be opened due to invalid path or invalid permissions. %v", err)
+		}
+	}
+	g, err := parseBootArgs(b.BootArgs)
+	if err != nil {
+		return fault(err.Error())
+	}
+	v.boot, v.guest, v.configured = &b, g, true
+	return nil
+}
+
+func (v *vmm) putDrive(d drive) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err := v.preBoot(); err != nil {
+		return err
+	}
+	if d.Socket == "" {
+		if d.PathOnHost == "" {
+			return faultf("Unable to create the block device: drive %s has no path_on_host", d.DriveID)
+		}
+		if _, err := os.Stat(d.PathOnHost); err != nil {
+			return faultf("Unable to create the block device: BackingFile(Os { %v }, %q)", err, d.PathOnHost)
+		}
+	}
+	switch d.CacheType {
+	case "", "Unsafe", "Writeback":
+	default:
+		return faultf("unknown variant `%s`, expected `Unsafe` or `Writeback`", d.CacheType)
+	}
+	switch d.IOEngine {
+	case "", "Sync", "Async":
+	default:
+		return faultf("unknown variant `%s`, expected `Sync` or `Async`", d.IOEngine)
+	}
+	for i, old := range v.drives {
+		if d.IsRootDevice && old.IsRootDevice && old.DriveID != d.DriveID {
+			return fault("A root block device already exists!")
+		}
+		if old.DriveID == d.DriveID {
+			v.drives[i], v.configured = d, true
+			return nil
+		}
+	}
+	v.drives, v.configured = append(v.drives, d), true
+	return nil
+}
+
+// patchDrive is the post-boot drive update (a new backing file).
+func (v *vmm) patchDrive(id, path string) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err := v.usable(); err != nil {
+		return err
+	}
+	if v.st == stateNotStarted {
+		return errPreBoot
+	}
+	for i := range v.drives {
+		if v.drives[i].DriveID == id {
+			if path != "" {
+				if _, err := os.Stat(path); err != nil {
+					return faultf("Unable to patch the block device: %v", err)
+				}
+				v.drives[i].PathOnHost = path
+			}
+			return nil
+		}
+	}
+	return faultf("Invalid block device ID: %s", id)
+}
+
+func (v *vmm) putNetIface(n netIface) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err := v.preBoot(); err != nil {
+		return err
+	}
+	if n.MTU != 0 && (n.MTU < 68 || n.MTU > 65535) {
+		return faultf("invalid mtu %d: must be within 68..65535", n.MTU)
+	}
+	for i, old := range v.ifaces {
+		if old.IfaceID == n.IfaceID {
+			v.ifaces[i], v.configured = n, true
+			return nil
+		}
+		if old.HostDevName == n.HostDevName {
+			return faultf("The host device name %s is already in use.", n.HostDevName)
+		}
+	}
+	v.ifaces, v.configured = append(v.ifaces, n), true
+	return nil
+}
+
+func newLineage() uint64 {
+	var b [8]byte
+	rand.Read(b[:]) // never fails (crypto/rand panics internally instead)
+	return binary.LittleEndian.Uint64(b[:]) | 1
+}
+
+// start is InstanceStart: map anonymous RAM, "boot" the guest (initialise
+// the workload's memory) and run it.
+func (v *vmm) start() error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err := v.preBoot(); err != nil {
+		return err
+	}
+	if v.boot == nil {
+		return errNoKernel
+	}
+	memBytes := uint64(v.machine.MemSizeMib) << 20
+	cfg, split := workloadFor(v.guest, v.machine.VCPUCount, memBytes)
+	mem, err := mapAnonymous(layoutRegions(memBytes, split))
+	if err != nil {
+		return faultf("Cannot start microvm: %v", err)
+	}
+	var dirty *dirtyBitmap
+	if v.machine.TrackDirtyPages {
+		dirty = newDirtyBitmap(mem.pages())
+	}
+	wl := newBootWorkload(mem, cfg, newLineage(), dirty, v.log)
+	v.mem = mem
+	v.wl.Store(wl)
+	wl.start()
+	v.st = stateRunning
+	v.log.Info("microVM started", "vcpus", cfg.VCPUs, "mem_mib", v.machine.MemSizeMib, "regions", len(mem.regions),
+		"ws_pages", cfg.WSPages, "write_pct", cfg.WritePct, "rate", cfg.Rate, "discard_pct", cfg.DiscardPct)
+	return nil
+}
+
+// setVMState is PATCH /vm: Paused stops every vCPU at a step boundary,
+// Resumed restarts them. Both are idempotent, as in Firecracker.
+func (v *vmm) setVMState(state string) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err := v.usable(); err != nil {
+		return err
+	}
+	if v.st == stateNotStarted {
+		return errPreBoot
+	}
+	wl := v.wl.Load()
+	switch state {
+	case "Paused":
+		wl.stop()
+		v.st = statePaused
+	case "Resumed":
+		wl.start()
+		v.st = stateRunning
+	default:
+		return faultf("unknown variant `%s`, expected `Paused` or `Resumed`", state)
+	}
+	v.log.Info("vm state", "state", v.st.String())
+	return nil
+}
+
+// ctrlAltDel stops the guest; the caller then ends the process, as a
+// Firecracker whose guest reboots exits.
+func (v *vmm) ctrlAltDel() error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err := v.usable(); err != nil {
+		return err
+	}
+	if v.st == stateNotStarted {
+		return errPreBoot
+	}
+	v.wl.Load().stop()
+	v.log.Info("SendCtrlAltDel: guest stopped, exiting")
+	v.shutdown()
+	return nil
+}
+
+// stopGuest stops the vCPUs (process exit).
+func (v *vmm) stopGuest() {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if wl := v.wl.Load(); wl != nil {
+		wl.stop()
+	}
+}
+
+type snapshotCreate struct {
+	SnapshotType string  `json:"snapshot_type"`
+	SnapshotPath *string `json:"snapshot_path"`
+	MemFilePath  *string `json:"mem_file_path"`
+	Version      string  `json:"version"` // deprecated (≤ 1.4), ignored
+}
+
+// createSnapshot is PUT /snapshot/create. The mem-file is written first and
+// the vmstate last (temp + rename), so the vmstate is the commit point: a
+// crash in between leaves a vmstate that does not match the memory, which
+// the workload reports at its first step.
+func (v *vmm) createSnapshot(req snapshotCreate) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err := v.usable(); err != nil {
+		return err
+	}
+	if v.st == stateNotStarted {
+		return errPreBoot
+	}
+	if v.st != statePaused {
+		return errNotStopped
+	}
+	wl := v.wl.Load()
+	var dirty *dirtyBitmap
+	switch req.SnapshotType {
+	case "", "Full":
+	case "Diff":
+		if wl.dirty == nil {
+			return fault("Diff snapshots require dirty page tracking: set track_dirty_pages in /machine-config or /snapshot/load.")
+		}
+		dirty = wl.dirty
+	default:
+		return faultf("unknown variant `%s`, expected `Full` or `Diff`", req.SnapshotType)
+	}
+	n, err := writeMemFile(*req.MemFilePath, v.mem, dirty)
+	if err != nil {
+		// The dirty log is kept: a retry writes the same pages.
+		return faultf("Create snapshot error: %v", err)
+	}
+	st := &vmState{VMMVersion: v.version, Machine: v.machine, Drives: v.drives, Interfaces: v.ifaces,
+		Regions: v.mem.regions, Workload: wl.state()}
+	if v.boot != nil {
+		st.BootArgs = v.boot.BootArgs
+	}
+	if err := writeVMState(*req.SnapshotPath, st); err != nil {
+		return faultf("Create snapshot error: %v", err)
+	}
+	// Only a complete snapshot restarts the dirty log.
+	if wl.dirty != nil {
+		wl.dirty.reset()
+	}
+	typ := req.SnapshotType
+	if typ == "" {
+		typ = "Full"
+	}
+	v.log.Info("snapshot created", "type", typ, "snapshot", *req.SnapshotPath, "mem_file", *req.MemFilePath,
+		"pages_written", n, "steps", st.Workload.Steps)
+	return nil
+}
+
+type memBackend struct {
+	BackendType *string `json:"backend_type"`
+	BackendPath *string `json:"backend_path"`
+}
+
+type snapshotLoad struct {
+	SnapshotPath        *string     `json:"snapshot_path"`
+	MemBackend          *memBackend `json:"mem_backend"`
+	MemFilePath         *string     `json:"mem_file_path"`         // deprecated form of mem_backend File
+	EnableDiffSnapshots *bool       `json:"enable_diff_snapshots"` // deprecated form of track_dirty_pages
+	TrackDirtyPages     *bool       `json:"track_dirty_pages"`
+	ResumeVM            bool        `json:"resume_vm"`
+	NetworkOverrides    []struct {
+		IfaceID     string `json:"iface_id"`
+		HostDevName string `json:"host_dev_name"`
+	} `json:"network_overrides"`
+	VsockOverride *struct {
+		UDSPath string `json:"uds_path"`
+	} `json:"vsock_override"`
+	ClockRealtime bool   `json:"clock_realtime"`
+	HugePages     string `json:"huge_pages"`
+}
+
+// loadParams is a validated load request.
+type loadParams struct {
+	vmstate, backendType, backendPath string
+	track, resume                     bool
+}
+
+func (r snapshotLoad) validate() (loadParams, error) {
+	var p loadParams
+	if r.SnapshotPath == nil {
+		return p, fault("missing field `snapshot_path`")
+	}
+	p.vmstate, p.resume = *r.SnapshotPath, r.ResumeVM
+	switch {
+	case r.MemBackend != nil && r.MemFilePath != nil:
+		return p, fault("too many fields: either `mem_backend` or `mem_file_path` exclusively.")
+	case r.MemFilePath != nil:
+		p.backendType, p.backendPath = "File", *r.MemFilePath
+	case r.MemBackend != nil:
+		if r.MemBackend.BackendType == nil {
+			return p, fault("missing field `backend_type`")
+		}
+		if r.MemBackend.BackendPath == nil {
+			return p, fault("missing field `backend_path`")
+		}
+		p.backendType, p.backendPath = *r.MemBackend.BackendType, *r.MemBackend.BackendPath
+		if p.backendType != "File" && p.backendType != "Uffd" {
+			return p, faultf("unknown variant `%s`, expected `File` or `Uffd`", p.backendType)
+		}
+	default:
+		return p, fault("missing field: either `mem_backend` or `mem_file_path` is required.")
+	}
+	if r.TrackDirtyPages != nil && r.EnableDiffSnapshots != nil {
+		return p, fault("too many fields: either `enable_diff_snapshots` or `track_dirty_pages` exclusively.")
+	}
+	if r.TrackDirtyPages != nil {
+		p.track = *r.TrackDirtyPages
+	}
+	if r.EnableDiffSnapshots != nil {
+		p.track = *r.EnableDiffSnapshots
+	}
+	switch r.HugePages {
+	case "", "Snapshot", "None":
+	default:
+		return p, faultf("huge_pages %s is not supported by forkd vmm", r.HugePages)
+	}
+	return p, nil
+}
+
+// loadSnapshot is PUT /snapshot/load. It is allowed only on a fresh
+// process; once it starts, any failure leaves the process unusable, as in
+// Firecracker (the caller must start a new VMM).
+func (v *vmm) loadSnapshot(req snapshotLoad) error {
+	p, err := req.validate()
+	if err != nil {
+		return err
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err := v.usable(); err != nil {
+		return err
+	}
+	if v.st != stateNotStarted || v.configured {
+		return errLoadAfter
+	}
+	if err := v.load(p, req); err != nil {
+		v.st = stateFailed
+		v.log.Error("snapshot load failed; the VMM is unusable", "snapshot", p.vmstate, "error", err)
+		return faultf("Load snapshot error: %v", err)
+	}
+	return nil
+}
+
+func (v *vmm) load(p loadParams, req snapshotLoad) error {
+	st, err := readVMState(p.vmstate)
+	if err != nil {
+		return err
+	}
+	// Devices are re-opened on load: their backing files must still exist.
+	for _, d := range st.Drives {
+		if d.Socket == "" && d.PathOnHost != "" {
+			if _, err := os.Stat(d.PathOnHost); err != nil {
+				return fmt.Errorf("restore drive %s: %w", d.DriveID, err)
+			}
+		}
+	}
+	for _, o := range req.NetworkOverrides {
+		found := false
+		for i := range st.Interfaces {
+			if st.Interfaces[i].IfaceID == o.IfaceID {
+				st.Interfaces[i].HostDevName, found = o.HostDevName, true
+			}
+		}
+		if !found {
+			return fmt.Errorf("network override: no interface %q in the snapshot", o.IfaceID)
+		}
+	}
+	var mem *guestMemory
+	switch p.backendType {
+	case "File":
+		mem, err = mapFile(p.backendPath, st.Regions)
+	case "Uffd":
+		mem, err = v.mapUffd(p.backendPath, st.Regions)
+	}
+	if err != nil {
+		return err
+	}
+	machine := st.Machine
+	machine.TrackDirtyPages = p.track // not persisted in the snapshot: re-sent on every load
+	var dirty *dirtyBitmap
+	if p.track {
+		dirty = newDirtyBitmap(mem.pages())
+	}
+	wl := newLoadedWorkload(mem, st.Workload, newLineage(), dirty, v.log)
+	v.machine, v.drives, v.ifaces, v.mem, v.restored = machine, st.Drives, st.Interfaces, mem, true
+	v.wl.Store(wl)
+	v.st = statePaused
+	if p.resume {
+		wl.start()
+		v.st = stateRunning
+	}
+	v.log.Info("snapshot loaded", "snapshot", p.vmstate, "backend", p.backendType, "mem", p.backendPath,
+		"regions", len(mem.regions), "steps", st.Workload.Steps, "generation", wl.generation, "state", v.st.String())
+	return nil
+}
+
+// describe is GET /.
+type instanceInfo struct {
+	AppName    string `json:"app_name"`
+	ID         string `json:"id"`
+	State      string `json:"state"`
+	VMMVersion string `json:"vmm_version"`
+}
+
+func (v *vmm) describe() instanceInfo {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return instanceInfo{AppName: "Firecracker", ID: v.id, State: v.st.String(), VMMVersion: v.version}
+}
+
+func (v *vmm) machineConfig() machineConfig {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.machine
+}
+
+// vmConfig is GET /vm/config.
+func (v *vmm) vmConfig() map[string]any {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	cfg := map[string]any{
+		"machine-config":     v.machine,
+		"drives":             append([]drive{}, v.drives...),
+		"network-interfaces": append([]netIface{}, v.ifaces...),
+		"balloon":            nil,
+		"logger":             nil,
+		"metrics":            nil,
+		"mmds-config":        nil,
+		"vsock":              nil,
+		"entropy":            nil,
+	}
+	// After a restore the boot source is empty, as in Firecracker.
+	if v.boot != nil && !v.restored {
+		cfg["boot-source"] = v.boot
+	} else {
+		cfg["boot-source"] = map[string]any{}
+	}
+	return cfg
+}
+
+// guestStats is GET /guest; it takes no lock so it answers while a long
+// action (a Full snapshot) runs.
+func (v *vmm) guestStats() (GuestStats, error) {
+	wl := v.wl.Load()
+	if wl == nil {
+		return GuestStats{}, errPreBoot
+	}
+	return wl.stats(), nil
+}

@@ -1,0 +1,115 @@
+package emulator
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"hash/crc64"
+	"os"
+
+	"github.com/forkd/forkd/internal/atomicfile"
+)
+
+// The vmstate file: magic (16 bytes) | format version (u32) | reserved (u32)
+// | body length (u64) | body (JSON) | CRC64-ECMA of everything before it.
+// Like Firecracker's, any change to the body's meaning bumps the format
+// version, and a load refuses a version or checksum it does not know.
+const (
+	vmstateMagic         = "FORKD-VMSTATE\x00\x00\x00"
+	vmstateFormatVersion = 1
+	vmstateHeaderLen     = 16 + 4 + 4 + 8
+)
+
+// vmState is the vmstate body: the machine, its devices, the memory layout
+// and the guest's "CPU" state.
+type vmState struct {
+	VMMVersion string        `json:"vmm_version"`
+	Machine    machineConfig `json:"machine_config"`
+	BootArgs   string        `json:"boot_args"`
+	Drives     []drive       `json:"drives"`
+	Interfaces []netIface    `json:"network_interfaces"`
+	Regions    []region      `json:"regions"`
+	Workload   workloadState `json:"workload"`
+}
+
+func encodeVMState(st *vmState) ([]byte, error) {
+	body, err := json.Marshal(st)
+	if err != nil {
+		return nil, fmt.Errorf("encode vmstate: %w", err)
+	}
+	var b bytes.Buffer
+	b.WriteString(vmstateMagic)
+	binary.Write(&b, binary.LittleEndian, uint32(vmstateFormatVersion))
+	binary.Write(&b, binary.LittleEndian, uint32(0))
+	binary.Write(&b, binary.LittleEndian, uint64(len(body)))
+	b.Write(body)
+	binary.Write(&b, binary.LittleEndian, crc64.Checksum(b.Bytes(), crcTable))
+	return b.Bytes(), nil
+}
+
+func decodeVMState(data []byte) (*vmState, error) {
+	if len(data) < vmstateHeaderLen+8 || string(data[:16]) != vmstateMagic {
+		return nil, fmt.Errorf("not a forkd vmstate file (bad magic or too short: %d bytes)", len(data))
+	}
+	if v := le.Uint32(data[16:]); v != vmstateFormatVersion {
+		return nil, fmt.Errorf("vmstate format version %d is not supported (this VMM reads version %d)", v, vmstateFormatVersion)
+	}
+	n := le.Uint64(data[24:])
+	if n != uint64(len(data)-vmstateHeaderLen-8) {
+		return nil, fmt.Errorf("vmstate body length %d does not match the file (%d bytes)", n, len(data))
+	}
+	end := vmstateHeaderLen + int(n)
+	if got, want := crc64.Checksum(data[:end], crcTable), le.Uint64(data[end:]); got != want {
+		return nil, fmt.Errorf("vmstate CRC64 mismatch: computed %#x, file says %#x", got, want)
+	}
+	var st vmState
+	if err := json.Unmarshal(data[vmstateHeaderLen:end], &st); err != nil {
+		return nil, fmt.Errorf("decode vmstate body: %w", err)
+	}
+	return &st, st.validate()
+}
+
+// validate checks what the loader relies on, so a well-formed but wrong
+// vmstate is refused instead of crashing the workload.
+func (st *vmState) validate() error {
+	c := st.Workload.Config
+	if st.Machine.VCPUCount < 1 || st.Machine.VCPUCount > maxVCPUs || c.VCPUs != st.Machine.VCPUCount ||
+		len(st.Workload.Steps) != c.VCPUs {
+		return fmt.Errorf("vmstate: inconsistent vCPU count (machine %d, workload %d, %d step counters)",
+			st.Machine.VCPUCount, c.VCPUs, len(st.Workload.Steps))
+	}
+	size := totalSize(st.Regions)
+	if len(st.Regions) == 0 || size != uint64(st.Machine.MemSizeMib)<<20 {
+		return fmt.Errorf("vmstate: regions cover %d bytes, machine has %d MiB", size, st.Machine.MemSizeMib)
+	}
+	var off uint64
+	for _, r := range st.Regions {
+		if r.Offset != off || r.Size == 0 || r.Size%pageSize != 0 {
+			return fmt.Errorf("vmstate: region at offset %d size %d breaks the contiguous layout", r.Offset, r.Size)
+		}
+		off += r.Size
+	}
+	if clampWorkingSet(c.WSPages, size/pageSize) != c.WSPages {
+		return fmt.Errorf("vmstate: working set of %d pages does not fit in %d pages", c.WSPages, size/pageSize)
+	}
+	return nil
+}
+
+// writeVMState writes the vmstate durably: temp file, fsync, rename, fsync
+// of the directory, so a crash leaves the previous vmstate or the new one.
+func writeVMState(path string, st *vmState) error {
+	data, err := encodeVMState(st)
+	if err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(path, data, 0o600)
+}
+
+func readVMState(path string) (*vmState, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read vmstate: %w", err)
+	}
+	return decodeVMState(data)
+}
