@@ -1,0 +1,126 @@
+package api
+
+import (
+	"errors"
+	"fmt"
+	"net/http"
+)
+
+// Error codes: the "code" of an error body. Each maps to one HTTP status.
+const (
+	CodeBadRequest           = "bad_request"            // 400: malformed JSON, unknown field, wrong type
+	CodeUnauthorized         = "unauthorized"           // 401: TCP listener without the right bearer token
+	CodeNotFound             = "not_found"              // 404
+	CodeMethodNotAllowed     = "method_not_allowed"     // 405
+	CodeInvalidState         = "invalid_state"          // 409: operation not allowed in the current state
+	CodeAlreadyExists        = "already_exists"         // 409: name taken
+	CodeAmbiguous            = "ambiguous"              // 409: id prefix matches more than one
+	CodeBodyTooLarge         = "body_too_large"         // 413: body over MaxBodyBytes
+	CodeUnsupportedMediaType = "unsupported_media_type" // 415: body that is not application/json
+	CodeInvalidName          = "invalid_name"           // 422: name or reference fails NamePattern
+	CodeInvalidRequest       = "invalid_request"        // 422: well-formed but unacceptable values
+	CodeInternal             = "internal"               // 500
+	CodeNotImplemented       = "not_implemented"        // 501: the backend for this is not built yet
+	CodeUnavailable          = "unavailable"            // 503
+)
+
+// StatusError is an error with its HTTP status and code. The handlers return
+// it for what they refuse themselves; the client returns it for every error
+// response, carrying the server's message. Unwrap yields the sentinel error
+// of its code, so errors.Is(err, ErrNotFound) works on both sides.
+type StatusError struct {
+	Status  int
+	Code    string
+	Message string
+}
+
+func (e *StatusError) Error() string {
+	if e.Message == "" {
+		return e.Code
+	}
+	return e.Message
+}
+
+// Unwrap returns the sentinel error of e's code (nil when it has none).
+func (e *StatusError) Unwrap() error { return sentinelOf(e.Code) }
+
+// errorf builds a StatusError.
+func errorf(status int, code, format string, args ...any) *StatusError {
+	return &StatusError{Status: status, Code: code, Message: fmt.Sprintf(format, args...)}
+}
+
+// statusOf maps an error to its HTTP status and code. This is the one place
+// where sentinel errors become statuses; sentinelOf is its inverse.
+func statusOf(err error) (int, string) {
+	var se *StatusError
+	switch {
+	case errors.As(err, &se):
+		return se.Status, se.Code
+	case errors.Is(err, ErrNotFound):
+		return http.StatusNotFound, CodeNotFound
+	case errors.Is(err, ErrInvalidState):
+		return http.StatusConflict, CodeInvalidState
+	case errors.Is(err, ErrExists):
+		return http.StatusConflict, CodeAlreadyExists
+	case errors.Is(err, ErrAmbiguous):
+		return http.StatusConflict, CodeAmbiguous
+	case errors.Is(err, ErrInvalid):
+		return http.StatusUnprocessableEntity, CodeInvalidRequest
+	case errors.Is(err, ErrNotImplemented):
+		return http.StatusNotImplemented, CodeNotImplemented
+	case errors.Is(err, ErrUnavailable):
+		return http.StatusServiceUnavailable, CodeUnavailable
+	default:
+		return http.StatusInternalServerError, CodeInternal
+	}
+}
+
+// sentinelOf maps an error code back to the sentinel a Service would have
+// returned, so callers of the client can use errors.Is.
+func sentinelOf(code string) error {
+	switch code {
+	case CodeNotFound:
+		return ErrNotFound
+	case CodeInvalidState:
+		return ErrInvalidState
+	case CodeAlreadyExists:
+		return ErrExists
+	case CodeAmbiguous:
+		return ErrAmbiguous
+	case CodeInvalidName, CodeInvalidRequest, CodeBadRequest, CodeBodyTooLarge, CodeUnsupportedMediaType:
+		return ErrInvalid
+	case CodeNotImplemented:
+		return ErrNotImplemented
+	case CodeUnavailable:
+		return ErrUnavailable
+	default:
+		return nil
+	}
+}
+
+// codeOfStatus is the code for an error response whose body is not an
+// error document (a proxy, a crash): the best guess from its status.
+func codeOfStatus(status int) string {
+	switch status {
+	case http.StatusBadRequest:
+		return CodeBadRequest
+	case http.StatusUnauthorized:
+		return CodeUnauthorized
+	case http.StatusNotFound:
+		return CodeNotFound
+	case http.StatusMethodNotAllowed:
+		return CodeMethodNotAllowed
+	case http.StatusRequestEntityTooLarge:
+		return CodeBodyTooLarge
+	case http.StatusUnsupportedMediaType:
+		return CodeUnsupportedMediaType
+	case http.StatusUnprocessableEntity:
+		return CodeInvalidRequest
+	case http.StatusNotImplemented:
+		return CodeNotImplemented
+	case http.StatusServiceUnavailable:
+		return CodeUnavailable
+	default:
+		return CodeInternal
+	}
+}

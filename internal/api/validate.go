@@ -1,0 +1,122 @@
+package api
+
+import (
+	"net/http"
+	"regexp"
+)
+
+// Limits and defaults of requests. The Service may narrow them further.
+const (
+	NamePattern      = `^[a-z0-9][a-z0-9-]{0,62}$`
+	MinVcpus         = 1
+	MaxVcpus         = 32
+	MinMemoryMiB     = 16
+	MaxMemoryMiB     = 65536
+	DefaultVcpus     = 1
+	DefaultMemoryMiB = 256
+	MaxBootArgsBytes = 4096
+	MaxPathBytes     = 4096
+)
+
+// Actions lists the lifecycle actions of POST /instances/{id}/{action}.
+func Actions() []string {
+	return []string{"start", "pause", "resume", "standby", "restore", "stop"}
+}
+
+// IsAction reports whether a is a lifecycle action.
+func IsAction(a string) bool {
+	switch a {
+	case "start", "pause", "resume", "standby", "restore", "stop":
+		return true
+	}
+	return false
+}
+
+var nameRE = regexp.MustCompile(NamePattern)
+
+// ValidateName checks a name against NamePattern. Names become directory and
+// file names on the host, so this is also what keeps "../x" out of paths.
+func ValidateName(what, name string) error {
+	if !nameRE.MatchString(name) {
+		return errorf(http.StatusUnprocessableEntity, CodeInvalidName,
+			"%s %q is not a valid name: use 1-63 lowercase letters, digits and '-', starting with a letter or digit", what, name)
+	}
+	return nil
+}
+
+// ValidateRef checks a reference (id, name or id prefix) taken from a path.
+// Ids and names share NamePattern, so a reference that fails it names nothing.
+func ValidateRef(ref string) error { return ValidateName("reference", ref) }
+
+// WithDefaults fills the sizes a request left out.
+func (r CreateInstanceRequest) WithDefaults() CreateInstanceRequest {
+	if r.Vcpus == 0 {
+		r.Vcpus = DefaultVcpus
+	}
+	if r.MemoryMiB == 0 {
+		r.MemoryMiB = DefaultMemoryMiB
+	}
+	return r
+}
+
+// Validate checks a create request (after WithDefaults). Errors wrap ErrInvalid.
+func (r CreateInstanceRequest) Validate() error {
+	if err := ValidateName("instance name", r.Name); err != nil {
+		return err
+	}
+	if r.Vcpus < MinVcpus || r.Vcpus > MaxVcpus {
+		return invalid("vcpus must be %d..%d, got %d", MinVcpus, MaxVcpus, r.Vcpus)
+	}
+	if r.MemoryMiB < MinMemoryMiB || r.MemoryMiB > MaxMemoryMiB {
+		return invalid("memory_mib must be %d..%d, got %d", MinMemoryMiB, MaxMemoryMiB, r.MemoryMiB)
+	}
+	if len(r.BootArgs) > MaxBootArgsBytes {
+		return invalid("boot_args is %d bytes; at most %d", len(r.BootArgs), MaxBootArgsBytes)
+	}
+	if len(r.Kernel) > MaxPathBytes || len(r.Rootfs) > MaxPathBytes {
+		return invalid("kernel and rootfs paths are at most %d bytes", MaxPathBytes)
+	}
+	return nil
+}
+
+// Validate checks an action's optional body.
+func (r ActionRequest) Validate() error { return validateBackend(r.RestoreBackend) }
+
+// Validate checks a fork request.
+func (r ForkRequest) Validate() error {
+	if err := ValidateName("fork name", r.Name); err != nil {
+		return err
+	}
+	switch r.TargetState {
+	case "", StateStandby, StateRunning, StateStopped:
+	default:
+		return invalid("target_state must be Standby, Running or Stopped, got %q", r.TargetState)
+	}
+	return validateBackend(r.RestoreBackend)
+}
+
+// Validate checks a snapshot request.
+func (r SnapshotRequest) Validate() error {
+	if err := ValidateName("snapshot name", r.Name); err != nil {
+		return err
+	}
+	switch r.Compression {
+	case "", "none", "zstd":
+		return nil
+	default:
+		return invalid("compression must be none or zstd, got %q", r.Compression)
+	}
+}
+
+func validateBackend(b string) error {
+	switch b {
+	case "", BackendFile, BackendUffd:
+		return nil
+	default:
+		return invalid("restore_backend must be file or uffd, got %q", b)
+	}
+}
+
+func invalid(format string, args ...any) error {
+	return errorf(http.StatusUnprocessableEntity, CodeInvalidRequest, format, args...)
+}
