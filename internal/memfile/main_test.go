@@ -45,8 +45,6 @@ func onEachFS(t *testing.T, fn func(t *testing.T, kind testfs.Kind, dir string))
 	}
 }
 
-const page = 4096
-
 // extent is a run of data written into a test file.
 type extent struct {
 	off  int64
