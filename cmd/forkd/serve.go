@@ -1,19 +1,39 @@
 package main
 
 import (
-	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
 
 	"github.com/spf13/cobra"
+
+	"github.com/forkd/forkd/internal/daemon"
 )
 
-// newServeCommand is `forkd serve`: the daemon. Owned by the foundation work
-// (internal/daemon).
+// newServeCommand is `forkd serve`: the daemon (internal/daemon).
 func newServeCommand() *cobra.Command {
-	return &cobra.Command{
+	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Run the forkd daemon",
+		Long: `Run the forkd daemon in the foreground.
+
+It serves the API on <data>/forkd.sock (mode 0600) and, with --listen, on a TCP
+address that requires a bearer token. SIGTERM or SIGINT stops it gracefully;
+running VMs are never stopped with it.
+
+Configuration precedence: flags, then FORKD_* environment variables, then the
+YAML file given by --config (or FORKD_CONFIG), then defaults.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return fmt.Errorf("forkd serve: not implemented yet")
+			cfg, err := daemon.LoadConfig(cmd.Flags(), os.LookupEnv)
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGTERM, os.Interrupt)
+			defer stop()
+			return daemon.Run(ctx, cfg)
 		},
 	}
+	daemon.BindFlags(cmd.Flags())
+	return cmd
 }

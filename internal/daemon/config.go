@@ -1,0 +1,280 @@
+package daemon
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/spf13/pflag"
+	"gopkg.in/yaml.v3"
+
+	"github.com/forkd/forkd/internal/api"
+)
+
+// Config is the daemon's configuration. LoadConfig fills it from, in order
+// of precedence: command-line flags, FORKD_* environment variables, the YAML
+// file named by --config / FORKD_CONFIG, and the defaults.
+type Config struct {
+	DataDir   string // data_dir: all state; created 0700
+	Listen    string // listen: optional tcp://HOST:PORT (needs TokenFile)
+	TokenFile string // token_file: bearer token for the TCP listener
+	LogFormat string // log_format: text | json
+	LogLevel  string // log_level: debug | info | warn | error
+
+	VMMBinary          string // vmm_binary: "auto" (firecracker if usable, else `forkd vmm`) or a path
+	RestoreBackend     string // restore_backend: file | uffd
+	ForkRestoreBackend string // fork_restore_backend: file | uffd, for a fork's first restore
+	PagerCacheBytes    int64  // pager_cache_bytes: the pager's page cache budget
+
+	File string // the YAML file the config was read from, "" if none
+}
+
+// setting is one configuration key and every way to set it.
+type setting struct {
+	key   string // YAML key
+	env   string
+	flag  string
+	def   string // default, as text ("" for computed defaults)
+	usage string
+	set   func(c *Config, v string) error
+}
+
+// settings lists every configuration key. It is a function, not a variable,
+// so nothing can change it at run time.
+func settings() []setting {
+	str := func(f func(c *Config) *string) func(*Config, string) error {
+		return func(c *Config, v string) error { *f(c) = v; return nil }
+	}
+	return []setting{
+		{"data_dir", "FORKD_DATA", "data-dir", "",
+			"data directory (default $FORKD_DATA, /var/lib/forkd as root, else ~/.local/share/forkd)",
+			str(func(c *Config) *string { return &c.DataDir })},
+		{"listen", "FORKD_LISTEN", "listen", "",
+			"also listen on tcp://HOST:PORT (requires --token-file)",
+			str(func(c *Config) *string { return &c.Listen })},
+		{"token_file", "FORKD_TOKEN_FILE", "token-file", "",
+			"file holding the bearer token the TCP listener requires",
+			str(func(c *Config) *string { return &c.TokenFile })},
+		{"log_format", "FORKD_LOG_FORMAT", "log-format", "text", "log format: text or json",
+			str(func(c *Config) *string { return &c.LogFormat })},
+		{"log_level", "FORKD_LOG_LEVEL", "log-level", "info", "log level: debug, info, warn or error",
+			str(func(c *Config) *string { return &c.LogLevel })},
+		{"vmm_binary", "FORKD_VMM_BINARY", "vmm-binary", "auto",
+			`VMM binary: "auto" (firecracker when KVM is usable, else the built-in emulator) or a path`,
+			str(func(c *Config) *string { return &c.VMMBinary })},
+		{"restore_backend", "FORKD_RESTORE_BACKEND", "restore-backend", api.BackendFile,
+			"how restores load guest memory: file (mmap the mem-file) or uffd (through the pager)",
+			str(func(c *Config) *string { return &c.RestoreBackend })},
+		{"fork_restore_backend", "FORKD_FORK_RESTORE_BACKEND", "fork-restore-backend", api.BackendFile,
+			"restore backend for a fork's first restore: file or uffd",
+			str(func(c *Config) *string { return &c.ForkRestoreBackend })},
+		{"pager_cache_bytes", "FORKD_PAGER_CACHE_BYTES", "pager-cache-bytes", "1GiB",
+			"the pager's page cache budget (bytes; K/M/G/KiB/MiB/GiB suffixes allowed)",
+			func(c *Config, v string) error {
+				n, err := ParseBytes(v)
+				c.PagerCacheBytes = n
+				return err
+			}},
+	}
+}
+
+// SettingDoc describes one configuration key, for documentation.
+type SettingDoc struct{ Key, Env, Flag, Default, Usage string }
+
+// Settings documents every configuration key.
+func Settings() []SettingDoc {
+	var out []SettingDoc
+	for _, s := range settings() {
+		out = append(out, SettingDoc{s.key, s.env, "--" + s.flag, s.def, s.usage})
+	}
+	return out
+}
+
+// BindFlags registers the daemon's flags (one per setting, plus --config).
+func BindFlags(fs *pflag.FlagSet) {
+	fs.String("config", "", "YAML config file (env FORKD_CONFIG); keys as in the README")
+	for _, s := range settings() {
+		fs.String(s.flag, s.def, s.usage+" (env "+s.env+")")
+	}
+}
+
+// LoadConfig resolves every setting: a flag the user set, else the
+// environment, else the YAML file, else the default. fs must have been
+// passed to BindFlags (nil means no flags).
+func LoadConfig(fs *pflag.FlagSet, lookupEnv func(string) (string, bool)) (Config, error) {
+	var c Config
+	flag := func(name string) (string, bool) {
+		if fs == nil || !fs.Changed(name) {
+			return "", false
+		}
+		v, err := fs.GetString(name)
+		return v, err == nil
+	}
+
+	file, ok := flag("config")
+	if !ok {
+		file, _ = lookupEnv("FORKD_CONFIG")
+	}
+	fromFile := map[string]string{}
+	if file != "" {
+		var err error
+		if fromFile, err = readConfigFile(file); err != nil {
+			return Config{}, err
+		}
+		c.File = file
+	}
+
+	for _, s := range settings() {
+		v, ok := flag(s.flag)
+		if !ok {
+			v, ok = lookupEnv(s.env)
+		}
+		if !ok {
+			v, ok = fromFile[s.key]
+		}
+		if !ok {
+			v = s.def
+		}
+		if err := s.set(&c, strings.TrimSpace(v)); err != nil {
+			return Config{}, fmt.Errorf("config %s: %w", s.key, err)
+		}
+	}
+	if c.DataDir == "" {
+		// Env FORKD_DATA was consulted above; this is root's or the user's default.
+		c.DataDir = api.DefaultDataDir(func(string) (string, bool) { return "", false })
+	}
+	abs, err := filepath.Abs(c.DataDir)
+	if err != nil {
+		return Config{}, fmt.Errorf("config data_dir %q: %w", c.DataDir, err)
+	}
+	c.DataDir = abs
+	return c, c.Validate()
+}
+
+// readConfigFile reads a flat YAML mapping of setting keys. Unknown keys are
+// an error: a misspelt key silently ignored is a setting silently lost.
+func readConfigFile(path string) (map[string]string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config file: %w", err)
+	}
+	var raw map[string]any
+	if err := yaml.Unmarshal(b, &raw); err != nil {
+		return nil, fmt.Errorf("parse config file %s: %w", path, err)
+	}
+	known := map[string]bool{}
+	for _, s := range settings() {
+		known[s.key] = true
+	}
+	out := map[string]string{}
+	for k, v := range raw {
+		if !known[k] {
+			return nil, fmt.Errorf("config file %s: unknown key %q", path, k)
+		}
+		switch v := v.(type) {
+		case string:
+			out[k] = v
+		case int, int64, uint64, float64, bool:
+			out[k] = fmt.Sprint(v)
+		case nil:
+		default:
+			return nil, fmt.Errorf("config file %s: key %q must be a scalar", path, k)
+		}
+	}
+	return out, nil
+}
+
+// Validate checks values that LoadConfig cannot fix up.
+func (c Config) Validate() error {
+	switch c.LogFormat {
+	case "text", "json":
+	default:
+		return fmt.Errorf("config log_format: %q is not text or json", c.LogFormat)
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		return fmt.Errorf("config log_level: %q is not debug, info, warn or error", c.LogLevel)
+	}
+	for key, v := range map[string]string{"restore_backend": c.RestoreBackend, "fork_restore_backend": c.ForkRestoreBackend} {
+		if v != api.BackendFile && v != api.BackendUffd {
+			return fmt.Errorf("config %s: %q is not file or uffd", key, v)
+		}
+	}
+	if c.VMMBinary == "" {
+		return fmt.Errorf("config vmm_binary: empty; use \"auto\" or a path")
+	}
+	if c.PagerCacheBytes < 0 {
+		return fmt.Errorf("config pager_cache_bytes: %d is negative", c.PagerCacheBytes)
+	}
+	if c.DataDir == "" {
+		return fmt.Errorf("config data_dir: empty")
+	}
+	if c.Listen != "" {
+		if _, err := tcpAddr(c.Listen); err != nil {
+			return err
+		}
+		if c.TokenFile == "" {
+			return fmt.Errorf("config listen %s: a TCP listener requires token_file (--token-file)", c.Listen)
+		}
+	}
+	return nil
+}
+
+// tcpAddr returns HOST:PORT of a tcp://HOST:PORT listen address.
+func tcpAddr(listen string) (string, error) {
+	addr, ok := strings.CutPrefix(listen, "tcp://")
+	if !ok {
+		return "", fmt.Errorf("config listen %q: want tcp://HOST:PORT", listen)
+	}
+	if _, _, err := net.SplitHostPort(addr); err != nil {
+		return "", fmt.Errorf("config listen %q: %w", listen, err)
+	}
+	return addr, nil
+}
+
+// ParseBytes parses a byte count: a plain integer, or one with a K, M, G, T
+// (powers of 1024, also written KiB, MiB...) or KB, MB, GB, TB (powers of
+// 1000) suffix.
+func ParseBytes(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	i := len(t)
+	for i > 0 && (t[i-1] < '0' || t[i-1] > '9') {
+		i--
+	}
+	num, unit := t[:i], strings.ToUpper(strings.TrimSpace(t[i:]))
+	n, err := strconv.ParseInt(num, 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("byte count %q: %w", s, err)
+	}
+	var mult int64
+	switch unit {
+	case "", "B":
+		mult = 1
+	case "K", "KIB":
+		mult = 1 << 10
+	case "M", "MIB":
+		mult = 1 << 20
+	case "G", "GIB":
+		mult = 1 << 30
+	case "T", "TIB":
+		mult = 1 << 40
+	case "KB":
+		mult = 1e3
+	case "MB":
+		mult = 1e6
+	case "GB":
+		mult = 1e9
+	case "TB":
+		mult = 1e12
+	default:
+		return 0, fmt.Errorf("byte count %q: unknown unit %q", s, unit)
+	}
+	if n < 0 || (n > 0 && mult > (1<<63-1)/n) {
+		return 0, fmt.Errorf("byte count %q: out of range", s)
+	}
+	return n * mult, nil
+}

@@ -1,0 +1,114 @@
+package daemon
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/spf13/pflag"
+)
+
+func envOf(m map[string]string) func(string) (string, bool) {
+	return func(k string) (string, bool) { v, ok := m[k]; return v, ok }
+}
+
+func TestConfigPrecedenceFlagsOverEnvOverFileOverDefaults(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "forkd.yaml")
+	yml := "data_dir: " + filepath.Join(dir, "from-file") + "\nlog_level: warn\nrestore_backend: uffd\npager_cache_bytes: 2GiB\nvmm_binary: /file/vmm\n"
+	if err := os.WriteFile(file, []byte(yml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
+	BindFlags(fs)
+	if err := fs.Parse([]string{"--config", file, "--log-level", "debug"}); err != nil {
+		t.Fatal(err)
+	}
+	env := envOf(map[string]string{
+		"FORKD_LOG_LEVEL":  "error",    // loses to the flag
+		"FORKD_VMM_BINARY": "/env/vmm", // beats the file
+	})
+	c, err := LoadConfig(fs, env)
+	if err != nil {
+		t.Fatalf("LoadConfig: %v", err)
+	}
+	want := Config{
+		DataDir: filepath.Join(dir, "from-file"), LogFormat: "text", LogLevel: "debug",
+		VMMBinary: "/env/vmm", RestoreBackend: "uffd", ForkRestoreBackend: "file",
+		PagerCacheBytes: 2 << 30, File: file,
+	}
+	if c != want {
+		t.Errorf("config:\n got %+v\nwant %+v", c, want)
+	}
+}
+
+func TestConfigDefaults(t *testing.T) {
+	c, err := LoadConfig(nil, envOf(map[string]string{"FORKD_DATA": "/tmp/forkd-x"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.DataDir != "/tmp/forkd-x" || c.VMMBinary != "auto" || c.RestoreBackend != "file" ||
+		c.ForkRestoreBackend != "file" || c.PagerCacheBytes != 1<<30 || c.LogFormat != "text" || c.LogLevel != "info" {
+		t.Errorf("defaults: %+v", c)
+	}
+	c, err = LoadConfig(nil, envOf(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if os.Geteuid() == 0 && c.DataDir != "/var/lib/forkd" {
+		t.Errorf("root's default data dir is %q, want /var/lib/forkd", c.DataDir)
+	}
+}
+
+func TestConfigRejectsBadValues(t *testing.T) {
+	dir := t.TempDir()
+	cases := []struct {
+		name string
+		env  map[string]string
+		file string
+		want string
+	}{
+		{"log format", map[string]string{"FORKD_LOG_FORMAT": "xml"}, "", "log_format"},
+		{"log level", map[string]string{"FORKD_LOG_LEVEL": "loud"}, "", "log_level"},
+		{"restore backend", map[string]string{"FORKD_RESTORE_BACKEND": "tape"}, "", "restore_backend"},
+		{"fork restore backend", map[string]string{"FORKD_FORK_RESTORE_BACKEND": "x"}, "", "fork_restore_backend"},
+		{"cache size", map[string]string{"FORKD_PAGER_CACHE_BYTES": "lots"}, "", "pager_cache_bytes"},
+		{"listen scheme", map[string]string{"FORKD_LISTEN": "http://127.0.0.1:1", "FORKD_TOKEN_FILE": "/t"}, "", "listen"},
+		{"listen without token", map[string]string{"FORKD_LISTEN": "tcp://127.0.0.1:7000"}, "", "token_file"},
+		{"unknown file key", nil, "data_dri: /x\n", "unknown key"},
+		{"non-scalar file value", nil, "listen: [a, b]\n", "scalar"},
+		{"bad yaml", nil, "listen: [\n", "parse"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			env := map[string]string{"FORKD_DATA": dir}
+			for k, v := range tc.env {
+				env[k] = v
+			}
+			if tc.file != "" {
+				f := filepath.Join(t.TempDir(), "c.yaml")
+				os.WriteFile(f, []byte(tc.file), 0o600)
+				env["FORKD_CONFIG"] = f
+			}
+			_, err := LoadConfig(nil, envOf(env))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("LoadConfig: err %v, want one mentioning %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestParseBytes(t *testing.T) {
+	cases := map[string]int64{"0": 0, "4096": 4096, "1GiB": 1 << 30, "512M": 512 << 20, "64 KiB": 64 << 10, "2gb": 2e9, "1T": 1 << 40}
+	for in, want := range cases {
+		if got, err := ParseBytes(in); err != nil || got != want {
+			t.Errorf("ParseBytes(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "G", "-1", "1.5G", "1Q", "99999999999T"} {
+		if _, err := ParseBytes(in); err == nil {
+			t.Errorf("ParseBytes(%q) succeeded, want an error", in)
+		}
+	}
+}

@@ -1,0 +1,214 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/version"
+)
+
+// Backend is the instance manager as the daemon sees it.
+type Backend interface {
+	api.Service
+	// Close releases the backend's resources. It must not stop VMs.
+	Close() error
+}
+
+// backendFactory builds the Backend; newBackend in production, a test
+// double in this package's tests.
+type backendFactory func(ctx context.Context, cfg Config, log *slog.Logger, reg prometheus.Registerer) (Backend, error)
+
+// shutdownGrace bounds how long in-flight requests may finish after a stop signal.
+const shutdownGrace = 60 * time.Second
+
+// Run runs the daemon until ctx is cancelled (the serve command cancels it
+// on SIGTERM/SIGINT), then shuts down gracefully.
+func Run(ctx context.Context, cfg Config) error {
+	log, err := NewLogger(os.Stderr, cfg.LogFormat, cfg.LogLevel)
+	if err != nil {
+		return err
+	}
+	d, err := start(ctx, cfg, log, newBackend)
+	if err != nil {
+		return err
+	}
+	return d.wait(ctx)
+}
+
+// daemon is one running daemon.
+type daemon struct {
+	cfg     Config
+	log     *slog.Logger
+	lock    *os.File
+	backend Backend
+	servers []*http.Server
+	socket  string
+	tcp     net.Addr   // nil without --listen
+	errc    chan error // a server that stopped on its own
+}
+
+// start prepares the data dir, builds the backend and starts serving. On
+// error everything it set up is released.
+func start(ctx context.Context, cfg Config, log *slog.Logger, factory backendFactory) (_ *daemon, err error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("create data dir: %w", err)
+	}
+	// Instance state, sockets and guest memory live here: owner only.
+	if err := os.Chmod(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("chmod data dir: %w", err)
+	}
+	d := &daemon{cfg: cfg, log: log, socket: filepath.Join(cfg.DataDir, api.SocketName), errc: make(chan error, 2)}
+	defer func() {
+		if err != nil {
+			d.close(context.Background())
+		}
+	}()
+	if d.lock, err = lockDataDir(cfg.DataDir); err != nil {
+		return nil, err
+	}
+
+	var token string
+	if cfg.Listen != "" {
+		if token, err = readToken(cfg.TokenFile, log); err != nil {
+			return nil, err
+		}
+	}
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name:        "forkd_build_info",
+			Help:        "Always 1; the version label says which forkd is running.",
+			ConstLabels: prometheus.Labels{"version": version.Version},
+		}, func() float64 { return 1 }),
+	)
+	if d.backend, err = factory(ctx, cfg, log, reg); err != nil {
+		return nil, fmt.Errorf("start backend: %w", err)
+	}
+	handler, err := api.NewHandler(d.backend, api.HandlerOptions{Registerer: reg, Gatherer: reg, Logger: log})
+	if err != nil {
+		return nil, err
+	}
+
+	uln, err := listenUnix(ctx, d.socket)
+	if err != nil {
+		return nil, err
+	}
+	d.serve(uln, handler)
+	if cfg.Listen != "" {
+		addr, _ := tcpAddr(cfg.Listen)
+		tln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
+		}
+		d.tcp = tln.Addr()
+		d.serve(tln, api.RequireBearer(token, handler))
+	}
+	attrs := []any{"version", version.Version, "pid", os.Getpid(), "data_dir", cfg.DataDir, "socket", d.socket}
+	if d.tcp != nil {
+		attrs = append(attrs, "tcp", d.tcp.String())
+	}
+	log.Info("forkd daemon serving", attrs...)
+	return d, nil
+}
+
+func (d *daemon) serve(ln net.Listener, h http.Handler) {
+	srv := &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       60 * time.Second,
+		// No WriteTimeout: lifecycle calls are synchronous and a standby
+		// of a large guest may take minutes.
+		IdleTimeout:    120 * time.Second,
+		MaxHeaderBytes: 64 << 10,
+		ErrorLog:       slog.NewLogLogger(d.log.Handler(), slog.LevelWarn),
+		// Requests must not inherit the run context: a stop signal lets
+		// in-flight operations finish rather than cancelling them midway.
+		BaseContext: func(net.Listener) context.Context { return context.Background() },
+	}
+	d.servers = append(d.servers, srv)
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			d.errc <- fmt.Errorf("serve %s: %w", ln.Addr(), err)
+		}
+	}()
+}
+
+// wait serves until ctx is done or a listener fails, then shuts down.
+func (d *daemon) wait(ctx context.Context) error {
+	var serveErr error
+	select {
+	case <-ctx.Done():
+		d.log.Info("forkd daemon stopping", "reason", context.Cause(ctx))
+	case serveErr = <-d.errc:
+		d.log.Error("listener failed; stopping", "err", serveErr)
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+	defer cancel()
+	err := d.close(sctx)
+	if serveErr != nil {
+		return serveErr
+	}
+	if err == nil {
+		d.log.Info("forkd daemon stopped; VMs keep running")
+	}
+	return err
+}
+
+// close stops accepting, lets in-flight requests finish (until ctx is done),
+// closes the backend and releases the data dir. It never touches VMs.
+func (d *daemon) close(ctx context.Context) error {
+	var errs []error
+	for _, srv := range d.servers {
+		if err := srv.Shutdown(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("shutdown http: %w", err))
+			srv.Close()
+		}
+	}
+	if d.backend != nil {
+		if err := d.backend.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close backend: %w", err))
+		}
+	}
+	if d.lock != nil {
+		d.lock.Close() // releases the flock
+	}
+	return errors.Join(errs...)
+}
+
+// readToken reads the TCP bearer token.
+func readToken(path string, log *slog.Logger) (string, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return "", fmt.Errorf("token file: %w", err)
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		log.Warn("token file is readable by others; chmod 600 it", "path", path, "mode", fi.Mode().Perm().String())
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("token file: %w", err)
+	}
+	tok := strings.TrimSpace(string(b))
+	if len(tok) < 16 {
+		return "", fmt.Errorf("token file %s: the token must be at least 16 characters (e.g. `head -c 32 /dev/urandom | base64 > %s`)", path, path)
+	}
+	return tok, nil
+}
