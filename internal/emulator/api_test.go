@@ -1,0 +1,210 @@
+package emulator
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+type apiCase struct {
+	name         string
+	method, path string
+	body         any
+	status       int    // expected status
+	fault        string // for 400: a substring of fault_message
+}
+
+func runAPICases(t *testing.T, p *vmmProc, cases []apiCase) {
+	t.Helper()
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			p.t = t
+			if c.status == 400 {
+				p.fault(c.method, c.path, c.body, c.fault)
+				return
+			}
+			p.must(c.method, c.path, c.body, c.status)
+		})
+	}
+}
+
+func TestAPIFollowsFirecrackerOrderingAndValidation(t *testing.T) {
+	dir := t.TempDir()
+	kernel := filepath.Join(dir, "vmlinux")
+	rootfs := filepath.Join(dir, "rootfs.ext4")
+	for _, f := range []string{kernel, rootfs} {
+		if err := os.WriteFile(f, []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	missing := filepath.Join(dir, "missing")
+	p := startVMM(t, dir)
+	if got := p.state(); got != "Not started" {
+		t.Fatalf("fresh VMM state %q, want Not started", got)
+	}
+
+	preBoot := []apiCase{
+		{"unknown path", "GET", "/nope", nil, 400, "Invalid request method and/or path"},
+		{"guest before boot", "GET", "/guest", nil, 400, "before starting"},
+		{"pause before boot", "PATCH", "/vm", map[string]any{"state": "Paused"}, 400, "before starting"},
+		{"snapshot before boot", "PUT", "/snapshot/create", map[string]any{"snapshot_path": "a", "mem_file_path": "b"}, 400, "before starting"},
+		{"start without kernel", "PUT", "/actions", map[string]any{"action_type": "InstanceStart"}, 400, "without kernel configuration"},
+		{"unknown action", "PUT", "/actions", map[string]any{"action_type": "Reboot"}, 400, "unknown variant"},
+		{"machine-config unknown field", "PUT", "/machine-config", map[string]any{"vcpu_count": 1, "mem_size_mib": 32, "ballon": 1}, 400, "unknown field"},
+		{"machine-config malformed JSON", "PUT", "/machine-config", `{"vcpu_count": 1,`, 400, "deserializing"},
+		{"machine-config empty body", "PUT", "/machine-config", "", 400, "empty body"},
+		{"machine-config missing mem", "PUT", "/machine-config", map[string]any{"vcpu_count": 1}, 400, "mem_size_mib"},
+		{"machine-config zero vcpus", "PUT", "/machine-config", map[string]any{"vcpu_count": 0, "mem_size_mib": 32}, 400, "vCPU number is invalid"},
+		{"machine-config too many vcpus", "PUT", "/machine-config", map[string]any{"vcpu_count": 33, "mem_size_mib": 32}, 400, "vCPU number is invalid"},
+		{"machine-config odd vcpus with smt", "PUT", "/machine-config", map[string]any{"vcpu_count": 3, "mem_size_mib": 32, "smt": true}, 400, "vCPU number is invalid"},
+		{"machine-config zero memory", "PUT", "/machine-config", map[string]any{"vcpu_count": 1, "mem_size_mib": 0}, 400, "memory size"},
+		{"machine-config", "PUT", "/machine-config", map[string]any{"vcpu_count": 2, "mem_size_mib": 32, "track_dirty_pages": true}, 204, ""},
+		{"machine-config patch", "PATCH", "/machine-config", map[string]any{"mem_size_mib": 32}, 204, ""},
+		{"boot-source missing kernel file", "PUT", "/boot-source", map[string]any{"kernel_image_path": missing}, 400, "kernel file cannot be opened"},
+		{"boot-source without kernel field", "PUT", "/boot-source", map[string]any{"boot_args": "console=ttyS0"}, 400, "kernel_image_path"},
+		{"boot-source bad forkd arg", "PUT", "/boot-source", map[string]any{"kernel_image_path": kernel, "boot_args": "forkd.ws_mib=lots"}, 400, "forkd.ws_mib"},
+		{"boot-source", "PUT", "/boot-source", map[string]any{"kernel_image_path": kernel, "boot_args": "console=ttyS0 forkd.ws_mib=4 forkd.rate=1000"}, 204, ""},
+		{"drive missing path_on_host file", "PUT", "/drives/rootfs", map[string]any{"drive_id": "rootfs", "is_root_device": true, "path_on_host": missing}, 400, "Unable to create the block device"},
+		{"drive id mismatch", "PUT", "/drives/rootfs", map[string]any{"drive_id": "other", "is_root_device": true, "path_on_host": rootfs}, 400, "does not match"},
+		{"drive missing is_root_device", "PUT", "/drives/rootfs", map[string]any{"drive_id": "rootfs", "path_on_host": rootfs}, 400, "is_root_device"},
+		{"drive unknown field", "PUT", "/drives/rootfs", map[string]any{"drive_id": "rootfs", "is_root_device": true, "path_on_host": rootfs, "readonly": true}, 400, "unknown field"},
+		{"drive", "PUT", "/drives/rootfs", map[string]any{"drive_id": "rootfs", "is_root_device": true, "path_on_host": rootfs, "is_read_only": false}, 204, ""},
+		{"second root drive", "PUT", "/drives/data", map[string]any{"drive_id": "data", "is_root_device": true, "path_on_host": rootfs}, 400, "root block device already exists"},
+		{"network interface", "PUT", "/network-interfaces/eth0", map[string]any{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}, 204, ""},
+		{"network interface missing host_dev_name", "PUT", "/network-interfaces/eth1", map[string]any{"iface_id": "eth1"}, 400, "host_dev_name"},
+		{"load after configuring", "PUT", "/snapshot/load", map[string]any{"snapshot_path": "x", "mem_file_path": "y"}, 400, "not allowed after configuring"},
+		{"start", "PUT", "/actions", map[string]any{"action_type": "InstanceStart"}, 204, ""},
+	}
+	runAPICases(t, p, preBoot)
+	p.t = t
+	if got := p.state(); got != "Running" {
+		t.Fatalf("state after InstanceStart %q, want Running", got)
+	}
+	snap := filepath.Join(dir, "vmstate")
+	mem := filepath.Join(dir, "mem")
+	postBoot := []apiCase{
+		{"machine-config after boot", "PUT", "/machine-config", map[string]any{"vcpu_count": 1, "mem_size_mib": 32}, 400, "not supported after starting"},
+		{"boot-source after boot", "PUT", "/boot-source", map[string]any{"kernel_image_path": kernel}, 400, "not supported after starting"},
+		{"drive put after boot", "PUT", "/drives/rootfs", map[string]any{"drive_id": "rootfs", "is_root_device": true, "path_on_host": rootfs}, 400, "not supported after starting"},
+		{"drive patch after boot", "PATCH", "/drives/rootfs", map[string]any{"drive_id": "rootfs", "path_on_host": rootfs}, 204, ""},
+		{"start twice", "PUT", "/actions", map[string]any{"action_type": "InstanceStart"}, 400, "not supported after starting"},
+		{"load on a booted process", "PUT", "/snapshot/load", map[string]any{"snapshot_path": "x", "mem_file_path": "y"}, 400, "not allowed after configuring"},
+		{"snapshot while running", "PUT", "/snapshot/create", map[string]any{"snapshot_path": snap, "mem_file_path": mem}, 400, "must be paused"},
+		{"bad vm state", "PATCH", "/vm", map[string]any{"state": "Stopped"}, 400, "unknown variant"},
+		{"resume while running is idempotent", "PATCH", "/vm", map[string]any{"state": "Resumed"}, 204, ""},
+		{"pause", "PATCH", "/vm", map[string]any{"state": "Paused"}, 204, ""},
+		{"pause twice is idempotent", "PATCH", "/vm", map[string]any{"state": "Paused"}, 204, ""},
+		{"snapshot missing mem_file_path", "PUT", "/snapshot/create", map[string]any{"snapshot_path": snap}, 400, "mem_file_path"},
+		{"snapshot unknown type", "PUT", "/snapshot/create", map[string]any{"snapshot_type": "Incremental", "snapshot_path": snap, "mem_file_path": mem}, 400, "unknown variant"},
+		{"snapshot into a missing directory", "PUT", "/snapshot/create", map[string]any{"snapshot_path": snap, "mem_file_path": filepath.Join(missing, "mem")}, 400, "Create snapshot error"},
+		{"full snapshot", "PUT", "/snapshot/create", map[string]any{"snapshot_type": "Full", "snapshot_path": snap, "mem_file_path": mem}, 204, ""},
+		{"diff snapshot with tracking", "PUT", "/snapshot/create", map[string]any{"snapshot_type": "Diff", "snapshot_path": snap + ".diff", "mem_file_path": mem + ".diff"}, 204, ""},
+		{"resume", "PATCH", "/vm", map[string]any{"state": "Resumed"}, 204, ""},
+		{"flush metrics", "PUT", "/actions", map[string]any{"action_type": "FlushMetrics"}, 204, ""},
+	}
+	runAPICases(t, p, postBoot)
+	p.t = t
+	if got := p.state(); got != "Running" {
+		t.Fatalf("state after resume %q, want Running", got)
+	}
+	var cfg map[string]json.RawMessage
+	if err := json.Unmarshal([]byte(p.must("GET", "/vm/config", nil, 200)), &cfg); err != nil || cfg["machine-config"] == nil {
+		t.Fatalf("GET /vm/config: %v %s", err, cfg)
+	}
+}
+
+func TestDiffSnapshotRequiresDirtyTracking(t *testing.T) {
+	dir := t.TempDir()
+	p := startVMM(t, dir)
+	p.boot(bootSpec{vcpus: 1, memMib: 16, track: false, bootArgs: "forkd.ws_mib=2"})
+	p.pause()
+	p.fault("PUT", "/snapshot/create", map[string]any{"snapshot_type": "Diff",
+		"snapshot_path": filepath.Join(dir, "s"), "mem_file_path": filepath.Join(dir, "m")}, "dirty page tracking")
+}
+
+func TestLoadRequestValidation(t *testing.T) {
+	dir := t.TempDir()
+	// Request-shape errors are refused before the load starts, so the same
+	// fresh process stays usable for each case.
+	p := startVMM(t, dir)
+	runAPICases(t, p, []apiCase{
+		{"both mem_backend and mem_file_path", "PUT", "/snapshot/load", map[string]any{"snapshot_path": "s", "mem_file_path": "m",
+			"mem_backend": map[string]any{"backend_type": "File", "backend_path": "m"}}, 400, "too many fields"},
+		{"no memory backend", "PUT", "/snapshot/load", map[string]any{"snapshot_path": "s"}, 400, "mem_backend"},
+		{"unknown backend type", "PUT", "/snapshot/load", map[string]any{"snapshot_path": "s",
+			"mem_backend": map[string]any{"backend_type": "Shm", "backend_path": "m"}}, 400, "unknown variant"},
+		{"both track_dirty_pages and enable_diff_snapshots", "PUT", "/snapshot/load", map[string]any{"snapshot_path": "s", "mem_file_path": "m",
+			"track_dirty_pages": true, "enable_diff_snapshots": true}, 400, "too many fields"},
+		{"unknown field", "PUT", "/snapshot/load", map[string]any{"snapshot_path": "s", "mem_file_path": "m", "resume": true}, 400, "unknown field"},
+	})
+	p.t = t
+	if got := p.state(); got != "Not started" {
+		t.Fatalf("state %q after refused requests, want Not started", got)
+	}
+}
+
+func TestLoadFailureLeavesProcessUnusable(t *testing.T) {
+	dir := t.TempDir()
+	_, vmstate, mem := bootedSnapshot(t, dir, bootSpec{vcpus: 1, memMib: 16, bootArgs: "forkd.ws_mib=2 forkd.rate=20000"}, 100)
+
+	corrupt := filepath.Join(dir, "corrupt.vmstate")
+	data, err := os.ReadFile(vmstate)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data[len(data)/2] ^= 0x20
+	if err := os.WriteFile(corrupt, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	short := filepath.Join(dir, "short.mem")
+	copyFile(t, mem, short)
+	if err := os.Truncate(short, 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		name, vmstate, mem, fault string
+	}{
+		{"vmstate CRC mismatch", corrupt, mem, "CRC64 mismatch"},
+		{"mem file shorter than RAM", vmstate, short, "shorter than guest memory"},
+		{"missing vmstate", filepath.Join(dir, "nope"), mem, "no such file"},
+		{"missing mem file", vmstate, filepath.Join(dir, "nope"), "no such file"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			p := startVMM(t, dir)
+			p.fault("PUT", "/snapshot/load", map[string]any{"snapshot_path": c.vmstate, "mem_file_path": c.mem}, c.fault)
+			p.fault("PUT", "/machine-config", map[string]any{"vcpu_count": 1, "mem_size_mib": 16}, "unusable")
+			p.fault("PUT", "/snapshot/load", map[string]any{"snapshot_path": vmstate, "mem_file_path": mem}, "unusable")
+		})
+	}
+	// The twin: the intact files load (deprecated mem_file_path and
+	// enable_diff_snapshots forms included).
+	p := startVMM(t, dir)
+	p.must("PUT", "/snapshot/load", map[string]any{"snapshot_path": vmstate, "mem_file_path": mem,
+		"enable_diff_snapshots": true}, 204)
+	if got := p.state(); got != "Paused" {
+		t.Fatalf("state after load without resume_vm: %q, want Paused", got)
+	}
+}
+
+func TestSendCtrlAltDelExitsTheProcess(t *testing.T) {
+	dir := t.TempDir()
+	p := startVMM(t, dir)
+	p.fault("PUT", "/actions", map[string]any{"action_type": "SendCtrlAltDel"}, "before starting")
+	p.boot(bootSpec{vcpus: 1, memMib: 16, bootArgs: "forkd.ws_mib=2"})
+	p.must("PUT", "/actions", map[string]any{"action_type": "SendCtrlAltDel"}, 204)
+	if err := p.waitExit(10 * time.Second); err != nil {
+		t.Fatalf("vmm exit status after SendCtrlAltDel: %v, want 0", err)
+	}
+}
+
+func TestRefusesExistingAPISocketPath(t *testing.T) {
+	dir := t.TempDir()
+	p := startVMM(t, dir)
+	err := Main(t.Context(), []string{"--api-sock", p.sock}, os.Stderr)
+	if err == nil {
+		t.Fatalf("a second VMM on %s started; want a refusal", p.sock)
+	}
+}
