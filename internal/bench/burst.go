@@ -1,0 +1,219 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/firecracker"
+)
+
+// maxCellErrors is how many fork errors a cell keeps.
+const maxCellErrors = 5
+
+// forkResult is one fork of a burst.
+type forkResult struct {
+	id                   string
+	fork, restore, touch time.Duration
+	touched              bool // the VMM reported its workload (emulator only)
+	err                  error
+}
+
+// burst forks n VMs from snap concurrently, restores each with backend as
+// soon as its fork returns, waits until each has touched its working set,
+// then measures memory and the pager and deletes the forks.
+func (r *runner) burst(ctx context.Context, svc api.Service, snap api.Snapshot, size int, strategy, backend, temp string, n int) Cell {
+	cell := Cell{SizeMiB: size, Strategy: strategy, Backend: backend, Temperature: temp, Forks: n,
+		MemoryChecks: map[string]int{}, ForkModes: map[string]int{}}
+	r.progress(fmt.Sprintf("%d MiB %s %s %s: %d concurrent forks of snapshot %s", size, strategy, backend, temp, n, snap.ID))
+	prefix := r.name("burst") + "-"
+
+	pagerBefore, pagerErr := r.pagerCounters(ctx, svc)
+	readBefore, usedBefore := r.disk.ReadBytes(), r.disk.UsedBytes()
+
+	results := make([]forkResult, n)
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := range results {
+		wg.Go(func() {
+			<-start
+			results[i] = r.oneFork(ctx, svc, snap.ID, fmt.Sprintf("%s%d", prefix, i), backend, size)
+		})
+	}
+	t0 := time.Now()
+	close(start)
+	wg.Wait()
+	cell.Wall = time.Since(t0)
+
+	readAfter, usedAfter := r.disk.ReadBytes(), r.disk.UsedBytes()
+	cell.DiskReadBytes, cell.DiskUsedBytes = delta(readBefore, readAfter), delta(usedBefore, usedAfter)
+	if pagerErr == nil {
+		if after, err := r.pagerCounters(ctx, svc); err == nil {
+			d := after.Sub(pagerBefore)
+			cell.Pager = &d
+		}
+	}
+
+	var forks, restores, touches []time.Duration
+	for _, res := range results {
+		if res.err != nil {
+			cell.Failed++
+			if len(cell.Errors) < maxCellErrors {
+				cell.Errors = append(cell.Errors, res.err.Error())
+			}
+			continue
+		}
+		forks, restores = append(forks, res.fork), append(restores, res.restore)
+		if res.touched {
+			touches = append(touches, res.touch)
+		}
+		r.measureFork(ctx, svc, res.id, &cell)
+	}
+	cell.Fork, cell.Restore, cell.Touch = Summarize(forks), Summarize(restores), Summarize(touches)
+	r.deleteBurst(ctx, svc, prefix)
+	return cell
+}
+
+// oneFork forks snapID to Standby (the fanout the API promises to be
+// zero-I/O), restores it with backend, and follows its workload until it has
+// read as many pages as its working set holds.
+func (r *runner) oneFork(ctx context.Context, svc api.Service, snapID, name, backend string, size int) forkResult {
+	var res forkResult
+	t0 := time.Now()
+	inst, err := svc.ForkSnapshot(ctx, snapID, api.ForkRequest{Name: name, TargetState: api.StateStandby})
+	res.fork = time.Since(t0)
+	if err != nil {
+		res.err = fmt.Errorf("fork %s: %w", name, err)
+		return res
+	}
+	res.id = inst.ID
+	t1 := time.Now()
+	if _, err := svc.Action(ctx, inst.ID, "restore", api.ActionRequest{RestoreBackend: backend}); err != nil {
+		res.err = fmt.Errorf("restore %s (%s): %w", name, backend, err)
+		return res
+	}
+	t2 := time.Now()
+	res.restore = t2.Sub(t1)
+	ok, err := r.waitWorkload(ctx, inst.ID, r.wsPages(size))
+	if err != nil {
+		res.err = fmt.Errorf("fork %s workload: %w", name, err)
+		return res
+	}
+	res.touch, res.touched = time.Since(t2), ok
+	return res
+}
+
+// waitWorkload waits until the workload of instance id has read pages more
+// pages than when called (pages carry checksums: every read is verified).
+// It returns false without waiting when the VMM does not report its
+// workload (a real Firecracker), and an error on an integrity error.
+func (r *runner) waitWorkload(ctx context.Context, id string, pages uint64) (bool, error) {
+	g, err := r.layout.Guest(id)
+	if err != nil {
+		return false, err
+	}
+	c := firecracker.NewClient(g.VMMSock())
+	defer c.Close()
+	first, err := c.Guest(ctx)
+	if errors.Is(err, firecracker.ErrNotSupported) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.TouchTimeout)
+	defer cancel()
+	tick := time.NewTicker(r.pollInterval(pages))
+	defer tick.Stop()
+	for {
+		st, err := c.Guest(ctx)
+		if err != nil {
+			return false, err
+		}
+		if st.IntegrityErrors > 0 {
+			return false, fmt.Errorf("memory integrity error: %s", st.FirstIntegrityError)
+		}
+		if st.PagesRead-first.PagesRead >= pages {
+			return true, nil
+		}
+		select {
+		case <-ctx.Done():
+			return false, fmt.Errorf("workload read %d of %d pages: %w", st.PagesRead-first.PagesRead, pages, ctx.Err())
+		case <-tick.C:
+		}
+	}
+}
+
+// pollInterval spreads about 40 polls over the expected wait, so N forks
+// polling do not load the VMMs they measure.
+func (r *runner) pollInterval(pages uint64) time.Duration {
+	rate := r.cfg.rate() * r.cfg.Vcpus
+	if rate == 0 {
+		return 20 * time.Millisecond
+	}
+	expected := time.Duration(float64(pages) / float64(rate) * float64(time.Second))
+	return min(max(expected/40, 20*time.Millisecond), 250*time.Millisecond)
+}
+
+// measureFork adds one fork's memory, reads, memory_check and fork_mode to
+// the cell.
+func (r *runner) measureFork(ctx context.Context, svc api.Service, id string, cell *Cell) {
+	inst, err := svc.GetInstance(ctx, id)
+	if err != nil {
+		cell.MemoryChecks["get failed: "+err.Error()]++
+		return
+	}
+	cell.MemoryChecks[inst.MemoryCheck]++
+	cell.ForkModes[inst.ForkMode]++
+	if inst.Pid <= 0 {
+		return
+	}
+	if m, err := ReadMemUsage(inst.Pid); err == nil {
+		cell.Memory = cell.Memory.Add(m)
+	}
+	if io, err := ReadProcIO(inst.Pid); err == nil {
+		cell.VMMReadBytes += io.ReadBytes
+	}
+}
+
+// deleteBurst deletes every instance whose name starts with prefix, failed
+// forks included.
+func (r *runner) deleteBurst(ctx context.Context, svc api.Service, prefix string) {
+	ctx = context.WithoutCancel(ctx)
+	list, err := svc.ListInstances(ctx)
+	if err != nil {
+		r.progress(fmt.Sprintf("list instances to clean up %s*: %v", prefix, err))
+		return
+	}
+	var g errgroup.Group
+	g.SetLimit(8)
+	for _, inst := range list {
+		if strings.HasPrefix(inst.Name, prefix) {
+			g.Go(func() error { r.deleteInstance(ctx, svc, inst.ID); return nil })
+		}
+	}
+	_ = g.Wait()
+}
+
+// pagerCounters reads the pager's global counters through the daemon.
+func (r *runner) pagerCounters(ctx context.Context, svc api.Service) (PagerCounters, error) {
+	raw, err := svc.PagerStats(ctx)
+	if err != nil {
+		return PagerCounters{}, err
+	}
+	return ParsePagerStats(raw)
+}
+
+// delta is after-before, or -1 when either reading is unknown.
+func delta(before, after int64) int64 {
+	if before < 0 || after < 0 {
+		return -1
+	}
+	return after - before
+}

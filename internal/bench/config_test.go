@@ -1,0 +1,58 @@
+package bench
+
+import (
+	"slices"
+	"strings"
+	"testing"
+)
+
+func TestConfigDefaults(t *testing.T) {
+	c, err := Config{}.withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(c.SizesMiB, []int{1024}) || c.Forks != 25 || c.WorkingSetMiB != 64 || c.Rate != 4000 ||
+		!slices.Equal(c.Strategies, []string{"hardlink"}) || !slices.Equal(c.Backends, []string{"file", "uffd"}) ||
+		!slices.Equal(c.Temperatures, []string{"cold", "warm"}) {
+		t.Errorf("defaults = %+v", c)
+	}
+}
+
+func TestConfigOrdersColdBeforeWarm(t *testing.T) {
+	c, err := Config{Temperatures: []string{"warm", "cold"}}.withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(c.Temperatures, []string{"cold", "warm"}) {
+		t.Errorf("temperatures %v: a warm burst must follow the cold one of its snapshot", c.Temperatures)
+	}
+}
+
+func TestConfigRejects(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+		want string
+	}{
+		{"tiny guest", Config{SizesMiB: []int{8}}, "size 8"},
+		{"unknown strategy", Config{Strategies: []string{"deferred"}}, `strategy "deferred"`},
+		{"unknown backend", Config{Backends: []string{"nbd"}}, `backend "nbd"`},
+		{"unknown temperature", Config{Temperatures: []string{"hot"}}, `temperature "hot"`},
+		{"write pct over 100", Config{WritePct: 101}, "out of range"},
+		{"negative forks", Config{Forks: -1}, "out of range"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := tc.cfg.withDefaults()
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("withDefaults(%+v) = %v, want an error mentioning %q", tc.cfg, err, tc.want)
+			}
+		})
+	}
+}
+
+func TestBootArgsClampWorkingSetToHalfTheGuest(t *testing.T) {
+	c, _ := Config{WorkingSetMiB: 512, Rate: -1}.withDefaults()
+	if got, want := c.bootArgs(256), "forkd.ws_mib=128 forkd.write_pct=20 forkd.rate=0 forkd.seed=1"; got != want {
+		t.Errorf("bootArgs(256) = %q, want %q", got, want)
+	}
+}

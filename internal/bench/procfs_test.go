@@ -1,0 +1,127 @@
+package bench
+
+import (
+	"os"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+const rollupFixture = `559952840000-7ffdb4f7c000 ---p 00000000 00:00 0                          [rollup]
+Rss:                1744 kB
+Pss:                 348 kB
+Pss_Dirty:           112 kB
+Pss_Anon:            112 kB
+Pss_File:            236 kB
+Pss_Shmem:             0 kB
+Shared_Clean:       1592 kB
+Shared_Dirty:          0 kB
+Private_Clean:        40 kB
+Private_Dirty:       112 kB
+Referenced:         1744 kB
+Anonymous:           112 kB
+`
+
+func TestParseSmapsRollup(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		in      string
+		want    MemUsage
+		wantErr bool
+	}{
+		{"kernel 6.x rollup", rollupFixture, MemUsage{Rss: 1744 << 10, Pss: 348 << 10, PssAnon: 112 << 10, PssFile: 236 << 10,
+			SharedClean: 1592 << 10, PrivateClean: 40 << 10, PrivateDirty: 112 << 10, Anonymous: 112 << 10}, false},
+		{"no Pss line is an error, not zero", "Rss: 10 kB\n", MemUsage{}, true},
+		{"unit other than kB", "Rss: 10 MB\nPss: 1 kB\n", MemUsage{}, true},
+		{"garbage number", "Rss: ten kB\nPss: 1 kB\n", MemUsage{}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := ParseSmapsRollup(strings.NewReader(tc.in))
+			if (err != nil) != tc.wantErr {
+				t.Fatalf("err = %v, wantErr %v", err, tc.wantErr)
+			}
+			if got != tc.want {
+				t.Errorf("got %+v\nwant %+v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestReadMemUsageSeesTouchedAnonymousMemory(t *testing.T) {
+	const size = 16 << 20
+	before, err := ReadMemUsage(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(b)
+	for i := 0; i < size; i += 4096 {
+		b[i] = 1
+	}
+	after, err := ReadMemUsage(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if grew := after.Anonymous - before.Anonymous; grew < size*9/10 {
+		t.Errorf("Anonymous grew by %d bytes after touching %d", grew, size)
+	}
+	if after.Pss < after.PssAnon || after.Rss < after.Pss {
+		t.Errorf("inconsistent usage %+v: want Rss >= Pss >= Pss_Anon", after)
+	}
+}
+
+func TestParseProcIO(t *testing.T) {
+	got, err := ParseProcIO([]byte("rchar: 6976\nwchar: 0\nsyscr: 10\nsyscw: 0\nread_bytes: 4096\nwrite_bytes: 0\ncancelled_write_bytes: 0\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != (ProcIO{RChar: 6976, ReadBytes: 4096}) {
+		t.Errorf("got %+v", got)
+	}
+	if _, err := ParseProcIO([]byte("rchar: 1\n")); err == nil {
+		t.Error("missing read_bytes parsed without error")
+	}
+	if _, err := ReadProcIO(os.Getpid()); err != nil {
+		t.Errorf("ReadProcIO(self): %v", err)
+	}
+}
+
+func TestMountSourcePicksLongestMountPoint(t *testing.T) {
+	mi := `22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+40 22 7:3 / /tmp/fs rw,relatime shared:9 - xfs /dev/loop3 rw
+41 22 7:4 / /tmp/fs\040two rw,relatime shared:9 - btrfs /dev/loop4 rw
+42 22 0:50 / /tmp/fsx rw shared:3 - tmpfs tmpfs rw
+`
+	for path, want := range map[string][2]string{
+		"/var/lib/forkd":   {"/dev/vda", "ext4"},
+		"/tmp/fs":          {"/dev/loop3", "xfs"},
+		"/tmp/fs/data/x":   {"/dev/loop3", "xfs"},
+		"/tmp/fs two/data": {"/dev/loop4", "btrfs"},
+		"/tmp/fsx/a":       {"tmpfs", "tmpfs"},
+		"/tmp/fsxy":        {"/dev/vda", "ext4"}, // a prefix of the name is not the mount
+	} {
+		if src, typ := mountSource([]byte(mi), path); src != want[0] || typ != want[1] {
+			t.Errorf("mountSource(%q) = %q %q, want %q %q", path, src, typ, want[0], want[1])
+		}
+	}
+}
+
+func TestDiskOfRootCountsReads(t *testing.T) {
+	d, err := DiskOf(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.UsedBytes() <= 0 {
+		t.Errorf("UsedBytes of %s = %d", d.Dir, d.UsedBytes())
+	}
+	if d.Device == "" || !strings.HasPrefix(d.Device, "/dev/") {
+		t.Skipf("temp dir is on %q, not a block device: read counters not testable here", d.Device)
+	}
+	if d.ReadBytes() < 0 {
+		t.Errorf("ReadBytes of %s (%s) unknown", d.Dir, d.Device)
+	}
+}

@@ -1,0 +1,246 @@
+package bench
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// Report is the result of one run.
+type Report struct {
+	Machine  Machine       `json:"machine"`
+	Config   Config        `json:"config"`
+	Started  time.Time     `json:"started"`
+	Duration time.Duration `json:"duration_ns"`
+	Cells    []Cell        `json:"cells"`
+}
+
+// Machine says where the numbers come from.
+type Machine struct {
+	Kernel   string `json:"kernel"`
+	CPUs     int    `json:"cpus"`
+	MemBytes int64  `json:"mem_bytes"`
+	DataDir  string `json:"data_dir"`
+	FSType   string `json:"fs_type"`
+	Device   string `json:"device"`
+	VMM      string `json:"vmm"`
+}
+
+// Cell is one burst: N concurrent forks of one snapshot of one guest size,
+// forked with one strategy and restored with one backend, cold or warm.
+type Cell struct {
+	SizeMiB     int    `json:"size_mib"`
+	Strategy    string `json:"strategy"`
+	Backend     string `json:"backend"`
+	Temperature string `json:"temperature"`
+	// Skipped says why the cell was not run ("" when it was).
+	Skipped string `json:"skipped,omitempty"`
+
+	Forks  int      `json:"forks"`
+	Failed int      `json:"failed"`
+	Errors []string `json:"errors,omitempty"` // first few
+
+	// Fork is the fork API call (to Standby: the fanout itself).
+	Fork Summary `json:"fork"`
+	// Restore is the restore API call (Standby → Running).
+	Restore Summary `json:"restore"`
+	// Touch is from the end of the restore until the fork's workload had
+	// read as many pages as its working set holds.
+	Touch Summary `json:"touch"`
+	// Wall is the whole burst, first fork call to last working set touched.
+	Wall time.Duration `json:"wall_ns"`
+
+	// Pager is the pager's counters over the burst (nil when unavailable).
+	Pager *PagerCounters `json:"pager,omitempty"`
+	// DiskReadBytes were read from the data dir's device during the burst
+	// (-1 when unknown); DiskUsedBytes is what the burst allocated on it.
+	DiskReadBytes int64 `json:"disk_read_bytes"`
+	DiskUsedBytes int64 `json:"disk_used_bytes"`
+	// VMMReadBytes sums /proc/PID/io read_bytes of the fork VMMs.
+	VMMReadBytes int64 `json:"vmm_read_bytes"`
+	// Memory sums smaps_rollup over the fork VMMs once every working set
+	// was touched: Pss is what the forks cost together (density).
+	Memory MemUsage `json:"memory"`
+	// MemoryChecks counts forks by memory_check ("ok" or an error).
+	MemoryChecks map[string]int `json:"memory_checks"`
+	// ForkModes counts forks by the fork_mode the daemon reported.
+	ForkModes map[string]int `json:"fork_modes"`
+}
+
+// WriteJSON writes the report as indented JSON.
+func (r *Report) WriteJSON(w io.Writer) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(r)
+}
+
+// WriteTable writes the report for people: one row per cell, then the
+// ratios that matter.
+func (r *Report) WriteTable(w io.Writer) error {
+	fmt.Fprintf(w, "fork-burst: %d forks/burst, working set %d MiB, %s on %s (%s), %d CPUs, kernel %s, vmm %s\n\n",
+		r.Config.Forks, r.Config.WorkingSetMiB, r.Machine.DataDir, r.Machine.Device, r.Machine.FSType,
+		r.Machine.CPUs, r.Machine.Kernel, r.Machine.VMM)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "size\tstrategy\tbackend\ttemp\tok\tfork p50\tp95\tmax\trestore p50\tp95\ttouch p50\tp95\thit%\tbacking\tdisk read\tdisk used\tPSS\tRSS\tcheck\t")
+	for _, c := range r.Cells {
+		if c.Skipped != "" {
+			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\tskipped: %s\t\t\t\t\t\t\t\t\t\t\t\t\t\t\t\n", c.SizeMiB, c.Strategy, c.Backend, c.Temperature, c.Skipped)
+			continue
+		}
+		hit, backing := "-", "-"
+		if c.Pager != nil {
+			if c.Pager.Hits+c.Pager.Misses > 0 {
+				hit = fmt.Sprintf("%.1f", 100*c.Pager.HitRate())
+			}
+			backing = bytesStr(c.Pager.BackingBytes)
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d/%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
+			c.SizeMiB, c.Strategy, c.Backend, c.Temperature, c.Forks-c.Failed, c.Forks,
+			durStr(c.Fork.P50), durStr(c.Fork.P95), durStr(c.Fork.Max),
+			durStr(c.Restore.P50), durStr(c.Restore.P95),
+			durStr(c.Touch.P50), durStr(c.Touch.P95),
+			hit, backing, bytesStr(c.DiskReadBytes), bytesStr(c.DiskUsedBytes),
+			bytesStr(c.Memory.Pss), bytesStr(c.Memory.Rss), checksStr(c.MemoryChecks))
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if rs := r.Ratios(); len(rs) > 0 {
+		fmt.Fprintln(w, "\nratios (same run, same machine):")
+		for _, x := range rs {
+			fmt.Fprintf(w, "  %-58s %8.2fx\n", x.Name, x.Value)
+		}
+	}
+	for _, c := range r.Cells {
+		for _, e := range c.Errors {
+			fmt.Fprintf(w, "error %d MiB %s/%s/%s: %s\n", c.SizeMiB, c.Strategy, c.Backend, c.Temperature, e)
+		}
+	}
+	return nil
+}
+
+// Ratio is one comparison the benchmark exists to show.
+type Ratio struct {
+	Name  string  `json:"name"`
+	Value float64 `json:"value"`
+}
+
+// Ratios compares cells of the same run: strategies against hardlink, the
+// largest size against the smallest, warm against cold, File against Uffd.
+func (r *Report) Ratios() []Ratio {
+	find := func(size int, strategy, backend, temp string) *Cell {
+		for i := range r.Cells {
+			c := &r.Cells[i]
+			if c.Skipped == "" && c.Forks > c.Failed && c.SizeMiB == size && c.Strategy == strategy && c.Backend == backend && c.Temperature == temp {
+				return c
+			}
+		}
+		return nil
+	}
+	var out []Ratio
+	add := func(name string, a, b float64) {
+		if a > 0 && b > 0 {
+			out = append(out, Ratio{name, a / b})
+		}
+	}
+	sizes := append([]int(nil), r.Config.SizesMiB...)
+	sort.Ints(sizes)
+	for _, size := range sizes {
+		for _, be := range r.Config.Backends {
+			for _, temp := range r.Config.Temperatures {
+				h := find(size, StrategyHardlink, be, temp)
+				if h == nil {
+					continue
+				}
+				for _, other := range []string{StrategyCopy, StrategyReflink} {
+					if o := find(size, other, be, temp); o != nil {
+						add(fmt.Sprintf("%d MiB %s %s: %s/hardlink fork p50", size, be, temp, other), float64(o.Fork.P50), float64(h.Fork.P50))
+						add(fmt.Sprintf("%d MiB %s %s: %s/hardlink restore+touch p50", size, be, temp, other),
+							float64(o.Restore.P50+o.Touch.P50), float64(h.Restore.P50+h.Touch.P50))
+					}
+				}
+			}
+			if c, w := find(size, StrategyHardlink, be, Cold), find(size, StrategyHardlink, be, Warm); c != nil && w != nil {
+				add(fmt.Sprintf("%d MiB %s hardlink: cold/warm touch p50", size, be), float64(c.Touch.P50), float64(w.Touch.P50))
+			}
+		}
+		for _, temp := range r.Config.Temperatures {
+			f, u := find(size, StrategyHardlink, "file", temp), find(size, StrategyHardlink, "uffd", temp)
+			if f != nil && u != nil {
+				add(fmt.Sprintf("%d MiB hardlink %s: uffd/file PSS", size, temp), float64(u.Memory.Pss), float64(f.Memory.Pss))
+				add(fmt.Sprintf("%d MiB hardlink %s: uffd/file restore p50", size, temp), float64(u.Restore.P50), float64(f.Restore.P50))
+			}
+		}
+	}
+	if len(sizes) > 1 {
+		lo, hi := sizes[0], sizes[len(sizes)-1]
+		for _, be := range r.Config.Backends {
+			for _, temp := range r.Config.Temperatures {
+				a, b := find(hi, StrategyHardlink, be, temp), find(lo, StrategyHardlink, be, temp)
+				if a != nil && b != nil {
+					add(fmt.Sprintf("hardlink %s %s: %d/%d MiB fork p50", be, temp, hi, lo), float64(a.Fork.P50), float64(b.Fork.P50))
+				}
+			}
+		}
+	}
+	return out
+}
+
+func durStr(d time.Duration) string {
+	switch {
+	case d == 0:
+		return "-"
+	case d < time.Millisecond:
+		return fmt.Sprintf("%dµs", d.Microseconds())
+	case d < 10*time.Second:
+		return fmt.Sprintf("%.1fms", float64(d)/float64(time.Millisecond))
+	default:
+		return fmt.Sprintf("%.1fs", d.Seconds())
+	}
+}
+
+func bytesStr(b int64) string {
+	switch {
+	case b < 0:
+		return "?"
+	case b < 1<<10:
+		return fmt.Sprintf("%dB", b)
+	case b < 1<<20:
+		return fmt.Sprintf("%.0fK", float64(b)/(1<<10))
+	case b < 1<<30:
+		return fmt.Sprintf("%.1fM", float64(b)/(1<<20))
+	default:
+		return fmt.Sprintf("%.2fG", float64(b)/(1<<30))
+	}
+}
+
+// checksStr is "ok" when every fork's memory_check was ok, else the counts.
+func checksStr(m map[string]int) string {
+	if len(m) == 0 {
+		return "-"
+	}
+	if len(m) == 1 && m["ok"] > 0 {
+		return "ok"
+	}
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	parts := make([]string, 0, len(keys))
+	for _, k := range keys {
+		parts = append(parts, fmt.Sprintf("%s×%d", truncateStr(k, 40), m[k]))
+	}
+	return strings.Join(parts, ",")
+}
+
+func truncateStr(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "…"
+	}
+	return s
+}

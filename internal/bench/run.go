@@ -1,0 +1,242 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/guestdir"
+)
+
+// Target is the daemon under test.
+type Target struct {
+	// DataDir is the daemon's data dir: the benchmark reads its fork VMMs'
+	// sockets (to follow their workloads) and measures its disk.
+	DataDir string
+	// VMM names the VMM binary the daemon runs, for the report.
+	VMM string
+	// Connect returns a Service whose forks use strategy, and a function
+	// releasing it. It returns an error wrapping ErrStrategyUnsupported when
+	// the daemon cannot fork that way; those cells are reported as skipped.
+	Connect func(ctx context.Context, strategy string) (api.Service, func(context.Context) error, error)
+}
+
+// runner is the state of one Run.
+type runner struct {
+	cfg      Config
+	target   Target
+	layout   guestdir.Layout
+	disk     Disk
+	progress func(string)
+	seq      int    // makes every name this run creates unique
+	tag      string // run-unique name prefix
+}
+
+// Run runs the fork-burst benchmark: for each size and strategy it creates
+// a source VM, then for each backend and temperature forks cfg.Forks VMs
+// concurrently from a snapshot of it. progress receives one line per step
+// (nil: none). A cell that fails is reported with its errors and the run
+// goes on; an error is returned only when the run cannot continue, along
+// with the report of what was measured so far.
+func Run(ctx context.Context, cfg Config, target Target, progress func(string)) (*Report, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	if cfg.DropCaches && os.Geteuid() != 0 {
+		return nil, fmt.Errorf("fork-burst: dropping the page cache for cold bursts needs root (run as root or without drop-caches)")
+	}
+	layout, err := guestdir.New(target.DataDir)
+	if err != nil {
+		return nil, fmt.Errorf("fork-burst: data dir: %w", err)
+	}
+	disk, err := DiskOf(target.DataDir)
+	if err != nil {
+		return nil, fmt.Errorf("fork-burst: %w", err)
+	}
+	if progress == nil {
+		progress = func(string) {}
+	}
+	r := &runner{cfg: cfg, target: target, layout: layout, disk: disk, progress: progress,
+		tag: fmt.Sprintf("fb%x", time.Now().UnixNano()&0xffffff)}
+	rep := &Report{Machine: machine(disk, target.VMM), Config: cfg, Started: time.Now()}
+	defer func() { rep.Duration = time.Since(rep.Started) }()
+
+	for _, size := range cfg.SizesMiB {
+		for _, strategy := range cfg.Strategies {
+			cells, err := r.strategy(ctx, size, strategy)
+			rep.Cells = append(rep.Cells, cells...)
+			if err != nil {
+				return rep, err
+			}
+		}
+	}
+	return rep, nil
+}
+
+// strategy runs every backend × temperature cell of one size and strategy
+// against one source VM.
+func (r *runner) strategy(ctx context.Context, size int, strategy string) ([]Cell, error) {
+	skipAll := func(reason string) []Cell {
+		var cells []Cell
+		for _, be := range r.cfg.Backends {
+			for _, temp := range r.cfg.Temperatures {
+				cells = append(cells, Cell{SizeMiB: size, Strategy: strategy, Backend: be, Temperature: temp, Skipped: reason})
+			}
+		}
+		return cells
+	}
+	svc, release, err := r.target.Connect(ctx, strategy)
+	if errors.Is(err, ErrStrategyUnsupported) {
+		r.progress(fmt.Sprintf("%d MiB %s: skipped: %v", size, strategy, err))
+		return skipAll(err.Error()), nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("fork-burst %d MiB %s: connect: %w", size, strategy, err)
+	}
+	defer func() {
+		if err := release(context.WithoutCancel(ctx)); err != nil {
+			r.progress(fmt.Sprintf("%d MiB %s: release daemon: %v", size, strategy, err))
+		}
+	}()
+
+	src, err := r.createSource(ctx, svc, size, strategy)
+	if err != nil {
+		return skipAll("source VM failed: " + err.Error()), fmt.Errorf("fork-burst %d MiB %s: %w", size, strategy, err)
+	}
+	defer r.deleteInstance(ctx, svc, src.id)
+
+	var cells []Cell
+	for _, backend := range r.cfg.Backends {
+		var snap *api.Snapshot
+		for _, temp := range r.cfg.Temperatures {
+			if temp == Cold || snap == nil {
+				if snap != nil {
+					r.deleteSnapshot(ctx, svc, snap.ID)
+				}
+				s, err := r.freshSnapshot(ctx, svc, src)
+				if err != nil {
+					cells = append(cells, Cell{SizeMiB: size, Strategy: strategy, Backend: backend, Temperature: temp,
+						Skipped: "snapshot failed: " + err.Error()})
+					continue
+				}
+				snap = &s
+				if temp == Warm {
+					// A warm burst follows a burst of the same snapshot; without a
+					// measured cold one, warm the caches with one unmeasured fork.
+					r.burst(ctx, svc, *snap, size, strategy, backend, "prime", 1)
+				}
+			}
+			if temp == Cold && r.cfg.DropCaches {
+				if err := DropPageCache(); err != nil {
+					return cells, fmt.Errorf("fork-burst: %w", err)
+				}
+			}
+			cell := r.burst(ctx, svc, *snap, size, strategy, backend, temp, r.cfg.Forks)
+			cells = append(cells, cell)
+			if ctx.Err() != nil {
+				return cells, ctx.Err()
+			}
+		}
+		if snap != nil {
+			r.deleteSnapshot(ctx, svc, snap.ID)
+		}
+	}
+	return cells, nil
+}
+
+// source is the VM every fork of one size and strategy descends from.
+type source struct {
+	id      string
+	cycled  bool // has given a snapshot already: the next needs a new cache key
+	sizeMiB int
+}
+
+// createSource boots the source VM, lets its workload write its working
+// set, and stands it by.
+func (r *runner) createSource(ctx context.Context, svc api.Service, size int, strategy string) (*source, error) {
+	r.progress(fmt.Sprintf("%d MiB %s: booting the source VM (%s)", size, strategy, r.cfg.bootArgs(size)))
+	inst, err := svc.CreateInstance(ctx, api.CreateInstanceRequest{
+		Name: r.name("src"), Vcpus: r.cfg.Vcpus, MemoryMiB: size, BootArgs: r.cfg.bootArgs(size),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create source: %w", err)
+	}
+	src := &source{id: inst.ID, sizeMiB: size}
+	if _, err := r.waitWorkload(ctx, inst.ID, r.wsPages(size)); err != nil {
+		r.deleteInstance(ctx, svc, inst.ID)
+		return nil, fmt.Errorf("source %s workload: %w", inst.ID, err)
+	}
+	if _, err := svc.Action(ctx, inst.ID, "standby", api.ActionRequest{}); err != nil {
+		r.deleteInstance(ctx, svc, inst.ID)
+		return nil, fmt.Errorf("standby source %s: %w", inst.ID, err)
+	}
+	return src, nil
+}
+
+// freshSnapshot snapshots the (Standby) source under a new cache key: after
+// the first snapshot the source is restored, runs a little, and is stood by
+// again, which gives its memory a new cache key.
+func (r *runner) freshSnapshot(ctx context.Context, svc api.Service, src *source) (api.Snapshot, error) {
+	if src.cycled {
+		if _, err := svc.Action(ctx, src.id, "restore", api.ActionRequest{}); err != nil {
+			return api.Snapshot{}, fmt.Errorf("restore source %s: %w", src.id, err)
+		}
+		if _, err := r.waitWorkload(ctx, src.id, 100); err != nil {
+			return api.Snapshot{}, fmt.Errorf("source %s workload: %w", src.id, err)
+		}
+		if _, err := svc.Action(ctx, src.id, "standby", api.ActionRequest{}); err != nil {
+			return api.Snapshot{}, fmt.Errorf("standby source %s: %w", src.id, err)
+		}
+	}
+	src.cycled = true
+	snap, err := svc.CreateSnapshot(ctx, src.id, api.SnapshotRequest{Name: r.name("snap")})
+	if err != nil {
+		return api.Snapshot{}, fmt.Errorf("snapshot source %s: %w", src.id, err)
+	}
+	return snap, nil
+}
+
+// name returns a run-unique instance or snapshot name.
+func (r *runner) name(kind string) string {
+	r.seq++
+	return fmt.Sprintf("%s-%s-%d", r.tag, kind, r.seq)
+}
+
+// wsPages is the number of 4 KiB pages in a guest's working set.
+func (r *runner) wsPages(sizeMiB int) uint64 {
+	return uint64(r.cfg.workingSetMiB(sizeMiB)) << 20 / 4096
+}
+
+func (r *runner) deleteInstance(ctx context.Context, svc api.Service, id string) {
+	if err := svc.DeleteInstance(context.WithoutCancel(ctx), id); err != nil && !errors.Is(err, api.ErrNotFound) {
+		r.progress(fmt.Sprintf("delete instance %s: %v", id, err))
+	}
+}
+
+func (r *runner) deleteSnapshot(ctx context.Context, svc api.Service, id string) {
+	if err := svc.DeleteSnapshot(context.WithoutCancel(ctx), id); err != nil && !errors.Is(err, api.ErrNotFound) {
+		r.progress(fmt.Sprintf("delete snapshot %s: %v", id, err))
+	}
+}
+
+// machine describes this host for the report.
+func machine(d Disk, vmm string) Machine {
+	m := Machine{CPUs: runtime.NumCPU(), DataDir: d.Dir, FSType: d.FSType, Device: d.Device, VMM: vmm}
+	var u unix.Utsname
+	if unix.Uname(&u) == nil {
+		m.Kernel = strings.TrimRight(string(u.Release[:]), "\x00")
+	}
+	var si unix.Sysinfo_t
+	if unix.Sysinfo(&si) == nil {
+		m.MemBytes = int64(si.Totalram) * int64(si.Unit)
+	}
+	return m
+}
