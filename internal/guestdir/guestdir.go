@@ -4,7 +4,7 @@
 //	<data>/forkd.db, <data>/forkd.sock
 //	<data>/guests/<id>/{vmm.sock, logs/vmm.log, kernel, rootfs.ext4}
 //	<data>/guests/<id>/snapshots/snapshot-{latest,base}/{vmstate,memory}
-//	<data>/snapshots/<snapshot-id>/{vmstate,memory,memory.zst,meta.json}
+//	<data>/snapshots/<snapshot-id>/{vmstate,memory,memory.zst,meta.json,kernel?,rootfs.ext4}
 //	<data>/pager/<version>/{control.sock,pager.pid,sessions/}
 //
 // No other package joins path segments under the data dir. Every id and
@@ -145,6 +145,19 @@ func (l Layout) TempSnapshot(id string) (SnapDir, error) {
 	return SnapDir{Dir: filepath.Join(l.SnapshotsDir(), TempPrefix+id)}, nil
 }
 
+// DeletingGuest is where a guest dir is renamed before it is removed, so a
+// crash never leaves a half-removed dir under the instance's own name.
+func (l Layout) DeletingGuest(id string) (string, error) {
+	t, err := l.TempGuest(id)
+	return t.Dir + ".deleting", err
+}
+
+// DeletingSnapshot is DeletingGuest for the snapshot store.
+func (l Layout) DeletingSnapshot(id string) (string, error) {
+	t, err := l.TempSnapshot(id)
+	return t.Dir + ".deleting", err
+}
+
 // IsTemp reports whether a directory entry name under guests/ or snapshots/
 // is a half-built directory.
 func IsTemp(name string) bool { return strings.HasPrefix(name, TempPrefix) }
@@ -179,3 +192,10 @@ func (s SnapDir) VMState() string   { return filepath.Join(s.Dir, vmstateName) }
 func (s SnapDir) Memory() string    { return filepath.Join(s.Dir, memoryName) }
 func (s SnapDir) MemoryZst() string { return filepath.Join(s.Dir, memoryZstName) }
 func (s SnapDir) Meta() string      { return filepath.Join(s.Dir, metaName) }
+
+// Kernel and Rootfs are the store's copies of a snapshot source's guest-dir
+// kernel and disk (taken while the VM was paused, so the disk matches the
+// memory); forks of the snapshot clone them. A guest's own snapshot dirs
+// never hold them.
+func (s SnapDir) Kernel() string { return filepath.Join(s.Dir, kernelName) }
+func (s SnapDir) Rootfs() string { return filepath.Join(s.Dir, rootfsName) }

@@ -1,0 +1,31 @@
+// Package instance is forkd's VM manager: it implements api.Service over the
+// store (metadata + journal), guestdir (paths), memfile (sharing, cloning,
+// the unshare guard, compression), the firecracker driver (either VMM) and
+// the pager client. It owns the lifecycle state machine of DESIGN.md §3.
+//
+// # Locks
+//
+// Each instance has a sync.RWMutex (Manager.instanceLock). standby, restore,
+// stop, delete, pause, resume, start, snapshot-of-a-running-VM and live forks
+// take it for writing; a fork or snapshot of a Standby (or Stopped) source
+// takes it for reading, so forks of one source run in parallel while a
+// standby/restore of that source waits. Each snapshot has a RWMutex too:
+// delete and the end of compression write, forks read; plus a mutex that
+// serialises materialising a compressed snapshot's raw mem-file.
+// Lock order: source instance → new fork instance → snapshot → Manager.mu.
+// Manager.mu is a leaf guarding only the maps.
+//
+// # Crash safety
+//
+// Every multi-step operation writes a journal entry before it acts and
+// records each step; Reconcile (run once at start) finishes or rolls back
+// what a crash left open, removes temp files and half-made directories, and
+// re-adopts the VMMs that kept running (they run in their own session).
+//
+// # The memory invariants (DESIGN.md §1)
+//
+// Forks hardlink mem-files (memfile.ShareForFork); the only in-place writer
+// of a mem-file is a Diff snapshot into an instance's own base, done by
+// standby, snapshot-of-running and live fork through one function
+// (writeSnapshot), which runs the unshare guard first.
+package instance

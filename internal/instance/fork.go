@@ -1,0 +1,310 @@
+package instance
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/atomicfile"
+	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/memfile"
+	"github.com/forkd/forkd/internal/store"
+)
+
+// forkFiles is what a fork copies: the mem-file and vmstate pair (from a
+// Standby instance's snapshot-latest, a running instance's fresh base or a
+// store snapshot), the kernel if it lives in the source dir, and the disk.
+type forkFiles struct {
+	from   *guestdir.SnapDir // nil: no memory (fork of a Stopped source)
+	kernel string            // "" or a file to clone
+	rootfs string
+}
+
+// ForkInstance forks an instance (DESIGN.md §3): from Standby under the
+// source's read lock (forks of one source run in parallel); from Running or
+// Paused only with from_running, as a live fork (pause, update the base in
+// place, fork from it, resume; the source VMM never restarts); from Stopped
+// or Created, disk only.
+func (m *Manager) ForkInstance(ctx context.Context, ref string, req api.ForkRequest) (api.Instance, error) {
+	start := time.Now()
+	defer m.observe("fork", start)
+	ctx = context.WithoutCancel(ctx)
+	probe, err := m.resolveInstance(ctx, ref)
+	if err != nil {
+		return api.Instance{}, apiErr(err)
+	}
+	live := oneOf(probe.State, api.StateRunning, api.StatePaused)
+	if live && !req.FromRunning {
+		return api.Instance{}, fmt.Errorf("%w: instance %q is %s; stand it by first or pass from_running", api.ErrInvalidState, probe.Name, probe.State)
+	}
+	src, unlockSrc, err := m.lockInstance(ctx, probe.ID, live)
+	if err != nil {
+		return api.Instance{}, err
+	}
+	var once sync.Once
+	release := func() { once.Do(unlockSrc) }
+	defer release()
+	var target string
+	switch {
+	case live && oneOf(src.State, api.StateRunning, api.StatePaused):
+		target = api.StateRunning
+		if src.State == api.StatePaused {
+			target = api.StateStandby
+		}
+	case !live && src.State == api.StateStandby:
+		target = api.StateStandby
+	case !live && oneOf(src.State, api.StateStopped, api.StateCreated):
+		target = api.StateStopped
+	default:
+		return api.Instance{}, invalidState(src, "fork", api.StateStandby, api.StateRunning+" (from_running)", api.StateStopped)
+	}
+	if req.TargetState != "" {
+		target = req.TargetState
+	}
+	hasMemory := src.State != api.StateStopped && src.State != api.StateCreated
+	if err := checkTarget(target, hasMemory); err != nil {
+		return api.Instance{}, err
+	}
+	g, err := m.guest(src.ID)
+	if err != nil {
+		return api.Instance{}, err
+	}
+	files := forkFiles{rootfs: g.Rootfs()}
+	if _, err := os.Stat(g.Kernel()); err == nil {
+		files.kernel = g.Kernel()
+	}
+	tmpl := src
+	tmpl.Source = "instance:" + src.ID
+	fork, err := m.fork(ctx, req, tmpl, func(ctx context.Context, o *op, newID string) (memfile.ShareResult, string, error) {
+		switch {
+		case live:
+			var res memfile.ShareResult
+			base := g.Base()
+			files.from = &base
+			key, err := m.updateBaseLive(ctx, o, &src, func() (err error) {
+				res, err = m.makeForkDir(newID, files)
+				return err
+			})
+			return res, key, err
+		case hasMemory:
+			latest := g.Latest()
+			files.from = &latest
+			res, err := m.makeForkDir(newID, files)
+			return res, src.SnapshotCacheKey, err
+		default:
+			res, err := m.makeForkDir(newID, files)
+			return res, "", err
+		}
+	})
+	release()
+	if err != nil {
+		return api.Instance{}, err
+	}
+	return m.applyTarget(ctx, fork, target, req.RestoreBackend)
+}
+
+// ForkSnapshot forks a store snapshot, under the snapshot's read lock (so
+// it is not deleted mid-fork; it may be deleted the moment this returns).
+func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequest) (api.Instance, error) {
+	start := time.Now()
+	defer m.observe("fork", start)
+	ctx = context.WithoutCancel(ctx)
+	sn, err := m.resolveSnapshot(ctx, ref)
+	if err != nil {
+		return api.Instance{}, apiErr(err)
+	}
+	l := m.snapshotLock(sn.ID)
+	l.rw.RLock()
+	var once sync.Once
+	release := func() { once.Do(l.rw.RUnlock) }
+	defer release()
+	if sn, err = m.db.GetSnapshot(ctx, sn.ID); err != nil {
+		return api.Instance{}, apiErr(err)
+	}
+	if sn.State == snapCreating {
+		return api.Instance{}, fmt.Errorf("%w: snapshot %q is still being created", api.ErrInvalidState, sn.Name)
+	}
+	target := req.TargetState
+	if target == "" {
+		target = api.StateStandby
+	}
+	if err := checkTarget(target, true); err != nil {
+		return api.Instance{}, err
+	}
+	sd, err := m.layout.Snapshot(sn.ID)
+	if err != nil {
+		return api.Instance{}, err
+	}
+	if err := m.materialise(ctx, sn.ID, sd); err != nil {
+		return api.Instance{}, err
+	}
+	files := forkFiles{from: &sd, rootfs: sd.Rootfs()}
+	if _, err := os.Stat(sd.Kernel()); err == nil {
+		files.kernel = sd.Kernel()
+	}
+	tmpl := store.Instance{
+		Vcpus: sn.Vcpus, MemoryMiB: sn.MemoryMiB, Kernel: sn.Kernel, BootArgs: sn.BootArgs,
+		Source: "snapshot:" + sn.ID,
+	}
+	fork, err := m.fork(ctx, req, tmpl, func(ctx context.Context, o *op, newID string) (memfile.ShareResult, string, error) {
+		res, err := m.makeForkDir(newID, files)
+		return res, sn.SnapshotCacheKey, err
+	})
+	release()
+	if err != nil {
+		return api.Instance{}, err
+	}
+	return m.applyTarget(ctx, fork, target, req.RestoreBackend)
+}
+
+func checkTarget(target string, hasMemory bool) error {
+	switch target {
+	case api.StateStandby:
+		if !hasMemory {
+			return fmt.Errorf("%w: target_state Standby needs a source with memory (Standby, Running or a snapshot)", api.ErrInvalid)
+		}
+	case api.StateRunning, api.StateStopped:
+	default:
+		return fmt.Errorf("%w: target_state %q: want Standby, Running or Stopped", api.ErrInvalid, target)
+	}
+	return nil
+}
+
+// fork admits the fork's name, journals it, runs makeFiles (which builds the
+// fork's directory under a temp name and renames it into place) and records
+// the fork: Standby with the inherited cache key, or Stopped without memory.
+// Any failure removes the partial fork.
+func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Instance,
+	makeFiles func(ctx context.Context, o *op, newID string) (memfile.ShareResult, string, error)) (store.Instance, error) {
+	id := newID()
+	if req.Name == "" {
+		req.Name = id
+	}
+	if err := validName("instance", req.Name); err != nil {
+		return store.Instance{}, err
+	}
+	if _, err := m.guest(id); err != nil {
+		return store.Instance{}, err
+	}
+	o, err := m.begin(ctx, "fork", id, opPayload{Source: tmpl.Source})
+	if err != nil {
+		return store.Instance{}, err
+	}
+	rec := store.Instance{
+		ID: id, Name: req.Name, State: api.StateForking, Vcpus: tmpl.Vcpus, MemoryMiB: tmpl.MemoryMiB,
+		Kernel: tmpl.Kernel, Rootfs: tmpl.Rootfs, BootArgs: tmpl.BootArgs, CreatedAt: time.Now().UTC(),
+		Source: tmpl.Source, MemoryCheck: tmpl.MemoryCheck, RestoreBackend: m.cfg.ForkRestoreBackend,
+	}
+	if err := m.db.CreateInstance(ctx, rec); err != nil {
+		o.finish(ctx, err)
+		return store.Instance{}, apiErr(err)
+	}
+	res, key, err := makeFiles(ctx, o, id)
+	if err == nil {
+		rec.State, rec.SnapshotCacheKey, rec.ForkMode = api.StateStandby, key, string(res.Mode)
+		if res.Mode == "" {
+			rec.State, rec.MemoryCheck = api.StateStopped, "unknown"
+		}
+		err = m.db.UpdateInstance(ctx, rec)
+	}
+	if err == nil {
+		err = o.step(ctx, "committed", nil)
+	}
+	if err != nil {
+		err = fmt.Errorf("fork %q from %s: %w", req.Name, tmpl.Source, err)
+		m.removeFork(ctx, id)
+		o.finish(ctx, err)
+		return store.Instance{}, err
+	}
+	o.finish(ctx, nil)
+	m.countFallback(res, "fork", id)
+	m.log.Info("forked", "instance", id, "name", req.Name, "source", tmpl.Source, "mode", res.Mode)
+	return rec, nil
+}
+
+// removeFork deletes whatever a failed or interrupted fork made.
+func (m *Manager) removeFork(ctx context.Context, id string) {
+	if tmp, err := m.layout.TempGuest(id); err == nil {
+		os.RemoveAll(tmp.Dir)
+	}
+	if g, err := m.layout.Guest(id); err == nil {
+		os.RemoveAll(g.Dir)
+	}
+	m.db.DeleteInstance(ctx, id)
+}
+
+// makeForkDir builds a fork's guest dir under a temp name and renames it into
+// place: disk and kernel cloned (reflink first), the mem-file shared
+// (hardlink: zero I/O, one inode and page cache for all siblings; clone only
+// when linking fails), the vmstate copied.
+func (m *Manager) makeForkDir(id string, f forkFiles) (memfile.ShareResult, error) {
+	var res memfile.ShareResult
+	tmp, err := m.layout.TempGuest(id)
+	if err != nil {
+		return res, err
+	}
+	final, _ := m.layout.Guest(id)
+	if err := os.MkdirAll(tmp.LogsDir(), 0o755); err != nil {
+		return res, err
+	}
+	if f.kernel != "" {
+		if _, err := memfile.Clone(f.kernel, tmp.Kernel()); err != nil {
+			return res, err
+		}
+	}
+	if _, err := memfile.Clone(f.rootfs, tmp.Rootfs()); err != nil {
+		return res, err
+	}
+	if f.from != nil {
+		if err := os.MkdirAll(tmp.Latest().Dir, 0o755); err != nil {
+			return res, err
+		}
+		if res, err = memfile.ShareForFork(f.from.Memory(), tmp.Latest().Memory()); err != nil {
+			return res, err
+		}
+		if _, err := memfile.Clone(f.from.VMState(), tmp.Latest().VMState()); err != nil {
+			return res, err
+		}
+		if err := atomicfile.SyncDir(tmp.Latest().Dir); err != nil {
+			return res, err
+		}
+	}
+	if err := atomicfile.SyncDir(tmp.Dir); err != nil {
+		return res, err
+	}
+	return res, atomicfile.Rename(tmp.Dir, final.Dir)
+}
+
+// applyTarget brings a new fork to its target state: Standby as made,
+// Running by restoring it (backend: the request's, else fork_restore_backend)
+// or booting it (disk-only forks), Stopped by dropping its memory. A failure
+// deletes the fork.
+func (m *Manager) applyTarget(ctx context.Context, rec store.Instance, target, backend string) (api.Instance, error) {
+	if target == rec.State {
+		return m.toAPI(ctx, rec), nil
+	}
+	l := m.instanceLock(rec.ID)
+	l.Lock()
+	defer l.Unlock()
+	var err error
+	switch {
+	case target == api.StateRunning && rec.State == api.StateStandby:
+		err = m.restore(ctx, &rec, backend, m.cfg.ForkRestoreBackend)
+	case target == api.StateRunning && rec.State == api.StateStopped:
+		err = m.start(ctx, &rec, api.ActionRequest{})
+	case target == api.StateStopped:
+		err = m.stop(ctx, &rec, api.ActionRequest{})
+	default:
+		err = fmt.Errorf("%w: cannot bring a %s fork to %s", api.ErrInvalid, rec.State, target)
+	}
+	if err != nil {
+		if derr := m.finishDelete(ctx, rec); derr != nil {
+			m.log.Error("fork: remove after failed target state", "instance", rec.ID, "err", derr)
+		}
+		return api.Instance{}, fmt.Errorf("fork %q: target state %s: %w (fork removed)", rec.Name, target, err)
+	}
+	return m.toAPI(ctx, rec), nil
+}

@@ -1,0 +1,418 @@
+package instance
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/atomicfile"
+	"github.com/forkd/forkd/internal/firecracker"
+	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/memfile"
+	"github.com/forkd/forkd/internal/store"
+)
+
+const (
+	defaultVcpus     = 1
+	defaultMemoryMiB = 256
+	maxVcpus         = 32
+	// placeholderRootfsBytes is the apparent size of the sparse rootfs made
+	// for an emulator instance created without one.
+	placeholderRootfsBytes = 256 << 20
+	// defaultFirecrackerBootArgs is used for real Firecracker when the
+	// request gives none.
+	defaultFirecrackerBootArgs = "console=ttyS0 reboot=k panic=1 pci=off"
+)
+
+// placeholderKernel is the kernel file of emulator instances created without
+// one: the emulator accepts any existing file and never executes it.
+var placeholderKernel = []byte("forkd placeholder kernel: the emulator (forkd vmm) does not execute it\n")
+
+func (m *Manager) guest(id string) (guestdir.Guest, error) {
+	g, err := m.layout.Guest(id)
+	if err != nil {
+		return guestdir.Guest{}, fmt.Errorf("%w: %v", api.ErrInvalid, err)
+	}
+	return g, nil
+}
+
+// kernelPath is the kernel an instance boots: its user-given path, else the
+// guest dir's own copy.
+func kernelPath(in store.Instance, g guestdir.Guest) string {
+	if in.Kernel != "" {
+		return in.Kernel
+	}
+	return g.Kernel()
+}
+
+// CreateInstance makes an instance's directory and record and, unless
+// req.Start is false, boots it.
+func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequest) (api.Instance, error) {
+	start := time.Now()
+	defer m.observe("create", start)
+	ctx = context.WithoutCancel(ctx)
+	id := newID()
+	if req.Name == "" {
+		req.Name = id
+	}
+	if err := validName("instance", req.Name); err != nil {
+		return api.Instance{}, err
+	}
+	if req.Vcpus == 0 {
+		req.Vcpus = defaultVcpus
+	}
+	if req.MemoryMiB == 0 {
+		req.MemoryMiB = defaultMemoryMiB
+	}
+	if req.Vcpus < 1 || req.Vcpus > maxVcpus || req.MemoryMiB < 1 {
+		return api.Instance{}, fmt.Errorf("%w: vcpus %d (1-%d), memory_mib %d (>0)", api.ErrInvalid, req.Vcpus, maxVcpus, req.MemoryMiB)
+	}
+	if !m.cfg.VMM.Emulator && (req.Kernel == "" || req.Rootfs == "") {
+		return api.Instance{}, fmt.Errorf("%w: kernel and rootfs are required with firecracker (%s)", api.ErrInvalid, m.cfg.VMM.Binary)
+	}
+	for _, p := range []string{req.Kernel, req.Rootfs} {
+		if p == "" {
+			continue
+		}
+		if st, err := os.Stat(p); err != nil || !st.Mode().IsRegular() {
+			return api.Instance{}, fmt.Errorf("%w: %s is not a readable regular file", api.ErrInvalid, p)
+		}
+	}
+	g, err := m.guest(id)
+	if err != nil {
+		return api.Instance{}, err
+	}
+	if req.BootArgs == "" && !m.cfg.VMM.Emulator {
+		req.BootArgs = defaultFirecrackerBootArgs
+	}
+	rec := store.Instance{
+		ID: id, Name: req.Name, State: api.StateCreated, Vcpus: req.Vcpus, MemoryMiB: req.MemoryMiB,
+		Kernel: req.Kernel, Rootfs: req.Rootfs, BootArgs: req.BootArgs, CreatedAt: time.Now().UTC(),
+		MemoryCheck: "unknown", RestoreBackend: m.cfg.RestoreBackend,
+	}
+	o, err := m.begin(ctx, "create", id, opPayload{})
+	if err != nil {
+		return api.Instance{}, err
+	}
+	if err := m.db.CreateInstance(ctx, rec); err != nil {
+		o.finish(ctx, err)
+		return api.Instance{}, apiErr(err)
+	}
+	err = m.makeGuestFiles(req, g)
+	if err == nil {
+		err = o.step(ctx, "files", nil)
+	}
+	if err != nil {
+		os.RemoveAll(g.Dir)
+		m.db.DeleteInstance(ctx, id)
+		o.finish(ctx, err)
+		return api.Instance{}, fmt.Errorf("create instance %q: %w", req.Name, err)
+	}
+	o.finish(ctx, nil)
+	m.log.Info("instance created", "instance", id, "name", req.Name, "vcpus", req.Vcpus, "memory_mib", req.MemoryMiB)
+	if req.Start != nil && !*req.Start {
+		return m.toAPI(ctx, rec), nil
+	}
+	return m.Action(ctx, id, "start", api.ActionRequest{})
+}
+
+// makeGuestFiles creates the guest dir with its kernel (placeholder unless
+// the user gave one, which is used in place) and a private rootfs: a clone
+// of the user's (reflink-first), else a sparse placeholder.
+func (m *Manager) makeGuestFiles(req api.CreateInstanceRequest, g guestdir.Guest) error {
+	if err := os.MkdirAll(g.LogsDir(), 0o755); err != nil {
+		return err
+	}
+	if req.Kernel == "" {
+		if err := atomicfile.WriteFile(g.Kernel(), placeholderKernel, 0o644); err != nil {
+			return err
+		}
+	}
+	if req.Rootfs != "" {
+		if _, err := memfile.Clone(req.Rootfs, g.Rootfs()); err != nil {
+			return err
+		}
+	} else {
+		f, err := os.OpenFile(g.Rootfs(), os.O_CREATE|os.O_WRONLY|os.O_EXCL, 0o644)
+		if err != nil {
+			return err
+		}
+		if err := f.Truncate(placeholderRootfsBytes); err != nil {
+			f.Close()
+			return err
+		}
+		if err := f.Sync(); err != nil {
+			f.Close()
+			return err
+		}
+		if err := f.Close(); err != nil {
+			return err
+		}
+	}
+	return atomicfile.SyncDir(g.Dir)
+}
+
+// ListInstances returns every instance.
+func (m *Manager) ListInstances(ctx context.Context) ([]api.Instance, error) {
+	all, err := m.db.ListInstances(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.Instance, 0, len(all))
+	for _, in := range all {
+		out = append(out, m.toAPI(ctx, in))
+	}
+	return out, nil
+}
+
+// GetInstance returns one instance. It takes no lock: while an operation
+// runs, the instance shows that operation's transient state.
+func (m *Manager) GetInstance(ctx context.Context, ref string) (api.Instance, error) {
+	in, err := m.resolveInstance(ctx, ref)
+	if err != nil {
+		return api.Instance{}, apiErr(err)
+	}
+	return m.toAPI(ctx, in), nil
+}
+
+func (m *Manager) toAPI(ctx context.Context, in store.Instance) api.Instance {
+	check := in.MemoryCheck
+	if oneOf(in.State, api.StateRunning, api.StatePaused) && m.proc(in.ID) != nil {
+		if g, err := m.layout.Guest(in.ID); err == nil {
+			check = m.memoryCheck(ctx, g)
+		}
+	}
+	if check == "" {
+		check = "unknown"
+	}
+	return api.Instance{
+		ID: in.ID, Name: in.Name, State: in.State, Vcpus: in.Vcpus, MemoryMiB: in.MemoryMiB,
+		Kernel: in.Kernel, Rootfs: in.Rootfs, BootArgs: in.BootArgs, CreatedAt: in.CreatedAt,
+		Source: in.Source, SnapshotCacheKey: in.SnapshotCacheKey, MemoryCheck: check,
+		ForkMode: in.ForkMode, RestoreBackend: in.RestoreBackend, Pid: in.Pid, Error: in.Error,
+	}
+}
+
+// Action runs one lifecycle action.
+func (m *Manager) Action(ctx context.Context, ref, action string, req api.ActionRequest) (api.Instance, error) {
+	ctx = context.WithoutCancel(ctx)
+	var fn func(context.Context, *store.Instance, api.ActionRequest) error
+	switch action {
+	case "start":
+		fn = m.start
+	case "pause":
+		fn = m.pause
+	case "resume":
+		fn = m.resume
+	case "standby":
+		fn = m.standby
+	case "restore":
+		fn = m.restoreAction
+	case "stop":
+		fn = m.stop
+	default:
+		return api.Instance{}, fmt.Errorf("%w: unknown action %q (start|pause|resume|standby|restore|stop)", api.ErrInvalid, action)
+	}
+	start := time.Now()
+	defer m.observe(action, start)
+	in, unlock, err := m.lockInstance(ctx, ref, true)
+	if err != nil {
+		return api.Instance{}, err
+	}
+	defer unlock()
+	if err := fn(ctx, &in, req); err != nil {
+		return api.Instance{}, err
+	}
+	return m.toAPI(ctx, in), nil
+}
+
+// start boots a Created or Stopped instance. Caller holds the write lock.
+func (m *Manager) start(ctx context.Context, in *store.Instance, _ api.ActionRequest) error {
+	if !oneOf(in.State, api.StateCreated, api.StateStopped) {
+		return invalidState(*in, "start", api.StateCreated, api.StateStopped)
+	}
+	g, err := m.guest(in.ID)
+	if err != nil {
+		return err
+	}
+	o, err := m.begin(ctx, "start", in.ID, opPayload{Prev: in.State})
+	if err != nil {
+		return err
+	}
+	p, err := m.boot(ctx, *in, g)
+	if err == nil {
+		err = o.step(ctx, "booted", &opPayload{Prev: in.State, Pid: p.Pid})
+	}
+	if err != nil {
+		if p != nil {
+			m.killVMM(ctx, in.ID, p.Pid, g)
+		}
+		o.finish(ctx, err)
+		return fmt.Errorf("start %s: %w", in.Name, err)
+	}
+	in.State, in.Pid, in.Error, in.MemoryCheck = api.StateRunning, p.Pid, "", "ok"
+	err = m.db.UpdateInstance(ctx, *in)
+	o.finish(ctx, err)
+	if err != nil {
+		return err
+	}
+	m.log.Info("instance started", "instance", in.ID, "pid", p.Pid)
+	return nil
+}
+
+// boot launches a VMM and boots the instance with dirty-page tracking on,
+// so its first snapshot can be Full and every later one a Diff.
+func (m *Manager) boot(ctx context.Context, in store.Instance, g guestdir.Guest) (*firecracker.Process, error) {
+	p, err := m.launch(ctx, in.ID, g)
+	if err != nil {
+		return nil, err
+	}
+	c := m.client(g)
+	defer c.Close()
+	steps := []func() error{
+		func() error {
+			return c.PutMachineConfig(ctx, firecracker.MachineConfig{VcpuCount: in.Vcpus, MemSizeMib: in.MemoryMiB, TrackDirtyPages: true})
+		},
+		func() error {
+			return c.PutBootSource(ctx, firecracker.BootSource{KernelImagePath: kernelPath(in, g), BootArgs: in.BootArgs})
+		},
+		func() error {
+			return c.PutDrive(ctx, firecracker.Drive{DriveID: "rootfs", PathOnHost: g.Rootfs(), IsRootDevice: true})
+		},
+		func() error { return c.StartInstance(ctx) },
+	}
+	for _, s := range steps {
+		if err := s(); err != nil {
+			return p, err
+		}
+	}
+	return p, nil
+}
+
+func (m *Manager) pause(ctx context.Context, in *store.Instance, _ api.ActionRequest) error {
+	if in.State != api.StateRunning {
+		return invalidState(*in, "pause", api.StateRunning)
+	}
+	g, err := m.guest(in.ID)
+	if err != nil {
+		return err
+	}
+	c := m.client(g)
+	defer c.Close()
+	if err := c.Pause(ctx); err != nil {
+		return fmt.Errorf("pause %s: %w", in.Name, err)
+	}
+	in.State = api.StatePaused
+	return m.db.UpdateInstance(ctx, *in)
+}
+
+func (m *Manager) resume(ctx context.Context, in *store.Instance, _ api.ActionRequest) error {
+	if in.State != api.StatePaused {
+		return invalidState(*in, "resume", api.StatePaused)
+	}
+	g, err := m.guest(in.ID)
+	if err != nil {
+		return err
+	}
+	c := m.client(g)
+	defer c.Close()
+	if err := c.Resume(ctx); err != nil {
+		return fmt.Errorf("resume %s: %w", in.Name, err)
+	}
+	in.State = api.StateRunning
+	return m.db.UpdateInstance(ctx, *in)
+}
+
+// stop kills the VMM and drops the instance's memory (snapshot-latest and
+// snapshot-base); the disk stays, and start boots it afresh.
+func (m *Manager) stop(ctx context.Context, in *store.Instance, _ api.ActionRequest) error {
+	if !oneOf(in.State, api.StateRunning, api.StatePaused, api.StateStandby, api.StateError) {
+		return invalidState(*in, "stop", api.StateRunning, api.StatePaused, api.StateStandby)
+	}
+	o, err := m.begin(ctx, "stop", in.ID, opPayload{Prev: in.State})
+	if err != nil {
+		return err
+	}
+	err = m.finishStop(ctx, in)
+	o.finish(ctx, err)
+	return err
+}
+
+// finishStop is stop's body; the reconciler re-runs it after a crash (every
+// step is idempotent).
+func (m *Manager) finishStop(ctx context.Context, in *store.Instance) error {
+	g, err := m.guest(in.ID)
+	if err != nil {
+		return err
+	}
+	if in.State != api.StateStandby {
+		if in.State == api.StateRunning || in.State == api.StatePaused {
+			in.MemoryCheck = m.memoryCheck(ctx, g)
+		}
+	}
+	if err := m.killVMM(ctx, in.ID, in.Pid, g); err != nil {
+		return fmt.Errorf("stop %s: %w", in.Name, err)
+	}
+	m.closeSession(ctx, in)
+	if err := os.RemoveAll(g.SnapshotsDir()); err != nil {
+		return fmt.Errorf("stop %s: %w", in.Name, err)
+	}
+	in.State, in.Pid, in.SnapshotCacheKey, in.Error = api.StateStopped, 0, "", ""
+	if err := m.db.UpdateInstance(ctx, *in); err != nil {
+		return err
+	}
+	m.log.Info("instance stopped", "instance", in.ID)
+	return nil
+}
+
+// DeleteInstance removes an instance in any state. Forks of it are not
+// affected: they hold their own links to every inode they share.
+func (m *Manager) DeleteInstance(ctx context.Context, ref string) error {
+	start := time.Now()
+	defer m.observe("delete", start)
+	ctx = context.WithoutCancel(ctx)
+	in, unlock, err := m.lockInstance(ctx, ref, true)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	o, err := m.begin(ctx, "delete", in.ID, opPayload{})
+	if err != nil {
+		return err
+	}
+	err = m.finishDelete(ctx, in)
+	o.finish(ctx, err)
+	return err
+}
+
+// finishDelete is delete's body; the reconciler re-runs it after a crash.
+func (m *Manager) finishDelete(ctx context.Context, in store.Instance) error {
+	g, err := m.guest(in.ID)
+	if err != nil {
+		return err
+	}
+	if err := m.killVMM(ctx, in.ID, in.Pid, g); err != nil {
+		return fmt.Errorf("delete %s: %w", in.Name, err)
+	}
+	m.closeSession(ctx, &in)
+	// Rename first so a crash never leaves a half-removed dir under the
+	// instance's own name; the reconciler removes temp dirs.
+	trash, err := m.layout.DeletingGuest(in.ID)
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.Rename(g.Dir, trash); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("delete %s: %w", in.Name, err)
+	}
+	if err := m.db.DeleteInstance(ctx, in.ID); err != nil && !errors.Is(err, store.ErrNotFound) {
+		return err
+	}
+	if err := os.RemoveAll(trash); err != nil {
+		m.log.Warn("delete: remove dir", "instance", in.ID, "err", err)
+	}
+	m.log.Info("instance deleted", "instance", in.ID, "name", in.Name)
+	return nil
+}

@@ -1,0 +1,215 @@
+package instance
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/firecracker"
+	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/store"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Config is what the manager is built from.
+type Config struct {
+	// DataDir is the root of DESIGN.md §4's layout.
+	DataDir string
+	// VMM is the resolved VMM binary (ResolveVMM).
+	VMM VMMSpec
+	// RestoreBackend is the default backend of restores: api.BackendFile or
+	// api.BackendUffd. ForkRestoreBackend is the default of a fork's first
+	// restore (target_state Running). Empty means file.
+	RestoreBackend     string
+	ForkRestoreBackend string
+	// PagerBinary runs `pager serve` (default: this executable);
+	// PagerCacheBytes is its cache budget (0: the pager's default).
+	PagerBinary     string
+	PagerCacheBytes int64
+	// Pager, when set, replaces the lazily started host pager (tests).
+	Pager Pager
+	// Logger receives what the manager does (default: slog.Default()).
+	Logger *slog.Logger
+	// Registerer receives the manager's metrics (nil: not registered).
+	Registerer prometheus.Registerer
+
+	// DisableUnshareGuard turns off DESIGN.md §1 invariant 3 (never
+	// diff-write a mem-file another VM maps). It exists only so a test can
+	// show the corruption the guard prevents; never set it elsewhere.
+	DisableUnshareGuard bool
+}
+
+// Manager implements api.Service.
+type Manager struct {
+	cfg    Config
+	layout guestdir.Layout
+	db     *store.Store
+	log    *slog.Logger
+	met    *metrics
+
+	// ctx is cancelled by Close; background work (compression) uses it and
+	// is tracked by wg.
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	pagerOnce pagerState
+
+	mu sync.Mutex // guards the maps below; a leaf lock
+	// instLocks: the per-instance RW locks (see doc.go).
+	instLocks map[string]*sync.RWMutex
+	// snapLocks: per-snapshot RW lock and materialisation mutex.
+	snapLocks map[string]*snapLock
+	// procs: the VMM of each instance whose VMM runs.
+	procs map[string]*firecracker.Process
+	// compressing: cancel funcs of running compressions, by snapshot id.
+	compressing map[string]context.CancelFunc
+}
+
+type snapLock struct {
+	rw          sync.RWMutex
+	materialise sync.Mutex
+}
+
+var _ api.Service = (*Manager)(nil)
+
+// New opens the store under cfg.DataDir, registers metrics and reconciles
+// what an earlier run left behind (see Reconcile). The caller must Close it.
+func New(ctx context.Context, cfg Config) (*Manager, error) {
+	layout, err := guestdir.New(cfg.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.RestoreBackend == "" {
+		cfg.RestoreBackend = api.BackendFile
+	}
+	if cfg.ForkRestoreBackend == "" {
+		cfg.ForkRestoreBackend = api.BackendFile
+	}
+	for _, b := range []string{cfg.RestoreBackend, cfg.ForkRestoreBackend} {
+		if b != api.BackendFile && b != api.BackendUffd {
+			return nil, fmt.Errorf("instance manager: restore backend %q: want file or uffd", b)
+		}
+	}
+	if cfg.VMM.Binary == "" {
+		return nil, fmt.Errorf("instance manager: no VMM binary")
+	}
+	for _, d := range []string{layout.Root(), layout.GuestsDir(), layout.SnapshotsDir(), layout.PagerRoot()} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, fmt.Errorf("instance manager: %w", err)
+		}
+	}
+	db, err := store.Open(ctx, layout.DB())
+	if err != nil {
+		return nil, err
+	}
+	mctx, cancel := context.WithCancel(context.Background())
+	m := &Manager{
+		cfg: cfg, layout: layout, db: db, log: cfg.Logger,
+		ctx: mctx, cancel: cancel,
+		instLocks:   map[string]*sync.RWMutex{},
+		snapLocks:   map[string]*snapLock{},
+		procs:       map[string]*firecracker.Process{},
+		compressing: map[string]context.CancelFunc{},
+	}
+	m.met = newMetrics(m)
+	if cfg.Registerer != nil {
+		if err := m.met.register(cfg.Registerer); err != nil {
+			db.Close()
+			cancel()
+			return nil, fmt.Errorf("instance manager: metrics: %w", err)
+		}
+	}
+	if err := m.Reconcile(ctx); err != nil {
+		db.Close()
+		cancel()
+		return nil, fmt.Errorf("instance manager: reconcile: %w", err)
+	}
+	return m, nil
+}
+
+// Close stops background work and closes the store. Running VMMs and the
+// pager keep running: they outlive the daemon by design.
+func (m *Manager) Close() error {
+	m.cancel()
+	m.wg.Wait()
+	return m.db.Close()
+}
+
+// Layout is the data directory's layout (tests read paths through it).
+func (m *Manager) Layout() guestdir.Layout { return m.layout }
+
+func (m *Manager) instanceLock(id string) *sync.RWMutex {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	l, ok := m.instLocks[id]
+	if !ok {
+		l = &sync.RWMutex{}
+		m.instLocks[id] = l
+	}
+	return l
+}
+
+func (m *Manager) snapshotLock(id string) *snapLock {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	l, ok := m.snapLocks[id]
+	if !ok {
+		l = &snapLock{}
+		m.snapLocks[id] = l
+	}
+	return l
+}
+
+func (m *Manager) proc(id string) *firecracker.Process {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.procs[id]
+}
+
+func (m *Manager) setProc(id string, p *firecracker.Process) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if p == nil {
+		delete(m.procs, id)
+	} else {
+		m.procs[id] = p
+	}
+}
+
+// newID returns a random 24-hex-digit id.
+func newID() string {
+	var b [12]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		panic(fmt.Sprintf("crypto/rand: %v", err)) // never fails on Linux
+	}
+	return hex.EncodeToString(b[:])
+}
+
+// apiErr maps store sentinels to api ones, keeping the message.
+func apiErr(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, store.ErrNotFound):
+		return fmt.Errorf("%w: %v", api.ErrNotFound, err)
+	case errors.Is(err, store.ErrExists):
+		return fmt.Errorf("%w: %v", api.ErrExists, err)
+	}
+	return err
+}
+
+// observe records an operation's duration.
+func (m *Manager) observe(op string, start time.Time) {
+	m.met.opDuration.WithLabelValues(op).Observe(time.Since(start).Seconds())
+}

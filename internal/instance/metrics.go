@@ -1,0 +1,121 @@
+package instance
+
+import (
+	"context"
+	"encoding/json"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/forkd/forkd/internal/memfile"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics are the manager's Prometheus series.
+type metrics struct {
+	opDuration     *prometheus.HistogramVec
+	shareFallbacks *prometheus.CounterVec
+	states         *stateCollector
+	pager          *pagerCollector
+}
+
+func newMetrics(m *Manager) *metrics {
+	return &metrics{
+		opDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "forkd_instance_operation_duration_seconds",
+			Help:    "Duration of instance operations (create, start, standby, restore, fork, snapshot, ...).",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 16),
+		}, []string{"op"}),
+		shareFallbacks: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "forkd_memfile_share_fallbacks_total",
+			Help: "Mem-file shares that could not hardlink and fell back to reflink or copy, by errno.",
+		}, []string{"reason"}),
+		states: &stateCollector{m: m, desc: prometheus.NewDesc("forkd_instances",
+			"Instances by state.", []string{"state"}, nil)},
+		pager: &pagerCollector{m: m},
+	}
+}
+
+func (x *metrics) register(r prometheus.Registerer) error {
+	for _, c := range []prometheus.Collector{x.opDuration, x.shareFallbacks, x.states, x.pager} {
+		if err := r.Register(c); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// countFallback logs and counts a mem-file share that did not hardlink
+// (DESIGN.md §1.1: a warning and a metric labelled with the errno).
+func (m *Manager) countFallback(res memfile.ShareResult, op, subject string) {
+	if res.Reason == "" {
+		return
+	}
+	m.met.shareFallbacks.WithLabelValues(res.Reason).Inc()
+	m.log.Warn("mem-file share fell back from hardlink", "op", op, "instance", subject, "mode", res.Mode, "errno", res.Reason)
+}
+
+// stateCollector reads instance counts from the store at scrape time.
+type stateCollector struct {
+	m    *Manager
+	desc *prometheus.Desc
+}
+
+func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	counts, err := c.m.db.CountInstancesByState(ctx)
+	if err != nil {
+		return
+	}
+	for st, n := range counts {
+		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(n), st)
+	}
+}
+
+// pagerCollector re-exports the pager's numeric /stats fields (top level and
+// one level of nesting) as forkd_pager_<field> gauges, when the pager runs.
+// It is unchecked (describes nothing): the field set is the pager's.
+type pagerCollector struct{ m *Manager }
+
+func (c *pagerCollector) Describe(chan<- *prometheus.Desc) {}
+
+var metricNameUnsafe = regexp.MustCompile(`[^a-zA-Z0-9_]`)
+
+func (c *pagerCollector) Collect(ch chan<- prometheus.Metric) {
+	p := c.m.startedPager()
+	if p == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	raw, err := p.StatsRaw(ctx)
+	if err != nil {
+		return
+	}
+	var top map[string]any
+	if json.Unmarshal(raw, &top) != nil {
+		return
+	}
+	emit := func(name string, v float64) {
+		name = "forkd_pager_" + strings.ToLower(metricNameUnsafe.ReplaceAllString(name, "_"))
+		desc := prometheus.NewDesc(name, "Pager statistic "+name+" (from the pager's /stats).", nil, nil)
+		if m, err := prometheus.NewConstMetric(desc, prometheus.GaugeValue, v); err == nil {
+			ch <- m
+		}
+	}
+	for k, v := range top {
+		switch x := v.(type) {
+		case float64:
+			emit(k, x)
+		case map[string]any:
+			for k2, v2 := range x {
+				if f, ok := v2.(float64); ok {
+					emit(k+"_"+k2, f)
+				}
+			}
+		}
+	}
+}

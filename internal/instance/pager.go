@@ -1,0 +1,80 @@
+package instance
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"sync"
+
+	"github.com/forkd/forkd/internal/store"
+)
+
+// Pager is what the manager needs of the host's userfaultfd pager
+// (internal/pager's Client, adapted in pagerclient.go).
+type Pager interface {
+	// CreateSession makes a session serving backingPath's pages under
+	// cacheKey and returns the socket the VMM hands its uffd to.
+	CreateSession(ctx context.Context, sessionID, backingPath, cacheKey string) (socketPath string, err error)
+	DeleteSession(ctx context.Context, sessionID string) error
+	StatsRaw(ctx context.Context) (json.RawMessage, error)
+	// Version is the pager's version (sessions are closed through the pager
+	// that owns them).
+	Version() string
+}
+
+// pagerState starts the host pager on first use (the first Uffd restore, or
+// a stats request). A pager that cannot start fails only Uffd restores.
+type pagerState struct {
+	mu sync.Mutex // guards p
+	p  Pager
+}
+
+func (m *Manager) pager(ctx context.Context) (Pager, error) {
+	m.pagerOnce.mu.Lock()
+	defer m.pagerOnce.mu.Unlock()
+	if m.pagerOnce.p != nil {
+		return m.pagerOnce.p, nil
+	}
+	if m.cfg.Pager != nil {
+		m.pagerOnce.p = m.cfg.Pager
+		return m.pagerOnce.p, nil
+	}
+	p, err := m.startPager(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("pager: %w", err)
+	}
+	m.pagerOnce.p = p
+	return p, nil
+}
+
+// startedPager returns the pager if it has been started, without starting it.
+func (m *Manager) startedPager() Pager {
+	m.pagerOnce.mu.Lock()
+	defer m.pagerOnce.mu.Unlock()
+	return m.pagerOnce.p
+}
+
+// closeSession releases the pager session serving an instance's memory, if
+// any, and clears it from the record (the caller saves the record).
+func (m *Manager) closeSession(ctx context.Context, in *store.Instance) {
+	if in.PagerSession == "" {
+		return
+	}
+	p, err := m.pager(ctx)
+	if err == nil {
+		err = p.DeleteSession(ctx, in.PagerSession)
+	}
+	if err != nil {
+		m.log.Warn("close pager session", "instance", in.ID, "session", in.PagerSession, "err", err)
+	}
+	in.PagerSession, in.PagerVersion = "", ""
+}
+
+// PagerStats returns the pager's /stats JSON.
+func (m *Manager) PagerStats(ctx context.Context) (json.RawMessage, error) {
+	p, err := m.pager(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return p.StatsRaw(ctx)
+}

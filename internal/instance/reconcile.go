@@ -1,0 +1,333 @@
+package instance
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/firecracker"
+	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/store"
+)
+
+// Reconcile brings the store, the data dir and the running VMMs back into
+// agreement after a crash or restart. It runs once, from New, before the
+// manager serves anything:
+//  1. every journal entry left open is finished or rolled back, by kind and
+//     last step (see reconcileEntry);
+//  2. temp files (*.tmp, *.unshare.tmp) and half-made or half-deleted
+//     directories are removed, and so are guest/snapshot dirs with no record;
+//  3. each instance that should have a VMM is re-adopted by pid + socket (VMMs
+//     run in their own session and outlive the daemon); one whose VMM died
+//     becomes Standby if it has a complete snapshot-latest, else Stopped;
+//  4. interrupted compressions restart.
+//
+// Everything it changes is logged.
+func (m *Manager) Reconcile(ctx context.Context) error {
+	entries, err := m.db.OpenEntries(ctx)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		what, err := m.reconcileEntry(ctx, e)
+		outcome := "reconciled: " + what
+		if err != nil {
+			outcome = "reconcile failed: " + err.Error()
+			m.log.Error("reconcile: journal entry", "op", e.Kind, "subject", e.Subject, "step", e.Step, "err", err)
+		} else {
+			m.log.Info("reconcile: journal entry", "op", e.Kind, "subject", e.Subject, "step", e.Step, "action", what)
+		}
+		if err := m.db.Finish(ctx, e.ID, outcome); err != nil {
+			return err
+		}
+	}
+	if err := m.removeLeftovers(ctx); err != nil {
+		return err
+	}
+	all, err := m.db.ListInstances(ctx)
+	if err != nil {
+		return err
+	}
+	for _, in := range all {
+		m.reconcileInstance(ctx, in)
+	}
+	snaps, err := m.db.ListSnapshots(ctx)
+	if err != nil {
+		return err
+	}
+	for _, s := range snaps {
+		switch s.State {
+		case snapCreating:
+			m.log.Info("reconcile: removing half-made snapshot", "snapshot", s.ID)
+			m.finishSnapshotDelete(ctx, s.ID)
+		case snapCompressing:
+			m.log.Info("reconcile: restarting compression", "snapshot", s.ID)
+			m.startCompression(s)
+		}
+	}
+	return nil
+}
+
+// reconcileEntry finishes or rolls back one interrupted operation and says
+// what it did.
+func (m *Manager) reconcileEntry(ctx context.Context, e store.Entry) (string, error) {
+	var p opPayload
+	json.Unmarshal(e.Payload, &p)
+	// o lets finish* helpers close the entry; Reconcile closes it again
+	// with the reconcile outcome.
+	o := &op{m: m, id: e.ID, kind: e.Kind, subject: e.Subject}
+	switch e.Kind {
+	case "delete":
+		in, err := m.db.GetInstance(ctx, e.Subject)
+		if errors.Is(err, store.ErrNotFound) {
+			return "already deleted", nil
+		}
+		if err != nil {
+			return "", err
+		}
+		return "finished the delete", m.finishDelete(ctx, in)
+	case "snapshot-delete":
+		return "finished the snapshot delete", m.finishSnapshotDelete(ctx, e.Subject)
+	case "create":
+		if e.Step == "files" {
+			return "kept (files complete)", nil
+		}
+		m.removeFork(ctx, e.Subject)
+		return "rolled back the create", nil
+	case "fork":
+		m.liveSourceAfterCrash(ctx, p, e.Step)
+		if e.Step == "committed" {
+			return "kept (fork complete)", nil
+		}
+		m.removeFork(ctx, e.Subject)
+		return "removed the partial fork", nil
+	case "snapshot":
+		m.liveSourceAfterCrash(ctx, p, e.Step)
+		sd, err := m.layout.Snapshot(e.Subject)
+		if err != nil {
+			return "", err
+		}
+		if e.Step == "stored" {
+			sn, err := m.db.GetSnapshot(ctx, e.Subject)
+			if err == nil && sn.State == snapCreating {
+				sn.State, sn.SizeBytes = snapReady, dirBytes(sd)
+				return "completed the snapshot record", m.db.UpdateSnapshot(ctx, sn)
+			}
+			return "kept (snapshot complete)", nil
+		}
+		if tmp, err := m.layout.TempSnapshot(e.Subject); err == nil {
+			os.RemoveAll(tmp.Dir)
+		}
+		return "removed the partial snapshot", m.finishSnapshotDelete(ctx, e.Subject)
+	}
+	in, err := m.db.GetInstance(ctx, e.Subject)
+	if errors.Is(err, store.ErrNotFound) {
+		return "instance gone", nil
+	}
+	if err != nil {
+		return "", err
+	}
+	g, err := m.guest(in.ID)
+	if err != nil {
+		return "", err
+	}
+	switch e.Kind {
+	case "stop":
+		return "finished the stop", m.finishStop(ctx, &in)
+	case "start":
+		if in.State == api.StateRunning {
+			return "kept (started)", nil
+		}
+		m.killVMM(ctx, in.ID, p.Pid, g)
+		return "rolled back the start (VMM killed)", nil
+	case "standby":
+		proc, alive := m.adopt(in, g)
+		switch {
+		case e.Step == "created":
+			in.Pid = 0
+			if proc != nil {
+				in.Pid = proc.Pid
+			}
+			return "finished the standby", m.finishStandby(ctx, o, &in, g)
+		case alive:
+			// The snapshot did not complete: drop what it may have half
+			// written, then give the VM back its state. A base promoted but
+			// not yet written to is still intact: demote it again.
+			if e.Step == "creating" {
+				os.RemoveAll(g.Latest().Dir)
+			} else if _, err := os.Stat(g.Latest().Dir); err == nil {
+				os.RemoveAll(g.Base().Dir)
+				os.Rename(g.Latest().Dir, g.Base().Dir)
+			}
+			in.State, in.Pid = p.Prev, proc.Pid
+			if in.State == api.StateRunning {
+				c := m.client(g)
+				c.Resume(ctx)
+				c.Close()
+			}
+			return "rolled back the standby (VMM adopted, " + in.State + ")", m.db.UpdateInstance(ctx, in)
+		default:
+			return "VMM died mid-standby: stopped", m.markStopped(ctx, &in, g)
+		}
+	case "restore":
+		proc, alive := m.adopt(in, g)
+		if e.Step == "resumed" && alive {
+			in.Pid, in.PagerSession = proc.Pid, p.Session
+			return "finished the restore (VMM adopted)", m.finishRestore(ctx, o, &in)
+		}
+		m.killVMM(ctx, in.ID, p.Pid, g)
+		if p.Session != "" {
+			in.PagerSession = p.Session
+			m.closeSession(ctx, &in)
+		}
+		in.State, in.Pid, in.Error = api.StateStandby, 0, "restore interrupted by a daemon restart"
+		return "rolled back the restore (Standby)", m.db.UpdateInstance(ctx, in)
+	}
+	return "unknown kind: left as is", nil
+}
+
+// liveSourceAfterCrash repairs the source of an interrupted live snapshot
+// or live fork: a diff into its base that may not have completed leaves the
+// base unusable (dropped: the next snapshot is Full). Resuming the paused
+// source happens in reconcileInstance.
+func (m *Manager) liveSourceAfterCrash(ctx context.Context, p opPayload, step string) {
+	if step != "creating" {
+		return
+	}
+	id := strings.TrimPrefix(p.Source, "instance:")
+	g, err := m.layout.Guest(id)
+	if err != nil {
+		return
+	}
+	if err := os.RemoveAll(g.Base().Dir); err == nil {
+		m.log.Info("reconcile: dropped a base whose diff may be partial", "instance", id)
+	}
+}
+
+// adopt re-attaches to an instance's VMM if it still runs.
+func (m *Manager) adopt(in store.Instance, g guestdir.Guest) (*firecracker.Process, bool) {
+	if p := m.proc(in.ID); p != nil && p.Alive() {
+		return p, true
+	}
+	if in.Pid <= 0 {
+		return nil, false
+	}
+	p, err := firecracker.Adopt(in.Pid, g.VMMSock())
+	if err != nil {
+		return nil, false
+	}
+	m.setProc(in.ID, p)
+	return p, true
+}
+
+// reconcileInstance re-adopts an instance's VMM or, if it died, settles the
+// instance on Standby (complete snapshot-latest) or Stopped.
+func (m *Manager) reconcileInstance(ctx context.Context, in store.Instance) {
+	g, err := m.guest(in.ID)
+	if err != nil {
+		m.log.Error("reconcile: bad instance id", "instance", in.ID, "err", err)
+		return
+	}
+	switch in.State {
+	case api.StateForking:
+		m.log.Info("reconcile: removing fork with no journal entry", "instance", in.ID)
+		m.removeFork(ctx, in.ID)
+	case api.StateRunning, api.StatePaused, api.StateStandingby, api.StateRestoring:
+		if p, ok := m.adopt(in, g); ok {
+			c := m.client(g)
+			defer c.Close()
+			info, err := c.Describe(ctx)
+			if err == nil && info.State == firecracker.StatePaused && in.State == api.StateRunning {
+				c.Resume(ctx) // a live snapshot/fork paused it and crashed
+			}
+			if in.State != api.StateRunning && in.State != api.StatePaused {
+				in.State = api.StateRunning
+				m.db.UpdateInstance(ctx, in)
+			}
+			m.log.Info("reconcile: VMM adopted", "instance", in.ID, "pid", p.Pid, "state", in.State)
+			return
+		}
+		if complete(g.Latest()) {
+			in.State, in.Pid = api.StateStandby, 0
+			if in.SnapshotCacheKey == "" {
+				in.SnapshotCacheKey, _ = cacheKey(g.Latest())
+			}
+			m.closeSession(ctx, &in)
+			m.db.UpdateInstance(ctx, in)
+			m.log.Warn("reconcile: VMM gone; complete snapshot found: Standby", "instance", in.ID)
+			return
+		}
+		m.markStopped(ctx, &in, g)
+		m.log.Warn("reconcile: VMM gone and no complete snapshot: Stopped", "instance", in.ID)
+	case api.StateStandby:
+		if !complete(g.Latest()) {
+			m.markStopped(ctx, &in, g)
+			m.log.Warn("reconcile: Standby without a complete snapshot: Stopped", "instance", in.ID)
+		}
+	}
+}
+
+func complete(d guestdir.SnapDir) bool {
+	for _, p := range []string{d.VMState(), d.Memory()} {
+		if st, err := os.Stat(p); err != nil || !st.Mode().IsRegular() {
+			return false
+		}
+	}
+	return true
+}
+
+func (m *Manager) markStopped(ctx context.Context, in *store.Instance, g guestdir.Guest) error {
+	m.killVMM(ctx, in.ID, in.Pid, g)
+	m.closeSession(ctx, in)
+	os.RemoveAll(g.SnapshotsDir())
+	in.State, in.Pid, in.SnapshotCacheKey = api.StateStopped, 0, ""
+	return m.db.UpdateInstance(ctx, *in)
+}
+
+// removeLeftovers removes temp files and dirs under guests/ and snapshots/,
+// and dirs that no record claims.
+func (m *Manager) removeLeftovers(ctx context.Context) error {
+	insts, err := m.db.ListInstances(ctx)
+	if err != nil {
+		return err
+	}
+	known := map[string]bool{}
+	for _, in := range insts {
+		known["g/"+in.ID] = true
+	}
+	snaps, err := m.db.ListSnapshots(ctx)
+	if err != nil {
+		return err
+	}
+	for _, s := range snaps {
+		known["s/"+s.ID] = true
+	}
+	for _, root := range []struct{ dir, tag string }{{m.layout.GuestsDir(), "g/"}, {m.layout.SnapshotsDir(), "s/"}} {
+		ents, err := os.ReadDir(root.dir)
+		if err != nil {
+			return fmt.Errorf("reconcile: %w", err)
+		}
+		for _, e := range ents {
+			path := filepath.Join(root.dir, e.Name())
+			if guestdir.IsTemp(e.Name()) || !known[root.tag+e.Name()] {
+				m.log.Info("reconcile: removing leftover", "path", path)
+				os.RemoveAll(path)
+				continue
+			}
+			filepath.WalkDir(path, func(p string, d fs.DirEntry, err error) error {
+				if err == nil && !d.IsDir() && strings.HasSuffix(d.Name(), ".tmp") {
+					m.log.Info("reconcile: removing temp file", "path", p)
+					os.Remove(p)
+				}
+				return nil
+			})
+		}
+	}
+	return nil
+}

@@ -1,0 +1,150 @@
+package instance
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/atomicfile"
+	"github.com/forkd/forkd/internal/firecracker"
+	"github.com/forkd/forkd/internal/store"
+)
+
+func (m *Manager) restoreAction(ctx context.Context, in *store.Instance, req api.ActionRequest) error {
+	return m.restore(ctx, in, req.RestoreBackend, m.cfg.RestoreBackend)
+}
+
+// restore wakes a Standby instance (DESIGN.md §3): a fresh VMM loads
+// snapshot-latest (File: the mem-file mapped MAP_PRIVATE; Uffd: served by a
+// pager session under the instance's cache key), resumes, and
+// snapshot-latest becomes snapshot-base, the next standby's diff base.
+// A failure kills the new VMM and closes the session; the instance stays
+// Standby with the error text, nothing deleted, retryable. Caller holds the
+// write lock.
+func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def string) error {
+	if in.State != api.StateStandby {
+		return invalidState(*in, "restore", api.StateStandby)
+	}
+	if backend == "" {
+		backend = def
+	}
+	if backend != api.BackendFile && backend != api.BackendUffd {
+		return fmt.Errorf("%w: restore backend %q: want file or uffd", api.ErrInvalid, backend)
+	}
+	g, err := m.guest(in.ID)
+	if err != nil {
+		return err
+	}
+	latest := g.Latest()
+	for _, p := range []string{latest.VMState(), latest.Memory()} {
+		if _, err := os.Stat(p); err != nil {
+			return fmt.Errorf("restore %s: snapshot incomplete: %w", in.Name, err)
+		}
+	}
+	o, err := m.begin(ctx, "restore", in.ID, opPayload{Prev: api.StateStandby})
+	if err != nil {
+		return err
+	}
+	in.State, in.RestoreBackend = api.StateRestoring, backend
+	if err := m.db.UpdateInstance(ctx, *in); err != nil {
+		o.finish(ctx, err)
+		return err
+	}
+	var proc *firecracker.Process
+	session := ""
+	var pg Pager
+	fail := func(err error) error {
+		err = fmt.Errorf("restore %s (%s): %w", in.Name, backend, err)
+		if proc != nil {
+			if kerr := m.killVMM(ctx, in.ID, proc.Pid, g); kerr != nil {
+				m.log.Warn("restore: kill vmm", "instance", in.ID, "err", kerr)
+			}
+		}
+		if session != "" && pg != nil {
+			if derr := pg.DeleteSession(ctx, session); derr != nil {
+				m.log.Warn("restore: delete session", "instance", in.ID, "session", session, "err", derr)
+			}
+		}
+		in.State, in.Pid, in.Error, in.PagerSession, in.PagerVersion = api.StateStandby, 0, err.Error(), "", ""
+		m.db.UpdateInstance(ctx, *in)
+		o.finish(ctx, err)
+		m.log.Warn("restore failed; instance stays on standby", "instance", in.ID, "err", err)
+		return err
+	}
+	if in.SnapshotCacheKey == "" {
+		if in.SnapshotCacheKey, err = cacheKey(latest); err != nil {
+			return fail(err)
+		}
+	}
+	load := firecracker.SnapshotLoad{
+		SnapshotPath:    latest.VMState(),
+		MemBackend:      firecracker.MemBackend{BackendType: firecracker.BackendFile, BackendPath: latest.Memory()},
+		TrackDirtyPages: true,
+	}
+	if backend == api.BackendUffd {
+		if pg, err = m.pager(ctx); err != nil {
+			return fail(err)
+		}
+		session = in.ID + "-" + newID()[:8]
+		sock, err := pg.CreateSession(ctx, session, latest.Memory(), in.SnapshotCacheKey)
+		if err != nil {
+			session = ""
+			return fail(fmt.Errorf("pager session: %w", err))
+		}
+		load.MemBackend = firecracker.MemBackend{BackendType: firecracker.BackendUffd, BackendPath: sock}
+	}
+	if proc, err = m.launch(ctx, in.ID, g); err != nil {
+		return fail(err)
+	}
+	if err := o.step(ctx, "launched", &opPayload{Prev: api.StateStandby, Pid: proc.Pid, Session: session}); err != nil {
+		return fail(err)
+	}
+	c := m.client(g)
+	defer c.Close()
+	if err := c.LoadSnapshot(ctx, load); err != nil {
+		return fail(err)
+	}
+	if err := c.Resume(ctx); err != nil {
+		return fail(err)
+	}
+	if err := o.step(ctx, "resumed", nil); err != nil {
+		return fail(err)
+	}
+	in.Pid, in.PagerSession = proc.Pid, session
+	if pg != nil {
+		in.PagerVersion = pg.Version()
+	}
+	return m.finishRestore(ctx, o, in)
+}
+
+// finishRestore makes the loaded snapshot the retained diff base and records
+// the instance Running. The reconciler runs it for a restore that crashed
+// after step "resumed" with its VMM still alive.
+func (m *Manager) finishRestore(ctx context.Context, o *op, in *store.Instance) error {
+	g, err := m.guest(in.ID)
+	if err != nil {
+		return err
+	}
+	latest, base := g.Latest(), g.Base()
+	if _, err := os.Stat(latest.Dir); err == nil {
+		if err := os.RemoveAll(base.Dir); err != nil {
+			return err
+		}
+		if err := atomicfile.Rename(latest.Dir, base.Dir); err != nil {
+			o.finish(ctx, err)
+			return fmt.Errorf("restore %s: keep base: %w", in.Name, err)
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	in.State, in.Error, in.MemoryCheck = api.StateRunning, "", "ok"
+	err = m.db.UpdateInstance(ctx, *in)
+	o.finish(ctx, err)
+	if err != nil {
+		return err
+	}
+	m.log.Info("instance restored", "instance", in.ID, "backend", in.RestoreBackend, "pid", in.Pid)
+	return nil
+}

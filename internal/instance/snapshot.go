@@ -1,0 +1,297 @@
+package instance
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/atomicfile"
+	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/memfile"
+	"github.com/forkd/forkd/internal/store"
+)
+
+// Snapshot states.
+const (
+	snapCreating    = "creating" // record made, files not yet in place (reconciler removes)
+	snapReady       = "ready"
+	snapCompressing = "compressing"
+	snapCompressed  = "compressed"
+)
+
+// CreateSnapshot copies an instance's memory into the immutable store
+// (DESIGN.md §3). From a Running/Paused instance, without restarting its
+// VMM: pause, bring its own base up to date in place (writeSnapshot: unshare,
+// Diff; Full when it has none), hardlink the base's mem-file and copy its
+// vmstate (plus kernel and disk) into the store, resume. From a Standby
+// instance: the same from snapshot-latest, under the read lock.
+func (m *Manager) CreateSnapshot(ctx context.Context, ref string, req api.SnapshotRequest) (api.Snapshot, error) {
+	start := time.Now()
+	defer m.observe("snapshot", start)
+	ctx = context.WithoutCancel(ctx)
+	if req.Compression == "" {
+		req.Compression = "none"
+	}
+	if req.Compression != "none" && req.Compression != "zstd" {
+		return api.Snapshot{}, fmt.Errorf("%w: compression %q: want none or zstd", api.ErrInvalid, req.Compression)
+	}
+	probe, err := m.resolveInstance(ctx, ref)
+	if err != nil {
+		return api.Snapshot{}, apiErr(err)
+	}
+	live := oneOf(probe.State, api.StateRunning, api.StatePaused)
+	in, unlock, err := m.lockInstance(ctx, probe.ID, live)
+	if err != nil {
+		return api.Snapshot{}, err
+	}
+	defer unlock()
+	if live != oneOf(in.State, api.StateRunning, api.StatePaused) || (!live && in.State != api.StateStandby) {
+		return api.Snapshot{}, invalidState(in, "snapshot", api.StateRunning, api.StatePaused, api.StateStandby)
+	}
+	id := newID()
+	if req.Name == "" {
+		req.Name = id
+	}
+	if err := validName("snapshot", req.Name); err != nil {
+		return api.Snapshot{}, err
+	}
+	g, err := m.guest(in.ID)
+	if err != nil {
+		return api.Snapshot{}, err
+	}
+	sd, err := m.layout.Snapshot(id)
+	if err != nil {
+		return api.Snapshot{}, err
+	}
+	o, err := m.begin(ctx, "snapshot", id, opPayload{Source: in.ID, Live: live, Prev: in.State})
+	if err != nil {
+		return api.Snapshot{}, err
+	}
+	rec := store.Snapshot{
+		ID: id, Name: req.Name, SourceInstance: in.ID, CreatedAt: time.Now().UTC(), Compression: "none",
+		State: snapCreating, MemoryMiB: in.MemoryMiB, Vcpus: in.Vcpus, Kernel: in.Kernel, BootArgs: in.BootArgs,
+	}
+	if err := m.db.CreateSnapshot(ctx, rec); err != nil {
+		o.finish(ctx, err)
+		return api.Snapshot{}, apiErr(err)
+	}
+	fail := func(err error) (api.Snapshot, error) {
+		err = fmt.Errorf("snapshot %s of %s: %w", req.Name, in.Name, err)
+		m.db.DeleteSnapshot(ctx, id)
+		if tmp, terr := m.layout.TempSnapshot(id); terr == nil {
+			os.RemoveAll(tmp.Dir)
+		}
+		o.finish(ctx, err)
+		return api.Snapshot{}, err
+	}
+	from := g.Latest()
+	if live {
+		key, err := m.updateBaseLive(ctx, o, &in, func() error { return m.storeFiles(g, g.Base(), id) })
+		if err != nil {
+			return fail(err)
+		}
+		rec.SnapshotCacheKey = key
+	} else {
+		if err := m.storeFiles(g, from, id); err != nil {
+			return fail(err)
+		}
+		rec.SnapshotCacheKey = in.SnapshotCacheKey
+	}
+	if err := o.step(ctx, "stored", nil); err != nil {
+		return fail(err)
+	}
+	rec.SizeBytes = dirBytes(sd)
+	rec.State = snapReady
+	if err := m.db.UpdateSnapshot(ctx, rec); err != nil {
+		return fail(err)
+	}
+	o.finish(ctx, nil)
+	m.log.Info("snapshot created", "snapshot", id, "name", req.Name, "instance", in.ID, "live", live, "cache_key", rec.SnapshotCacheKey)
+	if req.Compression == "zstd" {
+		rec.Compression, rec.State = "zstd", snapCompressing
+		if err := m.db.UpdateSnapshot(ctx, rec); err != nil {
+			return api.Snapshot{}, err
+		}
+		m.startCompression(rec)
+	}
+	return snapshotAPI(rec), nil
+}
+
+// updateBaseLive pauses a Running/Paused instance, brings its own base up to
+// date in place (writeSnapshot), runs use on the fresh base while the VM is
+// still paused, and resumes it. The VMM never restarts. It returns the base's
+// new cache key, which it also records on the instance. Caller holds the
+// instance's write lock.
+func (m *Manager) updateBaseLive(ctx context.Context, o *op, in *store.Instance, use func() error) (string, error) {
+	g, err := m.guest(in.ID)
+	if err != nil {
+		return "", err
+	}
+	c := m.client(g)
+	defer c.Close()
+	wasRunning := in.State == api.StateRunning
+	if wasRunning {
+		if err := c.Pause(ctx); err != nil {
+			return "", fmt.Errorf("pause %s: %w", in.Name, err)
+		}
+	}
+	if err := o.step(ctx, "paused", nil); err != nil {
+		return "", err
+	}
+	resume := func(err error) error {
+		if !wasRunning {
+			return err
+		}
+		if rerr := c.Resume(ctx); rerr != nil {
+			err = errors.Join(err, fmt.Errorf("resume %s: %w", in.Name, rerr))
+			in.State, in.Error = api.StateError, err.Error()
+			m.db.UpdateInstance(ctx, *in)
+		}
+		return err
+	}
+	if _, err := m.writeSnapshot(ctx, o, c, in.ID, g.Base()); err != nil {
+		return "", resume(err)
+	}
+	key, err := cacheKey(g.Base())
+	if err != nil {
+		return "", resume(err)
+	}
+	in.SnapshotCacheKey = key
+	if err := m.db.UpdateInstance(ctx, *in); err != nil {
+		return "", resume(err)
+	}
+	if err := use(); err != nil {
+		return "", resume(err)
+	}
+	if err := resume(nil); err != nil {
+		return "", err
+	}
+	return key, nil
+}
+
+// storeFiles builds snapshot id in a temp dir from a guest's snapshot dir
+// (hardlink the mem-file, copy the vmstate, clone kernel and disk, write
+// meta.json) and renames it into place.
+func (m *Manager) storeFiles(g guestdir.Guest, from guestdir.SnapDir, id string) error {
+	tmp, err := m.layout.TempSnapshot(id)
+	if err != nil {
+		return err
+	}
+	final, _ := m.layout.Snapshot(id)
+	if err := os.MkdirAll(tmp.Dir, 0o755); err != nil {
+		return err
+	}
+	// The store and the instance now share the mem-file inode. Safe: the
+	// store never writes it, and the instance unshares before its next diff.
+	res, err := memfile.ShareForFork(from.Memory(), tmp.Memory())
+	if err != nil {
+		return err
+	}
+	m.countFallback(res, "snapshot", id)
+	if _, err := memfile.Clone(from.VMState(), tmp.VMState()); err != nil {
+		return err
+	}
+	if _, err := os.Stat(g.Kernel()); err == nil {
+		if _, err := memfile.Clone(g.Kernel(), tmp.Kernel()); err != nil {
+			return err
+		}
+	}
+	if _, err := memfile.Clone(g.Rootfs(), tmp.Rootfs()); err != nil {
+		return err
+	}
+	meta, _ := json.MarshalIndent(map[string]any{"id": id, "source_dir": g.Dir, "created_at": time.Now().UTC()}, "", "  ")
+	if err := atomicfile.WriteFile(tmp.Meta(), meta, 0o644); err != nil {
+		return err
+	}
+	if err := atomicfile.SyncDir(tmp.Dir); err != nil {
+		return err
+	}
+	return atomicfile.Rename(tmp.Dir, final.Dir)
+}
+
+func dirBytes(sd guestdir.SnapDir) int64 {
+	var n int64
+	for _, p := range []string{sd.Memory(), sd.MemoryZst(), sd.VMState()} {
+		if st, err := os.Stat(p); err == nil {
+			n += st.Size()
+		}
+	}
+	return n
+}
+
+func snapshotAPI(s store.Snapshot) api.Snapshot {
+	return api.Snapshot{
+		ID: s.ID, Name: s.Name, SourceInstance: s.SourceInstance, CreatedAt: s.CreatedAt, SizeBytes: s.SizeBytes,
+		Compression: s.Compression, State: s.State, SnapshotCacheKey: s.SnapshotCacheKey,
+		MemoryMiB: s.MemoryMiB, Vcpus: s.Vcpus,
+	}
+}
+
+// ListSnapshots returns every snapshot in the store.
+func (m *Manager) ListSnapshots(ctx context.Context) ([]api.Snapshot, error) {
+	all, err := m.db.ListSnapshots(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.Snapshot, 0, len(all))
+	for _, s := range all {
+		if s.State == snapCreating {
+			continue
+		}
+		out = append(out, snapshotAPI(s))
+	}
+	return out, nil
+}
+
+// GetSnapshot returns one snapshot.
+func (m *Manager) GetSnapshot(ctx context.Context, ref string) (api.Snapshot, error) {
+	s, err := m.resolveSnapshot(ctx, ref)
+	if err != nil {
+		return api.Snapshot{}, apiErr(err)
+	}
+	return snapshotAPI(s), nil
+}
+
+// DeleteSnapshot removes a snapshot. Forks already made are not affected:
+// they hold their own link to the mem-file inode.
+func (m *Manager) DeleteSnapshot(ctx context.Context, ref string) error {
+	ctx = context.WithoutCancel(ctx)
+	s, err := m.resolveSnapshot(ctx, ref)
+	if err != nil {
+		return apiErr(err)
+	}
+	m.cancelCompression(s.ID)
+	l := m.snapshotLock(s.ID)
+	l.rw.Lock()
+	defer l.rw.Unlock()
+	o, err := m.begin(ctx, "snapshot-delete", s.ID, opPayload{})
+	if err != nil {
+		return err
+	}
+	err = m.finishSnapshotDelete(ctx, s.ID)
+	o.finish(ctx, err)
+	return err
+}
+
+func (m *Manager) finishSnapshotDelete(ctx context.Context, id string) error {
+	sd, err := m.layout.Snapshot(id)
+	if err != nil {
+		return err
+	}
+	trash, _ := m.layout.DeletingSnapshot(id)
+	if err := atomicfile.Rename(sd.Dir, trash); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("delete snapshot %s: %w", id, err)
+	}
+	if err := m.db.DeleteSnapshot(ctx, id); err != nil && !errors.Is(err, store.ErrNotFound) {
+		return err
+	}
+	if err := os.RemoveAll(trash); err != nil {
+		m.log.Warn("delete snapshot: remove dir", "snapshot", id, "err", err)
+	}
+	m.log.Info("snapshot deleted", "snapshot", id)
+	return nil
+}

@@ -1,0 +1,151 @@
+package instance
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/atomicfile"
+	"github.com/forkd/forkd/internal/firecracker"
+	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/memfile"
+	"github.com/forkd/forkd/internal/store"
+)
+
+// standby parks a Running or Paused instance to disk (DESIGN.md §3):
+// pause → promote snapshot-base to snapshot-latest → unshare guard → Diff
+// into it (Full when there is no base) → kill the VMM, close its pager
+// session → record a new cache key. Caller holds the write lock.
+func (m *Manager) standby(ctx context.Context, in *store.Instance, _ api.ActionRequest) error {
+	if !oneOf(in.State, api.StateRunning, api.StatePaused) {
+		return invalidState(*in, "standby", api.StateRunning, api.StatePaused)
+	}
+	g, err := m.guest(in.ID)
+	if err != nil {
+		return err
+	}
+	prev := in.State
+	o, err := m.begin(ctx, "standby", in.ID, opPayload{Prev: prev})
+	if err != nil {
+		return err
+	}
+	in.State = api.StateStandingby
+	if err := m.db.UpdateInstance(ctx, *in); err != nil {
+		o.finish(ctx, err)
+		return err
+	}
+	fail := func(err error) error {
+		err = fmt.Errorf("standby %s: %w", in.Name, err)
+		in.State, in.Error = prev, err.Error()
+		m.db.UpdateInstance(ctx, *in)
+		o.finish(ctx, err)
+		return err
+	}
+	c := m.client(g)
+	defer c.Close()
+	if prev == api.StateRunning {
+		if err := c.Pause(ctx); err != nil {
+			return fail(err)
+		}
+	}
+	in.MemoryCheck = m.memoryCheck(ctx, g)
+	latest, base := g.Latest(), g.Base()
+	// A stale snapshot-latest (left by a failed restore's rename, say) is
+	// older than the base: drop it, then promote the base.
+	if _, err := os.Stat(base.Dir); err == nil {
+		if err := os.RemoveAll(latest.Dir); err != nil {
+			return fail(err)
+		}
+		if err := atomicfile.Rename(base.Dir, latest.Dir); err != nil {
+			return fail(err)
+		}
+	}
+	if err := o.step(ctx, "promoted", nil); err != nil {
+		return fail(err)
+	}
+	if _, err := m.writeSnapshot(ctx, o, c, in.ID, latest); err != nil {
+		if prev == api.StateRunning {
+			if rerr := c.Resume(ctx); rerr != nil {
+				err = errors.Join(err, fmt.Errorf("resume after failed snapshot: %w", rerr))
+				in.State, in.Error = api.StateError, err.Error()
+				m.db.UpdateInstance(ctx, *in)
+				o.finish(ctx, err)
+				return fmt.Errorf("standby %s: %w", in.Name, err)
+			}
+		}
+		return fail(err)
+	}
+	return m.finishStandby(ctx, o, in, g)
+}
+
+// finishStandby is standby after the snapshot is durable: kill the VMM,
+// close the pager session, record the cache key. The reconciler runs it for
+// a standby that crashed after step "created".
+func (m *Manager) finishStandby(ctx context.Context, o *op, in *store.Instance, g guestdir.Guest) error {
+	if err := m.killVMM(ctx, in.ID, in.Pid, g); err != nil {
+		m.log.Warn("standby: kill vmm", "instance", in.ID, "err", err)
+	}
+	m.closeSession(ctx, in)
+	key, err := cacheKey(g.Latest())
+	if err != nil {
+		o.finish(ctx, err)
+		return fmt.Errorf("standby %s: %w", in.Name, err)
+	}
+	in.State, in.Pid, in.SnapshotCacheKey, in.Error = api.StateStandby, 0, key, ""
+	err = m.db.UpdateInstance(ctx, *in)
+	o.finish(ctx, err)
+	if err != nil {
+		return err
+	}
+	m.log.Info("instance on standby", "instance", in.ID, "cache_key", key)
+	return nil
+}
+
+// writeSnapshot writes the paused VM's state into dir: a Diff into dir's
+// existing mem-file (the instance's own base) or a Full into a new one. It is
+// the only in-place writer of a mem-file in forkd, used by standby, snapshot
+// of a running VM and live fork, so the base is always current (Firecracker
+// resets its dirty log at every snapshot: a Diff written anywhere else would
+// leave the base silently stale).
+//
+// On failure dir is removed: a partly written base must never be reused as
+// a diff base (the next snapshot is then Full).
+func (m *Manager) writeSnapshot(ctx context.Context, o *op, c *firecracker.Client, id string, dir guestdir.SnapDir) (string, error) {
+	if err := os.MkdirAll(dir.Dir, 0o755); err != nil {
+		return "", err
+	}
+	typ := firecracker.SnapshotFull
+	if _, err := os.Stat(dir.Memory()); err == nil {
+		typ = firecracker.SnapshotDiff
+		// Never diff-write a mem-file another VM maps: forks and the
+		// snapshot store hardlink this inode, and Firecracker's Diff writes
+		// dirty pages in place. If nlink > 1, replace it with a private copy
+		// first; the other links keep the old inode and its bytes.
+		if !m.cfg.DisableUnshareGuard {
+			unshared, err := memfile.EnsureExclusive(dir.Memory())
+			if err != nil {
+				return "", fmt.Errorf("unshare %s: %w", dir.Memory(), err)
+			}
+			if unshared {
+				m.log.Info("mem-file unshared before diff", "instance", id, "path", dir.Memory())
+			}
+		}
+	}
+	if err := o.step(ctx, "creating", nil); err != nil {
+		return "", err
+	}
+	err := c.CreateSnapshot(ctx, firecracker.SnapshotCreate{SnapshotType: typ, SnapshotPath: dir.VMState(), MemFilePath: dir.Memory()})
+	if err == nil {
+		err = atomicfile.SyncDir(dir.Dir)
+	}
+	if err != nil {
+		os.RemoveAll(dir.Dir)
+		return "", fmt.Errorf("%s snapshot into %s: %w", typ, dir.Dir, err)
+	}
+	if err := o.step(ctx, "created", nil); err != nil {
+		return "", err
+	}
+	return typ, nil
+}
