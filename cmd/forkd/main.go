@@ -5,6 +5,7 @@
 package main
 
 import (
+	"context"
 	"os"
 
 	"github.com/forkd/forkd/internal/cli"
@@ -16,7 +17,5 @@ func main() {
 		VMM:        newVMMCommand(),
 		PagerServe: newPagerServeCommand(),
 	})
-	if err := root.Execute(); err != nil {
-		os.Exit(1)
-	}
+	os.Exit(cli.Execute(context.Background(), root))
 }

@@ -1,0 +1,59 @@
+package cli
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/forkd/forkd/internal/api"
+)
+
+// hintError attaches what to do next to an error.
+type hintError struct {
+	err  error
+	hint string
+}
+
+func (h *hintError) Error() string { return h.err.Error() }
+func (h *hintError) Unwrap() error { return h.err }
+
+// withHint attaches a hint to err when cond(err) holds.
+func withHint(err error, cond error, format string, args ...any) error {
+	if err == nil || !errors.Is(err, cond) {
+		return err
+	}
+	var h *hintError
+	if errors.As(err, &h) {
+		return err
+	}
+	return &hintError{err: err, hint: fmt.Sprintf(format, args...)}
+}
+
+// hintFor is the hint printed under an error: the command's own, else a
+// general one for the kind of error.
+func hintFor(err error) string {
+	var h *hintError
+	if errors.As(err, &h) {
+		return h.hint
+	}
+	var ce *api.ConnectError
+	var se *api.StatusError
+	switch {
+	case errors.As(err, &ce):
+		return "is the daemon running? start it with `forkd serve` (as root), or point --host / FORKD_HOST at it"
+	case errors.As(err, &se) && se.Code == api.CodeUnauthorized:
+		return "this daemon needs its bearer token: pass --token-file or set FORKD_TOKEN_FILE"
+	case errors.Is(err, api.ErrNotImplemented):
+		return "this forkd build does not implement that yet"
+	case errors.Is(err, api.ErrNotFound):
+		return "list what exists with `forkd ps` or `forkd snapshot ls`"
+	case errors.Is(err, api.ErrAmbiguous):
+		return "give more characters of the id, or use the name"
+	case errors.Is(err, api.ErrExists):
+		return "pick another name, or remove the old one first (`forkd rm NAME`)"
+	case errors.Is(err, api.ErrInvalidState):
+		return "check the current state with `forkd ps`"
+	case errors.Is(err, api.ErrUnavailable):
+		return "the daemon is busy or a dependency (the pager) is down; retry, and check the daemon's log"
+	}
+	return ""
+}

@@ -1,0 +1,153 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/forkd/forkd/internal/api"
+)
+
+func newSnapshotCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:     "snapshot",
+		Aliases: []string{"snap"},
+		Short:   "Immutable snapshots: create, ls, inspect, rm, fork",
+	}
+	cmd.AddCommand(newSnapshotCreateCommand(), newSnapshotLsCommand(), newSnapshotInspectCommand(),
+		newSnapshotRmCommand(), newSnapshotForkCommand())
+	return cmd
+}
+
+func newSnapshotCreateCommand() *cobra.Command {
+	var compression string
+	cmd := &cobra.Command{
+		Use:   "create INSTANCE [NAME]",
+		Short: "Snapshot a Running, Paused or Standby instance into the store",
+		Args:  cobra.RangeArgs(1, 2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := NewClient(cmd)
+			if err != nil {
+				return err
+			}
+			name := "snap-" + randomSuffix()
+			if len(args) == 2 {
+				name = args[1]
+			}
+			start := time.Now()
+			snap, err := c.CreateSnapshot(cmd.Context(), args[0], api.SnapshotRequest{Name: name, Compression: compression})
+			if err != nil {
+				return withHint(err, api.ErrInvalidState, "only Running, Paused or Standby instances can be snapshotted; see `forkd ps`")
+			}
+			return printResult(cmd, snap, fmt.Sprintf("snapshot %s (%s) of %s: %s, %s in %s", snap.Name, shortID(snap.ID),
+				args[0], humanBytes(snap.SizeBytes), snap.State, ms(time.Since(start))))
+		},
+	}
+	cmd.Flags().StringVar(&compression, "compression", "", "none (default) or zstd (compressed in the background; forks still share it)")
+	return cmd
+}
+
+func newSnapshotLsCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:     "ls",
+		Aliases: []string{"list"},
+		Short:   "List snapshots",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			asJSON, err := jsonOutput(cmd)
+			if err != nil {
+				return err
+			}
+			c, err := NewClient(cmd)
+			if err != nil {
+				return err
+			}
+			list, err := c.ListSnapshots(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				if list == nil {
+					list = []api.Snapshot{}
+				}
+				return printJSON(stdout(cmd), list)
+			}
+			return printSnapshots(stdout(cmd), list)
+		},
+	}
+}
+
+func newSnapshotInspectCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:   "inspect REF",
+		Short: "Show a snapshot as JSON",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := NewClient(cmd)
+			if err != nil {
+				return err
+			}
+			snap, err := c.GetSnapshot(cmd.Context(), args[0])
+			if err != nil {
+				return withHint(err, api.ErrNotFound, "list snapshots with `forkd snapshot ls`")
+			}
+			return printJSON(stdout(cmd), snap)
+		},
+	}
+}
+
+func newSnapshotRmCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:   "rm REF...",
+		Short: "Delete snapshots (forks made from them are unaffected)",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := NewClient(cmd)
+			if err != nil {
+				return err
+			}
+			var errs []error
+			for _, ref := range args {
+				if err := c.DeleteSnapshot(cmd.Context(), ref); err != nil {
+					errs = append(errs, fmt.Errorf("snapshot rm %s: %w", ref, withHint(err, api.ErrNotFound, "list snapshots with `forkd snapshot ls`")))
+					continue
+				}
+				fmt.Fprintf(stdout(cmd), "removed snapshot %s\n", ref)
+			}
+			return errors.Join(errs...)
+		},
+	}
+}
+
+func newSnapshotForkCommand() *cobra.Command {
+	var o forkOptions
+	cmd := &cobra.Command{
+		Use:   "fork SNAPSHOT [NAME]",
+		Short: "Make new instances from a snapshot (shares its memory file; no copy)",
+		Args:  cobra.RangeArgs(1, 2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := NewClient(cmd)
+			if err != nil {
+				return err
+			}
+			name := ""
+			if len(args) == 2 {
+				name = args[1]
+			} else {
+				snap, err := c.GetSnapshot(cmd.Context(), args[0])
+				if err != nil {
+					return withHint(err, api.ErrNotFound, "list snapshots with `forkd snapshot ls`")
+				}
+				name = forkBaseName(snap.Name)
+			}
+			return runForks(cmd, o, name, func(ctx context.Context, req api.ForkRequest) (api.Instance, error) {
+				return c.ForkSnapshot(ctx, args[0], req)
+			})
+		},
+	}
+	o.bind(cmd, false)
+	return cmd
+}
