@@ -152,3 +152,20 @@ func checkCopy(t *testing.T, src, dst string) {
 		t.Fatalf("temp %s.tmp left behind", dst)
 	}
 }
+
+// Invariant 1: fanout is zero-I/O. A hardlinked fork moves no mem-file byte,
+// however large the file.
+func TestShareForForkMovesNoBytes(t *testing.T) {
+	dir := t.TempDir()
+	src, dst := filepath.Join(dir, "memory"), filepath.Join(dir, "fork-memory")
+	writeSparse(t, src, 32<<20, extent{0, randBytes(t, 16<<20)})
+	io0 := procIO(t)
+	res, err := ShareForFork(src, dst)
+	io1 := procIO(t)
+	if err != nil || res.Mode != ModeHardlink {
+		t.Fatalf("ShareForFork = %+v, %v; want a hardlink", res, err)
+	}
+	if moved := io1 - io0; moved > 64<<10 {
+		t.Fatalf("ShareForFork of a 32 MiB file moved %d bytes through read/write; want ~0", moved)
+	}
+}
