@@ -303,3 +303,16 @@ func TestSpecCheckerRejectsNonConformingResponse(t *testing.T) {
 		}
 	}
 }
+
+type panicService struct{ api.Service }
+
+func (panicService) ListInstances(context.Context) ([]api.Instance, error) { panic("boom") }
+
+func TestPanicInServiceIsA500ErrorDocument(t *testing.T) {
+	c := newSpecChecker(t)
+	srv := newTestServer(t, panicService{})
+	body := c.call(srv, "GET", "/instances", "", 500)
+	if !strings.Contains(string(body), `"code":"internal"`) || !strings.Contains(string(body), "boom") {
+		t.Errorf("panic answered with %s; want an internal error mentioning the panic", body)
+	}
+}

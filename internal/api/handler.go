@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"runtime/debug"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -61,7 +62,7 @@ func NewHandler(svc Service, opt HandlerOptions) (http.Handler, error) {
 
 	mux.HandleFunc("GET /pager/stats", h.pagerStats)
 
-	var root http.Handler = jsonNotFound{mux}
+	var root http.Handler = h.recoverPanics(jsonNotFound{mux})
 	if opt.Registerer != nil {
 		m, err := newHTTPMetrics(opt.Registerer)
 		if err != nil {
@@ -95,6 +96,23 @@ func (j jsonNotFound) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	j.mux.ServeHTTP(w, r)
+}
+
+// recoverPanics turns a panic in a handler or the Service into a logged
+// 500 error document instead of a dropped connection.
+func (h *handler) recoverPanics(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			if v := recover(); v != nil {
+				if v == http.ErrAbortHandler {
+					panic(v)
+				}
+				h.log.Error("panic serving request", "method", r.Method, "path", r.URL.Path, "panic", v, "stack", string(debug.Stack()))
+				writeError(w, fmt.Errorf("%s %s: internal error (panic: %v)", r.Method, r.URL.Path, v))
+			}
+		}()
+		next.ServeHTTP(w, r)
+	})
 }
 
 // statusProbe is a ResponseWriter that keeps the status and headers only.

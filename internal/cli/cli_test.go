@@ -1,0 +1,185 @@
+package cli
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/forkd/forkd/internal/api"
+)
+
+// recordingService is an api.Service for CLI tests: the CLI's job is to
+// turn commands into the right API calls and print the answers, which this
+// records. The real Service is the instance manager, tested in its package.
+type recordingService struct {
+	api.Service
+	mu        sync.Mutex // guards forkNames and instances
+	forkNames []string
+	instances []api.Instance
+	forkErr   error
+}
+
+func (s *recordingService) ListInstances(context.Context) ([]api.Instance, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]api.Instance(nil), s.instances...), nil
+}
+
+func (s *recordingService) GetInstance(_ context.Context, ref string) (api.Instance, error) {
+	return api.Instance{ID: "abcdef0123456789", Name: ref, State: api.StateStandby}, nil
+}
+
+func (s *recordingService) ForkInstance(_ context.Context, ref string, req api.ForkRequest) (api.Instance, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.forkErr != nil {
+		return api.Instance{}, s.forkErr
+	}
+	s.forkNames = append(s.forkNames, req.Name)
+	return api.Instance{ID: fmt.Sprintf("id%014d", len(s.forkNames)), Name: req.Name, State: api.StateStandby,
+		Vcpus: 1, MemoryMiB: 256, ForkMode: api.ForkModeHardlink, Source: "instance:abcdef0123456789", CreatedAt: time.Now()}, nil
+}
+
+// serve runs svc behind the real handler on a Unix socket.
+func serve(t *testing.T, svc api.Service) string {
+	t.Helper()
+	h, err := api.NewHandler(svc, api.HandlerOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(t.TempDir(), "forkd.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: h}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return sock
+}
+
+// run executes the CLI with args and returns stdout, stderr and exit code.
+func run(t *testing.T, args ...string) (string, string, int) {
+	t.Helper()
+	root := NewRootCommand(Extensions{})
+	var out, errb bytes.Buffer
+	root.SetOut(&out)
+	root.SetErr(&errb)
+	root.SetArgs(args)
+	code := Execute(context.Background(), root)
+	return out.String(), errb.String(), code
+}
+
+func TestHelpListsEveryDesignCommand(t *testing.T) {
+	out, _, code := run(t, "--help")
+	if code != 0 {
+		t.Fatalf("--help exited %d", code)
+	}
+	for _, c := range []string{"run", "ps", "inspect", "pause", "resume", "standby", "restore", "stop", "start",
+		"rm", "fork", "snapshot", "pager", "bench", "demo", "completion"} {
+		if !strings.Contains(out, "\n  "+c+" ") {
+			t.Errorf("forkd --help does not list %q", c)
+		}
+	}
+	out, _, _ = run(t, "snapshot", "--help")
+	for _, c := range []string{"create", "ls", "rm", "fork"} {
+		if !strings.Contains(out, "\n  "+c+" ") {
+			t.Errorf("forkd snapshot --help does not list %q", c)
+		}
+	}
+}
+
+func TestForkCountMakesNamedConcurrentForksAndPrintsLatencies(t *testing.T) {
+	svc := &recordingService{}
+	sock := serve(t, svc)
+	out, errOut, code := run(t, "--host", sock, "fork", "web", "burst", "--count", "4")
+	if code != 0 {
+		t.Fatalf("exit %d, stderr %s", code, errOut)
+	}
+	sort.Strings(svc.forkNames)
+	if want := []string{"burst-1", "burst-2", "burst-3", "burst-4"}; fmt.Sprint(svc.forkNames) != fmt.Sprint(want) {
+		t.Errorf("fork names %v, want %v", svc.forkNames, want)
+	}
+	if !strings.Contains(out, "4/4 forks in") || !strings.Contains(out, "p50") || strings.Count(out, "hardlink") != 4 {
+		t.Errorf("output lacks one row per fork and a latency summary:\n%s", out)
+	}
+
+	out, _, code = run(t, "--host", sock, "-o", "json", "fork", "web", "j", "-n", "2")
+	var results []struct {
+		Name     string        `json:"name"`
+		Seconds  float64       `json:"latency_seconds"`
+		Instance *api.Instance `json:"instance"`
+	}
+	if code != 0 || json.Unmarshal([]byte(out), &results) != nil || len(results) != 2 || results[0].Instance == nil {
+		t.Errorf("-o json fork --count 2: exit %d, output %s", code, out)
+	}
+}
+
+func TestForkWithoutNameDerivesOneFromTheSource(t *testing.T) {
+	svc := &recordingService{}
+	sock := serve(t, svc)
+	if _, errOut, code := run(t, "--host", sock, "fork", "web"); code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut)
+	}
+	if len(svc.forkNames) != 1 || !strings.HasPrefix(svc.forkNames[0], "web-fork-") {
+		t.Errorf("fork names %v, want one starting web-fork-", svc.forkNames)
+	}
+}
+
+func TestErrorsGoToStderrWithAHint(t *testing.T) {
+	svc := &recordingService{forkErr: fmt.Errorf("fork web: instance is Running: %w", api.ErrInvalidState)}
+	sock := serve(t, svc)
+	cases := []struct {
+		name     string
+		args     []string
+		wantErr  string
+		wantHint string
+	}{
+		{"no daemon", []string{"--host", filepath.Join(t.TempDir(), "none.sock"), "ps"}, "cannot reach", "forkd serve"},
+		{"fork of a running instance", []string{"--host", sock, "fork", "web", "x"}, "Running", "--from-running"},
+		{"bad output format", []string{"--host", sock, "-o", "yaml", "ps"}, "table or json", ""},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			out, errOut, code := run(t, tc.args...)
+			if code == 0 {
+				t.Fatalf("exit 0, want non-zero; stdout %s", out)
+			}
+			hintOK := tc.wantHint == "" || strings.Contains(errOut, "\nhint: ") && strings.Contains(errOut, tc.wantHint)
+			if !strings.HasPrefix(errOut, "forkd: ") || !strings.Contains(errOut, tc.wantErr) || !hintOK {
+				t.Errorf("stderr %q: want %q and hint %q", errOut, tc.wantErr, tc.wantHint)
+			}
+		})
+	}
+}
+
+func TestPsPrintsTableAndJSON(t *testing.T) {
+	svc := &recordingService{instances: []api.Instance{{ID: "0123456789abcdef", Name: "web", State: api.StateRunning,
+		Vcpus: 2, MemoryMiB: 512, MemoryCheck: "ok", RestoreBackend: "file", CreatedAt: time.Now()}}}
+	sock := serve(t, svc)
+	out, _, code := run(t, "--host", sock, "ps")
+	if code != 0 || !strings.Contains(out, "NAME") || !strings.Contains(out, "0123456789ab ") || !strings.Contains(out, "512 MiB") {
+		t.Errorf("ps table (exit %d):\n%s", code, out)
+	}
+	out, _, code = run(t, "--host", sock, "ps", "-o", "json")
+	var list []api.Instance
+	if code != 0 || json.Unmarshal([]byte(out), &list) != nil || len(list) != 1 || list[0].Name != "web" {
+		t.Errorf("ps -o json (exit %d): %s", code, out)
+	}
+}
+
+func TestBenchSaysNotBuiltWhenNoExtension(t *testing.T) {
+	_, errOut, code := run(t, "bench", "fork-burst")
+	if code == 0 || !strings.Contains(errOut, "not built") {
+		t.Errorf("bench fork-burst without the extension: exit %d, stderr %q", code, errOut)
+	}
+}
