@@ -76,6 +76,11 @@ func (r *runner) burst(ctx context.Context, svc api.Service, snap api.Snapshot, 
 		r.measureFork(ctx, svc, res.id, &cell)
 	}
 	cell.Fork, cell.Restore, cell.Touch = Summarize(forks), Summarize(restores), Summarize(touches)
+	if why := unavailable(results); why != "" {
+		// Not a failure of the strategy: this daemon cannot restore this way
+		// (e.g. no pager in this build). Say so instead of a row of errors.
+		cell = Cell{SizeMiB: size, Strategy: strategy, Backend: backend, Temperature: temp, Skipped: why}
+	}
 	r.deleteBurst(ctx, svc, prefix)
 	return cell
 }
@@ -89,13 +94,13 @@ func (r *runner) oneFork(ctx context.Context, svc api.Service, snapID, name, bac
 	inst, err := svc.ForkSnapshot(ctx, snapID, api.ForkRequest{Name: name, TargetState: api.StateStandby})
 	res.fork = time.Since(t0)
 	if err != nil {
-		res.err = fmt.Errorf("fork %s: %w", name, err)
+		res.err = err // the daemon's message names the operation and the fork
 		return res
 	}
 	res.id = inst.ID
 	t1 := time.Now()
 	if _, err := svc.Action(ctx, inst.ID, "restore", api.ActionRequest{RestoreBackend: backend}); err != nil {
-		res.err = fmt.Errorf("restore %s (%s): %w", name, backend, err)
+		res.err = err
 		return res
 	}
 	t2 := time.Now()
@@ -180,6 +185,20 @@ func (r *runner) measureFork(ctx context.Context, svc api.Service, id string, ce
 	if io, err := ReadProcIO(inst.Pid); err == nil {
 		cell.VMMReadBytes += io.ReadBytes
 	}
+}
+
+// unavailable returns the daemon's reason when every fork of a burst failed
+// with api.ErrUnavailable, else "".
+func unavailable(results []forkResult) string {
+	for _, res := range results {
+		if !errors.Is(res.err, api.ErrUnavailable) {
+			return ""
+		}
+	}
+	if len(results) == 0 {
+		return ""
+	}
+	return "unavailable: " + results[0].err.Error()
 }
 
 // deleteBurst deletes every instance whose name starts with prefix, failed

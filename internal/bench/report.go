@@ -88,7 +88,7 @@ func (r *Report) WriteTable(w io.Writer) error {
 	fmt.Fprintln(tw, "size\tstrategy\tbackend\ttemp\tok\tfork p50\tp95\tmax\trestore p50\tp95\ttouch p50\tp95\thit%\tbacking\tdisk read\tdisk used\tPSS\tRSS\tcheck\t")
 	for _, c := range r.Cells {
 		if c.Skipped != "" {
-			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\tskipped: %s\t\t\t\t\t\t\t\t\t\t\t\t\t\t\t\n", c.SizeMiB, c.Strategy, c.Backend, c.Temperature, c.Skipped)
+			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\tskipped\t\t\t\t\t\t\t\t\t\t\t\t\t\t\t\n", c.SizeMiB, c.Strategy, c.Backend, c.Temperature)
 			continue
 		}
 		hit, backing := "-", "-"
@@ -113,6 +113,13 @@ func (r *Report) WriteTable(w io.Writer) error {
 		fmt.Fprintln(w, "\nratios (same run, same machine):")
 		for _, x := range rs {
 			fmt.Fprintf(w, "  %-58s %8.2fx\n", x.Name, x.Value)
+		}
+	}
+	skipped := map[string]bool{}
+	for _, c := range r.Cells {
+		if c.Skipped != "" && !skipped[c.Strategy+"/"+c.Backend] {
+			skipped[c.Strategy+"/"+c.Backend] = true
+			fmt.Fprintf(w, "skipped %s/%s: %s\n", c.Strategy, c.Backend, c.Skipped)
 		}
 	}
 	for _, c := range r.Cells {

@@ -51,7 +51,7 @@ func TestWriteTableShowsEveryCell(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := b.String()
-	for _, want := range []string{"hardlink", "copy", "skipped: fork strategy not supported", "400.0ms", "25/25", "ratios", "copy/hardlink fork p50"} {
+	for _, want := range []string{"hardlink", "copy", "skipped reflink/file: fork strategy not supported", "400.0ms", "25/25", "ratios", "copy/hardlink fork p50"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
 		}

@@ -97,7 +97,7 @@ func bootWorkload(t *testing.T, dir string) (*Process, *Client) {
 			return c.PutMachineConfig(ctx, MachineConfig{VcpuCount: 1, MemSizeMib: 64, TrackDirtyPages: true})
 		}},
 		{"boot-source", func() error {
-			return c.PutBootSource(ctx, BootSource{KernelImagePath: kernel, BootArgs: "forkd.ws_mib=8 forkd.write_pct=30 forkd.seed=7"})
+			return c.PutBootSource(ctx, BootSource{KernelImagePath: kernel, BootArgs: "forkd.ws_mib=8 forkd.write_pct=30 forkd.seed=7 forkd.rate=20000"})
 		}},
 		{"start", func() error { return c.StartInstance(ctx) }},
 	}

@@ -1,0 +1,101 @@
+package bench
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/forkd/forkd/internal/api"
+)
+
+// shortTempDir is a temp dir short enough for the VMM sockets under it
+// (108 bytes); t.TempDir under a long test name is not.
+func shortTempDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "fb")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+// buildForkd builds cmd/forkd into a test temp dir.
+func buildForkd(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "forkd")
+	cmd := exec.Command("go", "build", "-o", bin, "github.com/forkd/forkd/cmd/forkd")
+	cmd.Env = append(os.Environ(), "GOFLAGS=-mod=mod")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build cmd/forkd: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// TestForkBurstEndToEnd runs a tiny burst against a real daemon and the
+// emulator: every fork must come up with memory_check ok, and the report
+// must carry the measurements.
+func TestForkBurstEndToEnd(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a daemon and VMMs")
+	}
+	bin := buildForkd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	var log bytes.Buffer
+	rep, err := ForkBurst(ctx, Options{
+		Config: Config{SizesMiB: []int{64}, WorkingSetMiB: 4, Forks: 3, Rate: 20000,
+			Backends: []string{api.BackendFile, api.BackendUffd}, Strategies: []string{StrategyHardlink, StrategyCopy}},
+		Binary: bin,
+		Dir:    shortTempDir(t),
+	}, func(s string) { fmt.Fprintln(&log, s) })
+	if errors.Is(err, api.ErrNotImplemented) {
+		t.Skipf("SKIP: the daemon's instance manager is not built yet: %v", err)
+	}
+	if err != nil {
+		t.Fatalf("ForkBurst: %v\nprogress:\n%s", err, log.String())
+	}
+	var out bytes.Buffer
+	if err := rep.WriteTable(&out); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("\n%s", out.String())
+	ran := 0
+	for _, c := range rep.Cells {
+		if c.Skipped != "" {
+			continue
+		}
+		ran++
+		name := fmt.Sprintf("%s/%s/%s", c.Strategy, c.Backend, c.Temperature)
+		if c.Failed != 0 {
+			t.Errorf("%s: %d of %d forks failed: %v", name, c.Failed, c.Forks, c.Errors)
+		}
+		if c.MemoryChecks["ok"] != c.Forks {
+			t.Errorf("%s: memory checks %v, want %d ok", name, c.MemoryChecks, c.Forks)
+		}
+		if c.Fork.N != c.Forks || c.Restore.N != c.Forks || c.Touch.N != c.Forks {
+			t.Errorf("%s: samples fork %d restore %d touch %d, want %d each", name, c.Fork.N, c.Restore.N, c.Touch.N, c.Forks)
+		}
+		if c.Memory.Pss <= 0 {
+			t.Errorf("%s: no PSS measured for the fork VMMs", name)
+		}
+	}
+	for _, c := range rep.Cells {
+		if c.Strategy == StrategyHardlink && c.Backend == api.BackendFile && c.Skipped != "" {
+			t.Errorf("hardlink/file/%s skipped (%s): the default path must always run", c.Temperature, c.Skipped)
+		}
+	}
+	if ran == 0 {
+		t.Fatalf("no cell ran:\n%s", out.String())
+	}
+	if !strings.Contains(out.String(), "hardlink") {
+		t.Errorf("table lacks the hardlink rows")
+	}
+}
