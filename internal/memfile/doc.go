@@ -51,5 +51,12 @@
 //
 // A reader reads the footer, then the index, and can decompress any frame
 // alone, so ReadAt of a range decompresses only the frames it covers. Every
-// frame is a standard zstd frame, so `zstd -d` of one frame's bytes works too.
+// frame is a standard zstd frame (without zstd's own checksum: the index has
+// one), so `zstd -d` of one frame's bytes works too.
+//
+// Compress does not read chunks that are holes in the source. Decompress
+// leaves every page of zeros as a hole (zero chunks and zero pages inside
+// data frames alike): the result reads back byte for byte the same and is as
+// sparse as it can be. That makes it a full image, never a diff layer: in a
+// diff, a hole means "clean page", so compress only full mem-files.
 package memfile

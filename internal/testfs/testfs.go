@@ -122,7 +122,14 @@ func Mount(kind Kind, size int64) (_ *FS, err error) {
 	}
 	// direct-io avoids caching every block twice (once for the image file on
 	// the host fs, once for the filesystem on the loop device).
-	out, err := run("losetup", "--find", "--show", "--direct-io=on", fs.Image)
+	// Two processes can race for the same free device; the loser gets EBUSY.
+	var out string
+	for try := 0; try < 5; try++ {
+		if out, err = run("losetup", "--find", "--show", "--direct-io=on", fs.Image); err == nil || !strings.Contains(err.Error(), "busy") {
+			break
+		}
+		time.Sleep(time.Duration(try+1) * 20 * time.Millisecond)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("testfs: mount %s: %w", kind, err)
 	}
@@ -178,18 +185,33 @@ func (f *FS) Close() error {
 // is still backed by our image: a loop number can be reused by someone else
 // once it is free, and detaching their device would break their mount.
 func (f *FS) detach() error {
-	back, err := run("losetup", "--noheadings", "--list", "--output", "BACK-FILE", f.Device)
-	if err != nil {
-		return fmt.Errorf("testfs: detach %s: %w", f.Device, err)
-	}
-	back = strings.TrimSpace(back)
-	if back != f.Image && !strings.HasPrefix(back, f.Image+" ") {
-		return fmt.Errorf("testfs: detach %s: backed by %q, not our image %s; left alone", f.Device, back, f.Image)
+	if !f.attached() {
+		back, _ := run("losetup", "--noheadings", "--list", "--output", "BACK-FILE", f.Device)
+		return fmt.Errorf("testfs: detach %s: backed by %q, not our image %s; left alone", f.Device, strings.TrimSpace(back), f.Image)
 	}
 	if _, err := run("losetup", "-d", f.Device); err != nil {
 		return fmt.Errorf("testfs: detach %s: %w", f.Device, err)
 	}
-	return nil
+	// If something (udev's blkid, a concurrent losetup --find) holds the
+	// device open, the kernel only marks it autoclear and detaches it on the
+	// last close. Wait for that, so a finished Close means a free device.
+	for range 100 {
+		if !f.attached() {
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("testfs: detach %s: still attached to %s after 5s (autoclear pending)", f.Device, f.Image)
+}
+
+// attached reports whether f.Device is still backed by f.Image.
+func (f *FS) attached() bool {
+	back, err := run("losetup", "--noheadings", "--list", "--output", "BACK-FILE", f.Device)
+	if err != nil {
+		return false // no such loop device configured
+	}
+	back = strings.TrimSpace(back)
+	return back == f.Image || strings.HasPrefix(back, f.Image+" ")
 }
 
 func umount(dir string) error {

@@ -34,7 +34,7 @@ func TestMountMakesWritableFSAndCloseDetachesItsDevice(t *testing.T) {
 			if mounted(fs.Dir) {
 				t.Fatalf("%s still mounted after Close", fs.Dir)
 			}
-			if out, _ := run("losetup", "--noheadings", "--list", "--output", "BACK-FILE", fs.Device); strings.Contains(out, fs.Image) {
+			if fs.attached() {
 				t.Fatalf("%s still attached to %s after Close", fs.Device, fs.Image)
 			}
 			if _, err := os.Stat(fs.Image); !os.IsNotExist(err) {
