@@ -6,9 +6,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
-	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/testfs"
 )
 
@@ -31,9 +31,9 @@ type Options struct {
 	Keep bool
 }
 
-// ForkBurst sets up a private daemon, runs the benchmark against it and
-// tears everything down (unless Keep). The report is returned even when
-// the run stopped early.
+// ForkBurst runs the benchmark against private daemons (one per size and
+// strategy, started and stopped in turn) and tears everything down (unless
+// Keep). The report is returned even when the run stopped early.
 func ForkBurst(ctx context.Context, opt Options, progress func(string)) (rep *Report, err error) {
 	if progress == nil {
 		progress = func(string) {}
@@ -67,30 +67,37 @@ func ForkBurst(ctx context.Context, opt Options, progress func(string)) (rep *Re
 		defer os.RemoveAll(work)
 	}
 
-	d, err := StartDaemon(ctx, DaemonSpec{Binary: opt.Binary, DataDir: filepath.Join(work, "data"), Args: opt.DaemonArgs,
-		LogPath: filepath.Join(work, "daemon.log")})
-	if err != nil {
-		return nil, fmt.Errorf("fork-burst: %w", err)
-	}
-	progress(fmt.Sprintf("daemon up: data dir %s, log %s", d.DataDir, d.LogPath))
-	defer func() {
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
-		defer cancel()
-		if serr := d.Stop(sctx); serr != nil {
-			err = errors.Join(err, fmt.Errorf("fork-burst: stop daemon: %w", serr))
-		}
-	}()
-
+	// One daemon per strategy, each in its own data dir on the same
+	// filesystem: hardlink is forkd's behaviour; the others ask the daemon
+	// to force a strategy with --fork-strategy.
+	daemons := 0
 	target := Target{
-		DataDir: d.DataDir,
-		VMM:     vmmOf(opt.DaemonArgs),
-		Connect: func(ctx context.Context, strategy string) (api.Service, func(context.Context) error, error) {
+		Dir: work,
+		VMM: vmmOf(opt.DaemonArgs),
+		Connect: func(ctx context.Context, strategy string) (Conn, error) {
+			args := opt.DaemonArgs
 			if strategy != StrategyHardlink {
-				// The manager always hardlinks (falling back only on link
-				// errors); forcing reflink or copy needs a manager option.
-				return nil, nil, fmt.Errorf("%w: %s (the daemon has no option to force it)", ErrStrategyUnsupported, strategy)
+				args = append(append([]string{}, args...), "--fork-strategy", strategy)
 			}
-			return d.Client, func(context.Context) error { return nil }, nil
+			daemons++
+			dir := filepath.Join(work, fmt.Sprintf("%s-%d", strategy, daemons))
+			if err := os.MkdirAll(dir, 0o700); err != nil {
+				return Conn{}, fmt.Errorf("fork-burst: %w", err)
+			}
+			d, err := StartDaemon(ctx, DaemonSpec{Binary: opt.Binary, DataDir: filepath.Join(dir, "data"), Args: args,
+				LogPath: filepath.Join(dir, "daemon.log")})
+			if err != nil && strategy != StrategyHardlink && strings.Contains(err.Error(), "unknown flag: --fork-strategy") {
+				return Conn{}, fmt.Errorf("%w: %s (this forkd serve has no --fork-strategy to force it)", ErrStrategyUnsupported, strategy)
+			}
+			if err != nil {
+				return Conn{}, fmt.Errorf("fork-burst: %w", err)
+			}
+			progress(fmt.Sprintf("%s daemon up: data dir %s, log %s", strategy, d.DataDir, d.LogPath))
+			return Conn{Service: d.Client, DataDir: d.DataDir, Close: func(ctx context.Context) error {
+				ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+				defer cancel()
+				return d.Stop(ctx)
+			}}, nil
 		},
 	}
 	return Run(ctx, opt.Config, target, progress)

@@ -15,24 +15,34 @@ import (
 	"github.com/forkd/forkd/internal/guestdir"
 )
 
-// Target is the daemon under test.
+// Target is where the benchmark finds daemons to measure.
 type Target struct {
-	// DataDir is the daemon's data dir: the benchmark reads its fork VMMs'
-	// sockets (to follow their workloads) and measures its disk.
-	DataDir string
-	// VMM names the VMM binary the daemon runs, for the report.
+	// Dir is on the filesystem the daemons' data dirs live on: its device
+	// is the one whose reads and allocation are measured.
+	Dir string
+	// VMM names the VMM binary the daemons run, for the report.
 	VMM string
-	// Connect returns a Service whose forks use strategy, and a function
-	// releasing it. It returns an error wrapping ErrStrategyUnsupported when
-	// the daemon cannot fork that way; those cells are reported as skipped.
-	Connect func(ctx context.Context, strategy string) (api.Service, func(context.Context) error, error)
+	// Connect returns a daemon whose forks use strategy. It returns an
+	// error wrapping ErrStrategyUnsupported when no daemon can fork that
+	// way; those cells are reported as skipped.
+	Connect func(ctx context.Context, strategy string) (Conn, error)
+}
+
+// Conn is one daemon under test.
+type Conn struct {
+	Service api.Service
+	// DataDir is the daemon's data dir: the benchmark reads its fork VMMs'
+	// sockets there to follow their workloads.
+	DataDir string
+	// Close releases the daemon (nil: nothing to release).
+	Close func(context.Context) error
 }
 
 // runner is the state of one Run.
 type runner struct {
 	cfg      Config
 	target   Target
-	layout   guestdir.Layout
+	layout   guestdir.Layout // of the daemon of the strategy being measured
 	disk     Disk
 	progress func(string)
 	seq      int    // makes every name this run creates unique
@@ -53,18 +63,14 @@ func Run(ctx context.Context, cfg Config, target Target, progress func(string)) 
 	if cfg.DropCaches && os.Geteuid() != 0 {
 		return nil, fmt.Errorf("fork-burst: dropping the page cache for cold bursts needs root (run as root or without drop-caches)")
 	}
-	layout, err := guestdir.New(target.DataDir)
-	if err != nil {
-		return nil, fmt.Errorf("fork-burst: data dir: %w", err)
-	}
-	disk, err := DiskOf(target.DataDir)
+	disk, err := DiskOf(target.Dir)
 	if err != nil {
 		return nil, fmt.Errorf("fork-burst: %w", err)
 	}
 	if progress == nil {
 		progress = func(string) {}
 	}
-	r := &runner{cfg: cfg, target: target, layout: layout, disk: disk, progress: progress,
+	r := &runner{cfg: cfg, target: target, disk: disk, progress: progress,
 		tag: fmt.Sprintf("fb%x", time.Now().UnixNano()&0xffffff)}
 	rep := &Report{Machine: machine(disk, target.VMM), Config: cfg, Started: time.Now()}
 	defer func() { rep.Duration = time.Since(rep.Started) }()
@@ -93,7 +99,7 @@ func (r *runner) strategy(ctx context.Context, size int, strategy string) ([]Cel
 		}
 		return cells
 	}
-	svc, release, err := r.target.Connect(ctx, strategy)
+	conn, err := r.target.Connect(ctx, strategy)
 	if errors.Is(err, ErrStrategyUnsupported) {
 		r.progress(fmt.Sprintf("%d MiB %s: skipped: %v", size, strategy, err))
 		return skipAll(err.Error()), nil
@@ -101,11 +107,17 @@ func (r *runner) strategy(ctx context.Context, size int, strategy string) ([]Cel
 	if err != nil {
 		return nil, fmt.Errorf("fork-burst %d MiB %s: connect: %w", size, strategy, err)
 	}
-	defer func() {
-		if err := release(context.WithoutCancel(ctx)); err != nil {
-			r.progress(fmt.Sprintf("%d MiB %s: release daemon: %v", size, strategy, err))
-		}
-	}()
+	if conn.Close != nil {
+		defer func() {
+			if err := conn.Close(context.WithoutCancel(ctx)); err != nil {
+				r.progress(fmt.Sprintf("%d MiB %s: release daemon: %v", size, strategy, err))
+			}
+		}()
+	}
+	svc := conn.Service
+	if r.layout, err = guestdir.New(conn.DataDir); err != nil {
+		return nil, fmt.Errorf("fork-burst %d MiB %s: data dir: %w", size, strategy, err)
+	}
 
 	src, err := r.createSource(ctx, svc, size, strategy)
 	if err != nil {

@@ -1,0 +1,93 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/forkd/forkd/internal/bench"
+	"github.com/forkd/forkd/internal/daemon"
+)
+
+// newBenchForkBurstCommand is `forkd bench fork-burst` (internal/bench):
+// a private daemon in a fresh data dir, N concurrent forks per strategy ×
+// backend × temperature, a table or JSON report.
+func newBenchForkBurstCommand() *cobra.Command {
+	var (
+		opt       bench.Options
+		memoryMiB int
+		vmmBinary string
+		fsSize    string
+	)
+	cmd := &cobra.Command{
+		Use:   "fork-burst",
+		Short: "Measure fork fanout: strategies × restore backends, cold and warm",
+		Long: `Start a private daemon in a fresh data dir, boot a source VM running the
+emulator's self-checking workload, stand it by and snapshot it, then for every
+fork strategy × restore backend run --forks concurrent forks to Running, cold
+(new cache key; page cache dropped when root) and warm (same snapshot again).
+
+Reports fork and restore latency p50/p95/max, the time until each fork's
+workload has read its working set, pager hits/misses and backing bytes, disk
+reads and allocation, PSS/RSS of the fork VMMs and every fork's memory_check.
+Compare ratios within one run: absolute times on nested VMs are noise.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(opt.SizesMiB) == 0 {
+				opt.SizesMiB = []int{memoryMiB}
+			}
+			if vmmBinary != "" {
+				opt.DaemonArgs = append(opt.DaemonArgs, "--vmm-binary", vmmBinary)
+			}
+			if fsSize != "" {
+				n, err := daemon.ParseBytes(fsSize)
+				if err != nil {
+					return fmt.Errorf("--fs-size: %w", err)
+				}
+				opt.FSSize = n
+			}
+			format, _ := cmd.Flags().GetString("output")
+			if format != "table" && format != "json" {
+				return fmt.Errorf("--output %q: want table or json", format)
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGTERM, os.Interrupt)
+			defer stop()
+			progress := func(s string) { fmt.Fprintln(cmd.ErrOrStderr(), "bench:", s) }
+			rep, err := bench.ForkBurst(ctx, opt, progress)
+			if rep != nil {
+				var werr error
+				if format == "json" {
+					werr = rep.WriteJSON(cmd.OutOrStdout())
+				} else {
+					werr = rep.WriteTable(cmd.OutOrStdout())
+				}
+				if err == nil {
+					err = werr
+				}
+			}
+			return err
+		},
+	}
+	f := cmd.Flags()
+	f.IntVar(&opt.Forks, "forks", 25, "concurrent forks per burst")
+	f.IntVar(&memoryMiB, "memory-mib", 1024, "guest RAM of the source VM (MiB)")
+	f.IntSliceVar(&opt.SizesMiB, "sizes", nil, "sweep guest RAM sizes in MiB, e.g. 256,1024,4096 (overrides --memory-mib)")
+	f.IntVar(&opt.Vcpus, "vcpus", 1, "vCPUs of the source VM")
+	f.IntVar(&opt.WorkingSetMiB, "ws-mib", 64, "working set of the guest workload (MiB; at most half the guest)")
+	f.IntVar(&opt.WritePct, "write-pct", 20, "percent of workload steps that write their page")
+	f.IntVar(&opt.Rate, "rate", 4000, "workload steps per second per VM (-1: unpaced)")
+	f.StringSliceVar(&opt.Strategies, "strategies", []string{bench.StrategyHardlink, bench.StrategyReflink, bench.StrategyCopy},
+		"fork strategies: hardlink (forkd), reflink, copy; ones the daemon cannot force are reported as skipped")
+	f.StringSliceVar(&opt.Backends, "backends", []string{"file", "uffd"}, "restore backends: file, uffd")
+	f.StringSliceVar(&opt.Temperatures, "temps", []string{bench.Cold, bench.Warm}, "cache temperatures: cold, warm")
+	f.BoolVar(&opt.DropCaches, "drop-caches", os.Geteuid() == 0, "drop the host page cache before cold bursts (root)")
+	f.StringVar(&opt.Dir, "data-dir", "", "make the run's data dir under this directory, on the filesystem to measure (default $TMPDIR)")
+	f.StringVar(&opt.FS, "fs", "", "run on a fresh loopback filesystem: xfs, btrfs or ext4 (root)")
+	f.StringVar(&fsSize, "fs-size", "64GiB", "size of the --fs image (sparse)")
+	f.StringVar(&vmmBinary, "vmm-binary", "", `VMM for the daemon: "auto" or a path (default: the daemon's)`)
+	f.BoolVar(&opt.Keep, "keep", false, "keep the run's data dir and logs")
+	return cmd
+}
