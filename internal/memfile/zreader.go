@@ -80,6 +80,12 @@ func (r *CompressedReader) ReadAt(p []byte, off int64) (int, error) {
 	if off < 0 {
 		return 0, fmt.Errorf("read compressed %s at %d: negative offset", r.f.Name(), off)
 	}
+	r.mu.Lock()
+	closed := r.closed
+	r.mu.Unlock()
+	if closed {
+		return 0, fmt.Errorf("read compressed %s: %w", r.f.Name(), os.ErrClosed)
+	}
 	n := 0
 	for n < len(p) && off < r.size {
 		i := off / r.frameSize
