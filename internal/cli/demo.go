@@ -55,7 +55,7 @@ into this binary, it stops cleanly after the daemon checks.`,
 	f.IntVar(&o.forks, "forks", 10, "forks in the burst")
 	f.BoolVar(&o.keep, "keep", false, "keep the temp data dir (and the daemon's log) for inspection")
 	f.StringVar(&o.kernel, "kernel", "", "kernel image (default: a placeholder file, which the built-in emulator accepts)")
-	f.StringVar(&o.vmm, "vmm-binary", "auto", "the daemon's vmm_binary")
+	f.StringVar(&o.vmm, "vmm-binary", "emulator", "the daemon's vmm_binary (emulator runs anywhere; use auto or a path with a real --kernel for Firecracker)")
 	f.StringVar(&o.bootArgs, "boot-args", "forkd.ws_mib=32 forkd.write_pct=20 forkd.rate=2000 forkd.seed=7",
 		"boot args of the demo VM (the emulator's guest workload reads forkd.*)")
 	return cmd

@@ -24,7 +24,7 @@ type Config struct {
 	LogFormat string // log_format: text | json
 	LogLevel  string // log_level: debug | info | warn | error
 
-	VMMBinary          string // vmm_binary: "auto" (firecracker if usable, else `forkd vmm`) or a path
+	VMMBinary          string // vmm_binary: "auto" (firecracker if usable, else `forkd vmm`), "emulator", or a path
 	RestoreBackend     string // restore_backend: file | uffd
 	ForkRestoreBackend string // fork_restore_backend: file | uffd, for a fork's first restore
 	PagerCacheBytes    int64  // pager_cache_bytes: the pager's page cache budget
@@ -63,7 +63,7 @@ func settings() []setting {
 		{"log_level", "FORKD_LOG_LEVEL", "log-level", "info", "log level: debug, info, warn or error",
 			str(func(c *Config) *string { return &c.LogLevel })},
 		{"vmm_binary", "FORKD_VMM_BINARY", "vmm-binary", "auto",
-			`VMM binary: "auto" (firecracker when KVM is usable, else the built-in emulator) or a path`,
+			`VMM: "auto" (firecracker when /dev/kvm and a firecracker binary exist, else the built-in emulator), "emulator", or a path`,
 			str(func(c *Config) *string { return &c.VMMBinary })},
 		{"restore_backend", "FORKD_RESTORE_BACKEND", "restore-backend", api.BackendFile,
 			"how restores load guest memory: file (mmap the mem-file) or uffd (through the pager)",
