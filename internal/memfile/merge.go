@@ -59,8 +59,10 @@ func (o Options) mergeInto(b *os.File, diff string) error {
 	if dst.Size() != bst.Size() {
 		return fmt.Errorf("merge %s into %s: diff is %d bytes, base %d: not a layer of this base", diff, base, dst.Size(), bst.Size())
 	}
+	// A diff is only meaningful through its holes: where the filesystem cannot
+	// show them, every clean page would read as zeros to merge. Refuse.
 	if err := checkReportsHoles(d, dst); err != nil {
-		return fmt.Errorf("merge %s into %s: %w", diff, base, err)
+		return fmt.Errorf("merge %s into %s: %w: a merge would overwrite clean pages with zeros", diff, base, err)
 	}
 	c := &rangeCopier{src: d, dst: b}
 	err = dataExtents(d, dst.Size(), func(off, n int64) error {
@@ -70,9 +72,6 @@ func (o Options) mergeInto(b *os.File, diff string) error {
 		o.at(stepMerged)
 		return nil
 	})
-	if errors.Is(err, errNoSeekHole) {
-		return fmt.Errorf("merge %s into %s: %w: a merge would overwrite clean pages with zeros", diff, base, err)
-	}
 	if err != nil {
 		return fmt.Errorf("merge %s into %s: %w", diff, base, err)
 	}
@@ -82,30 +81,26 @@ func (o Options) mergeInto(b *os.File, diff string) error {
 	return nil
 }
 
-// checkReportsHoles catches filesystems whose SEEK_HOLE is the generic
-// fallback (the whole file is one data extent) although the file is clearly
-// sparse (far fewer blocks allocated than its size): merging such a diff
-// would write zeros over every clean page of the base.
+// checkReportsHoles returns errNoSeekHole for a filesystem without
+// SEEK_DATA/SEEK_HOLE, and for one whose SEEK_HOLE is the generic fallback
+// (the whole file is one data extent) although the file is clearly sparse
+// (far fewer blocks allocated than its size).
 func checkReportsHoles(d *os.File, st os.FileInfo) error {
-	var err error
 	size := st.Size()
 	whole := false
-	err = dataExtents(d, size, func(off, n int64) error {
+	err := dataExtents(d, size, func(off, n int64) error {
 		whole = off == 0 && n == size
 		return errStop
 	})
 	if err != nil && !errors.Is(err, errStop) {
-		if errors.Is(err, errNoSeekHole) {
-			return fmt.Errorf("%w: a merge would overwrite clean pages with zeros", err)
-		}
 		return err
 	}
 	const slack = 1 << 20
 	if whole && allocated(st)+slack < size {
-		return fmt.Errorf("%w (reports one data extent for a file with %d of %d bytes allocated): a merge would overwrite clean pages with zeros",
-			errNoSeekHole, allocated(st), size)
+		return fmt.Errorf("%w (one data extent reported for a file with %d of %d bytes allocated)", errNoSeekHole, allocated(st), size)
 	}
 	return nil
 }
 
+// errStop ends an extent walk early.
 var errStop = errors.New("stop")
