@@ -35,6 +35,7 @@ func (r *runner) burst(ctx context.Context, svc api.Service, snap api.Snapshot, 
 	prefix := r.name("burst") + "-"
 
 	pagerBefore, pagerErr := r.pagerCounters(ctx, svc)
+	pagerIOBefore, pagerIOErr := ReadProcIO(pagerBefore.Pid)
 	readBefore, usedBefore := r.disk.ReadBytes(), r.disk.UsedBytes()
 
 	results := make([]forkResult, n)
@@ -53,10 +54,19 @@ func (r *runner) burst(ctx context.Context, svc api.Service, snap api.Snapshot, 
 
 	readAfter, usedAfter := r.disk.ReadBytes(), r.disk.UsedBytes()
 	cell.DiskReadBytes, cell.DiskUsedBytes = delta(readBefore, readAfter), delta(usedBefore, usedAfter)
+	cell.PagerReadBytes = -1
 	if pagerErr == nil {
 		if after, err := r.pagerCounters(ctx, svc); err == nil {
 			d := after.Sub(pagerBefore)
 			cell.Pager = &d
+			// The pager reads backing pages for uffd restores: its own I/O
+			// and memory (its page cache) belong to the burst's cost.
+			if io, err := ReadProcIO(after.Pid); err == nil && pagerIOErr == nil && after.Pid == pagerBefore.Pid {
+				cell.PagerReadBytes = io.ReadBytes - pagerIOBefore.ReadBytes
+			}
+			if m, err := ReadMemUsage(after.Pid); err == nil {
+				cell.PagerMemory = &m
+			}
 		}
 	}
 

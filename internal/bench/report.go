@@ -60,11 +60,17 @@ type Cell struct {
 	// (-1 when unknown); DiskUsedBytes is what the burst allocated on it.
 	DiskReadBytes int64 `json:"disk_read_bytes"`
 	DiskUsedBytes int64 `json:"disk_used_bytes"`
-	// VMMReadBytes sums /proc/PID/io read_bytes of the fork VMMs.
-	VMMReadBytes int64 `json:"vmm_read_bytes"`
+	// VMMReadBytes sums /proc/PID/io read_bytes of the fork VMMs (File
+	// restores fault the mem-file in themselves); PagerReadBytes is the
+	// pager's over the burst (Uffd restores), -1 when unknown.
+	VMMReadBytes   int64 `json:"vmm_read_bytes"`
+	PagerReadBytes int64 `json:"pager_read_bytes"`
 	// Memory sums smaps_rollup over the fork VMMs once every working set
 	// was touched: Pss is what the forks cost together (density).
 	Memory MemUsage `json:"memory"`
+	// PagerMemory is the pager process's memory after the burst (its page
+	// cache), nil without a pager.
+	PagerMemory *MemUsage `json:"pager_memory,omitempty"`
 	// MemoryChecks counts forks by memory_check ("ok" or an error).
 	MemoryChecks map[string]int `json:"memory_checks"`
 	// ForkModes counts forks by the fork_mode the daemon reported.
@@ -84,27 +90,47 @@ func (r *Report) WriteTable(w io.Writer) error {
 	fmt.Fprintf(w, "fork-burst: %d forks/burst, working set %d MiB, %s on %s (%s), %d CPUs, kernel %s, vmm %s\n\n",
 		r.Config.Forks, r.Config.WorkingSetMiB, r.Machine.DataDir, r.Machine.Device, r.Machine.FSType,
 		r.Machine.CPUs, r.Machine.Kernel, r.Machine.VMM)
+	fmt.Fprintln(w, "latency (fork: API call to Standby; restore: to Running; touch: until the workload read its working set)")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "size\tstrategy\tbackend\ttemp\tok\tfork p50\tp95\tmax\trestore p50\tp95\ttouch p50\tp95\thit%\tbacking\tdisk read\tdisk used\tPSS\tRSS\tcheck\t")
+	fmt.Fprintln(tw, "size\tstrategy\tbackend\ttemp\tok\tfork p50\tp95\tmax\trestore p50\tp95\tmax\ttouch p50\tp95\tburst\tmemory_check\t")
 	for _, c := range r.Cells {
 		if c.Skipped != "" {
-			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\tskipped\t\t\t\t\t\t\t\t\t\t\t\t\t\t\t\n", c.SizeMiB, c.Strategy, c.Backend, c.Temperature)
+			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\tskipped\t\t\t\t\t\t\t\t\t\t\t\n", c.SizeMiB, c.Strategy, c.Backend, c.Temperature)
 			continue
 		}
-		hit, backing := "-", "-"
-		if c.Pager != nil {
-			if c.Pager.Hits+c.Pager.Misses > 0 {
-				hit = fmt.Sprintf("%.1f", 100*c.Pager.HitRate())
-			}
-			backing = bytesStr(c.Pager.BackingBytes)
-		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d/%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d/%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
 			c.SizeMiB, c.Strategy, c.Backend, c.Temperature, c.Forks-c.Failed, c.Forks,
 			durStr(c.Fork.P50), durStr(c.Fork.P95), durStr(c.Fork.Max),
-			durStr(c.Restore.P50), durStr(c.Restore.P95),
-			durStr(c.Touch.P50), durStr(c.Touch.P95),
-			hit, backing, bytesStr(c.DiskReadBytes), bytesStr(c.DiskUsedBytes),
-			bytesStr(c.Memory.Pss), bytesStr(c.Memory.Rss), checksStr(c.MemoryChecks))
+			durStr(c.Restore.P50), durStr(c.Restore.P95), durStr(c.Restore.Max),
+			durStr(c.Touch.P50), durStr(c.Touch.P95), durStr(c.Wall), checksStr(c.MemoryChecks))
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+
+	fmt.Fprintln(w, "\nresources (pager and disk over the burst; memory of the N fork VMMs summed, and of the pager, after it)")
+	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "size\tstrategy\tbackend\ttemp\thit%\tmisses\tbacking\tfault p50\tp95\tdisk read\tvmm read\tpager read\tdisk alloc\tPSS\tRSS\tpager RSS\tmode\t")
+	for _, c := range r.Cells {
+		if c.Skipped != "" {
+			continue
+		}
+		hit, misses, backing, fp50, fp95, pagerRSS := "-", "-", "-", "-", "-", "-"
+		if p := c.Pager; p != nil {
+			if p.Hits+p.Misses > 0 {
+				hit = fmt.Sprintf("%.1f", 100*p.HitRate())
+			}
+			misses = fmt.Sprint(p.Misses)
+			backing = bytesStr(p.BackingBytes)
+			fp50, fp95 = durStr(p.FaultLatency.Quantile(0.5)), durStr(p.FaultLatency.Quantile(0.95))
+		}
+		if c.PagerMemory != nil {
+			pagerRSS = bytesStr(c.PagerMemory.Rss)
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
+			c.SizeMiB, c.Strategy, c.Backend, c.Temperature, hit, misses, backing, fp50, fp95,
+			bytesStr(c.DiskReadBytes), bytesStr(c.VMMReadBytes), bytesStr(c.PagerReadBytes), bytesStr(c.DiskUsedBytes),
+			bytesStr(c.Memory.Pss), bytesStr(c.Memory.Rss), pagerRSS, modesStr(c.ForkModes))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -223,6 +249,16 @@ func bytesStr(b int64) string {
 	default:
 		return fmt.Sprintf("%.2fG", float64(b)/(1<<30))
 	}
+}
+
+// modesStr is the fork_mode of the forks: one word when they agree.
+func modesStr(m map[string]int) string {
+	if len(m) == 1 {
+		for k := range m {
+			return k
+		}
+	}
+	return checksStr(m)
 }
 
 // checksStr is "ok" when every fork's memory_check was ok, else the counts.
