@@ -1,3 +1,4 @@
+SHELL   := /bin/bash
 GO      ?= go
 BIN     := bin/forkd
 PKGS    := ./...
@@ -25,10 +26,12 @@ staticcheck:
 	else echo "staticcheck: not installable through the Go proxy here; skipped"; fi
 
 # What CI runs. Tests that need root, loop devices or userfaultfd skip with a
-# reason when those are missing (-v is off, so `go test` prints skips only on
-# failure; run with V=1 to see them).
+# reason when those are missing: the output keeps every SKIP with its reason,
+# every failure and each package's result, and drops the RUN/PASS noise
+# (the full log is in bin/test.log).
 test: build vet staticcheck
-	$(GO) test -race -count=1 -timeout 25m $(if $(V),-v,) $(PKGS)
+	@set -o pipefail; $(GO) test -race -count=1 -timeout 25m -v $(PKGS) 2>&1 | tee bin/test.log | \
+		grep -v -E '^(=== (RUN|PAUSE|CONT|NAME)|\s*--- PASS|PASS$$)'
 
 fmt-check:
 	@out=$$(gofmt -l cmd internal api); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

@@ -16,6 +16,8 @@ func main() {
 		Serve:      newServeCommand(),
 		VMM:        newVMMCommand(),
 		PagerServe: newPagerServeCommand(),
+
+		BenchForkBurst: newBenchForkBurstCommand(),
 	})
 	os.Exit(cli.Execute(context.Background(), root))
 }
