@@ -172,6 +172,13 @@ func (g Guest) LogsDir() string { return filepath.Join(g.Dir, logsName) }
 func (g Guest) VMMLog() string  { return filepath.Join(g.Dir, logsName, vmmLogName) }
 func (g Guest) Kernel() string  { return filepath.Join(g.Dir, kernelName) }
 func (g Guest) Rootfs() string  { return filepath.Join(g.Dir, rootfsName) }
+
+// RootfsRel is the rootfs path relative to the guest dir, which is the
+// VMM's working directory. The driver passes this relative path, so the
+// vmstate records it and a fork's VMM (working in the fork's dir) opens the
+// fork's own disk, not its source's (which may be gone).
+func (g Guest) RootfsRel() string { return rootfsName }
+
 func (g Guest) SnapshotsDir() string {
 	return filepath.Join(g.Dir, snapshotsName)
 }

@@ -280,7 +280,7 @@ func (m *Manager) boot(ctx context.Context, in store.Instance, g guestdir.Guest)
 			return c.PutBootSource(ctx, firecracker.BootSource{KernelImagePath: kernelPath(in, g), BootArgs: in.BootArgs})
 		},
 		func() error {
-			return c.PutDrive(ctx, firecracker.Drive{DriveID: "rootfs", PathOnHost: g.Rootfs(), IsRootDevice: true})
+			return c.PutDrive(ctx, firecracker.Drive{DriveID: "rootfs", PathOnHost: g.RootfsRel(), IsRootDevice: true})
 		},
 		func() error { return c.StartInstance(ctx) },
 	}

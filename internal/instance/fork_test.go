@@ -1,0 +1,406 @@
+package instance
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/firecracker"
+)
+
+// The fork-isolation lifecycle (issue 8): the fork shares the source's
+// mem-file inode; restoring and standing the fork by never changes the
+// source's bytes or inode; the fork's standby unshares into its own inode.
+func TestForkIsolationLifecycle(t *testing.T) {
+	m := newTestManager(t)
+	src := createRunning(t, m, "src")
+	verifyGuest(t, m, src.ID)
+	src = action(t, m, "src", "standby")
+	srcMem := latestMem(t, m, src.ID)
+	before := fingerprint(t, srcMem)
+
+	f := fork(t, m, "src", api.ForkRequest{Name: "f1"})
+	if f.State != api.StateStandby || f.ForkMode != api.ForkModeHardlink || f.SnapshotCacheKey != src.SnapshotCacheKey || f.Source != "instance:"+src.ID {
+		t.Fatalf("fork: %+v; want Standby, hardlink, inherited cache key %s", f, src.SnapshotCacheKey)
+	}
+	if got := fingerprint(t, latestMem(t, m, f.ID)); got.ino != before.ino || got.sum != before.sum {
+		t.Fatalf("fork mem-file inode %d, want the source's %d", got.ino, before.ino)
+	}
+
+	action(t, m, "f1", "restore")
+	verifyGuest(t, m, f.ID)
+	if got := fingerprint(t, srcMem); got.ino != before.ino || got.sum != before.sum {
+		t.Fatalf("source mem-file changed during the fork's run: %+v, was %+v", got, before)
+	}
+
+	f = action(t, m, "f1", "standby")
+	forkAfter := fingerprint(t, latestMem(t, m, f.ID))
+	if forkAfter.ino == before.ino {
+		t.Fatalf("fork standby wrote into the shared inode %d (no unshare)", before.ino)
+	}
+	if got := fingerprint(t, srcMem); got.ino != before.ino || got.sum != before.sum {
+		t.Fatalf("source mem-file changed by the fork's standby: %+v, was %+v", got, before)
+	}
+	if f.SnapshotCacheKey == src.SnapshotCacheKey {
+		t.Fatalf("fork cache key %s unchanged after its own standby", f.SnapshotCacheKey)
+	}
+	action(t, m, "f1", "restore")
+	verifyGuest(t, m, f.ID)
+	if err := m.DeleteInstance(context.Background(), "f1"); err != nil {
+		t.Fatal(err)
+	}
+	if got := fingerprint(t, srcMem); got.ino != before.ino || got.sum != before.sum || got.nlink != 1 {
+		t.Fatalf("source mem-file after fork delete: %+v, want inode %d, same bytes, 1 link", got, before.ino)
+	}
+	action(t, m, "src", "restore")
+	verifyGuest(t, m, src.ID)
+}
+
+// Delete safety (DESIGN §1.2): deleting a snapshot while its forks run, or a
+// source while its standby forks exist, only unlinks names.
+func TestDeleteSafety(t *testing.T) {
+	m := newTestManager(t)
+	ctx := context.Background()
+	createRunning(t, m, "src")
+	sn, err := m.CreateSnapshot(ctx, "src", api.SnapshotRequest{Name: "golden"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var running []api.Instance
+	for i := 0; i < 2; i++ {
+		f, err := m.ForkSnapshot(ctx, "golden", api.ForkRequest{Name: fmt.Sprintf("sf%d", i), TargetState: api.StateRunning})
+		if err != nil {
+			t.Fatal(err)
+		}
+		running = append(running, f)
+	}
+	if err := m.DeleteSnapshot(ctx, sn.ID); err != nil {
+		t.Fatalf("delete snapshot with running forks: %v", err)
+	}
+	for _, f := range running {
+		verifyGuest(t, m, f.ID)
+		action(t, m, f.ID, "standby")
+		action(t, m, f.ID, "restore")
+		verifyGuest(t, m, f.ID)
+	}
+
+	action(t, m, "src", "standby")
+	var standby []api.Instance
+	for i := 0; i < 2; i++ {
+		standby = append(standby, fork(t, m, "src", api.ForkRequest{Name: fmt.Sprintf("if%d", i)}))
+	}
+	action(t, m, "src", "stop")
+	if err := m.DeleteInstance(ctx, "src"); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range standby {
+		action(t, m, f.ID, "restore")
+		verifyGuest(t, m, f.ID)
+	}
+}
+
+// The corruption scenario of DESIGN §1: a source re-enters standby while
+// running forks map its base mem-file. With the unshare guard the forks'
+// memory stays intact; the twin disables the guard and sees the corruption.
+//
+// The emulator's workload visits pages in an order fixed by its step
+// counter, so the source is run ahead of the forks: the pages its Diff
+// rewrites are ones the forks will read later, not ones they already own.
+func TestSourceReStandbyWhileForksShareItsBase(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		guard bool
+	}{
+		{"guarded", true},
+		{"guard disabled (twin)", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := newTestManager(t, func(c *Config) { c.DisableUnshareGuard = !tc.guard })
+			src := createRunning(t, m, "src")
+			action(t, m, "src", "standby")
+			shared := fingerprint(t, latestMem(t, m, src.ID))
+			var forks []api.Instance
+			for i := 0; i < 2; i++ {
+				forks = append(forks, fork(t, m, "src", api.ForkRequest{Name: fmt.Sprintf("f%d", i)}))
+			}
+			// The source comes back on the shared inode as its base and runs
+			// ahead, dirtying pages.
+			action(t, m, "src", "restore")
+			if got := fingerprint(t, baseMem(t, m, src.ID)); got.ino != shared.ino {
+				t.Fatalf("source base inode %d, want the shared %d", got.ino, shared.ino)
+			}
+			runGuest(t, m, src.ID, 600)
+			for _, f := range forks {
+				action(t, m, f.ID, "restore")
+				runGuest(t, m, f.ID, 60)
+			}
+			// The source stands by again: a Diff into its base.
+			action(t, m, "src", "standby")
+			srcNow := fingerprint(t, latestMem(t, m, src.ID))
+			if tc.guard {
+				if srcNow.ino == shared.ino {
+					t.Fatalf("guarded standby diff-wrote the shared inode %d", shared.ino)
+				}
+				for _, f := range forks {
+					runGuest(t, m, f.ID, 800)
+					verifyGuest(t, m, f.ID)
+				}
+				return
+			}
+			if srcNow.ino != shared.ino {
+				t.Fatalf("with the guard disabled the diff should land in the shared inode %d, got %d", shared.ino, srcNow.ino)
+			}
+			if !anyCorrupted(t, m, forks) {
+				t.Fatal("forks stayed intact with the unshare guard disabled: the test cannot see the corruption it guards against")
+			}
+		})
+	}
+}
+
+// runGuest waits until an instance's workload has run n more steps.
+func runGuest(t *testing.T, m *Manager, id string, n uint64) {
+	t.Helper()
+	g, _ := m.layout.Guest(id)
+	c := firecracker.NewClient(g.VMMSock())
+	defer c.Close()
+	ctx := context.Background()
+	first, err := c.Guest(ctx)
+	if err != nil {
+		t.Fatalf("guest status of %s: %v", id, err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		gs, err := c.Guest(ctx)
+		if err != nil {
+			t.Fatalf("guest status of %s: %v", id, err)
+		}
+		if gs.Ticks >= first.Ticks+n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("instance %s ran %d steps in 30 s, want %d", id, gs.Ticks-first.Ticks, n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// anyCorrupted waits up to 20 s for a fork's guest to report an integrity
+// error.
+func anyCorrupted(t *testing.T, m *Manager, forks []api.Instance) bool {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		for _, f := range forks {
+			in, err := m.GetInstance(context.Background(), f.ID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if in.MemoryCheck != "ok" && in.MemoryCheck != "unknown" {
+				t.Logf("fork %s reports: %s", f.Name, in.MemoryCheck)
+				return true
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return false
+}
+
+// A live fork pauses the source, updates its base in place and resumes it:
+// the source's VMM never restarts.
+func TestForkFromRunningIsLive(t *testing.T) {
+	m := newTestManager(t)
+	ctx := context.Background()
+	src := createRunning(t, m, "src")
+	verifyGuest(t, m, src.ID)
+	_, err := m.ForkInstance(ctx, "src", api.ForkRequest{Name: "nope"})
+	if !errors.Is(err, api.ErrInvalidState) || !strings.Contains(err.Error(), "from_running") {
+		t.Fatalf("fork of a Running source without from_running: %v; want ErrInvalidState hinting from_running", err)
+	}
+	for i := 0; i < 2; i++ {
+		f := fork(t, m, "src", api.ForkRequest{Name: fmt.Sprintf("live%d", i), FromRunning: true})
+		if f.State != api.StateRunning || f.ForkMode != api.ForkModeHardlink {
+			t.Fatalf("live fork %d: %+v", i, f)
+		}
+		now, _ := m.GetInstance(ctx, "src")
+		if now.State != api.StateRunning || now.Pid != src.Pid {
+			t.Fatalf("source after live fork %d: state %s pid %d, want Running pid %d (VMM never restarts)", i, now.State, now.Pid, src.Pid)
+		}
+		verifyGuest(t, m, f.ID)
+		verifyGuest(t, m, src.ID)
+	}
+	// The source's base was updated in place by the live forks; its next
+	// standby diffs into it (after unsharing from the forks) and restores.
+	action(t, m, "src", "standby")
+	action(t, m, "src", "restore")
+	verifyGuest(t, m, src.ID)
+}
+
+func TestForkTargetStates(t *testing.T) {
+	m := newTestManager(t)
+	ctx := context.Background()
+	createRunning(t, m, "src")
+	action(t, m, "src", "standby")
+	for _, tc := range []struct {
+		target, want string
+		latest       bool
+	}{
+		{"", api.StateStandby, true},
+		{api.StateStandby, api.StateStandby, true},
+		{api.StateRunning, api.StateRunning, false},
+		{api.StateStopped, api.StateStopped, false},
+	} {
+		f := fork(t, m, "src", api.ForkRequest{Name: "t-" + strings.ToLower(tc.target), TargetState: tc.target})
+		if f.State != tc.want {
+			t.Errorf("target %q: state %s, want %s", tc.target, f.State, tc.want)
+		}
+		_, err := os.Stat(latestMem(t, m, f.ID))
+		if (err == nil) != tc.latest {
+			t.Errorf("target %q: snapshot-latest present = %v, want %v", tc.target, err == nil, tc.latest)
+		}
+		if f.State == api.StateRunning {
+			verifyGuest(t, m, f.ID)
+		}
+	}
+	if _, err := m.ForkInstance(ctx, "src", api.ForkRequest{Name: "bad", TargetState: "Paused"}); !errors.Is(err, api.ErrInvalid) {
+		t.Errorf("target Paused: %v, want ErrInvalid", err)
+	}
+	if _, err := m.ForkInstance(ctx, "src", api.ForkRequest{Name: "t-"}); !errors.Is(err, api.ErrExists) {
+		t.Errorf("fork with a taken name: %v, want ErrExists", err)
+	}
+	if _, err := os.Stat(m.layout.GuestsDir()); err != nil {
+		t.Fatal(err)
+	}
+	ents, _ := os.ReadDir(m.layout.GuestsDir())
+	if len(ents) != 5 {
+		t.Errorf("%d guest dirs, want 5 (source + 4 forks; failed forks leave nothing)", len(ents))
+	}
+}
+
+// Forks of one Standby source run in parallel under its read lock, and a
+// restore of the source (write lock) waits for the readers.
+func TestConcurrentForksOfOneSource(t *testing.T) {
+	m := newTestManager(t)
+	ctx := context.Background()
+	src := createRunning(t, m, "src")
+	action(t, m, "src", "standby")
+	shared := fingerprint(t, latestMem(t, m, src.ID))
+	// Hold a read lock as an in-flight fork would: forks must still proceed.
+	l := m.instanceLock(src.ID)
+	l.RLock()
+	const n = 6
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	forks := make([]api.Instance, n)
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			forks[i], errs[i] = m.ForkInstance(ctx, "src", api.ForkRequest{Name: fmt.Sprintf("c%d", i)})
+		}(i)
+	}
+	wg.Wait()
+	restored := make(chan error, 1)
+	go func() {
+		_, err := m.Action(ctx, "src", "restore", api.ActionRequest{})
+		restored <- err
+	}()
+	time.Sleep(200 * time.Millisecond)
+	if in, _ := m.GetInstance(ctx, "src"); in.State != api.StateStandby {
+		t.Fatalf("source is %s while a reader holds its lock; the restore must wait", in.State)
+	}
+	l.RUnlock()
+	if err := <-restored; err != nil {
+		t.Fatalf("restore of the source after the forks: %v", err)
+	}
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("fork %d: %v", i, err)
+		}
+		if got := fingerprint(t, latestMem(t, m, forks[i].ID)); got.ino != shared.ino {
+			t.Fatalf("fork %d inode %d, want shared %d", i, got.ino, shared.ino)
+		}
+	}
+	for _, f := range forks[:2] {
+		action(t, m, f.ID, "restore")
+		verifyGuest(t, m, f.ID)
+	}
+	verifyGuest(t, m, src.ID)
+}
+
+func TestCompressedSnapshotForkMaterialisesOnce(t *testing.T) {
+	m := newTestManager(t)
+	ctx := context.Background()
+	createRunning(t, m, "src")
+	sn, err := m.CreateSnapshot(ctx, "src", api.SnapshotRequest{Name: "cold", Compression: "zstd"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for sn.State != snapCompressed {
+		if time.Now().After(deadline) {
+			t.Fatalf("snapshot still %s after 30 s", sn.State)
+		}
+		time.Sleep(50 * time.Millisecond)
+		if sn, err = m.GetSnapshot(ctx, "cold"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sd, _ := m.layout.Snapshot(sn.ID)
+	if _, err := os.Stat(sd.Memory()); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("compressed snapshot still has its raw mem-file (%v)", err)
+	}
+	var inodes []uint64
+	for i := 0; i < 2; i++ {
+		f, err := m.ForkSnapshot(ctx, "cold", api.ForkRequest{Name: fmt.Sprintf("z%d", i), TargetState: api.StateRunning})
+		if err != nil {
+			t.Fatal(err)
+		}
+		verifyGuest(t, m, f.ID)
+		inodes = append(inodes, fingerprint(t, sd.Memory()).ino)
+	}
+	if inodes[0] != inodes[1] {
+		t.Fatalf("raw mem-file materialised twice (inodes %v)", inodes)
+	}
+}
+
+// A snapshot of a running instance updates its base in place and hardlinks
+// it into the store without restarting the VMM.
+func TestSnapshotOfRunningSharesBaseInode(t *testing.T) {
+	m := newTestManager(t)
+	ctx := context.Background()
+	src := createRunning(t, m, "src")
+	sn, err := m.CreateSnapshot(ctx, "src", api.SnapshotRequest{Name: "s1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sd, _ := m.layout.Snapshot(sn.ID)
+	if a, b := fingerprint(t, sd.Memory()), fingerprint(t, baseMem(t, m, src.ID)); a.ino != b.ino {
+		t.Fatalf("store mem-file inode %d, base %d: want one inode", a.ino, b.ino)
+	}
+	now, _ := m.GetInstance(ctx, "src")
+	if now.Pid != src.Pid || now.State != api.StateRunning {
+		t.Fatalf("source after snapshot: %+v", now)
+	}
+	stored := fingerprint(t, sd.Memory())
+	verifyGuest(t, m, src.ID)
+	// A second snapshot diffs into the base after unsharing it from the
+	// store: the first snapshot's bytes never change.
+	if _, err := m.CreateSnapshot(ctx, "src", api.SnapshotRequest{Name: "s2"}); err != nil {
+		t.Fatal(err)
+	}
+	if got := fingerprint(t, sd.Memory()); got.sum != stored.sum || got.ino != stored.ino {
+		t.Fatal("the store's mem-file changed when the source snapshotted again")
+	}
+	g, _ := m.layout.Guest(src.ID)
+	c := firecracker.NewClient(g.VMMSock())
+	defer c.Close()
+	if info, err := c.Describe(ctx); err != nil || info.State != firecracker.StateRunning {
+		t.Fatalf("source VMM state %q (%v), want Running", info.State, err)
+	}
+}

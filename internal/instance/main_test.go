@@ -1,0 +1,227 @@
+package instance
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/firecracker"
+)
+
+// forkdBin is the forkd binary built once by TestMain (or FORKD_TEST_BINARY);
+// the tests run its `forkd vmm` emulator as a real VMM process.
+var forkdBin string
+
+// skipReason is why the process tests cannot run here, "" when they can.
+var skipReason string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "forkd-instance-test")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	forkdBin = os.Getenv("FORKD_TEST_BINARY")
+	if forkdBin == "" {
+		forkdBin = filepath.Join(dir, "forkd")
+		cmd := exec.Command("go", "build", "-o", forkdBin, "../../cmd/forkd")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			skipReason = fmt.Sprintf("building forkd failed: %v\n%s", err, out)
+		}
+	}
+	if skipReason == "" {
+		out, err := exec.Command(forkdBin, "vmm", "--help").CombinedOutput()
+		if err != nil || strings.Contains(string(out), "not implemented") {
+			skipReason = fmt.Sprintf("`forkd vmm` is not usable yet: %v %s", err, out)
+		}
+	}
+	if skipReason != "" {
+		fmt.Fprintln(os.Stderr, "!!! instance process tests will SKIP:", skipReason)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// testBootArgs keep the guest workload small and modest for 2 shared cores.
+const testBootArgs = "forkd.ws_mib=4 forkd.rate=400 forkd.write_pct=30"
+
+const testMemMiB = 32
+
+type testOpt func(*Config)
+
+// newTestManager returns a manager on a short temp data dir (unix socket
+// paths must stay under 108 bytes) driving real `forkd vmm` processes. Its
+// cleanup deletes every instance (killing their VMMs) and closes it.
+func newTestManager(t *testing.T, opts ...testOpt) *Manager {
+	t.Helper()
+	if skipReason != "" {
+		t.Skip("SKIP (needs forkd vmm): " + skipReason)
+	}
+	dir, err := os.MkdirTemp("", "fk")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return newManagerAt(t, dir, opts...)
+}
+
+func newManagerAt(t *testing.T, dir string, opts ...testOpt) *Manager {
+	t.Helper()
+	cfg := Config{
+		DataDir: dir,
+		VMM:     VMMSpec{Binary: forkdBin, Args: []string{"vmm"}, Emulator: true},
+		Logger:  slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})),
+	}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	m, err := New(context.Background(), cfg)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx := context.Background()
+		list, _ := m.ListInstances(ctx)
+		for _, in := range list {
+			if err := m.DeleteInstance(ctx, in.ID); err != nil {
+				t.Errorf("cleanup: delete %s: %v", in.Name, err)
+			}
+		}
+		m.Close()
+	})
+	return m
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Helper()
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+func createRunning(t *testing.T, m *Manager, name string) api.Instance {
+	t.Helper()
+	in, err := m.CreateInstance(context.Background(), api.CreateInstanceRequest{
+		Name: name, MemoryMiB: testMemMiB, BootArgs: testBootArgs,
+	})
+	if err != nil {
+		t.Fatalf("create %s: %v", name, err)
+	}
+	if in.State != api.StateRunning {
+		t.Fatalf("create %s: state %s, want Running", name, in.State)
+	}
+	return in
+}
+
+func action(t *testing.T, m *Manager, ref, act string) api.Instance {
+	t.Helper()
+	in, err := m.Action(context.Background(), ref, act, api.ActionRequest{})
+	if err != nil {
+		t.Fatalf("%s %s: %v", act, ref, err)
+	}
+	return in
+}
+
+func fork(t *testing.T, m *Manager, ref string, req api.ForkRequest) api.Instance {
+	t.Helper()
+	in, err := m.ForkInstance(context.Background(), ref, req)
+	if err != nil {
+		t.Fatalf("fork %s as %s: %v", ref, req.Name, err)
+	}
+	return in
+}
+
+// verifyGuest lets the guest workload run until it has verified a fresh
+// batch of pages and fails the test on any integrity error.
+func verifyGuest(t *testing.T, m *Manager, id string) {
+	t.Helper()
+	g, err := m.layout.Guest(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := firecracker.NewClient(g.VMMSock())
+	defer c.Close()
+	ctx := context.Background()
+	first, err := c.Guest(ctx)
+	if err != nil {
+		t.Fatalf("guest status of %s: %v", id, err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		gs, err := c.Guest(ctx)
+		if err != nil {
+			t.Fatalf("guest status of %s: %v", id, err)
+		}
+		if gs.IntegrityErrors > 0 {
+			t.Fatalf("instance %s: %d memory integrity errors, first: %s", id, gs.IntegrityErrors, gs.FirstIntegrityError)
+		}
+		if gs.PagesVerified >= first.PagesVerified+100 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("instance %s: workload verified only %d pages in 20 s", id, gs.PagesVerified-first.PagesVerified)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	in, err := m.GetInstance(ctx, id)
+	if err != nil || in.MemoryCheck != "ok" {
+		t.Fatalf("instance %s: memory_check %q (%v), want ok", id, in.MemoryCheck, err)
+	}
+}
+
+type fileID struct {
+	ino   uint64
+	nlink uint64
+	sum   string
+}
+
+// fingerprint is a mem-file's inode, link count and sha256.
+func fingerprint(t *testing.T, path string) fileID {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		t.Fatal(err)
+	}
+	sys := st.Sys().(*syscall.Stat_t)
+	return fileID{ino: sys.Ino, nlink: uint64(sys.Nlink), sum: hex.EncodeToString(h.Sum(nil))}
+}
+
+func latestMem(t *testing.T, m *Manager, id string) string {
+	t.Helper()
+	g, err := m.layout.Guest(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return g.Latest().Memory()
+}
+
+func baseMem(t *testing.T, m *Manager, id string) string {
+	t.Helper()
+	g, err := m.layout.Guest(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return g.Base().Memory()
+}
