@@ -35,7 +35,7 @@ type Config struct {
 	Vcpus         int      `json:"vcpus"`           // default 1
 	WorkingSetMiB int      `json:"working_set_mib"` // forkd.ws_mib; default 64 (at most half the guest)
 	WritePct      int      `json:"write_pct"`       // forkd.write_pct; default 20
-	Rate          int      `json:"rate"`            // forkd.rate, workload steps/s per VM; default 4000; -1 = unpaced
+	Rate          int      `json:"rate"`            // forkd.rate, workload steps/s per VM; default 20000; -1 = unpaced
 	Forks         int      `json:"forks"`           // concurrent forks per burst; default 25
 	Strategies    []string `json:"strategies"`      // default {hardlink}
 	Backends      []string `json:"backends"`        // restore backends; default {file, uffd}
@@ -62,7 +62,7 @@ func (c Config) withDefaults() (Config, error) {
 		c.WritePct = 20
 	}
 	if c.Rate == 0 {
-		c.Rate = 4000
+		c.Rate = 20000
 	}
 	if c.Forks == 0 {
 		c.Forks = 25

@@ -11,7 +11,7 @@ func TestConfigDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(c.SizesMiB, []int{1024}) || c.Forks != 25 || c.WorkingSetMiB != 64 || c.Rate != 4000 ||
+	if !slices.Equal(c.SizesMiB, []int{1024}) || c.Forks != 25 || c.WorkingSetMiB != 64 || c.Rate != 20000 ||
 		!slices.Equal(c.Strategies, []string{"hardlink"}) || !slices.Equal(c.Backends, []string{"file", "uffd"}) ||
 		!slices.Equal(c.Temperatures, []string{"cold", "warm"}) {
 		t.Errorf("defaults = %+v", c)

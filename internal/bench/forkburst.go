@@ -57,7 +57,8 @@ func ForkBurst(ctx context.Context, opt Options, progress func(string)) (rep *Re
 		parent = fs.Dir
 		progress(fmt.Sprintf("loopback %s on %s at %s", opt.FS, fs.Device, fs.Dir))
 	}
-	work, err := os.MkdirTemp(parent, "forkd-bench-")
+	// Short names: VMM sockets live 4 levels below and must fit in 108 bytes.
+	work, err := os.MkdirTemp(parent, "fb-")
 	if err != nil {
 		return nil, fmt.Errorf("fork-burst: work dir: %w", err)
 	}
@@ -81,11 +82,7 @@ func ForkBurst(ctx context.Context, opt Options, progress func(string)) (rep *Re
 			}
 			daemons++
 			dir := filepath.Join(work, fmt.Sprintf("%s-%d", strategy, daemons))
-			if err := os.MkdirAll(dir, 0o700); err != nil {
-				return Conn{}, fmt.Errorf("fork-burst: %w", err)
-			}
-			d, err := StartDaemon(ctx, DaemonSpec{Binary: opt.Binary, DataDir: filepath.Join(dir, "data"), Args: args,
-				LogPath: filepath.Join(dir, "daemon.log")})
+			d, err := StartDaemon(ctx, DaemonSpec{Binary: opt.Binary, DataDir: dir, Args: args, LogPath: dir + ".log"})
 			if err != nil && strategy != StrategyHardlink && strings.Contains(err.Error(), "unknown flag: --fork-strategy") {
 				return Conn{}, fmt.Errorf("%w: %s (this forkd serve has no --fork-strategy to force it)", ErrStrategyUnsupported, strategy)
 			}
