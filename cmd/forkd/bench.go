@@ -78,7 +78,7 @@ Compare ratios within one run: absolute times on nested VMs are noise.`,
 	f.IntVar(&opt.Vcpus, "vcpus", 1, "vCPUs of the source VM")
 	f.IntVar(&opt.WorkingSetMiB, "ws-mib", 64, "working set of the guest workload (MiB; at most half the guest)")
 	f.IntVar(&opt.WritePct, "write-pct", 20, "percent of workload steps that write their page")
-	f.IntVar(&opt.Rate, "rate", 20000, "workload steps per second per VM (-1: unpaced; 20000 = one page per 50 µs, slower than a cold fault)")
+	f.IntVar(&opt.Rate, "rate", 20000, "workload steps per second per VM (-1: unpaced; 20000 paces a page per 50 µs, so slower cold faults show in the touch time)")
 	f.StringSliceVar(&opt.Strategies, "strategies", []string{bench.StrategyHardlink, bench.StrategyReflink, bench.StrategyCopy},
 		"fork strategies: hardlink (forkd), reflink, copy; ones the daemon cannot force are reported as skipped")
 	f.StringSliceVar(&opt.Backends, "backends", []string{"file", "uffd"}, "restore backends: file, uffd")
