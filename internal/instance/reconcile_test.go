@@ -1,0 +1,169 @@
+package instance
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/store"
+)
+
+// openAndClose runs fn on a manager over dir and closes it WITHOUT deleting
+// its instances: a daemon that stops (or dies) while its VMs keep running.
+func openAndClose(t *testing.T, dir string, fn func(m *Manager)) {
+	t.Helper()
+	m, err := New(context.Background(), Config{
+		DataDir: dir,
+		VMM:     VMMSpec{Binary: forkdBin, Args: []string{"vmm"}, Emulator: true},
+		Logger:  slog.New(slog.NewTextHandler(testWriter{t}, nil)),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fn(m)
+	m.Close()
+}
+
+func shortDir(t *testing.T) string {
+	t.Helper()
+	if skipReason != "" {
+		t.Skip("SKIP (needs forkd vmm): " + skipReason)
+	}
+	dir, err := os.MkdirTemp("", "fk")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+func TestRestartReadoptsRunningVMM(t *testing.T) {
+	dir := shortDir(t)
+	var before api.Instance
+	openAndClose(t, dir, func(m *Manager) {
+		before = createRunning(t, m, "vm")
+		verifyGuest(t, m, before.ID)
+	})
+	m := newManagerAt(t, dir)
+	in, err := m.GetInstance(context.Background(), "vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if in.State != api.StateRunning || in.Pid != before.Pid {
+		t.Fatalf("after restart: state %s pid %d; want Running pid %d (the VMM outlives the daemon)", in.State, in.Pid, before.Pid)
+	}
+	verifyGuest(t, m, in.ID)
+	action(t, m, "vm", "standby")
+	if syscall.Kill(before.Pid, 0) == nil {
+		t.Fatalf("adopted VMM pid %d still alive after standby", before.Pid)
+	}
+	action(t, m, "vm", "restore")
+	verifyGuest(t, m, in.ID)
+}
+
+func TestReconcileSettlesInstancesWhoseVMMDied(t *testing.T) {
+	dir := shortDir(t)
+	var running, standingBy api.Instance
+	openAndClose(t, dir, func(m *Manager) {
+		running = createRunning(t, m, "running")
+		standingBy = createRunning(t, m, "standingby")
+		action(t, m, "standingby", "standby")
+	})
+	// Kill the running VMM while no daemon runs.
+	if err := syscall.Kill(running.Pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitDead(t, running.Pid)
+	// A standby that crashed after its snapshot was durable: the record
+	// still says Standingby and the journal entry is open at "created".
+	db, err := store.Open(context.Background(), filepath.Join(dir, "forkd.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec, _ := db.GetInstance(context.Background(), standingBy.ID)
+	rec.State, rec.Pid, rec.SnapshotCacheKey = api.StateStandingby, running.Pid, ""
+	db.UpdateInstance(context.Background(), rec)
+	id, _ := db.Begin(context.Background(), "standby", standingBy.ID, opPayload{Prev: api.StateRunning})
+	db.Step(context.Background(), id, "created", nil)
+	db.Close()
+
+	m := newManagerAt(t, dir)
+	ctx := context.Background()
+	in, _ := m.GetInstance(ctx, "running")
+	if in.State != api.StateStopped {
+		t.Errorf("instance whose VMM died with no snapshot: %s, want Stopped", in.State)
+	}
+	in, _ = m.GetInstance(ctx, "standingby")
+	if in.State != api.StateStandby || in.SnapshotCacheKey == "" {
+		t.Errorf("standby interrupted after its snapshot: %+v, want Standby with a cache key", in)
+	}
+	if open, _ := m.db.OpenEntries(ctx); len(open) != 0 {
+		t.Errorf("%d journal entries still open after reconcile", len(open))
+	}
+	action(t, m, "standingby", "restore")
+	verifyGuest(t, m, in.ID)
+	action(t, m, "running", "start")
+}
+
+func TestReconcileRemovesInterruptedForkAndTempFiles(t *testing.T) {
+	dir := shortDir(t)
+	var src api.Instance
+	openAndClose(t, dir, func(m *Manager) {
+		src = createRunning(t, m, "src")
+		action(t, m, "src", "standby")
+	})
+	ctx := context.Background()
+	db, err := store.Open(ctx, filepath.Join(dir, "forkd.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	forkID := newID()
+	jid, _ := db.Begin(ctx, "fork", forkID, opPayload{Source: "instance:" + src.ID})
+	db.CreateInstance(ctx, store.Instance{ID: forkID, Name: "half", State: api.StateForking, Vcpus: 1, MemoryMiB: testMemMiB})
+	db.Step(ctx, jid, "created", nil)
+	db.Close()
+	tmpFork := filepath.Join(dir, "guests", ".tmp-"+forkID)
+	leftovers := []string{
+		filepath.Join(tmpFork, "snapshots", "snapshot-latest", "memory"),
+		filepath.Join(dir, "guests", src.ID, "snapshots", "snapshot-latest", "memory.unshare.tmp"),
+		filepath.Join(dir, "snapshots", ".tmp-"+newID(), "memory"),
+		filepath.Join(dir, "guests", newID(), "kernel"), // a dir no record claims
+	}
+	for _, p := range leftovers {
+		os.MkdirAll(filepath.Dir(p), 0o755)
+		if err := os.WriteFile(p, []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m := newManagerAt(t, dir)
+	if _, err := m.GetInstance(ctx, "half"); err == nil {
+		t.Error("interrupted fork still has a record")
+	}
+	for _, p := range leftovers {
+		if _, err := os.Stat(p); err == nil {
+			t.Errorf("leftover %s not removed", p)
+		}
+	}
+	in, _ := m.GetInstance(ctx, "src")
+	if in.State != api.StateStandby {
+		t.Fatalf("source: %s, want Standby", in.State)
+	}
+	action(t, m, "src", "restore")
+	verifyGuest(t, m, src.ID)
+}
+
+func waitDead(t *testing.T, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for syscall.Kill(pid, 0) == nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("pid %d did not die", pid)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
