@@ -218,8 +218,14 @@ func (p *vmmProc) boot(b bootSpec) {
 	p.must("PUT", "/actions", map[string]any{"action_type": "InstanceStart"}, 204)
 }
 
-func (p *vmmProc) pause()  { p.t.Helper(); p.must("PATCH", "/vm", map[string]any{"state": "Paused"}, 204) }
-func (p *vmmProc) resume() { p.t.Helper(); p.must("PATCH", "/vm", map[string]any{"state": "Resumed"}, 204) }
+func (p *vmmProc) pause() {
+	p.t.Helper()
+	p.must("PATCH", "/vm", map[string]any{"state": "Paused"}, 204)
+}
+func (p *vmmProc) resume() {
+	p.t.Helper()
+	p.must("PATCH", "/vm", map[string]any{"state": "Resumed"}, 204)
+}
 
 func (p *vmmProc) snapshot(typ, vmstate, mem string) {
 	p.t.Helper()
@@ -229,7 +235,7 @@ func (p *vmmProc) snapshot(typ, vmstate, mem string) {
 func (p *vmmProc) loadFile(vmstate, mem string, track, resume bool) {
 	p.t.Helper()
 	p.must("PUT", "/snapshot/load", map[string]any{"snapshot_path": vmstate,
-		"mem_backend": map[string]any{"backend_type": "File", "backend_path": mem},
+		"mem_backend":       map[string]any{"backend_type": "File", "backend_path": mem},
 		"track_dirty_pages": track, "resume_vm": resume}, 204)
 }
 
