@@ -53,6 +53,7 @@ func (m *Manager) compress(ctx context.Context, id string) error {
 	if err := memfile.Compress(ctx, sd.Memory(), sd.MemoryZst(), memfile.CompressOptions{}); err != nil {
 		return fmt.Errorf("compress snapshot %s: %w", id, err)
 	}
+	crashPoint("compress", "compressed") // test hook (crashhook.go)
 	l := m.snapshotLock(id)
 	l.rw.Lock()
 	defer l.rw.Unlock()
@@ -66,6 +67,7 @@ func (m *Manager) compress(ctx context.Context, id string) error {
 	if err := atomicfile.SyncDir(sd.Dir); err != nil {
 		return err
 	}
+	crashPoint("compress", "raw-removed") // test hook (crashhook.go)
 	rec.State = snapCompressed
 	rec.SizeBytes = dirBytes(sd)
 	if err := m.db.UpdateSnapshot(ctx, rec); err != nil {

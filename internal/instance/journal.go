@@ -31,6 +31,7 @@ func (m *Manager) begin(ctx context.Context, kind, subject string, p opPayload) 
 	if err != nil {
 		return nil, fmt.Errorf("%s %s: %w", kind, subject, err)
 	}
+	crashPoint(kind, "begun") // test hook (crashhook.go); off unless FORKD_TEST_CRASH_AT is set
 	return &op{m: m, id: id, kind: kind, subject: subject}, nil
 }
 
@@ -44,6 +45,7 @@ func (o *op) step(ctx context.Context, name string, p *opPayload) error {
 	if err := o.m.db.Step(ctx, o.id, name, payload); err != nil {
 		return fmt.Errorf("%s %s: %w", o.kind, o.subject, err)
 	}
+	crashPoint(o.kind, name) // test hook (crashhook.go); off unless FORKD_TEST_CRASH_AT is set
 	return nil
 }
 
