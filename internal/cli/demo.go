@@ -172,7 +172,19 @@ func (d *demo) run(ctx context.Context) error {
 	}
 	d.progress("deleted the source; all %d forks intact (they hold the memory file's inode)", len(forks))
 
-	restored, rlat, err := d.all(ctx, forks, "restore")
+	// Half the forks restore through the pager, so its shared cache shows:
+	// the first uffd sibling misses, the rest should hit. A build without
+	// the pager restores them all from the file.
+	_, perr := d.c.PagerStats(ctx)
+	if perr != nil {
+		d.detail("pager unavailable (%v): every fork restores with the file backend", perr)
+	}
+	restored, rlat, err := d.all(ctx, forks, "restore", func(i int) api.ActionRequest {
+		if i%2 == 1 && perr == nil {
+			return api.ActionRequest{RestoreBackend: api.BackendUffd}
+		}
+		return api.ActionRequest{RestoreBackend: api.BackendFile}
+	})
 	if err != nil {
 		return err
 	}
@@ -184,7 +196,7 @@ func (d *demo) run(ctx context.Context) error {
 	d.progress("restored %d forks: p50 %s, max %s; backends %v", len(restored), ms(percentile(rlat, 0.5)), ms(percentile(rlat, 1)), backends)
 	time.Sleep(time.Second) // let every fork's workload run and verify its pages
 
-	parked, slat, err := d.all(ctx, restored, "standby")
+	parked, slat, err := d.all(ctx, restored, "standby", nil)
 	if err != nil {
 		return err
 	}
@@ -240,7 +252,7 @@ func (d *demo) forkBurst(ctx context.Context, src api.Instance) ([]api.Instance,
 }
 
 // all runs one action on every instance concurrently.
-func (d *demo) all(ctx context.Context, list []api.Instance, action string) ([]api.Instance, []time.Duration, error) {
+func (d *demo) all(ctx context.Context, list []api.Instance, action string, req func(i int) api.ActionRequest) ([]api.Instance, []time.Duration, error) {
 	out := make([]api.Instance, len(list))
 	lat := make([]time.Duration, len(list))
 	errs := make([]error, len(list))
@@ -250,7 +262,11 @@ func (d *demo) all(ctx context.Context, list []api.Instance, action string) ([]a
 		go func() {
 			defer wg.Done()
 			t := time.Now()
-			out[i], errs[i] = d.c.Action(ctx, inst.ID, action, api.ActionRequest{})
+			var r api.ActionRequest
+			if req != nil {
+				r = req(i)
+			}
+			out[i], errs[i] = d.c.Action(ctx, inst.ID, action, r)
 			lat[i] = time.Since(t)
 			if errs[i] != nil {
 				errs[i] = fmt.Errorf("%s %s: %w", action, inst.Name, errs[i])
