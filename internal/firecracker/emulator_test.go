@@ -164,6 +164,10 @@ func restoreAndRun(t *testing.T, dir, name string) (*Process, *Client, GuestStat
 func TestEmulatorSurvivesFullThenDiffSnapshotRestore(t *testing.T) {
 	dir := shortTempDir(t)
 	p, c := bootWorkload(t, dir)
+	// What a restarted daemon does: re-attach by pid and socket.
+	if _, err := Adopt(p.Pid, p.APISock); err != nil {
+		t.Fatalf("Adopt the running emulator: %v", err)
+	}
 	snapshotAndKill(t, p, c, dir, SnapshotFull)
 
 	p2, c2, g := restoreAndRun(t, dir, "restored")

@@ -263,12 +263,58 @@ func TestAdoptRefuses(t *testing.T) {
 		{"dead pid", dead.Pid, deadSock},
 		{"live pid, socket nobody answers", live.Pid, filepath.Join(shortTempDir(t), "none.sock")},
 		{"invalid pid", 0, live.APISock},
+		// A live pid and a live VMM socket that are not the same process:
+		// what a recycled pid recorded for another VMM looks like.
+		{"pid does not own the socket", os.Getpid(), live.APISock},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if _, err := Adopt(tc.pid, tc.sock); err == nil {
 				t.Errorf("Adopt(%d, %s) succeeded, want an error", tc.pid, tc.sock)
 			}
 		})
+	}
+}
+
+func TestAdoptForKillFindsAVMMWhoseAPIDoesNotAnswer(t *testing.T) {
+	spec := helperSpec(t, "silent")
+	cmd := exec.Command(spec.Binary, "--api-sock", spec.APISock, "--id", "hung")
+	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH")}, spec.Env...)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waited := make(chan struct{})
+	go func() { cmd.Wait(); close(waited) }()
+	t.Cleanup(func() { cmd.Process.Kill(); <-waited })
+
+	if _, err := Adopt(cmd.Process.Pid, spec.APISock); err == nil {
+		t.Fatal("Adopt of a VMM whose socket does not answer succeeded")
+	}
+	for _, tc := range []struct {
+		name string
+		pid  int
+		sock string
+	}{
+		{"other socket", cmd.Process.Pid, spec.APISock + ".other"},
+		{"not a VMM (the test itself)", os.Getpid(), spec.APISock},
+		{"invalid pid", -1, spec.APISock},
+	} {
+		if _, err := AdoptForKill(tc.pid, tc.sock); err == nil {
+			t.Errorf("%s: AdoptForKill(%d, %s) succeeded, want a refusal", tc.name, tc.pid, tc.sock)
+		}
+	}
+	p, err := AdoptForKill(cmd.Process.Pid, spec.APISock)
+	if err != nil {
+		t.Fatalf("AdoptForKill of the hung VMM: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := p.Kill(ctx); err != nil {
+		t.Fatalf("Kill: %v", err)
+	}
+	select {
+	case <-waited:
+	case <-ctx.Done():
+		t.Fatal("hung VMM still running after Kill")
 	}
 }
 

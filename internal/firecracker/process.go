@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"strconv"
 	"strings"
@@ -32,7 +33,9 @@ type Process struct {
 }
 
 // Adopt re-attaches to a VMM started by an earlier daemon: the pid must be
-// alive (not a zombie) and its API socket must answer GET /.
+// alive (not a zombie), its API socket must answer GET /, and the socket
+// must be that process's (SO_PEERCRED): a recycled pid that happens to be
+// alive never passes for the VMM, so a later Kill cannot hit a stranger.
 func Adopt(pid int, apiSock string) (*Process, error) {
 	if pid <= 0 {
 		return nil, fmt.Errorf("adopt vmm pid %d: invalid pid", pid)
@@ -47,12 +50,78 @@ func Adopt(pid int, apiSock string) (*Process, error) {
 	if st.state == 'Z' || st.state == 'X' {
 		return nil, fmt.Errorf("adopt vmm pid %d: process has exited (state %c)", pid, st.state)
 	}
+	owner, err := socketOwner(apiSock)
+	if err != nil {
+		return nil, fmt.Errorf("adopt vmm pid %d: api socket: %w", pid, err)
+	}
+	if owner != pid {
+		return nil, fmt.Errorf("adopt vmm pid %d: api socket %s belongs to pid %d", pid, apiSock, owner)
+	}
 	c := newClient(apiSock, Timeouts{Call: 2 * time.Second, Snapshot: defaultSnapshotTimeout})
 	defer c.Close()
 	if _, err := c.Describe(context.Background()); err != nil {
 		return nil, fmt.Errorf("adopt vmm pid %d: api socket: %w", pid, err)
 	}
 	return &Process{Pid: pid, APISock: apiSock, startTime: st.startTime}, nil
+}
+
+// AdoptForKill finds a VMM whose API may no longer answer (hung, or
+// mid-crash) so it can be killed: pid must be alive and its command line
+// must carry "--api-sock apiSock", which is how Launch started it. The
+// Process is meant for Alive and Kill only.
+func AdoptForKill(pid int, apiSock string) (*Process, error) {
+	if pid <= 0 {
+		return nil, fmt.Errorf("adopt vmm pid %d for kill: invalid pid", pid)
+	}
+	st, err := readStat(pid)
+	if err != nil {
+		return nil, fmt.Errorf("adopt vmm pid %d for kill: %w", pid, err)
+	}
+	cmdline, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	if err != nil {
+		return nil, fmt.Errorf("adopt vmm pid %d for kill: %w", pid, err)
+	}
+	if !hasArgPair(cmdline, "--api-sock", apiSock) {
+		return nil, fmt.Errorf("adopt vmm pid %d for kill: its command line has no --api-sock %s: not that VMM", pid, apiSock)
+	}
+	return &Process{Pid: pid, APISock: apiSock, startTime: st.startTime}, nil
+}
+
+// hasArgPair reports whether a NUL-separated command line holds flag
+// followed by value.
+func hasArgPair(cmdline []byte, flag, value string) bool {
+	args := strings.Split(strings.TrimRight(string(cmdline), "\x00"), "\x00")
+	for i := 0; i+1 < len(args); i++ {
+		if args[i] == flag && args[i+1] == value {
+			return true
+		}
+	}
+	return false
+}
+
+// socketOwner is the pid that listens on a Unix socket (SO_PEERCRED of a
+// connection to it: the credentials the listener had at listen(2)).
+func socketOwner(path string) (int, error) {
+	conn, err := net.DialTimeout("unix", path, 2*time.Second)
+	if err != nil {
+		return 0, err
+	}
+	defer conn.Close()
+	raw, err := conn.(*net.UnixConn).SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var cred *unix.Ucred
+	var credErr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return 0, err
+	}
+	if credErr != nil {
+		return 0, fmt.Errorf("SO_PEERCRED: %w", credErr)
+	}
+	return int(cred.Pid), nil
 }
 
 // Alive reports whether the VMM process still runs (a zombie does not).
