@@ -213,15 +213,16 @@ func (f *FD) WaitReadable(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("wait userfaultfd: %w", err)
 	}
-	// rawConn.Read calls the function, and when it returns false waits for
-	// readiness, then calls it again: the second call means "readable".
-	first := true
-	err = rc.Read(func(uintptr) bool {
-		if first {
-			first = false
-			return false
-		}
-		return true
+	// rawConn.Read first clears the netpoller's readiness token, then calls
+	// the function; while it returns false, it parks until the next edge
+	// and calls it again. So the function must check the level itself: a
+	// zero-timeout poll(2). Returning on the bare token would lose an event
+	// that arrived between the caller's last EAGAIN and this wait (the reset
+	// drops its edge) and hang the faulting thread forever.
+	err = rc.Read(func(fd uintptr) bool {
+		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, err := unix.Poll(pfd, 0)
+		return err == nil && n > 0 && pfd[0].Revents&(unix.POLLIN|unix.POLLERR) != 0
 	})
 	switch {
 	case err == nil:

@@ -250,3 +250,40 @@ func TestReadMsgsEmptyIsEAGAIN(t *testing.T) {
 		t.Fatalf("ReadMsgs on idle uffd = %d, %v, want 0, EAGAIN", n, err)
 	}
 }
+
+// TestWaitReadableSeesEventQueuedBeforeTheWait: an event queued while
+// nobody waits (its edge already consumed by the netpoller) must still end
+// the next wait. A wait that trusted the runtime's readiness token alone
+// lost it and hung the thread that queued it.
+func TestWaitReadableSeesEventQueuedBeforeTheWait(t *testing.T) {
+	f := openOrSkip(t, FeatureEventRemove)
+	mem := mmapAnon(t, 4*PageSize)
+	if _, err := f.Register(addr(mem), uint64(len(mem)), RegisterModeMissing); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.ZeroPage(addr(mem), PageSize, 0); err != nil {
+		t.Fatal(err)
+	}
+	// Register the fd with the netpoller (an expired wait).
+	expired, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := f.WaitReadable(expired); !errors.Is(err, context.Canceled) {
+		t.Fatalf("expired wait: %v", err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- unix.Madvise(mem[:PageSize], unix.MADV_DONTNEED) }() // blocks until the REMOVE is read
+	time.Sleep(100 * time.Millisecond)                                       // the event is queued, its edge delivered
+	ctx, cancel2 := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel2()
+	if err := f.WaitReadable(ctx); err != nil {
+		t.Fatalf("WaitReadable with a queued REMOVE: %v (lost wakeup)", err)
+	}
+	msgs := make([]Msg, 4)
+	n, err := f.ReadMsgs(msgs)
+	if err != nil || n != 1 || msgs[0].Event != EventRemove || msgs[0].Start != addr(mem) || msgs[0].End != addr(mem)+PageSize {
+		t.Fatalf("ReadMsgs = %d %+v %v, want one REMOVE of page 0", n, msgs[:n], err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
