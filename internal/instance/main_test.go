@@ -81,8 +81,9 @@ func newManagerAt(t *testing.T, dir string, opts ...testOpt) *Manager {
 	t.Helper()
 	cfg := Config{
 		DataDir: dir,
-		VMM:     VMMSpec{Binary: forkdBin, Args: []string{"vmm"}, Emulator: true},
-		Logger:  slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})),
+		VMM:         VMMSpec{Binary: forkdBin, Args: []string{"vmm"}, Emulator: true},
+		PagerBinary: forkdBin,
+		Logger:      slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})),
 	}
 	for _, o := range opts {
 		o(&cfg)
@@ -97,6 +98,12 @@ func newManagerAt(t *testing.T, dir string, opts ...testOpt) *Manager {
 		for _, in := range list {
 			if err := m.DeleteInstance(ctx, in.ID); err != nil {
 				t.Errorf("cleanup: delete %s: %v", in.Name, err)
+			}
+		}
+		// Leave no pager behind: it exits once drained and sessionless.
+		if hp, ok := m.startedPager().(interface{ Drain(context.Context) error }); ok {
+			if err := hp.Drain(ctx); err != nil {
+				t.Errorf("cleanup: drain pager: %v", err)
 			}
 		}
 		m.Close()

@@ -30,7 +30,8 @@ type Config struct {
 	RestoreBackend     string
 	ForkRestoreBackend string
 	// PagerBinary runs `pager serve` (default: this executable);
-	// PagerCacheBytes is its cache budget (0: the pager's default).
+	// PagerCacheBytes is its cache budget (0: defaultPagerCacheBytes; the
+	// pager itself would read 0 as "no cache").
 	PagerBinary     string
 	PagerCacheBytes int64
 	// Pager, when set, replaces the lazily started host pager (tests).
@@ -45,6 +46,8 @@ type Config struct {
 	// show the corruption the guard prevents; never set it elsewhere.
 	DisableUnshareGuard bool
 }
+
+const defaultPagerCacheBytes = 512 << 20
 
 // Manager implements api.Service.
 type Manager struct {
@@ -100,6 +103,9 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		if b != api.BackendFile && b != api.BackendUffd {
 			return nil, fmt.Errorf("instance manager: restore backend %q: want file or uffd", b)
 		}
+	}
+	if cfg.PagerCacheBytes <= 0 {
+		cfg.PagerCacheBytes = defaultPagerCacheBytes
 	}
 	if cfg.VMM.Binary == "" {
 		return nil, fmt.Errorf("instance manager: no VMM binary")

@@ -36,19 +36,30 @@ func (m *Manager) standby(ctx context.Context, in *store.Instance, _ api.ActionR
 		o.finish(ctx, err)
 		return err
 	}
+	c := m.client(g)
+	defer c.Close()
+	paused := false
+	// fail undoes what standby did to the VM (it resumes a VM it paused) and
+	// leaves the instance in its previous state with the error text; a VM
+	// that cannot be resumed is Error.
 	fail := func(err error) error {
 		err = fmt.Errorf("standby %s: %w", in.Name, err)
 		in.State, in.Error = prev, err.Error()
+		if paused {
+			if rerr := c.Resume(ctx); rerr != nil {
+				err = errors.Join(err, fmt.Errorf("resume after failed standby: %w", rerr))
+				in.State, in.Error = api.StateError, err.Error()
+			}
+		}
 		m.db.UpdateInstance(ctx, *in)
 		o.finish(ctx, err)
 		return err
 	}
-	c := m.client(g)
-	defer c.Close()
 	if prev == api.StateRunning {
 		if err := c.Pause(ctx); err != nil {
 			return fail(err)
 		}
+		paused = true
 	}
 	in.MemoryCheck = m.memoryCheck(ctx, g)
 	latest, base := g.Latest(), g.Base()
@@ -66,15 +77,6 @@ func (m *Manager) standby(ctx context.Context, in *store.Instance, _ api.ActionR
 		return fail(err)
 	}
 	if _, err := m.writeSnapshot(ctx, o, c, in.ID, latest); err != nil {
-		if prev == api.StateRunning {
-			if rerr := c.Resume(ctx); rerr != nil {
-				err = errors.Join(err, fmt.Errorf("resume after failed snapshot: %w", rerr))
-				in.State, in.Error = api.StateError, err.Error()
-				m.db.UpdateInstance(ctx, *in)
-				o.finish(ctx, err)
-				return fmt.Errorf("standby %s: %w", in.Name, err)
-			}
-		}
 		return fail(err)
 	}
 	return m.finishStandby(ctx, o, in, g)
