@@ -80,7 +80,7 @@ func newTestManager(t *testing.T, opts ...testOpt) *Manager {
 func newManagerAt(t *testing.T, dir string, opts ...testOpt) *Manager {
 	t.Helper()
 	cfg := Config{
-		DataDir: dir,
+		DataDir:     dir,
 		VMM:         VMMSpec{Binary: forkdBin, Args: []string{"vmm"}, Emulator: true},
 		PagerBinary: forkdBin,
 		Logger:      slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})),
