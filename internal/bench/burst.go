@@ -25,13 +25,13 @@ type forkResult struct {
 	err                  error
 }
 
-// burst forks n VMs from snap concurrently, restores each with backend as
+// burst forks n VMs from par concurrently, restores each with backend as
 // soon as its fork returns, waits until each has touched its working set,
 // then measures memory and the pager and deletes the forks.
-func (r *runner) burst(ctx context.Context, svc api.Service, snap api.Snapshot, size int, strategy, backend, temp string, n int) Cell {
+func (r *runner) burst(ctx context.Context, svc api.Service, par parent, size int, strategy, backend, temp string, n int) Cell {
 	cell := Cell{SizeMiB: size, Strategy: strategy, Backend: backend, Temperature: temp, Forks: n,
 		MemoryChecks: map[string]int{}, ForkModes: map[string]int{}}
-	r.progress(fmt.Sprintf("%d MiB %s %s %s: %d concurrent forks of snapshot %s", size, strategy, backend, temp, n, snap.ID))
+	r.progress(fmt.Sprintf("%d MiB %s %s %s: %d concurrent forks of %s", size, strategy, backend, temp, n, par))
 	prefix := r.name("burst") + "-"
 
 	pagerBefore, pagerErr := r.pagerCounters(ctx, svc)
@@ -44,7 +44,7 @@ func (r *runner) burst(ctx context.Context, svc api.Service, snap api.Snapshot, 
 	for i := range results {
 		wg.Go(func() {
 			<-start
-			results[i] = r.oneFork(ctx, svc, snap.ID, fmt.Sprintf("%s%d", prefix, i), backend, size)
+			results[i] = r.oneFork(ctx, svc, par, fmt.Sprintf("%s%d", prefix, i), backend, size)
 		})
 	}
 	t0 := time.Now()
@@ -95,13 +95,13 @@ func (r *runner) burst(ctx context.Context, svc api.Service, snap api.Snapshot, 
 	return cell
 }
 
-// oneFork forks snapID to Standby (the fanout the API promises to be
+// oneFork forks par to Standby (the fanout the API promises to be
 // zero-I/O), restores it with backend, and follows its workload until it has
 // read as many pages as its working set holds.
-func (r *runner) oneFork(ctx context.Context, svc api.Service, snapID, name, backend string, size int) forkResult {
+func (r *runner) oneFork(ctx context.Context, svc api.Service, par parent, name, backend string, size int) forkResult {
 	var res forkResult
 	t0 := time.Now()
-	inst, err := svc.ForkSnapshot(ctx, snapID, api.ForkRequest{Name: name, TargetState: api.StateStandby})
+	inst, err := par.fork(ctx, svc, api.ForkRequest{Name: name, TargetState: api.StateStandby})
 	res.fork = time.Since(t0)
 	if err != nil {
 		res.err = err // the daemon's message names the operation and the fork

@@ -25,6 +25,12 @@ const (
 	Warm = "warm"
 )
 
+// What forks are made from.
+const (
+	FromSnapshot = "snapshot" // a snapshot in the store (POST /snapshots/{id}/fork)
+	FromStandby  = "standby"  // the Standby source instance (POST /instances/{id}/fork)
+)
+
 // ErrStrategyUnsupported is returned by a Target that cannot fork with a
 // strategy; its cells are reported as skipped, not failed.
 var ErrStrategyUnsupported = errors.New("fork strategy not supported by this daemon")
@@ -40,6 +46,7 @@ type Config struct {
 	Strategies    []string `json:"strategies"`      // default {hardlink}
 	Backends      []string `json:"backends"`        // restore backends; default {file, uffd}
 	Temperatures  []string `json:"temperatures"`    // default {cold, warm}
+	ForkFrom      string   `json:"fork_from"`       // FromSnapshot (default) | FromStandby
 	// DropCaches drops the host page cache before each cold burst (root).
 	DropCaches bool `json:"drop_caches"`
 	// TouchTimeout bounds the wait for one fork's workload to cover its
@@ -75,6 +82,12 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if len(c.Temperatures) == 0 {
 		c.Temperatures = []string{Cold, Warm}
+	}
+	if c.ForkFrom == "" {
+		c.ForkFrom = FromSnapshot
+	}
+	if c.ForkFrom != FromSnapshot && c.ForkFrom != FromStandby {
+		return c, fmt.Errorf("fork-burst config: fork from %q: want %s or %s", c.ForkFrom, FromSnapshot, FromStandby)
 	}
 	if c.TouchTimeout == 0 {
 		c.TouchTimeout = 2 * time.Minute

@@ -40,6 +40,7 @@ func TestConfigRejects(t *testing.T) {
 		{"unknown temperature", Config{Temperatures: []string{"hot"}}, `temperature "hot"`},
 		{"write pct over 100", Config{WritePct: 101}, "out of range"},
 		{"negative forks", Config{Forks: -1}, "out of range"},
+		{"unknown fork parent", Config{ForkFrom: "running"}, `fork from "running"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := tc.cfg.withDefaults()

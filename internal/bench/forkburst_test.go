@@ -47,11 +47,17 @@ func TestForkBurstEndToEnd(t *testing.T) {
 		t.Skip("starts a daemon and VMMs")
 	}
 	bin := buildForkd(t)
+	for _, from := range []string{FromSnapshot, FromStandby} {
+		t.Run("from "+from, func(t *testing.T) { testForkBurst(t, bin, from) })
+	}
+}
+
+func testForkBurst(t *testing.T, bin, from string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	var log bytes.Buffer
 	rep, err := ForkBurst(ctx, Options{
-		Config: Config{SizesMiB: []int{64}, WorkingSetMiB: 4, Forks: 3, Rate: 20000,
+		Config: Config{SizesMiB: []int{64}, WorkingSetMiB: 4, Forks: 3, Rate: 20000, ForkFrom: from,
 			Backends: []string{api.BackendFile, api.BackendUffd}, Strategies: []string{StrategyHardlink, StrategyCopy}},
 		Binary: bin,
 		Dir:    shortTempDir(t),

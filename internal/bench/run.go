@@ -127,23 +127,23 @@ func (r *runner) strategy(ctx context.Context, size int, strategy string) ([]Cel
 
 	var cells []Cell
 	for _, backend := range r.cfg.Backends {
-		var snap *api.Snapshot
+		var par *parent
 		for _, temp := range r.cfg.Temperatures {
-			if temp == Cold || snap == nil {
-				if snap != nil {
-					r.deleteSnapshot(ctx, svc, snap.ID)
+			if temp == Cold || par == nil {
+				if par != nil {
+					par.release(ctx, r, svc)
 				}
-				s, err := r.freshSnapshot(ctx, svc, src)
+				p, err := r.freshParent(ctx, svc, src)
 				if err != nil {
 					cells = append(cells, Cell{SizeMiB: size, Strategy: strategy, Backend: backend, Temperature: temp,
-						Skipped: "snapshot failed: " + err.Error()})
+						Skipped: "preparing the fork parent failed: " + err.Error()})
 					continue
 				}
-				snap = &s
+				par = &p
 				if temp == Warm {
-					// A warm burst follows a burst of the same snapshot; without a
+					// A warm burst follows a burst of the same parent; without a
 					// measured cold one, warm the caches with one unmeasured fork.
-					r.burst(ctx, svc, *snap, size, strategy, backend, "prime", 1)
+					r.burst(ctx, svc, *par, size, strategy, backend, "prime", 1)
 				}
 			}
 			if temp == Cold && r.cfg.DropCaches {
@@ -151,14 +151,14 @@ func (r *runner) strategy(ctx context.Context, size int, strategy string) ([]Cel
 					return cells, fmt.Errorf("fork-burst: %w", err)
 				}
 			}
-			cell := r.burst(ctx, svc, *snap, size, strategy, backend, temp, r.cfg.Forks)
+			cell := r.burst(ctx, svc, *par, size, strategy, backend, temp, r.cfg.Forks)
 			cells = append(cells, cell)
 			if ctx.Err() != nil {
 				return cells, ctx.Err()
 			}
 		}
-		if snap != nil {
-			r.deleteSnapshot(ctx, svc, snap.ID)
+		if par != nil {
+			par.release(ctx, r, svc)
 		}
 	}
 	return cells, nil
@@ -193,22 +193,76 @@ func (r *runner) createSource(ctx context.Context, svc api.Service, size int, st
 	return src, nil
 }
 
-// freshSnapshot snapshots the (Standby) source under a new cache key: after
-// the first snapshot the source is restored, runs a little, and is stood by
-// again, which gives its memory a new cache key.
-func (r *runner) freshSnapshot(ctx context.Context, svc api.Service, src *source) (api.Snapshot, error) {
+// parent is what one temperature's bursts fork from: a snapshot of the
+// source, or the Standby source itself.
+type parent struct {
+	snapshot bool
+	id       string
+}
+
+func (p parent) String() string {
+	if p.snapshot {
+		return "snapshot " + p.id
+	}
+	return "standby instance " + p.id
+}
+
+// fork forks the parent to Standby.
+func (p parent) fork(ctx context.Context, svc api.Service, req api.ForkRequest) (api.Instance, error) {
+	if p.snapshot {
+		return svc.ForkSnapshot(ctx, p.id, req)
+	}
+	return svc.ForkInstance(ctx, p.id, req)
+}
+
+// release deletes a snapshot parent (the source outlives its parents).
+func (p parent) release(ctx context.Context, r *runner, svc api.Service) {
+	if p.snapshot {
+		r.deleteSnapshot(ctx, svc, p.id)
+	}
+}
+
+// freshParent gives the source's memory a new cache key, unless it has
+// one nobody forked from yet (after the first parent, the source is
+// restored, runs a little, and is stood by again), then snapshots it when
+// forks are made from snapshots.
+func (r *runner) freshParent(ctx context.Context, svc api.Service, src *source) (parent, error) {
+	if r.cfg.ForkFrom == FromStandby {
+		if err := r.cycle(ctx, svc, src); err != nil {
+			return parent{}, err
+		}
+		return parent{id: src.id}, nil
+	}
+	snap, err := r.freshSnapshot(ctx, svc, src)
+	if err != nil {
+		return parent{}, err
+	}
+	return parent{snapshot: true, id: snap.ID}, nil
+}
+
+// cycle restores and re-stands-by a source that already served as a
+// parent, which gives its memory a new cache key.
+func (r *runner) cycle(ctx context.Context, svc api.Service, src *source) error {
 	if src.cycled {
 		if _, err := svc.Action(ctx, src.id, "restore", api.ActionRequest{}); err != nil {
-			return api.Snapshot{}, fmt.Errorf("restore source %s: %w", src.id, err)
+			return fmt.Errorf("restore source %s: %w", src.id, err)
 		}
 		if _, err := r.waitWorkload(ctx, src.id, 100); err != nil {
-			return api.Snapshot{}, fmt.Errorf("source %s workload: %w", src.id, err)
+			return fmt.Errorf("source %s workload: %w", src.id, err)
 		}
 		if _, err := svc.Action(ctx, src.id, "standby", api.ActionRequest{}); err != nil {
-			return api.Snapshot{}, fmt.Errorf("standby source %s: %w", src.id, err)
+			return fmt.Errorf("standby source %s: %w", src.id, err)
 		}
 	}
 	src.cycled = true
+	return nil
+}
+
+// freshSnapshot snapshots the source under a new cache key.
+func (r *runner) freshSnapshot(ctx context.Context, svc api.Service, src *source) (api.Snapshot, error) {
+	if err := r.cycle(ctx, svc, src); err != nil {
+		return api.Snapshot{}, err
+	}
 	snap, err := svc.CreateSnapshot(ctx, src.id, api.SnapshotRequest{Name: r.name("snap")})
 	if err != nil {
 		return api.Snapshot{}, fmt.Errorf("snapshot source %s: %w", src.id, err)
