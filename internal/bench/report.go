@@ -238,8 +238,10 @@ func durStr(d time.Duration) string {
 
 func bytesStr(b int64) string {
 	switch {
+	case b == -1:
+		return "?" // unknown
 	case b < 0:
-		return "?"
+		return "-" + bytesStr(-b)
 	case b < 1<<10:
 		return fmt.Sprintf("%dB", b)
 	case b < 1<<20:
