@@ -1,0 +1,153 @@
+package pager
+
+import (
+	"sync"
+	"sync/atomic"
+)
+
+// pageKey names one page of one snapshot: the interned cache key and the
+// page's byte offset in the mem-file.
+type pageKey struct {
+	key uint32
+	off uint64
+}
+
+// entryOverhead is what an entry costs besides its data (map slot, slot
+// struct), charged against the budget so zero markers are not free.
+const entryOverhead = 64
+
+// cacheShards spreads lock contention between sessions faulting at once.
+const cacheShards = 64
+
+// pageCache is the process-wide page cache: pages of mem-files keyed by
+// (cache key, offset), bounded in bytes, evicted by CLOCK (second chance).
+//
+// Entries are immutable: a page's bytes are never rewritten, and eviction
+// only drops the reference, so a caller may UFFDIO_COPY from a slice it got
+// from get while another goroutine evicts it (the GC keeps it alive for the
+// caller, and Go's heap does not move objects).
+type pageCache struct {
+	shards [cacheShards]cacheShard
+	budget int64 // per shard
+	bytes  atomic.Int64
+	evicts atomic.Uint64
+}
+
+type cacheShard struct {
+	mu    sync.Mutex
+	index map[pageKey]int // key → slot; guarded by mu
+	slots []cacheSlot     // guarded by mu
+	hand  int             // CLOCK hand over slots; guarded by mu
+	bytes int64           // guarded by mu
+	free  []int           // slots emptied by remove; guarded by mu
+}
+
+type cacheSlot struct {
+	key  pageKey
+	data []byte // nil with zero set: the page is all zeros
+	zero bool
+	used bool // slot holds an entry
+	ref  bool // CLOCK reference bit: set on hit, cleared as the hand passes
+}
+
+func newPageCache(budgetBytes int64) *pageCache {
+	c := &pageCache{budget: max(budgetBytes, 0) / cacheShards}
+	for i := range c.shards {
+		c.shards[i].index = make(map[pageKey]int)
+	}
+	return c
+}
+
+func (c *pageCache) shard(k pageKey) *cacheShard {
+	h := uint64(k.key)*0x9E3779B97F4A7C15 ^ (k.off>>12)*0xC2B2AE3D27D4EB4F
+	h ^= h >> 29
+	return &c.shards[h%cacheShards]
+}
+
+// get returns the cached page (data, or zero=true for an all-zero page).
+func (c *pageCache) get(k pageKey) (data []byte, zero, ok bool) {
+	s := c.shard(k)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	i, ok := s.index[k]
+	if !ok {
+		return nil, false, false
+	}
+	sl := &s.slots[i]
+	sl.ref = true
+	return sl.data, sl.zero, true
+}
+
+// put caches a page; data must not be modified afterwards. zero records an
+// all-zero page without its bytes. A page larger than a shard's budget is
+// not cached.
+func (c *pageCache) put(k pageKey, data []byte, zero bool) {
+	if zero {
+		data = nil
+	}
+	cost := int64(len(data)) + entryOverhead
+	if cost > c.budget {
+		return
+	}
+	s := c.shard(k)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.index[k]; ok {
+		return // a sibling session raced us to it; entries are identical
+	}
+	for s.bytes+cost > c.budget {
+		c.evictOne(s)
+	}
+	slot := cacheSlot{key: k, data: data, zero: zero, used: true}
+	var i int
+	if n := len(s.free); n > 0 {
+		i, s.free = s.free[n-1], s.free[:n-1]
+		s.slots[i] = slot
+	} else {
+		i = len(s.slots)
+		s.slots = append(s.slots, slot)
+	}
+	s.index[k] = i
+	s.bytes += cost
+	c.bytes.Add(cost)
+}
+
+// evictOne advances s's CLOCK hand to the first used slot whose reference
+// bit is clear, clearing bits on the way, and drops it. s.mu must be held
+// and s must hold at least one entry.
+func (c *pageCache) evictOne(s *cacheShard) {
+	for {
+		if s.hand >= len(s.slots) {
+			s.hand = 0
+		}
+		sl := &s.slots[s.hand]
+		s.hand++
+		if !sl.used {
+			continue
+		}
+		if sl.ref {
+			sl.ref = false
+			continue
+		}
+		cost := int64(len(sl.data)) + entryOverhead
+		delete(s.index, sl.key)
+		*sl = cacheSlot{}
+		s.free = append(s.free, s.hand-1)
+		s.bytes -= cost
+		c.bytes.Add(-cost)
+		c.evicts.Add(1)
+		return
+	}
+}
+
+// len counts entries (for stats).
+func (c *pageCache) len() int {
+	n := 0
+	for i := range c.shards {
+		s := &c.shards[i]
+		s.mu.Lock()
+		n += len(s.index)
+		s.mu.Unlock()
+	}
+	return n
+}

@@ -1,0 +1,204 @@
+package pager
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/forkd/forkd/internal/uffd"
+)
+
+// The test binary doubles as the processes these tests need: a consumer
+// (the VMM side of a session: anonymous memory, a uffd, Firecracker's
+// handshake) and a pager (`pager serve`, for EnsureRunning). The role comes
+// from the environment.
+const roleEnv = "FORKD_PAGER_TEST_ROLE"
+
+func TestMain(m *testing.M) {
+	switch os.Getenv(roleEnv) {
+	case "consumer":
+		os.Exit(consumerMain())
+	case "pager":
+		os.Exit(pagerMain(os.Args[1:]))
+	}
+	os.Exit(m.Run())
+}
+
+// consumerMain plays a VMM restored with the Uffd backend. Environment:
+//
+//	SOCK      session socket to connect to
+//	MEMFILE   the mem-file, to verify pages against
+//	SIZE      guest memory bytes (one region at offset 0)
+//	SEED      touch order seed
+//	HANDSHAKE good | badjson | nofd | twomsgs | bigregion
+//	SCRIPT    comma-separated steps:
+//	  touch:A-B    read pages [A,B) in random order, verify each against MEMFILE
+//	  zeros:A-B    verify pages [A,B) read as zeros
+//	  write:A-B    write 0xEE over pages [A,B) (a guest write)
+//	  dontneed:A-B madvise(MADV_DONTNEED) pages [A,B) (a balloon discard)
+//	  wait         print "waiting" and wait for a line on stdin
+//	  churn        touch and discard pages forever (to be killed mid-run)
+//
+// It prints "touch_ns <n> pages <p>" per touch step and "ok" at the end;
+// a mismatch prints "MISMATCH ..." and exits 1.
+func consumerMain() int {
+	fail := func(format string, a ...any) int {
+		fmt.Printf("FAIL "+format+"\n", a...)
+		return 1
+	}
+	size, _ := strconv.Atoi(os.Getenv("SIZE"))
+	seed, _ := strconv.ParseUint(os.Getenv("SEED"), 10, 64)
+	file, err := os.ReadFile(os.Getenv("MEMFILE"))
+	if err != nil {
+		return fail("read memfile: %v", err)
+	}
+	mem, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	if err != nil {
+		return fail("mmap: %v", err)
+	}
+	base := uint64(uintptr(unsafe.Pointer(&mem[0])))
+	f, err := uffd.Open(unix.O_CLOEXEC | unix.O_NONBLOCK)
+	if err != nil {
+		return fail("open uffd: %v", err)
+	}
+	if err := f.API(uffd.FeatureEventRemove); err != nil {
+		return fail("%v", err)
+	}
+	if _, err := f.Register(base, uint64(size), uffd.RegisterModeMissing); err != nil {
+		return fail("%v", err)
+	}
+	c, err := net.Dial("unix", os.Getenv("SOCK"))
+	if err != nil {
+		return fail("dial: %v", err)
+	}
+	conn := c.(*net.UnixConn)
+	regions := []uffd.Region{{BaseHostVirtAddr: base, Size: uint64(size), PageSize: uffd.PageSize, PageSizeKiB: uffd.PageSize}}
+	switch os.Getenv("HANDSHAKE") {
+	case "", "good":
+		err = uffd.SendHandshake(conn, regions, f.Fd())
+	case "badjson":
+		_, _, err = conn.WriteMsgUnix([]byte(`[{"base_host_virt_addr":`), unix.UnixRights(f.Fd()), nil)
+	case "nofd":
+		b, _ := json.Marshal(regions)
+		_, err = conn.Write(b)
+	case "twomsgs":
+		if err = uffd.SendHandshake(conn, regions, f.Fd()); err == nil {
+			err = uffd.SendHandshake(conn, regions, f.Fd())
+		}
+	case "bigregion":
+		regions[0].Size = uint64(len(file)) + 2*uffd.PageSize
+		err = uffd.SendHandshake(conn, regions, f.Fd())
+	}
+	if err != nil {
+		return fail("handshake: %v", err)
+	}
+	if h := os.Getenv("HANDSHAKE"); h != "" && h != "good" {
+		// A malformed VMM: wait for the pager to hang up on us.
+		conn.SetReadDeadline(time.Now().Add(20 * time.Second))
+		n, err := conn.Read(make([]byte, 1))
+		fmt.Printf("hangup n=%d err=%v\n", n, err)
+		return 0
+	}
+	rng := rand.New(rand.NewPCG(seed, 1))
+	in := bufio.NewScanner(os.Stdin)
+	for _, step := range strings.Split(os.Getenv("SCRIPT"), ",") {
+		name, arg, _ := strings.Cut(step, ":")
+		var lo, hi int
+		if a, b, ok := strings.Cut(arg, "-"); ok {
+			lo, _ = strconv.Atoi(a)
+			hi, _ = strconv.Atoi(b)
+		}
+		page := func(p int) []byte { return mem[p*uffd.PageSize : (p+1)*uffd.PageSize] }
+		switch name {
+		case "touch":
+			order := rng.Perm(hi - lo)
+			var sink byte
+			t0 := time.Now()
+			for _, i := range order {
+				p := lo + i
+				sink += mem[p*uffd.PageSize+i%uffd.PageSize] // the fault
+			}
+			d := time.Since(t0)
+			_ = fmt.Sprint(sink)
+			for p := lo; p < hi; p++ {
+				want := file[p*uffd.PageSize : (p+1)*uffd.PageSize]
+				if !bytes.Equal(page(p), want) {
+					return fail("MISMATCH page %d: got %x... want %x...", p, page(p)[:8], want[:8])
+				}
+			}
+			fmt.Printf("touch_ns %d pages %d\n", d.Nanoseconds(), hi-lo)
+		case "zeros":
+			for p := lo; p < hi; p++ {
+				for _, b := range page(p) {
+					if b != 0 {
+						return fail("MISMATCH page %d not zero after discard", p)
+					}
+				}
+			}
+		case "write":
+			for p := lo; p < hi; p++ {
+				for i := range page(p) {
+					page(p)[i] = 0xEE
+				}
+			}
+		case "dontneed":
+			if err := unix.Madvise(mem[lo*uffd.PageSize:hi*uffd.PageSize], unix.MADV_DONTNEED); err != nil {
+				return fail("madvise: %v", err)
+			}
+		case "wait":
+			fmt.Println("waiting")
+			in.Scan()
+		case "churn":
+			fmt.Println("churning")
+			for i := 0; ; i = (i + 1) % (size / uffd.PageSize) {
+				page(i)[0]++
+				unix.Madvise(page(i), unix.MADV_DONTNEED)
+			}
+		case "":
+		default:
+			return fail("unknown step %q", step)
+		}
+	}
+	fmt.Println("ok")
+	return 0
+}
+
+// pagerMain is `pager serve` for EnsureRunning tests: the args after
+// "pager serve", as EnsureRunning passes them.
+func pagerMain(args []string) int {
+	if len(args) < 2 || args[0] != "pager" || args[1] != "serve" {
+		fmt.Fprintf(os.Stderr, "pager role: want 'pager serve ...', got %q\n", args)
+		return 2
+	}
+	opt := MainOptions{Version: os.Getenv("FORKD_PAGER_TEST_VERSION")}
+	for i := 2; i < len(args); i++ {
+		next := func() string { i++; return args[i] }
+		switch args[i] {
+		case "--version":
+			fmt.Println(opt.Version)
+			return 0
+		case "--dir":
+			opt.Dir = next()
+		case "--cache-bytes":
+			opt.CacheBytes, _ = strconv.ParseInt(next(), 10, 64)
+		case "--log-path":
+			opt.LogPath = next()
+		}
+	}
+	if err := Main(context.Background(), opt); err != nil {
+		return 1
+	}
+	return 0
+}

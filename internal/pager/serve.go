@@ -1,0 +1,402 @@
+package pager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/forkd/forkd/internal/uffd"
+)
+
+// fault is a page fault waiting to be served.
+type fault struct {
+	page   uint64 // page-aligned address in the VMM
+	region int
+	read   time.Time // when its event was read: latency starts here
+}
+
+// handler serves one session's uffd. It is owned by the serve loop (one
+// goroutine), so its fields need no lock.
+type handler struct {
+	s       *session
+	f       *uffd.FD
+	regions []uffd.Region
+	// removed holds the ranges the VMM discarded (UFFD_EVENT_REMOVE). They
+	// read as zeros from then on: serving file data there would resurrect
+	// bytes the guest freed.
+	removed extents
+	// installed has one bit per page of each region: set once the page is
+	// in the VMM (populate skips those).
+	installed [][]uint64
+	// deferred are faults whose install got EAGAIN, keyed by page so a
+	// fault read twice is retried once.
+	deferred map[uint64]fault
+	order    []uint64 // deferred keys in arrival order
+	faults   []fault  // scratch for one drain
+
+	populating bool
+	popRegion  int
+	popPage    uint64
+}
+
+// installResult is what happened to one install.
+type installResult int
+
+const (
+	installed      installResult = iota
+	installAgain                 // EAGAIN: retry after reading pending events
+	installSkipped               // populate left a zero page to the kernel
+)
+
+// serve runs the event loop until ctx ends or a fatal error. The rules
+// (DESIGN.md §7): read events until EAGAIN; apply every REMOVE of a batch
+// before serving the batch's faults; EEXIST is success; EAGAIN defers the
+// fault (deduplicated) until the events are drained; ESRCH ends the session.
+func (s *session) serve(ctx context.Context, f *uffd.FD, regions []uffd.Region) error {
+	h := &handler{s: s, f: f, regions: regions, deferred: make(map[uint64]fault)}
+	for _, r := range regions {
+		pages := r.Size / r.PageSize
+		h.installed = append(h.installed, make([]uint64, (pages+63)/64))
+	}
+	msgs := make([]uffd.Msg, 64)
+	idle := 0
+	for {
+		if ctx.Err() != nil {
+			return nil
+		}
+		events, err := h.drain(msgs)
+		if err != nil {
+			return err
+		}
+		if err := h.serveBatch(); err != nil {
+			return err
+		}
+		if err := h.populateStep(); err != nil {
+			return err
+		}
+		if len(h.deferred) > 0 || h.populating {
+			// More work without waiting. A deferred fault that keeps getting
+			// EAGAIN with no event to read means the kernel is mid-change:
+			// yield instead of spinning hot.
+			if events == 0 && len(h.deferred) > 0 {
+				idle++
+				if idle > 8 {
+					time.Sleep(50 * time.Microsecond)
+				} else {
+					runtime.Gosched()
+				}
+			}
+			continue
+		}
+		idle = 0
+		if err := s.wait(ctx, f); err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+	}
+}
+
+// wait blocks until the uffd is readable, ctx ends, or kick is called.
+func (s *session) wait(ctx context.Context, f *uffd.FD) error {
+	waitCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	s.mu.Lock()
+	if s.pendingKick || len(s.populate) > 0 {
+		s.pendingKick = false
+		s.mu.Unlock()
+		return nil
+	}
+	s.waitCancel = cancel
+	s.mu.Unlock()
+	err := f.WaitReadable(waitCtx)
+	s.mu.Lock()
+	s.waitCancel = nil
+	s.pendingKick = false
+	s.mu.Unlock()
+	if err != nil && ctx.Err() == nil && waitCtx.Err() != nil {
+		return nil // kicked
+	}
+	return err
+}
+
+// drain reads every pending event: faults are queued in h.faults, REMOVEs
+// applied at once. It returns how many events it read.
+func (h *handler) drain(msgs []uffd.Msg) (int, error) {
+	h.faults = h.faults[:0]
+	total := 0
+	for {
+		n, err := h.f.ReadMsgs(msgs)
+		if errors.Is(err, unix.EAGAIN) {
+			return total, nil
+		}
+		if err != nil {
+			return total, fmt.Errorf("read uffd events: %w", err)
+		}
+		now := time.Now()
+		total += n
+		for _, m := range msgs[:n] {
+			switch m.Event {
+			case uffd.EventPagefault:
+				ri := h.regionOf(m.Address)
+				if ri < 0 {
+					return total, fmt.Errorf("fault at %#x outside every region", m.Address)
+				}
+				ps := h.regions[ri].PageSize
+				h.faults = append(h.faults, fault{page: m.Address &^ (ps - 1), region: ri, read: now})
+				h.s.count(func(c *counters) { c.faults.Add(1) })
+			case uffd.EventRemove, uffd.EventUnmap:
+				if !h.s.srv.cfg.ignoreRemoves {
+					h.removed = h.removed.add(m.Start, m.End)
+				}
+				h.s.count(func(c *counters) { c.removes.Add(1) })
+			default:
+				return total, fmt.Errorf("unexpected uffd event %s (only PAGEFAULT and REMOVE are requested by Firecracker)", m)
+			}
+		}
+	}
+}
+
+func (h *handler) regionOf(addr uint64) int {
+	for i, r := range h.regions {
+		if addr >= r.BaseHostVirtAddr && addr-r.BaseHostVirtAddr < r.Size {
+			return i
+		}
+	}
+	return -1
+}
+
+// serveBatch retries deferred faults, then serves the faults just read.
+// Removes of the batch are already applied (drain), so no fault read with
+// a REMOVE can resurrect file data in the removed range.
+func (h *handler) serveBatch() error {
+	if len(h.deferred) > 0 {
+		order := h.order
+		h.order = nil
+		for _, page := range order {
+			flt, ok := h.deferred[page]
+			if !ok {
+				continue
+			}
+			delete(h.deferred, page)
+			if err := h.serveFault(flt); err != nil {
+				return err
+			}
+		}
+	}
+	for _, flt := range h.faults {
+		if err := h.serveFault(flt); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (h *handler) serveFault(flt fault) error {
+	res, err := h.install(flt.page, flt.region, false)
+	if err != nil {
+		return err
+	}
+	if res == installAgain {
+		if _, dup := h.deferred[flt.page]; !dup {
+			h.deferred[flt.page] = flt
+			h.order = append(h.order, flt.page)
+		}
+		h.s.count(func(c *counters) { c.deferred.Add(1) })
+		return nil
+	}
+	d := time.Since(flt.read)
+	h.s.count(func(c *counters) { c.observe(d) })
+	return nil
+}
+
+// install puts one page into the VMM: zeros for removed ranges, holes and
+// all-zero pages; otherwise the page from the cache or the mem-file.
+// populate installs leave zero pages to the kernel (after the unregister it
+// zero-fills them itself) and do not count as faults.
+func (h *handler) install(page uint64, ri int, populate bool) (installResult, error) {
+	s := h.s
+	r := h.regions[ri]
+	ps := r.PageSize
+	off := r.Offset + (page - r.BaseHostVirtAddr)
+	var data []byte
+	zero := false
+	switch {
+	case h.removed.overlaps(page, page+ps):
+		zero = true
+		if !populate {
+			s.count(func(c *counters) { c.removedFaults.Add(1) })
+		}
+	case !s.data.overlaps(off, off+ps):
+		zero = true
+		s.count(func(c *counters) { c.zeroPages.Add(1) })
+	default:
+		var err error
+		data, zero, err = h.lookup(off, ps)
+		if err != nil {
+			return 0, err
+		}
+		if zero {
+			s.count(func(c *counters) { c.zeroPages.Add(1) })
+		}
+	}
+	if populate && zero {
+		return installSkipped, nil
+	}
+	var err error
+	switch {
+	case zero && ps == uffd.PageSize:
+		_, err = h.f.ZeroPage(page, ps, 0)
+	case zero:
+		// hugetlbfs has no ZEROPAGE: copy a zero huge page.
+		z := s.srv.zeroHugePage()
+		_, err = h.f.Copy(uintptr(page), uintptr(unsafe.Pointer(&z[0])), ps, 0)
+		runtime.KeepAlive(z)
+	default:
+		// data is an immutable cache entry (or our own read buffer): it
+		// cannot change or be freed during the copy.
+		_, err = h.f.Copy(uintptr(page), uintptr(unsafe.Pointer(&data[0])), ps, 0)
+		runtime.KeepAlive(data)
+	}
+	switch {
+	case err == nil:
+	case errors.Is(err, unix.EEXIST):
+		// Already mapped (a racing fault or populate won): success.
+		s.count(func(c *counters) { c.copyError(unix.EEXIST) })
+	case errors.Is(err, unix.EAGAIN):
+		s.count(func(c *counters) { c.copyError(unix.EAGAIN) })
+		return installAgain, nil
+	case errors.Is(err, unix.ESRCH):
+		s.count(func(c *counters) { c.copyError(unix.ESRCH) })
+		return 0, errVMMGone
+	default:
+		var errno unix.Errno
+		if errors.As(err, &errno) {
+			s.count(func(c *counters) { c.copyError(errno) })
+		}
+		return 0, fmt.Errorf("install page %#x (file offset %d): %w", page, off, err)
+	}
+	idx := (page - r.BaseHostVirtAddr) / ps
+	h.installed[ri][idx/64] |= 1 << (idx % 64)
+	if populate {
+		s.count(func(c *counters) { c.populated.Add(1) })
+	}
+	return installed, nil
+}
+
+// lookup returns the page at off from the cache, or reads it from the
+// mem-file and caches it. All-zero pages are cached as markers without
+// their bytes.
+func (h *handler) lookup(off, ps uint64) (data []byte, zero bool, err error) {
+	s := h.s
+	k := pageKey{key: s.keyID, off: off}
+	if data, zero, ok := s.srv.cache.get(k); ok && (zero || uint64(len(data)) == ps) {
+		s.count(func(c *counters) { c.hits.Add(1) })
+		return data, zero, nil
+	}
+	s.count(func(c *counters) { c.misses.Add(1) })
+	buf := make([]byte, ps)
+	t0 := time.Now()
+	n, err := s.backing.ReadAt(buf, int64(off))
+	d := time.Since(t0)
+	s.count(func(c *counters) {
+		c.backingBytes.Add(uint64(n))
+		c.backingNanos.Add(uint64(d))
+	})
+	if n != len(buf) {
+		return nil, false, fmt.Errorf("read %s at %d: %d of %d bytes: %w", s.backingPath, off, n, len(buf), err)
+	}
+	zero = allZero(buf)
+	s.srv.cache.put(k, buf, zero)
+	if zero {
+		return nil, true, nil
+	}
+	return buf, false, nil
+}
+
+func allZero(b []byte) bool {
+	for len(b) >= 8 {
+		if *(*uint64)(unsafe.Pointer(&b[0])) != 0 {
+			return false
+		}
+		b = b[8:]
+	}
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// populateStep starts a requested populate, or installs the next chunk of
+// pages, or, when every page is in, unregisters the regions so the VMM no
+// longer needs the pager, and answers the requests.
+func (h *handler) populateStep() error {
+	s := h.s
+	if !h.populating {
+		s.mu.Lock()
+		want := len(s.populate) > 0 && s.state == stateServing
+		s.mu.Unlock()
+		if !want {
+			return nil
+		}
+		h.populating, h.popRegion, h.popPage = true, 0, 0
+	}
+	const chunk = 256 // pages between event drains: faults stay served
+	for n := 0; n < chunk && h.popRegion < len(h.regions); n++ {
+		r := h.regions[h.popRegion]
+		pages := r.Size / r.PageSize
+		if h.popPage >= pages {
+			h.popRegion++
+			h.popPage = 0
+			continue
+		}
+		idx := h.popPage
+		if h.installed[h.popRegion][idx/64]&(1<<(idx%64)) == 0 {
+			res, err := h.install(r.BaseHostVirtAddr+idx*r.PageSize, h.popRegion, true)
+			if err != nil {
+				h.finishPopulate(err)
+				return err
+			}
+			if res == installAgain {
+				return nil // drain events, then retry this page
+			}
+		}
+		h.popPage++
+	}
+	if h.popRegion < len(h.regions) {
+		return nil
+	}
+	for _, r := range h.regions {
+		if err := h.f.Unregister(r.BaseHostVirtAddr, r.Size); err != nil {
+			err = fmt.Errorf("populate: %w", err)
+			h.finishPopulate(err)
+			return err
+		}
+	}
+	s.mu.Lock()
+	s.state = statePopulated
+	s.mu.Unlock()
+	h.finishPopulate(nil)
+	s.log.Info("session populated", "pages", s.stats.populated.Load())
+	return nil
+}
+
+func (h *handler) finishPopulate(err error) {
+	h.populating = false
+	s := h.s
+	s.mu.Lock()
+	waiters := s.populate
+	s.populate = nil
+	s.mu.Unlock()
+	for _, w := range waiters {
+		w <- err
+	}
+}

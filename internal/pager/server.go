@@ -1,0 +1,434 @@
+package pager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/forkd/forkd/internal/atomicfile"
+	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/uffd"
+)
+
+// Names inside the pager's directory (DESIGN.md §4:
+// <data>/pager/<version>/{control.sock,pager.pid,sessions/}).
+const (
+	controlSockName = "control.sock"
+	pidFileName     = "pager.pid"
+	sessionsDirName = "sessions"
+)
+
+// ControlSocket is the control API socket of the pager in dir.
+func ControlSocket(dir string) string { return filepath.Join(dir, controlSockName) }
+
+// PidFile is the pid file of the pager in dir.
+func PidFile(dir string) string { return filepath.Join(dir, pidFileName) }
+
+func sessionSocket(dir, id string) string {
+	return filepath.Join(dir, sessionsDirName, id+".sock")
+}
+
+// Config configures a pager.
+type Config struct {
+	// Dir is the pager's directory, <data>/pager/<version>.
+	Dir string
+	// CacheBytes is the page cache budget (0 disables caching).
+	CacheBytes int64
+	// Version is reported by /health; the daemon compares it with its own.
+	Version string
+	// AcceptTimeout bounds the wait for the VMM to connect to a new
+	// session (it may crash before connecting). Default 30 s.
+	AcceptTimeout time.Duration
+	// HandshakeTimeout bounds the wait for the handshake message once the
+	// VMM is connected. Default 10 s.
+	HandshakeTimeout time.Duration
+
+	// ignoreRemoves is a test hook, the twin of the REMOVE rule: it makes
+	// the pager forget discarded ranges, so tests can show they would then
+	// read stale file data.
+	ignoreRemoves bool
+}
+
+// Server is a running pager: the control API, the sessions and the page
+// cache they share.
+type Server struct {
+	cfg   Config
+	log   *slog.Logger
+	cache *pageCache
+	stats counters
+
+	dirLock *os.File // flock'ed pager dir: one pager per dir
+	ln      *net.UnixListener
+	http    *http.Server
+
+	sessionsTotal atomic.Uint64
+	sessionWG     sync.WaitGroup
+
+	zeroOnce sync.Once
+	zeroHuge []byte // 2 MiB of zeros, for hugetlbfs regions (no ZEROPAGE there)
+
+	mu       sync.Mutex
+	sessions map[string]*session // guarded by mu
+	keys     map[string]uint32   // cache key → interned id; guarded by mu
+	draining bool                // guarded by mu
+	drained  chan struct{}       // closed when draining and no session is left; guarded by mu (the close)
+	closed   bool                // Serve returned: no new sessions; guarded by mu
+}
+
+// NewServer takes the pager dir (an exclusive flock on it, so two pagers
+// never share one), listens on the control socket and writes the pid file.
+func NewServer(cfg Config, log *slog.Logger) (*Server, error) {
+	if cfg.AcceptTimeout <= 0 {
+		cfg.AcceptTimeout = 30 * time.Second
+	}
+	if cfg.HandshakeTimeout <= 0 {
+		cfg.HandshakeTimeout = 10 * time.Second
+	}
+	if err := os.MkdirAll(filepath.Join(cfg.Dir, sessionsDirName), 0o700); err != nil {
+		return nil, fmt.Errorf("pager %s: %w", cfg.Dir, err)
+	}
+	lock, err := os.Open(cfg.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("pager %s: %w", cfg.Dir, err)
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("pager %s: another pager holds this directory (see %s)", cfg.Dir, PidFile(cfg.Dir))
+		}
+		return nil, fmt.Errorf("pager %s: lock: %w", cfg.Dir, err)
+	}
+	// We hold the lock: whatever sockets are left belong to a dead pager.
+	ctl := ControlSocket(cfg.Dir)
+	os.Remove(ctl)
+	if stale, _ := filepath.Glob(filepath.Join(cfg.Dir, sessionsDirName, "*.sock")); len(stale) > 0 {
+		for _, p := range stale {
+			os.Remove(p)
+		}
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: ctl, Net: "unix"})
+	if err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("pager %s: listen: %w", cfg.Dir, err)
+	}
+	ln.SetUnlinkOnClose(true)
+	if err := os.Chmod(ctl, 0o600); err != nil {
+		ln.Close()
+		lock.Close()
+		return nil, fmt.Errorf("pager %s: %w", cfg.Dir, err)
+	}
+	if err := atomicfile.WriteFile(PidFile(cfg.Dir), []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
+		ln.Close()
+		lock.Close()
+		return nil, fmt.Errorf("pager %s: %w", cfg.Dir, err)
+	}
+	s := &Server{
+		cfg: cfg, log: log, cache: newPageCache(cfg.CacheBytes),
+		dirLock: lock, ln: ln,
+		sessions: make(map[string]*session), keys: make(map[string]uint32),
+		drained: make(chan struct{}),
+	}
+	s.http = &http.Server{Handler: s.routes(), ReadHeaderTimeout: 10 * time.Second}
+	return s, nil
+}
+
+// Serve answers the control API until ctx ends or a drain completes. On
+// return every session has ended and been freed, and the control socket
+// and pid file are gone. Ending on ctx freezes VMs still being served;
+// Drain is the graceful way.
+func (s *Server) Serve(ctx context.Context) error {
+	s.log.Info("pager serving", "dir", s.cfg.Dir, "version", s.cfg.Version, "cache_bytes", s.cfg.CacheBytes, "pid", os.Getpid())
+	errc := make(chan error, 1)
+	go func() { errc <- s.http.Serve(s.ln) }()
+	var err error
+	select {
+	case <-ctx.Done():
+		s.log.Info("pager stopping", "cause", context.Cause(ctx))
+	case <-s.drained:
+		s.log.Info("pager drained: last session closed")
+	case err = <-errc:
+		err = fmt.Errorf("pager %s: control API: %w", s.cfg.Dir, err)
+	}
+	s.mu.Lock()
+	s.closed = true
+	live := make([]*session, 0, len(s.sessions))
+	for _, ss := range s.sessions {
+		if ss != nil {
+			live = append(live, ss)
+		}
+	}
+	s.mu.Unlock()
+	for _, ss := range live {
+		ss.cancel(errShutdown)
+	}
+	s.sessionWG.Wait()
+	shutCtx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	s.http.Shutdown(shutCtx)
+	os.Remove(PidFile(s.cfg.Dir))
+	s.dirLock.Close() // releases the flock
+	return err
+}
+
+// Drain refuses new sessions from now on; Serve returns once the last
+// session has closed (at once if there is none).
+func (s *Server) Drain() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.draining {
+		s.log.Info("pager draining", "sessions", len(s.sessions))
+	}
+	s.draining = true
+	s.checkDrainedLocked()
+}
+
+func (s *Server) checkDrainedLocked() {
+	if s.draining && len(s.sessions) == 0 {
+		select {
+		case <-s.drained:
+		default:
+			close(s.drained)
+		}
+	}
+}
+
+// Request errors, mapped to HTTP status in one place (api.go).
+var (
+	errInvalid  = errors.New("invalid request")
+	errNotFound = errors.New("not found")
+	errExists   = errors.New("already exists")
+	errDraining = errors.New("pager is draining")
+	errConflict = errors.New("conflict")
+)
+
+// SessionRequest is POST /sessions.
+type SessionRequest struct {
+	SessionID   string `json:"session_id"`
+	BackingPath string `json:"backing_path"`
+	CacheKey    string `json:"cache_key"`
+}
+
+// Session is POST /sessions' reply.
+type Session struct {
+	SessionID  string `json:"session_id"`
+	SocketPath string `json:"socket_path"`
+}
+
+// createSession opens the mem-file, maps its holes and listens on the
+// session socket; the VMM may connect as soon as it returns.
+func (s *Server) createSession(req SessionRequest) (Session, error) {
+	if err := guestdir.ValidID(req.SessionID); err != nil {
+		return Session{}, fmt.Errorf("create session: %w: %v", errInvalid, err)
+	}
+	if req.BackingPath == "" || !filepath.IsAbs(req.BackingPath) {
+		return Session{}, fmt.Errorf("create session %s: %w: backing_path %q must be an absolute path", req.SessionID, errInvalid, req.BackingPath)
+	}
+	if req.CacheKey == "" {
+		return Session{}, fmt.Errorf("create session %s: %w: cache_key is required", req.SessionID, errInvalid)
+	}
+	sock := sessionSocket(s.cfg.Dir, req.SessionID)
+	if len(sock) > guestdir.MaxSocketPath {
+		return Session{}, fmt.Errorf("create session %s: %w: socket path %s is longer than %d bytes", req.SessionID, errInvalid, sock, guestdir.MaxSocketPath)
+	}
+	s.mu.Lock()
+	switch {
+	case s.draining || s.closed:
+		s.mu.Unlock()
+		return Session{}, fmt.Errorf("create session %s: %w: start the current version's pager", req.SessionID, errDraining)
+	case s.sessions[req.SessionID] != nil:
+		s.mu.Unlock()
+		return Session{}, fmt.Errorf("create session %s: %w", req.SessionID, errExists)
+	}
+	// Reserve the id while we open files outside the lock.
+	s.sessions[req.SessionID] = nil
+	s.mu.Unlock()
+	ss, err := s.openSession(req, sock)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err == nil && s.closed {
+		ss.ln.Close()
+		os.Remove(sock)
+		ss.backing.Close()
+		err = fmt.Errorf("create session %s: %w: the pager is shutting down", req.SessionID, errDraining)
+	}
+	if err != nil {
+		delete(s.sessions, req.SessionID)
+		s.checkDrainedLocked()
+		return Session{}, err
+	}
+	s.sessions[req.SessionID] = ss
+	s.sessionsTotal.Add(1)
+	s.sessionWG.Add(1)
+	go func() {
+		defer s.sessionWG.Done()
+		ss.run()
+	}()
+	return Session{SessionID: req.SessionID, SocketPath: sock}, nil
+}
+
+func (s *Server) openSession(req SessionRequest, sock string) (*session, error) {
+	f, err := os.Open(req.BackingPath)
+	if err != nil {
+		return nil, fmt.Errorf("create session %s: %w: %v", req.SessionID, errInvalid, err)
+	}
+	st, err := f.Stat()
+	if err != nil || !st.Mode().IsRegular() {
+		f.Close()
+		return nil, fmt.Errorf("create session %s: %w: backing %s is not a regular file", req.SessionID, errInvalid, req.BackingPath)
+	}
+	data, err := dataMap(f, st.Size())
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("create session %s: %w", req.SessionID, err)
+	}
+	os.Remove(sock) // a socket left by a session of the same id that crashed
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("create session %s: listen: %w", req.SessionID, err)
+	}
+	ln.SetUnlinkOnClose(false) // free() removes it; accept removes it early
+	ctx, cancel := context.WithCancelCause(context.Background())
+	ss := &session{
+		srv: s, id: req.SessionID, cacheKey: req.CacheKey, keyID: s.internKey(req.CacheKey),
+		backingPath: req.BackingPath, backing: f, backingSize: st.Size(), data: data,
+		sockPath: sock, ln: ln, ctx: ctx, cancel: cancel, done: make(chan struct{}),
+		state: stateWaiting,
+		log:   s.log.With("session", req.SessionID, "cache_key", req.CacheKey),
+	}
+	ss.log.Info("session created", "backing", req.BackingPath, "size", st.Size(), "data_extents", len(data))
+	return ss, nil
+}
+
+func (s *Server) internKey(key string) uint32 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	id, ok := s.keys[key]
+	if !ok {
+		id = uint32(len(s.keys) + 1)
+		s.keys[key] = id
+	}
+	return id
+}
+
+func (s *Server) removeSession(ss *session) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.sessions[ss.id] == ss {
+		delete(s.sessions, ss.id)
+	}
+	s.checkDrainedLocked()
+}
+
+func (s *Server) session(id string) (*session, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ss := s.sessions[id]
+	if ss == nil {
+		return nil, fmt.Errorf("session %s: %w", id, errNotFound)
+	}
+	return ss, nil
+}
+
+// deleteSession ends a session and waits until it has freed everything.
+func (s *Server) deleteSession(ctx context.Context, id string) error {
+	ss, err := s.session(id)
+	if err != nil {
+		return err
+	}
+	ss.cancel(errDeleted)
+	select {
+	case <-ss.done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (s *Server) populate(ctx context.Context, id string) error {
+	ss, err := s.session(id)
+	if err != nil {
+		return err
+	}
+	if err := ss.requestPopulate(ctx); err != nil {
+		if errors.Is(err, errNotConnected) {
+			return fmt.Errorf("populate %s: %w: %v", id, errConflict, err)
+		}
+		return fmt.Errorf("populate %s: %w", id, err)
+	}
+	return nil
+}
+
+// Health is GET /health.
+type Health struct {
+	Status   string `json:"status"`
+	Version  string `json:"version"`
+	Pid      int    `json:"pid"`
+	Draining bool   `json:"draining"`
+	Sessions int    `json:"sessions"`
+}
+
+func (s *Server) health() Health {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return Health{Status: "ok", Version: s.cfg.Version, Pid: os.Getpid(), Draining: s.draining, Sessions: s.liveLocked()}
+}
+
+func (s *Server) liveLocked() int {
+	n := 0
+	for _, ss := range s.sessions {
+		if ss != nil {
+			n++
+		}
+	}
+	return n
+}
+
+// Stats snapshots the global and per-session counters.
+func (s *Server) Stats() Stats {
+	s.mu.Lock()
+	live := make([]*session, 0, len(s.sessions))
+	for _, ss := range s.sessions {
+		if ss != nil {
+			live = append(live, ss)
+		}
+	}
+	draining := s.draining
+	s.mu.Unlock()
+	st := Stats{
+		Version: s.cfg.Version, Pid: os.Getpid(),
+		Counters:       s.stats.snapshot(),
+		ActiveSessions: len(live), SessionsTotal: s.sessionsTotal.Load(),
+		CacheBytes: s.cache.bytes.Load(), CacheBudgetBytes: s.cfg.CacheBytes,
+		CacheEntries: s.cache.len(), Evictions: s.cache.evicts.Load(),
+		Draining: draining, Sessions: []SessionStats{},
+	}
+	for _, ss := range live {
+		st.Sessions = append(st.Sessions, ss.info())
+	}
+	sort.Slice(st.Sessions, func(i, j int) bool { return st.Sessions[i].SessionID < st.Sessions[j].SessionID })
+	return st
+}
+
+func (s *Server) zeroHugePage() []byte {
+	s.zeroOnce.Do(func() { s.zeroHuge = make([]byte, uffd.HugePageSize) })
+	return s.zeroHuge
+}
+
+// count applies one counter update to the session's and the global counters.
+func (ss *session) count(f func(*counters)) {
+	f(&ss.stats)
+	f(&ss.srv.stats)
+}

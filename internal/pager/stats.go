@@ -1,0 +1,189 @@
+package pager
+
+import (
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Counters are the pager's fault counters, globally and per session.
+type Counters struct {
+	// Faults is UFFD_EVENT_PAGEFAULTs served.
+	Faults uint64 `json:"faults"`
+	// Hits and Misses count page-cache lookups of data pages (faults and
+	// populate); a miss reads the mem-file.
+	Hits   uint64 `json:"hits"`
+	Misses uint64 `json:"misses"`
+	// ZeroPages is pages installed as zeros because the mem-file has a hole
+	// there or the page read back all zeros.
+	ZeroPages uint64 `json:"zero_pages"`
+	// RemovedFaults is faults in ranges the VMM discarded (UFFD_EVENT_REMOVE),
+	// served as zeros.
+	RemovedFaults uint64 `json:"removed_faults"`
+	// Removes is UFFD_EVENT_REMOVE events applied.
+	Removes uint64 `json:"removes"`
+	// Deferred is installs that got EAGAIN and were retried after the
+	// pending events were read.
+	Deferred uint64 `json:"deferred"`
+	// PopulatedPages is pages installed by populate, not by a fault.
+	PopulatedPages uint64 `json:"populated_pages"`
+	// BackingBytes and BackingNanos are mem-file reads (pread) and their time.
+	BackingBytes uint64 `json:"backing_bytes"`
+	BackingNanos uint64 `json:"backing_nanos"`
+	// CopyErrors counts UFFDIO_COPY/ZEROPAGE results other than success by
+	// errno name (EEXIST and EAGAIN are expected and handled).
+	CopyErrors map[string]uint64 `json:"copy_errors"`
+	// FaultLatency is the service time of a fault: from reading the event to
+	// the page being installed (not the VMM's whole round trip).
+	FaultLatency Histogram `json:"fault_latency"`
+}
+
+// HitRate is Hits / (Hits + Misses), or 0 with no lookups.
+func (c Counters) HitRate() float64 {
+	if c.Hits+c.Misses == 0 {
+		return 0
+	}
+	return float64(c.Hits) / float64(c.Hits+c.Misses)
+}
+
+// Stats is GET /stats.
+type Stats struct {
+	Version string `json:"version"`
+	Pid     int    `json:"pid"`
+	Counters
+	ActiveSessions   int            `json:"active_sessions"`
+	SessionsTotal    uint64         `json:"sessions_total"`
+	CacheBytes       int64          `json:"cache_bytes"`
+	CacheBudgetBytes int64          `json:"cache_budget_bytes"`
+	CacheEntries     int            `json:"cache_entries"`
+	Evictions        uint64         `json:"evictions"`
+	Draining         bool           `json:"draining"`
+	Sessions         []SessionStats `json:"sessions"`
+}
+
+// SessionStats is one session in GET /stats.
+type SessionStats struct {
+	SessionID   string `json:"session_id"`
+	CacheKey    string `json:"cache_key"`
+	BackingPath string `json:"backing_path"`
+	// State is "waiting" (for the VMM to connect), "serving" or "populated".
+	State string `json:"state"`
+	// Pid is the VMM's pid from SO_PEERCRED (0 before it connects).
+	Pid         int    `json:"pid"`
+	Regions     int    `json:"regions"`
+	MemoryBytes uint64 `json:"memory_bytes"`
+	Counters
+}
+
+// Histogram is a latency histogram with fixed bucket bounds.
+type Histogram struct {
+	// Buckets are cumulative, as Prometheus wants them: Count of
+	// observations ≤ LeSeconds. The last bound is +Inf (LeSeconds 0 and
+	// Inf true).
+	Buckets    []Bucket `json:"buckets"`
+	Count      uint64   `json:"count"`
+	SumSeconds float64  `json:"sum_seconds"`
+}
+
+// Bucket is one cumulative histogram bucket.
+type Bucket struct {
+	LeSeconds float64 `json:"le_seconds"`
+	Inf       bool    `json:"inf,omitempty"`
+	Count     uint64  `json:"count"`
+}
+
+// Quantile estimates the q-quantile (0..1) from the buckets (upper bound of
+// the bucket it falls in), in seconds.
+func (h Histogram) Quantile(q float64) float64 {
+	if h.Count == 0 {
+		return 0
+	}
+	rank := uint64(q * float64(h.Count))
+	for _, b := range h.Buckets {
+		if b.Count > rank || b.Count == h.Count {
+			if b.Inf {
+				break
+			}
+			return b.LeSeconds
+		}
+	}
+	if n := len(h.Buckets); n > 1 {
+		return h.Buckets[n-2].LeSeconds
+	}
+	return 0
+}
+
+// latencyBounds are the histogram's upper bounds: a 4 KiB UFFDIO_COPY is
+// ~2 µs and a cold backing read from disk ~100 µs.
+var latencyBounds = [...]time.Duration{
+	1 * time.Microsecond, 2 * time.Microsecond, 5 * time.Microsecond,
+	10 * time.Microsecond, 20 * time.Microsecond, 50 * time.Microsecond,
+	100 * time.Microsecond, 200 * time.Microsecond, 500 * time.Microsecond,
+	time.Millisecond, 2 * time.Millisecond, 5 * time.Millisecond,
+	10 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond,
+	time.Second,
+}
+
+// counters is the live, atomic form of Counters.
+type counters struct {
+	faults, hits, misses, zeroPages, removedFaults, removes, deferred atomic.Uint64
+	populated, backingBytes, backingNanos                             atomic.Uint64
+
+	latency [len(latencyBounds) + 1]atomic.Uint64 // per bucket, not cumulative
+	latSum  atomic.Uint64                         // nanoseconds
+
+	mu         sync.Mutex
+	copyErrors map[string]uint64 // guarded by mu
+}
+
+func (c *counters) observe(d time.Duration) {
+	i := sort.Search(len(latencyBounds), func(i int) bool { return d <= latencyBounds[i] })
+	c.latency[i].Add(1)
+	c.latSum.Add(uint64(d))
+}
+
+func (c *counters) copyError(errno unix.Errno) {
+	name := unix.ErrnoName(errno)
+	if name == "" {
+		name = errno.Error()
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.copyErrors == nil {
+		c.copyErrors = make(map[string]uint64)
+	}
+	c.copyErrors[name]++
+}
+
+func (c *counters) snapshot() Counters {
+	out := Counters{
+		Faults: c.faults.Load(), Hits: c.hits.Load(), Misses: c.misses.Load(),
+		ZeroPages: c.zeroPages.Load(), RemovedFaults: c.removedFaults.Load(),
+		Removes: c.removes.Load(), Deferred: c.deferred.Load(),
+		PopulatedPages: c.populated.Load(),
+		BackingBytes:   c.backingBytes.Load(), BackingNanos: c.backingNanos.Load(),
+		CopyErrors: map[string]uint64{},
+	}
+	c.mu.Lock()
+	for k, v := range c.copyErrors {
+		out.CopyErrors[k] = v
+	}
+	c.mu.Unlock()
+	var cum uint64
+	for i := range c.latency {
+		cum += c.latency[i].Load()
+		b := Bucket{Count: cum}
+		if i < len(latencyBounds) {
+			b.LeSeconds = latencyBounds[i].Seconds()
+		} else {
+			b.Inf = true
+		}
+		out.FaultLatency.Buckets = append(out.FaultLatency.Buckets, b)
+	}
+	out.FaultLatency.Count = cum
+	out.FaultLatency.SumSeconds = time.Duration(c.latSum.Load()).Seconds()
+	return out
+}
