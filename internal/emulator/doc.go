@@ -54,6 +54,21 @@
 //	forkd.discard_pct=P   percentage of steps that use or discard a free page (default 0)
 //	forkd.split_mib=N     split RAM into two regions at N MiB (testing; default 3072)
 //
+// Limits, as in Firecracker: a vCPU blocked on a uffd fault whose handler
+// died blocks forever (and so does PATCH /vm Paused); each discard of a page
+// of file-backed memory splits its mapping, so very long runs with
+// discard_pct on a File restore are bounded by vm.max_map_count.
+//
+// # Snapshot files
+//
+// PUT /snapshot/create writes the mem-file first (Firecracker's semantics:
+// no truncation of a right-sized file, Full writes every page, Diff only the
+// pages dirtied since the last snapshot, fsync), then the vmstate through
+// internal/atomicfile. The vmstate is the commit point: it is format
+// version | JSON body (machine, devices, regions, workload and step
+// counters) | CRC64-ECMA, and a load refuses a bad version or checksum. A
+// load failure leaves the process unusable (every later call is refused).
+//
 // # Emulator-only API
 //
 // GET /guest returns the workload's counters for this process:

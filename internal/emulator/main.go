@@ -27,7 +27,7 @@ type Config struct {
 	APISock string // --api-sock
 	ID      string // --id
 	LogPath string // --log-path ("" = stderr)
-	Level   string // --level: Error, Warning, Info, Debug (any case)
+	Level   string // --level: Off, Error, Warning, Info, Debug, Trace (any case)
 }
 
 // ParseArgs parses Firecracker's command line. Firecracker flags forkd does
@@ -67,8 +67,10 @@ func parseLevel(s string) (slog.Level, error) {
 		return slog.LevelInfo, nil
 	case "debug", "trace":
 		return slog.LevelDebug, nil
+	case "off":
+		return slog.LevelError + 100, nil
 	}
-	return 0, fmt.Errorf("forkd vmm: --level %q: want Error, Warning, Info or Debug", s)
+	return 0, fmt.Errorf("forkd vmm: --level %q: want Off, Error, Warning, Info, Debug or Trace", s)
 }
 
 // Main is `forkd vmm ARGS...`: it serves the API until SendCtrlAltDel,
