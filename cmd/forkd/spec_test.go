@@ -33,7 +33,12 @@ func TestRealDaemonResponsesConformToSpec(t *testing.T) {
 		t.Skip("builds the binary and boots emulator VMs; skipped with -short")
 	}
 	bin := buildForkd(t)
-	dir := t.TempDir()
+	// A short dir: socket paths under it must fit the kernel's 108 bytes.
+	dir, err := os.MkdirTemp("", "fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
 	data := filepath.Join(dir, "data")
 	kernel := filepath.Join(dir, "vmlinux")
 	os.WriteFile(kernel, []byte("placeholder"), 0o600)
@@ -157,4 +162,3 @@ func TestRealDaemonResponsesConformToSpec(t *testing.T) {
 	call("GET", "/instances", "", 200)
 	call("GET", "/metrics", "", 200)
 }
-
