@@ -1,0 +1,291 @@
+package reliability
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/guestdir"
+)
+
+// stableStates are the states an instance may be in when no operation is
+// in flight. Error and the transient states are not among them.
+var stableStates = map[string]bool{
+	api.StateCreated: true, api.StateRunning: true, api.StatePaused: true,
+	api.StateStandby: true, api.StateStopped: true,
+}
+
+// rootEntries are the only names forkd keeps directly in its data dir.
+var rootEntries = map[string]bool{
+	"forkd.db": true, "forkd.db-wal": true, "forkd.db-shm": true, "forkd.db-journal": true,
+	"forkd.lock": true, "forkd.sock": true, "guests": true, "snapshots": true, "pager": true,
+}
+
+// WaitSettled waits (up to timeout) until no snapshot is compressing and no
+// instance is in a transient state: the state a daemon reaches at rest.
+func WaitSettled(ctx context.Context, c *api.Client, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		busy := ""
+		snaps, err := c.ListSnapshots(ctx)
+		if err != nil {
+			return err
+		}
+		for _, s := range snaps {
+			if s.State == "compressing" {
+				busy = "snapshot " + s.Name + " compressing"
+			}
+		}
+		insts, err := c.ListInstances(ctx)
+		if err != nil {
+			return err
+		}
+		for _, in := range insts {
+			if !stableStates[in.State] && in.State != api.StateError {
+				busy = "instance " + in.Name + " " + in.State
+			}
+		}
+		if busy == "" {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("not settled after %v: %s", timeout, busy)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// CheckInvariants checks what must hold of a daemon at rest, after any
+// crash, fault or load (RELIABILITY.md):
+//   - every instance is in a stable state (not Error, not transient);
+//   - Standby instances have a complete snapshot-latest, Stopped ones none;
+//   - every Running/Paused instance has a live VMM at its recorded pid, and
+//     every VMM under the data dir belongs to such an instance (none leaked);
+//   - no VMM can write a file with more than one link (no shared inode is
+//     written: DESIGN §1.3);
+//   - no temp file or dir, no dir without a record, nothing unknown at the
+//     data dir's top level;
+//   - every snapshot has its files;
+//   - the pager (if one runs) has no more sessions than Uffd-backed VMs;
+//   - no Running instance reports a memory integrity error.
+//
+// It returns every violation found, joined.
+func CheckInvariants(ctx context.Context, d *Daemon) error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	c, layout := d.Client, d.Layout
+
+	insts, err := c.ListInstances(ctx)
+	if err != nil {
+		return fmt.Errorf("list instances: %w", err)
+	}
+	snaps, err := c.ListSnapshots(ctx)
+	if err != nil {
+		return fmt.Errorf("list snapshots: %w", err)
+	}
+	byID := map[string]api.Instance{}
+	uffdVMs := 0
+	for _, in := range insts {
+		byID[in.ID] = in
+		if !stableStates[in.State] {
+			bad("instance %s (%s) is %s, not a stable state (error %q)", in.Name, in.ID, in.State, in.Error)
+		}
+		g, err := layout.Guest(in.ID)
+		if err != nil {
+			bad("instance %s: id %q: %v", in.Name, in.ID, err)
+			continue
+		}
+		if st, err := os.Stat(g.Dir); err != nil || !st.IsDir() {
+			bad("instance %s: guest dir %s missing: %v", in.Name, g.Dir, err)
+		}
+		latest := g.Latest()
+		switch in.State {
+		case api.StateStandby:
+			for _, p := range []string{latest.VMState(), latest.Memory()} {
+				if st, err := os.Stat(p); err != nil || !st.Mode().IsRegular() || st.Size() == 0 {
+					bad("Standby instance %s: %s missing or empty: %v", in.Name, p, err)
+				}
+			}
+		case api.StateStopped, api.StateCreated:
+			if _, err := os.Stat(latest.Memory()); err == nil {
+				bad("%s instance %s still has %s", in.State, in.Name, latest.Memory())
+			}
+		case api.StateRunning, api.StatePaused:
+			if in.Pid <= 0 || syscall.Kill(in.Pid, 0) != nil || isZombie(in.Pid) {
+				bad("%s instance %s: VMM pid %d is not alive", in.State, in.Name, in.Pid)
+			}
+			if in.RestoreBackend == api.BackendUffd {
+				uffdVMs++
+			}
+			if in.MemoryCheck != "ok" && in.MemoryCheck != "unknown" {
+				bad("instance %s: memory integrity error: %s", in.Name, in.MemoryCheck)
+			}
+		}
+	}
+
+	pagerRuns := false
+	for _, p := range ProcessesUnder(layout.Root()) {
+		switch p.Kind {
+		case "pager":
+			pagerRuns = true
+		case "vmm":
+			id := filepath.Base(filepath.Dir(p.APISock))
+			in, ok := byID[id]
+			if !ok || (in.State != api.StateRunning && in.State != api.StatePaused) || in.Pid != p.Pid {
+				bad("leaked VMM pid %d (api sock %s): instance %q state %q pid %d", p.Pid, p.APISock, in.Name, in.State, in.Pid)
+			}
+			for _, w := range sharedWrites(p.Pid, layout.Root()) {
+				bad("shared inode writable by a VMM: %s", w)
+			}
+		}
+	}
+	if pagerRuns {
+		if raw, err := c.PagerStats(ctx); err == nil {
+			var st struct {
+				ActiveSessions int `json:"active_sessions"`
+			}
+			if json.Unmarshal(raw, &st) == nil && st.ActiveSessions > uffdVMs {
+				bad("pager has %d active sessions but only %d Uffd-backed VMs run (sessions leaked)", st.ActiveSessions, uffdVMs)
+			}
+		}
+	}
+
+	snapIDs := map[string]bool{}
+	for _, s := range snaps {
+		snapIDs[s.ID] = true
+		sd, err := layout.Snapshot(s.ID)
+		if err != nil {
+			bad("snapshot %s: id %q: %v", s.Name, s.ID, err)
+			continue
+		}
+		if _, err := os.Stat(sd.VMState()); err != nil {
+			bad("snapshot %s: %v", s.Name, err)
+		}
+		_, rawErr := os.Stat(sd.Memory())
+		_, zstErr := os.Stat(sd.MemoryZst())
+		if rawErr != nil && zstErr != nil {
+			bad("snapshot %s (%s): no mem-file (neither memory nor memory.zst)", s.Name, s.State)
+		}
+		if s.State != "ready" && s.State != "compressed" {
+			bad("snapshot %s is %q, not ready or compressed", s.Name, s.State)
+		}
+	}
+
+	errs = append(errs, leftovers(layout, byID, snapIDs)...)
+	return errors.Join(errs...)
+}
+
+// leftovers lists temp files and dirs, and dirs no record claims.
+func leftovers(layout guestdir.Layout, insts map[string]api.Instance, snaps map[string]bool) []error {
+	var errs []error
+	top, err := os.ReadDir(layout.Root())
+	if err != nil {
+		return []error{err}
+	}
+	for _, e := range top {
+		if !rootEntries[e.Name()] {
+			errs = append(errs, fmt.Errorf("unexpected entry in the data dir: %s", e.Name()))
+		}
+	}
+	for _, root := range []struct {
+		dir   string
+		known func(string) bool
+	}{
+		{layout.GuestsDir(), func(n string) bool { _, ok := insts[n]; return ok }},
+		{layout.SnapshotsDir(), func(n string) bool { return snaps[n] }},
+	} {
+		ents, err := os.ReadDir(root.dir)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		for _, e := range ents {
+			if guestdir.IsTemp(e.Name()) || !root.known(e.Name()) {
+				errs = append(errs, fmt.Errorf("leftover %s (no record)", filepath.Join(root.dir, e.Name())))
+				continue
+			}
+			filepath.WalkDir(filepath.Join(root.dir, e.Name()), func(p string, de fs.DirEntry, err error) error {
+				if err == nil && (strings.HasSuffix(de.Name(), ".tmp") || guestdir.IsTemp(de.Name())) {
+					errs = append(errs, fmt.Errorf("leftover temp file %s", p))
+				}
+				return nil
+			})
+		}
+	}
+	return errs
+}
+
+// Exercise proves every instance and snapshot is operable and its memory
+// intact: Standby instances restore; Running ones go through standby and
+// restore again (the base survived); Paused ones resume; Created and Stopped
+// ones start; every snapshot forks into a Running VM. Then each Running VM
+// runs its self-checking workload for a moment and must report
+// memory_check "ok". It returns how many operations it ran.
+func Exercise(ctx context.Context, c *api.Client) (int, error) {
+	insts, err := c.ListInstances(ctx)
+	if err != nil {
+		return 0, err
+	}
+	ops := 0
+	var errs []error
+	run := func(what string, f func() (api.Instance, error)) {
+		ops++
+		if in, err := f(); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", what, err))
+		} else if in.State != api.StateRunning {
+			errs = append(errs, fmt.Errorf("%s: ended %s (error %q)", what, in.State, in.Error))
+		}
+	}
+	for _, in := range insts {
+		ref := in.ID
+		switch in.State {
+		case api.StateStandby:
+			run("restore "+in.Name, func() (api.Instance, error) { return c.Action(ctx, ref, "restore", api.ActionRequest{}) })
+		case api.StateRunning:
+			ops++
+			if _, err := c.Action(ctx, ref, "standby", api.ActionRequest{}); err != nil {
+				errs = append(errs, fmt.Errorf("standby %s: %w", in.Name, err))
+				continue
+			}
+			run("restore "+in.Name+" after standby", func() (api.Instance, error) { return c.Action(ctx, ref, "restore", api.ActionRequest{}) })
+		case api.StatePaused:
+			run("resume "+in.Name, func() (api.Instance, error) { return c.Action(ctx, ref, "resume", api.ActionRequest{}) })
+		case api.StateCreated, api.StateStopped:
+			run("start "+in.Name, func() (api.Instance, error) { return c.Action(ctx, ref, "start", api.ActionRequest{}) })
+		default:
+			errs = append(errs, fmt.Errorf("instance %s is %s: not operable", in.Name, in.State))
+		}
+	}
+	snaps, err := c.ListSnapshots(ctx)
+	if err != nil {
+		return ops, err
+	}
+	for i, s := range snaps {
+		ref := s.ID
+		name := fmt.Sprintf("x-%s-%d", strings.ToLower(s.ID[:6]), i)
+		run("fork snapshot "+s.Name, func() (api.Instance, error) {
+			return c.ForkSnapshot(ctx, ref, api.ForkRequest{Name: name, TargetState: api.StateRunning})
+		})
+	}
+	time.Sleep(300 * time.Millisecond) // let the workloads read (and verify) pages
+	insts, err = c.ListInstances(ctx)
+	if err != nil {
+		return ops, err
+	}
+	sort.Slice(insts, func(i, j int) bool { return insts[i].Name < insts[j].Name })
+	for _, in := range insts {
+		if in.State == api.StateRunning && in.MemoryCheck != "ok" {
+			errs = append(errs, fmt.Errorf("instance %s: memory_check %q after restore", in.Name, in.MemoryCheck))
+		}
+	}
+	return ops, errors.Join(errs...)
+}

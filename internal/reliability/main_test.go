@@ -1,0 +1,201 @@
+package reliability
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/forkd/forkd/internal/api"
+)
+
+// forkdBin is the forkd binary TestMain builds once (or FORKD_TEST_BINARY).
+var forkdBin string
+
+// skipReason is why the daemon tests cannot run here ("" when they can).
+var skipReason string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "forkd-reliability")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	forkdBin = os.Getenv("FORKD_TEST_BINARY")
+	if forkdBin == "" {
+		forkdBin = filepath.Join(dir, "forkd")
+		cmd := exec.Command("go", "build", "-o", forkdBin, "../../cmd/forkd")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			skipReason = fmt.Sprintf("building forkd failed: %v\n%s", err, out)
+		}
+	}
+	if skipReason == "" {
+		if out, err := exec.Command(forkdBin, "vmm", "--help").CombinedOutput(); err != nil {
+			skipReason = fmt.Sprintf("`forkd vmm` is not usable: %v %s", err, out)
+		}
+	}
+	if skipReason != "" {
+		fmt.Fprintln(os.Stderr, "!!! reliability tests will SKIP:", skipReason)
+	}
+	code := m.Run()
+	printFigures()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// Guests are small and their workloads modest: 2 shared cores.
+const (
+	testMemMiB   = 32
+	testBootArgs = "forkd.ws_mib=4 forkd.rate=400 forkd.write_pct=30"
+)
+
+// newDaemon starts a daemon on a fresh short data dir (VMM socket paths must
+// fit 108 bytes). Cleanup shuts it down (deleting everything, killing any
+// straggler process) and removes the dir; a failed test gets the daemon log.
+func newDaemon(t *testing.T, env []string, args ...string) *Daemon {
+	t.Helper()
+	if skipReason != "" {
+		t.Skip("SKIP (needs a forkd binary with `forkd vmm`): " + skipReason)
+	}
+	dir, err := os.MkdirTemp("", "fkr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := DaemonOptions{
+		Binary: forkdBin, DataDir: filepath.Join(dir, "d"), Args: args, Env: env,
+		LogPath: filepath.Join(dir, "daemon.log"),
+	}
+	d, err := StartDaemon(context.Background(), opts)
+	if err != nil {
+		os.RemoveAll(dir)
+		t.Fatal(err)
+	}
+	holder := &daemonHolder{d: d}
+	t.Cleanup(func() {
+		cur := holder.get()
+		if t.Failed() {
+			t.Log(cur.LogTail())
+		}
+		if err := cur.Shutdown(context.Background()); err != nil {
+			t.Errorf("shutdown: %v", err)
+		}
+		os.RemoveAll(dir)
+	})
+	holders.Store(d, holder)
+	return d
+}
+
+// daemonHolder tracks the current daemon of a test across restarts, so the
+// cleanup shuts down the last one.
+type daemonHolder struct {
+	mu sync.Mutex
+	d  *Daemon
+}
+
+func (h *daemonHolder) get() *Daemon { h.mu.Lock(); defer h.mu.Unlock(); return h.d }
+
+var holders sync.Map // *Daemon → *daemonHolder (test bookkeeping only)
+
+// restart starts d's successor (d must have exited) and makes it the one
+// the test's cleanup shuts down.
+func restart(t *testing.T, d *Daemon, env []string) *Daemon {
+	t.Helper()
+	h, _ := holders.Load(d)
+	nd, err := d.Restart(context.Background(), env)
+	if err != nil {
+		t.Fatalf("restart: %v%s", err, d.LogTail())
+	}
+	if h != nil {
+		h.(*daemonHolder).mu.Lock()
+		h.(*daemonHolder).d = nd
+		h.(*daemonHolder).mu.Unlock()
+		holders.Store(nd, h)
+	}
+	return nd
+}
+
+func ctxT(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func createRunning(t *testing.T, c *api.Client, name string) api.Instance {
+	t.Helper()
+	in, err := c.CreateInstance(ctxT(t, 30*time.Second), api.CreateInstanceRequest{Name: name, MemoryMiB: testMemMiB, BootArgs: testBootArgs})
+	if err != nil {
+		t.Fatalf("create %s: %v", name, err)
+	}
+	if in.State != api.StateRunning {
+		t.Fatalf("create %s: %s (error %q)", name, in.State, in.Error)
+	}
+	return in
+}
+
+func action(t *testing.T, c *api.Client, ref, act string) api.Instance {
+	t.Helper()
+	in, err := c.Action(ctxT(t, 30*time.Second), ref, act, api.ActionRequest{})
+	if err != nil {
+		t.Fatalf("%s %s: %v", act, ref, err)
+	}
+	return in
+}
+
+func createStandby(t *testing.T, c *api.Client, name string) api.Instance {
+	t.Helper()
+	createRunning(t, c, name)
+	return action(t, c, name, "standby")
+}
+
+// figures collects the numbers RELIABILITY.md quotes; TestMain prints them.
+var figures = struct {
+	sync.Mutex
+	m map[string]int64
+}{m: map[string]int64{}}
+
+func addFigure(name string, n int64) {
+	figures.Lock()
+	figures.m[name] += n
+	figures.Unlock()
+}
+
+func printFigures() {
+	figures.Lock()
+	defer figures.Unlock()
+	if len(figures.m) == 0 {
+		return
+	}
+	var b strings.Builder
+	b.WriteString("reliability figures:")
+	for _, k := range sortedKeys(figures.m) {
+		fmt.Fprintf(&b, " %s=%d", k, figures.m[k])
+	}
+	fmt.Println(b.String())
+}
+
+func sortedKeys(m map[string]int64) []string {
+	var ks []string
+	for k := range m {
+		ks = append(ks, k)
+	}
+	sort.Strings(ks)
+	return ks
+}
+
+// checkAll runs CheckInvariants and fails the test on any violation.
+func checkAll(t *testing.T, d *Daemon) {
+	t.Helper()
+	ctx := ctxT(t, 60*time.Second)
+	if err := WaitSettled(ctx, d.Client, 30*time.Second); err != nil {
+		t.Errorf("settle: %v", err)
+	}
+	if err := CheckInvariants(ctx, d); err != nil {
+		t.Errorf("invariants violated:\n%v", err)
+	}
+}

@@ -1,0 +1,167 @@
+package reliability
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+)
+
+// Proc is a live process whose command line names a path in a data dir.
+type Proc struct {
+	Pid  int
+	Kind string // "vmm", "pager", "daemon" or "other"
+	Args []string
+	// APISock is a VMM's --api-sock ("" for other kinds).
+	APISock string
+}
+
+// ProcessesUnder scans /proc for live (non-zombie) processes whose command
+// line has an argument inside root: the daemon, its VMMs (which run in their
+// own sessions and outlive it) and its pager.
+func ProcessesUnder(root string) []Proc {
+	root = filepath.Clean(root)
+	ents, _ := os.ReadDir("/proc")
+	var out []Proc
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil || len(b) == 0 {
+			continue
+		}
+		args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+		inside := false
+		for _, a := range args {
+			if a == root || strings.HasPrefix(a, root+"/") {
+				inside = true
+				break
+			}
+		}
+		if !inside || isZombie(pid) {
+			continue
+		}
+		p := Proc{Pid: pid, Kind: "other", Args: args}
+		if len(args) > 1 {
+			switch args[1] {
+			case "vmm":
+				p.Kind = "vmm"
+				p.APISock = flagValue(args, "--api-sock")
+			case "pager":
+				p.Kind = "pager"
+			case "serve":
+				p.Kind = "daemon"
+			}
+		}
+		out = append(out, p)
+	}
+	return out
+}
+
+func flagValue(args []string, name string) string {
+	for i, a := range args {
+		if a == name && i+1 < len(args) {
+			return args[i+1]
+		}
+		if v, ok := strings.CutPrefix(a, name+"="); ok {
+			return v
+		}
+	}
+	return ""
+}
+
+func isZombie(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true // gone
+	}
+	// The state follows the command's closing parenthesis.
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i < 0 || i+2 >= len(s) || s[i+2] == 'Z' || s[i+2] == 'X'
+}
+
+// Environ is a process's environment.
+func Environ(pid int) ([]string, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+	if err != nil {
+		return nil, err
+	}
+	s := strings.TrimRight(string(b), "\x00")
+	if s == "" {
+		return nil, nil
+	}
+	return strings.Split(s, "\x00"), nil
+}
+
+// sharedWrites lists the files under root with more than one link that pid
+// could write: open read-write or write-only, or mapped MAP_SHARED with
+// write permission. forkd promises there are none (DESIGN §1.3: nobody
+// writes a shared inode); MAP_PRIVATE mappings of a shared mem-file (the
+// File restore backend) are fine, their writes never reach the file.
+func sharedWrites(pid int, root string) []string {
+	var out []string
+	seen := map[string]bool{}
+	note := func(path, how string) {
+		if seen[path+how] {
+			return
+		}
+		st, err := os.Stat(path)
+		if err != nil || !st.Mode().IsRegular() {
+			return
+		}
+		if n := nlink(st); n > 1 {
+			seen[path+how] = true
+			out = append(out, fmt.Sprintf("pid %d %s %s (nlink %d)", pid, how, path, n))
+		}
+	}
+	fdDir := fmt.Sprintf("/proc/%d/fd", pid)
+	fds, _ := os.ReadDir(fdDir)
+	for _, fd := range fds {
+		target, err := os.Readlink(filepath.Join(fdDir, fd.Name()))
+		if err != nil || !strings.HasPrefix(target, root+"/") {
+			continue
+		}
+		info, err := os.ReadFile(fmt.Sprintf("/proc/%d/fdinfo/%s", pid, fd.Name()))
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(info), "\n") {
+			if v, ok := strings.CutPrefix(line, "flags:"); ok {
+				flags, _ := strconv.ParseUint(strings.TrimSpace(v), 8, 64)
+				if flags&3 != 0 { // O_WRONLY or O_RDWR
+					note(target, "has open for writing")
+				}
+			}
+		}
+	}
+	f, err := os.Open(fmt.Sprintf("/proc/%d/maps", pid))
+	if err != nil {
+		return out
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 6 {
+			continue
+		}
+		perms, path := fields[1], strings.Join(fields[5:], " ")
+		if len(perms) == 4 && perms[1] == 'w' && perms[3] == 's' && strings.HasPrefix(path, root+"/") {
+			note(path, "maps shared-writable")
+		}
+	}
+	return out
+}
+
+func nlink(st os.FileInfo) uint64 {
+	if s, ok := st.Sys().(*syscall.Stat_t); ok {
+		return uint64(s.Nlink)
+	}
+	return 1
+}
