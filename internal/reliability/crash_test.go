@@ -16,8 +16,8 @@ import (
 type crashCase struct {
 	at      string
 	variant string // tells cases with the same crash point apart
-	setup func(t *testing.T, c *api.Client)
-	op    func(ctx context.Context, c *api.Client) error
+	setup   func(t *testing.T, c *api.Client)
+	op      func(ctx context.Context, c *api.Client) error
 	// gone lists names the op may legitimately remove (a delete); every
 	// other instance and snapshot present before the op must survive.
 	gone []string
