@@ -141,7 +141,7 @@ func runForks(cmd *cobra.Command, o forkOptions, name string, call func(context.
 		if err := printJSON(stdout(cmd), results); err != nil {
 			return err
 		}
-	case !asJSON:
+	case !asJSON && (o.count > 0 || results[0].Instance != nil):
 		tw := newTable(stdout(cmd))
 		fmt.Fprintln(tw, "NAME\tID\tSTATE\tFORK MODE\tLATENCY")
 		for _, r := range results {

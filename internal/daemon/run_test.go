@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -76,6 +77,7 @@ func startTest(t *testing.T, cfg Config, b Backend) (*daemon, func() error) {
 }
 
 func TestDaemonServesOnPrivateSocketAndStopsCleanly(t *testing.T) {
+	before := runtime.NumGoroutine()
 	cfg := testConfig(t)
 	b := newTestBackend()
 	d, stop := startTest(t, cfg, b)
@@ -118,6 +120,18 @@ func TestDaemonServesOnPrivateSocketAndStopsCleanly(t *testing.T) {
 	if _, err := os.Stat(d.socket); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("socket still exists after shutdown: %v", err)
 	}
+	c.Close()
+	// Every goroutine the daemon started is gone (allow a moment for
+	// connection goroutines to notice their closed sockets).
+	var now int
+	for range 100 {
+		if now = runtime.NumGoroutine(); now <= before {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	buf := make([]byte, 1<<16)
+	t.Errorf("%d goroutines before start, %d after shutdown:\n%s", before, now, buf[:runtime.Stack(buf, true)])
 }
 
 func TestShutdownLetsInFlightRequestsFinish(t *testing.T) {
