@@ -145,6 +145,9 @@ func TestRealDaemonResponsesConformToSpec(t *testing.T) {
 	call("POST", "/instances/src/fork", `{"name":"refused"}`, 409) // Running without from_running
 	call("POST", "/instances/src/standby", "", 200)
 	call("POST", "/instances/src/fork", `{"name":"f1"}`, 201)
+	call("POST", "/instances/src/fork", `{"name":"cold","target_state":"Stopped"}`, 201)
+	call("POST", "/instances/src/snapshots", `{"name":"snapz","compression":"zstd"}`, 201)
+	call("GET", "/snapshots", "", 200)
 	call("GET", "/snapshots/snap1", "", 200)
 	call("POST", "/snapshots/snap1/fork", `{"name":"s1","target_state":"Running"}`, 201)
 	call("POST", "/instances/f1/restore", "", 200)
@@ -155,8 +158,10 @@ func TestRealDaemonResponsesConformToSpec(t *testing.T) {
 	call("GET", "/instances/nope", "", 404)
 	call("GET", "/pager/stats", "", 200, 503)
 	call("DELETE", "/snapshots/snap1", "", 204)
+	call("GET", "/snapshots/snapz", "", 200)
+	call("DELETE", "/snapshots/snapz", "", 204, 409)
 	call("GET", "/snapshots/snap1", "", 404)
-	for _, name := range []string{"live", "f1", "s1", "idle", "src"} {
+	for _, name := range []string{"live", "f1", "cold", "s1", "idle", "src"} {
 		call("DELETE", "/instances/"+name, "", 204)
 	}
 	call("GET", "/instances", "", 200)

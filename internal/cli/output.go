@@ -92,6 +92,13 @@ func humanBytes(n int64) string {
 }
 
 func printInstances(w io.Writer, list []api.Instance) error {
+	list = append([]api.Instance(nil), list...)
+	sort.SliceStable(list, func(a, b int) bool {
+		if !list[a].CreatedAt.Equal(list[b].CreatedAt) {
+			return list[a].CreatedAt.Before(list[b].CreatedAt)
+		}
+		return list[a].Name < list[b].Name
+	})
 	tw := newTable(w)
 	fmt.Fprintln(tw, "ID\tNAME\tSTATE\tVCPUS\tMEMORY\tSOURCE\tFORK MODE\tBACKEND\tMEMORY CHECK\tAGE")
 	for _, i := range list {
