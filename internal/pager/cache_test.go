@@ -1,0 +1,122 @@
+package pager
+
+import (
+	"bytes"
+	"testing"
+)
+
+// sameShardKeys returns n keys of one cache key that land in one shard, so
+// a test can drive one shard's CLOCK.
+func sameShardKeys(c *pageCache, n int) []pageKey {
+	var keys []pageKey
+	want := c.shard(pageKey{key: 1, off: 0})
+	for off := uint64(0); len(keys) < n; off += 4096 {
+		if k := (pageKey{key: 1, off: off}); c.shard(k) == want {
+			keys = append(keys, k)
+		}
+	}
+	return keys
+}
+
+func page(b byte) []byte { return bytes.Repeat([]byte{b}, 4096) }
+
+// TestCacheClockGivesReferencedPagesASecondChance: with room for two pages
+// per shard, a page read since it was cached survives the next insert and
+// the unreferenced one goes. The twin (no read) shows the first-in page is
+// the one evicted when nothing is referenced, so the reference bit is what
+// saved it.
+func TestCacheClockGivesReferencedPagesASecondChance(t *testing.T) {
+	tests := []struct {
+		name        string
+		touchFirst  bool
+		wantEvicted int // index of the key evicted by the third put
+	}{
+		{"referenced first page survives", true, 1},
+		{"twin: unreferenced first page is evicted", false, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := newPageCache(2 * (4096 + entryOverhead) * cacheShards)
+			k := sameShardKeys(c, 3)
+			c.put(k[0], page(1), false)
+			c.put(k[1], page(2), false)
+			if tt.touchFirst {
+				if _, _, ok := c.get(k[0]); !ok {
+					t.Fatal("first page missing before eviction")
+				}
+			}
+			c.put(k[2], page(3), false)
+			for i, key := range k {
+				_, _, ok := c.get(key)
+				if want := i != tt.wantEvicted; ok != want {
+					t.Errorf("key %d cached = %v, want %v", i, ok, want)
+				}
+			}
+			if c.evicts.Load() != 1 {
+				t.Errorf("evictions = %d, want 1", c.evicts.Load())
+			}
+		})
+	}
+}
+
+func TestCacheStaysWithinBudget(t *testing.T) {
+	budget := int64(64 * (4096 + entryOverhead))
+	c := newPageCache(budget)
+	data := page(7)
+	for off := uint64(0); off < 10000*4096; off += 4096 {
+		c.put(pageKey{key: 1, off: off}, data, false)
+		if b := c.bytes.Load(); b > budget {
+			t.Fatalf("cache bytes %d over budget %d after offset %d", b, budget, off)
+		}
+	}
+	if c.evicts.Load() == 0 || c.len() == 0 {
+		t.Fatalf("evictions %d, entries %d: want both > 0", c.evicts.Load(), c.len())
+	}
+}
+
+func TestCacheEntriesOutliveEviction(t *testing.T) {
+	// A page handed to UFFDIO_COPY must not change when it is evicted and
+	// its slot reused.
+	c := newPageCache(1 * (4096 + entryOverhead) * cacheShards)
+	k := sameShardKeys(c, 2)
+	c.put(k[0], page(0xAA), false)
+	got, _, _ := c.get(k[0])
+	c.put(k[1], page(0xBB), false) // evicts k[0], reuses its slot
+	if _, _, ok := c.get(k[0]); ok {
+		t.Fatal("k[0] still cached; the test needs it evicted")
+	}
+	if !bytes.Equal(got, page(0xAA)) {
+		t.Fatal("bytes of an evicted entry changed under its reader")
+	}
+}
+
+func TestCacheZeroMarkersCostNoPageBytes(t *testing.T) {
+	c := newPageCache(1 << 20)
+	c.put(pageKey{key: 1, off: 0}, make([]byte, 4096), true)
+	data, zero, ok := c.get(pageKey{key: 1, off: 0})
+	if !ok || !zero || data != nil {
+		t.Fatalf("get zero marker = %v %v %v, want nil data, zero, ok", data, zero, ok)
+	}
+	if c.bytes.Load() != entryOverhead {
+		t.Fatalf("zero marker costs %d bytes, want %d", c.bytes.Load(), entryOverhead)
+	}
+}
+
+func TestCacheDisabledWithZeroBudget(t *testing.T) {
+	c := newPageCache(0)
+	c.put(pageKey{key: 1}, page(1), false)
+	if _, _, ok := c.get(pageKey{key: 1}); ok {
+		t.Fatal("a zero-budget cache cached a page")
+	}
+}
+
+func TestCacheKeysDoNotCollide(t *testing.T) {
+	c := newPageCache(1 << 24)
+	c.put(pageKey{key: 1, off: 4096}, page(1), false)
+	c.put(pageKey{key: 2, off: 4096}, page(2), false)
+	a, _, _ := c.get(pageKey{key: 1, off: 4096})
+	b, _, _ := c.get(pageKey{key: 2, off: 4096})
+	if a[0] != 1 || b[0] != 2 {
+		t.Fatalf("same offset of two cache keys: got %d and %d, want 1 and 2", a[0], b[0])
+	}
+}
