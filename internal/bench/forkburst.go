@@ -67,6 +67,21 @@ func ForkBurst(ctx context.Context, opt Options, progress func(string)) (rep *Re
 	} else {
 		defer os.RemoveAll(work)
 	}
+	// Unix socket paths (VMM API sockets, pager sessions) live up to ~70
+	// bytes below a data dir and must fit in 108: reach a deep work dir
+	// through a short symlink in the temp dir.
+	short := work
+	if len(work) > 24 {
+		linkDir, err := os.MkdirTemp("", "fb-")
+		if err != nil {
+			return nil, fmt.Errorf("fork-burst: %w", err)
+		}
+		defer os.RemoveAll(linkDir)
+		short = filepath.Join(linkDir, "w")
+		if err := os.Symlink(work, short); err != nil {
+			return nil, fmt.Errorf("fork-burst: %w", err)
+		}
+	}
 
 	// One daemon per strategy, each in its own data dir on the same
 	// filesystem: hardlink is forkd's behaviour; the others ask the daemon
@@ -81,7 +96,7 @@ func ForkBurst(ctx context.Context, opt Options, progress func(string)) (rep *Re
 				args = append(append([]string{}, args...), "--fork-strategy", strategy)
 			}
 			daemons++
-			dir := filepath.Join(work, fmt.Sprintf("%s-%d", strategy, daemons))
+			dir := filepath.Join(short, fmt.Sprintf("%s-%d", strategy, daemons))
 			d, err := StartDaemon(ctx, DaemonSpec{Binary: opt.Binary, DataDir: dir, Args: args, LogPath: dir + ".log"})
 			if err != nil && strategy != StrategyHardlink && strings.Contains(err.Error(), "unknown flag: --fork-strategy") {
 				return Conn{}, fmt.Errorf("%w: %s (this forkd serve has no --fork-strategy to force it)", ErrStrategyUnsupported, strategy)

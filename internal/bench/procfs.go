@@ -150,6 +150,9 @@ func DiskOf(dir string) (Disk, error) {
 	if err != nil {
 		return Disk{}, err
 	}
+	if real, err := filepath.EvalSymlinks(abs); err == nil {
+		abs = real // mountinfo knows real paths
+	}
 	mi, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
 		return Disk{}, fmt.Errorf("disk of %s: %w", dir, err)
