@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"runtime/debug"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -62,7 +63,7 @@ func NewHandler(svc Service, opt HandlerOptions) (http.Handler, error) {
 
 	mux.HandleFunc("GET /pager/stats", h.pagerStats)
 
-	var root http.Handler = h.recoverPanics(jsonNotFound{mux})
+	var root http.Handler = h.logRequests(h.recoverPanics(jsonNotFound{mux}))
 	if opt.Registerer != nil {
 		m, err := newHTTPMetrics(opt.Registerer)
 		if err != nil {
@@ -96,6 +97,22 @@ func (j jsonNotFound) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	j.mux.ServeHTTP(w, r)
+}
+
+// logRequests logs every request at debug level with its route, status and
+// duration (failures are also logged by fail, at their own level).
+func (h *handler) logRequests(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !h.log.Enabled(r.Context(), slog.LevelDebug) {
+			next.ServeHTTP(w, r)
+			return
+		}
+		start := time.Now()
+		sw := &statusWriter{ResponseWriter: w, status: http.StatusOK}
+		next.ServeHTTP(sw, r)
+		h.log.Debug("request", "method", r.Method, "path", r.URL.Path, "route", r.Pattern,
+			"status", sw.status, "duration", time.Since(start))
+	})
 }
 
 // recoverPanics turns a panic in a handler or the Service into a logged
