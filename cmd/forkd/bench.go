@@ -21,6 +21,7 @@ func newBenchForkBurstCommand() *cobra.Command {
 		memoryMiB int
 		vmmBinary string
 		fsSize    string
+		svgPath   string
 	)
 	cmd := &cobra.Command{
 		Use:   "fork-burst",
@@ -67,6 +68,11 @@ Compare ratios within one run: absolute times on nested VMs are noise.`,
 				if err == nil {
 					err = werr
 				}
+				if svgPath != "" {
+					if serr := writeSVG(svgPath, rep); serr != nil && err == nil {
+						err = serr
+					}
+				}
 			}
 			return err
 		},
@@ -90,5 +96,18 @@ Compare ratios within one run: absolute times on nested VMs are noise.`,
 	f.StringVar(&fsSize, "fs-size", "64GiB", "size of the --fs image (sparse)")
 	f.StringVar(&vmmBinary, "vmm-binary", "", `VMM for the daemon: "auto" or a path (default: the daemon's)`)
 	f.BoolVar(&opt.Keep, "keep", false, "keep the run's data dir and logs")
+	f.StringVar(&svgPath, "svg", "", "also draw the latency and PSS charts into this SVG file")
 	return cmd
+}
+
+func writeSVG(path string, rep *bench.Report) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("--svg: %w", err)
+	}
+	if err := rep.WriteSVG(f); err != nil {
+		f.Close()
+		return fmt.Errorf("--svg %s: %w", path, err)
+	}
+	return f.Close()
 }

@@ -3,6 +3,7 @@ package bench
 import (
 	"bytes"
 	"encoding/json"
+	"encoding/xml"
 	"strings"
 	"testing"
 	"time"
@@ -73,5 +74,28 @@ func TestWriteJSONRoundTrips(t *testing.T) {
 	}
 	if !strings.Contains(b.String(), `"p50_ns"`) || !strings.Contains(b.String(), `"pss_bytes"`) {
 		t.Errorf("JSON lacks the documented keys:\n%s", b.String())
+	}
+}
+
+func TestWriteSVGDrawsEveryRunCell(t *testing.T) {
+	var b bytes.Buffer
+	if err := sampleReport().WriteSVG(&b); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	if !strings.HasPrefix(out, "<svg") || !strings.HasSuffix(strings.TrimSpace(out), "</svg>") {
+		t.Fatalf("not an SVG document:\n%.300s", out)
+	}
+	for _, want := range []string{"256 MiB copy file cold", "4096 MiB hardlink file cold", "400.0ms / 800.0ms", "100.0M"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("SVG lacks %q", want)
+		}
+	}
+	if strings.Contains(out, "reflink") {
+		t.Errorf("SVG draws a skipped cell")
+	}
+	var doc struct{}
+	if err := xml.Unmarshal(b.Bytes(), &doc); err != nil {
+		t.Errorf("SVG is not well-formed XML: %v", err)
 	}
 }
