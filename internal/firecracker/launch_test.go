@@ -137,7 +137,7 @@ func TestLaunchWritesOutputToLogAppending(t *testing.T) {
 
 func TestLaunchFailsWithLogTailWhenSocketNeverAppears(t *testing.T) {
 	spec := helperSpec(t, "silent")
-	ctx, cancel := context.WithTimeout(context.Background(), 700*time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	_, err := Launch(ctx, spec)
 	if err == nil {
