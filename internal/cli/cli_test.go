@@ -183,3 +183,74 @@ func TestBenchSaysNotBuiltWhenNoExtension(t *testing.T) {
 		t.Errorf("bench fork-burst without the extension: exit %d, stderr %q", code, errOut)
 	}
 }
+
+// lifecycleService records actions, creates and snapshot calls.
+type lifecycleService struct {
+	recordingService
+	calls []string
+}
+
+func (s *lifecycleService) CreateInstance(_ context.Context, req api.CreateInstanceRequest) (api.Instance, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.calls = append(s.calls, fmt.Sprintf("create %s %d %d %v", req.Name, req.Vcpus, req.MemoryMiB, req.Start != nil && !*req.Start))
+	return api.Instance{ID: "0123456789abcdef", Name: req.Name, State: api.StateRunning, Vcpus: req.Vcpus, MemoryMiB: req.MemoryMiB}, nil
+}
+
+func (s *lifecycleService) Action(_ context.Context, ref, action string, req api.ActionRequest) (api.Instance, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.calls = append(s.calls, fmt.Sprintf("%s %s %s", action, ref, req.RestoreBackend))
+	return api.Instance{ID: "0123456789abcdef", Name: ref, State: api.StateStandby, RestoreBackend: "uffd"}, nil
+}
+
+func (s *lifecycleService) DeleteInstance(_ context.Context, ref string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.calls = append(s.calls, "delete "+ref)
+	return nil
+}
+
+func (s *lifecycleService) CreateSnapshot(_ context.Context, ref string, req api.SnapshotRequest) (api.Snapshot, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.calls = append(s.calls, fmt.Sprintf("snapshot %s %s %s", ref, req.Name, req.Compression))
+	return api.Snapshot{ID: "feedfacefeedface", Name: req.Name, Compression: "zstd", State: "compressing", SizeBytes: 64 << 20}, nil
+}
+
+func TestCommandsMakeTheRightCalls(t *testing.T) {
+	svc := &lifecycleService{}
+	sock := serve(t, svc)
+	steps := []struct {
+		args     []string
+		wantCall string
+		wantOut  string
+	}{
+		{[]string{"run", "web", "--vcpus", "2", "-m", "512"}, "create web 2 512 false", "created web (0123456789ab): Running"},
+		{[]string{"run", "idle", "--no-start"}, "create idle 1 256 true", "created idle"},
+		{[]string{"standby", "web"}, "standby web ", "web: Standby in"},
+		{[]string{"restore", "web", "--restore-backend", "uffd"}, "restore web uffd", "(uffd backend)"},
+		{[]string{"pause", "web"}, "pause web ", "web: Standby"},
+		{[]string{"snapshot", "create", "web", "s1", "--compression", "zstd"}, "snapshot web s1 zstd", "snapshot s1 (feedfacefeed) of web: 64.0 MiB, compressing"},
+		{[]string{"rm", "web"}, "delete web", "removed web"},
+	}
+	for _, s := range steps {
+		svc.calls = nil
+		out, errOut, code := run(t, append([]string{"--host", sock}, s.args...)...)
+		if code != 0 {
+			t.Errorf("forkd %v: exit %d: %s", s.args, code, errOut)
+			continue
+		}
+		if len(svc.calls) != 1 || svc.calls[0] != s.wantCall {
+			t.Errorf("forkd %v: calls %q, want [%q]", s.args, svc.calls, s.wantCall)
+		}
+		if !strings.Contains(out, s.wantOut) {
+			t.Errorf("forkd %v: output %q, want it to contain %q", s.args, out, s.wantOut)
+		}
+	}
+	out, _, code := run(t, "--host", sock, "-o", "json", "standby", "a", "b")
+	var list []api.Instance
+	if code != 0 || json.Unmarshal([]byte(out), &list) != nil || len(list) != 2 {
+		t.Errorf("-o json standby a b: exit %d, output %s; want a JSON array of 2", code, out)
+	}
+}

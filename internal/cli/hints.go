@@ -3,6 +3,7 @@ package cli
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 
 	"github.com/forkd/forkd/internal/api"
 )
@@ -52,6 +53,8 @@ func hintFor(err error) string {
 		return "pick another name, or remove the old one first (`forkd rm NAME`)"
 	case errors.Is(err, api.ErrInvalidState):
 		return "check the current state with `forkd ps`"
+	case errors.Is(err, fs.ErrPermission):
+		return "run as root, or use a data dir you own (--data-dir / FORKD_DATA)"
 	case errors.Is(err, api.ErrUnavailable):
 		return "the daemon is busy or a dependency (the pager) is down; retry, and check the daemon's log"
 	}
