@@ -204,6 +204,9 @@ func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Inst
 	}
 	res, key, err := makeFiles(ctx, o, id)
 	if err == nil {
+		err = o.step(ctx, "files", nil)
+	}
+	if err == nil {
 		rec.State, rec.SnapshotCacheKey, rec.ForkMode = api.StateStandby, key, string(res.Mode)
 		if res.Mode == "" {
 			rec.State, rec.MemoryCheck = api.StateStopped, "unknown"

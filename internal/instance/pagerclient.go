@@ -2,13 +2,54 @@ package instance
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"os"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/pager"
+	"github.com/forkd/forkd/internal/version"
 )
 
-// startPager starts (or finds) the host pager of this forkd's version.
-// TODO(pager): wire internal/pager.EnsureRunning once it lands.
+// startPager finds or starts the host pager of this forkd's version in
+// <data>/pager/<version> (detached: it outlives the daemon, as the VMs it
+// serves do); pagers of other versions are asked to drain.
 func (m *Manager) startPager(ctx context.Context) (Pager, error) {
-	return nil, fmt.Errorf("%w: the userfaultfd pager is not available in this build", api.ErrUnavailable)
+	bin := m.cfg.PagerBinary
+	if bin == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, err
+		}
+		bin = exe
+	}
+	dir, err := m.layout.PagerDir(version.Version)
+	if err != nil {
+		return nil, err
+	}
+	c, err := pager.EnsureRunning(ctx, pager.StartOptions{
+		Binary: bin, Dir: dir, Version: version.Version, CacheBytes: m.cfg.PagerCacheBytes,
+	}, m.log)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v (uffd restores need the pager; file restores work without it)", api.ErrUnavailable, err)
+	}
+	return hostPager{c: c}, nil
 }
+
+// hostPager adapts *pager.Client to Pager.
+type hostPager struct{ c *pager.Client }
+
+func (h hostPager) CreateSession(ctx context.Context, id, backing, key string) (string, error) {
+	s, err := h.c.CreateSession(ctx, pager.SessionRequest{SessionID: id, BackingPath: backing, CacheKey: key})
+	return s.SocketPath, err
+}
+
+func (h hostPager) DeleteSession(ctx context.Context, id string) error { return h.c.DeleteSession(ctx, id) }
+
+func (h hostPager) StatsRaw(ctx context.Context) (json.RawMessage, error) { return h.c.StatsRaw(ctx) }
+
+func (h hostPager) Version() string { return version.Version }
+
+// Drain asks the pager to exit once its last session closes (tests use it
+// to leave no pager behind).
+func (h hostPager) Drain(ctx context.Context) error { return h.c.Drain(ctx) }

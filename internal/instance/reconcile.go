@@ -176,6 +176,7 @@ func (m *Manager) reconcileEntry(ctx context.Context, e store.Entry) (string, er
 			return "VMM died mid-standby: stopped", m.markStopped(ctx, &in, g)
 		}
 	case "restore":
+		in.Pid = p.Pid // the VMM launched for the restore (recorded at "launched")
 		proc, alive := m.adopt(in, g)
 		if e.Step == "resumed" && alive {
 			in.Pid, in.PagerSession = proc.Pid, p.Session

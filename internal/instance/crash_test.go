@@ -1,0 +1,140 @@
+package instance
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/forkd/forkd/internal/api"
+)
+
+// TestCrashHelper is not a test: it is the "daemon" that crash tests run in a
+// child process (the re-executed test binary) and SIGKILL at one journalled
+// step of one operation (crashhook.go's FORKD_TEST_CRASH_AT).
+func TestCrashHelper(t *testing.T) {
+	dir := os.Getenv("FORKD_CRASH_DIR")
+	if dir == "" {
+		t.Skip("helper process for the crash tests")
+	}
+	m, err := New(context.Background(), Config{
+		DataDir: dir,
+		VMM:     VMMSpec{Binary: os.Getenv("FORKD_CRASH_VMM"), Args: []string{"vmm"}, Emulator: true},
+		Logger:  slog.New(slog.NewTextHandler(os.Stderr, nil)),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	ref := os.Getenv("FORKD_CRASH_REF")
+	switch op := os.Getenv("FORKD_CRASH_OP"); op {
+	case "fork":
+		_, err = m.ForkInstance(ctx, ref, api.ForkRequest{Name: "crashfork"})
+	case "livefork":
+		_, err = m.ForkInstance(ctx, ref, api.ForkRequest{Name: "crashfork", FromRunning: true})
+	case "snapshot":
+		_, err = m.CreateSnapshot(ctx, ref, api.SnapshotRequest{Name: "crashsnap"})
+	default:
+		_, err = m.Action(ctx, ref, op, api.ActionRequest{})
+	}
+	t.Fatalf("%s %s finished (err %v) without reaching %s=%s", os.Getenv("FORKD_CRASH_OP"), ref, err, CrashAtEnv, os.Getenv(CrashAtEnv))
+}
+
+// Kill -9 of the daemon in the middle of an operation, then a restart: the
+// reconciler leaves every instance in a settled, usable state with nothing
+// half-made on disk.
+func TestCrashMidOperationRecovers(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		srcState string // state of "src" before the crash
+		op, kind string
+		step     string
+		wantSrc  string // src's state after the restart
+		wantFork bool   // whether "crashfork" exists after the restart
+		wantSnap bool
+	}{
+		{"standby before the snapshot", api.StateRunning, "standby", "standby", "creating", api.StateRunning, false, false},
+		{"standby after the snapshot", api.StateRunning, "standby", "standby", "created", api.StateStandby, false, false},
+		{"restore after launch", api.StateStandby, "restore", "restore", "launched", api.StateStandby, false, false},
+		{"restore after resume", api.StateStandby, "restore", "restore", "resumed", api.StateRunning, false, false},
+		{"fork with files made", api.StateStandby, "fork", "fork", "files", api.StateStandby, false, false},
+		{"fork committed", api.StateStandby, "fork", "fork", "committed", api.StateStandby, true, false},
+		{"live fork mid-diff", api.StateRunning, "livefork", "fork", "creating", api.StateRunning, false, false},
+		{"live fork with files made", api.StateRunning, "livefork", "fork", "files", api.StateRunning, false, false},
+		{"live snapshot paused", api.StateRunning, "snapshot", "snapshot", "paused", api.StateRunning, false, false},
+		{"live snapshot stored", api.StateRunning, "snapshot", "snapshot", "stored", api.StateRunning, false, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := shortDir(t)
+			var src api.Instance
+			openAndClose(t, dir, func(m *Manager) {
+				src = createRunning(t, m, "src")
+				if tc.srcState == api.StateStandby {
+					action(t, m, "src", "standby")
+				}
+			})
+			cmd := exec.Command(os.Args[0], "-test.run=^TestCrashHelper$", "-test.v")
+			cmd.Env = append(os.Environ(), "FORKD_CRASH_DIR="+dir, "FORKD_CRASH_VMM="+forkdBin,
+				"FORKD_CRASH_OP="+tc.op, CrashAtEnv+"="+tc.kind+":"+tc.step, "FORKD_CRASH_REF=src")
+			out, err := cmd.CombinedOutput()
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
+				t.Fatalf("helper was not killed at %s/%s: %v\n%s", tc.kind, tc.step, err, out)
+			}
+			m := newManagerAt(t, dir)
+			ctx := context.Background()
+			in, err := m.GetInstance(ctx, "src")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if in.State != tc.wantSrc {
+				t.Fatalf("src after crash + restart: %s (error %q), want %s", in.State, in.Error, tc.wantSrc)
+			}
+			if open, _ := m.db.OpenEntries(ctx); len(open) != 0 {
+				t.Errorf("%d journal entries still open", len(open))
+			}
+			_, ferr := m.GetInstance(ctx, "crashfork")
+			if (ferr == nil) != tc.wantFork {
+				t.Errorf("fork exists = %v, want %v", ferr == nil, tc.wantFork)
+			}
+			_, serr := m.GetSnapshot(ctx, "crashsnap")
+			if (serr == nil) != tc.wantSnap {
+				t.Errorf("snapshot exists = %v, want %v", serr == nil, tc.wantSnap)
+			}
+			for _, root := range []string{m.layout.GuestsDir(), m.layout.SnapshotsDir()} {
+				ents, _ := os.ReadDir(root)
+				for _, e := range ents {
+					if strings.HasPrefix(e.Name(), ".tmp-") {
+						t.Errorf("half-made dir left: %s", filepath.Join(root, e.Name()))
+					}
+				}
+			}
+			// Whatever state src settled in, it works from there.
+			switch in.State {
+			case api.StateRunning:
+				verifyGuest(t, m, src.ID)
+				action(t, m, "src", "standby")
+				action(t, m, "src", "restore")
+			case api.StateStandby:
+				action(t, m, "src", "restore")
+			}
+			verifyGuest(t, m, src.ID)
+			if tc.wantFork {
+				f := action(t, m, "crashfork", "restore")
+				verifyGuest(t, m, f.ID)
+			}
+			if tc.wantSnap {
+				f, err := m.ForkSnapshot(ctx, "crashsnap", api.ForkRequest{Name: "fromsnap", TargetState: api.StateRunning})
+				if err != nil {
+					t.Fatal(err)
+				}
+				verifyGuest(t, m, f.ID)
+			}
+		})
+	}
+}

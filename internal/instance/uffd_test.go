@@ -1,0 +1,79 @@
+package instance
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"testing"
+
+	"github.com/forkd/forkd/internal/api"
+)
+
+type pagerCounters struct {
+	Hits, Misses, Faults uint64
+	ActiveSessions       int `json:"active_sessions"`
+}
+
+func pagerStats(t *testing.T, m *Manager) pagerCounters {
+	t.Helper()
+	raw, err := m.PagerStats(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var c pagerCounters
+	if err := json.Unmarshal(raw, &c); err != nil {
+		t.Fatalf("pager stats %s: %v", raw, err)
+	}
+	return c
+}
+
+// Forks restored through the pager share one cache key, so siblings after
+// the first are served from the pager's cache; a Uffd-restored fork's
+// standby then unshares and diffs like any other.
+func TestUffdForkRestoresShareThePagerCache(t *testing.T) {
+	if _, err := os.Stat("/dev/userfaultfd"); err != nil {
+		t.Skip("SKIP: no /dev/userfaultfd: " + err.Error())
+	}
+	m := newTestManager(t, func(c *Config) { c.ForkRestoreBackend = api.BackendUffd })
+	src := createRunning(t, m, "src")
+	verifyGuest(t, m, src.ID)
+	action(t, m, "src", "standby")
+	var forks []api.Instance
+	var after []pagerCounters
+	for i := 0; i < 3; i++ {
+		f := fork(t, m, "src", api.ForkRequest{Name: fmt.Sprintf("u%d", i), TargetState: api.StateRunning})
+		if f.RestoreBackend != api.BackendUffd || f.State != api.StateRunning {
+			t.Fatalf("fork %d: %+v; want Running via uffd", i, f)
+		}
+		verifyGuest(t, m, f.ID)
+		forks = append(forks, f)
+		after = append(after, pagerStats(t, m))
+	}
+	t.Logf("pager after each fork: %+v", after)
+	if after[0].Misses == 0 {
+		t.Fatalf("first uffd fork caused no pager misses: %+v", after[0])
+	}
+	if after[2].Hits <= after[0].Hits {
+		t.Fatalf("sibling forks got no pager cache hits: %+v", after)
+	}
+	if after[2].ActiveSessions < 3 {
+		t.Fatalf("active sessions %d, want 3", after[2].ActiveSessions)
+	}
+	// Standby of a uffd-restored fork closes its session; its next restore
+	// can use either backend.
+	action(t, m, forks[0].ID, "standby")
+	if got := pagerStats(t, m).ActiveSessions; got != 2 {
+		t.Errorf("active sessions after a fork's standby: %d, want 2", got)
+	}
+	in, err := m.Action(context.Background(), forks[0].ID, "restore", api.ActionRequest{RestoreBackend: api.BackendFile})
+	if err != nil || in.RestoreBackend != api.BackendFile {
+		t.Fatalf("file restore after uffd: %+v %v", in, err)
+	}
+	verifyGuest(t, m, forks[0].ID)
+	in, err = m.Action(context.Background(), "src", "restore", api.ActionRequest{RestoreBackend: api.BackendUffd})
+	if err != nil {
+		t.Fatal(err)
+	}
+	verifyGuest(t, m, src.ID)
+}
