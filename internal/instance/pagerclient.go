@@ -44,7 +44,9 @@ func (h hostPager) CreateSession(ctx context.Context, id, backing, key string) (
 	return s.SocketPath, err
 }
 
-func (h hostPager) DeleteSession(ctx context.Context, id string) error { return h.c.DeleteSession(ctx, id) }
+func (h hostPager) DeleteSession(ctx context.Context, id string) error {
+	return h.c.DeleteSession(ctx, id)
+}
 
 func (h hostPager) StatsRaw(ctx context.Context) (json.RawMessage, error) { return h.c.StatsRaw(ctx) }
 
