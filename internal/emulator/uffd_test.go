@@ -100,15 +100,19 @@ func (p *testPager) serve(ctx context.Context, ln *net.UnixListener) error {
 		// miss an event that arrives between the last EAGAIN and the wait
 		// (reported to the uffd owner). With faults pending after EAGAIN,
 		// poll briefly: the event that caused it may already have been read.
-		timeout := 100
+		// With faults pending after EAGAIN, wait briefly: the event that
+		// caused it may already have been read.
+		wctx, cancel := ctx, context.CancelFunc(func() {})
 		if len(pending) > 0 {
-			timeout = 1
+			wctx, cancel = context.WithTimeout(ctx, time.Millisecond)
 		}
-		if _, err := unix.Poll([]unix.PollFd{{Fd: int32(fd.Fd()), Events: unix.POLLIN}}, timeout); err != nil && !errors.Is(err, unix.EINTR) {
-			return fmt.Errorf("poll userfaultfd: %w", err)
-		}
+		err := fd.WaitReadable(wctx)
+		cancel()
 		if ctx.Err() != nil {
 			return ctx.Err()
+		}
+		if err != nil && !errors.Is(err, context.DeadlineExceeded) {
+			return err
 		}
 		for {
 			n, err := fd.ReadMsgs(msgs)
