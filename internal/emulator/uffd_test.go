@@ -96,10 +96,6 @@ func (p *testPager) serve(ctx context.Context, ln *net.UnixListener) error {
 	msgs := make([]uffd.Msg, 64)
 	var pending []uint64 // faults not yet served (EAGAIN: an event is queued)
 	for {
-		// poll(2) on a thread rather than uffd.FD.WaitReadable: that one can
-		// miss an event that arrives between the last EAGAIN and the wait
-		// (reported to the uffd owner). With faults pending after EAGAIN,
-		// poll briefly: the event that caused it may already have been read.
 		// With faults pending after EAGAIN, wait briefly: the event that
 		// caused it may already have been read.
 		wctx, cancel := ctx, context.CancelFunc(func() {})
