@@ -268,6 +268,10 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, ref string) error {
 	l := m.snapshotLock(s.ID)
 	l.rw.Lock()
 	defer l.rw.Unlock()
+	// A concurrent delete may have won the lock first: exactly one succeeds.
+	if _, err := m.db.GetSnapshot(ctx, s.ID); err != nil {
+		return apiErr(err)
+	}
 	o, err := m.begin(ctx, "snapshot-delete", s.ID, opPayload{})
 	if err != nil {
 		return err
