@@ -1,0 +1,82 @@
+package reliability
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestInvariantCheckerCatchesEachViolation is the twin of every test that
+// relies on CheckInvariants passing: each planted violation must be
+// reported, and a clean daemon must pass.
+func TestInvariantCheckerCatchesEachViolation(t *testing.T) {
+	d := newDaemon(t, nil)
+	in := createRunning(t, d.Client, "vm")
+	ctx := ctxT(t, 30*time.Second)
+	if err := CheckInvariants(ctx, d); err != nil {
+		t.Fatalf("a clean daemon fails the invariants: %v", err)
+	}
+	g, _ := d.Layout.Guest(in.ID)
+
+	cases := []struct {
+		name  string
+		plant func(t *testing.T) (undo func())
+		want  string
+	}{
+		{"temp file in a guest dir", func(t *testing.T) func() {
+			p := filepath.Join(g.Dir, "memory.unshare.tmp")
+			os.WriteFile(p, []byte("x"), 0o600)
+			return func() { os.Remove(p) }
+		}, "leftover temp file"},
+		{"dir with no record", func(t *testing.T) func() {
+			p := filepath.Join(d.Layout.GuestsDir(), "0123456789abcdef01234567")
+			os.Mkdir(p, 0o700)
+			return func() { os.Remove(p) }
+		}, "no record"},
+		{"unknown file at the top", func(t *testing.T) func() {
+			p := filepath.Join(d.Layout.Root(), "stray")
+			os.WriteFile(p, nil, 0o600)
+			return func() { os.Remove(p) }
+		}, "unexpected entry"},
+		{"a VMM writes a file with two links", func(t *testing.T) func() {
+			// The VMM holds its log open for writing: a second link to it
+			// makes that a shared inode open for writing.
+			p := filepath.Join(d.Layout.GuestsDir(), "..", "shared-link")
+			if err := os.Link(g.VMMLog(), p); err != nil {
+				t.Fatal(err)
+			}
+			return func() { os.Remove(p) }
+		}, "shared inode writable"},
+		{"a VMM no instance owns", func(t *testing.T) func() {
+			dir := filepath.Join(d.Layout.GuestsDir(), ".tmp-stray")
+			os.MkdirAll(dir, 0o700)
+			cmd := exec.Command(forkdBin, "vmm", "--api-sock", filepath.Join(dir, "vmm.sock"))
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			return func() { cmd.Process.Kill(); cmd.Wait(); os.RemoveAll(dir) }
+		}, "leaked VMM"},
+		{"an instance whose dir is gone", func(t *testing.T) func() {
+			os.Rename(g.Dir, g.Dir+"-moved")
+			return func() { os.Rename(g.Dir+"-moved", g.Dir) }
+		}, "guest dir"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			undo := tc.plant(t)
+			time.Sleep(20 * time.Millisecond) // a started process execs
+			err := CheckInvariants(context.Background(), d)
+			undo()
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("planted %q: CheckInvariants = %v, want an error containing %q", tc.name, err, tc.want)
+			}
+		})
+	}
+	if err := CheckInvariants(ctx, d); err != nil {
+		t.Fatalf("after undoing every plant: %v", err)
+	}
+}
