@@ -2,12 +2,10 @@ package instance
 
 import (
 	"context"
-	"encoding/json"
-	"regexp"
-	"strings"
 	"time"
 
 	"github.com/forkd/forkd/internal/memfile"
+	"github.com/forkd/forkd/internal/pager"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -16,7 +14,7 @@ type metrics struct {
 	opDuration     *prometheus.HistogramVec
 	shareFallbacks *prometheus.CounterVec
 	states         *stateCollector
-	pager          *pagerCollector
+	pager          prometheus.Collector // the pager's stats, re-exported
 }
 
 func newMetrics(m *Manager) *metrics {
@@ -32,7 +30,7 @@ func newMetrics(m *Manager) *metrics {
 		}, []string{"reason"}),
 		states: &stateCollector{m: m, desc: prometheus.NewDesc("forkd_instances",
 			"Instances by state.", []string{"state"}, nil)},
-		pager: &pagerCollector{m: m},
+		pager: pager.NewCollector(m.pagerStatsForMetrics),
 	}
 }
 
@@ -72,50 +70,5 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for st, n := range counts {
 		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(n), st)
-	}
-}
-
-// pagerCollector re-exports the pager's numeric /stats fields (top level and
-// one level of nesting) as forkd_pager_<field> gauges, when the pager runs.
-// It is unchecked (describes nothing): the field set is the pager's.
-type pagerCollector struct{ m *Manager }
-
-func (c *pagerCollector) Describe(chan<- *prometheus.Desc) {}
-
-var metricNameUnsafe = regexp.MustCompile(`[^a-zA-Z0-9_]`)
-
-func (c *pagerCollector) Collect(ch chan<- prometheus.Metric) {
-	p := c.m.startedPager()
-	if p == nil {
-		return
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	raw, err := p.StatsRaw(ctx)
-	if err != nil {
-		return
-	}
-	var top map[string]any
-	if json.Unmarshal(raw, &top) != nil {
-		return
-	}
-	emit := func(name string, v float64) {
-		name = "forkd_pager_" + strings.ToLower(metricNameUnsafe.ReplaceAllString(name, "_"))
-		desc := prometheus.NewDesc(name, "Pager statistic "+name+" (from the pager's /stats).", nil, nil)
-		if m, err := prometheus.NewConstMetric(desc, prometheus.GaugeValue, v); err == nil {
-			ch <- m
-		}
-	}
-	for k, v := range top {
-		switch x := v.(type) {
-		case float64:
-			emit(k, x)
-		case map[string]any:
-			for k2, v2 := range x {
-				if f, ok := v2.(float64); ok {
-					emit(k+"_"+k2, f)
-				}
-			}
-		}
 	}
 }

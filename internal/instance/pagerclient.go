@@ -55,3 +55,18 @@ func (h hostPager) Version() string { return version.Version }
 // Drain asks the pager to exit once its last session closes (tests use it
 // to leave no pager behind).
 func (h hostPager) Drain(ctx context.Context) error { return h.c.Drain(ctx) }
+
+// pagerStatsForMetrics fetches the pager's stats for the re-exported
+// forkd_pager_* series. A scrape never starts a pager: it asks the one this
+// manager uses, else whatever pager of this version answers in the pager dir
+// (one may outlive a daemon restart).
+func (m *Manager) pagerStatsForMetrics(ctx context.Context) (pager.Stats, error) {
+	if hp, ok := m.startedPager().(hostPager); ok {
+		return hp.c.Stats(ctx)
+	}
+	dir, err := m.layout.PagerDir(version.Version)
+	if err != nil {
+		return pager.Stats{}, err
+	}
+	return pager.NewClient(pager.ControlSocket(dir)).Stats(ctx)
+}

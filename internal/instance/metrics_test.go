@@ -1,0 +1,52 @@
+package instance
+
+import (
+	"testing"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+)
+
+func TestMetricsCountOperationsAndStates(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := newTestManager(t, func(c *Config) { c.Registerer = reg })
+	createRunning(t, m, "src")
+	action(t, m, "src", "standby")
+	fork(t, m, "src", api.ForkRequest{Name: "f"})
+	fams, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	byName := map[string]*dto.MetricFamily{}
+	for _, f := range fams {
+		byName[f.GetName()] = f
+	}
+	label := func(m *dto.Metric, name string) string {
+		for _, l := range m.GetLabel() {
+			if l.GetName() == name {
+				return l.GetValue()
+			}
+		}
+		return ""
+	}
+	ops := map[string]uint64{}
+	for _, mm := range byName["forkd_instance_operation_duration_seconds"].GetMetric() {
+		ops[label(mm, "op")] = mm.GetHistogram().GetSampleCount()
+	}
+	for _, op := range []string{"create", "start", "standby", "fork"} {
+		if ops[op] != 1 {
+			t.Errorf("operation %s observed %d times, want 1 (all: %v)", op, ops[op], ops)
+		}
+	}
+	states := map[string]float64{}
+	for _, mm := range byName["forkd_instances"].GetMetric() {
+		states[label(mm, "state")] = mm.GetGauge().GetValue()
+	}
+	if states[api.StateStandby] != 2 {
+		t.Errorf("forkd_instances = %v, want 2 Standby", states)
+	}
+	if up := byName["forkd_pager_up"]; up == nil || up.GetMetric()[0].GetGauge().GetValue() != 0 {
+		t.Errorf("forkd_pager_up = %v, want 0 (no pager started)", up)
+	}
+}
