@@ -1,0 +1,154 @@
+package emulator
+
+import (
+	"fmt"
+	"os"
+)
+
+type memBackend struct {
+	BackendType *string `json:"backend_type"`
+	BackendPath *string `json:"backend_path"`
+}
+
+type snapshotLoad struct {
+	SnapshotPath        *string     `json:"snapshot_path"`
+	MemBackend          *memBackend `json:"mem_backend"`
+	MemFilePath         *string     `json:"mem_file_path"`         // deprecated form of mem_backend File
+	EnableDiffSnapshots *bool       `json:"enable_diff_snapshots"` // deprecated form of track_dirty_pages
+	TrackDirtyPages     *bool       `json:"track_dirty_pages"`
+	ResumeVM            bool        `json:"resume_vm"`
+	NetworkOverrides    []struct {
+		IfaceID     string `json:"iface_id"`
+		HostDevName string `json:"host_dev_name"`
+	} `json:"network_overrides"`
+	VsockOverride *struct {
+		UDSPath string `json:"uds_path"`
+	} `json:"vsock_override"`
+	ClockRealtime bool   `json:"clock_realtime"`
+	HugePages     string `json:"huge_pages"`
+}
+
+// loadParams is a validated load request.
+type loadParams struct {
+	vmstate, backendType, backendPath string
+	track, resume                     bool
+}
+
+func (r snapshotLoad) validate() (loadParams, error) {
+	var p loadParams
+	if r.SnapshotPath == nil {
+		return p, fault("missing field `snapshot_path`")
+	}
+	p.vmstate, p.resume = *r.SnapshotPath, r.ResumeVM
+	switch {
+	case r.MemBackend != nil && r.MemFilePath != nil:
+		return p, fault("too many fields: either `mem_backend` or `mem_file_path` exclusively.")
+	case r.MemFilePath != nil:
+		p.backendType, p.backendPath = "File", *r.MemFilePath
+	case r.MemBackend != nil:
+		if r.MemBackend.BackendType == nil {
+			return p, fault("missing field `backend_type`")
+		}
+		if r.MemBackend.BackendPath == nil {
+			return p, fault("missing field `backend_path`")
+		}
+		p.backendType, p.backendPath = *r.MemBackend.BackendType, *r.MemBackend.BackendPath
+		if p.backendType != "File" && p.backendType != "Uffd" {
+			return p, faultf("unknown variant `%s`, expected `File` or `Uffd`", p.backendType)
+		}
+	default:
+		return p, fault("missing field: either `mem_backend` or `mem_file_path` is required.")
+	}
+	if r.TrackDirtyPages != nil && r.EnableDiffSnapshots != nil {
+		return p, fault("too many fields: either `enable_diff_snapshots` or `track_dirty_pages` exclusively.")
+	}
+	if r.TrackDirtyPages != nil {
+		p.track = *r.TrackDirtyPages
+	}
+	if r.EnableDiffSnapshots != nil {
+		p.track = *r.EnableDiffSnapshots
+	}
+	switch r.HugePages {
+	case "", "Snapshot", "None":
+	default:
+		return p, faultf("huge_pages %s is not supported by forkd vmm", r.HugePages)
+	}
+	return p, nil
+}
+
+// loadSnapshot is PUT /snapshot/load. It is allowed only on a fresh
+// process; once it starts, any failure leaves the process unusable, as in
+// Firecracker (the caller must start a new VMM).
+func (v *vmm) loadSnapshot(req snapshotLoad) error {
+	p, err := req.validate()
+	if err != nil {
+		return err
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err := v.usable(); err != nil {
+		return err
+	}
+	if v.st != stateNotStarted || v.configured {
+		return errLoadAfter
+	}
+	if err := v.load(p, req); err != nil {
+		v.st = stateFailed
+		v.log.Error("snapshot load failed; the VMM is unusable", "snapshot", p.vmstate, "error", err)
+		return faultf("Load snapshot error: %v", err)
+	}
+	return nil
+}
+
+func (v *vmm) load(p loadParams, req snapshotLoad) error {
+	st, err := readVMState(p.vmstate)
+	if err != nil {
+		return err
+	}
+	// Devices are re-opened on load: their backing files must still exist.
+	for _, d := range st.Drives {
+		if d.Socket == "" && d.PathOnHost != "" {
+			if _, err := os.Stat(d.PathOnHost); err != nil {
+				return fmt.Errorf("restore drive %s: %w", d.DriveID, err)
+			}
+		}
+	}
+	for _, o := range req.NetworkOverrides {
+		found := false
+		for i := range st.Interfaces {
+			if st.Interfaces[i].IfaceID == o.IfaceID {
+				st.Interfaces[i].HostDevName, found = o.HostDevName, true
+			}
+		}
+		if !found {
+			return fmt.Errorf("network override: no interface %q in the snapshot", o.IfaceID)
+		}
+	}
+	var mem *guestMemory
+	switch p.backendType {
+	case "File":
+		mem, err = mapFile(p.backendPath, st.Regions)
+	case "Uffd":
+		mem, err = v.mapUffd(p.backendPath, st.Regions)
+	}
+	if err != nil {
+		return err
+	}
+	machine := st.Machine
+	machine.TrackDirtyPages = p.track // not persisted in the snapshot: re-sent on every load
+	var dirty *dirtyBitmap
+	if p.track {
+		dirty = newDirtyBitmap(mem.pages())
+	}
+	wl := newLoadedWorkload(mem, st.Workload, newLineage(), dirty, v.log)
+	v.machine, v.drives, v.ifaces, v.mem, v.restored = machine, st.Drives, st.Interfaces, mem, true
+	v.wl.Store(wl)
+	v.st = statePaused
+	if p.resume {
+		wl.start()
+		v.st = stateRunning
+	}
+	v.log.Info("snapshot loaded", "snapshot", p.vmstate, "backend", p.backendType, "mem", p.backendPath,
+		"regions", len(mem.regions), "steps", st.Workload.Steps, "generation", wl.generation, "state", v.st.String())
+	return nil
+}
