@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -79,13 +80,26 @@ func consumerMain() int {
 	if _, err := f.Register(base, uint64(size), uffd.RegisterModeMissing); err != nil {
 		return fail("%v", err)
 	}
-	c, err := net.Dial("unix", os.Getenv("SOCK"))
-	if err != nil {
-		return fail("dial: %v", err)
+	var self *selfServer
+	if os.Getenv("HANDSHAKE") == "self" {
+		// The baseline: this process serves its own faults (pread + COPY
+		// on a locked thread), no pager, no socket.
+		self, err = startSelfServer(f, base, os.Getenv("MEMFILE"))
+		if err != nil {
+			return fail("self serve: %v", err)
+		}
 	}
-	conn := c.(*net.UnixConn)
+	var conn *net.UnixConn
+	if self == nil {
+		c, err := net.Dial("unix", os.Getenv("SOCK"))
+		if err != nil {
+			return fail("dial: %v", err)
+		}
+		conn = c.(*net.UnixConn)
+	}
 	regions := []uffd.Region{{BaseHostVirtAddr: base, Size: uint64(size), PageSize: uffd.PageSize, PageSizeKiB: uffd.PageSize}}
 	switch os.Getenv("HANDSHAKE") {
+	case "self":
 	case "", "good":
 		err = uffd.SendHandshake(conn, regions, f.Fd())
 	case "badjson":
@@ -104,7 +118,7 @@ func consumerMain() int {
 	if err != nil {
 		return fail("handshake: %v", err)
 	}
-	if h := os.Getenv("HANDSHAKE"); h != "" && h != "good" {
+	if h := os.Getenv("HANDSHAKE"); h != "" && h != "good" && h != "self" {
 		// A malformed VMM: wait for the pager to hang up on us.
 		conn.SetReadDeadline(time.Now().Add(20 * time.Second))
 		n, err := conn.Read(make([]byte, 1))
@@ -171,8 +185,66 @@ func consumerMain() int {
 			return fail("unknown step %q", step)
 		}
 	}
+	if self != nil {
+		faults, service := self.stop()
+		fmt.Printf("service_ns %d faults %d\n", service.Nanoseconds(), faults)
+	}
 	fmt.Println("ok")
 	return 0
+}
+
+// selfServer is the minimal in-process handler: pread into an mmap'd
+// buffer, UFFDIO_COPY, one locked thread.
+type selfServer struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+	faults int
+	busy   time.Duration
+}
+
+func startSelfServer(f *uffd.FD, base uint64, memfile string) (*selfServer, error) {
+	file, err := os.Open(memfile)
+	if err != nil {
+		return nil, err
+	}
+	buf, err := unix.Mmap(-1, 0, uffd.PageSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &selfServer{cancel: cancel, done: make(chan struct{})}
+	go func() {
+		runtime.LockOSThread()
+		defer close(s.done)
+		msgs := make([]uffd.Msg, 64)
+		for {
+			n, err := f.ReadMsgs(msgs)
+			if err != nil {
+				if f.WaitReadable(ctx) != nil {
+					return
+				}
+				continue
+			}
+			for _, m := range msgs[:n] {
+				if m.Event != uffd.EventPagefault {
+					continue
+				}
+				t0 := time.Now()
+				page := m.Address &^ (uffd.PageSize - 1)
+				file.ReadAt(buf, int64(page-base))
+				f.Copy(uintptr(page), uintptr(unsafe.Pointer(&buf[0])), uffd.PageSize, 0)
+				s.busy += time.Since(t0)
+				s.faults++
+			}
+		}
+	}()
+	return s, nil
+}
+
+func (s *selfServer) stop() (int, time.Duration) {
+	s.cancel()
+	<-s.done
+	return s.faults, s.busy
 }
 
 // pagerMain is `pager serve` for EnsureRunning tests: the args after

@@ -119,12 +119,14 @@ func (s *session) run() {
 	defer s.free()
 	conn, err := s.accept()
 	if err != nil {
+		s.cancel(err)
 		s.log.Error("session ended: no VMM connected", "op", "accept", "err", err)
 		return
 	}
 	defer conn.Close()
 	regions, fds, err := uffd.ReceiveHandshake(conn, s.srv.cfg.HandshakeTimeout)
 	if err != nil {
+		s.cancel(err)
 		s.log.Error("session ended: bad handshake", "op", "handshake", "err", err)
 		return
 	}
@@ -134,6 +136,7 @@ func (s *session) run() {
 	f := uffd.FromFD(fds[0])
 	defer f.Close()
 	if err := s.checkRegions(regions); err != nil {
+		s.cancel(err)
 		s.log.Error("session ended: bad handshake", "op", "handshake", "err", err)
 		return
 	}
@@ -143,16 +146,21 @@ func (s *session) run() {
 	s.mu.Unlock()
 	s.log.Info("session serving", "pid", pid, "regions", len(regions))
 
-	watchDone := make(chan struct{})
+	watchDone := make(chan struct{}, 2)
 	go func() {
-		defer close(watchDone)
+		defer func() { watchDone <- struct{}{} }()
 		s.watch(conn)
+	}()
+	go func() {
+		defer func() { watchDone <- struct{}{} }()
+		s.watchPid(pid)
 	}()
 	err = s.serve(s.ctx, f, regions)
 	if err != nil {
 		s.cancel(err)
 	}
-	conn.Close() // unblocks watch
+	conn.Close() // unblocks watch; the cancel above or before unblocks watchPid
+	<-watchDone
 	<-watchDone
 	cause := context.Cause(s.ctx)
 	switch {
@@ -224,6 +232,38 @@ func (s *session) watch(conn *net.UnixConn) {
 		s.cancel(errVMMExited)
 	default:
 		s.cancel(fmt.Errorf("session socket: %w", err))
+	}
+}
+
+// watchPid ends the session when the VMM process exits, seen through a
+// pidfd: it covers a VMM whose socket outlives it (inherited by a child).
+// Without pidfd support the socket's EOF is the only signal.
+func (s *session) watchPid(pid int) {
+	if pid <= 0 {
+		return
+	}
+	fd, err := unix.PidfdOpen(pid, unix.PIDFD_NONBLOCK)
+	if err != nil {
+		s.log.Debug("no pidfd for the VMM; relying on the socket's EOF", "pid", pid, "err", err)
+		return
+	}
+	f := os.NewFile(uintptr(fd), "pidfd")
+	stop := context.AfterFunc(s.ctx, func() { f.Close() })
+	defer stop()
+	defer f.Close()
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return
+	}
+	// A pidfd is readable once the process has exited. Check the level
+	// inside the wait (see uffd.FD.WaitReadable for why).
+	err = rc.Read(func(fd uintptr) bool {
+		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, err := unix.Poll(pfd, 0)
+		return err == nil && n > 0
+	})
+	if err == nil {
+		s.cancel(fmt.Errorf("%w (pid %d exited)", errVMMExited, pid))
 	}
 }
 
