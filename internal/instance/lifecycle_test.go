@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"syscall"
 	"testing"
 
 	"github.com/forkd/forkd/internal/api"
@@ -129,4 +130,23 @@ func TestRefResolution(t *testing.T) {
 	if _, err := resolve("abc", "x", items, id, id); !errors.Is(err, api.ErrAmbiguous) {
 		t.Errorf("ambiguous prefix: %v, want ErrAmbiguous", err)
 	}
+}
+
+func TestVMMDeathIsNoticedAndStops(t *testing.T) {
+	m := newTestManager(t)
+	ctx := context.Background()
+	in := createRunning(t, m, "vm")
+	if err := syscall.Kill(in.Pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitDead(t, in.Pid)
+	if _, err := m.Action(ctx, "vm", "standby", api.ActionRequest{}); !errors.Is(err, api.ErrInvalidState) {
+		t.Fatalf("standby of an instance whose VMM died: %v, want ErrInvalidState", err)
+	}
+	got, _ := m.GetInstance(ctx, "vm")
+	if got.State != api.StateStopped || got.Error == "" {
+		t.Fatalf("after VMM death: state %s error %q; want Stopped with the reason", got.State, got.Error)
+	}
+	action(t, m, "vm", "start")
+	verifyGuest(t, m, in.ID)
 }

@@ -71,8 +71,15 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 			m.startCompression(s)
 		}
 	}
+	if n, err := m.db.PruneJournal(ctx, journalKeep); err == nil && n > 0 {
+		m.log.Info("reconcile: pruned finished journal entries", "count", n)
+	}
 	return nil
 }
+
+// journalKeep is how many finished journal entries survive a restart (for
+// post-mortems); open ones are always kept until reconciled.
+const journalKeep = 10000
 
 // reconcileEntry finishes or rolls back one interrupted operation and says
 // what it did.

@@ -97,6 +97,9 @@ func (m *Manager) lockInstance(ctx context.Context, ref string, write bool) (sto
 		unlock()
 		return store.Instance{}, nil, apiErr(err)
 	}
+	if write {
+		m.settleIfVMMDied(ctx, &in)
+	}
 	return in, unlock, nil
 }
 

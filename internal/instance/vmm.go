@@ -10,8 +10,10 @@ import (
 	"strings"
 	"time"
 
+	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/store"
 )
 
 // VMMSpec is the VMM binary the manager launches.
@@ -123,4 +125,28 @@ func (m *Manager) memoryCheck(ctx context.Context, g guestdir.Guest) string {
 		return fmt.Sprintf("%d integrity errors", gs.IntegrityErrors)
 	}
 	return "ok"
+}
+
+// settleIfVMMDied notices a VMM that exited under a Running or Paused
+// instance (crash, OOM kill): its memory is gone, so the instance becomes
+// Stopped with the reason in its error text, instead of every later action
+// failing against a dead socket. Caller holds the write lock.
+func (m *Manager) settleIfVMMDied(ctx context.Context, in *store.Instance) {
+	if !oneOf(in.State, api.StateRunning, api.StatePaused) {
+		return
+	}
+	p := m.proc(in.ID)
+	if p == nil || p.Alive() {
+		return
+	}
+	g, err := m.guest(in.ID)
+	if err != nil {
+		return
+	}
+	m.log.Warn("VMM exited unexpectedly: instance stopped", "instance", in.ID, "pid", p.Pid, "log", g.VMMLog())
+	if err := m.markStopped(ctx, in, g); err != nil {
+		m.log.Error("settle dead VMM", "instance", in.ID, "err", err)
+	}
+	in.Error = fmt.Sprintf("VMM (pid %d) exited unexpectedly; memory lost (see %s)", p.Pid, g.VMMLog())
+	m.db.UpdateInstance(ctx, *in)
 }

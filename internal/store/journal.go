@@ -97,3 +97,14 @@ func (s *Store) entries(ctx context.Context, where string) ([]Entry, error) {
 	}
 	return out, rows.Err()
 }
+
+// PruneJournal deletes finished entries except the newest keep; open
+// entries are never pruned. It returns how many it deleted.
+func (s *Store) PruneJournal(ctx context.Context, keep int) (int64, error) {
+	res, err := s.db.ExecContext(ctx, `DELETE FROM journal WHERE finished_at IS NOT NULL AND id NOT IN
+		(SELECT id FROM journal WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT ?)`, keep)
+	if err != nil {
+		return 0, fmt.Errorf("prune journal: %w", err)
+	}
+	return res.RowsAffected()
+}

@@ -205,3 +205,27 @@ func TestJournalOpenEntriesAreWhatACrashLeft(t *testing.T) {
 		t.Fatalf("Entries = %+v", all)
 	}
 }
+
+func TestPruneJournalKeepsOpenAndNewest(t *testing.T) {
+	ctx := context.Background()
+	s, _ := openTemp(t)
+	var ids []int64
+	for i := 0; i < 5; i++ {
+		id, err := s.Begin(ctx, "fork", "x", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, id)
+	}
+	for _, id := range ids[1:] { // ids[0] stays open
+		s.Finish(ctx, id, "done")
+	}
+	n, err := s.PruneJournal(ctx, 2)
+	if err != nil || n != 2 {
+		t.Fatalf("PruneJournal = %d, %v; want 2 deleted", n, err)
+	}
+	all, _ := s.Entries(ctx, 10)
+	if len(all) != 3 || all[0].ID != ids[4] || all[1].ID != ids[3] || all[2].ID != ids[0] {
+		t.Fatalf("after prune: %+v; want the 2 newest finished and the open one", all)
+	}
+}
