@@ -44,6 +44,11 @@ func lockDataDir(dataDir string) (*os.File, error) {
 // listenUnix listens on the daemon socket with mode 0600. An existing file
 // there is removed only if it is a socket nobody answers on.
 func listenUnix(ctx context.Context, path string) (*net.UnixListener, error) {
+	// sun_path holds 108 bytes including the NUL; a longer path fails in
+	// bind with a bare EINVAL, so say what is wrong instead.
+	if len(path) > 107 {
+		return nil, fmt.Errorf("listen %s: the socket path is %d bytes, over the kernel's limit of 107; use a shorter --data-dir", path, len(path))
+	}
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode()&os.ModeSocket == 0 {
 			return nil, fmt.Errorf("listen %s: the path exists and is not a socket; move it away", path)
