@@ -25,9 +25,11 @@ type forkResult struct {
 	err                  error
 }
 
-// burst forks n VMs from par concurrently, restores each with backend as
-// soon as its fork returns, waits until each has touched its working set,
-// then measures memory and the pager and deletes the forks.
+// burst forks n VMs from par concurrently; once every fork call returned,
+// restores them all concurrently with backend and waits until each has
+// touched its working set; then measures memory and the pager and deletes
+// the forks. The two phases are apart so the fork latency is the fanout's
+// own, not the restores' competing for the same CPUs and disk.
 func (r *runner) burst(ctx context.Context, svc api.Service, par parent, size int, strategy, backend, temp string, n int) Cell {
 	cell := Cell{SizeMiB: size, Strategy: strategy, Backend: backend, Temperature: temp, Forks: n,
 		MemoryChecks: map[string]int{}, ForkModes: map[string]int{}}
@@ -39,17 +41,13 @@ func (r *runner) burst(ctx context.Context, svc api.Service, par parent, size in
 	readBefore, usedBefore := r.disk.ReadBytes(), r.disk.UsedBytes()
 
 	results := make([]forkResult, n)
-	start := make(chan struct{})
-	var wg sync.WaitGroup
-	for i := range results {
-		wg.Go(func() {
-			<-start
-			results[i] = r.oneFork(ctx, svc, par, fmt.Sprintf("%s%d", prefix, i), backend, size)
-		})
-	}
 	t0 := time.Now()
-	close(start)
-	wg.Wait()
+	concurrently(n, func(i int) { results[i] = r.forkOne(ctx, svc, par, fmt.Sprintf("%s%d", prefix, i)) })
+	concurrently(n, func(i int) {
+		if results[i].err == nil {
+			r.restoreOne(ctx, svc, &results[i], backend, size)
+		}
+	})
 	cell.Wall = time.Since(t0)
 
 	readAfter, usedAfter := r.disk.ReadBytes(), r.disk.UsedBytes()
@@ -95,33 +93,45 @@ func (r *runner) burst(ctx context.Context, svc api.Service, par parent, size in
 	return cell
 }
 
-// oneFork forks par to Standby (the fanout the API promises to be
-// zero-I/O), restores it with backend, and follows its workload until it has
-// read as many pages as its working set holds.
-func (r *runner) oneFork(ctx context.Context, svc api.Service, par parent, name, backend string, size int) forkResult {
-	var res forkResult
+// concurrently runs f(0..n-1) in n goroutines released together, and
+// waits for them.
+func concurrently(n int, f func(i int)) {
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			<-start
+			f(i)
+		})
+	}
+	close(start)
+	wg.Wait()
+}
+
+// forkOne forks par to Standby: the fanout the API promises to be zero-I/O.
+func (r *runner) forkOne(ctx context.Context, svc api.Service, par parent, name string) forkResult {
 	t0 := time.Now()
 	inst, err := par.fork(ctx, svc, api.ForkRequest{Name: name, TargetState: api.StateStandby})
-	res.fork = time.Since(t0)
-	if err != nil {
-		res.err = err // the daemon's message names the operation and the fork
-		return res
-	}
-	res.id = inst.ID
+	// The daemon's error message names the operation and the fork.
+	return forkResult{id: inst.ID, fork: time.Since(t0), err: err}
+}
+
+// restoreOne restores a fork with backend and follows its workload until it
+// has read as many pages as its working set holds.
+func (r *runner) restoreOne(ctx context.Context, svc api.Service, res *forkResult, backend string, size int) {
 	t1 := time.Now()
-	if _, err := svc.Action(ctx, inst.ID, "restore", api.ActionRequest{RestoreBackend: backend}); err != nil {
+	if _, err := svc.Action(ctx, res.id, "restore", api.ActionRequest{RestoreBackend: backend}); err != nil {
 		res.err = err
-		return res
+		return
 	}
 	t2 := time.Now()
 	res.restore = t2.Sub(t1)
-	ok, err := r.waitWorkload(ctx, inst.ID, r.wsPages(size))
+	ok, err := r.waitWorkload(ctx, res.id, r.wsPages(size))
 	if err != nil {
-		res.err = fmt.Errorf("fork %s workload: %w", name, err)
-		return res
+		res.err = fmt.Errorf("fork %s workload: %w", res.id, err)
+		return
 	}
 	res.touch, res.touched = time.Since(t2), ok
-	return res
 }
 
 // waitWorkload waits until the workload of instance id has read pages more

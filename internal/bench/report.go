@@ -44,9 +44,11 @@ type Cell struct {
 	Failed int      `json:"failed"`
 	Errors []string `json:"errors,omitempty"` // first few
 
-	// Fork is the fork API call (to Standby: the fanout itself).
+	// Fork is the fork API call (to Standby: the fanout itself), all N
+	// concurrently.
 	Fork Summary `json:"fork"`
-	// Restore is the restore API call (Standby → Running).
+	// Restore is the restore API call (Standby → Running), all N
+	// concurrently once every fork returned.
 	Restore Summary `json:"restore"`
 	// Touch is from the end of the restore until the fork's workload had
 	// read as many pages as its working set holds.
