@@ -124,6 +124,9 @@ func (s *session) run() {
 		return
 	}
 	defer conn.Close()
+	// DELETE or shutdown during the handshake must not wait out its timeout.
+	stopConn := context.AfterFunc(s.ctx, func() { conn.Close() })
+	defer stopConn()
 	regions, fds, err := uffd.ReceiveHandshake(conn, s.srv.cfg.HandshakeTimeout)
 	if err != nil {
 		s.cancel(err)
