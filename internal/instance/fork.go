@@ -218,7 +218,7 @@ func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Inst
 	}
 	if err != nil {
 		err = fmt.Errorf("fork %q from %s: %w", req.Name, tmpl.Source, err)
-		m.removeFork(ctx, id)
+		m.removePartial(ctx, id)
 		o.finish(ctx, err)
 		return store.Instance{}, err
 	}
@@ -228,8 +228,9 @@ func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Inst
 	return rec, nil
 }
 
-// removeFork deletes whatever a failed or interrupted fork made.
-func (m *Manager) removeFork(ctx context.Context, id string) {
+// removePartial deletes whatever a failed or interrupted fork or create
+// made: its temp dir, its dir and its record.
+func (m *Manager) removePartial(ctx context.Context, id string) {
 	if tmp, err := m.layout.TempGuest(id); err == nil {
 		os.RemoveAll(tmp.Dir)
 	}

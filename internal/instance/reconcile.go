@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/store"
@@ -85,7 +86,9 @@ const journalKeep = 10000
 // what it did.
 func (m *Manager) reconcileEntry(ctx context.Context, e store.Entry) (string, error) {
 	var p opPayload
-	json.Unmarshal(e.Payload, &p)
+	if err := json.Unmarshal(e.Payload, &p); err != nil {
+		return "", fmt.Errorf("journal payload %s: %w", e.Payload, err)
+	}
 	// o lets finish* helpers close the entry; Reconcile closes it again
 	// with the reconcile outcome.
 	o := &op{m: m, id: e.ID, kind: e.Kind, subject: e.Subject}
@@ -105,14 +108,14 @@ func (m *Manager) reconcileEntry(ctx context.Context, e store.Entry) (string, er
 		if e.Step == "files" {
 			return "kept (files complete)", nil
 		}
-		m.removeFork(ctx, e.Subject)
+		m.removePartial(ctx, e.Subject)
 		return "rolled back the create", nil
 	case "fork":
 		m.liveSourceAfterCrash(ctx, p, e.Step)
 		if e.Step == "committed" {
 			return "kept (fork complete)", nil
 		}
-		m.removeFork(ctx, e.Subject)
+		m.removePartial(ctx, e.Subject)
 		return "removed the partial fork", nil
 	case "snapshot":
 		m.liveSourceAfterCrash(ctx, p, e.Step)
@@ -167,10 +170,16 @@ func (m *Manager) reconcileEntry(ctx context.Context, e store.Entry) (string, er
 			// written, then give the VM back its state. A base promoted but
 			// not yet written to is still intact: demote it again.
 			if e.Step == "creating" {
-				os.RemoveAll(g.Latest().Dir)
+				if err := os.RemoveAll(g.Latest().Dir); err != nil {
+					return "", err
+				}
 			} else if _, err := os.Stat(g.Latest().Dir); err == nil {
-				os.RemoveAll(g.Base().Dir)
-				os.Rename(g.Latest().Dir, g.Base().Dir)
+				if err := os.RemoveAll(g.Base().Dir); err != nil {
+					return "", err
+				}
+				if err := atomicfile.Rename(g.Latest().Dir, g.Base().Dir); err != nil {
+					return "", err
+				}
 			}
 			in.State, in.Pid = p.Prev, proc.Pid
 			if in.State == api.StateRunning {
@@ -245,7 +254,7 @@ func (m *Manager) reconcileInstance(ctx context.Context, in store.Instance) {
 	switch in.State {
 	case api.StateForking:
 		m.log.Info("reconcile: removing fork with no journal entry", "instance", in.ID)
-		m.removeFork(ctx, in.ID)
+		m.removePartial(ctx, in.ID)
 	case api.StateRunning, api.StatePaused, api.StateStandingby, api.StateRestoring:
 		if p, ok := m.adopt(in, g); ok {
 			c := m.client(g)
