@@ -22,6 +22,9 @@ var forkdBin string
 var skipReason string
 
 func TestMain(m *testing.M) {
+	if mode := os.Getenv(fakeVMMEnv); mode != "" {
+		os.Exit(fakeVMM(mode, os.Args[1:]))
+	}
 	dir, err := os.MkdirTemp("", "forkd-reliability")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -60,10 +63,17 @@ const (
 // straggler process) and removes the dir; a failed test gets the daemon log.
 func newDaemon(t *testing.T, env []string, args ...string) *Daemon {
 	t.Helper()
+	return newDaemonIn(t, "", env, args...)
+}
+
+// newDaemonIn is newDaemon with the data dir made under parent ("" for the
+// system temp dir).
+func newDaemonIn(t *testing.T, parent string, env []string, args ...string) *Daemon {
+	t.Helper()
 	if skipReason != "" {
 		t.Skip("SKIP (needs a forkd binary with `forkd vmm`): " + skipReason)
 	}
-	dir, err := os.MkdirTemp("", "fkr")
+	dir, err := os.MkdirTemp(parent, "fkr")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,401 @@
+package reliability
+
+import (
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/testfs"
+)
+
+// fakeVMMEnv makes the test binary act as a VMM (see fakeVMM).
+const fakeVMMEnv = "FORKD_RELIABILITY_FAKE_VMM"
+
+// fakeVMM is a VMM that speaks just enough of Firecracker's API to be
+// launched (GET / answers) and then, in mode "die-on-load", SIGKILLs itself
+// when PUT /snapshot/load arrives: a VMM dying in the middle of a restore,
+// deterministically.
+func fakeVMM(mode string, args []string) int {
+	sock := ""
+	for i, a := range args {
+		if a == "--api-sock" && i+1 < len(args) {
+			sock = args[i+1]
+		}
+	}
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "fake vmm:", err)
+		return 1
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"app_name":"Firecracker","id":"fake","state":"Not started","vmm_version":"1.7.0"}`)
+	})
+	mux.HandleFunc("PUT /snapshot/load", func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		fmt.Fprintln(os.Stderr, "fake vmm: dying in the middle of /snapshot/load")
+		syscall.Kill(os.Getpid(), syscall.SIGKILL)
+		select {}
+	})
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusNoContent) })
+	http.Serve(ln, mux)
+	return 0
+}
+
+// faultyVMM writes a VMM wrapper whose behaviour a test switches by writing
+// a mode file: "ok" runs the real `forkd vmm`; "exit" dies at once; "mute"
+// never creates its API socket; "die-on-load" dies in the middle of PUT
+// /snapshot/load (fakeVMM). The name starts with "forkd" so the daemon
+// drives it as the emulator. It returns the wrapper path and a function
+// setting the mode.
+func faultyVMM(t *testing.T) (string, func(mode string)) {
+	t.Helper()
+	dir := t.TempDir()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mode := filepath.Join(dir, "mode")
+	script := filepath.Join(dir, "forkd-faulty")
+	body := fmt.Sprintf(`#!/bin/sh
+real=%q
+case "$(cat %q)" in
+exit) echo "faulty vmm: exiting at start" >&2; exit 3 ;;
+mute) exec sleep 3600 ;;
+die-on-load) exec env %s=die-on-load %q "$@" ;;
+*) exec "$real" "$@" ;;
+esac
+`, forkdBin, mode, fakeVMMEnv, self)
+	if err := os.WriteFile(script, []byte(body), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	set := func(m string) {
+		if err := os.WriteFile(mode, []byte(m), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	set("ok")
+	return script, set
+}
+
+func fileSum(t *testing.T, path string) string {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("%x", h.Sum(nil))
+}
+
+// expectStandbyAfterFailedRestore checks a restore failed with a reason and
+// left the instance Standby with its snapshot files unchanged.
+func expectStandbyAfterFailedRestore(t *testing.T, d *Daemon, ref string, err error, files map[string]string) {
+	t.Helper()
+	if err == nil {
+		t.Fatalf("restore of %s succeeded, want a failure", ref)
+	}
+	var se *api.StatusError
+	if !errors.As(err, &se) || se.Message == "" {
+		t.Errorf("restore failure is not an API error with a message: %v", err)
+	}
+	in, gerr := d.Client.GetInstance(ctxT(t, 10*time.Second), ref)
+	if gerr != nil {
+		t.Fatal(gerr)
+	}
+	if in.State != api.StateStandby || in.Error == "" {
+		t.Errorf("after a failed restore %s is %s with error %q; want Standby with the reason", ref, in.State, in.Error)
+	}
+	for p, sum := range files {
+		if got := fileSum(t, p); got != sum {
+			t.Errorf("%s changed during the failed restore", p)
+		}
+	}
+	addFigure("faults_injected", 1)
+}
+
+func snapshotSums(t *testing.T, g guestdir.Guest) map[string]string {
+	return map[string]string{
+		g.Latest().Memory():  fileSum(t, g.Latest().Memory()),
+		g.Latest().VMState(): fileSum(t, g.Latest().VMState()),
+	}
+}
+
+// TestVMMFaultsDuringRestoreLeaveTheInstanceStandby restores through a VMM
+// that exits at start, never opens its socket, or dies while the snapshot
+// loads. Each restore fails with a reason; the instance stays Standby with
+// its files unchanged, no VMM is left behind, and once the VMM behaves the
+// same instance restores with its memory intact.
+func TestVMMFaultsDuringRestoreLeaveTheInstanceStandby(t *testing.T) {
+	t.Parallel()
+	vmm, setMode := faultyVMM(t)
+	d := newDaemon(t, nil, "--vmm-binary", vmm)
+	src := createStandby(t, d.Client, "src")
+	g, _ := d.Layout.Guest(src.ID)
+	sums := snapshotSums(t, g)
+	for _, mode := range []string{"exit", "die-on-load", "mute"} {
+		t.Run(mode, func(t *testing.T) {
+			setMode(mode)
+			_, err := d.Client.Action(ctxT(t, 60*time.Second), "src", "restore", api.ActionRequest{})
+			expectStandbyAfterFailedRestore(t, d, "src", err, sums)
+			checkAll(t, d)
+		})
+	}
+	setMode("ok")
+	if _, err := Exercise(ctxT(t, 60*time.Second), d.Client); err != nil {
+		t.Errorf("after the VMM faults: %v", err)
+	}
+	checkAll(t, d)
+}
+
+// TestDamagedSnapshotFilesAreRefused truncates a Standby instance's
+// mem-file (to half and to nothing) and corrupts its vmstate: each restore
+// is refused with a clear error and the instance stays Standby; with the
+// files put back it restores with its memory intact.
+func TestDamagedSnapshotFilesAreRefused(t *testing.T) {
+	t.Parallel()
+	d := newDaemon(t, nil)
+	src := createStandby(t, d.Client, "src")
+	g, _ := d.Layout.Guest(src.ID)
+	mem, vmstate := g.Latest().Memory(), g.Latest().VMState()
+	keep := t.TempDir()
+	backup := func(p string) string {
+		b := filepath.Join(keep, filepath.Base(p))
+		data, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(b, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	memBak, stateBak := backup(mem), backup(vmstate)
+	put := func(from, to string) {
+		data, _ := os.ReadFile(from)
+		if err := os.WriteFile(to, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st, _ := os.Stat(mem)
+	cases := []struct {
+		name   string
+		damage func()
+	}{
+		{"mem-file truncated to half", func() { os.Truncate(mem, st.Size()/2) }},
+		{"mem-file truncated to one page short", func() { os.Truncate(mem, st.Size()-4096) }},
+		{"mem-file empty", func() { os.Truncate(mem, 0) }},
+		{"vmstate with a flipped byte", func() {
+			b, _ := os.ReadFile(vmstate)
+			b[len(b)/2] ^= 0x40
+			os.WriteFile(vmstate, b, 0o600)
+		}},
+		{"vmstate truncated", func() {
+			b, _ := os.ReadFile(vmstate)
+			os.WriteFile(vmstate, b[:len(b)/3], 0o600)
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.damage()
+			damaged := snapshotSums(t, g)
+			_, err := d.Client.Action(ctxT(t, 30*time.Second), "src", "restore", api.ActionRequest{})
+			if err == nil {
+				// Give a VM that came up on a damaged mem-file a moment to
+				// touch it, so the failure shows in the report.
+				time.Sleep(300 * time.Millisecond)
+				in, _ := d.Client.GetInstance(ctxT(t, 10*time.Second), "src")
+				t.Fatalf("restore with %s succeeded: %s, memory_check %q", tc.name, in.State, in.MemoryCheck)
+			}
+			expectStandbyAfterFailedRestore(t, d, "src", err, damaged)
+			if !strings.Contains(strings.ToLower(err.Error()), "size") && !strings.Contains(strings.ToLower(err.Error()), "crc") &&
+				!strings.Contains(strings.ToLower(err.Error()), "short") && !strings.Contains(strings.ToLower(err.Error()), "truncat") &&
+				!strings.Contains(strings.ToLower(err.Error()), "corrupt") && !strings.Contains(strings.ToLower(err.Error()), "vmstate") {
+				t.Logf("note: the refusal does not name the damage: %v", err)
+			}
+			put(memBak, mem)
+			put(stateBak, vmstate)
+			checkAll(t, d)
+		})
+	}
+	if _, err := Exercise(ctxT(t, 60*time.Second), d.Client); err != nil {
+		t.Errorf("with the files put back: %v", err)
+	}
+}
+
+// TestFullFilesystemFailsCleanly runs the data dir on a small ext4
+// loopback filesystem and fills it: standby, fork and snapshot fail with
+// an error (no hang, no 2xx), the source stays intact and operable, nothing
+// half-made is left; with space freed everything works again.
+func TestFullFilesystemFailsCleanly(t *testing.T) {
+	t.Parallel()
+	if why := testfs.Unavailable(testfs.Ext4); why != "" {
+		t.Skip("SKIP (needs a loopback ext4): " + why)
+	}
+	fs, err := testfs.Mount(testfs.Ext4, 160<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fs.Close() })
+	d := newDaemonIn(t, fs.Dir, nil)
+	src := createStandby(t, d.Client, "src")
+	createRunning(t, d.Client, "run")
+	g, _ := d.Layout.Guest(src.ID)
+	sums := snapshotSums(t, g)
+
+	filler := filepath.Join(fs.Dir, "filler")
+	// fill grows the filler until at most leave bytes are free.
+	fill := func(leave int64) {
+		f, err := os.OpenFile(filler, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		buf := make([]byte, 1<<20)
+		for {
+			var st syscall.Statfs_t
+			if err := syscall.Statfs(fs.Dir, &st); err != nil {
+				t.Fatal(err)
+			}
+			free := int64(st.Bavail) * int64(st.Bsize)
+			if free <= leave {
+				break
+			}
+			n := int64(len(buf))
+			if free-leave < n {
+				n = max(free-leave, 4096)
+			}
+			if _, err := f.Write(buf[:n]); err != nil {
+				if !errors.Is(err, syscall.ENOSPC) {
+					t.Fatal(err)
+				}
+				break
+			}
+		}
+		f.Sync()
+	}
+	ctx := ctxT(t, 120*time.Second)
+	attempts := func(stage int) []struct {
+		name string
+		do   func() error
+	} {
+		return []struct {
+			name string
+			do   func() error
+		}{
+			{"standby of a running VM", func() error { _, err := d.Client.Action(ctx, "run", "standby", api.ActionRequest{}); return err }},
+			{"live snapshot", func() error {
+				_, err := d.Client.CreateSnapshot(ctx, "run", api.SnapshotRequest{Name: fmt.Sprintf("snap-live-%d", stage)})
+				return err
+			}},
+			{"live fork", func() error {
+				_, err := d.Client.ForkInstance(ctx, "run", api.ForkRequest{Name: fmt.Sprintf("live-kid-%d", stage), FromRunning: true})
+				return err
+			}},
+			{"fork of the standby source", func() error {
+				_, err := d.Client.ForkInstance(ctx, "src", api.ForkRequest{Name: fmt.Sprintf("kid-%d", stage)})
+				return err
+			}},
+			{"create", func() error {
+				_, err := d.Client.CreateInstance(ctx, api.CreateInstanceRequest{Name: fmt.Sprintf("new-%d", stage), MemoryMiB: testMemMiB, BootArgs: testBootArgs})
+				return err
+			}},
+		}
+	}
+	// Nearly full (the metadata still fits, a 32 MiB mem-file does not),
+	// then full.
+	for stage, leave := range []int64{6 << 20, 0} {
+		fill(leave)
+		for _, a := range attempts(stage) {
+			err := a.do()
+			addFigure("faults_injected", 1)
+			if err == nil {
+				// Some operations need little space (a fork hardlinks):
+				// fine, as long as the invariants hold afterwards.
+				t.Logf("%d bytes free: %s succeeded", leave, a.name)
+			} else {
+				var se *api.StatusError
+				if !errors.As(err, &se) || se.Message == "" {
+					t.Errorf("%s on a full filesystem: %v, want an API error with a message", a.name, err)
+				}
+				t.Logf("%d bytes free: %s failed: %v", leave, a.name, err)
+			}
+			if got := snapshotSums(t, g); got[g.Latest().Memory()] != sums[g.Latest().Memory()] {
+				t.Fatalf("%s changed the standby source's mem-file", a.name)
+			}
+		}
+	}
+	// The instance that failed to stand by must still be running (or Standby).
+	if in, err := d.Client.GetInstance(ctx, "run"); err != nil || (in.State != api.StateRunning && in.State != api.StateStandby) {
+		t.Errorf("after a failed standby on a full fs, run is %+v (%v)", in.State, err)
+	}
+	os.Remove(filler)
+	checkAll(t, d)
+	if _, err := d.Client.ForkInstance(ctx, "src", api.ForkRequest{Name: "kid2"}); err != nil {
+		t.Errorf("fork with space freed: %v", err)
+	}
+	if _, err := Exercise(ctx, d.Client); err != nil {
+		t.Errorf("with space freed: %v", err)
+	}
+	checkAll(t, d)
+}
+
+// TestVMMKilledWhileRunningIsReported SIGKILLs the VMM of a Running
+// instance (an OOM kill, say). The daemon must stay responsive and stop
+// calling the instance Running: the next look at it shows it is no longer
+// running, with the reason; it can be started again, and its Standby fork
+// (which holds its own link to the memory) is unaffected.
+func TestVMMKilledWhileRunningIsReported(t *testing.T) {
+	t.Parallel()
+	d := newDaemon(t, nil)
+	createStandby(t, d.Client, "src")
+	if _, err := d.Client.ForkInstance(ctxT(t, 30*time.Second), "src", api.ForkRequest{Name: "kid"}); err != nil {
+		t.Fatal(err)
+	}
+	in := action(t, d.Client, "src", "restore")
+	if err := syscall.Kill(in.Pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	addFigure("faults_injected", 1)
+	time.Sleep(100 * time.Millisecond) // the kernel reaps it
+	got, err := d.Client.GetInstance(ctxT(t, 10*time.Second), "src")
+	if err != nil {
+		t.Fatalf("daemon unresponsive after a VMM died: %v", err)
+	}
+	if knownBugs() && (got.State == api.StateRunning || got.Error == "") {
+		t.Errorf("GET after its VMM was killed: %s, error %q; want it not Running, with the reason", got.State, got.Error)
+	}
+	// Any write action notices the dead VMM.
+	if _, err := d.Client.Action(ctxT(t, 30*time.Second), "src", "pause", api.ActionRequest{}); err == nil {
+		t.Errorf("pause of an instance whose VMM is dead succeeded")
+	}
+	got, _ = d.Client.GetInstance(ctxT(t, 10*time.Second), "src")
+	if got.State == api.StateRunning || got.Error == "" {
+		t.Errorf("after an action, the instance whose VMM died is %s with error %q", got.State, got.Error)
+	}
+	checkAll(t, d)
+	if _, err := Exercise(ctxT(t, 60*time.Second), d.Client); err != nil {
+		t.Errorf("after the VMM died: %v", err)
+	}
+	checkAll(t, d)
+}
+
+// knownBugs says whether to assert behaviour the suite found broken and
+// reported but that is not fixed yet (FORKD_RELIABILITY_KNOWN_BUGS=1).
+func knownBugs() bool { return os.Getenv("FORKD_RELIABILITY_KNOWN_BUGS") != "" }
