@@ -404,3 +404,40 @@ func TestSnapshotOfRunningSharesBaseInode(t *testing.T) {
 		t.Fatalf("source VMM state %q (%v), want Running", info.State, err)
 	}
 }
+
+// Forks of forks share the one inode all the way down; each unshares only
+// at its own first standby. A Stopped source forks its disk only.
+func TestForkChainsAndDiskOnlyForks(t *testing.T) {
+	m := newTestManager(t)
+	ctx := context.Background()
+	src := createRunning(t, m, "src")
+	action(t, m, "src", "standby")
+	root := fingerprint(t, latestMem(t, m, src.ID))
+	child := fork(t, m, "src", api.ForkRequest{Name: "child"})
+	grand := fork(t, m, "child", api.ForkRequest{Name: "grand"})
+	if got := fingerprint(t, latestMem(t, m, grand.ID)); got.ino != root.ino || got.nlink != 3 {
+		t.Fatalf("grandchild mem-file: inode %d nlink %d; want the root inode %d with 3 links", got.ino, got.nlink, root.ino)
+	}
+	action(t, m, "grand", "restore")
+	verifyGuest(t, m, grand.ID)
+	action(t, m, "grand", "standby")
+	action(t, m, "child", "restore")
+	verifyGuest(t, m, child.ID)
+	if got := fingerprint(t, latestMem(t, m, src.ID)); got.ino != root.ino || got.sum != root.sum {
+		t.Fatalf("root mem-file changed along the chain")
+	}
+
+	action(t, m, "src", "stop")
+	disk, err := m.ForkInstance(ctx, "src", api.ForkRequest{Name: "disk"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if disk.State != api.StateStopped || disk.ForkMode != "" {
+		t.Fatalf("fork of a Stopped source: %+v; want Stopped without a mem-file", disk)
+	}
+	if _, err := m.ForkInstance(ctx, "src", api.ForkRequest{Name: "bad", TargetState: api.StateStandby}); !errors.Is(err, api.ErrInvalid) {
+		t.Fatalf("Standby fork of a Stopped source: %v, want ErrInvalid", err)
+	}
+	booted := fork(t, m, "src", api.ForkRequest{Name: "booted", TargetState: api.StateRunning})
+	verifyGuest(t, m, booted.ID)
+}
