@@ -313,10 +313,11 @@ func TestHardlinkedLoadsSharePageCacheAndNotWrites(t *testing.T) {
 			pa, pb := startVMM(t, d), startVMM(t, d)
 			pa.loadFile(vmstate, a, false, true)
 			pb.loadFile(vmstate, b, false, true)
-			sa, sb := pa.waitTicks(3000), pb.waitTicks(3000)
+			pa.waitTicks(3000)
+			pb.waitTicks(3000)
 			pa.pause()
 			pb.pause()
-			sa, sb = pa.guest(), pb.guest()
+			sa, sb := pa.guest(), pb.guest()
 			// Each wrote its own versions with its own lineage; reading the
 			// other's bytes would fail the version-table check.
 			requireClean(t, "a", sa)
