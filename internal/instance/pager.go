@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/forkd/forkd/internal/store"
 )
@@ -60,10 +61,15 @@ func (m *Manager) closeSession(ctx context.Context, in *store.Instance) {
 	if in.PagerSession == "" {
 		return
 	}
-	p, err := m.pager(ctx)
-	if err == nil {
-		err = p.DeleteSession(ctx, in.PagerSession)
+	// Never start a pager just to close a session: ask the one in use, else
+	// the one of the session's version if it still answers.
+	p := m.startedPager()
+	if p == nil || p.Version() != in.PagerVersion {
+		p = m.existingPager(in.PagerVersion)
 	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	err := p.DeleteSession(ctx, in.PagerSession)
 	if err != nil {
 		m.log.Warn("close pager session", "instance", in.ID, "session", in.PagerSession, "err", err)
 	}

@@ -33,11 +33,14 @@ func (m *Manager) startPager(ctx context.Context) (Pager, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v (uffd restores need the pager; file restores work without it)", api.ErrUnavailable, err)
 	}
-	return hostPager{c: c}, nil
+	return hostPager{c: c, version: version.Version}, nil
 }
 
 // hostPager adapts *pager.Client to Pager.
-type hostPager struct{ c *pager.Client }
+type hostPager struct {
+	c       *pager.Client
+	version string
+}
 
 func (h hostPager) CreateSession(ctx context.Context, id, backing, key string) (string, error) {
 	s, err := h.c.CreateSession(ctx, pager.SessionRequest{SessionID: id, BackingPath: backing, CacheKey: key})
@@ -50,7 +53,7 @@ func (h hostPager) DeleteSession(ctx context.Context, id string) error {
 
 func (h hostPager) StatsRaw(ctx context.Context) (json.RawMessage, error) { return h.c.StatsRaw(ctx) }
 
-func (h hostPager) Version() string { return version.Version }
+func (h hostPager) Version() string { return h.version }
 
 // Drain asks the pager to exit once its last session closes (tests use it
 // to leave no pager behind).
@@ -69,4 +72,14 @@ func (m *Manager) pagerStatsForMetrics(ctx context.Context) (pager.Stats, error)
 		return pager.Stats{}, err
 	}
 	return pager.NewClient(pager.ControlSocket(dir)).Stats(ctx)
+}
+
+// existingPager is a client of the pager of version v in the pager dir,
+// whether or not it answers; it never starts one.
+func (m *Manager) existingPager(v string) Pager {
+	dir, err := m.layout.PagerDir(v)
+	if err != nil {
+		dir = m.layout.PagerRoot() // an unusable version: calls fail cleanly
+	}
+	return hostPager{c: pager.NewClient(pager.ControlSocket(dir)), version: v}
 }
