@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
+	"os/exec"
 	"runtime"
 	"strconv"
 	"strings"
@@ -174,6 +175,20 @@ func consumerMain() int {
 		case "wait":
 			fmt.Println("waiting")
 			in.Scan()
+		case "holdsock":
+			// Hand the session socket to a child that outlives us, as a VMM
+			// leaking the fd to a helper would: the pager then sees no EOF
+			// when we exit and must notice through the pidfd.
+			sf, err := conn.File()
+			if err != nil {
+				return fail("socket file: %v", err)
+			}
+			holder := exec.Command("sleep", "120")
+			holder.ExtraFiles = []*os.File{sf}
+			if err := holder.Start(); err != nil {
+				return fail("holder: %v", err)
+			}
+			fmt.Printf("holder %d\n", holder.Process.Pid)
 		case "churn":
 			fmt.Println("churning")
 			for i := 0; ; i = (i + 1) % (size / uffd.PageSize) {

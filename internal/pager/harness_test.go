@@ -270,7 +270,7 @@ func (p *testPager) waitServing(t testing.TB, id string) {
 	t.Helper()
 	waitFor(t, "session "+id+" serving", func() bool {
 		for _, s := range p.stats(t).Sessions {
-			if s.SessionID == id && s.State != stateWaiting {
+			if s.SessionID == id && s.State != stateWaiting && s.State != stateHandshake {
 				return true
 			}
 		}

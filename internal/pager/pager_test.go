@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -391,4 +393,43 @@ func TestSecondPagerCannotTakeTheSameDir(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(p.dir, "sessions")); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestVMMExitSeenThroughPidfd: a VMM whose session socket outlives it (a
+// child inherited the fd) sends no EOF; the pidfd from SO_PEERCRED still
+// ends the session when the VMM exits.
+func TestVMMExitSeenThroughPidfd(t *testing.T) {
+	requireUffd(t)
+	p := startPager(t, Config{CacheBytes: cacheBytes})
+	mem := memFile(t, p.dir, 64, -1, 0, 0)
+	s := p.create(t, "leaky", mem, "snap")
+	c := startConsumer(t, s.SocketPath, mem, 64*uffd.PageSize, "good", "touch:0-64,holdsock")
+	line := c.expect("holder")
+	var holder int
+	fmt.Sscanf(line, "holder %d", &holder)
+	t.Cleanup(func() { syscall.Kill(holder, syscall.SIGKILL) })
+	c.finish()
+	p.waitSessions(t, 0)
+	if !strings.Contains(p.logs.String(), "exited)") {
+		t.Errorf("session did not end through the pidfd:\n%s", p.logs.String())
+	}
+}
+
+func TestDeleteDuringHandshakeDoesNotWaitForItsTimeout(t *testing.T) {
+	requireUffd(t)
+	p := startPager(t, Config{CacheBytes: cacheBytes, HandshakeTimeout: 10 * time.Minute})
+	mem := memFile(t, p.dir, 16, -1, 0, 0)
+	s := p.create(t, "mute", mem, "snap")
+	conn, err := net.Dial("unix", s.SocketPath) // connects, never sends the handshake
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	waitFor(t, "the pager to accept", func() bool { return p.sessionStats(t, "mute").State == stateHandshake })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := p.client.DeleteSession(ctx, "mute"); err != nil {
+		t.Fatalf("delete during the handshake: %v", err)
+	}
+	p.waitSessions(t, 0)
 }

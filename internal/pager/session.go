@@ -18,7 +18,8 @@ import (
 
 // Session states, as GET /stats shows them.
 const (
-	stateWaiting   = "waiting"   // listening for the VMM's handshake
+	stateWaiting   = "waiting"   // listening for the VMM to connect
+	stateHandshake = "handshake" // connected, reading the handshake
 	stateServing   = "serving"   // serving faults
 	statePopulated = "populated" // every page installed, ranges unregistered
 )
@@ -94,7 +95,7 @@ func (s *session) requestPopulate(ctx context.Context) error {
 	reply := make(chan error, 1)
 	s.mu.Lock()
 	switch s.state {
-	case stateWaiting:
+	case stateWaiting, stateHandshake:
 		s.mu.Unlock()
 		return errNotConnected
 	case statePopulated:
@@ -124,6 +125,9 @@ func (s *session) run() {
 		return
 	}
 	defer conn.Close()
+	s.mu.Lock()
+	s.state = stateHandshake
+	s.mu.Unlock()
 	// DELETE or shutdown during the handshake must not wait out its timeout.
 	stopConn := context.AfterFunc(s.ctx, func() { conn.Close() })
 	defer stopConn()

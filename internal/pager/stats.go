@@ -69,7 +69,8 @@ type SessionStats struct {
 	SessionID   string `json:"session_id"`
 	CacheKey    string `json:"cache_key"`
 	BackingPath string `json:"backing_path"`
-	// State is "waiting" (for the VMM to connect), "serving" or "populated".
+	// State is "waiting" (for the VMM to connect), "handshake", "serving"
+	// or "populated".
 	State string `json:"state"`
 	// Pid is the VMM's pid from SO_PEERCRED (0 before it connects).
 	Pid         int    `json:"pid"`
