@@ -1,0 +1,223 @@
+package reliability
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/forkd/forkd/internal/api"
+)
+
+// stressDuration is how long the random load runs (FORKD_STRESS_SECONDS
+// overrides the default).
+func stressDuration() time.Duration {
+	if s, err := strconv.Atoi(os.Getenv("FORKD_STRESS_SECONDS")); err == nil && s > 0 {
+		return time.Duration(s) * time.Second
+	}
+	return 20 * time.Second
+}
+
+// stressStats counts what the load did.
+type stressStats struct {
+	mu       sync.Mutex
+	ok       map[string]int
+	refused  map[string]int // 404/409: a race lost, as expected under load
+	failures []string       // anything else: a bug
+}
+
+// recordInstance is record for calls returning an instance: a memory
+// integrity error the guest reported is a failure too.
+func (s *stressStats) recordInstance(op string, in api.Instance, err error) {
+	s.record(op, err)
+	if err == nil && in.MemoryCheck != "ok" && in.MemoryCheck != "unknown" {
+		s.mu.Lock()
+		s.failures = append(s.failures, fmt.Sprintf("%s of %s: memory integrity error: %s", op, in.Name, in.MemoryCheck))
+		s.mu.Unlock()
+	}
+}
+
+func (s *stressStats) record(op string, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var se *api.StatusError
+	switch {
+	case err == nil:
+		s.ok[op]++
+	case errors.Is(err, api.ErrNotFound), errors.Is(err, api.ErrInvalidState), errors.Is(err, api.ErrExists), errors.Is(err, api.ErrAmbiguous):
+		s.refused[op]++
+	case errors.As(err, &se) && se.Status < 500:
+		s.failures = append(s.failures, fmt.Sprintf("%s: unexpected %d: %v", op, se.Status, err))
+	default:
+		s.failures = append(s.failures, fmt.Sprintf("%s: %v", op, err))
+	}
+}
+
+// TestRandomConcurrentLoadKeepsEveryInvariant runs 6 goroutines doing
+// random valid operations against one daemon for a bounded time: creates,
+// forks (of Standby instances, live from Running ones, of snapshots, to
+// Standby and Running), standbys, restores (file backend), snapshots (some
+// compressed), deletes of instances and snapshots, and deleting a source
+// while it is being forked. Every call must succeed or lose a race cleanly
+// (404/409). Afterwards the invariants hold, everything is operable and no
+// guest reports a memory integrity error.
+func TestRandomConcurrentLoadKeepsEveryInvariant(t *testing.T) {
+	t.Parallel()
+	d := newDaemon(t, nil)
+	c := d.Client
+	createStandby(t, c, "seed-a")
+	createStandby(t, c, "seed-b")
+	createRunning(t, c, "seed-r")
+
+	st := &stressStats{ok: map[string]int{}, refused: map[string]int{}}
+	var seq atomic.Int64
+	name := func(p string) string { return fmt.Sprintf("%s-%d", p, seq.Add(1)) }
+	deadline := time.Now().Add(stressDuration())
+	ctx, cancel := context.WithTimeout(context.Background(), stressDuration()+2*time.Minute)
+	defer cancel()
+
+	pick := func(r *rand.Rand, states ...string) (api.Instance, bool) {
+		list, err := c.ListInstances(ctx)
+		if err != nil {
+			st.record("list", err)
+			return api.Instance{}, false
+		}
+		var cand []api.Instance
+		for _, in := range list {
+			for _, s := range states {
+				if in.State == s {
+					cand = append(cand, in)
+				}
+			}
+		}
+		if len(cand) == 0 {
+			return api.Instance{}, false
+		}
+		return cand[r.IntN(len(cand))], true
+	}
+	count := func() int {
+		list, _ := c.ListInstances(ctx)
+		return len(list)
+	}
+	pickSnap := func(r *rand.Rand) (api.Snapshot, bool) {
+		list, err := c.ListSnapshots(ctx)
+		if err != nil || len(list) == 0 {
+			return api.Snapshot{}, false
+		}
+		return list[r.IntN(len(list))], true
+	}
+	const maxInstances = 10
+	worker := func(w int) {
+		r := rand.New(rand.NewPCG(uint64(w), uint64(time.Now().UnixNano())))
+		for time.Now().Before(deadline) && ctx.Err() == nil {
+			n := count()
+			switch op := r.IntN(11); {
+			case n < 3 || op == 0 && n < maxInstances:
+				inst, err := c.CreateInstance(ctx, api.CreateInstanceRequest{Name: name("new"), MemoryMiB: testMemMiB, BootArgs: testBootArgs})
+				st.recordInstance("create", inst, err)
+			case op == 1 && n < maxInstances:
+				if src, ok := pick(r, api.StateStandby); ok {
+					target := []string{api.StateStandby, api.StateRunning}[r.IntN(2)]
+					inst, err := c.ForkInstance(ctx, src.ID, api.ForkRequest{Name: name("fork"), TargetState: target})
+					st.recordInstance("fork", inst, err)
+				}
+			case op == 2 && n < maxInstances:
+				if src, ok := pick(r, api.StateRunning); ok {
+					inst, err := c.ForkInstance(ctx, src.ID, api.ForkRequest{Name: name("live"), FromRunning: true})
+					st.recordInstance("live-fork", inst, err)
+				}
+			case op == 3:
+				if in, ok := pick(r, api.StateRunning, api.StatePaused); ok {
+					inst, err := c.Action(ctx, in.ID, "standby", api.ActionRequest{})
+					st.recordInstance("standby", inst, err)
+				}
+			case op == 4:
+				if in, ok := pick(r, api.StateStandby); ok {
+					inst, err := c.Action(ctx, in.ID, "restore", api.ActionRequest{})
+					st.recordInstance("restore", inst, err)
+				}
+			case op == 5:
+				if in, ok := pick(r, api.StateRunning, api.StateStandby); ok {
+					comp := "none"
+					if r.IntN(4) == 0 {
+						comp = "zstd"
+					}
+					_, err := c.CreateSnapshot(ctx, in.ID, api.SnapshotRequest{Name: name("snap"), Compression: comp})
+					st.record("snapshot", err)
+				}
+			case op == 6 && n < maxInstances:
+				if s, ok := pickSnap(r); ok {
+					inst, err := c.ForkSnapshot(ctx, s.ID, api.ForkRequest{Name: name("sfork")})
+					st.recordInstance("snapshot-fork", inst, err)
+				}
+			case op == 7 && n > 3:
+				if in, ok := pick(r, api.StateRunning, api.StateStandby, api.StateStopped, api.StatePaused, api.StateCreated); ok {
+					st.record("delete", c.DeleteInstance(ctx, in.ID))
+				}
+			case op == 8:
+				if s, ok := pickSnap(r); ok {
+					st.record("snapshot-delete", c.DeleteSnapshot(ctx, s.ID))
+				}
+			case op == 9 && n > 3 && n < maxInstances:
+				// Delete a source while it is being forked: the fork either
+				// completes (and is independent) or finds no source.
+				if src, ok := pick(r, api.StateStandby); ok {
+					var wg sync.WaitGroup
+					wg.Add(2)
+					go func() {
+						defer wg.Done()
+						inst, err := c.ForkInstance(ctx, src.ID, api.ForkRequest{Name: name("orphan")})
+						st.recordInstance("fork-while-deleting", inst, err)
+					}()
+					go func() {
+						defer wg.Done()
+						st.record("delete-while-forking", c.DeleteInstance(ctx, src.ID))
+					}()
+					wg.Wait()
+				}
+			case op == 10:
+				if in, ok := pick(r, api.StateRunning); ok {
+					inst, err := c.Action(ctx, in.ID, "pause", api.ActionRequest{})
+					st.recordInstance("pause", inst, err)
+					inst, err = c.Action(ctx, in.ID, "resume", api.ActionRequest{})
+					st.recordInstance("resume", inst, err)
+				}
+			}
+		}
+	}
+	var wg sync.WaitGroup
+	for w := 0; w < 6; w++ {
+		wg.Add(1)
+		go func() { defer wg.Done(); worker(w) }()
+	}
+	wg.Wait()
+
+	total := 0
+	for op, n := range st.ok {
+		total += n
+		t.Logf("%-22s ok %4d  lost a race %4d", op, n, st.refused[op])
+	}
+	refused := 0
+	for _, n := range st.refused {
+		refused += n
+	}
+	addFigure("stress_operations_ok", int64(total))
+	addFigure("stress_operations_refused_cleanly", int64(refused))
+	t.Logf("stress: %d operations succeeded, %d lost a race cleanly, %d failed", total, refused, len(st.failures))
+	for _, f := range st.failures {
+		t.Errorf("operation failed under load: %s", f)
+	}
+	checkAll(t, d)
+	ops, err := Exercise(ctxT(t, 2*time.Minute), c)
+	addFigure("stress_operations_ok", int64(ops))
+	if err != nil {
+		t.Errorf("after the load, not everything is operable:\n%v", err)
+	}
+	checkAll(t, d)
+}
