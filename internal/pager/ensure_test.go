@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -39,6 +40,18 @@ func stopPager(t *testing.T, c *Client) {
 
 func TestEnsureRunningStartsOneDetachedPagerAndDrainsOldVersions(t *testing.T) {
 	root := shortTempDir(t)
+	// Leftovers of a pager that died: a dead control socket and pid file.
+	if err := os.MkdirAll(filepath.Join(root, "v1"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	dead, err := net.Listen("unix", ControlSocket(filepath.Join(root, "v1")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead.(*net.UnixListener).SetUnlinkOnClose(false)
+	dead.Close()
+	os.WriteFile(PidFile(filepath.Join(root, "v1")), []byte("999999\n"), 0o644)
+
 	v1, err := ensurePager(t, root, "v1")
 	if err != nil {
 		t.Fatal(err)

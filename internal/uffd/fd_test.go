@@ -110,6 +110,9 @@ func TestCopyServesFaultsInProcess(t *testing.T) {
 	}
 	done := make(chan result, 1)
 	go func() {
+		// The handler on its own locked OS thread, as the toucher is.
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
 		fa, re, err := serve(ctx, f, addr(mem), src)
 		done <- result{fa, re, err}
 	}()
