@@ -15,6 +15,10 @@
 //     sharded, CLOCK-evicted under a byte budget;
 //   - stats (stats.go) and their Prometheus form (metrics.go).
 //
+// A cache key must name immutable content: the cache never rereads a page
+// it holds, so two files under one key must be byte-identical (hardlinks of
+// one snapshot's mem-file are).
+//
 // It must never write a mem-file (they are shared by hardlinks and the
 // snapshot store) and never serve file data into a range the VMM removed.
 // The uffd syscalls themselves live in internal/uffd.
