@@ -82,11 +82,13 @@ func TestCrashMidOperationRecovers(t *testing.T) {
 			cmd.Env = append(os.Environ(), "FORKD_CRASH_DIR="+dir, "FORKD_CRASH_VMM="+forkdBin,
 				"FORKD_CRASH_OP="+tc.op, CrashAtEnv+"="+tc.kind+":"+tc.step, "FORKD_CRASH_REF=src")
 			out, err := cmd.CombinedOutput()
+			// The restarted "daemon": its cleanup deletes every instance, so
+			// no VMM outlives the test even when the helper did not crash.
+			m := newManagerAt(t, dir)
 			var ee *exec.ExitError
 			if !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
 				t.Fatalf("helper was not killed at %s/%s: %v\n%s", tc.kind, tc.step, err, out)
 			}
-			m := newManagerAt(t, dir)
 			ctx := context.Background()
 			in, err := m.GetInstance(ctx, "src")
 			if err != nil {
