@@ -121,7 +121,11 @@ func (s *session) run() {
 	conn, err := s.accept()
 	if err != nil {
 		s.cancel(err)
-		s.log.Error("session ended: no VMM connected", "op", "accept", "err", err)
+		level := slog.LevelError
+		if errors.Is(err, errDeleted) || errors.Is(err, errShutdown) {
+			level = slog.LevelInfo
+		}
+		s.log.Log(context.Background(), level, "session ended: no VMM connected", "op", "accept", "err", err)
 		return
 	}
 	defer conn.Close()
