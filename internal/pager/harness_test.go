@@ -265,19 +265,6 @@ func waitFor(t testing.TB, what string, cond func() bool) {
 	}
 }
 
-// waitServing waits until session id has its VMM connected.
-func (p *testPager) waitServing(t testing.TB, id string) {
-	t.Helper()
-	waitFor(t, "session "+id+" serving", func() bool {
-		for _, s := range p.stats(t).Sessions {
-			if s.SessionID == id && s.State != stateWaiting && s.State != stateHandshake {
-				return true
-			}
-		}
-		return false
-	})
-}
-
 func (p *testPager) waitSessions(t testing.TB, n int) {
 	t.Helper()
 	waitFor(t, fmt.Sprintf("%d active sessions", n), func() bool { return p.stats(t).ActiveSessions == n })
