@@ -79,13 +79,18 @@ func (st *vmState) validate() error {
 		return fmt.Errorf("vmstate: inconsistent vCPU count (machine %d, workload %d, %d step counters)",
 			st.Machine.VCPUCount, c.VCPUs, len(st.Workload.Steps))
 	}
+	// Bound the size first: a negative or enormous mem_size_mib would make
+	// the shift below wrap and match regions whose sizes wrap too.
+	if st.Machine.MemSizeMib < 1 || st.Machine.MemSizeMib > 1<<30 {
+		return fmt.Errorf("vmstate: mem_size_mib %d out of range", st.Machine.MemSizeMib)
+	}
 	size := totalSize(st.Regions)
 	if len(st.Regions) == 0 || size != uint64(st.Machine.MemSizeMib)<<20 {
 		return fmt.Errorf("vmstate: regions cover %d bytes, machine has %d MiB", size, st.Machine.MemSizeMib)
 	}
 	var off uint64
 	for _, r := range st.Regions {
-		if r.Offset != off || r.Size == 0 || r.Size%pageSize != 0 {
+		if r.Offset != off || r.Size == 0 || r.Size > size || r.Size%pageSize != 0 {
 			return fmt.Errorf("vmstate: region at offset %d size %d breaks the contiguous layout", r.Offset, r.Size)
 		}
 		off += r.Size
