@@ -433,3 +433,27 @@ func TestDeleteDuringHandshakeDoesNotWaitForItsTimeout(t *testing.T) {
 	}
 	p.waitSessions(t, 0)
 }
+
+// TestConcurrentConsumersOfOneKey: three VMs of one snapshot faulting at
+// once through the shared cache all read exactly the mem-file's bytes.
+func TestConcurrentConsumersOfOneKey(t *testing.T) {
+	requireUffd(t)
+	p := startPager(t, Config{CacheBytes: cacheBytes})
+	mem := memFile(t, p.dir, 1024, 10, 500, 600)
+	var cs []*consumer
+	for i := range 3 {
+		s := p.create(t, fmt.Sprintf("vm-%d", i), mem, "snap")
+		cs = append(cs, startConsumer(t, s.SocketPath, mem, 1024*uffd.PageSize, "good", "touch:0-1024"))
+	}
+	for _, c := range cs {
+		c.finish()
+	}
+	p.waitSessions(t, 0)
+	st := p.stats(t)
+	if st.Faults < 3*1024 {
+		t.Errorf("faults = %d, want >= %d", st.Faults, 3*1024)
+	}
+	if want := uint64(3 * (1024 - 100)); st.Hits+st.Misses < want {
+		t.Errorf("hits+misses = %d, want >= %d data-page lookups", st.Hits+st.Misses, want)
+	}
+}

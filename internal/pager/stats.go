@@ -87,6 +87,10 @@ type Histogram struct {
 	Buckets    []Bucket `json:"buckets"`
 	Count      uint64   `json:"count"`
 	SumSeconds float64  `json:"sum_seconds"`
+	// P50Seconds and P99Seconds are Quantile(0.5) and Quantile(0.99):
+	// upper bounds of the buckets they fall in.
+	P50Seconds float64 `json:"p50_seconds"`
+	P99Seconds float64 `json:"p99_seconds"`
 }
 
 // Bucket is one cumulative histogram bucket.
@@ -186,5 +190,7 @@ func (c *counters) snapshot() Counters {
 	}
 	out.FaultLatency.Count = cum
 	out.FaultLatency.SumSeconds = time.Duration(c.latSum.Load()).Seconds()
+	out.FaultLatency.P50Seconds = out.FaultLatency.Quantile(0.5)
+	out.FaultLatency.P99Seconds = out.FaultLatency.Quantile(0.99)
 	return out
 }
