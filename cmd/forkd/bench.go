@@ -89,6 +89,7 @@ Compare ratios within one run: absolute times on nested VMs are noise.`,
 		"fork strategies: hardlink (forkd), reflink, copy; ones the daemon cannot force are reported as skipped")
 	f.StringSliceVar(&opt.Backends, "backends", []string{"file", "uffd"}, "restore backends: file, uffd")
 	f.StringSliceVar(&opt.Temperatures, "temps", []string{bench.Cold, bench.Warm}, "cache temperatures: cold, warm")
+	f.IntVar(&opt.SerialForks, "serial-forks", 10, "forks timed one at a time per size and strategy, apart from the bursts (-1: none)")
 	f.StringVar(&opt.ForkFrom, "from", bench.FromSnapshot, "fork from a snapshot of the source or from the Standby source itself: snapshot, standby")
 	f.BoolVar(&opt.DropCaches, "drop-caches", os.Geteuid() == 0, "drop the host page cache before cold bursts (root)")
 	f.StringVar(&opt.Dir, "data-dir", "", "make the run's data dir under this directory, on the filesystem to measure (default $TMPDIR)")

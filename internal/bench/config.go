@@ -47,6 +47,10 @@ type Config struct {
 	Backends      []string `json:"backends"`        // restore backends; default {file, uffd}
 	Temperatures  []string `json:"temperatures"`    // default {cold, warm}
 	ForkFrom      string   `json:"fork_from"`       // FromSnapshot (default) | FromStandby
+	// SerialForks is how many forks to time one at a time per size and
+	// strategy, apart from the bursts (no queueing: the fork's own cost,
+	// the figure that must be flat in guest RAM); default 10, -1 none.
+	SerialForks int `json:"serial_forks"`
 	// DropCaches drops the host page cache before each cold burst (root).
 	DropCaches bool `json:"drop_caches"`
 	// TouchTimeout bounds the wait for one fork's workload to cover its
@@ -82,6 +86,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if len(c.Temperatures) == 0 {
 		c.Temperatures = []string{Cold, Warm}
+	}
+	if c.SerialForks == 0 {
+		c.SerialForks = 10
 	}
 	if c.ForkFrom == "" {
 		c.ForkFrom = FromSnapshot

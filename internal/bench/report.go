@@ -17,6 +17,16 @@ type Report struct {
 	Started  time.Time     `json:"started"`
 	Duration time.Duration `json:"duration_ns"`
 	Cells    []Cell        `json:"cells"`
+	Serial   []SerialFork  `json:"serial_forks"`
+}
+
+// SerialFork is the latency of forks made one at a time (to Standby, each
+// deleted before the next): the fork's own cost.
+type SerialFork struct {
+	SizeMiB  int     `json:"size_mib"`
+	Strategy string  `json:"strategy"`
+	Fork     Summary `json:"fork"`
+	Error    string  `json:"error,omitempty"`
 }
 
 // Machine says where the numbers come from.
@@ -137,6 +147,18 @@ func (r *Report) WriteTable(w io.Writer) error {
 	if err := tw.Flush(); err != nil {
 		return err
 	}
+	if len(r.Serial) > 0 {
+		fmt.Fprintln(w, "\nserial forks (one at a time, to Standby: the fork's own cost)")
+		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+		fmt.Fprintln(tw, "size\tstrategy\tn\tp50\tp95\tmax\terror\t")
+		for _, s := range r.Serial {
+			fmt.Fprintf(tw, "%d\t%s\t%d\t%s\t%s\t%s\t%s\t\n", s.SizeMiB, s.Strategy, s.Fork.N,
+				durStr(s.Fork.P50), durStr(s.Fork.P95), durStr(s.Fork.Max), truncateStr(s.Error, 60))
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+	}
 	if rs := r.Ratios(); len(rs) > 0 {
 		fmt.Fprintln(w, "\nratios (same run, same machine):")
 		for _, x := range rs {
@@ -213,6 +235,26 @@ func (r *Report) Ratios() []Ratio {
 	}
 	if len(sizes) > 1 {
 		lo, hi := sizes[0], sizes[len(sizes)-1]
+		serial := func(size int, strategy string) *SerialFork {
+			for i := range r.Serial {
+				if s := &r.Serial[i]; s.SizeMiB == size && s.Strategy == strategy && s.Fork.N > 0 {
+					return s
+				}
+			}
+			return nil
+		}
+		for _, st := range r.Config.Strategies {
+			if a, b := serial(hi, st), serial(lo, st); a != nil && b != nil {
+				add(fmt.Sprintf("%s serial fork p50: %d/%d MiB", st, hi, lo), float64(a.Fork.P50), float64(b.Fork.P50))
+			}
+		}
+		if h := serial(hi, StrategyHardlink); h != nil {
+			for _, other := range []string{StrategyCopy, StrategyReflink} {
+				if o := serial(hi, other); o != nil {
+					add(fmt.Sprintf("%d MiB serial fork p50: %s/hardlink", hi, other), float64(o.Fork.P50), float64(h.Fork.P50))
+				}
+			}
+		}
 		for _, be := range r.Config.Backends {
 			for _, temp := range r.Config.Temperatures {
 				a, b := find(hi, StrategyHardlink, be, temp), find(lo, StrategyHardlink, be, temp)

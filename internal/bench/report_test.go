@@ -26,6 +26,11 @@ func sampleReport() *Report {
 			cell(4096, "hardlink", "file", "cold", 11*time.Millisecond, 50*time.Millisecond, 100<<20),
 			{SizeMiB: 4096, Strategy: "reflink", Backend: "file", Temperature: "cold", Skipped: "fork strategy not supported"},
 		},
+		Serial: []SerialFork{
+			{SizeMiB: 256, Strategy: "hardlink", Fork: Summary{N: 10, P50: 4 * time.Millisecond}},
+			{SizeMiB: 4096, Strategy: "hardlink", Fork: Summary{N: 10, P50: 5 * time.Millisecond}},
+			{SizeMiB: 4096, Strategy: "copy", Fork: Summary{N: 10, P50: 2 * time.Second}},
+		},
 	}
 }
 
@@ -52,7 +57,7 @@ func TestWriteTableShowsEveryCell(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := b.String()
-	for _, want := range []string{"hardlink", "copy", "skipped reflink/file: fork strategy not supported", "400.0ms", "25/25", "ratios", "copy/hardlink fork p50"} {
+	for _, want := range []string{"hardlink", "copy", "skipped reflink/file: fork strategy not supported", "400.0ms", "25/25", "ratios", "copy/hardlink fork p50", "serial forks", "2000.0ms"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
 		}

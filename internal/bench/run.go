@@ -47,6 +47,7 @@ type runner struct {
 	progress func(string)
 	seq      int    // makes every name this run creates unique
 	tag      string // run-unique name prefix
+	serial   []SerialFork
 }
 
 // Run runs the fork-burst benchmark: for each size and strategy it creates
@@ -75,6 +76,7 @@ func Run(ctx context.Context, cfg Config, target Target, progress func(string)) 
 	rep := &Report{Machine: machine(disk, target.VMM), Config: cfg, Started: time.Now()}
 	defer func() { rep.Duration = time.Since(rep.Started) }()
 
+	defer func() { rep.Serial = r.serial }()
 	for _, size := range cfg.SizesMiB {
 		for _, strategy := range cfg.Strategies {
 			cells, err := r.strategy(ctx, size, strategy)
@@ -124,6 +126,9 @@ func (r *runner) strategy(ctx context.Context, size int, strategy string) ([]Cel
 		return skipAll("source VM failed: " + err.Error()), fmt.Errorf("fork-burst %d MiB %s: %w", size, strategy, err)
 	}
 	defer r.deleteInstance(ctx, svc, src.id)
+	if r.cfg.SerialForks > 0 {
+		r.serial = append(r.serial, r.serialForks(ctx, svc, src, size, strategy))
+	}
 
 	var cells []Cell
 	for _, backend := range r.cfg.Backends {
@@ -162,6 +167,31 @@ func (r *runner) strategy(ctx context.Context, size int, strategy string) ([]Cel
 		}
 	}
 	return cells, nil
+}
+
+// serialForks times cfg.SerialForks forks to Standby one at a time, each
+// deleted before the next: the fork's own cost, without a burst's queueing.
+func (r *runner) serialForks(ctx context.Context, svc api.Service, src *source, size int, strategy string) SerialFork {
+	sf := SerialFork{SizeMiB: size, Strategy: strategy}
+	par, err := r.freshParent(ctx, svc, src)
+	if err != nil {
+		sf.Error = err.Error()
+		return sf
+	}
+	defer par.release(ctx, r, svc)
+	r.progress(fmt.Sprintf("%d MiB %s: %d forks of %s, one at a time", size, strategy, r.cfg.SerialForks, par))
+	var lat []time.Duration
+	for range r.cfg.SerialForks {
+		res := r.forkOne(ctx, svc, par, r.name("serial"))
+		if res.err != nil {
+			sf.Error = res.err.Error()
+			break
+		}
+		lat = append(lat, res.fork)
+		r.deleteInstance(ctx, svc, res.id)
+	}
+	sf.Fork = Summarize(lat)
+	return sf
 }
 
 // source is the VM every fork of one size and strategy descends from.
