@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -60,9 +61,21 @@ func (c *Client) CreateSession(ctx context.Context, req SessionRequest) (Session
 	return s, err
 }
 
-// DeleteSession ends a session (its VMM can no longer fault pages in).
+// DeleteSession ends a session (its VMM can no longer fault pages in). It
+// is idempotent: a session that already ended (its VMM exited, or it was
+// deleted before) is not an error.
 func (c *Client) DeleteSession(ctx context.Context, id string) error {
-	return c.do(ctx, http.MethodDelete, "/sessions/"+id, nil, nil)
+	err := c.do(ctx, http.MethodDelete, "/sessions/"+id, nil, nil)
+	if IsNotFound(err) {
+		return nil
+	}
+	return err
+}
+
+// IsNotFound reports whether err is the pager's 404 (no such session).
+func IsNotFound(err error) bool {
+	var ae *APIError
+	return errors.As(err, &ae) && ae.Status == http.StatusNotFound
 }
 
 // Populate faults in every page the VMM does not have yet and unregisters

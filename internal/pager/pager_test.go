@@ -361,8 +361,11 @@ func TestSessionLifecycleErrors(t *testing.T) {
 		if err := p.client.DeleteSession(ctx, "dup"); err != nil {
 			t.Fatal(err)
 		}
-		if err := p.client.DeleteSession(ctx, "dup"); status(err) != 404 {
-			t.Fatalf("second delete: %v, want 404", err)
+		if err := p.client.DeleteSession(ctx, "dup"); err != nil {
+			t.Fatalf("second delete: %v, want nil (idempotent)", err)
+		}
+		if err := p.client.Populate(ctx, "dup"); status(err) != 404 || !IsNotFound(err) {
+			t.Fatalf("populate of a deleted session: %v, want 404", err)
 		}
 	})
 	t.Run("accept timeout ends a session nobody connects to", func(t *testing.T) {
