@@ -207,8 +207,18 @@ func (f *FD) WaitReadable(ctx context.Context) error {
 	if err := file.SetReadDeadline(time.Time{}); err != nil {
 		return fmt.Errorf("wait userfaultfd: %w", err)
 	}
-	stop := context.AfterFunc(ctx, func() { file.SetReadDeadline(time.Unix(1, 0)) })
-	defer stop()
+	// Cancellation sets a past deadline. If that func has started, wait for
+	// it: left running, it could land on the next wait and fail it.
+	fired := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		defer close(fired)
+		file.SetReadDeadline(time.Unix(1, 0))
+	})
+	defer func() {
+		if !stop() {
+			<-fired
+		}
+	}()
 	rc, err := file.SyscallConn()
 	if err != nil {
 		return fmt.Errorf("wait userfaultfd: %w", err)
@@ -231,6 +241,8 @@ func (f *FD) WaitReadable(ctx context.Context) error {
 		return ctx.Err()
 	case f.Fd() < 0:
 		return ErrClosed
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return nil // a stale deadline: report a (spurious) wakeup
 	default:
 		return fmt.Errorf("wait userfaultfd: %w", err)
 	}
