@@ -50,8 +50,14 @@ func (m *Manager) compress(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
-	if err := memfile.Compress(ctx, sd.Memory(), sd.MemoryZst(), memfile.CompressOptions{}); err != nil {
-		return fmt.Errorf("compress snapshot %s: %w", id, err)
+	// After a crash between dropping the raw mem-file and recording it, only
+	// the (complete: written via temp + rename) memory.zst is left: finish.
+	_, rawErr := os.Stat(sd.Memory())
+	_, zstErr := os.Stat(sd.MemoryZst())
+	if !(errors.Is(rawErr, os.ErrNotExist) && zstErr == nil) {
+		if err := memfile.Compress(ctx, sd.Memory(), sd.MemoryZst(), memfile.CompressOptions{}); err != nil {
+			return fmt.Errorf("compress snapshot %s: %w", id, err)
+		}
 	}
 	crashPoint("compress", "compressed") // test hook (crashhook.go)
 	l := m.snapshotLock(id)

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/forkd/forkd/internal/api"
 )
@@ -39,6 +40,11 @@ func TestCrashHelper(t *testing.T) {
 		_, err = m.ForkInstance(ctx, ref, api.ForkRequest{Name: "crashfork", FromRunning: true})
 	case "snapshot":
 		_, err = m.CreateSnapshot(ctx, ref, api.SnapshotRequest{Name: "crashsnap"})
+	case "zsnapshot":
+		// The crash point is in the background compression: wait for it.
+		if _, err = m.CreateSnapshot(ctx, ref, api.SnapshotRequest{Name: "crashsnap", Compression: "zstd"}); err == nil {
+			time.Sleep(30 * time.Second)
+		}
 	default:
 		_, err = m.Action(ctx, ref, op, api.ActionRequest{})
 	}
@@ -68,6 +74,8 @@ func TestCrashMidOperationRecovers(t *testing.T) {
 		{"live fork with files made", api.StateRunning, "livefork", "fork", "files", api.StateRunning, false, false},
 		{"live snapshot paused", api.StateRunning, "snapshot", "snapshot", "paused", api.StateRunning, false, false},
 		{"live snapshot stored", api.StateRunning, "snapshot", "snapshot", "stored", api.StateRunning, false, true},
+		{"compression written", api.StateRunning, "zsnapshot", "compress", "compressed", api.StateRunning, false, true},
+		{"compression raw removed", api.StateRunning, "zsnapshot", "compress", "raw-removed", api.StateRunning, false, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := shortDir(t)
@@ -131,6 +139,9 @@ func TestCrashMidOperationRecovers(t *testing.T) {
 				verifyGuest(t, m, f.ID)
 			}
 			if tc.wantSnap {
+				if tc.op == "zsnapshot" { // the restarted compression finishes
+					waitSnapshotState(t, m, "crashsnap", snapCompressed)
+				}
 				f, err := m.ForkSnapshot(ctx, "crashsnap", api.ForkRequest{Name: "fromsnap", TargetState: api.StateRunning})
 				if err != nil {
 					t.Fatal(err)
@@ -138,5 +149,23 @@ func TestCrashMidOperationRecovers(t *testing.T) {
 				verifyGuest(t, m, f.ID)
 			}
 		})
+	}
+}
+
+func waitSnapshotState(t *testing.T, m *Manager, ref, state string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		sn, err := m.GetSnapshot(context.Background(), ref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if sn.State == state {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("snapshot %s is %s after 30 s, want %s", ref, sn.State, state)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
