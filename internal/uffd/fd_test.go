@@ -290,3 +290,81 @@ func TestWaitReadableSeesEventQueuedBeforeTheWait(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestCopyGetsEAGAINWhileARemoveIsUnread pins down the kernel rule the
+// pager's deferred queue exists for: while a REMOVE is queued and unread,
+// every COPY fails with EAGAIN (copied 0); once it is read, the same COPY
+// succeeds.
+func TestCopyGetsEAGAINWhileARemoveIsUnread(t *testing.T) {
+	mem := mmapAnon(t, 8*PageSize)
+	src := mmapAnon(t, PageSize)
+	f := openOrSkip(t, FeatureEventRemove) // closed before the munmaps (cleanups run LIFO)
+	src[0] = 0x5A
+	if _, err := f.Register(addr(mem), uint64(len(mem)), RegisterModeMissing); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.ZeroPage(addr(mem)+4*PageSize, PageSize, 0); err != nil {
+		t.Fatal(err)
+	}
+	got := touch(mem, []int{0}) // blocks in a fault on page 0
+	msgs := make([]Msg, 4)
+	waitEvent := func(want uint8) Msg {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		for {
+			n, err := f.ReadMsgs(msgs[:1])
+			if n == 1 {
+				if msgs[0].Event == want {
+					return msgs[0]
+				}
+				// A fault interrupted by a signal (Go's preemption) is
+				// raised again: skip repeats of the pending one.
+				if msgs[0].Event != EventPagefault || msgs[0].Address&^(PageSize-1) != addr(mem) {
+					t.Fatalf("event %s, want %#x", msgs[0], want)
+				}
+				continue
+			}
+			if !errors.Is(err, unix.EAGAIN) {
+				t.Fatal(err)
+			}
+			if err := f.WaitReadable(ctx); err != nil {
+				t.Fatalf("waiting for event %#x: %v", want, err)
+			}
+		}
+	}
+	fault := waitEvent(EventPagefault)
+	removed := make(chan error, 1)
+	go func() { removed <- unix.Madvise(mem[4*PageSize:5*PageSize], unix.MADV_DONTNEED) }()
+	// The uffd turns readable once madvise has queued its REMOVE (the
+	// fault is already read): from then on COPY fails with EAGAIN.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := f.WaitReadable(ctx); err != nil {
+		t.Fatalf("waiting for the REMOVE to be queued: %v", err)
+	}
+	n, err := f.Copy(uintptr(fault.Address&^(PageSize-1)), uintptr(addr(src)), PageSize, 0)
+	if !errors.Is(err, unix.EAGAIN) || n != 0 {
+		t.Fatalf("COPY with a REMOVE unread = %d, %v; want 0, EAGAIN", n, err)
+	}
+	waitEvent(EventRemove)
+	// Reading the REMOVE lets madvise continue; the kernel clears its
+	// "mmap changing" mark when that thread runs again, so COPY may need a
+	// few retries (the pager's deferred queue), never a new event.
+	for {
+		_, err := f.Copy(uintptr(fault.Address&^(PageSize-1)), uintptr(addr(src)), PageSize, 0)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, unix.EAGAIN) || ctx.Err() != nil {
+			t.Fatalf("COPY after reading the REMOVE: %v, want success", err)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if b := <-got; b[0] != 0x5A {
+		t.Fatalf("faulting thread read %#x, want 0x5a", b[0])
+	}
+	if err := <-removed; err != nil {
+		t.Fatal(err)
+	}
+}
