@@ -3,6 +3,7 @@ package instance
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"testing"
@@ -75,5 +76,24 @@ func TestUffdForkRestoresShareThePagerCache(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	verifyGuest(t, m, src.ID)
+}
+
+// A pager that cannot start fails only Uffd restores, cleanly: the instance
+// stays Standby and a File restore works.
+func TestUffdRestoreWithoutPagerFailsCleanly(t *testing.T) {
+	m := newTestManager(t, func(c *Config) { c.PagerBinary = "/nonexistent/forkd" })
+	ctx := context.Background()
+	src := createRunning(t, m, "src")
+	action(t, m, "src", "standby")
+	_, err := m.Action(ctx, "src", "restore", api.ActionRequest{RestoreBackend: api.BackendUffd})
+	if !errors.Is(err, api.ErrUnavailable) {
+		t.Fatalf("uffd restore without a pager: %v, want ErrUnavailable", err)
+	}
+	in, _ := m.GetInstance(ctx, "src")
+	if in.State != api.StateStandby || in.Error == "" {
+		t.Fatalf("after the failed uffd restore: %s %q, want Standby with the error", in.State, in.Error)
+	}
+	action(t, m, "src", "restore")
 	verifyGuest(t, m, src.ID)
 }
