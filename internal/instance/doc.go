@@ -28,4 +28,14 @@
 // of a mem-file is a Diff snapshot into an instance's own base, done by
 // standby, snapshot-of-running and live fork through one function
 // (writeSnapshot), which runs the unshare guard first.
+//
+// # VMMs and the pager
+//
+// A VMM (real firecracker, or `forkd vmm`, chosen by ResolveVMM) is launched
+// in its own session with the guest dir as its working directory, and the
+// rootfs is given to it as a relative path: the vmstate records that relative
+// path, so a fork's VMM opens the fork's own disk and no vmstate rewriting
+// is needed. VMMs outlive the daemon; Reconcile re-adopts them. The host
+// pager (internal/pager) is started lazily, detached, on the first Uffd
+// restore; if it cannot start only Uffd restores fail.
 package instance
