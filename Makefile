@@ -5,7 +5,7 @@ PKGS    := ./...
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 export GOFLAGS ?= -mod=mod
 
-.PHONY: build demo test vet staticcheck bench fmt-check clean
+.PHONY: build demo test vet staticcheck bench fmt-check clean fuzz-short
 
 build:
 	$(GO) build -o $(BIN) ./cmd/forkd
@@ -41,3 +41,24 @@ bench: build
 
 clean:
 	rm -rf bin
+
+# Every Go fuzz target, each run for FUZZTIME (CI: a short bounded run; the
+# seed corpora also run as plain tests under `make test`). A Fuzz function
+# missing from this list fails the target, so none is silently skipped.
+FUZZTIME ?= 10s
+FUZZ_TARGETS := \
+	./internal/api:FuzzRequestBodies \
+	./internal/api:FuzzHandlerRequestDecoding \
+	./internal/uffd:FuzzParseHandshake \
+	./internal/uffd:FuzzDecodeMsg \
+	./internal/emulator:FuzzDecodeVMState \
+	./internal/emulator:FuzzDecodeVMStateBody
+
+fuzz-short:
+	@set -e; for f in $$(grep -rhoE '^func Fuzz[A-Za-z0-9_]+' --include='*_test.go' cmd internal | sed 's/^func //'); do \
+		case " $(FUZZ_TARGETS) " in *":$$f "*) ;; *) echo "fuzz-short: $$f is not in FUZZ_TARGETS"; exit 1 ;; esac; done; \
+	for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; fn=$${t##*:}; \
+		echo "fuzz $$pkg $$fn for $(FUZZTIME)"; \
+		rc=0; out=$$($(GO) test -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZTIME) $$pkg 2>&1) || rc=$$?; \
+		echo "$$out" | grep -v -E '^fuzz: elapsed' || true; \
+		if [ $$rc -ne 0 ] || echo "$$out" | grep -q 'no fuzz tests'; then echo "fuzz-short: $$fn failed"; exit 1; fi; done
