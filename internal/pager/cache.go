@@ -39,7 +39,18 @@ type cacheShard struct {
 	slots []cacheSlot     // guarded by mu
 	hand  int             // CLOCK hand over slots; guarded by mu
 	bytes int64           // guarded by mu
-	free  []int           // slots emptied by remove; guarded by mu
+	free  []int           // slots emptied by eviction; guarded by mu
+	// inflight are pages being read from a mem-file: concurrent misses of
+	// one page (sibling VMs starting together) wait for the one read.
+	inflight map[pageKey]*flight // guarded by mu
+}
+
+// flight is one mem-file read that other lookups of the page wait for.
+type flight struct {
+	done chan struct{} // closed when data, zero and err are set
+	data []byte
+	zero bool
+	err  error
 }
 
 type cacheSlot struct {
@@ -54,8 +65,49 @@ func newPageCache(budgetBytes int64) *pageCache {
 	c := &pageCache{budget: max(budgetBytes, 0) / cacheShards}
 	for i := range c.shards {
 		c.shards[i].index = make(map[pageKey]int)
+		c.shards[i].inflight = make(map[pageKey]*flight)
 	}
 	return c
+}
+
+// load returns page k (size bytes) from the cache, or reads it with read
+// and caches it. Concurrent loads of one missing page share one read: the
+// first caller reads, the others wait and count as hits (hit is true for
+// them), so N siblings faulting a page together read it once.
+func (c *pageCache) load(k pageKey, size int, read func() ([]byte, bool, error)) (data []byte, zero, hit bool, err error) {
+	s := c.shard(k)
+	s.mu.Lock()
+	if i, ok := s.index[k]; ok {
+		sl := &s.slots[i]
+		if sl.zero || len(sl.data) == size {
+			sl.ref = true
+			data, zero := sl.data, sl.zero
+			s.mu.Unlock()
+			return data, zero, true, nil
+		}
+	}
+	if f, ok := s.inflight[k]; ok {
+		s.mu.Unlock()
+		<-f.done
+		if f.err == nil && (f.zero || len(f.data) == size) {
+			return f.data, f.zero, true, nil
+		}
+		// The leader failed (or read another page size): read ourselves.
+		data, zero, err := read()
+		return data, zero, false, err
+	}
+	f := &flight{done: make(chan struct{})}
+	s.inflight[k] = f
+	s.mu.Unlock()
+	f.data, f.zero, f.err = read()
+	if f.err == nil {
+		c.put(k, f.data, f.zero)
+	}
+	s.mu.Lock()
+	delete(s.inflight, k)
+	s.mu.Unlock()
+	close(f.done)
+	return f.data, f.zero, false, f.err
 }
 
 func (c *pageCache) shard(k pageKey) *cacheShard {

@@ -120,3 +120,55 @@ func TestCacheKeysDoNotCollide(t *testing.T) {
 		t.Fatalf("same offset of two cache keys: got %d and %d, want 1 and 2", a[0], b[0])
 	}
 }
+
+// TestCacheConcurrentMissesShareOneRead: siblings faulting one page at
+// once read the mem-file once; the others wait and count as hits.
+func TestCacheConcurrentMissesShareOneRead(t *testing.T) {
+	c := newPageCache(1 << 24)
+	k := pageKey{key: 1, off: 8192}
+	release := make(chan struct{})
+	reads := 0
+	read := func() ([]byte, bool, error) {
+		reads++ // only the leader runs this while the flight is open
+		<-release
+		return page(9), false, nil
+	}
+	type result struct {
+		data []byte
+		hit  bool
+	}
+	results := make(chan result, 8)
+	go func() {
+		d, _, hit, _ := c.load(k, 4096, read)
+		results <- result{d, hit}
+	}()
+	waitFor(t, "the leader's flight", func() bool {
+		s := c.shard(k)
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.inflight[k] != nil
+	})
+	for range 7 {
+		go func() {
+			d, _, hit, _ := c.load(k, 4096, func() ([]byte, bool, error) {
+				t.Error("a follower read the mem-file itself")
+				return page(9), false, nil
+			})
+			results <- result{d, hit}
+		}()
+	}
+	close(release)
+	hits := 0
+	for range 8 {
+		r := <-results
+		if !bytes.Equal(r.data, page(9)) {
+			t.Fatal("a loader got the wrong bytes")
+		}
+		if r.hit {
+			hits++
+		}
+	}
+	if reads != 1 || hits != 7 {
+		t.Fatalf("reads %d, hits %d; want 1 read and 7 hits", reads, hits)
+	}
+}

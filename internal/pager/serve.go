@@ -292,32 +292,32 @@ func (h *handler) install(page uint64, ri int, populate bool) (installResult, er
 
 // lookup returns the page at off from the cache, or reads it from the
 // mem-file and caches it. All-zero pages are cached as markers without
-// their bytes.
+// their bytes (zero is true, data nil).
 func (h *handler) lookup(off, ps uint64) (data []byte, zero bool, err error) {
 	s := h.s
-	k := pageKey{key: s.keyID, off: off}
-	if data, zero, ok := s.srv.cache.get(k); ok && (zero || uint64(len(data)) == ps) {
-		s.count(func(c *counters) { c.hits.Add(1) })
-		return data, zero, nil
-	}
-	s.count(func(c *counters) { c.misses.Add(1) })
-	buf := make([]byte, ps)
-	t0 := time.Now()
-	n, err := s.backing.ReadAt(buf, int64(off))
-	d := time.Since(t0)
-	s.count(func(c *counters) {
-		c.backingBytes.Add(uint64(n))
-		c.backingNanos.Add(uint64(d))
+	data, zero, hit, err := s.srv.cache.load(pageKey{key: s.keyID, off: off}, int(ps), func() ([]byte, bool, error) {
+		buf := make([]byte, ps)
+		t0 := time.Now()
+		n, err := s.backing.ReadAt(buf, int64(off))
+		d := time.Since(t0)
+		s.count(func(c *counters) {
+			c.backingBytes.Add(uint64(n))
+			c.backingNanos.Add(uint64(d))
+		})
+		if n != len(buf) {
+			return nil, false, fmt.Errorf("read %s at %d: %d of %d bytes: %w", s.backingPath, off, n, len(buf), err)
+		}
+		if allZero(buf) {
+			return nil, true, nil
+		}
+		return buf, false, nil
 	})
-	if n != len(buf) {
-		return nil, false, fmt.Errorf("read %s at %d: %d of %d bytes: %w", s.backingPath, off, n, len(buf), err)
+	if hit {
+		s.count(func(c *counters) { c.hits.Add(1) })
+	} else {
+		s.count(func(c *counters) { c.misses.Add(1) })
 	}
-	zero = allZero(buf)
-	s.srv.cache.put(k, buf, zero)
-	if zero {
-		return nil, true, nil
-	}
-	return buf, false, nil
+	return data, zero, err
 }
 
 func allZero(b []byte) bool {
