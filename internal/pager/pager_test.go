@@ -438,7 +438,8 @@ func TestDeleteDuringHandshakeDoesNotWaitForItsTimeout(t *testing.T) {
 }
 
 // TestConcurrentConsumersOfOneKey: three VMs of one snapshot faulting at
-// once through the shared cache all read exactly the mem-file's bytes.
+// once through the shared cache all read exactly the mem-file's bytes, and
+// the mem-file is read once per page.
 func TestConcurrentConsumersOfOneKey(t *testing.T) {
 	requireUffd(t)
 	p := startPager(t, Config{CacheBytes: cacheBytes})
@@ -458,5 +459,9 @@ func TestConcurrentConsumersOfOneKey(t *testing.T) {
 	}
 	if want := uint64(3 * (1024 - 100)); st.Hits+st.Misses < want {
 		t.Errorf("hits+misses = %d, want >= %d data-page lookups", st.Hits+st.Misses, want)
+	}
+	// Concurrent misses share one read: each data page is read once in all.
+	if st.Misses != 1024-100 || st.BackingBytes != (1024-100)*uffd.PageSize {
+		t.Errorf("misses %d, backing bytes %d; want each of the %d data pages read once", st.Misses, st.BackingBytes, 1024-100)
 	}
 }
