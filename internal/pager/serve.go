@@ -42,6 +42,7 @@ type handler struct {
 	populating bool
 	popRegion  int
 	popPage    uint64
+	popStalled bool // the last populate step hit EAGAIN
 }
 
 // installResult is what happened to one install.
@@ -83,7 +84,7 @@ func (s *session) serve(ctx context.Context, f *uffd.FD, regions []uffd.Region) 
 			// More work without waiting. A deferred fault that keeps getting
 			// EAGAIN with no event to read means the kernel is mid-change:
 			// yield instead of spinning hot.
-			if events == 0 && len(h.deferred) > 0 {
+			if events == 0 && (len(h.deferred) > 0 || h.popStalled) {
 				idle++
 				if idle > 8 {
 					time.Sleep(50 * time.Microsecond)
@@ -366,9 +367,11 @@ func (h *handler) populateStep() error {
 				return err
 			}
 			if res == installAgain {
+				h.popStalled = true
 				return nil // drain events, then retry this page
 			}
 		}
+		h.popStalled = false
 		h.popPage++
 	}
 	if h.popRegion < len(h.regions) {
