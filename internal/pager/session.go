@@ -194,6 +194,7 @@ func (s *session) accept() (*net.UnixConn, error) {
 	}
 	conn, err := s.ln.AcceptUnix()
 	s.ln.Close()
+	os.Remove(s.sockPath)
 	if err != nil {
 		if c := context.Cause(s.ctx); c != nil {
 			return nil, c
