@@ -180,7 +180,9 @@ func (m *Manager) GetInstance(ctx context.Context, ref string) (api.Instance, er
 
 func (m *Manager) toAPI(ctx context.Context, in store.Instance) api.Instance {
 	check := in.MemoryCheck
-	if oneOf(in.State, api.StateRunning, api.StatePaused) && m.proc(in.ID) != nil {
+	if m.pagerGone(ctx, in) {
+		in.State, in.Error, check = api.StateError, pagerGoneError(in), "unknown"
+	} else if oneOf(in.State, api.StateRunning, api.StatePaused) && m.proc(in.ID) != nil {
 		if g, err := m.layout.Guest(in.ID); err == nil {
 			check = m.memoryCheck(ctx, g)
 		}

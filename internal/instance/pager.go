@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/store"
 )
 
@@ -21,6 +22,8 @@ type Pager interface {
 	// Version is the pager's version (sessions are closed through the pager
 	// that owns them).
 	Version() string
+	// Healthy reports whether the pager answers (a short probe).
+	Healthy(ctx context.Context) bool
 }
 
 // pagerState starts the host pager on first use (the first Uffd restore, or
@@ -34,7 +37,15 @@ func (m *Manager) pager(ctx context.Context) (Pager, error) {
 	m.pagerOnce.mu.Lock()
 	defer m.pagerOnce.mu.Unlock()
 	if m.pagerOnce.p != nil {
-		return m.pagerOnce.p, nil
+		// A pager that died (killed, crashed) is started again rather than
+		// failing every later Uffd restore until the daemon restarts.
+		if m.pagerOnce.p.Healthy(ctx) {
+			return m.pagerOnce.p, nil
+		}
+		if m.cfg.Pager == nil {
+			m.log.Warn("pager does not answer: starting it again")
+			m.pagerOnce.p = nil
+		}
 	}
 	if m.cfg.Pager != nil {
 		m.pagerOnce.p = m.cfg.Pager
@@ -83,4 +94,23 @@ func (m *Manager) PagerStats(ctx context.Context) (json.RawMessage, error) {
 		return nil, err
 	}
 	return p.StatsRaw(ctx)
+}
+
+// pagerGone reports whether the pager serving a Uffd-restored instance's
+// memory is gone. Such a VM is frozen at its next fault of a page not yet
+// served: it is shown (and, under the write lock, recorded) as Error.
+func (m *Manager) pagerGone(ctx context.Context, in store.Instance) bool {
+	if in.PagerSession == "" || !oneOf(in.State, api.StateRunning, api.StatePaused) {
+		return false
+	}
+	p := m.startedPager()
+	if p == nil || p.Version() != in.PagerVersion {
+		p = m.existingPager(in.PagerVersion)
+	}
+	return !p.Healthy(ctx)
+}
+
+func pagerGoneError(in store.Instance) string {
+	return fmt.Sprintf("the pager (version %s) serving this VM's memory through session %s is gone: "+
+		"the VM is frozen at its next page fault; stop or delete it", in.PagerVersion, in.PagerSession)
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/pager"
@@ -54,6 +55,13 @@ func (h hostPager) DeleteSession(ctx context.Context, id string) error {
 func (h hostPager) StatsRaw(ctx context.Context) (json.RawMessage, error) { return h.c.StatsRaw(ctx) }
 
 func (h hostPager) Version() string { return h.version }
+
+func (h hostPager) Healthy(ctx context.Context) bool {
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	hl, err := h.c.Health(ctx)
+	return err == nil && hl.Version == h.version
+}
 
 // Drain asks the pager to exit once its last session closes (tests use it
 // to leave no pager behind).

@@ -6,9 +6,14 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
+	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/pager"
+	"github.com/forkd/forkd/internal/version"
 )
 
 type pagerCounters struct {
@@ -96,4 +101,44 @@ func TestUffdRestoreWithoutPagerFailsCleanly(t *testing.T) {
 	}
 	action(t, m, "src", "restore")
 	verifyGuest(t, m, src.ID)
+}
+
+// A pager that dies under a Uffd-restored VM: that VM shows Error (it
+// freezes at its next unserved fault) and can be stopped; the next Uffd
+// restore starts a new pager instead of failing until a daemon restart.
+func TestPagerDeathIsReportedAndThePagerRestarts(t *testing.T) {
+	if _, err := os.Stat("/dev/userfaultfd"); err != nil {
+		t.Skip("SKIP: no /dev/userfaultfd: " + err.Error())
+	}
+	m := newTestManager(t)
+	ctx := context.Background()
+	for _, n := range []string{"victim", "later"} {
+		createRunning(t, m, n)
+		action(t, m, n, "standby")
+	}
+	if _, err := m.Action(ctx, "victim", "restore", api.ActionRequest{RestoreBackend: api.BackendUffd}); err != nil {
+		t.Fatal(err)
+	}
+	dir, _ := m.layout.PagerDir(version.Version)
+	b, err := os.ReadFile(pager.PidFile(dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitDead(t, pid)
+	in, err := m.GetInstance(ctx, "victim")
+	if err != nil || in.State != api.StateError || !strings.Contains(in.Error, "pager") {
+		t.Fatalf("uffd VM after its pager died: %+v %v; want Error naming the pager", in, err)
+	}
+	if in, err := m.Action(ctx, "victim", "stop", api.ActionRequest{}); err != nil || in.State != api.StateStopped {
+		t.Fatalf("stop of the frozen VM: %+v %v", in, err)
+	}
+	later, err := m.Action(ctx, "later", "restore", api.ActionRequest{RestoreBackend: api.BackendUffd})
+	if err != nil {
+		t.Fatalf("uffd restore after the pager died: %v (want a new pager)", err)
+	}
+	verifyGuest(t, m, later.ID)
 }

@@ -130,9 +130,17 @@ func (m *Manager) memoryCheck(ctx context.Context, g guestdir.Guest) string {
 // settleIfVMMDied notices a VMM that exited under a Running or Paused
 // instance (crash, OOM kill): its memory is gone, so the instance becomes
 // Stopped with the reason in its error text, instead of every later action
-// failing against a dead socket. Caller holds the write lock.
+// failing against a dead socket. A Uffd-restored VM whose pager is gone is
+// recorded as Error (stop and delete still work). Caller holds the write
+// lock.
 func (m *Manager) settleIfVMMDied(ctx context.Context, in *store.Instance) {
 	if !oneOf(in.State, api.StateRunning, api.StatePaused) {
+		return
+	}
+	if m.pagerGone(ctx, *in) {
+		m.log.Warn("pager gone under a uffd-restored VM: instance in Error", "instance", in.ID, "session", in.PagerSession)
+		in.State, in.Error = api.StateError, pagerGoneError(*in)
+		m.db.UpdateInstance(ctx, *in)
 		return
 	}
 	p := m.proc(in.ID)
