@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
@@ -73,13 +75,15 @@ func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequ
 	if !m.cfg.VMM.Emulator && (req.Kernel == "" || req.Rootfs == "") {
 		return api.Instance{}, fmt.Errorf("%w: kernel and rootfs are required with firecracker (%s)", api.ErrInvalid, m.cfg.VMM.Binary)
 	}
-	for _, p := range []string{req.Kernel, req.Rootfs} {
-		if p == "" {
+	for _, p := range []*string{&req.Kernel, &req.Rootfs} {
+		if *p == "" {
 			continue
 		}
-		if st, err := os.Stat(p); err != nil || !st.Mode().IsRegular() {
-			return api.Instance{}, fmt.Errorf("%w: %s is not a readable regular file", api.ErrInvalid, p)
+		clean, err := m.hostInputPath(*p)
+		if err != nil {
+			return api.Instance{}, err
 		}
+		*p = clean
 	}
 	g, err := m.guest(id)
 	if err != nil {
@@ -117,6 +121,31 @@ func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequ
 		return m.toAPI(ctx, rec), nil
 	}
 	return m.Action(ctx, id, "start", api.ActionRequest{})
+}
+
+// hostInputPath checks a kernel or rootfs path given by a client: a regular
+// file on the host, absolute after resolving symlinks, and outside the data
+// dir: a path inside it (another guest's mem-file, the database) would let
+// one VM read what belongs to another.
+func (m *Manager) hostInputPath(p string) (string, error) {
+	abs, err := filepath.Abs(p)
+	if err == nil {
+		abs, err = filepath.EvalSymlinks(abs)
+	}
+	if err != nil {
+		return "", fmt.Errorf("%w: %s: %v", api.ErrInvalid, p, err)
+	}
+	root, err := filepath.EvalSymlinks(m.layout.Root())
+	if err != nil {
+		root = m.layout.Root()
+	}
+	if rel, err := filepath.Rel(root, abs); err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
+		return "", fmt.Errorf("%w: %s is inside forkd's data dir %s; give a kernel or rootfs from elsewhere on the host", api.ErrInvalid, p, m.layout.Root())
+	}
+	if st, err := os.Stat(abs); err != nil || !st.Mode().IsRegular() {
+		return "", fmt.Errorf("%w: %s is not a readable regular file", api.ErrInvalid, p)
+	}
+	return abs, nil
 }
 
 // makeGuestFiles creates the guest dir with its kernel (placeholder unless
@@ -179,10 +208,9 @@ func (m *Manager) GetInstance(ctx context.Context, ref string) (api.Instance, er
 }
 
 func (m *Manager) toAPI(ctx context.Context, in store.Instance) api.Instance {
+	in = m.settleOnRead(ctx, in)
 	check := in.MemoryCheck
-	if m.pagerGone(ctx, in) {
-		in.State, in.Error, check = api.StateError, pagerGoneError(in), "unknown"
-	} else if oneOf(in.State, api.StateRunning, api.StatePaused) && m.proc(in.ID) != nil {
+	if oneOf(in.State, api.StateRunning, api.StatePaused) && m.proc(in.ID) != nil {
 		if g, err := m.layout.Guest(in.ID); err == nil {
 			check = m.memoryCheck(ctx, g)
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"path/filepath"
 	"syscall"
 	"testing"
 
@@ -140,6 +141,9 @@ func TestVMMDeathIsNoticedAndStops(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitDead(t, in.Pid)
+	if got, _ := m.GetInstance(ctx, "vm"); got.State != api.StateStopped || got.Error == "" {
+		t.Fatalf("GET after the VMM died: state %s error %q; want Stopped with the reason", got.State, got.Error)
+	}
 	if _, err := m.Action(ctx, "vm", "standby", api.ActionRequest{}); !errors.Is(err, api.ErrInvalidState) {
 		t.Fatalf("standby of an instance whose VMM died: %v, want ErrInvalidState", err)
 	}
@@ -148,5 +152,33 @@ func TestVMMDeathIsNoticedAndStops(t *testing.T) {
 		t.Fatalf("after VMM death: state %s error %q; want Stopped with the reason", got.State, got.Error)
 	}
 	action(t, m, "vm", "start")
+	verifyGuest(t, m, in.ID)
+}
+
+func TestCreateRefusesHostPathsInsideTheDataDir(t *testing.T) {
+	m := newTestManager(t)
+	ctx := context.Background()
+	src := createRunning(t, m, "src")
+	action(t, m, "src", "standby")
+	g, _ := m.layout.Guest(src.ID)
+	link := filepath.Join(t.TempDir(), "sneaky")
+	if err := os.Symlink(g.Latest().Memory(), link); err != nil {
+		t.Fatal(err)
+	}
+	f := false
+	for _, p := range []string{g.Latest().Memory(), m.layout.DB(), link,
+		filepath.Join(m.layout.GuestsDir(), src.ID, "..", src.ID, "rootfs.ext4")} {
+		if _, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "thief", Rootfs: p, Start: &f}); !errors.Is(err, api.ErrInvalid) {
+			t.Errorf("create with rootfs %s: %v, want ErrInvalid", p, err)
+		}
+	}
+	outside := filepath.Join(t.TempDir(), "disk.img")
+	if err := os.WriteFile(outside, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	in, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "ok", MemoryMiB: testMemMiB, Rootfs: outside, BootArgs: testBootArgs})
+	if err != nil {
+		t.Fatalf("create with a rootfs outside the data dir: %v", err)
+	}
 	verifyGuest(t, m, in.ID)
 }

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"syscall"
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/atomicfile"
@@ -90,6 +92,7 @@ func (m *Manager) finishStandby(ctx context.Context, o *op, in *store.Instance, 
 		m.log.Warn("standby: kill vmm", "instance", in.ID, "err", err)
 	}
 	m.closeSession(ctx, in)
+	os.Remove(mappedPin(g)) // the VMM that mapped it is gone
 	key, err := cacheKey(g.Latest())
 	if err != nil {
 		o.finish(ctx, err)
@@ -126,6 +129,9 @@ func (m *Manager) writeSnapshot(ctx context.Context, o *op, c *firecracker.Clien
 		// dirty pages in place. If nlink > 1, replace it with a private copy
 		// first; the other links keep the old inode and its bytes.
 		if !m.cfg.DisableUnshareGuard {
+			if err := m.pinMapped(id, dir); err != nil {
+				return "", err
+			}
 			unshared, err := memfile.EnsureExclusive(dir.Memory())
 			if err != nil {
 				return "", fmt.Errorf("unshare %s: %w", dir.Memory(), err)
@@ -150,4 +156,38 @@ func (m *Manager) writeSnapshot(ctx context.Context, o *op, c *firecracker.Clien
 		return "", err
 	}
 	return typ, nil
+}
+
+// mappedPin is an extra link to the mem-file inode a running VMM maps, made
+// when the unshare guard is about to rename a private copy over the name
+// that VMM was restored from. Without it, the mapped inode would be left
+// with only its siblings' links: a sibling seeing nlink 1 would diff-write it
+// in place under the running VM (found by the reliability suite,
+// TestNoVMWritesAnInodeARunningSiblingMaps). It lives in the snapshots dir,
+// so stop, delete and a dead-VMM settle remove it with that dir; standby
+// removes it once the VMM is killed.
+func mappedPin(g guestdir.Guest) string { return filepath.Join(g.SnapshotsDir(), "memory.mapped") }
+
+// pinMapped links dir's mem-file to mappedPin if the guard is about to
+// unshare it (nlink > 1) and no pin exists yet (with one, the VMM maps the
+// pinned inode, not this one).
+func (m *Manager) pinMapped(id string, dir guestdir.SnapDir) error {
+	st, err := os.Stat(dir.Memory())
+	if err != nil {
+		return nil // no base: a Full snapshot into a new file
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); !ok || sys.Nlink <= 1 {
+		return nil
+	}
+	g, err := m.guest(id)
+	if err != nil {
+		return err
+	}
+	if _, err := os.Lstat(mappedPin(g)); err == nil {
+		return nil
+	}
+	if err := os.Link(dir.Memory(), mappedPin(g)); err != nil {
+		return fmt.Errorf("pin the mapped mem-file of %s: %w", id, err)
+	}
+	return nil
 }

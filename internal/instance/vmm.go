@@ -158,3 +158,32 @@ func (m *Manager) settleIfVMMDied(ctx context.Context, in *store.Instance) {
 	in.Error = fmt.Sprintf("VMM (pid %d) exited unexpectedly; memory lost (see %s)", p.Pid, g.VMMLog())
 	m.db.UpdateInstance(ctx, *in)
 }
+
+// settleOnRead lets a read (GET, list) report a dead VMM or pager at once
+// instead of a stale Running: if the instance's lock is free it settles the
+// record as a write would (settleIfVMMDied); if an operation holds the lock,
+// that operation will notice, and the read shows the record as is.
+func (m *Manager) settleOnRead(ctx context.Context, in store.Instance) store.Instance {
+	if !oneOf(in.State, api.StateRunning, api.StatePaused) {
+		return in
+	}
+	p := m.proc(in.ID)
+	vmmDead := p != nil && !p.Alive()
+	if !vmmDead && in.PagerSession == "" {
+		return in
+	}
+	if !vmmDead && !m.pagerGone(ctx, in) {
+		return in
+	}
+	l := m.instanceLock(in.ID)
+	if !l.TryLock() {
+		return in
+	}
+	defer l.Unlock()
+	cur, err := m.db.GetInstance(ctx, in.ID)
+	if err != nil {
+		return in
+	}
+	m.settleIfVMMDied(ctx, &cur)
+	return cur
+}
