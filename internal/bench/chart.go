@@ -47,7 +47,7 @@ func (r *Report) WriteSVG(w io.Writer) error {
 	latH := top + len(cells)*groupH + 30
 	pssTop := latH + 40
 	height := pssTop + top + len(cells)*(rowH+4) + 30
-	width := labelW + plotW + 120
+	width := labelW + plotW + 200
 
 	var b strings.Builder
 	fmt.Fprintf(&b, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">`+"\n", width, height)
