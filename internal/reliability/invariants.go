@@ -71,7 +71,9 @@ func WaitSettled(ctx context.Context, c *api.Client, timeout time.Duration) erro
 //   - every Running/Paused instance has a live VMM at its recorded pid, and
 //     every VMM under the data dir belongs to such an instance (none leaked);
 //   - no VMM can write a file with more than one link (no shared inode is
-//     written: DESIGN §1.3);
+//     written: DESIGN §1.3), and every mem-file a VMM maps is still linked
+//     from its own guest dir whenever anyone links it (else a sibling sees a
+//     link count of 1 and diff-writes it in place under the running VM);
 //   - no temp file or dir, no dir without a record, nothing unknown at the
 //     data dir's top level;
 //   - every snapshot has its files;
@@ -145,6 +147,11 @@ func CheckInvariants(ctx context.Context, d *Daemon) error {
 			}
 			for _, w := range sharedWrites(p.Pid, layout.Root()) {
 				bad("shared inode writable by a VMM: %s", w)
+			}
+			if g, err := layout.Guest(id); err == nil {
+				for _, u := range unpinnedMappings(p.Pid, layout.Root(), g.Dir) {
+					bad("mapped mem-file not counted in its link count: %s", u)
+				}
 			}
 		}
 	}

@@ -16,11 +16,14 @@ import (
 func TestInvariantCheckerCatchesEachViolation(t *testing.T) {
 	d := newDaemon(t, nil)
 	in := createRunning(t, d.Client, "vm")
+	g, _ := d.Layout.Guest(in.ID)
+	in2 := createStandby(t, d.Client, "vm2")
+	action(t, d.Client, "vm2", "restore")
+	g2, _ := d.Layout.Guest(in2.ID)
 	ctx := ctxT(t, 30*time.Second)
 	if err := CheckInvariants(ctx, d); err != nil {
 		t.Fatalf("a clean daemon fails the invariants: %v", err)
 	}
-	g, _ := d.Layout.Guest(in.ID)
 
 	cases := []struct {
 		name  string
@@ -60,6 +63,20 @@ func TestInvariantCheckerCatchesEachViolation(t *testing.T) {
 			}
 			return func() { cmd.Process.Kill(); cmd.Wait(); os.RemoveAll(dir) }
 		}, "leaked VMM"},
+		{"a mapped mem-file linked only by another dir", func(t *testing.T) func() {
+			// vm2 runs on a File restore of its base: rename a copy over
+			// that name (an unshare with no pin) after linking the mapped
+			// inode from elsewhere.
+			base := g2.Base().Memory()
+			stray := filepath.Join(d.Layout.Root(), "stray-link")
+			if err := os.Link(base, stray); err != nil {
+				t.Fatal(err)
+			}
+			data, _ := os.ReadFile(base)
+			os.WriteFile(base+".new", data, 0o600)
+			os.Rename(base+".new", base)
+			return func() { os.Remove(stray) }
+		}, "not counted in its link count"},
 		{"an instance whose dir is gone", func(t *testing.T) func() {
 			os.Rename(g.Dir, g.Dir+"-moved")
 			return func() { os.Rename(g.Dir+"-moved", g.Dir) }

@@ -165,3 +165,59 @@ func nlink(st os.FileInfo) uint64 {
 	}
 	return 1
 }
+
+// unpinnedMappings lists the files a VMM maps from the data dir whose inode
+// no name under its own guest dir links any more, while another name still
+// does. The link count is how forkd decides whether a mem-file may be
+// written in place (DESIGN §1.3); a mapping the count does not show lets a
+// sibling write the pages under a running VM.
+func unpinnedMappings(pid int, root, guestDir string) []string {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/maps", pid))
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	mapped := map[uint64]string{} // inode → path as maps shows it
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 6 {
+			continue
+		}
+		path := strings.TrimSuffix(strings.Join(fields[5:], " "), " (deleted)")
+		if !strings.HasPrefix(path, root+"/") {
+			continue
+		}
+		if ino, err := strconv.ParseUint(fields[4], 10, 64); err == nil && ino != 0 {
+			mapped[ino] = path
+		}
+	}
+	if len(mapped) == 0 {
+		return nil
+	}
+	own := map[uint64]bool{}
+	linked := map[uint64]bool{}
+	filepath.WalkDir(root, func(p string, de os.DirEntry, err error) error {
+		if err != nil || !de.Type().IsRegular() {
+			return nil
+		}
+		info, err := de.Info()
+		if err != nil {
+			return nil
+		}
+		if st, ok := info.Sys().(*syscall.Stat_t); ok {
+			linked[st.Ino] = true
+			if strings.HasPrefix(p, guestDir+"/") {
+				own[st.Ino] = true
+			}
+		}
+		return nil
+	})
+	var out []string
+	for ino, path := range mapped {
+		if linked[ino] && !own[ino] {
+			out = append(out, fmt.Sprintf("pid %d maps inode %d (%s), linked by others but not under its own %s", pid, ino, path, guestDir))
+		}
+	}
+	return out
+}
