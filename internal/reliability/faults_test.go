@@ -378,7 +378,7 @@ func TestVMMKilledWhileRunningIsReported(t *testing.T) {
 	if err != nil {
 		t.Fatalf("daemon unresponsive after a VMM died: %v", err)
 	}
-	if knownBugs() && (got.State == api.StateRunning || got.Error == "") {
+	if got.State == api.StateRunning || got.Error == "" {
 		t.Errorf("GET after its VMM was killed: %s, error %q; want it not Running, with the reason", got.State, got.Error)
 	}
 	// Any write action notices the dead VMM.
@@ -395,10 +395,6 @@ func TestVMMKilledWhileRunningIsReported(t *testing.T) {
 	}
 	checkAll(t, d)
 }
-
-// knownBugs says whether to assert behaviour the suite found broken and
-// reported but that is not fixed yet (FORKD_RELIABILITY_KNOWN_BUGS=1).
-func knownBugs() bool { return os.Getenv("FORKD_RELIABILITY_KNOWN_BUGS") != "" }
 
 // uffdOrSkip restores ref through the pager, skipping the test when this
 // build has no pager.
@@ -457,7 +453,7 @@ func TestPagerKilledUnderAUffdVM(t *testing.T) {
 		t.Fatalf("GET of the VM whose pager died: %v", err)
 	}
 	t.Logf("after the pager died the Uffd VM is %s, memory_check %q, error %q", in.State, in.MemoryCheck, in.Error)
-	if knownBugs() && in.State != api.StateError {
+	if in.State != api.StateError || in.Error == "" {
 		t.Errorf("the Uffd VM whose pager died is %s (error %q); want Error with the reason", in.State, in.Error)
 	}
 	if in, err := d.Client.Action(ctxT(t, 30*time.Second), "other", "restore", api.ActionRequest{RestoreBackend: api.BackendFile}); err != nil || in.State != api.StateRunning {
@@ -472,11 +468,7 @@ func TestPagerKilledUnderAUffdVM(t *testing.T) {
 		}
 	}
 	if lastErr != nil {
-		if knownBugs() {
-			t.Errorf("Uffd restore after the pager died (two tries): %v", lastErr)
-		} else {
-			t.Logf("KNOWN BUG (reported): Uffd restores fail until the daemon restarts once its pager died: %v", lastErr)
-		}
+		t.Errorf("Uffd restore after the pager died (two tries): %v", lastErr)
 	}
 	if err := d.Client.DeleteInstance(ctxT(t, 30*time.Second), "victim"); err != nil {
 		t.Errorf("delete of the VM whose pager died: %v", err)

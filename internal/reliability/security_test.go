@@ -177,9 +177,6 @@ func TestVMMsStartWithAMinimalEnvironment(t *testing.T) {
 // another's RAM as its disk.
 func TestRequestPathsStayInsideTheDataDir(t *testing.T) {
 	t.Parallel()
-	if !knownBugs() {
-		t.Skip("SKIP KNOWN BUG (reported; set FORKD_RELIABILITY_KNOWN_BUGS=1 to run): POST /instances accepts a kernel/rootfs inside the data dir")
-	}
 	d := newDaemon(t, nil)
 	src := createStandby(t, d.Client, "src")
 	g, _ := d.Layout.Guest(src.ID)

@@ -62,7 +62,7 @@ func (s *stressStats) record(op string, err error) {
 // TestRandomConcurrentLoadKeepsEveryInvariant runs 6 goroutines doing
 // random valid operations against one daemon for a bounded time: creates,
 // forks (of Standby instances, live from Running ones, of snapshots, to
-// Standby and Running), standbys, restores (file backend), snapshots (some
+// Standby and Running), standbys, restores (file and uffd backends), snapshots (some
 // compressed), deletes of instances and snapshots, and deleting a source
 // while it is being forked. Every call must succeed or lose a race cleanly
 // (404/409). Afterwards the invariants hold, everything is operable and no
@@ -139,8 +139,9 @@ func TestRandomConcurrentLoadKeepsEveryInvariant(t *testing.T) {
 				}
 			case op == 4:
 				if in, ok := pick(r, api.StateStandby); ok {
-					inst, err := c.Action(ctx, in.ID, "restore", api.ActionRequest{})
-					st.recordInstance("restore", inst, err)
+					backend := []string{api.BackendFile, api.BackendUffd}[r.IntN(2)]
+					inst, err := c.Action(ctx, in.ID, "restore", api.ActionRequest{RestoreBackend: backend})
+					st.recordInstance("restore-"+backend, inst, err)
 				}
 			case op == 5:
 				if in, ok := pick(r, api.StateRunning, api.StateStandby); ok {
