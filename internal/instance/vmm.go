@@ -139,7 +139,7 @@ func (m *Manager) settleIfVMMDied(ctx context.Context, in *store.Instance) {
 	}
 	if m.pagerGone(ctx, *in) {
 		m.log.Warn("pager gone under a uffd-restored VM: instance in Error", "instance", in.ID, "session", in.PagerSession)
-		in.State, in.Error = api.StateError, pagerGoneError(*in)
+		in.State, in.Error, in.MemoryCheck = api.StateError, pagerGoneError(*in), "unknown"
 		m.db.UpdateInstance(ctx, *in)
 		return
 	}
