@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -56,7 +57,10 @@ func Launch(ctx context.Context, spec LaunchSpec) (*Process, error) {
 	if spec.Binary == "" || spec.APISock == "" {
 		return nil, fmt.Errorf("launch vmm: binary and api socket are required (binary %q, socket %q)", spec.Binary, spec.APISock)
 	}
-	if err := clearStaleSocket(ctx, spec.APISock); err != nil {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("launch vmm %s: %w", spec.APISock, err)
+	}
+	if err := clearStaleSocket(spec.APISock); err != nil {
 		return nil, fmt.Errorf("launch vmm %s: %w", spec.APISock, err)
 	}
 
@@ -137,18 +141,27 @@ func (p *Process) waitReady(ctx context.Context) error {
 	}
 }
 
-// clearStaleSocket removes a socket file left by a dead VMM. A socket that
-// answers belongs to a live VMM and must not be stolen.
-func clearStaleSocket(ctx context.Context, sock string) error {
-	if _, err := os.Lstat(sock); errors.Is(err, os.ErrNotExist) {
+// clearStaleSocket removes a socket file left by a dead VMM. A socket with a
+// listener belongs to a live process (perhaps a busy VMM that does not
+// answer in time) and must never be stolen, so liveness is a connect, not
+// an HTTP answer: only "connection refused" (nobody listens) or a file that
+// is not a socket counts as stale.
+func clearStaleSocket(sock string) error {
+	st, err := os.Lstat(sock)
+	if errors.Is(err, os.ErrNotExist) {
 		return os.MkdirAll(filepath.Dir(sock), 0o755)
 	} else if err != nil {
 		return fmt.Errorf("stat api socket: %w", err)
 	}
-	c := newClient(sock, Timeouts{Call: 500 * time.Millisecond, Snapshot: defaultSnapshotTimeout})
-	defer c.Close()
-	if _, err := c.Describe(ctx); err == nil {
-		return fmt.Errorf("api socket %s already answers: another VMM lives there", sock)
+	if st.Mode().Type() == os.ModeSocket {
+		conn, err := net.DialTimeout("unix", sock, time.Second)
+		if err == nil {
+			conn.Close()
+			return fmt.Errorf("api socket %s already has a listener: another VMM lives there", sock)
+		}
+		if !errors.Is(err, syscall.ECONNREFUSED) {
+			return fmt.Errorf("probe api socket %s: %w", sock, err)
+		}
 	}
 	if err := os.Remove(sock); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("remove stale api socket: %w", err)

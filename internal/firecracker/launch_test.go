@@ -3,6 +3,7 @@ package firecracker
 import (
 	"context"
 	"errors"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -181,18 +182,63 @@ func TestLaunchRefusesSocketOfLiveVMM(t *testing.T) {
 	if p, err := Launch(context.Background(), spec); err == nil {
 		p.Kill(context.Background())
 		t.Fatal("Launch on the socket of a live VMM succeeded; it must refuse")
-	} else if !strings.Contains(err.Error(), "already answers") {
-		t.Errorf("error = %v; want it to say another VMM answers", err)
+	} else if !strings.Contains(err.Error(), "already has a listener") {
+		t.Errorf("error = %v; want it to say another VMM listens there", err)
+	}
+}
+
+func TestLaunchNeverStealsTheSocketOfABusyVMM(t *testing.T) {
+	spec := helperSpec(t, "serve")
+	// A listener that accepts but never answers: a VMM busy in a long
+	// snapshot load looks like this to a prober.
+	ln, err := net.Listen("unix", spec.APISock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	if p, err := Launch(context.Background(), spec); err == nil {
+		p.Kill(context.Background())
+		t.Fatal("Launch took over the socket of a live listener")
+	}
+	if _, err := os.Stat(spec.APISock); err != nil {
+		t.Errorf("the live listener's socket was removed: %v", err)
+	}
+}
+
+func TestLaunchRefusesACancelledContext(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if p, err := Launch(ctx, helperSpec(t, "serve")); err == nil {
+		p.Kill(context.Background())
+		t.Fatal("Launch with a cancelled ctx started a VMM")
 	}
 }
 
 func TestLaunchReplacesStaleSocket(t *testing.T) {
-	spec := helperSpec(t, "serve")
-	// A socket file whose listener is gone, as a crashed VMM leaves it.
-	if err := os.WriteFile(spec.APISock, nil, 0o600); err != nil {
-		t.Fatal(err)
+	for _, tc := range []struct {
+		name  string
+		leave func(t *testing.T, path string)
+	}{
+		{"socket whose listener is gone (a crashed VMM)", func(t *testing.T, path string) {
+			ln, err := net.Listen("unix", path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ln.(*net.UnixListener).SetUnlinkOnClose(false)
+			ln.Close()
+		}},
+		{"plain file", func(t *testing.T, path string) {
+			if err := os.WriteFile(path, nil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			spec := helperSpec(t, "serve")
+			tc.leave(t, spec.APISock)
+			launchForTest(t, context.Background(), spec)
+		})
 	}
-	launchForTest(t, context.Background(), spec)
 }
 
 func TestKillReapsChildAndRemovesSocket(t *testing.T) {
