@@ -199,8 +199,14 @@ func killAdopted(ctx context.Context, pid int, startTime uint64) error {
 	}
 }
 
+// removeSocket removes the dead VMM's socket file, unless something listens
+// there again (a newer VMM launched on the same path).
 func (p *Process) removeSocket() error {
 	if p.APISock == "" {
+		return nil
+	}
+	if conn, err := net.DialTimeout("unix", p.APISock, time.Second); err == nil {
+		conn.Close()
 		return nil
 	}
 	if err := os.Remove(p.APISock); err != nil && !errors.Is(err, os.ErrNotExist) {
