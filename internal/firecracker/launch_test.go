@@ -401,3 +401,21 @@ func TestParseStat(t *testing.T) {
 		})
 	}
 }
+
+func TestKillLeavesTheSocketOfANewerVMM(t *testing.T) {
+	old := launchForTest(t, context.Background(), helperSpec(t, "serve"))
+	// The old VMM's socket file is gone (unlinked) and a newer VMM listens
+	// at the same path while the old process still runs.
+	if err := os.Remove(old.APISock); err != nil {
+		t.Fatal(err)
+	}
+	spec := helperSpec(t, "serve")
+	spec.APISock = old.APISock
+	newer := launchForTest(t, context.Background(), spec)
+	if err := old.Kill(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := NewClient(newer.APISock).Describe(context.Background()); err != nil {
+		t.Errorf("the newer VMM's socket broke when the old VMM was killed: %v", err)
+	}
+}
