@@ -84,6 +84,7 @@ func (r *runner) burst(ctx context.Context, svc api.Service, par parent, size in
 		r.measureFork(ctx, svc, res.id, &cell)
 	}
 	cell.Fork, cell.Restore, cell.Touch = Summarize(forks), Summarize(restores), Summarize(touches)
+	cell.Samples = &Samples{Fork: forks, Restore: restores, Touch: touches}
 	if why := unavailable(results); why != "" {
 		// Not a failure of the strategy: this daemon cannot restore this way
 		// (e.g. no pager in this build). Say so instead of a row of errors.

@@ -63,6 +63,9 @@ type Cell struct {
 	// Touch is from the end of the restore until the fork's workload had
 	// read as many pages as its working set holds.
 	Touch Summary `json:"touch"`
+	// Samples are the per-fork latencies behind Fork, Restore and Touch,
+	// in fork order, for distributions (JSON only).
+	Samples *Samples `json:"samples,omitempty"`
 	// Wall is the whole burst, first fork call to last working set touched.
 	Wall time.Duration `json:"wall_ns"`
 
@@ -178,6 +181,13 @@ func (r *Report) WriteTable(w io.Writer) error {
 		}
 	}
 	return nil
+}
+
+// Samples are one burst's per-fork latencies.
+type Samples struct {
+	Fork    []time.Duration `json:"fork_ns"`
+	Restore []time.Duration `json:"restore_ns"`
+	Touch   []time.Duration `json:"touch_ns"`
 }
 
 // Ratio is one comparison the benchmark exists to show.
