@@ -293,7 +293,18 @@ func (m *Manager) applyTarget(ctx context.Context, rec store.Instance, target, b
 	l := m.instanceLock(rec.ID)
 	l.Lock()
 	defer l.Unlock()
-	var err error
+	// The fork is visible (Standby/Stopped) from its commit until this lock:
+	// another client may have restored, stopped or deleted it meanwhile.
+	// Act only on the state it was made in, and never remove a fork someone
+	// else is already using.
+	cur, err := m.db.GetInstance(ctx, rec.ID)
+	if err != nil {
+		return api.Instance{}, fmt.Errorf("fork %q: target state %s: %w", rec.Name, target, apiErr(err))
+	}
+	if cur.State != rec.State {
+		return m.toAPI(ctx, cur), nil
+	}
+	rec = cur
 	switch {
 	case target == api.StateRunning && rec.State == api.StateStandby:
 		err = m.restore(ctx, &rec, backend, m.cfg.ForkRestoreBackend)
