@@ -1,6 +1,8 @@
 package reliability
 
 import (
+	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -56,4 +58,44 @@ func TestNoVMWritesAnInodeARunningSiblingMaps(t *testing.T) {
 			checkAll(t, d)
 		})
 	}
+}
+
+// TestAForkActedOnBeforeItsTargetStateIsKept races a fork with
+// target_state Running against a second client that restores the new fork
+// the moment it appears (Standby, between the fork and its first restore).
+// Whoever wins, the fork must end Running and must never be deleted from
+// under the client that restored it.
+func TestAForkActedOnBeforeItsTargetStateIsKept(t *testing.T) {
+	t.Parallel()
+	d := newDaemon(t, nil)
+	c := d.Client
+	createStandby(t, c, "src")
+	for i := 0; i < 15; i++ {
+		name := fmt.Sprintf("kid-%d", i)
+		done := make(chan error, 1)
+		go func() {
+			_, err := c.ForkInstance(context.Background(), "src", api.ForkRequest{Name: name, TargetState: api.StateRunning})
+			done <- err
+		}()
+		var forkErr error
+		restored := false
+	poll:
+		for {
+			select {
+			case forkErr = <-done:
+				break poll
+			default:
+			}
+			if in, err := c.GetInstance(context.Background(), name); err == nil && in.State == api.StateStandby && !restored {
+				if _, err := c.Action(context.Background(), name, "restore", api.ActionRequest{}); err == nil {
+					restored = true
+				}
+			}
+		}
+		in, err := c.GetInstance(context.Background(), name)
+		if err != nil || in.State != api.StateRunning {
+			t.Errorf("round %d (second client restored it first: %v): fork call returned %v; the fork is now %+v, %v", i, restored, forkErr, in.State, err)
+		}
+	}
+	checkAll(t, d)
 }
