@@ -212,14 +212,18 @@ func TestClosedFDNumberIsRecycled(t *testing.T) {
 	f := openOrSkip(t, 0)
 	num := f.Fd()
 	f.Close()
-	other, err := os.Open(os.DevNull)
+	// Put /dev/null on exactly the closed number, as a concurrent open in
+	// another goroutine could at any time (letting the kernel pick the
+	// lowest free number races with the runtime's own fds under -race).
+	devnull, err := os.Open(os.DevNull)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer other.Close()
-	if int(other.Fd()) != num {
-		t.Skipf("SKIP: the kernel gave /dev/null fd %d, not the recycled %d", other.Fd(), num)
+	defer devnull.Close()
+	if err := unix.Dup3(int(devnull.Fd()), num, unix.O_CLOEXEC); err != nil {
+		t.Fatalf("dup /dev/null onto fd %d: %v", num, err)
 	}
+	defer unix.Close(num)
 	r := uffdioRange{0x10000, PageSize}
 	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(num), ioctlWake, uintptr(unsafe.Pointer(&r)))
 	if errno != unix.ENOTTY {
