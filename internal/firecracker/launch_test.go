@@ -160,6 +160,13 @@ func TestLaunchFailsWithLogTailWhenSocketNeverAppears(t *testing.T) {
 
 func TestLaunchFailsFastWithLogTailWhenVMMExits(t *testing.T) {
 	spec := helperSpec(t, "exit")
+	// An earlier run's output must not be quoted as this launch's.
+	if err := os.MkdirAll(filepath.Dir(spec.LogPath), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(spec.LogPath, []byte("EARLIER RUN CRASHED\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	_, err := Launch(ctx, spec)
@@ -172,6 +179,9 @@ func TestLaunchFailsFastWithLogTailWhenVMMExits(t *testing.T) {
 	}
 	if ctx.Err() != nil {
 		t.Errorf("Launch waited out its ctx instead of seeing the exit")
+	}
+	if strings.Contains(err.Error(), "EARLIER RUN") {
+		t.Errorf("error quotes an earlier run's log: %v", err)
 	}
 }
 
