@@ -9,10 +9,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/guestdir"
 )
 
 // shortTempDir is a temp dir short enough for the VMM sockets under it
@@ -27,14 +29,37 @@ func shortTempDir(t *testing.T) string {
 	return dir
 }
 
-// buildForkd builds cmd/forkd into a test temp dir.
-func buildForkd(t *testing.T) string {
-	t.Helper()
-	bin := filepath.Join(t.TempDir(), "forkd")
+// binDir holds the forkd binary built for this test run.
+var binDir string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "fbbin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	binDir = dir
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// forkdBinary builds cmd/forkd once per test binary run.
+var forkdBinary = sync.OnceValues(func() (string, error) {
+	bin := filepath.Join(binDir, "forkd")
 	cmd := exec.Command("go", "build", "-o", bin, "github.com/forkd/forkd/cmd/forkd")
 	cmd.Env = append(os.Environ(), "GOFLAGS=-mod=mod")
 	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build cmd/forkd: %v\n%s", err, out)
+		return "", fmt.Errorf("go build cmd/forkd: %v\n%s", err, out)
+	}
+	return bin, nil
+})
+
+func buildForkd(t *testing.T) string {
+	t.Helper()
+	bin, err := forkdBinary()
+	if err != nil {
+		t.Fatal(err)
 	}
 	return bin
 }
@@ -106,5 +131,89 @@ func testForkBurst(t *testing.T, bin, from string) {
 	}
 	if !strings.Contains(out.String(), "hardlink") {
 		t.Errorf("table lacks the hardlink rows")
+	}
+}
+
+// TestBurstReportsCorruptedMemory is the twin of the memory checks above: a
+// snapshot whose mem-file was corrupted must show up as failed forks with
+// the guest's integrity error, not as a clean cell.
+func TestBurstReportsCorruptedMemory(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a daemon and VMMs")
+	}
+	bin := buildForkd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	dir := shortTempDir(t)
+	d, err := StartDaemon(ctx, DaemonSpec{Binary: bin, DataDir: filepath.Join(dir, "d"), LogPath: filepath.Join(dir, "d.log")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := d.Stop(context.Background()); err != nil {
+			t.Errorf("stop daemon: %v", err)
+		}
+	})
+	cfg, err := Config{SizesMiB: []int{64}, WorkingSetMiB: 4, Forks: 2, Rate: 20000, Backends: []string{api.BackendFile}}.withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	disk, err := DiskOf(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	layout, err := guestdir.New(d.DataDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &runner{cfg: cfg, layout: layout, disk: disk, progress: func(string) {}, tag: "twin"}
+	src, err := r.createSource(ctx, d.Client, 64, StrategyHardlink)
+	if errors.Is(err, api.ErrNotImplemented) {
+		t.Skipf("SKIP: the daemon's instance manager is not built yet: %v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	par, err := r.freshParent(ctx, d.Client, src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	snap, err := layout.Snapshot(par.id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	corruptEveryPage(t, snap.Memory())
+
+	cell := r.burst(ctx, d.Client, par, 64, StrategyHardlink, api.BackendFile, Cold, 2)
+	if cell.Failed == 0 && cell.MemoryChecks["ok"] == cell.Forks {
+		t.Fatalf("forks of a corrupted snapshot reported clean: %+v", cell)
+	}
+	t.Logf("failed %d/%d: %q", cell.Failed, cell.Forks, cell.Errors)
+	if !strings.Contains(strings.Join(cell.Errors, "\n"), "integrity") {
+		t.Errorf("errors %q do not name the integrity error", cell.Errors)
+	}
+}
+
+// corruptEveryPage flips a byte in the middle of every 4 KiB page.
+func corruptEveryPage(t *testing.T, path string) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 1)
+	for off := int64(2048); off < st.Size(); off += 4096 {
+		if _, err := f.ReadAt(b, off); err != nil {
+			t.Fatal(err)
+		}
+		b[0] ^= 0xff
+		if _, err := f.WriteAt(b, off); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
