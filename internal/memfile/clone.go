@@ -21,16 +21,39 @@ func (o Options) Clone(src, dst string) (Mode, error) {
 	if _, err := os.Lstat(dst); err == nil {
 		return "", fmt.Errorf("clone %s to %s: %w", src, dst, fs.ErrExist)
 	}
-	mode, err := o.cloneVia(src, dst, dst+atomicfile.TempSuffix)
+	mode, err := o.cloneVia(src, dst, dst+atomicfile.TempSuffix, o.copyInto)
 	if err != nil {
 		return "", fmt.Errorf("clone %s to %s: %w", src, dst, err)
 	}
 	return mode, nil
 }
 
-// cloneVia clones src into tmp (made fresh), fsyncs it and renames it over
-// dst. On failure tmp is removed and dst is untouched.
-func (o Options) cloneVia(src, dst, tmp string) (_ Mode, err error) {
+// Copy makes dst a physical copy of src. See Options.Copy.
+func Copy(src, dst string) error { return Options{}.Copy(src, dst) }
+
+// Copy makes dst a new inode with its own copy of src's data extents (holes
+// stay holes), never sharing a disk block with src: no FICLONE, and
+// pread/pwrite rather than copy_file_range, which XFS and btrfs turn into a
+// reflink. It is the per-fork full copy that benchmarks compare fanout with;
+// Clone is what forkd itself uses. Like Clone, it writes dst+".tmp", fsyncs
+// it and renames it over dst; dst must not exist.
+func (o Options) Copy(src, dst string) error {
+	if _, err := os.Lstat(dst); err == nil {
+		return fmt.Errorf("copy %s to %s: %w", src, dst, fs.ErrExist)
+	}
+	physical := func(in, out *os.File, size int64) (Mode, error) {
+		return ModeCopy, o.sparseCopy(in, out, size, true)
+	}
+	if _, err := o.cloneVia(src, dst, dst+atomicfile.TempSuffix, physical); err != nil {
+		return fmt.Errorf("copy %s to %s: %w", src, dst, err)
+	}
+	return nil
+}
+
+// cloneVia fills tmp (made fresh) from src with fill (copyInto: reflink or
+// copy), fsyncs it and renames it over dst. On failure tmp is removed and dst
+// is untouched.
+func (o Options) cloneVia(src, dst, tmp string, fill func(in, out *os.File, size int64) (Mode, error)) (_ Mode, err error) {
 	in, err := os.Open(src)
 	if err != nil {
 		return "", err
@@ -56,7 +79,7 @@ func (o Options) cloneVia(src, dst, tmp string) (_ Mode, err error) {
 		}
 	}()
 	o.at(stepTempCreated)
-	mode, err := o.copyInto(in, out, st.Size())
+	mode, err := fill(in, out, st.Size())
 	if err != nil {
 		return "", err
 	}

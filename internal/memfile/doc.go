@@ -1,6 +1,7 @@
 // Package memfile owns every file operation on guest memory files
-// ("mem-files"): sharing one for a fork, cloning it, the unshare guard, merging
-// a diff layer into a base, and compressing it for cold storage.
+// ("mem-files"): sharing one for a fork, cloning or copying it, the unshare
+// guard, merging a diff layer into a base, and compressing it for cold
+// storage.
 //
 // It knows nothing of VMs, instances or snapshots; everything here is a file
 // operation on paths the caller chose. It never logs: degraded paths are
@@ -20,7 +21,7 @@
 //     SEEK_DATA/SEEK_HOLE and copy whole data extents; they never look at the
 //     bytes to turn zeros into holes, because a page the guest dirtied to all
 //     zeros must overwrite the base's page when a diff is merged.
-//   - Crash-safe: Clone and EnsureExclusive write <name>.tmp or
+//   - Crash-safe: Clone, Copy and EnsureExclusive write <name>.tmp or
 //     <path>.unshare.tmp, fsync it, rename it over the name and fsync the
 //     directory (internal/atomicfile). After a crash the name holds the old
 //     file or the new one, never a partial one; the next call removes a stale

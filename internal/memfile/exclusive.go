@@ -38,7 +38,7 @@ func (o Options) EnsureExclusive(path string) (unshared bool, err error) {
 	if nlink(st) <= 1 {
 		return false, nil
 	}
-	if _, err := o.cloneVia(path, path, tmp); err != nil {
+	if _, err := o.cloneVia(path, path, tmp, o.copyInto); err != nil {
 		return false, fmt.Errorf("unshare %s: %w", path, err)
 	}
 	return true, nil
