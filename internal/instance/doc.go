@@ -24,7 +24,8 @@
 //
 // # The memory invariants (DESIGN.md §1)
 //
-// Forks hardlink mem-files (memfile.ShareForFork); the only in-place writer
+// Forks hardlink mem-files (memfile.ShareForFork; fork_strategy reflink and
+// copy exist only for benchmarks); the only in-place writer
 // of a mem-file is a Diff snapshot into an instance's own base, done by
 // standby, snapshot-of-running and live fork through one function
 // (writeSnapshot), which runs the unshare guard first.

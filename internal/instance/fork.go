@@ -243,7 +243,8 @@ func (m *Manager) removePartial(ctx context.Context, id string) {
 // makeForkDir builds a fork's guest dir under a temp name and renames it into
 // place: disk and kernel cloned (reflink first), the mem-file shared
 // (hardlink: zero I/O, one inode and page cache for all siblings; clone only
-// when linking fails), the vmstate copied.
+// when linking fails; or per fork_strategy, see shareMemFile), the vmstate
+// copied.
 func (m *Manager) makeForkDir(id string, f forkFiles) (memfile.ShareResult, error) {
 	var res memfile.ShareResult
 	tmp, err := m.layout.TempGuest(id)
@@ -266,7 +267,7 @@ func (m *Manager) makeForkDir(id string, f forkFiles) (memfile.ShareResult, erro
 		if err := os.MkdirAll(tmp.Latest().Dir, 0o755); err != nil {
 			return res, err
 		}
-		if res, err = memfile.ShareForFork(f.from.Memory(), tmp.Latest().Memory()); err != nil {
+		if res, err = m.shareMemFile(f.from.Memory(), tmp.Latest().Memory()); err != nil {
 			return res, err
 		}
 		if _, err := memfile.Clone(f.from.VMState(), tmp.Latest().VMState()); err != nil {
@@ -280,6 +281,54 @@ func (m *Manager) makeForkDir(id string, f forkFiles) (memfile.ShareResult, erro
 		return res, err
 	}
 	return res, atomicfile.Rename(tmp.Dir, final.Dir)
+}
+
+// Fork strategies (Config.ForkStrategy): how a fork gets its mem-file.
+const (
+	// ForkStrategyHardlink: memfile.ShareForFork, a hardlink to the source's
+	// inode (a clone only where linking fails). forkd's behaviour and the
+	// only zero-I/O fanout (DESIGN.md §1.1).
+	ForkStrategyHardlink = "hardlink"
+	// ForkStrategyReflink: a FICLONE reflink per fork; a fork on a filesystem
+	// that cannot reflink fails rather than silently copying.
+	ForkStrategyReflink = "reflink"
+	// ForkStrategyCopy: a full physical copy per fork (memfile.Copy).
+	ForkStrategyCopy = "copy"
+)
+
+// ValidForkStrategy returns an error unless s is one of the ForkStrategy*
+// names.
+func ValidForkStrategy(s string) error {
+	switch s {
+	case ForkStrategyHardlink, ForkStrategyReflink, ForkStrategyCopy:
+		return nil
+	}
+	return fmt.Errorf("fork strategy %q: want hardlink, reflink or copy", s)
+}
+
+// shareMemFile gives a fork (dst) the source's mem-file (src) the way
+// Config.ForkStrategy says; the result's Mode is the fork's fork_mode.
+func (m *Manager) shareMemFile(src, dst string) (memfile.ShareResult, error) {
+	switch m.cfg.ForkStrategy {
+	case ForkStrategyReflink:
+		mode, err := memfile.Clone(src, dst)
+		if err != nil {
+			return memfile.ShareResult{}, err
+		}
+		if mode != memfile.ModeReflink {
+			// Clone copied: the filesystem has no FICLONE. The caller removes
+			// the fork's partial dir, copy included.
+			return memfile.ShareResult{}, fmt.Errorf("fork_strategy reflink: the filesystem holding %s cannot reflink (FICLONE refused; Clone fell back to a %s); use fork_strategy hardlink or copy, or a reflink filesystem (XFS, btrfs)", src, mode)
+		}
+		return memfile.ShareResult{Mode: memfile.ModeReflink}, nil
+	case ForkStrategyCopy:
+		if err := memfile.Copy(src, dst); err != nil {
+			return memfile.ShareResult{}, err
+		}
+		return memfile.ShareResult{Mode: memfile.ModeCopy}, nil
+	default:
+		return memfile.ShareForFork(src, dst)
+	}
 }
 
 // applyTarget brings a new fork to its target state: Standby as made,

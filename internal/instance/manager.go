@@ -34,6 +34,10 @@ type Config struct {
 	// pager itself would read 0 as "no cache").
 	PagerBinary     string
 	PagerCacheBytes int64
+	// ForkStrategy is how a fork gets its mem-file (ForkStrategy*; empty
+	// means hardlink). Only hardlink is zero-I/O fanout; reflink and copy
+	// exist so benchmarks can compare it with the alternatives.
+	ForkStrategy string
 	// Pager, when set, replaces the lazily started host pager (tests).
 	Pager Pager
 	// Logger receives what the manager does (default: slog.Default()).
@@ -98,6 +102,12 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	}
 	if cfg.ForkRestoreBackend == "" {
 		cfg.ForkRestoreBackend = api.BackendFile
+	}
+	if cfg.ForkStrategy == "" {
+		cfg.ForkStrategy = ForkStrategyHardlink
+	}
+	if err := ValidForkStrategy(cfg.ForkStrategy); err != nil {
+		return nil, fmt.Errorf("instance manager: %w", err)
 	}
 	for _, b := range []string{cfg.RestoreBackend, cfg.ForkRestoreBackend} {
 		if b != api.BackendFile && b != api.BackendUffd {
