@@ -12,6 +12,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/instance"
 )
 
 // Config is the daemon's configuration. LoadConfig fills it from, in order
@@ -28,6 +29,7 @@ type Config struct {
 	RestoreBackend     string // restore_backend: file | uffd
 	ForkRestoreBackend string // fork_restore_backend: file | uffd, for a fork's first restore
 	PagerCacheBytes    int64  // pager_cache_bytes: the pager's page cache budget
+	ForkStrategy       string // fork_strategy: hardlink | reflink | copy (benchmarks only)
 
 	File string // the YAML file the config was read from, "" if none
 }
@@ -78,6 +80,9 @@ func settings() []setting {
 				c.PagerCacheBytes = n
 				return err
 			}},
+		{"fork_strategy", "FORKD_FORK_STRATEGY", "fork-strategy", instance.ForkStrategyHardlink,
+			"how a fork gets its mem-file: hardlink (zero-I/O fanout), or reflink / copy per fork, for benchmarks",
+			str(func(c *Config) *string { return &c.ForkStrategy })},
 	}
 }
 
@@ -202,6 +207,11 @@ func (c Config) Validate() error {
 	for key, v := range map[string]string{"restore_backend": c.RestoreBackend, "fork_restore_backend": c.ForkRestoreBackend} {
 		if v != api.BackendFile && v != api.BackendUffd {
 			return fmt.Errorf("config %s: %q is not file or uffd", key, v)
+		}
+	}
+	if c.ForkStrategy != "" { // "" (a Config built in code): hardlink
+		if err := instance.ValidForkStrategy(c.ForkStrategy); err != nil {
+			return fmt.Errorf("config fork_strategy: %w", err)
 		}
 	}
 	if c.VMMBinary == "" {

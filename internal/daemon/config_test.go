@@ -16,18 +16,19 @@ func envOf(m map[string]string) func(string) (string, bool) {
 func TestConfigPrecedenceFlagsOverEnvOverFileOverDefaults(t *testing.T) {
 	dir := t.TempDir()
 	file := filepath.Join(dir, "forkd.yaml")
-	yml := "data_dir: " + filepath.Join(dir, "from-file") + "\nlog_level: warn\nrestore_backend: uffd\npager_cache_bytes: 2GiB\nvmm_binary: /file/vmm\n"
+	yml := "data_dir: " + filepath.Join(dir, "from-file") + "\nlog_level: warn\nrestore_backend: uffd\npager_cache_bytes: 2GiB\nvmm_binary: /file/vmm\nfork_strategy: copy\n"
 	if err := os.WriteFile(file, []byte(yml), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
 	BindFlags(fs)
-	if err := fs.Parse([]string{"--config", file, "--log-level", "debug"}); err != nil {
+	if err := fs.Parse([]string{"--config", file, "--log-level", "debug", "--fork-strategy", "hardlink"}); err != nil {
 		t.Fatal(err)
 	}
 	env := envOf(map[string]string{
-		"FORKD_LOG_LEVEL":  "error",    // loses to the flag
-		"FORKD_VMM_BINARY": "/env/vmm", // beats the file
+		"FORKD_LOG_LEVEL":     "error",    // loses to the flag
+		"FORKD_VMM_BINARY":    "/env/vmm", // beats the file
+		"FORKD_FORK_STRATEGY": "reflink",  // loses to the flag
 	})
 	c, err := LoadConfig(fs, env)
 	if err != nil {
@@ -36,7 +37,7 @@ func TestConfigPrecedenceFlagsOverEnvOverFileOverDefaults(t *testing.T) {
 	want := Config{
 		DataDir: filepath.Join(dir, "from-file"), LogFormat: "text", LogLevel: "debug",
 		VMMBinary: "/env/vmm", RestoreBackend: "uffd", ForkRestoreBackend: "file",
-		PagerCacheBytes: 2 << 30, File: file,
+		PagerCacheBytes: 2 << 30, ForkStrategy: "hardlink", File: file,
 	}
 	if c != want {
 		t.Errorf("config:\n got %+v\nwant %+v", c, want)
@@ -49,7 +50,8 @@ func TestConfigDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	if c.DataDir != "/tmp/forkd-x" || c.VMMBinary != "auto" || c.RestoreBackend != "file" ||
-		c.ForkRestoreBackend != "file" || c.PagerCacheBytes != 1<<30 || c.LogFormat != "text" || c.LogLevel != "info" {
+		c.ForkRestoreBackend != "file" || c.PagerCacheBytes != 1<<30 || c.LogFormat != "text" || c.LogLevel != "info" ||
+		c.ForkStrategy != "hardlink" {
 		t.Errorf("defaults: %+v", c)
 	}
 	c, err = LoadConfig(nil, envOf(nil))
@@ -73,6 +75,7 @@ func TestConfigRejectsBadValues(t *testing.T) {
 		{"log level", map[string]string{"FORKD_LOG_LEVEL": "loud"}, "", "log_level"},
 		{"restore backend", map[string]string{"FORKD_RESTORE_BACKEND": "tape"}, "", "restore_backend"},
 		{"fork restore backend", map[string]string{"FORKD_FORK_RESTORE_BACKEND": "x"}, "", "fork_restore_backend"},
+		{"fork strategy", map[string]string{"FORKD_FORK_STRATEGY": "symlink"}, "", "fork_strategy"},
 		{"cache size", map[string]string{"FORKD_PAGER_CACHE_BYTES": "lots"}, "", "pager_cache_bytes"},
 		{"listen scheme", map[string]string{"FORKD_LISTEN": "http://127.0.0.1:1", "FORKD_TOKEN_FILE": "/t"}, "", "listen"},
 		{"listen without token", map[string]string{"FORKD_LISTEN": "tcp://127.0.0.1:7000"}, "", "token_file"},

@@ -290,7 +290,9 @@ func TestOverlongSocketPathIsExplained(t *testing.T) {
 	cfg := testConfig(t)
 	cfg.DataDir = filepath.Join(t.TempDir(), strings.Repeat("d", 100))
 	_, err := start(context.Background(), cfg, slog.New(slog.DiscardHandler),
-		func(context.Context, Config, *slog.Logger, prometheus.Registerer) (Backend, error) { return newTestBackend(), nil })
+		func(context.Context, Config, *slog.Logger, prometheus.Registerer) (Backend, error) {
+			return newTestBackend(), nil
+		})
 	if err == nil || !strings.Contains(err.Error(), "shorter --data-dir") {
 		t.Fatalf("start with a %d-byte socket path: %v, want an explanation", len(cfg.DataDir)+11, err)
 	}

@@ -22,12 +22,16 @@ func newBackend(ctx context.Context, cfg Config, log *slog.Logger, reg prometheu
 		return nil, fmt.Errorf("instance manager: %w", err)
 	}
 	log.Info("vmm resolved", "binary", vmm.Binary, "emulator", vmm.Emulator)
+	if cfg.ForkStrategy != "" && cfg.ForkStrategy != instance.ForkStrategyHardlink {
+		log.Warn("fork_strategy is not hardlink: forks copy or reflink their mem-file (for benchmarks; fanout is no longer zero-I/O)", "fork_strategy", cfg.ForkStrategy)
+	}
 	m, err := instance.New(ctx, instance.Config{
 		DataDir:            cfg.DataDir,
 		VMM:                vmm,
 		RestoreBackend:     cfg.RestoreBackend,
 		ForkRestoreBackend: cfg.ForkRestoreBackend,
 		PagerCacheBytes:    cfg.PagerCacheBytes,
+		ForkStrategy:       cfg.ForkStrategy,
 		Logger:             log,
 		Registerer:         reg,
 	})
