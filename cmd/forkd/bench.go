@@ -22,6 +22,7 @@ func newBenchForkBurstCommand() *cobra.Command {
 		vmmBinary string
 		fsSize    string
 		svgPath   string
+		jsonPath  string
 	)
 	cmd := &cobra.Command{
 		Use:   "fork-burst",
@@ -68,6 +69,11 @@ Compare ratios within one run: absolute times on nested VMs are noise.`,
 				if err == nil {
 					err = werr
 				}
+				if jsonPath != "" {
+					if jerr := writeJSON(jsonPath, rep); jerr != nil && err == nil {
+						err = jerr
+					}
+				}
 				if svgPath != "" {
 					if serr := writeSVG(svgPath, rep); serr != nil && err == nil {
 						err = serr
@@ -91,6 +97,7 @@ Compare ratios within one run: absolute times on nested VMs are noise.`,
 	f.StringSliceVar(&opt.Temperatures, "temps", []string{bench.Cold, bench.Warm}, "cache temperatures: cold, warm")
 	f.IntVar(&opt.SerialForks, "serial-forks", 10, "forks timed one at a time per size and strategy, apart from the bursts (-1: none)")
 	f.StringVar(&opt.ForkFrom, "from", bench.FromSnapshot, "fork from a snapshot of the source or from the Standby source itself: snapshot, standby")
+	f.IntVar(&opt.CopyMaxMiB, "copy-max-mib", 1024, "run the copy strategy only at sizes up to this (MiB; -1: all): a burst writes --forks × the guest's RAM")
 	f.BoolVar(&opt.DropCaches, "drop-caches", os.Geteuid() == 0, "drop the host page cache before cold bursts (root)")
 	f.StringVar(&opt.Dir, "data-dir", "", "make the run's data dir under this directory, on the filesystem to measure (default $TMPDIR)")
 	f.StringVar(&opt.FS, "fs", "", "run on a fresh loopback filesystem: xfs, btrfs or ext4 (root)")
@@ -98,7 +105,20 @@ Compare ratios within one run: absolute times on nested VMs are noise.`,
 	f.StringVar(&vmmBinary, "vmm-binary", "", `VMM for the daemon: "auto" or a path (default: the daemon's)`)
 	f.BoolVar(&opt.Keep, "keep", false, "keep the run's data dir and logs")
 	f.StringVar(&svgPath, "svg", "", "also draw the latency and PSS charts into this SVG file")
+	f.StringVar(&jsonPath, "json", "", "also write the JSON report into this file (the table and the JSON of one run)")
 	return cmd
+}
+
+func writeJSON(path string, rep *bench.Report) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("--json: %w", err)
+	}
+	if err := rep.WriteJSON(f); err != nil {
+		f.Close()
+		return fmt.Errorf("--json %s: %w", path, err)
+	}
+	return f.Close()
 }
 
 func writeSVG(path string, rep *bench.Report) error {

@@ -51,6 +51,11 @@ type Config struct {
 	// strategy, apart from the bursts (no queueing: the fork's own cost,
 	// the figure that must be flat in guest RAM); default 10, -1 none.
 	SerialForks int `json:"serial_forks"`
+	// CopyMaxMiB is the largest guest size the copy strategy runs at
+	// (larger sizes are reported as skipped): a burst of N copies writes N
+	// times the guest's RAM (25 × 4 GiB = 100 GiB). Default 1024; -1: no
+	// limit.
+	CopyMaxMiB int `json:"copy_max_mib"`
 	// DropCaches drops the host page cache before each cold burst (root).
 	DropCaches bool `json:"drop_caches"`
 	// TouchTimeout bounds the wait for one fork's workload to cover its
@@ -89,6 +94,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.SerialForks == 0 {
 		c.SerialForks = 10
+	}
+	if c.CopyMaxMiB == 0 {
+		c.CopyMaxMiB = 1024
 	}
 	if c.ForkFrom == "" {
 		c.ForkFrom = FromSnapshot
@@ -147,6 +155,15 @@ func (c Config) workingSetMiB(sizeMiB int) int {
 func (c Config) bootArgs(sizeMiB int) string {
 	return fmt.Sprintf("forkd.ws_mib=%d forkd.write_pct=%d forkd.rate=%d forkd.seed=1",
 		c.workingSetMiB(sizeMiB), c.WritePct, c.rate())
+}
+
+// copySkipped says why the copy strategy does not run at sizeMiB, or "".
+func (c Config) copySkipped(strategy string, sizeMiB int) string {
+	if strategy != StrategyCopy || c.CopyMaxMiB < 0 || sizeMiB <= c.CopyMaxMiB {
+		return ""
+	}
+	return fmt.Sprintf("copy runs only up to %d MiB (--copy-max-mib): a burst of %d copies of %d MiB would write %d GiB",
+		c.CopyMaxMiB, c.Forks, sizeMiB, c.Forks*sizeMiB/1024)
 }
 
 // rate is forkd.rate: 0 asks the emulator for an unpaced workload.

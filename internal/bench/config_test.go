@@ -57,3 +57,30 @@ func TestBootArgsClampWorkingSetToHalfTheGuest(t *testing.T) {
 		t.Errorf("bootArgs(256) = %q, want %q", got, want)
 	}
 }
+
+func TestCopyRunsOnlyUpToCopyMaxMiB(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		max      int
+		strategy string
+		size     int
+		skipped  bool
+	}{
+		{"copy at the default limit", 0, StrategyCopy, 1024, false},
+		{"copy above the default limit", 0, StrategyCopy, 4096, true},
+		{"hardlink above the limit", 0, StrategyHardlink, 4096, false},
+		{"reflink above the limit", 0, StrategyReflink, 4096, false},
+		{"copy with no limit", -1, StrategyCopy, 4096, false},
+		{"copy above a lower limit", 256, StrategyCopy, 1024, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := Config{CopyMaxMiB: tc.max}.withDefaults()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if why := c.copySkipped(tc.strategy, tc.size); (why != "") != tc.skipped {
+				t.Errorf("copySkipped(%s, %d) with limit %d = %q, want skipped = %v", tc.strategy, tc.size, c.CopyMaxMiB, why, tc.skipped)
+			}
+		})
+	}
+}

@@ -214,9 +214,24 @@ func (r *Report) Ratios() []Ratio {
 			out = append(out, Ratio{name, a / b})
 		}
 	}
+	serial := func(size int, strategy string) *SerialFork {
+		for i := range r.Serial {
+			if s := &r.Serial[i]; s.SizeMiB == size && s.Strategy == strategy && s.Fork.N > 0 {
+				return s
+			}
+		}
+		return nil
+	}
 	sizes := append([]int(nil), r.Config.SizesMiB...)
 	sort.Ints(sizes)
 	for _, size := range sizes {
+		if h := serial(size, StrategyHardlink); h != nil {
+			for _, other := range []string{StrategyCopy, StrategyReflink} {
+				if o := serial(size, other); o != nil {
+					add(fmt.Sprintf("%d MiB serial fork p50: %s/hardlink", size, other), float64(o.Fork.P50), float64(h.Fork.P50))
+				}
+			}
+		}
 		for _, be := range r.Config.Backends {
 			for _, temp := range r.Config.Temperatures {
 				h := find(size, StrategyHardlink, be, temp)
@@ -245,24 +260,9 @@ func (r *Report) Ratios() []Ratio {
 	}
 	if len(sizes) > 1 {
 		lo, hi := sizes[0], sizes[len(sizes)-1]
-		serial := func(size int, strategy string) *SerialFork {
-			for i := range r.Serial {
-				if s := &r.Serial[i]; s.SizeMiB == size && s.Strategy == strategy && s.Fork.N > 0 {
-					return s
-				}
-			}
-			return nil
-		}
 		for _, st := range r.Config.Strategies {
 			if a, b := serial(hi, st), serial(lo, st); a != nil && b != nil {
 				add(fmt.Sprintf("%s serial fork p50: %d/%d MiB", st, hi, lo), float64(a.Fork.P50), float64(b.Fork.P50))
-			}
-		}
-		if h := serial(hi, StrategyHardlink); h != nil {
-			for _, other := range []string{StrategyCopy, StrategyReflink} {
-				if o := serial(hi, other); o != nil {
-					add(fmt.Sprintf("%d MiB serial fork p50: %s/hardlink", hi, other), float64(o.Fork.P50), float64(h.Fork.P50))
-				}
 			}
 		}
 		for _, be := range r.Config.Backends {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"time"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/memfile"
 )
 
 // Target is where the benchmark finds daemons to measure.
@@ -89,6 +91,28 @@ func Run(ctx context.Context, cfg Config, target Target, progress func(string)) 
 	return rep, nil
 }
 
+// canReflink returns an error unless dir's filesystem accepts FICLONE: a
+// daemon forced to reflink there would fail every fork.
+func canReflink(dir string) error {
+	probe, err := os.MkdirTemp(dir, "reflink-probe-")
+	if err != nil {
+		return fmt.Errorf("reflink probe: %w", err)
+	}
+	defer os.RemoveAll(probe)
+	a := filepath.Join(probe, "a")
+	if err := os.WriteFile(a, []byte("forkd"), 0o600); err != nil {
+		return fmt.Errorf("reflink probe: %w", err)
+	}
+	mode, err := memfile.Clone(a, filepath.Join(probe, "b"))
+	if err != nil {
+		return fmt.Errorf("reflink probe: %w", err)
+	}
+	if mode != memfile.ModeReflink {
+		return fmt.Errorf("the filesystem of %s cannot reflink (run on one that can: --fs xfs or btrfs)", dir)
+	}
+	return nil
+}
+
 // strategy runs every backend × temperature cell of one size and strategy
 // against one source VM.
 func (r *runner) strategy(ctx context.Context, size int, strategy string) ([]Cell, error) {
@@ -100,6 +124,16 @@ func (r *runner) strategy(ctx context.Context, size int, strategy string) ([]Cel
 			}
 		}
 		return cells
+	}
+	if why := r.cfg.copySkipped(strategy, size); why != "" {
+		r.progress(fmt.Sprintf("%d MiB %s: skipped: %s", size, strategy, why))
+		return skipAll(why), nil
+	}
+	if strategy == StrategyReflink {
+		if err := canReflink(r.target.Dir); err != nil {
+			r.progress(fmt.Sprintf("%d MiB %s: skipped: %v", size, strategy, err))
+			return skipAll(err.Error()), nil
+		}
 	}
 	conn, err := r.target.Connect(ctx, strategy)
 	if errors.Is(err, ErrStrategyUnsupported) {
