@@ -15,6 +15,7 @@ import (
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/store"
+	"github.com/forkd/forkd/internal/version"
 )
 
 // Reconcile brings the store, the data dir and the running VMMs back into
@@ -200,7 +201,8 @@ func (m *Manager) reconcileEntry(ctx context.Context, e store.Entry) (string, er
 		}
 		m.killVMM(ctx, in.ID, p.Pid, g)
 		if p.Session != "" {
-			in.PagerSession = p.Session
+			// A restore opens its session with this version's pager.
+			in.PagerSession, in.PagerVersion = p.Session, version.Version
 			m.closeSession(ctx, &in)
 		}
 		in.State, in.Pid, in.Error = api.StateStandby, 0, "restore interrupted by a daemon restart"
@@ -251,6 +253,7 @@ func (m *Manager) reconcileInstance(ctx context.Context, in store.Instance) {
 		m.log.Error("reconcile: bad instance id", "instance", in.ID, "err", err)
 		return
 	}
+	defer m.killUnrecordedVMMs(g, in.ID) // orphans.go
 	switch in.State {
 	case api.StateForking:
 		m.log.Info("reconcile: removing fork with no journal entry", "instance", in.ID)

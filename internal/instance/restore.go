@@ -88,6 +88,12 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 			return fail(err)
 		}
 		session = in.ID + "-" + newID()[:8]
+		// Journal the session before it exists, so a crash here leaves the
+		// reconciler its id to close (a pager session outlives the daemon).
+		if err := o.step(ctx, "session", &opPayload{Prev: api.StateStandby, Session: session}); err != nil {
+			session = ""
+			return fail(err)
+		}
 		sock, err := pg.CreateSession(ctx, session, latest.Memory(), in.SnapshotCacheKey)
 		if err != nil {
 			session = ""
