@@ -2,6 +2,7 @@ package reliability
 
 import (
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -159,9 +160,13 @@ func CheckInvariants(ctx context.Context, d *Daemon) error {
 		if raw, err := c.PagerStats(ctx); err == nil {
 			var st struct {
 				ActiveSessions int `json:"active_sessions"`
+				Sessions       []struct {
+					SessionID string `json:"session_id"`
+					State     string `json:"state"`
+				} `json:"sessions"`
 			}
 			if json.Unmarshal(raw, &st) == nil && st.ActiveSessions > uffdVMs {
-				bad("pager has %d active sessions but only %d Uffd-backed VMs run (sessions leaked)", st.ActiveSessions, uffdVMs)
+				bad("pager has %d active sessions but only %d Uffd-backed VMs run (sessions leaked): %+v", st.ActiveSessions, uffdVMs, st.Sessions)
 			}
 		}
 	}
@@ -278,7 +283,9 @@ func Exercise(ctx context.Context, c *api.Client) (int, error) {
 	}
 	for i, s := range snaps {
 		ref := s.ID
-		name := fmt.Sprintf("x-%s-%d", strings.ToLower(s.ID[:6]), i)
+		var nonce [4]byte
+		rand.Read(nonce[:])
+		name := fmt.Sprintf("x-%s-%d-%x", strings.ToLower(s.ID[:6]), i, nonce)
 		run("fork snapshot "+s.Name, func() (api.Instance, error) {
 			return c.ForkSnapshot(ctx, ref, api.ForkRequest{Name: name, TargetState: api.StateRunning})
 		})

@@ -91,6 +91,13 @@ func newDaemonIn(t *testing.T, parent string, env []string, args ...string) *Dae
 		cur := holder.get()
 		if t.Failed() {
 			t.Log(cur.LogTail())
+			// FORKD_RELIABILITY_KEEP_LOGS=DIR keeps failed tests' daemon logs.
+			if keep := os.Getenv("FORKD_RELIABILITY_KEEP_LOGS"); keep != "" {
+				if b, err := os.ReadFile(opts.LogPath); err == nil {
+					name := strings.NewReplacer("/", "_", " ", "_").Replace(t.Name()) + ".log"
+					os.WriteFile(filepath.Join(keep, name), b, 0o600)
+				}
+			}
 		}
 		if err := cur.Shutdown(context.Background()); err != nil {
 			t.Errorf("shutdown: %v", err)

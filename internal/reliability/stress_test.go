@@ -24,23 +24,46 @@ func stressDuration() time.Duration {
 	return 20 * time.Second
 }
 
+func newStressStats() *stressStats {
+	return &stressStats{ok: map[string]int{}, refused: map[string]int{}, created: map[string]string{}, deleteTried: map[string]bool{}}
+}
+
 // stressStats counts what the load did.
 type stressStats struct {
 	mu       sync.Mutex
 	ok       map[string]int
 	refused  map[string]int // 404/409: a race lost, as expected under load
 	failures []string       // anything else: a bug
+
+	// For crash-under-load: transport errors (the daemon was killed) are
+	// counted, not failures; acknowledged creations and attempted deletes
+	// are tracked so acknowledged work can be checked after the restart.
+	tolerateTransport bool
+	interrupted       int
+	created           map[string]string // id → "instance"|"snapshot", acknowledged
+	deleteTried       map[string]bool   // ids a delete was sent for
 }
 
 // recordInstance is record for calls returning an instance: a memory
 // integrity error the guest reported is a failure too.
 func (s *stressStats) recordInstance(op string, in api.Instance, err error) {
 	s.record(op, err)
+	if err == nil && in.ID != "" {
+		s.mu.Lock()
+		s.created[in.ID] = "instance"
+		s.mu.Unlock()
+	}
 	if err == nil && in.MemoryCheck != "ok" && in.MemoryCheck != "unknown" {
 		s.mu.Lock()
 		s.failures = append(s.failures, fmt.Sprintf("%s of %s: memory integrity error: %s", op, in.Name, in.MemoryCheck))
 		s.mu.Unlock()
 	}
+}
+
+func (s *stressStats) markDelete(id string) {
+	s.mu.Lock()
+	s.deleteTried[id] = true
+	s.mu.Unlock()
 }
 
 func (s *stressStats) record(op string, err error) {
@@ -54,32 +77,20 @@ func (s *stressStats) record(op string, err error) {
 		s.refused[op]++
 	case errors.As(err, &se) && se.Status < 500:
 		s.failures = append(s.failures, fmt.Sprintf("%s: unexpected %d: %v", op, se.Status, err))
+	case s.tolerateTransport && !errors.As(err, &se):
+		s.interrupted++
 	default:
 		s.failures = append(s.failures, fmt.Sprintf("%s: %v", op, err))
 	}
 }
 
-// TestRandomConcurrentLoadKeepsEveryInvariant runs 6 goroutines doing
-// random valid operations against one daemon for a bounded time: creates,
-// forks (of Standby instances, live from Running ones, of snapshots, to
-// Standby and Running), standbys, restores (file and uffd backends), snapshots (some
-// compressed), deletes of instances and snapshots, and deleting a source
-// while it is being forked. Every call must succeed or lose a race cleanly
-// (404/409). Afterwards the invariants hold, everything is operable and no
-// guest reports a memory integrity error.
-func TestRandomConcurrentLoadKeepsEveryInvariant(t *testing.T) {
-	t.Parallel()
-	d := newDaemon(t, nil)
-	c := d.Client
-	createStandby(t, c, "seed-a")
-	createStandby(t, c, "seed-b")
-	createRunning(t, c, "seed-r")
-
-	st := &stressStats{ok: map[string]int{}, refused: map[string]int{}}
-	var seq atomic.Int64
+// runLoad runs workers goroutines of random valid operations against c
+// for dur, recording every outcome in st. seq numbers new names (shared
+// across calls so names stay unique on one daemon).
+func runLoad(parent context.Context, c *api.Client, workers int, dur time.Duration, st *stressStats, seq *atomic.Int64) {
 	name := func(p string) string { return fmt.Sprintf("%s-%d", p, seq.Add(1)) }
-	deadline := time.Now().Add(stressDuration())
-	ctx, cancel := context.WithTimeout(context.Background(), stressDuration()+2*time.Minute)
+	deadline := time.Now().Add(dur)
+	ctx, cancel := context.WithTimeout(parent, dur+2*time.Minute)
 	defer cancel()
 
 	pick := func(r *rand.Rand, states ...string) (api.Instance, bool) {
@@ -149,8 +160,13 @@ func TestRandomConcurrentLoadKeepsEveryInvariant(t *testing.T) {
 					if r.IntN(4) == 0 {
 						comp = "zstd"
 					}
-					_, err := c.CreateSnapshot(ctx, in.ID, api.SnapshotRequest{Name: name("snap"), Compression: comp})
+					sn, err := c.CreateSnapshot(ctx, in.ID, api.SnapshotRequest{Name: name("snap"), Compression: comp})
 					st.record("snapshot", err)
+					if err == nil {
+						st.mu.Lock()
+						st.created[sn.ID] = "snapshot"
+						st.mu.Unlock()
+					}
 				}
 			case op == 6 && n < maxInstances:
 				if s, ok := pickSnap(r); ok {
@@ -159,10 +175,12 @@ func TestRandomConcurrentLoadKeepsEveryInvariant(t *testing.T) {
 				}
 			case op == 7 && n > 3:
 				if in, ok := pick(r, api.StateRunning, api.StateStandby, api.StateStopped, api.StatePaused, api.StateCreated); ok {
+					st.markDelete(in.ID)
 					st.record("delete", c.DeleteInstance(ctx, in.ID))
 				}
 			case op == 8:
 				if s, ok := pickSnap(r); ok {
+					st.markDelete(s.ID)
 					st.record("snapshot-delete", c.DeleteSnapshot(ctx, s.ID))
 				}
 			case op == 9 && n > 3 && n < maxInstances:
@@ -176,6 +194,7 @@ func TestRandomConcurrentLoadKeepsEveryInvariant(t *testing.T) {
 						inst, err := c.ForkInstance(ctx, src.ID, api.ForkRequest{Name: name("orphan")})
 						st.recordInstance("fork-while-deleting", inst, err)
 					}()
+					st.markDelete(src.ID)
 					go func() {
 						defer wg.Done()
 						st.record("delete-while-forking", c.DeleteInstance(ctx, src.ID))
@@ -193,11 +212,32 @@ func TestRandomConcurrentLoadKeepsEveryInvariant(t *testing.T) {
 		}
 	}
 	var wg sync.WaitGroup
-	for w := 0; w < 6; w++ {
+	for w := 0; w < workers; w++ {
 		wg.Add(1)
 		go func() { defer wg.Done(); worker(w) }()
 	}
 	wg.Wait()
+}
+
+// TestRandomConcurrentLoadKeepsEveryInvariant runs 6 goroutines doing
+// random valid operations against one daemon for a bounded time: creates,
+// forks (of Standby instances, live from Running ones, of snapshots, to
+// Standby and Running), standbys, restores (file and uffd backends), snapshots (some
+// compressed), deletes of instances and snapshots, and deleting a source
+// while it is being forked. Every call must succeed or lose a race cleanly
+// (404/409). Afterwards the invariants hold, everything is operable and no
+// guest reports a memory integrity error.
+func TestRandomConcurrentLoadKeepsEveryInvariant(t *testing.T) {
+	t.Parallel()
+	d := newDaemon(t, nil)
+	c := d.Client
+	createStandby(t, c, "seed-a")
+	createStandby(t, c, "seed-b")
+	createRunning(t, c, "seed-r")
+
+	st := newStressStats()
+	var seq atomic.Int64
+	runLoad(context.Background(), c, 6, stressDuration(), st, &seq)
 
 	total := 0
 	for op, n := range st.ok {
@@ -221,4 +261,66 @@ func TestRandomConcurrentLoadKeepsEveryInvariant(t *testing.T) {
 		t.Errorf("after the load, not everything is operable:\n%v", err)
 	}
 	checkAll(t, d)
+}
+
+// TestCrashUnderLoadLosesNothing SIGKILLs the daemon at a random moment
+// while 4 goroutines run random operations, three times over. After each
+// restart: the invariants hold, every instance and snapshot whose creation
+// was acknowledged (and that no one tried to delete) still exists,
+// everything is operable, and every guest's memory verifies.
+func TestCrashUnderLoadLosesNothing(t *testing.T) {
+	t.Parallel()
+	d := newDaemon(t, nil)
+	createStandby(t, d.Client, "seed-a")
+	createRunning(t, d.Client, "seed-r")
+	var seq atomic.Int64
+	r := rand.New(rand.NewPCG(1, uint64(time.Now().UnixNano())))
+	for round := 0; round < 3; round++ {
+		st := newStressStats()
+		st.tolerateTransport = true
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { runLoad(ctx, d.Client, 4, 30*time.Second, st, &seq); close(done) }()
+		time.Sleep(time.Duration(1500+r.IntN(2500)) * time.Millisecond)
+		d.Kill()
+		cancel()
+		<-done
+		addFigure("crashes_injected", 1)
+		addFigure("crash_under_load_operations_ok", int64(sum(st.ok)))
+		t.Logf("round %d: killed after %d operations succeeded (%d interrupted)", round, sum(st.ok), st.interrupted)
+		for _, f := range st.failures {
+			t.Errorf("round %d: operation failed before the crash: %s", round, f)
+		}
+
+		d = restart(t, d, nil)
+		checkAll(t, d)
+		for id, kind := range st.created {
+			if st.deleteTried[id] {
+				continue
+			}
+			var err error
+			if kind == "instance" {
+				_, err = d.Client.GetInstance(ctxT(t, 10*time.Second), id)
+			} else {
+				_, err = d.Client.GetSnapshot(ctxT(t, 10*time.Second), id)
+			}
+			if err != nil {
+				t.Errorf("round %d: acknowledged %s %s is gone after the crash: %v", round, kind, id, err)
+			}
+		}
+		ops, err := Exercise(ctxT(t, 2*time.Minute), d.Client)
+		addFigure("operations_after_crash", int64(ops))
+		if err != nil {
+			t.Errorf("round %d: after the crash under load, not everything is operable:\n%v", round, err)
+		}
+		checkAll(t, d)
+	}
+}
+
+func sum(m map[string]int) int {
+	n := 0
+	for _, v := range m {
+		n += v
+	}
+	return n
 }
