@@ -197,6 +197,9 @@ func (m *Manager) reconcileEntry(ctx context.Context, e store.Entry) (string, er
 		proc, alive := m.adopt(in, g)
 		if e.Step == "resumed" && alive {
 			in.Pid, in.PagerSession = proc.Pid, p.Session
+			if p.Session != "" {
+				in.PagerVersion = version.Version // the restore's session is this version's pager's
+			}
 			return "finished the restore (VMM adopted)", m.finishRestore(ctx, o, &in)
 		}
 		m.killVMM(ctx, in.ID, p.Pid, g)
