@@ -119,6 +119,13 @@ func crashCases() []crashCase {
 					}
 				}})
 	}
+	uffdRestore := func(ctx context.Context, c *api.Client) error {
+		_, err := c.Action(ctx, "src", "restore", api.ActionRequest{RestoreBackend: api.BackendUffd})
+		return err
+	}
+	for _, step := range []string{"begun", "session", "launched", "resumed"} {
+		cases = append(cases, crashCase{at: "restore:" + step, variant: "uffd", setup: standby, op: uffdRestore})
+	}
 	for _, step := range []string{"paused", "creating", "created", "committed"} {
 		cases = append(cases, crashCase{at: "fork:" + step, setup: running, op: liveFork})
 	}
