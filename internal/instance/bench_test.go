@@ -5,20 +5,82 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
+	"sync"
 	"syscall"
 	"testing"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/testfs"
 )
 
 // BenchmarkForkOfStandby measures the API-level fork of a Standby instance
-// at two guest RAM sizes. DESIGN §8: the fork never touches a mem-file byte
-// (hardlink), so its cost should be flat in RAM size; compare the two
-// sub-benchmarks of one run, never absolute times.
+// per fork strategy and guest RAM size, on an XFS loopback where it can be
+// made (root), so reflink runs too. DESIGN §8: with hardlink the fork never
+// touches a mem-file byte, so its cost should be flat in RAM size and far
+// below a per-fork copy; compare the sub-benchmarks of one run, never
+// absolute times. Copy runs only up to 1 GiB (each op copies the guest's RAM).
+//
+//	go test -run '^$' -bench ForkOfStandby -benchtime 20x -cpuprofile cpu.pprof ./internal/instance/
 func BenchmarkForkOfStandby(b *testing.B) {
-	for _, mib := range []int{64, 1024} {
+	dir, reflink := benchDataDir(b)
+	for _, tc := range []struct {
+		strategy string
+		sizes    []int
+	}{
+		{ForkStrategyHardlink, []int{256, 1024, 4096}},
+		{ForkStrategyReflink, []int{256, 1024, 4096}},
+		{ForkStrategyCopy, []int{256, 1024}},
+	} {
+		for _, mib := range tc.sizes {
+			b.Run(fmt.Sprintf("strategy=%s/ram=%dMiB", tc.strategy, mib), func(b *testing.B) {
+				if tc.strategy == ForkStrategyReflink && !reflink {
+					b.Skip("SKIP (not run): no reflink filesystem here (needs root for an XFS loopback)")
+				}
+				m := newBenchManager(b, dir, tc.strategy)
+				ctx := context.Background()
+				src, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: mib, BootArgs: "forkd.ws_mib=8 forkd.rate=200"})
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := m.Action(ctx, src.ID, "standby", api.ActionRequest{}); err != nil {
+					b.Fatal(err)
+				}
+				syscall.Sync() // the standby's dirty pages must not land in the forks' fsyncs
+				b.ResetTimer()
+				for i := 0; i < b.N; i++ {
+					f, err := m.ForkInstance(ctx, src.ID, api.ForkRequest{Name: fmt.Sprintf("f%d", i)})
+					if err != nil {
+						b.Fatal(err)
+					}
+					if f.ForkMode != tc.strategy {
+						b.Fatalf("fork_mode %s, want %s", f.ForkMode, tc.strategy)
+					}
+					// Not timed: delete, so copies do not fill the disk.
+					b.StopTimer()
+					if err := m.DeleteInstance(ctx, f.ID); err != nil {
+						b.Fatal(err)
+					}
+					b.StartTimer()
+				}
+			})
+		}
+	}
+}
+
+// BenchmarkForkBurstOfStandby is BenchmarkForkOfStandby's hardlink fork made
+// 25 at a time, as `forkd bench fork-burst` does through the API: one op is a
+// burst of 25 concurrent forks of one Standby source. Its profiles show where
+// a burst's time goes when the burst p50 is not flat in RAM size:
+//
+//	go test -run '^$' -bench ForkBurstOfStandby -benchtime 5x -cpuprofile cpu.pprof -trace trace.out ./internal/instance/
+//	go tool trace -pprof=syscall trace.out > syscall.pprof
+func BenchmarkForkBurstOfStandby(b *testing.B) {
+	const forks = 25
+	dir, _ := benchDataDir(b)
+	for _, mib := range []int{256, 4096} {
 		b.Run(fmt.Sprintf("ram=%dMiB", mib), func(b *testing.B) {
-			m := newBenchManager(b)
+			m := newBenchManager(b, dir, ForkStrategyHardlink)
 			ctx := context.Background()
 			src, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: mib, BootArgs: "forkd.ws_mib=8 forkd.rate=200"})
 			if err != nil {
@@ -27,27 +89,70 @@ func BenchmarkForkOfStandby(b *testing.B) {
 			if _, err := m.Action(ctx, src.ID, "standby", api.ActionRequest{}); err != nil {
 				b.Fatal(err)
 			}
-			syscall.Sync() // the standby's dirty pages must not land in the forks' fsyncs
+			syscall.Sync()
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
-				if _, err := m.ForkInstance(ctx, src.ID, api.ForkRequest{Name: fmt.Sprintf("f%d", i)}); err != nil {
-					b.Fatal(err)
+				ids := make([]string, forks)
+				errs := make([]error, forks)
+				var wg sync.WaitGroup
+				for j := range forks {
+					wg.Go(func() {
+						f, err := m.ForkInstance(ctx, src.ID, api.ForkRequest{Name: fmt.Sprintf("f%d-%d", i, j)})
+						ids[j], errs[j] = f.ID, err
+					})
 				}
+				wg.Wait()
+				b.StopTimer()
+				for j := range forks {
+					if errs[j] != nil {
+						b.Fatal(errs[j])
+					}
+					if err := m.DeleteInstance(ctx, ids[j]); err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.StartTimer()
 			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*forks)/1e6, "ms/fork")
 		})
 	}
 }
 
-func newBenchManager(b *testing.B) *Manager {
+// benchDataDir is where the benchmark's managers live: a short dir on an XFS
+// loopback (reflink) when one can be made, else on $TMPDIR.
+func benchDataDir(b *testing.B) (dir string, reflink bool) {
+	b.Helper()
+	if testfs.Unavailable(testfs.XFS) != "" {
+		return b.TempDir(), false
+	}
+	fs, err := testfs.Mount(testfs.XFS, 32<<30)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		if err := fs.Close(); err != nil {
+			b.Error(err)
+		}
+	})
+	return fs.Dir, true
+}
+
+func newBenchManager(b *testing.B, parent, strategy string) *Manager {
 	b.Helper()
 	if skipReason != "" {
 		b.Skip("SKIP (needs forkd vmm): " + skipReason)
 	}
-	dir := b.TempDir()
+	// Short: VMM sockets live under the data dir (108-byte limit).
+	dir, err := os.MkdirTemp(parent, "fk")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { os.RemoveAll(dir) })
 	m, err := New(context.Background(), Config{
-		DataDir: dir,
-		VMM:     VMMSpec{Binary: forkdBin, Args: []string{"vmm"}, Emulator: true},
-		Logger:  slog.New(slog.NewTextHandler(io.Discard, nil)),
+		DataDir:      dir,
+		VMM:          VMMSpec{Binary: forkdBin, Args: []string{"vmm"}, Emulator: true},
+		Logger:       slog.New(slog.NewTextHandler(io.Discard, nil)),
+		ForkStrategy: strategy,
 	})
 	if err != nil {
 		b.Fatal(err)
