@@ -248,7 +248,7 @@ func TestFullFilesystemFailsCleanly(t *testing.T) {
 	if why := testfs.Unavailable(testfs.Ext4); why != "" {
 		t.Skip("SKIP (needs a loopback ext4): " + why)
 	}
-	fs, err := testfs.Mount(testfs.Ext4, 160<<20)
+	fs, err := testfs.Mount(testfs.Ext4, 384<<20)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -256,8 +256,18 @@ func TestFullFilesystemFailsCleanly(t *testing.T) {
 	d := newDaemonIn(t, fs.Dir, nil)
 	src := createStandby(t, d.Client, "src")
 	createRunning(t, d.Client, "run")
+	// shared runs on a File restore of a mem-file its Standby fork also
+	// links: its standby must unshare (copy 32 MiB) before the diff.
+	createStandby(t, d.Client, "shared")
+	if _, err := d.Client.ForkInstance(ctxT(t, 30*time.Second), "shared", api.ForkRequest{Name: "shared-kid"}); err != nil {
+		t.Fatal(err)
+	}
+	action(t, d.Client, "shared", "restore")
 	g, _ := d.Layout.Guest(src.ID)
 	sums := snapshotSums(t, g)
+	kid, _ := d.Client.GetInstance(ctxT(t, 10*time.Second), "shared-kid")
+	gk, _ := d.Layout.Guest(kid.ID)
+	kidSums := snapshotSums(t, gk)
 
 	filler := filepath.Join(fs.Dir, "filler")
 	// fill grows the filler until at most leave bytes are free.
@@ -273,7 +283,8 @@ func TestFullFilesystemFailsCleanly(t *testing.T) {
 			if err := syscall.Statfs(fs.Dir, &st); err != nil {
 				t.Fatal(err)
 			}
-			free := int64(st.Bavail) * int64(st.Bsize)
+			// Root (the daemon here) may also use ext4's reserved blocks.
+			free := int64(st.Bfree) * int64(st.Bsize)
 			if free <= leave {
 				break
 			}
@@ -300,6 +311,10 @@ func TestFullFilesystemFailsCleanly(t *testing.T) {
 			do   func() error
 		}{
 			{"standby of a running VM", func() error { _, err := d.Client.Action(ctx, "run", "standby", api.ActionRequest{}); return err }},
+			{"standby that must unshare a base first", func() error {
+				_, err := d.Client.Action(ctx, "shared", "standby", api.ActionRequest{})
+				return err
+			}},
 			{"live snapshot", func() error {
 				_, err := d.Client.CreateSnapshot(ctx, "run", api.SnapshotRequest{Name: fmt.Sprintf("snap-live-%d", stage)})
 				return err
@@ -321,8 +336,8 @@ func TestFullFilesystemFailsCleanly(t *testing.T) {
 	// Nearly full (the metadata still fits, a 32 MiB mem-file does not),
 	// then full.
 	for stage, leave := range []int64{6 << 20, 0} {
-		fill(leave)
 		for _, a := range attempts(stage) {
+			fill(leave) // a failed attempt frees what it half wrote
 			err := a.do()
 			addFigure("faults_injected", 1)
 			if err == nil {
@@ -339,11 +354,16 @@ func TestFullFilesystemFailsCleanly(t *testing.T) {
 			if got := snapshotSums(t, g); got[g.Latest().Memory()] != sums[g.Latest().Memory()] {
 				t.Fatalf("%s changed the standby source's mem-file", a.name)
 			}
+			if got := snapshotSums(t, gk); got[gk.Latest().Memory()] != kidSums[gk.Latest().Memory()] {
+				t.Fatalf("%s changed the mem-file a Standby fork shares", a.name)
+			}
 		}
 	}
-	// The instance that failed to stand by must still be running (or Standby).
-	if in, err := d.Client.GetInstance(ctx, "run"); err != nil || (in.State != api.StateRunning && in.State != api.StateStandby) {
-		t.Errorf("after a failed standby on a full fs, run is %+v (%v)", in.State, err)
+	// The instances that failed to stand by must still be running (or Standby).
+	for _, name := range []string{"run", "shared"} {
+		if in, err := d.Client.GetInstance(ctx, name); err != nil || (in.State != api.StateRunning && in.State != api.StateStandby) {
+			t.Errorf("after a failed standby on a full fs, %s is %+v (%v)", name, in.State, err)
+		}
 	}
 	os.Remove(filler)
 	checkAll(t, d)
