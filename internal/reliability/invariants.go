@@ -18,17 +18,24 @@ import (
 	"github.com/forkd/forkd/internal/guestdir"
 )
 
-// stableStates are the states an instance may be in when no operation is
-// in flight. Error and the transient states are not among them.
-var stableStates = map[string]bool{
-	api.StateCreated: true, api.StateRunning: true, api.StatePaused: true,
-	api.StateStandby: true, api.StateStopped: true,
+// isStable reports whether an instance may be in state when no operation
+// is in flight. Error and the transient states are not stable.
+func isStable(state string) bool {
+	switch state {
+	case api.StateCreated, api.StateRunning, api.StatePaused, api.StateStandby, api.StateStopped:
+		return true
+	}
+	return false
 }
 
-// rootEntries are the only names forkd keeps directly in its data dir.
-var rootEntries = map[string]bool{
-	"forkd.db": true, "forkd.db-wal": true, "forkd.db-shm": true, "forkd.db-journal": true,
-	"forkd.lock": true, "forkd.sock": true, "guests": true, "snapshots": true, "pager": true,
+// isRootEntry reports whether forkd keeps name directly in its data dir.
+func isRootEntry(name string) bool {
+	switch name {
+	case "forkd.db", "forkd.db-wal", "forkd.db-shm", "forkd.db-journal",
+		"forkd.lock", "forkd.sock", "guests", "snapshots", "pager":
+		return true
+	}
+	return false
 }
 
 // WaitSettled waits (up to timeout) until no snapshot is compressing and no
@@ -51,7 +58,7 @@ func WaitSettled(ctx context.Context, c *api.Client, timeout time.Duration) erro
 			return err
 		}
 		for _, in := range insts {
-			if !stableStates[in.State] && in.State != api.StateError {
+			if !isStable(in.State) && in.State != api.StateError {
 				busy = "instance " + in.Name + " " + in.State
 			}
 		}
@@ -99,7 +106,7 @@ func CheckInvariants(ctx context.Context, d *Daemon) error {
 	uffdVMs := 0
 	for _, in := range insts {
 		byID[in.ID] = in
-		if !stableStates[in.State] {
+		if !isStable(in.State) {
 			bad("instance %s (%s) is %s, not a stable state (error %q)", in.Name, in.ID, in.State, in.Error)
 		}
 		g, err := layout.Guest(in.ID)
@@ -204,7 +211,7 @@ func leftovers(layout guestdir.Layout, insts map[string]api.Instance, snaps map[
 		return []error{err}
 	}
 	for _, e := range top {
-		if !rootEntries[e.Name()] {
+		if !isRootEntry(e.Name()) {
 			errs = append(errs, fmt.Errorf("unexpected entry in the data dir: %s", e.Name()))
 		}
 	}

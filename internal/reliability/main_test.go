@@ -86,11 +86,13 @@ func newDaemonIn(t *testing.T, parent string, env []string, args ...string) *Dae
 		os.RemoveAll(dir)
 		t.Fatal(err)
 	}
-	holder := &daemonHolder{d: d}
 	t.Cleanup(func() {
-		cur := holder.get()
+		// Cleanups run last-registered first: a restarted successor (see
+		// restart) has already deleted everything and stopped by now; this
+		// stops the original if it still runs, kills any straggler process
+		// under the data dir, and removes it.
 		if t.Failed() {
-			t.Log(cur.LogTail())
+			t.Log(d.LogTail())
 			// FORKD_RELIABILITY_KEEP_LOGS=DIR keeps failed tests' daemon logs.
 			if keep := os.Getenv("FORKD_RELIABILITY_KEEP_LOGS"); keep != "" {
 				if b, err := os.ReadFile(opts.LogPath); err == nil {
@@ -99,41 +101,27 @@ func newDaemonIn(t *testing.T, parent string, env []string, args ...string) *Dae
 				}
 			}
 		}
-		if err := cur.Shutdown(context.Background()); err != nil {
+		if err := d.Shutdown(context.Background()); err != nil {
 			t.Errorf("shutdown: %v", err)
 		}
 		os.RemoveAll(dir)
 	})
-	holders.Store(d, holder)
 	return d
 }
 
-// daemonHolder tracks the current daemon of a test across restarts, so the
-// cleanup shuts down the last one.
-type daemonHolder struct {
-	mu sync.Mutex
-	d  *Daemon
-}
-
-func (h *daemonHolder) get() *Daemon { h.mu.Lock(); defer h.mu.Unlock(); return h.d }
-
-var holders sync.Map // *Daemon → *daemonHolder (test bookkeeping only)
-
-// restart starts d's successor (d must have exited) and makes it the one
-// the test's cleanup shuts down.
+// restart starts d's successor on the same data dir (d must have exited);
+// the successor is shut down when the test ends.
 func restart(t *testing.T, d *Daemon, env []string) *Daemon {
 	t.Helper()
-	h, _ := holders.Load(d)
 	nd, err := d.Restart(context.Background(), env)
 	if err != nil {
 		t.Fatalf("restart: %v%s", err, d.LogTail())
 	}
-	if h != nil {
-		h.(*daemonHolder).mu.Lock()
-		h.(*daemonHolder).d = nd
-		h.(*daemonHolder).mu.Unlock()
-		holders.Store(nd, h)
-	}
+	t.Cleanup(func() {
+		if err := nd.Shutdown(context.Background()); err != nil {
+			t.Errorf("shutdown: %v", err)
+		}
+	})
 	return nd
 }
 
