@@ -125,6 +125,14 @@ func testForkBurst(t *testing.T, bin, from string) {
 		if mustRun && c.Skipped != "" {
 			t.Errorf("hardlink/%s/%s skipped (%s): forkd's own path must run here", c.Backend, c.Temperature, c.Skipped)
 		}
+		// The daemon forces the strategy (--fork-strategy): each fork's
+		// fork_mode must say it was made that way.
+		if c.Skipped == "" && c.ForkModes[c.Strategy] != c.Forks {
+			t.Errorf("%s/%s/%s: fork modes %v, want %d %s", c.Strategy, c.Backend, c.Temperature, c.ForkModes, c.Forks, c.Strategy)
+		}
+		if c.Strategy == StrategyCopy && c.Backend == api.BackendFile && c.Skipped != "" {
+			t.Errorf("copy/file/%s skipped (%s): the daemon can force a copy on any filesystem", c.Temperature, c.Skipped)
+		}
 	}
 	if ran == 0 {
 		t.Fatalf("no cell ran:\n%s", out.String())
