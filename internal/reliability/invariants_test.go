@@ -61,6 +61,12 @@ func TestInvariantCheckerCatchesEachViolation(t *testing.T) {
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
 			}
+			// Until it has exec'd, the child's command line is ours.
+			for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+				if len(ProcessesUnder(dir)) > 0 {
+					break
+				}
+			}
 			return func() { cmd.Process.Kill(); cmd.Wait(); os.RemoveAll(dir) }
 		}, "leaked VMM"},
 		{"a mapped mem-file linked only by another dir", func(t *testing.T) func() {
@@ -85,7 +91,6 @@ func TestInvariantCheckerCatchesEachViolation(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			undo := tc.plant(t)
-			time.Sleep(20 * time.Millisecond) // a started process execs
 			err := CheckInvariants(context.Background(), d)
 			undo()
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
