@@ -103,11 +103,39 @@ func (m *Manager) pagerGone(ctx context.Context, in store.Instance) bool {
 	if in.PagerSession == "" || !oneOf(in.State, api.StateRunning, api.StatePaused) {
 		return false
 	}
+	// A dead VMM ends its session too; that is a VMM death (Stopped, see
+	// settleIfVMMDied), not a pager's.
+	if vp := m.proc(in.ID); vp != nil && !vp.Alive() {
+		return false
+	}
 	p := m.startedPager()
 	if p == nil || p.Version() != in.PagerVersion {
 		p = m.existingPager(in.PagerVersion)
 	}
-	return !p.Healthy(ctx)
+	if !p.Healthy(ctx) {
+		return true
+	}
+	// A pager restarted since the restore (by another Uffd restore) is
+	// healthy but never had this session: the one that served it died with
+	// it (found by reliability TestPagerRestartDoesNotHideADeadSession).
+	raw, err := p.StatsRaw(ctx)
+	if err != nil {
+		return false // cannot tell: do not condemn a VM on a failed call
+	}
+	var st struct {
+		Sessions []struct {
+			SessionID string `json:"session_id"`
+		} `json:"sessions"`
+	}
+	if json.Unmarshal(raw, &st) != nil {
+		return false
+	}
+	for _, s := range st.Sessions {
+		if s.SessionID == in.PagerSession {
+			return false
+		}
+	}
+	return true
 }
 
 func pagerGoneError(in store.Instance) string {
