@@ -495,3 +495,48 @@ func TestPagerKilledUnderAUffdVM(t *testing.T) {
 	}
 	checkAll(t, d)
 }
+
+// TestPagerRestartDoesNotHideADeadSession kills the pager under a Uffd VM
+// and then restores another VM through the pager, which starts a new one
+// of the same version. The new pager is healthy but never had the first
+// VM's session: that VM is still frozen and must be reported Error, not
+// Running (an action on it would otherwise hang on its frozen guest).
+func TestPagerRestartDoesNotHideADeadSession(t *testing.T) {
+	t.Parallel()
+	if _, err := os.Stat("/dev/userfaultfd"); err != nil {
+		t.Skip("SKIP (needs /dev/userfaultfd): " + err.Error())
+	}
+	d := newDaemon(t, nil)
+	createStandby(t, d.Client, "victim")
+	createStandby(t, d.Client, "next")
+	uffdOrSkip(t, d.Client, "victim")
+	for _, p := range ProcessesUnder(d.Layout.Root()) {
+		if p.Kind == "pager" {
+			syscall.Kill(p.Pid, syscall.SIGKILL)
+		}
+	}
+	addFigure("faults_injected", 1)
+	time.Sleep(100 * time.Millisecond)
+	// Restore another VM through the pager before anything looks at the
+	// victim: this starts the new pager.
+	var err error
+	for try := 0; try < 2; try++ {
+		if _, err = d.Client.Action(ctxT(t, 60*time.Second), "next", "restore", api.ActionRequest{RestoreBackend: api.BackendUffd}); err == nil {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatalf("Uffd restore with a new pager: %v", err)
+	}
+	in, err := d.Client.GetInstance(ctxT(t, 10*time.Second), "victim")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if in.State != api.StateError || in.Error == "" {
+		t.Errorf("the VM whose pager died is %s (error %q) after a new pager started; want Error with the reason", in.State, in.Error)
+	}
+	if _, err := d.Client.Action(ctxT(t, 30*time.Second), "victim", "stop", api.ActionRequest{}); err != nil {
+		t.Errorf("stop of the frozen VM: %v", err)
+	}
+	checkAll(t, d)
+}
