@@ -239,16 +239,27 @@ func TestDamagedSnapshotFilesAreRefused(t *testing.T) {
 	}
 }
 
-// TestFullFilesystemFailsCleanly runs the data dir on a small ext4
-// loopback filesystem and fills it: standby, fork and snapshot fail with
+// TestFullFilesystemFailsCleanly runs the data dir on a small ext4, then
+// XFS, loopback filesystem and fills it: standby, fork and snapshot fail with
 // an error (no hang, no 2xx), the source stays intact and operable, nothing
 // half-made is left; with space freed everything works again.
 func TestFullFilesystemFailsCleanly(t *testing.T) {
 	t.Parallel()
-	if why := testfs.Unavailable(testfs.Ext4); why != "" {
-		t.Skip("SKIP (needs a loopback ext4): " + why)
+	// ext4 copies on unshare; XFS reflinks, so there the unshare succeeds
+	// on a full filesystem and the diff's copy-on-write runs out instead.
+	for _, kind := range []testfs.Kind{testfs.Ext4, testfs.XFS} {
+		t.Run(string(kind), func(t *testing.T) {
+			t.Parallel()
+			fullFilesystemFailsCleanly(t, kind)
+		})
 	}
-	fs, err := testfs.Mount(testfs.Ext4, 384<<20)
+}
+
+func fullFilesystemFailsCleanly(t *testing.T, kind testfs.Kind) {
+	if why := testfs.Unavailable(kind); why != "" {
+		t.Skip("SKIP (needs a loopback " + string(kind) + "): " + why)
+	}
+	fs, err := testfs.Mount(kind, 384<<20)
 	if err != nil {
 		t.Fatal(err)
 	}
