@@ -56,8 +56,9 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	vmms := vmmsBySocket() // one /proc scan for every instance (orphans.go)
 	for _, in := range all {
-		m.reconcileInstance(ctx, in)
+		m.reconcileInstance(ctx, in, vmms)
 	}
 	snaps, err := m.db.ListSnapshots(ctx)
 	if err != nil {
@@ -250,13 +251,13 @@ func (m *Manager) adopt(in store.Instance, g guestdir.Guest) (*firecracker.Proce
 
 // reconcileInstance re-adopts an instance's VMM or, if it died, settles the
 // instance on Standby (complete snapshot-latest) or Stopped.
-func (m *Manager) reconcileInstance(ctx context.Context, in store.Instance) {
+func (m *Manager) reconcileInstance(ctx context.Context, in store.Instance, vmms map[string][]int) {
 	g, err := m.guest(in.ID)
 	if err != nil {
 		m.log.Error("reconcile: bad instance id", "instance", in.ID, "err", err)
 		return
 	}
-	defer m.killUnrecordedVMMs(g, in.ID) // orphans.go
+	defer m.killUnrecordedVMMs(g, in.ID, vmms) // orphans.go
 	switch in.State {
 	case api.StateForking:
 		m.log.Info("reconcile: removing fork with no journal entry", "instance", in.ID)
