@@ -3,6 +3,7 @@ package reliability
 import (
 	"context"
 	"os"
+	"os/exec"
 	"syscall"
 	"testing"
 	"time"
@@ -293,5 +294,43 @@ func verifyRestingMemFiles(t *testing.T, d *Daemon, before map[string]string) {
 			continue
 		}
 		addFigure("mem_file_bytes_verified_after_crash", st.Size())
+	}
+}
+
+// TestRestartKillsVMMsNoRecordNames plants what a crash between a VMM's
+// launch and the journal step recording its pid leaves behind: a VMM on a
+// Standby instance's socket path that no record names. The restarted
+// daemon's reconciler must kill it (else it runs forever, and the next
+// restore starts a second VMM on the same socket).
+func TestRestartKillsVMMsNoRecordNames(t *testing.T) {
+	t.Parallel()
+	d := newDaemon(t, nil)
+	src := createStandby(t, d.Client, "src")
+	g, _ := d.Layout.Guest(src.ID)
+	if err := d.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	stray := exec.Command(forkdBin, "vmm", "--api-sock", g.VMMSock(), "--id", src.ID)
+	if err := stray.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { stray.Wait(); close(exited) }()
+	t.Cleanup(func() { stray.Process.Kill(); <-exited })
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if len(ProcessesUnder(d.Layout.Root())) > 0 {
+			break
+		}
+	}
+	addFigure("faults_injected", 1)
+	d = restart(t, d, nil)
+	select {
+	case <-exited:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the reconciler left the unrecorded VMM pid %d running", stray.Process.Pid)
+	}
+	checkAll(t, d)
+	if _, err := Exercise(ctxT(t, 60*time.Second), d.Client); err != nil {
+		t.Error(err)
 	}
 }
