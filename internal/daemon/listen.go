@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -26,7 +27,7 @@ func lockDataDir(dataDir string) (*os.File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("lock data dir: %w", err)
 	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+	if err := flockRetryingDeadOwner(f); err != nil {
 		owner, _ := os.ReadFile(path)
 		f.Close()
 		if errors.Is(err, unix.EWOULDBLOCK) {
@@ -39,6 +40,28 @@ func lockDataDir(dataDir string) (*os.File, error) {
 	_ = f.Truncate(0)
 	_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())), 0)
 	return f, nil
+}
+
+// flockRetryingDeadOwner takes the data dir's lock. A daemon killed a moment
+// ago can leave its lock held for a few milliseconds by a child that was
+// between fork and exec (the fd is close-on-exec, not close-on-fork), so
+// while the recorded owner pid is dead it retries for up to two seconds; a
+// live owner fails at once.
+func flockRetryingDeadOwner(f *os.File) error {
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if !errors.Is(err, unix.EWOULDBLOCK) || time.Now().After(deadline) {
+			return err
+		}
+		buf := make([]byte, 32)
+		n, _ := f.ReadAt(buf, 0)
+		pid, perr := strconv.Atoi(strings.TrimSpace(string(buf[:n])))
+		if perr != nil || pid <= 0 || unix.Kill(pid, 0) != unix.ESRCH {
+			return err
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // listenUnix listens on the daemon socket with mode 0600. An existing file
