@@ -41,6 +41,7 @@ const (
 	vmstateName   = "vmstate"
 	memoryName    = "memory"
 	memoryZstName = "memory.zst"
+	mappedPinName = "memory.mapped"
 	metaName      = "meta.json"
 
 	// TempPrefix starts the name of every directory under guests/ or
@@ -188,6 +189,13 @@ func (g Guest) Latest() SnapDir { return SnapDir{Dir: filepath.Join(g.SnapshotsD
 
 // Base is snapshot-base/: the retained diff base while the instance runs.
 func (g Guest) Base() SnapDir { return SnapDir{Dir: filepath.Join(g.SnapshotsDir(), baseName)} }
+
+// MappedPin is snapshots/memory.mapped: an extra link to the mem-file inode
+// the instance's running VMM maps, kept while the unshare guard has renamed a
+// private copy over the name that VMM was restored from (see
+// instance.pinMapped). It lives in the snapshots dir, so stop and delete
+// remove it with that dir.
+func (g Guest) MappedPin() string { return filepath.Join(g.SnapshotsDir(), mappedPinName) }
 
 // SnapDir is a directory holding one vmstate + mem-file pair: a guest's
 // snapshot-latest/ or snapshot-base/, or a snapshot in the store.

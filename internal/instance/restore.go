@@ -103,7 +103,7 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 	}
 	// No VMM runs for a Standby instance, so a pin left by one that died
 	// while the daemon was down is stale; the new VMM maps latest's inode.
-	os.Remove(mappedPin(g))
+	os.Remove(g.MappedPin())
 	if proc, err = m.launch(ctx, in.ID, g); err != nil {
 		return fail(err)
 	}

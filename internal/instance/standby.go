@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"syscall"
 
 	"github.com/forkd/forkd/internal/api"
@@ -92,7 +91,7 @@ func (m *Manager) finishStandby(ctx context.Context, o *op, in *store.Instance, 
 		m.log.Warn("standby: kill vmm", "instance", in.ID, "err", err)
 	}
 	m.closeSession(ctx, in)
-	os.Remove(mappedPin(g)) // the VMM that mapped it is gone
+	os.Remove(g.MappedPin()) // the VMM that mapped it is gone
 	key, err := cacheKey(g.Latest())
 	if err != nil {
 		o.finish(ctx, err)
@@ -158,17 +157,16 @@ func (m *Manager) writeSnapshot(ctx context.Context, o *op, c *firecracker.Clien
 	return typ, nil
 }
 
-// mappedPin is an extra link to the mem-file inode a running VMM maps, made
-// when the unshare guard is about to rename a private copy over the name
-// that VMM was restored from. Without it, the mapped inode would be left
-// with only its siblings' links: a sibling seeing nlink 1 would diff-write it
-// in place under the running VM (found by the reliability suite,
-// TestNoVMWritesAnInodeARunningSiblingMaps). It lives in the snapshots dir,
-// so stop, delete and a dead-VMM settle remove it with that dir; standby
-// removes it once the VMM is killed.
-func mappedPin(g guestdir.Guest) string { return filepath.Join(g.SnapshotsDir(), "memory.mapped") }
-
-// pinMapped links dir's mem-file to mappedPin if the guard is about to
+// The pin (guestdir's MappedPin) is an extra link to the mem-file inode a
+// running VMM maps, made when the unshare guard is about to rename a private
+// copy over the name that VMM was restored from. Without it, the mapped inode
+// would be left with only its siblings' links: a sibling seeing nlink 1 would
+// diff-write it in place under the running VM (found by the reliability
+// suite, TestNoVMWritesAnInodeARunningSiblingMaps). Standby removes it once
+// the VMM is killed; stop, delete and a dead-VMM settle remove it with the
+// snapshots dir.
+//
+// pinMapped links dir's mem-file to the pin if the guard is about to
 // unshare it (nlink > 1) and no pin exists yet (with one, the VMM maps the
 // pinned inode, not this one).
 func (m *Manager) pinMapped(id string, dir guestdir.SnapDir) error {
@@ -183,10 +181,10 @@ func (m *Manager) pinMapped(id string, dir guestdir.SnapDir) error {
 	if err != nil {
 		return err
 	}
-	if _, err := os.Lstat(mappedPin(g)); err == nil {
+	if _, err := os.Lstat(g.MappedPin()); err == nil {
 		return nil
 	}
-	if err := os.Link(dir.Memory(), mappedPin(g)); err != nil {
+	if err := os.Link(dir.Memory(), g.MappedPin()); err != nil {
 		return fmt.Errorf("pin the mapped mem-file of %s: %w", id, err)
 	}
 	return nil
