@@ -97,6 +97,32 @@ func (c *Client) Health(ctx context.Context) (Health, error) {
 	return h, err
 }
 
+// ErrDaemonExited is returned by WaitHealthy when the daemon process it
+// waits for has exited.
+var ErrDaemonExited = errors.New("the daemon exited during startup")
+
+// WaitHealthy polls GET /health until the daemon answers, ctx ends, or
+// exited (the daemon process's exit, if the caller started it; may be nil)
+// is closed. Everything that starts a daemon and then drives it (the demo,
+// the benchmark, the reliability suite) waits through this.
+func (c *Client) WaitHealthy(ctx context.Context, exited <-chan struct{}) (Health, error) {
+	for {
+		hctx, cancel := context.WithTimeout(ctx, time.Second)
+		h, err := c.Health(hctx)
+		cancel()
+		if err == nil {
+			return h, nil
+		}
+		select {
+		case <-exited:
+			return Health{}, ErrDaemonExited
+		case <-ctx.Done():
+			return Health{}, fmt.Errorf("the daemon did not answer on %s: %w (last: %v)", c.host, ctx.Err(), err)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
 // Metrics returns GET /metrics (Prometheus text).
 func (c *Client) Metrics(ctx context.Context) (string, error) {
 	b, err := c.raw(ctx, "/metrics")

@@ -321,23 +321,13 @@ func (d *demo) startDaemon(ctx context.Context) error {
 	if d.c, err = api.NewClient(sock); err != nil {
 		return err
 	}
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		hctx, cancel := context.WithTimeout(ctx, time.Second)
-		_, err := d.c.Health(hctx)
-		cancel()
-		if err == nil {
-			break
-		}
-		select {
-		case <-d.exited:
+	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	if _, err := d.c.WaitHealthy(wctx, d.exited); err != nil {
+		if errors.Is(err, api.ErrDaemonExited) {
 			return fmt.Errorf("the daemon exited during startup (%v); its log:\n%s", cmd.ProcessState, d.logTail())
-		default:
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("the daemon did not answer on %s within 20s: %v; its log:\n%s", sock, err, d.logTail())
-		}
-		time.Sleep(50 * time.Millisecond)
+		return fmt.Errorf("%w; its log:\n%s", err, d.logTail())
 	}
 	d.progress("started daemon pid %d on data dir %s", cmd.Process.Pid, d.data)
 	return nil

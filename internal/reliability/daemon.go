@@ -72,21 +72,11 @@ func StartDaemon(ctx context.Context, opts DaemonOptions) (*Daemon, error) {
 func (d *Daemon) waitHealthy(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	for {
-		hctx, hcancel := context.WithTimeout(ctx, time.Second)
-		_, err := d.Client.Health(hctx)
-		hcancel()
-		if err == nil {
-			return nil
-		}
-		select {
-		case <-d.exited:
-			return fmt.Errorf("daemon exited: %v", d.cmd.ProcessState)
-		case <-ctx.Done():
-			return fmt.Errorf("daemon did not answer /health: %w (last: %v)", ctx.Err(), err)
-		case <-time.After(20 * time.Millisecond):
-		}
+	_, err := d.Client.WaitHealthy(ctx, d.exited)
+	if errors.Is(err, api.ErrDaemonExited) {
+		return fmt.Errorf("daemon exited: %v", d.cmd.ProcessState)
 	}
+	return err
 }
 
 // Pid is the daemon's process id.
