@@ -31,6 +31,16 @@ func (s *Server) routes() http.Handler {
 		}
 		writeJSON(w, http.StatusCreated, sess)
 	})
+	mux.HandleFunc("GET /sessions/{id}", func(w http.ResponseWriter, r *http.Request) {
+		// One session's state and counters: a liveness check of one VM's
+		// session costs this, not every session's counters from /stats.
+		info, err := s.sessionInfo(r.PathValue("id"))
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, info)
+	})
 	mux.HandleFunc("DELETE /sessions/{id}", func(w http.ResponseWriter, r *http.Request) {
 		if err := s.deleteSession(r.Context(), r.PathValue("id")); err != nil {
 			writeError(w, err)

@@ -173,7 +173,7 @@ func rawCopyRun(b *testing.B, file *os.File, order []int) (touch, service time.D
 
 // pagerRun is one consumer process touching every page through the pager;
 // it returns the consumer's touch time and the session's counters.
-func pagerRun(b *testing.B, p *testPager, mem, id, key string) (time.Duration, SessionStats) {
+func pagerRun(b *testing.B, p *testPager, mem, id, key string) (time.Duration, SessionInfo) {
 	s := p.create(b, id, mem, key)
 	c := startConsumer(b, s.SocketPath, mem, benchPages*uffd.PageSize, "good", fmt.Sprintf("touch:0-%d,wait", benchPages))
 	line := c.expect("touch_ns")
@@ -194,7 +194,7 @@ type benchTotals struct {
 	serviceCount         uint64
 }
 
-func (t *benchTotals) add(touch time.Duration, st SessionStats) {
+func (t *benchTotals) add(touch time.Duration, st SessionInfo) {
 	t.touch += touch
 	t.pages += benchPages
 	t.faults += st.Faults

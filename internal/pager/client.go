@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"time"
 )
 
@@ -58,6 +59,15 @@ func (c *Client) Health(ctx context.Context) (Health, error) {
 func (c *Client) CreateSession(ctx context.Context, req SessionRequest) (Session, error) {
 	var s Session
 	err := c.do(ctx, http.MethodPost, "/sessions", req, &s)
+	return s, err
+}
+
+// Session is GET /sessions/{id}: one session's state and counters. A
+// session the pager does not have (never created here, or ended and freed)
+// is an error for which IsNotFound is true.
+func (c *Client) Session(ctx context.Context, id string) (SessionInfo, error) {
+	var s SessionInfo
+	err := c.do(ctx, http.MethodGet, "/sessions/"+url.PathEscape(id), nil, &s)
 	return s, err
 }
 

@@ -242,7 +242,7 @@ func (p *testPager) stats(t testing.TB) Stats {
 	return st
 }
 
-func (p *testPager) sessionStats(t testing.TB, id string) SessionStats {
+func (p *testPager) sessionStats(t testing.TB, id string) SessionInfo {
 	t.Helper()
 	for _, s := range p.stats(t).Sessions {
 		if s.SessionID == id {
@@ -250,7 +250,7 @@ func (p *testPager) sessionStats(t testing.TB, id string) SessionStats {
 		}
 	}
 	t.Fatalf("no session %s in stats", id)
-	return SessionStats{}
+	return SessionInfo{}
 }
 
 // waitFor polls cond until it holds or 30 s pass.

@@ -2,6 +2,7 @@ package pager
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -379,6 +380,83 @@ func TestSessionLifecycleErrors(t *testing.T) {
 		}
 		if _, err := os.Stat(s.SocketPath); !os.IsNotExist(err) {
 			t.Errorf("socket %s left behind", s.SocketPath)
+		}
+	})
+}
+
+// TestGetSessionAnswersOnlyForALiveSession: GET /sessions/{id} answers one
+// session's fields while it lives, and 404 for an id never created or for a
+// session whose consumer was killed once the pager has freed it: the
+// manager's check of a Uffd VM's session relies on that 404.
+func TestGetSessionAnswersOnlyForALiveSession(t *testing.T) {
+	requireUffd(t)
+	p := startPager(t, Config{CacheBytes: cacheBytes})
+	const pages = 64
+	mem := memFile(t, p.dir, pages, -1, 0, 0)
+	ctx := context.Background()
+	s := p.create(t, "live", mem, "snap-k")
+	c := startConsumer(t, s.SocketPath, mem, pages*uffd.PageSize, "good", fmt.Sprintf("touch:0-%d,wait", pages))
+	c.expect("waiting")
+
+	t.Run("a served session is 200 with its fields", func(t *testing.T) {
+		resp, err := p.client.http.Get("http://pager/sessions/live")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var raw map[string]any
+		err = json.NewDecoder(resp.Body).Decode(&raw)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || err != nil {
+			t.Fatalf("GET /sessions/live: %d (decode: %v), want 200 with JSON", resp.StatusCode, err)
+		}
+		for _, k := range []string{"session_id", "cache_key", "backing_path", "pid", "state", "faults", "fault_latency"} {
+			if _, ok := raw[k]; !ok {
+				t.Errorf("reply lacks %q: %v", k, raw)
+			}
+		}
+		got, err := p.client.Session(ctx, "live")
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := SessionInfo{SessionID: "live", CacheKey: "snap-k", BackingPath: mem, State: stateServing,
+			Pid: c.cmd.Process.Pid, Regions: 1, MemoryBytes: pages * uffd.PageSize}
+		if got.SessionID != want.SessionID || got.CacheKey != want.CacheKey || got.BackingPath != want.BackingPath ||
+			got.State != want.State || got.Pid != want.Pid || got.Regions != want.Regions || got.MemoryBytes != want.MemoryBytes {
+			t.Errorf("session = %+v\nwant fields %+v", got, want)
+		}
+		if got.Faults < pages || got.Misses != pages {
+			t.Errorf("faults/misses = %d/%d, want >= %d/%d (its own counters: every page touched once)", got.Faults, got.Misses, pages, pages)
+		}
+	})
+
+	for _, id := range []string{"never-created", "a/b", "LIVE"} {
+		t.Run("unknown id "+id+" is 404", func(t *testing.T) {
+			_, err := p.client.Session(ctx, id)
+			var ae *APIError
+			if !IsNotFound(err) || !errors.As(err, &ae) || ae.Code != "not_found" {
+				t.Fatalf("session %q: %v, want a 404 not_found", id, err)
+			}
+		})
+	}
+
+	t.Run("a session whose consumer was killed is 404 once freed", func(t *testing.T) {
+		if err := c.cmd.Process.Kill(); err != nil {
+			t.Fatal(err)
+		}
+		var err error
+		waitFor(t, "GET /sessions/live to stop answering 200", func() bool {
+			_, err = p.client.Session(ctx, "live")
+			return err != nil
+		})
+		if !IsNotFound(err) {
+			t.Fatalf("session of a killed consumer: %v, want 404", err)
+		}
+		// 404 means freed: nothing of the session is left.
+		if st := p.stats(t); st.ActiveSessions != 0 {
+			t.Errorf("stats still list %d sessions after the 404: %+v", st.ActiveSessions, st.Sessions)
+		}
+		if !strings.Contains(p.logs.String(), "session ended") {
+			t.Errorf("log lacks the session's end:\n%s", p.logs.String())
 		}
 	})
 }

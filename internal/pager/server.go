@@ -342,6 +342,17 @@ func (s *Server) session(id string) (*session, error) {
 	return ss, nil
 }
 
+// sessionInfo snapshots one session. A session still being created (its id
+// only reserved) or already freed is not found: only a session a VMM can
+// connect to, or is served by, is reported.
+func (s *Server) sessionInfo(id string) (SessionInfo, error) {
+	ss, err := s.session(id)
+	if err != nil {
+		return SessionInfo{}, err
+	}
+	return ss.info(), nil
+}
+
 // deleteSession ends a session and waits until it has freed everything.
 func (s *Server) deleteSession(ctx context.Context, id string) error {
 	ss, err := s.session(id)
@@ -413,7 +424,7 @@ func (s *Server) Stats() Stats {
 		ActiveSessions: len(live), SessionsTotal: s.sessionsTotal.Load(),
 		CacheBytes: s.cache.bytes.Load(), CacheBudgetBytes: s.cfg.CacheBytes,
 		CacheEntries: s.cache.len(), Evictions: s.cache.evicts.Load(),
-		Draining: draining, Sessions: []SessionStats{},
+		Draining: draining, Sessions: []SessionInfo{},
 	}
 	for _, ss := range live {
 		st.Sessions = append(st.Sessions, ss.info())

@@ -16,7 +16,7 @@ import (
 	"github.com/forkd/forkd/internal/uffd"
 )
 
-// Session states, as GET /stats shows them.
+// Session states, as GET /stats and GET /sessions/{id} show them.
 const (
 	stateWaiting   = "waiting"   // listening for the VMM to connect
 	stateHandshake = "handshake" // connected, reading the handshake
@@ -64,10 +64,10 @@ type session struct {
 	pendingKick bool               // a kick arrived while not waiting; guarded by mu
 }
 
-// info snapshots the session for GET /stats.
-func (s *session) info() SessionStats {
+// info snapshots the session for GET /stats and GET /sessions/{id}.
+func (s *session) info() SessionInfo {
 	s.mu.Lock()
-	st := SessionStats{
+	st := SessionInfo{
 		SessionID: s.id, CacheKey: s.cacheKey, BackingPath: s.backingPath,
 		State: s.state, Pid: s.pid, Regions: len(s.regions),
 	}

@@ -54,18 +54,19 @@ type Stats struct {
 	Version string `json:"version"`
 	Pid     int    `json:"pid"`
 	Counters
-	ActiveSessions   int            `json:"active_sessions"`
-	SessionsTotal    uint64         `json:"sessions_total"`
-	CacheBytes       int64          `json:"cache_bytes"`
-	CacheBudgetBytes int64          `json:"cache_budget_bytes"`
-	CacheEntries     int            `json:"cache_entries"`
-	Evictions        uint64         `json:"evictions"`
-	Draining         bool           `json:"draining"`
-	Sessions         []SessionStats `json:"sessions"`
+	ActiveSessions   int           `json:"active_sessions"`
+	SessionsTotal    uint64        `json:"sessions_total"`
+	CacheBytes       int64         `json:"cache_bytes"`
+	CacheBudgetBytes int64         `json:"cache_budget_bytes"`
+	CacheEntries     int           `json:"cache_entries"`
+	Evictions        uint64        `json:"evictions"`
+	Draining         bool          `json:"draining"`
+	Sessions         []SessionInfo `json:"sessions"`
 }
 
-// SessionStats is one session in GET /stats.
-type SessionStats struct {
+// SessionInfo is one session: an entry of GET /stats' sessions and the
+// reply of GET /sessions/{id}.
+type SessionInfo struct {
 	SessionID   string `json:"session_id"`
 	CacheKey    string `json:"cache_key"`
 	BackingPath string `json:"backing_path"`
