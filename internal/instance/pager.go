@@ -3,11 +3,13 @@ package instance
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/pager"
 	"github.com/forkd/forkd/internal/store"
 )
 
@@ -19,6 +21,10 @@ type Pager interface {
 	CreateSession(ctx context.Context, sessionID, backingPath, cacheKey string) (socketPath string, err error)
 	DeleteSession(ctx context.Context, sessionID string) error
 	StatsRaw(ctx context.Context) (json.RawMessage, error)
+	// Session asks about one session: nil while the pager serves it, an
+	// error for which pager.IsNotFound holds when it does not, a
+	// *pager.APIError for another answer, any other error for no answer.
+	Session(ctx context.Context, sessionID string) error
 	// Version is the pager's version (sessions are closed through the pager
 	// that owns them).
 	Version() string
@@ -112,30 +118,26 @@ func (m *Manager) pagerGone(ctx context.Context, in store.Instance) bool {
 	if p == nil || p.Version() != in.PagerVersion {
 		p = m.existingPager(in.PagerVersion)
 	}
-	if !p.Healthy(ctx) {
+	// One small request: GET /sessions/{id}, not the whole /stats.
+	err := p.Session(ctx, in.PagerSession)
+	var ae *pager.APIError
+	switch {
+	case err == nil:
+		return false
+	case pager.IsNotFound(err):
+		// The pager answers but does not serve this session: it was
+		// restarted since the restore (by another Uffd restore) and the one
+		// that served the session died with it (found by reliability
+		// TestPagerRestartDoesNotHideADeadSession), or the session ended.
+		return true
+	case errors.As(err, &ae):
+		// It answered something else (an error, or a pager too old to know
+		// the route): cannot tell, and a VM is never condemned on that.
+		return false
+	default:
+		// No answer (no socket, refused, timed out): the pager is dead.
 		return true
 	}
-	// A pager restarted since the restore (by another Uffd restore) is
-	// healthy but never had this session: the one that served it died with
-	// it (found by reliability TestPagerRestartDoesNotHideADeadSession).
-	raw, err := p.StatsRaw(ctx)
-	if err != nil {
-		return false // cannot tell: do not condemn a VM on a failed call
-	}
-	var st struct {
-		Sessions []struct {
-			SessionID string `json:"session_id"`
-		} `json:"sessions"`
-	}
-	if json.Unmarshal(raw, &st) != nil {
-		return false
-	}
-	for _, s := range st.Sessions {
-		if s.SessionID == in.PagerSession {
-			return false
-		}
-	}
-	return true
 }
 
 func pagerGoneError(in store.Instance) string {

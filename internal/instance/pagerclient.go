@@ -54,6 +54,16 @@ func (h hostPager) DeleteSession(ctx context.Context, id string) error {
 
 func (h hostPager) StatsRaw(ctx context.Context) (json.RawMessage, error) { return h.c.StatsRaw(ctx) }
 
+// Session is bounded like Healthy: the check it serves stands in for the
+// health probe, so a pager that does not answer within a second is as dead
+// as one that does not answer /health.
+func (h hostPager) Session(ctx context.Context, id string) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	_, err := h.c.Session(ctx, id)
+	return err
+}
+
 func (h hostPager) Version() string { return h.version }
 
 func (h hostPager) Healthy(ctx context.Context) bool {

@@ -142,3 +142,49 @@ func TestPagerDeathIsReportedAndThePagerRestarts(t *testing.T) {
 	}
 	verifyGuest(t, m, later.ID)
 }
+
+// A pager restarted (by another Uffd restore) after the one serving a VM
+// died answers, but never had that VM's session: its GET /sessions/{id}
+// 404 must still show the VM as Error. Its twin: the VM whose session the
+// new pager does serve is not condemned by the same check.
+func TestRestartedPagerDoesNotHideADeadSession(t *testing.T) {
+	if _, err := os.Stat("/dev/userfaultfd"); err != nil {
+		t.Skip("SKIP: no /dev/userfaultfd: " + err.Error())
+	}
+	m := newTestManager(t)
+	ctx := context.Background()
+	for _, n := range []string{"victim", "later"} {
+		createRunning(t, m, n)
+		action(t, m, n, "standby")
+	}
+	if _, err := m.Action(ctx, "victim", "restore", api.ActionRequest{RestoreBackend: api.BackendUffd}); err != nil {
+		t.Fatal(err)
+	}
+	dir, _ := m.layout.PagerDir(version.Version)
+	b, err := os.ReadFile(pager.PidFile(dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitDead(t, pid)
+	// Restore through the pager before anything looks at the victim: this
+	// starts the new pager.
+	later, err := m.Action(ctx, "later", "restore", api.ActionRequest{RestoreBackend: api.BackendUffd})
+	if err != nil {
+		t.Fatalf("uffd restore after the pager died: %v (want a new pager)", err)
+	}
+	in, err := m.GetInstance(ctx, "victim")
+	if err != nil || in.State != api.StateError || !strings.Contains(in.Error, "pager") {
+		t.Fatalf("uffd VM whose pager died, after a new pager started: %+v %v; want Error naming the pager", in, err)
+	}
+	if in, err := m.GetInstance(ctx, "later"); err != nil || in.State != api.StateRunning {
+		t.Fatalf("uffd VM the new pager serves: %+v %v; want Running", in, err)
+	}
+	verifyGuest(t, m, later.ID)
+	if in, err := m.Action(ctx, "victim", "stop", api.ActionRequest{}); err != nil || in.State != api.StateStopped {
+		t.Fatalf("stop of the frozen VM: %+v %v", in, err)
+	}
+}
