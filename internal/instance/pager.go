@@ -134,8 +134,13 @@ func (m *Manager) pagerGone(ctx context.Context, in store.Instance) bool {
 		// It answered something else (an error, or a pager too old to know
 		// the route): cannot tell, and a VM is never condemned on that.
 		return false
+	case ctx.Err() != nil, errors.Is(err, context.DeadlineExceeded):
+		// The caller gave up (a client cancelled its GET), or the pager is
+		// slow (a loaded host): neither says the pager is dead, and a VM
+		// is never condemned on a guess.
+		return false
 	default:
-		// No answer (no socket, refused, timed out): the pager is dead.
+		// No answer at all (no socket, connection refused): the pager is dead.
 		return true
 	}
 }
