@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 )
 
 // Service is what the HTTP handlers need from the instance manager. It is
@@ -39,3 +40,30 @@ var (
 	ErrNotImplemented = errors.New("not implemented")         // 501 not_implemented
 	ErrUnavailable    = errors.New("temporarily unavailable") // 503 unavailable
 )
+
+// DeleteAll deletes every instance and every snapshot s knows, as tools that
+// own a whole data dir do before they stop its daemon (deleting is what
+// stops VMMs, which outlive the daemon). An id already gone is not an error;
+// the other failures are joined.
+func DeleteAll(ctx context.Context, s Service) error {
+	var errs []error
+	if list, err := s.ListInstances(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("list instances: %w", err))
+	} else {
+		for _, in := range list {
+			if err := s.DeleteInstance(ctx, in.ID); err != nil && !errors.Is(err, ErrNotFound) {
+				errs = append(errs, fmt.Errorf("delete instance %s: %w", in.Name, err))
+			}
+		}
+	}
+	if list, err := s.ListSnapshots(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("list snapshots: %w", err))
+	} else {
+		for _, sn := range list {
+			if err := s.DeleteSnapshot(ctx, sn.ID); err != nil && !errors.Is(err, ErrNotFound) {
+				errs = append(errs, fmt.Errorf("delete snapshot %s: %w", sn.Name, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -89,19 +89,8 @@ func (d *Daemon) waitHealthy(ctx context.Context) error {
 // daemon), stops the daemon with SIGTERM, and drains its pagers.
 func (d *Daemon) Stop(ctx context.Context) error {
 	var errs []error
-	if list, err := d.Client.ListInstances(ctx); err == nil {
-		for _, inst := range list {
-			if err := d.Client.DeleteInstance(ctx, inst.ID); err != nil && !errors.Is(err, api.ErrNotFound) {
-				errs = append(errs, fmt.Errorf("delete instance %s: %w", inst.ID, err))
-			}
-		}
-	}
-	if list, err := d.Client.ListSnapshots(ctx); err == nil {
-		for _, s := range list {
-			if err := d.Client.DeleteSnapshot(ctx, s.ID); err != nil && !errors.Is(err, api.ErrNotFound) {
-				errs = append(errs, fmt.Errorf("delete snapshot %s: %w", s.ID, err))
-			}
-		}
+	if err := api.DeleteAll(ctx, d.Client); err != nil {
+		errs = append(errs, err)
 	}
 	d.Client.Close()
 	_ = d.cmd.Process.Signal(syscall.SIGTERM)

@@ -145,19 +145,8 @@ func (d *Daemon) Shutdown(ctx context.Context) error {
 	default:
 		ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 		defer cancel()
-		if list, err := d.Client.ListInstances(ctx); err == nil {
-			for _, in := range list {
-				if err := d.Client.DeleteInstance(ctx, in.ID); err != nil && !errors.Is(err, api.ErrNotFound) {
-					errs = append(errs, fmt.Errorf("delete instance %s: %w", in.Name, err))
-				}
-			}
-		}
-		if list, err := d.Client.ListSnapshots(ctx); err == nil {
-			for _, s := range list {
-				if err := d.Client.DeleteSnapshot(ctx, s.ID); err != nil && !errors.Is(err, api.ErrNotFound) {
-					errs = append(errs, fmt.Errorf("delete snapshot %s: %w", s.Name, err))
-				}
-			}
+		if err := api.DeleteAll(ctx, d.Client); err != nil {
+			errs = append(errs, err)
 		}
 		d.Client.Close()
 		_ = d.cmd.Process.Signal(syscall.SIGTERM)
