@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +13,7 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/pager"
 )
 
 // DaemonSpec says how to start the benchmark's own daemon.
@@ -117,22 +116,15 @@ func drainPagers(ctx context.Context, dataDir string) error {
 	if err != nil {
 		return err
 	}
-	socks, _ := filepath.Glob(filepath.Join(layout.PagerRoot(), "*", "control.sock"))
+	socks, _ := filepath.Glob(pager.ControlSocket(filepath.Join(layout.PagerRoot(), "*")))
 	var errs []error
 	for _, sock := range socks {
-		c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var dl net.Dialer
-			return dl.DialContext(ctx, "unix", sock)
-		}}}
 		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		req, _ := http.NewRequestWithContext(rctx, http.MethodPost, "http://pager/drain", nil)
-		resp, err := c.Do(req)
+		err := pager.NewClient(sock).Drain(rctx)
 		cancel()
 		if err != nil {
 			errs = append(errs, fmt.Errorf("drain pager %s: %w", sock, err))
-			continue
 		}
-		resp.Body.Close()
 	}
 	return errors.Join(errs...)
 }
