@@ -122,7 +122,7 @@ var tcpLogRE = regexp.MustCompile(`tcp=(127\.0\.0\.1:[0-9]+)`)
 
 func tcpAddrFromLog(t *testing.T, d *Daemon) string {
 	t.Helper()
-	b, _ := os.ReadFile(d.Opts.LogPath)
+	b, _ := os.ReadFile(d.Spec.LogPath)
 	m := tcpLogRE.FindSubmatch(b)
 	if m == nil {
 		t.Fatalf("the daemon log names no tcp address:%s", d.LogTail())

@@ -1,0 +1,135 @@
+// Package daemonproc starts `forkd serve` as a child process and waits until
+// its API answers. The fork-burst benchmark and the reliability suite each
+// drive daemons they own through it. It never touches the daemon's VMMs:
+// they live in their own sessions and outlive it.
+package daemonproc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/guestdir"
+)
+
+// startTimeout bounds the wait for GET /health after the process started.
+const startTimeout = 30 * time.Second
+
+// Spec says how to start one daemon.
+type Spec struct {
+	Binary  string   // the forkd binary
+	DataDir string   // its --data-dir (short: VMM socket paths must fit 108 bytes)
+	Args    []string // extra `forkd serve` flags
+	// Env is added to PATH and HOME, the only variables passed on from the
+	// caller: no FORKD_* setting of the caller's may configure the daemon.
+	Env     []string
+	LogPath string // the daemon's stdout and stderr, appended to (across restarts)
+}
+
+// Proc is one running (or exited) `forkd serve` child.
+type Proc struct {
+	Spec   Spec
+	Layout guestdir.Layout
+	Client *api.Client
+
+	cmd    *exec.Cmd
+	exited chan struct{} // closed once the process is reaped
+}
+
+// Start starts `forkd serve --data-dir DIR` and waits until GET /health
+// answers. On failure the process is killed and the error ends with the
+// tail of its log.
+func Start(ctx context.Context, s Spec) (*Proc, error) {
+	layout, err := guestdir.New(s.DataDir)
+	if err != nil {
+		return nil, fmt.Errorf("start daemon: %w", err)
+	}
+	logf, err := os.OpenFile(s.LogPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("start daemon: open log: %w", err)
+	}
+	defer logf.Close()
+	args := append([]string{"serve", "--data-dir", layout.Root()}, s.Args...)
+	cmd := exec.Command(s.Binary, args...)
+	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME")}, s.Env...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start daemon %s: %w", s.Binary, err)
+	}
+	p := &Proc{Spec: s, Layout: layout, cmd: cmd, exited: make(chan struct{})}
+	go func() { _ = cmd.Wait(); close(p.exited) }()
+	if p.Client, err = api.NewClient(layout.Socket()); err != nil {
+		p.Kill()
+		return nil, fmt.Errorf("start daemon: %w", err)
+	}
+	wctx, cancel := context.WithTimeout(ctx, startTimeout)
+	defer cancel()
+	if _, err := p.Client.WaitHealthy(wctx, p.exited); err != nil {
+		if errors.Is(err, api.ErrDaemonExited) {
+			err = fmt.Errorf("daemon exited: %v", cmd.ProcessState)
+		}
+		p.Kill()
+		return nil, fmt.Errorf("start daemon (log %s): %w%s", s.LogPath, err, p.LogTail())
+	}
+	return p, nil
+}
+
+// Pid is the daemon's process id.
+func (p *Proc) Pid() int { return p.cmd.Process.Pid }
+
+// Exited is closed once the daemon process has exited and been reaped.
+func (p *Proc) Exited() <-chan struct{} { return p.exited }
+
+// WaitStatus is how the daemon ended; valid once Exited is closed.
+func (p *Proc) WaitStatus() syscall.WaitStatus {
+	ws, _ := p.cmd.ProcessState.Sys().(syscall.WaitStatus)
+	return ws
+}
+
+// Kill SIGKILLs the daemon and reaps it. Its VMMs (own sessions) live on.
+func (p *Proc) Kill() {
+	_ = p.cmd.Process.Kill()
+	<-p.exited
+	if p.Client != nil {
+		p.Client.Close()
+	}
+}
+
+// Terminate stops the daemon gracefully (SIGTERM) and waits for it to exit,
+// SIGKILLing it if it has not within timeout (none when timeout <= 0) or
+// before ctx ends. Its VMMs keep running.
+func (p *Proc) Terminate(ctx context.Context, timeout time.Duration) error {
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	var expire <-chan time.Time
+	if timeout > 0 {
+		expire = time.After(timeout)
+	}
+	select {
+	case <-p.exited:
+		return nil
+	case <-ctx.Done():
+		p.Kill()
+		return fmt.Errorf("daemon pid %d ignored SIGTERM: %w", p.Pid(), ctx.Err())
+	case <-expire:
+		p.Kill()
+		return fmt.Errorf("daemon pid %d ignored SIGTERM for %v", p.Pid(), timeout)
+	}
+}
+
+// LogTail is the end of the daemon's log, for failure messages.
+func (p *Proc) LogTail() string {
+	b, err := os.ReadFile(p.Spec.LogPath)
+	if err != nil || len(b) == 0 {
+		return ""
+	}
+	if len(b) > 4096 {
+		b = b[len(b)-4096:]
+	}
+	return "\ndaemon log ends:\n" + strings.TrimRight(string(b), "\n")
+}
