@@ -3,14 +3,10 @@ package instance
 import (
 	"context"
 	"os"
-	"strconv"
-	"strings"
 	"syscall"
 	"testing"
 
 	"github.com/forkd/forkd/internal/api"
-	"github.com/forkd/forkd/internal/pager"
-	"github.com/forkd/forkd/internal/version"
 )
 
 // TestPagerCheckNeverCondemnsAVMOnAGuess: a read of a Uffd-restored VM asks
@@ -38,12 +34,7 @@ func TestPagerCheckNeverCondemnsAVMOnAGuess(t *testing.T) {
 		t.Fatalf("after a cancelled read: %+v %v; want Running", got, err)
 	}
 
-	dir, _ := m.layout.PagerDir(version.Version)
-	b, err := os.ReadFile(pager.PidFile(dir))
-	if err != nil {
-		t.Fatal(err)
-	}
-	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	pid := pagerPid(t, m)
 	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}

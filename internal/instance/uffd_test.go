@@ -119,12 +119,7 @@ func TestPagerDeathIsReportedAndThePagerRestarts(t *testing.T) {
 	if _, err := m.Action(ctx, "victim", "restore", api.ActionRequest{RestoreBackend: api.BackendUffd}); err != nil {
 		t.Fatal(err)
 	}
-	dir, _ := m.layout.PagerDir(version.Version)
-	b, err := os.ReadFile(pager.PidFile(dir))
-	if err != nil {
-		t.Fatal(err)
-	}
-	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	pid := pagerPid(t, m)
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
@@ -160,12 +155,7 @@ func TestRestartedPagerDoesNotHideADeadSession(t *testing.T) {
 	if _, err := m.Action(ctx, "victim", "restore", api.ActionRequest{RestoreBackend: api.BackendUffd}); err != nil {
 		t.Fatal(err)
 	}
-	dir, _ := m.layout.PagerDir(version.Version)
-	b, err := os.ReadFile(pager.PidFile(dir))
-	if err != nil {
-		t.Fatal(err)
-	}
-	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	pid := pagerPid(t, m)
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
@@ -187,4 +177,20 @@ func TestRestartedPagerDoesNotHideADeadSession(t *testing.T) {
 	if in, err := m.Action(ctx, "victim", "stop", api.ActionRequest{}); err != nil || in.State != api.StateStopped {
 		t.Fatalf("stop of the frozen VM: %+v %v", in, err)
 	}
+}
+
+// pagerPid is the pid of the manager's pager of this version, from its pid
+// file.
+func pagerPid(t *testing.T, m *Manager) int {
+	t.Helper()
+	dir, _ := m.layout.PagerDir(version.Version)
+	b, err := os.ReadFile(pager.PidFile(dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatalf("pager pid file %s: %v", pager.PidFile(dir), err)
+	}
+	return pid
 }
