@@ -6,6 +6,7 @@
 //	<data>/guests/<id>/snapshots/snapshot-{latest,base}/{vmstate,memory}
 //	<data>/snapshots/<snapshot-id>/{vmstate,memory,memory.zst,meta.json,kernel?,rootfs.ext4}
 //	<data>/pager/<version>/{control.sock,pager.pid,sessions/}
+//	<data>/lost+found/{guests,snapshots}/<entry>
 //
 // No other package joins path segments under the data dir. Every id and
 // version is validated here, so no path built from a request can escape the
@@ -30,6 +31,7 @@ const (
 	guestsName    = "guests"
 	snapshotsName = "snapshots"
 	pagerName     = "pager"
+	lostFoundName = "lost+found"
 
 	vmmSockName   = "vmm.sock"
 	logsName      = "logs"
@@ -50,7 +52,33 @@ const (
 	TempPrefix = ".tmp-"
 	// UnshareSuffix is the temp name memfile.EnsureExclusive writes.
 	UnshareSuffix = ".unshare.tmp"
+	// deletingSuffix ends the temp name a directory is renamed to before it
+	// is removed.
+	deletingSuffix = ".deleting"
 )
+
+// forkdIDPattern is the shape of the ids forkd generates for instances and
+// snapshots: 24 lowercase hex digits (96 random bits).
+var forkdIDPattern = regexp.MustCompile(`^[0-9a-f]{24}$`)
+
+// IsForkdID reports whether s has the shape of an id forkd generates.
+func IsForkdID(s string) bool { return forkdIDPattern.MatchString(s) }
+
+// TempID parses a directory entry name under guests/ or snapshots/ that
+// follows forkd's own temp patterns, ".tmp-<id>" (being built) or
+// ".tmp-<id>.deleting" (being removed), with id a forkd id. Any other name,
+// even one starting with ".tmp-", is not forkd's.
+func TempID(name string) (id string, ok bool) {
+	rest, ok := strings.CutPrefix(name, TempPrefix)
+	if !ok {
+		return "", false
+	}
+	rest = strings.TrimSuffix(rest, deletingSuffix)
+	if !IsForkdID(rest) {
+		return "", false
+	}
+	return rest, true
+}
 
 // idPattern is what ids and names used in paths look like: no dots, no
 // slashes, so an id can never be "..", a hidden temp name or a sub-path.
@@ -98,6 +126,32 @@ func (l Layout) GuestsDir() string { return filepath.Join(l.root, guestsName) }
 
 // SnapshotsDir is the immutable snapshot store.
 func (l Layout) SnapshotsDir() string { return filepath.Join(l.root, snapshotsName) }
+
+// LostFound is where the reconciler moves what it finds under guests/ or
+// snapshots/ and cannot prove it made: <data>/lost+found/{guests,snapshots}/.
+func (l Layout) LostFound() string { return filepath.Join(l.root, lostFoundName) }
+
+// LostFoundEntry is the n-th candidate name in lost+found for the entry
+// name found in dir (GuestsDir or SnapshotsDir): lost+found/<guests|snapshots>/<name>,
+// then <name>.1, <name>.2... (the caller takes the first that is free).
+func (l Layout) LostFoundEntry(dir, name string, n int) (string, error) {
+	var kind string
+	switch dir {
+	case l.GuestsDir():
+		kind = guestsName
+	case l.SnapshotsDir():
+		kind = snapshotsName
+	default:
+		return "", fmt.Errorf("guestdir: lost+found: %s is neither guests/ nor snapshots/", dir)
+	}
+	if name == "" || name == "." || name == ".." || strings.ContainsRune(name, '/') {
+		return "", fmt.Errorf("guestdir: lost+found: invalid entry name %q", name)
+	}
+	if n > 0 {
+		name = fmt.Sprintf("%s.%d", name, n)
+	}
+	return filepath.Join(l.LostFound(), kind, name), nil
+}
 
 // PagerRoot holds one directory per pager version.
 func (l Layout) PagerRoot() string { return filepath.Join(l.root, pagerName) }
@@ -150,13 +204,13 @@ func (l Layout) TempSnapshot(id string) (SnapDir, error) {
 // crash never leaves a half-removed dir under the instance's own name.
 func (l Layout) DeletingGuest(id string) (string, error) {
 	t, err := l.TempGuest(id)
-	return t.Dir + ".deleting", err
+	return t.Dir + deletingSuffix, err
 }
 
 // DeletingSnapshot is DeletingGuest for the snapshot store.
 func (l Layout) DeletingSnapshot(id string) (string, error) {
 	t, err := l.TempSnapshot(id)
-	return t.Dir + ".deleting", err
+	return t.Dir + deletingSuffix, err
 }
 
 // IsTemp reports whether a directory entry name under guests/ or snapshots/

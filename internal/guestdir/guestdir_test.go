@@ -88,3 +88,49 @@ func TestTempDirsAreRecognisable(t *testing.T) {
 		t.Error("IsTemp(abc) = true")
 	}
 }
+
+func TestTempIDAcceptsOnlyForkdsOwnTempNames(t *testing.T) {
+	id := "0123456789abcdef01234567"
+	for _, tc := range []struct {
+		name string
+		ok   bool
+	}{
+		{".tmp-" + id, true},
+		{".tmp-" + id + ".deleting", true},
+		{id, false},
+		{".tmp-", false},
+		{".tmp-notes", false},
+		{".tmp-" + id + ".old", false},
+		{".tmp-" + strings.ToUpper(id), false},
+		{".tmp-" + id[:23], false},
+		{".tmp-../" + id, false},
+	} {
+		got, ok := TempID(tc.name)
+		if ok != tc.ok || (ok && got != id) {
+			t.Errorf("TempID(%q) = %q, %v; want ok=%v", tc.name, got, ok, tc.ok)
+		}
+	}
+	if !IsForkdID(id) || IsForkdID("web") || IsForkdID(id+"0") {
+		t.Error("IsForkdID accepts only 24 lowercase hex digits")
+	}
+}
+
+func TestLostFoundEntriesStayInLostFound(t *testing.T) {
+	l, _ := New("/data")
+	p, err := l.LostFoundEntry(l.GuestsDir(), "abc", 0)
+	if err != nil || p != "/data/lost+found/guests/abc" {
+		t.Errorf("LostFoundEntry(guests, abc, 0) = %q, %v", p, err)
+	}
+	p, err = l.LostFoundEntry(l.SnapshotsDir(), "abc", 2)
+	if err != nil || p != "/data/lost+found/snapshots/abc.2" {
+		t.Errorf("LostFoundEntry(snapshots, abc, 2) = %q, %v", p, err)
+	}
+	for _, name := range []string{"", ".", "..", "a/b", "../x"} {
+		if p, err := l.LostFoundEntry(l.GuestsDir(), name, 0); err == nil {
+			t.Errorf("LostFoundEntry(%q) = %q, want an error", name, p)
+		}
+	}
+	if p, err := l.LostFoundEntry("/etc", "x", 0); err == nil {
+		t.Errorf("LostFoundEntry from /etc = %q, want an error", p)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
 )
@@ -107,4 +108,19 @@ func (s *Store) PruneJournal(ctx context.Context, keep int) (int64, error) {
 		return 0, fmt.Errorf("prune journal: %w", err)
 	}
 	return res.RowsAffected()
+}
+
+// Names reports whether any journal entry, open or finished (finished ones
+// are kept up to the prune limit), has subject as its subject: the journal's
+// proof that forkd itself made a directory of that id.
+func (s *Store) Names(ctx context.Context, subject string) (bool, error) {
+	var one int
+	err := s.db.QueryRowContext(ctx, `SELECT 1 FROM journal WHERE subject = ? LIMIT 1`, subject).Scan(&one)
+	if errors.Is(err, sql.ErrNoRows) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("journal names %s: %w", subject, err)
+	}
+	return true, nil
 }

@@ -141,6 +141,20 @@ func (s *Store) migrate(ctx context.Context) error {
 	return nil
 }
 
+// Empty reports whether the store has never recorded anything: no
+// instance, no snapshot and no journal entry. A store forkd has used keeps
+// its journal (finished entries up to the prune limit), so an empty one is
+// new, or was replaced or emptied behind forkd's back.
+func (s *Store) Empty(ctx context.Context) (bool, error) {
+	var n int
+	err := s.db.QueryRowContext(ctx, `SELECT (SELECT COUNT(*) FROM instances) + (SELECT COUNT(*) FROM snapshots) +
+		(SELECT COUNT(*) FROM journal)`).Scan(&n)
+	if err != nil {
+		return false, fmt.Errorf("store empty: %w", err)
+	}
+	return n == 0, nil
+}
+
 // SchemaVersion is the number of migrations applied.
 func (s *Store) SchemaVersion(ctx context.Context) (int, error) {
 	var v int

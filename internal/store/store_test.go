@@ -229,3 +229,52 @@ func TestPruneJournalKeepsOpenAndNewest(t *testing.T) {
 		t.Fatalf("after prune: %+v; want the 2 newest finished and the open one", all)
 	}
 }
+
+func TestEmptyMeansNothingWasEverRecorded(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name  string
+		fill  func(s *Store) error
+		empty bool
+	}{
+		{"new", func(*Store) error { return nil }, true},
+		{"an instance", func(s *Store) error {
+			return s.CreateInstance(ctx, Instance{ID: "a", Name: "a", State: "Created", Vcpus: 1, MemoryMiB: 16})
+		}, false},
+		{"a snapshot", func(s *Store) error {
+			return s.CreateSnapshot(ctx, Snapshot{ID: "s", Name: "s", State: "ready", MemoryMiB: 16, Vcpus: 1})
+		}, false},
+		{"only a finished journal entry", func(s *Store) error {
+			id, err := s.Begin(ctx, "delete", "a", nil)
+			if err == nil {
+				err = s.Finish(ctx, id, "done")
+			}
+			return err
+		}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, _ := openTemp(t)
+			if err := tc.fill(s); err != nil {
+				t.Fatal(err)
+			}
+			if empty, err := s.Empty(ctx); err != nil || empty != tc.empty {
+				t.Errorf("Empty() = %v, %v; want %v", empty, err, tc.empty)
+			}
+		})
+	}
+}
+
+func TestNamesFindsOpenAndFinishedSubjects(t *testing.T) {
+	ctx := context.Background()
+	s, _ := openTemp(t)
+	if _, err := s.Begin(ctx, "fork", "open-one", nil); err != nil {
+		t.Fatal(err)
+	}
+	done, _ := s.Begin(ctx, "create", "done-one", nil)
+	s.Finish(ctx, done, "failed: x")
+	for subject, want := range map[string]bool{"open-one": true, "done-one": true, "never": false, "%": false} {
+		if got, err := s.Names(ctx, subject); err != nil || got != want {
+			t.Errorf("Names(%q) = %v, %v; want %v", subject, got, err, want)
+		}
+	}
+}
