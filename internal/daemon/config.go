@@ -31,6 +31,12 @@ type Config struct {
 	PagerCacheBytes    int64  // pager_cache_bytes: the pager's page cache budget
 	ForkStrategy       string // fork_strategy: hardlink | reflink | copy (benchmarks only)
 
+	// OrphansToLostFound is the one-shot --orphans-to-lost-found flag (no
+	// env, no YAML key: it is a recovery step, not a setting): start over a
+	// missing or empty store even though guests/ or snapshots/ hold forkd's
+	// directories, moving them to <data>/lost+found/.
+	OrphansToLostFound bool
+
 	File string // the YAML file the config was read from, "" if none
 }
 
@@ -101,10 +107,14 @@ func Settings() []SettingDoc {
 // BindFlags registers the daemon's flags (one per setting, plus --config).
 func BindFlags(fs *pflag.FlagSet) {
 	fs.String("config", "", "YAML config file (env FORKD_CONFIG); keys as in the README")
+	fs.Bool(orphansFlag, false, "start even though the store is missing or empty while the data dir holds VMs: move them to <data>/lost+found/ (once, to recover; restoring forkd.db keeps them)")
 	for _, s := range settings() {
 		fs.String(s.flag, s.def, s.usage+" (env "+s.env+")")
 	}
 }
+
+// orphansFlag is the one-shot recovery flag (Config.OrphansToLostFound).
+const orphansFlag = "orphans-to-lost-found"
 
 // LoadConfig resolves every setting: a flag the user set, else the
 // environment, else the YAML file, else the default. fs must have been
@@ -146,6 +156,9 @@ func LoadConfig(fs *pflag.FlagSet, lookupEnv func(string) (string, bool)) (Confi
 		if err := s.set(&c, strings.TrimSpace(v)); err != nil {
 			return Config{}, fmt.Errorf("config %s: %w", s.key, err)
 		}
+	}
+	if fs != nil && fs.Lookup(orphansFlag) != nil {
+		c.OrphansToLostFound, _ = fs.GetBool(orphansFlag)
 	}
 	if c.DataDir == "" {
 		// Env FORKD_DATA was consulted above; this is root's or the user's default.

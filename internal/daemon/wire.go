@@ -32,6 +32,7 @@ func newBackend(ctx context.Context, cfg Config, log *slog.Logger, reg prometheu
 		ForkRestoreBackend: cfg.ForkRestoreBackend,
 		PagerCacheBytes:    cfg.PagerCacheBytes,
 		ForkStrategy:       cfg.ForkStrategy,
+		OrphansToLostFound: cfg.OrphansToLostFound,
 		Logger:             log,
 		Registerer:         reg,
 	})

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"sync"
 	"time"
 
@@ -44,6 +43,11 @@ type Config struct {
 	Logger *slog.Logger
 	// Registerer receives the manager's metrics (nil: not registered).
 	Registerer prometheus.Registerer
+
+	// OrphansToLostFound lets New start over a store that is missing or
+	// empty while guests/ or snapshots/ hold forkd's directories (otherwise
+	// ErrStoreLost): the reconciler then moves them all to lost+found.
+	OrphansToLostFound bool
 
 	// DisableUnshareGuard turns off DESIGN.md §1 invariant 3 (never
 	// diff-write a mem-file another VM maps). It exists only so a test can
@@ -120,14 +124,12 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	if cfg.VMM.Binary == "" {
 		return nil, fmt.Errorf("instance manager: no VMM binary")
 	}
-	for _, d := range []string{layout.Root(), layout.GuestsDir(), layout.SnapshotsDir(), layout.PagerRoot()} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
-			return nil, fmt.Errorf("instance manager: %w", err)
-		}
+	if err := makeDataSubdirs(layout); err != nil {
+		return nil, fmt.Errorf("instance manager: %w", err)
 	}
-	db, err := store.Open(ctx, layout.DB())
+	db, err := openStore(ctx, layout, cfg.OrphansToLostFound, cfg.Logger)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("instance manager: %w", err)
 	}
 	mctx, cancel := context.WithCancel(context.Background())
 	m := &Manager{

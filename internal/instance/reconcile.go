@@ -24,7 +24,8 @@ import (
 //  1. every journal entry left open is finished or rolled back, by kind and
 //     last step (see reconcileEntry);
 //  2. temp files (*.tmp, *.unshare.tmp) and half-made or half-deleted
-//     directories are removed, and so are guest/snapshot dirs with no record;
+//     directories are removed; what no record or journal entry accounts for
+//     is moved to lost+found, never deleted (sweepDataDirs);
 //  3. each instance that should have a VMM is re-adopted by pid + socket (VMMs
 //     run in their own session and outlive the daemon); one whose VMM died
 //     becomes Standby if it has a complete snapshot-latest, else Stopped;
@@ -49,7 +50,7 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 			return err
 		}
 	}
-	if err := m.removeLeftovers(ctx); err != nil {
+	if err := m.sweepDataDirs(ctx); err != nil {
 		return err
 	}
 	all, err := m.db.ListInstances(ctx)
@@ -314,23 +315,37 @@ func (m *Manager) markStopped(ctx context.Context, in *store.Instance, g guestdi
 	return m.db.UpdateInstance(ctx, *in)
 }
 
-// removeLeftovers removes temp files and dirs under guests/ and snapshots/,
-// and dirs that no record claims.
-func (m *Manager) removeLeftovers(ctx context.Context) error {
+// sweepDataDirs removes what a crash left half-made under guests/ and
+// snapshots/, and sets aside what it cannot account for. It deletes only
+// what it can prove forkd made:
+//   - a real directory with one of forkd's temp names (.tmp-<id>,
+//     .tmp-<id>.deleting);
+//   - a real directory named by a forkd id that no record claims but the
+//     journal names (a create, fork or snapshot whose own cleanup failed);
+//   - regular *.tmp files inside the directory of a recorded instance or
+//     snapshot.
+//
+// Any other entry with a forkd name (a directory neither record nor journal
+// names; a symlink, file or FIFO, which forkd never makes there) is moved to
+// <data>/lost+found/ and logged. Entries with other names are not forkd's:
+// they are left alone, and logged. Nothing here follows a symlink: ReadDir
+// and WalkDir report entries as they are (lstat), and rename, unlink and
+// RemoveAll act on the name, not on what a symlink points to.
+func (m *Manager) sweepDataDirs(ctx context.Context) error {
 	insts, err := m.db.ListInstances(ctx)
 	if err != nil {
 		return err
-	}
-	known := map[string]bool{}
-	for _, in := range insts {
-		known["g/"+in.ID] = true
 	}
 	snaps, err := m.db.ListSnapshots(ctx)
 	if err != nil {
 		return err
 	}
+	recorded := map[string]bool{}
+	for _, in := range insts {
+		recorded["g/"+in.ID] = true
+	}
 	for _, s := range snaps {
-		known["s/"+s.ID] = true
+		recorded["s/"+s.ID] = true
 	}
 	for _, root := range []struct{ dir, tag string }{{m.layout.GuestsDir(), "g/"}, {m.layout.SnapshotsDir(), "s/"}} {
 		ents, err := os.ReadDir(root.dir)
@@ -338,20 +353,60 @@ func (m *Manager) removeLeftovers(ctx context.Context) error {
 			return fmt.Errorf("reconcile: %w", err)
 		}
 		for _, e := range ents {
-			path := filepath.Join(root.dir, e.Name())
-			if guestdir.IsTemp(e.Name()) || !known[root.tag+e.Name()] {
-				m.log.Info("reconcile: removing leftover", "path", path)
-				os.RemoveAll(path)
+			name := e.Name()
+			path := filepath.Join(root.dir, name)
+			_, temp := guestdir.TempID(name)
+			isID := guestdir.IsForkdID(name)
+			realDir := e.Type().IsDir() // the entry itself: a symlink is not a dir here
+			switch {
+			case !temp && !isID:
+				m.log.Warn("reconcile: not a forkd name: left alone", "path", path)
+				continue
+			case !realDir:
+				// forkd makes only real directories here.
+			case temp:
+				m.log.Info("reconcile: removing temp dir", "path", path)
+				if err := os.RemoveAll(path); err != nil {
+					m.log.Error("reconcile: remove temp dir", "path", path, "err", err)
+				}
+				continue
+			case recorded[root.tag+name]:
+				m.removeTempFiles(path)
+				continue
+			default:
+				named, err := m.db.Names(ctx, name)
+				if err != nil {
+					return fmt.Errorf("reconcile: %w", err)
+				}
+				if named {
+					m.log.Info("reconcile: removing a dir the journal names and no record claims", "path", path)
+					if err := os.RemoveAll(path); err != nil {
+						m.log.Error("reconcile: remove dir", "path", path, "err", err)
+					}
+					continue
+				}
+			}
+			dst, err := m.moveToLostFound(root.dir, name)
+			if err != nil {
+				m.log.Error("reconcile: cannot move an unaccounted entry to lost+found: left in place", "path", path, "err", err)
 				continue
 			}
-			filepath.WalkDir(path, func(p string, d fs.DirEntry, err error) error {
-				if err == nil && !d.IsDir() && strings.HasSuffix(d.Name(), ".tmp") {
-					m.log.Info("reconcile: removing temp file", "path", p)
-					os.Remove(p)
-				}
-				return nil
-			})
+			m.log.Warn("reconcile: no record or journal entry accounts for this entry: moved to lost+found",
+				"path", path, "type", fileKind(e.Type()), "moved_to", dst)
 		}
 	}
 	return nil
+}
+
+// removeTempFiles removes the regular *.tmp files (atomicfile and memfile
+// temp names, memory.unshare.tmp) under a recorded instance's or snapshot's
+// directory. WalkDir does not descend into symlinked directories.
+func (m *Manager) removeTempFiles(dir string) {
+	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && d.Type().IsRegular() && strings.HasSuffix(d.Name(), ".tmp") {
+			m.log.Info("reconcile: removing temp file", "path", p)
+			os.Remove(p)
+		}
+		return nil
+	})
 }

@@ -1,0 +1,177 @@
+package instance
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"sort"
+	"strings"
+
+	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/store"
+)
+
+// ErrStoreLost is what New returns when the store is missing or empty while
+// guests/ or snapshots/ still hold forkd's directories: the records of those
+// VMs are gone, and starting would treat every one of them as a stranger.
+var ErrStoreLost = errors.New("the store has no records of the VMs in the data dir")
+
+// makeDataSubdirs makes the data dir's guests/, snapshots/ and pager/ and
+// refuses one that exists but is not a real directory: a symlink there would
+// send every create, and every reconciler removal, into whatever directory
+// it names.
+func makeDataSubdirs(l guestdir.Layout) error {
+	if err := os.MkdirAll(l.Root(), 0o700); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+	for _, d := range []string{l.GuestsDir(), l.SnapshotsDir(), l.PagerRoot()} {
+		if err := os.Mkdir(d, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+			return fmt.Errorf("data dir: %w", err)
+		}
+		st, err := os.Lstat(d)
+		if err != nil {
+			return fmt.Errorf("data dir: %w", err)
+		}
+		if !st.IsDir() {
+			return fmt.Errorf("data dir: %s is a %s, not a directory forkd made; move it away (forkd never follows a symlink in its data dir)", d, fileKind(st.Mode()))
+		}
+	}
+	return nil
+}
+
+func fileKind(m fs.FileMode) string {
+	switch {
+	case m&fs.ModeSymlink != 0:
+		return "symlink"
+	case m.IsDir():
+		return "directory"
+	case m.IsRegular():
+		return "regular file"
+	case m&fs.ModeNamedPipe != 0:
+		return "FIFO"
+	case m&fs.ModeSocket != 0:
+		return "socket"
+	case m&fs.ModeDevice != 0:
+		return "device"
+	}
+	return "special file"
+}
+
+// storeFileMissing reports whether the database file is absent or has no
+// bytes, checked before store.Open creates it: either way the store about to
+// be opened knows nothing.
+func storeFileMissing(path string) (string, bool, error) {
+	st, err := os.Stat(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return "missing", true, nil
+	case err != nil:
+		return "", false, fmt.Errorf("store %s: %w", path, err)
+	case st.Size() == 0:
+		return "empty (0 bytes)", true, nil
+	}
+	return "", false, nil
+}
+
+// openStore opens the store, refusing (ErrStoreLost) a store that is
+// missing or empty while guests/ or snapshots/ hold entries with forkd's
+// names, unless allowOrphans: then the reconciler moves them to lost+found
+// (it can prove none of them is forkd's to delete).
+//
+// Without this guard, `: > forkd.db` (or rm) followed by a start made the
+// reconciler delete every guest and snapshot directory as a leftover, the
+// directories of VMs still running among them.
+func openStore(ctx context.Context, l guestdir.Layout, allowOrphans bool, log *slog.Logger) (*store.Store, error) {
+	how, missing, err := storeFileMissing(l.DB())
+	if err != nil {
+		return nil, err
+	}
+	if missing {
+		if err := guardOrphans(l, how, allowOrphans, log); err != nil {
+			return nil, err
+		}
+	}
+	db, err := store.Open(ctx, l.DB())
+	if err != nil {
+		return nil, err
+	}
+	if !missing {
+		empty, err := db.Empty(ctx)
+		if err == nil && empty {
+			err = guardOrphans(l, "empty (no instance, snapshot or journal entry)", allowOrphans, log)
+		}
+		if err != nil {
+			db.Close()
+			return nil, err
+		}
+	}
+	return db, nil
+}
+
+// guardOrphans is openStore's check once the store is known to hold no
+// records: any entry with a forkd name under guests/ or snapshots/ is a VM
+// or snapshot whose record is lost.
+func guardOrphans(l guestdir.Layout, how string, allow bool, log *slog.Logger) error {
+	var found []string
+	for _, dir := range []string{l.GuestsDir(), l.SnapshotsDir()} {
+		names, err := forkdEntries(dir)
+		if err != nil {
+			return err
+		}
+		for _, n := range names {
+			found = append(found, dir+"/"+n)
+		}
+	}
+	if len(found) == 0 {
+		return nil
+	}
+	pids := vmmsUnder(l.GuestsDir())
+	if allow {
+		log.Warn("store is "+how+" but the data dir holds forkd entries: moving them to lost+found (--orphans-to-lost-found)",
+			"store", l.DB(), "entries", len(found), "lost_found", l.LostFound(), "vmm_pids", pids)
+		return nil
+	}
+	sample := found
+	if len(sample) > 5 {
+		sample = append(sample[:5:5], fmt.Sprintf("and %d more", len(found)-5))
+	}
+	vmms := ""
+	if len(pids) > 0 {
+		vmms = fmt.Sprintf("; VMMs still run for %d of them (pids %v)", len(pids), pids)
+	}
+	return fmt.Errorf("%w: refusing to start: the store %s is %s, but the data dir holds %d instance or snapshot directories (%s)%s. "+
+		"Starting would treat them all as strangers. Restore %s from a backup (with its -wal file, if you have one) and start again, "+
+		"or start once with `forkd serve --orphans-to-lost-found` to move them to %s and begin with an empty store",
+		ErrStoreLost, l.DB(), how, len(found), strings.Join(sample, ", "), vmms, l.DB(), l.LostFound())
+}
+
+// forkdEntries lists the entries of dir whose names forkd would act on: its
+// ids and its temp names. Other names are never forkd's, and are left alone.
+func forkdEntries(dir string) ([]string, error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("data dir: %w", err)
+	}
+	var out []string
+	for _, e := range ents {
+		if _, temp := guestdir.TempID(e.Name()); temp || guestdir.IsForkdID(e.Name()) {
+			out = append(out, e.Name())
+		}
+	}
+	return out, nil
+}
+
+// vmmsUnder lists the pids of VMM processes whose API socket lies under dir.
+func vmmsUnder(dir string) []int {
+	var pids []int
+	for sock, ps := range vmmsBySocket() {
+		if strings.HasPrefix(sock, dir+"/") {
+			pids = append(pids, ps...)
+		}
+	}
+	sort.Ints(pids)
+	return pids
+}

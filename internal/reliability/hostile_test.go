@@ -1,0 +1,121 @@
+package reliability
+
+import (
+	"context"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/forkd/forkd/internal/api"
+)
+
+// The hostile-input probes of issue 17 (RELIABILITY.md, "Hostile input"):
+// what a careless or hostile user (or a token holder) tries against the
+// daemon, each with what forkd did before and does now.
+
+// dirTree lists every entry under dir (never following symlinks) with its
+// inode, size and mtime for regular files: an unchanged dirTree means
+// nothing was removed, replaced or rewritten.
+func dirTree(t *testing.T, dir string) string {
+	t.Helper()
+	var lines []string
+	err := filepath.WalkDir(dir, func(p string, de fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(dir, p)
+		line := rel
+		if de.Type().IsRegular() && !strings.HasSuffix(p, ".log") {
+			var st syscall.Stat_t
+			if err := syscall.Lstat(p, &st); err != nil {
+				return err
+			}
+			line += fmt.Sprintf(" ino=%d size=%d mtime=%d", st.Ino, st.Size, st.Mtim.Nano())
+		}
+		lines = append(lines, line)
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("walk %s: %v", dir, err)
+	}
+	sort.Strings(lines)
+	return strings.Join(lines, "\n")
+}
+
+// Probe: `: > forkd.db`, then `forkd serve`. Before: the daemon took the
+// store for a new one and its reconciler deleted every guest and snapshot
+// directory, the directories of VMs still running among them, without a
+// word. Now: it refuses to start, names what it found and the two ways on,
+// and changes nothing; `--orphans-to-lost-found` then moves everything to
+// <data>/lost+found/ intact, and never kills a VMM.
+func TestEmptiedStoreRefusesToStartAndDestroysNothing(t *testing.T) {
+	t.Parallel()
+	d := newDaemon(t, nil)
+	running := createRunning(t, d.Client, "web")
+	createStandby(t, d.Client, "parked")
+	if _, err := d.Client.CreateSnapshot(ctxT(t, 30*time.Second), "parked", api.SnapshotRequest{Name: "snap"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(d.Layout.DB(), 0); err != nil {
+		t.Fatal(err)
+	}
+	guests, snaps := dirTree(t, d.Layout.GuestsDir()), dirTree(t, d.Layout.SnapshotsDir())
+
+	ctx := context.Background()
+	if nd, err := StartDaemon(ctx, d.Spec); err == nil {
+		t.Cleanup(func() { nd.Shutdown(ctx) })
+		t.Fatal("forkd serve started over an emptied store")
+	} else {
+		for _, want := range []string{"refusing to start", "forkd.db", "--orphans-to-lost-found", fmt.Sprint(running.Pid)} {
+			if !strings.Contains(err.Error(), want) {
+				t.Errorf("the refusal does not say %q:\n%v", want, err)
+			}
+		}
+	}
+	if got := dirTree(t, d.Layout.GuestsDir()); got != guests {
+		t.Errorf("guests/ changed by the refused start:\nbefore:\n%s\nafter:\n%s", guests, got)
+	}
+	if got := dirTree(t, d.Layout.SnapshotsDir()); got != snaps {
+		t.Errorf("snapshots/ changed by the refused start:\nbefore:\n%s\nafter:\n%s", snaps, got)
+	}
+	if syscall.Kill(running.Pid, 0) != nil {
+		t.Errorf("VMM of the running VM (pid %d) is gone", running.Pid)
+	}
+
+	spec := d.Spec
+	spec.Args = append(append([]string{}, spec.Args...), "--orphans-to-lost-found")
+	nd, err := StartDaemon(ctx, spec)
+	if err != nil {
+		t.Fatalf("forkd serve --orphans-to-lost-found: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := nd.Shutdown(ctx); err != nil {
+			t.Errorf("shutdown: %v", err)
+		}
+	})
+	if l, err := nd.Client.ListInstances(ctxT(t, 10*time.Second)); err != nil || len(l) != 0 {
+		t.Errorf("instances after the recovery start: %v, %v; want none", l, err)
+	}
+	lf := filepath.Join(d.Layout.Root(), "lost+found")
+	if got := dirTree(t, filepath.Join(lf, "guests")); got != guests {
+		t.Errorf("lost+found/guests is not the old guests/:\nwant:\n%s\ngot:\n%s", guests, got)
+	}
+	if got := dirTree(t, filepath.Join(lf, "snapshots")); got != snaps {
+		t.Errorf("lost+found/snapshots is not the old snapshots/:\nwant:\n%s\ngot:\n%s", snaps, got)
+	}
+	if syscall.Kill(running.Pid, 0) != nil {
+		t.Errorf("VMM of the running VM (pid %d) was killed by the recovery start", running.Pid)
+	}
+	if !strings.Contains(nd.LogTail(), "lost+found") {
+		t.Errorf("the recovery start did not log the move:%s", nd.LogTail())
+	}
+}
