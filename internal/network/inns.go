@@ -45,3 +45,27 @@ func Do(nsPath string, fn func() error) (err error) {
 	}()
 	return fn()
 }
+
+// doIn runs fn on a locked OS thread inside the namespace ns (an open
+// handle), with Do's guarantee about the thread.
+func doIn(ns netns.NsHandle, fn func() error) (err error) {
+	runtime.LockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("netns: current namespace: %w", err)
+	}
+	defer orig.Close()
+	if err := netns.Set(ns); err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("netns: enter: %w", err)
+	}
+	defer func() {
+		if rerr := netns.Set(orig); rerr != nil {
+			err = fmt.Errorf("netns: return to the original namespace: %w (thread discarded)", rerr)
+			return
+		}
+		runtime.UnlockOSThread()
+	}()
+	return fn()
+}
