@@ -1,7 +1,6 @@
 package network
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"runtime"
@@ -90,14 +89,6 @@ func writeSysctl(name, value string) error {
 		return fmt.Errorf("sysctl %s=%s: %w", name, value, err)
 	}
 	return nil
-}
-
-// ignoreExist treats "already there" as success.
-func ignoreExist(err error) error {
-	if errors.Is(err, unix.EEXIST) {
-		return nil
-	}
-	return err
 }
 
 // syncCarrier asks the kernel for a link's carrier (ethtool's GLINK). Since
