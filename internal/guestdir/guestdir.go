@@ -7,6 +7,7 @@
 //	<data>/snapshots/<snapshot-id>/{vmstate,memory,memory.zst,meta.json,kernel?,rootfs.ext4}
 //	<data>/pager/<version>/{control.sock,pager.pid,sessions/}
 //	<data>/lost+found/{guests,snapshots}/<entry>
+//	<data>/prefetch/<cache-key>.ws
 //
 // No other package joins path segments under the data dir. Every id and
 // version is validated here, so no path built from a request can escape the
@@ -32,6 +33,8 @@ const (
 	snapshotsName = "snapshots"
 	pagerName     = "pager"
 	lostFoundName = "lost+found"
+	prefetchName  = "prefetch"
+	workingSetExt = ".ws"
 
 	vmmSockName   = "vmm.sock"
 	logsName      = "logs"
@@ -162,6 +165,29 @@ func (l Layout) PagerDir(version string) (string, error) {
 		return "", fmt.Errorf("guestdir: invalid pager version %q", version)
 	}
 	return filepath.Join(l.PagerRoot(), version), nil
+}
+
+// PrefetchDir holds the working-set recordings, one per snapshot cache key.
+func (l Layout) PrefetchDir() string { return filepath.Join(l.root, prefetchName) }
+
+// WorkingSet is the working-set recording of the mem-file bytes a snapshot
+// cache key names (internal/prefetch): forks share their key, so the first
+// restore of any of them records for all.
+func (l Layout) WorkingSet(cacheKey string) (string, error) {
+	if err := ValidID(cacheKey); err != nil {
+		return "", fmt.Errorf("guestdir: working set: cache key: %w", err)
+	}
+	return filepath.Join(l.PrefetchDir(), cacheKey+workingSetExt), nil
+}
+
+// WorkingSetKey returns the cache key a name in PrefetchDir records, and
+// false for any other name (temp files among them).
+func WorkingSetKey(name string) (string, bool) {
+	key, ok := strings.CutSuffix(name, workingSetExt)
+	if !ok || ValidID(key) != nil {
+		return "", false
+	}
+	return key, true
 }
 
 // Guest is the directory of one instance.

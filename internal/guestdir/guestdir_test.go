@@ -23,6 +23,10 @@ func TestLayoutPathsFollowDesignLayout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	ws, err := l.WorkingSet("0123456789abcdef01234567")
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct{ got, want string }{
 		{l.DB(), "/data/forkd.db"},
 		{l.Socket(), "/data/forkd.sock"},
@@ -37,6 +41,7 @@ func TestLayoutPathsFollowDesignLayout(t *testing.T) {
 		{s.MemoryZst(), "/data/snapshots/snap1/memory.zst"},
 		{s.Meta(), "/data/snapshots/snap1/meta.json"},
 		{p, "/data/pager/0.1.0-dev"},
+		{ws, "/data/prefetch/0123456789abcdef01234567.ws"},
 	} {
 		if tc.got != tc.want {
 			t.Errorf("path = %q, want %q", tc.got, tc.want)
@@ -52,6 +57,9 @@ func TestIDsCannotEscapeDataDir(t *testing.T) {
 		}
 		if s, err := l.Snapshot(id); err == nil {
 			t.Errorf("Snapshot(%q) = %s, want an error", id, s.Dir)
+		}
+		if w, err := l.WorkingSet(id); err == nil {
+			t.Errorf("WorkingSet(%q) = %s, want an error", id, w)
 		}
 	}
 	for _, v := range []string{"..", "../1", "a/b", ""} {
@@ -132,5 +140,20 @@ func TestLostFoundEntriesStayInLostFound(t *testing.T) {
 	}
 	if p, err := l.LostFoundEntry("/etc", "x", 0); err == nil {
 		t.Errorf("LostFoundEntry from /etc = %q, want an error", p)
+	}
+}
+
+func TestWorkingSetKeyReadsOnlyRecordingNames(t *testing.T) {
+	for name, want := range map[string]string{
+		"0123456789abcdef01234567.ws":     "0123456789abcdef01234567",
+		"0123456789abcdef01234567.ws.tmp": "",
+		"0123456789abcdef01234567":        "",
+		".ws":                             "",
+		"..ws":                            "",
+	} {
+		got, ok := WorkingSetKey(name)
+		if got != want || ok != (want != "") {
+			t.Errorf("WorkingSetKey(%q) = %q, %v; want %q", name, got, ok, want)
+		}
 	}
 }
