@@ -41,6 +41,17 @@ func (s *Server) routes() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, info)
 	})
+	mux.HandleFunc("GET /sessions/{id}/recording", func(w http.ResponseWriter, r *http.Request) {
+		// The first faults so far of a session created with record_pages,
+		// as a working-set recording file (internal/prefetch).
+		b, err := s.sessionRecording(r.PathValue("id"))
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Write(b)
+	})
 	mux.HandleFunc("DELETE /sessions/{id}", func(w http.ResponseWriter, r *http.Request) {
 		if err := s.deleteSession(r.Context(), r.PathValue("id")); err != nil {
 			writeError(w, err)

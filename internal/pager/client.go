@@ -11,6 +11,8 @@ import (
 	"net/http"
 	"net/url"
 	"time"
+
+	"github.com/forkd/forkd/internal/prefetch"
 )
 
 // Client talks to a pager's control API over its Unix socket.
@@ -69,6 +71,21 @@ func (c *Client) Session(ctx context.Context, id string) (SessionInfo, error) {
 	var s SessionInfo
 	err := c.do(ctx, http.MethodGet, "/sessions/"+url.PathEscape(id), nil, &s)
 	return s, err
+}
+
+// Recording is GET /sessions/{id}/recording: the first faults so far of a
+// session created with RecordPages, as a working-set recording of its
+// cache key.
+func (c *Client) Recording(ctx context.Context, id string) (prefetch.Recording, error) {
+	var raw []byte
+	if err := c.do(ctx, http.MethodGet, "/sessions/"+url.PathEscape(id)+"/recording", nil, &raw); err != nil {
+		return prefetch.Recording{}, err
+	}
+	rec, err := prefetch.Decode(raw)
+	if err != nil {
+		return prefetch.Recording{}, fmt.Errorf("pager GET /sessions/%s/recording: %w", id, err)
+	}
+	return rec, nil
 }
 
 // DeleteSession ends a session (its VMM can no longer fault pages in). It
@@ -147,6 +164,10 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 			e.Message = string(bytes.TrimSpace(data))
 		}
 		return e
+	}
+	if raw, ok := out.(*[]byte); ok {
+		*raw = data
+		return nil
 	}
 	if out != nil && len(data) > 0 {
 		if err := json.Unmarshal(data, out); err != nil {

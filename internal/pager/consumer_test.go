@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -47,6 +48,8 @@ func TestMain(m *testing.M) {
 //	HANDSHAKE good | badjson | nofd | twomsgs | bigregion
 //	SCRIPT    comma-separated steps:
 //	  touch:A-B    read pages [A,B) in random order, verify each against MEMFILE
+//	  seq:A-B      the same in ascending order
+//	  written:A-B  verify pages [A,B) still hold what write:A-B wrote
 //	  zeros:A-B    verify pages [A,B) read as zeros
 //	  write:A-B    write 0xEE over pages [A,B) (a guest write)
 //	  dontneed:A-B madvise(MADV_DONTNEED) pages [A,B) (a balloon discard)
@@ -137,8 +140,11 @@ func consumerMain() int {
 		}
 		page := func(p int) []byte { return mem[p*uffd.PageSize : (p+1)*uffd.PageSize] }
 		switch name {
-		case "touch":
+		case "touch", "seq":
 			order := rng.Perm(hi - lo)
+			if name == "seq" {
+				slices.Sort(order)
+			}
 			var sink byte
 			t0 := time.Now()
 			for _, i := range order {
@@ -159,6 +165,14 @@ func consumerMain() int {
 				for _, b := range page(p) {
 					if b != 0 {
 						return fail("MISMATCH page %d not zero after discard", p)
+					}
+				}
+			}
+		case "written":
+			for p := lo; p < hi; p++ {
+				for _, b := range page(p) {
+					if b != 0xEE {
+						return fail("MISMATCH page %d lost the guest's write", p)
 					}
 				}
 			}

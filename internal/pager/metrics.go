@@ -36,12 +36,15 @@ var (
 	descCacheBudget   = prometheus.NewDesc("forkd_pager_cache_budget_bytes", "The page cache's byte budget.", nil, nil)
 	descEvictions     = prometheus.NewDesc("forkd_pager_cache_evictions_total", "Page cache evictions.", nil, nil)
 	descSessionsTotal = prometheus.NewDesc("forkd_pager_sessions_total", "Sessions created.", nil, nil)
+	descPrefetched    = prometheus.NewDesc("forkd_pager_prefetched_pages_total", "Pages installed by working-set replay, not by a fault.", nil, nil)
+	descProbes        = prometheus.NewDesc("forkd_pager_prefetch_probes_total", "Recorded pages replay left for the guest to fault (the waste sample).", nil, nil)
+	descProbeFaults   = prometheus.NewDesc("forkd_pager_prefetch_probe_faults_total", "Probes the guest faulted: recorded pages it used.", nil, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descUp, descFaults, descHits, descMisses, descZero, descRemoved,
 		descPopulated, descBackingBytes, descBackingSecs, descCopyErrors, descLatency, descSessions,
-		descCacheBytes, descCacheBudget, descEvictions, descSessionsTotal} {
+		descCacheBytes, descCacheBudget, descEvictions, descSessionsTotal, descPrefetched, descProbes, descProbeFaults} {
 		ch <- d
 	}
 }
@@ -71,6 +74,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter(descBackingSecs, float64(st.BackingNanos)/1e9)
 	counter(descEvictions, float64(st.Evictions))
 	counter(descSessionsTotal, float64(st.SessionsTotal))
+	counter(descPrefetched, float64(st.PrefetchedPages))
+	counter(descProbes, float64(st.PrefetchProbes))
+	counter(descProbeFaults, float64(st.PrefetchProbeFaults))
 	for errno, n := range st.CopyErrors {
 		counter(descCopyErrors, float64(n), errno)
 	}

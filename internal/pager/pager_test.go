@@ -116,27 +116,57 @@ func TestSecondConsumerOfACacheKeyReadsNoBackingBytes(t *testing.T) {
 
 // TestDiscardedPagesReadAsZeros: MADV_DONTNEED in the VMM (a balloon)
 // yields UFFD_EVENT_REMOVE; those pages must read as zeros afterwards, not
-// as mem-file data. The twin disables the pager's memory of removed ranges
-// and the consumer sees stale data.
+// as mem-file data, whether a fault or a working-set replay would bring
+// them in. The twins disable the pager's memory of removed ranges (for
+// faults, and for replay only) and the consumer sees stale data.
 func TestDiscardedPagesReadAsZeros(t *testing.T) {
 	requireUffd(t)
 	tests := []struct {
-		name          string
-		ignoreRemoves bool
+		name     string
+		prefetch bool // replay a recording of every page, the discarded ones first
+		cfg      Config
+		twin     bool
 	}{
-		{"removed ranges remembered", false},
-		{"twin: removed ranges forgotten", true},
+		{"removed ranges remembered", false, Config{}, false},
+		{"twin: removed ranges forgotten", false, Config{ignoreRemoves: true}, true},
+		{"replay skips removed ranges", true, Config{}, false},
+		{"twin: replay forgets removed ranges", true, Config{prefetchIgnoresRemoves: true}, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			p := startPager(t, Config{CacheBytes: cacheBytes, ignoreRemoves: tt.ignoreRemoves})
+			hold := make(chan struct{})
+			tt.cfg.CacheBytes, tt.cfg.holdPrefetch = cacheBytes, hold
+			p := startPager(t, tt.cfg)
 			mem := memFile(t, p.dir, 512, -1, 0, 0)
-			s := p.create(t, "vm", mem, "snap")
+			req := SessionRequest{SessionID: "vm", BackingPath: mem, CacheKey: "abc"}
+			if tt.prefetch {
+				var order []uint64
+				for pg := uint64(32); pg < 96; pg++ {
+					order = append(order, pg)
+				}
+				for pg := uint64(0); pg < 512; pg++ {
+					if pg < 32 || pg >= 96 {
+						order = append(order, pg)
+					}
+				}
+				req.PrefetchPath = writeRecording(t, p.dir, "abc", 512, order)
+			}
+			s, err := p.client.CreateSession(context.Background(), req)
+			if err != nil {
+				t.Fatal(err)
+			}
 			// Guest writes pages 0-63, the balloon discards 32-95: all of
-			// 32-95 must read zero, whether they were written or never touched.
+			// 32-95 must read zero, whether they were written or never
+			// touched. Replay is held until the discard is done.
 			c := startConsumer(t, s.SocketPath, mem, 512*uffd.PageSize, "good",
-				"touch:0-32,write:0-64,dontneed:32-96,zeros:32-96,touch:96-512,wait")
-			if tt.ignoreRemoves {
+				"touch:0-32,write:0-64,dontneed:32-96,wait,zeros:32-96,touch:96-512,written:0-32,wait")
+			c.expect("waiting")
+			close(hold)
+			if tt.prefetch {
+				waitFor(t, "replay to finish", func() bool { return p.sessionStats(t, "vm").Prefetch.Done })
+			}
+			c.resume()
+			if tt.twin {
 				line := c.expect("FAIL")
 				if !strings.Contains(line, "not zero after discard") {
 					t.Fatalf("twin: consumer failed with %q, want a non-zero discarded page", line)
@@ -152,6 +182,10 @@ func TestDiscardedPagesReadAsZeros(t *testing.T) {
 			}
 			if st.RemovedFaults < 64 {
 				t.Errorf("removed faults = %d, want >= 64 (pages 32-95 read after the discard)", st.RemovedFaults)
+			}
+			if tt.prefetch && (st.PrefetchedPages < 380 || st.Prefetch.Error != "") {
+				t.Errorf("replay installed %d pages (error %q), want the ~430 outside the discarded and written ranges",
+					st.PrefetchedPages, st.Prefetch.Error)
 			}
 		})
 	}
@@ -341,6 +375,9 @@ func TestSessionLifecycleErrors(t *testing.T) {
 		{"missing backing file", SessionRequest{SessionID: "x", BackingPath: mem + ".nope", CacheKey: "k"}, 400},
 		{"backing is a directory", SessionRequest{SessionID: "x", BackingPath: p.dir, CacheKey: "k"}, 400},
 		{"no cache key", SessionRequest{SessionID: "x", BackingPath: mem}, 400},
+		{"negative record_pages", SessionRequest{SessionID: "x", BackingPath: mem, CacheKey: "k", RecordPages: -1}, 400},
+		{"relative prefetch_path", SessionRequest{SessionID: "x", BackingPath: mem, CacheKey: "k", PrefetchPath: "rec.ws"}, 400},
+		{"record and replay at once", SessionRequest{SessionID: "x", BackingPath: mem, CacheKey: "k", RecordPages: 1, PrefetchPath: mem}, 400},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

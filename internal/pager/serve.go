@@ -43,6 +43,12 @@ type handler struct {
 	popRegion  int
 	popPage    uint64
 	popStalled bool // the last populate step hit EAGAIN
+
+	// pf replays a working-set recording (nil: none); probe has one bit per
+	// page of each region for the recorded pages left for the guest to
+	// fault (prefetch.go).
+	pf    *replayer
+	probe [][]uint64
 }
 
 // installResult is what happened to one install.
@@ -58,12 +64,27 @@ const (
 // (DESIGN.md §7): read events until EAGAIN; apply every REMOVE of a batch
 // before serving the batch's faults; EEXIST is success; EAGAIN defers the
 // fault (deduplicated) until the events are drained; ESRCH ends the session.
+// Replay of a working set follows its own rules on top (prefetch.go):
+// demand faults first, never into a removed range, never over a present
+// page.
 func (s *session) serve(ctx context.Context, f *uffd.FD, regions []uffd.Region) error {
 	h := &handler{s: s, f: f, regions: regions, deferred: make(map[uint64]fault)}
 	for _, r := range regions {
 		pages := r.Size / r.PageSize
 		h.installed = append(h.installed, make([]uint64, (pages+63)/64))
 	}
+	if s.recordMax > 0 {
+		s.startRecording()
+	}
+	readCtx, stopReader := context.WithCancel(ctx)
+	h.pf = h.startReplay(readCtx)
+	defer func() {
+		stopReader()
+		if h.pf != nil {
+			for range h.pf.ready { // the reader closes it when it returns
+			}
+		}
+	}()
 	msgs := make([]uffd.Msg, 64)
 	idle := 0
 	for {
@@ -77,14 +98,18 @@ func (s *session) serve(ctx context.Context, f *uffd.FD, regions []uffd.Region) 
 		if err := h.serveBatch(); err != nil {
 			return err
 		}
+		// Prefetch only after the batch's faults: demand faults first.
+		if err := h.prefetchStep(); err != nil {
+			return err
+		}
 		if err := h.populateStep(); err != nil {
 			return err
 		}
-		if len(h.deferred) > 0 || h.populating {
+		if len(h.deferred) > 0 || h.populating || h.pf.more() {
 			// More work without waiting. A deferred fault that keeps getting
 			// EAGAIN with no event to read means the kernel is mid-change:
 			// yield instead of spinning hot.
-			if events == 0 && (len(h.deferred) > 0 || h.popStalled) {
+			if events == 0 && (len(h.deferred) > 0 || h.popStalled || (h.pf != nil && h.pf.stalled)) {
 				idle++
 				if idle > 8 {
 					time.Sleep(50 * time.Microsecond)
@@ -200,9 +225,16 @@ func (h *handler) serveBatch() error {
 }
 
 func (h *handler) serveFault(flt fault) error {
+	h.noteFault(flt.region, flt.page)
+	r := h.regions[flt.region]
+	idx := (flt.page - r.BaseHostVirtAddr) / r.PageSize
+	first := h.installed[flt.region][idx/64]&(1<<(idx%64)) == 0 && !h.removed.overlaps(flt.page, flt.page+r.PageSize)
 	res, err := h.install(flt.page, flt.region, false)
 	if err != nil {
 		return err
+	}
+	if res == installed && first {
+		h.s.logFault(r.Offset+(flt.page-r.BaseHostVirtAddr), r.PageSize)
 	}
 	if res == installAgain {
 		if _, dup := h.deferred[flt.page]; !dup {

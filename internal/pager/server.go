@@ -19,6 +19,7 @@ import (
 
 	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/prefetch"
 	"github.com/forkd/forkd/internal/uffd"
 )
 
@@ -59,6 +60,12 @@ type Config struct {
 	// the pager forget discarded ranges, so tests can show they would then
 	// read stale file data.
 	ignoreRemoves bool
+	// prefetchIgnoresRemoves is the twin of the prefetch side of that
+	// rule: replay installs pages in removed ranges.
+	prefetchIgnoresRemoves bool
+	// holdPrefetch, a test hook, keeps replay from installing anything
+	// until it is closed (so a test can discard pages first).
+	holdPrefetch <-chan struct{}
 }
 
 // Server is a running pager: the control API, the sessions and the page
@@ -218,6 +225,16 @@ type SessionRequest struct {
 	SessionID   string `json:"session_id"`
 	BackingPath string `json:"backing_path"`
 	CacheKey    string `json:"cache_key"`
+	// RecordPages, when > 0, logs the first fault of up to this many pages
+	// (4 KiB units), in order: GET /sessions/{id}/recording returns them
+	// as a working-set recording of cache_key (internal/prefetch).
+	RecordPages int `json:"record_pages,omitempty"`
+	// PrefetchPath names a working-set recording of cache_key to replay:
+	// its pages are installed in order alongside demand faults. A
+	// recording that cannot be used (missing, corrupt, another key) is
+	// reported in the session's prefetch stats and the session is served
+	// without it.
+	PrefetchPath string `json:"prefetch_path,omitempty"`
 }
 
 // Session is POST /sessions' reply.
@@ -237,6 +254,15 @@ func (s *Server) createSession(req SessionRequest) (Session, error) {
 	}
 	if req.CacheKey == "" {
 		return Session{}, fmt.Errorf("create session %s: %w: cache_key is required", req.SessionID, errInvalid)
+	}
+	if req.RecordPages < 0 || req.RecordPages > prefetch.MaxPages {
+		return Session{}, fmt.Errorf("create session %s: %w: record_pages %d: want 0 to %d", req.SessionID, errInvalid, req.RecordPages, prefetch.MaxPages)
+	}
+	if req.PrefetchPath != "" && !filepath.IsAbs(req.PrefetchPath) {
+		return Session{}, fmt.Errorf("create session %s: %w: prefetch_path %q must be an absolute path", req.SessionID, errInvalid, req.PrefetchPath)
+	}
+	if req.PrefetchPath != "" && req.RecordPages > 0 {
+		return Session{}, fmt.Errorf("create session %s: %w: a session records or replays a working set, not both", req.SessionID, errInvalid)
 	}
 	sock := sessionSocket(s.cfg.Dir, req.SessionID)
 	if len(sock) > guestdir.MaxSocketPath {
@@ -305,10 +331,23 @@ func (s *Server) openSession(req SessionRequest, sock string) (*session, error) 
 		srv: s, id: req.SessionID, cacheKey: req.CacheKey, keyID: s.internKey(req.CacheKey),
 		backingPath: req.BackingPath, backing: f, backingSize: st.Size(), data: data,
 		sockPath: sock, ln: ln, ctx: ctx, cancel: cancel, done: make(chan struct{}),
+		created: time.Now(), recordMax: req.RecordPages,
 		state: stateWaiting,
 		log:   s.log.With("session", req.SessionID, "cache_key", req.CacheKey),
 	}
-	ss.log.Info("session created", "backing", req.BackingPath, "size", st.Size(), "data_extents", len(data))
+	if req.PrefetchPath != "" {
+		// The session serves without the recording rather than fail: a
+		// working set is an optimisation, never a reason a VM cannot run.
+		rec, err := prefetch.Load(req.PrefetchPath, req.CacheKey, st.Size())
+		if err != nil {
+			ss.replayErr = err.Error()
+			ss.log.Warn("session serves without prefetch", "err", err)
+		} else {
+			ss.replay = &rec
+		}
+	}
+	ss.log.Info("session created", "backing", req.BackingPath, "size", st.Size(), "data_extents", len(data),
+		"record_pages", req.RecordPages, "prefetch_pages", ss.replayPages())
 	return ss, nil
 }
 
@@ -351,6 +390,20 @@ func (s *Server) sessionInfo(id string) (SessionInfo, error) {
 		return SessionInfo{}, err
 	}
 	return ss.info(), nil
+}
+
+// sessionRecording is a recording session's first-fault log as a
+// working-set recording file.
+func (s *Server) sessionRecording(id string) ([]byte, error) {
+	ss, err := s.session(id)
+	if err != nil {
+		return nil, err
+	}
+	rec, err := ss.recording()
+	if err != nil {
+		return nil, err
+	}
+	return prefetch.Encode(rec)
 }
 
 // deleteSession ends a session and waits until it has freed everything.

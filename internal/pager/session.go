@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/forkd/forkd/internal/prefetch"
 	"github.com/forkd/forkd/internal/uffd"
 )
 
@@ -53,7 +54,18 @@ type session struct {
 	cancel context.CancelCauseFunc
 	done   chan struct{} // closed when run has freed everything
 
+	created   time.Time
+	recordMax int                 // log the first faults of this many 4 KiB pages (0: none)
+	replay    *prefetch.Recording // the working set to install, nil for none
+	replayErr string              // why a requested recording is not replayed
+
 	stats counters
+	// pf is the session's prefetch progress, read by stats.
+	pf prefetchCounters
+
+	recMu    sync.Mutex
+	recStart time.Time // serving started: the recording's window begins; guarded by recMu
+	recPages []uint64  // first faults, in order (4 KiB page indices); guarded by recMu
 
 	mu          sync.Mutex
 	state       string             // guarded by mu
@@ -76,6 +88,7 @@ func (s *session) info() SessionInfo {
 	}
 	s.mu.Unlock()
 	st.Counters = s.stats.snapshot()
+	st.Prefetch = s.prefetchInfo()
 	return st
 }
 
@@ -118,6 +131,13 @@ func (s *session) requestPopulate(ctx context.Context) error {
 // run is the session's life: accept, handshake, serve, free.
 func (s *session) run() {
 	defer s.free()
+	// The disk starts on a replayed working set while the VMM is launched.
+	raDone := make(chan struct{})
+	go func() {
+		defer close(raDone)
+		s.readAhead()
+	}()
+	defer func() { <-raDone }() // before free closes the mem-file
 	conn, err := s.accept()
 	if err != nil {
 		s.cancel(err)

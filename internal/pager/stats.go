@@ -30,6 +30,14 @@ type Counters struct {
 	Deferred uint64 `json:"deferred"`
 	// PopulatedPages is pages installed by populate, not by a fault.
 	PopulatedPages uint64 `json:"populated_pages"`
+	// PrefetchedPages is pages installed by working-set replay, not by a
+	// fault (contiguous pages go in one UFFDIO_COPY or ZEROPAGE).
+	PrefetchedPages uint64 `json:"prefetched_pages"`
+	// PrefetchProbes is recorded pages replay leaves for the guest to
+	// fault, one in every 32, to measure how much of a recording the guest
+	// uses; PrefetchProbeFaults is how many of them it faulted.
+	PrefetchProbes      uint64 `json:"prefetch_probes"`
+	PrefetchProbeFaults uint64 `json:"prefetch_probe_faults"`
 	// BackingBytes and BackingNanos are mem-file reads (pread) and their time.
 	BackingBytes uint64 `json:"backing_bytes"`
 	BackingNanos uint64 `json:"backing_nanos"`
@@ -78,6 +86,33 @@ type SessionInfo struct {
 	Regions     int    `json:"regions"`
 	MemoryBytes uint64 `json:"memory_bytes"`
 	Counters
+	// Prefetch is the session's working-set recording or replay (nil for
+	// neither).
+	Prefetch *SessionPrefetch `json:"prefetch,omitempty"`
+}
+
+// SessionPrefetch is one session's working-set recording or replay.
+type SessionPrefetch struct {
+	// Mode is "record" (logging first faults), "replay" (installing a
+	// recording), or "none" (a recording was asked for and cannot be used:
+	// see Error).
+	Mode string `json:"mode"`
+	// PagesRecorded is, recording, the first faults logged so far;
+	// replaying, the pages of the recording (4 KiB units).
+	PagesRecorded uint64 `json:"pages_recorded"`
+	// PagesPrefetched is pages replay installed (in the region's page size).
+	PagesPrefetched uint64 `json:"pages_prefetched"`
+	// PagesWasted estimates the prefetched pages the guest has not used:
+	// PagesPrefetched × the share of probes it has not faulted. An
+	// installed page is invisible to the pager once the guest reads it, so
+	// the probes, a 1-in-32 sample left to fault, are how it knows.
+	PagesWasted uint64 `json:"pages_wasted"`
+	// WorkingSetMs is, once replay has installed every page it will, the
+	// time from the session's creation until then (0 before).
+	WorkingSetMs int64 `json:"working_set_ms"`
+	// Done is set once replay has nothing left to install.
+	Done  bool   `json:"done"`
+	Error string `json:"error,omitempty"`
 }
 
 // Histogram is a latency histogram with fixed bucket bounds.
@@ -137,6 +172,7 @@ var latencyBounds = [...]time.Duration{
 type counters struct {
 	faults, hits, misses, zeroPages, removedFaults, removes, deferred atomic.Uint64
 	populated, backingBytes, backingNanos                             atomic.Uint64
+	prefetched, probes, probeFaults                                   atomic.Uint64
 
 	latency [len(latencyBounds) + 1]atomic.Uint64 // per bucket, not cumulative
 	latSum  atomic.Uint64                         // nanoseconds
@@ -169,8 +205,9 @@ func (c *counters) snapshot() Counters {
 		Faults: c.faults.Load(), Hits: c.hits.Load(), Misses: c.misses.Load(),
 		ZeroPages: c.zeroPages.Load(), RemovedFaults: c.removedFaults.Load(),
 		Removes: c.removes.Load(), Deferred: c.deferred.Load(),
-		PopulatedPages: c.populated.Load(),
-		BackingBytes:   c.backingBytes.Load(), BackingNanos: c.backingNanos.Load(),
+		PopulatedPages:  c.populated.Load(),
+		PrefetchedPages: c.prefetched.Load(), PrefetchProbes: c.probes.Load(), PrefetchProbeFaults: c.probeFaults.Load(),
+		BackingBytes: c.backingBytes.Load(), BackingNanos: c.backingNanos.Load(),
 		CopyErrors: map[string]uint64{},
 	}
 	c.mu.Lock()

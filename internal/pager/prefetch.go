@@ -1,0 +1,490 @@
+package pager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/forkd/forkd/internal/prefetch"
+	"github.com/forkd/forkd/internal/uffd"
+)
+
+// Working-set recording and replay (internal/prefetch holds the file).
+//
+// Recording: a session created with record_pages logs the first fault of
+// each page, in order, until it holds that many; the daemon fetches the log
+// when its time budget ends (GET /sessions/{id}/recording) and stores it.
+//
+// Replay: a session created with prefetch_path installs the recorded pages
+// in first-touch order, in contiguous runs, alongside demand faults. Its
+// rules, on top of the event rules (serve.go):
+//
+//  1. Demand faults first. A run (at most runBytes) is installed only after
+//     the events read so far are applied and their faults served, and the
+//     loop reads events again after each run. Reading the mem-file happens
+//     on another goroutine (the reader), never in front of a fault.
+//  2. Never into a removed range. A page the guest discarded is skipped (its
+//     own fault gets zeros, as always): a REMOVE read in a drain is applied
+//     before the next run is installed, and a REMOVE the kernel has not
+//     delivered yet makes the copy fail with EAGAIN (mmap_changing), after
+//     which events are drained before the rest of the run is tried again.
+//  3. Never over a page the guest has. Installed pages are skipped; a page
+//     the guest got meanwhile fails the copy with EEXIST and is skipped.
+//     UFFDIO_COPY never replaces a present page, so a guest write is never
+//     undone.
+//  4. Probes: one recorded page in probeEvery is left to fault. Whether the
+//     guest faults them is the only way to see whether it uses the
+//     recording (an installed page is invisible once read), and gives the
+//     waste estimate.
+//  5. ESRCH ends the session as for a fault; any other error stops replay
+//     only, never the VM.
+
+// probeEvery: every probeEvery-th recorded page (from the first) is a probe.
+const probeEvery = 32
+
+// runBytes bounds one install (and one read): demand faults wait at most
+// one run's copy.
+const runBytes = 512 << 10
+
+// readAheadGap and readAheadMax shape the page-cache readahead issued when
+// a replaying session is created: recorded pages up to 16 pages apart are
+// read as one range of at most 8 MiB.
+const (
+	readAheadGap = 16
+	readAheadMax = 2048
+)
+
+// prefetchCounters are one session's replay progress besides the counters.
+type prefetchCounters struct {
+	doneNs atomic.Int64 // ns from creation to the end of replay; 0 while running
+	done   atomic.Bool
+	err    atomic.Pointer[string]
+}
+
+// replayPages is the size of the recording being replayed (0 for none).
+func (s *session) replayPages() int {
+	if s.replay == nil {
+		return 0
+	}
+	return len(s.replay.Pages)
+}
+
+// prefetchInfo is the session's prefetch stats (nil: neither records nor
+// replays).
+func (s *session) prefetchInfo() *SessionPrefetch {
+	switch {
+	case s.replay != nil:
+		c := &s.stats
+		p := &SessionPrefetch{Mode: "replay", PagesRecorded: uint64(len(s.replay.Pages)),
+			PagesPrefetched: c.prefetched.Load(), Done: s.pf.done.Load()}
+		if probes := c.probes.Load(); probes > 0 {
+			unused := probes - min(c.probeFaults.Load(), probes)
+			p.PagesWasted = p.PagesPrefetched * unused / probes
+		}
+		if ns := s.pf.doneNs.Load(); ns > 0 {
+			p.WorkingSetMs = time.Duration(ns).Milliseconds()
+		}
+		if e := s.pf.err.Load(); e != nil {
+			p.Error = *e
+		}
+		return p
+	case s.replayErr != "":
+		return &SessionPrefetch{Mode: "none", Error: s.replayErr}
+	case s.recordMax > 0:
+		s.recMu.Lock()
+		defer s.recMu.Unlock()
+		return &SessionPrefetch{Mode: "record", PagesRecorded: uint64(len(s.recPages))}
+	}
+	return nil
+}
+
+// logFault records the first fault of a page (a region page of ps bytes at
+// file offset off) while the session records.
+func (s *session) logFault(off, ps uint64) {
+	if s.recordMax == 0 {
+		return
+	}
+	s.recMu.Lock()
+	defer s.recMu.Unlock()
+	for p := off / uffd.PageSize; p < (off+ps)/uffd.PageSize && len(s.recPages) < s.recordMax; p++ {
+		s.recPages = append(s.recPages, p)
+	}
+}
+
+// startRecording marks the start of the recording's window.
+func (s *session) startRecording() {
+	s.recMu.Lock()
+	s.recStart = time.Now()
+	s.recMu.Unlock()
+}
+
+// recording is the first-fault log as a working-set recording.
+func (s *session) recording() (prefetch.Recording, error) {
+	if s.recordMax == 0 {
+		return prefetch.Recording{}, fmt.Errorf("session %s: %w: it was not created to record (record_pages)", s.id, errConflict)
+	}
+	s.recMu.Lock()
+	defer s.recMu.Unlock()
+	if s.recStart.IsZero() {
+		return prefetch.Recording{}, fmt.Errorf("session %s: %w: no VMM has connected yet", s.id, errConflict)
+	}
+	return prefetch.Recording{
+		Key: s.cacheKey, PageSize: uffd.PageSize, FileSize: s.backingSize, Source: prefetch.SourceUffd,
+		Window: time.Since(s.recStart), RecordedAt: s.recStart, Pages: append([]uint64(nil), s.recPages...),
+	}, nil
+}
+
+// readAhead starts the page cache reading the recording, so the reader and
+// the faults find it there: issued at session creation, before the VMM has
+// even connected.
+func (s *session) readAhead() {
+	if s.replay == nil {
+		return
+	}
+	runs := prefetch.Plan(s.replay.Pages, readAheadGap, readAheadMax)
+	if err := prefetch.ReadAhead(s.backing, runs, uffd.PageSize); err != nil {
+		s.log.Warn("prefetch readahead", "err", err)
+	}
+}
+
+// pfRun is a run of region pages to install.
+type pfRun struct {
+	region int
+	addr   uint64 // first page's address in the VMM
+	off    uint64 // its offset in the mem-file
+	pages  int
+	ps     uint64
+	buf    []byte // data pages' bytes (zero pages left zero); set by the reader
+	zero   []bool // per page: install as zeros
+}
+
+// replayer is the serve goroutine's side of replay.
+type replayer struct {
+	h        *handler
+	ready    chan *pfRun // filled by the reader, in plan order; closed at its end
+	cur      *pfRun      // the run being installed
+	pos      int         // next page of cur
+	finished bool
+	stalled  bool // the last install got EAGAIN with nothing done
+}
+
+// startReplay plans the recording over the regions, marks the probes and
+// starts the reader. It returns nil when there is nothing to replay.
+func (h *handler) startReplay(ctx context.Context) *replayer {
+	s := h.s
+	if s.replay == nil {
+		return nil
+	}
+	// Probes: region pages of every probeEvery-th recorded page.
+	h.probe = make([][]uint64, len(h.regions))
+	for i := range h.regions {
+		h.probe[i] = make([]uint64, len(h.installed[i]))
+	}
+	probes := uint64(0)
+	for i, p := range s.replay.Pages {
+		if i%probeEvery != 0 {
+			continue
+		}
+		if ri, idx, ok := h.regionPageOf(p * uffd.PageSize); ok && h.probe[ri][idx/64]&(1<<(idx%64)) == 0 {
+			h.probe[ri][idx/64] |= 1 << (idx % 64)
+			probes++
+		}
+	}
+	s.count(func(c *counters) { c.probes.Add(probes) })
+	runs := h.planRuns(prefetch.Plan(s.replay.Pages, 0, runBytes/uffd.PageSize))
+	r := &replayer{h: h, ready: make(chan *pfRun, 4)}
+	go s.readRuns(ctx, runs, r.ready)
+	return r
+}
+
+// regionPageOf maps a mem-file offset to its region and page index there.
+func (h *handler) regionPageOf(off uint64) (region int, idx uint64, ok bool) {
+	for i, r := range h.regions {
+		if off >= r.Offset && off-r.Offset < r.Size {
+			return i, (off - r.Offset) / r.PageSize, true
+		}
+	}
+	return 0, 0, false
+}
+
+// planRuns turns runs of 4 KiB mem-file pages into runs of region pages,
+// clipped to the regions, at most runBytes each (one page at least).
+func (h *handler) planRuns(runs []prefetch.Run) []*pfRun {
+	var out []*pfRun
+	for _, run := range runs {
+		lo, hi := run.Page*uffd.PageSize, run.End()*uffd.PageSize
+		for ri, r := range h.regions {
+			a, b := max(lo, r.Offset), min(hi, r.Offset+r.Size)
+			if a >= b {
+				continue
+			}
+			ps := r.PageSize
+			a, b = a&^(ps-1), (b+ps-1)&^(ps-1)
+			per := max(1, runBytes/ps)
+			for off := a; off < b; off += per * ps {
+				n := min(per, (b-off)/ps)
+				out = append(out, &pfRun{region: ri, addr: r.BaseHostVirtAddr + (off - r.Offset), off: off, pages: int(n), ps: ps})
+			}
+		}
+	}
+	return out
+}
+
+// readRuns is the reader: it fills each run from the page cache of the
+// pager or the mem-file (one read per run when anything is missing) and
+// hands it to the serve goroutine in order, waking it. It stops at the
+// end of the plan, at the first read error, or when ctx ends.
+func (s *session) readRuns(ctx context.Context, runs []*pfRun, ready chan<- *pfRun) {
+	defer func() {
+		close(ready)
+		s.kick() // the serve loop sees the end without waiting for a fault
+	}()
+	if hold := s.srv.cfg.holdPrefetch; hold != nil {
+		select {
+		case <-hold:
+		case <-ctx.Done():
+			return
+		}
+	}
+	for _, run := range runs {
+		if err := s.fillRun(run); err != nil {
+			s.pf.setErr(err)
+			s.log.Warn("prefetch stopped", "err", err)
+			return
+		}
+		select {
+		case ready <- run:
+			s.kick()
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// fillRun reads one run's pages: holes and all-zero pages are zeros, the
+// rest data, from the pager's cache when it has every page, else with one
+// pread of the run (which the readahead has mostly made a page-cache
+// copy), caching what it read.
+func (s *session) fillRun(run *pfRun) error {
+	ps := run.ps
+	run.zero = make([]bool, run.pages)
+	cached := make([][]byte, run.pages)
+	missing := false
+	for i := range run.pages {
+		off := run.off + uint64(i)*ps
+		if !s.data.overlaps(off, off+ps) {
+			run.zero[i] = true
+			continue
+		}
+		data, zero, ok := s.srv.cache.get(pageKey{key: s.keyID, off: off})
+		switch {
+		case ok && zero:
+			run.zero[i] = true
+		case ok && uint64(len(data)) == ps:
+			cached[i] = data
+		default:
+			missing = true
+		}
+	}
+	run.buf = make([]byte, uint64(run.pages)*ps)
+	if !missing {
+		for i, d := range cached {
+			copy(run.buf[uint64(i)*ps:], d)
+		}
+		return nil
+	}
+	t0 := time.Now()
+	n, err := s.backing.ReadAt(run.buf, int64(run.off))
+	d := time.Since(t0)
+	s.count(func(c *counters) {
+		c.backingBytes.Add(uint64(n))
+		c.backingNanos.Add(uint64(d))
+	})
+	if n != len(run.buf) {
+		return fmt.Errorf("read %s at %d: %d of %d bytes: %w", s.backingPath, run.off, n, len(run.buf), err)
+	}
+	for i := range run.pages {
+		if run.zero[i] || cached[i] != nil {
+			continue
+		}
+		pg := run.buf[uint64(i)*ps : uint64(i+1)*ps]
+		k := pageKey{key: s.keyID, off: run.off + uint64(i)*ps}
+		if allZero(pg) {
+			run.zero[i] = true
+			s.srv.cache.put(k, nil, true)
+		} else {
+			s.srv.cache.put(k, append([]byte(nil), pg...), false)
+		}
+	}
+	return nil
+}
+
+func (p *prefetchCounters) setErr(err error) {
+	msg := err.Error()
+	p.err.Store(&msg)
+}
+
+// more reports whether replay has work it can do without waiting.
+func (r *replayer) more() bool {
+	return r != nil && !r.finished && (r.cur != nil || len(r.ready) > 0)
+}
+
+// prefetchStep installs (the rest of) one run, after the caller has served
+// the faults read so far.
+func (h *handler) prefetchStep() error {
+	r := h.pf
+	if r == nil || r.finished {
+		return nil
+	}
+	if !r.next() {
+		return nil // the reader is behind: faults and events meanwhile
+	}
+	r.stalled = false
+	run := r.cur
+	for r.pos < run.pages {
+		i := r.pos
+		if !h.installable(run, i) {
+			r.pos++
+			continue
+		}
+		j := i + 1
+		for j < run.pages && h.installable(run, j) && run.zero[j] == run.zero[i] && (!run.zero[i] || run.ps == uffd.PageSize) {
+			j++
+		}
+		done, err := h.installRun(run, i, j)
+		h.markInstalled(run, i, i+done)
+		if done > 0 {
+			h.s.count(func(c *counters) { c.prefetched.Add(uint64(done)) })
+		}
+		switch {
+		case err == nil:
+			r.pos = j
+		case errors.Is(err, unix.EEXIST):
+			// The page at i+done is present: the guest faulted it first.
+			h.markInstalled(run, i+done, i+done+1)
+			h.s.count(func(c *counters) { c.copyError(unix.EEXIST) })
+			r.pos = i + done + 1
+		case errors.Is(err, unix.EAGAIN) && done > 0:
+			r.pos = i + done // partly done: the next page tells why
+		case errors.Is(err, unix.EAGAIN):
+			// A non-cooperative event (REMOVE) is pending: drain events,
+			// then try the rest of this run again.
+			h.s.count(func(c *counters) { c.copyError(unix.EAGAIN) })
+			r.stalled = true
+			return nil
+		case errors.Is(err, unix.ESRCH):
+			h.s.count(func(c *counters) { c.copyError(unix.ESRCH) })
+			return errVMMGone
+		default:
+			var errno unix.Errno
+			if errors.As(err, &errno) {
+				h.s.count(func(c *counters) { c.copyError(errno) })
+			}
+			err = fmt.Errorf("prefetch install at %#x (file offset %d): %w", run.addr+uint64(i)*run.ps, run.off+uint64(i)*run.ps, err)
+			h.s.pf.setErr(err)
+			h.s.log.Warn("prefetch stopped; faults are still served", "err", err)
+			h.finishReplay()
+			return nil
+		}
+	}
+	r.cur = nil
+	// Take the next run now (installed after the next drain), so a reader
+	// that has finished is seen here: its last wake-up may have been spent
+	// on the wait this run ended.
+	r.next()
+	return nil
+}
+
+// next makes the next ready run current, if there is none; it finishes
+// replay when the reader has closed the queue. It reports whether there is
+// a current run.
+func (r *replayer) next() bool {
+	if r.cur != nil {
+		return true
+	}
+	select {
+	case run, ok := <-r.ready:
+		if !ok {
+			r.h.finishReplay()
+			return false
+		}
+		r.cur, r.pos = run, 0
+		return true
+	default:
+		return false
+	}
+}
+
+// installable: not a probe, not installed, not removed (rule 2).
+func (h *handler) installable(run *pfRun, i int) bool {
+	idx := (run.addr-h.regions[run.region].BaseHostVirtAddr)/run.ps + uint64(i)
+	if h.probe[run.region][idx/64]&(1<<(idx%64)) != 0 || h.installed[run.region][idx/64]&(1<<(idx%64)) != 0 {
+		return false
+	}
+	page := run.addr + uint64(i)*run.ps
+	return h.s.srv.cfg.prefetchIgnoresRemoves || !h.removed.overlaps(page, page+run.ps)
+}
+
+// installRun installs pages [i, j) of run, all data or all zeros, in one
+// ioctl, and returns how many pages it installed.
+func (h *handler) installRun(run *pfRun, i, j int) (int, error) {
+	dst := run.addr + uint64(i)*run.ps
+	length := uint64(j-i) * run.ps
+	var n int64
+	var err error
+	switch {
+	case run.zero[i] && run.ps == uffd.PageSize:
+		n, err = h.f.ZeroPage(dst, length, 0)
+	case run.zero[i]:
+		// hugetlbfs has no ZEROPAGE: copy a zero huge page (one at a time).
+		z := h.s.srv.zeroHugePage()
+		n, err = h.f.Copy(uintptr(dst), uintptr(unsafe.Pointer(&z[0])), length, 0)
+		runtime.KeepAlive(z)
+	default:
+		// run.buf is this run's own buffer, untouched until the copy returns.
+		src := run.buf[uint64(i)*run.ps:]
+		n, err = h.f.Copy(uintptr(dst), uintptr(unsafe.Pointer(&src[0])), length, 0)
+		runtime.KeepAlive(src)
+	}
+	return int(uint64(n) / run.ps), err
+}
+
+func (h *handler) markInstalled(run *pfRun, i, j int) {
+	base := (run.addr - h.regions[run.region].BaseHostVirtAddr) / run.ps
+	for k := i; k < j; k++ {
+		idx := base + uint64(k)
+		h.installed[run.region][idx/64] |= 1 << (idx % 64)
+	}
+}
+
+// finishReplay ends replay: nothing more to install.
+func (h *handler) finishReplay() {
+	r := h.pf
+	if r.finished {
+		return
+	}
+	r.finished, r.cur = true, nil
+	s := h.s
+	s.pf.doneNs.Store(int64(max(time.Since(s.created), 1)))
+	s.pf.done.Store(true)
+	s.log.Info("prefetch installed the working set", "pages", s.stats.prefetched.Load(),
+		"probes", s.stats.probes.Load(), "working_set", time.Since(s.created))
+}
+
+// noteFault counts a demand fault of a probe page (once per probe).
+func (h *handler) noteFault(ri int, page uint64) {
+	if h.probe == nil {
+		return
+	}
+	idx := (page - h.regions[ri].BaseHostVirtAddr) / h.regions[ri].PageSize
+	if h.probe[ri][idx/64]&(1<<(idx%64)) != 0 {
+		h.probe[ri][idx/64] &^= 1 << (idx % 64)
+		h.s.count(func(c *counters) { c.probeFaults.Add(1) })
+	}
+}

@@ -1,0 +1,238 @@
+package pager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/forkd/forkd/internal/prefetch"
+	"github.com/forkd/forkd/internal/uffd"
+)
+
+// writeRecording stores a working-set recording of key for a mem-file of
+// pages pages and returns its path.
+func writeRecording(t testing.TB, dir, key string, pages int, order []uint64) string {
+	t.Helper()
+	path := filepath.Join(dir, key+".ws")
+	err := prefetch.Write(path, prefetch.Recording{Key: key, PageSize: uffd.PageSize, FileSize: int64(pages * uffd.PageSize),
+		Source: prefetch.SourceUffd, Window: time.Second, RecordedAt: time.Now(), Pages: order})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func seqPages(lo, hi uint64) []uint64 {
+	var out []uint64
+	for p := lo; p < hi; p++ {
+		out = append(out, p)
+	}
+	return out
+}
+
+// TestSessionRecordsFirstFaultsInOrder: a recording session logs each
+// page's first fault, in order, up to record_pages; a second touch adds
+// nothing.
+func TestSessionRecordsFirstFaultsInOrder(t *testing.T) {
+	requireUffd(t)
+	p := startPager(t, Config{CacheBytes: cacheBytes})
+	mem := memFile(t, p.dir, 512, -1, 0, 0)
+	ctx := context.Background()
+	script := "seq:100-200,seq:0-100,touch:0-200,wait"
+
+	s, err := p.client.CreateSession(ctx, SessionRequest{SessionID: "rec", BackingPath: mem, CacheKey: "abc", RecordPages: 1000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := startConsumer(t, s.SocketPath, mem, 512*uffd.PageSize, "good", script)
+	c.expect("waiting")
+	rec, err := p.client.Recording(ctx, "rec")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := append(seqPages(100, 200), seqPages(0, 100)...)
+	if !slices.Equal(rec.Pages, want) {
+		t.Fatalf("recording holds %d pages %v..., want pages 100-199 then 0-99", len(rec.Pages), rec.Pages[:min(10, len(rec.Pages))])
+	}
+	if rec.Key != "abc" || rec.Source != prefetch.SourceUffd || rec.FileSize != 512*uffd.PageSize || rec.Window <= 0 {
+		t.Errorf("recording header %+v", rec)
+	}
+	if st := p.sessionStats(t, "rec"); st.Prefetch == nil || st.Prefetch.Mode != "record" || st.Prefetch.PagesRecorded != 200 {
+		t.Errorf("session prefetch stats %+v, want mode record with 200 pages", st.Prefetch)
+	}
+	c.resume()
+	c.finish()
+
+	t.Run("stops at record_pages", func(t *testing.T) {
+		s, err := p.client.CreateSession(ctx, SessionRequest{SessionID: "small", BackingPath: mem, CacheKey: "abc", RecordPages: 50})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := startConsumer(t, s.SocketPath, mem, 512*uffd.PageSize, "good", script)
+		c.expect("waiting")
+		rec, err := p.client.Recording(ctx, "small")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(rec.Pages, seqPages(100, 150)) {
+			t.Fatalf("recording %v, want the first 50 faults (pages 100-149)", rec.Pages)
+		}
+		c.resume()
+		c.finish()
+	})
+	t.Run("a session that does not record has no recording", func(t *testing.T) {
+		p.create(t, "plain", mem, "abc")
+		_, err := p.client.Recording(ctx, "plain")
+		var ae *APIError
+		if !errors.As(err, &ae) || ae.Status != 409 {
+			t.Fatalf("recording of a plain session: %v, want 409", err)
+		}
+	})
+}
+
+// TestReplayInstallsTheWorkingSetSoTheGuestDoesNotFault: a guest that
+// touches what was recorded faults only on the probes, uses every one of
+// them (no waste), and reads exactly the mem-file's bytes, holes and the
+// all-zero page included.
+func TestReplayInstallsTheWorkingSetSoTheGuestDoesNotFault(t *testing.T) {
+	requireUffd(t)
+	p := startPager(t, Config{CacheBytes: cacheBytes})
+	mem := memFile(t, p.dir, testPages, zeroPage, holeLo, holeHi)
+	ctx := context.Background()
+	const ws = 2048 // pages 0-2047: data, the zero page and part of the hole
+
+	s, err := p.client.CreateSession(ctx, SessionRequest{SessionID: "rec", BackingPath: mem, CacheKey: "abc", RecordPages: testPages})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc := startConsumer(t, s.SocketPath, mem, testSize, "good", fmt.Sprintf("touch:0-%d,wait", ws))
+	rc.expect("waiting")
+	rec, err := p.client.Recording(ctx, "rec")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc.resume()
+	rc.finish()
+	p.waitSessions(t, 0)
+	if len(rec.Pages) != ws {
+		t.Fatalf("recorded %d pages, want %d", len(rec.Pages), ws)
+	}
+	if err := prefetch.Write(filepath.Join(p.dir, "abc.ws"), rec); err != nil {
+		t.Fatal(err)
+	}
+
+	s, err = p.client.CreateSession(ctx, SessionRequest{SessionID: "replay", BackingPath: mem, CacheKey: "abc", PrefetchPath: filepath.Join(p.dir, "abc.ws")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := startConsumer(t, s.SocketPath, mem, testSize, "good", fmt.Sprintf("wait,touch:0-%d,wait", ws))
+	c.expect("waiting")
+	waitFor(t, "replay to finish", func() bool { return p.sessionStats(t, "replay").Prefetch.Done })
+	c.resume()
+	c.expect("waiting")
+	st := p.sessionStats(t, "replay")
+	c.resume()
+	c.finish()
+
+	probes := uint64(ws / probeEvery)
+	pf := st.Prefetch
+	if pf.Mode != "replay" || pf.PagesRecorded != ws || pf.Error != "" {
+		t.Fatalf("prefetch stats %+v, want a replay of %d pages", pf, ws)
+	}
+	if st.PrefetchProbes != probes || pf.PagesPrefetched != ws-probes {
+		t.Errorf("prefetched %d pages with %d probes, want %d and %d", pf.PagesPrefetched, st.PrefetchProbes, ws-probes, probes)
+	}
+	if st.PrefetchProbeFaults != probes || pf.PagesWasted != 0 {
+		t.Errorf("probe faults %d of %d, wasted %d: want every probe used, no waste", st.PrefetchProbeFaults, probes, pf.PagesWasted)
+	}
+	// Demand faults: the probes only (a fault can be raised twice when a
+	// signal interrupts it), not the 2048 pages of the working set.
+	if st.Faults < probes || st.Faults > 2*probes {
+		t.Errorf("faults = %d, want about the %d probes", st.Faults, probes)
+	}
+	if pf.WorkingSetMs <= 0 && !pf.Done {
+		t.Errorf("working_set_ms %d, done %v: want both set", pf.WorkingSetMs, pf.Done)
+	}
+}
+
+// TestReplayOfAnotherWorkingSetNeverGivesWrongData: a guest that writes
+// recorded pages before replay reaches them keeps its writes, a guest that
+// uses other pages reads the mem-file's bytes there, and the waste estimate
+// says the recording was not used.
+func TestReplayOfAnotherWorkingSetNeverGivesWrongData(t *testing.T) {
+	requireUffd(t)
+	hold := make(chan struct{})
+	p := startPager(t, Config{CacheBytes: cacheBytes, holdPrefetch: hold})
+	mem := memFile(t, p.dir, testPages, zeroPage, holeLo, holeHi)
+	order := seqPages(0, 1024)
+	slices.Reverse(order)
+	path := writeRecording(t, p.dir, "abc", testPages, order)
+	s, err := p.client.CreateSession(context.Background(), SessionRequest{SessionID: "vm", BackingPath: mem, CacheKey: "abc", PrefetchPath: path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := startConsumer(t, s.SocketPath, mem, testSize, "good",
+		fmt.Sprintf("write:0-64,wait,written:0-64,touch:2048-%d,wait", testPages))
+	c.expect("waiting")
+	close(hold)
+	waitFor(t, "replay to finish", func() bool { return p.sessionStats(t, "vm").Prefetch.Done })
+	c.resume()
+	c.expect("waiting")
+	st := p.sessionStats(t, "vm")
+	c.resume()
+	c.finish()
+	pf := st.Prefetch
+	if pf.PagesPrefetched != 1024-32-64+2 {
+		// 1024 recorded, 32 probes, 64 written by the guest first (2 of
+		// them probes: recorded entries 1023-0 put pages 63 and 31 at
+		// probe positions).
+		t.Errorf("prefetched %d pages, want %d", pf.PagesPrefetched, 1024-32-64+2)
+	}
+	if pf.PagesWasted < pf.PagesPrefetched*28/32 {
+		t.Errorf("wasted %d of %d prefetched pages, want nearly all (the guest used only its own pages)", pf.PagesWasted, pf.PagesPrefetched)
+	}
+}
+
+// TestUnusableRecordingIsNotReplayed: a recording of another key, or a
+// damaged one, is refused; the session serves faults as usual and says why.
+// The twin is the same recording under its own key, which replays.
+func TestUnusableRecordingIsNotReplayed(t *testing.T) {
+	requireUffd(t)
+	p := startPager(t, Config{CacheBytes: cacheBytes})
+	mem := memFile(t, p.dir, 256, -1, 0, 0)
+	path := writeRecording(t, p.dir, "abc", 256, seqPages(0, 256))
+	damaged := filepath.Join(p.dir, "damaged.ws")
+	b, _ := os.ReadFile(path)
+	b[len(b)-6] ^= 0xff
+	os.WriteFile(damaged, b, 0o600)
+	tests := []struct {
+		name, key, path, mode, err string
+	}{
+		{"another key", "def", path, "none", "stale"},
+		{"damaged", "abc", damaged, "none", "corrupt"},
+		{"twin: its own key", "abc", path, "replay", ""},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			id := fmt.Sprintf("vm-%d", i)
+			s, err := p.client.CreateSession(context.Background(), SessionRequest{SessionID: id, BackingPath: mem, CacheKey: tt.key, PrefetchPath: tt.path})
+			if err != nil {
+				t.Fatal(err)
+			}
+			c := startConsumer(t, s.SocketPath, mem, 256*uffd.PageSize, "good", "touch:0-256,wait")
+			c.expect("waiting")
+			st := p.sessionStats(t, id)
+			c.resume()
+			c.finish()
+			if st.Prefetch == nil || st.Prefetch.Mode != tt.mode || !strings.Contains(st.Prefetch.Error, tt.err) {
+				t.Fatalf("prefetch stats %+v, want mode %q with an error mentioning %q", st.Prefetch, tt.mode, tt.err)
+			}
+		})
+	}
+}
