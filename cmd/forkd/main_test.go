@@ -5,23 +5,26 @@ import (
 	"errors"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/forkd/forkd/internal/testenv"
 )
 
-// buildForkd builds the real binary: the demo starts `forkd serve` and the
-// daemon starts `forkd vmm`, so they must be this program, not the test binary.
+// buildForkd is the real binary, built once per test process: the demo
+// starts `forkd serve` and the daemon starts `forkd vmm`, so they must be
+// this program, not the test binary. A build failure fails the test.
 func buildForkd(t *testing.T) string {
 	t.Helper()
-	bin := filepath.Join(t.TempDir(), "forkd")
-	out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput()
-	if err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	return bin
+	return testenv.ForkdBinary(t)
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	testenv.RemoveBuild()
+	os.Exit(code)
 }
 
 func TestBinaryHelpAndDemo(t *testing.T) {

@@ -9,7 +9,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/forkd/forkd/internal/testfs"
+	"github.com/forkd/forkd/internal/loopfs"
 )
 
 // Options is a complete fork-burst run as `forkd bench fork-burst` does it:
@@ -49,7 +49,7 @@ func ForkBurst(ctx context.Context, opt Options, progress func(string)) (rep *Re
 		if size == 0 {
 			size = 64 << 30
 		}
-		fs, err := testfs.Mount(testfs.Kind(opt.FS), size)
+		fs, err := loopfs.Mount(loopfs.Kind(opt.FS), size)
 		if err != nil {
 			return nil, fmt.Errorf("fork-burst: loopback %s: %w", opt.FS, err)
 		}

@@ -3,18 +3,16 @@ package bench
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/testenv"
 )
 
 // shortTempDir is a temp dir short enough for the VMM sockets under it
@@ -29,39 +27,15 @@ func shortTempDir(t *testing.T) string {
 	return dir
 }
 
-// binDir holds the forkd binary built for this test run.
-var binDir string
-
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "fbbin")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	binDir = dir
 	code := m.Run()
-	os.RemoveAll(dir)
+	testenv.RemoveBuild()
 	os.Exit(code)
 }
 
-// forkdBinary builds cmd/forkd once per test binary run.
-var forkdBinary = sync.OnceValues(func() (string, error) {
-	bin := filepath.Join(binDir, "forkd")
-	cmd := exec.Command("go", "build", "-o", bin, "github.com/forkd/forkd/cmd/forkd")
-	cmd.Env = append(os.Environ(), "GOFLAGS=-mod=mod")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("go build cmd/forkd: %v\n%s", err, out)
-	}
-	return bin, nil
-})
-
 func buildForkd(t *testing.T) string {
 	t.Helper()
-	bin, err := forkdBinary()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return bin
+	return testenv.ForkdBinary(t)
 }
 
 // TestForkBurstEndToEnd runs a tiny burst against a real daemon and the
@@ -87,9 +61,6 @@ func testForkBurst(t *testing.T, bin, from string) {
 		Binary: bin,
 		Dir:    shortTempDir(t),
 	}, func(s string) { fmt.Fprintln(&log, s) })
-	if errors.Is(err, api.ErrNotImplemented) {
-		t.Skipf("SKIP: the daemon's instance manager is not built yet: %v", err)
-	}
 	if err != nil {
 		t.Fatalf("ForkBurst: %v\nprogress:\n%s", err, log.String())
 	}
@@ -176,9 +147,6 @@ func TestBurstReportsCorruptedMemory(t *testing.T) {
 	}
 	r := &runner{cfg: cfg, layout: layout, disk: disk, progress: func(string) {}, tag: "twin"}
 	src, err := r.createSource(ctx, d.Client, 64, StrategyHardlink)
-	if errors.Is(err, api.ErrNotImplemented) {
-		t.Skipf("SKIP: the daemon's instance manager is not built yet: %v", err)
-	}
 	if err != nil {
 		t.Fatal(err)
 	}

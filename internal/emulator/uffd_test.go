@@ -16,6 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/forkd/forkd/internal/testenv"
 	"github.com/forkd/forkd/internal/uffd"
 )
 
@@ -189,7 +190,7 @@ func requireUffd(t *testing.T) {
 	t.Helper()
 	f, err := uffd.Open(unix.O_CLOEXEC | unix.O_NONBLOCK)
 	if err != nil {
-		t.Skipf("SKIPPED LOUDLY: userfaultfd unavailable here (%v); the Uffd load path is untested", err)
+		testenv.Need(t, testenv.Uffd, fmt.Sprintf("userfaultfd unavailable here (%v); the Uffd load path is untested", err))
 	}
 	f.Close()
 }

@@ -8,12 +8,11 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/forkd/forkd/internal/testenv"
 )
 
 // helperEnv selects a helper VMM role when the test binary is re-executed as
@@ -27,19 +26,10 @@ func TestMain(m *testing.M) {
 	} else if role != "" {
 		os.Exit(runHelperVMM(role, os.Args[1:]))
 	}
-	dir, err := os.MkdirTemp("", "fctbin")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	binDir = dir
 	code := m.Run()
-	os.RemoveAll(dir)
+	testenv.RemoveBuild()
 	os.Exit(code)
 }
-
-// binDir holds binaries built for this test run (see forkdBinary).
-var binDir string
 
 // runHelperVMM is a stand-in VMM process with the command line of
 // `firecracker --api-sock S --id ID`:
@@ -147,21 +137,6 @@ func launchForTest(t *testing.T, ctx context.Context, spec LaunchSpec) *Process 
 	return p
 }
 
-// forkdBinary builds cmd/forkd once per test binary run.
-var forkdBinary = sync.OnceValues(func() (string, error) {
-	bin := filepath.Join(binDir, "forkd")
-	cmd := exec.Command("go", "build", "-o", bin, "github.com/forkd/forkd/cmd/forkd")
-	cmd.Env = append(os.Environ(), "GOFLAGS=-mod=mod")
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		return "", fmt.Errorf("go build cmd/forkd: %v\n%s", err, out)
-	}
-	return bin, nil
-})
-
-// emulatorMissing reports whether err says `forkd vmm` is still the
-// skeleton's stub (no flags, "not implemented").
-func emulatorMissing(err error) bool {
-	return err != nil && (strings.Contains(err.Error(), "not implemented") ||
-		strings.Contains(err.Error(), "unknown flag: --api-sock"))
-}
+// forkdBinary is cmd/forkd built once per test binary run (a build failure
+// is an error the caller fails on, never a skip).
+var forkdBinary = testenv.BuildForkd

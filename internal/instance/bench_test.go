@@ -23,7 +23,7 @@ import (
 //
 //	go test -run '^$' -bench ForkOfStandby -benchtime 20x -cpuprofile cpu.pprof ./internal/instance/
 func BenchmarkForkOfStandby(b *testing.B) {
-	dir, reflink := benchDataDir(b)
+	dir := benchDataDir(b)
 	for _, tc := range []struct {
 		strategy string
 		sizes    []int
@@ -34,9 +34,6 @@ func BenchmarkForkOfStandby(b *testing.B) {
 	} {
 		for _, mib := range tc.sizes {
 			b.Run(fmt.Sprintf("strategy=%s/ram=%dMiB", tc.strategy, mib), func(b *testing.B) {
-				if tc.strategy == ForkStrategyReflink && !reflink {
-					b.Skip("SKIP (not run): no reflink filesystem here (needs root for an XFS loopback)")
-				}
 				m := newBenchManager(b, dir, tc.strategy)
 				ctx := context.Background()
 				src, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: mib, BootArgs: "forkd.ws_mib=8 forkd.rate=200"})
@@ -77,7 +74,7 @@ func BenchmarkForkOfStandby(b *testing.B) {
 //	go tool trace -pprof=syscall trace.out > syscall.pprof
 func BenchmarkForkBurstOfStandby(b *testing.B) {
 	const forks = 25
-	dir, _ := benchDataDir(b)
+	dir := benchDataDir(b)
 	for _, mib := range []int{256, 4096} {
 		b.Run(fmt.Sprintf("ram=%dMiB", mib), func(b *testing.B) {
 			m := newBenchManager(b, dir, ForkStrategyHardlink)
@@ -118,30 +115,15 @@ func BenchmarkForkBurstOfStandby(b *testing.B) {
 	}
 }
 
-// benchDataDir is where the benchmark's managers live: a short dir on an XFS
-// loopback (reflink) when one can be made, else on $TMPDIR.
-func benchDataDir(b *testing.B) (dir string, reflink bool) {
+// benchDataDir is where the benchmark's managers live: an XFS loopback, so
+// every strategy (reflink too) runs on the same filesystem.
+func benchDataDir(b *testing.B) string {
 	b.Helper()
-	if testfs.Unavailable(testfs.XFS) != "" {
-		return b.TempDir(), false
-	}
-	fs, err := testfs.Mount(testfs.XFS, 32<<30)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() {
-		if err := fs.Close(); err != nil {
-			b.Error(err)
-		}
-	})
-	return fs.Dir, true
+	return testfs.Mount(b, testfs.XFS, 32<<30).Dir
 }
 
 func newBenchManager(b *testing.B, parent, strategy string) *Manager {
 	b.Helper()
-	if skipReason != "" {
-		b.Skip("SKIP (needs forkd vmm): " + skipReason)
-	}
 	// Short: VMM sockets live under the data dir (108-byte limit).
 	dir, err := os.MkdirTemp(parent, "fk")
 	if err != nil {
@@ -150,7 +132,7 @@ func newBenchManager(b *testing.B, parent, strategy string) *Manager {
 	b.Cleanup(func() { os.RemoveAll(dir) })
 	m, err := New(context.Background(), Config{
 		DataDir:      dir,
-		VMM:          VMMSpec{Binary: forkdBin, Args: []string{"vmm"}, Emulator: true},
+		VMM:          VMMSpec{Binary: forkdBinary(b), Args: []string{"vmm"}, Emulator: true},
 		Logger:       slog.New(slog.NewTextHandler(io.Discard, nil)),
 		ForkStrategy: strategy,
 	})

@@ -3,6 +3,7 @@ package instance
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -15,21 +16,22 @@ import (
 	"github.com/forkd/forkd/internal/api"
 )
 
-// TestCrashHelper is not a test: it is the "daemon" that crash tests run in a
-// child process (the re-executed test binary) and SIGKILL at one journalled
-// step of one operation (crashhook.go's FORKD_TEST_CRASH_AT).
-func TestCrashHelper(t *testing.T) {
-	dir := os.Getenv("FORKD_CRASH_DIR")
-	if dir == "" {
-		t.Skip("helper process for the crash tests")
-	}
+// crashDirEnv makes this test binary a crash helper (see crashHelper).
+const crashDirEnv = "FORKD_CRASH_DIR"
+
+// crashHelper is the "daemon" that crash tests run in a child process (the
+// re-executed test binary, from TestMain) and SIGKILL at one journalled step
+// of one operation (crashhook.go's FORKD_TEST_CRASH_AT). Reaching its end is
+// a failure: the crash point was never reached.
+func crashHelper() int {
 	m, err := New(context.Background(), Config{
-		DataDir: dir,
+		DataDir: os.Getenv(crashDirEnv),
 		VMM:     VMMSpec{Binary: os.Getenv("FORKD_CRASH_VMM"), Args: []string{"vmm"}, Emulator: true},
 		Logger:  slog.New(slog.NewTextHandler(os.Stderr, nil)),
 	})
 	if err != nil {
-		t.Fatal(err)
+		fmt.Fprintln(os.Stderr, "crash helper:", err)
+		return 2
 	}
 	ctx := context.Background()
 	ref := os.Getenv("FORKD_CRASH_REF")
@@ -41,14 +43,17 @@ func TestCrashHelper(t *testing.T) {
 	case "snapshot":
 		_, err = m.CreateSnapshot(ctx, ref, api.SnapshotRequest{Name: "crashsnap"})
 	case "zsnapshot":
-		// The crash point is in the background compression: wait for it.
+		// The crash point is in the background compression: wait for it
+		// (the compression ends in the crash, or the parent's timeout ends
+		// this process).
 		if _, err = m.CreateSnapshot(ctx, ref, api.SnapshotRequest{Name: "crashsnap", Compression: "zstd"}); err == nil {
-			time.Sleep(30 * time.Second)
+			select {}
 		}
 	default:
 		_, err = m.Action(ctx, ref, op, api.ActionRequest{})
 	}
-	t.Fatalf("%s %s finished (err %v) without reaching %s=%s", os.Getenv("FORKD_CRASH_OP"), ref, err, CrashAtEnv, os.Getenv(CrashAtEnv))
+	fmt.Fprintf(os.Stderr, "crash helper: %s %s finished (err %v) without reaching %s=%s\n", os.Getenv("FORKD_CRASH_OP"), ref, err, CrashAtEnv, os.Getenv(CrashAtEnv))
+	return 1
 }
 
 // Kill -9 of the daemon in the middle of an operation, then a restart: the
@@ -86,8 +91,10 @@ func TestCrashMidOperationRecovers(t *testing.T) {
 					action(t, m, "src", "standby")
 				}
 			})
-			cmd := exec.Command(os.Args[0], "-test.run=^TestCrashHelper$", "-test.v")
-			cmd.Env = append(os.Environ(), "FORKD_CRASH_DIR="+dir, "FORKD_CRASH_VMM="+forkdBin,
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			cmd := exec.CommandContext(ctx, os.Args[0])
+			cmd.Env = append(os.Environ(), crashDirEnv+"="+dir, "FORKD_CRASH_VMM="+forkdBinary(t),
 				"FORKD_CRASH_OP="+tc.op, CrashAtEnv+"="+tc.kind+":"+tc.step, "FORKD_CRASH_REF=src")
 			out, err := cmd.CombinedOutput()
 			// The restarted "daemon": its cleanup deletes every instance, so
@@ -97,7 +104,7 @@ func TestCrashMidOperationRecovers(t *testing.T) {
 			if !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
 				t.Fatalf("helper was not killed at %s/%s: %v\n%s", tc.kind, tc.step, err, out)
 			}
-			ctx := context.Background()
+			ctx = context.Background()
 			in, err := m.GetInstance(ctx, "src")
 			if err != nil {
 				t.Fatal(err)

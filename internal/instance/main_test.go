@@ -4,12 +4,9 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"fmt"
 	"io"
 	"log/slog"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -17,46 +14,35 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/firecracker"
+	"github.com/forkd/forkd/internal/testenv"
 )
 
-// forkdBin is the forkd binary built once by TestMain (or FORKD_TEST_BINARY);
-// the tests run its `forkd vmm` emulator as a real VMM process.
-var forkdBin string
-
-// skipReason is why the process tests cannot run here, "" when they can.
-var skipReason string
-
 func TestMain(m *testing.M) {
-	if os.Getenv("FORKD_CRASH_DIR") != "" {
+	if os.Getenv(crashDirEnv) != "" {
 		// A crash-test helper process (crash_test.go): it is SIGKILLed, so
 		// it must make nothing it would have to clean up.
-		os.Exit(m.Run())
-	}
-	dir, err := os.MkdirTemp("", "forkd-instance-test")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	forkdBin = os.Getenv("FORKD_TEST_BINARY")
-	if forkdBin == "" {
-		forkdBin = filepath.Join(dir, "forkd")
-		cmd := exec.Command("go", "build", "-o", forkdBin, "../../cmd/forkd")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			skipReason = fmt.Sprintf("building forkd failed: %v\n%s", err, out)
-		}
-	}
-	if skipReason == "" {
-		out, err := exec.Command(forkdBin, "vmm", "--help").CombinedOutput()
-		if err != nil || strings.Contains(string(out), "not implemented") {
-			skipReason = fmt.Sprintf("`forkd vmm` is not usable yet: %v %s", err, out)
-		}
-	}
-	if skipReason != "" {
-		fmt.Fprintln(os.Stderr, "!!! instance process tests will SKIP:", skipReason)
+		os.Exit(crashHelper())
 	}
 	code := m.Run()
-	os.RemoveAll(dir)
+	testenv.RemoveBuild()
 	os.Exit(code)
+}
+
+// forkdBinary is the forkd binary (built once per test process, or
+// $FORKD_TEST_BINARY) whose `forkd vmm` emulator the tests run as a real VMM
+// process. A build that fails fails the test.
+func forkdBinary(tb testing.TB) string {
+	tb.Helper()
+	return testenv.ForkdBinary(tb)
+}
+
+// needUffd stops t unless this machine has userfaultfd (a skip with the
+// reason, or a failure under FORKD_TEST_REQUIRE=uffd).
+func needUffd(t *testing.T) {
+	t.Helper()
+	if _, err := os.Stat("/dev/userfaultfd"); err != nil {
+		testenv.Need(t, testenv.Uffd, "no /dev/userfaultfd: "+err.Error())
+	}
 }
 
 // testBootArgs keep the guest workload small and modest for 2 shared cores.
@@ -71,9 +57,6 @@ type testOpt func(*Config)
 // cleanup deletes every instance (killing their VMMs) and closes it.
 func newTestManager(t *testing.T, opts ...testOpt) *Manager {
 	t.Helper()
-	if skipReason != "" {
-		t.Skip("SKIP (needs forkd vmm): " + skipReason)
-	}
 	dir, err := os.MkdirTemp("", "fk")
 	if err != nil {
 		t.Fatal(err)
@@ -86,8 +69,8 @@ func newManagerAt(t *testing.T, dir string, opts ...testOpt) *Manager {
 	t.Helper()
 	cfg := Config{
 		DataDir:     dir,
-		VMM:         VMMSpec{Binary: forkdBin, Args: []string{"vmm"}, Emulator: true},
-		PagerBinary: forkdBin,
+		VMM:         VMMSpec{Binary: forkdBinary(t), Args: []string{"vmm"}, Emulator: true},
+		PagerBinary: forkdBinary(t),
 		Logger:      slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})),
 	}
 	for _, o := range opts {

@@ -2,7 +2,6 @@ package instance
 
 import (
 	"context"
-	"os"
 	"syscall"
 	"testing"
 
@@ -15,9 +14,7 @@ import (
 // with SIGSTOP, as a loaded host might stall it), says nothing about the
 // pager being dead: the VM must stay Running, not be recorded as Error.
 func TestPagerCheckNeverCondemnsAVMOnAGuess(t *testing.T) {
-	if _, err := os.Stat("/dev/userfaultfd"); err != nil {
-		t.Skip("SKIP: no /dev/userfaultfd: " + err.Error())
-	}
+	needUffd(t)
 	m := newTestManager(t)
 	ctx := context.Background()
 	createRunning(t, m, "vm")

@@ -19,7 +19,7 @@ func openAndClose(t *testing.T, dir string, fn func(m *Manager)) {
 	t.Helper()
 	m, err := New(context.Background(), Config{
 		DataDir: dir,
-		VMM:     VMMSpec{Binary: forkdBin, Args: []string{"vmm"}, Emulator: true},
+		VMM:     VMMSpec{Binary: forkdBinary(t), Args: []string{"vmm"}, Emulator: true},
 		Logger:  slog.New(slog.NewTextHandler(testWriter{t}, nil)),
 	})
 	if err != nil {
@@ -31,9 +31,6 @@ func openAndClose(t *testing.T, dir string, fn func(m *Manager)) {
 
 func shortDir(t *testing.T) string {
 	t.Helper()
-	if skipReason != "" {
-		t.Skip("SKIP (needs forkd vmm): " + skipReason)
-	}
 	dir, err := os.MkdirTemp("", "fk")
 	if err != nil {
 		t.Fatal(err)

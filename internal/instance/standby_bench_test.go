@@ -10,10 +10,11 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/testfs"
-	"golang.org/x/sys/unix"
 )
 
 // standbyBenchArgs: a 16 MiB working set written fast enough that a few
@@ -48,18 +49,7 @@ const standbyBenchWrites = 2048
 func BenchmarkStandbyOfRestored(b *testing.B) {
 	for _, kind := range []testfs.Kind{testfs.XFS, testfs.Ext4} {
 		b.Run("fs="+string(kind), func(b *testing.B) {
-			if why := testfs.Unavailable(kind); why != "" {
-				b.Skip("SKIP (not run, not measured): " + why)
-			}
-			fs, err := testfs.Mount(kind, 16<<30)
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(func() {
-				if err := fs.Close(); err != nil {
-					b.Error(err)
-				}
-			})
+			fs := testfs.Mount(b, kind, 16<<30)
 			for _, mib := range []int{256, 1024} {
 				for _, base := range []string{"private", "fork-first"} {
 					b.Run(fmt.Sprintf("ram=%dMiB/base=%s", mib, base), func(b *testing.B) {

@@ -16,22 +16,26 @@ import (
 // with the same bytes; reflink on a filesystem without FICLONE fails the fork
 // (and leaves nothing) instead of quietly copying.
 func TestForkStrategyDecidesHowTheForkGetsItsMemFile(t *testing.T) {
-	if skipReason != "" {
-		t.Skip("SKIP (needs forkd vmm): " + skipReason)
-	}
-	var xfsFS *testfs.FS // one loopback for the XFS cases, made on first use
-	xfs := func(st *testing.T) string {
-		if xfsFS == nil {
-			xfsFS = mountXFS(st, t)
+	// One loopback of each kind for all cases, made on first use.
+	pool := testfs.NewPool(1 << 30)
+	t.Cleanup(func() {
+		if err := pool.Close(); err != nil {
+			t.Error(err)
 		}
-		// Short: VMM sockets live under the data dir (108-byte limit).
-		dir, err := os.MkdirTemp(xfsFS.Dir, "fk")
-		if err != nil {
-			st.Fatal(err)
+	})
+	on := func(kind testfs.Kind) func(st *testing.T) string {
+		return func(st *testing.T) string {
+			// Short: VMM sockets live under the data dir (108-byte limit).
+			dir, err := os.MkdirTemp(pool.Get(st, kind).Dir, "fk")
+			if err != nil {
+				st.Fatal(err)
+			}
+			st.Cleanup(func() { os.RemoveAll(dir) })
+			return dir
 		}
-		return dir
 	}
-	noReflink := func(t *testing.T) string { return shortDir(t) } // $TMPDIR: checked below
+	xfs := on(testfs.XFS)
+	noReflink := on(testfs.Ext4) // ext4 has no FICLONE
 	for _, tc := range []struct {
 		name      string
 		strategy  string
@@ -50,7 +54,7 @@ func TestForkStrategyDecidesHowTheForkGetsItsMemFile(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := tc.dir(t)
 			if tc.wantErr != "" && canReflink(t, dir) {
-				t.Skipf("SKIP (not run): %s reflinks, so a refused reflink cannot be shown there", dir)
+				t.Fatalf("%s reflinks: a refused reflink cannot be shown there", dir)
 			}
 			m := newManagerAt(t, dir, func(c *Config) { c.ForkStrategy = tc.strategy })
 			src := createRunning(t, m, "src")
@@ -87,25 +91,6 @@ func TestNewRefusesAnUnknownForkStrategy(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "symlink") {
 		t.Fatalf("New with fork strategy symlink: err = %v, want one naming it", err)
 	}
-}
-
-// mountXFS mounts a fresh XFS loopback (reflink=1) that lives until
-// owner's end; it skips t when loopback filesystems cannot be made here.
-func mountXFS(t, owner *testing.T) *testfs.FS {
-	t.Helper()
-	if why := testfs.Unavailable(testfs.XFS); why != "" {
-		t.Skip("SKIP (not run): " + why)
-	}
-	fs, err := testfs.Mount(testfs.XFS, 1<<30)
-	if err != nil {
-		t.Fatal(err)
-	}
-	owner.Cleanup(func() {
-		if err := fs.Close(); err != nil {
-			owner.Error(err)
-		}
-	})
-	return fs
 }
 
 // canReflink reports whether dir's filesystem accepts FICLONE.

@@ -38,9 +38,7 @@ func pagerStats(t *testing.T, m *Manager) pagerCounters {
 // the first are served from the pager's cache; a Uffd-restored fork's
 // standby then unshares and diffs like any other.
 func TestUffdForkRestoresShareThePagerCache(t *testing.T) {
-	if _, err := os.Stat("/dev/userfaultfd"); err != nil {
-		t.Skip("SKIP: no /dev/userfaultfd: " + err.Error())
-	}
+	needUffd(t)
 	m := newTestManager(t, func(c *Config) { c.ForkRestoreBackend = api.BackendUffd })
 	src := createRunning(t, m, "src")
 	verifyGuest(t, m, src.ID)
@@ -107,9 +105,7 @@ func TestUffdRestoreWithoutPagerFailsCleanly(t *testing.T) {
 // freezes at its next unserved fault) and can be stopped; the next Uffd
 // restore starts a new pager instead of failing until a daemon restart.
 func TestPagerDeathIsReportedAndThePagerRestarts(t *testing.T) {
-	if _, err := os.Stat("/dev/userfaultfd"); err != nil {
-		t.Skip("SKIP: no /dev/userfaultfd: " + err.Error())
-	}
+	needUffd(t)
 	m := newTestManager(t)
 	ctx := context.Background()
 	for _, n := range []string{"victim", "later"} {
@@ -143,9 +139,7 @@ func TestPagerDeathIsReportedAndThePagerRestarts(t *testing.T) {
 // 404 must still show the VM as Error. Its twin: the VM whose session the
 // new pager does serve is not condemned by the same check.
 func TestRestartedPagerDoesNotHideADeadSession(t *testing.T) {
-	if _, err := os.Stat("/dev/userfaultfd"); err != nil {
-		t.Skip("SKIP: no /dev/userfaultfd: " + err.Error())
-	}
+	needUffd(t)
 	m := newTestManager(t)
 	ctx := context.Background()
 	for _, n := range []string{"victim", "later"} {

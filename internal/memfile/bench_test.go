@@ -8,8 +8,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/forkd/forkd/internal/testfs"
 	"golang.org/x/sys/unix"
+
+	"github.com/forkd/forkd/internal/testfs"
 )
 
 // BenchmarkForkCopy compares the ways a fork can get its mem-file, for a
@@ -22,18 +23,7 @@ func BenchmarkForkCopy(b *testing.B) {
 	const size = 1 << 30
 	for _, kind := range []testfs.Kind{testfs.XFS, testfs.Ext4} {
 		b.Run("fs="+string(kind), func(b *testing.B) {
-			if why := testfs.Unavailable(kind); why != "" {
-				b.Skip("SKIP (not run): " + why)
-			}
-			fs, err := testfs.Mount(kind, 4<<30)
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(func() {
-				if err := fs.Close(); err != nil {
-					b.Error(err)
-				}
-			})
+			fs := testfs.Mount(b, kind, 4<<30)
 			for _, file := range []string{"sparse", "dense"} {
 				b.Run("file="+file, func(b *testing.B) {
 					src := filepath.Join(fs.Dir, file)

@@ -19,16 +19,18 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/forkd/forkd/internal/testenv"
 	"github.com/forkd/forkd/internal/uffd"
 )
 
-// requireUffd skips loudly where userfaultfd cannot be used for kernel and
-// user faults (not root, no /dev/userfaultfd access).
+// requireUffd stops t where userfaultfd cannot be used for kernel and user
+// faults (not root, no /dev/userfaultfd access): a skip, or a failure under
+// FORKD_TEST_REQUIRE=uffd.
 func requireUffd(t testing.TB) {
 	t.Helper()
 	f, err := uffd.Open(unix.O_CLOEXEC | unix.O_NONBLOCK)
 	if err != nil {
-		t.Skipf("SKIP: userfaultfd unavailable (run as root): %v", err)
+		testenv.Need(t, testenv.Uffd, fmt.Sprintf("userfaultfd unavailable (run as root): %v", err))
 	}
 	f.Close()
 }

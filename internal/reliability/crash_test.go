@@ -310,7 +310,7 @@ func TestRestartKillsVMMsNoRecordNames(t *testing.T) {
 	if err := d.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	stray := exec.Command(forkdBin, "vmm", "--api-sock", g.VMMSock(), "--id", src.ID)
+	stray := exec.Command(forkdBinary(t), "vmm", "--api-sock", g.VMMSock(), "--id", src.ID)
 	if err := stray.Start(); err != nil {
 		t.Fatal(err)
 	}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/testenv"
 	"github.com/forkd/forkd/internal/testfs"
 )
 
@@ -77,7 +78,7 @@ mute) exec sleep 3600 ;;
 die-on-load) exec env %s=die-on-load %q "$@" ;;
 *) exec "$real" "$@" ;;
 esac
-`, forkdBin, mode, fakeVMMEnv, self)
+`, forkdBinary(t), mode, fakeVMMEnv, self)
 	if err := os.WriteFile(script, []byte(body), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -256,14 +257,7 @@ func TestFullFilesystemFailsCleanly(t *testing.T) {
 }
 
 func fullFilesystemFailsCleanly(t *testing.T, kind testfs.Kind) {
-	if why := testfs.Unavailable(kind); why != "" {
-		t.Skip("SKIP (needs a loopback " + string(kind) + "): " + why)
-	}
-	fs, err := testfs.Mount(kind, 384<<20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { fs.Close() })
+	fs := testfs.Mount(t, kind, 384<<20)
 	d := newDaemonIn(t, fs.Dir, nil)
 	src := createStandby(t, d.Client, "src")
 	createRunning(t, d.Client, "run")
@@ -427,14 +421,21 @@ func TestVMMKilledWhileRunningIsReported(t *testing.T) {
 	checkAll(t, d)
 }
 
-// uffdOrSkip restores ref through the pager, skipping the test when this
-// build has no pager.
-func uffdOrSkip(t *testing.T, c *api.Client, ref string) api.Instance {
+// needUffd stops t unless this machine has userfaultfd (a skip with the
+// reason, or a failure under FORKD_TEST_REQUIRE=uffd).
+func needUffd(t *testing.T) {
 	t.Helper()
-	in, err := c.Action(ctxT(t, 60*time.Second), ref, "restore", api.ActionRequest{RestoreBackend: api.BackendUffd})
-	if errors.Is(err, api.ErrUnavailable) || errors.Is(err, api.ErrNotImplemented) {
-		t.Skip("SKIP (no userfaultfd pager in this build): " + err.Error())
+	if _, err := os.Stat("/dev/userfaultfd"); err != nil {
+		testenv.Need(t, testenv.Uffd, "no /dev/userfaultfd: "+err.Error())
 	}
+}
+
+// uffdRestore restores ref through the pager. A pager that cannot start
+// (503) is a failure like any other: the pager is part of the product.
+func uffdRestore(t *testing.T, c *api.Client, ref string) api.Instance {
+	t.Helper()
+	needUffd(t)
+	in, err := c.Action(ctxT(t, 60*time.Second), ref, "restore", api.ActionRequest{RestoreBackend: api.BackendUffd})
 	if err != nil {
 		t.Fatalf("uffd restore of %s: %v", ref, err)
 	}
@@ -447,14 +448,12 @@ func uffdOrSkip(t *testing.T, c *api.Client, ref string) api.Instance {
 // restores work again (the daemon starts a new pager).
 func TestPagerKilledUnderAUffdVM(t *testing.T) {
 	t.Parallel()
-	if _, err := os.Stat("/dev/userfaultfd"); err != nil {
-		t.Skip("SKIP (needs /dev/userfaultfd): " + err.Error())
-	}
+	needUffd(t)
 	d := newDaemon(t, nil)
 	createStandby(t, d.Client, "victim")
 	createStandby(t, d.Client, "other")
 	createStandby(t, d.Client, "later")
-	uffdOrSkip(t, d.Client, "victim")
+	uffdRestore(t, d.Client, "victim")
 	time.Sleep(300 * time.Millisecond) // the guest faults pages in through the pager
 	if in, err := d.Client.GetInstance(ctxT(t, 10*time.Second), "victim"); err != nil || in.MemoryCheck != "ok" {
 		t.Fatalf("Uffd-restored VM before any fault: %+v %v; want memory_check ok", in, err)
@@ -514,13 +513,11 @@ func TestPagerKilledUnderAUffdVM(t *testing.T) {
 // Running (an action on it would otherwise hang on its frozen guest).
 func TestPagerRestartDoesNotHideADeadSession(t *testing.T) {
 	t.Parallel()
-	if _, err := os.Stat("/dev/userfaultfd"); err != nil {
-		t.Skip("SKIP (needs /dev/userfaultfd): " + err.Error())
-	}
+	needUffd(t)
 	d := newDaemon(t, nil)
 	createStandby(t, d.Client, "victim")
 	createStandby(t, d.Client, "next")
-	uffdOrSkip(t, d.Client, "victim")
+	uffdRestore(t, d.Client, "victim")
 	for _, p := range ProcessesUnder(d.Layout.Root()) {
 		if p.Kind == "pager" {
 			syscall.Kill(p.Pid, syscall.SIGKILL)

@@ -57,7 +57,7 @@ func TestInvariantCheckerCatchesEachViolation(t *testing.T) {
 		{"a VMM no instance owns", func(t *testing.T) func() {
 			dir := filepath.Join(d.Layout.GuestsDir(), ".tmp-stray")
 			os.MkdirAll(dir, 0o700)
-			cmd := exec.Command(forkdBin, "vmm", "--api-sock", filepath.Join(dir, "vmm.sock"))
+			cmd := exec.Command(forkdBinary(t), "vmm", "--api-sock", filepath.Join(dir, "vmm.sock"))
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
 			}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -13,43 +12,24 @@ import (
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/testenv"
 )
-
-// forkdBin is the forkd binary TestMain builds once (or FORKD_TEST_BINARY).
-var forkdBin string
-
-// skipReason is why the daemon tests cannot run here ("" when they can).
-var skipReason string
 
 func TestMain(m *testing.M) {
 	if mode := os.Getenv(fakeVMMEnv); mode != "" {
 		os.Exit(fakeVMM(mode, os.Args[1:]))
 	}
-	dir, err := os.MkdirTemp("", "forkd-reliability")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	forkdBin = os.Getenv("FORKD_TEST_BINARY")
-	if forkdBin == "" {
-		forkdBin = filepath.Join(dir, "forkd")
-		cmd := exec.Command("go", "build", "-o", forkdBin, "../../cmd/forkd")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			skipReason = fmt.Sprintf("building forkd failed: %v\n%s", err, out)
-		}
-	}
-	if skipReason == "" {
-		if out, err := exec.Command(forkdBin, "vmm", "--help").CombinedOutput(); err != nil {
-			skipReason = fmt.Sprintf("`forkd vmm` is not usable: %v %s", err, out)
-		}
-	}
-	if skipReason != "" {
-		fmt.Fprintln(os.Stderr, "!!! reliability tests will SKIP:", skipReason)
-	}
 	code := m.Run()
 	printFigures()
-	os.RemoveAll(dir)
+	testenv.RemoveBuild()
 	os.Exit(code)
+}
+
+// forkdBinary is the forkd binary the daemons run (built once per test
+// process, or $FORKD_TEST_BINARY); a build that fails fails the test.
+func forkdBinary(tb testing.TB) string {
+	tb.Helper()
+	return testenv.ForkdBinary(tb)
 }
 
 // Guests are small and their workloads modest: 2 shared cores.
@@ -70,15 +50,13 @@ func newDaemon(t *testing.T, env []string, args ...string) *Daemon {
 // system temp dir).
 func newDaemonIn(t *testing.T, parent string, env []string, args ...string) *Daemon {
 	t.Helper()
-	if skipReason != "" {
-		t.Skip("SKIP (needs a forkd binary with `forkd vmm`): " + skipReason)
-	}
+	bin := forkdBinary(t)
 	dir, err := os.MkdirTemp(parent, "fkr")
 	if err != nil {
 		t.Fatal(err)
 	}
 	opts := DaemonOptions{
-		Binary: forkdBin, DataDir: filepath.Join(dir, "d"), Args: args, Env: env,
+		Binary: bin, DataDir: filepath.Join(dir, "d"), Args: args, Env: env,
 		LogPath: filepath.Join(dir, "daemon.log"),
 	}
 	d, err := StartDaemon(context.Background(), opts)

@@ -349,7 +349,7 @@ func TestPagerKilledUnderLoadIsContained(t *testing.T) {
 	t.Parallel()
 	d := newDaemon(t, nil)
 	createStandby(t, d.Client, "seed-a")
-	uffdOrSkip(t, d.Client, "seed-a")
+	uffdRestore(t, d.Client, "seed-a")
 	createStandby(t, d.Client, "seed-b")
 	st := newStressStats()
 	st.tolerate5xx = true

@@ -1,146 +1,83 @@
-// Package testfs makes real loopback filesystems (ext4, XFS with reflink,
-// btrfs) for tests and benchmarks that must run on each filesystem forkd may
-// meet. It owns the image files, loop devices and mount points it creates and
-// nothing else: cleanup unmounts its own mount point and detaches exactly the
-// loop device it attached (after checking that device is still backed by its
-// image), never "all loop devices".
-//
-// Without root, losetup or the mkfs tools the helpers skip the test with a
-// reason that says what is missing; CI runs as root, so there they run.
-//
-// Images are sparse files in a temp dir, so a 512 MiB filesystem costs only
-// the blocks mkfs and the test actually write.
+// Package testfs is what tests use to get real loopback filesystems (ext4,
+// XFS with reflink, btrfs), built on internal/loopfs: a test asks for a
+// kind, and where this machine cannot make it the test skips with the reason
+// through internal/testenv, or fails when FORKD_TEST_REQUIRE names the
+// missing requirement (CI: root, loop, xfs, btrfs). It imports "testing" and
+// must never be linked into the forkd binary.
 package testfs
 
 import (
-	"bytes"
 	"errors"
-	"fmt"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
-	"time"
+
+	"github.com/forkd/forkd/internal/loopfs"
+	"github.com/forkd/forkd/internal/testenv"
 )
 
-// Kind is a filesystem type testfs can make.
-type Kind string
+// Kind is a filesystem kind (loopfs.Kind).
+type Kind = loopfs.Kind
 
 const (
-	Ext4  Kind = "ext4"
-	XFS   Kind = "xfs"
-	Btrfs Kind = "btrfs"
+	Ext4  = loopfs.Ext4
+	XFS   = loopfs.XFS
+	Btrfs = loopfs.Btrfs
 )
 
 // Kinds lists every filesystem tests should cover, in a stable order.
-var Kinds = []Kind{Ext4, XFS, Btrfs}
+var Kinds = loopfs.Kinds
 
-// DefaultSize is the sparse image size used by Pool: large enough for XFS
-// (which refuses images under 300 MiB) and for test files of tens of MiB.
-const DefaultSize int64 = 512 << 20
-
-// Reflink reports whether files on this kind of filesystem can be cloned
-// with FICLONE (as made by testfs: XFS with -m reflink=1, btrfs).
-func (k Kind) Reflink() bool { return k == XFS || k == Btrfs }
+// DefaultSize is the image size of Pool's filesystems (loopfs.DefaultSize).
+const DefaultSize = loopfs.DefaultSize
 
 // FS is one mounted loopback filesystem.
-type FS struct {
-	Kind   Kind
-	Dir    string // mount point; the filesystem's root
-	Image  string // backing image file
-	Device string // loop device, e.g. /dev/loop3
+type FS struct{ *loopfs.FS }
 
-	workDir string // holds Image and Dir; removed by Close
-	closed  bool
+// Need stops tb unless loopback filesystems of kind can be made here: a skip
+// with the reason, or a failure when FORKD_TEST_REQUIRE names what is
+// missing (root; loop for loop devices and ext4; xfs; btrfs).
+func Need(tb testing.TB, kind Kind) {
+	tb.Helper()
+	lack, why := loopfs.Missing(kind)
+	switch lack {
+	case 0:
+	case loopfs.LackRoot:
+		testenv.Need(tb, testenv.Root, why)
+	case loopfs.LackMkfs:
+		testenv.Need(tb, requirement(kind), why)
+	default:
+		testenv.Need(tb, testenv.Loop, why)
+	}
 }
 
-// Unavailable returns why loopback filesystems of kind cannot be made here,
-// or "" when they can.
-func Unavailable(kind Kind) string {
-	if os.Geteuid() != 0 {
-		return fmt.Sprintf("testfs: loopback %s needs root (euid %d)", kind, os.Geteuid())
-	}
-	if _, err := os.Stat("/dev/loop-control"); err != nil {
-		return fmt.Sprintf("testfs: loopback %s needs /dev/loop-control: %v", kind, err)
-	}
-	for _, tool := range []string{"losetup", "mount", "umount", mkfsTool(kind)} {
-		if _, err := exec.LookPath(tool); err != nil {
-			return fmt.Sprintf("testfs: loopback %s needs %s in PATH: %v", kind, tool, err)
-		}
-	}
-	return ""
-}
-
-func mkfsTool(kind Kind) string { return "mkfs." + string(kind) }
-
-func mkfsArgs(kind Kind, image string) []string {
+// requirement is the testenv key of kind's mkfs tool.
+func requirement(kind Kind) string {
 	switch kind {
-	case Ext4:
-		return []string{"-q", "-F", image}
 	case XFS:
-		// reflink=1 so FICLONE works (the default on newer xfsprogs, explicit here).
-		return []string{"-q", "-f", "-m", "reflink=1", image}
+		return testenv.XFS
 	case Btrfs:
-		return []string{"-q", "-f", image}
+		return testenv.Btrfs
 	}
-	return nil
+	return testenv.Loop
 }
 
-// Mount makes a sparse image of size bytes in a new temp dir, formats it as
-// kind, attaches it to a free loop device and mounts it. The caller must
-// Close it.
-func Mount(kind Kind, size int64) (_ *FS, err error) {
-	if why := Unavailable(kind); why != "" {
-		return nil, errors.New(why)
-	}
-	if mkfsArgs(kind, "") == nil {
-		return nil, fmt.Errorf("testfs: unknown filesystem kind %q", kind)
-	}
-	work, err := os.MkdirTemp("", "forkd-testfs-"+string(kind)+"-")
+// Mount makes a loopback filesystem of kind and size bytes for tb (Need
+// first) and removes it when tb ends; a failure to make it fails tb.
+func Mount(tb testing.TB, kind Kind, size int64) *FS {
+	tb.Helper()
+	Need(tb, kind)
+	fs, err := loopfs.Mount(kind, size)
 	if err != nil {
-		return nil, fmt.Errorf("testfs: mount %s: %w", kind, err)
+		tb.Fatal(err)
 	}
-	fs := &FS{Kind: kind, Image: filepath.Join(work, "fs.img"), Dir: filepath.Join(work, "mnt"), workDir: work}
-	defer func() {
-		if err != nil {
-			fs.Close()
+	tb.Cleanup(func() {
+		if err := fs.Close(); err != nil {
+			tb.Error(err)
 		}
-	}()
-	img, err := os.Create(fs.Image)
-	if err != nil {
-		return nil, fmt.Errorf("testfs: mount %s: %w", kind, err)
-	}
-	err = img.Truncate(size)
-	img.Close()
-	if err != nil {
-		return nil, fmt.Errorf("testfs: mount %s: size image: %w", kind, err)
-	}
-	if _, err := run(mkfsTool(kind), mkfsArgs(kind, fs.Image)...); err != nil {
-		return nil, fmt.Errorf("testfs: mount %s: %w", kind, err)
-	}
-	// direct-io avoids caching every block twice (once for the image file on
-	// the host fs, once for the filesystem on the loop device).
-	// Two processes can race for the same free device; the loser gets EBUSY.
-	var out string
-	for try := 0; try < 5; try++ {
-		if out, err = run("losetup", "--find", "--show", "--direct-io=on", fs.Image); err == nil || !strings.Contains(err.Error(), "busy") {
-			break
-		}
-		time.Sleep(time.Duration(try+1) * 20 * time.Millisecond)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("testfs: mount %s: %w", kind, err)
-	}
-	fs.Device = strings.TrimSpace(out)
-	if err := os.Mkdir(fs.Dir, 0o755); err != nil {
-		return nil, fmt.Errorf("testfs: mount %s: %w", kind, err)
-	}
-	if _, err := run("mount", "-t", string(kind), fs.Device, fs.Dir); err != nil {
-		return nil, fmt.Errorf("testfs: mount %s: %w", kind, err)
-	}
-	return fs, nil
+	})
+	return &FS{fs}
 }
 
 // TempDir makes a fresh directory on the filesystem for one test and removes
@@ -153,101 +90,6 @@ func (f *FS) TempDir(tb testing.TB) string {
 	}
 	tb.Cleanup(func() { os.RemoveAll(dir) })
 	return dir
-}
-
-// Close unmounts the filesystem, detaches its loop device and removes the
-// image. It is safe to call more than once and on a half-made FS.
-func (f *FS) Close() error {
-	if f.closed {
-		return nil
-	}
-	f.closed = true
-	var errs []error
-	if f.Device != "" {
-		if mounted(f.Dir) {
-			if err := umount(f.Dir); err != nil {
-				errs = append(errs, err)
-			}
-		}
-		if err := f.detach(); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	if len(errs) == 0 {
-		if err := os.RemoveAll(f.workDir); err != nil {
-			errs = append(errs, fmt.Errorf("testfs: remove %s: %w", f.workDir, err))
-		}
-	}
-	return errors.Join(errs...)
-}
-
-// detach runs losetup -d on exactly the device Mount attached, and only if it
-// is still backed by our image: a loop number can be reused by someone else
-// once it is free, and detaching their device would break their mount.
-func (f *FS) detach() error {
-	if !f.attached() {
-		back, _ := run("losetup", "--noheadings", "--list", "--output", "BACK-FILE", f.Device)
-		return fmt.Errorf("testfs: detach %s: backed by %q, not our image %s; left alone", f.Device, strings.TrimSpace(back), f.Image)
-	}
-	if _, err := run("losetup", "-d", f.Device); err != nil {
-		return fmt.Errorf("testfs: detach %s: %w", f.Device, err)
-	}
-	// If something (udev's blkid, a concurrent losetup --find) holds the
-	// device open, the kernel only marks it autoclear and detaches it on the
-	// last close. Wait for that, so a finished Close means a free device.
-	for range 100 {
-		if !f.attached() {
-			return nil
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return fmt.Errorf("testfs: detach %s: still attached to %s after 5s (autoclear pending)", f.Device, f.Image)
-}
-
-// attached reports whether f.Device is still backed by f.Image.
-func (f *FS) attached() bool {
-	back, err := run("losetup", "--noheadings", "--list", "--output", "BACK-FILE", f.Device)
-	if err != nil {
-		return false // no such loop device configured
-	}
-	back = strings.TrimSpace(back)
-	return back == f.Image || strings.HasPrefix(back, f.Image+" ")
-}
-
-func umount(dir string) error {
-	var err error
-	// A just-closed file can keep the mount busy for a moment; retry briefly.
-	for range 20 {
-		if _, err = run("umount", dir); err == nil {
-			return nil
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return fmt.Errorf("testfs: umount %s: %w", dir, err)
-}
-
-func mounted(dir string) bool {
-	data, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return true // let umount decide
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		fields := strings.Fields(line)
-		if len(fields) > 4 && fields[4] == dir {
-			return true
-		}
-	}
-	return false
-}
-
-func run(name string, args ...string) (string, error) {
-	cmd := exec.Command(name, args...)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
-	}
-	return stdout.String(), nil
 }
 
 // Pool makes each kind of filesystem at most once per test binary and shares
@@ -270,13 +112,11 @@ func NewPool(size int64) *Pool {
 }
 
 // Get returns the pool's filesystem of kind, making it on first use. It
-// skips tb (loudly, with the reason) when loopback filesystems cannot be made
-// here, and fails it when making one fails for another reason.
+// stops tb through Need when loopback filesystems cannot be made here, and
+// fails it when making one fails for another reason.
 func (p *Pool) Get(tb testing.TB, kind Kind) *FS {
 	tb.Helper()
-	if why := Unavailable(kind); why != "" {
-		tb.Skip("SKIP (not run, not passed): " + why)
-	}
+	Need(tb, kind)
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if fs, ok := p.fss[kind]; ok {
@@ -285,13 +125,13 @@ func (p *Pool) Get(tb testing.TB, kind Kind) *FS {
 	if err, ok := p.errs[kind]; ok {
 		tb.Fatalf("testfs: %s unavailable: %v", kind, err)
 	}
-	fs, err := Mount(kind, p.size)
+	fs, err := loopfs.Mount(kind, p.size)
 	if err != nil {
 		p.errs[kind] = err
 		tb.Fatalf("testfs: %v", err)
 	}
-	p.fss[kind] = fs
-	return fs
+	p.fss[kind] = &FS{fs}
+	return p.fss[kind]
 }
 
 // Close unmounts and removes every filesystem the pool made.

@@ -3,22 +3,25 @@ package uffd
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"runtime"
 	"testing"
 	"time"
 	"unsafe"
 
+	"github.com/forkd/forkd/internal/testenv"
 	"golang.org/x/sys/unix"
 )
 
-// openOrSkip opens a userfaultfd with Firecracker's flags and API(features),
-// skipping loudly where the kernel or permissions do not allow it.
+// openOrSkip opens a userfaultfd with Firecracker's flags and API(features);
+// where the kernel or permissions do not allow it the test skips, or fails
+// under FORKD_TEST_REQUIRE=uffd.
 func openOrSkip(t *testing.T, features uint64) *FD {
 	t.Helper()
 	f, err := Open(unix.O_CLOEXEC | unix.O_NONBLOCK)
 	if err != nil {
-		t.Skipf("SKIP: userfaultfd unavailable (need root or /dev/userfaultfd access): %v", err)
+		testenv.Need(t, testenv.Uffd, fmt.Sprintf("userfaultfd unavailable (need root or /dev/userfaultfd access): %v", err))
 	}
 	if err := f.API(features); err != nil {
 		f.Close()
