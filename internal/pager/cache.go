@@ -31,6 +31,11 @@ type pageCache struct {
 	budget int64 // per shard
 	bytes  atomic.Int64
 	evicts atomic.Uint64
+
+	// noSingleFlight turns off the sharing of one read among concurrent
+	// misses of a page. It exists only so a test can show that its check
+	// catches the loss; never set it elsewhere.
+	noSingleFlight bool
 }
 
 type cacheShard struct {
@@ -47,8 +52,9 @@ type cacheShard struct {
 
 // flight is one mem-file read that other lookups of the page wait for.
 type flight struct {
-	done chan struct{} // closed when data, zero and err are set
-	data []byte
+	done    chan struct{} // closed when data, zero and err are set
+	waiters int           // lookups waiting for this read; guarded by the shard's mu
+	data    []byte
 	zero bool
 	err  error
 }
@@ -86,7 +92,8 @@ func (c *pageCache) load(k pageKey, size int, read func() ([]byte, bool, error))
 			return data, zero, true, nil
 		}
 	}
-	if f, ok := s.inflight[k]; ok {
+	if f, ok := s.inflight[k]; ok && !c.noSingleFlight {
+		f.waiters++
 		s.mu.Unlock()
 		<-f.done
 		if f.err == nil && (f.zero || len(f.data) == size) {
@@ -97,14 +104,18 @@ func (c *pageCache) load(k pageKey, size int, read func() ([]byte, bool, error))
 		return data, zero, false, err
 	}
 	f := &flight{done: make(chan struct{})}
-	s.inflight[k] = f
+	if _, ok := s.inflight[k]; !ok {
+		s.inflight[k] = f
+	}
 	s.mu.Unlock()
 	f.data, f.zero, f.err = read()
 	if f.err == nil {
 		c.put(k, f.data, f.zero)
 	}
 	s.mu.Lock()
-	delete(s.inflight, k)
+	if s.inflight[k] == f {
+		delete(s.inflight, k)
+	}
 	s.mu.Unlock()
 	close(f.done)
 	return f.data, f.zero, false, f.err

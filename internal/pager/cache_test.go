@@ -2,6 +2,8 @@ package pager
 
 import (
 	"bytes"
+	"fmt"
+	"sync/atomic"
 	"testing"
 )
 
@@ -122,14 +124,54 @@ func TestCacheKeysDoNotCollide(t *testing.T) {
 }
 
 // TestCacheConcurrentMissesShareOneRead: siblings faulting one page at
-// once read the mem-file once; the others wait and count as hits.
+// once read the mem-file once; the others wait and count as hits. The
+// leader's read is held until all 7 followers are known to be waiting for
+// it (or one of them has read for itself), so the outcome never depends on
+// scheduling. Twin: with single-flight off the same check fails, every time.
 func TestCacheConcurrentMissesShareOneRead(t *testing.T) {
-	c := newPageCache(1 << 24)
+	for _, off := range []bool{false, true} {
+		name := "single-flight"
+		if off {
+			name = "twin: single-flight off"
+		}
+		t.Run(name, func(t *testing.T) {
+			c := newPageCache(1 << 24)
+			c.noSingleFlight = off
+			err := checkOneRead(concurrentMisses(t, c, 7))
+			switch {
+			case !off && err != nil:
+				t.Fatal(err)
+			case off && err == nil:
+				t.Fatal("with single-flight off the check still passed: it cannot catch the loss")
+			case off:
+				t.Logf("caught, as it must be: %v", err)
+			}
+		})
+	}
+}
+
+// checkOneRead says what is wrong with concurrentMisses' counts of 1 leader
+// and 7 followers: one read in all, 7 hits, no follower reading itself.
+func checkOneRead(reads, hits, followerReads int) error {
+	if reads != 1 || hits != 7 || followerReads != 0 {
+		return fmt.Errorf("%d reads (%d by followers), %d hits; want 1 read and 7 hits", reads, followerReads, hits)
+	}
+	return nil
+}
+
+// concurrentMisses has a leader and n followers load one page at once and
+// returns how many read the mem-file, how many counted a hit and how many
+// followers read it themselves. The
+// leader's read blocks until every follower either waits on the leader's
+// flight or has run its own read.
+func concurrentMisses(t *testing.T, c *pageCache, n int) (reads, hits, followerReads int) {
+	t.Helper()
 	k := pageKey{key: 1, off: 8192}
+	s := c.shard(k)
 	release := make(chan struct{})
-	reads := 0
+	var readCount atomic.Int32
 	read := func() ([]byte, bool, error) {
-		reads++ // only the leader runs this while the flight is open
+		readCount.Add(1)
 		<-release
 		return page(9), false, nil
 	}
@@ -137,30 +179,51 @@ func TestCacheConcurrentMissesShareOneRead(t *testing.T) {
 		data []byte
 		hit  bool
 	}
-	results := make(chan result, 8)
+	results := make(chan result, n+1)
 	go func() {
 		d, _, hit, _ := c.load(k, 4096, read)
 		results <- result{d, hit}
 	}()
 	waitFor(t, "the leader's flight", func() bool {
-		s := c.shard(k)
 		s.mu.Lock()
 		defer s.mu.Unlock()
 		return s.inflight[k] != nil
 	})
-	for range 7 {
+	var followers atomic.Int32
+	for range n {
 		go func() {
 			d, _, hit, _ := c.load(k, 4096, func() ([]byte, bool, error) {
-				t.Error("a follower read the mem-file itself")
+				followers.Add(1)
+				readCount.Add(1)
 				return page(9), false, nil
 			})
 			results <- result{d, hit}
 		}()
 	}
+	// The followers are in place once each waits on the flight or has
+	// read (and returned) on its own.
+	done := 0
+	var got []result
+	waitFor(t, "every follower waiting on the leader's read or reading itself", func() bool {
+		for {
+			select {
+			case r := <-results:
+				got = append(got, r)
+				done++
+				continue
+			default:
+			}
+			break
+		}
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.inflight[k].waiters+done == n
+	})
 	close(release)
-	hits := 0
-	for range 8 {
-		r := <-results
+	for len(got) < n+1 {
+		got = append(got, <-results)
+	}
+	for _, r := range got {
 		if !bytes.Equal(r.data, page(9)) {
 			t.Fatal("a loader got the wrong bytes")
 		}
@@ -168,7 +231,5 @@ func TestCacheConcurrentMissesShareOneRead(t *testing.T) {
 			hits++
 		}
 	}
-	if reads != 1 || hits != 7 {
-		t.Fatalf("reads %d, hits %d; want 1 read and 7 hits", reads, hits)
-	}
+	return int(readCount.Load()), hits, int(followers.Load())
 }
