@@ -17,8 +17,13 @@ const CrashAtEnv = "FORKD_TEST_CRASH_AT"
 
 // crashPoint kills the process with SIGKILL if CrashAtEnv names kind:step.
 // It reads the environment on each call (no package state); the cost is one
-// getenv per journal step.
+// getenv per journal step. kind:step must be declared in journalSteps
+// (steps.go): an undeclared crash point panics, as it would have no crash
+// case.
 func crashPoint(kind, step string) {
+	if err := declaredStep(kind, step); err != nil {
+		panic(err)
+	}
 	want := os.Getenv(CrashAtEnv)
 	if want == "" {
 		return

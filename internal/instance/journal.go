@@ -27,6 +27,9 @@ type opPayload struct {
 }
 
 func (m *Manager) begin(ctx context.Context, kind, subject string, p opPayload) (*op, error) {
+	if err := declaredStep(kind, "begun"); err != nil {
+		return nil, err
+	}
 	id, err := m.db.Begin(ctx, kind, subject, p)
 	if err != nil {
 		return nil, fmt.Errorf("%s %s: %w", kind, subject, err)
@@ -38,6 +41,9 @@ func (m *Manager) begin(ctx context.Context, kind, subject string, p opPayload) 
 // step records that the operation reached name. A nil payload keeps the
 // previous one.
 func (o *op) step(ctx context.Context, name string, p *opPayload) error {
+	if err := declaredStep(o.kind, name); err != nil {
+		return err
+	}
 	var payload any
 	if p != nil {
 		payload = p

@@ -103,6 +103,7 @@ func crashCases() []crashCase {
 			_, err := c.ForkSnapshot(ctx, "snap", api.ForkRequest{Name: "kid"})
 			return err
 		}},
+		{at: "fork:files", setup: standby, op: fork},
 		{at: "fork:committed", setup: standby, op: fork},
 		{at: "snapshot:begun", setup: standby, op: snapshot("none")},
 		{at: "snapshot:stored", setup: standby, op: snapshot("none")},
@@ -128,13 +129,38 @@ func crashCases() []crashCase {
 	for _, step := range []string{"begun", "session", "launched", "resumed"} {
 		cases = append(cases, crashCase{at: "restore:" + step, variant: "uffd", setup: standby, op: uffdRestore})
 	}
-	for _, step := range []string{"paused", "creating", "created", "committed"} {
-		cases = append(cases, crashCase{at: "fork:" + step, setup: running, op: liveFork})
+	for _, step := range []string{"paused", "creating", "created", "files", "committed"} {
+		cases = append(cases, crashCase{at: "fork:" + step, variant: "live", setup: running, op: liveFork})
 	}
 	for _, step := range []string{"paused", "creating", "created", "stored"} {
 		cases = append(cases, crashCase{at: "snapshot:" + step, setup: running, op: snapshot("none")})
 	}
 	return cases
+}
+
+// TestCrashCasesCoverEveryJournalStep checks the crash cases against the
+// list of crash points the code itself declares (instance.JournalSteps):
+// every declared step has at least one case, and no case names a step the
+// code no longer has. A new journal step without a crash case fails here.
+func TestCrashCasesCoverEveryJournalStep(t *testing.T) {
+	covered := map[string]bool{}
+	for _, tc := range crashCases() {
+		covered[tc.at] = true
+	}
+	declared := map[string]bool{}
+	for kind, steps := range instance.JournalSteps() {
+		for _, s := range steps {
+			declared[kind+":"+s] = true
+			if !covered[kind+":"+s] {
+				t.Errorf("journal step %s:%s has no crash case in crashCases()", kind, s)
+			}
+		}
+	}
+	for at := range covered {
+		if !declared[at] {
+			t.Errorf("crash case %s names a step instance.JournalSteps does not declare", at)
+		}
+	}
 }
 
 // TestCrashAtEveryJournalStepLosesNothing SIGKILLs the daemon at each
