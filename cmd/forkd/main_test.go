@@ -1,11 +1,15 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"os/exec"
-	"regexp"
+	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -49,20 +53,79 @@ func TestBinaryHelpAndDemo(t *testing.T) {
 	// default temp dir: socket paths under it must fit the kernel's 108 bytes.)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	out, err = exec.CommandContext(ctx, bin, "demo", "--memory", "64", "--forks", "4").CombinedOutput()
-	t.Logf("forkd demo:\n%s", out)
+	const forks = 4
+	cmd := exec.CommandContext(ctx, bin, "demo", "--memory", "64", "--forks", strconv.Itoa(forks), "-o", "json")
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err = cmd.Run()
+	t.Logf("forkd demo:\n%s", stderr.String())
 	if err != nil {
 		t.Errorf("forkd demo failed: %v", err)
 	}
-	m := regexp.MustCompile(`on data dir (\S+)/data`).FindSubmatch(out)
-	if m == nil {
+	var rep struct {
+		DataDir string `json:"data_dir"`
+		Steps   []struct {
+			Name   string `json:"name"`
+			OK     bool   `json:"ok"`
+			Detail string `json:"detail"`
+		} `json:"steps"`
+		MemoryChecks    map[string]string `json:"memory_checks"`
+		ForkModes       map[string]int    `json:"fork_modes"`
+		RestoreBackends map[string]int    `json:"restore_backends"`
+		PagerHits       int64             `json:"pager_hits"`
+		Passed          bool              `json:"passed"`
+	}
+	if err := json.Unmarshal(stdout.Bytes(), &rep); err != nil {
+		t.Fatalf("forkd demo -o json printed no report: %v\n%s", err, stdout.String())
+	}
+	// Every step ran, in order, and passed.
+	var names []string
+	for _, s := range rep.Steps {
+		names = append(names, s.Name)
+		if !s.OK {
+			t.Errorf("demo step %s failed: %s", s.Name, s.Detail)
+		}
+	}
+	if want := demoSteps(); !slices.Equal(names, want) {
+		t.Errorf("demo steps %v, want %v", names, want)
+	}
+	if !rep.Passed {
+		t.Errorf("demo report says it did not pass")
+	}
+	// Every VM's memory check: the source and each fork, all ok.
+	if len(rep.MemoryChecks) != forks+1 {
+		t.Errorf("memory checks of %d VMs (%v), want the source and %d forks", len(rep.MemoryChecks), rep.MemoryChecks, forks)
+	}
+	for name, check := range rep.MemoryChecks {
+		if check != "ok" {
+			t.Errorf("memory check of %s: %q, want ok", name, check)
+		}
+	}
+	if rep.ForkModes["hardlink"] != forks {
+		t.Errorf("fork modes %v, want %d hardlinks", rep.ForkModes, forks)
+	}
+	if rep.RestoreBackends["file"] != forks/2 || rep.RestoreBackends["uffd"] != forks/2 {
+		t.Errorf("restore backends %v, want %d file and %d uffd", rep.RestoreBackends, forks/2, forks/2)
+	}
+	if rep.PagerHits == 0 {
+		t.Errorf("pager hits 0: the uffd siblings after the first must hit the shared cache")
+	}
+	if rep.DataDir == "" {
 		t.Fatalf("the demo did not say where its data dir was")
 	}
-	tmp := string(m[1])
+	tmp := filepath.Dir(rep.DataDir)
 	if _, err := os.Stat(tmp); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("the demo left %s behind (stat: %v)", tmp, err)
 	}
 	if ps, _ := exec.Command("pgrep", "-f", tmp).Output(); len(strings.TrimSpace(string(ps))) > 0 {
 		t.Errorf("the demo left processes behind: pids %s", ps)
 	}
+}
+
+// demoSteps are the steps `forkd demo` must report, in order (the demo's
+// own list is internal/cli's demoStepNames; a step added there must be
+// added here, with what to check of it).
+func demoSteps() []string {
+	return []string{"daemon", "health", "list", "create", "standby", "fork-burst", "delete-source",
+		"restore", "standby-forks", "memory-checks"}
 }

@@ -6,10 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -18,6 +15,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/daemonproc"
 )
 
 // demoOptions are the knobs of `forkd demo`.
@@ -28,6 +26,8 @@ type demoOptions struct {
 	kernel    string
 	vmm       string
 	bootArgs  string
+	// binary is the forkd the demo's daemon runs (default: this executable).
+	binary string
 }
 
 func newDemoCommand() *cobra.Command {
@@ -39,20 +39,36 @@ func newDemoCommand() *cobra.Command {
 and clean everything up (daemon, VMMs, pager, temp dir):
 
   create a VM, stand it by, fork it N times in a burst (hardlinked memory: no
-  copy), delete the source, restore every fork, stand them all by again, and
-  show fork latencies, fork modes, the pager's hit rate and each fork's memory
-  integrity check.
+  copy), delete the source, restore every fork (half through the userfaultfd
+  pager, half from the file), stand them all by again, and show fork
+  latencies, fork modes, the pager's hit rate and each VM's memory integrity
+  check.
 
-It exits non-zero if any step fails. While the instance manager is not built
-into this binary, it stops cleanly after the daemon checks.`,
+It exits non-zero if any step fails; nothing falls back quietly (a pager that
+cannot start fails the demo). With -o json the steps go to stderr and a JSON
+report of every step's outcome and every memory check to stdout.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return runDemo(cmd.Context(), stdout(cmd), o)
+			asJSON, err := jsonOutput(cmd)
+			if err != nil {
+				return err
+			}
+			progress := stdout(cmd)
+			if asJSON {
+				progress = cmd.ErrOrStderr()
+			}
+			rep, err := runDemo(cmd.Context(), progress, o)
+			if asJSON {
+				if perr := printJSON(stdout(cmd), rep); perr != nil && err == nil {
+					err = perr
+				}
+			}
+			return err
 		},
 	}
 	f := cmd.Flags()
 	f.IntVar(&o.memoryMiB, "memory", 512, "guest memory of the demo VM in MiB")
-	f.IntVar(&o.forks, "forks", 10, "forks in the burst")
+	f.IntVar(&o.forks, "forks", 10, "forks in the burst (at least 2: half restore through the pager)")
 	f.BoolVar(&o.keep, "keep", false, "keep the temp data dir (and the daemon's log) for inspection")
 	f.StringVar(&o.kernel, "kernel", "", "kernel image (default: a placeholder file, which the built-in emulator accepts)")
 	f.StringVar(&o.vmm, "vmm-binary", "emulator", "the daemon's vmm_binary (emulator runs anywhere; use auto or a path with a real --kernel for Firecracker)")
@@ -61,170 +77,281 @@ into this binary, it stops cleanly after the daemon checks.`,
 	return cmd
 }
 
+// demoStepNames are the demo's steps, in order. A passing run reports each
+// exactly once with ok set; the demo's test checks that list against this
+// one, so a step that is added here must also run.
+var demoStepNames = []string{
+	"daemon",        // start `forkd serve` on a temp data dir
+	"health",        // GET /health
+	"list",          // GET /instances on a fresh data dir: empty
+	"create",        // one Running VM
+	"standby",       // its first (Full) snapshot
+	"fork-burst",    // N concurrent forks: hardlinked memory
+	"delete-source", // the forks stay intact
+	"restore",       // every fork, half through the pager
+	"standby-forks", // every fork's first standby (unshares its memory)
+	"memory-checks", // every VM's integrity check, and the pager's hit rate
+}
+
+// demoReport is what one run found: each step's outcome and every VM's
+// memory check. `forkd demo -o json` prints it.
+type demoReport struct {
+	DataDir         string            `json:"data_dir"`
+	Steps           []demoStep        `json:"steps"`
+	MemoryChecks    map[string]string `json:"memory_checks"` // instance name → memory_check at its last standby
+	ForkModes       map[string]int    `json:"fork_modes"`
+	RestoreBackends map[string]int    `json:"restore_backends"`
+	PagerHits       int64             `json:"pager_hits"`
+	PagerMisses     int64             `json:"pager_misses"`
+	Passed          bool              `json:"passed"`
+	Error           string            `json:"error,omitempty"`
+}
+
+type demoStep struct {
+	Name   string `json:"name"`
+	OK     bool   `json:"ok"`
+	Detail string `json:"detail"` // what it measured, or the error
+}
+
 // demo is one run of `forkd demo`.
 type demo struct {
 	out    io.Writer
 	o      demoOptions
 	dir    string // temp dir: data/, daemon.log, vmlinux
 	data   string
+	daemon *daemonproc.Proc
 	c      *api.Client
-	daemon *exec.Cmd
-	exited chan struct{} // closed when the daemon process has exited
-	step   int
-	mu     sync.Mutex  // guards pids
-	pids   map[int]int // VMM pids seen in instance lists → count
+	rep    *demoReport
 }
 
-const demoSteps = 10
-
-func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
+func runDemo(ctx context.Context, out io.Writer, o demoOptions) (_ *demoReport, err error) {
+	rep := &demoReport{MemoryChecks: map[string]string{}, ForkModes: map[string]int{}, RestoreBackends: map[string]int{}}
+	if o.forks < 2 {
+		return rep, fmt.Errorf("demo: --forks %d: want at least 2 (half the forks restore through the pager, half from the file)", o.forks)
+	}
 	dir, err := os.MkdirTemp("", "forkd-demo-")
 	if err != nil {
-		return fmt.Errorf("demo: %w", err)
+		return rep, fmt.Errorf("demo: %w", err)
 	}
-	d := &demo{out: out, o: o, dir: dir, data: filepath.Join(dir, "data"), pids: map[int]int{}}
+	d := &demo{out: out, o: o, dir: dir, data: filepath.Join(dir, "data"), rep: rep}
+	rep.DataDir = d.data
 	defer func() {
-		if cerr := d.cleanup(); cerr != nil && err == nil {
-			err = cerr
+		if cerr := d.cleanup(); cerr != nil {
+			err = errors.Join(err, cerr)
 		}
+		rep.Passed = err == nil
 		if err != nil {
 			err = fmt.Errorf("demo failed: %w", err)
+			rep.Error = err.Error()
 		}
 	}()
-	return d.run(ctx)
+	start := time.Now()
+	if err := d.run(ctx); err != nil {
+		return rep, err
+	}
+	fmt.Fprintf(d.out, "demo passed in %s\n", time.Since(start).Round(time.Millisecond))
+	return rep, nil
 }
 
-func (d *demo) progress(format string, args ...any) {
-	d.step++
-	fmt.Fprintf(d.out, "[%2d/%d] %s\n", d.step, demoSteps, fmt.Sprintf(format, args...))
-}
-
-func (d *demo) detail(format string, args ...any) {
-	fmt.Fprintf(d.out, "        %s\n", fmt.Sprintf(format, args...))
+// step runs one step of demoStepNames, records its outcome and prints it.
+func (d *demo) step(name string, fn func() (string, error)) error {
+	detail, err := fn()
+	st := demoStep{Name: name, OK: err == nil, Detail: detail}
+	if err != nil {
+		st.Detail = err.Error()
+	}
+	d.rep.Steps = append(d.rep.Steps, st)
+	mark := ""
+	if err != nil {
+		mark = "FAILED: "
+	}
+	fmt.Fprintf(d.out, "[%2d/%d] %s%s\n", len(d.rep.Steps), len(demoStepNames), mark, st.Detail)
+	return err
 }
 
 func (d *demo) run(ctx context.Context) error {
-	start := time.Now()
-	if err := d.startDaemon(ctx); err != nil {
+	if err := d.step("daemon", func() (string, error) { return d.startDaemon(ctx) }); err != nil {
+		return err
+	}
+	if err := d.step("health", func() (string, error) {
+		h, err := d.c.Health(ctx)
+		if err != nil {
+			return "", fmt.Errorf("health: %w", err)
+		}
+		return fmt.Sprintf("daemon healthy: version %s, socket %s", h.Version, d.c.Host()), nil
+	}); err != nil {
+		return err
+	}
+	if err := d.step("list", func() (string, error) {
+		list, err := d.c.ListInstances(ctx)
+		if err != nil {
+			return "", fmt.Errorf("list instances: %w", err)
+		}
+		if len(list) != 0 {
+			return "", fmt.Errorf("list instances: %d on a fresh data dir, want none", len(list))
+		}
+		return "instances listed: 0 (a fresh data dir)", nil
+	}); err != nil {
 		return err
 	}
 
-	h, err := d.c.Health(ctx)
-	if err != nil {
-		return fmt.Errorf("health: %w", err)
-	}
-	d.progress("daemon healthy: version %s, socket %s", h.Version, d.c.Host())
-
-	list, err := d.c.ListInstances(ctx)
-	if err != nil {
-		return fmt.Errorf("list instances: %w", err)
-	}
-	d.progress("instances listed: %d (a fresh data dir)", len(list))
-
-	kernel := d.o.kernel
-	if kernel == "" {
-		kernel = filepath.Join(d.dir, "vmlinux")
-		if err := os.WriteFile(kernel, []byte("placeholder kernel: the emulator does not execute it\n"), 0o600); err != nil {
-			return err
+	var src api.Instance
+	if err := d.step("create", func() (string, error) {
+		kernel := d.o.kernel
+		if kernel == "" {
+			kernel = filepath.Join(d.dir, "vmlinux")
+			if err := os.WriteFile(kernel, []byte("placeholder kernel: the emulator does not execute it\n"), 0o600); err != nil {
+				return "", err
+			}
 		}
-	}
-	t := time.Now()
-	src, err := d.c.CreateInstance(ctx, api.CreateInstanceRequest{
-		Name: "demo-src", Vcpus: 1, MemoryMiB: d.o.memoryMiB, Kernel: kernel, BootArgs: d.o.bootArgs,
-	})
-	if errors.Is(err, api.ErrNotImplemented) {
-		d.progress("create instance: the daemon answered 501 not_implemented (%v)", err)
-		d.detail("this build has no instance manager yet; the demo stops here, daemon checks passed")
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("create instance: %w", err)
-	}
-	d.see(src)
-	d.progress("created %s (%s): %d MiB, %s, VMM pid %d, in %s", src.Name, shortID(src.ID), src.MemoryMiB, src.State, src.Pid, ms(time.Since(t)))
-	time.Sleep(time.Second) // let the guest workload dirty some memory
-
-	t = time.Now()
-	src, err = d.c.Action(ctx, src.ID, "standby", api.ActionRequest{})
-	if err != nil {
-		return fmt.Errorf("standby %s: %w", "demo-src", err)
-	}
-	d.progress("standby %s: %s in %s (cache key %s)", src.Name, src.State, ms(time.Since(t)), dash(src.SnapshotCacheKey))
-
-	forks, lat, err := d.forkBurst(ctx, src)
-	if err != nil {
+		t := time.Now()
+		var err error
+		src, err = d.c.CreateInstance(ctx, api.CreateInstanceRequest{
+			Name: "demo-src", Vcpus: 1, MemoryMiB: d.o.memoryMiB, Kernel: kernel, BootArgs: d.o.bootArgs,
+		})
+		if err != nil {
+			return "", fmt.Errorf("create instance: %w", err)
+		}
+		if src.State != api.StateRunning {
+			return "", fmt.Errorf("create instance: %s is %s (error %q), want Running", src.Name, src.State, src.Error)
+		}
+		return fmt.Sprintf("created %s (%s): %d MiB, %s, VMM pid %d, in %s", src.Name, shortID(src.ID), src.MemoryMiB, src.State, src.Pid, ms(time.Since(t))), nil
+	}); err != nil {
 		return err
 	}
-	modes := map[string]int{}
-	for _, f := range forks {
-		modes[f.ForkMode]++
-	}
-	d.progress("forked %d in a burst: p50 %s, max %s; modes %v", len(forks), ms(percentile(lat, 0.5)), ms(percentile(lat, 1)), modes)
+	time.Sleep(time.Second) // not synchronisation: the guest workload dirties memory for the snapshot to hold
 
-	if err := d.c.DeleteInstance(ctx, src.ID); err != nil {
-		return fmt.Errorf("delete source: %w", err)
-	}
-	for _, f := range forks {
-		got, err := d.c.GetInstance(ctx, f.ID)
-		if err != nil || got.State != api.StateStandby {
-			return fmt.Errorf("fork %s after deleting its source: %+v, %v; want it intact in Standby", f.Name, got.State, err)
+	if err := d.step("standby", func() (string, error) {
+		t := time.Now()
+		var err error
+		if src, err = d.c.Action(ctx, src.ID, "standby", api.ActionRequest{}); err != nil {
+			return "", fmt.Errorf("standby %s: %w", "demo-src", err)
 		}
-	}
-	d.progress("deleted the source; all %d forks intact (they hold the memory file's inode)", len(forks))
-
-	// Half the forks restore through the pager, so its shared cache shows:
-	// the first uffd sibling misses, the rest should hit. A build without
-	// the pager restores them all from the file.
-	_, perr := d.c.PagerStats(ctx)
-	if perr != nil {
-		d.detail("pager unavailable (%v): every fork restores with the file backend", perr)
-	}
-	restored, rlat, err := d.all(ctx, forks, "restore", func(i int) api.ActionRequest {
-		if i%2 == 1 && perr == nil {
-			return api.ActionRequest{RestoreBackend: api.BackendUffd}
+		if err := wantParked(src); err != nil {
+			return "", err
 		}
-		return api.ActionRequest{RestoreBackend: api.BackendFile}
-	})
-	if err != nil {
+		d.rep.MemoryChecks[src.Name] = src.MemoryCheck
+		return fmt.Sprintf("standby %s: %s in %s (cache key %s, memory check %s)", src.Name, src.State, ms(time.Since(t)), dash(src.SnapshotCacheKey), src.MemoryCheck), nil
+	}); err != nil {
 		return err
 	}
-	backends := map[string]int{}
-	for _, f := range restored {
-		backends[f.RestoreBackend]++
-		d.see(f)
-	}
-	d.progress("restored %d forks: p50 %s, max %s; backends %v", len(restored), ms(percentile(rlat, 0.5)), ms(percentile(rlat, 1)), backends)
-	time.Sleep(time.Second) // let every fork's workload run and verify its pages
 
-	parked, slat, err := d.all(ctx, restored, "standby", nil)
-	if err != nil {
+	var forks []api.Instance
+	if err := d.step("fork-burst", func() (string, error) {
+		var lat []time.Duration
+		var err error
+		if forks, lat, err = d.forkBurst(ctx, src); err != nil {
+			return "", err
+		}
+		for _, f := range forks {
+			d.rep.ForkModes[f.ForkMode]++
+			if f.State != api.StateStandby {
+				return "", fmt.Errorf("fork %s is %s, want Standby", f.Name, f.State)
+			}
+		}
+		return fmt.Sprintf("forked %d in a burst: p50 %s, max %s; modes %v", len(forks), ms(percentile(lat, 0.5)), ms(percentile(lat, 1)), d.rep.ForkModes), nil
+	}); err != nil {
 		return err
 	}
-	d.progress("stood %d forks by again (first standby of a fork unshares its memory): p50 %s, max %s",
-		len(parked), ms(percentile(slat, 0.5)), ms(percentile(slat, 1)))
 
-	var bad []string
-	unknown := 0
-	for _, f := range parked {
-		switch f.MemoryCheck {
-		case "ok":
-		case "unknown", "":
-			unknown++
-		default:
-			bad = append(bad, f.Name+": "+f.MemoryCheck)
+	if err := d.step("delete-source", func() (string, error) {
+		if err := d.c.DeleteInstance(ctx, src.ID); err != nil {
+			return "", fmt.Errorf("delete source: %w", err)
 		}
+		for _, f := range forks {
+			got, err := d.c.GetInstance(ctx, f.ID)
+			if err != nil || got.State != api.StateStandby {
+				return "", fmt.Errorf("fork %s after deleting its source: %s, %v; want it intact in Standby", f.Name, got.State, err)
+			}
+		}
+		return fmt.Sprintf("deleted the source; all %d forks intact (they hold the memory file's inode)", len(forks)), nil
+	}); err != nil {
+		return err
 	}
-	hit := "n/a"
-	if raw, err := d.c.PagerStats(ctx); err == nil {
-		if hits, misses, ok := hitsMisses(raw); ok && hits+misses > 0 {
+
+	var restored []api.Instance
+	if err := d.step("restore", func() (string, error) {
+		// Half the forks restore through the pager, so its shared cache
+		// shows: the first uffd sibling misses, the rest should hit. A
+		// pager that cannot start fails this step: nothing falls back.
+		var lat []time.Duration
+		var err error
+		restored, lat, err = d.all(ctx, forks, "restore", func(i int) api.ActionRequest {
+			if i%2 == 1 {
+				return api.ActionRequest{RestoreBackend: api.BackendUffd}
+			}
+			return api.ActionRequest{RestoreBackend: api.BackendFile}
+		})
+		if err != nil {
+			return "", err
+		}
+		for _, f := range restored {
+			d.rep.RestoreBackends[f.RestoreBackend]++
+			if f.State != api.StateRunning {
+				return "", fmt.Errorf("restore %s: %s (error %q), want Running", f.Name, f.State, f.Error)
+			}
+		}
+		return fmt.Sprintf("restored %d forks: p50 %s, max %s; backends %v", len(restored), ms(percentile(lat, 0.5)), ms(percentile(lat, 1)), d.rep.RestoreBackends), nil
+	}); err != nil {
+		return err
+	}
+	time.Sleep(time.Second) // not synchronisation: every fork's workload runs and verifies pages before the checks
+
+	var parked []api.Instance
+	if err := d.step("standby-forks", func() (string, error) {
+		var lat []time.Duration
+		var err error
+		if parked, lat, err = d.all(ctx, restored, "standby", nil); err != nil {
+			return "", err
+		}
+		for _, f := range parked {
+			if err := wantParked(f); err != nil {
+				return "", err
+			}
+			d.rep.MemoryChecks[f.Name] = f.MemoryCheck
+		}
+		return fmt.Sprintf("stood %d forks by again (first standby of a fork unshares its memory): p50 %s, max %s",
+			len(parked), ms(percentile(lat, 0.5)), ms(percentile(lat, 1))), nil
+	}); err != nil {
+		return err
+	}
+
+	return d.step("memory-checks", func() (string, error) {
+		var bad []string
+		for name, check := range d.rep.MemoryChecks {
+			if check != "ok" {
+				bad = append(bad, name+": "+check)
+			}
+		}
+		raw, err := d.c.PagerStats(ctx)
+		if err != nil {
+			return "", fmt.Errorf("pager stats: %w", err)
+		}
+		hits, misses, ok := hitsMisses(raw)
+		if !ok {
+			return "", fmt.Errorf("pager stats: no hit and miss counters in %s", raw)
+		}
+		d.rep.PagerHits, d.rep.PagerMisses = hits, misses
+		if len(bad) > 0 {
+			return "", fmt.Errorf("memory integrity errors: %s", strings.Join(bad, "; "))
+		}
+		hit := "n/a (no page served)"
+		if hits+misses > 0 {
 			hit = fmt.Sprintf("%.1f%% (%d hits, %d misses)", 100*float64(hits)/float64(hits+misses), hits, misses)
 		}
+		return fmt.Sprintf("memory checks: %d ok; pager hit rate %s", len(d.rep.MemoryChecks), hit), nil
+	})
+}
+
+// wantParked checks that a standby left inst on Standby with a memory check
+// the emulator vouched for ("unknown" would mean nobody checked).
+func wantParked(inst api.Instance) error {
+	if inst.State != api.StateStandby {
+		return fmt.Errorf("standby %s: %s (error %q), want Standby", inst.Name, inst.State, inst.Error)
 	}
-	d.progress("memory checks: %d ok, %d unknown, %d failed; pager hit rate %s", len(parked)-unknown-len(bad), unknown, len(bad), hit)
-	if len(bad) > 0 {
-		return fmt.Errorf("memory integrity errors: %s", strings.Join(bad, "; "))
+	if inst.MemoryCheck != "ok" {
+		return fmt.Errorf("standby %s: memory check %q, want ok", inst.Name, inst.MemoryCheck)
 	}
-	fmt.Fprintf(d.out, "demo passed in %s\n", time.Since(start).Round(time.Millisecond))
 	return nil
 }
 
@@ -277,118 +404,42 @@ func (d *demo) all(ctx context.Context, list []api.Instance, action string, req 
 	return out, lat, errors.Join(errs...)
 }
 
-// see remembers an instance's VMM pid, to kill it at cleanup if the daemon
-// left it behind.
-func (d *demo) see(inst api.Instance) {
-	if inst.Pid > 0 {
-		d.mu.Lock()
-		d.pids[inst.Pid]++
-		d.mu.Unlock()
-	}
-}
-
-// startDaemon runs `<this binary> serve` on the temp data dir and waits
-// until it answers.
-func (d *demo) startDaemon(ctx context.Context) error {
-	exe, err := os.Executable()
-	if err != nil {
-		return fmt.Errorf("find this binary: %w", err)
-	}
-	logf, err := os.Create(filepath.Join(d.dir, "daemon.log"))
-	if err != nil {
-		return err
-	}
-	defer logf.Close()
-	cmd := exec.Command(exe, "serve", "--data-dir", d.data, "--log-format", "json", "--log-level", "debug",
-		"--vmm-binary", d.o.vmm)
-	// The daemon must not pick up the caller's FORKD_* settings.
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "FORKD_") {
-			cmd.Env = append(cmd.Env, kv)
+// startDaemon runs `forkd serve` on the temp data dir and waits until it
+// answers. The daemon gets SIGTERM if the demo dies first.
+func (d *demo) startDaemon(ctx context.Context) (string, error) {
+	bin := d.o.binary
+	if bin == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return "", fmt.Errorf("find this binary: %w", err)
 		}
+		bin = exe
 	}
-	cmd.Stdout, cmd.Stderr = logf, logf
-	// If the demo dies, its daemon gets SIGTERM rather than living on.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start daemon: %w", err)
+	p, err := daemonproc.Start(ctx, daemonproc.Spec{
+		Binary:            bin,
+		DataDir:           d.data,
+		Args:              []string{"--log-format", "json", "--log-level", "debug", "--vmm-binary", d.o.vmm},
+		LogPath:           filepath.Join(d.dir, "daemon.log"),
+		ParentDeathSignal: syscall.SIGTERM,
+	})
+	if err != nil {
+		return "", err
 	}
-	d.daemon = cmd
-	d.exited = make(chan struct{})
-	go func() { _ = cmd.Wait(); close(d.exited) }()
-
-	sock := filepath.Join(d.data, api.SocketName)
-	if d.c, err = api.NewClient(sock); err != nil {
-		return err
-	}
-	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
-	defer cancel()
-	if _, err := d.c.WaitHealthy(wctx, d.exited); err != nil {
-		if errors.Is(err, api.ErrDaemonExited) {
-			return fmt.Errorf("the daemon exited during startup (%v); its log:\n%s", cmd.ProcessState, d.logTail())
-		}
-		return fmt.Errorf("%w; its log:\n%s", err, d.logTail())
-	}
-	d.progress("started daemon pid %d on data dir %s", cmd.Process.Pid, d.data)
-	return nil
+	d.daemon, d.c = p, p.Client
+	return fmt.Sprintf("started daemon pid %d on data dir %s", p.Pid(), d.data), nil
 }
 
-func (d *demo) logTail() string {
-	b, _ := os.ReadFile(filepath.Join(d.dir, "daemon.log"))
-	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-	if len(lines) > 20 {
-		lines = lines[len(lines)-20:]
-	}
-	return "  " + strings.Join(lines, "\n  ")
-}
-
-// cleanup removes every instance, stops the daemon, kills any VMM or pager
-// of this demo that is left (only processes whose command line names the
-// temp dir), and removes the temp dir.
+// cleanup deletes every instance, stops the daemon, kills any VMM or pager
+// of this demo that is left (processes whose command line names its data
+// dir), and removes the temp dir.
 func (d *demo) cleanup() error {
 	var errs []error
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	if d.c != nil && d.daemon != nil {
-		if list, err := d.c.ListInstances(ctx); err == nil {
-			for _, inst := range list {
-				d.see(inst)
-				if err := d.c.DeleteInstance(ctx, inst.ID); err != nil && !errors.Is(err, api.ErrNotImplemented) {
-					errs = append(errs, fmt.Errorf("cleanup: delete %s: %w", inst.Name, err))
-				}
-			}
-		}
-		d.c.Close()
-	}
 	if d.daemon != nil {
-		_ = d.daemon.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-d.exited:
-		case <-time.After(30 * time.Second):
-			_ = d.daemon.Process.Kill()
-			<-d.exited
-			errs = append(errs, errors.New("cleanup: the daemon ignored SIGTERM for 30s; killed it"))
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		if err := d.daemon.Teardown(ctx, 30*time.Second); err != nil {
+			errs = append(errs, fmt.Errorf("cleanup: %w", err))
 		}
-	}
-	// VMMs and the pager run in their own sessions and outlive the daemon
-	// by design; the demo owns them, so it ends them.
-	var pids []int
-	d.mu.Lock()
-	for pid := range d.pids {
-		pids = append(pids, pid)
-	}
-	d.mu.Unlock()
-	pagerPids, _ := filepath.Glob(filepath.Join(d.data, "pager", "*", "pager.pid"))
-	for _, p := range pagerPids {
-		if b, err := os.ReadFile(p); err == nil {
-			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
-				pids = append(pids, pid)
-			}
-		}
-	}
-	sort.Ints(pids)
-	for _, pid := range pids {
-		d.killOwned(pid)
 	}
 	if d.o.keep {
 		fmt.Fprintf(d.out, "kept %s (daemon log: %s)\n", d.dir, filepath.Join(d.dir, "daemon.log"))
@@ -396,16 +447,4 @@ func (d *demo) cleanup() error {
 		errs = append(errs, fmt.Errorf("cleanup: %w", err))
 	}
 	return errors.Join(errs...)
-}
-
-// killOwned SIGKILLs pid if its command line mentions the demo's temp dir:
-// a pid from an old list may have been reused by an unrelated process.
-func (d *demo) killOwned(pid int) {
-	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	if err != nil || !strings.Contains(string(cmdline), d.dir) {
-		return
-	}
-	if p, err := os.FindProcess(pid); err == nil {
-		_ = p.Signal(syscall.SIGKILL)
-	}
 }

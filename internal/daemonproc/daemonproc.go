@@ -30,6 +30,10 @@ type Spec struct {
 	// caller: no FORKD_* setting of the caller's may configure the daemon.
 	Env     []string
 	LogPath string // the daemon's stdout and stderr, appended to (across restarts)
+	// ParentDeathSignal, when set, is sent to the daemon if the thread that
+	// started it exits (Linux's PDEATHSIG): for a daemon that must not
+	// outlive a short-lived caller such as `forkd demo`.
+	ParentDeathSignal syscall.Signal
 }
 
 // Proc is one running (or exited) `forkd serve` child.
@@ -59,6 +63,9 @@ func Start(ctx context.Context, s Spec) (*Proc, error) {
 	cmd := exec.Command(s.Binary, args...)
 	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME")}, s.Env...)
 	cmd.Stdout, cmd.Stderr = logf, logf
+	if s.ParentDeathSignal != 0 {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: s.ParentDeathSignal}
+	}
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start daemon %s: %w", s.Binary, err)
 	}
@@ -120,6 +127,31 @@ func (p *Proc) Terminate(ctx context.Context, timeout time.Duration) error {
 		p.Kill()
 		return fmt.Errorf("daemon pid %d ignored SIGTERM for %v", p.Pid(), timeout)
 	}
+}
+
+// Teardown is how a caller that owns the whole data dir ends it: it
+// deletes every instance and snapshot through the API (deleting is what
+// stops VMMs, which outlive the daemon), stops the daemon (SIGTERM, then
+// SIGKILL after timeout), and SIGKILLs any process whose command line
+// still names the data dir (a VMM or pager left behind). No process it
+// started survives it.
+func (p *Proc) Teardown(ctx context.Context, timeout time.Duration) error {
+	var errs []error
+	select {
+	case <-p.exited:
+	default:
+		if err := api.DeleteAll(ctx, p.Client); err != nil {
+			errs = append(errs, err)
+		}
+		p.Client.Close()
+		if err := p.Terminate(ctx, timeout); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for _, q := range ProcessesUnder(p.Layout.Root()) {
+		_ = syscall.Kill(q.Pid, syscall.SIGKILL)
+	}
+	return errors.Join(errs...)
 }
 
 // LogTail is the end of the daemon's log, for failure messages.

@@ -55,8 +55,8 @@ type flight struct {
 	done    chan struct{} // closed when data, zero and err are set
 	waiters int           // lookups waiting for this read; guarded by the shard's mu
 	data    []byte
-	zero bool
-	err  error
+	zero    bool
+	err     error
 }
 
 type cacheSlot struct {

@@ -2,13 +2,11 @@ package reliability
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"path/filepath"
 	"syscall"
 	"time"
 
-	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/daemonproc"
 )
 
@@ -71,22 +69,7 @@ func (d *Daemon) Restart(ctx context.Context, env []string) (*Daemon, error) {
 // their VMMs), SIGTERMs the daemon, then SIGKILLs any VMM or pager process
 // still running under the data dir: a test leaves no process behind.
 func (d *Daemon) Shutdown(ctx context.Context) error {
-	var errs []error
-	select {
-	case <-d.Exited():
-	default:
-		ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
-		defer cancel()
-		if err := api.DeleteAll(ctx, d.Client); err != nil {
-			errs = append(errs, err)
-		}
-		d.Client.Close()
-		if err := d.Terminate(ctx, 30*time.Second); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	for _, p := range ProcessesUnder(d.Layout.Root()) {
-		_ = syscall.Kill(p.Pid, syscall.SIGKILL)
-	}
-	return errors.Join(errs...)
+	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	return d.Teardown(ctx, 30*time.Second)
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/daemonproc"
 	"github.com/forkd/forkd/internal/guestdir"
 )
 
@@ -128,7 +129,7 @@ func CheckInvariants(ctx context.Context, d *Daemon) error {
 				bad("%s instance %s still has %s", in.State, in.Name, latest.Memory())
 			}
 		case api.StateRunning, api.StatePaused:
-			if in.Pid <= 0 || syscall.Kill(in.Pid, 0) != nil || isZombie(in.Pid) {
+			if in.Pid <= 0 || syscall.Kill(in.Pid, 0) != nil || daemonproc.IsZombie(in.Pid) {
 				bad("%s instance %s: VMM pid %d is not alive", in.State, in.Name, in.Pid)
 			}
 			if in.RestoreBackend == api.BackendUffd {
