@@ -213,7 +213,6 @@ func TestSentinelErrorsMapToStatusAndCode(t *testing.T) {
 		{fmt.Errorf("create x: %w", api.ErrExists), 409, api.CodeAlreadyExists},
 		{fmt.Errorf("get a: %w", api.ErrAmbiguous), 409, api.CodeAmbiguous},
 		{fmt.Errorf("create: %w", api.ErrInvalid), 422, api.CodeInvalidRequest},
-		{fmt.Errorf("create: %w", api.ErrNotImplemented), 501, api.CodeNotImplemented},
 		{fmt.Errorf("pager: %w", api.ErrUnavailable), 503, api.CodeUnavailable},
 		{fmt.Errorf("disk on fire"), 500, api.CodeInternal},
 	}
@@ -272,7 +271,7 @@ func TestUnknownRoutesAnswerWithErrorDocuments(t *testing.T) {
 
 func errorsIsSentinel(got, want error) bool {
 	for _, s := range []error{api.ErrNotFound, api.ErrInvalidState, api.ErrExists, api.ErrAmbiguous,
-		api.ErrInvalid, api.ErrNotImplemented, api.ErrUnavailable} {
+		api.ErrInvalid, api.ErrUnavailable} {
 		if errors.Is(want, s) {
 			return errors.Is(got, s)
 		}

@@ -20,7 +20,6 @@ const (
 	CodeInvalidName          = "invalid_name"           // 422: name or reference fails NamePattern
 	CodeInvalidRequest       = "invalid_request"        // 422: well-formed but unacceptable values
 	CodeInternal             = "internal"               // 500
-	CodeNotImplemented       = "not_implemented"        // 501: the backend for this is not built yet
 	CodeUnavailable          = "unavailable"            // 503
 )
 
@@ -66,8 +65,6 @@ func statusOf(err error) (int, string) {
 		return http.StatusConflict, CodeAmbiguous
 	case errors.Is(err, ErrInvalid):
 		return http.StatusUnprocessableEntity, CodeInvalidRequest
-	case errors.Is(err, ErrNotImplemented):
-		return http.StatusNotImplemented, CodeNotImplemented
 	case errors.Is(err, ErrUnavailable):
 		return http.StatusServiceUnavailable, CodeUnavailable
 	default:
@@ -89,8 +86,6 @@ func sentinelOf(code string) error {
 		return ErrAmbiguous
 	case CodeInvalidName, CodeInvalidRequest, CodeBadRequest, CodeBodyTooLarge, CodeUnsupportedMediaType:
 		return ErrInvalid
-	case CodeNotImplemented:
-		return ErrNotImplemented
 	case CodeUnavailable:
 		return ErrUnavailable
 	default:
@@ -116,8 +111,6 @@ func codeOfStatus(status int) string {
 		return CodeUnsupportedMediaType
 	case http.StatusUnprocessableEntity:
 		return CodeInvalidRequest
-	case http.StatusNotImplemented:
-		return CodeNotImplemented
 	case http.StatusServiceUnavailable:
 		return CodeUnavailable
 	default:

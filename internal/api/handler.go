@@ -357,7 +357,7 @@ func (h *handler) ref(w http.ResponseWriter, r *http.Request) (string, bool) {
 // fail writes err as an error document; server-side failures are logged.
 func (h *handler) fail(w http.ResponseWriter, r *http.Request, err error) {
 	status, _ := statusOf(err)
-	if status >= 500 && status != http.StatusNotImplemented {
+	if status >= 500 {
 		h.log.Error("request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)
 	} else {
 		h.log.Debug("request refused", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)

@@ -43,8 +43,6 @@ func hintFor(err error) string {
 		return "is the daemon running? start it with `forkd serve` (as root), or point --host / FORKD_HOST at it"
 	case errors.As(err, &se) && se.Code == api.CodeUnauthorized:
 		return "this daemon needs its bearer token: pass --token-file or set FORKD_TOKEN_FILE"
-	case errors.Is(err, api.ErrNotImplemented):
-		return "this forkd build does not implement that yet"
 	case errors.Is(err, api.ErrNotFound):
 		return "list what exists with `forkd ps` or `forkd snapshot ls`"
 	case errors.Is(err, api.ErrAmbiguous):

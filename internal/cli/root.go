@@ -6,7 +6,6 @@ package cli
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 
@@ -18,8 +17,7 @@ import (
 // Extensions are the commands built outside this package, which the root
 // command mounts: the process roles (`serve`, `vmm`, `pager serve`) from
 // cmd/forkd, and `bench fork-burst` from internal/bench. A nil one is left
-// out, or, for BenchForkBurst, replaced by a command that says it is not
-// built yet.
+// out.
 type Extensions struct {
 	Serve          *cobra.Command
 	VMM            *cobra.Command
@@ -69,17 +67,9 @@ Start the daemon with 'forkd serve'; every other command talks to it.`,
 		pager.AddCommand(ext.PagerServe)
 	}
 	bench := &cobra.Command{Use: "bench", Short: "Benchmarks against a running daemon"}
-	burst := ext.BenchForkBurst
-	if burst == nil {
-		burst = &cobra.Command{
-			Use:   "fork-burst",
-			Short: "Fork burst benchmark (not built into this forkd yet)",
-			RunE: func(cmd *cobra.Command, args []string) error {
-				return errors.New("bench fork-burst: not built into this forkd yet (internal/bench lands it)")
-			},
-		}
+	if ext.BenchForkBurst != nil {
+		bench.AddCommand(ext.BenchForkBurst)
 	}
-	bench.AddCommand(burst)
 	add("host", pager, bench, newDemoCommand(), newVersionCommand())
 	for _, c := range []*cobra.Command{ext.Serve, ext.VMM} {
 		if c != nil {

@@ -53,8 +53,6 @@ const (
 	// snapshots/ that is being built and not yet renamed into place. The
 	// reconciler removes such directories left by a crash.
 	TempPrefix = ".tmp-"
-	// UnshareSuffix is the temp name memfile.EnsureExclusive writes.
-	UnshareSuffix = ".unshare.tmp"
 	// deletingSuffix ends the temp name a directory is renamed to before it
 	// is removed.
 	deletingSuffix = ".deleting"

@@ -256,11 +256,11 @@ func (m *Manager) makeForkDir(id string, f forkFiles) (memfile.ShareResult, erro
 		return res, err
 	}
 	if f.kernel != "" {
-		if _, err := memfile.Clone(f.kernel, tmp.Kernel()); err != nil {
+		if _, err := m.files.Clone(f.kernel, tmp.Kernel()); err != nil {
 			return res, err
 		}
 	}
-	if _, err := memfile.Clone(f.rootfs, tmp.Rootfs()); err != nil {
+	if _, err := m.files.Clone(f.rootfs, tmp.Rootfs()); err != nil {
 		return res, err
 	}
 	if f.from != nil {
@@ -270,7 +270,7 @@ func (m *Manager) makeForkDir(id string, f forkFiles) (memfile.ShareResult, erro
 		if res, err = m.shareMemFile(f.from.Memory(), tmp.Latest().Memory()); err != nil {
 			return res, err
 		}
-		if _, err := memfile.Clone(f.from.VMState(), tmp.Latest().VMState()); err != nil {
+		if _, err := m.files.Clone(f.from.VMState(), tmp.Latest().VMState()); err != nil {
 			return res, err
 		}
 		if err := atomicfile.SyncDir(tmp.Latest().Dir); err != nil {
@@ -311,7 +311,7 @@ func ValidForkStrategy(s string) error {
 func (m *Manager) shareMemFile(src, dst string) (memfile.ShareResult, error) {
 	switch m.cfg.ForkStrategy {
 	case ForkStrategyReflink:
-		mode, err := memfile.Clone(src, dst)
+		mode, err := m.files.Clone(src, dst)
 		if err != nil {
 			return memfile.ShareResult{}, err
 		}
@@ -322,12 +322,12 @@ func (m *Manager) shareMemFile(src, dst string) (memfile.ShareResult, error) {
 		}
 		return memfile.ShareResult{Mode: memfile.ModeReflink}, nil
 	case ForkStrategyCopy:
-		if err := memfile.Copy(src, dst); err != nil {
+		if err := m.files.Copy(src, dst); err != nil {
 			return memfile.ShareResult{}, err
 		}
 		return memfile.ShareResult{Mode: memfile.ModeCopy}, nil
 	default:
-		return memfile.ShareForFork(src, dst)
+		return m.files.ShareForFork(src, dst)
 	}
 }
 

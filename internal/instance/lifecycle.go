@@ -13,7 +13,6 @@ import (
 	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
-	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/store"
 )
 
@@ -161,7 +160,7 @@ func (m *Manager) makeGuestFiles(req api.CreateInstanceRequest, g guestdir.Guest
 		}
 	}
 	if req.Rootfs != "" {
-		if _, err := memfile.Clone(req.Rootfs, g.Rootfs()); err != nil {
+		if _, err := m.files.Clone(req.Rootfs, g.Rootfs()); err != nil {
 			return err
 		}
 	} else {

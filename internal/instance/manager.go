@@ -13,6 +13,7 @@ import (
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/store"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -37,8 +38,6 @@ type Config struct {
 	// means hardlink). Only hardlink is zero-I/O fanout; reflink and copy
 	// exist so benchmarks can compare it with the alternatives.
 	ForkStrategy string
-	// Pager, when set, replaces the lazily started host pager (tests).
-	Pager Pager
 	// Logger receives what the manager does (default: slog.Default()).
 	Logger *slog.Logger
 	// Registerer receives the manager's metrics (nil: not registered).
@@ -64,6 +63,9 @@ type Manager struct {
 	db     *store.Store
 	log    *slog.Logger
 	met    *metrics
+	// files runs every mem-file, disk and kernel copy (memfile), telling
+	// noteFullCopy when a sparse copy had to move every byte.
+	files memfile.Options
 
 	// ctx is cancelled by Close; background work (compression) uses it and
 	// is tracked by wg.
@@ -141,6 +143,7 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		compressing: map[string]context.CancelFunc{},
 	}
 	m.met = newMetrics(m)
+	m.files = memfile.Options{FullCopy: m.noteFullCopy}
 	if cfg.Registerer != nil {
 		if err := m.met.register(cfg.Registerer); err != nil {
 			db.Close()

@@ -13,6 +13,7 @@ import (
 type metrics struct {
 	opDuration     *prometheus.HistogramVec
 	shareFallbacks *prometheus.CounterVec
+	fullCopies     prometheus.Counter
 	states         *stateCollector
 	pager          prometheus.Collector // the pager's stats, re-exported
 }
@@ -28,6 +29,10 @@ func newMetrics(m *Manager) *metrics {
 			Name: "forkd_memfile_share_fallbacks_total",
 			Help: "Mem-file shares that could not hardlink and fell back to reflink or copy, by errno.",
 		}, []string{"reason"}),
+		fullCopies: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "forkd_memfile_full_copies_total",
+			Help: "Copies (clones, unshares) that moved every byte because the filesystem cannot report holes.",
+		}),
 		states: &stateCollector{m: m, desc: prometheus.NewDesc("forkd_instances",
 			"Instances by state.", []string{"state"}, nil)},
 		pager: pager.NewCollector(m.pagerStatsForMetrics),
@@ -35,7 +40,7 @@ func newMetrics(m *Manager) *metrics {
 }
 
 func (x *metrics) register(r prometheus.Registerer) error {
-	for _, c := range []prometheus.Collector{x.opDuration, x.shareFallbacks, x.states, x.pager} {
+	for _, c := range []prometheus.Collector{x.opDuration, x.shareFallbacks, x.fullCopies, x.states, x.pager} {
 		if err := r.Register(c); err != nil {
 			return err
 		}
@@ -51,6 +56,14 @@ func (m *Manager) countFallback(res memfile.ShareResult, op, subject string) {
 	}
 	m.met.shareFallbacks.WithLabelValues(res.Reason).Inc()
 	m.log.Warn("mem-file share fell back from hardlink", "op", op, "instance", subject, "mode", res.Mode, "errno", res.Reason)
+}
+
+// noteFullCopy logs and counts a copy that could not stay sparse: the data
+// dir's filesystem cannot report holes, so every byte of path was moved
+// (memfile.Options.FullCopy).
+func (m *Manager) noteFullCopy(path string, bytes int64) {
+	m.met.fullCopies.Inc()
+	m.log.Warn("filesystem cannot report holes: a sparse copy moved every byte", "path", path, "bytes", bytes)
 }
 
 // stateCollector reads instance counts from the store at scrape time.

@@ -50,3 +50,27 @@ func TestMetricsCountOperationsAndStates(t *testing.T) {
 		t.Errorf("forkd_pager_up = %v, want 0 (no pager started)", up)
 	}
 }
+
+// The manager's copies report a sparse copy that had to move every byte
+// (memfile's FullCopy hook) to the log and forkd_memfile_full_copies_total.
+func TestFullCopyReachesTheMetric(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := newTestManager(t, func(c *Config) { c.Registerer = reg })
+	if m.files.FullCopy == nil {
+		t.Fatal("the manager's memfile options have no FullCopy hook: a full copy would go unreported")
+	}
+	m.files.FullCopy("/data/guests/x/rootfs.ext4", 1<<20)
+	fams, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range fams {
+		if f.GetName() == "forkd_memfile_full_copies_total" {
+			if v := f.GetMetric()[0].GetCounter().GetValue(); v != 1 {
+				t.Fatalf("forkd_memfile_full_copies_total = %v, want 1", v)
+			}
+			return
+		}
+	}
+	t.Fatal("forkd_memfile_full_copies_total is not registered")
+}

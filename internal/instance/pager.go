@@ -48,14 +48,8 @@ func (m *Manager) pager(ctx context.Context) (Pager, error) {
 		if m.pagerOnce.p.Healthy(ctx) {
 			return m.pagerOnce.p, nil
 		}
-		if m.cfg.Pager == nil {
-			m.log.Warn("pager does not answer: starting it again")
-			m.pagerOnce.p = nil
-		}
-	}
-	if m.cfg.Pager != nil {
-		m.pagerOnce.p = m.cfg.Pager
-		return m.pagerOnce.p, nil
+		m.log.Warn("pager does not answer: starting it again")
+		m.pagerOnce.p = nil
 	}
 	p, err := m.startPager(ctx)
 	if err != nil {

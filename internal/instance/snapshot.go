@@ -11,7 +11,6 @@ import (
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/guestdir"
-	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/store"
 )
 
@@ -187,20 +186,20 @@ func (m *Manager) storeFiles(g guestdir.Guest, from guestdir.SnapDir, id string)
 	}
 	// The store and the instance now share the mem-file inode. Safe: the
 	// store never writes it, and the instance unshares before its next diff.
-	res, err := memfile.ShareForFork(from.Memory(), tmp.Memory())
+	res, err := m.files.ShareForFork(from.Memory(), tmp.Memory())
 	if err != nil {
 		return err
 	}
 	m.countFallback(res, "snapshot", id)
-	if _, err := memfile.Clone(from.VMState(), tmp.VMState()); err != nil {
+	if _, err := m.files.Clone(from.VMState(), tmp.VMState()); err != nil {
 		return err
 	}
 	if _, err := os.Stat(g.Kernel()); err == nil {
-		if _, err := memfile.Clone(g.Kernel(), tmp.Kernel()); err != nil {
+		if _, err := m.files.Clone(g.Kernel(), tmp.Kernel()); err != nil {
 			return err
 		}
 	}
-	if _, err := memfile.Clone(g.Rootfs(), tmp.Rootfs()); err != nil {
+	if _, err := m.files.Clone(g.Rootfs(), tmp.Rootfs()); err != nil {
 		return err
 	}
 	meta, _ := json.MarshalIndent(map[string]any{"id": id, "source_dir": g.Dir, "created_at": time.Now().UTC()}, "", "  ")

@@ -11,7 +11,6 @@ import (
 	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
-	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/store"
 )
 
@@ -131,7 +130,7 @@ func (m *Manager) writeSnapshot(ctx context.Context, o *op, c *firecracker.Clien
 			if err := m.pinMapped(id, dir); err != nil {
 				return "", err
 			}
-			unshared, err := memfile.EnsureExclusive(dir.Memory())
+			unshared, err := m.files.EnsureExclusive(dir.Memory())
 			if err != nil {
 				return "", fmt.Errorf("unshare %s: %w", dir.Memory(), err)
 			}

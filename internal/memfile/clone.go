@@ -137,7 +137,7 @@ func (o Options) sparseCopy(in, out *os.File, size int64, noCFR bool) error {
 		return nil
 	})
 	if errors.Is(err, errNoSeekHole) {
-		o.warn("memfile: filesystem cannot report holes; full copy", "op", "clone", "path", in.Name(), "bytes", size)
+		o.fullCopy(in.Name(), size)
 		err = c.copy(0, size)
 	}
 	return err

@@ -111,7 +111,7 @@ func TestCompressedReaderReadsAnyRange(t *testing.T) {
 		if err := Compress(context.Background(), path, zst, CompressOptions{FrameSize: 256 << 10}); err != nil {
 			t.Fatal(err)
 		}
-		r, err := OpenCompressed(zst)
+		r, err := openCompressed(zst)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -177,10 +177,10 @@ func TestCompressedFileCorruptionIsDetected(t *testing.T) {
 			if err := os.WriteFile(path, bad, 0o600); err != nil {
 				t.Fatal(err)
 			}
-			r, err := OpenCompressed(path)
+			r, err := openCompressed(path)
 			if tc.open {
 				if !errors.Is(err, ErrCorrupt) {
-					t.Fatalf("OpenCompressed = %v, want ErrCorrupt", err)
+					t.Fatalf("openCompressed = %v, want ErrCorrupt", err)
 				}
 				return
 			}

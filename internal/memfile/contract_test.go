@@ -2,7 +2,6 @@ package memfile
 
 import (
 	"context"
-	"log/slog"
 )
 
 // The exported API other packages code against (notes/contracts.md): these
@@ -11,11 +10,8 @@ var (
 	_ func(src, dst string) (ShareResult, error)                                  = ShareForFork
 	_ func(src, dst string) (Mode, error)                                         = Clone
 	_ func(path string) (bool, error)                                             = EnsureExclusive
-	_ func(base, diff string) error                                               = MergeDiff
 	_ func(ctx context.Context, src, dst string, opt CompressOptions) error       = Compress
 	_ func(ctx context.Context, src, dst string, p func(done, total int64)) error = Decompress
-	_ func(path string) (*CompressedReader, error)                                = OpenCompressed
 	_                                                                             = CompressOptions{Level: 1, Concurrency: 1, FrameSize: 1, Progress: func(done, total int64) {}}
-	// A logger's Warn method can be passed as is.
-	_ = Options{Warn: slog.Default().Warn}
+	_                                                                             = Options{FullCopy: func(path string, bytes int64) {}}
 )

@@ -21,7 +21,7 @@ import (
 // means "clean page" and a page of zeros must be data). progress, when set,
 // is called from one goroutine at a time with the bytes done and the total.
 func Decompress(ctx context.Context, src, dst string, progress func(done, total int64)) error {
-	r, err := OpenCompressed(src)
+	r, err := openCompressed(src)
 	if err != nil {
 		return fmt.Errorf("decompress %s: %w", src, err)
 	}
@@ -43,7 +43,7 @@ func Decompress(ctx context.Context, src, dst string, progress func(done, total 
 	return nil
 }
 
-func (r *CompressedReader) decompressTo(ctx context.Context, out *os.File, progress func(done, total int64)) error {
+func (r *compressedReader) decompressTo(ctx context.Context, out *os.File, progress func(done, total int64)) error {
 	if err := out.Truncate(r.size); err != nil {
 		return err
 	}

@@ -1,34 +1,31 @@
 // Package memfile owns every file operation on guest memory files
 // ("mem-files"): sharing one for a fork, cloning or copying it, the unshare
-// guard, merging a diff layer into a base, and compressing it for cold
-// storage.
+// guard, and compressing it for cold storage.
 //
 // It knows nothing of VMs, instances or snapshots; everything here is a file
 // operation on paths the caller chose. It never logs: degraded paths are
-// reported through Options.Warn and through return values (Mode, Reason), so
-// the caller can log and count them.
+// reported through Options.FullCopy and through return values (Mode, Reason),
+// so the caller can log and count them.
 //
 // # Invariants enforced here (DESIGN.md §1)
 //
 //   - Fanout is zero-I/O: ShareForFork hardlinks; not one mem-file byte is read
 //     or written. Only when linking fails (EXDEV, EMLINK, EPERM, ...) does it
 //     fall back to Clone, and it returns the errno name that forced it.
-//   - Nobody writes a shared inode: MergeDiff, the only in-place writer,
-//     refuses a base whose link count is > 1 (ErrShared); EnsureExclusive
-//     replaces such a file with a private copy first, leaving the other links'
-//     inode and bytes untouched.
-//   - A page of zeros that is data stays data. Copies and merges walk
-//     SEEK_DATA/SEEK_HOLE and copy whole data extents; they never look at the
-//     bytes to turn zeros into holes, because a page the guest dirtied to all
-//     zeros must overwrite the base's page when a diff is merged.
+//   - Nobody writes a shared inode: this package never writes a mem-file in
+//     place; EnsureExclusive replaces a file whose link count is > 1 with a
+//     private copy before its owner's VMM writes a Diff into it, leaving the
+//     other links' inode and bytes untouched.
+//   - A page of zeros that is data stays data. Copies walk SEEK_DATA/SEEK_HOLE
+//     and copy whole data extents; they never look at the bytes to turn zeros
+//     into holes, because a base's page of zeros is part of its image.
 //   - Crash-safe: Clone, Copy and EnsureExclusive write <name>.tmp or
 //     <path>.unshare.tmp, fsync it, rename it over the name and fsync the
 //     directory (internal/atomicfile). After a crash the name holds the old
 //     file or the new one, never a partial one; the next call removes a stale
-//     temp. MergeDiff writes in place but is idempotent: after a crash, run it
-//     again with the same diff.
+//     temp.
 //
-// # Compressed format (Compress, Decompress, OpenCompressed)
+// # Compressed format (Compress, Decompress)
 //
 // A compressed mem-file is a sequence of independent zstd frames, one per
 // fixed-size chunk of the original (FrameSize, 4 MiB by default; the last

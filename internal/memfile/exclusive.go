@@ -8,8 +8,9 @@ import (
 	"syscall"
 )
 
-// UnshareSuffix names the temp file EnsureExclusive writes beside path.
-const UnshareSuffix = ".unshare.tmp"
+// unshareSuffix names the temp file EnsureExclusive writes beside path (the
+// reconciler removes any *.tmp file a crash leaves).
+const unshareSuffix = ".unshare.tmp"
 
 // EnsureExclusive makes path a private inode. See Options.EnsureExclusive.
 func EnsureExclusive(path string) (unshared bool, err error) {
@@ -24,7 +25,7 @@ func EnsureExclusive(path string) (unshared bool, err error) {
 // I/O and returns false. A crash at any step leaves path old or new, never
 // partial; a stale temp from a crash is removed by the next call.
 func (o Options) EnsureExclusive(path string) (unshared bool, err error) {
-	tmp := path + UnshareSuffix
+	tmp := path + unshareSuffix
 	if err := os.Remove(tmp); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return false, fmt.Errorf("unshare %s: remove stale %s: %w", path, tmp, err)
 	}
@@ -49,12 +50,4 @@ func nlink(st fs.FileInfo) uint64 {
 		return uint64(s.Nlink)
 	}
 	return 1
-}
-
-// allocated returns the bytes of disk the file occupies (st_blocks * 512).
-func allocated(st fs.FileInfo) int64 {
-	if s, ok := st.Sys().(*syscall.Stat_t); ok {
-		return s.Blocks * 512
-	}
-	return st.Size()
 }

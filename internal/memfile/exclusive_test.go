@@ -37,7 +37,7 @@ func TestEnsureExclusiveGivesAForkLinkItsOwnInodeAndLeavesTheSourceAlone(t *test
 			t.Fatalf("after unshare: src ino %d nlink %d, fork ino %d nlink %d; want two private inodes", s.Ino, s.Nlink, f.Ino, f.Nlink)
 		}
 		checkCopy(t, src, fork)
-		if exists(fork + UnshareSuffix) {
+		if exists(fork + unshareSuffix) {
 			t.Fatal("unshare temp left behind")
 		}
 		if again, err := EnsureExclusive(fork); err != nil || again {
@@ -68,7 +68,7 @@ func procIO(t *testing.T) int64 {
 func TestEnsureExclusiveDoesNoIOOnAPrivateFile(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "memory")
 	writeSparse(t, path, 16<<20, extent{0, randBytes(t, 8<<20)})
-	if err := os.WriteFile(path+UnshareSuffix, []byte("stale"), 0o600); err != nil {
+	if err := os.WriteFile(path+unshareSuffix, []byte("stale"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	before := stat(t, path)
@@ -86,7 +86,7 @@ func TestEnsureExclusiveDoesNoIOOnAPrivateFile(t *testing.T) {
 	if moved := io1 - io0; moved > 64<<10 {
 		t.Fatalf("EnsureExclusive on a private 16 MiB file moved %d bytes through read/write", moved)
 	}
-	if exists(path + UnshareSuffix) {
+	if exists(path + unshareSuffix) {
 		t.Fatal("stale unshare temp not removed")
 	}
 }

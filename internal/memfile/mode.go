@@ -1,7 +1,5 @@
 package memfile
 
-import "errors"
-
 // Mode says how a file was made available under a new name.
 type Mode string
 
@@ -23,6 +21,3 @@ type ShareResult struct {
 	// ("EXDEV", "EMLINK", "EPERM", ...); "" for a hardlink.
 	Reason string
 }
-
-// ErrShared is returned by MergeDiff for a base that other links name.
-var ErrShared = errors.New("file has other hard links (unshare it first)")

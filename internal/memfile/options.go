@@ -3,10 +3,11 @@ package memfile
 // Options carries the caller's optional hooks. The zero value is valid; the
 // package-level functions use it.
 type Options struct {
-	// Warn, when set, is told about degraded paths that still succeed, such as
-	// a full copy because the filesystem cannot report holes. Its signature
-	// matches (*slog.Logger).Warn, so a logger's method can be passed as is.
-	Warn func(msg string, args ...any)
+	// FullCopy, when set, is told that a copy of path had to move all of its
+	// bytes because the filesystem cannot report holes (SEEK_DATA/SEEK_HOLE):
+	// the sparse copy it asked for degraded to a full one. The manager logs
+	// and counts it.
+	FullCopy func(path string, bytes int64)
 
 	// step, set only by this package's tests, is called after each named step
 	// of a multi-step write so a crash test can kill the process exactly there.
@@ -20,12 +21,11 @@ const (
 	stepTempWritten  = "temp-written"  // all data in the temp file, not yet fsynced
 	stepTempSynced   = "temp-synced"   // temp file fsynced and closed
 	stepRenamed      = "renamed"       // temp renamed over the name, directory fsynced
-	stepMerged       = "extent-merged" // one diff extent written into the base
 )
 
-func (o Options) warn(msg string, args ...any) {
-	if o.Warn != nil {
-		o.Warn(msg, args...)
+func (o Options) fullCopy(path string, bytes int64) {
+	if o.FullCopy != nil {
+		o.FullCopy(path, bytes)
 	}
 }
 

@@ -10,10 +10,10 @@ import (
 	"github.com/klauspost/compress/zstd"
 )
 
-// CompressedReader reads ranges of a compressed mem-file without
+// compressedReader reads ranges of a compressed mem-file without
 // decompressing the rest: ReadAt decodes only the frames it covers. It is
 // safe for concurrent use.
-type CompressedReader struct {
+type compressedReader struct {
 	f         *os.File
 	size      int64
 	frameSize int64
@@ -26,14 +26,14 @@ type CompressedReader struct {
 	cache    []byte
 }
 
-// OpenCompressed opens a file written by Compress and checks its footer and
+// openCompressed opens a file written by Compress and checks its footer and
 // index (ErrCorrupt if they do not hold).
-func OpenCompressed(path string) (*CompressedReader, error) {
+func openCompressed(path string) (*compressedReader, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("open compressed %s: %w", path, err)
 	}
-	r, err := newCompressedReader(f)
+	r, err := newcompressedReader(f)
 	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("open compressed %s: %w", path, err)
@@ -41,7 +41,7 @@ func OpenCompressed(path string) (*CompressedReader, error) {
 	return r, nil
 }
 
-func newCompressedReader(f *os.File) (*CompressedReader, error) {
+func newcompressedReader(f *os.File) (*compressedReader, error) {
 	st, err := f.Stat()
 	if err != nil {
 		return nil, err
@@ -69,14 +69,14 @@ func newCompressedReader(f *os.File) (*CompressedReader, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &CompressedReader{f: f, size: int64(footer.size), frameSize: int64(footer.frameSize), index: index, dec: dec, cacheIdx: -1}, nil
+	return &compressedReader{f: f, size: int64(footer.size), frameSize: int64(footer.frameSize), index: index, dec: dec, cacheIdx: -1}, nil
 }
 
 // Size is the uncompressed size.
-func (r *CompressedReader) Size() int64 { return r.size }
+func (r *compressedReader) Size() int64 { return r.size }
 
 // ReadAt reads len(p) uncompressed bytes at off, as io.ReaderAt.
-func (r *CompressedReader) ReadAt(p []byte, off int64) (int, error) {
+func (r *compressedReader) ReadAt(p []byte, off int64) (int, error) {
 	if off < 0 {
 		return 0, fmt.Errorf("read compressed %s at %d: negative offset", r.f.Name(), off)
 	}
@@ -109,7 +109,7 @@ func (r *CompressedReader) ReadAt(p []byte, off int64) (int, error) {
 // copyFromFrame fills p from frame i starting at within, decoding the frame
 // unless it is the cached one. Sequential small reads (a pager's pages) then
 // decode each frame once.
-func (r *CompressedReader) copyFromFrame(p []byte, i, within int64) error {
+func (r *compressedReader) copyFromFrame(p []byte, i, within int64) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.closed {
@@ -129,7 +129,7 @@ func (r *CompressedReader) copyFromFrame(p []byte, i, within int64) error {
 
 // decodeFrame decodes frame i (which must have data) into dst and checks
 // its length and checksum.
-func (r *CompressedReader) decodeFrame(i int64, dst []byte) ([]byte, error) {
+func (r *compressedReader) decodeFrame(i int64, dst []byte) ([]byte, error) {
 	e := r.index[i]
 	comp := make([]byte, e.length)
 	if _, err := r.f.ReadAt(comp, int64(e.off)); err != nil {
@@ -147,7 +147,7 @@ func (r *CompressedReader) decodeFrame(i int64, dst []byte) ([]byte, error) {
 }
 
 // Close releases the file and decoder.
-func (r *CompressedReader) Close() error {
+func (r *compressedReader) Close() error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.closed {
