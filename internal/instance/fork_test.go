@@ -310,7 +310,15 @@ func TestConcurrentForksOfOneSource(t *testing.T) {
 		_, err := m.Action(ctx, "src", "restore", api.ActionRequest{})
 		restored <- err
 	}()
-	time.Sleep(200 * time.Millisecond)
+	// A writer waiting on a RWMutex blocks new readers: once TryRLock
+	// fails, the restore is parked on the source's lock.
+	waitUntil(t, "the restore waiting for the source's lock", func() bool {
+		if l.TryRLock() {
+			l.RUnlock()
+			return false
+		}
+		return true
+	})
 	if in, _ := m.GetInstance(ctx, "src"); in.State != api.StateStandby {
 		t.Fatalf("source is %s while a reader holds its lock; the restore must wait", in.State)
 	}

@@ -45,6 +45,16 @@ func needUffd(t *testing.T) {
 	}
 }
 
+// waitUntil polls cond until it holds, failing t after a minute.
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(time.Minute); !cond(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after a minute waiting for %s", what)
+		}
+	}
+}
+
 // testBootArgs keep the guest workload small and modest for 2 shared cores.
 const testBootArgs = "forkd.ws_mib=4 forkd.rate=400 forkd.write_pct=30"
 

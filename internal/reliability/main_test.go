@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/testenv"
 )
 
@@ -142,6 +143,45 @@ func createStandby(t *testing.T, c *api.Client, name string) api.Instance {
 	t.Helper()
 	createRunning(t, c, name)
 	return action(t, c, name, "standby")
+}
+
+// waitGuestWork waits until the guest of instance ref has written and
+// verified at least pages more pages of its working set than when called
+// (asked through its VMM's GET /guest): the guest has done the work a step
+// of a test needs, whatever the machine's load. It fails t on an integrity
+// error or after a minute.
+func waitGuestWork(t *testing.T, d *Daemon, ref string, pages uint64) {
+	t.Helper()
+	in, err := d.Client.GetInstance(ctxT(t, 10*time.Second), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := d.Layout.Guest(in.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := firecracker.NewClient(g.VMMSock())
+	defer c.Close()
+	first, err := c.Guest(ctxT(t, 10*time.Second))
+	if err != nil {
+		t.Fatalf("guest of %s: %v", ref, err)
+	}
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(20 * time.Millisecond) {
+		gs, err := c.Guest(ctxT(t, 10*time.Second))
+		if err != nil {
+			t.Fatalf("guest of %s: %v", ref, err)
+		}
+		if gs.IntegrityErrors > 0 {
+			t.Fatalf("guest of %s: %d integrity errors, first: %s", ref, gs.IntegrityErrors, gs.FirstIntegrityError)
+		}
+		if gs.PagesWritten >= first.PagesWritten+pages && gs.PagesVerified >= first.PagesVerified+pages {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("guest of %s wrote %d and verified %d pages in a minute, want %d each", ref,
+				gs.PagesWritten-first.PagesWritten, gs.PagesVerified-first.PagesVerified, pages)
+		}
+	}
 }
 
 // figures collects the numbers RELIABILITY.md quotes; TestMain prints them.

@@ -31,7 +31,7 @@ func TestNoVMWritesAnInodeARunningSiblingMaps(t *testing.T) {
 			}
 			action(t, c, "src", "restore")
 			action(t, c, "kid", "restore")
-			time.Sleep(300 * time.Millisecond)
+			waitGuestWork(t, d, "kid", 30)
 			switch live {
 			case "live snapshot":
 				if _, err := c.CreateSnapshot(ctxT(t, 30*time.Second), "src", api.SnapshotRequest{Name: "snap"}); err != nil {
@@ -42,12 +42,12 @@ func TestNoVMWritesAnInodeARunningSiblingMaps(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			time.Sleep(300 * time.Millisecond) // kid dirties pages
+			waitGuestWork(t, d, "kid", 30) // kid dirties pages
 			if in := action(t, c, "kid", "standby"); in.MemoryCheck != "ok" {
 				t.Errorf("kid at standby: memory_check %q", in.MemoryCheck)
 			}
 			addFigure("faults_injected", 1)
-			time.Sleep(time.Second) // src reads its working set
+			waitGuestWork(t, d, "src", 120) // src reads (and writes) its working set
 			in, err := c.GetInstance(ctxT(t, 10*time.Second), "src")
 			if err != nil {
 				t.Fatal(err)

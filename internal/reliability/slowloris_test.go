@@ -36,18 +36,24 @@ func TestSlowClientsNeitherStallTheDaemonNorHoldConnections(t *testing.T) {
 		err         error
 	}
 	headerResults := make(chan result, 30)
+	// opened counts the slow connections in place (connected, first bytes
+	// sent): the daemon is tested while all 40 hold a connection.
+	var opened sync.WaitGroup
+	opened.Add(40)
 	for i := 0; i < 30; i++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			conn, err := net.Dial("unix", sock)
 			if err != nil {
+				opened.Done()
 				headerResults <- result{err: err}
 				return
 			}
 			defer conn.Close()
 			start := time.Now()
 			io.WriteString(conn, "POST /instances HTTP/1.1\r\nHost: forkd\r\nX-Slow: ")
+			opened.Done()
 			// Dribble a byte every 200 ms; a read error or EOF means the
 			// server hung up.
 			closed := make(chan struct{})
@@ -87,11 +93,13 @@ func TestSlowClientsNeitherStallTheDaemonNorHoldConnections(t *testing.T) {
 			defer wg.Done()
 			conn, err := net.Dial("unix", sock)
 			if err != nil {
+				opened.Done()
 				return
 			}
 			defer conn.Close()
 			body := fmt.Sprintf(`{"name":"slow-body-%d","memory_mib":%d}`, i, testMemMiB)
 			fmt.Fprintf(conn, "POST /instances HTTP/1.1\r\nHost: forkd\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n", len(body)+100)
+			opened.Done()
 			for j := 0; ; j++ {
 				select {
 				case <-stop:
@@ -107,7 +115,7 @@ func TestSlowClientsNeitherStallTheDaemonNorHoldConnections(t *testing.T) {
 	addFigure("slow_connections", 40)
 
 	// Meanwhile the daemon serves others.
-	time.Sleep(500 * time.Millisecond)
+	opened.Wait()
 	if _, err := d.Client.Health(ctxT(t, 10*time.Second)); err != nil {
 		t.Errorf("health during the slowloris: %v", err)
 	}

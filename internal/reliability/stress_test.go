@@ -65,6 +65,29 @@ func (s *stressStats) recordInstance(op string, in api.Instance, err error) {
 	}
 }
 
+// waitOK waits until n operations have succeeded since s was made (the
+// load is under way: a condition, not a sleep) or the load has ended
+// (loadDone closed).
+func (s *stressStats) waitOK(t *testing.T, n int, loadDone <-chan struct{}) {
+	t.Helper()
+	for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(10 * time.Millisecond) {
+		s.mu.Lock()
+		got := sum(s.ok)
+		s.mu.Unlock()
+		select {
+		case <-loadDone:
+			return
+		default:
+		}
+		if got >= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d operations succeeded under load in 2 minutes, want %d", got, n)
+		}
+	}
+}
+
 func (s *stressStats) markDelete(id string) {
 	s.mu.Lock()
 	s.deleteTried[id] = true
@@ -295,7 +318,7 @@ func TestCrashUnderLoadLosesNothing(t *testing.T) {
 		ctx, cancel := context.WithCancel(context.Background())
 		done := make(chan struct{})
 		go func() { runLoad(ctx, d.Client, 4, 30*time.Second, st, &seq); close(done) }()
-		time.Sleep(time.Duration(1500+r.IntN(2500)) * time.Millisecond)
+		st.waitOK(t, 3+r.IntN(10), done) // a random point in the load
 		d.Kill()
 		cancel()
 		<-done
@@ -357,8 +380,8 @@ func TestPagerKilledUnderLoadIsContained(t *testing.T) {
 	done := make(chan struct{})
 	go func() { runLoad(context.Background(), d.Client, 4, 10*time.Second, st, &seq); close(done) }()
 	kills := 0
-	for _, at := range []time.Duration{3 * time.Second, 3 * time.Second} {
-		time.Sleep(at)
+	for _, after := range []int{8, 16} { // operations succeeded before each kill
+		st.waitOK(t, after, done)
 		for _, p := range ProcessesUnder(d.Layout.Root()) {
 			if p.Kind == "pager" && syscall.Kill(p.Pid, syscall.SIGKILL) == nil {
 				kills++
@@ -425,7 +448,7 @@ func TestGracefulRestartUnderLoadFinishesInFlightWork(t *testing.T) {
 		ctx, cancel := context.WithCancel(context.Background())
 		done := make(chan struct{})
 		go func() { runLoad(ctx, d.Client, 4, 30*time.Second, st, &seq); close(done) }()
-		time.Sleep(2 * time.Second)
+		st.waitOK(t, 6, done)
 		running := map[int]bool{}
 		if list, err := d.Client.ListInstances(ctxT(t, 10*time.Second)); err == nil {
 			for _, in := range list {

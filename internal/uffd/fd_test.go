@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 	"unsafe"
@@ -13,6 +14,23 @@ import (
 	"github.com/forkd/forkd/internal/testenv"
 	"golang.org/x/sys/unix"
 )
+
+// waitParkedIn waits until a goroutine is parked in the netpoller ([IO
+// wait]) inside function fn: the wait under test has begun.
+func waitParkedIn(t *testing.T, fn string) {
+	t.Helper()
+	buf := make([]byte, 1<<20)
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(time.Millisecond) {
+		for _, g := range strings.Split(string(buf[:runtime.Stack(buf, true)]), "\n\n") {
+			if strings.Contains(g, "[IO wait") && strings.Contains(g, fn) {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no goroutine parked in %s after 30 s", fn)
+		}
+	}
+}
 
 // openOrSkip opens a userfaultfd with Firecracker's flags and API(features);
 // where the kernel or permissions do not allow it the test skips, or fails
@@ -241,7 +259,7 @@ func TestCloseWakesWaitReadable(t *testing.T) {
 	f := openOrSkip(t, 0)
 	done := make(chan error, 1)
 	go func() { done <- f.WaitReadable(context.Background()) }()
-	time.Sleep(50 * time.Millisecond)
+	waitParkedIn(t, "uffd.(*FD).WaitReadable")
 	f.Close()
 	select {
 	case err := <-done:
@@ -282,7 +300,16 @@ func TestWaitReadableSeesEventQueuedBeforeTheWait(t *testing.T) {
 	}
 	done := make(chan error, 1)
 	go func() { done <- unix.Madvise(mem[:PageSize], unix.MADV_DONTNEED) }() // blocks until the REMOVE is read
-	time.Sleep(100 * time.Millisecond)                                       // the event is queued, its edge delivered
+	// The event is queued (the fd polls readable), so its edge has fired.
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(time.Millisecond) {
+		n, err := unix.Poll([]unix.PollFd{{Fd: int32(f.Fd()), Events: unix.POLLIN}}, 0)
+		if err == nil && n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the REMOVE event never became readable")
+		}
+	}
 	ctx, cancel2 := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel2()
 	if err := f.WaitReadable(ctx); err != nil {
