@@ -85,7 +85,7 @@ func TestHelpListsEveryDesignCommand(t *testing.T) {
 		t.Fatalf("--help exited %d", code)
 	}
 	for _, c := range []string{"run", "ps", "inspect", "pause", "resume", "standby", "restore", "stop", "start",
-		"rm", "fork", "snapshot", "pager", "bench", "demo", "completion"} {
+		"rm", "fork", "snapshot", "pager", "demo", "completion"} { // bench: cmd/forkd mounts it (TestBinaryHelpAndDemo)
 		if !strings.Contains(out, "\n  "+c+" ") {
 			t.Errorf("forkd --help does not list %q", c)
 		}
@@ -174,13 +174,6 @@ func TestPsPrintsTableAndJSON(t *testing.T) {
 	var list []api.Instance
 	if code != 0 || json.Unmarshal([]byte(out), &list) != nil || len(list) != 1 || list[0].Name != "web" {
 		t.Errorf("ps -o json (exit %d): %s", code, out)
-	}
-}
-
-func TestBenchSaysNotBuiltWhenNoExtension(t *testing.T) {
-	_, errOut, code := run(t, "bench", "fork-burst")
-	if code == 0 || !strings.Contains(errOut, "not built") {
-		t.Errorf("bench fork-burst without the extension: exit %d, stderr %q", code, errOut)
 	}
 }
 
