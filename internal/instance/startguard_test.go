@@ -83,7 +83,7 @@ func newManagerErr(t *testing.T, dir string, opts ...testOpt) (*Manager, error) 
 	t.Helper()
 	cfg := Config{
 		DataDir: dir,
-		VMM:     VMMSpec{Binary: forkdBin, Args: []string{"vmm"}, Emulator: true},
+		VMM:     VMMSpec{Binary: forkdBinary(t), Args: []string{"vmm"}, Emulator: true},
 		Logger:  slog.New(slog.NewTextHandler(testWriter{t}, nil)),
 	}
 	for _, o := range opts {
