@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"unicode"
 )
 
 // maxBody is Firecracker's default --http-api-max-payload-size (51200).
@@ -92,6 +93,17 @@ func (v *vmm) handler() http.Handler {
 			return v.putNetIface(n.netIface)
 		})(w, r)
 	})
+	mux.HandleFunc("PATCH /network-interfaces/{id}", func(w http.ResponseWriter, r *http.Request) {
+		action(func(u netIfaceUpdate) error {
+			if u.IfaceID == nil {
+				return fault("missing field `iface_id`")
+			}
+			if err := matchID(r.PathValue("id"), *u.IfaceID); err != nil {
+				return err
+			}
+			return v.patchNetIface(u)
+		})(w, r)
+	})
 	mux.HandleFunc("PUT /actions", action(func(a struct {
 		ActionType *string `json:"action_type"`
 	}) error {
@@ -158,7 +170,17 @@ func (v *vmm) usableLocked() error {
 	return v.usable()
 }
 
+// matchID is Firecracker's checked_id on the path's id, then its check
+// that the body names the same id.
 func matchID(path, body string) error {
+	if path == "" {
+		return fault("The ID cannot be empty.")
+	}
+	for _, c := range path {
+		if c != '_' && !unicode.IsLetter(c) && !unicode.IsNumber(c) {
+			return fault("API Resource IDs can only contain alphanumeric characters and underscores.")
+		}
+	}
 	if path != body {
 		return faultf("The id from the path [%s] does not match the id from the body [%s]!", path, body)
 	}

@@ -72,8 +72,17 @@ func TestAPIFollowsFirecrackerOrderingAndValidation(t *testing.T) {
 		{"drive unknown field", "PUT", "/drives/rootfs", map[string]any{"drive_id": "rootfs", "is_root_device": true, "path_on_host": rootfs, "readonly": true}, 400, "unknown field"},
 		{"drive", "PUT", "/drives/rootfs", map[string]any{"drive_id": "rootfs", "is_root_device": true, "path_on_host": rootfs, "is_read_only": false}, 204, ""},
 		{"second root drive", "PUT", "/drives/data", map[string]any{"drive_id": "data", "is_root_device": true, "path_on_host": rootfs}, 400, "root block device already exists"},
-		{"network interface", "PUT", "/network-interfaces/eth0", map[string]any{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}, 204, ""},
+		// The TAPs are opened for real; a test that has one runs in a
+		// namespace of its own (net_test.go). Here, in the test process's
+		// namespace, only refusals: none of them opens or creates a device.
+		{"network interface without its TAP", "PUT", "/network-interfaces/eth0", map[string]any{"iface_id": "eth0", "host_dev_name": "fkdnotap0", "guest_mac": "06:00:ac:10:00:02"}, 400, "Open tap device failed: Error while creating ifreq structure: No such device (os error 19)"},
+		{"network interface TAP name too long", "PUT", "/network-interfaces/eth0", map[string]any{"iface_id": "eth0", "host_dev_name": "fkd-far-too-long0"}, 400, "Invalid interface name"},
 		{"network interface missing host_dev_name", "PUT", "/network-interfaces/eth1", map[string]any{"iface_id": "eth1"}, 400, "host_dev_name"},
+		{"network interface bad MAC", "PUT", "/network-interfaces/eth0", map[string]any{"iface_id": "eth0", "host_dev_name": "fkdnotap0", "guest_mac": "06:00:ac:10:00"}, 400, "The provided MAC address is invalid."},
+		{"network interface MAC with a short field", "PUT", "/network-interfaces/eth0", map[string]any{"iface_id": "eth0", "host_dev_name": "fkdnotap0", "guest_mac": "6:00:ac:10:00:02:"}, 400, "The provided MAC address is invalid."},
+		{"network interface id mismatch", "PUT", "/network-interfaces/eth0", map[string]any{"iface_id": "eth1", "host_dev_name": "fkdnotap0"}, 400, "does not match"},
+		{"network interface bad path id", "PUT", "/network-interfaces/eth-0", map[string]any{"iface_id": "eth-0", "host_dev_name": "fkdnotap0"}, 400, "alphanumeric characters and underscores"},
+		{"network interface patch before boot", "PATCH", "/network-interfaces/eth0", map[string]any{"iface_id": "eth0"}, 400, "not supported before starting"},
 		{"load after configuring", "PUT", "/snapshot/load", map[string]any{"snapshot_path": "x", "mem_file_path": "y"}, 400, "not allowed after configuring"},
 		{"start", "PUT", "/actions", map[string]any{"action_type": "InstanceStart"}, 204, ""},
 	}
@@ -89,6 +98,8 @@ func TestAPIFollowsFirecrackerOrderingAndValidation(t *testing.T) {
 		{"boot-source after boot", "PUT", "/boot-source", map[string]any{"kernel_image_path": kernel}, 400, "not supported after starting"},
 		{"drive put after boot", "PUT", "/drives/rootfs", map[string]any{"drive_id": "rootfs", "is_root_device": true, "path_on_host": rootfs}, 400, "not supported after starting"},
 		{"drive patch after boot", "PATCH", "/drives/rootfs", map[string]any{"drive_id": "rootfs", "path_on_host": rootfs}, 204, ""},
+		{"network interface put after boot", "PUT", "/network-interfaces/eth0", map[string]any{"iface_id": "eth0", "host_dev_name": "fkdnotap0"}, 400, "not supported after starting"},
+		{"network interface patch of an unknown interface", "PATCH", "/network-interfaces/eth9", map[string]any{"iface_id": "eth9"}, 400, "Device not found"},
 		{"start twice", "PUT", "/actions", map[string]any{"action_type": "InstanceStart"}, 400, "not supported after starting"},
 		{"load on a booted process", "PUT", "/snapshot/load", map[string]any{"snapshot_path": "x", "mem_file_path": "y"}, 400, "not allowed after configuring"},
 		{"snapshot while running", "PUT", "/snapshot/create", map[string]any{"snapshot_path": snap, "mem_file_path": mem}, 400, "must be paused"},

@@ -3,6 +3,7 @@ package emulator
 import (
 	"encoding/json"
 	"fmt"
+	"net"
 	"strconv"
 	"strings"
 )
@@ -87,13 +88,52 @@ type drive struct {
 	Socket       string          `json:"socket,omitempty"`
 }
 
+// netIface is a network interface as PUT /network-interfaces gives it and
+// as the vmstate keeps it (Firecracker keeps the TAP name and the MAC in
+// its net device state and reopens the TAP by that name on load).
 type netIface struct {
 	IfaceID       string          `json:"iface_id"`
 	HostDevName   string          `json:"host_dev_name"`
-	GuestMAC      string          `json:"guest_mac,omitempty"`
+	GuestMAC      macAddr         `json:"guest_mac,omitempty"`
 	MTU           int             `json:"mtu,omitempty"`
 	RxRateLimiter json.RawMessage `json:"rx_rate_limiter,omitempty"`
 	TxRateLimiter json.RawMessage `json:"tx_rate_limiter,omitempty"`
+}
+
+// macAddr is a MAC address in Firecracker's form: six colon-separated
+// pairs of hex digits (either case; kept lower case, as Firecracker prints
+// it). A malformed one is refused while decoding, with Firecracker's words.
+type macAddr string
+
+func (m *macAddr) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return err
+	}
+	hw, ok := parseMAC(s)
+	if !ok {
+		return fault("The provided MAC address is invalid.")
+	}
+	*m = macAddr(hw.String())
+	return nil
+}
+
+// parseMAC is Firecracker's MacAddr::from_str: exactly six fields of
+// exactly two hex digits.
+func parseMAC(s string) (net.HardwareAddr, bool) {
+	f := strings.Split(s, ":")
+	if len(f) != 6 {
+		return nil, false
+	}
+	hw := make(net.HardwareAddr, 6)
+	for i, x := range f {
+		n, err := strconv.ParseUint(x, 16, 8)
+		if len(x) != 2 || err != nil {
+			return nil, false
+		}
+		hw[i] = byte(n)
+	}
+	return hw, true
 }
 
 // guestArgs are the forkd.* boot args the workload reads (see the package

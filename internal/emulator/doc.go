@@ -69,6 +69,17 @@
 // counters) | CRC64-ECMA, and a load refuses a bad version or checksum. A
 // load failure leaves the process unusable (every later call is refused).
 //
+// # Network
+//
+// Each PUT /network-interfaces opens its TAP by name in the process's
+// network namespace (internal/guestnet, with Firecracker's TUNSETIFF
+// flags), and a load reopens them by the names the vmstate holds, after
+// network_overrides. The guest's identity (MAC per NIC, the address of
+// the ip= boot argument) is decided at InstanceStart and kept in page 0 at
+// hNet (net.go); a loaded guest builds its stack from what its memory says
+// when it first runs. The stack is up and listening before the call that
+// runs the guest returns; pausing stops its frames both ways.
+//
 // # Emulator-only API
 //
 // GET /guest returns the workload's counters for this process:
@@ -76,5 +87,9 @@
 //	{"ticks", "pages_read", "pages_written", "pages_verified",
 //	 "integrity_errors", "first_integrity_error" ("" when none),
 //	 "steps" (the guest's step counter, carried across snapshots),
-//	 "generation", "lineage", "discards"}
+//	 "generation", "lineage", "discards",
+//	 "boot_id" (random per boot, kept in page 0: a fork reports its source's)}
+//
+// The guest's own HTTP server (port 80 on its address) answers GET / with
+// the same JSON.
 package emulator

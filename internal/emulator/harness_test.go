@@ -50,6 +50,13 @@ var procSeq atomic.Int64
 // startVMM starts a VMM process in dir and waits for its API socket.
 func startVMM(t *testing.T, dir string) *vmmProc {
 	t.Helper()
+	return startVMMWith(t, dir, (*exec.Cmd).Start)
+}
+
+// startVMMWith is startVMM with the process started by start (e.g. inside
+// a network namespace).
+func startVMMWith(t *testing.T, dir string, start func(*exec.Cmd) error) *vmmProc {
+	t.Helper()
 	n := procSeq.Add(1)
 	p := &vmmProc{t: t, name: fmt.Sprintf("vm%d", n), dir: dir, exited: make(chan struct{})}
 	p.sock = filepath.Join(dir, p.name+".sock")
@@ -58,7 +65,7 @@ func startVMM(t *testing.T, dir string) *vmmProc {
 	p.cmd.Env = append(os.Environ(), childEnv+"=1")
 	var stderr bytes.Buffer
 	p.cmd.Stderr = &stderr
-	if err := p.cmd.Start(); err != nil {
+	if err := start(p.cmd); err != nil {
 		t.Fatalf("start vmm: %v", err)
 	}
 	go func() { p.err = p.cmd.Wait(); close(p.exited) }()

@@ -121,7 +121,8 @@ func (v *vmm) load(p loadParams, req snapshotLoad) error {
 			}
 		}
 		if !found {
-			return fmt.Errorf("network override: no interface %q in the snapshot", o.IfaceID)
+			// Firecracker's SnapshotStateFromFileError::UnknownNetworkDevice.
+			return fault("Failed to restore from snapshot: Failed to get snapshot state from file: Unknown Network Device.")
 		}
 	}
 	var mem *guestMemory
@@ -134,6 +135,13 @@ func (v *vmm) load(p loadParams, req snapshotLoad) error {
 	if err != nil {
 		return err
 	}
+	// Devices come after memory, as in Firecracker: each TAP by the name the
+	// state holds, in this process's network namespace.
+	taps, err := openTAPs(st.Interfaces)
+	if err != nil {
+		mem.close()
+		return err
+	}
 	machine := st.Machine
 	machine.TrackDirtyPages = p.track // not persisted in the snapshot: re-sent on every load
 	var dirty *dirtyBitmap
@@ -141,11 +149,13 @@ func (v *vmm) load(p loadParams, req snapshotLoad) error {
 		dirty = newDirtyBitmap(mem.pages())
 	}
 	wl := newLoadedWorkload(mem, st.Workload, newLineage(), dirty, v.log)
-	v.machine, v.drives, v.ifaces, v.mem, v.restored = machine, st.Drives, st.Interfaces, mem, true
+	v.machine, v.drives, v.ifaces, v.taps, v.mem, v.restored = machine, st.Drives, st.Interfaces, taps, mem, true
 	v.wl.Store(wl)
 	v.st = statePaused
 	if p.resume {
-		wl.start()
+		if err := v.resumeGuest(); err != nil {
+			return err
+		}
 		v.st = stateRunning
 	}
 	v.log.Info("snapshot loaded", "snapshot", p.vmstate, "backend", p.backendType, "mem", p.backendPath,

@@ -88,11 +88,8 @@ type snapshotCreate struct {
 func (v *vmm) createSnapshot(req snapshotCreate) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if err := v.usable(); err != nil {
+	if err := v.postBoot(); err != nil {
 		return err
-	}
-	if v.st == stateNotStarted {
-		return errPreBoot
 	}
 	if v.st != statePaused {
 		return errNotStopped

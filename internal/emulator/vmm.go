@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/forkd/forkd/internal/guestnet"
 	"github.com/forkd/forkd/internal/uffd"
 )
 
@@ -70,10 +71,19 @@ type vmm struct {
 	guest      guestArgs
 	drives     []drive
 	ifaces     []netIface
-	mem        *guestMemory
-	uffd       *uffd.FD      // Uffd load: Firecracker keeps its copy of the uffd
-	uffdConn   *net.UnixConn // and never closes the handshake socket (FC ≥ 1.12)
-	restored   bool          // the VM came from a snapshot (boot-source is empty in /vm/config)
+	// taps[i] is the open TAP of ifaces[i], held until the process exits.
+	taps []*guestnet.TAP
+	// ipcfg is the boot args' ip= (boot only: a loaded guest's address is
+	// in its memory).
+	ipcfg *guestnet.IPConfig
+	// guestNet is the guest's network stack, built when the guest first
+	// runs in this process; nil without network interfaces.
+	guestNet       *guestnet.Guest
+	guestNetFailed bool // a loaded guest's network could not be built: not retried
+	mem            *guestMemory
+	uffd           *uffd.FD      // Uffd load: Firecracker keeps its copy of the uffd
+	uffdConn       *net.UnixConn // and never closes the handshake socket (FC ≥ 1.12)
+	restored       bool          // the VM came from a snapshot (boot-source is empty in /vm/config)
 
 	// wl is the guest workload, read without mu by GET /guest.
 	wl atomic.Pointer[workload]
@@ -98,6 +108,17 @@ func (v *vmm) preBoot() error {
 	}
 	if v.st != stateNotStarted {
 		return errPostBoot
+	}
+	return nil
+}
+
+// postBoot is the check of every post-boot-only call.
+func (v *vmm) postBoot() error {
+	if err := v.usable(); err != nil {
+		return err
+	}
+	if v.st == stateNotStarted {
+		return errPreBoot
 	}
 	return nil
 }
@@ -146,7 +167,11 @@ func (v *vmm) setBootSource(b bootSource) error {
 	if err != nil {
 		return fault(err.Error())
 	}
-	v.boot, v.guest, v.configured = &b, g, true
+	ip, err := guestnet.ParseIPArg(b.BootArgs)
+	if err != nil {
+		return fault(err.Error())
+	}
+	v.boot, v.guest, v.ipcfg, v.configured = &b, g, ip, true
 	return nil
 }
 
@@ -191,11 +216,8 @@ func (v *vmm) putDrive(d drive) error {
 func (v *vmm) patchDrive(id, path string) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if err := v.usable(); err != nil {
+	if err := v.postBoot(); err != nil {
 		return err
-	}
-	if v.st == stateNotStarted {
-		return errPreBoot
 	}
 	for i := range v.drives {
 		if v.drives[i].DriveID == id {
@@ -209,28 +231,6 @@ func (v *vmm) patchDrive(id, path string) error {
 		}
 	}
 	return faultf("Invalid block device ID: %s", id)
-}
-
-func (v *vmm) putNetIface(n netIface) error {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	if err := v.preBoot(); err != nil {
-		return err
-	}
-	if n.MTU != 0 && (n.MTU < 68 || n.MTU > 65535) {
-		return faultf("invalid mtu %d: must be within 68..65535", n.MTU)
-	}
-	for i, old := range v.ifaces {
-		if old.IfaceID == n.IfaceID {
-			v.ifaces[i], v.configured = n, true
-			return nil
-		}
-		if old.HostDevName == n.HostDevName {
-			return faultf("The host device name %s is already in use.", n.HostDevName)
-		}
-	}
-	v.ifaces, v.configured = append(v.ifaces, n), true
-	return nil
 }
 
 func newLineage() uint64 {
@@ -250,6 +250,10 @@ func (v *vmm) start() error {
 	if v.boot == nil {
 		return errNoKernel
 	}
+	id, err := bootIdentity(v.ifaces, v.ipcfg)
+	if err != nil {
+		return err
+	}
 	memBytes := uint64(v.machine.MemSizeMib) << 20
 	cfg, split := workloadFor(v.guest, v.machine.VCPUCount, memBytes)
 	mem, err := mapAnonymous(layoutRegions(memBytes, split))
@@ -261,9 +265,20 @@ func (v *vmm) start() error {
 		dirty = newDirtyBitmap(mem.pages())
 	}
 	wl := newBootWorkload(mem, cfg, newLineage(), dirty, v.log)
+	// The guest's "kernel" brings its network up from the boot args and the
+	// devices, and keeps what it decided in its memory.
+	id.write(mem.page(0))
+	wl.markDirty(0)
+	if err := v.startGuestNet(id); err != nil {
+		mem.close()
+		return faultf("Cannot start microvm: guest network: %v", err)
+	}
 	v.mem = mem
 	v.wl.Store(wl)
 	wl.start()
+	if v.guestNet != nil {
+		v.guestNet.Run()
+	}
 	v.st = stateRunning
 	v.log.Info("microVM started", "vcpus", cfg.VCPUs, "mem_mib", v.machine.MemSizeMib, "regions", len(mem.regions),
 		"ws_pages", cfg.WSPages, "write_pct", cfg.WritePct, "rate", cfg.Rate, "discard_pct", cfg.DiscardPct)
@@ -281,13 +296,14 @@ func (v *vmm) setVMState(state string) error {
 	if v.st == stateNotStarted {
 		return errPreBoot
 	}
-	wl := v.wl.Load()
 	switch state {
 	case "Paused":
-		wl.stop()
+		v.pauseGuest()
 		v.st = statePaused
 	case "Resumed":
-		wl.start()
+		if err := v.resumeGuest(); err != nil {
+			return faultf("Failed to resume microVM: %v", err)
+		}
 		v.st = stateRunning
 	default:
 		return faultf("unknown variant `%s`, expected `Paused` or `Resumed`", state)
@@ -307,19 +323,56 @@ func (v *vmm) ctrlAltDel() error {
 	if v.st == stateNotStarted {
 		return errPreBoot
 	}
-	v.wl.Load().stop()
+	v.pauseGuest()
 	v.log.Info("SendCtrlAltDel: guest stopped, exiting")
 	v.shutdown()
 	return nil
 }
 
-// stopGuest stops the vCPUs (process exit).
-func (v *vmm) stopGuest() {
-	v.mu.Lock()
-	defer v.mu.Unlock()
+// pauseGuest freezes the guest: its network first (no frame is read or
+// sent once it returns), then its vCPUs. The caller holds v.mu.
+func (v *vmm) pauseGuest() {
+	if v.guestNet != nil {
+		v.guestNet.Stop()
+	}
 	if wl := v.wl.Load(); wl != nil {
 		wl.stop()
 	}
+}
+
+// resumeGuest runs the guest: vCPUs, then network. The first run of a
+// loaded guest builds its network stack from the identity in its memory,
+// so when the call that resumed it returns the stack is on its TAPs and
+// listening. The caller holds v.mu.
+func (v *vmm) resumeGuest() error {
+	if v.guestNet == nil && len(v.taps) > 0 && !v.guestNetFailed {
+		id, err := readIdentity(v.mem.page(0))
+		if err == nil {
+			err = v.startGuestNet(id)
+		}
+		if err != nil {
+			// Like a guest whose kernel found no usable network: it runs
+			// without one. Said once, in the log.
+			v.guestNetFailed = true
+			v.log.Error("guest network not started: the guest runs without network", "error", err)
+		}
+	}
+	v.wl.Load().start()
+	if v.guestNet != nil {
+		v.guestNet.Run()
+	}
+	return nil
+}
+
+// stopGuest stops the guest and closes its devices (process exit).
+func (v *vmm) stopGuest() {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.pauseGuest()
+	if v.guestNet != nil {
+		v.guestNet.Close()
+	}
+	closeTAPs(v.taps)
 }
 
 // describe is GET /.

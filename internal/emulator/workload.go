@@ -1,7 +1,9 @@
 package emulator
 
 import (
+	"crypto/rand"
 	"encoding/binary"
+	"encoding/hex"
 	"fmt"
 	"hash/crc64"
 	"log/slog"
@@ -25,7 +27,10 @@ const (
 	hDataStart  = 40
 	hSeed       = 48
 	hVCPUs      = 56
-	hSteps      = 64 // maxVCPUs little-endian uint64 step counters
+	hSteps      = 64  // maxVCPUs little-endian uint64 step counters
+	hBootID     = 320 // 16 random bytes made at boot (after the step counters)
+	// hNet is where the guest keeps its network identity (netident.go).
+	hNet = 1024
 )
 
 const (
@@ -71,6 +76,9 @@ type GuestStats struct {
 	Generation          uint64 `json:"generation"`
 	Lineage             uint64 `json:"lineage"`
 	Discards            uint64 `json:"discards"`
+	// BootID is random per boot and lives in guest memory, so every fork
+	// reports its source's ("" until a loaded guest first runs).
+	BootID string `json:"boot_id"`
 }
 
 // guestCounters are this process's workload counters, updated by the vCPUs.
@@ -101,6 +109,10 @@ type workload struct {
 	dirty *dirtyBitmap
 
 	counters guestCounters
+
+	// bootID is the guest's, hex: set at boot, or read from the header when
+	// a loaded guest first runs.
+	bootID atomic.Pointer[string]
 
 	// steps[k] is vCPU k's step counter ("registers"): owned by vCPU k's
 	// goroutine while running, by the VMM (under its lock) while stopped.
@@ -140,6 +152,9 @@ func newBootWorkload(mem *guestMemory, cfg workloadConfig, lineage uint64, dirty
 	w := &workload{mem: mem, cfg: cfg, log: log, lineage: lineage, dirty: dirty, steps: make([]uint64, cfg.VCPUs)}
 	w.layoutFor()
 	h := mem.page(0)
+	rand.Read(h[hBootID : hBootID+16]) // never fails
+	id := hex.EncodeToString(h[hBootID : hBootID+16])
+	w.bootID.Store(&id)
 	le.PutUint64(h[hMagic:], headerMagic)
 	le.PutUint64(h[hWSPages:], cfg.WSPages)
 	le.PutUint64(h[hTableStart:], w.tableStart)
@@ -338,6 +353,11 @@ func (w *workload) start() {
 		le.PutUint64(h[hLineage:], w.lineage)
 		w.markDirty(0)
 		w.headerPending = false
+		if w.bootID.Load() == nil {
+			// A loaded guest: its boot id is whatever its memory holds.
+			id := hex.EncodeToString(h[hBootID : hBootID+16])
+			w.bootID.Store(&id)
+		}
 	}
 	w.stopping.Store(false)
 	w.stopCh = make(chan struct{})
@@ -415,6 +435,9 @@ func (w *workload) stats() GuestStats {
 	}
 	if p := w.counters.first.Load(); p != nil {
 		st.FirstIntegrityError = *p
+	}
+	if p := w.bootID.Load(); p != nil {
+		st.BootID = *p
 	}
 	return st
 }

@@ -93,4 +93,7 @@ type GuestStatus struct {
 	PagesVerified       uint64 `json:"pages_verified"`
 	IntegrityErrors     uint64 `json:"integrity_errors"`
 	FirstIntegrityError string `json:"first_integrity_error"`
+	// BootID is random per guest boot and kept in guest memory: a fork
+	// reports its source's ("" from an emulator that predates it).
+	BootID string `json:"boot_id"`
 }

@@ -87,7 +87,6 @@ func Start(cfg Config) (*Guest, error) {
 		g.teardown()
 		return nil, err
 	}
-	ipNIC := tcpip.NICID(0)
 	for i, n := range cfg.NICs {
 		if len(n.MAC) != 6 {
 			return fail(fmt.Errorf("guest NIC eth%d: MAC %q is not 6 bytes", i, n.MAC))
@@ -104,16 +103,13 @@ func Start(cfg Config) (*Guest, error) {
 			return fail(fmt.Errorf("guest NIC %s: %s", name, err))
 		}
 		l.startReader()
-		if cfg.IP != nil && (cfg.IP.Device == name || cfg.IP.Device == "" && i == 0) {
-			ipNIC = id
-		}
 	}
 	if cfg.IP != nil {
-		if ipNIC == 0 {
+		if i, ok := cfg.IP.NIC(len(cfg.NICs)); !ok {
 			// What Linux does with an ip= for a device it does not have.
 			log.Warn("guest: ip= names a device the guest does not have; no address configured",
 				"device", cfg.IP.Device, "nics", len(cfg.NICs))
-		} else if err := g.configureIP(ipNIC, cfg.IP); err != nil {
+		} else if err := g.configureIP(tcpip.NICID(i+1), cfg.IP); err != nil {
 			return fail(err)
 		}
 	}

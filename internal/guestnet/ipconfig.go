@@ -23,6 +23,21 @@ type IPConfig struct {
 	Device string
 }
 
+// NIC returns the index of the NIC (of n, named eth0...) the address goes
+// on: the one Device names, or the first when Device is empty. A device the
+// guest does not have gets no address, as in Linux.
+func (c *IPConfig) NIC(n int) (int, bool) {
+	if c.Device == "" {
+		return 0, n > 0
+	}
+	for i := range n {
+		if c.Device == fmt.Sprintf("eth%d", i) {
+			return i, true
+		}
+	}
+	return 0, false
+}
+
 // ParseIPArg reads the last `ip=` word of a kernel command line (the
 // kernel's last one wins). It returns nil when there is none, or when it
 // says off/none. A form the emulated guest cannot honour (autoconfiguration,

@@ -27,6 +27,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/net/icmp"
 	"golang.org/x/net/ipv4"
+	"golang.org/x/sys/unix"
 
 	"github.com/forkd/forkd/internal/network"
 	"github.com/forkd/forkd/internal/testenv"
@@ -304,6 +305,43 @@ func (ns *NS) Neighbour(link string, addr netip.Addr, mac net.HardwareAddr) {
 		return netlink.NeighSet(&netlink.Neigh{LinkIndex: l.Attrs().Index, State: netlink.NUD_PERMANENT,
 			IP: addr.AsSlice(), HardwareAddr: mac, Family: netlink.FAMILY_V4})
 	})
+}
+
+// NeighbourMAC is the MAC the namespace has resolved addr to on link ("" if
+// none).
+func (ns *NS) NeighbourMAC(link string, addr netip.Addr) string {
+	ns.t.Helper()
+	var mac string
+	ns.Do(func() error {
+		l, err := netlink.LinkByName(link)
+		if err != nil {
+			return err
+		}
+		neighs, err := netlink.NeighList(l.Attrs().Index, netlink.FAMILY_V4)
+		for _, n := range neighs {
+			if n.IP.Equal(addr.AsSlice()) && n.HardwareAddr != nil {
+				mac = n.HardwareAddr.String()
+			}
+		}
+		return err
+	})
+	return mac
+}
+
+// Carrier reports whether link has carrier: for a TAP, whether a process
+// holds it open (attached).
+func (ns *NS) Carrier(link string) bool {
+	ns.t.Helper()
+	var up bool
+	ns.Do(func() error {
+		l, err := netlink.LinkByName(link)
+		if err != nil {
+			return err
+		}
+		up = l.Attrs().RawFlags&unix.IFF_LOWER_UP != 0
+		return nil
+	})
+	return up
 }
 
 // ParseMAC is net.ParseMAC that fails the test.
