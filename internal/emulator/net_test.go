@@ -197,7 +197,11 @@ func TestForksAnswerTheMomentTheirLoadReturns(t *testing.T) {
 		{"diff-uffd", diff, diffMem, "Uffd"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			ns := netNS(t, "em-fork", netTap)
+			// As the manager prepares a fork's namespace: the TAP down until
+			// the VMM holds it, and a permanent neighbour for the guest, so
+			// no ARP retry can hide a first packet the guest missed.
+			ns := testnet.New(t, "em-fork")
+			ns.AddTAP(testnet.TAP{Name: netTap, MAC: testnet.ParseMAC(t, netTapMAC), Addr: netGWCIDR, Down: true})
 			q := startVMMIn(t, dir, ns)
 			backend := tc.mem
 			if tc.backend == "Uffd" {
@@ -205,16 +209,15 @@ func TestForksAnswerTheMomentTheirLoadReturns(t *testing.T) {
 				backend = filepath.Join(dir, q.name+".uffd.sock")
 				startTestPager(t, backend, tc.mem, false)
 			}
-			if ns.Carrier(netTap) {
-				t.Fatalf("%s has carrier before any VMM holds it", netTap)
-			}
 			q.must("PUT", "/snapshot/load", map[string]any{"snapshot_path": tc.vmstate,
 				"mem_backend": map[string]any{"backend_type": tc.backend, "backend_path": backend}, "resume_vm": true}, 204)
 			// The load returned: the TAP must already be attached (a frame
 			// sent to a TAP nobody holds is dropped), the stack listening.
+			ns.SetUp(netTap)
 			if !ns.Carrier(netTap) {
 				t.Fatalf("fork %s: %s has no carrier when the load returns: the TAP is not attached", tc.name, netTap)
 			}
+			ns.Neighbour(netTap, netGuest, testnet.ParseMAC(t, netGuestMAC))
 			page := answersAtOnce(t, ns, "fork "+tc.name)
 			if page.BootID != boot {
 				t.Fatalf("fork %s reports boot_id %s, its source %s", tc.name, page.BootID, boot)
@@ -258,9 +261,15 @@ func TestLoadReopensTheTAPByItsStoredNameOrTheOverride(t *testing.T) {
 		t.Fatalf("override of an unknown interface: %d %s, want 400 Unknown Network Device", code, out)
 	}
 
+	if other.Carrier("vmtap7") {
+		t.Fatal("vmtap7 has carrier though no VMM opened it: the carrier check cannot tell")
+	}
 	q = startVMMIn(t, dir, other)
 	if code, out := load(q, []map[string]string{{"iface_id": "eth0", "host_dev_name": "vmtap7"}}); code != 204 {
 		t.Fatalf("load with network_overrides eth0 -> vmtap7: %d %s", code, out)
+	}
+	if !other.Carrier("vmtap7") {
+		t.Fatal("vmtap7 has no carrier after the load that overrode eth0 onto it")
 	}
 	if page := answersAtOnce(t, other, "overridden fork"); page.BootID != boot {
 		t.Fatalf("overridden fork boot_id %s, source %s", page.BootID, boot)

@@ -141,6 +141,11 @@ type TAP struct {
 	Name string
 	MAC  net.HardwareAddr
 	Addr netip.Prefix // the host side's (gateway's) address
+	// Down leaves the TAP down, to be brought up (SetUp) once a VMM holds
+	// it, as the manager does: a TAP already up when its carrier comes on
+	// drops frames until the kernel's deferred link-watch event activates
+	// its queue.
+	Down bool
 }
 
 // AddTAP creates a persistent, single-queue TAP in the namespace, as a VM
@@ -169,7 +174,22 @@ func (ns *NS) AddTAP(tap TAP) {
 				return fmt.Errorf("add %s to %s: %w", tap.Addr, tap.Name, err)
 			}
 		}
+		if tap.Down {
+			return nil
+		}
 		return netlink.LinkSetUp(link)
+	})
+}
+
+// SetUp brings link up.
+func (ns *NS) SetUp(link string) {
+	ns.t.Helper()
+	ns.Do(func() error {
+		l, err := netlink.LinkByName(link)
+		if err != nil {
+			return err
+		}
+		return netlink.LinkSetUp(l)
 	})
 }
 
