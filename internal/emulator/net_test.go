@@ -35,9 +35,9 @@ var (
 )
 
 // netNS makes a namespace with the gateway TAP called tap in it.
-func netNS(t *testing.T, prefix, tap string) *testnet.NS {
+func netNS(t *testing.T, tap string) *testnet.NS {
 	t.Helper()
-	ns := testnet.New(t, prefix)
+	ns := testnet.New(t)
 	ns.AddTAP(testnet.TAP{Name: tap, MAC: testnet.ParseMAC(t, netTapMAC), Addr: netGWCIDR})
 	return ns
 }
@@ -139,7 +139,7 @@ func echoOnce(t *testing.T, ns *testnet.NS, msg string) {
 }
 
 func TestGuestAnswersARPPingEchoAndHTTPOnItsTAP(t *testing.T) {
-	ns := netNS(t, "em-basic", netTap)
+	ns := netNS(t, netTap)
 	dir := t.TempDir()
 	p := startVMMIn(t, dir, ns)
 	p.bootNet(false)
@@ -172,7 +172,7 @@ func TestGuestAnswersARPPingEchoAndHTTPOnItsTAP(t *testing.T) {
 // sent after the load call returns succeed with no retry, and the fork
 // reports its source's boot_id.
 func TestForksAnswerTheMomentTheirLoadReturns(t *testing.T) {
-	src := netNS(t, "em-src", netTap)
+	src := netNS(t, netTap)
 	dir := t.TempDir()
 	p := startVMMIn(t, dir, src)
 	p.bootNet(true)
@@ -200,7 +200,7 @@ func TestForksAnswerTheMomentTheirLoadReturns(t *testing.T) {
 			// As the manager prepares a fork's namespace: the TAP down until
 			// the VMM holds it, and a permanent neighbour for the guest, so
 			// no ARP retry can hide a first packet the guest missed.
-			ns := testnet.New(t, "em-fork")
+			ns := testnet.New(t)
 			ns.AddTAP(testnet.TAP{Name: netTap, MAC: testnet.ParseMAC(t, netTapMAC), Addr: netGWCIDR, Down: true})
 			q := startVMMIn(t, dir, ns)
 			backend := tc.mem
@@ -233,7 +233,7 @@ func TestForksAnswerTheMomentTheirLoadReturns(t *testing.T) {
 // the snapshot lacks, or a TAP that is not there, fails the load and
 // leaves the process unusable, as in Firecracker.
 func TestLoadReopensTheTAPByItsStoredNameOrTheOverride(t *testing.T) {
-	src := netNS(t, "em-ovsrc", netTap)
+	src := netNS(t, netTap)
 	dir := t.TempDir()
 	p := startVMMIn(t, dir, src)
 	p.bootNet(false)
@@ -249,7 +249,7 @@ func TestLoadReopensTheTAPByItsStoredNameOrTheOverride(t *testing.T) {
 		return q.call("PUT", "/snapshot/load", body)
 	}
 
-	other := netNS(t, "em-ovr", "vmtap7") // no tap0 here
+	other := netNS(t, "vmtap7") // no tap0 here
 	q := startVMMIn(t, dir, other)
 	if code, out := load(q, nil); code != 400 || !strings.Contains(out, "Open tap device failed") || !strings.Contains(out, "No such device") {
 		t.Fatalf("load without the stored TAP: %d %s, want 400 Open tap device failed (No such device)", code, out)
@@ -295,7 +295,7 @@ func TestLoadReopensTheTAPByItsStoredNameOrTheOverride(t *testing.T) {
 // its TAP, unread, and are answered when it resumes; the same for a VM
 // loaded without resume_vm, whose stack comes up at its first resume.
 func TestPausedGuestAnswersOnlyOnceResumed(t *testing.T) {
-	ns := netNS(t, "em-pause", netTap)
+	ns := netNS(t, netTap)
 	dir := t.TempDir()
 	p := startVMMIn(t, dir, ns)
 	p.bootNet(false)
@@ -348,7 +348,7 @@ func TestPausedGuestAnswersOnlyOnceResumed(t *testing.T) {
 // many pauses and resumes of a networked guest (no TAP or socket opened
 // per cycle).
 func TestPauseResumeCyclesLeakNoFDs(t *testing.T) {
-	ns := netNS(t, "em-fds", netTap)
+	ns := netNS(t, netTap)
 	dir := t.TempDir()
 	p := startVMMIn(t, dir, ns)
 	p.bootNet(false)

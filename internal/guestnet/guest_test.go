@@ -32,9 +32,9 @@ const (
 // testGuest makes a namespace with a TAP and starts a guest on it from this
 // process (the TAP is opened inside the namespace; the guest's goroutines
 // then run anywhere, as the fd is bound to the namespace).
-func testGuest(t *testing.T, prefix string) (*testnet.NS, *Guest, *TAP) {
+func testGuest(t *testing.T) (*testnet.NS, *Guest, *TAP) {
 	t.Helper()
-	ns := testnet.New(t, prefix)
+	ns := testnet.New(t)
 	ns.AddTAP(testnet.TAP{Name: tapName, MAC: testnet.ParseMAC(t, tapMAC), Addr: gwPrefix})
 	var tap *TAP
 	ns.Do(func() error {
@@ -62,7 +62,7 @@ func testGuest(t *testing.T, prefix string) (*testnet.NS, *Guest, *TAP) {
 }
 
 func TestGuestAnswersPingEchoAndHTTP(t *testing.T) {
-	ns, g, _ := testGuest(t, "gn-basic")
+	ns, g, _ := testGuest(t)
 	g.Run()
 	p := ns.NewPinger()
 	if err := p.Ping(guestAddr, 1, 30*time.Second); err != nil {
@@ -114,7 +114,7 @@ func TestStoppedGuestCheckCatchesAGuestThatReadsOn(t *testing.T) {
 }
 
 func checkStoppedGuest(t *testing.T, keepReading bool) error {
-	ns, g, _ := testGuest(t, "gn-pause")
+	ns, g, _ := testGuest(t)
 	g.links[0].keepReading = keepReading
 	// The host knows the guest's MAC, so a ping goes straight into the TAP
 	// instead of waiting on ARP (whose retries give up in ~3 s).
@@ -145,7 +145,7 @@ func checkStoppedGuest(t *testing.T, keepReading bool) error {
 }
 
 func TestOpenTAPRefusesWhatFirecrackerWouldNotOpen(t *testing.T) {
-	ns := testnet.New(t, "gn-open")
+	ns := testnet.New(t)
 	ns.AddTAP(testnet.TAP{Name: tapName})
 	ns.Do(func() error {
 		for _, tc := range []struct{ name, want string }{
@@ -179,7 +179,7 @@ func TestOpenTAPRefusesWhatFirecrackerWouldNotOpen(t *testing.T) {
 // TestGuestCloseLeavesNothing: goroutines and fds come back to their
 // baseline after Close (the TAP is the caller's and closed separately).
 func TestGuestCloseLeavesNothing(t *testing.T) {
-	ns := testnet.New(t, "gn-leak")
+	ns := testnet.New(t)
 	ns.AddTAP(testnet.TAP{Name: tapName, Addr: gwPrefix})
 	ip, _ := ParseIPArg("ip=169.254.0.21::169.254.0.22:255.255.255.252::eth0:off")
 	baseG, baseFD := runtime.NumGoroutine(), countFDs(t)

@@ -2,8 +2,8 @@
 // in it, and the means to talk to a guest behind that TAP from inside the
 // namespace only. It is for tests: it imports "testing".
 //
-// Every name it creates carries a tag unique to the test run, every object
-// is removed by t.Cleanup, and every packet a test sends through it is sent
+// Its namespaces come from nettest.Namespace (a random name per test,
+// removed by t.Cleanup, with everything inside), and every packet a test sends through it is sent
 // from a socket created inside the test's namespace, after checking that
 // the thread is not in the namespace the test process started in: nothing
 // can leave the machine.
@@ -12,14 +12,13 @@ package testnet
 import (
 	"context"
 	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"net"
 	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
-	"runtime"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -30,7 +29,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/forkd/forkd/internal/network"
-	"github.com/forkd/forkd/internal/testenv"
+	"github.com/forkd/forkd/internal/network/nettest"
 )
 
 // NS is a named network namespace one test made.
@@ -41,74 +40,18 @@ type NS struct {
 	host netns.NsHandle
 }
 
-// Tag returns a short random tag for names the test creates.
-func Tag(t testing.TB) string {
+// New creates a network namespace for the test (nettest.Namespace: it
+// skips or fails through testenv where namespaces cannot be made, and is
+// removed when the test ends).
+func New(t testing.TB) *NS {
 	t.Helper()
-	var b [4]byte
-	if _, err := rand.Read(b[:]); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(b[:])
-}
-
-// New creates the namespace "fkt-<prefix>-<random tag>" (needs root and
-// network namespaces: testenv decides between a skip and a failure) with
-// its loopback up. t.Cleanup deletes it.
-func New(t testing.TB, prefix string) *NS {
-	t.Helper()
-	testenv.NeedRoot(t)
-	if _, err := os.Stat("/dev/net/tun"); err != nil {
-		testenv.Need(t, testenv.Netns, "no /dev/net/tun: "+err.Error())
-	}
+	path := nettest.Namespace(t)
 	host, err := netns.GetFromPid(os.Getpid())
 	if err != nil {
-		testenv.Need(t, testenv.Netns, "cannot read the test process's network namespace: "+err.Error())
+		t.Fatalf("cannot read the test process's network namespace: %v", err)
 	}
-	name := "fkt-" + prefix + "-" + Tag(t)
-	// NewNamed moves the calling thread into the new namespace: do it on a
-	// thread of its own that goes back, or dies locked if it cannot.
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		h, err := netns.NewNamed(name)
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		h.Close()
-		if err := netns.Set(orig); err != nil {
-			errc <- fmt.Errorf("return to the original namespace: %w (thread discarded)", err)
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- nil
-	}()
-	if err := <-errc; err != nil {
-		host.Close()
-		testenv.Need(t, testenv.Netns, fmt.Sprintf("cannot create network namespace %s: %v", name, err))
-	}
-	ns := &NS{t: t, Name: name, Path: "/var/run/netns/" + name, host: host}
-	t.Cleanup(func() {
-		if err := netns.DeleteNamed(name); err != nil {
-			t.Errorf("delete network namespace %s: %v", name, err)
-		}
-		host.Close()
-	})
-	ns.Do(func() error {
-		lo, err := netlink.LinkByName("lo")
-		if err != nil {
-			return err
-		}
-		return netlink.LinkSetUp(lo)
-	})
-	return ns
+	t.Cleanup(func() { host.Close() })
+	return &NS{t: t, Name: filepath.Base(path), Path: path, host: host}
 }
 
 // Do runs fn on a thread inside the namespace, after checking that the
