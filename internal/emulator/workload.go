@@ -29,7 +29,7 @@ const (
 	hVCPUs      = 56
 	hSteps      = 64  // maxVCPUs little-endian uint64 step counters
 	hBootID     = 320 // 16 random bytes made at boot (after the step counters)
-	// hNet is where the guest keeps its network identity (netident.go).
+	// hNet is where the guest keeps its network identity (net.go).
 	hNet = 1024
 )
 

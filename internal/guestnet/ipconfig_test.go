@@ -49,3 +49,24 @@ func TestParseIPArgReadsTheKernelsStaticForm(t *testing.T) {
 		}
 	}
 }
+
+func TestIPConfigGoesOnTheNamedNICOrNone(t *testing.T) {
+	for _, tc := range []struct {
+		device string
+		nics   int
+		want   int
+		ok     bool
+	}{
+		{"", 1, 0, true},
+		{"", 0, 0, false},
+		{"eth0", 2, 0, true},
+		{"eth1", 2, 1, true},
+		{"eth2", 2, 0, false}, // Linux boots without an address
+		{"ens3", 1, 0, false},
+	} {
+		c := &IPConfig{Device: tc.device}
+		if got, ok := c.NIC(tc.nics); got != tc.want || ok != tc.ok {
+			t.Errorf("device %q of %d NICs: NIC %d %v, want %d %v", tc.device, tc.nics, got, ok, tc.want, tc.ok)
+		}
+	}
+}
