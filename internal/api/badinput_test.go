@@ -45,6 +45,9 @@ func TestMalformedRequestsAreRefusedAndChangeNothing(t *testing.T) {
 		{"slash in fork name", "POST", "/instances/src/fork", "", `{"name":"a/b"}`, 422, api.CodeInvalidName},
 		{"leading dash", "POST", "/instances/src/snapshots", "", `{"name":"-s"}`, 422, api.CodeInvalidName},
 		{"name too long", "POST", "/instances", "", `{"name":"` + strings.Repeat("a", 64) + `"}`, 422, api.CodeInvalidName},
+		{"name shaped like an id", "POST", "/instances", "", `{"name":"0123456789abcdef01234567"}`, 422, api.CodeInvalidName},
+		{"fork name shaped like an id", "POST", "/instances/src/fork", "", `{"name":"0123456789abcdef01234567"}`, 422, api.CodeInvalidName},
+		{"snapshot name shaped like an id", "POST", "/instances/src/snapshots", "", `{"name":"0123456789abcdef01234567"}`, 422, api.CodeInvalidName},
 		{"path traversal ref", "GET", "/instances/..%2Fx", "", ``, 422, api.CodeInvalidName},
 		{"dot ref in delete", "DELETE", "/snapshots/.hidden", "", ``, 422, api.CodeInvalidName},
 		{"negative vcpus", "POST", "/instances", "", `{"name":"a","vcpus":-1}`, 422, api.CodeInvalidRequest},
@@ -117,5 +120,24 @@ func TestWellFormedRequestsReachTheService(t *testing.T) {
 	}
 	if got := svc.Calls(); got != 3 {
 		t.Errorf("service saw %d calls, want 3", got)
+	}
+}
+
+// A name must never have an id's shape (it would shadow that id), but a
+// reference may be an id.
+func TestIDShapedNamesAreRefusedButIDsResolve(t *testing.T) {
+	id := "0123456789abcdef01234567"
+	if err := api.ValidateName("instance name", id); err == nil {
+		t.Errorf("ValidateName(%q) accepted an id-shaped name", id)
+	}
+	for _, ok := range []string{id, id[:6], "web", "0123456789abcdef0123456", "0123456789abcdef012345678"} {
+		if err := api.ValidateRef(ok); err != nil {
+			t.Errorf("ValidateRef(%q): %v", ok, err)
+		}
+	}
+	for _, ok := range []string{"0123456789abcdef0123456", "0123456789abcdef012345678", "web"} {
+		if err := api.ValidateName("instance name", ok); err != nil {
+			t.Errorf("ValidateName(%q) (not 24 hex digits): %v", ok, err)
+		}
 	}
 }

@@ -14,7 +14,7 @@ const (
 	CodeMethodNotAllowed     = "method_not_allowed"     // 405
 	CodeInvalidState         = "invalid_state"          // 409: operation not allowed in the current state
 	CodeAlreadyExists        = "already_exists"         // 409: name taken
-	CodeAmbiguous            = "ambiguous"              // 409: id prefix matches more than one
+	CodeAmbiguous            = "ambiguous_reference"    // 409: a reference that could mean two things, or a prefix where a guess is refused
 	CodeBodyTooLarge         = "body_too_large"         // 413: body over MaxBodyBytes
 	CodeUnsupportedMediaType = "unsupported_media_type" // 415: body that is not application/json
 	CodeInvalidName          = "invalid_name"           // 422: name or reference fails NamePattern
@@ -82,7 +82,7 @@ func sentinelOf(code string) error {
 		return ErrInvalidState
 	case CodeAlreadyExists:
 		return ErrExists
-	case CodeAmbiguous:
+	case CodeAmbiguous, "ambiguous": // "ambiguous": its name in earlier forkd versions
 		return ErrAmbiguous
 	case CodeInvalidName, CodeInvalidRequest, CodeBadRequest, CodeBodyTooLarge, CodeUnsupportedMediaType:
 		return ErrInvalid

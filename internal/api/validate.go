@@ -32,11 +32,28 @@ func IsAction(a string) bool {
 	return false
 }
 
-var nameRE = regexp.MustCompile(NamePattern)
+var (
+	nameRE = regexp.MustCompile(NamePattern)
+	// idRE is the shape of the ids forkd generates: 24 lowercase hex digits.
+	idRE = regexp.MustCompile(`^[0-9a-f]{24}$`)
+)
 
 // ValidateName checks a name against NamePattern. Names become directory and
-// file names on the host, so this is also what keeps "../x" out of paths.
+// file names on the host, so this is also what keeps "../x" out of paths. A
+// name with the shape of an id is refused: it would shadow the instance or
+// snapshot whose id it is.
 func ValidateName(what, name string) error {
+	if err := validatePattern(what, name); err != nil {
+		return err
+	}
+	if idRE.MatchString(name) {
+		return errorf(http.StatusUnprocessableEntity, CodeInvalidName,
+			"%s %q has the shape of an id (24 hex digits) and could shadow one; pick another name", what, name)
+	}
+	return nil
+}
+
+func validatePattern(what, name string) error {
 	if !nameRE.MatchString(name) {
 		return errorf(http.StatusUnprocessableEntity, CodeInvalidName,
 			"%s %q is not a valid name: use 1-63 lowercase letters, digits and '-', starting with a letter or digit", what, name)
@@ -46,7 +63,7 @@ func ValidateName(what, name string) error {
 
 // ValidateRef checks a reference (id, name or id prefix) taken from a path.
 // Ids and names share NamePattern, so a reference that fails it names nothing.
-func ValidateRef(ref string) error { return ValidateName("reference", ref) }
+func ValidateRef(ref string) error { return validatePattern("reference", ref) }
 
 // WithDefaults fills the sizes a request left out.
 func (r CreateInstanceRequest) WithDefaults() CreateInstanceRequest {

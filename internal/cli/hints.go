@@ -46,7 +46,7 @@ func hintFor(err error) string {
 	case errors.Is(err, api.ErrNotFound):
 		return "list what exists with `forkd ps` or `forkd snapshot ls`"
 	case errors.Is(err, api.ErrAmbiguous):
-		return "give more characters of the id, or use the name"
+		return "use the exact name or the full id (`forkd ps` / `forkd snapshot ls` show both)"
 	case errors.Is(err, api.ErrExists):
 		return "pick another name, or remove the old one first (`forkd rm NAME`)"
 	case errors.Is(err, api.ErrInvalidState):

@@ -181,9 +181,8 @@ func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Inst
 	makeFiles func(ctx context.Context, o *op, newID string) (memfile.ShareResult, string, error)) (store.Instance, error) {
 	id := newID()
 	if req.Name == "" {
-		req.Name = id
-	}
-	if err := validName("instance", req.Name); err != nil {
+		req.Name = id // an unnamed instance is named by its own id
+	} else if err := validName("instance", req.Name); err != nil {
 		return store.Instance{}, err
 	}
 	if _, err := m.guest(id); err != nil {

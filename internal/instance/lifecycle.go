@@ -57,9 +57,8 @@ func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequ
 	ctx = context.WithoutCancel(ctx)
 	id := newID()
 	if req.Name == "" {
-		req.Name = id
-	}
-	if err := validName("instance", req.Name); err != nil {
+		req.Name = id // an unnamed instance is named by its own id
+	} else if err := validName("instance", req.Name); err != nil {
 		return api.Instance{}, err
 	}
 	if req.Vcpus == 0 {
@@ -247,6 +246,13 @@ func (m *Manager) Action(ctx context.Context, ref, action string, req api.Action
 	}
 	start := time.Now()
 	defer m.observe(action, start)
+	if destructive(action) {
+		probe, err := m.resolveInstanceFor(ctx, ref, action)
+		if err != nil {
+			return api.Instance{}, apiErr(err)
+		}
+		ref = probe.ID
+	}
 	in, unlock, err := m.lockInstance(ctx, ref, true)
 	if err != nil {
 		return api.Instance{}, err
@@ -403,7 +409,11 @@ func (m *Manager) DeleteInstance(ctx context.Context, ref string) error {
 	start := time.Now()
 	defer m.observe("delete", start)
 	ctx = context.WithoutCancel(ctx)
-	in, unlock, err := m.lockInstance(ctx, ref, true)
+	probe, err := m.resolveInstanceFor(ctx, ref, "delete")
+	if err != nil {
+		return apiErr(err)
+	}
+	in, unlock, err := m.lockInstance(ctx, probe.ID, true)
 	if err != nil {
 		return err
 	}

@@ -5,10 +5,13 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/store"
 )
 
 func TestStandbyRestoreCycleKeepsGuestMemory(t *testing.T) {
@@ -99,7 +102,8 @@ func TestRefResolution(t *testing.T) {
 	if _, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "alpha", Start: &f}); !errors.Is(err, api.ErrExists) {
 		t.Fatalf("duplicate name: %v, want ErrExists", err)
 	}
-	b, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: a.ID[:4], MemoryMiB: testMemMiB, Start: &f})
+	// A name that is a (short) id prefix of another instance.
+	b, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: a.ID[:8], MemoryMiB: testMemMiB, Start: &f})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -107,18 +111,26 @@ func TestRefResolution(t *testing.T) {
 		ref  string
 		want string
 		err  error
+		says []string
 	}{
-		{a.ID, a.ID, nil},
-		{"alpha", a.ID, nil},
-		{a.ID[:4], b.ID, nil}, // a name beats an id prefix
-		{a.ID[:8], a.ID, nil},
-		{"zzzz", "", api.ErrNotFound},
-		{"", "", api.ErrInvalid},
+		{a.ID, a.ID, nil, nil},
+		{"alpha", a.ID, nil, nil},
+		{b.ID[:6], b.ID, nil, nil},
+		{b.ID[:5], "", api.ErrNotFound, []string{"at least 6"}},
+		// One instance's name, the other's id prefix: never a pick.
+		{a.ID[:8], "", api.ErrAmbiguous, []string{a.ID, b.ID}},
+		{"zzzz", "", api.ErrNotFound, nil},
+		{"", "", api.ErrInvalid, nil},
 	} {
 		got, err := m.GetInstance(ctx, tc.ref)
 		if tc.err != nil {
 			if !errors.Is(err, tc.err) {
 				t.Errorf("GetInstance(%q): err %v, want %v", tc.ref, err, tc.err)
+			}
+			for _, w := range tc.says {
+				if err != nil && !strings.Contains(err.Error(), w) {
+					t.Errorf("GetInstance(%q): %v; want it to say %q", tc.ref, err, w)
+				}
 			}
 			continue
 		}
@@ -126,10 +138,70 @@ func TestRefResolution(t *testing.T) {
 			t.Errorf("GetInstance(%q) = %s, %v; want %s", tc.ref, got.ID, err, tc.want)
 		}
 	}
-	items := []string{"abc1", "abc2"}
+	items := []string{"abcdef1", "abcdef2"}
 	id := func(s string) string { return s }
-	if _, err := resolve("abc", "x", items, id, id); !errors.Is(err, api.ErrAmbiguous) {
+	if _, err := resolve("abcdef", "x", "", items, id, func(string) string { return "" }); !errors.Is(err, api.ErrAmbiguous) {
 		t.Errorf("ambiguous prefix: %v, want ErrAmbiguous", err)
+	}
+}
+
+// Finding: a name equal to another instance's id shadowed it, and `forkd rm
+// <that id>` removed the other, running, VM; one-character id prefixes
+// resolved. Now such a name is refused, a store that holds one from before
+// resolves the id as ambiguous (naming both), and a destructive command
+// never takes a prefix.
+func TestNamesCannotShadowIDsAndDestructiveCommandsNeverGuess(t *testing.T) {
+	m := newTestManager(t)
+	ctx := context.Background()
+	f := false
+	victim := createRunning(t, m, "victim")
+	if _, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: victim.ID, Start: &f}); !errors.Is(err, api.ErrInvalid) {
+		t.Errorf("create named like an id: %v, want ErrInvalid", err)
+	}
+	action(t, m, "victim", "pause")
+	if _, err := m.ForkInstance(ctx, "victim", api.ForkRequest{Name: newID(), FromRunning: true}); !errors.Is(err, api.ErrInvalid) {
+		t.Errorf("fork named like an id: %v, want ErrInvalid", err)
+	}
+	if _, err := m.CreateSnapshot(ctx, "victim", api.SnapshotRequest{Name: newID()}); !errors.Is(err, api.ErrInvalid) {
+		t.Errorf("snapshot named like an id: %v, want ErrInvalid", err)
+	}
+	action(t, m, "victim", "resume")
+	unnamed, err := m.CreateInstance(ctx, api.CreateInstanceRequest{MemoryMiB: testMemMiB, Start: &f})
+	if err != nil || unnamed.Name != unnamed.ID {
+		t.Errorf("an unnamed instance is named by its own id: %+v, %v", unnamed, err)
+	}
+
+	// A store from before the rule: another instance named with the victim's id.
+	shadow := store.Instance{ID: newID(), Name: victim.ID, State: api.StateCreated, Vcpus: 1, MemoryMiB: testMemMiB, CreatedAt: time.Now()}
+	if err := m.db.CreateInstance(ctx, shadow); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.DeleteInstance(ctx, victim.ID); !errors.Is(err, api.ErrAmbiguous) || !strings.Contains(err.Error(), shadow.ID) {
+		t.Errorf("delete by a shadowed id: %v; want ErrAmbiguous naming both", err)
+	}
+	if _, err := m.Action(ctx, victim.ID, "stop", api.ActionRequest{}); !errors.Is(err, api.ErrAmbiguous) {
+		t.Errorf("stop by a shadowed id: %v; want ErrAmbiguous", err)
+	}
+	m.db.DeleteInstance(ctx, shadow.ID)
+
+	// A unique prefix reads, but never deletes or stops.
+	prefix := victim.ID[:10]
+	if got, err := m.GetInstance(ctx, prefix); err != nil || got.ID != victim.ID {
+		t.Errorf("get by a unique prefix: %v, %v", got.ID, err)
+	}
+	if err := m.DeleteInstance(ctx, prefix); !errors.Is(err, api.ErrAmbiguous) {
+		t.Errorf("delete by a prefix: %v; want ErrAmbiguous", err)
+	}
+	if _, err := m.Action(ctx, prefix, "stop", api.ActionRequest{}); !errors.Is(err, api.ErrAmbiguous) {
+		t.Errorf("stop by a prefix: %v; want ErrAmbiguous", err)
+	}
+	if got, err := m.GetInstance(ctx, "victim"); err != nil || got.State != api.StateRunning {
+		t.Fatalf("the victim after the refused commands: %+v, %v; want it Running", got, err)
+	}
+	// The exact name and the full id still work.
+	action(t, m, victim.ID, "stop")
+	if err := m.DeleteInstance(ctx, "victim"); err != nil {
+		t.Errorf("delete by exact name: %v", err)
 	}
 }
 

@@ -53,9 +53,8 @@ func (m *Manager) CreateSnapshot(ctx context.Context, ref string, req api.Snapsh
 	}
 	id := newID()
 	if req.Name == "" {
-		req.Name = id
-	}
-	if err := validName("snapshot", req.Name); err != nil {
+		req.Name = id // an unnamed snapshot is named by its own id
+	} else if err := validName("snapshot", req.Name); err != nil {
 		return api.Snapshot{}, err
 	}
 	g, err := m.guest(in.ID)
@@ -259,7 +258,7 @@ func (m *Manager) GetSnapshot(ctx context.Context, ref string) (api.Snapshot, er
 // they hold their own link to the mem-file inode.
 func (m *Manager) DeleteSnapshot(ctx context.Context, ref string) error {
 	ctx = context.WithoutCancel(ctx)
-	s, err := m.resolveSnapshot(ctx, ref)
+	s, err := m.resolveSnapshotFor(ctx, ref, "delete")
 	if err != nil {
 		return apiErr(err)
 	}

@@ -94,6 +94,27 @@ func (s *Store) ListInstances(ctx context.Context) ([]Instance, error) {
 	return out, rows.Err()
 }
 
+// InstancesMatching returns the instances a reference could name: the one
+// named ref, and every one whose id starts with ref (the full id included).
+// Deciding which of them ref means is the caller's.
+func (s *Store) InstancesMatching(ctx context.Context, ref string) ([]Instance, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT `+instanceCols+` FROM instances
+		WHERE name = ? OR substr(id, 1, length(?)) = ? ORDER BY created_at, id`, ref, ref, ref)
+	if err != nil {
+		return nil, fmt.Errorf("find instances %q: %w", ref, err)
+	}
+	defer rows.Close()
+	var out []Instance
+	for rows.Next() {
+		in, err := scanInstance(rows)
+		if err != nil {
+			return nil, fmt.Errorf("find instances %q: %w", ref, err)
+		}
+		out = append(out, in)
+	}
+	return out, rows.Err()
+}
+
 // UpdateInstance replaces every field of an existing instance.
 func (s *Store) UpdateInstance(ctx context.Context, in Instance) error {
 	a := in.args()

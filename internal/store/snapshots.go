@@ -83,6 +83,26 @@ func (s *Store) ListSnapshots(ctx context.Context) ([]Snapshot, error) {
 	return out, rows.Err()
 }
 
+// SnapshotsMatching returns the snapshots a reference could name: the one
+// named ref, and every one whose id starts with ref (the full id included).
+func (s *Store) SnapshotsMatching(ctx context.Context, ref string) ([]Snapshot, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT `+snapshotCols+` FROM snapshots
+		WHERE name = ? OR substr(id, 1, length(?)) = ? ORDER BY created_at, id`, ref, ref, ref)
+	if err != nil {
+		return nil, fmt.Errorf("find snapshots %q: %w", ref, err)
+	}
+	defer rows.Close()
+	var out []Snapshot
+	for rows.Next() {
+		sn, err := scanSnapshot(rows)
+		if err != nil {
+			return nil, fmt.Errorf("find snapshots %q: %w", ref, err)
+		}
+		out = append(out, sn)
+	}
+	return out, rows.Err()
+}
+
 // UpdateSnapshot replaces every field of an existing snapshot.
 func (s *Store) UpdateSnapshot(ctx context.Context, sn Snapshot) error {
 	a := sn.args()
