@@ -46,7 +46,7 @@ type Instance struct {
 	ForkMode         string    `json:"fork_mode"`          // "" for non-forks
 	RestoreBackend   string    `json:"restore_backend"`    // backend of the last/next restore
 	Pid              int       `json:"pid,omitempty"`
-	Error            string    `json:"error"`
+	Error            string    `json:"error"` // "" unless Stopped (why the VMM stopped) or Error (what failed)
 }
 
 // Snapshot is the JSON shape of one immutable snapshot in the store.
@@ -57,7 +57,7 @@ type Snapshot struct {
 	CreatedAt        time.Time `json:"created_at"`
 	SizeBytes        int64     `json:"size_bytes"`
 	Compression      string    `json:"compression"` // "none" | "zstd"
-	State            string    `json:"state"`       // "ready" | "compressing" | "compressed"
+	State            string    `json:"state"`       // "ready" | "compressing" | "compressed" | "broken" (files gone: refuses forks)
 	SnapshotCacheKey string    `json:"snapshot_cache_key"`
 	MemoryMiB        int       `json:"memory_mib"`
 	Vcpus            int       `json:"vcpus"`

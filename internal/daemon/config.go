@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 
@@ -179,9 +180,12 @@ func readConfigFile(path string) (map[string]string, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read config file: %w", err)
 	}
+	// Errors name the file, a line and a key, never the file's contents:
+	// `--config /etc/shadow` must not print a line of it (the YAML parser's
+	// own errors quote the text they could not read).
 	var raw map[string]any
 	if err := yaml.Unmarshal(b, &raw); err != nil {
-		return nil, fmt.Errorf("parse config file %s: %w", path, err)
+		return nil, fmt.Errorf("config file %s is not a YAML mapping of forkd settings%s (its contents are not shown); see the README for the keys", path, yamlLine(err))
 	}
 	known := map[string]bool{}
 	for _, s := range settings() {
@@ -190,6 +194,9 @@ func readConfigFile(path string) (map[string]string, error) {
 	out := map[string]string{}
 	for k, v := range raw {
 		if !known[k] {
+			if !keyShape.MatchString(k) {
+				return nil, fmt.Errorf("config file %s: a key that is not a forkd setting (not shown: it does not look like one)", path)
+			}
 			return nil, fmt.Errorf("config file %s: unknown key %q", path, k)
 		}
 		switch v := v.(type) {
@@ -203,6 +210,20 @@ func readConfigFile(path string) (map[string]string, error) {
 		}
 	}
 	return out, nil
+}
+
+// keyShape is what a setting key looks like; an unknown key of this shape
+// is named in the error (a typo), any other is not (it may be a secret).
+var keyShape = regexp.MustCompile(`^[a-z][a-z0-9_]{0,63}$`)
+
+var yamlLineRE = regexp.MustCompile(`line (\d+)`)
+
+// yamlLine is " (line N)" for a YAML error that names a line, else "".
+func yamlLine(err error) string {
+	if m := yamlLineRE.FindStringSubmatch(err.Error()); m != nil {
+		return " (line " + m[1] + ")"
+	}
+	return ""
 }
 
 // Validate checks values that LoadConfig cannot fix up.

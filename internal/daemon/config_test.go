@@ -115,3 +115,52 @@ func TestParseBytes(t *testing.T) {
 		}
 	}
 }
+
+// Finding: `forkd serve --config /etc/shadow` printed a line of the file in
+// its error (the YAML parser quotes what it cannot read). Now a config error
+// names the file and a line, never its contents; an unknown key is named
+// only if it looks like a setting (a typo), never if it may be a secret.
+func TestConfigErrorsNeverEchoTheFile(t *testing.T) {
+	secret := "s3cr3t-Hash$6$rounds=5000$abcdefgh"
+	for _, tc := range []struct {
+		name, content, want string
+	}{
+		{"shadow-like", "root:" + secret + ":19700:0:99999:7:::\nnobody:*:19700:0:99999:7:::\n", "forkd setting"},
+		{"binary", "\x7fELF\x02\x01\x01" + secret + "\x00\x00", "not a YAML mapping"},
+		{"a secret as a key", secret + ": 1\n", "not a forkd setting"},
+		{"a list", "- " + secret + "\n", "not a YAML mapping"},
+		{"a mapping of a secret", "log_level: {" + secret + ": 1}\n", "must be a scalar"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			file := filepath.Join(t.TempDir(), "cfg")
+			if err := os.WriteFile(file, []byte(tc.content), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
+			BindFlags(fs)
+			if err := fs.Parse([]string{"--config", file}); err != nil {
+				t.Fatal(err)
+			}
+			_, err := LoadConfig(fs, envOf(nil))
+			if err == nil {
+				t.Fatal("LoadConfig accepted the file")
+			}
+			if strings.Contains(err.Error(), "s3cr3t") || strings.Contains(err.Error(), "rounds") {
+				t.Errorf("the error echoes the file's contents: %v", err)
+			}
+			if !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), file) {
+				t.Errorf("error %q does not name the file and say %q", err, tc.want)
+			}
+		})
+	}
+	// The twin: a typo of a setting is named, so the check above is not
+	// passing because errors say nothing.
+	file := filepath.Join(t.TempDir(), "cfg")
+	os.WriteFile(file, []byte("log_levle: debug\n"), 0o600)
+	fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
+	BindFlags(fs)
+	fs.Parse([]string{"--config", file})
+	if _, err := LoadConfig(fs, envOf(nil)); err == nil || !strings.Contains(err.Error(), `"log_levle"`) {
+		t.Errorf("a mistyped key is not named: %v", err)
+	}
+}

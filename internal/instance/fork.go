@@ -72,6 +72,12 @@ func (m *Manager) ForkInstance(ctx context.Context, ref string, req api.ForkRequ
 	if err != nil {
 		return api.Instance{}, err
 	}
+	if hasMemory && !live {
+		// Never hand a damaged mem-file on to a fork.
+		if err := memFileFits(fmt.Sprintf("the snapshot of instance %q", src.Name), g.Latest(), src.MemoryMiB); err != nil {
+			return api.Instance{}, fmt.Errorf("fork of %q: %w", src.Name, err)
+		}
+	}
 	files := forkFiles{rootfs: g.Rootfs()}
 	if _, err := os.Stat(g.Kernel()); err == nil {
 		files.kernel = g.Kernel()
@@ -138,8 +144,14 @@ func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequ
 	if err != nil {
 		return api.Instance{}, err
 	}
+	if sn.State == snapBroken || m.markIfBroken(ctx, &sn) {
+		return api.Instance{}, brokenError(sn, sd)
+	}
 	if err := m.materialise(ctx, sn.ID, sd); err != nil {
 		return api.Instance{}, err
+	}
+	if err := memFileFits(fmt.Sprintf("snapshot %q", sn.Name), sd, sn.MemoryMiB); err != nil {
+		return api.Instance{}, fmt.Errorf("fork of snapshot %q: %w", sn.Name, err)
 	}
 	files := forkFiles{from: &sd, rootfs: sd.Rootfs()}
 	if _, err := os.Stat(sd.Kernel()); err == nil {

@@ -216,11 +216,18 @@ func (m *Manager) toAPI(ctx context.Context, in store.Instance) api.Instance {
 	if check == "" {
 		check = "unknown"
 	}
+	// Only a Stopped instance (why its VMM stopped) or one in Error (what
+	// failed) carries an error; a record from before that rule may still
+	// hold one in another state.
+	errText := in.Error
+	if !oneOf(in.State, api.StateStopped, api.StateError) {
+		errText = ""
+	}
 	return api.Instance{
 		ID: in.ID, Name: in.Name, State: in.State, Vcpus: in.Vcpus, MemoryMiB: in.MemoryMiB,
 		Kernel: in.Kernel, Rootfs: in.Rootfs, BootArgs: in.BootArgs, CreatedAt: in.CreatedAt,
 		Source: in.Source, SnapshotCacheKey: in.SnapshotCacheKey, MemoryCheck: check,
-		ForkMode: in.ForkMode, RestoreBackend: in.RestoreBackend, Pid: in.Pid, Error: in.Error,
+		ForkMode: in.ForkMode, RestoreBackend: in.RestoreBackend, Pid: in.Pid, Error: errText,
 	}
 }
 

@@ -25,6 +25,10 @@ type Pager interface {
 	// error for which pager.IsNotFound holds when it does not, a
 	// *pager.APIError for another answer, any other error for no answer.
 	Session(ctx context.Context, sessionID string) error
+	// WaitServing waits until the pager has taken the session's handshake
+	// and serves it; an ended session (a refused handshake) is an error
+	// saying why.
+	WaitServing(ctx context.Context, sessionID string) error
 	// Version is the pager's version (sessions are closed through the pager
 	// that owns them).
 	Version() string
@@ -137,6 +141,21 @@ func (m *Manager) pagerGone(ctx context.Context, in store.Instance) bool {
 		// No answer at all (no socket, connection refused): the pager is dead.
 		return true
 	}
+}
+
+// withSessionEnd adds to a failed uffd restore's error why the pager ended
+// its session, if it did: the cause (a refused handshake, say) is otherwise
+// only in the pager's log.
+func (m *Manager) withSessionEnd(ctx context.Context, pg Pager, session string, err error) error {
+	if pg == nil || session == "" {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	if serr := pg.Session(ctx, session); serr != nil && pager.IsNotFound(serr) {
+		return fmt.Errorf("%w (pager: %v)", err, serr)
+	}
+	return err
 }
 
 func pagerGoneError(in store.Instance) string {

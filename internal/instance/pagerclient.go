@@ -64,6 +64,34 @@ func (h hostPager) Session(ctx context.Context, id string) error {
 	return err
 }
 
+// waitServingTimeout bounds WaitServing: the pager's own handshake timeout
+// (10 s) plus a margin for a loaded host.
+const waitServingTimeout = 15 * time.Second
+
+// WaitServing waits until the pager has taken the session's handshake and
+// serves it. A session the pager ended (a refused handshake: regions past
+// the end of the mem-file, a malformed message) is an error saying why.
+func (h hostPager) WaitServing(ctx context.Context, id string) error {
+	ctx, cancel := context.WithTimeout(ctx, waitServingTimeout)
+	defer cancel()
+	for delay := time.Millisecond; ; delay = min(2*delay, 50*time.Millisecond) {
+		info, err := h.c.Session(ctx, id)
+		switch {
+		case err != nil && ctx.Err() != nil:
+			return fmt.Errorf("the pager did not take the VMM's handshake within %v", waitServingTimeout)
+		case err != nil:
+			return err
+		case info.State != "waiting" && info.State != "handshake":
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("the pager did not take the VMM's handshake within %v (session state %s)", waitServingTimeout, info.State)
+		case <-time.After(delay):
+		}
+	}
+}
+
 func (h hostPager) Version() string { return h.version }
 
 func (h hostPager) Healthy(ctx context.Context) bool {

@@ -66,11 +66,15 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 		return err
 	}
 	for _, s := range snaps {
-		switch s.State {
-		case snapCreating:
+		if s.State == snapCreating {
 			m.log.Info("reconcile: removing half-made snapshot", "snapshot", s.ID)
 			m.finishSnapshotDelete(ctx, s.ID)
-		case snapCompressing:
+			continue
+		}
+		if s.State != snapBroken && m.markIfBroken(ctx, &s) {
+			continue
+		}
+		if s.State == snapCompressing {
 			m.log.Info("reconcile: restarting compression", "snapshot", s.ID)
 			m.startCompression(s)
 		}
@@ -210,8 +214,10 @@ func (m *Manager) reconcileEntry(ctx context.Context, e store.Entry) (string, er
 			in.PagerSession, in.PagerVersion = p.Session, version.Version
 			m.closeSession(ctx, &in)
 		}
-		in.State, in.Pid, in.Error = api.StateStandby, 0, "restore interrupted by a daemon restart"
-		return "rolled back the restore (Standby)", m.db.UpdateInstance(ctx, in)
+		// A Standby record holds no error: what happened is this entry's
+		// outcome and the reconciler's log line.
+		in.State, in.Pid, in.Error = api.StateStandby, 0, ""
+		return "rolled back the restore interrupted by a daemon restart (Standby)", m.db.UpdateInstance(ctx, in)
 	}
 	return "unknown kind: left as is", nil
 }

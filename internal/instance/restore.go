@@ -21,8 +21,9 @@ func (m *Manager) restoreAction(ctx context.Context, in *store.Instance, req api
 // pager session under the instance's cache key), resumes, and
 // snapshot-latest becomes snapshot-base, the next standby's diff base.
 // A failure kills the new VMM and closes the session; the instance stays
-// Standby with the error text, nothing deleted, retryable. Caller holds the
-// write lock.
+// Standby (the error goes to the caller and the log; a Standby record holds
+// none), nothing deleted, retryable. A mem-file shorter than the VM's RAM is
+// refused before anything starts. Caller holds the write lock.
 func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def string) error {
 	if in.State != api.StateStandby {
 		return invalidState(*in, "restore", api.StateStandby)
@@ -42,6 +43,9 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 		if _, err := os.Stat(p); err != nil {
 			return fmt.Errorf("restore %s: snapshot incomplete: %w", in.Name, err)
 		}
+	}
+	if err := memFileFits(fmt.Sprintf("the snapshot of instance %q", in.Name), latest, in.MemoryMiB); err != nil {
+		return fmt.Errorf("restore %s: %w", in.Name, err)
 	}
 	o, err := m.begin(ctx, "restore", in.ID, opPayload{Prev: api.StateStandby})
 	if err != nil {
@@ -67,7 +71,9 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 				m.log.Warn("restore: delete session", "instance", in.ID, "session", session, "err", derr)
 			}
 		}
-		in.State, in.Pid, in.Error, in.PagerSession, in.PagerVersion = api.StateStandby, 0, err.Error(), "", ""
+		// The error goes to the caller and the log, not into the record: a
+		// Standby instance's error is "" (only Stopped and Error carry one).
+		in.State, in.Pid, in.Error, in.PagerSession, in.PagerVersion = api.StateStandby, 0, "", "", ""
 		m.db.UpdateInstance(ctx, *in)
 		o.finish(ctx, err)
 		m.log.Warn("restore failed; instance stays on standby", "instance", in.ID, "err", err)
@@ -113,7 +119,15 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 	c := m.client(g)
 	defer c.Close()
 	if err := c.LoadSnapshot(ctx, load); err != nil {
-		return fail(err)
+		return fail(m.withSessionEnd(ctx, pg, session, err))
+	}
+	if pg != nil {
+		// The VMM sent its uffd with the load; a pager that refused the
+		// handshake has ended the session: say why now, rather than resume
+		// a VM whose first fault would hang.
+		if err := pg.WaitServing(ctx, session); err != nil {
+			return fail(fmt.Errorf("pager session %s: %w", session, err))
+		}
 	}
 	if err := c.Resume(ctx); err != nil {
 		return fail(err)

@@ -20,6 +20,10 @@ const (
 	snapReady       = "ready"
 	snapCompressing = "compressing"
 	snapCompressed  = "compressed"
+	// snapBroken: its directory is gone or incomplete (found by the
+	// reconciler, or by a fork); it is listed so the user sees it, refuses
+	// forks, and can only be deleted.
+	snapBroken = "broken"
 )
 
 // CreateSnapshot copies an instance's memory into the immutable store

@@ -40,11 +40,13 @@ func (m *Manager) standby(ctx context.Context, in *store.Instance, _ api.ActionR
 	defer c.Close()
 	paused := false
 	// fail undoes what standby did to the VM (it resumes a VM it paused) and
-	// leaves the instance in its previous state with the error text; a VM
-	// that cannot be resumed is Error.
+	// leaves the instance in its previous state; the error goes to the
+	// caller and the log, not the record (a Running or Paused instance's
+	// error is ""). A VM that cannot be resumed is Error, with the reason.
 	fail := func(err error) error {
 		err = fmt.Errorf("standby %s: %w", in.Name, err)
-		in.State, in.Error = prev, err.Error()
+		m.log.Warn("standby failed; instance back in its previous state", "instance", in.ID, "state", prev, "err", err)
+		in.State, in.Error = prev, ""
 		if paused {
 			if rerr := c.Resume(ctx); rerr != nil {
 				err = errors.Join(err, fmt.Errorf("resume after failed standby: %w", rerr))

@@ -268,6 +268,12 @@ func TestMalformedHandshakeEndsOnlyThatSession(t *testing.T) {
 				}
 				return true
 			})
+			// Its creator can learn why: GET /sessions/{id} is still 404
+			// (the session is gone) but says how it ended.
+			_, err := p.client.Session(context.Background(), id)
+			if !IsNotFound(err) || !strings.Contains(err.Error(), tt.wantLog) {
+				t.Errorf("GET /sessions/%s after a refused handshake: %v; want a 404 saying %q", id, err, tt.wantLog)
+			}
 		})
 	}
 	// The good session kept serving throughout.

@@ -88,10 +88,16 @@ type Server struct {
 
 	mu       sync.Mutex
 	sessions map[string]*session // guarded by mu
-	keys     map[string]uint32   // cache key → interned id; guarded by mu
-	draining bool                // guarded by mu
-	drained  chan struct{}       // closed when draining and no session is left; guarded by mu (the close)
-	closed   bool                // Serve returned: no new sessions; guarded by mu
+	// ended remembers why the last maxEnded sessions ended (id → cause),
+	// oldest first in endedOrder, so the manager can tell its client why a
+	// restore's session is gone (a refused handshake, say) instead of a bare
+	// 404. Guarded by mu.
+	ended      map[string]string
+	endedOrder []string
+	keys       map[string]uint32 // cache key → interned id; guarded by mu
+	draining   bool              // guarded by mu
+	drained    chan struct{}     // closed when draining and no session is left; guarded by mu (the close)
+	closed     bool              // Serve returned: no new sessions; guarded by mu
 }
 
 // NewServer takes the pager dir (an exclusive flock on it, so two pagers
@@ -144,7 +150,7 @@ func NewServer(cfg Config, log *slog.Logger) (*Server, error) {
 	s := &Server{
 		cfg: cfg, log: log, cache: newPageCache(cfg.CacheBytes),
 		dirLock: lock, ln: ln,
-		sessions: make(map[string]*session), keys: make(map[string]uint32),
+		sessions: make(map[string]*session), keys: make(map[string]uint32), ended: make(map[string]string),
 		drained: make(chan struct{}),
 	}
 	s.http = &http.Server{Handler: s.routes(), ReadHeaderTimeout: 10 * time.Second}
@@ -362,11 +368,22 @@ func (s *Server) internKey(key string) uint32 {
 	return id
 }
 
+// maxEnded bounds how many ended sessions' causes the pager remembers.
+const maxEnded = 1024
+
 func (s *Server) removeSession(ss *session) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.sessions[ss.id] == ss {
 		delete(s.sessions, ss.id)
+		if _, ok := s.ended[ss.id]; !ok {
+			s.endedOrder = append(s.endedOrder, ss.id)
+		}
+		s.ended[ss.id] = context.Cause(ss.ctx).Error()
+		if len(s.endedOrder) > maxEnded {
+			delete(s.ended, s.endedOrder[0])
+			s.endedOrder = s.endedOrder[1:]
+		}
 	}
 	s.checkDrainedLocked()
 }
@@ -376,6 +393,9 @@ func (s *Server) session(id string) (*session, error) {
 	defer s.mu.Unlock()
 	ss := s.sessions[id]
 	if ss == nil {
+		if cause, ok := s.ended[id]; ok {
+			return nil, fmt.Errorf("session %s ended: %s: %w", id, cause, errNotFound)
+		}
 		return nil, fmt.Errorf("session %s: %w", id, errNotFound)
 	}
 	return ss, nil
