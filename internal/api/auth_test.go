@@ -1,12 +1,17 @@
 package api_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/forkd/forkd/internal/api"
 )
@@ -17,7 +22,11 @@ func TestBearerTokenGuardsTCP(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewServer(api.RequireBearer(token, inner))
+	guarded, err := api.RequireBearer(token, inner, api.BearerOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(guarded)
 	t.Cleanup(srv.Close)
 
 	cases := []struct {
@@ -70,7 +79,10 @@ func TestBearerTokenGuardsTCP(t *testing.T) {
 
 func TestEmptyTokenLetsNobodyIn(t *testing.T) {
 	inner, _ := api.NewHandler(newFakeService(), api.HandlerOptions{})
-	h := api.RequireBearer("", inner)
+	h, err := api.RequireBearer("", inner, api.BearerOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, hdr := range []string{"", "Bearer ", "Bearer x"} {
 		rec := httptest.NewRecorder()
 		req := httptest.NewRequest("GET", "/health", nil)
@@ -79,5 +91,65 @@ func TestEmptyTokenLetsNobodyIn(t *testing.T) {
 		if rec.Code != http.StatusUnauthorized {
 			t.Errorf("empty configured token, Authorization %q: status %d, want 401", hdr, rec.Code)
 		}
+	}
+}
+
+// Finding: failed authentications were neither logged nor counted. Now each
+// is counted by reason, and logged at most once per LogEvery (the first at
+// once; later lines say how many were not logged), so a token guesser can
+// neither hide nor flood the log.
+func TestFailedAuthenticationsAreCountedAndLoggedRateLimited(t *testing.T) {
+	const token = "s3cret-token-value"
+	inner, _ := api.NewHandler(newFakeService(), api.HandlerOptions{})
+	reg := prometheus.NewRegistry()
+	var logs bytes.Buffer
+	now := time.Unix(1000, 0)
+	h, err := api.RequireBearer(token, inner, api.BearerOptions{
+		Logger:     slog.New(slog.NewTextHandler(&logs, nil)),
+		LogEvery:   10 * time.Second,
+		Registerer: reg,
+		Now:        func() time.Time { return now },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	send := func(hdr string) int {
+		rec := httptest.NewRecorder()
+		req := httptest.NewRequest("GET", "/instances", nil)
+		if hdr != "" {
+			req.Header.Set("Authorization", hdr)
+		}
+		h.ServeHTTP(rec, req)
+		return rec.Code
+	}
+	for i := 0; i < 50; i++ {
+		send("Bearer guess")
+	}
+	send("")
+	send("Bearer " + token) // the right token is neither counted nor logged
+	if n := strings.Count(logs.String(), "refused a request"); n != 1 {
+		t.Fatalf("%d log lines for 51 failures within 10 s, want 1:\n%s", n, logs.String())
+	}
+	now = now.Add(11 * time.Second)
+	send("Bearer guess")
+	if n := strings.Count(logs.String(), "refused a request"); n != 2 || !strings.Contains(logs.String(), "also_refused_since_last_line=50") {
+		t.Errorf("after the interval: %d lines, want 2, the second counting the 50 not logged:\n%s", n, logs.String())
+	}
+	want := map[string]float64{"wrong": 51, "missing": 1}
+	mfs, _ := reg.Gather()
+	for _, mf := range mfs {
+		if mf.GetName() != "forkd_api_auth_failures_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			reason := m.GetLabel()[0].GetValue()
+			if got := m.GetCounter().GetValue(); got != want[reason] {
+				t.Errorf("forkd_api_auth_failures_total{reason=%q} = %v, want %v", reason, got, want[reason])
+			}
+			delete(want, reason)
+		}
+	}
+	if len(want) != 0 {
+		t.Errorf("series missing: %v", want)
 	}
 }

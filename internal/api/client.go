@@ -3,6 +3,8 @@ package api
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -36,6 +38,16 @@ func WithToken(token string) ClientOption {
 	return func(c *Client) { c.token = strings.TrimSpace(token) }
 }
 
+// WithRootCAs makes an https:// client trust the certificates of pool (a
+// daemon's self-signed or private-CA certificate) instead of the system's.
+func WithRootCAs(pool *x509.CertPool) ClientOption {
+	return func(c *Client) {
+		if tr, ok := c.hc.Transport.(*http.Transport); ok && tr.TLSClientConfig != nil {
+			tr.TLSClientConfig.RootCAs = pool
+		}
+	}
+}
+
 // ConnectError means the daemon could not be reached at all.
 type ConnectError struct {
 	Host string
@@ -49,7 +61,8 @@ func (e *ConnectError) Error() string {
 func (e *ConnectError) Unwrap() error { return e.Err }
 
 // NewClient returns a client of the daemon at host: a Unix socket path,
-// unix://PATH, or tcp://HOST:PORT.
+// unix://PATH, tcp://HOST:PORT (plain HTTP), or https://HOST:PORT (a TCP
+// listener with tls_cert/tls_key).
 func NewClient(host string, opts ...ClientOption) (*Client, error) {
 	c := &Client{host: host}
 	dialer := &net.Dialer{Timeout: 5 * time.Second}
@@ -68,8 +81,16 @@ func NewClient(host string, opts ...ClientOption) (*Client, error) {
 		}
 		c.base = "http://" + addr
 		tr.DialContext = dialer.DialContext
+	case strings.HasPrefix(host, "https://"):
+		addr := strings.TrimPrefix(host, "https://")
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			return nil, fmt.Errorf("forkd client: host %q: want https://HOST:PORT: %w", host, err)
+		}
+		c.base = "https://" + addr
+		tr.DialContext = dialer.DialContext
+		tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12}
 	case strings.Contains(host, "://") && !strings.HasPrefix(host, "unix://"):
-		return nil, fmt.Errorf("forkd client: host %q: want a socket path, unix://PATH or tcp://HOST:PORT", host)
+		return nil, fmt.Errorf("forkd client: host %q: want a socket path, unix://PATH, tcp://HOST:PORT or https://HOST:PORT", host)
 	default:
 		path := strings.TrimPrefix(host, "unix://")
 		c.base = "http://forkd"

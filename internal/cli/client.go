@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"crypto/x509"
 	"fmt"
 	"os"
 	"strings"
@@ -31,7 +32,26 @@ func NewClient(cmd *cobra.Command) (*api.Client, error) {
 		if err != nil {
 			return nil, fmt.Errorf("read token file: %w", err)
 		}
-		opts = append(opts, api.WithToken(strings.TrimSpace(string(b))))
+		tok := strings.TrimSpace(string(b))
+		if strings.Contains(tok, "\n") {
+			return nil, fmt.Errorf("token file %s holds more than one line; the token is one line", tokenFile)
+		}
+		opts = append(opts, api.WithToken(tok))
+	}
+	caFile := flag("tls-ca")
+	if caFile == "" {
+		caFile = os.Getenv("FORKD_TLS_CA")
+	}
+	if caFile != "" {
+		b, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("read --tls-ca: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(b) {
+			return nil, fmt.Errorf("--tls-ca %s holds no PEM certificate", caFile)
+		}
+		opts = append(opts, api.WithRootCAs(pool))
 	}
 	return api.NewClient(host, opts...)
 }

@@ -40,8 +40,9 @@ Start the daemon with 'forkd serve'; every other command talks to it.`,
 		SilenceErrors: true,
 	}
 	pf := root.PersistentFlags()
-	pf.String("host", "", "daemon address: a socket path, unix://PATH or tcp://HOST:PORT (env FORKD_HOST; default <data>/forkd.sock)")
-	pf.String("token-file", "", "file with the bearer token for a tcp:// host (env FORKD_TOKEN_FILE)")
+	pf.String("host", "", "daemon address: a socket path, unix://PATH, tcp://HOST:PORT or https://HOST:PORT (env FORKD_HOST; default <data>/forkd.sock)")
+	pf.String("token-file", "", "file with the bearer token for a tcp:// or https:// host (env FORKD_TOKEN_FILE)")
+	pf.String("tls-ca", "", "PEM certificate(s) to trust for an https:// host, e.g. the daemon's own tls_cert (env FORKD_TLS_CA; default: the system's roots)")
 	pf.StringP("output", "o", "table", "output format: table or json")
 
 	root.AddGroup(

@@ -23,8 +23,14 @@ type Config struct {
 	DataDir   string // data_dir: all state; created 0700
 	Listen    string // listen: optional tcp://HOST:PORT (needs TokenFile)
 	TokenFile string // token_file: bearer token for the TCP listener
-	LogFormat string // log_format: text | json
-	LogLevel  string // log_level: debug | info | warn | error
+	// TLSCert and TLSKey (tls_cert, tls_key) serve the TCP listener over
+	// TLS. A non-loopback listen address needs them, or ListenInsecure
+	// (listen_insecure: true) to serve plain HTTP anyway.
+	TLSCert        string
+	TLSKey         string
+	ListenInsecure bool
+	LogFormat      string // log_format: text | json
+	LogLevel       string // log_level: debug | info | warn | error
 
 	VMMBinary          string // vmm_binary: "auto" (firecracker if usable, else `forkd vmm`), "emulator", or a path
 	RestoreBackend     string // restore_backend: file | uffd
@@ -51,6 +57,10 @@ type setting struct {
 	set   func(c *Config, v string) error
 }
 
+// boolean reports whether s is a yes/no setting (its default is "true" or
+// "false"): its flag alone (--flag) means true.
+func (s setting) boolean() bool { return s.def == "true" || s.def == "false" }
+
 // settings lists every configuration key. It is a function, not a variable,
 // so nothing can change it at run time.
 func settings() []setting {
@@ -67,6 +77,22 @@ func settings() []setting {
 		{"token_file", "FORKD_TOKEN_FILE", "token-file", "",
 			"file holding the bearer token the TCP listener requires",
 			str(func(c *Config) *string { return &c.TokenFile })},
+		{"tls_cert", "FORKD_TLS_CERT", "tls-cert", "",
+			"PEM certificate (chain) for the TCP listener: with tls_key, it serves HTTPS",
+			str(func(c *Config) *string { return &c.TLSCert })},
+		{"tls_key", "FORKD_TLS_KEY", "tls-key", "",
+			"PEM private key of tls_cert (a file only its owner can read)",
+			str(func(c *Config) *string { return &c.TLSKey })},
+		{"listen_insecure", "FORKD_LISTEN_INSECURE", "listen-insecure", "false",
+			"serve a non-loopback listen address over plain HTTP (the token in clear text: only behind a tunnel or on a private network)",
+			func(c *Config, v string) error {
+				b, err := strconv.ParseBool(v)
+				if err != nil {
+					return fmt.Errorf("%q is not true or false", v)
+				}
+				c.ListenInsecure = b
+				return nil
+			}},
 		{"log_format", "FORKD_LOG_FORMAT", "log-format", "text", "log format: text or json",
 			str(func(c *Config) *string { return &c.LogFormat })},
 		{"log_level", "FORKD_LOG_LEVEL", "log-level", "info", "log level: debug, info, warn or error",
@@ -111,6 +137,9 @@ func BindFlags(fs *pflag.FlagSet) {
 	fs.Bool(orphansFlag, false, "start even though the store is missing or empty while the data dir holds VMs: move them to <data>/lost+found/ (once, to recover; restoring forkd.db keeps them)")
 	for _, s := range settings() {
 		fs.String(s.flag, s.def, s.usage+" (env "+s.env+")")
+		if s.boolean() {
+			fs.Lookup(s.flag).NoOptDefVal = "true"
+		}
 	}
 }
 
@@ -264,8 +293,34 @@ func (c Config) Validate() error {
 		if c.TokenFile == "" {
 			return fmt.Errorf("config listen %s: a TCP listener requires token_file (--token-file)", c.Listen)
 		}
+		if (c.TLSCert == "") != (c.TLSKey == "") {
+			return fmt.Errorf("config tls_cert and tls_key: give both or neither")
+		}
+		if c.TLSCert == "" && !c.ListenInsecure && !c.LoopbackListen() {
+			return fmt.Errorf("config listen %s: a non-loopback address would carry the API and its bearer token in clear text; "+
+				"give tls_cert and tls_key (--tls-cert, --tls-key) to serve HTTPS, or set listen_insecure: true (--listen-insecure) "+
+				"if a tunnel or a private network protects it", c.Listen)
+		}
+	} else if c.TLSCert != "" || c.TLSKey != "" {
+		return fmt.Errorf("config tls_cert/tls_key: they serve the TCP listener, but listen is not set")
 	}
 	return nil
+}
+
+// LoopbackListen reports whether the listen address is on loopback only
+// (127.0.0.0/8, ::1 or localhost): the one place plain HTTP is allowed
+// without listen_insecure.
+func (c Config) LoopbackListen() bool {
+	addr, err := tcpAddr(c.Listen)
+	if err != nil {
+		return false
+	}
+	host, _, _ := net.SplitHostPort(addr)
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // tcpAddr returns HOST:PORT of a tcp://HOST:PORT listen address.

@@ -81,7 +81,13 @@ func TestConfigRejectsBadValues(t *testing.T) {
 		{"listen without token", map[string]string{"FORKD_LISTEN": "tcp://127.0.0.1:7000"}, "", "token_file"},
 		{"unknown file key", nil, "data_dri: /x\n", "unknown key"},
 		{"non-scalar file value", nil, "listen: [a, b]\n", "scalar"},
-		{"bad yaml", nil, "listen: [\n", "parse"},
+		{"bad yaml", nil, "listen: [\n", "not a YAML mapping"},
+		{"non-loopback listen over plain HTTP", map[string]string{"FORKD_LISTEN": "tcp://0.0.0.0:7000", "FORKD_TOKEN_FILE": "/t"}, "", "tls_cert"},
+		{"all interfaces over plain HTTP", map[string]string{"FORKD_LISTEN": "tcp://:7000", "FORKD_TOKEN_FILE": "/t"}, "", "listen_insecure"},
+		{"a LAN address over plain HTTP", map[string]string{"FORKD_LISTEN": "tcp://192.168.1.5:7000", "FORKD_TOKEN_FILE": "/t"}, "", "listen_insecure"},
+		{"tls cert without key", map[string]string{"FORKD_LISTEN": "tcp://0.0.0.0:7000", "FORKD_TOKEN_FILE": "/t", "FORKD_TLS_CERT": "/c"}, "", "both"},
+		{"tls without listen", map[string]string{"FORKD_TLS_CERT": "/c", "FORKD_TLS_KEY": "/k"}, "", "listen is not set"},
+		{"listen_insecure not a bool", map[string]string{"FORKD_LISTEN_INSECURE": "maybe"}, "", "listen_insecure"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -162,5 +168,41 @@ func TestConfigErrorsNeverEchoTheFile(t *testing.T) {
 	fs.Parse([]string{"--config", file})
 	if _, err := LoadConfig(fs, envOf(nil)); err == nil || !strings.Contains(err.Error(), `"log_levle"`) {
 		t.Errorf("a mistyped key is not named: %v", err)
+	}
+}
+
+// A non-loopback listen address needs TLS, or listen_insecure said out
+// loud; loopback may serve plain HTTP. The accepted cases are the twins of
+// the refusals in TestConfigRejectsBadValues.
+func TestNonLoopbackListenNeedsTLSOrListenInsecure(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		env  map[string]string
+	}{
+		{"loopback v4", map[string]string{"FORKD_LISTEN": "tcp://127.0.0.1:7000"}},
+		{"loopback v6", map[string]string{"FORKD_LISTEN": "tcp://[::1]:7000"}},
+		{"localhost", map[string]string{"FORKD_LISTEN": "tcp://localhost:7000"}},
+		{"TLS", map[string]string{"FORKD_LISTEN": "tcp://0.0.0.0:7000", "FORKD_TLS_CERT": "/c", "FORKD_TLS_KEY": "/k"}},
+		{"listen_insecure", map[string]string{"FORKD_LISTEN": "tcp://0.0.0.0:7000", "FORKD_LISTEN_INSECURE": "true"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := map[string]string{"FORKD_DATA": t.TempDir(), "FORKD_TOKEN_FILE": "/t"}
+			for k, v := range tc.env {
+				env[k] = v
+			}
+			if _, err := LoadConfig(nil, envOf(env)); err != nil {
+				t.Errorf("LoadConfig: %v", err)
+			}
+		})
+	}
+	// The flag alone means true.
+	fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
+	BindFlags(fs)
+	if err := fs.Parse([]string{"--listen", "tcp://0.0.0.0:7000", "--token-file", "/t", "--listen-insecure"}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := LoadConfig(fs, envOf(map[string]string{"FORKD_DATA": t.TempDir()}))
+	if err != nil || !c.ListenInsecure {
+		t.Errorf("--listen-insecure alone: %+v, %v", c.ListenInsecure, err)
 	}
 }

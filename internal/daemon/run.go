@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -83,8 +84,12 @@ func start(ctx context.Context, cfg Config, log *slog.Logger, factory backendFac
 	}
 
 	var token string
+	var tlsConf *tls.Config
 	if cfg.Listen != "" {
-		if token, err = readToken(cfg.TokenFile, log); err != nil {
+		if token, err = readToken(cfg.TokenFile); err != nil {
+			return nil, err
+		}
+		if tlsConf, err = loadTLS(cfg); err != nil {
 			return nil, err
 		}
 	}
@@ -119,11 +124,21 @@ func start(ctx context.Context, cfg Config, log *slog.Logger, factory backendFac
 			return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
 		}
 		d.tcp = tln.Addr()
-		d.serve(tln, api.RequireBearer(token, handler))
+		guarded, err := api.RequireBearer(token, handler, api.BearerOptions{Logger: log, Registerer: reg})
+		if err != nil {
+			tln.Close()
+			return nil, err
+		}
+		if tlsConf != nil {
+			tln = tls.NewListener(tln, tlsConf)
+		} else if !cfg.LoopbackListen() {
+			log.Warn("listen_insecure: serving the API and its bearer token over plain HTTP on a non-loopback address", "listen", cfg.Listen)
+		}
+		d.serve(tln, guarded)
 	}
 	attrs := []any{"version", version.Version, "pid", os.Getpid(), "data_dir", cfg.DataDir, "socket", d.socket}
 	if d.tcp != nil {
-		attrs = append(attrs, "tcp", d.tcp.String())
+		attrs = append(attrs, "tcp", d.tcp.String(), "tls", tlsConf != nil)
 	}
 	log.Info("forkd daemon serving", attrs...)
 	return d, nil
@@ -193,22 +208,57 @@ func (d *daemon) close(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// readToken reads the TCP bearer token.
-func readToken(path string, log *slog.Logger) (string, error) {
-	fi, err := os.Stat(path)
-	if err != nil {
-		return "", fmt.Errorf("token file: %w", err)
-	}
-	if fi.Mode().Perm()&0o077 != 0 {
-		log.Warn("token file is readable by others; chmod 600 it", "path", path, "mode", fi.Mode().Perm().String())
+// readToken reads the TCP bearer token: one line of at least 16
+// characters, in a file group and others can neither read nor write (a token
+// others can read is a token others have; one they can write is a token they
+// choose). Anything else is refused, not warned about: the daemon would
+// otherwise start exposed, or with a token no client can send (a second line
+// made the token match no client).
+func readToken(path string) (string, error) {
+	if err := privateFile("token_file", path); err != nil {
+		return "", err
 	}
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return "", fmt.Errorf("token file: %w", err)
 	}
 	tok := strings.TrimSpace(string(b))
+	if n := strings.Count(tok, "\n") + 1; n > 1 {
+		return "", fmt.Errorf("token file %s holds %d lines; the token must be one line (e.g. `head -c 32 /dev/urandom | base64 -w0 > %s`)", path, n, path)
+	}
 	if len(tok) < 16 {
-		return "", fmt.Errorf("token file %s: the token must be at least 16 characters (e.g. `head -c 32 /dev/urandom | base64 > %s`)", path, path)
+		return "", fmt.Errorf("token file %s: the token must be at least 16 characters (e.g. `head -c 32 /dev/urandom | base64 -w0 > %s`)", path, path)
 	}
 	return tok, nil
+}
+
+// privateFile refuses a secret file (the token, the TLS key) that is not a
+// regular file or that group or others can read or write.
+func privateFile(key, path string) error {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("%s: %w", key, err)
+	}
+	if !fi.Mode().IsRegular() {
+		return fmt.Errorf("%s %s is not a regular file", key, path)
+	}
+	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+		return fmt.Errorf("%s %s has mode %v: group or others can read or write it; `chmod 600 %s` and start again", key, path, perm, path)
+	}
+	return nil
+}
+
+// loadTLS loads the TCP listener's certificate and key, if configured.
+func loadTLS(cfg Config) (*tls.Config, error) {
+	if cfg.TLSCert == "" {
+		return nil, nil
+	}
+	if err := privateFile("tls_key", cfg.TLSKey); err != nil {
+		return nil, err
+	}
+	cert, err := tls.LoadX509KeyPair(cfg.TLSCert, cfg.TLSKey)
+	if err != nil {
+		return nil, fmt.Errorf("tls_cert/tls_key: %w", err)
+	}
+	return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}, nil
 }

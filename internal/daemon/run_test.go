@@ -2,9 +2,16 @@ package daemon
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"log/slog"
+	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -284,6 +291,106 @@ func TestShortTokenIsRefused(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "at least 16") {
 		t.Fatalf("start with a 5-char token: %v, want refusal", err)
 	}
+}
+
+// Finding: a token file group or others could read or write was only a
+// warning, and one with two lines was accepted but then matched no client.
+// Now both refuse the start and say what to do; the twin is the 0600
+// one-line file TestTCPListenerRequiresBearerToken starts with.
+func TestTokenFileMustBePrivateAndOneLine(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		content string
+		mode    os.FileMode
+		want    string
+	}{
+		{"readable by others", "0123456789abcdef0123\n", 0o644, "chmod 600"},
+		{"writable by others", "0123456789abcdef0123\n", 0o606, "chmod 600"},
+		{"group-readable", "0123456789abcdef0123\n", 0o640, "chmod 600"},
+		{"two lines", "0123456789abcdef0123\nsecond-line-of-token\n", 0o600, "2 lines"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := testConfig(t)
+			cfg.Listen = "tcp://127.0.0.1:0"
+			cfg.TokenFile = filepath.Join(t.TempDir(), "token")
+			if err := os.WriteFile(cfg.TokenFile, []byte(tc.content), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			os.Chmod(cfg.TokenFile, tc.mode)
+			_, err := start(context.Background(), cfg, slog.New(slog.DiscardHandler),
+				func(context.Context, Config, *slog.Logger, prometheus.Registerer) (Backend, error) {
+					return newTestBackend(), nil
+				})
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("start: %v; want a refusal saying %q", err, tc.want)
+			}
+		})
+	}
+}
+
+// With tls_cert and tls_key the TCP listener speaks only TLS; a key file
+// others can read is refused.
+func TestTCPListenerServesTLS(t *testing.T) {
+	dir := t.TempDir()
+	certPEM, keyPEM, pool := selfSigned(t)
+	cfg := testConfig(t)
+	cfg.Listen = "tcp://0.0.0.0:0"
+	cfg.TokenFile = filepath.Join(dir, "token")
+	cfg.TLSCert, cfg.TLSKey = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	const token = "0123456789abcdef0123"
+	os.WriteFile(cfg.TokenFile, []byte(token+"\n"), 0o600)
+	os.WriteFile(cfg.TLSCert, certPEM, 0o644)
+	os.WriteFile(cfg.TLSKey, keyPEM, 0o644)
+	_, err := start(context.Background(), cfg, slog.New(slog.DiscardHandler),
+		func(context.Context, Config, *slog.Logger, prometheus.Registerer) (Backend, error) {
+			return newTestBackend(), nil
+		})
+	if err == nil || !strings.Contains(err.Error(), "tls_key") {
+		t.Fatalf("start with a world-readable key: %v, want a refusal", err)
+	}
+	os.Chmod(cfg.TLSKey, 0o600)
+	d, _ := startTest(t, cfg, newTestBackend())
+	_, port, _ := net.SplitHostPort(d.tcp.String())
+	ctx := context.Background()
+	c, err := api.NewClient("https://127.0.0.1:"+port, api.WithToken(token), api.WithRootCAs(pool))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.ListInstances(ctx); err != nil {
+		t.Errorf("HTTPS with the right token: %v", err)
+	}
+	plain, _ := api.NewClient("tcp://127.0.0.1:"+port, api.WithToken(token))
+	if _, err := plain.ListInstances(ctx); err == nil {
+		t.Error("plain HTTP to the TLS listener succeeded")
+	}
+}
+
+// selfSigned makes a certificate for 127.0.0.1 and a pool that trusts it.
+func selfSigned(t *testing.T) (certPEM, keyPEM []byte, pool *x509.CertPool) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "forkd test"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	pool = x509.NewCertPool()
+	pool.AddCert(cert)
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}), pool
 }
 
 func TestOverlongSocketPathIsExplained(t *testing.T) {
