@@ -1,6 +1,7 @@
 package api
 
 import (
+	"context"
 	"crypto/sha256"
 	"crypto/subtle"
 	"fmt"
@@ -70,8 +71,25 @@ func RequireBearer(token string, next http.Handler, opts BearerOptions) (http.Ha
 				"missing or wrong bearer token: send Authorization: Bearer <the daemon's token_file contents>"))
 			return
 		}
-		next.ServeHTTP(w, r)
+		next.ServeHTTP(w, r.WithContext(WithRemote(r.Context())))
 	}), nil
+}
+
+type remoteKey struct{}
+
+// WithRemote marks ctx as a TCP client's (RequireBearer does it for every
+// request it lets through; tests use it to act as one).
+func WithRemote(ctx context.Context) context.Context {
+	return context.WithValue(ctx, remoteKey{}, true)
+}
+
+// IsRemote reports whether ctx is a request's that came through
+// RequireBearer, i.e. over the TCP listener: its caller holds the token, not
+// root's access to this host, so the Service narrows what it may name (host
+// files only under host_path_dirs).
+func IsRemote(ctx context.Context) bool {
+	v, _ := ctx.Value(remoteKey{}).(bool)
+	return v
 }
 
 // failureLog rate-limits the log lines of failed authentications.

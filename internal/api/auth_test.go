@@ -153,3 +153,22 @@ func TestFailedAuthenticationsAreCountedAndLoggedRateLimited(t *testing.T) {
 		t.Errorf("series missing: %v", want)
 	}
 }
+
+// Requests let through the bearer guard reach the service marked remote;
+// the Unix socket's (no guard) are not.
+func TestRequestsThroughTheBearerGuardAreRemote(t *testing.T) {
+	const token = "s3cret-token-value"
+	var seen []bool
+	inner := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { seen = append(seen, api.IsRemote(r.Context())) })
+	h, err := api.RequireBearer(token, inner, api.BearerOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := httptest.NewRequest("GET", "/instances", nil)
+	req.Header.Set("Authorization", "Bearer "+token)
+	h.ServeHTTP(httptest.NewRecorder(), req)
+	inner.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/instances", nil))
+	if len(seen) != 2 || !seen[0] || seen[1] {
+		t.Errorf("IsRemote through the guard, then without: %v; want [true false]", seen)
+	}
+}

@@ -29,8 +29,11 @@ type Config struct {
 	TLSCert        string
 	TLSKey         string
 	ListenInsecure bool
-	LogFormat      string // log_format: text | json
-	LogLevel       string // log_level: debug | info | warn | error
+	// HostPathDirs (host_path_dirs, comma-separated absolute dirs) are where
+	// a TCP client may name host files (kernel, rootfs); empty: nowhere.
+	HostPathDirs []string
+	LogFormat    string // log_format: text | json
+	LogLevel     string // log_level: debug | info | warn | error
 
 	VMMBinary          string // vmm_binary: "auto" (firecracker if usable, else `forkd vmm`), "emulator", or a path
 	RestoreBackend     string // restore_backend: file | uffd
@@ -91,6 +94,21 @@ func settings() []setting {
 					return fmt.Errorf("%q is not true or false", v)
 				}
 				c.ListenInsecure = b
+				return nil
+			}},
+		{"host_path_dirs", "FORKD_HOST_PATH_DIRS", "host-path-dirs", "",
+			"comma-separated absolute directories under which a TCP client may name host files (kernel, rootfs); default none (over the Unix socket any plain file will do)",
+			func(c *Config, v string) error {
+				c.HostPathDirs = nil
+				for _, d := range strings.Split(v, ",") {
+					if d = strings.TrimSpace(d); d == "" {
+						continue
+					}
+					if !filepath.IsAbs(d) {
+						return fmt.Errorf("%q is not an absolute directory", d)
+					}
+					c.HostPathDirs = append(c.HostPathDirs, filepath.Clean(d))
+				}
 				return nil
 			}},
 		{"log_format", "FORKD_LOG_FORMAT", "log-format", "text", "log format: text or json",

@@ -3,6 +3,7 @@ package daemon
 import (
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -16,7 +17,7 @@ func envOf(m map[string]string) func(string) (string, bool) {
 func TestConfigPrecedenceFlagsOverEnvOverFileOverDefaults(t *testing.T) {
 	dir := t.TempDir()
 	file := filepath.Join(dir, "forkd.yaml")
-	yml := "data_dir: " + filepath.Join(dir, "from-file") + "\nlog_level: warn\nrestore_backend: uffd\npager_cache_bytes: 2GiB\nvmm_binary: /file/vmm\nfork_strategy: copy\n"
+	yml := "data_dir: " + filepath.Join(dir, "from-file") + "\nlog_level: warn\nrestore_backend: uffd\npager_cache_bytes: 2GiB\nvmm_binary: /file/vmm\nfork_strategy: copy\nhost_path_dirs: /srv/images, /opt/kernels/\n"
 	if err := os.WriteFile(file, []byte(yml), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -38,8 +39,9 @@ func TestConfigPrecedenceFlagsOverEnvOverFileOverDefaults(t *testing.T) {
 		DataDir: filepath.Join(dir, "from-file"), LogFormat: "text", LogLevel: "debug",
 		VMMBinary: "/env/vmm", RestoreBackend: "uffd", ForkRestoreBackend: "file",
 		PagerCacheBytes: 2 << 30, ForkStrategy: "hardlink", File: file,
+		HostPathDirs: []string{"/srv/images", "/opt/kernels"},
 	}
-	if c != want {
+	if !reflect.DeepEqual(c, want) {
 		t.Errorf("config:\n got %+v\nwant %+v", c, want)
 	}
 }
@@ -87,6 +89,7 @@ func TestConfigRejectsBadValues(t *testing.T) {
 		{"a LAN address over plain HTTP", map[string]string{"FORKD_LISTEN": "tcp://192.168.1.5:7000", "FORKD_TOKEN_FILE": "/t"}, "", "listen_insecure"},
 		{"tls cert without key", map[string]string{"FORKD_LISTEN": "tcp://0.0.0.0:7000", "FORKD_TOKEN_FILE": "/t", "FORKD_TLS_CERT": "/c"}, "", "both"},
 		{"tls without listen", map[string]string{"FORKD_TLS_CERT": "/c", "FORKD_TLS_KEY": "/k"}, "", "listen is not set"},
+		{"relative host_path_dirs", map[string]string{"FORKD_HOST_PATH_DIRS": "/ok,images"}, "", "host_path_dirs"},
 		{"listen_insecure not a bool", map[string]string{"FORKD_LISTEN_INSECURE": "maybe"}, "", "listen_insecure"},
 	}
 	for _, tc := range cases {

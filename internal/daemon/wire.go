@@ -33,6 +33,7 @@ func newBackend(ctx context.Context, cfg Config, log *slog.Logger, reg prometheu
 		PagerCacheBytes:    cfg.PagerCacheBytes,
 		ForkStrategy:       cfg.ForkStrategy,
 		OrphansToLostFound: cfg.OrphansToLostFound,
+		HostPathDirs:       cfg.HostPathDirs,
 		Logger:             log,
 		Registerer:         reg,
 	})

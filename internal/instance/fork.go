@@ -267,7 +267,10 @@ func (m *Manager) makeForkDir(id string, f forkFiles) (memfile.ShareResult, erro
 		return res, err
 	}
 	if f.kernel != "" {
-		if _, err := m.files.Clone(f.kernel, tmp.Kernel()); err != nil {
+		// Nothing ever writes a kernel in place (VMMs open it read-only,
+		// forkd writes new inodes), so a link shares it safely: no copy of a
+		// user's kernel per fork where the filesystem cannot reflink.
+		if _, err := m.files.ShareForFork(f.kernel, tmp.Kernel()); err != nil {
 			return res, err
 		}
 	}

@@ -5,14 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/hostpath"
 	"github.com/forkd/forkd/internal/store"
 )
 
@@ -40,13 +39,15 @@ func (m *Manager) guest(id string) (guestdir.Guest, error) {
 	return g, nil
 }
 
-// kernelPath is the kernel an instance boots: its user-given path, else the
-// guest dir's own copy.
+// kernelPath is the kernel an instance boots: the guest dir's own copy (a
+// clone of the user's, taken at create from the handle that was checked, or
+// the emulator's placeholder), else, for an instance created before kernels
+// were copied, its user-given path.
 func kernelPath(in store.Instance, g guestdir.Guest) string {
-	if in.Kernel != "" {
-		return in.Kernel
+	if _, err := os.Lstat(g.Kernel()); err == nil || in.Kernel == "" {
+		return g.Kernel()
 	}
-	return g.Kernel()
+	return in.Kernel
 }
 
 // CreateInstance makes an instance's directory and record and, unless
@@ -73,15 +74,27 @@ func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequ
 	if !m.cfg.VMM.Emulator && (req.Kernel == "" || req.Rootfs == "") {
 		return api.Instance{}, fmt.Errorf("%w: kernel and rootfs are required with firecracker (%s)", api.ErrInvalid, m.cfg.VMM.Binary)
 	}
-	for _, p := range []*string{&req.Kernel, &req.Rootfs} {
-		if *p == "" {
+	// Each host file is opened once, checked on its handle and cloned from
+	// it (hostpath): naming a file must never read one the caller may not,
+	// and nothing may swap it between the check and the copy.
+	var kernel, rootfs *os.File
+	for _, h := range []struct {
+		what string
+		path *string
+		f    **os.File
+	}{{"kernel", &req.Kernel, &kernel}, {"rootfs", &req.Rootfs, &rootfs}} {
+		if *h.path == "" {
 			continue
 		}
-		clean, err := m.hostInputPath(*p)
+		f, err := m.hostFiles().Open(h.what, *h.path, api.IsRemote(ctx))
 		if err != nil {
+			if errors.Is(err, hostpath.ErrRefused) {
+				err = fmt.Errorf("%w: %v", api.ErrInvalid, err)
+			}
 			return api.Instance{}, err
 		}
-		*p = clean
+		defer f.Close()
+		*h.f, *h.path = f, f.Name()
 	}
 	g, err := m.guest(id)
 	if err != nil {
@@ -90,8 +103,10 @@ func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequ
 	if req.BootArgs == "" && !m.cfg.VMM.Emulator {
 		req.BootArgs = defaultFirecrackerBootArgs
 	}
+	// The record is hidden (stateCreating) until the files are complete: a
+	// create is never listed half-made.
 	rec := store.Instance{
-		ID: id, Name: req.Name, State: api.StateCreated, Vcpus: req.Vcpus, MemoryMiB: req.MemoryMiB,
+		ID: id, Name: req.Name, State: stateCreating, Vcpus: req.Vcpus, MemoryMiB: req.MemoryMiB,
 		Kernel: req.Kernel, Rootfs: req.Rootfs, BootArgs: req.BootArgs, CreatedAt: time.Now().UTC(),
 		MemoryCheck: "unknown", RestoreBackend: m.cfg.RestoreBackend,
 	}
@@ -103,7 +118,11 @@ func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequ
 		o.finish(ctx, err)
 		return api.Instance{}, apiErr(err)
 	}
-	err = m.makeGuestFiles(req, g)
+	err = m.makeGuestFiles(kernel, rootfs, g)
+	if err == nil {
+		rec.State = api.StateCreated
+		err = m.db.UpdateInstance(ctx, rec)
+	}
 	if err == nil {
 		err = o.step(ctx, "files", nil)
 	}
@@ -121,45 +140,33 @@ func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequ
 	return m.Action(ctx, id, "start", api.ActionRequest{})
 }
 
-// hostInputPath checks a kernel or rootfs path given by a client: a regular
-// file on the host, absolute after resolving symlinks, and outside the data
-// dir: a path inside it (another guest's mem-file, the database) would let
-// one VM read what belongs to another.
-func (m *Manager) hostInputPath(p string) (string, error) {
-	abs, err := filepath.Abs(p)
-	if err == nil {
-		abs, err = filepath.EvalSymlinks(abs)
-	}
-	if err != nil {
-		return "", fmt.Errorf("%w: %s: %v", api.ErrInvalid, p, err)
-	}
-	root, err := filepath.EvalSymlinks(m.layout.Root())
-	if err != nil {
-		root = m.layout.Root()
-	}
-	if rel, err := filepath.Rel(root, abs); err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
-		return "", fmt.Errorf("%w: %s is inside forkd's data dir %s; give a kernel or rootfs from elsewhere on the host", api.ErrInvalid, p, m.layout.Root())
-	}
-	if st, err := os.Stat(abs); err != nil || !st.Mode().IsRegular() {
-		return "", fmt.Errorf("%w: %s is not a readable regular file", api.ErrInvalid, p)
-	}
-	return abs, nil
+// stateCreating is the record of an instance whose create has not finished:
+// never listed or resolved, and removed by the reconciler if the create's
+// journal entry did not reach "files".
+const stateCreating = "Creating"
+
+// hostFiles is the policy for host files clients name (kernel, rootfs).
+func (m *Manager) hostFiles() hostpath.Policy {
+	return hostpath.Policy{DataDir: m.layout.Root(), Allowed: m.cfg.HostPathDirs}
 }
 
-// makeGuestFiles creates the guest dir with its kernel (placeholder unless
-// the user gave one, which is used in place) and a private rootfs: a clone
-// of the user's (reflink-first), else a sparse placeholder.
-func (m *Manager) makeGuestFiles(req api.CreateInstanceRequest, g guestdir.Guest) error {
+// makeGuestFiles creates the guest dir with its kernel and a private
+// rootfs: clones (reflink-first) of the user's files, read through the
+// handles the caller opened and checked, else a placeholder kernel and a
+// sparse placeholder disk.
+func (m *Manager) makeGuestFiles(kernel, rootfs *os.File, g guestdir.Guest) error {
 	if err := os.MkdirAll(g.LogsDir(), 0o755); err != nil {
 		return err
 	}
-	if req.Kernel == "" {
-		if err := atomicfile.WriteFile(g.Kernel(), placeholderKernel, 0o644); err != nil {
+	if kernel != nil {
+		if _, err := m.files.CloneFile(kernel, g.Kernel()); err != nil {
 			return err
 		}
+	} else if err := atomicfile.WriteFile(g.Kernel(), placeholderKernel, 0o644); err != nil {
+		return err
 	}
-	if req.Rootfs != "" {
-		if _, err := m.files.Clone(req.Rootfs, g.Rootfs()); err != nil {
+	if rootfs != nil {
+		if _, err := m.files.CloneFile(rootfs, g.Rootfs()); err != nil {
 			return err
 		}
 	} else {
@@ -190,6 +197,9 @@ func (m *Manager) ListInstances(ctx context.Context) ([]api.Instance, error) {
 	}
 	out := make([]api.Instance, 0, len(all))
 	for _, in := range all {
+		if in.State == stateCreating {
+			continue // not listed until its create has finished
+		}
 		out = append(out, m.toAPI(ctx, in))
 	}
 	return out, nil

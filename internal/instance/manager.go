@@ -43,6 +43,11 @@ type Config struct {
 	// Registerer receives the manager's metrics (nil: not registered).
 	Registerer prometheus.Registerer
 
+	// HostPathDirs are the directories under which a remote client (the TCP
+	// listener) may name host files (kernel, rootfs); empty: none. Over the
+	// Unix socket (root only) any plain host file will do (hostpath).
+	HostPathDirs []string
+
 	// OrphansToLostFound lets New start over a store that is missing or
 	// empty while guests/ or snapshots/ hold forkd's directories (otherwise
 	// ErrStoreLost): the reconciler then moves them all to lost+found.

@@ -266,8 +266,8 @@ func (m *Manager) reconcileInstance(ctx context.Context, in store.Instance, vmms
 	}
 	defer m.killUnrecordedVMMs(g, in.ID, vmms) // orphans.go
 	switch in.State {
-	case api.StateForking:
-		m.log.Info("reconcile: removing fork with no journal entry", "instance", in.ID)
+	case api.StateForking, stateCreating:
+		m.log.Info("reconcile: removing a fork or create with no journal entry", "instance", in.ID, "state", in.State)
 		m.removePartial(ctx, in.ID)
 	case api.StateRunning, api.StatePaused, api.StateStandingby, api.StateRestoring:
 		if p, ok := m.adopt(in, g); ok {

@@ -109,9 +109,15 @@ func (m *Manager) resolveInstance(ctx context.Context, ref string) (store.Instan
 
 // resolveInstanceFor finds the instance ref names for op (see resolve).
 func (m *Manager) resolveInstanceFor(ctx context.Context, ref, op string) (store.Instance, error) {
-	cands, err := m.db.InstancesMatching(ctx, ref)
+	all, err := m.db.InstancesMatching(ctx, ref)
 	if err != nil {
 		return store.Instance{}, err
+	}
+	cands := all[:0]
+	for _, in := range all {
+		if in.State != stateCreating { // not visible until its create finished
+			cands = append(cands, in)
+		}
 	}
 	return resolve(ref, "instance", op, cands,
 		func(i store.Instance) string { return i.ID }, func(i store.Instance) string { return i.Name })

@@ -198,7 +198,7 @@ func (m *Manager) storeFiles(g guestdir.Guest, from guestdir.SnapDir, id string)
 		return err
 	}
 	if _, err := os.Stat(g.Kernel()); err == nil {
-		if _, err := m.files.Clone(g.Kernel(), tmp.Kernel()); err != nil {
+		if _, err := m.files.ShareForFork(g.Kernel(), tmp.Kernel()); err != nil { // never written in place (see makeForkDir)
 			return err
 		}
 	}

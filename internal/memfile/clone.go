@@ -28,6 +28,23 @@ func (o Options) Clone(src, dst string) (Mode, error) {
 	return mode, nil
 }
 
+// CloneFile is Clone from a file the caller already opened (and checked):
+// the bytes come from that handle, never from a path that could have been
+// swapped since. See Options.CloneFile.
+func CloneFile(src *os.File, dst string) (Mode, error) { return Options{}.CloneFile(src, dst) }
+
+// CloneFile is Clone with src an open file, read only through its handle.
+func (o Options) CloneFile(src *os.File, dst string) (Mode, error) {
+	if _, err := os.Lstat(dst); err == nil {
+		return "", fmt.Errorf("clone %s to %s: %w", src.Name(), dst, fs.ErrExist)
+	}
+	mode, err := o.cloneFrom(src, dst, dst+atomicfile.TempSuffix, o.copyInto)
+	if err != nil {
+		return "", fmt.Errorf("clone %s to %s: %w", src.Name(), dst, err)
+	}
+	return mode, nil
+}
+
 // Copy makes dst a physical copy of src. See Options.Copy.
 func Copy(src, dst string) error { return Options{}.Copy(src, dst) }
 
@@ -59,6 +76,11 @@ func (o Options) cloneVia(src, dst, tmp string, fill func(in, out *os.File, size
 		return "", err
 	}
 	defer in.Close()
+	return o.cloneFrom(in, dst, tmp, fill)
+}
+
+// cloneFrom is cloneVia from an open file.
+func (o Options) cloneFrom(in *os.File, dst, tmp string, fill func(in, out *os.File, size int64) (Mode, error)) (_ Mode, err error) {
 	st, err := in.Stat()
 	if err != nil {
 		return "", err

@@ -2,8 +2,10 @@ package reliability
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io/fs"
+	"net/http"
 	"os"
 	"path/filepath"
 	"sort"
@@ -117,5 +119,57 @@ func TestEmptiedStoreRefusesToStartAndDestroysNothing(t *testing.T) {
 	}
 	if !strings.Contains(nd.LogTail(), "lost+found") {
 		t.Errorf("the recovery start did not log the move:%s", nd.LogTail())
+	}
+}
+
+// Probe: `rootfs: /etc/shadow` over TCP, `kernel: /proc/self/mem`, a
+// symlink to /etc/shadow. Before: 201, and a guest disk byte-identical to
+// /etc/shadow. Now: 422 with nothing made; over TCP only files under
+// host_path_dirs are accepted (the twin), over the socket any plain file.
+func TestHostFilesAreConfined(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	token := "s3cr3t-token-for-the-reliability-suite"
+	tokenFile := filepath.Join(dir, "token")
+	if err := os.WriteFile(tokenFile, []byte(token+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	images := filepath.Join(dir, "images")
+	os.MkdirAll(images, 0o755)
+	disk := filepath.Join(images, "disk.img")
+	if err := os.WriteFile(disk, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(images, "shadow.img")
+	os.Symlink("/etc/shadow", link)
+	d := newDaemon(t, nil, "--listen", "tcp://127.0.0.1:0", "--token-file", tokenFile, "--host-path-dirs", images)
+	tcp, err := api.NewClient("tcp://"+tcpAddrFromLog(t, d), api.WithToken(token))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tcp.Close()
+	no := false
+	for _, tc := range []struct {
+		name   string
+		c      *api.Client
+		kernel string
+		rootfs string
+	}{
+		{"/etc/shadow over TCP", tcp, "", "/etc/shadow"},
+		{"/proc/self/mem as a kernel over the socket", d.Client, "/proc/self/mem", ""},
+		{"a symlink to /etc/shadow over the socket", d.Client, "", link},
+		{"a relative path over the socket", d.Client, "", "images/disk.img"},
+	} {
+		_, err := tc.c.CreateInstance(ctxT(t, 30*time.Second), api.CreateInstanceRequest{Name: "thief", MemoryMiB: testMemMiB, Kernel: tc.kernel, Rootfs: tc.rootfs, Start: &no})
+		var se *api.StatusError
+		if !errors.As(err, &se) || se.Status != http.StatusUnprocessableEntity {
+			t.Errorf("%s: %v; want 422", tc.name, err)
+		}
+	}
+	if l, err := d.Client.ListInstances(ctxT(t, 10*time.Second)); err != nil || len(l) != 0 {
+		t.Errorf("after the refusals: %v, %v; want no instance", l, err)
+	}
+	if _, err := tcp.CreateInstance(ctxT(t, 30*time.Second), api.CreateInstanceRequest{Name: "ok", MemoryMiB: testMemMiB, Rootfs: disk, Start: &no}); err != nil {
+		t.Errorf("a file under host_path_dirs over TCP: %v", err)
 	}
 }

@@ -1,0 +1,143 @@
+package hostpath
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// ErrRefused wraps every refusal of a path (as opposed to an I/O error).
+var ErrRefused = errors.New("host path refused")
+
+// Policy says which host files a client may name.
+type Policy struct {
+	// DataDir is forkd's data dir: nothing inside it may be named.
+	DataDir string
+	// Allowed are the directories (absolute) a remote caller's files must
+	// be under; empty means a remote caller may name none.
+	Allowed []string
+}
+
+// forbidden are the trees of kernel interfaces that are not files: reading
+// /proc/self/mem, a sysfs attribute or a device is never a VM's disk.
+var forbidden = []string{"/proc", "/sys", "/dev"}
+
+// Filesystem magic numbers (statfs f_type) of the same interfaces, in case
+// they are mounted elsewhere.
+const (
+	procMagic  = 0x9fa0
+	sysfsMagic = 0x62656572
+)
+
+// Open opens the file a client named as what ("kernel", "rootfs") for
+// reading, after every check of the package doc; remote says the request
+// came over the TCP listener. The caller must close the file and read (copy,
+// clone) only through it.
+func (p Policy) Open(what, path string, remote bool) (*os.File, error) {
+	refuse := func(format string, args ...any) (*os.File, error) {
+		return nil, fmt.Errorf("%w: %s %q: %s", ErrRefused, what, path, fmt.Sprintf(format, args...))
+	}
+	if !filepath.IsAbs(path) {
+		return refuse("not an absolute path (a relative one would resolve against the daemon's working directory)")
+	}
+	clean := filepath.Clean(path)
+	for _, f := range forbidden {
+		if under(clean, f) {
+			return refuse("under %s, which holds kernel interfaces, not files", f)
+		}
+	}
+	if p.DataDir != "" && under(clean, filepath.Clean(p.DataDir)) {
+		return refuse("inside forkd's data dir %s; give a file from elsewhere on the host", p.DataDir)
+	}
+	if remote {
+		ok := false
+		for _, d := range p.Allowed {
+			if under(clean, filepath.Clean(d)) {
+				ok = true
+				break
+			}
+		}
+		if !ok {
+			if len(p.Allowed) == 0 {
+				return refuse("over TCP no host file may be named unless host_path_dirs lists its directory (none is listed); use the Unix socket, or list the directory in host_path_dirs")
+			}
+			return refuse("over TCP a host file must be under one of host_path_dirs (%s)", strings.Join(p.Allowed, ", "))
+		}
+	}
+	fd, err := unix.Openat2(unix.AT_FDCWD, clean, &unix.OpenHow{
+		Flags:   unix.O_RDONLY | unix.O_NOFOLLOW | unix.O_NONBLOCK | unix.O_CLOEXEC | unix.O_NOCTTY,
+		Resolve: unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS,
+	})
+	if errors.Is(err, unix.ENOSYS) {
+		fd, err = openNoSymlinks(clean)
+	}
+	switch {
+	case errors.Is(err, unix.ELOOP):
+		return refuse("reached through a symlink; name the file itself")
+	case errors.Is(err, unix.ENOENT):
+		return refuse("no such file")
+	case errors.Is(err, unix.EACCES), errors.Is(err, unix.EPERM):
+		return refuse("not readable")
+	case errors.Is(err, unix.ENXIO), errors.Is(err, unix.EWOULDBLOCK):
+		return refuse("not a regular file")
+	case err != nil:
+		return nil, fmt.Errorf("%s %q: open: %w", what, path, err)
+	}
+	f := os.NewFile(uintptr(fd), clean)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s %q: fstat: %w", what, path, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		f.Close()
+		return refuse("not a regular file")
+	}
+	var sfs unix.Statfs_t
+	if err := unix.Fstatfs(fd, &sfs); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s %q: fstatfs: %w", what, path, err)
+	}
+	if sfs.Type == procMagic || sfs.Type == sysfsMagic {
+		f.Close()
+		return refuse("on a proc or sysfs filesystem, which holds kernel interfaces, not files")
+	}
+	return f, nil
+}
+
+// under reports whether clean path p is dir or inside it.
+func under(p, dir string) bool {
+	return p == dir || strings.HasPrefix(p, strings.TrimSuffix(dir, "/")+"/")
+}
+
+// openNoSymlinks is openat2's RESOLVE_NO_SYMLINKS for kernels before 5.6:
+// it walks the path one component at a time with O_NOFOLLOW, so a symlink
+// anywhere is ELOOP (or ENOTDIR for a directory component).
+func openNoSymlinks(clean string) (int, error) {
+	dir, err := unix.Open("/", unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, err
+	}
+	parts := strings.Split(strings.TrimPrefix(clean, "/"), "/")
+	for i, part := range parts {
+		last := i == len(parts)-1
+		flags := unix.O_PATH | unix.O_NOFOLLOW | unix.O_DIRECTORY | unix.O_CLOEXEC
+		if last {
+			flags = unix.O_RDONLY | unix.O_NOFOLLOW | unix.O_NONBLOCK | unix.O_CLOEXEC | unix.O_NOCTTY
+		}
+		next, err := unix.Openat(dir, part, flags, 0)
+		unix.Close(dir)
+		if errors.Is(err, unix.ENOTDIR) && !last {
+			err = unix.ELOOP // a symlink where a directory should be
+		}
+		if err != nil {
+			return -1, err
+		}
+		dir = next
+	}
+	return dir, nil
+}
