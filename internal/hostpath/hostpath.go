@@ -116,28 +116,85 @@ func under(p, dir string) bool {
 
 // openNoSymlinks is openat2's RESOLVE_NO_SYMLINKS for kernels before 5.6:
 // it walks the path one component at a time with O_NOFOLLOW, so a symlink
-// anywhere is ELOOP (or ENOTDIR for a directory component).
+// anywhere is ELOOP.
 func openNoSymlinks(clean string) (int, error) {
 	dir, err := unix.Open("/", unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return -1, err
 	}
-	parts := strings.Split(strings.TrimPrefix(clean, "/"), "/")
+	defer unix.Close(dir)
+	return openNoSymlinksAt(dir, strings.TrimPrefix(clean, "/"))
+}
+
+// openNoSymlinksAt opens the relative path rel below dir for reading, one
+// component at a time with O_NOFOLLOW. dir stays the caller's.
+func openNoSymlinksAt(dir int, rel string) (int, error) {
+	parts := strings.Split(rel, "/")
+	cur := dir
 	for i, part := range parts {
 		last := i == len(parts)-1
 		flags := unix.O_PATH | unix.O_NOFOLLOW | unix.O_DIRECTORY | unix.O_CLOEXEC
 		if last {
 			flags = unix.O_RDONLY | unix.O_NOFOLLOW | unix.O_NONBLOCK | unix.O_CLOEXEC | unix.O_NOCTTY
 		}
-		next, err := unix.Openat(dir, part, flags, 0)
-		unix.Close(dir)
+		if part == ".." {
+			if cur != dir {
+				unix.Close(cur)
+			}
+			return -1, unix.EXDEV // never above where the walk started
+		}
+		next, err := unix.Openat(cur, part, flags, 0)
+		if cur != dir {
+			unix.Close(cur)
+		}
 		if errors.Is(err, unix.ENOTDIR) && !last {
-			err = unix.ELOOP // a symlink where a directory should be
+			err = unix.ELOOP // a symlink (or a file) where a directory should be
 		}
 		if err != nil {
 			return -1, err
 		}
-		dir = next
+		cur = next
 	}
-	return dir, nil
+	return cur, nil
+}
+
+// OpenBeneath opens path for reading only if it lies inside root and no
+// component below root is a symlink (openat2 RESOLVE_BENEATH and
+// RESOLVE_NO_SYMLINKS from root's fd; root itself is trusted configuration
+// and may be reached through symlinks). It is for files a local API names
+// that must be forkd's own (the pager's backing mem-files and recordings).
+func OpenBeneath(what, root, path string) (*os.File, error) {
+	clean := filepath.Clean(path)
+	root = filepath.Clean(root)
+	if !filepath.IsAbs(clean) || !under(clean, root) || clean == root {
+		return nil, fmt.Errorf("%w: %s %q: not inside %s", ErrRefused, what, path, root)
+	}
+	rel := strings.TrimPrefix(clean, strings.TrimSuffix(root, "/")+"/")
+	dir, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("%s %q: open %s: %w", what, path, root, err)
+	}
+	defer unix.Close(dir)
+	fd, err := unix.Openat2(dir, rel, &unix.OpenHow{
+		Flags:   unix.O_RDONLY | unix.O_NOFOLLOW | unix.O_NONBLOCK | unix.O_CLOEXEC | unix.O_NOCTTY,
+		Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS,
+	})
+	if errors.Is(err, unix.ENOSYS) {
+		// Kernels before 5.6: the path is textually inside root; refuse
+		// symlinks below it one component at a time.
+		fd, err = openNoSymlinksAt(dir, rel)
+	}
+	switch {
+	case errors.Is(err, unix.ELOOP), errors.Is(err, unix.EXDEV):
+		return nil, fmt.Errorf("%w: %s %q: reached through a symlink", ErrRefused, what, path)
+	case err != nil:
+		return nil, fmt.Errorf("%s %q: %w", what, path, err)
+	}
+	f := os.NewFile(uintptr(fd), clean)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
+		f.Close()
+		return nil, fmt.Errorf("%w: %s %q: not a regular file", ErrRefused, what, path)
+	}
+	return f, nil
 }

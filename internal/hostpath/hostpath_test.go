@@ -127,3 +127,51 @@ func TestOpenNoSymlinksFallback(t *testing.T) {
 		}
 	}
 }
+
+// OpenBeneath accepts only regular files inside root reached through no
+// symlink below it; root itself may be reached through one (it is trusted
+// configuration). The first case is the twin.
+func TestOpenBeneathConfinesToRoot(t *testing.T) {
+	top := t.TempDir()
+	root := filepath.Join(top, "data")
+	os.MkdirAll(filepath.Join(root, "guests", "a"), 0o755)
+	mem := filepath.Join(root, "guests", "a", "memory")
+	os.WriteFile(mem, []byte("mem"), 0o600)
+	outside := filepath.Join(top, "secret")
+	os.WriteFile(outside, []byte("secret"), 0o600)
+	os.Symlink(outside, filepath.Join(root, "guests", "a", "link"))
+	os.Symlink(filepath.Join(top), filepath.Join(root, "guests", "up"))
+	viaRoot := filepath.Join(top, "data-link")
+	os.Symlink(root, viaRoot)
+	for _, tc := range []struct {
+		name, root, path string
+		ok               bool
+	}{
+		{"a file inside", root, mem, true},
+		{"inside, root reached through a symlink", viaRoot, filepath.Join(viaRoot, "guests", "a", "memory"), true},
+		{"outside", root, outside, false},
+		{"escaping with ..", root, root + "/guests/../../secret", false},
+		{"a symlink inside pointing out", root, filepath.Join(root, "guests", "a", "link"), false},
+		{"through a symlinked dir inside", root, filepath.Join(root, "guests", "up", "secret"), false},
+		{"the root itself", root, root, false},
+		{"a directory", root, filepath.Join(root, "guests"), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f, err := OpenBeneath("backing_path", tc.root, tc.path)
+			if tc.ok {
+				if err != nil {
+					t.Fatalf("OpenBeneath: %v", err)
+				}
+				f.Close()
+				return
+			}
+			if err == nil {
+				f.Close()
+				t.Fatal("OpenBeneath accepted it")
+			}
+			if !errors.Is(err, ErrRefused) {
+				t.Errorf("OpenBeneath: %v; want ErrRefused", err)
+			}
+		})
+	}
+}

@@ -217,7 +217,7 @@ func TestPagerHandshakeErrorsReachTheCaller(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	backing := filepath.Join(t.TempDir(), "memory")
+	backing := filepath.Join(m.layout.Root(), "test-memory") // the pager serves only files in the data dir
 	if err := os.WriteFile(backing, make([]byte, 1<<20), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -72,8 +72,8 @@ func TestRestoreFailureLeavesStandbyAndIsRetryable(t *testing.T) {
 		t.Fatal("restore of a corrupt vmstate succeeded")
 	}
 	in, _ := m.GetInstance(ctx, "src")
-	if in.State != api.StateStandby || in.Error == "" || in.Pid != 0 {
-		t.Fatalf("after failed restore: state %s error %q pid %d; want Standby with an error", in.State, in.Error, in.Pid)
+	if in.State != api.StateStandby || in.Error != "" || in.Pid != 0 {
+		t.Fatalf("after failed restore: state %s error %q pid %d; want Standby, no stored error (the caller got it)", in.State, in.Error, in.Pid)
 	}
 	if _, err := os.Stat(g.Latest().Memory()); err != nil {
 		t.Fatalf("failed restore deleted the mem-file: %v", err)

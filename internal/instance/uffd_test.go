@@ -94,8 +94,8 @@ func TestUffdRestoreWithoutPagerFailsCleanly(t *testing.T) {
 		t.Fatalf("uffd restore without a pager: %v, want ErrUnavailable", err)
 	}
 	in, _ := m.GetInstance(ctx, "src")
-	if in.State != api.StateStandby || in.Error == "" {
-		t.Fatalf("after the failed uffd restore: %s %q, want Standby with the error", in.State, in.Error)
+	if in.State != api.StateStandby || in.Error != "" {
+		t.Fatalf("after the failed uffd restore: %s %q, want Standby (the error went to the caller, not the record)", in.State, in.Error)
 	}
 	action(t, m, "src", "restore")
 	verifyGuest(t, m, src.ID)

@@ -362,6 +362,10 @@ func TestSessionLifecycleErrors(t *testing.T) {
 	requireUffd(t)
 	p := startPager(t, Config{CacheBytes: cacheBytes, AcceptTimeout: 300 * time.Millisecond})
 	mem := memFile(t, p.dir, 16, -1, 0, 0)
+	link := filepath.Join(p.dir, "memory-link")
+	if err := os.Symlink(mem, link); err != nil {
+		t.Fatal(err)
+	}
 	ctx := context.Background()
 	status := func(err error) int {
 		var ae *APIError
@@ -384,6 +388,12 @@ func TestSessionLifecycleErrors(t *testing.T) {
 		{"negative record_pages", SessionRequest{SessionID: "x", BackingPath: mem, CacheKey: "k", RecordPages: -1}, 400},
 		{"relative prefetch_path", SessionRequest{SessionID: "x", BackingPath: mem, CacheKey: "k", PrefetchPath: "rec.ws"}, 400},
 		{"record and replay at once", SessionRequest{SessionID: "x", BackingPath: mem, CacheKey: "k", RecordPages: 1, PrefetchPath: mem}, 400},
+		// The pager serves forkd's mem-files only: nothing outside its data
+		// dir, nothing through a symlink (the good sessions of every other
+		// test are the twin).
+		{"backing outside the data dir", SessionRequest{SessionID: "x", BackingPath: "/etc/passwd", CacheKey: "k"}, 400},
+		{"backing through a symlink", SessionRequest{SessionID: "x", BackingPath: link, CacheKey: "k"}, 400},
+		{"prefetch_path outside the data dir", SessionRequest{SessionID: "x", BackingPath: mem, CacheKey: "k", PrefetchPath: "/etc/passwd"}, 400},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

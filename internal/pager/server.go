@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/hostpath"
 	"github.com/forkd/forkd/internal/prefetch"
 	"github.com/forkd/forkd/internal/uffd"
 )
@@ -55,6 +57,12 @@ type Config struct {
 	// HandshakeTimeout bounds the wait for the handshake message once the
 	// VMM is connected. Default 10 s.
 	HandshakeTimeout time.Duration
+	// Root is the only tree a session's files (backing_path, prefetch_path)
+	// may be in, with no symlink below it: forkd's data dir, two levels
+	// above Dir (<data>/pager/<version>) unless set. The control socket is
+	// root's alone, but still: the pager serves forkd's mem-files, not any
+	// file a caller names.
+	Root string
 
 	// ignoreRemoves is a test hook, the twin of the REMOVE rule: it makes
 	// the pager forget discarded ranges, so tests can show they would then
@@ -108,6 +116,9 @@ func NewServer(cfg Config, log *slog.Logger) (*Server, error) {
 	}
 	if cfg.HandshakeTimeout <= 0 {
 		cfg.HandshakeTimeout = 10 * time.Second
+	}
+	if cfg.Root == "" {
+		cfg.Root = filepath.Dir(filepath.Dir(filepath.Clean(cfg.Dir)))
 	}
 	if err := os.MkdirAll(filepath.Join(cfg.Dir, sessionsDirName), 0o700); err != nil {
 		return nil, fmt.Errorf("pager %s: %w", cfg.Dir, err)
@@ -267,6 +278,11 @@ func (s *Server) createSession(req SessionRequest) (Session, error) {
 	if req.PrefetchPath != "" && !filepath.IsAbs(req.PrefetchPath) {
 		return Session{}, fmt.Errorf("create session %s: %w: prefetch_path %q must be an absolute path", req.SessionID, errInvalid, req.PrefetchPath)
 	}
+	for _, p := range []struct{ what, path string }{{"backing_path", req.BackingPath}, {"prefetch_path", req.PrefetchPath}} {
+		if p.path != "" && !inside(s.cfg.Root, p.path) {
+			return Session{}, fmt.Errorf("create session %s: %w: %s %q is not inside the data dir %s", req.SessionID, errInvalid, p.what, p.path, s.cfg.Root)
+		}
+	}
 	if req.PrefetchPath != "" && req.RecordPages > 0 {
 		return Session{}, fmt.Errorf("create session %s: %w: a session records or replays a working set, not both", req.SessionID, errInvalid)
 	}
@@ -310,8 +326,16 @@ func (s *Server) createSession(req SessionRequest) (Session, error) {
 	return Session{SessionID: req.SessionID, SocketPath: sock}, nil
 }
 
+// inside reports whether path is strictly inside root (textually, after
+// cleaning); openSession then opens the backing file with no symlink below
+// root.
+func inside(root, path string) bool {
+	root, path = filepath.Clean(root), filepath.Clean(path)
+	return strings.HasPrefix(path, strings.TrimSuffix(root, "/")+"/")
+}
+
 func (s *Server) openSession(req SessionRequest, sock string) (*session, error) {
-	f, err := os.Open(req.BackingPath)
+	f, err := hostpath.OpenBeneath("backing_path", s.cfg.Root, req.BackingPath)
 	if err != nil {
 		return nil, fmt.Errorf("create session %s: %w: %v", req.SessionID, errInvalid, err)
 	}

@@ -105,8 +105,9 @@ func fileSum(t *testing.T, path string) string {
 	return fmt.Sprintf("%x", h.Sum(nil))
 }
 
-// expectStandbyAfterFailedRestore checks a restore failed with a reason and
-// left the instance Standby with its snapshot files unchanged.
+// expectStandbyAfterFailedRestore checks a restore failed with a reason (to
+// the caller) and left the instance Standby, with no stored error, and its
+// snapshot files unchanged.
 func expectStandbyAfterFailedRestore(t *testing.T, d *Daemon, ref string, err error, files map[string]string) {
 	t.Helper()
 	if err == nil {
@@ -120,8 +121,8 @@ func expectStandbyAfterFailedRestore(t *testing.T, d *Daemon, ref string, err er
 	if gerr != nil {
 		t.Fatal(gerr)
 	}
-	if in.State != api.StateStandby || in.Error == "" {
-		t.Errorf("after a failed restore %s is %s with error %q; want Standby with the reason", ref, in.State, in.Error)
+	if in.State != api.StateStandby || in.Error != "" {
+		t.Errorf("after a failed restore %s is %s with error %q; want Standby with no stored error (the caller got the reason)", ref, in.State, in.Error)
 	}
 	for p, sum := range files {
 		if got := fileSum(t, p); got != sum {
