@@ -15,6 +15,8 @@ const (
 	CodeInvalidState         = "invalid_state"          // 409: operation not allowed in the current state
 	CodeAlreadyExists        = "already_exists"         // 409: name taken
 	CodeAmbiguous            = "ambiguous_reference"    // 409: a reference that could mean two things, or a prefix where a guess is refused
+	CodePoolExhausted        = "address_pool_exhausted" // 409: every address of network_cidr is taken
+	CodePortInUse            = "port_in_use"            // 409: a published host port is already taken
 	CodeBodyTooLarge         = "body_too_large"         // 413: body over MaxBodyBytes
 	CodeUnsupportedMediaType = "unsupported_media_type" // 415: body that is not application/json
 	CodeInvalidName          = "invalid_name"           // 422: name or reference fails NamePattern
@@ -63,6 +65,10 @@ func statusOf(err error) (int, string) {
 		return http.StatusConflict, CodeAlreadyExists
 	case errors.Is(err, ErrAmbiguous):
 		return http.StatusConflict, CodeAmbiguous
+	case errors.Is(err, ErrPoolExhausted):
+		return http.StatusConflict, CodePoolExhausted
+	case errors.Is(err, ErrPortInUse):
+		return http.StatusConflict, CodePortInUse
 	case errors.Is(err, ErrInvalid):
 		return http.StatusUnprocessableEntity, CodeInvalidRequest
 	case errors.Is(err, ErrUnavailable):
@@ -84,6 +90,10 @@ func sentinelOf(code string) error {
 		return ErrExists
 	case CodeAmbiguous, "ambiguous": // "ambiguous": its name in earlier forkd versions
 		return ErrAmbiguous
+	case CodePoolExhausted:
+		return ErrPoolExhausted
+	case CodePortInUse:
+		return ErrPortInUse
 	case CodeInvalidName, CodeInvalidRequest, CodeBadRequest, CodeBodyTooLarge, CodeUnsupportedMediaType:
 		return ErrInvalid
 	case CodeUnavailable:

@@ -32,12 +32,14 @@ type Service interface {
 // Sentinel errors. Services wrap them with %w; the handlers map them to an
 // HTTP status and error code in one place (errors.go).
 var (
-	ErrNotFound     = errors.New("not found")               // 404 not_found
-	ErrInvalidState = errors.New("invalid state")           // 409 invalid_state
-	ErrExists       = errors.New("already exists")          // 409 already_exists
-	ErrAmbiguous    = errors.New("ambiguous reference")     // 409 ambiguous
-	ErrInvalid      = errors.New("invalid request")         // 422 invalid_request
-	ErrUnavailable  = errors.New("temporarily unavailable") // 503 unavailable
+	ErrNotFound      = errors.New("not found")               // 404 not_found
+	ErrInvalidState  = errors.New("invalid state")           // 409 invalid_state
+	ErrExists        = errors.New("already exists")          // 409 already_exists
+	ErrAmbiguous     = errors.New("ambiguous reference")     // 409 ambiguous
+	ErrInvalid       = errors.New("invalid request")         // 422 invalid_request
+	ErrUnavailable   = errors.New("temporarily unavailable") // 503 unavailable
+	ErrPoolExhausted = errors.New("address pool exhausted")  // 409 address_pool_exhausted
+	ErrPortInUse     = errors.New("host port in use")        // 409 port_in_use
 )
 
 // DeleteAll deletes every instance and every snapshot s knows, as tools that

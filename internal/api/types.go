@@ -47,6 +47,33 @@ type Instance struct {
 	RestoreBackend   string    `json:"restore_backend"`    // backend of the last/next restore
 	Pid              int       `json:"pid,omitempty"`
 	Error            string    `json:"error"` // "" unless Stopped (why the VMM stopped) or Error (what failed)
+	// Network is the VM's network; Publish its published ports.
+	Network InstanceNetwork `json:"network"`
+	Publish []PortPublish   `json:"publish,omitempty"`
+}
+
+// InstanceNetwork is the network of an instance: reach it at Address.
+type InstanceNetwork struct {
+	Enabled      bool   `json:"enabled"`
+	Address      string `json:"address,omitempty"`       // unique host-side address (from network_cidr)
+	GuestAddress string `json:"guest_address,omitempty"` // the address the guest holds (shared by every VM)
+	GuestMAC     string `json:"guest_mac,omitempty"`
+	Namespace    string `json:"namespace,omitempty"` // the named network namespace its VMM runs in
+}
+
+// NetworkRequest is the network part of a create request.
+type NetworkRequest struct {
+	Enabled *bool `json:"enabled,omitempty"` // default: the daemon's network_default
+}
+
+// PortPublish is one published port, as Docker's -p: connections to
+// HostPort on HostIP (every address of the host when empty) reach the
+// guest's GuestPort.
+type PortPublish struct {
+	HostIP    string `json:"host_ip,omitempty"`
+	HostPort  int    `json:"host_port"`
+	GuestPort int    `json:"guest_port"`
+	Protocol  string `json:"protocol,omitempty"` // tcp (default) | udp
 }
 
 // Snapshot is the JSON shape of one immutable snapshot in the store.
@@ -72,6 +99,10 @@ type CreateInstanceRequest struct {
 	Rootfs    string `json:"rootfs,omitempty"`
 	BootArgs  string `json:"boot_args,omitempty"`
 	Start     *bool  `json:"start,omitempty"` // default true
+	// Network turns the VM's network on or off (default network_default);
+	// Publish publishes ports to it (needs a network).
+	Network *NetworkRequest `json:"network,omitempty"`
+	Publish []PortPublish   `json:"publish,omitempty"`
 }
 
 // ActionRequest is the optional body of lifecycle actions
@@ -86,6 +117,9 @@ type ForkRequest struct {
 	FromRunning    bool   `json:"from_running,omitempty"`
 	TargetState    string `json:"target_state,omitempty"`    // Standby|Running|Stopped; default: source's state
 	RestoreBackend string `json:"restore_backend,omitempty"` // for target_state Running; default fork_restore_backend
+	// Publish gives the fork its own published ports (forks never inherit
+	// their source's).
+	Publish []PortPublish `json:"publish,omitempty"`
 }
 
 // SnapshotRequest is the body of POST /instances/{id}/snapshots.

@@ -2,6 +2,7 @@ package api
 
 import (
 	"net/http"
+	"net/netip"
 	"regexp"
 )
 
@@ -93,7 +94,48 @@ func (r CreateInstanceRequest) Validate() error {
 	if len(r.Kernel) > MaxPathBytes || len(r.Rootfs) > MaxPathBytes {
 		return invalid("kernel and rootfs paths are at most %d bytes", MaxPathBytes)
 	}
+	if r.Network != nil && r.Network.Enabled != nil && !*r.Network.Enabled && len(r.Publish) > 0 {
+		return invalid("publish needs a network; drop network.enabled=false or the publishes")
+	}
+	return validatePublish(r.Publish)
+}
+
+// MaxPublishes bounds the ports one request may publish.
+const MaxPublishes = 64
+
+func validatePublish(ps []PortPublish) error {
+	if len(ps) > MaxPublishes {
+		return invalid("at most %d published ports, got %d", MaxPublishes, len(ps))
+	}
+	for i, p := range ps {
+		if p.HostPort < 1 || p.HostPort > 65535 || p.GuestPort < 1 || p.GuestPort > 65535 {
+			return invalid("publish[%d]: host_port and guest_port must be 1-65535, got %d and %d", i, p.HostPort, p.GuestPort)
+		}
+		switch p.Protocol {
+		case "", "tcp", "udp":
+		default:
+			return invalid("publish[%d]: protocol must be tcp or udp, got %q", i, p.Protocol)
+		}
+		if p.HostIP != "" {
+			if ip, err := netip.ParseAddr(p.HostIP); err != nil || !ip.Is4() {
+				return invalid("publish[%d]: host_ip %q is not an IPv4 address", i, p.HostIP)
+			}
+		}
+		for j := range i {
+			q := ps[j]
+			if q.HostPort == p.HostPort && protoOf(q) == protoOf(p) && (q.HostIP == p.HostIP || q.HostIP == "" || p.HostIP == "") {
+				return invalid("publish[%d] and publish[%d] both claim host port %d/%s", j, i, p.HostPort, protoOf(p))
+			}
+		}
+	}
 	return nil
+}
+
+func protoOf(p PortPublish) string {
+	if p.Protocol == "" {
+		return "tcp"
+	}
+	return p.Protocol
 }
 
 // Validate checks an action's optional body.
@@ -108,6 +150,9 @@ func (r ForkRequest) Validate() error {
 	case "", StateStandby, StateRunning, StateStopped:
 	default:
 		return invalid("target_state must be Standby, Running or Stopped, got %q", r.TargetState)
+	}
+	if err := validatePublish(r.Publish); err != nil {
+		return err
 	}
 	return validateBackend(r.RestoreBackend)
 }

@@ -18,6 +18,7 @@ type forkOptions struct {
 	fromRunning    bool
 	targetState    string
 	restoreBackend string
+	publish        []string
 }
 
 func (o *forkOptions) bind(cmd *cobra.Command, live bool) {
@@ -25,6 +26,7 @@ func (o *forkOptions) bind(cmd *cobra.Command, live bool) {
 	f.IntVarP(&o.count, "count", "n", 0, "make N forks concurrently, named NAME-1..NAME-N, and print each one's latency")
 	f.StringVar(&o.targetState, "target-state", "", "Standby, Running or Stopped (default: the source's state)")
 	f.StringVar(&o.restoreBackend, "restore-backend", "", "backend of the fork's first restore: file or uffd (default: the daemon's fork_restore_backend)")
+	f.StringArrayVarP(&o.publish, "publish", "p", nil, "publish a port of the fork, as [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|udp] (repeatable; forks never inherit their source's)")
 	if live {
 		f.BoolVar(&o.fromRunning, "from-running", false, "fork a Running instance live (it pauses briefly and keeps running)")
 	}
@@ -92,6 +94,13 @@ func runForks(cmd *cobra.Command, o forkOptions, name string, call func(context.
 	if o.count < 0 || o.count > 1000 {
 		return fmt.Errorf("--count %d: want 1..1000", o.count)
 	}
+	pubs, err := parsePublishes(o.publish)
+	if err != nil {
+		return err
+	}
+	if len(pubs) > 0 && o.count > 0 {
+		return fmt.Errorf("--publish with --count: every fork would claim the same host port; publish to one fork at a time")
+	}
 	names := []string{name}
 	if o.count > 0 {
 		names = names[:0]
@@ -109,6 +118,7 @@ func runForks(cmd *cobra.Command, o forkOptions, name string, call func(context.
 			t := time.Now()
 			inst, err := call(cmd.Context(), api.ForkRequest{
 				Name: n, FromRunning: o.fromRunning, TargetState: o.targetState, RestoreBackend: o.restoreBackend,
+				Publish: pubs,
 			})
 			r := forkResult{Name: n, Latency: time.Since(t), err: err}
 			r.Seconds = r.Latency.Seconds()

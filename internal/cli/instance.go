@@ -11,15 +11,18 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/network"
 )
 
 func newRunCommand() *cobra.Command {
 	var req api.CreateInstanceRequest
-	var noStart bool
+	var noStart, withNet, noNet bool
+	var publish []string
 	cmd := &cobra.Command{
 		Use:   "run [NAME]",
 		Short: "Create an instance and boot it",
 		Example: `  forkd run web --memory 512 --kernel /srv/vmlinux --rootfs /srv/rootfs.ext4
+  forkd run web --net --publish 8080:80     # reach it at its address, and at host port 8080
   forkd run --no-start`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -35,8 +38,21 @@ func newRunCommand() *cobra.Command {
 				f := false
 				req.Start = &f
 			}
+			if withNet && noNet {
+				return fmt.Errorf("--net and --no-net: pick one")
+			}
+			if withNet || noNet {
+				on := withNet
+				req.Network = &api.NetworkRequest{Enabled: &on}
+			}
+			if req.Publish, err = parsePublishes(publish); err != nil {
+				return err
+			}
 			start := time.Now()
 			inst, err := c.CreateInstance(cmd.Context(), req)
+			if errors.Is(err, api.ErrPoolExhausted) {
+				return withHint(err, api.ErrPoolExhausted, "every address of the daemon's network_cidr is taken: delete a networked VM, widen network_cidr, or run with --no-net")
+			}
 			if err != nil {
 				return withHint(err, api.ErrExists, "instance %q exists: pick another name or `forkd rm %s` first", req.Name, req.Name)
 			}
@@ -50,7 +66,27 @@ func newRunCommand() *cobra.Command {
 	f.StringVar(&req.Rootfs, "rootfs", "", "root filesystem image path on the host")
 	f.StringVar(&req.BootArgs, "boot-args", "", "kernel command line (the emulator reads forkd.ws_mib=N forkd.write_pct=P ...)")
 	f.BoolVar(&noStart, "no-start", false, "create only: leave it Created")
+	f.BoolVar(&withNet, "net", false, "give the VM a network: its own address (default: the daemon's network_default)")
+	f.BoolVar(&noNet, "no-net", false, "no network")
+	f.StringArrayVarP(&publish, "publish", "p", nil, "publish a port, as [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|udp] (repeatable; needs a network)")
 	return cmd
+}
+
+// parsePublishes reads --publish values (Docker's syntax).
+func parsePublishes(specs []string) ([]api.PortPublish, error) {
+	var out []api.PortPublish
+	for _, s := range specs {
+		p, err := network.ParsePublish(s)
+		if err != nil {
+			return nil, err
+		}
+		pp := api.PortPublish{HostPort: int(p.HostPort), GuestPort: int(p.GuestPort), Protocol: p.Protocol}
+		if p.HostIP.IsValid() {
+			pp.HostIP = p.HostIP.String()
+		}
+		out = append(out, pp)
+	}
+	return out, nil
 }
 
 func newPsCommand() *cobra.Command {

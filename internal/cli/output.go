@@ -100,13 +100,13 @@ func printInstances(w io.Writer, list []api.Instance) error {
 		return list[a].Name < list[b].Name
 	})
 	tw := newTable(w)
-	fmt.Fprintln(tw, "ID\tNAME\tSTATE\tVCPUS\tMEMORY\tSOURCE\tFORK MODE\tBACKEND\tMEMORY CHECK\tAGE")
+	fmt.Fprintln(tw, "ID\tNAME\tSTATE\tADDRESS\tVCPUS\tMEMORY\tSOURCE\tFORK MODE\tBACKEND\tMEMORY CHECK\tAGE")
 	for _, i := range list {
 		state := i.State
 		if i.Error != "" {
 			state += " (" + i.Error + ")"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d MiB\t%s\t%s\t%s\t%s\t%s\n", shortID(i.ID), i.Name, state, i.Vcpus,
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d MiB\t%s\t%s\t%s\t%s\t%s\n", shortID(i.ID), i.Name, state, dash(i.Network.Address), i.Vcpus,
 			i.MemoryMiB, shortSource(i.Source), dash(i.ForkMode), dash(i.RestoreBackend), dash(i.MemoryCheck), age(i.CreatedAt))
 	}
 	return tw.Flush()

@@ -14,6 +14,7 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/instance"
+	"github.com/forkd/forkd/internal/network"
 )
 
 // Config is the daemon's configuration. LoadConfig fills it from, in order
@@ -40,6 +41,12 @@ type Config struct {
 	ForkRestoreBackend string // fork_restore_backend: file | uffd, for a fork's first restore
 	PagerCacheBytes    int64  // pager_cache_bytes: the pager's page cache budget
 	ForkStrategy       string // fork_strategy: hardlink | reflink | copy (benchmarks only)
+
+	NetworkCIDR      string // network_cidr: the pool of VMs' host-side addresses
+	NetworkDefault   bool   // network_default: whether a create that does not say is networked
+	NetworkEgress    bool   // network_egress: let guests open connections beyond the host
+	NetworkGuestCIDR string // network_guest_cidr: every guest's address (first) and gateway (last)
+	NetworkGuestMAC  string // network_guest_mac: every guest's MAC
 
 	// OrphansToLostFound is the one-shot --orphans-to-lost-found flag (no
 	// env, no YAML key: it is a recovery step, not a setting): start over a
@@ -69,6 +76,16 @@ func (s setting) boolean() bool { return s.def == "true" || s.def == "false" }
 func settings() []setting {
 	str := func(f func(c *Config) *string) func(*Config, string) error {
 		return func(c *Config, v string) error { *f(c) = v; return nil }
+	}
+	boolean := func(f func(c *Config) *bool) func(*Config, string) error {
+		return func(c *Config, v string) error {
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return fmt.Errorf("%q is not true or false", v)
+			}
+			*f(c) = b
+			return nil
+		}
 	}
 	return []setting{
 		{"data_dir", "FORKD_DATA", "data-dir", "",
@@ -134,6 +151,21 @@ func settings() []setting {
 		{"fork_strategy", "FORKD_FORK_STRATEGY", "fork-strategy", instance.ForkStrategyHardlink,
 			"how a fork gets its mem-file: hardlink (zero-I/O fanout), or reflink / copy per fork, for benchmarks",
 			str(func(c *Config) *string { return &c.ForkStrategy })},
+		{"network_cidr", "FORKD_NETWORK_CIDR", "network-cidr", DefaultNetworkCIDR,
+			"pool of VMs' host-side addresses (each networked VM takes one; the first usable is the host's end of every veth)",
+			str(func(c *Config) *string { return &c.NetworkCIDR })},
+		{"network_default", "FORKD_NETWORK_DEFAULT", "network-default", "false",
+			"give a VM a network when its create request does not say (true or false)",
+			boolean(func(c *Config) *bool { return &c.NetworkDefault })},
+		{"network_egress", "FORKD_NETWORK_EGRESS", "network-egress", "false",
+			"let guests open connections beyond the host, masqueraded behind its addresses (true or false)",
+			boolean(func(c *Config) *bool { return &c.NetworkEgress })},
+		{"network_guest_cidr", "FORKD_NETWORK_GUEST_CIDR", "network-guest-cidr", network.DefaultGuestCIDR,
+			"every guest's network: the guest takes the first usable address, its gateway (the TAP) the last",
+			str(func(c *Config) *string { return &c.NetworkGuestCIDR })},
+		{"network_guest_mac", "FORKD_NETWORK_GUEST_MAC", "network-guest-mac", network.DefaultGuestMAC,
+			"every guest's MAC address",
+			str(func(c *Config) *string { return &c.NetworkGuestMAC })},
 	}
 }
 
@@ -275,6 +307,9 @@ func yamlLine(err error) string {
 
 // Validate checks values that LoadConfig cannot fix up.
 func (c Config) Validate() error {
+	if _, err := c.NetworkConfig(); err != nil {
+		return fmt.Errorf("config %w", err)
+	}
 	switch c.LogFormat {
 	case "text", "json":
 	default:
@@ -339,6 +374,26 @@ func (c Config) LoopbackListen() bool {
 	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
+}
+
+// DefaultNetworkCIDR is network_cidr's default.
+const DefaultNetworkCIDR = "10.200.0.0/16"
+
+// NetworkConfig is the network configuration of this daemon's data dir
+// (its tag comes from the data dir).
+func (c Config) NetworkConfig() (network.Config, error) {
+	cidr, guest, mac := c.NetworkCIDR, c.NetworkGuestCIDR, c.NetworkGuestMAC
+	// A Config built in code may leave them empty: the defaults.
+	if cidr == "" {
+		cidr = DefaultNetworkCIDR
+	}
+	if guest == "" {
+		guest = network.DefaultGuestCIDR
+	}
+	if mac == "" {
+		mac = network.DefaultGuestMAC
+	}
+	return network.ParseConfig(cidr, guest, mac, c.NetworkEgress, network.Tag(c.DataDir))
 }
 
 // tcpAddr returns HOST:PORT of a tcp://HOST:PORT listen address.

@@ -40,6 +40,7 @@ func TestConfigPrecedenceFlagsOverEnvOverFileOverDefaults(t *testing.T) {
 		VMMBinary: "/env/vmm", RestoreBackend: "uffd", ForkRestoreBackend: "file",
 		PagerCacheBytes: 2 << 30, ForkStrategy: "hardlink", File: file,
 		HostPathDirs: []string{"/srv/images", "/opt/kernels"},
+		NetworkCIDR:  DefaultNetworkCIDR, NetworkGuestCIDR: "169.254.0.20/30", NetworkGuestMAC: "02:fc:00:00:00:05",
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Errorf("config:\n got %+v\nwant %+v", c, want)

@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/forkd/forkd/internal/instance"
+	"github.com/forkd/forkd/internal/network"
 )
 
 // newBackend builds the instance manager the daemon serves: it resolves the
@@ -16,7 +17,7 @@ import (
 // store under the data dir and reconciles what an earlier run left (journal,
 // temp files, VMMs that kept running). The pager starts lazily on the first
 // Uffd restore; a pager that cannot start fails only those restores.
-func newBackend(ctx context.Context, cfg Config, log *slog.Logger, reg prometheus.Registerer) (Backend, error) {
+func newBackend(ctx context.Context, cfg Config, log *slog.Logger, reg prometheus.Registerer) (_ Backend, err error) {
 	vmm, err := instance.ResolveVMM(cfg.VMMBinary)
 	if err != nil {
 		return nil, fmt.Errorf("instance manager: %w", err)
@@ -24,6 +25,14 @@ func newBackend(ctx context.Context, cfg Config, log *slog.Logger, reg prometheu
 	log.Info("vmm resolved", "binary", vmm.Binary, "emulator", vmm.Emulator)
 	if cfg.ForkStrategy != "" && cfg.ForkStrategy != instance.ForkStrategyHardlink {
 		log.Warn("fork_strategy is not hardlink: forks copy or reflink their mem-file (for benchmarks; fanout is no longer zero-I/O)", "fork_strategy", cfg.ForkStrategy)
+	}
+	netHost, offReason := newNetwork(cfg, log)
+	if netHost != nil {
+		defer func() {
+			if err != nil {
+				netHost.Close()
+			}
+		}()
 	}
 	m, err := instance.New(ctx, instance.Config{
 		DataDir:            cfg.DataDir,
@@ -34,6 +43,9 @@ func newBackend(ctx context.Context, cfg Config, log *slog.Logger, reg prometheu
 		ForkStrategy:       cfg.ForkStrategy,
 		OrphansToLostFound: cfg.OrphansToLostFound,
 		HostPathDirs:       cfg.HostPathDirs,
+		Network:            netHost,
+		NetworkOffReason:   offReason,
+		NetworkDefault:     cfg.NetworkDefault,
 		Logger:             log,
 		Registerer:         reg,
 	})
@@ -41,4 +53,27 @@ func newBackend(ctx context.Context, cfg Config, log *slog.Logger, reg prometheu
 		return nil, err
 	}
 	return m, nil
+}
+
+// newNetwork opens the network Host VMs are networked through, in the
+// daemon's own network namespace. It changes nothing on the host: the host
+// table and sysctls come with the first networked VM. A host that cannot
+// network (no /dev/net/tun, not root) still serves VMs without one.
+func newNetwork(cfg Config, log *slog.Logger) (*network.Host, string) {
+	nc, err := cfg.NetworkConfig()
+	if err != nil { // Validate already refused this
+		return nil, err.Error()
+	}
+	if err := network.Check(); err != nil {
+		log.Warn("networking off", "err", err)
+		return nil, err.Error()
+	}
+	h, err := network.New(nc)
+	if err != nil {
+		log.Warn("networking off", "err", err)
+		return nil, err.Error()
+	}
+	log.Info("networking", "network_cidr", nc.Pool, "addresses", nc.Slots(), "guest", nc.GuestAddr(), "tag", nc.Tag,
+		"egress", nc.Egress, "default", cfg.NetworkDefault)
+	return h, ""
 }

@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"syscall"
 	"time"
+
+	"github.com/forkd/forkd/internal/network"
 )
 
 // LaunchSpec says how to start one VMM process.
@@ -32,6 +34,11 @@ type LaunchSpec struct {
 	WorkDir string
 	// Env is added to the VMM's environment, which otherwise holds only PATH.
 	Env []string
+	// NetNS, when set, is the path of a network namespace (a named one
+	// under /var/run/netns) the VMM starts in, as the jailer's --netns
+	// does: it opens its TAP by name there. Only the launch enters it, on
+	// a locked OS thread (network.Do); the caller's threads never do.
+	NetNS string
 }
 
 // defaultLaunchTimeout bounds the wait for the API socket when ctx has no
@@ -82,7 +89,12 @@ func Launch(ctx context.Context, spec LaunchSpec) (*Process, error) {
 	cmd.Stderr = stdout
 	// Own session: the VMM must outlive the daemon (restart, upgrade, crash).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
+	start := cmd.Start
+	if spec.NetNS != "" {
+		// The child inherits the namespace of the thread that forks it.
+		start = func() error { return network.Do(spec.NetNS, cmd.Start) }
+	}
+	if err := start(); err != nil {
 		return nil, fmt.Errorf("launch vmm %s: start %s: %w", spec.APISock, spec.Binary, err)
 	}
 

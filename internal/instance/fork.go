@@ -159,7 +159,7 @@ func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequ
 	}
 	tmpl := store.Instance{
 		Vcpus: sn.Vcpus, MemoryMiB: sn.MemoryMiB, Kernel: sn.Kernel, BootArgs: sn.BootArgs,
-		Source: "snapshot:" + sn.ID,
+		Source: "snapshot:" + sn.ID, Networked: sn.NetGuest != "", NetGuest: sn.NetGuest, NetMAC: sn.NetMAC,
 	}
 	fork, err := m.fork(ctx, req, tmpl, func(ctx context.Context, o *op, newID string) (memfile.ShareResult, string, error) {
 		res, err := m.makeForkDir(newID, files)
@@ -200,6 +200,24 @@ func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Inst
 	if _, err := m.guest(id); err != nil {
 		return store.Instance{}, err
 	}
+	// A fork of a networked source is networked with the source's guest
+	// identity (the guest keeps it in memory); it never inherits
+	// publishes, and gets its own only if asked.
+	var pubs []store.Publish
+	if len(req.Publish) > 0 {
+		if !tmpl.Networked {
+			return store.Instance{}, fmt.Errorf("%w: publish needs a network, and %s has none", api.ErrInvalid, tmpl.Source)
+		}
+	}
+	if tmpl.Networked {
+		if m.net() == nil {
+			return store.Instance{}, fmt.Errorf("%w: %s is networked but networking is off on this daemon (%s)", api.ErrInvalid, tmpl.Source, m.cfg.NetworkOffReason)
+		}
+		var err error
+		if pubs, err = m.checkPublishes(req.Publish); err != nil {
+			return store.Instance{}, err
+		}
+	}
 	o, err := m.begin(ctx, "fork", id, opPayload{Source: tmpl.Source})
 	if err != nil {
 		return store.Instance{}, err
@@ -208,10 +226,19 @@ func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Inst
 		ID: id, Name: req.Name, State: api.StateForking, Vcpus: tmpl.Vcpus, MemoryMiB: tmpl.MemoryMiB,
 		Kernel: tmpl.Kernel, Rootfs: tmpl.Rootfs, BootArgs: tmpl.BootArgs, CreatedAt: time.Now().UTC(),
 		Source: tmpl.Source, MemoryCheck: tmpl.MemoryCheck, RestoreBackend: m.cfg.ForkRestoreBackend,
+		Networked: tmpl.Networked, NetGuest: tmpl.NetGuest, NetMAC: tmpl.NetMAC,
 	}
-	if err := m.db.CreateInstance(ctx, rec); err != nil {
+	if err := m.createRecord(ctx, &rec, pubs); err != nil {
 		o.finish(ctx, err)
-		return store.Instance{}, apiErr(err)
+		return store.Instance{}, err
+	}
+	// The network before the files: a live source is paused only while
+	// its memory is copied, never while a namespace is made.
+	if err := m.setupNetwork(ctx, o, rec, pubs); err != nil {
+		err = fmt.Errorf("fork %q from %s: %w", req.Name, tmpl.Source, err)
+		m.removePartial(ctx, id)
+		o.finish(ctx, err)
+		return store.Instance{}, err
 	}
 	res, key, err := makeFiles(ctx, o, id)
 	if err == nil {
@@ -242,6 +269,11 @@ func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Inst
 // removePartial deletes whatever a failed or interrupted fork or create
 // made: its temp dir, its dir and its record.
 func (m *Manager) removePartial(ctx context.Context, id string) {
+	if in, err := m.db.GetInstance(ctx, id); err == nil {
+		if err := m.removeNetwork(in); err != nil {
+			m.log.Warn("remove partial instance: network", "instance", id, "err", err)
+		}
+	}
 	if tmp, err := m.layout.TempGuest(id); err == nil {
 		os.RemoveAll(tmp.Dir)
 	}

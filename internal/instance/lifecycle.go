@@ -105,20 +105,33 @@ func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequ
 	}
 	// The record is hidden (stateCreating) until the files are complete: a
 	// create is never listed half-made.
+	networked, pubs, err := m.wantNetwork(req.Network, req.Publish)
+	if err != nil {
+		return api.Instance{}, err
+	}
 	rec := store.Instance{
 		ID: id, Name: req.Name, State: stateCreating, Vcpus: req.Vcpus, MemoryMiB: req.MemoryMiB,
 		Kernel: req.Kernel, Rootfs: req.Rootfs, BootArgs: req.BootArgs, CreatedAt: time.Now().UTC(),
-		MemoryCheck: "unknown", RestoreBackend: m.cfg.RestoreBackend,
+		MemoryCheck: "unknown", RestoreBackend: m.cfg.RestoreBackend, Networked: networked,
+	}
+	if networked {
+		// The guest's identity, fixed for the life of this VM and its forks.
+		nc := m.net().Config()
+		rec.NetGuest, rec.NetMAC = nc.Guest.String(), nc.GuestMAC.String()
+		rec.BootArgs = withBootIP(rec.BootArgs, nc.BootIP())
 	}
 	o, err := m.begin(ctx, "create", id, opPayload{})
 	if err != nil {
 		return api.Instance{}, err
 	}
-	if err := m.db.CreateInstance(ctx, rec); err != nil {
+	if err := m.createRecord(ctx, &rec, pubs); err != nil {
 		o.finish(ctx, err)
-		return api.Instance{}, apiErr(err)
+		return api.Instance{}, err
 	}
-	err = m.makeGuestFiles(kernel, rootfs, g)
+	err = m.setupNetwork(ctx, o, rec, pubs)
+	if err == nil {
+		err = m.makeGuestFiles(kernel, rootfs, g)
+	}
 	if err == nil {
 		rec.State = api.StateCreated
 		err = m.db.UpdateInstance(ctx, rec)
@@ -127,8 +140,7 @@ func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequ
 		err = o.step(ctx, "files", nil)
 	}
 	if err != nil {
-		os.RemoveAll(g.Dir)
-		m.db.DeleteInstance(ctx, id)
+		m.removePartial(ctx, id)
 		o.finish(ctx, err)
 		return api.Instance{}, fmt.Errorf("create instance %q: %w", req.Name, err)
 	}
@@ -195,12 +207,16 @@ func (m *Manager) ListInstances(ctx context.Context) ([]api.Instance, error) {
 	if err != nil {
 		return nil, err
 	}
+	pubs, err := m.db.Publishes(ctx) // one query for the whole list
+	if err != nil {
+		return nil, err
+	}
 	out := make([]api.Instance, 0, len(all))
 	for _, in := range all {
 		if in.State == stateCreating {
 			continue // not listed until its create has finished
 		}
-		out = append(out, m.toAPI(ctx, in))
+		out = append(out, m.toAPIWith(ctx, in, pubs[in.ID]))
 	}
 	return out, nil
 }
@@ -216,6 +232,14 @@ func (m *Manager) GetInstance(ctx context.Context, ref string) (api.Instance, er
 }
 
 func (m *Manager) toAPI(ctx context.Context, in store.Instance) api.Instance {
+	var pubs []store.Publish
+	if in.Networked {
+		pubs, _ = m.db.InstancePublishes(ctx, in.ID)
+	}
+	return m.toAPIWith(ctx, in, pubs)
+}
+
+func (m *Manager) toAPIWith(ctx context.Context, in store.Instance, pubs []store.Publish) api.Instance {
 	in = m.settleOnRead(ctx, in)
 	check := in.MemoryCheck
 	if oneOf(in.State, api.StateRunning, api.StatePaused) && m.proc(in.ID) != nil {
@@ -233,11 +257,13 @@ func (m *Manager) toAPI(ctx context.Context, in store.Instance) api.Instance {
 	if !oneOf(in.State, api.StateStopped, api.StateError) {
 		errText = ""
 	}
+	netw, publish := m.networkAPI(in, pubs)
 	return api.Instance{
 		ID: in.ID, Name: in.Name, State: in.State, Vcpus: in.Vcpus, MemoryMiB: in.MemoryMiB,
 		Kernel: in.Kernel, Rootfs: in.Rootfs, BootArgs: in.BootArgs, CreatedAt: in.CreatedAt,
 		Source: in.Source, SnapshotCacheKey: in.SnapshotCacheKey, MemoryCheck: check,
 		ForkMode: in.ForkMode, RestoreBackend: in.RestoreBackend, Pid: in.Pid, Error: errText,
+		Network: netw, Publish: publish,
 	}
 }
 
@@ -318,7 +344,10 @@ func (m *Manager) start(ctx context.Context, in *store.Instance, _ api.ActionReq
 // boot launches a VMM and boots the instance with dirty-page tracking on,
 // so its first snapshot can be Full and every later one a Diff.
 func (m *Manager) boot(ctx context.Context, in store.Instance, g guestdir.Guest) (*firecracker.Process, error) {
-	p, err := m.launch(ctx, in.ID, g)
+	if err := m.prepareTAP(in); err != nil {
+		return nil, err
+	}
+	p, err := m.launch(ctx, in, g)
 	if err != nil {
 		return nil, err
 	}
@@ -334,7 +363,14 @@ func (m *Manager) boot(ctx context.Context, in store.Instance, g guestdir.Guest)
 		func() error {
 			return c.PutDrive(ctx, firecracker.Drive{DriveID: "rootfs", PathOnHost: g.RootfsRel(), IsRootDevice: true})
 		},
+		func() error {
+			if !in.Networked {
+				return nil
+			}
+			return c.PutNetworkInterface(ctx, netInterface(in))
+		},
 		func() error { return c.StartInstance(ctx) },
+		func() error { return m.activateTAP(in) },
 	}
 	for _, s := range steps {
 		if err := s(); err != nil {
@@ -454,6 +490,11 @@ func (m *Manager) finishDelete(ctx context.Context, in store.Instance) error {
 		return fmt.Errorf("delete %s: %w", in.Name, err)
 	}
 	m.closeSession(ctx, &in)
+	// The network goes before the record: a crash in between re-runs this
+	// delete, and the reconciler removes a network no record holds anyway.
+	if err := m.removeNetwork(in); err != nil {
+		return fmt.Errorf("delete %s: %w", in.Name, err)
+	}
 	// Rename first so a crash never leaves a half-removed dir under the
 	// instance's own name; the reconciler removes temp dirs.
 	trash, err := m.layout.DeletingGuest(in.ID)

@@ -14,6 +14,7 @@ import (
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/memfile"
+	"github.com/forkd/forkd/internal/network"
 	"github.com/forkd/forkd/internal/store"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -38,6 +39,13 @@ type Config struct {
 	// means hardlink). Only hardlink is zero-I/O fanout; reflink and copy
 	// exist so benchmarks can compare it with the alternatives.
 	ForkStrategy string
+	// Network makes and removes VMs' networks (nil: networking is off, and
+	// NetworkOffReason says why). The manager owns it: Close closes it.
+	// NetworkDefault is whether a create that does not say is networked
+	// (network_default).
+	Network          *network.Host
+	NetworkOffReason string
+	NetworkDefault   bool
 	// Logger receives what the manager does (default: slog.Default()).
 	Logger *slog.Logger
 	// Registerer receives the manager's metrics (nil: not registered).
@@ -79,6 +87,7 @@ type Manager struct {
 	wg     sync.WaitGroup
 
 	pagerOnce pagerState
+	netState  netState
 
 	mu sync.Mutex // guards the maps below; a leaf lock
 	// instLocks: the per-instance RW locks (see doc.go).
@@ -169,6 +178,9 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 func (m *Manager) Close() error {
 	m.cancel()
 	m.wg.Wait()
+	if m.cfg.Network != nil {
+		m.cfg.Network.Close()
+	}
 	return m.db.Close()
 }
 

@@ -29,7 +29,11 @@ import (
 //  3. each instance that should have a VMM is re-adopted by pid + socket (VMMs
 //     run in their own session and outlive the daemon); one whose VMM died
 //     becomes Standby if it has a complete snapshot-latest, else Stopped;
-//  4. interrupted compressions restart.
+//  4. networks: every namespace and host link of this data dir's tag that
+//     no record holds is removed, every one a record holds is made whole
+//     (also after a host reboot), and the host table is rebuilt from the
+//     records (reconcileNetwork);
+//  5. interrupted compressions restart.
 //
 // Everything it changes is logged.
 func (m *Manager) Reconcile(ctx context.Context) error {
@@ -60,6 +64,11 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 	vmms := vmmsBySocket() // one /proc scan for every instance (orphans.go)
 	for _, in := range all {
 		m.reconcileInstance(ctx, in, vmms)
+	}
+	// Networks last, once every record is settled (network.go). A host
+	// that cannot network fails only its networked VMs, not the start.
+	if err := m.reconcileNetwork(ctx); err != nil {
+		m.log.Error("reconcile: network", "err", err)
 	}
 	snaps, err := m.db.ListSnapshots(ctx)
 	if err != nil {

@@ -110,7 +110,10 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 	// No VMM runs for a Standby instance, so a pin left by one that died
 	// while the daemon was down is stale; the new VMM maps latest's inode.
 	os.Remove(g.MappedPin())
-	if proc, err = m.launch(ctx, in.ID, g); err != nil {
+	if err := m.prepareTAP(*in); err != nil {
+		return fail(err)
+	}
+	if proc, err = m.launch(ctx, *in, g); err != nil {
 		return fail(err)
 	}
 	if err := o.step(ctx, "launched", &opPayload{Prev: api.StateStandby, Pid: proc.Pid, Session: session}); err != nil {
@@ -128,6 +131,12 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 		if err := pg.WaitServing(ctx, session); err != nil {
 			return fail(fmt.Errorf("pager session %s: %w", session, err))
 		}
+	}
+	// The VMM reopened the TAP by the name in the vmstate, in its own
+	// namespace: bring it up now, before the guest runs, so its first
+	// packet out and the first one in both pass.
+	if err := m.activateTAP(*in); err != nil {
+		return fail(err)
 	}
 	if err := c.Resume(ctx); err != nil {
 		return fail(err)

@@ -76,6 +76,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, ref string, req api.Snapsh
 	rec := store.Snapshot{
 		ID: id, Name: req.Name, SourceInstance: in.ID, CreatedAt: time.Now().UTC(), Compression: "none",
 		State: snapCreating, MemoryMiB: in.MemoryMiB, Vcpus: in.Vcpus, Kernel: in.Kernel, BootArgs: in.BootArgs,
+		NetGuest: in.NetGuest, NetMAC: in.NetMAC,
 	}
 	if err := m.db.CreateSnapshot(ctx, rec); err != nil {
 		o.finish(ctx, err)

@@ -60,8 +60,10 @@ func ResolveVMM(setting string) (VMMSpec, error) {
 	return VMMSpec{Binary: path}, nil
 }
 
-// launch starts a fresh VMM for an instance at its API socket.
-func (m *Manager) launch(ctx context.Context, id string, g guestdir.Guest) (*firecracker.Process, error) {
+// launch starts a fresh VMM for an instance at its API socket, inside the
+// instance's network namespace if it has one.
+func (m *Manager) launch(ctx context.Context, in store.Instance, g guestdir.Guest) (*firecracker.Process, error) {
+	id := in.ID
 	if err := os.MkdirAll(g.LogsDir(), 0o755); err != nil {
 		return nil, fmt.Errorf("launch vmm %s: %w", id, err)
 	}
@@ -72,6 +74,7 @@ func (m *Manager) launch(ctx context.Context, id string, g guestdir.Guest) (*fir
 		ID:      id,
 		LogPath: g.VMMLog(),
 		WorkDir: g.Dir,
+		NetNS:   m.netNS(in),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("launch vmm %s: %w", id, err)

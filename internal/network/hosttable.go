@@ -185,8 +185,9 @@ func (h *Host) RemovePublishes(slot int) error {
 	return nil
 }
 
-// RemoveHostTable deletes the host table: the reconciler's cleanup when no
-// record needs networking any more.
+// RemoveHostTable deletes the host table, if there is one: the
+// reconciler's cleanup when no record needs networking any more. Without
+// one it only reads.
 func (h *Host) RemoveHostTable() error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -194,8 +195,10 @@ func (h *Host) RemoveHostTable() error {
 	if err != nil {
 		return fmt.Errorf("network: nftables: %w", err)
 	}
-	t := &nftables.Table{Name: h.cfg.hostTable(), Family: nftables.TableFamilyIPv4}
-	nc.AddTable(t)
+	t, err := nc.ListTableOfFamily(h.cfg.hostTable(), nftables.TableFamilyIPv4)
+	if err != nil || t == nil {
+		return nil // none (or nf_tables unreadable: then none of ours either)
+	}
 	nc.DelTable(t)
 	if err := nc.Flush(); err != nil {
 		return fmt.Errorf("network: remove host table %s: %w", h.cfg.hostTable(), err)

@@ -29,15 +29,32 @@ type Instance struct {
 	Error            string
 	PagerSession     string // pager session serving this VM's memory, "" if none
 	PagerVersion     string // version of the pager owning PagerSession
+	// Networked VMs hold NetSlot, their slot in the network pool, from
+	// CreateNetworkedInstance (which allocates it) until the row is
+	// deleted. NetGuest (the guest's CIDR) and NetMAC are the guest
+	// identity it booted with; forks inherit them.
+	Networked bool
+	NetSlot   int
+	NetGuest  string
+	NetMAC    string
 }
 
 const instanceCols = `id, name, state, vcpus, memory_mib, kernel, rootfs, boot_args, created_at, source,
-	snapshot_cache_key, memory_check, fork_mode, restore_backend, pid, error, pager_session, pager_version`
+	snapshot_cache_key, memory_check, fork_mode, restore_backend, pid, error, pager_session, pager_version,
+	net_slot, net_guest, net_mac`
 
 func (in *Instance) args() []any {
 	return []any{in.ID, in.Name, in.State, in.Vcpus, in.MemoryMiB, in.Kernel, in.Rootfs, in.BootArgs,
 		in.CreatedAt.UnixNano(), in.Source, in.SnapshotCacheKey, in.MemoryCheck, in.ForkMode,
-		in.RestoreBackend, in.Pid, in.Error, in.PagerSession, in.PagerVersion}
+		in.RestoreBackend, in.Pid, in.Error, in.PagerSession, in.PagerVersion, in.slotColumn(), in.NetGuest, in.NetMAC}
+}
+
+// slotColumn is net_slot: -1 for an instance without network.
+func (in *Instance) slotColumn() int {
+	if !in.Networked {
+		return -1
+	}
+	return in.NetSlot
 }
 
 func scanInstance(row interface{ Scan(...any) error }) (Instance, error) {
@@ -45,8 +62,12 @@ func scanInstance(row interface{ Scan(...any) error }) (Instance, error) {
 	var created int64
 	err := row.Scan(&in.ID, &in.Name, &in.State, &in.Vcpus, &in.MemoryMiB, &in.Kernel, &in.Rootfs,
 		&in.BootArgs, &created, &in.Source, &in.SnapshotCacheKey, &in.MemoryCheck, &in.ForkMode,
-		&in.RestoreBackend, &in.Pid, &in.Error, &in.PagerSession, &in.PagerVersion)
+		&in.RestoreBackend, &in.Pid, &in.Error, &in.PagerSession, &in.PagerVersion, &in.NetSlot, &in.NetGuest, &in.NetMAC)
 	in.CreatedAt = time.Unix(0, created).UTC()
+	in.Networked = in.NetSlot >= 0
+	if !in.Networked {
+		in.NetSlot = 0
+	}
 	return in, err
 }
 
@@ -54,7 +75,7 @@ func scanInstance(row interface{ Scan(...any) error }) (Instance, error) {
 // the UNIQUE constraint is what admits names, so two concurrent creates or
 // forks with one name cannot both win.
 func (s *Store) CreateInstance(ctx context.Context, in Instance) error {
-	_, err := s.db.ExecContext(ctx, `INSERT INTO instances (`+instanceCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`, in.args()...)
+	_, err := s.db.ExecContext(ctx, `INSERT INTO instances (`+instanceCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`, in.args()...)
 	if isUnique(err) {
 		return fmt.Errorf("create instance %s (%q): %w", in.ID, in.Name, ErrExists)
 	}
@@ -120,7 +141,7 @@ func (s *Store) UpdateInstance(ctx context.Context, in Instance) error {
 	a := in.args()
 	res, err := s.db.ExecContext(ctx, `UPDATE instances SET name=?, state=?, vcpus=?, memory_mib=?, kernel=?, rootfs=?,
 		boot_args=?, created_at=?, source=?, snapshot_cache_key=?, memory_check=?, fork_mode=?, restore_backend=?,
-		pid=?, error=?, pager_session=?, pager_version=? WHERE id=?`, append(a[1:], a[0])...)
+		pid=?, error=?, pager_session=?, pager_version=?, net_slot=?, net_guest=?, net_mac=? WHERE id=?`, append(a[1:], a[0])...)
 	if isUnique(err) {
 		return fmt.Errorf("update instance %s (%q): %w", in.ID, in.Name, ErrExists)
 	}

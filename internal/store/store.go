@@ -103,6 +103,27 @@ var migrations = []string{
 		outcome TEXT NOT NULL DEFAULT ''
 	);
 	CREATE INDEX journal_open ON journal(finished_at) WHERE finished_at IS NULL;`,
+	// networking (issue 11). net_slot is the VM's slot in the address
+	// pool (-1: not networked); the unique index is what allocates it, so
+	// two concurrent creates or forks never share one. net_guest and
+	// net_mac are the guest identity the VM booted with (forks inherit
+	// it), and a snapshot keeps its source's so forks of it get it too.
+	// publishes are an instance's published ports; a host port is taken
+	// once.
+	`ALTER TABLE instances ADD COLUMN net_slot INTEGER NOT NULL DEFAULT -1;
+	ALTER TABLE instances ADD COLUMN net_guest TEXT NOT NULL DEFAULT '';
+	ALTER TABLE instances ADD COLUMN net_mac TEXT NOT NULL DEFAULT '';
+	ALTER TABLE snapshots ADD COLUMN net_guest TEXT NOT NULL DEFAULT '';
+	ALTER TABLE snapshots ADD COLUMN net_mac TEXT NOT NULL DEFAULT '';
+	CREATE UNIQUE INDEX instances_net_slot ON instances(net_slot) WHERE net_slot >= 0;
+	CREATE TABLE publishes (
+		instance_id TEXT NOT NULL REFERENCES instances(id) ON DELETE CASCADE,
+		host_ip TEXT NOT NULL,
+		host_port INTEGER NOT NULL,
+		protocol TEXT NOT NULL,
+		guest_port INTEGER NOT NULL,
+		PRIMARY KEY (host_ip, host_port, protocol)
+	);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error {

@@ -1,0 +1,122 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+)
+
+// ErrPoolExhausted is returned when every slot of the network pool is
+// taken; ErrPortTaken when a publish names a host port another instance
+// already publishes.
+var (
+	ErrPoolExhausted = errors.New("address pool exhausted")
+	ErrPortTaken     = errors.New("host port already published")
+)
+
+// Publish is one published port of an instance (HostIP "" = every address).
+type Publish struct {
+	HostIP    string
+	HostPort  int
+	GuestPort int
+	Protocol  string
+}
+
+// CreateNetworkedInstance inserts in with the lowest free slot of a pool of
+// slots slots (set in in.NetSlot) and its publishes, in one transaction:
+// the allocation is durable with the record or not at all. A full pool is
+// ErrPoolExhausted, a published port taken (same protocol and port, and the
+// same host IP or either one every address) ErrPortTaken, a taken id or
+// name ErrExists; none of them leaves anything behind.
+func (s *Store) CreateNetworkedInstance(ctx context.Context, in *Instance, slots int, pubs []Publish) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("create instance %s: %w", in.ID, err)
+	}
+	defer tx.Rollback()
+	for _, p := range pubs {
+		var other string
+		err := tx.QueryRowContext(ctx, `SELECT instance_id FROM publishes WHERE protocol = ? AND host_port = ?
+			AND (host_ip = ? OR host_ip = '' OR ? = '') LIMIT 1`, p.Protocol, p.HostPort, p.HostIP, p.HostIP).Scan(&other)
+		if err == nil {
+			return fmt.Errorf("publish %d/%s: %w by instance %s", p.HostPort, p.Protocol, ErrPortTaken, other)
+		}
+		if !errors.Is(err, sql.ErrNoRows) {
+			return fmt.Errorf("create instance %s: %w", in.ID, err)
+		}
+	}
+	// The lowest slot no row holds: 0, else one past a held slot whose
+	// successor is free (both lookups use the unique index).
+	var slot int
+	err = tx.QueryRowContext(ctx, `SELECT CASE
+		WHEN NOT EXISTS (SELECT 1 FROM instances WHERE net_slot = 0) THEN 0
+		ELSE (SELECT MIN(a.net_slot) + 1 FROM instances a WHERE a.net_slot >= 0
+			AND NOT EXISTS (SELECT 1 FROM instances b WHERE b.net_slot = a.net_slot + 1)) END`).Scan(&slot)
+	if err != nil {
+		return fmt.Errorf("create instance %s: allocate a network slot: %w", in.ID, err)
+	}
+	if slot >= slots {
+		return fmt.Errorf("create instance %s: %w (%d addresses, all in use)", in.ID, ErrPoolExhausted, slots)
+	}
+	in.Networked, in.NetSlot = true, slot
+	if _, err := tx.ExecContext(ctx, `INSERT INTO instances (`+instanceCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`, in.args()...); err != nil {
+		in.Networked, in.NetSlot = false, 0
+		if isUnique(err) {
+			return fmt.Errorf("create instance %s (%q): %w", in.ID, in.Name, ErrExists)
+		}
+		return fmt.Errorf("create instance %s: %w", in.ID, err)
+	}
+	for _, p := range pubs {
+		if _, err := tx.ExecContext(ctx, `INSERT INTO publishes (instance_id, host_ip, host_port, protocol, guest_port) VALUES (?,?,?,?,?)`,
+			in.ID, p.HostIP, p.HostPort, p.Protocol, p.GuestPort); err != nil {
+			in.Networked, in.NetSlot = false, 0
+			if isUnique(err) {
+				return fmt.Errorf("publish %d/%s: %w", p.HostPort, p.Protocol, ErrPortTaken)
+			}
+			return fmt.Errorf("create instance %s: publish: %w", in.ID, err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		in.Networked, in.NetSlot = false, 0
+		return fmt.Errorf("create instance %s: %w", in.ID, err)
+	}
+	return nil
+}
+
+// Publishes returns the publishes of every instance, by instance id.
+func (s *Store) Publishes(ctx context.Context) (map[string][]Publish, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT instance_id, host_ip, host_port, protocol, guest_port FROM publishes ORDER BY instance_id, host_port`)
+	if err != nil {
+		return nil, fmt.Errorf("list publishes: %w", err)
+	}
+	defer rows.Close()
+	out := map[string][]Publish{}
+	for rows.Next() {
+		var id string
+		var p Publish
+		if err := rows.Scan(&id, &p.HostIP, &p.HostPort, &p.Protocol, &p.GuestPort); err != nil {
+			return nil, fmt.Errorf("list publishes: %w", err)
+		}
+		out[id] = append(out[id], p)
+	}
+	return out, rows.Err()
+}
+
+// InstancePublishes returns one instance's publishes.
+func (s *Store) InstancePublishes(ctx context.Context, id string) ([]Publish, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT host_ip, host_port, protocol, guest_port FROM publishes WHERE instance_id = ? ORDER BY host_port`, id)
+	if err != nil {
+		return nil, fmt.Errorf("publishes of %s: %w", id, err)
+	}
+	defer rows.Close()
+	var out []Publish
+	for rows.Next() {
+		var p Publish
+		if err := rows.Scan(&p.HostIP, &p.HostPort, &p.Protocol, &p.GuestPort); err != nil {
+			return nil, fmt.Errorf("publishes of %s: %w", id, err)
+		}
+		out = append(out, p)
+	}
+	return out, rows.Err()
+}
