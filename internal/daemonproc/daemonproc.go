@@ -16,6 +16,7 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/network"
 )
 
 // startTimeout bounds the wait for GET /health after the process started.
@@ -34,6 +35,10 @@ type Spec struct {
 	// started it exits (Linux's PDEATHSIG): for a daemon that must not
 	// outlive a short-lived caller such as `forkd demo`.
 	ParentDeathSignal syscall.Signal
+	// NetNS, when set, is a network namespace (path) the daemon runs in:
+	// networking tests make one so nothing they do reaches the host's
+	// network.
+	NetNS string
 }
 
 // Proc is one running (or exited) `forkd serve` child.
@@ -66,7 +71,11 @@ func Start(ctx context.Context, s Spec) (*Proc, error) {
 	if s.ParentDeathSignal != 0 {
 		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: s.ParentDeathSignal}
 	}
-	if err := cmd.Start(); err != nil {
+	start := cmd.Start
+	if s.NetNS != "" {
+		start = func() error { return network.Do(s.NetNS, cmd.Start) }
+	}
+	if err := start(); err != nil {
 		return nil, fmt.Errorf("start daemon %s: %w", s.Binary, err)
 	}
 	p := &Proc{Spec: s, Layout: layout, cmd: cmd, exited: make(chan struct{})}

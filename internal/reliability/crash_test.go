@@ -25,6 +25,8 @@ type crashCase struct {
 	gone []string
 	// check runs extra assertions after the restart.
 	check func(t *testing.T, d *Daemon)
+	// net runs the case on a networked daemon (network_test.go).
+	net bool
 }
 
 func crashCases() []crashCase {
@@ -184,7 +186,12 @@ func TestCrashAtEveryJournalStepLosesNothing(t *testing.T) {
 }
 
 func runCrashCase(t *testing.T, tc crashCase) {
-	d := newDaemon(t, nil)
+	var d *Daemon
+	if tc.net {
+		d = newNetDaemon(t)
+	} else {
+		d = newDaemon(t, nil)
+	}
 	if tc.setup != nil {
 		tc.setup(t, d.Client)
 	}

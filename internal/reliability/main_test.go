@@ -51,15 +51,19 @@ func newDaemon(t *testing.T, env []string, args ...string) *Daemon {
 // system temp dir).
 func newDaemonIn(t *testing.T, parent string, env []string, args ...string) *Daemon {
 	t.Helper()
+	return newDaemonSpec(t, parent, func(o *DaemonOptions) { o.Env, o.Args = env, args })
+}
+
+// newDaemonSpec is newDaemonIn with the options set by edit.
+func newDaemonSpec(t *testing.T, parent string, edit func(*DaemonOptions)) *Daemon {
+	t.Helper()
 	bin := forkdBinary(t)
 	dir, err := os.MkdirTemp(parent, "fkr")
 	if err != nil {
 		t.Fatal(err)
 	}
-	opts := DaemonOptions{
-		Binary: bin, DataDir: filepath.Join(dir, "d"), Args: args, Env: env,
-		LogPath: filepath.Join(dir, "daemon.log"),
-	}
+	opts := DaemonOptions{Binary: bin, DataDir: filepath.Join(dir, "d"), LogPath: filepath.Join(dir, "daemon.log")}
+	edit(&opts)
 	d, err := StartDaemon(context.Background(), opts)
 	if err != nil {
 		os.RemoveAll(dir)
@@ -229,6 +233,7 @@ func checkAll(t *testing.T, d *Daemon) {
 	if err := CheckInvariants(ctx, d); err != nil {
 		t.Errorf("invariants violated:\n%v", err)
 	}
+	checkNetworks(t, d)
 }
 
 // openers lists the processes (pid and command line) with path open, to

@@ -1,0 +1,211 @@
+package instance
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/network"
+	"github.com/forkd/forkd/internal/network/nettest"
+)
+
+// netEnv is a manager's networking in a test: its daemon namespace (made by
+// the test: nothing reaches the host's network) and its Host.
+type netEnv struct {
+	ns   string
+	host *network.Host
+}
+
+// withNetwork gives the manager a network Host whose daemon namespace is a
+// fresh test namespace, with pool (default nettest.Pool).
+func withNetwork(t *testing.T, env *netEnv, pool string) testOpt {
+	t.Helper()
+	if pool == "" {
+		pool = nettest.Pool
+	}
+	env.ns = nettest.Namespace(t)
+	return func(c *Config) {
+		nc, err := network.ParseConfig(pool, network.DefaultGuestCIDR, network.DefaultGuestMAC, false, network.Tag(c.DataDir))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := network.Do(env.ns, func() (err error) { env.host, err = network.New(nc); return err }); err != nil {
+			t.Fatal(err)
+		}
+		c.Network = env.host
+	}
+}
+
+func netOn() *api.NetworkRequest { on := true; return &api.NetworkRequest{Enabled: &on} }
+
+// nsInode is the inode of a network namespace file (/proc/PID/ns/net or a
+// named one): equal inodes are the same namespace.
+func nsInode(t *testing.T, path string) uint64 {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatalf("stat %s: %v", path, err)
+	}
+	return st.Ino
+}
+
+func checkNetworked(t *testing.T, m *Manager, env *netEnv, in api.Instance) {
+	t.Helper()
+	n := in.Network
+	if !n.Enabled || n.Address == "" || n.GuestAddress != "169.254.0.21" || n.GuestMAC != network.DefaultGuestMAC || n.Namespace == "" {
+		t.Fatalf("%s: network = %+v; want enabled, an address, guest 169.254.0.21 and %s, a namespace", in.Name, n, network.DefaultGuestMAC)
+	}
+	if !env.host.Complete(slotOf(t, env, n.Address)) {
+		t.Fatalf("%s: its network %s is not complete", in.Name, n.Namespace)
+	}
+	if in.State == api.StateRunning {
+		if got, want := nsInode(t, "/proc/"+itoa(in.Pid)+"/ns/net"), nsInode(t, "/var/run/netns/"+n.Namespace); got != want {
+			t.Fatalf("%s: its VMM (pid %d) runs in namespace inode %d, want its own %s (%d)", in.Name, in.Pid, got, n.Namespace, want)
+		}
+	}
+}
+
+func slotOf(t *testing.T, env *netEnv, addr string) int {
+	t.Helper()
+	ip, err := netipParse(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, ok := env.host.Config().SlotOf(ip)
+	if !ok {
+		t.Fatalf("address %s is not in the pool %s", addr, env.host.Config().Pool)
+	}
+	return s
+}
+
+// TestNetworkFollowsTheInstance: a networked VM's VMM runs in its own
+// namespace; standby and restore keep its address; every kind of fork
+// gets its own address and namespace and the source's guest identity;
+// delete removes everything and frees the address.
+func TestNetworkFollowsTheInstance(t *testing.T) {
+	var env netEnv
+	m := newTestManager(t, withNetwork(t, &env, ""))
+	ctx := context.Background()
+	src, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: testMemMiB, BootArgs: testBootArgs, Network: netOn()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkNetworked(t, m, &env, src)
+	if !strings.Contains(src.BootArgs, "ip=169.254.0.21::169.254.0.22:255.255.255.252::eth0:off") {
+		t.Errorf("boot args %q: want the guest's ip=", src.BootArgs)
+	}
+	live, err := m.ForkInstance(ctx, "src", api.ForkRequest{Name: "live", FromRunning: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkNetworked(t, m, &env, live)
+	sb, err := m.Action(ctx, "src", "standby", api.ActionRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sb.Network != src.Network {
+		t.Fatalf("standby changed the network: %+v, was %+v", sb.Network, src.Network)
+	}
+	f1, err := m.ForkInstance(ctx, "src", api.ForkRequest{Name: "f1", TargetState: api.StateRunning})
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkNetworked(t, m, &env, f1)
+	if _, err := m.CreateSnapshot(ctx, "src", api.SnapshotRequest{Name: "snap"}); err != nil {
+		t.Fatal(err)
+	}
+	f2, err := m.ForkSnapshot(ctx, "snap", api.ForkRequest{Name: "f2", TargetState: api.StateRunning})
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkNetworked(t, m, &env, f2)
+	back, err := m.Action(ctx, "src", "restore", api.ActionRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkNetworked(t, m, &env, back)
+	if back.Network != src.Network {
+		t.Fatalf("restore changed the network: %+v, was %+v", back.Network, src.Network)
+	}
+	seen := map[string]string{}
+	for _, in := range []api.Instance{back, live, f1, f2} {
+		if other, dup := seen[in.Network.Address]; dup {
+			t.Fatalf("%s and %s share address %s", in.Name, other, in.Network.Address)
+		}
+		seen[in.Network.Address] = in.Name
+	}
+	for _, name := range []string{"src", "live", "f1", "f2"} {
+		if err := m.DeleteInstance(ctx, name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if p, err := env.host.Present(); err != nil || len(p) != 0 {
+		t.Fatalf("after deleting every VM, networks still present: %v (%v)", p, err)
+	}
+	again, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "again", MemoryMiB: testMemMiB, BootArgs: testBootArgs, Network: netOn(), Start: new(bool)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again.Network.Address != src.Network.Address {
+		t.Errorf("after every delete, the next VM got %s, want the freed lowest address %s", again.Network.Address, src.Network.Address)
+	}
+}
+
+// TestNetworkBadInputLeaksNothing: an exhausted pool is ErrPoolExhausted, a
+// publish of a port a host process holds is ErrPortInUse, a publish without
+// a network is invalid; none leaves a record or a network behind.
+func TestNetworkBadInputLeaksNothing(t *testing.T) {
+	var env netEnv
+	m := newTestManager(t, withNetwork(t, &env, "198.18.0.0/30")) // one address
+	ctx := context.Background()
+	off := false
+	if _, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "one", MemoryMiB: testMemMiB, Network: netOn(), Start: &off}); err != nil {
+		t.Fatal(err)
+	}
+	count := func() (int, int) {
+		l, _ := m.ListInstances(ctx)
+		p, _ := env.host.Present()
+		return len(l), len(p)
+	}
+	n0, p0 := count()
+	_, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "two", MemoryMiB: testMemMiB, Network: netOn(), Start: &off})
+	if !errors.Is(err, api.ErrPoolExhausted) {
+		t.Fatalf("second VM in a one-address pool: %v, want ErrPoolExhausted", err)
+	}
+	if _, err := m.ForkInstance(ctx, "one", api.ForkRequest{Name: "f"}); !errors.Is(err, api.ErrPoolExhausted) {
+		t.Fatalf("fork in a full pool: %v, want ErrPoolExhausted", err)
+	}
+	var l net.Listener
+	if err := network.Do(env.ns, func() (err error) { l, err = net.Listen("tcp4", "127.0.0.1:0"); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	port := l.Addr().(*net.TCPAddr).Port
+	_, err = m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "pub", MemoryMiB: testMemMiB, Network: netOn(), Start: &off,
+		Publish: []api.PortPublish{{HostIP: "127.0.0.1", HostPort: port, GuestPort: 80}}})
+	if !errors.Is(err, api.ErrPortInUse) {
+		t.Fatalf("publish of a port a host process holds: %v, want ErrPortInUse", err)
+	}
+	_, err = m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "nonet", MemoryMiB: testMemMiB, Start: &off,
+		Publish: []api.PortPublish{{HostPort: 8080, GuestPort: 80}}})
+	if !errors.Is(err, api.ErrInvalid) {
+		t.Fatalf("publish without a network: %v, want ErrInvalid", err)
+	}
+	if n, p := count(); n != n0 || p != p0 {
+		t.Fatalf("after refused requests: %d instances and %d networks, want %d and %d (nothing leaked)", n, p, n0, p0)
+	}
+	if ents, _ := os.ReadDir(m.layout.GuestsDir()); len(ents) != n0 {
+		t.Fatalf("after refused requests: %d guest dirs, want %d", len(ents), n0)
+	}
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }
+
+func netipParse(s string) (netip.Addr, error) { return netip.ParseAddr(s) }
