@@ -17,13 +17,13 @@ import (
 // adds its crash case. Steps that only some runs of a kind pass (a live
 // fork's "paused", a Uffd restore's "session") are listed all the same.
 var journalSteps = map[string][]string{
-	"create":          {"begun", "files"},
+	"create":          {"begun", "network", "files"}, // network: networked VMs only
 	"start":           {"begun", "booted"},
 	"stop":            {"begun"},
 	"standby":         {"begun", "promoted", "creating", "created"},
 	"restore":         {"begun", "session", "launched", "resumed"},
 	"snapshot":        {"begun", "paused", "creating", "created", "stored"},
-	"fork":            {"begun", "paused", "creating", "created", "files", "committed"},
+	"fork":            {"begun", "network", "paused", "creating", "created", "files", "committed"},
 	"delete":          {"begun"},
 	"snapshot-delete": {"begun"},
 	"compress":        {"compressed", "raw-removed"}, // background, not journalled: crash points only

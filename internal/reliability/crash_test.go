@@ -137,7 +137,7 @@ func crashCases() []crashCase {
 	for _, step := range []string{"paused", "creating", "created", "stored"} {
 		cases = append(cases, crashCase{at: "snapshot:" + step, setup: running, op: snapshot("none")})
 	}
-	return cases
+	return append(cases, networkCrashCases()...)
 }
 
 // TestCrashCasesCoverEveryJournalStep checks the crash cases against the

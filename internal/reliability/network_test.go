@@ -134,35 +134,46 @@ func TestNetworkCheckCatchesOrphansAndMissing(t *testing.T) {
 	}
 }
 
-// networkedCrashCases are the crash points of every operation that makes,
-// keeps or removes a VM's network, run on a networked daemon.
-func networkedCrashCases() []crashCase {
-	var out []crashCase
-	for _, tc := range crashCases() {
-		switch tc.at {
-		case "create:begun", "create:files", "fork:begun", "fork:committed", "delete:begun",
-			"start:booted", "restore:launched", "restore:resumed", "standby:created", "stop:begun":
-			tc.net = true
-			out = append(out, tc)
-		}
-	}
+// networkCrashCases are the crash points only a networked VM passes (the
+// "network" steps of create and fork); crashCases includes them.
+func networkCrashCases() []crashCase {
 	create := func(ctx context.Context, c *api.Client) error {
 		_, err := c.CreateInstance(ctx, api.CreateInstanceRequest{Name: "new", MemoryMiB: testMemMiB, BootArgs: testBootArgs})
 		return err
 	}
-	out = append(out,
-		crashCase{at: "create:network", net: true, op: create},
-		crashCase{at: "fork:network", net: true, setup: func(t *testing.T, c *api.Client) { createStandby(t, c, "src") },
-			op: func(ctx context.Context, c *api.Client) error {
-				_, err := c.ForkInstance(ctx, "src", api.ForkRequest{Name: "kid"})
-				return err
-			}},
-		crashCase{at: "fork:network", variant: "live", net: true, setup: func(t *testing.T, c *api.Client) { createRunning(t, c, "src") },
-			op: func(ctx context.Context, c *api.Client) error {
-				_, err := c.ForkInstance(ctx, "src", api.ForkRequest{Name: "kid", FromRunning: true})
-				return err
-			}},
-	)
+	fork := func(live bool) func(ctx context.Context, c *api.Client) error {
+		return func(ctx context.Context, c *api.Client) error {
+			_, err := c.ForkInstance(ctx, "src", api.ForkRequest{Name: "kid", FromRunning: live})
+			return err
+		}
+	}
+	return []crashCase{
+		{at: "create:network", net: true, op: create},
+		{at: "fork:network", net: true, setup: func(t *testing.T, c *api.Client) { createStandby(t, c, "src") }, op: fork(false)},
+		{at: "fork:network", variant: "live", net: true, setup: func(t *testing.T, c *api.Client) { createRunning(t, c, "src") }, op: fork(true)},
+	}
+}
+
+// networkedCrashCases runs, on a networked daemon, the other crash points
+// of every operation that makes, keeps or removes a VM's network.
+func networkedCrashCases() []crashCase {
+	var out []crashCase
+	for _, tc := range crashCases() {
+		if tc.net {
+			continue // already networked
+		}
+		switch tc.at {
+		case "create:begun", "create:files", "fork:begun", "fork:files", "fork:committed", "delete:begun",
+			"start:booted", "restore:launched", "restore:resumed", "standby:created", "stop:begun":
+			tc.net = true
+			if tc.variant == "" {
+				tc.variant = "networked"
+			} else {
+				tc.variant += "/networked"
+			}
+			out = append(out, tc)
+		}
+	}
 	return out
 }
 
