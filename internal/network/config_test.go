@@ -68,3 +68,36 @@ func TestAddressesAndNames(t *testing.T) {
 }
 
 func mustAddr(s string) netip.Addr { return netip.MustParseAddr(s) }
+
+func TestParsePublishTakesDockerSyntax(t *testing.T) {
+	for _, tc := range []struct{ in, want, err string }{
+		{"8080:80", "8080:80/tcp", ""},
+		{"8080:80/udp", "8080:80/udp", ""},
+		{"127.0.0.1:8080:80", "127.0.0.1:8080:80/tcp", ""},
+		{"0.0.0.0:53:53/udp", "53:53/udp", ""},
+		{"80", "", "wrong number of fields"},
+		{"a:80", "", "not 1-65535"},
+		{"8080:0", "", "not 1-65535"},
+		{"8080:70000", "", "not 1-65535"},
+		{"8080:80/sctp", "", "tcp or udp"},
+		{"::1:8080:80", "", "wrong number of fields"},
+		{"host:8080:80", "", "not an IPv4 address"},
+	} {
+		p, err := ParsePublish(tc.in)
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("ParsePublish(%q) = %v, %v; want an error containing %q", tc.in, p, err, tc.err)
+			}
+			continue
+		}
+		if err != nil || p.Normalize().String() != tc.want {
+			t.Errorf("ParsePublish(%q) = %v, %v; want %s", tc.in, p.Normalize(), err, tc.want)
+		}
+	}
+	a, _ := ParsePublish("8080:80")
+	b, _ := ParsePublish("127.0.0.1:8080:81")
+	c, _ := ParsePublish("8080:80/udp")
+	if !a.Overlaps(b) || a.Overlaps(c) {
+		t.Errorf("Overlaps: every-address vs 127.0.0.1 on one port must overlap, tcp vs udp must not")
+	}
+}

@@ -1,0 +1,128 @@
+package instance
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"slices"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/network"
+	"github.com/forkd/forkd/internal/network/nettest"
+)
+
+// BenchmarkNetworkedFork measures what networking adds to a fork of a
+// Standby instance (its namespace, TAP, veth, address, routes and NAT
+// table, made on the fork path), serial and in a burst of 25, with and
+// without networking, in one run. Budget: networking at most doubles a
+// serial fork's p50. Compare the p50s of one run, never absolute times:
+//
+//	go test -run '^$' -bench NetworkedFork -benchtime 25x ./internal/instance/
+//
+// Every networked manager runs in a namespace the benchmark made. Forks are
+// deleted only after each timed loop: a delete's namespace teardown runs
+// asynchronously in the kernel and would compete with the next fork.
+func BenchmarkNetworkedFork(b *testing.B) {
+	dir := benchDataDir(b)
+	for _, networked := range []bool{false, true} {
+		for _, burst := range []int{1, 25} {
+			b.Run(fmt.Sprintf("net=%v/burst=%d", networked, burst), func(b *testing.B) {
+				m := newNetBenchManager(b, dir, networked)
+				ctx := context.Background()
+				src, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: 256, BootArgs: "forkd.ws_mib=8 forkd.rate=200"})
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := m.Action(ctx, src.ID, "standby", api.ActionRequest{}); err != nil {
+					b.Fatal(err)
+				}
+				syscall.Sync()
+				var lat []time.Duration
+				var ids []string
+				var mu sync.Mutex
+				b.ResetTimer()
+				for i := 0; i < b.N; i++ {
+					var wg sync.WaitGroup
+					for j := range burst {
+						wg.Go(func() {
+							t := time.Now()
+							f, err := m.ForkInstance(ctx, src.ID, api.ForkRequest{Name: fmt.Sprintf("f%d-%d", i, j)})
+							d := time.Since(t)
+							if err != nil {
+								b.Error(err)
+								return
+							}
+							if f.Network.Enabled != networked {
+								b.Errorf("fork network %+v, want enabled=%v", f.Network, networked)
+							}
+							mu.Lock()
+							lat, ids = append(lat, d), append(ids, f.ID)
+							mu.Unlock()
+						})
+					}
+					wg.Wait()
+					if burst > 1 { // a burst's forks go before the next burst
+						b.StopTimer()
+						for _, id := range ids {
+							m.DeleteInstance(ctx, id)
+						}
+						ids = ids[:0]
+						b.StartTimer()
+					}
+				}
+				b.StopTimer()
+				for _, id := range ids {
+					m.DeleteInstance(ctx, id)
+				}
+				slices.Sort(lat)
+				b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
+				b.ReportMetric(float64(lat[len(lat)*95/100].Microseconds())/1000, "p95-ms")
+			})
+		}
+	}
+}
+
+// newNetBenchManager is newBenchManager, networked inside a namespace of the
+// benchmark's own when networked is set.
+func newNetBenchManager(b *testing.B, parent string, networked bool) *Manager {
+	b.Helper()
+	dir, err := os.MkdirTemp(parent, "fk")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { os.RemoveAll(dir) })
+	cfg := Config{
+		DataDir: dir,
+		VMM:     VMMSpec{Binary: forkdBinary(b), Args: []string{"vmm"}, Emulator: true},
+		Logger:  slog.New(slog.NewTextHandler(io.Discard, nil)),
+	}
+	if networked {
+		ns := nettest.Namespace(b)
+		nc, err := network.ParseConfig(nettest.Pool, network.DefaultGuestCIDR, network.DefaultGuestMAC, false, network.Tag(dir))
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := network.Do(ns, func() (err error) { cfg.Network, err = network.New(nc); return err }); err != nil {
+			b.Fatal(err)
+		}
+		cfg.NetworkDefault = true
+	}
+	m, err := New(context.Background(), cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		list, _ := m.ListInstances(context.Background())
+		for _, in := range list {
+			m.DeleteInstance(context.Background(), in.ID)
+		}
+		m.Close()
+	})
+	return m
+}
