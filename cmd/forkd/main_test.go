@@ -127,5 +127,5 @@ func TestBinaryHelpAndDemo(t *testing.T) {
 // added here, with what to check of it).
 func demoSteps() []string {
 	return []string{"daemon", "health", "list", "create", "standby", "fork-burst", "delete-source",
-		"restore", "standby-forks", "memory-checks"}
+		"restore", "fork-answers", "standby-forks", "memory-checks"}
 }

@@ -2,9 +2,12 @@ package cli
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -16,6 +19,7 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/daemonproc"
+	"github.com/forkd/forkd/internal/network"
 )
 
 // demoOptions are the knobs of `forkd demo`.
@@ -89,6 +93,7 @@ var demoStepNames = []string{
 	"fork-burst",    // N concurrent forks: hardlinked memory
 	"delete-source", // the forks stay intact
 	"restore",       // every fork, half through the pager
+	"fork-answers",  // a fork answers at its own address with its source's boot_id
 	"standby-forks", // every fork's first standby (unshares its memory)
 	"memory-checks", // every VM's integrity check, and the pager's hit rate
 }
@@ -119,6 +124,8 @@ type demo struct {
 	o      demoOptions
 	dir    string // temp dir: data/, daemon.log, vmlinux
 	data   string
+	netns  string // the network namespace the daemon runs in (its VMs' networks hang off it)
+	bootID string // the source's guest boot_id, read at its address
 	daemon *daemonproc.Proc
 	c      *api.Client
 	rep    *demoReport
@@ -215,7 +222,12 @@ func (d *demo) run(ctx context.Context) error {
 		if src.State != api.StateRunning {
 			return "", fmt.Errorf("create instance: %s is %s (error %q), want Running", src.Name, src.State, src.Error)
 		}
-		return fmt.Sprintf("created %s (%s): %d MiB, %s, VMM pid %d, in %s", src.Name, shortID(src.ID), src.MemoryMiB, src.State, src.Pid, ms(time.Since(t))), nil
+		took := time.Since(t)
+		if d.bootID, err = d.guestBootID(ctx, src); err != nil {
+			return "", err
+		}
+		return fmt.Sprintf("created %s (%s): %d MiB, %s, VMM pid %d, at %s (guest boot_id %s), in %s",
+			src.Name, shortID(src.ID), src.MemoryMiB, src.State, src.Pid, src.Network.Address, d.bootID, ms(took)), nil
 	}); err != nil {
 		return err
 	}
@@ -292,6 +304,19 @@ func (d *demo) run(ctx context.Context) error {
 			}
 		}
 		return fmt.Sprintf("restored %d forks: p50 %s, max %s; backends %v", len(restored), ms(percentile(lat, 0.5)), ms(percentile(lat, 1)), d.rep.RestoreBackends), nil
+	}); err != nil {
+		return err
+	}
+	if err := d.step("fork-answers", func() (string, error) {
+		f := restored[0]
+		id, err := d.guestBootID(ctx, f)
+		if err != nil {
+			return "", err
+		}
+		if id != d.bootID {
+			return "", fmt.Errorf("fork %s at %s reports boot_id %s, want its source's %s", f.Name, f.Network.Address, id, d.bootID)
+		}
+		return fmt.Sprintf("fork %s answers at http://%s/ with boot_id %s: its source's guest, unchanged, at an address of its own", f.Name, f.Network.Address, id), nil
 	}); err != nil {
 		return err
 	}
@@ -415,18 +440,63 @@ func (d *demo) startDaemon(ctx context.Context) (string, error) {
 		}
 		bin = exe
 	}
+	// The daemon runs in a network namespace of the demo's own: every VM's
+	// network hangs off it, and nothing touches the host's network.
+	ns, err := network.NewNamespace("forkd-demo-" + randomSuffix())
+	if err != nil {
+		return "", fmt.Errorf("create the demo's network namespace (needs root and network namespaces): %w", err)
+	}
+	d.netns = ns
 	p, err := daemonproc.Start(ctx, daemonproc.Spec{
-		Binary:            bin,
-		DataDir:           d.data,
-		Args:              []string{"--log-format", "json", "--log-level", "debug", "--vmm-binary", d.o.vmm},
+		Binary:  bin,
+		DataDir: d.data,
+		Args: []string{"--log-format", "json", "--log-level", "debug", "--vmm-binary", d.o.vmm,
+			"--network-cidr", demoNetworkCIDR, "--network-default", "true"},
 		LogPath:           filepath.Join(d.dir, "daemon.log"),
 		ParentDeathSignal: syscall.SIGTERM,
+		NetNS:             ns,
 	})
 	if err != nil {
 		return "", err
 	}
 	d.daemon, d.c = p, p.Client
-	return fmt.Sprintf("started daemon pid %d on data dir %s", p.Pid(), d.data), nil
+	return fmt.Sprintf("started daemon pid %d on data dir %s, in network namespace %s (VM addresses from %s)", p.Pid(), d.data, filepath.Base(ns), demoNetworkCIDR), nil
+}
+
+// demoNetworkCIDR is the demo's address pool: RFC 2544's benchmarking
+// range, routed only inside the demo's namespace.
+const demoNetworkCIDR = "198.18.0.0/24"
+
+// guestBootID GETs / from a VM's guest at its address, once, from inside
+// the demo's namespace (where the VM's address is routed), and returns the
+// guest's boot_id.
+func (d *demo) guestBootID(ctx context.Context, in api.Instance) (string, error) {
+	if !in.Network.Enabled {
+		return "", fmt.Errorf("%s has no network", in.Name)
+	}
+	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		DisableKeepAlives: true,
+		DialContext: func(ctx context.Context, _, addr string) (c net.Conn, err error) {
+			err = network.Do(d.netns, func() (err error) { c, err = (&net.Dialer{}).DialContext(ctx, "tcp4", addr); return err })
+			return c, err
+		},
+	}}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+in.Network.Address+"/", nil)
+	if err != nil {
+		return "", err
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return "", fmt.Errorf("GET / at %s's address %s: %w", in.Name, in.Network.Address, err)
+	}
+	defer resp.Body.Close()
+	var body struct {
+		BootID string `json:"boot_id"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&body); err != nil || resp.StatusCode != http.StatusOK || body.BootID == "" {
+		return "", fmt.Errorf("GET / at %s's address %s: status %d, boot_id %q (%v)", in.Name, in.Network.Address, resp.StatusCode, body.BootID, err)
+	}
+	return body.BootID, nil
 }
 
 // cleanup deletes every instance, stops the daemon, kills any VMM or pager
@@ -438,6 +508,11 @@ func (d *demo) cleanup() error {
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 		defer cancel()
 		if err := d.daemon.Teardown(ctx, 30*time.Second); err != nil {
+			errs = append(errs, fmt.Errorf("cleanup: %w", err))
+		}
+	}
+	if d.netns != "" {
+		if err := network.RemoveNamespace(d.netns); err != nil {
 			errs = append(errs, fmt.Errorf("cleanup: %w", err))
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"slices"
 	"sync"
@@ -15,6 +16,7 @@ import (
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/network"
 	"github.com/forkd/forkd/internal/network/nettest"
+	"github.com/forkd/forkd/internal/testnet"
 )
 
 // BenchmarkNetworkedFork measures what networking adds to a fork of a
@@ -121,6 +123,122 @@ func newNetBenchManager(b *testing.B, parent string, networked bool) *Manager {
 		list, _ := m.ListInstances(context.Background())
 		for _, in := range list {
 			m.DeleteInstance(context.Background(), in.ID)
+		}
+		m.Close()
+	})
+	return m
+}
+
+// BenchmarkFirstAnswer measures, per restore backend, the time from a
+// fork call (of a networked snapshot, target Running) to the first TCP
+// answer at the fork's address (connect and one echo on port 7), against
+// the fork call's own time to Running, over 25 forks one at a time. Budget:
+// first-answer p95 within 1.2x of the call's p95 (nothing waits on the
+// guest once the restore returns):
+//
+//	go test -run '^$' -bench FirstAnswer -benchtime 1x ./internal/instance/
+func BenchmarkFirstAnswer(b *testing.B) {
+	const forks = 25
+	for _, backend := range []string{api.BackendFile, api.BackendUffd} {
+		b.Run("backend="+backend, func(b *testing.B) {
+			tn := testnet.New(b)
+			m := newNetBenchManagerIn(b, benchDataDir(b), tn.Path)
+			ctx := context.Background()
+			if _, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: 256, BootArgs: "forkd.ws_mib=8 forkd.rate=200"}); err != nil {
+				b.Fatal(err)
+			}
+			if _, err := m.CreateSnapshot(ctx, "src", api.SnapshotRequest{Name: "snap"}); err != nil {
+				b.Fatal(err)
+			}
+			var call, answer []time.Duration
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				for j := range forks {
+					t0 := time.Now()
+					f, err := m.ForkSnapshot(ctx, "snap", api.ForkRequest{Name: fmt.Sprintf("f%d-%d", i, j), TargetState: api.StateRunning, RestoreBackend: backend})
+					if err != nil {
+						b.Fatal(err)
+					}
+					t1 := time.Now()
+					if err := echoOnce(ctx, tn, f.Network.Address); err != nil {
+						b.Fatalf("%s: first TCP answer: %v", f.Name, err)
+					}
+					call, answer = append(call, t1.Sub(t0)), append(answer, time.Since(t0))
+				}
+				b.StopTimer()
+				list, _ := m.ListInstances(ctx)
+				for _, in := range list {
+					if in.Name != "src" {
+						m.DeleteInstance(ctx, in.ID)
+					}
+				}
+				b.StartTimer()
+			}
+			slices.Sort(call)
+			slices.Sort(answer)
+			pc := func(d []time.Duration, p int) float64 { return float64(d[(len(d)-1)*p/100].Microseconds()) / 1000 }
+			b.ReportMetric(pc(call, 50), "call-p50-ms")
+			b.ReportMetric(pc(call, 95), "call-p95-ms")
+			b.ReportMetric(pc(answer, 50), "answer-p50-ms")
+			b.ReportMetric(pc(answer, 95), "answer-p95-ms")
+			b.ReportMetric(pc(answer, 95)/pc(call, 95), "p95-ratio")
+		})
+	}
+}
+
+// echoOnce connects to addr:7 from the test's namespace and has one byte
+// echoed: one attempt, no retry.
+func echoOnce(ctx context.Context, tn *testnet.NS, addr string) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	c, err := tn.Dial(ctx, net.JoinHostPort(addr, "7"))
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write([]byte{'x'}); err != nil {
+		return err
+	}
+	var buf [1]byte
+	_, err = io.ReadFull(c, buf[:])
+	return err
+}
+
+// newNetBenchManagerIn is a networked bench manager (every VM networked)
+// whose daemon namespace is ns.
+func newNetBenchManagerIn(b *testing.B, parent, ns string) *Manager {
+	b.Helper()
+	dir, err := os.MkdirTemp(parent, "fk")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { os.RemoveAll(dir) })
+	nc, err := network.ParseConfig(nettest.Pool, network.DefaultGuestCIDR, network.DefaultGuestMAC, false, network.Tag(dir))
+	if err != nil {
+		b.Fatal(err)
+	}
+	cfg := Config{
+		DataDir:        dir,
+		VMM:            VMMSpec{Binary: forkdBinary(b), Args: []string{"vmm"}, Emulator: true},
+		PagerBinary:    forkdBinary(b),
+		Logger:         slog.New(slog.NewTextHandler(io.Discard, nil)),
+		NetworkDefault: true,
+	}
+	if err := network.Do(ns, func() (err error) { cfg.Network, err = network.New(nc); return err }); err != nil {
+		b.Fatal(err)
+	}
+	m, err := New(context.Background(), cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		list, _ := m.ListInstances(context.Background())
+		for _, in := range list {
+			m.DeleteInstance(context.Background(), in.ID)
+		}
+		if hp, ok := m.startedPager().(interface{ Drain(context.Context) error }); ok {
+			hp.Drain(context.Background())
 		}
 		m.Close()
 	})

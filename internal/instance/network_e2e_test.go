@@ -51,7 +51,7 @@ func firstContact(t *testing.T, tn *testnet.NS, p *testnet.Pinger, in api.Instan
 	if err := p.Ping(addr, seq, 10*time.Second); err != nil {
 		t.Fatalf("%s: the first ping to %s after its restore returned failed: %v", in.Name, addr, err)
 	}
-	resp, err := tn.HTTPClient(10*time.Second).Get("http://" + net.JoinHostPort(addr.String(), "80") + "/")
+	resp, err := tn.HTTPClient(10 * time.Second).Get("http://" + net.JoinHostPort(addr.String(), "80") + "/")
 	if err != nil {
 		t.Fatalf("%s: the first GET / to %s after its restore returned failed: %v", in.Name, addr, err)
 	}

@@ -8,14 +8,7 @@ package nettest
 import (
 	"crypto/rand"
 	"encoding/hex"
-	"fmt"
-	"os"
-	"runtime"
 	"testing"
-
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
 
 	"github.com/forkd/forkd/internal/network"
 	"github.com/forkd/forkd/internal/testenv"
@@ -38,43 +31,10 @@ func Namespace(tb testing.TB) string {
 	var b [4]byte
 	rand.Read(b[:])
 	name := "forkdtest-" + hex.EncodeToString(b[:])
-	path, err := create(name)
+	path, err := network.NewNamespace(name)
 	if err != nil {
 		testenv.Need(tb, testenv.Netns, "cannot create a network namespace: "+err.Error())
 	}
-	tb.Cleanup(func() {
-		unix.Unmount(path, unix.MNT_DETACH)
-		os.Remove(path)
-	})
+	tb.Cleanup(func() { network.RemoveNamespace(path) })
 	return path
-}
-
-func create(name string) (string, error) {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		return "", err
-	}
-	defer orig.Close()
-	ns, err := netns.NewNamed(name)
-	if err != nil {
-		netns.Set(orig)
-		os.Remove("/var/run/netns/" + name)
-		return "", err
-	}
-	defer ns.Close()
-	lerr := netlink.LinkSetUp(&netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: 1}})
-	if err := netns.Set(orig); err != nil {
-		// Never unlock a thread left in the test's namespace.
-		runtime.LockOSThread()
-		return "", fmt.Errorf("return to the original namespace: %w", err)
-	}
-	path := "/var/run/netns/" + name
-	if lerr != nil {
-		unix.Unmount(path, unix.MNT_DETACH)
-		os.Remove(path)
-		return "", fmt.Errorf("lo up: %w", lerr)
-	}
-	return path, nil
 }
