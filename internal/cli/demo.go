@@ -451,7 +451,7 @@ func (d *demo) startDaemon(ctx context.Context) (string, error) {
 		Binary:  bin,
 		DataDir: d.data,
 		Args: []string{"--log-format", "json", "--log-level", "debug", "--vmm-binary", d.o.vmm,
-			"--network-cidr", demoNetworkCIDR, "--network-default", "true"},
+			"--network-cidr", demoNetworkCIDR, "--network-default=true"},
 		LogPath:           filepath.Join(d.dir, "daemon.log"),
 		ParentDeathSignal: syscall.SIGTERM,
 		NetNS:             ns,

@@ -105,14 +105,7 @@ func settings() []setting {
 			str(func(c *Config) *string { return &c.TLSKey })},
 		{"listen_insecure", "FORKD_LISTEN_INSECURE", "listen-insecure", "false",
 			"serve a non-loopback listen address over plain HTTP (the token in clear text: only behind a tunnel or on a private network)",
-			func(c *Config, v string) error {
-				b, err := strconv.ParseBool(v)
-				if err != nil {
-					return fmt.Errorf("%q is not true or false", v)
-				}
-				c.ListenInsecure = b
-				return nil
-			}},
+			boolean(func(c *Config) *bool { return &c.ListenInsecure })},
 		{"host_path_dirs", "FORKD_HOST_PATH_DIRS", "host-path-dirs", "",
 			"comma-separated absolute directories under which a TCP client may name host files (kernel, rootfs); default none (over the Unix socket any plain file will do)",
 			func(c *Config, v string) error {

@@ -16,7 +16,7 @@ import (
 // netArgs are the flags of a networked daemon (flags, not environment: a
 // restart keeps them): every VM networked, its pool from RFC 2544's range.
 func netArgs() []string {
-	return []string{"--network-cidr", nettest.Pool, "--network-default", "true"}
+	return []string{"--network-cidr", nettest.Pool, "--network-default=true"}
 }
 
 // newNetDaemon starts a daemon inside a network namespace of the test's
