@@ -7,8 +7,10 @@ export GOFLAGS ?= -mod=mod
 
 .PHONY: build demo test vet staticcheck bench fmt-check clean fuzz-short
 
+# Static (no cgo): forkd is also the VMM a jailer execs inside an empty
+# jail, where no dynamic loader exists.
 build:
-	$(GO) build -o $(BIN) ./cmd/forkd
+	CGO_ENABLED=0 $(GO) build -o $(BIN) ./cmd/forkd
 
 # The main job: a daemon in a temp data dir, driven end to end through the API,
 # then everything it started is stopped and removed.

@@ -6,16 +6,32 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
+	"path/filepath"
 
 	"github.com/forkd/forkd/internal/cli"
+	"github.com/forkd/forkd/internal/emulator"
 )
 
+// VMMName is the name under which this binary is the VMM: a jailer execs
+// /<exec-file name> --id ID ... -- ARGS, exactly as it execs Firecracker,
+// so a jail holding this binary as forkd-vmm runs `forkd vmm ID... ARGS`.
+const VMMName = "forkd-vmm"
+
 func main() {
+	if filepath.Base(os.Args[0]) == VMMName {
+		if err := emulator.Main(context.Background(), os.Args[1:], os.Stderr); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	root := cli.NewRootCommand(cli.Extensions{
 		Serve:      newServeCommand(),
 		VMM:        newVMMCommand(),
 		PagerServe: newPagerServeCommand(),
+		Jailer:     newJailerCommand(),
 
 		BenchForkBurst: newBenchForkBurstCommand(),
 	})

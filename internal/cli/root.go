@@ -15,13 +15,14 @@ import (
 )
 
 // Extensions are the commands built outside this package, which the root
-// command mounts: the process roles (`serve`, `vmm`, `pager serve`) from
+// command mounts: the process roles (`serve`, `vmm`, `jailer`, `pager serve`) from
 // cmd/forkd, and `bench fork-burst` from internal/bench. A nil one is left
 // out.
 type Extensions struct {
 	Serve          *cobra.Command
 	VMM            *cobra.Command
 	PagerServe     *cobra.Command
+	Jailer         *cobra.Command
 	BenchForkBurst *cobra.Command
 }
 
@@ -72,7 +73,7 @@ Start the daemon with 'forkd serve'; every other command talks to it.`,
 		bench.AddCommand(ext.BenchForkBurst)
 	}
 	add("host", pager, bench, newDemoCommand(), newVersionCommand())
-	for _, c := range []*cobra.Command{ext.Serve, ext.VMM} {
+	for _, c := range []*cobra.Command{ext.Serve, ext.VMM, ext.Jailer} {
 		if c != nil {
 			add("host", c)
 		}

@@ -158,6 +158,7 @@ func (v *vmm) handler() http.Handler {
 		}
 		return v.usableLocked()
 	}))
+	registerTestHooks(mux)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeFault(w, faultf("Invalid request method and/or path: %s %s.", r.Method, r.URL.Path))
 	})

@@ -28,11 +28,16 @@ type Config struct {
 	ID      string // --id
 	LogPath string // --log-path ("" = stderr)
 	Level   string // --level: Off, Error, Warning, Info, Debug, Trace (any case)
+	// NoSeccomp is --no-seccomp: run without the VMM's seccomp filter
+	// (development only, as in Firecracker).
+	NoSeccomp bool
 }
 
 // ParseArgs parses Firecracker's command line. Firecracker flags forkd does
-// not need (--no-seccomp, --boot-timer, --show-level, ...) are accepted and
-// ignored so a command line built for the real binary works.
+// not need (--boot-timer, --show-level, ...) are accepted and ignored so a
+// command line built for the real binary works; --seccomp-filter (a
+// compiled filter of Firecracker's own format) is refused rather than
+// ignored, since ignoring it would silently run under another filter.
 func ParseArgs(args []string) (Config, error) {
 	fs := flag.NewFlagSet("forkd vmm", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
@@ -41,10 +46,13 @@ func ParseArgs(args []string) (Config, error) {
 	fs.StringVar(&c.ID, "id", "anonymous-instance", "microVM id")
 	fs.StringVar(&c.LogPath, "log-path", "", "log file (appended to)")
 	fs.StringVar(&c.Level, "level", "Info", "log level: Error, Warning, Info, Debug")
-	for _, b := range []string{"no-seccomp", "boot-timer", "show-level", "show-log-origin", "no-api"} {
+	fs.BoolVar(&c.NoSeccomp, "no-seccomp", false, "run without the seccomp filter (development only)")
+	for _, b := range []string{"boot-timer", "show-level", "show-log-origin", "no-api"} {
 		fs.Bool(b, false, "accepted for Firecracker compatibility; ignored")
 	}
-	for _, s := range []string{"seccomp-filter", "metrics-path", "module", "start-time-us", "start-time-cpu-us",
+	var seccompFilter string
+	fs.StringVar(&seccompFilter, "seccomp-filter", "", "refused: forkd vmm has its own filter")
+	for _, s := range []string{"metrics-path", "module", "start-time-us", "start-time-cpu-us",
 		"parent-cpu-time-us", "http-api-max-payload-size", "mmds-size-limit"} {
 		fs.String(s, "", "accepted for Firecracker compatibility; ignored")
 	}
@@ -53,6 +61,9 @@ func ParseArgs(args []string) (Config, error) {
 	}
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("forkd vmm: unexpected arguments %q", fs.Args())
+	}
+	if seccompFilter != "" {
+		return c, fmt.Errorf("forkd vmm: --seccomp-filter %s: custom filters are not supported (forkd vmm installs its own; --no-seccomp turns it off for development)", seccompFilter)
 	}
 	return c, nil
 }
@@ -107,6 +118,15 @@ func Run(ctx context.Context, cfg Config, stderr io.Writer) error {
 		return fmt.Errorf("forkd vmm: failed to open the API socket: %w", err)
 	}
 	ln.(*net.UnixListener).SetUnlinkOnClose(true)
+
+	// From here on, every thread runs under the VMM's seccomp filter
+	// (seccomp.go): no API request is served before it is in place.
+	if cfg.NoSeccomp {
+		log.Warn("seccomp filter disabled (--no-seccomp): development only")
+	} else if err := installSeccomp(); err != nil {
+		ln.Close()
+		return fmt.Errorf("forkd vmm: %w", err)
+	}
 
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()

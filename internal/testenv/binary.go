@@ -20,8 +20,15 @@ var build struct {
 // one.
 const EnvBinary = "FORKD_TEST_BINARY"
 
+// TestHooksTag is the build tag of the test-only VMM requests (the
+// emulator's PUT /test/...): the forkd the tests build has them, the
+// shipped one never does.
+const TestHooksTag = "forkd_testhooks"
+
 // ForkdBinary returns a forkd binary built from this source tree, once per
-// test process (or $FORKD_TEST_BINARY). A build that fails fails the test:
+// test process (or $FORKD_TEST_BINARY). It is built as the shipped one is,
+// static (CGO_ENABLED=0, so a jail needs no dynamic loader), plus the
+// TestHooksTag requests. A build that fails fails the test:
 // it is never a skip, because a product that does not build is broken.
 func ForkdBinary(tb testing.TB) string {
 	tb.Helper()
@@ -46,8 +53,9 @@ func BuildForkd() (string, error) {
 			return
 		}
 		out := filepath.Join(dir, "forkd")
-		cmd := exec.Command("go", "build", "-o", out, "./cmd/forkd")
+		cmd := exec.Command("go", "build", "-tags", TestHooksTag, "-o", out, "./cmd/forkd")
 		cmd.Dir = moduleRoot()
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if b, err := cmd.CombinedOutput(); err != nil {
 			build.err = fmt.Errorf("testenv: go build ./cmd/forkd failed: %v\n%s", err, b)
 			return

@@ -1,0 +1,376 @@
+package jail
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// ProcMounts is where cgroup hierarchies are found, as the jailer finds
+// them.
+const ProcMounts = "/proc/mounts"
+
+// Controllers a jailed VMM is limited by.
+var Controllers = []string{"cpu", "memory", "pids"}
+
+// cpuPeriodUS is the CFS period of a VMM's cpu quota: vcpus × period of
+// CPU time per period.
+const cpuPeriodUS = 100000
+
+// Mounts says where the cgroup hierarchies are mounted.
+type Mounts struct {
+	Unified string            // the cgroup2 mount; "" if none
+	V1      map[string]string // v1 controller → its mount point
+}
+
+// ReadMounts parses a /proc/mounts file for cgroup and cgroup2 mounts.
+func ReadMounts(path string) (Mounts, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return Mounts{}, fmt.Errorf("cgroup mounts: %w", err)
+	}
+	m := Mounts{V1: map[string]string{}}
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) < 4 {
+			continue
+		}
+		dir := unescapeMount(f[1])
+		switch f[2] {
+		case "cgroup2":
+			if m.Unified == "" {
+				m.Unified = dir
+			}
+		case "cgroup":
+			for _, opt := range strings.Split(f[3], ",") {
+				if _, taken := m.V1[opt]; !taken {
+					m.V1[opt] = dir
+				}
+			}
+		}
+	}
+	return m, sc.Err()
+}
+
+// unescapeMount undoes /proc/mounts' octal escapes (\040 for a space…).
+func unescapeMount(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// Version is the cgroup version that offers every controller: 2 when the
+// unified hierarchy has them all enabled at its root, else 1 when v1
+// hierarchies have them all (a hybrid host, where cgroup2 holds only what
+// v1 does not), else an error naming what is missing.
+func (m Mounts) Version(controllers ...string) (int, error) {
+	if m.Unified != "" {
+		b, err := os.ReadFile(filepath.Join(m.Unified, "cgroup.controllers"))
+		if err == nil {
+			have := strings.Fields(string(b))
+			if all(controllers, func(c string) bool { return slices.Contains(have, c) }) {
+				return 2, nil
+			}
+		}
+	}
+	var missing []string
+	for _, c := range controllers {
+		if m.V1[c] == "" {
+			missing = append(missing, c)
+		}
+	}
+	if len(missing) == 0 {
+		return 1, nil
+	}
+	return 0, fmt.Errorf("cgroups: no hierarchy offers %s (cgroup2 at %q lacks them, no v1 mount has them)",
+		strings.Join(missing, ", "), m.Unified)
+}
+
+func all(xs []string, f func(string) bool) bool {
+	for _, x := range xs {
+		if !f(x) {
+			return false
+		}
+	}
+	return true
+}
+
+// Limits are what a VMM's cgroup holds it to.
+type Limits struct {
+	VCPUs       int   // cpu quota: VCPUs full CPUs
+	MemoryBytes int64 // memory limit (guest RAM + the VMM's overhead)
+	Pids        int   // tasks (threads) the VMM may have
+}
+
+// Settings are the --cgroup FILE=VALUE arguments for l under version.
+func Settings(version int, l Limits) []string {
+	quota := strconv.Itoa(max(l.VCPUs, 1) * cpuPeriodUS)
+	mem := strconv.FormatInt(l.MemoryBytes, 10)
+	pids := strconv.Itoa(l.Pids)
+	if version == 2 {
+		return []string{
+			"cpu.max=" + quota + " " + strconv.Itoa(cpuPeriodUS),
+			"memory.max=" + mem,
+			"pids.max=" + pids,
+		}
+	}
+	return []string{
+		"cpu.cfs_period_us=" + strconv.Itoa(cpuPeriodUS),
+		"cpu.cfs_quota_us=" + quota,
+		"memory.limit_in_bytes=" + mem,
+		"pids.max=" + pids,
+	}
+}
+
+// Cgroup is one VMM's cgroup: a directory per v1 hierarchy, or one in the
+// unified hierarchy.
+type Cgroup struct {
+	Version int
+	// Dirs maps a controller to its cgroup directory (under v2 every
+	// controller maps to the same one).
+	Dirs map[string]string
+}
+
+// Locate names the cgroup <mount>/<parent>/<id> of each controller, as a
+// jailer creates it. It touches nothing.
+func (m Mounts) Locate(version int, parent, id string, controllers []string) (Cgroup, error) {
+	c := Cgroup{Version: version, Dirs: map[string]string{}}
+	for _, ctrl := range controllers {
+		var root string
+		if version == 2 {
+			root = m.Unified
+		} else {
+			root = m.V1[ctrl]
+		}
+		if root == "" {
+			return c, fmt.Errorf("cgroup v%d: controller %q is not mounted", version, ctrl)
+		}
+		c.Dirs[ctrl] = filepath.Join(root, parent, id)
+	}
+	return c, nil
+}
+
+// dirs are the distinct directories of c, sorted.
+func (c Cgroup) dirs() []string {
+	var out []string
+	for _, d := range c.Dirs {
+		if !slices.Contains(out, d) {
+			out = append(out, d)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// OOMKills is how many processes the memory controller of c killed for
+// hitting its limit (oom_kill of memory.oom_control under v1, of
+// memory.events under v2). A cgroup that no longer exists reports an error.
+func (c Cgroup) OOMKills() (uint64, error) {
+	dir := c.Dirs["memory"]
+	if dir == "" {
+		return 0, errors.New("cgroup has no memory controller")
+	}
+	file := "memory.oom_control"
+	if c.Version == 2 {
+		file = "memory.events"
+	}
+	b, err := os.ReadFile(filepath.Join(dir, file))
+	if err != nil {
+		return 0, fmt.Errorf("read oom counter: %w", err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(line, " "); ok && k == "oom_kill" {
+			return strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("%s has no oom_kill counter (kernel older than 4.13?)", file)
+}
+
+// MemoryLimit reads the memory limit c holds (memory.limit_in_bytes under
+// v1, memory.max under v2; -1 for none).
+func (c Cgroup) MemoryLimit() (int64, error) {
+	file := "memory.limit_in_bytes"
+	if c.Version == 2 {
+		file = "memory.max"
+	}
+	b, err := os.ReadFile(filepath.Join(c.Dirs["memory"], file))
+	if err != nil {
+		return 0, err
+	}
+	s := strings.TrimSpace(string(b))
+	if s == "max" {
+		return -1, nil
+	}
+	return strconv.ParseInt(s, 10, 64)
+}
+
+// Remove deletes c's directories once no process is left in them. A
+// directory already gone is not an error. (A cgroup directory is removed
+// with rmdir even though it lists files: they are the kernel's.)
+func (c Cgroup) Remove() error {
+	var errs []error
+	for _, d := range c.dirs() {
+		if err := os.Remove(d); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("remove cgroup %s: %w", d, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// setupCgroups is the jailer's cgroup step: create <mount>/<parent>/<id>
+// for each controller a setting names, write the settings (a value the new
+// cgroup starts empty with, like cpuset's, first inherits its parent's),
+// then move this process into every one of them.
+func setupCgroups(m Mounts, a Args) error {
+	version := a.CgroupVersion
+	if version == 0 {
+		version = 1
+	}
+	parent := a.parentCgroup()
+	if len(a.Cgroups) == 0 {
+		if version == 2 {
+			// The jailer's documented v2 behaviour: with no settings, join
+			// the parent cgroup if it exists, else stay where we are.
+			procs := filepath.Join(m.Unified, parent, "cgroup.procs")
+			if _, err := os.Stat(procs); err != nil {
+				return nil
+			}
+			return writeFile(procs, strconv.Itoa(os.Getpid()))
+		}
+		return nil
+	}
+	type setting struct{ ctrl, file, value string }
+	var order []string // controllers in first-seen order
+	byCtrl := map[string][]setting{}
+	for _, s := range a.Cgroups {
+		file, value, err := parseCgroupSetting(s)
+		if err != nil {
+			return err
+		}
+		ctrl, _, _ := strings.Cut(file, ".")
+		if _, ok := byCtrl[ctrl]; !ok {
+			order = append(order, ctrl)
+		}
+		byCtrl[ctrl] = append(byCtrl[ctrl], setting{ctrl, file, value})
+	}
+	if version == 2 {
+		if m.Unified == "" {
+			return errors.New("cgroup v2: no cgroup2 hierarchy is mounted")
+		}
+		b, _ := os.ReadFile(filepath.Join(m.Unified, "cgroup.controllers"))
+		for _, ctrl := range order {
+			if !slices.Contains(strings.Fields(string(b)), ctrl) {
+				return fmt.Errorf("cgroup v2: controller %q is not available in %s", ctrl, m.Unified)
+			}
+		}
+	}
+	cg, err := m.Locate(version, parent, a.ID, order)
+	if err != nil {
+		return err
+	}
+	for _, ctrl := range order {
+		dir := cg.Dirs[ctrl]
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return fmt.Errorf("create cgroup %s: %w", dir, err)
+		}
+		if version == 2 {
+			if err := enableSubtree(m.Unified, filepath.Dir(dir), ctrl); err != nil {
+				return err
+			}
+		}
+		for _, s := range byCtrl[ctrl] {
+			if version == 1 {
+				if err := inheritIfEmpty(dir, s.file, strings.Count(parent, "/")+1); err != nil {
+					return err
+				}
+			}
+			if err := writeFile(filepath.Join(dir, s.file), s.value); err != nil {
+				return fmt.Errorf("cgroup %s: %w", s.file, err)
+			}
+		}
+	}
+	for _, dir := range cg.dirs() {
+		// cgroup.procs moves every thread of the process (v1 `tasks`, which
+		// the real jailer writes, moves only one).
+		if err := writeFile(filepath.Join(dir, "cgroup.procs"), strconv.Itoa(os.Getpid())); err != nil {
+			return fmt.Errorf("join cgroup %s: %w", dir, err)
+		}
+	}
+	return nil
+}
+
+// enableSubtree turns ctrl on in cgroup.subtree_control of every cgroup
+// from the unified root down to dir, so dir's children may use it.
+func enableSubtree(root, dir, ctrl string) error {
+	rel, err := filepath.Rel(root, dir)
+	if err != nil || strings.HasPrefix(rel, "..") {
+		return fmt.Errorf("cgroup %s is not under %s", dir, root)
+	}
+	cur := root
+	parts := []string{""}
+	if rel != "." {
+		parts = append(parts, strings.Split(rel, "/")...)
+	}
+	for _, p := range parts {
+		cur = filepath.Join(cur, p)
+		if err := writeFile(filepath.Join(cur, "cgroup.subtree_control"), "+"+ctrl); err != nil {
+			return fmt.Errorf("enable %s in %s: %w", ctrl, cur, err)
+		}
+	}
+	return nil
+}
+
+// inheritIfEmpty gives dir/file its parent's value when it starts empty
+// (cpuset.cpus and cpuset.mems do, and then refuse tasks), looking up to
+// depth levels up, as the jailer does.
+func inheritIfEmpty(dir, file string, depth int) error {
+	b, err := os.ReadFile(filepath.Join(dir, file))
+	if err != nil || len(bytes.TrimSpace(b)) > 0 {
+		return nil // missing (it will be reported on write) or set
+	}
+	parent := filepath.Dir(dir)
+	pb, err := os.ReadFile(filepath.Join(parent, file))
+	if err == nil && len(bytes.TrimSpace(pb)) == 0 && depth > 0 {
+		if err := inheritIfEmpty(parent, file, depth-1); err != nil {
+			return err
+		}
+		pb, err = os.ReadFile(filepath.Join(parent, file))
+	}
+	if err != nil || len(bytes.TrimSpace(pb)) == 0 {
+		return fmt.Errorf("cgroup %s: %s is empty and its parent has no value to inherit", dir, file)
+	}
+	return writeFile(filepath.Join(dir, file), string(bytes.TrimSpace(pb)))
+}
+
+// writeFile writes one value to a cgroup (or proc) file, which must exist.
+func writeFile(path, value string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	if _, err := f.WriteString(value + "\n"); err != nil {
+		f.Close()
+		return fmt.Errorf("write %q to %s: %w", value, path, err)
+	}
+	return f.Close()
+}

@@ -1,0 +1,98 @@
+package jail
+
+import (
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+// hybridMounts is this project's machines' layout: v1 controllers, and a
+// cgroup2 mount holding only hugetlb.
+const hybridMounts = `tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
+cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
+cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0
+cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0
+cgroup /sys/fs/cgroup/cpu\040acct cgroup rw,relatime,cpuacct 0 0
+cgroup2 UNIFIED cgroup2 rw,relatime 0 0
+`
+
+func writeMounts(t *testing.T, unifiedControllers string) Mounts {
+	t.Helper()
+	dir := t.TempDir()
+	unified := filepath.Join(dir, "unified")
+	os.MkdirAll(unified, 0o755)
+	os.WriteFile(filepath.Join(unified, "cgroup.controllers"), []byte(unifiedControllers+"\n"), 0o644)
+	p := filepath.Join(dir, "mounts")
+	os.WriteFile(p, []byte(strings.Replace(hybridMounts, "UNIFIED", unified, 1)), 0o644)
+	m, err := ReadMounts(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+func TestVersionIsV1OnAHybridHostAndV2WhereItHasTheControllers(t *testing.T) {
+	m := writeMounts(t, "hugetlb")
+	if m.V1["memory"] != "/sys/fs/cgroup/memory" || m.V1["cpuacct"] != "/sys/fs/cgroup/cpu acct" {
+		t.Errorf("v1 mounts = %v (octal escapes must be undone)", m.V1)
+	}
+	if v, err := m.Version(Controllers...); v != 1 || err != nil {
+		t.Errorf("hybrid host: Version = %d, %v; want 1 (cgroup2 holds only hugetlb)", v, err)
+	}
+	m = writeMounts(t, "cpuset cpu io memory hugetlb pids")
+	if v, err := m.Version(Controllers...); v != 2 || err != nil {
+		t.Errorf("cgroup2 with cpu, memory, pids: Version = %d, %v; want 2", v, err)
+	}
+	m.V1 = map[string]string{}
+	m.Unified = ""
+	if _, err := m.Version(Controllers...); err == nil || !strings.Contains(err.Error(), "cpu, memory, pids") {
+		t.Errorf("no hierarchy: err = %v, want one naming the missing controllers", err)
+	}
+}
+
+func TestSettingsPerVersion(t *testing.T) {
+	l := Limits{VCPUs: 2, MemoryBytes: 300 << 20, Pids: 256}
+	if got, want := Settings(1, l), []string{"cpu.cfs_period_us=100000", "cpu.cfs_quota_us=200000",
+		"memory.limit_in_bytes=314572800", "pids.max=256"}; !reflect.DeepEqual(got, want) {
+		t.Errorf("v1 = %q, want %q", got, want)
+	}
+	if got, want := Settings(2, l), []string{"cpu.max=200000 100000", "memory.max=314572800", "pids.max=256"}; !reflect.DeepEqual(got, want) {
+		t.Errorf("v2 = %q, want %q", got, want)
+	}
+}
+
+func TestLocateNamesTheJailersDirectories(t *testing.T) {
+	m := writeMounts(t, "hugetlb")
+	cg, err := m.Locate(1, "forkd", "vm1", Controllers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{"cpu": "/sys/fs/cgroup/cpu/forkd/vm1", "memory": "/sys/fs/cgroup/memory/forkd/vm1", "pids": "/sys/fs/cgroup/pids/forkd/vm1"}
+	if !reflect.DeepEqual(cg.Dirs, want) {
+		t.Errorf("v1 dirs = %v, want %v", cg.Dirs, want)
+	}
+	cg, err = m.Locate(2, "forkd", "vm1", Controllers)
+	if err != nil || len(cg.dirs()) != 1 || cg.dirs()[0] != filepath.Join(m.Unified, "forkd", "vm1") {
+		t.Errorf("v2 dirs = %v, %v; want one dir in the unified hierarchy", cg.dirs(), err)
+	}
+	if _, err := m.Locate(1, "forkd", "vm1", []string{"rdma"}); err == nil {
+		t.Error("an unmounted controller located without error")
+	}
+}
+
+func TestOOMKillsReadsEachVersionsCounter(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "memory.oom_control"), []byte("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n"), 0o644)
+	os.WriteFile(filepath.Join(dir, "memory.events"), []byte("low 0\nhigh 0\nmax 9\noom 2\noom_kill 2\n"), 0o644)
+	for v, want := range map[int]uint64{1: 3, 2: 2} {
+		n, err := Cgroup{Version: v, Dirs: map[string]string{"memory": dir}}.OOMKills()
+		if err != nil || n != want {
+			t.Errorf("v%d: OOMKills = %d, %v; want %d", v, n, err, want)
+		}
+	}
+	if _, err := (Cgroup{Version: 1, Dirs: map[string]string{"memory": t.TempDir()}}).OOMKills(); err == nil {
+		t.Error("a cgroup without its counter file read without error")
+	}
+}
