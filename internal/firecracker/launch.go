@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -39,6 +40,40 @@ type LaunchSpec struct {
 	// does: it opens its TAP by name there. Only the launch enters it, on
 	// a locked OS thread (network.Do); the caller's threads never do.
 	NetNS string
+
+	// Jailer, when set, starts the VMM through a jailer (Firecracker's, or
+	// `forkd jailer`): Jailer[0] is the jailer and Jailer[1:] its own
+	// arguments (jail.Args.CommandLine with no VMM arguments). Launch adds
+	// "--", Args and --api-sock with APISock's path inside the jail; the
+	// jailer passes --id itself. The jailer execs the VMM in place, so the
+	// process started is the VMM. NetNS must then be empty: the jailer's
+	// --netns joins the namespace.
+	Jailer []string
+	// JailRoot is the jail's root directory on this host (the jailer's
+	// <chroot_base>/<exec_name>/<id>/root). With Jailer, APISock must lie
+	// inside it.
+	JailRoot string
+}
+
+// vmmCommand is the program and arguments Launch runs for spec.
+func (spec LaunchSpec) vmmCommand() (string, []string, error) {
+	if len(spec.Jailer) == 0 {
+		args := append(append([]string{}, spec.Args...), "--api-sock", spec.APISock)
+		if spec.ID != "" {
+			args = append(args, "--id", spec.ID)
+		}
+		return spec.Binary, args, nil
+	}
+	if spec.NetNS != "" {
+		return "", nil, fmt.Errorf("a jailed VMM joins its network namespace through the jailer's --netns, not LaunchSpec.NetNS")
+	}
+	rel, err := filepath.Rel(spec.JailRoot, spec.APISock)
+	if spec.JailRoot == "" || err != nil || rel == "." || rel == ".." || strings.HasPrefix(rel, "../") {
+		return "", nil, fmt.Errorf("api socket %s is not inside the jail root %q", spec.APISock, spec.JailRoot)
+	}
+	args := append(append([]string{}, spec.Jailer[1:]...), "--")
+	args = append(append(args, spec.Args...), "--api-sock", "/"+rel)
+	return spec.Jailer[0], args, nil
 }
 
 // defaultLaunchTimeout bounds the wait for the API socket when ctx has no
@@ -61,7 +96,7 @@ const fallbackPATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/b
 // If the VMM exits or the wait times out, the process is killed and the
 // error quotes the tail of its log.
 func Launch(ctx context.Context, spec LaunchSpec) (*Process, error) {
-	if spec.Binary == "" || spec.APISock == "" {
+	if (spec.Binary == "" && len(spec.Jailer) == 0) || spec.APISock == "" {
 		return nil, fmt.Errorf("launch vmm: binary and api socket are required (binary %q, socket %q)", spec.Binary, spec.APISock)
 	}
 	if err := ctx.Err(); err != nil {
@@ -77,11 +112,11 @@ func Launch(ctx context.Context, spec LaunchSpec) (*Process, error) {
 	}
 	defer stdout.Close() // the child holds its own copy
 
-	args := append(append([]string{}, spec.Args...), "--api-sock", spec.APISock)
-	if spec.ID != "" {
-		args = append(args, "--id", spec.ID)
+	bin, args, err := spec.vmmCommand()
+	if err != nil {
+		return nil, fmt.Errorf("launch vmm: %w", err)
 	}
-	cmd := exec.Command(spec.Binary, args...)
+	cmd := exec.Command(bin, args...)
 	cmd.Dir = spec.WorkDir
 	cmd.Env = vmmEnv(spec.Env)
 	cmd.Stdin = nil // /dev/null
@@ -95,7 +130,7 @@ func Launch(ctx context.Context, spec LaunchSpec) (*Process, error) {
 		start = func() error { return network.Do(spec.NetNS, cmd.Start) }
 	}
 	if err := start(); err != nil {
-		return nil, fmt.Errorf("launch vmm %s: start %s: %w", spec.APISock, spec.Binary, err)
+		return nil, fmt.Errorf("launch vmm %s: start %s: %w", spec.APISock, bin, err)
 	}
 
 	p := &Process{Pid: cmd.Process.Pid, APISock: spec.APISock, os: cmd.Process, exited: make(chan struct{})}
