@@ -61,7 +61,7 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	vmms := vmmsBySocket() // one /proc scan for every instance (orphans.go)
+	vmms := vmmsByID(scanVMMs()) // one /proc scan for every instance (orphans.go)
 	for _, in := range all {
 		m.reconcileInstance(ctx, in, vmms)
 	}
@@ -273,7 +273,7 @@ func (m *Manager) reconcileInstance(ctx context.Context, in store.Instance, vmms
 		m.log.Error("reconcile: bad instance id", "instance", in.ID, "err", err)
 		return
 	}
-	defer m.killUnrecordedVMMs(g, in.ID, vmms) // orphans.go
+	defer m.killUnrecordedVMMs(in.ID, vmms) // orphans.go
 	switch in.State {
 	case api.StateForking, stateCreating:
 		m.log.Info("reconcile: removing a fork or create with no journal entry", "instance", in.ID, "state", in.State)

@@ -167,9 +167,9 @@ func forkdEntries(dir string) ([]string, error) {
 // vmmsUnder lists the pids of VMM processes whose API socket lies under dir.
 func vmmsUnder(dir string) []int {
 	var pids []int
-	for sock, ps := range vmmsBySocket() {
-		if strings.HasPrefix(sock, dir+"/") {
-			pids = append(pids, ps...)
+	for _, p := range scanVMMs() {
+		if strings.HasPrefix(p.sock, dir+"/") {
+			pids = append(pids, p.pid)
 		}
 	}
 	sort.Ints(pids)
