@@ -252,6 +252,20 @@ func (g Guest) VMMLog() string  { return filepath.Join(g.Dir, logsName, vmmLogNa
 func (g Guest) Kernel() string  { return filepath.Join(g.Dir, kernelName) }
 func (g Guest) Rootfs() string  { return filepath.Join(g.Dir, rootfsName) }
 
+// InVMM is path as the guest's VMM names it: relative to the guest dir,
+// which is the VMM's working directory and, in a jail, its root. So a
+// fork's VMM, working in the fork's dir, opens the fork's own files, and
+// the same request serves a jailed and an unjailed VMM. A path outside the
+// guest dir (an unjailed VM's kernel elsewhere on the host) is returned as
+// is.
+func (g Guest) InVMM(path string) string {
+	rel, err := filepath.Rel(g.Dir, path)
+	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") || filepath.IsAbs(rel) {
+		return path
+	}
+	return rel
+}
+
 // RootfsRel is the rootfs path relative to the guest dir, which is the
 // VMM's working directory. The driver passes this relative path, so the
 // vmstate records it and a fork's VMM (working in the fork's dir) opens the

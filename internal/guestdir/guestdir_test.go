@@ -157,3 +157,19 @@ func TestWorkingSetKeyReadsOnlyRecordingNames(t *testing.T) {
 		}
 	}
 }
+
+func TestInVMMIsRelativeToTheGuestDir(t *testing.T) {
+	g := Guest{Dir: "/data/guests/a"}
+	for in, want := range map[string]string{
+		g.Latest().VMState():       "snapshots/snapshot-latest/vmstate",
+		g.Base().Memory():          "snapshots/snapshot-base/memory",
+		g.Kernel():                 "kernel",
+		"/data/guests/ab/kernel":   "/data/guests/ab/kernel",
+		"/boot/vmlinux":            "/boot/vmlinux",
+		"/data/guests/a/../b/disk": "/data/guests/a/../b/disk",
+	} {
+		if got := g.InVMM(in); got != want {
+			t.Errorf("InVMM(%s) = %s, want %s", in, got, want)
+		}
+	}
+}

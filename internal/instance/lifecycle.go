@@ -358,7 +358,7 @@ func (m *Manager) boot(ctx context.Context, in store.Instance, g guestdir.Guest)
 			return c.PutMachineConfig(ctx, firecracker.MachineConfig{VcpuCount: in.Vcpus, MemSizeMib: in.MemoryMiB, TrackDirtyPages: true})
 		},
 		func() error {
-			return c.PutBootSource(ctx, firecracker.BootSource{KernelImagePath: kernelPath(in, g), BootArgs: in.BootArgs})
+			return c.PutBootSource(ctx, firecracker.BootSource{KernelImagePath: g.InVMM(kernelPath(in, g)), BootArgs: in.BootArgs})
 		},
 		func() error {
 			return c.PutDrive(ctx, firecracker.Drive{DriveID: "rootfs", PathOnHost: g.RootfsRel(), IsRootDevice: true})

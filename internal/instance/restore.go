@@ -85,8 +85,8 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 		}
 	}
 	load := firecracker.SnapshotLoad{
-		SnapshotPath:    latest.VMState(),
-		MemBackend:      firecracker.MemBackend{BackendType: firecracker.BackendFile, BackendPath: latest.Memory()},
+		SnapshotPath:    g.InVMM(latest.VMState()),
+		MemBackend:      firecracker.MemBackend{BackendType: firecracker.BackendFile, BackendPath: g.InVMM(latest.Memory())},
 		TrackDirtyPages: true,
 	}
 	if backend == api.BackendUffd {

@@ -118,6 +118,10 @@ func (m *Manager) finishStandby(ctx context.Context, o *op, in *store.Instance, 
 // On failure dir is removed: a partly written base must never be reused as
 // a diff base (the next snapshot is then Full).
 func (m *Manager) writeSnapshot(ctx context.Context, o *op, c *firecracker.Client, id string, dir guestdir.SnapDir) (string, error) {
+	g, err := m.guest(id)
+	if err != nil {
+		return "", err
+	}
 	if err := os.MkdirAll(dir.Dir, 0o755); err != nil {
 		return "", err
 	}
@@ -144,7 +148,7 @@ func (m *Manager) writeSnapshot(ctx context.Context, o *op, c *firecracker.Clien
 	if err := o.step(ctx, "creating", nil); err != nil {
 		return "", err
 	}
-	err := c.CreateSnapshot(ctx, firecracker.SnapshotCreate{SnapshotType: typ, SnapshotPath: dir.VMState(), MemFilePath: dir.Memory()})
+	err = c.CreateSnapshot(ctx, firecracker.SnapshotCreate{SnapshotType: typ, SnapshotPath: g.InVMM(dir.VMState()), MemFilePath: g.InVMM(dir.Memory())})
 	if err == nil {
 		err = atomicfile.SyncDir(dir.Dir)
 	}
