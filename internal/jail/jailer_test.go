@@ -337,8 +337,12 @@ func TestSeccompViolationKillsTheVMMWithSIGSYS(t *testing.T) {
 	if _, _, err := j.call("PUT", "/test/violate-seccomp", struct{}{}); err == nil {
 		t.Error("the request that breaks the filter got an answer")
 	}
-	if ws := j.waitExit(); !ws.Signaled() || ws.Signal() != syscall.SIGSYS {
+	ws := j.waitExit()
+	if !ws.Signaled() || ws.Signal() != syscall.SIGSYS {
 		t.Errorf("exit = %v, want killed by SIGSYS", ws)
+	}
+	if got := ExitCause(ws, 0); got != CauseSeccomp {
+		t.Errorf("ExitCause = %q, want the seccomp cause", got)
 	}
 }
 
@@ -370,8 +374,12 @@ func TestMemoryLimitKillsAndIsCounted(t *testing.T) {
 	}
 	version, _ := m.Version(Controllers...)
 	cg, _ := m.Locate(version, j.args.ParentCgroup, j.args.ID, Controllers)
-	if n, err := cg.OOMKills(); err != nil || n == 0 {
+	n, err := cg.OOMKills()
+	if err != nil || n == 0 {
 		t.Errorf("OOMKills = %d, %v; want the kill counted", n, err)
+	}
+	if got := ExitCause(ws, n); got != CauseMemoryLimit {
+		t.Errorf("ExitCause = %q, want the memory-limit cause", got)
 	}
 }
 
