@@ -43,6 +43,7 @@ func (r *runner) burst(ctx context.Context, svc api.Service, par parent, size in
 	results := make([]forkResult, n)
 	t0 := time.Now()
 	concurrently(n, func(i int) { results[i] = r.forkOne(ctx, svc, par, fmt.Sprintf("%s%d", prefix, i)) })
+	cell.ForkWall = time.Since(t0)
 	concurrently(n, func(i int) {
 		if results[i].err == nil {
 			r.restoreOne(ctx, svc, &results[i], backend, size)

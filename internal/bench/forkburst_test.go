@@ -88,6 +88,16 @@ func testForkBurst(t *testing.T, bin, from string) {
 		if c.Memory.Pss <= 0 {
 			t.Errorf("%s: no PSS measured for the fork VMMs", name)
 		}
+		if c.ForkWall < c.Fork.Max || c.ForkWall > c.Wall {
+			t.Errorf("%s: forks wall %v, want between the slowest fork (%v) and the whole burst (%v)", name, c.ForkWall, c.Fork.Max, c.Wall)
+		}
+	}
+	// Every serial fork is measured beside a floor sample on the same
+	// filesystem: the budgets are ratios against it.
+	for _, s := range rep.Serial {
+		if s.Error != "" || s.Fork.N == 0 || s.Floor.N != s.Fork.N {
+			t.Errorf("serial %d MiB %s: %d forks, %d floor samples, error %q; want as many floor samples as forks", s.SizeMiB, s.Strategy, s.Fork.N, s.Floor.N, s.Error)
+		}
 	}
 	// The pager needs userfaultfd; where it exists the Uffd cells must run.
 	_, uffdErr := os.Stat("/dev/userfaultfd")

@@ -26,7 +26,11 @@ type SerialFork struct {
 	SizeMiB  int     `json:"size_mib"`
 	Strategy string  `json:"strategy"`
 	Fork     Summary `json:"fork"`
-	Error    string  `json:"error,omitempty"`
+	// Floor is one link() plus an fsync of its directory on the data dir's
+	// filesystem, sampled before each fork: the physical limit of a durable
+	// fork, measured alongside it.
+	Floor Summary `json:"floor"`
+	Error string  `json:"error,omitempty"`
 }
 
 // Machine says where the numbers come from.
@@ -66,6 +70,8 @@ type Cell struct {
 	// Samples are the per-fork latencies behind Fork, Restore and Touch,
 	// in fork order, for distributions (JSON only).
 	Samples *Samples `json:"samples,omitempty"`
+	// ForkWall is the fork phase alone: first fork call to last fork return.
+	ForkWall time.Duration `json:"fork_wall_ns"`
 	// Wall is the whole burst, first fork call to last working set touched.
 	Wall time.Duration `json:"wall_ns"`
 
@@ -107,15 +113,15 @@ func (r *Report) WriteTable(w io.Writer) error {
 		r.Machine.CPUs, r.Machine.Kernel, r.Machine.VMM)
 	fmt.Fprintln(w, "latency (fork: API call to Standby; restore: to Running; touch: until the workload read its working set)")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "size\tstrategy\tbackend\ttemp\tok\tfork p50\tp95\tmax\trestore p50\tp95\tmax\ttouch p50\tp95\tburst\tmemory_check\t")
+	fmt.Fprintln(tw, "size\tstrategy\tbackend\ttemp\tok\tfork p50\tp95\tmax\tforks wall\trestore p50\tp95\tmax\ttouch p50\tp95\tburst\tmemory_check\t")
 	for _, c := range r.Cells {
 		if c.Skipped != "" {
-			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\tskipped\t\t\t\t\t\t\t\t\t\t\t\n", c.SizeMiB, c.Strategy, c.Backend, c.Temperature)
+			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\tskipped\t\t\t\t\t\t\t\t\t\t\t\t\n", c.SizeMiB, c.Strategy, c.Backend, c.Temperature)
 			continue
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d/%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d/%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
 			c.SizeMiB, c.Strategy, c.Backend, c.Temperature, c.Forks-c.Failed, c.Forks,
-			durStr(c.Fork.P50), durStr(c.Fork.P95), durStr(c.Fork.Max),
+			durStr(c.Fork.P50), durStr(c.Fork.P95), durStr(c.Fork.Max), durStr(c.ForkWall),
 			durStr(c.Restore.P50), durStr(c.Restore.P95), durStr(c.Restore.Max),
 			durStr(c.Touch.P50), durStr(c.Touch.P95), durStr(c.Wall), checksStr(c.MemoryChecks))
 	}
@@ -151,12 +157,17 @@ func (r *Report) WriteTable(w io.Writer) error {
 		return err
 	}
 	if len(r.Serial) > 0 {
-		fmt.Fprintln(w, "\nserial forks (one at a time, to Standby: the fork's own cost)")
+		fmt.Fprintln(w, "\nserial forks (one at a time, to Standby: the fork's own cost; floor: one link() + fsync(dir) on the same filesystem, sampled before each fork)")
 		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-		fmt.Fprintln(tw, "size\tstrategy\tn\tp50\tp95\tmax\terror\t")
+		fmt.Fprintln(tw, "size\tstrategy\tn\tp50\tp95\tmax\tfloor p50\tp95\tp50/floor\terror\t")
 		for _, s := range r.Serial {
-			fmt.Fprintf(tw, "%d\t%s\t%d\t%s\t%s\t%s\t%s\t\n", s.SizeMiB, s.Strategy, s.Fork.N,
-				durStr(s.Fork.P50), durStr(s.Fork.P95), durStr(s.Fork.Max), truncateStr(s.Error, 60))
+			over := "-"
+			if s.Floor.P50 > 0 && s.Fork.P50 > 0 {
+				over = fmt.Sprintf("%.1fx", float64(s.Fork.P50)/float64(s.Floor.P50))
+			}
+			fmt.Fprintf(tw, "%d\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", s.SizeMiB, s.Strategy, s.Fork.N,
+				durStr(s.Fork.P50), durStr(s.Fork.P95), durStr(s.Fork.Max), durStr(s.Floor.P50), durStr(s.Floor.P95),
+				over, truncateStr(s.Error, 60))
 		}
 		if err := tw.Flush(); err != nil {
 			return err
@@ -225,6 +236,18 @@ func (r *Report) Ratios() []Ratio {
 	sizes := append([]int(nil), r.Config.SizesMiB...)
 	sort.Ints(sizes)
 	for _, size := range sizes {
+		// The fork budgets: a serial fork within 5x of link()+fsync(dir), a
+		// burst's fork p50 within 3x of a serial fork.
+		if h := serial(size, StrategyHardlink); h != nil {
+			add(fmt.Sprintf("%d MiB serial fork p50 / link+fsync floor p50 (budget 5x)", size), float64(h.Fork.P50), float64(h.Floor.P50))
+			for _, be := range r.Config.Backends {
+				for _, temp := range r.Config.Temperatures {
+					if c := find(size, StrategyHardlink, be, temp); c != nil {
+						add(fmt.Sprintf("%d MiB %s %s: burst fork p50 / serial fork p50 (budget 3x)", size, be, temp), float64(c.Fork.P50), float64(h.Fork.P50))
+					}
+				}
+			}
+		}
 		if h := serial(size, StrategyHardlink); h != nil {
 			for _, other := range []string{StrategyCopy, StrategyReflink} {
 				if o := serial(size, other); o != nil {

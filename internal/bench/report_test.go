@@ -27,7 +27,7 @@ func sampleReport() *Report {
 			{SizeMiB: 4096, Strategy: "reflink", Backend: "file", Temperature: "cold", Skipped: "fork strategy not supported"},
 		},
 		Serial: []SerialFork{
-			{SizeMiB: 256, Strategy: "hardlink", Fork: Summary{N: 10, P50: 4 * time.Millisecond}},
+			{SizeMiB: 256, Strategy: "hardlink", Fork: Summary{N: 10, P50: 4 * time.Millisecond}, Floor: Summary{N: 10, P50: time.Millisecond}},
 			{SizeMiB: 4096, Strategy: "hardlink", Fork: Summary{N: 10, P50: 5 * time.Millisecond}},
 			{SizeMiB: 4096, Strategy: "copy", Fork: Summary{N: 10, P50: 2 * time.Second}},
 		},
@@ -40,10 +40,13 @@ func TestRatiosCompareCellsOfTheRun(t *testing.T) {
 		got[r.Name] = r.Value
 	}
 	for name, want := range map[string]float64{
-		"256 MiB file cold: copy/hardlink fork p50":    40,
-		"256 MiB hardlink cold: uffd/file PSS":         3,
-		"256 MiB hardlink cold: uffd/file restore p50": 0.5,
-		"hardlink file cold: 4096/256 MiB fork p50":    1.1,
+		"256 MiB file cold: copy/hardlink fork p50":                        40,
+		"256 MiB hardlink cold: uffd/file PSS":                             3,
+		"256 MiB hardlink cold: uffd/file restore p50":                     0.5,
+		"hardlink file cold: 4096/256 MiB fork p50":                        1.1,
+		"256 MiB serial fork p50 / link+fsync floor p50 (budget 5x)":       4,
+		"256 MiB file cold: burst fork p50 / serial fork p50 (budget 3x)":  2.5,
+		"4096 MiB file cold: burst fork p50 / serial fork p50 (budget 3x)": 2.2,
 	} {
 		if v, ok := got[name]; !ok || v < want*0.999 || v > want*1.001 {
 			t.Errorf("ratio %q = %v (present %v), want %v; all: %v", name, v, ok, want, got)

@@ -213,9 +213,23 @@ func (r *runner) serialForks(ctx context.Context, svc api.Service, src *source, 
 		return sf
 	}
 	defer par.release(ctx, r, svc)
-	r.progress(fmt.Sprintf("%d MiB %s: %d forks of %s, one at a time", size, strategy, r.cfg.SerialForks, par))
-	var lat []time.Duration
+	r.progress(fmt.Sprintf("%d MiB %s: %d forks of %s, one at a time, each after one link+fsync floor sample", size, strategy, r.cfg.SerialForks, par))
+	floor, err := newFloorProbe(r.target.Dir)
+	if err != nil {
+		sf.Error = err.Error()
+		return sf
+	}
+	defer floor.Close()
+	// Floor and fork samples alternate, so whatever else loads the disk
+	// weighs on both alike.
+	var lat, floors []time.Duration
 	for range r.cfg.SerialForks {
+		f, err := floor.sample()
+		if err != nil {
+			sf.Error = err.Error()
+			break
+		}
+		floors = append(floors, f)
 		res := r.forkOne(ctx, svc, par, r.name("serial"))
 		if res.err != nil {
 			sf.Error = res.err.Error()
@@ -224,7 +238,7 @@ func (r *runner) serialForks(ctx context.Context, svc api.Service, src *source, 
 		lat = append(lat, res.fork)
 		r.deleteInstance(ctx, svc, res.id)
 	}
-	sf.Fork = Summarize(lat)
+	sf.Fork, sf.Floor = Summarize(lat), Summarize(floors)
 	return sf
 }
 
