@@ -75,7 +75,11 @@ func scanInstance(row interface{ Scan(...any) error }) (Instance, error) {
 // the UNIQUE constraint is what admits names, so two concurrent creates or
 // forks with one name cannot both win.
 func (s *Store) CreateInstance(ctx context.Context, in Instance) error {
-	_, err := s.db.ExecContext(ctx, `INSERT INTO instances (`+instanceCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`, in.args()...)
+	return createInstance(ctx, s.db, in)
+}
+
+func createInstance(ctx context.Context, x execer, in Instance) error {
+	_, err := x.ExecContext(ctx, `INSERT INTO instances (`+instanceCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`, in.args()...)
 	if isUnique(err) {
 		return fmt.Errorf("create instance %s (%q): %w", in.ID, in.Name, ErrExists)
 	}
@@ -138,8 +142,12 @@ func (s *Store) InstancesMatching(ctx context.Context, ref string) ([]Instance, 
 
 // UpdateInstance replaces every field of an existing instance.
 func (s *Store) UpdateInstance(ctx context.Context, in Instance) error {
+	return updateInstance(ctx, s.db, in)
+}
+
+func updateInstance(ctx context.Context, x execer, in Instance) error {
 	a := in.args()
-	res, err := s.db.ExecContext(ctx, `UPDATE instances SET name=?, state=?, vcpus=?, memory_mib=?, kernel=?, rootfs=?,
+	res, err := x.ExecContext(ctx, `UPDATE instances SET name=?, state=?, vcpus=?, memory_mib=?, kernel=?, rootfs=?,
 		boot_args=?, created_at=?, source=?, snapshot_cache_key=?, memory_check=?, fork_mode=?, restore_backend=?,
 		pid=?, error=?, pager_session=?, pager_version=?, net_slot=?, net_guest=?, net_mac=? WHERE id=?`, append(a[1:], a[0])...)
 	if isUnique(err) {
@@ -156,7 +164,11 @@ func (s *Store) UpdateInstance(ctx context.Context, in Instance) error {
 
 // DeleteInstance removes an instance row. A missing row is ErrNotFound.
 func (s *Store) DeleteInstance(ctx context.Context, id string) error {
-	res, err := s.db.ExecContext(ctx, `DELETE FROM instances WHERE id = ?`, id)
+	return deleteInstance(ctx, s.db, id)
+}
+
+func deleteInstance(ctx context.Context, x execer, id string) error {
+	res, err := x.ExecContext(ctx, `DELETE FROM instances WHERE id = ?`, id)
 	if err != nil {
 		return fmt.Errorf("delete instance %s: %w", id, err)
 	}

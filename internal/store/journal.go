@@ -24,11 +24,15 @@ type Entry struct {
 // Begin records that an operation is about to act. It must be called, and
 // must succeed, before the operation changes anything on disk or in a VMM.
 func (s *Store) Begin(ctx context.Context, kind, subject string, payload any) (int64, error) {
+	return begin(ctx, s.db, kind, subject, payload)
+}
+
+func begin(ctx context.Context, x execer, kind, subject string, payload any) (int64, error) {
 	b, err := json.Marshal(payload)
 	if err != nil {
 		return 0, fmt.Errorf("journal begin %s %s: %w", kind, subject, err)
 	}
-	res, err := s.db.ExecContext(ctx, `INSERT INTO journal (kind, subject, step, payload, started_at) VALUES (?,?,?,?,?)`,
+	res, err := x.ExecContext(ctx, `INSERT INTO journal (kind, subject, step, payload, started_at) VALUES (?,?,?,?,?)`,
 		kind, subject, "begun", string(b), time.Now().UnixNano())
 	if err != nil {
 		return 0, fmt.Errorf("journal begin %s %s: %w", kind, subject, err)
@@ -39,13 +43,17 @@ func (s *Store) Begin(ctx context.Context, kind, subject string, payload any) (i
 // Step records that an open operation reached step. A nil payload keeps the
 // entry's payload; otherwise it replaces it.
 func (s *Store) Step(ctx context.Context, id int64, step string, payload any) error {
+	return stepEntry(ctx, s.db, id, step, payload)
+}
+
+func stepEntry(ctx context.Context, x execer, id int64, step string, payload any) error {
 	var err error
 	if payload == nil {
-		_, err = s.db.ExecContext(ctx, `UPDATE journal SET step = ? WHERE id = ?`, step, id)
+		_, err = x.ExecContext(ctx, `UPDATE journal SET step = ? WHERE id = ?`, step, id)
 	} else {
 		var b []byte
 		if b, err = json.Marshal(payload); err == nil {
-			_, err = s.db.ExecContext(ctx, `UPDATE journal SET step = ?, payload = ? WHERE id = ?`, step, string(b), id)
+			_, err = x.ExecContext(ctx, `UPDATE journal SET step = ?, payload = ? WHERE id = ?`, step, string(b), id)
 		}
 	}
 	if err != nil {
@@ -56,7 +64,11 @@ func (s *Store) Step(ctx context.Context, id int64, step string, payload any) er
 
 // Finish closes an operation with an outcome.
 func (s *Store) Finish(ctx context.Context, id int64, outcome string) error {
-	if _, err := s.db.ExecContext(ctx, `UPDATE journal SET finished_at = ?, outcome = ? WHERE id = ?`,
+	return finishEntry(ctx, s.db, id, outcome)
+}
+
+func finishEntry(ctx context.Context, x execer, id int64, outcome string) error {
+	if _, err := x.ExecContext(ctx, `UPDATE journal SET finished_at = ?, outcome = ? WHERE id = ?`,
 		time.Now().UnixNano(), outcome, id); err != nil {
 		return fmt.Errorf("journal %d finish: %w", id, err)
 	}

@@ -26,12 +26,19 @@ var (
 
 // Store is an open database. It is safe for concurrent use.
 type Store struct {
-	db *sql.DB
+	db    *sql.DB
+	opts  Options
+	group groupQueue // the group committer's queue (group.go)
 }
 
 // Open opens (creating if needed) the database at path and applies pending
 // migrations.
 func Open(ctx context.Context, path string) (*Store, error) {
+	return OpenWith(ctx, path, Options{})
+}
+
+// OpenWith is Open with options.
+func OpenWith(ctx context.Context, path string, opts Options) (*Store, error) {
 	q := url.Values{}
 	for _, p := range []string{"journal_mode(WAL)", "synchronous(FULL)", "foreign_keys(ON)", "busy_timeout(10000)"} {
 		q.Add("_pragma", p)
@@ -44,16 +51,23 @@ func Open(ctx context.Context, path string) (*Store, error) {
 	// connection makes every statement see the previous one's writes with no
 	// SQLITE_BUSY. Our transactions are short.
 	db.SetMaxOpenConns(1)
-	s := &Store{db: db}
+	s := &Store{db: db, opts: opts}
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
+	s.group.wake = make(chan struct{}, 1)
+	s.group.stopped = make(chan struct{})
+	go s.commitLoop()
 	return s, nil
 }
 
-// Close closes the database.
-func (s *Store) Close() error { return s.db.Close() }
+// Close stops the group committer (units still queued get ErrClosed) and
+// closes the database.
+func (s *Store) Close() error {
+	s.closeGroup()
+	return s.db.Close()
+}
 
 // migrations are applied in order; schema_version records how many ran.
 // Never edit a released migration: append a new one.

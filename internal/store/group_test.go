@@ -1,0 +1,257 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// forkUnit is what a fork writes in one group: its journal entry, finished,
+// and its record.
+func forkUnit(id, name string) func(tx *Tx) error {
+	return func(tx *Tx) error {
+		op, err := tx.Begin("fork", id, map[string]string{"source": "src"})
+		if err != nil {
+			return err
+		}
+		if err := tx.CreateInstance(Instance{ID: id, Name: name, State: "Standby", Vcpus: 1, MemoryMiB: 32}); err != nil {
+			return err
+		}
+		if err := tx.Step(op, "committed", nil); err != nil {
+			return err
+		}
+		return tx.Finish(op, "done")
+	}
+}
+
+func openWith(t *testing.T, path string, opts Options) *Store {
+	t.Helper()
+	s, err := OpenWith(context.Background(), path, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func TestConcurrentUnitsShareOneCommit(t *testing.T) {
+	const n = 5
+	path := filepath.Join(t.TempDir(), "forkd.db")
+	s := openWith(t, path, Options{MinGroup: n})
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			errs[i] = s.Group(context.Background(), "fork", forkUnit(fmt.Sprint("id", i), fmt.Sprint("kid", i)))
+		})
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("unit %d: %v", i, err)
+		}
+	}
+	if groups, units := s.GroupCommits(); groups != 1 || units != n {
+		t.Fatalf("GroupCommits = %d groups, %d units; want 1 group of %d", groups, units, n)
+	}
+	s.Close()
+	s = openWith(t, path, Options{})
+	list, err := s.ListInstances(context.Background())
+	if err != nil || len(list) != n {
+		t.Fatalf("after reopen: %d instances, %v; want %d", len(list), err, n)
+	}
+	if open, _ := s.OpenEntries(context.Background()); len(open) != 0 {
+		t.Fatalf("open journal entries after committed units: %+v", open)
+	}
+}
+
+func TestAFailingUnitRollsBackOnlyItself(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "forkd.db")
+	s := openWith(t, path, Options{MinGroup: 3})
+	ctx := context.Background()
+	if err := s.CreateInstance(ctx, Instance{ID: "taken", Name: "kid1", State: "Standby", Vcpus: 1, MemoryMiB: 32}); err != nil {
+		t.Fatal(err)
+	}
+	errs := make([]error, 3)
+	var wg sync.WaitGroup
+	for i := range 3 {
+		// kid1's name is taken: its journal begin must go with its insert.
+		wg.Go(func() { errs[i] = s.Group(ctx, "fork", forkUnit(fmt.Sprint("id", i), fmt.Sprint("kid", i))) })
+	}
+	wg.Wait()
+	if errs[0] != nil || errs[2] != nil || !errors.Is(errs[1], ErrExists) {
+		t.Fatalf("unit errors %v; want nil, ErrExists, nil", errs)
+	}
+	entries, _ := s.Entries(ctx, 10)
+	for _, e := range entries {
+		if e.Subject == "id1" {
+			t.Fatalf("the failed unit's journal entry was committed: %+v", e)
+		}
+	}
+	if len(entries) != 2 {
+		t.Fatalf("%d journal entries, want the 2 of the units that succeeded", len(entries))
+	}
+	for _, id := range []string{"id0", "id2"} {
+		if _, err := s.GetInstance(ctx, id); err != nil {
+			t.Errorf("unit %s: %v", id, err)
+		}
+	}
+	if groups, _ := s.GroupCommits(); groups != 1 {
+		t.Fatalf("%d groups, want 1", groups)
+	}
+}
+
+func TestGroupAfterCloseIsErrClosed(t *testing.T) {
+	s, _ := openTemp(t)
+	s.Close()
+	if err := s.Group(context.Background(), "fork", forkUnit("a", "b")); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Group after Close: %v, want ErrClosed", err)
+	}
+}
+
+func TestCloseAnswersUnitsStillQueued(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "forkd.db")
+	// The committer holds the first unit waiting for a second that never comes.
+	s := openWith(t, path, Options{MinGroup: 2, MinGroupWait: time.Hour})
+	done := make(chan error, 1)
+	go func() { done <- s.Group(context.Background(), "fork", forkUnit("a", "b")) }()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		s.group.mu.Lock()
+		n := len(s.group.pending)
+		s.group.mu.Unlock()
+		if n == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the unit never reached the queue")
+		}
+	}
+	s.Close()
+	// Closing takes what is pending and commits it: the unit is durable.
+	if err := <-done; err != nil && !errors.Is(err, ErrClosed) {
+		t.Fatalf("queued unit at Close: %v, want nil or ErrClosed", err)
+	}
+}
+
+func TestAUnitWhoseContextEndedIsDropped(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "forkd.db")
+	s := openWith(t, path, Options{MinGroup: 2})
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	errs := make([]error, 2)
+	var wg sync.WaitGroup
+	wg.Go(func() { errs[0] = s.Group(ctx, "fork", forkUnit("a", "a")) })
+	wg.Go(func() { errs[1] = s.Group(context.Background(), "fork", forkUnit("b", "b")) })
+	wg.Wait()
+	if !errors.Is(errs[0], context.Canceled) || errs[1] != nil {
+		t.Fatalf("errors %v; want Canceled for the dropped unit, nil for the other", errs)
+	}
+	if _, err := s.GetInstance(context.Background(), "a"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("the dropped unit's record: %v, want ErrNotFound", err)
+	}
+}
+
+// Crash tests: a child process writes a group of 3 forks and is SIGKILLed
+// before or after the group's COMMIT; the parent reopens the database and
+// finds all 3 or none, never some, and never a fork's record without its
+// journal entry or the reverse.
+const (
+	groupChildEnv = "FORKD_STORE_GROUP_CHILD"
+	groupDBEnv    = "FORKD_STORE_GROUP_DB"
+)
+
+func TestMain(m *testing.M) {
+	if when := os.Getenv(groupChildEnv); when != "" {
+		os.Exit(groupChild(when, os.Getenv(groupDBEnv)))
+	}
+	os.Exit(m.Run())
+}
+
+func groupChild(when, path string) int {
+	kill := func() {
+		syscall.Kill(os.Getpid(), syscall.SIGKILL)
+		select {}
+	}
+	opts := Options{MinGroup: 3}
+	if when == "before-commit" {
+		opts.BeforeCommit = func([]string) { kill() }
+	}
+	s, err := OpenWith(context.Background(), path, opts)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	var wg sync.WaitGroup
+	for i := range 3 {
+		wg.Go(func() {
+			if err := s.Group(context.Background(), "fork", forkUnit("id"+strconv.Itoa(i), "kid"+strconv.Itoa(i))); err != nil {
+				fmt.Fprintln(os.Stderr, err)
+			}
+		})
+	}
+	wg.Wait()
+	if when == "after-commit" {
+		kill()
+	}
+	return 3 // never reached: the hook kills first
+}
+
+func TestACrashLosesAGroupWholeOrKeepsItWhole(t *testing.T) {
+	for when, want := range map[string]int{"before-commit": 0, "after-commit": 3} {
+		t.Run(when, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "forkd.db")
+			cmd := exec.Command(os.Args[0], "-test.run", "^$")
+			cmd.Env = append(os.Environ(), groupChildEnv+"="+when, groupDBEnv+"="+path)
+			out, err := cmd.CombinedOutput()
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
+				t.Fatalf("child: %v, want killed by SIGKILL\n%s", err, out)
+			}
+			s := openWith(t, path, Options{})
+			ctx := context.Background()
+			list, _ := s.ListInstances(ctx)
+			entries, _ := s.Entries(ctx, 10)
+			if len(list) != want || len(entries) != want {
+				t.Fatalf("after a crash %s: %d records, %d journal entries; want %d of each", when, len(list), len(entries), want)
+			}
+			for _, e := range entries {
+				if e.FinishedAt.IsZero() || e.Step != "committed" {
+					t.Errorf("journal entry %+v: want finished at committed, as its unit wrote it", e)
+				}
+			}
+		})
+	}
+}
+
+func TestAnUnsyncedGroupIsVisibleAndLeavesTheDatabaseFull(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "forkd.db")
+	s := openWith(t, path, Options{})
+	ctx := context.Background()
+	if err := s.GroupUnsynced(ctx, "fork", forkUnit("a", "a")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.GetInstance(ctx, "a"); err != nil {
+		t.Fatalf("an unsynced unit's record is not visible at return: %v", err)
+	}
+	// The one connection is back to FULL for every other commit.
+	var sync int
+	if err := s.db.QueryRowContext(ctx, `PRAGMA synchronous`).Scan(&sync); err != nil || sync != 2 {
+		t.Fatalf("synchronous after an unsynced group = %d, %v; want 2 (FULL)", sync, err)
+	}
+	if err := s.Group(ctx, "fork", forkUnit("b", "b")); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s = openWith(t, path, Options{})
+	if list, _ := s.ListInstances(ctx); len(list) != 2 {
+		t.Fatalf("after reopen: %d instances, want 2", len(list))
+	}
+}
