@@ -46,3 +46,39 @@ func TestWriteFailureKeepsOldFile(t *testing.T) {
 		t.Fatalf("temp file left behind: %v", err)
 	}
 }
+
+func TestCommitDirMovesTheTreeIntoPlace(t *testing.T) {
+	root := t.TempDir()
+	tmp, final := filepath.Join(root, ".tmp-x"), filepath.Join(root, "x")
+	if err := os.MkdirAll(filepath.Join(tmp, "sub"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	f := filepath.Join(tmp, "sub", "f")
+	if err := os.WriteFile(f, []byte("data"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := CommitDir(tmp, final, f); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := os.ReadFile(filepath.Join(final, "sub", "f")); err != nil || string(got) != "data" {
+		t.Fatalf("committed file = %q, %v; want \"data\"", got, err)
+	}
+	if _, err := os.Stat(tmp); !os.IsNotExist(err) {
+		t.Fatalf("temp dir still there: %v", err)
+	}
+}
+
+func TestCommitDirFailureLeavesNothingAtTheFinalName(t *testing.T) {
+	root := t.TempDir()
+	tmp, final := filepath.Join(root, ".tmp-x"), filepath.Join(root, "x")
+	if err := os.Mkdir(tmp, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// A file to fsync that is not there: the commit must stop before the rename.
+	if err := CommitDir(tmp, final, filepath.Join(tmp, "missing")); err == nil {
+		t.Fatal("CommitDir with a missing file succeeded")
+	}
+	if _, err := os.Stat(final); !os.IsNotExist(err) {
+		t.Fatalf("final name exists after a failed commit: %v", err)
+	}
+}

@@ -73,7 +73,10 @@ func TestCrashMidOperationRecovers(t *testing.T) {
 		{"standby after the snapshot", api.StateRunning, "standby", "standby", "created", api.StateStandby, false, false},
 		{"restore after launch", api.StateStandby, "restore", "restore", "launched", api.StateStandby, false, false},
 		{"restore after resume", api.StateStandby, "restore", "restore", "resumed", api.StateRunning, false, false},
-		{"fork with files made", api.StateStandby, "fork", "fork", "files", api.StateStandby, false, false},
+		// A fork's dir in place under its own name is complete and durable:
+		// the reconciler completes the fork its last commit did not.
+		{"fork with files made", api.StateStandby, "fork", "fork", "files", api.StateStandby, true, false},
+		{"fork recorded, not committed", api.StateStandby, "fork", "fork", "committing", api.StateStandby, true, false},
 		{"fork committed", api.StateStandby, "fork", "fork", "committed", api.StateStandby, true, false},
 		{"live fork mid-diff", api.StateRunning, "livefork", "fork", "creating", api.StateRunning, false, false},
 		{"live fork with files made", api.StateRunning, "livefork", "fork", "files", api.StateRunning, false, false},

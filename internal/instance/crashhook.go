@@ -2,8 +2,12 @@ package instance
 
 import (
 	"os"
+	"strconv"
 	"strings"
 	"syscall"
+	"time"
+
+	"github.com/forkd/forkd/internal/store"
 )
 
 // CrashAtEnv names the crash-injection hook used by the reliability suite
@@ -15,23 +19,75 @@ import (
 // does nothing. A kind or step of "*" matches any.
 const CrashAtEnv = "FORKD_TEST_CRASH_AT"
 
-// crashPoint kills the process with SIGKILL if CrashAtEnv names kind:step.
-// It reads the environment on each call (no package state); the cost is one
-// getenv per journal step. kind:step must be declared in journalSteps
-// (steps.go): an undeclared crash point panics, as it would have no crash
-// case.
+// FreezeAtEnv is CrashAtEnv's twin for power-loss tests: at the named point
+// the daemon SIGSTOPs itself instead, so the test can shut the filesystem
+// down without flushing its log (what a power cut leaves on disk) while
+// nothing else runs, and then SIGKILL it. A SIGKILL alone never loses the
+// page cache, so only this tells whether a write was made durable.
+const FreezeAtEnv = "FORKD_TEST_FREEZE_AT"
+
+// crashPoint kills (CrashAtEnv) or stops (FreezeAtEnv) the process if the
+// variable names kind:step. It reads the environment on each call (no
+// package state); the cost is a getenv or two per journal step. kind:step
+// must be declared in journalSteps (steps.go): an undeclared crash point
+// panics, as it would have no crash case.
 func crashPoint(kind, step string) {
 	if err := declaredStep(kind, step); err != nil {
 		panic(err)
 	}
-	want := os.Getenv(CrashAtEnv)
-	if want == "" {
-		return
-	}
-	k, s, _ := strings.Cut(want, ":")
-	if (k == kind || k == "*") && (s == step || s == "*") {
+	if matchPoint(os.Getenv(CrashAtEnv), kind, step) {
 		// SIGKILL, not exit: no deferred function, no flush, no cleanup.
 		syscall.Kill(os.Getpid(), syscall.SIGKILL)
 		select {} // the signal is delivered asynchronously; never continue
 	}
+	if matchPoint(os.Getenv(FreezeAtEnv), kind, step) {
+		// Every thread stops; the test cuts the power and SIGKILLs us.
+		syscall.Kill(os.Getpid(), syscall.SIGSTOP)
+		select {} // if resumed by mistake, never continue past the point
+	}
 }
+
+func matchPoint(want, kind, step string) bool {
+	if want == "" {
+		return false
+	}
+	k, s, _ := strings.Cut(want, ":")
+	return (k == kind || k == "*") && (s == step || s == "*")
+}
+
+// UnsafeSkipForkFileSyncEnv, set to "1", makes a fork skip the fsync of the
+// new inodes in its directory (its disk copy or reflink, any fallback clone)
+// while keeping the fsyncs of the directory, the rename and its parent. It
+// exists only so the power-loss suite can show that it catches a missing
+// fsync that matters (on ext4 a fork's disk is a copy whose data would be
+// lost); never set it elsewhere.
+const UnsafeSkipForkFileSyncEnv = "FORKD_TEST_UNSAFE_SKIP_FORK_FILE_SYNC"
+
+// GroupMinEnv, set to N > 1, holds every store group commit until N units
+// are queued (or 30 s passed), so crash and power-loss tests can put N
+// concurrent forks in one group and crash it at "fork:committing" (the
+// group's writes are made, its COMMIT is not) or "fork:committed". Never set
+// it elsewhere: it adds latency.
+const GroupMinEnv = "FORKD_TEST_GROUP_MIN"
+
+// storeOptions wires the store's group committer to the test hooks: each
+// unit's label is a crash point reached just before its group commits.
+func storeOptions() store.Options {
+	o := store.Options{BeforeCommit: func(labels []string) {
+		for _, l := range labels {
+			kind, step, _ := strings.Cut(l, ":")
+			crashPoint(kind, step)
+		}
+	}}
+	if n, err := strconv.Atoi(os.Getenv(GroupMinEnv)); err == nil && n > 1 {
+		o.MinGroup, o.MinGroupWait = n, 30*time.Second
+	}
+	return o
+}
+
+// UnsafeNoForkRollForwardEnv, set to "1", stops the reconciler from
+// completing a fork whose last (unsynced) commit a power cut lost: such a
+// fork is rolled back instead, acknowledged or not. It exists only so the
+// power-loss suite can show that the fork's last commit is really not
+// fsynced and that the roll-forward is what keeps it; never set it elsewhere.
+const UnsafeNoForkRollForwardEnv = "FORKD_TEST_UNSAFE_NO_FORK_ROLL_FORWARD"

@@ -84,27 +84,19 @@ func (m *Manager) ForkInstance(ctx context.Context, ref string, req api.ForkRequ
 	}
 	tmpl := src
 	tmpl.Source = "instance:" + src.ID
-	fork, err := m.fork(ctx, req, tmpl, func(ctx context.Context, o *op, newID string) (memfile.ShareResult, string, error) {
-		switch {
-		case live:
-			var res memfile.ShareResult
-			base := g.Base()
-			files.from = &base
-			key, err := m.updateBaseLive(ctx, o, &src, func() (err error) {
-				res, err = m.makeForkDir(newID, files)
-				return err
-			})
-			return res, key, err
-		case hasMemory:
-			latest := g.Latest()
-			files.from = &latest
-			res, err := m.makeForkDir(newID, files)
-			return res, src.SnapshotCacheKey, err
-		default:
-			res, err := m.makeForkDir(newID, files)
-			return res, "", err
+	spec := forkSpec{files: files}
+	switch {
+	case live:
+		base := g.Base()
+		spec.files.from = &base
+		spec.live = func(ctx context.Context, o *op, build func() error) (string, error) {
+			return m.updateBaseLive(ctx, o, &src, build)
 		}
-	})
+	case hasMemory:
+		latest := g.Latest()
+		spec.files.from, spec.key = &latest, src.SnapshotCacheKey
+	}
+	fork, err := m.fork(ctx, req, tmpl, spec)
 	release()
 	if err != nil {
 		return api.Instance{}, err
@@ -161,10 +153,7 @@ func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequ
 		Vcpus: sn.Vcpus, MemoryMiB: sn.MemoryMiB, Kernel: sn.Kernel, BootArgs: sn.BootArgs,
 		Source: "snapshot:" + sn.ID, Networked: sn.NetGuest != "", NetGuest: sn.NetGuest, NetMAC: sn.NetMAC,
 	}
-	fork, err := m.fork(ctx, req, tmpl, func(ctx context.Context, o *op, newID string) (memfile.ShareResult, string, error) {
-		res, err := m.makeForkDir(newID, files)
-		return res, sn.SnapshotCacheKey, err
-	})
+	fork, err := m.fork(ctx, req, tmpl, forkSpec{files: files, key: sn.SnapshotCacheKey})
 	release()
 	if err != nil {
 		return api.Instance{}, err
@@ -185,19 +174,51 @@ func checkTarget(target string, hasMemory bool) error {
 	return nil
 }
 
-// fork admits the fork's name, journals it, runs makeFiles (which builds the
-// fork's directory under a temp name and renames it into place) and records
-// the fork: Standby with the inherited cache key, or Stopped without memory.
-// Any failure removes the partial fork.
-func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Instance,
-	makeFiles func(ctx context.Context, o *op, newID string) (memfile.ShareResult, string, error)) (store.Instance, error) {
+// forkSpec is what fork makes a fork from.
+type forkSpec struct {
+	files forkFiles
+	key   string // the snapshot cache key the fork inherits ("" without memory)
+	// live, for a fork of a running VM, brings the source's base up to date
+	// (pausing it, journalled through o), runs build while the source is
+	// still paused, and returns the base's new cache key.
+	live func(ctx context.Context, o *op, build func() error) (string, error)
+}
+
+// fork admits the fork's name, journals it, builds its directory (under a
+// temp name, renamed into place once complete and durable) and records it:
+// Standby with the inherited cache key, or Stopped without memory. Any
+// failure removes the partial fork.
+//
+// A fork of a Standby instance or a snapshot, without a network, makes one
+// synced commit: the journal entry naming the fork together with its
+// Forking record, which already holds everything the finished fork's record
+// holds but its state (cache key, fork_mode). It is made once the mem-file
+// is shared (its fork_mode known), while the rest of the directory is built
+// and fsynced, and the directory takes the fork's own name only once that
+// commit is durable. After the rename is durable, the last commit (state
+// Standby, journal entry closed) need not wait for an fsync
+// (store.GroupUnsynced): if a power cut loses it, the reconciler finds the
+// journal entry and the fork's directory under its own name, which only a
+// complete, durable fork has, and completes the record the same way
+// (rollForwardFork). Both commits are shared with whatever other forks
+// commit at the same moment (store.Group).
+//
+// A live fork, and a networked one, journal and record the fork first: a
+// live fork pauses its source, a networked one makes a namespace, and each
+// is journalled before it acts. Their last commit is synced.
+func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Instance, spec forkSpec) (store.Instance, error) {
 	id := newID()
 	if req.Name == "" {
 		req.Name = id // an unnamed instance is named by its own id
 	} else if err := validName("instance", req.Name); err != nil {
 		return store.Instance{}, err
 	}
-	if _, err := m.guest(id); err != nil {
+	final, err := m.guest(id)
+	if err != nil {
+		return store.Instance{}, err
+	}
+	tmp, err := m.layout.TempGuest(id)
+	if err != nil {
 		return store.Instance{}, err
 	}
 	// A fork of a networked source is networked with the source's guest
@@ -213,14 +234,9 @@ func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Inst
 		if m.net() == nil {
 			return store.Instance{}, fmt.Errorf("%w: %s is networked but networking is off on this daemon (%s)", api.ErrInvalid, tmpl.Source, m.cfg.NetworkOffReason)
 		}
-		var err error
 		if pubs, err = m.checkPublishes(req.Publish); err != nil {
 			return store.Instance{}, err
 		}
-	}
-	o, err := m.begin(ctx, "fork", id, opPayload{Source: tmpl.Source})
-	if err != nil {
-		return store.Instance{}, err
 	}
 	rec := store.Instance{
 		ID: id, Name: req.Name, State: api.StateForking, Vcpus: tmpl.Vcpus, MemoryMiB: tmpl.MemoryMiB,
@@ -228,105 +244,89 @@ func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Inst
 		Source: tmpl.Source, MemoryCheck: tmpl.MemoryCheck, RestoreBackend: m.cfg.ForkRestoreBackend,
 		Networked: tmpl.Networked, NetGuest: tmpl.NetGuest, NetMAC: tmpl.NetMAC,
 	}
-	if err := m.createRecord(ctx, &rec, pubs); err != nil {
-		o.finish(ctx, err)
-		return store.Instance{}, err
-	}
-	// The network before the files: a live source is paused only while
-	// its memory is copied, never while a namespace is made.
-	if err := m.setupNetwork(ctx, o, rec, pubs); err != nil {
+	fail := func(o *op, err error) (store.Instance, error) {
 		err = fmt.Errorf("fork %q from %s: %w", req.Name, tmpl.Source, err)
+		if o == nil { // nothing journalled: only the temp dir may exist
+			m.removePartialFiles(id)
+			return store.Instance{}, apiErr(err)
+		}
 		m.removePartial(ctx, id)
 		o.finish(ctx, err)
 		return store.Instance{}, err
 	}
-	res, key, err := makeFiles(ctx, o, id)
-	if err == nil {
-		err = o.step(ctx, "files", nil)
-	}
-	if err == nil {
-		rec.State, rec.SnapshotCacheKey, rec.ForkMode = api.StateStandby, key, string(res.Mode)
-		if res.Mode == "" {
-			rec.State, rec.MemoryCheck = api.StateStopped, "unknown"
-		}
-		err = m.db.UpdateInstance(ctx, rec)
-	}
-	if err == nil {
-		err = o.step(ctx, "committed", nil)
-	}
-	if err != nil {
-		err = fmt.Errorf("fork %q from %s: %w", req.Name, tmpl.Source, err)
-		m.removePartial(ctx, id)
-		o.finish(ctx, err)
-		return store.Instance{}, err
-	}
-	o.finish(ctx, nil)
-	m.countFallback(res, "fork", id)
-	m.log.Info("forked", "instance", id, "name", req.Name, "source", tmpl.Source, "mode", res.Mode)
-	return rec, nil
-}
-
-// removePartial deletes whatever a failed or interrupted fork or create
-// made: its temp dir, its dir and its record.
-func (m *Manager) removePartial(ctx context.Context, id string) {
-	if in, err := m.db.GetInstance(ctx, id); err == nil {
-		if err := m.removeNetwork(in); err != nil {
-			m.log.Warn("remove partial instance: network", "instance", id, "err", err)
-		}
-	}
-	if tmp, err := m.layout.TempGuest(id); err == nil {
-		os.RemoveAll(tmp.Dir)
-	}
-	if g, err := m.layout.Guest(id); err == nil {
-		os.RemoveAll(g.Dir)
-	}
-	m.db.DeleteInstance(ctx, id)
-}
-
-// makeForkDir builds a fork's guest dir under a temp name and renames it into
-// place: disk and kernel cloned (reflink first), the mem-file shared
-// (hardlink: zero I/O, one inode and page cache for all siblings; clone only
-// when linking fails; or per fork_strategy, see shareMemFile), the vmstate
-// copied.
-func (m *Manager) makeForkDir(id string, f forkFiles) (memfile.ShareResult, error) {
 	var res memfile.ShareResult
-	tmp, err := m.layout.TempGuest(id)
-	if err != nil {
-		return res, err
-	}
-	final, _ := m.layout.Guest(id)
-	if err := os.MkdirAll(tmp.LogsDir(), 0o755); err != nil {
-		return res, err
-	}
-	if f.kernel != "" {
-		// Nothing ever writes a kernel in place (VMMs open it read-only,
-		// forkd writes new inodes), so a link shares it safely: no copy of a
-		// user's kernel per fork where the filesystem cannot reflink.
-		if _, err := m.files.ShareForFork(f.kernel, tmp.Kernel()); err != nil {
-			return res, err
+	var o *op
+	unsynced := false
+	if spec.live != nil || rec.Networked {
+		if o, err = m.begin(ctx, "fork", id, opPayload{Source: tmpl.Source, Live: spec.live != nil}); err != nil {
+			return store.Instance{}, err
 		}
-	}
-	if _, err := m.files.Clone(f.rootfs, tmp.Rootfs()); err != nil {
-		return res, err
-	}
-	if f.from != nil {
-		if err := os.MkdirAll(tmp.Latest().Dir, 0o755); err != nil {
-			return res, err
+		if err := m.createRecord(ctx, &rec, pubs); err != nil {
+			o.finish(ctx, err)
+			return store.Instance{}, err
 		}
-		if res, err = m.shareMemFile(f.from.Memory(), tmp.Latest().Memory()); err != nil {
-			return res, err
+		// The network before the files: a live source is paused only while
+		// its memory is copied, never while a namespace is made.
+		if err := m.setupNetwork(ctx, o, rec, pubs); err != nil {
+			return fail(o, err)
 		}
-		if _, err := m.files.Clone(f.from.VMState(), tmp.Latest().VMState()); err != nil {
-			return res, err
+		build := func() error {
+			var fresh []string
+			if res, fresh, err = m.buildForkDir(tmp, spec.files, nil); err != nil {
+				return err
+			}
+			return atomicfile.CommitDir(tmp.Dir, final.Dir, fresh...)
 		}
-		if err := atomicfile.SyncDir(tmp.Latest().Dir); err != nil {
-			return res, err
+		if spec.live != nil {
+			spec.key, err = spec.live(ctx, o, build)
+		} else {
+			err = build()
 		}
+		if err != nil {
+			return fail(o, err)
+		}
+		finishRecord(&rec, res, spec.key)
+	} else {
+		var j *forkJournal
+		var fresh []string
+		res, fresh, err = m.buildForkDir(tmp, spec.files, func(res memfile.ShareResult) {
+			finishRecord(&rec, res, spec.key)
+			j = m.beginFork(ctx, rec, opPayload{Source: tmpl.Source, RollForward: true})
+		})
+		if j == nil {
+			return fail(nil, err)
+		}
+		if err == nil { // fsync the new inodes and the dir while the journal commits
+			err = atomicfile.SyncTree(tmp.Dir, fresh...)
+		}
+		var jerr error
+		if o, jerr = j.wait(); jerr != nil {
+			return fail(nil, jerr)
+		}
+		if err == nil { // the fork's own name only once the journal names it
+			err = atomicfile.Rename(tmp.Dir, final.Dir)
+		}
+		if err != nil {
+			return fail(o, err)
+		}
+		unsynced = true
 	}
-	if err := atomicfile.SyncDir(tmp.Dir); err != nil {
-		return res, err
+	crashPoint("fork", "files") // test hook: the fork's dir is durable, its record still Forking
+	rec.State = api.StateStandby
+	if res.Mode == "" {
+		rec.State = api.StateStopped
 	}
-	return res, atomicfile.Rename(tmp.Dir, final.Dir)
+	commit := m.db.Group
+	if unsynced {
+		commit = m.db.GroupUnsynced
+	}
+	if err := commit(ctx, "fork:committing", finishForkUnit(o, rec)); err != nil {
+		return fail(o, err)
+	}
+	crashPoint("fork", "committed") // test hook (crashhook.go)
+	m.countFallback(res, "fork", id)
+	m.log.Info("forked", "instance", id, "name", req.Name, "source", tmpl.Source, "mode", res.Mode, "live", spec.live != nil)
+	return rec, nil
 }
 
 // Fork strategies (Config.ForkStrategy): how a fork gets its mem-file.
@@ -352,12 +352,14 @@ func ValidForkStrategy(s string) error {
 	return fmt.Errorf("fork strategy %q: want hardlink, reflink or copy", s)
 }
 
-// shareMemFile gives a fork (dst) the source's mem-file (src) the way
-// Config.ForkStrategy says; the result's Mode is the fork's fork_mode.
+// shareMemFile gives a fork (dst, in a dir being built) the source's
+// mem-file (src) the way Config.ForkStrategy says; the result's Mode is the
+// fork's fork_mode. Nothing is fsynced: a result other than a hardlink is a
+// new inode for buildForkDir's caller to fsync.
 func (m *Manager) shareMemFile(src, dst string) (memfile.ShareResult, error) {
 	switch m.cfg.ForkStrategy {
 	case ForkStrategyReflink:
-		mode, err := m.files.Clone(src, dst)
+		mode, err := m.files.CloneInto(src, dst)
 		if err != nil {
 			return memfile.ShareResult{}, err
 		}
@@ -368,12 +370,12 @@ func (m *Manager) shareMemFile(src, dst string) (memfile.ShareResult, error) {
 		}
 		return memfile.ShareResult{Mode: memfile.ModeReflink}, nil
 	case ForkStrategyCopy:
-		if err := m.files.Copy(src, dst); err != nil {
+		if err := m.files.CopyInto(src, dst); err != nil {
 			return memfile.ShareResult{}, err
 		}
 		return memfile.ShareResult{Mode: memfile.ModeCopy}, nil
 	default:
-		return m.files.ShareForFork(src, dst)
+		return m.files.ShareInto(src, dst)
 	}
 }
 

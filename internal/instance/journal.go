@@ -24,6 +24,10 @@ type opPayload struct {
 	Pid      int    `json:"pid,omitempty"`      // start/restore: the VMM launched
 	Session  string `json:"session,omitempty"`  // restore: the pager session
 	Prev     string `json:"prev,omitempty"`     // the state to roll back to
+	// RollForward (fork): the Forking record already holds all but the
+	// final state, so once the fork's dir exists under its own name the
+	// reconciler completes the fork instead of removing it.
+	RollForward bool `json:"roll_forward,omitempty"`
 }
 
 func (m *Manager) begin(ctx context.Context, kind, subject string, p opPayload) (*op, error) {

@@ -16,6 +16,7 @@ type metrics struct {
 	fullCopies     prometheus.Counter
 	states         *stateCollector
 	pager          prometheus.Collector // the pager's stats, re-exported
+	groups, units  prometheus.CounterFunc
 }
 
 func newMetrics(m *Manager) *metrics {
@@ -36,11 +37,19 @@ func newMetrics(m *Manager) *metrics {
 		states: &stateCollector{m: m, desc: prometheus.NewDesc("forkd_instances",
 			"Instances by state.", []string{"state"}, nil)},
 		pager: pager.NewCollector(m.pagerStatsForMetrics),
+		groups: prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "forkd_store_group_commits_total",
+			Help: "Store group commits (one transaction and one fsync each).",
+		}, func() float64 { g, _ := m.db.GroupCommits(); return float64(g) }),
+		units: prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "forkd_store_group_commit_units_total",
+			Help: "Units of writes committed by store group commits; units/commits is the mean group size.",
+		}, func() float64 { _, u := m.db.GroupCommits(); return float64(u) }),
 	}
 }
 
 func (x *metrics) register(r prometheus.Registerer) error {
-	for _, c := range []prometheus.Collector{x.opDuration, x.shareFallbacks, x.fullCopies, x.states, x.pager} {
+	for _, c := range []prometheus.Collector{x.opDuration, x.shareFallbacks, x.fullCopies, x.states, x.pager, x.groups, x.units} {
 		if err := r.Register(c); err != nil {
 			return err
 		}

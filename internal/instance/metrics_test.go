@@ -46,6 +46,13 @@ func TestMetricsCountOperationsAndStates(t *testing.T) {
 	if states[api.StateStandby] != 2 {
 		t.Errorf("forkd_instances = %v, want 2 Standby", states)
 	}
+	// One fork: two group commits of one unit each (its journal entry and
+	// record, then the finished fork).
+	for _, name := range []string{"forkd_store_group_commits_total", "forkd_store_group_commit_units_total"} {
+		if f := byName[name]; f == nil || f.GetMetric()[0].GetCounter().GetValue() != 2 {
+			t.Errorf("%s = %v, want 2 after one fork", name, f)
+		}
+	}
 	if up := byName["forkd_pager_up"]; up == nil || up.GetMetric()[0].GetGauge().GetValue() != 0 {
 		t.Errorf("forkd_pager_up = %v, want 0 (no pager started)", up)
 	}

@@ -131,6 +131,9 @@ func (m *Manager) reconcileEntry(ctx context.Context, e store.Entry) (string, er
 		if e.Step == "committed" {
 			return "kept (fork complete)", nil
 		}
+		if done, err := m.rollForwardFork(ctx, e, p); err != nil || done {
+			return "completed the fork (its dir was in place; its last commit was lost)", err
+		}
 		m.removePartial(ctx, e.Subject)
 		return "removed the partial fork", nil
 	case "snapshot":

@@ -94,7 +94,7 @@ func openStore(ctx context.Context, l guestdir.Layout, allowOrphans bool, log *s
 			return nil, err
 		}
 	}
-	db, err := store.Open(ctx, l.DB())
+	db, err := store.OpenWith(ctx, l.DB(), storeOptions())
 	if err != nil {
 		return nil, err
 	}

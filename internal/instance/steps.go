@@ -15,7 +15,10 @@ import (
 // fails while one is missing), and op.step and crashPoint refuse a step
 // that is not listed here. Whoever adds a step adds it here, in order, and
 // adds its crash case. Steps that only some runs of a kind pass (a live
-// fork's "paused", a Uffd restore's "session") are listed all the same.
+// fork's "paused", a Uffd restore's "session") are listed all the same. A
+// store group commit's label is a crash point too, reached with the group's
+// writes made and its COMMIT not yet ("fork:beginning", "fork:committing":
+// see storeOptions).
 var journalSteps = map[string][]string{
 	"create":          {"begun", "network", "files"}, // network: networked VMs only
 	"start":           {"begun", "booted"},
@@ -23,7 +26,7 @@ var journalSteps = map[string][]string{
 	"standby":         {"begun", "promoted", "creating", "created"},
 	"restore":         {"begun", "session", "launched", "resumed"},
 	"snapshot":        {"begun", "paused", "creating", "created", "stored"},
-	"fork":            {"begun", "network", "paused", "creating", "created", "files", "committed"},
+	"fork":            {"beginning", "begun", "network", "paused", "creating", "created", "files", "committing", "committed"}, // network: networked forks only
 	"delete":          {"begun"},
 	"snapshot-delete": {"begun"},
 	"compress":        {"compressed", "raw-removed"}, // background, not journalled: crash points only

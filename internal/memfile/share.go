@@ -21,12 +21,21 @@ func ShareForFork(src, dst string) (ShareResult, error) { return Options{}.Share
 // EMLINK, EPERM, EOPNOTSUPP, ...), it falls back to Clone and returns the errno
 // name in Reason for the caller to log and count. dst must not exist.
 func (o Options) ShareForFork(src, dst string) (ShareResult, error) {
-	err := os.Link(src, dst)
-	if err == nil {
+	res, err := o.share(src, dst, o.Clone)
+	if err == nil && res.Mode == ModeHardlink {
 		// Make the new name durable: the caller's journal will rely on it.
 		if err := atomicfile.SyncDir(filepath.Dir(dst)); err != nil {
 			return ShareResult{}, fmt.Errorf("share %s to %s: %w", src, dst, err)
 		}
+	}
+	return res, err
+}
+
+// share links src to dst, or, when the link is refused for a reason a copy
+// avoids, makes dst with clone and says why.
+func (o Options) share(src, dst string, clone func(src, dst string) (Mode, error)) (ShareResult, error) {
+	err := os.Link(src, dst)
+	if err == nil {
 		return ShareResult{Mode: ModeHardlink}, nil
 	}
 	var errno unix.Errno
@@ -34,7 +43,7 @@ func (o Options) ShareForFork(src, dst string) (ShareResult, error) {
 		return ShareResult{}, fmt.Errorf("share %s to %s: %w", src, dst, err)
 	}
 	reason := unix.ErrnoName(errno)
-	mode, err := o.Clone(src, dst)
+	mode, err := clone(src, dst)
 	if err != nil {
 		return ShareResult{Reason: reason}, fmt.Errorf("share %s to %s: link refused (%s): %w", src, dst, reason, err)
 	}

@@ -2,8 +2,11 @@ package reliability
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"os"
 	"os/exec"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -27,6 +30,8 @@ type crashCase struct {
 	check func(t *testing.T, d *Daemon)
 	// net runs the case on a networked daemon (network_test.go).
 	net bool
+	// env is extra daemon environment while the hook is armed.
+	env []string
 }
 
 func crashCases() []crashCase {
@@ -85,6 +90,31 @@ func crashCases() []crashCase {
 	}
 	del := func(ctx context.Context, c *api.Client) error { return c.DeleteInstance(ctx, "src") }
 	delSnap := func(ctx context.Context, c *api.Client) error { return c.DeleteSnapshot(ctx, "snap") }
+	// A batch: three concurrent forks whose commits share one group (the
+	// store holds each group until three units wait).
+	batch := []string{instance.GroupMinEnv + "=3"}
+	forkBatch := func(ctx context.Context, c *api.Client) error {
+		errs := make([]error, 3)
+		var wg sync.WaitGroup
+		for i := range errs {
+			wg.Go(func() { _, errs[i] = c.ForkInstance(ctx, "src", api.ForkRequest{Name: fmt.Sprintf("kid%d", i)}) })
+		}
+		wg.Wait()
+		return errors.Join(errs...)
+	}
+	batchSurvives := func(want int) func(t *testing.T, d *Daemon) {
+		return func(t *testing.T, d *Daemon) {
+			got := 0
+			for i := range 3 {
+				if _, err := d.Client.GetInstance(context.Background(), fmt.Sprintf("kid%d", i)); err == nil {
+					got++
+				}
+			}
+			if got != want {
+				t.Errorf("%d forks of a batch of 3 survived the crash, want %d (a group commits whole or not at all)", got, want)
+			}
+		}
+	}
 	kidSurvives := func(t *testing.T, d *Daemon) {
 		if _, err := d.Client.GetInstance(context.Background(), "kid"); err != nil {
 			t.Errorf("the fork did not survive its source's interrupted delete: %v", err)
@@ -106,7 +136,13 @@ func crashCases() []crashCase {
 			return err
 		}},
 		{at: "fork:files", setup: standby, op: fork},
+		{at: "fork:committing", setup: standby, op: fork},
 		{at: "fork:committed", setup: standby, op: fork},
+		{at: "fork:beginning", variant: "batch-of-3", setup: standby, op: forkBatch, env: batch, check: batchSurvives(0)},
+		// The last commit lost: every fork of the batch has its dir in
+		// place, and the reconciler completes all three.
+		{at: "fork:committing", variant: "batch-of-3", setup: standby, op: forkBatch, env: batch, check: batchSurvives(3)},
+		{at: "fork:committed", variant: "batch-of-3", setup: standby, op: forkBatch, env: batch, check: batchSurvives(3)},
 		{at: "snapshot:begun", setup: standby, op: snapshot("none")},
 		{at: "snapshot:stored", setup: standby, op: snapshot("none")},
 		{at: "delete:begun", setup: withFork, op: del, gone: []string{"src"}, check: kidSurvives},
@@ -201,7 +237,7 @@ func runCrashCase(t *testing.T, tc crashCase) {
 	if err := d.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	d = restart(t, d, []string{instance.CrashAtEnv + "=" + tc.at})
+	d = restart(t, d, append([]string{instance.CrashAtEnv + "=" + tc.at}, tc.env...))
 	c := d.Client
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()

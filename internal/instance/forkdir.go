@@ -1,0 +1,187 @@
+package instance
+
+import (
+	"context"
+	"os"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/memfile"
+	"github.com/forkd/forkd/internal/store"
+)
+
+// buildForkDir fills a fork's temp guest dir: the mem-file shared (hardlink:
+// zero I/O, one inode and page cache for all siblings; clone only when
+// linking fails; or per fork_strategy, see shareMemFile), the kernel linked
+// too, vmstate and disk cloned (reflink first). Nothing is fsynced: it returns the new inodes
+// (clones, copies) for the caller to make durable with the dir, at once
+// (atomicfile.SyncTree or CommitDir). shared, when set, is called as soon as
+// the mem-file is shared (or at once for a fork without memory), when the
+// fork's fork_mode is known; the rest of the dir is built after it returns.
+func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memfile.ShareResult)) (memfile.ShareResult, []string, error) {
+	var res memfile.ShareResult
+	var fresh []string // new inodes: their data must be fsynced
+	if shared == nil {
+		shared = func(memfile.ShareResult) {}
+	}
+	if err := os.MkdirAll(tmp.LogsDir(), 0o755); err != nil {
+		return res, nil, err
+	}
+	if f.from != nil {
+		if err := os.MkdirAll(tmp.Latest().Dir, 0o755); err != nil {
+			return res, nil, err
+		}
+		var err error
+		if res, err = m.shareMemFile(f.from.Memory(), tmp.Latest().Memory()); err != nil {
+			return res, nil, err
+		}
+		if res.Mode != memfile.ModeHardlink {
+			fresh = append(fresh, tmp.Latest().Memory())
+		}
+	}
+	shared(res)
+	clone := func(src, dst string) error {
+		if _, err := m.files.CloneInto(src, dst); err != nil {
+			return err
+		}
+		fresh = append(fresh, dst)
+		return nil
+	}
+	if f.from != nil {
+		if err := clone(f.from.VMState(), tmp.Latest().VMState()); err != nil {
+			return res, nil, err
+		}
+	}
+	if f.kernel != "" {
+		// Nothing ever writes a kernel in place (VMMs open it read-only,
+		// forkd writes new inodes), so a link shares it safely: no copy of a
+		// user's kernel per fork where the filesystem cannot reflink.
+		kres, err := m.files.ShareInto(f.kernel, tmp.Kernel())
+		if err != nil {
+			return res, nil, err
+		}
+		if kres.Mode != memfile.ModeHardlink {
+			fresh = append(fresh, tmp.Kernel())
+		}
+	}
+	if err := clone(f.rootfs, tmp.Rootfs()); err != nil {
+		return res, nil, err
+	}
+	if os.Getenv(UnsafeSkipForkFileSyncEnv) == "1" {
+		fresh = nil // the power-loss suite's twin only (crashhook.go)
+	}
+	return res, fresh, nil
+}
+
+// finishRecord fills in what a fork's record holds once its files exist:
+// the inherited cache key and fork_mode, or, without memory, memory_check
+// "unknown". Only the state is left to set.
+func finishRecord(rec *store.Instance, res memfile.ShareResult, key string) {
+	rec.SnapshotCacheKey, rec.ForkMode = key, string(res.Mode)
+	if res.Mode == "" {
+		rec.MemoryCheck = "unknown"
+	}
+}
+
+// finishForkUnit is a fork's last commit: its record in its final state, its
+// journal entry at committed and closed, in one unit, so the fork is kept
+// whole or not at all.
+func finishForkUnit(o *op, rec store.Instance) func(*store.Tx) error {
+	return func(tx *store.Tx) error {
+		if err := tx.UpdateInstance(rec); err != nil {
+			return err
+		}
+		if err := tx.Step(o.id, "committed", nil); err != nil {
+			return err
+		}
+		return tx.Finish(o.id, "done")
+	}
+}
+
+// forkJournal is a fork's first commit (its journal entry and Forking
+// record), made in the background while the fork's files are built.
+type forkJournal struct {
+	done chan struct{}
+	o    *op   // set before done is closed
+	err  error // set before done is closed
+}
+
+// wait returns the fork's journal entry once it is durable, or the error
+// that kept it from being written (a taken name: nothing was written).
+func (j *forkJournal) wait() (*op, error) {
+	<-j.done
+	return j.o, j.err
+}
+
+// beginFork starts the fork's first group commit: journal step begun and the
+// record rec, in one unit, so a taken name leaves no journal entry behind.
+func (m *Manager) beginFork(ctx context.Context, rec store.Instance, p opPayload) *forkJournal {
+	j := &forkJournal{done: make(chan struct{})}
+	go func() {
+		defer close(j.done)
+		var opID int64
+		err := m.db.Group(ctx, "fork:beginning", func(tx *store.Tx) error {
+			var err error
+			if opID, err = tx.Begin("fork", rec.ID, p); err != nil {
+				return err
+			}
+			return tx.CreateInstance(rec)
+		})
+		if err != nil {
+			j.err = err
+			return
+		}
+		crashPoint("fork", "begun") // test hook (crashhook.go)
+		j.o = &op{m: m, id: opID, kind: "fork", subject: rec.ID}
+	}()
+	return j
+}
+
+// rollForwardFork completes a fork whose last commit a power cut lost
+// (fork, above): its journal entry says its record holds all but the final
+// state, and its dir under its own name, which the fork only takes once the
+// dir is complete and durable, says its files are there. It reports whether
+// it completed the fork; if not, the caller rolls the fork back.
+func (m *Manager) rollForwardFork(ctx context.Context, e store.Entry, p opPayload) (bool, error) {
+	if !p.RollForward || os.Getenv(UnsafeNoForkRollForwardEnv) == "1" { // the env: a twin test only
+		return false, nil
+	}
+	in, err := m.db.GetInstance(ctx, e.Subject)
+	if err != nil || in.State != api.StateForking {
+		return false, nil
+	}
+	g, err := m.guest(in.ID)
+	if err != nil {
+		return false, err
+	}
+	if st, err := os.Stat(g.Dir); err != nil || !st.IsDir() {
+		return false, nil
+	}
+	in.State = api.StateStandby
+	if in.ForkMode == "" {
+		in.State = api.StateStopped
+	}
+	return true, m.db.UpdateInstance(ctx, in)
+}
+
+// removePartial deletes whatever a failed or interrupted fork or create
+// made: its temp dir, its dir and its record.
+func (m *Manager) removePartial(ctx context.Context, id string) {
+	if in, err := m.db.GetInstance(ctx, id); err == nil {
+		if err := m.removeNetwork(in); err != nil {
+			m.log.Warn("remove partial instance: network", "instance", id, "err", err)
+		}
+	}
+	m.removePartialFiles(id)
+	m.db.DeleteInstance(ctx, id)
+}
+
+// removePartialFiles deletes a partial fork's or create's temp dir and dir.
+func (m *Manager) removePartialFiles(id string) {
+	if tmp, err := m.layout.TempGuest(id); err == nil {
+		os.RemoveAll(tmp.Dir)
+	}
+	if g, err := m.layout.Guest(id); err == nil {
+		os.RemoveAll(g.Dir)
+	}
+}
