@@ -24,7 +24,7 @@
 //
 // # The memory invariants (DESIGN.md §1)
 //
-// Forks hardlink mem-files (memfile.ShareForFork; fork_strategy reflink and
+// Forks hardlink mem-files (memfile.ShareInto; fork_strategy reflink and
 // copy exist only for benchmarks); the only in-place writer
 // of a mem-file is a Diff snapshot into an instance's own base, done by
 // standby, snapshot-of-running and live fork through one function
