@@ -13,7 +13,10 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"os"
 	"strings"
+
+	"golang.org/x/sys/unix"
 
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
 )
@@ -56,10 +59,30 @@ func OpenWith(ctx context.Context, path string, opts Options) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
+	reserveWAL(path + "-wal")
 	s.group.wake = make(chan struct{}, 1)
 	s.group.stopped = make(chan struct{})
 	go s.commitLoop()
 	return s, nil
+}
+
+// walReserve is how much disk the WAL keeps allocated beyond what it holds.
+const walReserve = 8 << 20
+
+// reserveWAL allocates disk blocks for the WAL ahead of its end
+// (fallocate with KEEP_SIZE: the file's size, which is all SQLite reads,
+// does not change), so commits that grow it need no new blocks. On a full
+// disk the store can then still record what failed and roll back the
+// records it changed, instead of leaving them half-done; until the WAL
+// first reaches its checkpoint size every commit grows it. Best effort: a
+// filesystem without fallocate simply gets no reserve.
+func reserveWAL(path string) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_KEEP_SIZE, 0, walReserve)
 }
 
 // Close stops the group committer (units still queued get ErrClosed) and
