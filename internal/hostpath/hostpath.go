@@ -198,3 +198,38 @@ func OpenBeneath(what, root, path string) (*os.File, error) {
 	}
 	return f, nil
 }
+
+// OpenDirBeneath is OpenBeneath for a directory: path must lie inside root
+// and be a directory reached through no symlink below root. A directory
+// that someone else may change (a jailed VMM's own) is then used through
+// the returned handle only, so a name swapped for a symlink later is never
+// followed.
+func OpenDirBeneath(what, root, path string) (*os.File, error) {
+	clean := filepath.Clean(path)
+	root = filepath.Clean(root)
+	if !filepath.IsAbs(clean) || !under(clean, root) || clean == root {
+		return nil, fmt.Errorf("%w: %s %q: not inside %s", ErrRefused, what, path, root)
+	}
+	rel := strings.TrimPrefix(clean, strings.TrimSuffix(root, "/")+"/")
+	dir, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("%s %q: open %s: %w", what, path, root, err)
+	}
+	defer unix.Close(dir)
+	fd, err := unix.Openat2(dir, rel, &unix.OpenHow{
+		Flags:   unix.O_RDONLY | unix.O_DIRECTORY | unix.O_NOFOLLOW | unix.O_CLOEXEC,
+		Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS,
+	})
+	if errors.Is(err, unix.ENOSYS) {
+		fd, err = openNoSymlinksAt(dir, rel+"/.")
+	}
+	switch {
+	case errors.Is(err, unix.ELOOP), errors.Is(err, unix.EXDEV):
+		return nil, fmt.Errorf("%w: %s %q: reached through a symlink", ErrRefused, what, path)
+	case errors.Is(err, unix.ENOTDIR):
+		return nil, fmt.Errorf("%w: %s %q: not a directory", ErrRefused, what, path)
+	case err != nil:
+		return nil, fmt.Errorf("%s %q: %w", what, path, err)
+	}
+	return os.NewFile(uintptr(fd), clean), nil
+}

@@ -252,6 +252,21 @@ type SessionRequest struct {
 	// reported in the session's prefetch stats and the session is served
 	// without it.
 	PrefetchPath string `json:"prefetch_path,omitempty"`
+	// SocketDir, when set, is where the session socket is made instead of
+	// the pager's sessions/ directory: a jailed VMM's jail root, the only
+	// place it can name. It must be a directory inside the data dir reached
+	// through no symlink; it is used through a handle opened then, so a VMM
+	// that owns it cannot redirect the socket by swapping a name.
+	SocketDir string `json:"socket_dir,omitempty"`
+	// SocketOwner, with SocketDir, is given the socket file (fchownat, no
+	// symlink followed): the jailed VMM's uid and gid, so it may connect.
+	SocketOwner *SocketOwner `json:"socket_owner,omitempty"`
+}
+
+// SocketOwner is the uid and gid a session socket is given.
+type SocketOwner struct {
+	UID int `json:"uid"`
+	GID int `json:"gid"`
 }
 
 // Session is POST /sessions' reply.
@@ -286,7 +301,13 @@ func (s *Server) createSession(req SessionRequest) (Session, error) {
 	if req.PrefetchPath != "" && req.RecordPages > 0 {
 		return Session{}, fmt.Errorf("create session %s: %w: a session records or replays a working set, not both", req.SessionID, errInvalid)
 	}
+	if req.SocketOwner != nil && req.SocketDir == "" {
+		return Session{}, fmt.Errorf("create session %s: %w: socket_owner needs socket_dir", req.SessionID, errInvalid)
+	}
 	sock := sessionSocket(s.cfg.Dir, req.SessionID)
+	if req.SocketDir != "" {
+		sock = filepath.Join(req.SocketDir, req.SessionID+".sock")
+	}
 	if len(sock) > guestdir.MaxSocketPath {
 		return Session{}, fmt.Errorf("create session %s: %w: socket path %s is longer than %d bytes", req.SessionID, errInvalid, sock, guestdir.MaxSocketPath)
 	}
@@ -307,7 +328,8 @@ func (s *Server) createSession(req SessionRequest) (Session, error) {
 	defer s.mu.Unlock()
 	if err == nil && s.closed {
 		ss.ln.Close()
-		os.Remove(sock)
+		os.Remove(ss.sockPath)
+		ss.closeSockDir()
 		ss.backing.Close()
 		err = fmt.Errorf("create session %s: %w: the pager is shutting down", req.SessionID, errDraining)
 	}
@@ -349,18 +371,42 @@ func (s *Server) openSession(req SessionRequest, sock string) (*session, error) 
 		f.Close()
 		return nil, fmt.Errorf("create session %s: %w", req.SessionID, err)
 	}
-	os.Remove(sock) // a socket left by a session of the same id that crashed
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
-	if err != nil {
+	// In a socket_dir, every use of the socket's name goes through the
+	// directory's handle (/proc/self/fd/N/<name>), never through the path.
+	var sockDir *os.File
+	bindPath := sock
+	if req.SocketDir != "" {
+		if sockDir, err = hostpath.OpenDirBeneath("socket_dir", s.cfg.Root, req.SocketDir); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("create session %s: %w: %v", req.SessionID, errInvalid, err)
+		}
+		bindPath = fmt.Sprintf("/proc/self/fd/%d/%s", sockDir.Fd(), filepath.Base(sock))
+	}
+	fail := func(err error) (*session, error) {
 		f.Close()
-		return nil, fmt.Errorf("create session %s: listen: %w", req.SessionID, err)
+		if sockDir != nil {
+			sockDir.Close()
+		}
+		return nil, fmt.Errorf("create session %s: %w", req.SessionID, err)
+	}
+	os.Remove(bindPath) // a socket left by a session of the same id that crashed
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: bindPath, Net: "unix"})
+	if err != nil {
+		return fail(fmt.Errorf("listen: %w", err))
 	}
 	ln.SetUnlinkOnClose(false) // free() removes it; accept removes it early
+	if o := req.SocketOwner; o != nil {
+		if err := unix.Fchownat(int(sockDir.Fd()), filepath.Base(sock), o.UID, o.GID, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			ln.Close()
+			os.Remove(bindPath)
+			return fail(fmt.Errorf("give the socket to uid %d: %w", o.UID, err))
+		}
+	}
 	ctx, cancel := context.WithCancelCause(context.Background())
 	ss := &session{
 		srv: s, id: req.SessionID, cacheKey: req.CacheKey, keyID: s.internKey(req.CacheKey),
 		backingPath: req.BackingPath, backing: f, backingSize: st.Size(), data: data,
-		sockPath: sock, ln: ln, ctx: ctx, cancel: cancel, done: make(chan struct{}),
+		sockPath: bindPath, sockDir: sockDir, ln: ln, ctx: ctx, cancel: cancel, done: make(chan struct{}),
 		created: time.Now(), recordMax: req.RecordPages,
 		state: stateWaiting,
 		log:   s.log.With("session", req.SessionID, "cache_key", req.CacheKey),

@@ -46,8 +46,9 @@ type session struct {
 	backingPath string
 	backing     *os.File
 	backingSize int64
-	data        extents // data extents of backing, taken at open; elsewhere are holes
-	sockPath    string
+	data        extents  // data extents of backing, taken at open; elsewhere are holes
+	sockPath    string   // the socket's name, through sockDir's handle when there is one
+	sockDir     *os.File // the socket_dir the socket was made in, nil for sessions/
 	ln          *net.UnixListener
 
 	ctx    context.Context
@@ -299,11 +300,21 @@ func (s *session) watchPid(pid int) {
 	}
 }
 
+// closeSockDir closes the handle of the socket's directory, once the socket
+// is gone. Safe to call twice.
+func (s *session) closeSockDir() {
+	if s.sockDir != nil {
+		s.sockDir.Close()
+		s.sockDir = nil
+	}
+}
+
 // free releases everything the session holds and unregisters it.
 func (s *session) free() {
 	s.cancel(errShutdown) // no-op if a cause is already set
 	s.ln.Close()
 	os.Remove(s.sockPath)
+	s.closeSockDir()
 	s.backing.Close()
 	s.mu.Lock()
 	waiters := s.populate
