@@ -30,6 +30,9 @@ type Process struct {
 	os      *os.Process
 	exited  chan struct{}
 	waitErr error
+
+	// watch sees an adopted process exit (exit.go); nil for a child.
+	watch *pidWatch
 }
 
 // Adopt re-attaches to a VMM started by an earlier daemon: the pid must be
@@ -62,7 +65,7 @@ func Adopt(pid int, apiSock string) (*Process, error) {
 	if _, err := c.Describe(context.Background()); err != nil {
 		return nil, fmt.Errorf("adopt vmm pid %d: api socket: %w", pid, err)
 	}
-	return &Process{Pid: pid, APISock: apiSock, startTime: st.startTime}, nil
+	return &Process{Pid: pid, APISock: apiSock, startTime: st.startTime, watch: newPidWatch()}, nil
 }
 
 // AdoptForKill finds a VMM whose API may no longer answer (hung, or
@@ -84,7 +87,7 @@ func AdoptForKill(pid int, apiSock string) (*Process, error) {
 	if !hasArgPair(cmdline, "--api-sock", apiSock) {
 		return nil, fmt.Errorf("adopt vmm pid %d for kill: its command line has no --api-sock %s: not that VMM", pid, apiSock)
 	}
-	return &Process{Pid: pid, APISock: apiSock, startTime: st.startTime}, nil
+	return &Process{Pid: pid, APISock: apiSock, startTime: st.startTime, watch: newPidWatch()}, nil
 }
 
 // hasArgPair reports whether a NUL-separated command line holds flag

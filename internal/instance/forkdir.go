@@ -174,6 +174,7 @@ func (m *Manager) removePartial(ctx context.Context, id string) {
 	}
 	m.removePartialFiles(id)
 	m.db.DeleteInstance(ctx, id)
+	m.forget(id)
 }
 
 // removePartialFiles deletes a partial fork's or create's temp dir and dir.

@@ -216,7 +216,7 @@ func (m *Manager) ListInstances(ctx context.Context) ([]api.Instance, error) {
 		if in.State == stateCreating {
 			continue // not listed until its create has finished
 		}
-		out = append(out, m.toAPIWith(ctx, in, pubs[in.ID]))
+		out = append(out, m.toAPIWith(in, pubs[in.ID]))
 	}
 	return out, nil
 }
@@ -231,20 +231,22 @@ func (m *Manager) GetInstance(ctx context.Context, ref string) (api.Instance, er
 	return m.toAPI(ctx, in), nil
 }
 
+// toAPI renders a record for a client. It does no I/O to a VMM or the
+// pager: a live instance's memory check is the one its supervisor last read
+// in the background.
 func (m *Manager) toAPI(ctx context.Context, in store.Instance) api.Instance {
 	var pubs []store.Publish
 	if in.Networked {
 		pubs, _ = m.db.InstancePublishes(ctx, in.ID)
 	}
-	return m.toAPIWith(ctx, in, pubs)
+	return m.toAPIWith(in, pubs)
 }
 
-func (m *Manager) toAPIWith(ctx context.Context, in store.Instance, pubs []store.Publish) api.Instance {
-	in = m.settleOnRead(ctx, in)
+func (m *Manager) toAPIWith(in store.Instance, pubs []store.Publish) api.Instance {
 	check := in.MemoryCheck
-	if oneOf(in.State, api.StateRunning, api.StatePaused) && m.proc(in.ID) != nil {
-		if g, err := m.layout.Guest(in.ID); err == nil {
-			check = m.memoryCheck(ctx, g)
+	if oneOf(in.State, api.StateRunning, api.StatePaused) {
+		if f := m.factsOf(in.ID); f.memoryCheck != "" {
+			check = f.memoryCheck
 		}
 	}
 	if check == "" {
@@ -337,6 +339,7 @@ func (m *Manager) start(ctx context.Context, in *store.Instance, _ api.ActionReq
 	if err != nil {
 		return err
 	}
+	m.supervise(*in, p, false)
 	m.log.Info("instance started", "instance", in.ID, "pid", p.Pid)
 	return nil
 }
@@ -507,6 +510,7 @@ func (m *Manager) finishDelete(ctx context.Context, in store.Instance) error {
 	if err := m.db.DeleteInstance(ctx, in.ID); err != nil && !errors.Is(err, store.ErrNotFound) {
 		return err
 	}
+	m.forget(in.ID)
 	if err := os.RemoveAll(trash); err != nil {
 		m.log.Warn("delete: remove dir", "instance", in.ID, "err", err)
 	}

@@ -55,6 +55,22 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 	}
 }
 
+// waitState waits until instance ref is in state (a supervisor applies what
+// it learns asynchronously), failing t after a minute, and returns it.
+func waitState(t *testing.T, m *Manager, ref, state string) api.Instance {
+	t.Helper()
+	var in api.Instance
+	waitUntil(t, "instance "+ref+" to be "+state, func() bool {
+		var err error
+		in, err = m.GetInstance(context.Background(), ref)
+		if err != nil {
+			t.Fatalf("get %s: %v", ref, err)
+		}
+		return in.State == state
+	})
+	return in
+}
+
 // testBootArgs keep the guest workload small and modest for 2 shared cores.
 const testBootArgs = "forkd.ws_mib=4 forkd.rate=400 forkd.write_pct=30"
 

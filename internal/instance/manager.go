@@ -15,6 +15,7 @@ import (
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/network"
+	"github.com/forkd/forkd/internal/pidwatch"
 	"github.com/forkd/forkd/internal/store"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -61,6 +62,11 @@ type Config struct {
 	// ErrStoreLost): the reconciler then moves them all to lost+found.
 	OrphansToLostFound bool
 
+	// SuperviseInterval is how often each live instance's supervisor
+	// refreshes its memory check and asks the pager about its session
+	// (default 5 s). VMM and pager exits are events, not polled.
+	SuperviseInterval time.Duration
+
 	// DisableUnshareGuard turns off DESIGN.md §1 invariant 3 (never
 	// diff-write a mem-file another VM maps). It exists only so a test can
 	// show the corruption the guard prevents; never set it elsewhere.
@@ -85,6 +91,8 @@ type Manager struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+	// supWG tracks the supervisors' goroutines (they end with ctx).
+	supWG sync.WaitGroup
 
 	pagerOnce pagerState
 	netState  netState
@@ -96,6 +104,10 @@ type Manager struct {
 	snapLocks map[string]*snapLock
 	// procs: the VMM of each instance whose VMM runs.
 	procs map[string]*firecracker.Process
+	// sups: the supervisor of each live instance (supervisor.go).
+	sups map[string]*supervisor
+	// pagerWatches: the exit watch of each pager version's process.
+	pagerWatches map[string]*pidwatch.Watch
 	// compressing: cancel funcs of running compressions, by snapshot id.
 	compressing map[string]context.CancelFunc
 }
@@ -134,6 +146,9 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 			return nil, fmt.Errorf("instance manager: restore backend %q: want file or uffd", b)
 		}
 	}
+	if cfg.SuperviseInterval <= 0 {
+		cfg.SuperviseInterval = defaultSuperviseInterval
+	}
 	if cfg.PagerCacheBytes <= 0 {
 		cfg.PagerCacheBytes = defaultPagerCacheBytes
 	}
@@ -151,10 +166,12 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	m := &Manager{
 		cfg: cfg, layout: layout, db: db, log: cfg.Logger,
 		ctx: mctx, cancel: cancel,
-		instLocks:   map[string]*sync.RWMutex{},
-		snapLocks:   map[string]*snapLock{},
-		procs:       map[string]*firecracker.Process{},
-		compressing: map[string]context.CancelFunc{},
+		instLocks:    map[string]*sync.RWMutex{},
+		snapLocks:    map[string]*snapLock{},
+		procs:        map[string]*firecracker.Process{},
+		sups:         map[string]*supervisor{},
+		pagerWatches: map[string]*pidwatch.Watch{},
+		compressing:  map[string]context.CancelFunc{},
 	}
 	m.met = newMetrics(m)
 	m.files = memfile.Options{FullCopy: m.noteFullCopy}
@@ -166,8 +183,8 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		}
 	}
 	if err := m.Reconcile(ctx); err != nil {
+		m.stopBackground()
 		db.Close()
-		cancel()
 		return nil, fmt.Errorf("instance manager: reconcile: %w", err)
 	}
 	return m, nil
@@ -176,12 +193,20 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 // Close stops background work and closes the store. Running VMMs and the
 // pager keep running: they outlive the daemon by design.
 func (m *Manager) Close() error {
-	m.cancel()
-	m.wg.Wait()
+	m.stopBackground()
 	if m.cfg.Network != nil {
 		m.cfg.Network.Close()
 	}
 	return m.db.Close()
+}
+
+// stopBackground ends the manager's goroutines (compressions, supervisors,
+// pager watches) and waits for them.
+func (m *Manager) stopBackground() {
+	m.cancel()
+	m.wg.Wait()
+	m.supWG.Wait()
+	m.releasePagerWatches()
 }
 
 // Layout is the data directory's layout (tests read paths through it).
@@ -196,6 +221,25 @@ func (m *Manager) instanceLock(id string) *sync.RWMutex {
 		m.instLocks[id] = l
 	}
 	return l
+}
+
+// forget drops what the manager keeps in memory for an instance that is
+// gone (its lock, VMM and supervisor entries), so the maps shrink with the
+// instances. A goroutine still holding or waiting on the old lock finds the
+// record gone once it has it.
+func (m *Manager) forget(id string) {
+	m.unsupervise(id)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.instLocks, id)
+	delete(m.procs, id)
+}
+
+// forgetSnapshot drops a deleted snapshot's locks.
+func (m *Manager) forgetSnapshot(id string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.snapLocks, id)
 }
 
 func (m *Manager) snapshotLock(id string) *snapLock {

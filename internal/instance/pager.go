@@ -3,12 +3,10 @@ package instance
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"sync"
 	"time"
 
-	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/pager"
 	"github.com/forkd/forkd/internal/store"
 )
@@ -100,49 +98,6 @@ func (m *Manager) PagerStats(ctx context.Context) (json.RawMessage, error) {
 	return p.StatsRaw(ctx)
 }
 
-// pagerGone reports whether the pager serving a Uffd-restored instance's
-// memory is gone. Such a VM is frozen at its next fault of a page not yet
-// served: it is shown (and, under the write lock, recorded) as Error.
-func (m *Manager) pagerGone(ctx context.Context, in store.Instance) bool {
-	if in.PagerSession == "" || !oneOf(in.State, api.StateRunning, api.StatePaused) {
-		return false
-	}
-	// A dead VMM ends its session too; that is a VMM death (Stopped, see
-	// settleIfVMMDied), not a pager's.
-	if vp := m.proc(in.ID); vp != nil && !vp.Alive() {
-		return false
-	}
-	p := m.startedPager()
-	if p == nil || p.Version() != in.PagerVersion {
-		p = m.existingPager(in.PagerVersion)
-	}
-	// One small request: GET /sessions/{id}, not the whole /stats.
-	err := p.Session(ctx, in.PagerSession)
-	var ae *pager.APIError
-	switch {
-	case err == nil:
-		return false
-	case pager.IsNotFound(err):
-		// The pager answers but does not serve this session: it was
-		// restarted since the restore (by another Uffd restore) and the one
-		// that served the session died with it (found by reliability
-		// TestPagerRestartDoesNotHideADeadSession), or the session ended.
-		return true
-	case errors.As(err, &ae):
-		// It answered something else (an error, or a pager too old to know
-		// the route): cannot tell, and a VM is never condemned on that.
-		return false
-	case ctx.Err() != nil, errors.Is(err, context.DeadlineExceeded):
-		// The caller gave up (a client cancelled its GET), or the pager is
-		// slow (a loaded host): neither says the pager is dead, and a VM
-		// is never condemned on a guess.
-		return false
-	default:
-		// No answer at all (no socket, connection refused): the pager is dead.
-		return true
-	}
-}
-
 // withSessionEnd adds to a failed uffd restore's error why the pager ended
 // its session, if it did: the cause (a refused handshake, say) is otherwise
 // only in the pager's log.
@@ -156,9 +111,4 @@ func (m *Manager) withSessionEnd(ctx context.Context, pg Pager, session string, 
 		return fmt.Errorf("%w (pager: %v)", err, serr)
 	}
 	return err
-}
-
-func pagerGoneError(in store.Instance) string {
-	return fmt.Sprintf("the pager (version %s) serving this VM's memory through session %s is gone: "+
-		"the VM is frozen at its next page fault; stop or delete it", in.PagerVersion, in.PagerSession)
 }

@@ -293,6 +293,7 @@ func (m *Manager) reconcileInstance(ctx context.Context, in store.Instance, vmms
 				in.State = api.StateRunning
 				m.db.UpdateInstance(ctx, in)
 			}
+			m.supervise(in, p, true)
 			m.log.Info("reconcile: VMM adopted", "instance", in.ID, "pid", p.Pid, "state", in.State)
 			return
 		}

@@ -20,7 +20,9 @@ func openAndClose(t *testing.T, dir string, fn func(m *Manager)) {
 	m, err := New(context.Background(), Config{
 		DataDir: dir,
 		VMM:     VMMSpec{Binary: forkdBinary(t), Args: []string{"vmm"}, Emulator: true},
-		Logger:  slog.New(slog.NewTextHandler(testWriter{t}, nil)),
+		// Never this test binary: started as a pager it would run the tests.
+		PagerBinary: forkdBinary(t),
+		Logger:      slog.New(slog.NewTextHandler(testWriter{t}, nil)),
 	})
 	if err != nil {
 		t.Fatal(err)

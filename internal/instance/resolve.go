@@ -159,7 +159,7 @@ func (m *Manager) lockInstance(ctx context.Context, ref string, write bool) (sto
 		return store.Instance{}, nil, apiErr(err)
 	}
 	if write {
-		m.settleIfVMMDied(ctx, &in)
+		m.settleNoticed(ctx, &in)
 	}
 	return in, unlock, nil
 }

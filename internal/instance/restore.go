@@ -177,6 +177,9 @@ func (m *Manager) finishRestore(ctx context.Context, o *op, in *store.Instance) 
 	if err != nil {
 		return err
 	}
+	if p := m.proc(in.ID); p != nil {
+		m.supervise(*in, p, false)
+	}
 	m.log.Info("instance restored", "instance", in.ID, "backend", in.RestoreBackend, "pid", in.Pid)
 	return nil
 }

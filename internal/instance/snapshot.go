@@ -296,6 +296,7 @@ func (m *Manager) finishSnapshotDelete(ctx context.Context, id string) error {
 	if err := m.db.DeleteSnapshot(ctx, id); err != nil && !errors.Is(err, store.ErrNotFound) {
 		return err
 	}
+	m.forgetSnapshot(id)
 	if err := os.RemoveAll(trash); err != nil {
 		m.log.Warn("delete snapshot: remove dir", "snapshot", id, "err", err)
 	}

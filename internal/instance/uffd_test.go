@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"strconv"
 	"strings"
@@ -12,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/pager"
 	"github.com/forkd/forkd/internal/version"
 )
@@ -119,10 +121,9 @@ func TestPagerDeathIsReportedAndThePagerRestarts(t *testing.T) {
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	waitDead(t, pid)
-	in, err := m.GetInstance(ctx, "victim")
-	if err != nil || in.State != api.StateError || !strings.Contains(in.Error, "pager") {
-		t.Fatalf("uffd VM after its pager died: %+v %v; want Error naming the pager", in, err)
+	// The pager's exit is an event (a pidfd on its process).
+	if in := waitState(t, m, "victim", api.StateError); !strings.Contains(in.Error, "pager") {
+		t.Fatalf("uffd VM after its pager died: error %q; want it to name the pager", in.Error)
 	}
 	if in, err := m.Action(ctx, "victim", "stop", api.ActionRequest{}); err != nil || in.State != api.StateStopped {
 		t.Fatalf("stop of the frozen VM: %+v %v", in, err)
@@ -134,40 +135,65 @@ func TestPagerDeathIsReportedAndThePagerRestarts(t *testing.T) {
 	verifyGuest(t, m, later.ID)
 }
 
-// A pager restarted (by another Uffd restore) after the one serving a VM
-// died answers, but never had that VM's session: its GET /sessions/{id}
-// 404 must still show the VM as Error. Its twin: the VM whose session the
-// new pager does serve is not condemned by the same check.
+// A pager restarted after the one serving a VM died answers, but never had
+// that VM's session: its GET /sessions/{id} 404 must show the VM as Error,
+// even when the death happened while the daemon was down (no exit event to
+// see). Its twin: the VM whose session the new pager does serve is not
+// condemned by the same check.
 func TestRestartedPagerDoesNotHideADeadSession(t *testing.T) {
 	needUffd(t)
-	m := newTestManager(t)
+	dir := shortDir(t)
+	openAndClose(t, dir, func(m *Manager) {
+		createRunning(t, m, "later")
+		action(t, m, "later", "standby")
+		createRunning(t, m, "victim")
+		action(t, m, "victim", "standby")
+		if _, err := m.Action(context.Background(), "victim", "restore", api.ActionRequest{RestoreBackend: api.BackendUffd}); err != nil {
+			t.Fatal(err)
+		}
+	})
+	// While no daemon runs, the pager dies and a new one of the same
+	// version starts (as another daemon's Uffd restore would start it).
+	layout, _ := guestdir.New(dir)
+	pdir, _ := layout.PagerDir(version.Version)
+	old := pagerPidIn(t, pdir)
+	if err := syscall.Kill(old, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitDead(t, old)
 	ctx := context.Background()
-	for _, n := range []string{"victim", "later"} {
-		createRunning(t, m, n)
-		action(t, m, n, "standby")
-	}
-	if _, err := m.Action(ctx, "victim", "restore", api.ActionRequest{RestoreBackend: api.BackendUffd}); err != nil {
+	c, err := pager.EnsureRunning(ctx, pager.StartOptions{Binary: forkdBinary(t), Dir: pdir, Version: version.Version, CacheBytes: 1 << 20},
+		slog.New(slog.NewTextHandler(testWriter{t}, nil)))
+	if err != nil {
 		t.Fatal(err)
 	}
-	pid := pagerPid(t, m)
-	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
+	// After the manager's cleanup (which drains the pager it used): a
+	// pager left by a failure before that is drained here.
+	t.Cleanup(func() { c.Drain(context.Background()) })
+
+	m := newManagerAt(t, dir)
+	if in := waitState(t, m, "victim", api.StateError); !strings.Contains(in.Error, "pager") {
+		t.Fatalf("uffd VM whose pager died, after a new pager started: error %q; want it to name the pager", in.Error)
 	}
-	waitDead(t, pid)
-	// Restore through the pager before anything looks at the victim: this
-	// starts the new pager.
 	later, err := m.Action(ctx, "later", "restore", api.ActionRequest{RestoreBackend: api.BackendUffd})
 	if err != nil {
-		t.Fatalf("uffd restore after the pager died: %v (want a new pager)", err)
+		t.Fatalf("uffd restore through the new pager: %v", err)
 	}
-	in, err := m.GetInstance(ctx, "victim")
-	if err != nil || in.State != api.StateError || !strings.Contains(in.Error, "pager") {
-		t.Fatalf("uffd VM whose pager died, after a new pager started: %+v %v; want Error naming the pager", in, err)
+	// Twin: the session check passes a VM the pager serves.
+	if !m.sessionGone(ctx, version.Version, later.ID) {
+		t.Fatal("sessionGone of an id the pager never had is false, want true")
 	}
-	if in, err := m.GetInstance(ctx, "later"); err != nil || in.State != api.StateRunning {
-		t.Fatalf("uffd VM the new pager serves: %+v %v; want Running", in, err)
+	rec, err := m.db.GetInstance(ctx, later.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.sessionGone(ctx, version.Version, rec.PagerSession) {
+		t.Fatalf("sessionGone(%s) of a session the pager serves: true, want false", rec.PagerSession)
 	}
 	verifyGuest(t, m, later.ID)
+	if in, _ := m.GetInstance(ctx, "later"); in.State != api.StateRunning {
+		t.Fatalf("uffd VM the new pager serves: %s (error %q), want Running", in.State, in.Error)
+	}
 	if in, err := m.Action(ctx, "victim", "stop", api.ActionRequest{}); err != nil || in.State != api.StateStopped {
 		t.Fatalf("stop of the frozen VM: %+v %v", in, err)
 	}
@@ -178,6 +204,12 @@ func TestRestartedPagerDoesNotHideADeadSession(t *testing.T) {
 func pagerPid(t *testing.T, m *Manager) int {
 	t.Helper()
 	dir, _ := m.layout.PagerDir(version.Version)
+	return pagerPidIn(t, dir)
+}
+
+// pagerPidIn is the pid of the pager of pager dir dir.
+func pagerPidIn(t *testing.T, dir string) int {
+	t.Helper()
 	b, err := os.ReadFile(pager.PidFile(dir))
 	if err != nil {
 		t.Fatal(err)

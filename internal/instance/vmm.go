@@ -10,7 +10,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/store"
@@ -86,6 +85,9 @@ func (m *Manager) launch(ctx context.Context, in store.Instance, g guestdir.Gues
 // killVMM kills an instance's VMM (the tracked process, else the recorded
 // pid if it is still that VMM) and removes its socket.
 func (m *Manager) killVMM(ctx context.Context, id string, pid int, g guestdir.Guest) error {
+	// The operation owns the VMM's end: its supervisor must not read the
+	// exit as a crash.
+	m.unsupervise(id)
 	p := m.proc(id)
 	if p == nil && pid > 0 {
 		if ap, err := firecracker.Adopt(pid, g.VMMSock()); err == nil {
@@ -128,65 +130,4 @@ func (m *Manager) memoryCheck(ctx context.Context, g guestdir.Guest) string {
 		return fmt.Sprintf("%d integrity errors", gs.IntegrityErrors)
 	}
 	return "ok"
-}
-
-// settleIfVMMDied notices a VMM that exited under a Running or Paused
-// instance (crash, OOM kill): its memory is gone, so the instance becomes
-// Stopped with the reason in its error text, instead of every later action
-// failing against a dead socket. A Uffd-restored VM whose pager is gone is
-// recorded as Error (stop and delete still work). Caller holds the write
-// lock.
-func (m *Manager) settleIfVMMDied(ctx context.Context, in *store.Instance) {
-	if !oneOf(in.State, api.StateRunning, api.StatePaused) {
-		return
-	}
-	if m.pagerGone(ctx, *in) {
-		m.log.Warn("pager gone under a uffd-restored VM: instance in Error", "instance", in.ID, "session", in.PagerSession)
-		in.State, in.Error, in.MemoryCheck = api.StateError, pagerGoneError(*in), "unknown"
-		m.db.UpdateInstance(ctx, *in)
-		return
-	}
-	p := m.proc(in.ID)
-	if p == nil || p.Alive() {
-		return
-	}
-	g, err := m.guest(in.ID)
-	if err != nil {
-		return
-	}
-	m.log.Warn("VMM exited unexpectedly: instance stopped", "instance", in.ID, "pid", p.Pid, "log", g.VMMLog())
-	if err := m.markStopped(ctx, in, g); err != nil {
-		m.log.Error("settle dead VMM", "instance", in.ID, "err", err)
-	}
-	in.Error = fmt.Sprintf("VMM (pid %d) exited unexpectedly; memory lost (see %s)", p.Pid, g.VMMLog())
-	m.db.UpdateInstance(ctx, *in)
-}
-
-// settleOnRead lets a read (GET, list) report a dead VMM or pager at once
-// instead of a stale Running: if the instance's lock is free it settles the
-// record as a write would (settleIfVMMDied); if an operation holds the lock,
-// that operation will notice, and the read shows the record as is.
-func (m *Manager) settleOnRead(ctx context.Context, in store.Instance) store.Instance {
-	if !oneOf(in.State, api.StateRunning, api.StatePaused) {
-		return in
-	}
-	p := m.proc(in.ID)
-	vmmDead := p != nil && !p.Alive()
-	if !vmmDead && in.PagerSession == "" {
-		return in
-	}
-	if !vmmDead && !m.pagerGone(ctx, in) {
-		return in
-	}
-	l := m.instanceLock(in.ID)
-	if !l.TryLock() {
-		return in
-	}
-	defer l.Unlock()
-	cur, err := m.db.GetInstance(ctx, in.ID)
-	if err != nil {
-		return in
-	}
-	m.settleIfVMMDied(ctx, &cur)
-	return cur
 }

@@ -384,9 +384,10 @@ func fullFilesystemFailsCleanly(t *testing.T, kind testfs.Kind) {
 
 // TestVMMKilledWhileRunningIsReported SIGKILLs the VMM of a Running
 // instance (an OOM kill, say). The daemon must stay responsive and stop
-// calling the instance Running: the next look at it shows it is no longer
-// running, with the reason; it can be started again, and its Standby fork
-// (which holds its own link to the memory) is unaffected.
+// calling the instance Running on its own (the exit is an event its
+// supervisor sees, not something a read has to discover): the instance
+// becomes Stopped with the reason; it can be started again, and its Standby
+// fork (which holds its own link to the memory) is unaffected.
 func TestVMMKilledWhileRunningIsReported(t *testing.T) {
 	t.Parallel()
 	d := newDaemon(t, nil)
@@ -399,19 +400,14 @@ func TestVMMKilledWhileRunningIsReported(t *testing.T) {
 		t.Fatal(err)
 	}
 	addFigure("faults_injected", 1)
-	time.Sleep(100 * time.Millisecond) // the kernel reaps it
-	got, err := d.Client.GetInstance(ctxT(t, 10*time.Second), "src")
-	if err != nil {
-		t.Fatalf("daemon unresponsive after a VMM died: %v", err)
+	if got := waitState(t, d.Client, "src", api.StateStopped); !strings.Contains(got.Error, "SIGKILL") {
+		t.Errorf("after its VMM was killed: Stopped with error %q; want the reason (killed by SIGKILL)", got.Error)
 	}
-	if got.State == api.StateRunning || got.Error == "" {
-		t.Errorf("GET after its VMM was killed: %s, error %q; want it not Running, with the reason", got.State, got.Error)
-	}
-	// Any write action notices the dead VMM.
+	// A Stopped instance cannot be paused.
 	if _, err := d.Client.Action(ctxT(t, 30*time.Second), "src", "pause", api.ActionRequest{}); err == nil {
 		t.Errorf("pause of an instance whose VMM is dead succeeded")
 	}
-	got, _ = d.Client.GetInstance(ctxT(t, 10*time.Second), "src")
+	got, _ := d.Client.GetInstance(ctxT(t, 10*time.Second), "src")
 	if got.State == api.StateRunning || got.Error == "" {
 		t.Errorf("after an action, the instance whose VMM died is %s with error %q", got.State, got.Error)
 	}
@@ -455,7 +451,7 @@ func TestPagerKilledUnderAUffdVM(t *testing.T) {
 	createStandby(t, d.Client, "other")
 	createStandby(t, d.Client, "later")
 	uffdRestore(t, d.Client, "victim")
-	time.Sleep(300 * time.Millisecond) // the guest faults pages in through the pager
+	waitGuestWork(t, d, "victim", 30) // the guest faults pages in through the pager
 	if in, err := d.Client.GetInstance(ctxT(t, 10*time.Second), "victim"); err != nil || in.MemoryCheck != "ok" {
 		t.Fatalf("Uffd-restored VM before any fault: %+v %v; want memory_check ok", in, err)
 	}
@@ -472,20 +468,17 @@ func TestPagerKilledUnderAUffdVM(t *testing.T) {
 		t.Fatal("a Uffd restore succeeded but no pager process runs under the data dir")
 	}
 	addFigure("faults_injected", 1)
-	time.Sleep(200 * time.Millisecond)
 
 	// Responsive: each call returns (with whatever it knows) within its
 	// deadline instead of hanging on the stuck VM.
 	if _, err := d.Client.Health(ctxT(t, 10*time.Second)); err != nil {
 		t.Fatalf("daemon unresponsive after the pager died: %v", err)
 	}
-	in, err := d.Client.GetInstance(ctxT(t, 10*time.Second), "victim")
-	if err != nil {
-		t.Fatalf("GET of the VM whose pager died: %v", err)
-	}
+	// The pager's exit is an event the VM's supervisor sees.
+	in := waitState(t, d.Client, "victim", api.StateError)
 	t.Logf("after the pager died the Uffd VM is %s, memory_check %q, error %q", in.State, in.MemoryCheck, in.Error)
-	if in.State != api.StateError || in.Error == "" {
-		t.Errorf("the Uffd VM whose pager died is %s (error %q); want Error with the reason", in.State, in.Error)
+	if in.Error == "" {
+		t.Errorf("the Uffd VM whose pager died is in Error without the reason")
 	}
 	if in, err := d.Client.Action(ctxT(t, 30*time.Second), "other", "restore", api.ActionRequest{RestoreBackend: api.BackendFile}); err != nil || in.State != api.StateRunning {
 		t.Errorf("File restore after the pager died: %v", err)
@@ -508,7 +501,8 @@ func TestPagerKilledUnderAUffdVM(t *testing.T) {
 }
 
 // TestPagerRestartDoesNotHideADeadSession kills the pager under a Uffd VM
-// and then restores another VM through the pager, which starts a new one
+// while the daemon is down (no exit event for anyone to see), restarts the
+// daemon and restores another VM through the pager, which starts a new one
 // of the same version. The new pager is healthy but never had the first
 // VM's session: that VM is still frozen and must be reported Error, not
 // Running (an action on it would otherwise hang on its frozen guest).
@@ -519,15 +513,19 @@ func TestPagerRestartDoesNotHideADeadSession(t *testing.T) {
 	createStandby(t, d.Client, "victim")
 	createStandby(t, d.Client, "next")
 	uffdRestore(t, d.Client, "victim")
+	if err := d.Stop(); err != nil {
+		t.Fatal(err)
+	}
 	for _, p := range ProcessesUnder(d.Layout.Root()) {
 		if p.Kind == "pager" {
 			syscall.Kill(p.Pid, syscall.SIGKILL)
+			for deadline := time.Now().Add(30 * time.Second); syscall.Kill(p.Pid, 0) == nil && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+			}
 		}
 	}
 	addFigure("faults_injected", 1)
-	time.Sleep(100 * time.Millisecond)
-	// Restore another VM through the pager before anything looks at the
-	// victim: this starts the new pager.
+	d = restart(t, d, nil)
+	// Restore another VM through the pager: this starts the new pager.
 	var err error
 	for try := 0; try < 2; try++ {
 		if _, err = d.Client.Action(ctxT(t, 60*time.Second), "next", "restore", api.ActionRequest{RestoreBackend: api.BackendUffd}); err == nil {
@@ -537,12 +535,8 @@ func TestPagerRestartDoesNotHideADeadSession(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Uffd restore with a new pager: %v", err)
 	}
-	in, err := d.Client.GetInstance(ctxT(t, 10*time.Second), "victim")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if in.State != api.StateError || in.Error == "" {
-		t.Errorf("the VM whose pager died is %s (error %q) after a new pager started; want Error with the reason", in.State, in.Error)
+	if in := waitState(t, d.Client, "victim", api.StateError); in.Error == "" {
+		t.Errorf("the VM whose pager died is in Error without the reason")
 	}
 	if _, err := d.Client.Action(ctxT(t, 30*time.Second), "victim", "stop", api.ActionRequest{}); err != nil {
 		t.Errorf("stop of the frozen VM: %v", err)

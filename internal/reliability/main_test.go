@@ -149,6 +149,27 @@ func createStandby(t *testing.T, c *api.Client, name string) api.Instance {
 	return action(t, c, name, "standby")
 }
 
+// waitState waits until instance ref is in state (the daemon's supervisor
+// applies what it learns, such as a VMM's exit, on its own), failing t
+// after a minute, and returns it.
+func waitState(t *testing.T, c *api.Client, ref, state string) api.Instance {
+	t.Helper()
+	var in api.Instance
+	var err error
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(10 * time.Millisecond) {
+		in, err = c.GetInstance(ctxT(t, 10*time.Second), ref)
+		if err != nil {
+			t.Fatalf("get %s (waiting for %s): %v", ref, state, err)
+		}
+		if in.State == state {
+			return in
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("instance %s is %s (error %q) after a minute, want %s", ref, in.State, in.Error, state)
+		}
+	}
+}
+
 // waitGuestWork waits until the guest of instance ref has written and
 // verified at least pages more pages of its working set than when called
 // (asked through its VMM's GET /guest): the guest has done the work a step
