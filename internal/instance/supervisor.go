@@ -61,11 +61,9 @@ type guestFacts struct {
 	sessionAsked time.Time
 }
 
-// Causes a supervisor ends with.
-var (
-	errUnsupervised   = errors.New("an operation took over the VMM")
-	errManagerClosing = errors.New("the manager is closing")
-)
+// errUnsupervised is the cause a supervisor ends with when an operation
+// takes over its VMM (or another supervisor replaces it).
+var errUnsupervised = errors.New("an operation took over the VMM")
 
 // defaultSuperviseInterval is how often a supervisor refreshes its VM's
 // memory check and asks the pager about its session.
