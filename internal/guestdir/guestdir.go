@@ -8,6 +8,7 @@
 //	<data>/pager/<version>/{control.sock,pager.pid,sessions/}
 //	<data>/lost+found/{guests,snapshots}/<entry>
 //	<data>/prefetch/<cache-key>.ws
+//	<data>/images/sha256-<hex>/{rootfs.ext4,image.json}
 //
 // No other package joins path segments under the data dir. Every id and
 // version is validated here, so no path built from a request can escape the
@@ -35,6 +36,9 @@ const (
 	lostFoundName = "lost+found"
 	prefetchName  = "prefetch"
 	workingSetExt = ".ws"
+	imagesName    = "images"
+	imageMetaName = "image.json"
+	imageTreeName = "tree"
 
 	vmmSockName   = "vmm.sock"
 	logsName      = "logs"
@@ -236,6 +240,71 @@ func (l Layout) DeletingSnapshot(id string) (string, error) {
 	t, err := l.TempSnapshot(id)
 	return t.Dir + deletingSuffix, err
 }
+
+// ImagesDir holds one directory per image, named after its manifest digest.
+func (l Layout) ImagesDir() string { return filepath.Join(l.root, imagesName) }
+
+// digestPattern is the only digest form images are stored under.
+var digestPattern = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
+
+// ValidDigest reports whether d is a sha256 digest ("sha256:" + 64 hex).
+func ValidDigest(d string) error {
+	if !digestPattern.MatchString(d) {
+		return fmt.Errorf("invalid image digest %q: want sha256:<64 hex digits>", d)
+	}
+	return nil
+}
+
+// imageDirName is "sha256-<hex>": a digest without the colon.
+func imageDirName(digest string) (string, error) {
+	if err := ValidDigest(digest); err != nil {
+		return "", fmt.Errorf("guestdir: image: %w", err)
+	}
+	return strings.Replace(digest, ":", "-", 1), nil
+}
+
+// Image is the directory of the image with this manifest digest.
+func (l Layout) Image(digest string) (ImageDir, error) {
+	n, err := imageDirName(digest)
+	return ImageDir{Dir: filepath.Join(l.ImagesDir(), n)}, err
+}
+
+// TempImage is where an image is built before it is renamed into place.
+func (l Layout) TempImage(digest string) (ImageDir, error) {
+	n, err := imageDirName(digest)
+	return ImageDir{Dir: filepath.Join(l.ImagesDir(), TempPrefix+n)}, err
+}
+
+// DeletingImage is where an image dir is renamed before it is removed.
+func (l Layout) DeletingImage(digest string) (string, error) {
+	t, err := l.TempImage(digest)
+	return t.Dir + ".deleting", err
+}
+
+// ImageDigestOf is the digest an entry name under ImagesDir stands for, or
+// "" for a name that is not an image dir (a temp dir, a stray file).
+func ImageDigestOf(name string) string {
+	d := strings.Replace(name, "-", ":", 1)
+	if ValidDigest(d) != nil {
+		return ""
+	}
+	return d
+}
+
+// ImageDir is one image's directory.
+type ImageDir struct {
+	Dir string
+}
+
+// Rootfs is the image's ext4 root filesystem, which VMs clone.
+func (d ImageDir) Rootfs() string { return filepath.Join(d.Dir, rootfsName) }
+
+// Meta is the image's record as JSON, written before the dir is renamed
+// into place so a crash between rename and record can be finished.
+func (d ImageDir) Meta() string { return filepath.Join(d.Dir, imageMetaName) }
+
+// Tree is where a temp image dir unpacks the layers before mkfs.
+func (d ImageDir) Tree() string { return filepath.Join(d.Dir, imageTreeName) }
 
 // IsTemp reports whether a directory entry name under guests/ or snapshots/
 // is a half-built directory.

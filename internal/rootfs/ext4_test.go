@@ -155,4 +155,3 @@ func atoi(s string) int64 {
 	}
 	return n
 }
-

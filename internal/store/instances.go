@@ -37,16 +37,19 @@ type Instance struct {
 	NetSlot   int
 	NetGuest  string
 	NetMAC    string
+	// Image is the manifest digest of the image the disk came from, "" for
+	// none; forks inherit it.
+	Image string
 }
 
 const instanceCols = `id, name, state, vcpus, memory_mib, kernel, rootfs, boot_args, created_at, source,
 	snapshot_cache_key, memory_check, fork_mode, restore_backend, pid, error, pager_session, pager_version,
-	net_slot, net_guest, net_mac`
+	net_slot, net_guest, net_mac, image`
 
 func (in *Instance) args() []any {
 	return []any{in.ID, in.Name, in.State, in.Vcpus, in.MemoryMiB, in.Kernel, in.Rootfs, in.BootArgs,
 		in.CreatedAt.UnixNano(), in.Source, in.SnapshotCacheKey, in.MemoryCheck, in.ForkMode,
-		in.RestoreBackend, in.Pid, in.Error, in.PagerSession, in.PagerVersion, in.slotColumn(), in.NetGuest, in.NetMAC}
+		in.RestoreBackend, in.Pid, in.Error, in.PagerSession, in.PagerVersion, in.slotColumn(), in.NetGuest, in.NetMAC, in.Image}
 }
 
 // slotColumn is net_slot: -1 for an instance without network.
@@ -62,7 +65,7 @@ func scanInstance(row interface{ Scan(...any) error }) (Instance, error) {
 	var created int64
 	err := row.Scan(&in.ID, &in.Name, &in.State, &in.Vcpus, &in.MemoryMiB, &in.Kernel, &in.Rootfs,
 		&in.BootArgs, &created, &in.Source, &in.SnapshotCacheKey, &in.MemoryCheck, &in.ForkMode,
-		&in.RestoreBackend, &in.Pid, &in.Error, &in.PagerSession, &in.PagerVersion, &in.NetSlot, &in.NetGuest, &in.NetMAC)
+		&in.RestoreBackend, &in.Pid, &in.Error, &in.PagerSession, &in.PagerVersion, &in.NetSlot, &in.NetGuest, &in.NetMAC, &in.Image)
 	in.CreatedAt = time.Unix(0, created).UTC()
 	in.Networked = in.NetSlot >= 0
 	if !in.Networked {
@@ -79,7 +82,7 @@ func (s *Store) CreateInstance(ctx context.Context, in Instance) error {
 }
 
 func createInstance(ctx context.Context, x execer, in Instance) error {
-	_, err := x.ExecContext(ctx, `INSERT INTO instances (`+instanceCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`, in.args()...)
+	_, err := x.ExecContext(ctx, `INSERT INTO instances (`+instanceCols+`) VALUES (`+marks(instanceCols)+`)`, in.args()...)
 	if isUnique(err) {
 		return fmt.Errorf("create instance %s (%q): %w", in.ID, in.Name, ErrExists)
 	}
@@ -149,7 +152,7 @@ func updateInstance(ctx context.Context, x execer, in Instance) error {
 	a := in.args()
 	res, err := x.ExecContext(ctx, `UPDATE instances SET name=?, state=?, vcpus=?, memory_mib=?, kernel=?, rootfs=?,
 		boot_args=?, created_at=?, source=?, snapshot_cache_key=?, memory_check=?, fork_mode=?, restore_backend=?,
-		pid=?, error=?, pager_session=?, pager_version=?, net_slot=?, net_guest=?, net_mac=? WHERE id=?`, append(a[1:], a[0])...)
+		pid=?, error=?, pager_session=?, pager_version=?, net_slot=?, net_guest=?, net_mac=?, image=? WHERE id=?`, append(a[1:], a[0])...)
 	if isUnique(err) {
 		return fmt.Errorf("update instance %s (%q): %w", in.ID, in.Name, ErrExists)
 	}

@@ -60,7 +60,7 @@ func (s *Store) CreateNetworkedInstance(ctx context.Context, in *Instance, slots
 		return fmt.Errorf("create instance %s: %w (%d addresses, all in use)", in.ID, ErrPoolExhausted, slots)
 	}
 	in.Networked, in.NetSlot = true, slot
-	if _, err := tx.ExecContext(ctx, `INSERT INTO instances (`+instanceCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`, in.args()...); err != nil {
+	if _, err := tx.ExecContext(ctx, `INSERT INTO instances (`+instanceCols+`) VALUES (`+marks(instanceCols)+`)`, in.args()...); err != nil {
 		in.Networked, in.NetSlot = false, 0
 		if isUnique(err) {
 			return fmt.Errorf("create instance %s (%q): %w", in.ID, in.Name, ErrExists)

@@ -26,28 +26,29 @@ type Snapshot struct {
 	// it had no network): forks of the snapshot are networked with it.
 	NetGuest string
 	NetMAC   string
+	Image    string // manifest digest of the source's image, "" for none
 }
 
 const snapshotCols = `id, name, source_instance, created_at, size_bytes, compression, state,
-	snapshot_cache_key, memory_mib, vcpus, kernel, boot_args, net_guest, net_mac`
+	snapshot_cache_key, memory_mib, vcpus, kernel, boot_args, net_guest, net_mac, image`
 
 func (sn *Snapshot) args() []any {
 	return []any{sn.ID, sn.Name, sn.SourceInstance, sn.CreatedAt.UnixNano(), sn.SizeBytes, sn.Compression,
-		sn.State, sn.SnapshotCacheKey, sn.MemoryMiB, sn.Vcpus, sn.Kernel, sn.BootArgs, sn.NetGuest, sn.NetMAC}
+		sn.State, sn.SnapshotCacheKey, sn.MemoryMiB, sn.Vcpus, sn.Kernel, sn.BootArgs, sn.NetGuest, sn.NetMAC, sn.Image}
 }
 
 func scanSnapshot(row interface{ Scan(...any) error }) (Snapshot, error) {
 	var sn Snapshot
 	var created int64
 	err := row.Scan(&sn.ID, &sn.Name, &sn.SourceInstance, &created, &sn.SizeBytes, &sn.Compression,
-		&sn.State, &sn.SnapshotCacheKey, &sn.MemoryMiB, &sn.Vcpus, &sn.Kernel, &sn.BootArgs, &sn.NetGuest, &sn.NetMAC)
+		&sn.State, &sn.SnapshotCacheKey, &sn.MemoryMiB, &sn.Vcpus, &sn.Kernel, &sn.BootArgs, &sn.NetGuest, &sn.NetMAC, &sn.Image)
 	sn.CreatedAt = time.Unix(0, created).UTC()
 	return sn, err
 }
 
 // CreateSnapshot inserts a snapshot; a taken id or name is ErrExists.
 func (s *Store) CreateSnapshot(ctx context.Context, sn Snapshot) error {
-	_, err := s.db.ExecContext(ctx, `INSERT INTO snapshots (`+snapshotCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)`, sn.args()...)
+	_, err := s.db.ExecContext(ctx, `INSERT INTO snapshots (`+snapshotCols+`) VALUES (`+marks(snapshotCols)+`)`, sn.args()...)
 	if isUnique(err) {
 		return fmt.Errorf("create snapshot %s (%q): %w", sn.ID, sn.Name, ErrExists)
 	}
@@ -111,7 +112,7 @@ func (s *Store) SnapshotsMatching(ctx context.Context, ref string) ([]Snapshot, 
 func (s *Store) UpdateSnapshot(ctx context.Context, sn Snapshot) error {
 	a := sn.args()
 	res, err := s.db.ExecContext(ctx, `UPDATE snapshots SET name=?, source_instance=?, created_at=?, size_bytes=?,
-		compression=?, state=?, snapshot_cache_key=?, memory_mib=?, vcpus=?, kernel=?, boot_args=?, net_guest=?, net_mac=? WHERE id=?`, append(a[1:], a[0])...)
+		compression=?, state=?, snapshot_cache_key=?, memory_mib=?, vcpus=?, kernel=?, boot_args=?, net_guest=?, net_mac=?, image=? WHERE id=?`, append(a[1:], a[0])...)
 	if err != nil {
 		return fmt.Errorf("update snapshot %s: %w", sn.ID, err)
 	}

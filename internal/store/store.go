@@ -161,6 +161,27 @@ var migrations = []string{
 		guest_port INTEGER NOT NULL,
 		PRIMARY KEY (host_ip, host_port, protocol)
 	);`,
+	// 3: images (issue 16). An instance or snapshot names the image its
+	// disk came from (image = manifest digest, "" for none), so an image in
+	// use is never deleted.
+	`CREATE TABLE images (
+		digest TEXT PRIMARY KEY,
+		size_bytes INTEGER NOT NULL,
+		disk_bytes INTEGER NOT NULL,
+		content_bytes INTEGER NOT NULL,
+		platform TEXT NOT NULL,
+		config TEXT NOT NULL DEFAULT '{}',
+		layers INTEGER NOT NULL,
+		created_at INTEGER NOT NULL
+	);
+	CREATE TABLE image_refs (
+		ref TEXT PRIMARY KEY,
+		digest TEXT NOT NULL REFERENCES images(digest) ON DELETE CASCADE,
+		updated_at INTEGER NOT NULL
+	);
+	CREATE INDEX image_refs_digest ON image_refs(digest);
+	ALTER TABLE instances ADD COLUMN image TEXT NOT NULL DEFAULT '';
+	ALTER TABLE snapshots ADD COLUMN image TEXT NOT NULL DEFAULT '';`,
 }
 
 func (s *Store) migrate(ctx context.Context) error {
@@ -218,6 +239,13 @@ func (s *Store) SchemaVersion(ctx context.Context) (int, error) {
 	var v int
 	err := s.db.QueryRowContext(ctx, `SELECT version FROM schema_version`).Scan(&v)
 	return v, err
+}
+
+// marks is the "?,?,…" of an INSERT with one placeholder per column of a
+// comma-separated column list (so adding a column cannot leave a count
+// behind).
+func marks(cols string) string {
+	return strings.TrimSuffix(strings.Repeat("?,", strings.Count(cols, ",")+1), ",")
 }
 
 // isUnique reports whether err is a UNIQUE / PRIMARY KEY constraint failure.

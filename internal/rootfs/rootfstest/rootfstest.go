@@ -183,7 +183,7 @@ func FromTar(r io.Reader) (Tree, error) {
 		case tar.TypeDir:
 			e.Type = 'd'
 		case tar.TypeSymlink:
-			e.Type, e.Link = 'l', hdr.Linkname
+			e.Type, e.Link, e.Perm = 'l', hdr.Linkname, 0o777 // Linux symlinks have no mode of their own
 		case tar.TypeChar, tar.TypeBlock:
 			e.Type = 'c'
 			if hdr.Typeflag == tar.TypeBlock {
