@@ -8,8 +8,8 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/bench"
-	"github.com/forkd/forkd/internal/daemon"
 )
 
 // newBenchForkBurstCommand is `forkd bench fork-burst` (internal/bench):
@@ -45,7 +45,7 @@ Compare ratios within one run: absolute times on nested VMs are noise.`,
 				opt.DaemonArgs = append(opt.DaemonArgs, "--vmm-binary", vmmBinary)
 			}
 			if fsSize != "" {
-				n, err := daemon.ParseBytes(fsSize)
+				n, err := api.ParseBytes(fsSize)
 				if err != nil {
 					return fmt.Errorf("--fs-size: %w", err)
 				}

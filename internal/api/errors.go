@@ -23,6 +23,7 @@ const (
 	CodeInvalidRequest       = "invalid_request"        // 422: well-formed but unacceptable values
 	CodeInternal             = "internal"               // 500
 	CodeUnavailable          = "unavailable"            // 503
+	CodeInsufficientStorage  = "insufficient_storage"   // 507: the data dir's filesystem is full
 )
 
 // StatusError is an error with its HTTP status and code. The handlers return
@@ -73,6 +74,8 @@ func statusOf(err error) (int, string) {
 		return http.StatusUnprocessableEntity, CodeInvalidRequest
 	case errors.Is(err, ErrUnavailable):
 		return http.StatusServiceUnavailable, CodeUnavailable
+	case errors.Is(err, ErrNoSpace):
+		return http.StatusInsufficientStorage, CodeInsufficientStorage
 	default:
 		return http.StatusInternalServerError, CodeInternal
 	}
@@ -98,9 +101,27 @@ func sentinelOf(code string) error {
 		return ErrInvalid
 	case CodeUnavailable:
 		return ErrUnavailable
+	case CodeInsufficientStorage:
+		return ErrNoSpace
 	default:
 		return nil
 	}
+}
+
+// ErrorOf is the error document of err: what a failed request would answer,
+// for a Service that reports an error inside an object (a failed pull).
+func ErrorOf(err error) *Error {
+	_, code := statusOf(err)
+	return &Error{Code: code, Message: err.Error()}
+}
+
+// errorFromDoc is the error a client returns for an error document.
+func errorFromDoc(e Error) error {
+	status, _ := statusOf(sentinelOf(e.Code))
+	if s := sentinelOf(e.Code); s == nil {
+		status = http.StatusInternalServerError
+	}
+	return &StatusError{Status: status, Code: e.Code, Message: e.Message}
 }
 
 // codeOfStatus is the code for an error response whose body is not an
@@ -123,6 +144,8 @@ func codeOfStatus(status int) string {
 		return CodeInvalidRequest
 	case http.StatusServiceUnavailable:
 		return CodeUnavailable
+	case http.StatusInsufficientStorage:
+		return CodeInsufficientStorage
 	default:
 		return CodeInternal
 	}

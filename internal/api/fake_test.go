@@ -22,10 +22,13 @@ type fakeService struct {
 	snapshots map[string]*api.Snapshot
 	order     []string // instance ids, creation order
 	snapOrder []string
+	images    map[string]*api.Image // by digest
+	pulls     map[string]*api.Pull
 }
 
 func newFakeService() *fakeService {
-	return &fakeService{instances: map[string]*api.Instance{}, snapshots: map[string]*api.Snapshot{}}
+	return &fakeService{instances: map[string]*api.Instance{}, snapshots: map[string]*api.Snapshot{},
+		images: map[string]*api.Image{}, pulls: map[string]*api.Pull{}}
 }
 
 func (f *fakeService) Calls() int {
@@ -91,6 +94,13 @@ func (f *fakeService) CreateInstance(ctx context.Context, req api.CreateInstance
 		ID: f.newID(), Name: req.Name, State: state, Vcpus: req.Vcpus, MemoryMiB: req.MemoryMiB,
 		Kernel: req.Kernel, BootArgs: req.BootArgs, CreatedAt: time.Now().UTC(),
 		MemoryCheck: "ok", RestoreBackend: api.BackendFile, Pid: 4242,
+	}
+	if req.Image != "" {
+		im, err := f.resolveImage(req.Image)
+		if err != nil {
+			return api.Instance{}, err
+		}
+		inst.Image = im.Digest
 	}
 	f.instances[inst.ID] = inst
 	f.order = append(f.order, inst.ID)

@@ -63,6 +63,13 @@ func NewHandler(svc Service, opt HandlerOptions) (http.Handler, error) {
 
 	mux.HandleFunc("GET /pager/stats", h.pagerStats)
 
+	mux.HandleFunc("GET /images", h.listImages)
+	mux.HandleFunc("POST /images/pull", h.startPull)
+	mux.HandleFunc("GET /images/pulls/{id}", h.getPull)
+	mux.HandleFunc("POST /images/gc", h.gcImages)
+	mux.HandleFunc("GET /images/{ref}", h.getImage)
+	mux.HandleFunc("DELETE /images/{ref}", h.deleteImage)
+
 	var root http.Handler = h.logRequests(h.recoverPanics(jsonNotFound{mux}))
 	if opt.Registerer != nil {
 		m, err := newHTTPMetrics(opt.Registerer)

@@ -27,6 +27,24 @@ type Service interface {
 
 	// PagerStats returns the pager's /stats JSON as is.
 	PagerStats(ctx context.Context) (json.RawMessage, error)
+
+	ImageService
+}
+
+// ImageService is the images part of Service. Image refs are a reference
+// (as pulled), a digest or a unique digest prefix.
+type ImageService interface {
+	// StartPull starts pulling an image and returns at once; GetPull
+	// reports how it goes.
+	StartPull(ctx context.Context, req PullRequest) (Pull, error)
+	GetPull(ctx context.Context, id string) (Pull, error)
+	ListImages(ctx context.Context) ([]Image, error)
+	GetImage(ctx context.Context, ref string) (Image, error)
+	// DeleteImage refuses (ErrInvalidState) an image an instance or
+	// snapshot uses.
+	DeleteImage(ctx context.Context, ref string) error
+	// GCImages deletes every image no instance or snapshot uses.
+	GCImages(ctx context.Context) (ImageGC, error)
 }
 
 // Sentinel errors. Services wrap them with %w; the handlers map them to an
@@ -40,6 +58,7 @@ var (
 	ErrUnavailable   = errors.New("temporarily unavailable") // 503 unavailable
 	ErrPoolExhausted = errors.New("address pool exhausted")  // 409 address_pool_exhausted
 	ErrPortInUse     = errors.New("host port in use")        // 409 port_in_use
+	ErrNoSpace       = errors.New("no space left")           // 507 insufficient_storage
 )
 
 // DeleteAll deletes every instance and every snapshot s knows, as tools that

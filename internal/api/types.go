@@ -50,6 +50,7 @@ type Instance struct {
 	// Network is the VM's network; Publish its published ports.
 	Network InstanceNetwork `json:"network"`
 	Publish []PortPublish   `json:"publish,omitempty"`
+	Image   string          `json:"image,omitempty"` // digest of the image its disk came from
 }
 
 // InstanceNetwork is the network of an instance: reach it at Address.
@@ -88,6 +89,7 @@ type Snapshot struct {
 	SnapshotCacheKey string    `json:"snapshot_cache_key"`
 	MemoryMiB        int       `json:"memory_mib"`
 	Vcpus            int       `json:"vcpus"`
+	Image            string    `json:"image,omitempty"` // digest of the image its disk came from
 }
 
 // CreateInstanceRequest is the body of POST /instances.
@@ -103,6 +105,11 @@ type CreateInstanceRequest struct {
 	// Publish publishes ports to it (needs a network).
 	Network *NetworkRequest `json:"network,omitempty"`
 	Publish []PortPublish   `json:"publish,omitempty"`
+	// Image is a reference (pulled first if missing) or digest whose root
+	// filesystem the VM's disk is cloned from; exclusive with Rootfs.
+	Image string `json:"image,omitempty"`
+	// DiskSizeMiB grows an image's disk to this size (default: the image's).
+	DiskSizeMiB int `json:"disk_size_mib,omitempty"`
 }
 
 // ActionRequest is the optional body of lifecycle actions
@@ -126,6 +133,66 @@ type ForkRequest struct {
 type SnapshotRequest struct {
 	Name        string `json:"name"`
 	Compression string `json:"compression,omitempty"` // "none" (default) | "zstd"
+}
+
+// Image is the JSON shape of one image: a root filesystem built from a
+// container image, identified by its platform manifest's digest.
+type Image struct {
+	Digest       string      `json:"digest"`
+	Refs         []string    `json:"refs"`          // references that point at it
+	SizeBytes    int64       `json:"size_bytes"`    // apparent size of its ext4 image: a VM's default disk size
+	DiskBytes    int64       `json:"disk_bytes"`    // what that image file allocates on the host
+	ContentBytes int64       `json:"content_bytes"` // what its files take
+	Platform     string      `json:"platform"`
+	Layers       int         `json:"layers"`
+	CreatedAt    time.Time   `json:"created_at"`
+	Config       ImageConfig `json:"config"`
+}
+
+// ImageConfig is what the image says to run.
+type ImageConfig struct {
+	Entrypoint []string `json:"entrypoint,omitempty"`
+	Cmd        []string `json:"cmd,omitempty"`
+	Env        []string `json:"env,omitempty"`
+	WorkingDir string   `json:"working_dir,omitempty"`
+	User       string   `json:"user,omitempty"`
+}
+
+// PullRequest is the body of POST /images/pull.
+type PullRequest struct {
+	Ref      string `json:"ref"`
+	Platform string `json:"platform,omitempty"` // os/arch[/variant]; default linux/<host arch>
+}
+
+// Pull states.
+const (
+	PullRunning   = "running"
+	PullSucceeded = "succeeded"
+	PullFailed    = "failed"
+)
+
+// Pull is one image pull, as POST /images/pull starts it and GET
+// /images/pulls/{id} reports it: poll until State is not running.
+type Pull struct {
+	ID          string     `json:"id"`
+	Ref         string     `json:"ref"`
+	Platform    string     `json:"platform"`
+	State       string     `json:"state"` // running | succeeded | failed
+	Phase       string     `json:"phase"` // resolving | fetching | building | done
+	LayersDone  int        `json:"layers_done"`
+	LayersTotal int        `json:"layers_total"`
+	BytesDone   int64      `json:"bytes_done"`  // compressed layer bytes downloaded
+	BytesTotal  int64      `json:"bytes_total"` // compressed layer bytes in all
+	Image       *Image     `json:"image,omitempty"`
+	Error       *Error     `json:"error,omitempty"`
+	StartedAt   time.Time  `json:"started_at"`
+	FinishedAt  *time.Time `json:"finished_at,omitempty"`
+}
+
+// ImageGC is the answer of POST /images/gc.
+type ImageGC struct {
+	Deleted    []Image `json:"deleted"`
+	FreedBytes int64   `json:"freed_bytes"` // disk_bytes of the deleted images
 }
 
 // Error is the body of every error response.

@@ -4,6 +4,7 @@ import (
 	"net/http"
 	"net/netip"
 	"regexp"
+	"strings"
 )
 
 // Limits and defaults of requests. The Service may narrow them further.
@@ -17,6 +18,7 @@ const (
 	DefaultMemoryMiB = 256
 	MaxBootArgsBytes = 4096
 	MaxPathBytes     = 4096
+	MaxDiskSizeMiB   = 16 << 20 // 16 TiB
 )
 
 // Actions lists the lifecycle actions of POST /instances/{id}/{action}.
@@ -91,13 +93,43 @@ func (r CreateInstanceRequest) Validate() error {
 	if len(r.BootArgs) > MaxBootArgsBytes {
 		return invalid("boot_args is %d bytes; at most %d", len(r.BootArgs), MaxBootArgsBytes)
 	}
-	if len(r.Kernel) > MaxPathBytes || len(r.Rootfs) > MaxPathBytes {
-		return invalid("kernel and rootfs paths are at most %d bytes", MaxPathBytes)
+	if len(r.Kernel) > MaxPathBytes || len(r.Rootfs) > MaxPathBytes || len(r.Image) > MaxPathBytes {
+		return invalid("kernel, rootfs and image are at most %d bytes", MaxPathBytes)
+	}
+	if r.Image != "" && r.Rootfs != "" {
+		return invalid("give either image or rootfs, not both")
+	}
+	if r.DiskSizeMiB != 0 && r.Image == "" {
+		return invalid("disk_size_mib needs an image (a rootfs is used at its own size)")
+	}
+	if r.DiskSizeMiB < 0 || r.DiskSizeMiB > MaxDiskSizeMiB {
+		return invalid("disk_size_mib must be 1..%d, got %d", MaxDiskSizeMiB, r.DiskSizeMiB)
 	}
 	if r.Network != nil && r.Network.Enabled != nil && !*r.Network.Enabled && len(r.Publish) > 0 {
 		return invalid("publish needs a network; drop network.enabled=false or the publishes")
 	}
 	return validatePublish(r.Publish)
+}
+
+// ValidateImageRef checks an image reference or digest taken from a path
+// or body: non-empty and at most MaxPathBytes (the daemon parses it).
+func ValidateImageRef(ref string) error {
+	if ref == "" || len(ref) > MaxPathBytes || strings.ContainsAny(ref, "\x00\n") {
+		return errorf(http.StatusUnprocessableEntity, CodeInvalidName,
+			"image reference %q is empty, too long or holds a NUL or newline", ref)
+	}
+	return nil
+}
+
+// Validate checks a pull request.
+func (r PullRequest) Validate() error {
+	if err := ValidateImageRef(r.Ref); err != nil {
+		return err
+	}
+	if len(r.Platform) > 64 {
+		return invalid("platform is at most 64 bytes")
+	}
+	return nil
 }
 
 // MaxPublishes bounds the ports one request may publish.

@@ -85,7 +85,7 @@ func TestHelpListsEveryDesignCommand(t *testing.T) {
 		t.Fatalf("--help exited %d", code)
 	}
 	for _, c := range []string{"run", "ps", "inspect", "pause", "resume", "standby", "restore", "stop", "start",
-		"rm", "fork", "snapshot", "pager", "demo", "completion"} { // bench: cmd/forkd mounts it (TestBinaryHelpAndDemo)
+		"rm", "fork", "snapshot", "image", "pager", "demo", "completion"} { // bench: cmd/forkd mounts it (TestBinaryHelpAndDemo)
 		if !strings.Contains(out, "\n  "+c+" ") {
 			t.Errorf("forkd --help does not list %q", c)
 		}

@@ -18,11 +18,13 @@ func newRunCommand() *cobra.Command {
 	var req api.CreateInstanceRequest
 	var noStart, withNet, noNet bool
 	var publish []string
+	var diskSize string
 	cmd := &cobra.Command{
 		Use:   "run [NAME]",
 		Short: "Create an instance and boot it",
 		Example: `  forkd run web --memory 512 --kernel /srv/vmlinux --rootfs /srv/rootfs.ext4
   forkd run web --net --publish 8080:80     # reach it at its address, and at host port 8080
+  forkd run web --image alpine:3.20 --disk-size 4GiB
   forkd run --no-start`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -48,6 +50,21 @@ func newRunCommand() *cobra.Command {
 			if req.Publish, err = parsePublishes(publish); err != nil {
 				return err
 			}
+			if diskSize != "" {
+				n, err := api.ParseBytes(diskSize)
+				if err != nil || n <= 0 || n%(1<<20) != 0 {
+					return fmt.Errorf("--disk-size %q: want a whole number of MiB, e.g. 4GiB or 2048MiB", diskSize)
+				}
+				req.DiskSizeMiB = int(n >> 20)
+			}
+			if req.Image != "" {
+				// Pull first, with progress; the create then names the digest.
+				d, err := pullForRun(cmd.Context(), cmd, c, req.Image)
+				if err != nil {
+					return err
+				}
+				req.Image = d
+			}
 			start := time.Now()
 			inst, err := c.CreateInstance(cmd.Context(), req)
 			if errors.Is(err, api.ErrPoolExhausted) {
@@ -64,6 +81,9 @@ func newRunCommand() *cobra.Command {
 	f.IntVarP(&req.MemoryMiB, "memory", "m", api.DefaultMemoryMiB, "guest memory in MiB")
 	f.StringVar(&req.Kernel, "kernel", "", "kernel image path on the host (default: the daemon's)")
 	f.StringVar(&req.Rootfs, "rootfs", "", "root filesystem image path on the host")
+	f.StringVar(&req.Image, "image", "", "container image whose root filesystem the VM's disk clones (pulled first if missing): a registry reference, oci:PATH[:TAG] or docker-archive:PATH")
+	f.StringVar(&diskSize, "disk-size", "", "grow the image's disk to this size, e.g. 4GiB (default: the image's size)")
+	cmd.MarkFlagsMutuallyExclusive("image", "rootfs")
 	f.StringVar(&req.BootArgs, "boot-args", "", "kernel command line (the emulator reads forkd.ws_mib=N forkd.write_pct=P ...)")
 	f.BoolVar(&noStart, "no-start", false, "create only: leave it Created")
 	f.BoolVar(&withNet, "net", false, "give the VM a network: its own address (default: the daemon's network_default)")

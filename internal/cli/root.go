@@ -62,6 +62,7 @@ Start the daemon with 'forkd serve'; every other command talks to it.`,
 		add("vm", a)
 	}
 	add("snap", newForkCommand(), newSnapshotCommand())
+	add("vm", newImageCommand())
 
 	pager := &cobra.Command{Use: "pager", Short: "The userfaultfd pager"}
 	pager.AddCommand(newPagerStatsCommand())

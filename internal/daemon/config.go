@@ -41,6 +41,8 @@ type Config struct {
 	ForkRestoreBackend string // fork_restore_backend: file | uffd, for a fork's first restore
 	PagerCacheBytes    int64  // pager_cache_bytes: the pager's page cache budget
 	ForkStrategy       string // fork_strategy: hardlink | reflink | copy (benchmarks only)
+	Kernel             string // kernel: the kernel of instances created without one
+	ImageHeadroom      int64  // image_headroom: free space each image's filesystem gets
 
 	NetworkCIDR      string // network_cidr: the pool of VMs' host-side addresses
 	NetworkDefault   bool   // network_default: whether a create that does not say is networked
@@ -137,7 +139,7 @@ func settings() []setting {
 		{"pager_cache_bytes", "FORKD_PAGER_CACHE_BYTES", "pager-cache-bytes", "1GiB",
 			"the pager's page cache budget (bytes; K/M/G/KiB/MiB/GiB suffixes allowed)",
 			func(c *Config, v string) error {
-				n, err := ParseBytes(v)
+				n, err := api.ParseBytes(v)
 				c.PagerCacheBytes = n
 				return err
 			}},
@@ -159,6 +161,16 @@ func settings() []setting {
 		{"network_guest_mac", "FORKD_NETWORK_GUEST_MAC", "network-guest-mac", network.DefaultGuestMAC,
 			"every guest's MAC address",
 			str(func(c *Config) *string { return &c.NetworkGuestMAC })},
+		{"kernel", "FORKD_KERNEL", "kernel", "",
+			"kernel image path for instances created without one (needed with firecracker; the emulator needs none)",
+			str(func(c *Config) *string { return &c.Kernel })},
+		{"image_headroom", "FORKD_IMAGE_HEADROOM", "image-headroom", "256MiB",
+			"free space each image's root filesystem gets beyond its content (bytes; K/M/G suffixes allowed)",
+			func(c *Config, v string) error {
+				n, err := api.ParseBytes(v)
+				c.ImageHeadroom = n
+				return err
+			}},
 	}
 }
 
@@ -329,6 +341,9 @@ func (c Config) Validate() error {
 	if c.PagerCacheBytes < 0 {
 		return fmt.Errorf("config pager_cache_bytes: %d is negative", c.PagerCacheBytes)
 	}
+	if c.ImageHeadroom < 0 {
+		return fmt.Errorf("config image_headroom: %d is negative", c.ImageHeadroom)
+	}
 	if c.DataDir == "" {
 		return fmt.Errorf("config data_dir: empty")
 	}
@@ -399,47 +414,4 @@ func tcpAddr(listen string) (string, error) {
 		return "", fmt.Errorf("config listen %q: %w", listen, err)
 	}
 	return addr, nil
-}
-
-// ParseBytes parses a byte count: a plain integer, or one with a K, M, G, T
-// (powers of 1024, also written KiB, MiB...) or KB, MB, GB, TB (powers of
-// 1000) suffix.
-func ParseBytes(s string) (int64, error) {
-	t := strings.TrimSpace(s)
-	i := len(t)
-	for i > 0 && (t[i-1] < '0' || t[i-1] > '9') {
-		i--
-	}
-	num, unit := t[:i], strings.ToUpper(strings.TrimSpace(t[i:]))
-	n, err := strconv.ParseInt(num, 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("byte count %q: %w", s, err)
-	}
-	var mult int64
-	switch unit {
-	case "", "B":
-		mult = 1
-	case "K", "KIB":
-		mult = 1 << 10
-	case "M", "MIB":
-		mult = 1 << 20
-	case "G", "GIB":
-		mult = 1 << 30
-	case "T", "TIB":
-		mult = 1 << 40
-	case "KB":
-		mult = 1e3
-	case "MB":
-		mult = 1e6
-	case "GB":
-		mult = 1e9
-	case "TB":
-		mult = 1e12
-	default:
-		return 0, fmt.Errorf("byte count %q: unknown unit %q", s, unit)
-	}
-	if n < 0 || (n > 0 && mult > (1<<63-1)/n) {
-		return 0, fmt.Errorf("byte count %q: out of range", s)
-	}
-	return n * mult, nil
 }

@@ -46,6 +46,8 @@ func newBackend(ctx context.Context, cfg Config, log *slog.Logger, reg prometheu
 		Network:            netHost,
 		NetworkOffReason:   offReason,
 		NetworkDefault:     cfg.NetworkDefault,
+		Kernel:             cfg.Kernel,
+		ImageHeadroom:      cfg.ImageHeadroom,
 		Logger:             log,
 		Registerer:         reg,
 	})

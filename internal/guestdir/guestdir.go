@@ -146,8 +146,10 @@ func (l Layout) LostFoundEntry(dir, name string, n int) (string, error) {
 		kind = guestsName
 	case l.SnapshotsDir():
 		kind = snapshotsName
+	case l.ImagesDir():
+		kind = imagesName
 	default:
-		return "", fmt.Errorf("guestdir: lost+found: %s is neither guests/ nor snapshots/", dir)
+		return "", fmt.Errorf("guestdir: lost+found: %s is not guests/, snapshots/ or images/", dir)
 	}
 	if name == "" || name == "." || name == ".." || strings.ContainsRune(name, '/') {
 		return "", fmt.Errorf("guestdir: lost+found: invalid entry name %q", name)
@@ -278,17 +280,29 @@ func (l Layout) TempImage(digest string) (ImageDir, error) {
 // DeletingImage is where an image dir is renamed before it is removed.
 func (l Layout) DeletingImage(digest string) (string, error) {
 	t, err := l.TempImage(digest)
-	return t.Dir + ".deleting", err
+	return t.Dir + deletingSuffix, err
 }
 
 // ImageDigestOf is the digest an entry name under ImagesDir stands for, or
-// "" for a name that is not an image dir (a temp dir, a stray file).
+// "" for a name that is not an image dir's.
 func ImageDigestOf(name string) string {
 	d := strings.Replace(name, "-", ":", 1)
 	if ValidDigest(d) != nil {
 		return ""
 	}
 	return d
+}
+
+// TempImageDigest parses forkd's temp names under ImagesDir,
+// ".tmp-sha256-<hex>" (being built) and ".tmp-sha256-<hex>.deleting" (being
+// removed), into the digest. Any other name is not forkd's.
+func TempImageDigest(name string) (digest string, ok bool) {
+	rest, ok := strings.CutPrefix(name, TempPrefix)
+	if !ok {
+		return "", false
+	}
+	d := ImageDigestOf(strings.TrimSuffix(rest, deletingSuffix))
+	return d, d != ""
 }
 
 // ImageDir is one image's directory.

@@ -31,6 +31,15 @@ const (
 	StepStored = "stored"       // the temp dir renamed into place
 )
 
+// JournalSteps lists the steps of the store's journalled operations (each
+// starts with "begun"), for the manager's one list of crash points.
+func JournalSteps() map[string][]string {
+	return map[string][]string{
+		KindPull:   {"begun", StepBuilt, StepStored},
+		KindDelete: {"begun"},
+	}
+}
+
 // DefaultHeadroom is the free space an image's filesystem gets beyond its
 // content when the daemon's image_headroom is not set.
 const DefaultHeadroom = 256 << 20
@@ -518,14 +527,17 @@ func (s *Store) ReconcileEntry(ctx context.Context, e store.Entry) (what string,
 	return "removed the partial image", true, nil
 }
 
-// RemoveLeftovers removes temp dirs under images/ and image dirs no record
-// claims, and drops records whose dir is gone (unless something uses them:
-// those are logged, their VMs have their own disks).
-func (s *Store) RemoveLeftovers(ctx context.Context) error {
-	if err := os.MkdirAll(s.cfg.Layout.ImagesDir(), 0o700); err != nil {
-		return err
-	}
-	ents, err := os.ReadDir(s.cfg.Layout.ImagesDir())
+// Sweep removes what a crash left under images/ and sets aside what it
+// cannot account for, by the reconciler's rule: it deletes only what it can
+// prove forkd made (a real directory with one of forkd's temp names; an
+// image dir no record claims but the journal names), hands any other
+// forkd-named entry to setAside (the manager moves it to lost+found), and
+// leaves other names alone. It never follows a symlink. Records whose
+// files are gone are dropped unless something uses them (those VMs have
+// their own disks; the record is kept so the image is not silently lost).
+func (s *Store) Sweep(ctx context.Context, setAside func(dir, name string) (string, error)) error {
+	dir := s.cfg.Layout.ImagesDir()
+	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return err
 	}
@@ -533,11 +545,11 @@ func (s *Store) RemoveLeftovers(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	known := map[string]bool{}
+	recorded := map[string]bool{}
 	for _, im := range all {
-		known[im.Digest] = true
+		recorded[im.Digest] = true
 		d, _ := s.cfg.Layout.Image(im.Digest)
-		if _, err := os.Stat(d.Rootfs()); err != nil {
+		if st, err := os.Lstat(d.Rootfs()); err != nil || !st.Mode().IsRegular() {
 			s.log.Warn("reconcile: image files missing; dropping its record", "image", im.Digest, "err", err)
 			if err := s.db.DeleteImage(ctx, im.Digest); err != nil {
 				s.log.Error("reconcile: image record kept", "image", im.Digest, "err", err)
@@ -545,11 +557,43 @@ func (s *Store) RemoveLeftovers(ctx context.Context) error {
 		}
 	}
 	for _, e := range ents {
-		p := filepath.Join(s.cfg.Layout.ImagesDir(), e.Name())
-		if d := guestdir.ImageDigestOf(e.Name()); d == "" || !known[d] {
-			s.log.Info("reconcile: removing leftover", "path", p)
-			os.RemoveAll(p)
+		name := e.Name()
+		p := filepath.Join(dir, name)
+		_, temp := guestdir.TempImageDigest(name)
+		digest := guestdir.ImageDigestOf(name)
+		realDir := e.Type().IsDir()
+		switch {
+		case !temp && digest == "":
+			s.log.Warn("reconcile: not a forkd name: left alone", "path", p)
+			continue
+		case !realDir:
+		case temp:
+			s.log.Info("reconcile: removing temp dir", "path", p)
+			if err := os.RemoveAll(p); err != nil {
+				s.log.Error("reconcile: remove temp dir", "path", p, "err", err)
+			}
+			continue
+		case recorded[digest]:
+			continue
+		default:
+			named, err := s.db.Names(ctx, digest)
+			if err != nil {
+				return err
+			}
+			if named {
+				s.log.Info("reconcile: removing an image dir the journal names and no record claims", "path", p)
+				if err := os.RemoveAll(p); err != nil {
+					s.log.Error("reconcile: remove dir", "path", p, "err", err)
+				}
+				continue
+			}
 		}
+		dst, err := setAside(dir, name)
+		if err != nil {
+			s.log.Error("reconcile: cannot move an unaccounted entry to lost+found: left in place", "path", p, "err", err)
+			continue
+		}
+		s.log.Warn("reconcile: no record or journal entry accounts for this entry: moved to lost+found", "path", p, "moved_to", dst)
 	}
 	return nil
 }

@@ -152,6 +152,7 @@ func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequ
 	tmpl := store.Instance{
 		Vcpus: sn.Vcpus, MemoryMiB: sn.MemoryMiB, Kernel: sn.Kernel, BootArgs: sn.BootArgs,
 		Source: "snapshot:" + sn.ID, Networked: sn.NetGuest != "", NetGuest: sn.NetGuest, NetMAC: sn.NetMAC,
+		Image: sn.Image,
 	}
 	fork, err := m.fork(ctx, req, tmpl, forkSpec{files: files, key: sn.SnapshotCacheKey})
 	release()
@@ -243,6 +244,7 @@ func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Inst
 		Kernel: tmpl.Kernel, Rootfs: tmpl.Rootfs, BootArgs: tmpl.BootArgs, CreatedAt: time.Now().UTC(),
 		Source: tmpl.Source, MemoryCheck: tmpl.MemoryCheck, RestoreBackend: m.cfg.ForkRestoreBackend,
 		Networked: tmpl.Networked, NetGuest: tmpl.NetGuest, NetMAC: tmpl.NetMAC,
+		Image: tmpl.Image,
 	}
 	fail := func(o *op, err error) (store.Instance, error) {
 		err = fmt.Errorf("fork %q from %s: %w", req.Name, tmpl.Source, err)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
@@ -12,6 +13,7 @@ import (
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/hostpath"
+	rootfsimg "github.com/forkd/forkd/internal/rootfs"
 	"github.com/forkd/forkd/internal/store"
 )
 
@@ -71,8 +73,14 @@ func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequ
 	if req.Vcpus < 1 || req.Vcpus > maxVcpus || req.MemoryMiB < 1 {
 		return api.Instance{}, fmt.Errorf("%w: vcpus %d (1-%d), memory_mib %d (>0)", api.ErrInvalid, req.Vcpus, maxVcpus, req.MemoryMiB)
 	}
-	if !m.cfg.VMM.Emulator && (req.Kernel == "" || req.Rootfs == "") {
-		return api.Instance{}, fmt.Errorf("%w: kernel and rootfs are required with firecracker (%s)", api.ErrInvalid, m.cfg.VMM.Binary)
+	if req.Image != "" && req.Rootfs != "" {
+		return api.Instance{}, fmt.Errorf("%w: give either image or rootfs, not both", api.ErrInvalid)
+	}
+	if req.DiskSizeMiB != 0 && req.Image == "" {
+		return api.Instance{}, fmt.Errorf("%w: disk_size_mib needs an image", api.ErrInvalid)
+	}
+	if !m.cfg.VMM.Emulator && ((req.Kernel == "" && m.cfg.Kernel == "") || (req.Rootfs == "" && req.Image == "")) {
+		return api.Instance{}, fmt.Errorf("%w: a kernel (the request's, or the daemon's kernel setting) and a rootfs or image are required with firecracker (%s)", api.ErrInvalid, m.cfg.VMM.Binary)
 	}
 	// Each host file is opened once, checked on its handle and cloned from
 	// it (hostpath): naming a file must never read one the caller may not,
@@ -95,6 +103,16 @@ func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequ
 		}
 		defer f.Close()
 		*h.f, *h.path = f, f.Name()
+	}
+	if kernel == nil && m.cfg.Kernel != "" {
+		// The daemon's kernel setting: the operator's file, checked the
+		// same way, but not confined to host_path_dirs (no client named it).
+		f, err := m.hostFiles().Open("kernel", m.cfg.Kernel, false)
+		if err != nil {
+			return api.Instance{}, fmt.Errorf("the daemon's kernel setting: %w", err)
+		}
+		defer f.Close()
+		kernel, req.Kernel = f, f.Name()
 	}
 	g, err := m.guest(id)
 	if err != nil {
@@ -120,6 +138,23 @@ func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequ
 		rec.NetGuest, rec.NetMAC = nc.Guest.String(), nc.GuestMAC.String()
 		rec.BootArgs = withBootIP(rec.BootArgs, nc.BootIP())
 	}
+	var disk imageDisk
+	var releaseOnce sync.Once
+	releaseImage := func() {}
+	defer releaseOnce.Do(func() { releaseImage() })
+	if req.Image != "" {
+		// Pull (if missing) before anything is journalled: a bad image
+		// leaves nothing behind. The image stays held until the record
+		// naming it is durable, so no delete can slip in between.
+		im, release, err := m.acquireImage(ctx, req.Image, req.DiskSizeMiB)
+		if err != nil {
+			return api.Instance{}, fmt.Errorf("create instance %q: %w", req.Name, err)
+		}
+		releaseImage = release
+		rec.Image = im.Digest
+		disk.rootfs, _ = m.images.Rootfs(im.Digest)
+		disk.size = int64(req.DiskSizeMiB) << 20
+	}
 	o, err := m.begin(ctx, "create", id, opPayload{})
 	if err != nil {
 		return api.Instance{}, err
@@ -130,7 +165,7 @@ func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequ
 	}
 	err = m.setupNetwork(ctx, o, rec, pubs)
 	if err == nil {
-		err = m.makeGuestFiles(kernel, rootfs, g)
+		err = m.makeGuestFiles(ctx, kernel, rootfs, disk, g)
 	}
 	if err == nil {
 		rec.State = api.StateCreated
@@ -139,10 +174,11 @@ func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequ
 	if err == nil {
 		err = o.step(ctx, "files", nil)
 	}
+	releaseOnce.Do(func() { releaseImage() }) // the record naming the image is durable, or gone
 	if err != nil {
 		m.removePartial(ctx, id)
 		o.finish(ctx, err)
-		return api.Instance{}, fmt.Errorf("create instance %q: %w", req.Name, err)
+		return api.Instance{}, fmt.Errorf("create instance %q: %w", req.Name, imageErr(err))
 	}
 	o.finish(ctx, nil)
 	m.log.Info("instance created", "instance", id, "name", req.Name, "vcpus", req.Vcpus, "memory_mib", req.MemoryMiB)
@@ -162,11 +198,18 @@ func (m *Manager) hostFiles() hostpath.Policy {
 	return hostpath.Policy{DataDir: m.layout.Root(), Allowed: m.cfg.HostPathDirs}
 }
 
+// imageDisk is an image's ext4 a new instance's disk is cloned from.
+type imageDisk struct {
+	rootfs string // the image's rootfs.ext4 (held by the caller); "" for none
+	size   int64  // grow the clone to this many bytes; 0 keeps the image's size
+}
+
 // makeGuestFiles creates the guest dir with its kernel and a private
 // rootfs: clones (reflink-first) of the user's files, read through the
-// handles the caller opened and checked, else a placeholder kernel and a
-// sparse placeholder disk.
-func (m *Manager) makeGuestFiles(kernel, rootfs *os.File, g guestdir.Guest) error {
+// handles the caller opened and checked, or of an image's ext4 grown to
+// img.size (reflink-first, so a second VM of an image costs no data I/O on
+// XFS), else a placeholder kernel and a sparse placeholder disk.
+func (m *Manager) makeGuestFiles(ctx context.Context, kernel, rootfs *os.File, img imageDisk, g guestdir.Guest) error {
 	if err := os.MkdirAll(g.LogsDir(), 0o755); err != nil {
 		return err
 	}
@@ -177,11 +220,21 @@ func (m *Manager) makeGuestFiles(kernel, rootfs *os.File, g guestdir.Guest) erro
 	} else if err := atomicfile.WriteFile(g.Kernel(), placeholderKernel, 0o644); err != nil {
 		return err
 	}
-	if rootfs != nil {
+	switch {
+	case rootfs != nil:
 		if _, err := m.files.CloneFile(rootfs, g.Rootfs()); err != nil {
 			return err
 		}
-	} else {
+	case img.rootfs != "":
+		if _, err := m.files.Clone(img.rootfs, g.Rootfs()); err != nil {
+			return err
+		}
+		if img.size > 0 {
+			if err := rootfsimg.Grow(ctx, g.Rootfs(), img.size); err != nil {
+				return err
+			}
+		}
+	default:
 		f, err := os.OpenFile(g.Rootfs(), os.O_CREATE|os.O_WRONLY|os.O_EXCL, 0o644)
 		if err != nil {
 			return err
@@ -266,6 +319,7 @@ func (m *Manager) toAPIWith(in store.Instance, pubs []store.Publish) api.Instanc
 		Source: in.Source, SnapshotCacheKey: in.SnapshotCacheKey, MemoryCheck: check,
 		ForkMode: in.ForkMode, RestoreBackend: in.RestoreBackend, Pid: in.Pid, Error: errText,
 		Network: netw, Publish: publish,
+		Image: in.Image,
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/image"
 	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/network"
 	"github.com/forkd/forkd/internal/pidwatch"
@@ -47,6 +48,13 @@ type Config struct {
 	Network          *network.Host
 	NetworkOffReason string
 	NetworkDefault   bool
+	// Kernel is the kernel of instances created without one (the daemon's
+	// kernel setting); "" leaves them the emulator's placeholder, or
+	// refuses them with real Firecracker.
+	Kernel string
+	// ImageHeadroom is the free space each image's filesystem gets beyond
+	// its content (0: image.DefaultHeadroom).
+	ImageHeadroom int64
 	// Logger receives what the manager does (default: slog.Default()).
 	Logger *slog.Logger
 	// Registerer receives the manager's metrics (nil: not registered).
@@ -84,7 +92,8 @@ type Manager struct {
 	met    *metrics
 	// files runs every mem-file, disk and kernel copy (memfile), telling
 	// noteFullCopy when a sparse copy had to move every byte.
-	files memfile.Options
+	files  memfile.Options
+	images *image.Store
 
 	// ctx is cancelled by Close; background work (compression) uses it and
 	// is tracked by wg.
@@ -173,10 +182,26 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		pagerWatches: map[string]*pidwatch.Watch{},
 		compressing:  map[string]context.CancelFunc{},
 	}
+	if cfg.Kernel != "" {
+		// The kernel setting is checked as a client's kernel would be (a
+		// plain file through no symlink, outside the data dir), once now so
+		// a bad setting fails the start, and again at each create.
+		f, err := m.hostFiles().Open("kernel", cfg.Kernel, false)
+		if err != nil {
+			db.Close()
+			cancel()
+			return nil, fmt.Errorf("instance manager: kernel setting: %w", err)
+		}
+		m.cfg.Kernel = f.Name()
+		f.Close()
+	}
+	m.images = image.New(image.Config{Layout: layout, DB: db, Headroom: cfg.ImageHeadroom,
+		StepHook: crashPoint, Logger: cfg.Logger})
 	m.met = newMetrics(m)
 	m.files = memfile.Options{FullCopy: m.noteFullCopy}
 	if cfg.Registerer != nil {
 		if err := m.met.register(cfg.Registerer); err != nil {
+			m.images.Close()
 			db.Close()
 			cancel()
 			return nil, fmt.Errorf("instance manager: metrics: %w", err)
@@ -184,6 +209,7 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	}
 	if err := m.Reconcile(ctx); err != nil {
 		m.stopBackground()
+		m.images.Close()
 		db.Close()
 		return nil, fmt.Errorf("instance manager: reconcile: %w", err)
 	}
@@ -197,6 +223,7 @@ func (m *Manager) Close() error {
 	if m.cfg.Network != nil {
 		m.cfg.Network.Close()
 	}
+	m.images.Close()
 	return m.db.Close()
 }
 

@@ -42,7 +42,10 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 		return err
 	}
 	for _, e := range entries {
-		what, err := m.reconcileEntry(ctx, e)
+		what, handled, err := m.images.ReconcileEntry(ctx, e)
+		if !handled {
+			what, err = m.reconcileEntry(ctx, e)
+		}
 		outcome := "reconciled: " + what
 		if err != nil {
 			outcome = "reconcile failed: " + err.Error()
@@ -56,6 +59,9 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 	}
 	if err := m.sweepDataDirs(ctx); err != nil {
 		return err
+	}
+	if err := m.images.Sweep(ctx, m.moveToLostFound); err != nil {
+		return fmt.Errorf("reconcile images: %w", err)
 	}
 	all, err := m.db.ListInstances(ctx)
 	if err != nil {

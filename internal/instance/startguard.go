@@ -27,7 +27,7 @@ func makeDataSubdirs(l guestdir.Layout) error {
 	if err := os.MkdirAll(l.Root(), 0o700); err != nil {
 		return fmt.Errorf("data dir: %w", err)
 	}
-	for _, d := range []string{l.GuestsDir(), l.SnapshotsDir(), l.PagerRoot()} {
+	for _, d := range []string{l.GuestsDir(), l.SnapshotsDir(), l.PagerRoot(), l.ImagesDir()} {
 		if err := os.Mkdir(d, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
 			return fmt.Errorf("data dir: %w", err)
 		}

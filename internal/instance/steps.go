@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+
+	"github.com/forkd/forkd/internal/image"
 )
 
 // journalSteps is the one list of forkd's crash points: for each kind of
@@ -19,7 +21,7 @@ import (
 // store group commit's label is a crash point too, reached with the group's
 // writes made and its COMMIT not yet ("fork:beginning", "fork:committing":
 // see storeOptions).
-var journalSteps = map[string][]string{
+var journalSteps = withImageSteps(map[string][]string{
 	"create":          {"begun", "network", "files"}, // network: networked VMs only
 	"start":           {"begun", "booted"},
 	"stop":            {"begun"},
@@ -30,6 +32,14 @@ var journalSteps = map[string][]string{
 	"delete":          {"begun"},
 	"snapshot-delete": {"begun"},
 	"compress":        {"compressed", "raw-removed"}, // background, not journalled: crash points only
+})
+
+// withImageSteps adds the image store's kinds: it journals its own
+// operations (its StepHook is crashPoint), and package image's tests check
+// that it records exactly the steps it declares.
+func withImageSteps(steps map[string][]string) map[string][]string {
+	maps.Copy(steps, image.JournalSteps())
+	return steps
 }
 
 // JournalSteps returns a copy of the crash points of every operation kind

@@ -173,7 +173,8 @@ func crashCases() []crashCase {
 	for _, step := range []string{"paused", "creating", "created", "stored"} {
 		cases = append(cases, crashCase{at: "snapshot:" + step, setup: running, op: snapshot("none")})
 	}
-	return append(cases, networkCrashCases()...)
+	cases = append(cases, networkCrashCases()...)
+	return append(cases, imageCrashCases()...)
 }
 
 // TestCrashCasesCoverEveryJournalStep checks the crash cases against the
@@ -204,7 +205,8 @@ func TestCrashCasesCoverEveryJournalStep(t *testing.T) {
 // TestCrashAtEveryJournalStepLosesNothing SIGKILLs the daemon at each
 // journal step of create, start, stop, standby (fresh and diff into a
 // shared base), restore, fork (standby and live), snapshot (standby and
-// live), delete, snapshot delete and compression. After a restart without
+// live), delete, snapshot delete, compression, image pulls (direct and by a
+// create) and deletes, and a create from an image. After a restart without
 // the hook it checks the invariants (stable states, no leftovers, no leaked
 // VMM, no shared inode writable), that nothing but a deleted subject was
 // lost, and that everything is operable with its memory intact.

@@ -15,7 +15,8 @@ import (
 // Exercise proves every instance and snapshot is operable and its memory
 // intact: Standby instances restore; Running ones go through standby and
 // restore again (the base survived); Paused ones resume; Created and Stopped
-// ones start; every snapshot forks into a Running VM. Then each Running VM
+// ones start; every snapshot forks into a Running VM; every image boots a
+// new VM from its root filesystem. Then each Running VM
 // runs its self-checking workload for a moment and must report
 // memory_check "ok". It returns how many operations it ran.
 func Exercise(ctx context.Context, c *api.Client) (int, error) {
@@ -64,6 +65,20 @@ func Exercise(ctx context.Context, c *api.Client) (int, error) {
 		name := fmt.Sprintf("x-%s-%d-%x", strings.ToLower(s.ID[:6]), i, nonce)
 		run("fork snapshot "+s.Name, func() (api.Instance, error) {
 			return c.ForkSnapshot(ctx, ref, api.ForkRequest{Name: name, TargetState: api.StateRunning})
+		})
+	}
+	images, err := c.ListImages(ctx)
+	if err != nil {
+		return ops, err
+	}
+	for i, im := range images {
+		digest := im.Digest
+		var nonce [4]byte
+		rand.Read(nonce[:])
+		name := fmt.Sprintf("img-%s-%d-%x", digest[7:13], i, nonce)
+		run("create from image "+digest[:19], func() (api.Instance, error) {
+			return c.CreateInstance(ctx, api.CreateInstanceRequest{Name: name, Image: digest, MemoryMiB: 32,
+				BootArgs: "forkd.ws_mib=4 forkd.rate=400 forkd.write_pct=30"})
 		})
 	}
 	time.Sleep(300 * time.Millisecond) // let the workloads read (and verify) pages

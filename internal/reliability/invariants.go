@@ -31,7 +31,7 @@ func isStable(state string) bool {
 func isRootEntry(name string) bool {
 	switch name {
 	case "forkd.db", "forkd.db-wal", "forkd.db-shm", "forkd.db-journal",
-		"forkd.lock", "forkd.sock", "guests", "snapshots", "pager":
+		"forkd.lock", "forkd.sock", "guests", "snapshots", "pager", "images":
 		return true
 	}
 	return false
@@ -198,8 +198,52 @@ func CheckInvariants(ctx context.Context, d *Daemon) error {
 		}
 	}
 
+	images, err := c.ListImages(ctx)
+	if err != nil {
+		return fmt.Errorf("list images: %w", err)
+	}
+	imageDigests := map[string]bool{}
+	for _, im := range images {
+		imageDigests[im.Digest] = true
+		d, err := layout.Image(im.Digest)
+		if err != nil {
+			bad("image %s: %v", im.Digest, err)
+			continue
+		}
+		if st, err := os.Stat(d.Rootfs()); err != nil || st.Size() != im.SizeBytes {
+			bad("image %s: rootfs.ext4 missing or not %d bytes: %v", im.Digest, im.SizeBytes, err)
+		}
+	}
+	for _, in := range insts {
+		if in.Image != "" && !imageDigests[in.Image] {
+			bad("instance %s uses image %s, which is gone", in.Name, in.Image)
+		}
+	}
+	for _, s := range snaps {
+		if s.Image != "" && !imageDigests[s.Image] {
+			bad("snapshot %s uses image %s, which is gone", s.Name, s.Image)
+		}
+	}
+
 	errs = append(errs, leftovers(layout, byID, snapIDs)...)
+	errs = append(errs, imageLeftovers(layout, imageDigests)...)
 	return errors.Join(errs...)
+}
+
+// imageLeftovers lists entries under images/ that are not a recorded
+// image's directory (a temp dir, a dir no record claims, anything else).
+func imageLeftovers(layout guestdir.Layout, recorded map[string]bool) []error {
+	ents, err := os.ReadDir(layout.ImagesDir())
+	if err != nil {
+		return []error{err}
+	}
+	var errs []error
+	for _, e := range ents {
+		if d := guestdir.ImageDigestOf(e.Name()); d == "" || !recorded[d] || !e.IsDir() {
+			errs = append(errs, fmt.Errorf("leftover %s (no image record)", filepath.Join(layout.ImagesDir(), e.Name())))
+		}
+	}
+	return errs
 }
 
 // leftovers lists temp files and dirs, and dirs no record claims.

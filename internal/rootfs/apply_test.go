@@ -183,7 +183,7 @@ func escapeCases(t *testing.T) []struct {
 func TestApplyRefusesEntriesThatEscapeTheRoot(t *testing.T) {
 	for _, tc := range escapeCases(t) {
 		t.Run(tc.name, func(t *testing.T) {
-			err, outside := applyEscape(t, Options{}, tc.layers)
+			outside, err := applyEscape(t, Options{}, tc.layers)
 			if !errors.Is(err, ErrUnsafe) {
 				t.Errorf("got %v, want ErrUnsafe", err)
 			}
@@ -199,7 +199,7 @@ func TestApplyRefusesEntriesThatEscapeTheRoot(t *testing.T) {
 // check above sees the file appear outside.
 func TestApplyEscapeTestCatchesAnUnguardedUnpack(t *testing.T) {
 	c := escapeCases(t)[2] // relative symlink parent: lands in the test's own temp dir
-	_, outside := applyEscape(t, Options{unsafeFollowSymlinks: true}, c.layers)
+	outside, _ := applyEscape(t, Options{unsafeFollowSymlinks: true}, c.layers)
 	if outside == "" {
 		t.Fatal("without RESOLVE_BENEATH the symlinked write still did not escape: the escape test cannot fail")
 	}
@@ -208,7 +208,7 @@ func TestApplyEscapeTestCatchesAnUnguardedUnpack(t *testing.T) {
 // applyEscape applies layers into <tmp>/a/b/tree, where <tmp> also holds
 // "outside" (a file a whiteout or hardlink might touch), and reports what
 // changed outside the tree.
-func applyEscape(t *testing.T, opts Options, layers [][]byte) (error, string) {
+func applyEscape(t *testing.T, opts Options, layers [][]byte) (changedOutside string, err error) {
 	testenv.NeedRoot(t)
 	top := t.TempDir()
 	dir := filepath.Join(top, "a", "b", "tree")
@@ -242,5 +242,5 @@ func applyEscape(t *testing.T, opts Options, layers [][]byte) (error, string) {
 	if info, serr := os.Stat(outside); serr == nil && info.Sys().(*syscall.Stat_t).Nlink != 1 {
 		changed = append(changed, outside+" gained a hardlink")
 	}
-	return err, strings.Join(changed, ", ")
+	return strings.Join(changed, ", "), err
 }

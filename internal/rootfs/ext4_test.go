@@ -18,7 +18,7 @@ import (
 func needLoop(t *testing.T) {
 	t.Helper()
 	testenv.NeedRoot(t)
-	testenv.Need(t, testenv.Loop, testfs.Unavailable(testfs.Ext4))
+	testfs.Need(t, testfs.Ext4)
 }
 
 // TestMakeExt4HoldsTheTreeExactly builds an image from an applied tree,

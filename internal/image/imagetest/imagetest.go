@@ -125,8 +125,7 @@ type Registry struct {
 	mu        sync.Mutex      // guards the fields below
 	blobGets  map[string]int  // digest → GETs of that blob
 	tamper    map[string]bool // digests whose bytes are served corrupted
-	wrap      func(http.Handler) http.Handler
-	basicAuth [2]string // user, password; "" for none
+	basicAuth [2]string       // user, password; "" for none
 }
 
 // NewRegistry starts a registry that the test's cleanup stops.
