@@ -41,33 +41,10 @@ func (p Policy) Open(what, path string, remote bool) (*os.File, error) {
 	refuse := func(format string, args ...any) (*os.File, error) {
 		return nil, fmt.Errorf("%w: %s %q: %s", ErrRefused, what, path, fmt.Sprintf(format, args...))
 	}
-	if !filepath.IsAbs(path) {
-		return refuse("not an absolute path (a relative one would resolve against the daemon's working directory)")
+	if err := p.Check(what, path, remote); err != nil {
+		return nil, err
 	}
 	clean := filepath.Clean(path)
-	for _, f := range forbidden {
-		if under(clean, f) {
-			return refuse("under %s, which holds kernel interfaces, not files", f)
-		}
-	}
-	if p.DataDir != "" && under(clean, filepath.Clean(p.DataDir)) {
-		return refuse("inside forkd's data dir %s; give a file from elsewhere on the host", p.DataDir)
-	}
-	if remote {
-		ok := false
-		for _, d := range p.Allowed {
-			if under(clean, filepath.Clean(d)) {
-				ok = true
-				break
-			}
-		}
-		if !ok {
-			if len(p.Allowed) == 0 {
-				return refuse("over TCP no host file may be named unless host_path_dirs lists its directory (none is listed); use the Unix socket, or list the directory in host_path_dirs")
-			}
-			return refuse("over TCP a host file must be under one of host_path_dirs (%s)", strings.Join(p.Allowed, ", "))
-		}
-	}
 	fd, err := unix.Openat2(unix.AT_FDCWD, clean, &unix.OpenHow{
 		Flags:   unix.O_RDONLY | unix.O_NOFOLLOW | unix.O_NONBLOCK | unix.O_CLOEXEC | unix.O_NOCTTY,
 		Resolve: unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS,
@@ -107,6 +84,45 @@ func (p Policy) Open(what, path string, remote bool) (*os.File, error) {
 		return refuse("on a proc or sysfs filesystem, which holds kernel interfaces, not files")
 	}
 	return f, nil
+}
+
+// Check applies the checks of a path itself, before anything is opened:
+// absolute, not under /proc, /sys or /dev, not in the data dir, and for a
+// remote caller under one of Allowed. Open runs it first; a caller that
+// hands the path to a reader of its own (an image layout directory) runs
+// it alone.
+func (p Policy) Check(what, path string, remote bool) error {
+	refuse := func(format string, args ...any) error {
+		return fmt.Errorf("%w: %s %q: %s", ErrRefused, what, path, fmt.Sprintf(format, args...))
+	}
+	if !filepath.IsAbs(path) {
+		return refuse("not an absolute path (a relative one would resolve against the daemon's working directory)")
+	}
+	clean := filepath.Clean(path)
+	for _, f := range forbidden {
+		if under(clean, f) {
+			return refuse("under %s, which holds kernel interfaces, not files", f)
+		}
+	}
+	if p.DataDir != "" && under(clean, filepath.Clean(p.DataDir)) {
+		return refuse("inside forkd's data dir %s; give a file from elsewhere on the host", p.DataDir)
+	}
+	if remote {
+		ok := false
+		for _, d := range p.Allowed {
+			if under(clean, filepath.Clean(d)) {
+				ok = true
+				break
+			}
+		}
+		if !ok {
+			if len(p.Allowed) == 0 {
+				return refuse("over TCP no host file may be named unless host_path_dirs lists its directory (none is listed); use the Unix socket, or list the directory in host_path_dirs")
+			}
+			return refuse("over TCP a host file must be under one of host_path_dirs (%s)", strings.Join(p.Allowed, ", "))
+		}
+	}
+	return nil
 }
 
 // under reports whether clean path p is dir or inside it.

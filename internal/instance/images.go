@@ -17,6 +17,9 @@ import (
 
 // StartPull starts a background pull; GetPull reports it.
 func (m *Manager) StartPull(ctx context.Context, req api.PullRequest) (api.Pull, error) {
+	if err := m.checkImagePath(ctx, req.Ref); err != nil {
+		return api.Pull{}, err
+	}
 	st, err := m.images.StartPull(req.Ref, req.Platform)
 	if err != nil {
 		return api.Pull{}, imageErr(err)
@@ -70,6 +73,22 @@ func (m *Manager) GCImages(ctx context.Context) (api.ImageGC, error) {
 		res.FreedBytes += im.DiskBytes
 	}
 	return res, imageErr(err)
+}
+
+// checkImagePath holds the path of an oci: or docker-archive: reference to
+// the rules of every host path a client names (hostpath.Policy.Check):
+// absolute, not under /proc, /sys or /dev or in the data dir, and over TCP
+// only under host_path_dirs. (The image's blobs are then read by
+// go-containerregistry and verified against their digests.)
+func (m *Manager) checkImagePath(ctx context.Context, ref string) error {
+	r, err := image.ParseRef(ref)
+	if err != nil || r.Path == "" {
+		return nil // a registry reference, or one Pull refuses with its own error
+	}
+	if err := m.hostFiles().Check("image", r.Path, api.IsRemote(ctx)); err != nil {
+		return fmt.Errorf("%w: %v", api.ErrInvalid, err)
+	}
+	return nil
 }
 
 // imageErr maps package image's (and rootfs's) errors to the API's
@@ -135,6 +154,9 @@ func pullToAPI(st image.PullStatus) api.Pull {
 // called; CreateInstance releases it once the record naming the image is
 // durable, after cloning the image's ext4 for the new disk.
 func (m *Manager) acquireImage(ctx context.Context, ref string, diskMiB int) (im image.Image, release func(), err error) {
+	if err := m.checkImagePath(ctx, ref); err != nil {
+		return image.Image{}, nil, err
+	}
 	im, release, err = m.images.Acquire(ctx, ref)
 	if err != nil {
 		return image.Image{}, nil, imageErr(err)

@@ -130,19 +130,27 @@ func TestBadImageCreatesLeaveNothing(t *testing.T) {
 	ctx := context.Background()
 	ref, _ := testImage(t, 0)
 	for _, tc := range []struct {
-		name string
-		req  api.CreateInstanceRequest
-		want error
-		text string
+		name   string
+		req    api.CreateInstanceRequest
+		want   error
+		text   string
+		remote bool
 	}{
-		{"unknown image", api.CreateInstanceRequest{Image: "oci:/nonexistent/layout"}, api.ErrNotFound, "/nonexistent/layout"},
-		{"disk too small", api.CreateInstanceRequest{Image: ref, DiskSizeMiB: 1}, api.ErrInvalid, "at least"},
-		{"image and rootfs", api.CreateInstanceRequest{Image: ref, Rootfs: "/etc/hostname"}, api.ErrInvalid, "not both"},
-		{"bad reference", api.CreateInstanceRequest{Image: "oci:relative"}, api.ErrInvalid, "absolute"},
+		{"unknown image", api.CreateInstanceRequest{Image: "oci:/nonexistent/layout"}, api.ErrNotFound, "/nonexistent/layout", false},
+		{"disk too small", api.CreateInstanceRequest{Image: ref, DiskSizeMiB: 1}, api.ErrInvalid, "at least", false},
+		{"image and rootfs", api.CreateInstanceRequest{Image: ref, Rootfs: "/etc/hostname"}, api.ErrInvalid, "not both", false},
+		{"bad reference", api.CreateInstanceRequest{Image: "oci:relative"}, api.ErrInvalid, "absolute", false},
+		{"layout in the data dir", api.CreateInstanceRequest{Image: "oci:" + m.layout.ImagesDir()}, api.ErrInvalid, "data dir", false},
+		{"layout under /proc", api.CreateInstanceRequest{Image: "docker-archive:/proc/self/environ"}, api.ErrInvalid, "/proc", false},
+		{"layout over TCP outside host_path_dirs", api.CreateInstanceRequest{Image: ref}, api.ErrInvalid, "host_path_dirs", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tc.req.Name, tc.req.MemoryMiB, tc.req.BootArgs = "bad", testMemMiB, testBootArgs
-			_, err := m.CreateInstance(ctx, tc.req)
+			cctx := ctx
+			if tc.remote {
+				cctx = api.WithRemote(ctx)
+			}
+			_, err := m.CreateInstance(cctx, tc.req)
 			if !errors.Is(err, tc.want) || !strings.Contains(err.Error(), tc.text) {
 				t.Errorf("got %v, want %v mentioning %q", err, tc.want, tc.text)
 			}
