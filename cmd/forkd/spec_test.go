@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,6 +23,7 @@ import (
 
 	apispec "github.com/forkd/forkd/api"
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/image/imagetest"
 )
 
 // TestRealDaemonResponsesConformToSpec runs the real daemon (instance
@@ -166,4 +168,78 @@ func TestRealDaemonResponsesConformToSpec(t *testing.T) {
 	}
 	call("GET", "/instances", "", 200)
 	call("GET", "/metrics", "", 200)
+	if os.Geteuid() == 0 { // building an image's root filesystem needs root
+		imageCalls(t, bin, sock, call)
+	}
+}
+
+// imageCalls pulls an image from an OCI layout through the real daemon
+// (polling the pull as a client does), makes a VM of it, and checks the
+// image endpoints' answers against the spec; then drives the same through
+// the forkd CLI binary: pull with progress, run --image, image ls -o json,
+// a refused rm with its hint, gc.
+func imageCalls(t *testing.T, bin, sock string, call func(method, path, body string, want ...int) []byte) {
+	layout := filepath.Join(t.TempDir(), "layout")
+	imagetest.WriteLayout(t, layout, "v1", imagetest.Rich(t, 1<<20))
+	ref := "oci:" + layout + ":v1"
+	var p api.Pull
+	json.Unmarshal(call("POST", "/images/pull", `{"ref":"`+ref+`"}`, 202), &p)
+	for deadline := time.Now().Add(60 * time.Second); p.State == api.PullRunning; time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("pull %s still running after 60 s: %+v", p.ID, p)
+		}
+		json.Unmarshal(call("GET", "/images/pulls/"+p.ID, "", 200), &p)
+	}
+	if p.State != api.PullSucceeded || p.Image == nil {
+		t.Fatalf("pull ended %s: %+v", p.State, p.Error)
+	}
+	esc := url.PathEscape(ref)
+	call("GET", "/images", "", 200)
+	call("GET", "/images/"+esc, "", 200)
+	call("GET", "/images/"+p.Image.Digest, "", 200)
+	call("POST", "/instances", `{"name":"img","memory_mib":32,"image":"`+ref+`","disk_size_mib":512}`, 201)
+	call("DELETE", "/images/"+esc, "", 409)
+	call("POST", "/images/gc", "", 200)
+	call("DELETE", "/instances/img", "", 204)
+	call("DELETE", "/images/"+esc, "", 204)
+	call("GET", "/images/"+esc, "", 404)
+	var bad api.Pull
+	json.Unmarshal(call("POST", "/images/pull", `{"ref":"oci:/nonexistent/forkd-layout"}`, 202), &bad)
+	for deadline := time.Now().Add(30 * time.Second); bad.State == api.PullRunning && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		json.Unmarshal(call("GET", "/images/pulls/"+bad.ID, "", 200), &bad)
+	}
+	if bad.State != api.PullFailed || bad.Error == nil || bad.Error.Code != api.CodeNotFound {
+		t.Errorf("pull of a missing layout: %+v, want failed with not_found", bad)
+	}
+
+	cli := func(wantOK bool, args ...string) (string, string) {
+		t.Helper()
+		var out, errb bytes.Buffer
+		cmd := exec.Command(bin, append([]string{"--host", sock}, args...)...)
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		err := cmd.Run()
+		if (err == nil) != wantOK {
+			t.Errorf("forkd %v: %v (want success %v)\nstdout: %s\nstderr: %s", args, err, wantOK, out.String(), errb.String())
+		}
+		return out.String(), errb.String()
+	}
+	_, progress := cli(true, "image", "pull", ref)
+	for _, phase := range []string{"resolving", "done"} {
+		if !strings.Contains(progress, phase) {
+			t.Errorf("forkd image pull printed no %q progress line:\n%s", phase, progress)
+		}
+	}
+	cli(true, "run", "img2", "--memory", "32", "--image", ref, "--disk-size", "512MiB")
+	out, _ := cli(true, "image", "ls", "-o", "json")
+	var list []api.Image
+	if err := json.Unmarshal([]byte(out), &list); err != nil || len(list) != 1 || list[0].Digest == "" || len(list[0].Refs) == 0 || list[0].SizeBytes == 0 {
+		t.Errorf("forkd image ls -o json: %v\n%s", err, out)
+	}
+	if _, stderr := cli(false, "image", "rm", ref); !strings.Contains(stderr, "instance img2") || !strings.Contains(stderr, "hint:") {
+		t.Errorf("forkd image rm of an image in use says:\n%s", stderr)
+	}
+	cli(true, "rm", "img2")
+	if out, _ := cli(true, "image", "gc"); !strings.Contains(out, "1 images removed") {
+		t.Errorf("forkd image gc: %s", out)
+	}
 }
