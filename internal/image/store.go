@@ -192,7 +192,9 @@ func (s *Store) List(ctx context.Context) ([]Image, error) {
 func (s *Store) Acquire(ctx context.Context, ref string) (Image, func(), error) {
 	for attempt := 0; ; attempt++ {
 		im, err := s.Lookup(ctx, ref)
-		if errors.Is(err, ErrNotFound) && attempt == 0 {
+		if errors.Is(err, ErrNotFound) && attempt == 0 && !strings.HasPrefix(ref, "sha256:") {
+			// A digest names only what is stored: "sha256:…" would
+			// otherwise parse as Docker Hub's repository "sha256".
 			im, err = s.Pull(ctx, ref, "", nil)
 		}
 		if err != nil {

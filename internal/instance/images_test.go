@@ -137,6 +137,7 @@ func TestBadImageCreatesLeaveNothing(t *testing.T) {
 		remote bool
 	}{
 		{"unknown image", api.CreateInstanceRequest{Image: "oci:/nonexistent/layout"}, api.ErrNotFound, "/nonexistent/layout", false},
+		{"unknown digest", api.CreateInstanceRequest{Image: "sha256:" + strings.Repeat("0", 64)}, api.ErrNotFound, "pull it first", false},
 		{"disk too small", api.CreateInstanceRequest{Image: ref, DiskSizeMiB: 1}, api.ErrInvalid, "at least", false},
 		{"image and rootfs", api.CreateInstanceRequest{Image: ref, Rootfs: "/etc/hostname"}, api.ErrInvalid, "not both", false},
 		{"bad reference", api.CreateInstanceRequest{Image: "oci:relative"}, api.ErrInvalid, "absolute", false},
