@@ -56,30 +56,30 @@ type Options struct {
 // end once the committer starts it.
 type Tx struct {
 	ctx context.Context
-	tx  *sql.Tx
+	w   writer // the group's transaction
 }
 
 // Begin is Store.Begin inside the group.
 func (t *Tx) Begin(kind, subject string, payload any) (int64, error) {
-	return begin(t.ctx, t.tx, kind, subject, payload)
+	return begin(t.ctx, t.w, kind, subject, payload)
 }
 
 // Step is Store.Step inside the group.
 func (t *Tx) Step(id int64, step string, payload any) error {
-	return stepEntry(t.ctx, t.tx, id, step, payload)
+	return stepEntry(t.ctx, t.w, id, step, payload)
 }
 
 // Finish is Store.Finish inside the group.
-func (t *Tx) Finish(id int64, outcome string) error { return finishEntry(t.ctx, t.tx, id, outcome) }
+func (t *Tx) Finish(id int64, outcome string) error { return finishEntry(t.ctx, t.w, id, outcome) }
 
 // CreateInstance is Store.CreateInstance inside the group.
-func (t *Tx) CreateInstance(in Instance) error { return createInstance(t.ctx, t.tx, in) }
+func (t *Tx) CreateInstance(in Instance) error { return createInstance(t.ctx, t.w, in) }
 
 // UpdateInstance is Store.UpdateInstance inside the group.
-func (t *Tx) UpdateInstance(in Instance) error { return updateInstance(t.ctx, t.tx, in) }
+func (t *Tx) UpdateInstance(in Instance) error { return updateInstance(t.ctx, t.w, in) }
 
 // DeleteInstance is Store.DeleteInstance inside the group.
-func (t *Tx) DeleteInstance(id string) error { return deleteInstance(t.ctx, t.tx, id) }
+func (t *Tx) DeleteInstance(id string) error { return deleteInstance(t.ctx, t.w, id) }
 
 // unit is one Group call waiting for its group.
 type unit struct {
@@ -250,7 +250,7 @@ func (s *Store) commitGroup(batch []*unit) {
 			u.done <- fmt.Errorf("group commit %s: %w", u.label, err)
 			continue
 		}
-		if err := runUnit(ctx, tx, u); err != nil {
+		if err := runUnit(ctx, writer{s: s, tx: tx}, u); err != nil {
 			if errors.Is(err, errSavepoint) {
 				// The transaction itself is unusable: nothing of the group
 				// can be committed.
@@ -306,11 +306,12 @@ var errSavepoint = errors.New("savepoint")
 
 // runUnit runs one unit in its own savepoint: on fn's error its statements
 // are rolled back and the transaction goes on.
-func runUnit(ctx context.Context, tx *sql.Tx, u *unit) error {
+func runUnit(ctx context.Context, w writer, u *unit) error {
+	tx := w.tx
 	if _, err := tx.ExecContext(ctx, `SAVEPOINT unit`); err != nil {
 		return fmt.Errorf("%w: %v", errSavepoint, err)
 	}
-	if ferr := u.fn(&Tx{ctx: ctx, tx: tx}); ferr != nil {
+	if ferr := u.fn(&Tx{ctx: ctx, w: w}); ferr != nil {
 		if _, err := tx.ExecContext(ctx, `ROLLBACK TO unit`); err != nil {
 			return fmt.Errorf("%w: rollback to: %v (after %v)", errSavepoint, err, ferr)
 		}

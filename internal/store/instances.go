@@ -78,11 +78,22 @@ func scanInstance(row interface{ Scan(...any) error }) (Instance, error) {
 // the UNIQUE constraint is what admits names, so two concurrent creates or
 // forks with one name cannot both win.
 func (s *Store) CreateInstance(ctx context.Context, in Instance) error {
-	return createInstance(ctx, s.db, in)
+	return createInstance(ctx, s.w(), in)
 }
 
+// The instance writes, prepared once (stmts.go), and the hot read.
+var qInstanceInsert = `INSERT INTO instances (` + instanceCols + `) VALUES (` + marks(instanceCols) + `)`
+
+const (
+	qInstanceUpdate = `UPDATE instances SET name=?, state=?, vcpus=?, memory_mib=?, kernel=?, rootfs=?,
+		boot_args=?, created_at=?, source=?, snapshot_cache_key=?, memory_check=?, fork_mode=?, restore_backend=?,
+		pid=?, error=?, pager_session=?, pager_version=?, net_slot=?, net_guest=?, net_mac=?, image=? WHERE id=?`
+	qInstanceDelete = `DELETE FROM instances WHERE id = ?`
+	qInstanceGet    = `SELECT ` + instanceCols + ` FROM instances WHERE id = ?`
+)
+
 func createInstance(ctx context.Context, x execer, in Instance) error {
-	_, err := x.ExecContext(ctx, `INSERT INTO instances (`+instanceCols+`) VALUES (`+marks(instanceCols)+`)`, in.args()...)
+	_, err := x.ExecContext(ctx, qInstanceInsert, in.args()...)
 	if isUnique(err) {
 		return fmt.Errorf("create instance %s (%q): %w", in.ID, in.Name, ErrExists)
 	}
@@ -94,7 +105,7 @@ func createInstance(ctx context.Context, x execer, in Instance) error {
 
 // GetInstance returns the instance with exactly this id.
 func (s *Store) GetInstance(ctx context.Context, id string) (Instance, error) {
-	in, err := scanInstance(s.db.QueryRowContext(ctx, `SELECT `+instanceCols+` FROM instances WHERE id = ?`, id))
+	in, err := scanInstance(s.r().QueryRowContext(ctx, qInstanceGet, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return Instance{}, fmt.Errorf("instance %s: %w", id, ErrNotFound)
 	}
@@ -106,7 +117,7 @@ func (s *Store) GetInstance(ctx context.Context, id string) (Instance, error) {
 
 // ListInstances returns all instances, oldest first.
 func (s *Store) ListInstances(ctx context.Context) ([]Instance, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT `+instanceCols+` FROM instances ORDER BY created_at, id`)
+	rows, err := s.r().QueryContext(ctx, `SELECT `+instanceCols+` FROM instances ORDER BY created_at, id`)
 	if err != nil {
 		return nil, fmt.Errorf("list instances: %w", err)
 	}
@@ -126,7 +137,7 @@ func (s *Store) ListInstances(ctx context.Context) ([]Instance, error) {
 // named ref, and every one whose id starts with ref (the full id included).
 // Deciding which of them ref means is the caller's.
 func (s *Store) InstancesMatching(ctx context.Context, ref string) ([]Instance, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT `+instanceCols+` FROM instances
+	rows, err := s.r().QueryContext(ctx, `SELECT `+instanceCols+` FROM instances
 		WHERE name = ? OR substr(id, 1, length(?)) = ? ORDER BY created_at, id`, ref, ref, ref)
 	if err != nil {
 		return nil, fmt.Errorf("find instances %q: %w", ref, err)
@@ -145,14 +156,12 @@ func (s *Store) InstancesMatching(ctx context.Context, ref string) ([]Instance, 
 
 // UpdateInstance replaces every field of an existing instance.
 func (s *Store) UpdateInstance(ctx context.Context, in Instance) error {
-	return updateInstance(ctx, s.db, in)
+	return updateInstance(ctx, s.w(), in)
 }
 
 func updateInstance(ctx context.Context, x execer, in Instance) error {
 	a := in.args()
-	res, err := x.ExecContext(ctx, `UPDATE instances SET name=?, state=?, vcpus=?, memory_mib=?, kernel=?, rootfs=?,
-		boot_args=?, created_at=?, source=?, snapshot_cache_key=?, memory_check=?, fork_mode=?, restore_backend=?,
-		pid=?, error=?, pager_session=?, pager_version=?, net_slot=?, net_guest=?, net_mac=?, image=? WHERE id=?`, append(a[1:], a[0])...)
+	res, err := x.ExecContext(ctx, qInstanceUpdate, append(a[1:], a[0])...)
 	if isUnique(err) {
 		return fmt.Errorf("update instance %s (%q): %w", in.ID, in.Name, ErrExists)
 	}
@@ -167,11 +176,11 @@ func updateInstance(ctx context.Context, x execer, in Instance) error {
 
 // DeleteInstance removes an instance row. A missing row is ErrNotFound.
 func (s *Store) DeleteInstance(ctx context.Context, id string) error {
-	return deleteInstance(ctx, s.db, id)
+	return deleteInstance(ctx, s.w(), id)
 }
 
 func deleteInstance(ctx context.Context, x execer, id string) error {
-	res, err := x.ExecContext(ctx, `DELETE FROM instances WHERE id = ?`, id)
+	res, err := x.ExecContext(ctx, qInstanceDelete, id)
 	if err != nil {
 		return fmt.Errorf("delete instance %s: %w", id, err)
 	}
@@ -183,7 +192,7 @@ func deleteInstance(ctx context.Context, x execer, id string) error {
 
 // CountInstancesByState returns how many instances are in each state.
 func (s *Store) CountInstancesByState(ctx context.Context) (map[string]int, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT state, COUNT(*) FROM instances GROUP BY state`)
+	rows, err := s.r().QueryContext(ctx, `SELECT state, COUNT(*) FROM instances GROUP BY state`)
 	if err != nil {
 		return nil, fmt.Errorf("count instances: %w", err)
 	}

@@ -24,16 +24,23 @@ type Entry struct {
 // Begin records that an operation is about to act. It must be called, and
 // must succeed, before the operation changes anything on disk or in a VMM.
 func (s *Store) Begin(ctx context.Context, kind, subject string, payload any) (int64, error) {
-	return begin(ctx, s.db, kind, subject, payload)
+	return begin(ctx, s.w(), kind, subject, payload)
 }
+
+// The journal's writes, prepared once (stmts.go).
+const (
+	qJournalBegin       = `INSERT INTO journal (kind, subject, step, payload, started_at) VALUES (?,?,?,?,?)`
+	qJournalStep        = `UPDATE journal SET step = ? WHERE id = ?`
+	qJournalStepPayload = `UPDATE journal SET step = ?, payload = ? WHERE id = ?`
+	qJournalFinish      = `UPDATE journal SET finished_at = ?, outcome = ? WHERE id = ?`
+)
 
 func begin(ctx context.Context, x execer, kind, subject string, payload any) (int64, error) {
 	b, err := json.Marshal(payload)
 	if err != nil {
 		return 0, fmt.Errorf("journal begin %s %s: %w", kind, subject, err)
 	}
-	res, err := x.ExecContext(ctx, `INSERT INTO journal (kind, subject, step, payload, started_at) VALUES (?,?,?,?,?)`,
-		kind, subject, "begun", string(b), time.Now().UnixNano())
+	res, err := x.ExecContext(ctx, qJournalBegin, kind, subject, "begun", string(b), time.Now().UnixNano())
 	if err != nil {
 		return 0, fmt.Errorf("journal begin %s %s: %w", kind, subject, err)
 	}
@@ -43,17 +50,17 @@ func begin(ctx context.Context, x execer, kind, subject string, payload any) (in
 // Step records that an open operation reached step. A nil payload keeps the
 // entry's payload; otherwise it replaces it.
 func (s *Store) Step(ctx context.Context, id int64, step string, payload any) error {
-	return stepEntry(ctx, s.db, id, step, payload)
+	return stepEntry(ctx, s.w(), id, step, payload)
 }
 
 func stepEntry(ctx context.Context, x execer, id int64, step string, payload any) error {
 	var err error
 	if payload == nil {
-		_, err = x.ExecContext(ctx, `UPDATE journal SET step = ? WHERE id = ?`, step, id)
+		_, err = x.ExecContext(ctx, qJournalStep, step, id)
 	} else {
 		var b []byte
 		if b, err = json.Marshal(payload); err == nil {
-			_, err = x.ExecContext(ctx, `UPDATE journal SET step = ?, payload = ? WHERE id = ?`, step, string(b), id)
+			_, err = x.ExecContext(ctx, qJournalStepPayload, step, string(b), id)
 		}
 	}
 	if err != nil {
@@ -64,12 +71,11 @@ func stepEntry(ctx context.Context, x execer, id int64, step string, payload any
 
 // Finish closes an operation with an outcome.
 func (s *Store) Finish(ctx context.Context, id int64, outcome string) error {
-	return finishEntry(ctx, s.db, id, outcome)
+	return finishEntry(ctx, s.w(), id, outcome)
 }
 
 func finishEntry(ctx context.Context, x execer, id int64, outcome string) error {
-	if _, err := x.ExecContext(ctx, `UPDATE journal SET finished_at = ?, outcome = ? WHERE id = ?`,
-		time.Now().UnixNano(), outcome, id); err != nil {
+	if _, err := x.ExecContext(ctx, qJournalFinish, time.Now().UnixNano(), outcome, id); err != nil {
 		return fmt.Errorf("journal %d finish: %w", id, err)
 	}
 	return nil
@@ -87,7 +93,7 @@ func (s *Store) Entries(ctx context.Context, n int) ([]Entry, error) {
 }
 
 func (s *Store) entries(ctx context.Context, where string) ([]Entry, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT id, kind, subject, step, payload, started_at, finished_at, outcome FROM journal `+where)
+	rows, err := s.r().QueryContext(ctx, `SELECT id, kind, subject, step, payload, started_at, finished_at, outcome FROM journal `+where)
 	if err != nil {
 		return nil, fmt.Errorf("journal entries: %w", err)
 	}
@@ -127,7 +133,7 @@ func (s *Store) PruneJournal(ctx context.Context, keep int) (int64, error) {
 // proof that forkd itself made a directory of that id.
 func (s *Store) Names(ctx context.Context, subject string) (bool, error) {
 	var one int
-	err := s.db.QueryRowContext(ctx, `SELECT 1 FROM journal WHERE subject = ? LIMIT 1`, subject).Scan(&one)
+	err := s.r().QueryRowContext(ctx, `SELECT 1 FROM journal WHERE subject = ? LIMIT 1`, subject).Scan(&one)
 	if errors.Is(err, sql.ErrNoRows) {
 		return false, nil
 	}

@@ -86,7 +86,7 @@ func (s *Store) CreateNetworkedInstance(ctx context.Context, in *Instance, slots
 
 // Publishes returns the publishes of every instance, by instance id.
 func (s *Store) Publishes(ctx context.Context) (map[string][]Publish, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT instance_id, host_ip, host_port, protocol, guest_port FROM publishes ORDER BY instance_id, host_port`)
+	rows, err := s.r().QueryContext(ctx, `SELECT instance_id, host_ip, host_port, protocol, guest_port FROM publishes ORDER BY instance_id, host_port`)
 	if err != nil {
 		return nil, fmt.Errorf("list publishes: %w", err)
 	}
@@ -105,7 +105,7 @@ func (s *Store) Publishes(ctx context.Context) (map[string][]Publish, error) {
 
 // InstancePublishes returns one instance's publishes.
 func (s *Store) InstancePublishes(ctx context.Context, id string) ([]Publish, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT host_ip, host_port, protocol, guest_port FROM publishes WHERE instance_id = ? ORDER BY host_port`, id)
+	rows, err := s.r().QueryContext(ctx, `SELECT host_ip, host_port, protocol, guest_port FROM publishes WHERE instance_id = ? ORDER BY host_port`, id)
 	if err != nil {
 		return nil, fmt.Errorf("publishes of %s: %w", id, err)
 	}

@@ -60,7 +60,7 @@ func (s *Store) CreateSnapshot(ctx context.Context, sn Snapshot) error {
 
 // GetSnapshot returns the snapshot with exactly this id.
 func (s *Store) GetSnapshot(ctx context.Context, id string) (Snapshot, error) {
-	sn, err := scanSnapshot(s.db.QueryRowContext(ctx, `SELECT `+snapshotCols+` FROM snapshots WHERE id = ?`, id))
+	sn, err := scanSnapshot(s.r().QueryRowContext(ctx, `SELECT `+snapshotCols+` FROM snapshots WHERE id = ?`, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return Snapshot{}, fmt.Errorf("snapshot %s: %w", id, ErrNotFound)
 	}
@@ -72,7 +72,7 @@ func (s *Store) GetSnapshot(ctx context.Context, id string) (Snapshot, error) {
 
 // ListSnapshots returns all snapshots, oldest first.
 func (s *Store) ListSnapshots(ctx context.Context) ([]Snapshot, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT `+snapshotCols+` FROM snapshots ORDER BY created_at, id`)
+	rows, err := s.r().QueryContext(ctx, `SELECT `+snapshotCols+` FROM snapshots ORDER BY created_at, id`)
 	if err != nil {
 		return nil, fmt.Errorf("list snapshots: %w", err)
 	}
@@ -91,7 +91,7 @@ func (s *Store) ListSnapshots(ctx context.Context) ([]Snapshot, error) {
 // SnapshotsMatching returns the snapshots a reference could name: the one
 // named ref, and every one whose id starts with ref (the full id included).
 func (s *Store) SnapshotsMatching(ctx context.Context, ref string) ([]Snapshot, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT `+snapshotCols+` FROM snapshots
+	rows, err := s.r().QueryContext(ctx, `SELECT `+snapshotCols+` FROM snapshots
 		WHERE name = ? OR substr(id, 1, length(?)) = ? ORDER BY created_at, id`, ref, ref, ref)
 	if err != nil {
 		return nil, fmt.Errorf("find snapshots %q: %w", ref, err)

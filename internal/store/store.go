@@ -29,7 +29,9 @@ var (
 
 // Store is an open database. It is safe for concurrent use.
 type Store struct {
-	db    *sql.DB
+	db    *sql.DB // the one writer connection
+	rdb   *sql.DB // read-only connections for the hot reads (see OpenWith)
+	stmts stmts   // prepared statements (stmts.go)
 	opts  Options
 	group groupQueue // the group committer's queue (group.go)
 }
@@ -59,12 +61,36 @@ func OpenWith(ctx context.Context, path string, opts Options) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
+	// Reads get connections of their own: in WAL mode a reader never waits
+	// for the writer, so a lookup does not queue behind a commit's fsync
+	// (a burst of forks reads while their group commits). Every write
+	// returns only once committed, so a read that starts after it sees it.
+	rq := url.Values{}
+	for _, p := range []string{"query_only(1)", "busy_timeout(10000)"} {
+		rq.Add("_pragma", p)
+	}
+	if s.rdb, err = sql.Open("sqlite", "file:"+path+"?"+rq.Encode()); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open store %s: readers: %w", path, err)
+	}
+	s.rdb.SetMaxOpenConns(readConns)
+	s.rdb.SetMaxIdleConns(readConns)
+	s.stmts.reads = map[string]*sql.Stmt{}
+	if err := s.stmts.prepareWrites(ctx, db); err != nil {
+		s.stmts.close()
+		s.rdb.Close()
+		db.Close()
+		return nil, fmt.Errorf("open store %s: prepare: %w", path, err)
+	}
 	reserveWAL(path + "-wal")
 	s.group.wake = make(chan struct{}, 1)
 	s.group.stopped = make(chan struct{})
 	go s.commitLoop()
 	return s, nil
 }
+
+// readConns is how many read connections the store keeps.
+const readConns = 4
 
 // walReserve is how much disk the WAL keeps allocated beyond what it holds.
 const walReserve = 8 << 20
@@ -89,7 +115,8 @@ func reserveWAL(path string) {
 // closes the database.
 func (s *Store) Close() error {
 	s.closeGroup()
-	return s.db.Close()
+	s.stmts.close()
+	return errors.Join(s.rdb.Close(), s.db.Close())
 }
 
 // migrations are applied in order; schema_version records how many ran.
