@@ -59,7 +59,10 @@ type Config struct {
 	// StepHook runs after each journal step is durable (the crash suite's
 	// hook); nil does nothing.
 	StepHook func(kind, step string)
-	Logger   *slog.Logger
+	// BuildDone hears how each build ended and how long it took (metrics);
+	// nil does nothing.
+	BuildDone func(d time.Duration, err error)
+	Logger    *slog.Logger
 	// IgnoreWhiteouts drops whiteout handling when flattening layers. It
 	// exists only for the twin test that shows the content check catches
 	// it; never set it elsewhere.
@@ -105,6 +108,9 @@ func New(cfg Config) *Store {
 	}
 	if cfg.StepHook == nil {
 		cfg.StepHook = func(string, string) {}
+	}
+	if cfg.BuildDone == nil {
+		cfg.BuildDone = func(time.Duration, error) {}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Store{cfg: cfg, db: cfg.DB, log: cfg.Logger, ctx: ctx, cancel: cancel,
@@ -303,7 +309,9 @@ func (s *Store) buildOnce(ctx context.Context, r Ref, src source, progress func(
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
+			start := time.Now()
 			b.err = s.buildAndStore(s.ctx, r, src, b.report)
+			s.cfg.BuildDone(time.Since(start), b.err)
 			s.mu.Lock()
 			delete(s.builds, src.digest)
 			s.mu.Unlock()

@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/image/imagetest"
 	"github.com/forkd/forkd/internal/rootfs/rootfstest"
@@ -215,4 +217,41 @@ func used(t *testing.T, dir string) int64 {
 		t.Fatal(err)
 	}
 	return int64(st.Blocks-st.Bfree) * st.Bsize
+}
+
+// TestImageMetrics: a pull is one build observed as ok, and the stored
+// images are counted with the bytes they allocate.
+func TestImageMetrics(t *testing.T) {
+	testenv.NeedRoot(t)
+	reg := prometheus.NewRegistry()
+	m := newTestManager(t, func(c *Config) { c.Registerer = reg })
+	ref, _ := testImage(t, 0)
+	if _, err := m.images.Pull(context.Background(), ref, "", nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.images.Pull(context.Background(), "oci:/nonexistent/layout", "", nil); err == nil {
+		t.Fatal("pull of a missing layout succeeded")
+	}
+	fams, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, f := range fams {
+		for _, mm := range f.GetMetric() {
+			switch {
+			case mm.GetHistogram() != nil:
+				for _, l := range mm.GetLabel() {
+					got[f.GetName()+"{"+l.GetValue()+"}"] = float64(mm.GetHistogram().GetSampleCount())
+				}
+			case mm.GetGauge() != nil:
+				got[f.GetName()] = mm.GetGauge().GetValue()
+			}
+		}
+	}
+	// The missing layout fails before a build starts: it is no build.
+	if got["forkd_image_build_duration_seconds{ok}"] != 1 || got["forkd_image_build_duration_seconds{failed}"] != 0 ||
+		got["forkd_images"] != 1 || got["forkd_image_disk_bytes"] <= 0 {
+		t.Errorf("image metrics %v, want one ok build, 1 image and its bytes", got)
+	}
 }

@@ -195,9 +195,9 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		m.cfg.Kernel = f.Name()
 		f.Close()
 	}
-	m.images = image.New(image.Config{Layout: layout, DB: db, Headroom: cfg.ImageHeadroom,
-		StepHook: crashPoint, Logger: cfg.Logger})
 	m.met = newMetrics(m)
+	m.images = image.New(image.Config{Layout: layout, DB: db, Headroom: cfg.ImageHeadroom,
+		StepHook: crashPoint, BuildDone: m.noteImageBuild, Logger: cfg.Logger})
 	m.files = memfile.Options{FullCopy: m.noteFullCopy}
 	if cfg.Registerer != nil {
 		if err := m.met.register(cfg.Registerer); err != nil {

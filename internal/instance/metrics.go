@@ -17,6 +17,8 @@ type metrics struct {
 	states         *stateCollector
 	pager          prometheus.Collector // the pager's stats, re-exported
 	groups, units  prometheus.CounterFunc
+	imageBuilds    *prometheus.HistogramVec
+	images         prometheus.Collector
 }
 
 func newMetrics(m *Manager) *metrics {
@@ -41,6 +43,14 @@ func newMetrics(m *Manager) *metrics {
 			Name: "forkd_store_group_commits_total",
 			Help: "Store group commits (one transaction and one fsync each).",
 		}, func() float64 { g, _ := m.db.GroupCommits(); return float64(g) }),
+		imageBuilds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "forkd_image_build_duration_seconds",
+			Help:    "Duration of image builds (download, verify, unpack, mkfs), by outcome (ok or failed).",
+			Buckets: prometheus.ExponentialBuckets(0.1, 2, 14),
+		}, []string{"outcome"}),
+		images: &imageCollector{m: m,
+			count: prometheus.NewDesc("forkd_images", "Images stored.", nil, nil),
+			bytes: prometheus.NewDesc("forkd_image_disk_bytes", "Bytes the stored images' root filesystems allocate.", nil, nil)},
 		units: prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "forkd_store_group_commit_units_total",
 			Help: "Units of writes committed by store group commits; units/commits is the mean group size.",
@@ -49,7 +59,7 @@ func newMetrics(m *Manager) *metrics {
 }
 
 func (x *metrics) register(r prometheus.Registerer) error {
-	for _, c := range []prometheus.Collector{x.opDuration, x.shareFallbacks, x.fullCopies, x.states, x.pager, x.groups, x.units} {
+	for _, c := range []prometheus.Collector{x.opDuration, x.shareFallbacks, x.fullCopies, x.states, x.pager, x.groups, x.units, x.imageBuilds, x.images} {
 		if err := r.Register(c); err != nil {
 			return err
 		}
@@ -73,6 +83,39 @@ func (m *Manager) countFallback(res memfile.ShareResult, op, subject string) {
 func (m *Manager) noteFullCopy(path string, bytes int64) {
 	m.met.fullCopies.Inc()
 	m.log.Warn("filesystem cannot report holes: a sparse copy moved every byte", "path", path, "bytes", bytes)
+}
+
+// noteImageBuild observes one image build (image.Config.BuildDone).
+func (m *Manager) noteImageBuild(d time.Duration, err error) {
+	outcome := "ok"
+	if err != nil {
+		outcome = "failed"
+	}
+	m.met.imageBuilds.WithLabelValues(outcome).Observe(d.Seconds())
+}
+
+// imageCollector reads the image count and disk use from the store at
+// scrape time.
+type imageCollector struct {
+	m            *Manager
+	count, bytes *prometheus.Desc
+}
+
+func (c *imageCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.count; ch <- c.bytes }
+
+func (c *imageCollector) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	list, err := c.m.db.ListImages(ctx)
+	if err != nil {
+		return
+	}
+	var bytes int64
+	for _, im := range list {
+		bytes += im.DiskBytes
+	}
+	ch <- prometheus.MustNewConstMetric(c.count, prometheus.GaugeValue, float64(len(list)))
+	ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.GaugeValue, float64(bytes))
 }
 
 // stateCollector reads instance counts from the store at scrape time.
