@@ -51,6 +51,9 @@ type Instance struct {
 	Network InstanceNetwork `json:"network"`
 	Publish []PortPublish   `json:"publish,omitempty"`
 	Image   string          `json:"image,omitempty"` // digest of the image its disk came from
+	// Prefetch is the working-set prefetch of the last restore since the
+	// daemon started (absent with prefetch off, or before any restore).
+	Prefetch *Prefetch `json:"prefetch,omitempty"`
 }
 
 // InstanceNetwork is the network of an instance: reach it at Address.
@@ -75,6 +78,31 @@ type PortPublish struct {
 	HostPort  int    `json:"host_port"`
 	GuestPort int    `json:"guest_port"`
 	Protocol  string `json:"protocol,omitempty"` // tcp (default) | udp
+}
+
+// Prefetch is what a restore did with its cache key's working set.
+type Prefetch struct {
+	// Mode is "record" (this restore recorded the key's working set),
+	// "replay" (it prefetched the recording) or "none" (another restore of
+	// the key is recording it, or the recording could not be used: Error).
+	Mode string `json:"mode"`
+	// PagesRecorded is the pages of the recording (made, or replayed).
+	PagesRecorded uint64 `json:"pages_recorded"`
+	// PagesPrefetched is pages replay brought in ahead of the guest: File,
+	// pages the readahead read that the page cache did not hold; Uffd,
+	// pages the pager installed without a fault.
+	PagesPrefetched uint64 `json:"pages_prefetched"`
+	// PagesWasted is prefetched pages the guest had not used when the
+	// prefetch window closed: File, pages its VMM never mapped; Uffd, an
+	// estimate from a 1-in-32 sample of recorded pages left to fault.
+	PagesWasted uint64 `json:"pages_wasted"`
+	// WorkingSetMs is, for a replay, the time from the restore call until
+	// the whole recorded working set was in memory (0 if not within the
+	// window).
+	WorkingSetMs int64 `json:"working_set_ms"`
+	// Done is set once the figures are final (the window has closed).
+	Done  bool   `json:"done"`
+	Error string `json:"error,omitempty"`
 }
 
 // Snapshot is the JSON shape of one immutable snapshot in the store.

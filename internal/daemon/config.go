@@ -8,6 +8,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/pflag"
 	"gopkg.in/yaml.v3"
@@ -36,13 +37,16 @@ type Config struct {
 	LogFormat    string // log_format: text | json
 	LogLevel     string // log_level: debug | info | warn | error
 
-	VMMBinary          string // vmm_binary: "auto" (firecracker if usable, else `forkd vmm`), "emulator", or a path
-	RestoreBackend     string // restore_backend: file | uffd
-	ForkRestoreBackend string // fork_restore_backend: file | uffd, for a fork's first restore
-	PagerCacheBytes    int64  // pager_cache_bytes: the pager's page cache budget
-	ForkStrategy       string // fork_strategy: hardlink | reflink | copy (benchmarks only)
-	Kernel             string // kernel: the kernel of instances created without one
-	ImageHeadroom      int64  // image_headroom: free space each image's filesystem gets
+	VMMBinary          string        // vmm_binary: "auto" (firecracker if usable, else `forkd vmm`), "emulator", or a path
+	RestoreBackend     string        // restore_backend: file | uffd
+	ForkRestoreBackend string        // fork_restore_backend: file | uffd, for a fork's first restore
+	PagerCacheBytes    int64         // pager_cache_bytes: the pager's page cache budget
+	ForkStrategy       string        // fork_strategy: hardlink | reflink | copy (benchmarks only)
+	Kernel             string        // kernel: the kernel of instances created without one
+	ImageHeadroom      int64         // image_headroom: free space each image's filesystem gets
+	Prefetch           string        // prefetch: auto | off
+	PrefetchWindow     time.Duration // prefetch_window: a recording's time budget
+	PrefetchMaxBytes   int64         // prefetch_max_bytes: a recording's size budget
 
 	NetworkCIDR      string // network_cidr: the pool of VMs' host-side addresses
 	NetworkDefault   bool   // network_default: whether a create that does not say is networked
@@ -169,6 +173,23 @@ func settings() []setting {
 			func(c *Config, v string) error {
 				n, err := api.ParseBytes(v)
 				c.ImageHeadroom = n
+				return err
+			}},
+		{"prefetch", "FORKD_PREFETCH", "prefetch", instance.PrefetchAuto,
+			"working-set prefetch: auto (a cache key's first restore records the pages it touches, every later restore prefetches them) or off",
+			str(func(c *Config) *string { return &c.Prefetch })},
+		{"prefetch_window", "FORKD_PREFETCH_WINDOW", "prefetch-window", "5s",
+			"how long after a restore its working set is recorded (and prefetch waste measured), e.g. 5s, 500ms",
+			func(c *Config, v string) error {
+				d, err := time.ParseDuration(v)
+				c.PrefetchWindow = d
+				return err
+			}},
+		{"prefetch_max_bytes", "FORKD_PREFETCH_MAX_BYTES", "prefetch-max-bytes", "256MiB",
+			"the largest working set recorded (bytes; K/M/G/KiB/MiB/GiB suffixes allowed)",
+			func(c *Config, v string) error {
+				n, err := api.ParseBytes(v)
+				c.PrefetchMaxBytes = n
 				return err
 			}},
 	}
@@ -334,6 +355,15 @@ func (c Config) Validate() error {
 		if err := instance.ValidForkStrategy(c.ForkStrategy); err != nil {
 			return fmt.Errorf("config fork_strategy: %w", err)
 		}
+	}
+	if err := instance.ValidPrefetch(c.Prefetch); err != nil && c.Prefetch != "" {
+		return fmt.Errorf("config prefetch: %w", err)
+	}
+	if c.PrefetchWindow < 0 || c.PrefetchWindow > 10*time.Minute {
+		return fmt.Errorf("config prefetch_window: %v: want a positive duration up to 10m", c.PrefetchWindow)
+	}
+	if c.PrefetchMaxBytes < 0 {
+		return fmt.Errorf("config prefetch_max_bytes: %d is negative", c.PrefetchMaxBytes)
 	}
 	if c.VMMBinary == "" {
 		return fmt.Errorf("config vmm_binary: empty; use \"auto\" or a path")

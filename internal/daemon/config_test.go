@@ -6,6 +6,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/spf13/pflag"
 )
@@ -23,13 +24,15 @@ func TestConfigPrecedenceFlagsOverEnvOverFileOverDefaults(t *testing.T) {
 	}
 	fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
 	BindFlags(fs)
-	if err := fs.Parse([]string{"--config", file, "--log-level", "debug", "--fork-strategy", "hardlink"}); err != nil {
+	if err := fs.Parse([]string{"--config", file, "--log-level", "debug", "--fork-strategy", "hardlink", "--prefetch", "off"}); err != nil {
 		t.Fatal(err)
 	}
 	env := envOf(map[string]string{
-		"FORKD_LOG_LEVEL":     "error",    // loses to the flag
-		"FORKD_VMM_BINARY":    "/env/vmm", // beats the file
-		"FORKD_FORK_STRATEGY": "reflink",  // loses to the flag
+		"FORKD_LOG_LEVEL":       "error",    // loses to the flag
+		"FORKD_VMM_BINARY":      "/env/vmm", // beats the file
+		"FORKD_FORK_STRATEGY":   "reflink",  // loses to the flag
+		"FORKD_PREFETCH":        "auto",     // loses to the flag
+		"FORKD_PREFETCH_WINDOW": "750ms",    // beats the default
 	})
 	c, err := LoadConfig(fs, env)
 	if err != nil {
@@ -41,6 +44,7 @@ func TestConfigPrecedenceFlagsOverEnvOverFileOverDefaults(t *testing.T) {
 		PagerCacheBytes: 2 << 30, ForkStrategy: "hardlink", ImageHeadroom: 256 << 20, File: file,
 		HostPathDirs: []string{"/srv/images", "/opt/kernels"},
 		NetworkCIDR:  DefaultNetworkCIDR, NetworkGuestCIDR: "169.254.0.20/30", NetworkGuestMAC: "02:fc:00:00:00:05",
+		Prefetch: "off", PrefetchWindow: 750 * time.Millisecond, PrefetchMaxBytes: 256 << 20,
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Errorf("config:\n got %+v\nwant %+v", c, want)
@@ -54,7 +58,7 @@ func TestConfigDefaults(t *testing.T) {
 	}
 	if c.DataDir != "/tmp/forkd-x" || c.VMMBinary != "auto" || c.RestoreBackend != "file" ||
 		c.ForkRestoreBackend != "file" || c.PagerCacheBytes != 1<<30 || c.LogFormat != "text" || c.LogLevel != "info" ||
-		c.ForkStrategy != "hardlink" {
+		c.ForkStrategy != "hardlink" || c.Prefetch != "auto" || c.PrefetchWindow != 5*time.Second || c.PrefetchMaxBytes != 256<<20 {
 		t.Errorf("defaults: %+v", c)
 	}
 	c, err = LoadConfig(nil, envOf(nil))
@@ -80,6 +84,10 @@ func TestConfigRejectsBadValues(t *testing.T) {
 		{"fork restore backend", map[string]string{"FORKD_FORK_RESTORE_BACKEND": "x"}, "", "fork_restore_backend"},
 		{"fork strategy", map[string]string{"FORKD_FORK_STRATEGY": "symlink"}, "", "fork_strategy"},
 		{"cache size", map[string]string{"FORKD_PAGER_CACHE_BYTES": "lots"}, "", "pager_cache_bytes"},
+		{"prefetch", map[string]string{"FORKD_PREFETCH": "always"}, "", "prefetch"},
+		{"prefetch window", map[string]string{"FORKD_PREFETCH_WINDOW": "5"}, "", "prefetch_window"},
+		{"negative prefetch window", map[string]string{"FORKD_PREFETCH_WINDOW": "-1s"}, "", "prefetch_window"},
+		{"prefetch size", map[string]string{"FORKD_PREFETCH_MAX_BYTES": "big"}, "", "prefetch_max_bytes"},
 		{"listen scheme", map[string]string{"FORKD_LISTEN": "http://127.0.0.1:1", "FORKD_TOKEN_FILE": "/t"}, "", "listen"},
 		{"listen without token", map[string]string{"FORKD_LISTEN": "tcp://127.0.0.1:7000"}, "", "token_file"},
 		{"unknown file key", nil, "data_dri: /x\n", "unknown key"},

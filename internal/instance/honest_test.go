@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/pager"
 	"github.com/forkd/forkd/internal/store"
 	"github.com/forkd/forkd/internal/testenv"
 	"github.com/forkd/forkd/internal/uffd"
@@ -231,7 +232,7 @@ func TestPagerHandshakeErrorsReachTheCaller(t *testing.T) {
 		t.Fatal(err)
 	}
 	handshake := func(id string, size uint64) error {
-		sock, err := pg.CreateSession(ctx, id, backing, "k-"+id)
+		sock, err := pg.CreateSession(ctx, pager.SessionRequest{SessionID: id, BackingPath: backing, CacheKey: "k-" + id})
 		if err != nil {
 			t.Fatal(err)
 		}

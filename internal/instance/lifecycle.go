@@ -319,7 +319,8 @@ func (m *Manager) toAPIWith(in store.Instance, pubs []store.Publish) api.Instanc
 		Source: in.Source, SnapshotCacheKey: in.SnapshotCacheKey, MemoryCheck: check,
 		ForkMode: in.ForkMode, RestoreBackend: in.RestoreBackend, Pid: in.Pid, Error: errText,
 		Network: netw, Publish: publish,
-		Image: in.Image,
+		Image:    in.Image,
+		Prefetch: m.prefetchStats(in.ID),
 	}
 }
 
@@ -509,6 +510,7 @@ func (m *Manager) finishStop(ctx context.Context, in *store.Instance) error {
 	if err := m.db.UpdateInstance(ctx, *in); err != nil {
 		return err
 	}
+	m.forgetPrefetch(in.ID)
 	m.log.Info("instance stopped", "instance", in.ID)
 	return nil
 }
@@ -568,6 +570,7 @@ func (m *Manager) finishDelete(ctx context.Context, in store.Instance) error {
 	if err := os.RemoveAll(trash); err != nil {
 		m.log.Warn("delete: remove dir", "instance", in.ID, "err", err)
 	}
+	m.forgetPrefetch(in.ID)
 	m.log.Info("instance deleted", "instance", in.ID, "name", in.Name)
 	return nil
 }

@@ -37,6 +37,14 @@ type Config struct {
 	// pager itself would read 0 as "no cache").
 	PagerBinary     string
 	PagerCacheBytes int64
+	// Prefetch is PrefetchAuto (record a cache key's working set at its
+	// first restore, replay it at every later one) or PrefetchOff; empty
+	// means auto. PrefetchWindow is the time budget of a recording (and
+	// the window waste is measured over; default 5 s), PrefetchMaxBytes
+	// its size budget (default 256 MiB).
+	Prefetch         string
+	PrefetchWindow   time.Duration
+	PrefetchMaxBytes int64
 	// ForkStrategy is how a fork gets its mem-file (ForkStrategy*; empty
 	// means hardlink). Only hardlink is zero-I/O fanout; reflink and copy
 	// exist so benchmarks can compare it with the alternatives.
@@ -105,6 +113,7 @@ type Manager struct {
 
 	pagerOnce pagerState
 	netState  netState
+	pfs       prefetchState
 
 	mu sync.Mutex // guards the maps below; a leaf lock
 	// instLocks: the per-instance RW locks (see doc.go).
@@ -150,6 +159,18 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	if err := ValidForkStrategy(cfg.ForkStrategy); err != nil {
 		return nil, fmt.Errorf("instance manager: %w", err)
 	}
+	if cfg.Prefetch == "" {
+		cfg.Prefetch = PrefetchAuto
+	}
+	if err := ValidPrefetch(cfg.Prefetch); err != nil {
+		return nil, fmt.Errorf("instance manager: %w", err)
+	}
+	if cfg.PrefetchWindow <= 0 {
+		cfg.PrefetchWindow = defaultPrefetchWindow
+	}
+	if cfg.PrefetchMaxBytes <= 0 {
+		cfg.PrefetchMaxBytes = defaultPrefetchMaxBytes
+	}
 	for _, b := range []string{cfg.RestoreBackend, cfg.ForkRestoreBackend} {
 		if b != api.BackendFile && b != api.BackendUffd {
 			return nil, fmt.Errorf("instance manager: restore backend %q: want file or uffd", b)
@@ -181,6 +202,8 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		sups:         map[string]*supervisor{},
 		pagerWatches: map[string]*pidwatch.Watch{},
 		compressing:  map[string]context.CancelFunc{},
+		pfs: prefetchState{recording: map[string]bool{}, stats: map[string]*api.Prefetch{},
+			cancel: map[string]context.CancelFunc{}, gc: make(chan struct{}, 1)},
 	}
 	if cfg.Kernel != "" {
 		// The kernel setting is checked as a client's kernel would be (a
@@ -213,6 +236,9 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		db.Close()
 		return nil, fmt.Errorf("instance manager: reconcile: %w", err)
 	}
+	m.wg.Add(1)
+	go m.runPrefetchGC()
+	m.kickPrefetchGC() // recordings of keys removed while the daemon was down
 	return m, nil
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"time"
 
+	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/pager"
 	"github.com/prometheus/client_golang/prometheus"
@@ -19,6 +20,10 @@ type metrics struct {
 	groups, units  prometheus.CounterFunc
 	imageBuilds    *prometheus.HistogramVec
 	images         prometheus.Collector
+
+	prefetchRestores   *prometheus.CounterVec
+	prefetchPages      *prometheus.CounterVec
+	prefetchWorkingSet *prometheus.HistogramVec
 }
 
 func newMetrics(m *Manager) *metrics {
@@ -55,11 +60,46 @@ func newMetrics(m *Manager) *metrics {
 			Name: "forkd_store_group_commit_units_total",
 			Help: "Units of writes committed by store group commits; units/commits is the mean group size.",
 		}, func() float64 { _, u := m.db.GroupCommits(); return float64(u) }),
+		prefetchRestores: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "forkd_prefetch_restores_total",
+			Help: "Restores by what they did with their cache key's working set: record, replay or none (another restore was recording it, or it could not be used).",
+		}, []string{"backend", "mode"}),
+		prefetchPages: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "forkd_prefetch_pages_total",
+			Help: "Working-set pages recorded, prefetched by replay, and prefetched but not used within the prefetch window (wasted).",
+		}, []string{"backend", "kind"}),
+		prefetchWorkingSet: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "forkd_prefetch_working_set_seconds",
+			Help:    "Replay: from the restore call until the recorded working set was in memory.",
+			Buckets: prometheus.ExponentialBuckets(0.005, 2, 14),
+		}, []string{"backend"}),
 	}
 }
 
+// observePrefetch counts one restore's finished prefetch.
+func (x *metrics) observePrefetch(backend string, p *api.Prefetch) {
+	if p == nil {
+		return
+	}
+	x.prefetchRestores.WithLabelValues(backend, p.Mode).Inc()
+	x.prefetchPages.WithLabelValues(backend, "recorded").Add(float64(boolU64(p.Mode == "record") * p.PagesRecorded))
+	x.prefetchPages.WithLabelValues(backend, "prefetched").Add(float64(p.PagesPrefetched))
+	x.prefetchPages.WithLabelValues(backend, "wasted").Add(float64(p.PagesWasted))
+	if p.WorkingSetMs > 0 {
+		x.prefetchWorkingSet.WithLabelValues(backend).Observe(float64(p.WorkingSetMs) / 1000)
+	}
+}
+
+func boolU64(b bool) uint64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
 func (x *metrics) register(r prometheus.Registerer) error {
-	for _, c := range []prometheus.Collector{x.opDuration, x.shareFallbacks, x.fullCopies, x.states, x.pager, x.groups, x.units, x.imageBuilds, x.images} {
+	for _, c := range []prometheus.Collector{x.opDuration, x.shareFallbacks, x.fullCopies, x.states, x.pager, x.groups, x.units, x.imageBuilds, x.images,
+		x.prefetchRestores, x.prefetchPages, x.prefetchWorkingSet} {
 		if err := r.Register(c); err != nil {
 			return err
 		}

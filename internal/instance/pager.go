@@ -8,15 +8,22 @@ import (
 	"time"
 
 	"github.com/forkd/forkd/internal/pager"
+	"github.com/forkd/forkd/internal/prefetch"
 	"github.com/forkd/forkd/internal/store"
 )
 
 // Pager is what the manager needs of the host's userfaultfd pager
 // (internal/pager's Client, adapted in pagerclient.go).
 type Pager interface {
-	// CreateSession makes a session serving backingPath's pages under
-	// cacheKey and returns the socket the VMM hands its uffd to.
-	CreateSession(ctx context.Context, sessionID, backingPath, cacheKey string) (socketPath string, err error)
+	// CreateSession makes a session serving req.BackingPath's pages under
+	// req.CacheKey (recording or replaying a working set as req says) and
+	// returns the socket the VMM hands its uffd to.
+	CreateSession(ctx context.Context, req pager.SessionRequest) (socketPath string, err error)
+	// Recording is a recording session's first faults so far.
+	Recording(ctx context.Context, sessionID string) (prefetch.Recording, error)
+	// SessionPrefetch is one session's recording or replay progress (nil:
+	// it does neither).
+	SessionPrefetch(ctx context.Context, sessionID string) (*pager.SessionPrefetch, error)
 	DeleteSession(ctx context.Context, sessionID string) error
 	StatsRaw(ctx context.Context) (json.RawMessage, error)
 	// Session asks about one session: nil while the pager serves it, an

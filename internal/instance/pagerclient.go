@@ -9,6 +9,7 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/pager"
+	"github.com/forkd/forkd/internal/prefetch"
 	"github.com/forkd/forkd/internal/version"
 )
 
@@ -43,9 +44,20 @@ type hostPager struct {
 	version string
 }
 
-func (h hostPager) CreateSession(ctx context.Context, id, backing, key string) (string, error) {
-	s, err := h.c.CreateSession(ctx, pager.SessionRequest{SessionID: id, BackingPath: backing, CacheKey: key})
+func (h hostPager) CreateSession(ctx context.Context, req pager.SessionRequest) (string, error) {
+	s, err := h.c.CreateSession(ctx, req)
 	return s.SocketPath, err
+}
+
+func (h hostPager) Recording(ctx context.Context, id string) (prefetch.Recording, error) {
+	return h.c.Recording(ctx, id)
+}
+
+func (h hostPager) SessionPrefetch(ctx context.Context, id string) (*pager.SessionPrefetch, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	info, err := h.c.Session(ctx, id)
+	return info.Prefetch, err
 }
 
 func (h hostPager) DeleteSession(ctx context.Context, id string) error {

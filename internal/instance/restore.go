@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/firecracker"
+	"github.com/forkd/forkd/internal/pager"
 	"github.com/forkd/forkd/internal/store"
 )
 
@@ -25,6 +27,7 @@ func (m *Manager) restoreAction(ctx context.Context, in *store.Instance, req api
 // none), nothing deleted, retryable. A mem-file shorter than the VM's RAM is
 // refused before anything starts. Caller holds the write lock.
 func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def string) error {
+	start := time.Now()
 	if in.State != api.StateStandby {
 		return invalidState(*in, "restore", api.StateStandby)
 	}
@@ -59,7 +62,9 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 	var proc *firecracker.Process
 	session := ""
 	var pg Pager
+	var pf *prefetchRun
 	fail := func(err error) error {
+		pf.abort()
 		err = fmt.Errorf("restore %s (%s): %w", in.Name, backend, err)
 		if proc != nil {
 			if kerr := m.killVMM(ctx, in.ID, proc.Pid, g); kerr != nil {
@@ -84,6 +89,8 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 			return fail(err)
 		}
 	}
+	// The working set: replayed if recorded, else recorded (prefetch.go).
+	pf = m.beginPrefetch(in.ID, in.SnapshotCacheKey, latest.Memory(), backend, start)
 	load := firecracker.SnapshotLoad{
 		SnapshotPath:    g.InVMM(latest.VMState()),
 		MemBackend:      firecracker.MemBackend{BackendType: firecracker.BackendFile, BackendPath: g.InVMM(latest.Memory())},
@@ -100,13 +107,17 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 			session = ""
 			return fail(err)
 		}
-		sock, err := pg.CreateSession(ctx, session, latest.Memory(), in.SnapshotCacheKey)
+		req := pager.SessionRequest{SessionID: session, BackingPath: latest.Memory(), CacheKey: in.SnapshotCacheKey}
+		pf.sessionRequest(&req)
+		sock, err := pg.CreateSession(ctx, req)
 		if err != nil {
 			session = ""
 			return fail(fmt.Errorf("pager session: %w", err))
 		}
 		load.MemBackend = firecracker.MemBackend{BackendType: firecracker.BackendUffd, BackendPath: sock}
 	}
+	// A File restore's working set is read ahead before the VMM exists.
+	pf.readAhead()
 	// No VMM runs for a Standby instance, so a pin left by one that died
 	// while the daemon was down is stale; the new VMM maps latest's inode.
 	os.Remove(g.MappedPin())
@@ -148,7 +159,12 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 	if pg != nil {
 		in.PagerVersion = pg.Version()
 	}
-	return m.finishRestore(ctx, o, in)
+	if err := m.finishRestore(ctx, o, in); err != nil {
+		pf.abort()
+		return err
+	}
+	pf.follow(*in, pg)
+	return nil
 }
 
 // finishRestore makes the loaded snapshot the retained diff base and records

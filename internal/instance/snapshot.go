@@ -301,6 +301,7 @@ func (m *Manager) finishSnapshotDelete(ctx context.Context, id string) error {
 	if err := os.RemoveAll(trash); err != nil {
 		m.log.Warn("delete snapshot: remove dir", "snapshot", id, "err", err)
 	}
+	m.kickPrefetchGC()
 	m.log.Info("snapshot deleted", "snapshot", id)
 	return nil
 }

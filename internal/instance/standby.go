@@ -104,6 +104,7 @@ func (m *Manager) finishStandby(ctx context.Context, o *op, in *store.Instance, 
 	if err != nil {
 		return err
 	}
+	m.kickPrefetchGC() // the key it ran under may have been its last user's
 	m.log.Info("instance on standby", "instance", in.ID, "cache_key", key)
 	return nil
 }

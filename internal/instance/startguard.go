@@ -19,7 +19,7 @@ import (
 // VMs are gone, and starting would treat every one of them as a stranger.
 var ErrStoreLost = errors.New("the store has no records of the VMs in the data dir")
 
-// makeDataSubdirs makes the data dir's guests/, snapshots/ and pager/ and
+// makeDataSubdirs makes the data dir's guests/, snapshots/, pager/ and prefetch/ and
 // refuses one that exists but is not a real directory: a symlink there would
 // send every create, and every reconciler removal, into whatever directory
 // it names.
@@ -27,7 +27,7 @@ func makeDataSubdirs(l guestdir.Layout) error {
 	if err := os.MkdirAll(l.Root(), 0o700); err != nil {
 		return fmt.Errorf("data dir: %w", err)
 	}
-	for _, d := range []string{l.GuestsDir(), l.SnapshotsDir(), l.PagerRoot(), l.ImagesDir()} {
+	for _, d := range []string{l.GuestsDir(), l.SnapshotsDir(), l.PagerRoot(), l.ImagesDir(), l.PrefetchDir()} {
 		if err := os.Mkdir(d, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
 			return fmt.Errorf("data dir: %w", err)
 		}

@@ -88,6 +88,7 @@ func (m *Manager) killVMM(ctx context.Context, id string, pid int, g guestdir.Gu
 	// The operation owns the VMM's end: its supervisor must not read the
 	// exit as a crash.
 	m.unsupervise(id)
+	m.stopPrefetch(id) // it follows this VMM
 	p := m.proc(id)
 	if p == nil && pid > 0 {
 		if ap, err := firecracker.Adopt(pid, g.VMMSock()); err == nil {

@@ -33,11 +33,12 @@ type Sampler struct {
 	buf       []byte
 }
 
-// NewSampler prepares to sample process pid's mappings of the file at path.
-func NewSampler(pid int, path string) (*Sampler, error) {
+// NewSampler prepares to sample process pid's mappings of the file f (by
+// its device and inode: the name it was opened by may since name another).
+func NewSampler(pid int, f *os.File) (*Sampler, error) {
 	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		return nil, fmt.Errorf("sample mapped pages of %s: %w", path, err)
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return nil, fmt.Errorf("sample mapped pages of %s: %w", f.Name(), err)
 	}
 	pm, err := os.Open(fmt.Sprintf("/proc/%d/pagemap", pid))
 	if err != nil {
@@ -180,20 +181,20 @@ type RecordOptions struct {
 	afterSample func(n int) bool
 }
 
-// RecordMapped records the pages of the file at path that process pid maps
+// RecordMapped records the pages of the file f that process pid maps
 // over opt.Window, in the order they appear: a page first seen in a later
 // sample comes after every page seen before it (within one sample, in file
 // order). It samples at once, then at growing intervals until the window
 // ends, the size budget is reached or ctx ends (which discards the
 // recording). key names the file's bytes in the Recording.
-func RecordMapped(ctx context.Context, pid int, path, key string, opt RecordOptions) (Recording, error) {
+func RecordMapped(ctx context.Context, pid int, f *os.File, key string, opt RecordOptions) (Recording, error) {
 	if opt.Interval <= 0 {
 		opt.Interval = 10 * time.Millisecond
 	}
 	if opt.MaxInterval <= 0 {
 		opt.MaxInterval = 250 * time.Millisecond
 	}
-	s, err := NewSampler(pid, path)
+	s, err := NewSampler(pid, f)
 	if err != nil {
 		return Recording{}, err
 	}

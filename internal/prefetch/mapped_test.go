@@ -138,6 +138,16 @@ func cachedFile(t *testing.T, n int) string {
 // than its page when the page cache holds it: the cached pages of its
 // 64 KiB fault-around window, or its whole folio, which a file written or
 // read ahead in large chunks has up to 2 MiB large (mapped by one PMD).
+func openFile(t *testing.T, path string) *os.File {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
 func window(p uint64) uint64 { return p / 512 }
 
 func inWindowsOf(p uint64, touched []uint64) bool {
@@ -151,7 +161,7 @@ func inWindowsOf(p uint64, touched []uint64) bool {
 func TestSamplerSeesOneProcessesTouchesNotThePageCache(t *testing.T) {
 	const pages = 4096 // 8 blocks of 2 MiB; the touches are in 3 of them
 	path := cachedFile(t, pages)
-	res, err := OpenResidency(path)
+	res, err := OpenResidency(openFile(t, path))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,7 +175,7 @@ func TestSamplerSeesOneProcessesTouchesNotThePageCache(t *testing.T) {
 	}
 
 	m := startMapper(t, path)
-	s, err := NewSampler(m.cmd.Process.Pid, path)
+	s, err := NewSampler(m.cmd.Process.Pid, openFile(t, path))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -218,7 +228,7 @@ func TestRecordMappedKeepsFirstTouchOrder(t *testing.T) {
 		}
 		return n == 2
 	}
-	rec, err := RecordMapped(context.Background(), m.cmd.Process.Pid, path, "abc", opt)
+	rec, err := RecordMapped(context.Background(), m.cmd.Process.Pid, openFile(t, path), "abc", opt)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -250,10 +260,11 @@ func TestRecordMappedKeepsFirstTouchOrder(t *testing.T) {
 }
 
 func TestRecordMappedStopsAtItsBudgets(t *testing.T) {
-	path := cachedFile(t, 1024)
-	m := startMapper(t, path)
+	file := cachedFile(t, 1024)
+	m := startMapper(t, file)
 	m.do("touch", 0, 100, 200, 300, 400, 500)
 	pid := m.cmd.Process.Pid
+	path := openFile(t, file)
 
 	t.Run("size", func(t *testing.T) {
 		rec, err := RecordMapped(context.Background(), pid, path, "abc", RecordOptions{Window: time.Hour, MaxPages: 3})
@@ -304,7 +315,7 @@ func TestReadAheadFillsOnlyTheRuns(t *testing.T) {
 	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
 		t.Fatal(err)
 	}
-	res, err := OpenResidency(path)
+	res, err := OpenResidency(f)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -39,13 +39,9 @@ type Residency struct {
 	vec      []byte // scratch for mincore
 }
 
-// OpenResidency maps path for residency queries. Close unmaps it.
-func OpenResidency(path string) (*Residency, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("residency: %w", err)
-	}
-	defer f.Close()
+// OpenResidency maps f for residency queries (f may be closed after).
+// Close unmaps it.
+func OpenResidency(f *os.File) (*Residency, error) {
 	st, err := f.Stat()
 	if err != nil {
 		return nil, fmt.Errorf("residency: %w", err)
@@ -56,7 +52,7 @@ func OpenResidency(path string) (*Residency, error) {
 	}
 	r.mem, err = unix.Mmap(int(f.Fd()), 0, int(st.Size()), unix.PROT_READ, unix.MAP_SHARED)
 	if err != nil {
-		return nil, fmt.Errorf("residency: map %s: %w", path, err)
+		return nil, fmt.Errorf("residency: map %s: %w", f.Name(), err)
 	}
 	return r, nil
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/daemonproc"
 	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/prefetch"
 )
 
 // isStable reports whether an instance may be in state when no operation
@@ -31,7 +32,7 @@ func isStable(state string) bool {
 func isRootEntry(name string) bool {
 	switch name {
 	case "forkd.db", "forkd.db-wal", "forkd.db-shm", "forkd.db-journal",
-		"forkd.lock", "forkd.sock", "guests", "snapshots", "pager", "images":
+		"forkd.lock", "forkd.sock", "guests", "snapshots", "pager", "images", "prefetch":
 		return true
 	}
 	return false
@@ -83,6 +84,8 @@ func WaitSettled(ctx context.Context, c *api.Client, timeout time.Duration) erro
 //     link count of 1 and diff-writes it in place under the running VM);
 //   - no temp file or dir, no dir without a record, nothing unknown at the
 //     data dir's top level;
+//   - every working-set recording in prefetch/ decodes and records the key
+//     it is named after (a stale or torn one is never kept);
 //   - every snapshot has its files;
 //   - the pager (if one runs) has no more sessions than Uffd-backed VMs;
 //   - no Running instance reports a memory integrity error.
@@ -227,7 +230,43 @@ func CheckInvariants(ctx context.Context, d *Daemon) error {
 
 	errs = append(errs, leftovers(layout, byID, snapIDs)...)
 	errs = append(errs, imageLeftovers(layout, imageDigests)...)
+	errs = append(errs, badRecordings(layout)...)
 	return errors.Join(errs...)
+}
+
+// badRecordings lists files in prefetch/ that are not a recording of the
+// key they are named after. A temp recording may exist while a restore's
+// recording is being written; it is not checked.
+func badRecordings(layout guestdir.Layout) []error {
+	ents, err := os.ReadDir(layout.PrefetchDir())
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return []error{err}
+	}
+	var errs []error
+	for _, e := range ents {
+		if strings.HasSuffix(e.Name(), ".ws.tmp") {
+			continue
+		}
+		key, ok := guestdir.WorkingSetKey(e.Name())
+		if !ok {
+			errs = append(errs, fmt.Errorf("unexpected entry in %s: %s", layout.PrefetchDir(), e.Name()))
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(layout.PrefetchDir(), e.Name()))
+		if err == nil {
+			var rec prefetch.Recording
+			if rec, err = prefetch.Decode(b); err == nil && rec.Key != key {
+				err = fmt.Errorf("it records key %s", rec.Key)
+			}
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("recording %s: %w", e.Name(), err))
+		}
+	}
+	return errs
 }
 
 // imageLeftovers lists entries under images/ that are not a recorded

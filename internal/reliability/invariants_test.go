@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/forkd/forkd/internal/prefetch"
 )
 
 // TestInvariantCheckerCatchesEachViolation is the twin of every test that
@@ -83,6 +85,22 @@ func TestInvariantCheckerCatchesEachViolation(t *testing.T) {
 			os.Rename(base+".new", base)
 			return func() { os.Remove(stray) }
 		}, "not counted in its link count"},
+		{"a recording of another key under a key's name", func(t *testing.T) func() {
+			os.MkdirAll(d.Layout.PrefetchDir(), 0o700)
+			p, _ := d.Layout.WorkingSet("0123456789abcdef01234567")
+			err := prefetch.Write(p, prefetch.Recording{Key: "ffffffffffffffffffffffff", PageSize: 4096, FileSize: 4096,
+				Source: prefetch.SourceUffd, Pages: []uint64{0}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			return func() { os.Remove(p) }
+		}, "records key ffffffffffffffffffffffff"},
+		{"a torn recording", func(t *testing.T) func() {
+			os.MkdirAll(d.Layout.PrefetchDir(), 0o700)
+			p, _ := d.Layout.WorkingSet("0123456789abcdef01234567")
+			os.WriteFile(p, []byte("FORKDWS1 and then nothing"), 0o600)
+			return func() { os.Remove(p) }
+		}, "recording 0123456789abcdef01234567.ws"},
 		{"an instance whose dir is gone", func(t *testing.T) func() {
 			os.Rename(g.Dir, g.Dir+"-moved")
 			return func() { os.Rename(g.Dir+"-moved", g.Dir) }
