@@ -139,8 +139,8 @@ func parseMAC(s string) (net.HardwareAddr, bool) {
 // guestArgs are the forkd.* boot args the workload reads (see the package
 // doc). Unset fields are 0 and get defaults in workloadFor.
 type guestArgs struct {
-	wsMib, writePct, rate, seed, discardPct, splitMib uint64
-	set                                               map[string]bool
+	wsMib, writePct, rate, seed, discardPct, splitMib, loadSeed uint64
+	set                                                         map[string]bool
 }
 
 // parseBootArgs reads the forkd.* keys of a kernel command line. Other
@@ -156,6 +156,7 @@ func parseBootArgs(cmdline string) (guestArgs, error) {
 		dst := map[string]*uint64{
 			"forkd.ws_mib": &g.wsMib, "forkd.write_pct": &g.writePct, "forkd.rate": &g.rate,
 			"forkd.seed": &g.seed, "forkd.discard_pct": &g.discardPct, "forkd.split_mib": &g.splitMib,
+			"forkd.load_seed": &g.loadSeed,
 		}[key]
 		if dst == nil {
 			return g, fmt.Errorf("boot_args: unknown forkd key %q", key)
@@ -166,6 +167,9 @@ func parseBootArgs(cmdline string) (guestArgs, error) {
 		}
 		if (key == "forkd.write_pct" || key == "forkd.discard_pct") && n > 100 {
 			return g, fmt.Errorf("boot_args: %s=%d is not a percentage", key, n)
+		}
+		if key == "forkd.load_seed" && n > 1 {
+			return g, fmt.Errorf("boot_args: forkd.load_seed=%d: want 0 or 1", n)
 		}
 		*dst = n
 		g.set[key] = true
@@ -201,6 +205,7 @@ func workloadFor(g guestArgs, vcpus int, memBytes uint64) (workloadConfig, uint6
 		cfg.Seed = g.seed
 	}
 	cfg.DiscardPct = g.discardPct
+	cfg.LoadSeed = g.loadSeed == 1
 	split := x86MMIOGapStart
 	if g.set["forkd.split_mib"] {
 		split = g.splitMib << 20

@@ -53,6 +53,8 @@
 //	forkd.seed=S          PRNG seed (default 1)
 //	forkd.discard_pct=P   percentage of steps that use or discard a free page (default 0)
 //	forkd.split_mib=N     split RAM into two regions at N MiB (testing; default 3072)
+//	forkd.load_seed=1     every load picks its pages with a seed of its own (from its
+//	                      lineage): forks touch the working set in different orders
 //
 // Limits, as in Firecracker: a vCPU blocked on a uffd fault whose handler
 // died blocks forever (and so does PATCH /vm Paused); each discard of a page

@@ -25,6 +25,8 @@ func TestParseBootArgs(t *testing.T) {
 		{"forkd.ws_mib=-1", "non-negative integer", nil},
 		{"forkd.ws_mib", "non-negative integer", nil},
 		{"forkd.write_pct=101", "not a percentage", nil},
+		{"forkd.load_seed=1", "", func(g guestArgs) bool { return g.loadSeed == 1 && g.set["forkd.load_seed"] }},
+		{"forkd.load_seed=2", "want 0 or 1", nil},
 		{"forkd.wsmib=4", "unknown forkd key", nil},
 	}
 	for _, c := range cases {
@@ -266,5 +268,26 @@ func BenchmarkWorkloadStep(b *testing.B) {
 	}
 	if w.counters.integrityErrors.Load() != 0 {
 		b.Fatal(w.stats().FirstIntegrityError)
+	}
+}
+
+// TestLoadSeedGivesEachLoadItsOwnPages: with forkd.load_seed two loads of
+// one vmstate choose different pages at the same step (and a load without
+// it the pages its source would); the working set stays the same.
+func TestLoadSeedGivesEachLoadItsOwnPages(t *testing.T) {
+	pagesOf := func(loadSeed bool, lineage uint64) []uint64 {
+		cfg := workloadConfig{VCPUs: 1, WSPages: 1 << 12, Seed: 1, LoadSeed: loadSeed}
+		w := newLoadedWorkload(&guestMemory{}, workloadState{Config: cfg, Steps: []uint64{100}}, lineage, nil, slog.Default())
+		var out []uint64
+		for s := uint64(100); s < 116; s++ {
+			out = append(out, splitmix(w.seed^splitmix(s))%cfg.WSPages)
+		}
+		return out
+	}
+	if a, b := pagesOf(false, 1), pagesOf(false, 2); !reflect.DeepEqual(a, b) {
+		t.Fatalf("without load_seed two loads chose %v and %v, want the same pages", a, b)
+	}
+	if a, b := pagesOf(true, 1), pagesOf(true, 2); reflect.DeepEqual(a, b) {
+		t.Fatalf("with load_seed two loads chose the same pages %v", a)
 	}
 }

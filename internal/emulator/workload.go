@@ -53,6 +53,11 @@ type workloadConfig struct {
 	Rate       uint64 `json:"rate"`
 	Seed       uint64 `json:"seed"`
 	DiscardPct uint64 `json:"discard_pct"`
+	// LoadSeed makes every load choose its pages from a seed of its own
+	// (drawn from the load's random lineage): forks of one snapshot then
+	// touch the same working set in different orders, as guests whose work
+	// after a restore depends on what they are asked to do.
+	LoadSeed bool `json:"load_seed,omitempty"`
 }
 
 // workloadState is the workload's part of the vmstate: its configuration
@@ -95,6 +100,9 @@ type workload struct {
 	log *slog.Logger
 
 	tableStart, dataStart, freeStart uint64
+	// seed chooses the pages of each step: cfg.Seed, or with cfg.LoadSeed
+	// a seed of this load's own.
+	seed uint64
 
 	// generation and lineage are written into the header at the next resume
 	// when headerPending (a fresh boot or a load).
@@ -149,7 +157,7 @@ func clampWorkingSet(want, pages uint64) uint64 {
 // and every working-set page at version 1, so a Full snapshot right after
 // boot already holds real data.
 func newBootWorkload(mem *guestMemory, cfg workloadConfig, lineage uint64, dirty *dirtyBitmap, log *slog.Logger) *workload {
-	w := &workload{mem: mem, cfg: cfg, log: log, lineage: lineage, dirty: dirty, steps: make([]uint64, cfg.VCPUs)}
+	w := &workload{mem: mem, cfg: cfg, log: log, lineage: lineage, dirty: dirty, steps: make([]uint64, cfg.VCPUs), seed: cfg.Seed}
 	w.layoutFor()
 	h := mem.page(0)
 	rand.Read(h[hBootID : hBootID+16]) // never fails
@@ -173,7 +181,10 @@ func newBootWorkload(mem *guestMemory, cfg workloadConfig, lineage uint64, dirty
 // first step whether memory and registers agree.
 func newLoadedWorkload(mem *guestMemory, st workloadState, lineage uint64, dirty *dirtyBitmap, log *slog.Logger) *workload {
 	w := &workload{mem: mem, cfg: st.Config, log: log, generation: st.Generation + 1, lineage: lineage, dirty: dirty,
-		steps: append([]uint64(nil), st.Steps...), headerPending: true}
+		steps: append([]uint64(nil), st.Steps...), headerPending: true, seed: st.Config.Seed}
+	if st.Config.LoadSeed {
+		w.seed = splitmix(st.Config.Seed ^ lineage)
+	}
 	for _, n := range st.Steps {
 		w.baseSteps += n
 	}
@@ -290,7 +301,7 @@ func (w *workload) step(k int, s uint64) uint64 {
 		w.fail(k, "header records step %d, vCPU state is at step %d: memory and vmstate are from different moments", hs, s)
 	}
 	n := w.cfg.VCPUs
-	r1 := splitmix(w.cfg.Seed ^ uint64(k)<<56 ^ splitmix(s))
+	r1 := splitmix(w.seed ^ uint64(k)<<56 ^ splitmix(s))
 	r2 := splitmix(r1)
 	if own := owned(k, n, w.cfg.WSPages); own > 0 {
 		j := uint64(k) + uint64(n)*(r1%own)
