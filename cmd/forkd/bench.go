@@ -84,13 +84,15 @@ Compare ratios within one run: absolute times on nested VMs are noise.`,
 		},
 	}
 	f := cmd.Flags()
-	f.IntVar(&opt.Forks, "forks", 25, "concurrent forks per burst")
+	f.IntSliceVar(&opt.Forks, "forks", []int{25}, "concurrent forks per burst; a list runs each, e.g. 1,25")
 	f.IntVar(&memoryMiB, "memory-mib", 1024, "guest RAM of the source VM (MiB)")
 	f.IntSliceVar(&opt.SizesMiB, "sizes", nil, "sweep guest RAM sizes in MiB, e.g. 256,1024,4096 (overrides --memory-mib)")
 	f.IntVar(&opt.Vcpus, "vcpus", 1, "vCPUs of the source VM")
 	f.IntVar(&opt.WorkingSetMiB, "ws-mib", 64, "working set of the guest workload (MiB; at most half the guest)")
 	f.IntVar(&opt.WritePct, "write-pct", 20, "percent of workload steps that write their page")
-	f.IntVar(&opt.Rate, "rate", 20000, "workload steps per second per VM (-1: unpaced; 20000 paces a page per 50 µs, so slower cold faults show in the touch time)")
+	f.IntSliceVar(&opt.Rates, "rate", []int{20000}, "workload steps per second per VM (-1: unpaced; 20000 paces a page per 50 µs, so slower cold faults show in the touch time); a list runs each, e.g. 20000,-1")
+	f.StringSliceVar(&opt.Prefetch, "prefetch", []string{bench.PrefetchOff, bench.PrefetchAuto}, "the daemons' prefetch settings to compare: off, auto")
+	f.IntVar(&opt.DiffersRuns, "differs", 0, "also run the case prefetch cannot help (forks whose workload differs from the recorded one) this many times, prefetch off and auto side by side (needs both)")
 	f.StringSliceVar(&opt.Strategies, "strategies", []string{bench.StrategyHardlink, bench.StrategyReflink, bench.StrategyCopy},
 		"fork strategies: hardlink (forkd), reflink, copy; ones the daemon cannot force are reported as skipped")
 	f.StringSliceVar(&opt.Backends, "backends", []string{"file", "uffd"}, "restore backends: file, uffd")

@@ -25,16 +25,19 @@ type forkResult struct {
 	err                  error
 }
 
-// burst forks n VMs from par concurrently; once every fork call returned,
-// restores them all concurrently with backend and waits until each has
-// touched its working set; then measures memory and the pager and deletes
-// the forks. The two phases are apart so the fork latency is the fanout's
-// own, not the restores' competing for the same CPUs and disk.
-func (r *runner) burst(ctx context.Context, svc api.Service, par parent, size int, strategy, backend, temp string, n int) Cell {
-	cell := Cell{SizeMiB: size, Strategy: strategy, Backend: backend, Temperature: temp, Forks: n,
-		MemoryChecks: map[string]int{}, ForkModes: map[string]int{}}
-	r.progress(fmt.Sprintf("%d MiB %s %s %s: %d concurrent forks of %s", size, strategy, backend, temp, n, par))
+// burst forks key.forks VMs from par concurrently; once every fork call
+// returned, restores them all concurrently with key.backend and waits until
+// each has touched its working set; then measures memory and the pager,
+// waits for the forks' prefetch figures to be final, and deletes the forks.
+// The two phases are apart so the fork latency is the fanout's own, not the
+// restores' competing for the same CPUs and disk.
+func (r *runner) burst(ctx context.Context, d *daemon, par parent, key cellKey) Cell {
+	cell := key.cell()
+	cell.MemoryChecks, cell.ForkModes = map[string]int{}, map[string]int{}
+	n, size, backend := key.forks, key.size, key.backend
+	r.progress(fmt.Sprintf("%d MiB %s rate %d %s %s %s: %d concurrent forks of %s", size, d.v, key.rate, backend, key.temp, key.workload, n, par))
 	prefix := r.name("burst") + "-"
+	svc := d.svc
 
 	pagerBefore, pagerErr := r.pagerCounters(ctx, svc)
 	pagerIOBefore, pagerIOErr := ReadProcIO(pagerBefore.Pid)
@@ -42,11 +45,11 @@ func (r *runner) burst(ctx context.Context, svc api.Service, par parent, size in
 
 	results := make([]forkResult, n)
 	t0 := time.Now()
-	concurrently(n, func(i int) { results[i] = r.forkOne(ctx, svc, par, fmt.Sprintf("%s%d", prefix, i)) })
+	concurrently(n, func(i int) { results[i] = r.forkOne(ctx, d, par, fmt.Sprintf("%s%d", prefix, i)) })
 	cell.ForkWall = time.Since(t0)
 	concurrently(n, func(i int) {
 		if results[i].err == nil {
-			r.restoreOne(ctx, svc, &results[i], backend, size)
+			r.restoreOne(ctx, d, &results[i], backend, size)
 		}
 	})
 	cell.Wall = time.Since(t0)
@@ -56,12 +59,18 @@ func (r *runner) burst(ctx context.Context, svc api.Service, par parent, size in
 	cell.PagerReadBytes = -1
 	if pagerErr == nil {
 		if after, err := r.pagerCounters(ctx, svc); err == nil {
-			d := after.Sub(pagerBefore)
-			cell.Pager = &d
+			// A pager restarted during the burst (after a drain) counts from 0.
+			if after.Pid != pagerBefore.Pid {
+				pagerBefore = PagerCounters{}
+			}
+			dc := after.Sub(pagerBefore)
+			cell.Pager = &dc
 			// The pager reads backing pages for uffd restores: its own I/O
 			// and memory (its page cache) belong to the burst's cost.
 			if io, err := ReadProcIO(after.Pid); err == nil && pagerIOErr == nil && after.Pid == pagerBefore.Pid {
 				cell.PagerReadBytes = io.ReadBytes - pagerIOBefore.ReadBytes
+			} else if err == nil && after.Pid != pagerBefore.Pid {
+				cell.PagerReadBytes = io.ReadBytes
 			}
 			if m, err := ReadMemUsage(after.Pid); err == nil {
 				cell.PagerMemory = &m
@@ -69,7 +78,7 @@ func (r *runner) burst(ctx context.Context, svc api.Service, par parent, size in
 		}
 	}
 
-	var forks, restores, touches []time.Duration
+	var forks, restores, touches, toWS []time.Duration
 	for _, res := range results {
 		if res.err != nil {
 			cell.Failed++
@@ -81,18 +90,74 @@ func (r *runner) burst(ctx context.Context, svc api.Service, par parent, size in
 		forks, restores = append(forks, res.fork), append(restores, res.restore)
 		if res.touched {
 			touches = append(touches, res.touch)
+			toWS = append(toWS, res.restore+res.touch)
 		}
 		r.measureFork(ctx, svc, res.id, &cell)
 	}
 	cell.Fork, cell.Restore, cell.Touch = Summarize(forks), Summarize(restores), Summarize(touches)
+	cell.ToWorkingSet = Summarize(toWS)
 	cell.Samples = &Samples{Fork: forks, Restore: restores, Touch: touches}
+	r.prefetchFigures(ctx, d, results, &cell)
 	if why := unavailable(results); why != "" {
 		// Not a failure of the strategy: this daemon cannot restore this way
 		// (e.g. no pager in this build). Say so instead of a row of errors.
-		cell = Cell{SizeMiB: size, Strategy: strategy, Backend: backend, Temperature: temp, Skipped: why}
+		c := key.cell()
+		c.Skipped = why
+		cell = c
 	}
-	r.deleteBurst(ctx, svc, prefix)
+	r.deleteBurst(ctx, d, prefix)
 	return cell
+}
+
+// prefetchFigures waits for each fork's prefetch figures to be final (the
+// window closed) and sums them into the cell. A daemon with prefetch off
+// reports none.
+func (r *runner) prefetchFigures(ctx context.Context, d *daemon, results []forkResult, cell *Cell) {
+	if d.v.Prefetch != PrefetchAuto {
+		return
+	}
+	sum := &PrefetchSum{Modes: map[string]int{}}
+	for _, res := range results {
+		if res.err != nil {
+			continue
+		}
+		p, err := r.waitPrefetch(ctx, d, res.id)
+		if err != nil || p == nil {
+			sum.Modes[fmt.Sprintf("unknown: %v", err)]++
+			continue
+		}
+		sum.Modes[p.Mode]++
+		sum.PagesRecorded = max(sum.PagesRecorded, p.PagesRecorded)
+		sum.PagesPrefetched += p.PagesPrefetched
+		sum.PagesWasted += p.PagesWasted
+		if p.WorkingSetMs > 0 {
+			sum.WorkingSet = append(sum.WorkingSet, time.Duration(p.WorkingSetMs)*time.Millisecond)
+		}
+	}
+	cell.PrefetchStats = sum
+}
+
+// waitPrefetch polls an instance until its prefetch figures are final; it
+// returns nil when the daemon reports none (prefetch off).
+func (r *runner) waitPrefetch(ctx context.Context, d *daemon, id string) (*api.Prefetch, error) {
+	deadline := time.Now().Add(3 * time.Minute)
+	for {
+		in, err := d.svc.GetInstance(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		if in.Prefetch == nil || in.Prefetch.Done {
+			return in.Prefetch, nil
+		}
+		if time.Now().After(deadline) {
+			return in.Prefetch, fmt.Errorf("instance %s: prefetch figures not final after 3 min: %+v", id, in.Prefetch)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }
 
 // concurrently runs f(0..n-1) in n goroutines released together, and
@@ -111,24 +176,24 @@ func concurrently(n int, f func(i int)) {
 }
 
 // forkOne forks par to Standby: the fanout the API promises to be zero-I/O.
-func (r *runner) forkOne(ctx context.Context, svc api.Service, par parent, name string) forkResult {
+func (r *runner) forkOne(ctx context.Context, d *daemon, par parent, name string) forkResult {
 	t0 := time.Now()
-	inst, err := par.fork(ctx, svc, api.ForkRequest{Name: name, TargetState: api.StateStandby})
+	inst, err := par.fork(ctx, d.svc, api.ForkRequest{Name: name, TargetState: api.StateStandby})
 	// The daemon's error message names the operation and the fork.
 	return forkResult{id: inst.ID, fork: time.Since(t0), err: err}
 }
 
 // restoreOne restores a fork with backend and follows its workload until it
 // has read as many pages as its working set holds.
-func (r *runner) restoreOne(ctx context.Context, svc api.Service, res *forkResult, backend string, size int) {
+func (r *runner) restoreOne(ctx context.Context, d *daemon, res *forkResult, backend string, size int) {
 	t1 := time.Now()
-	if _, err := svc.Action(ctx, res.id, "restore", api.ActionRequest{RestoreBackend: backend}); err != nil {
+	if _, err := d.svc.Action(ctx, res.id, "restore", api.ActionRequest{RestoreBackend: backend}); err != nil {
 		res.err = err
 		return
 	}
 	t2 := time.Now()
 	res.restore = t2.Sub(t1)
-	ok, err := r.waitWorkload(ctx, res.id, r.wsPages(size))
+	ok, err := r.waitWorkload(ctx, d, res.id, r.wsPages(size), 0)
 	if err != nil {
 		res.err = fmt.Errorf("fork %s workload: %w", res.id, err)
 		return
@@ -139,9 +204,10 @@ func (r *runner) restoreOne(ctx context.Context, svc api.Service, res *forkResul
 // waitWorkload waits until the workload of instance id has read pages more
 // pages than when called (pages carry checksums: every read is verified).
 // It returns false without waiting when the VMM does not report its
-// workload (a real Firecracker), and an error on an integrity error.
-func (r *runner) waitWorkload(ctx context.Context, id string, pages uint64) (bool, error) {
-	g, err := r.layout.Guest(id)
+// workload (a real Firecracker), and an error on an integrity error. rate
+// (the workload's pace, -1 unpaced, 0 unknown) spaces the polls.
+func (r *runner) waitWorkload(ctx context.Context, d *daemon, id string, pages uint64, rate int) (bool, error) {
+	g, err := d.layout.Guest(id)
 	if err != nil {
 		return false, err
 	}
@@ -156,7 +222,7 @@ func (r *runner) waitWorkload(ctx context.Context, id string, pages uint64) (boo
 	}
 	ctx, cancel := context.WithTimeout(ctx, r.cfg.TouchTimeout)
 	defer cancel()
-	tick := time.NewTicker(r.pollInterval(pages))
+	tick := time.NewTicker(r.pollInterval(pages, rate))
 	defer tick.Stop()
 	for {
 		st, err := c.Guest(ctx)
@@ -179,12 +245,11 @@ func (r *runner) waitWorkload(ctx context.Context, id string, pages uint64) (boo
 
 // pollInterval spreads about 40 polls over the expected wait, so N forks
 // polling do not load the VMMs they measure.
-func (r *runner) pollInterval(pages uint64) time.Duration {
-	rate := r.cfg.rate() * r.cfg.Vcpus
-	if rate == 0 {
+func (r *runner) pollInterval(pages uint64, rate int) time.Duration {
+	if rate <= 0 {
 		return 20 * time.Millisecond
 	}
-	expected := time.Duration(float64(pages) / float64(rate) * float64(time.Second))
+	expected := time.Duration(float64(pages) / float64(rate*r.cfg.Vcpus) * float64(time.Second))
 	return min(max(expected/40, 20*time.Millisecond), 250*time.Millisecond)
 }
 
@@ -225,9 +290,9 @@ func unavailable(results []forkResult) string {
 
 // deleteBurst deletes every instance whose name starts with prefix, failed
 // forks included.
-func (r *runner) deleteBurst(ctx context.Context, svc api.Service, prefix string) {
+func (r *runner) deleteBurst(ctx context.Context, d *daemon, prefix string) {
 	ctx = context.WithoutCancel(ctx)
-	list, err := svc.ListInstances(ctx)
+	list, err := d.svc.ListInstances(ctx)
 	if err != nil {
 		r.progress(fmt.Sprintf("list instances to clean up %s*: %v", prefix, err))
 		return
@@ -236,7 +301,7 @@ func (r *runner) deleteBurst(ctx context.Context, svc api.Service, prefix string
 	g.SetLimit(8)
 	for _, inst := range list {
 		if strings.HasPrefix(inst.Name, prefix) {
-			g.Go(func() error { r.deleteInstance(ctx, svc, inst.ID); return nil })
+			g.Go(func() error { r.deleteInstance(ctx, d, inst.ID); return nil })
 		}
 	}
 	_ = g.Wait()

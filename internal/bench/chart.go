@@ -53,7 +53,7 @@ func (r *Report) WriteSVG(w io.Writer) error {
 	fmt.Fprintf(&b, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">`+"\n", width, height)
 	fmt.Fprintf(&b, `<rect width="100%%" height="100%%" fill="white"/>`+"\n")
 	fmt.Fprintf(&b, `<text x="10" y="20" font-size="15" font-weight="bold">fork-burst: %d forks/burst, working set %d MiB, %s (%s), %d CPUs — latency p50 (bar) to p95 (whisker)</text>`+"\n",
-		r.Config.Forks, r.Config.WorkingSetMiB, html.EscapeString(r.Machine.Device), html.EscapeString(r.Machine.FSType), r.Machine.CPUs)
+		r.Config.maxForks(), r.Config.WorkingSetMiB, html.EscapeString(r.Machine.Device), html.EscapeString(r.Machine.FSType), r.Machine.CPUs)
 	for i, s := range series {
 		x := labelW + i*190
 		fmt.Fprintf(&b, `<rect x="%d" y="28" width="10" height="10" fill="%s"/><text x="%d" y="37">%s</text>`+"\n", x, s.color, x+14, s.name)
@@ -80,7 +80,7 @@ func (r *Report) WriteSVG(w io.Writer) error {
 	}
 	fmt.Fprintf(&b, `<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#999"/>`+"\n", labelW, top+10, labelW, y)
 
-	fmt.Fprintf(&b, `<text x="10" y="%d" font-size="15" font-weight="bold">PSS of the %d fork VMMs together (density: File shares clean pages, Uffd copies them)</text>`+"\n", pssTop, r.Config.Forks)
+	fmt.Fprintf(&b, `<text x="10" y="%d" font-size="15" font-weight="bold">PSS of the %d fork VMMs together (density: File shares clean pages, Uffd copies them)</text>`+"\n", pssTop, r.Config.maxForks())
 	y = pssTop + 20
 	for _, c := range cells {
 		wd := 0.0

@@ -25,6 +25,21 @@ const (
 	Warm = "warm"
 )
 
+// Prefetch settings of the daemons (the daemon's `prefetch`).
+const (
+	PrefetchOff  = "off"
+	PrefetchAuto = "auto"
+)
+
+// Workloads of a burst's forks.
+const (
+	// WorkloadSame: every fork runs the workload its snapshot was recorded
+	// with (the emulator's workload is deterministic from the vmstate).
+	WorkloadSame = "same"
+	// WorkloadDiffers: each fork reads other pages than the recording holds.
+	WorkloadDiffers = "differs"
+)
+
 // What forks are made from.
 const (
 	FromSnapshot = "snapshot" // a snapshot in the store (POST /snapshots/{id}/fork)
@@ -37,16 +52,26 @@ var ErrStrategyUnsupported = errors.New("fork strategy not supported by this dae
 
 // Config is one fork-burst run.
 type Config struct {
-	SizesMiB      []int    `json:"sizes_mib"`       // guest RAM sizes; default {1024}
-	Vcpus         int      `json:"vcpus"`           // default 1
-	WorkingSetMiB int      `json:"working_set_mib"` // forkd.ws_mib; default 64 (at most half the guest)
-	WritePct      int      `json:"write_pct"`       // forkd.write_pct; default 20
-	Rate          int      `json:"rate"`            // forkd.rate, workload steps/s per VM; default 20000; -1 = unpaced
-	Forks         int      `json:"forks"`           // concurrent forks per burst; default 25
-	Strategies    []string `json:"strategies"`      // default {hardlink}
-	Backends      []string `json:"backends"`        // restore backends; default {file, uffd}
-	Temperatures  []string `json:"temperatures"`    // default {cold, warm}
-	ForkFrom      string   `json:"fork_from"`       // FromSnapshot (default) | FromStandby
+	SizesMiB      []int `json:"sizes_mib"`       // guest RAM sizes; default {1024}
+	Vcpus         int   `json:"vcpus"`           // default 1
+	WorkingSetMiB int   `json:"working_set_mib"` // forkd.ws_mib; default 64 (at most half the guest)
+	WritePct      int   `json:"write_pct"`       // forkd.write_pct; default 20
+	// Rates are the workload paces measured (forkd.rate, steps/s per VM;
+	// -1 = unpaced), one source VM each; default {20000}.
+	Rates []int `json:"rates"`
+	// Forks are the burst sizes (concurrent forks per burst); default {25}.
+	Forks      []int    `json:"forks"`
+	Strategies []string `json:"strategies"` // default {hardlink}
+	// Prefetch are the daemons' prefetch settings compared (off, auto);
+	// default {auto}, the daemon's default.
+	Prefetch []string `json:"prefetch"`
+	// DiffersRuns is how many times to run the case prefetch cannot help:
+	// forks whose workload differs from the recorded one (0: never). It
+	// needs both prefetch settings.
+	DiffersRuns  int      `json:"differs_runs"`
+	Backends     []string `json:"backends"`     // restore backends; default {file, uffd}
+	Temperatures []string `json:"temperatures"` // default {cold, warm}
+	ForkFrom     string   `json:"fork_from"`    // FromSnapshot (default) | FromStandby
 	// SerialForks is how many forks to time one at a time per size and
 	// strategy, apart from the bursts (no queueing: the fork's own cost,
 	// the figure that must be flat in guest RAM); default 10, -1 none.
@@ -77,11 +102,14 @@ func (c Config) withDefaults() (Config, error) {
 	if c.WritePct == 0 {
 		c.WritePct = 20
 	}
-	if c.Rate == 0 {
-		c.Rate = 20000
+	if len(c.Rates) == 0 {
+		c.Rates = []int{20000}
 	}
-	if c.Forks == 0 {
-		c.Forks = 25
+	if len(c.Forks) == 0 {
+		c.Forks = []int{25}
+	}
+	if len(c.Prefetch) == 0 {
+		c.Prefetch = []string{PrefetchAuto}
 	}
 	if len(c.Strategies) == 0 {
 		c.Strategies = []string{StrategyHardlink}
@@ -112,9 +140,13 @@ func (c Config) withDefaults() (Config, error) {
 			return c, fmt.Errorf("fork-burst config: size %d MiB: want at least 16", s)
 		}
 	}
-	if c.Forks < 1 || c.WorkingSetMiB < 1 || c.WritePct < 0 || c.WritePct > 100 || c.Rate < -1 || c.Vcpus < 1 {
-		return c, fmt.Errorf("fork-burst config: forks %d, working set %d MiB, write %d%%, rate %d, vcpus %d: out of range",
-			c.Forks, c.WorkingSetMiB, c.WritePct, c.Rate, c.Vcpus)
+	if slices.Min(c.Forks) < 1 || c.WorkingSetMiB < 1 || c.WritePct < 0 || c.WritePct > 100 || slices.Min(c.Rates) < -1 ||
+		slices.Contains(c.Rates, 0) || c.Vcpus < 1 || c.DiffersRuns < 0 {
+		return c, fmt.Errorf("fork-burst config: forks %v, working set %d MiB, write %d%%, rates %v, vcpus %d, differs runs %d: out of range",
+			c.Forks, c.WorkingSetMiB, c.WritePct, c.Rates, c.Vcpus, c.DiffersRuns)
+	}
+	if c.DiffersRuns > 0 && !(slices.Contains(c.Prefetch, PrefetchOff) && slices.Contains(c.Prefetch, PrefetchAuto)) {
+		return c, fmt.Errorf("fork-burst config: the differing-workload runs compare prefetch off and auto: add both to the prefetch settings")
 	}
 	for _, list := range []struct {
 		name  string
@@ -124,6 +156,7 @@ func (c Config) withDefaults() (Config, error) {
 		{"strategy", c.Strategies, []string{StrategyHardlink, StrategyReflink, StrategyCopy}},
 		{"backend", c.Backends, []string{api.BackendFile, api.BackendUffd}},
 		{"temperature", c.Temperatures, []string{Cold, Warm}},
+		{"prefetch setting", c.Prefetch, []string{PrefetchOff, PrefetchAuto}},
 	} {
 		for _, v := range list.got {
 			if !slices.Contains(list.known, v) {
@@ -151,11 +184,28 @@ func (c Config) workingSetMiB(sizeMiB int) int {
 	return min(c.WorkingSetMiB, sizeMiB/2)
 }
 
-// bootArgs configures the emulator's workload for a guest of sizeMiB.
-func (c Config) bootArgs(sizeMiB int) string {
+// bootArgs configures the emulator's workload for a guest of sizeMiB at
+// rate steps/s (-1: unpaced).
+func (c Config) bootArgs(sizeMiB, rate int) string {
 	return fmt.Sprintf("forkd.ws_mib=%d forkd.write_pct=%d forkd.rate=%d forkd.seed=1",
-		c.workingSetMiB(sizeMiB), c.WritePct, c.rate())
+		c.workingSetMiB(sizeMiB), c.WritePct, max(rate, 0))
 }
+
+// differsMultiple is how much larger the working set of the differing
+// workload is than the pages each fork reads of it.
+const differsMultiple = 8
+
+// differsBootArgs configure the workload prefetch cannot help: a working
+// set differsMultiple times what a fork reads (up to half the guest), each
+// load reading its own random pages of it (forkd.load_seed), so a fork
+// shares about 1/differsMultiple of its pages with any one recording.
+func (c Config) differsBootArgs(sizeMiB, rate int) string {
+	return fmt.Sprintf("forkd.ws_mib=%d forkd.write_pct=%d forkd.rate=%d forkd.seed=1 forkd.load_seed=1",
+		min(c.workingSetMiB(sizeMiB)*differsMultiple, sizeMiB/2), c.WritePct, max(rate, 0))
+}
+
+// maxForks is the largest burst.
+func (c Config) maxForks() int { return slices.Max(c.Forks) }
 
 // copySkipped says why the copy strategy does not run at sizeMiB, or "".
 func (c Config) copySkipped(strategy string, sizeMiB int) string {
@@ -163,8 +213,5 @@ func (c Config) copySkipped(strategy string, sizeMiB int) string {
 		return ""
 	}
 	return fmt.Sprintf("copy runs only up to %d MiB (--copy-max-mib): a burst of %d copies of %d MiB would write %d GiB",
-		c.CopyMaxMiB, c.Forks, sizeMiB, c.Forks*sizeMiB/1024)
+		c.CopyMaxMiB, c.maxForks(), sizeMiB, c.maxForks()*sizeMiB/1024)
 }
-
-// rate is forkd.rate: 0 asks the emulator for an unpaced workload.
-func (c Config) rate() int { return max(c.Rate, 0) }

@@ -11,7 +11,8 @@ func TestConfigDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(c.SizesMiB, []int{1024}) || c.Forks != 25 || c.WorkingSetMiB != 64 || c.Rate != 20000 ||
+	if !slices.Equal(c.SizesMiB, []int{1024}) || !slices.Equal(c.Forks, []int{25}) || c.WorkingSetMiB != 64 || !slices.Equal(c.Rates, []int{20000}) ||
+		!slices.Equal(c.Prefetch, []string{"auto"}) || c.DiffersRuns != 0 ||
 		!slices.Equal(c.Strategies, []string{"hardlink"}) || !slices.Equal(c.Backends, []string{"file", "uffd"}) ||
 		!slices.Equal(c.Temperatures, []string{"cold", "warm"}) {
 		t.Errorf("defaults = %+v", c)
@@ -39,7 +40,10 @@ func TestConfigRejects(t *testing.T) {
 		{"unknown backend", Config{Backends: []string{"nbd"}}, `backend "nbd"`},
 		{"unknown temperature", Config{Temperatures: []string{"hot"}}, `temperature "hot"`},
 		{"write pct over 100", Config{WritePct: 101}, "out of range"},
-		{"negative forks", Config{Forks: -1}, "out of range"},
+		{"negative forks", Config{Forks: []int{25, -1}}, "out of range"},
+		{"rate 0", Config{Rates: []int{0}}, "out of range"},
+		{"unknown prefetch", Config{Prefetch: []string{"always"}}, `prefetch setting "always"`},
+		{"differs without both settings", Config{DiffersRuns: 3, Prefetch: []string{"auto"}}, "add both"},
 		{"unknown fork parent", Config{ForkFrom: "running"}, `fork from "running"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -52,9 +56,13 @@ func TestConfigRejects(t *testing.T) {
 }
 
 func TestBootArgsClampWorkingSetToHalfTheGuest(t *testing.T) {
-	c, _ := Config{WorkingSetMiB: 512, Rate: -1}.withDefaults()
-	if got, want := c.bootArgs(256), "forkd.ws_mib=128 forkd.write_pct=20 forkd.rate=0 forkd.seed=1"; got != want {
-		t.Errorf("bootArgs(256) = %q, want %q", got, want)
+	c, _ := Config{WorkingSetMiB: 512}.withDefaults()
+	if got, want := c.bootArgs(256, -1), "forkd.ws_mib=128 forkd.write_pct=20 forkd.rate=0 forkd.seed=1"; got != want {
+		t.Errorf("bootArgs(256, -1) = %q, want %q", got, want)
+	}
+	c, _ = Config{WorkingSetMiB: 64}.withDefaults()
+	if got, want := c.differsBootArgs(1024, 20000), "forkd.ws_mib=512 forkd.write_pct=20 forkd.rate=20000 forkd.seed=1 forkd.load_seed=1"; got != want {
+		t.Errorf("differsBootArgs(1024) = %q, want %q", got, want)
 	}
 }
 

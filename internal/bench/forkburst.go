@@ -90,21 +90,24 @@ func ForkBurst(ctx context.Context, opt Options, progress func(string)) (rep *Re
 	target := Target{
 		Dir: work,
 		VMM: vmmOf(opt.DaemonArgs),
-		Connect: func(ctx context.Context, strategy string) (Conn, error) {
-			args := opt.DaemonArgs
-			if strategy != StrategyHardlink {
-				args = append(append([]string{}, args...), "--fork-strategy", strategy)
+		Connect: func(ctx context.Context, v Variant) (Conn, error) {
+			args := append(append([]string{}, opt.DaemonArgs...), v.Args...)
+			if v.Strategy != StrategyHardlink {
+				args = append(args, "--fork-strategy", v.Strategy)
+			}
+			if v.Prefetch != "" {
+				args = append(args, "--prefetch", v.Prefetch)
 			}
 			daemons++
-			dir := filepath.Join(short, fmt.Sprintf("%s-%d", strategy, daemons))
+			dir := filepath.Join(short, fmt.Sprintf("%s-%d", v.Strategy, daemons))
 			d, err := StartDaemon(ctx, DaemonSpec{Binary: opt.Binary, DataDir: dir, Args: args, LogPath: dir + ".log"})
-			if err != nil && strategy != StrategyHardlink && strings.Contains(err.Error(), "unknown flag: --fork-strategy") {
-				return Conn{}, fmt.Errorf("%w: %s (this forkd serve has no --fork-strategy to force it)", ErrStrategyUnsupported, strategy)
+			if err != nil && v.Strategy != StrategyHardlink && strings.Contains(err.Error(), "unknown flag: --fork-strategy") {
+				return Conn{}, fmt.Errorf("%w: %s (this forkd serve has no --fork-strategy to force it)", ErrStrategyUnsupported, v.Strategy)
 			}
 			if err != nil {
 				return Conn{}, fmt.Errorf("fork-burst: %w", err)
 			}
-			progress(fmt.Sprintf("%s daemon up: data dir %s, log %s", strategy, d.DataDir, d.LogPath))
+			progress(fmt.Sprintf("%s daemon up: data dir %s, log %s", v, d.DataDir, d.LogPath))
 			return Conn{Service: d.Client, DataDir: d.DataDir, Close: func(ctx context.Context) error {
 				ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 				defer cancel()

@@ -56,7 +56,7 @@ func testForkBurst(t *testing.T, bin, from string) {
 	defer cancel()
 	var log bytes.Buffer
 	rep, err := ForkBurst(ctx, Options{
-		Config: Config{SizesMiB: []int{64}, WorkingSetMiB: 4, Forks: 3, Rate: 20000, ForkFrom: from,
+		Config: Config{SizesMiB: []int{64}, WorkingSetMiB: 4, Forks: []int{3}, Rates: []int{20000}, ForkFrom: from, Prefetch: []string{PrefetchOff},
 			Backends: []string{api.BackendFile, api.BackendUffd}, Strategies: []string{StrategyHardlink, StrategyCopy}},
 		Binary: bin,
 		Dir:    shortTempDir(t),
@@ -143,7 +143,7 @@ func TestBurstReportsCorruptedMemory(t *testing.T) {
 			t.Errorf("stop daemon: %v", err)
 		}
 	})
-	cfg, err := Config{SizesMiB: []int{64}, WorkingSetMiB: 4, Forks: 2, Rate: 20000, Backends: []string{api.BackendFile}}.withDefaults()
+	cfg, err := Config{SizesMiB: []int{64}, WorkingSetMiB: 4, Forks: []int{2}, Rates: []int{20000}, Backends: []string{api.BackendFile}}.withDefaults()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -155,12 +155,13 @@ func TestBurstReportsCorruptedMemory(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &runner{cfg: cfg, layout: layout, disk: disk, progress: func(string) {}, tag: "twin"}
-	src, err := r.createSource(ctx, d.Client, 64, StrategyHardlink)
+	r := &runner{cfg: cfg, disk: disk, progress: func(string) {}, tag: "twin"}
+	dm := &daemon{svc: d.Client, layout: layout, v: Variant{Strategy: StrategyHardlink, Prefetch: PrefetchAuto}}
+	src, err := r.createSource(ctx, dm, 64, 20000, cfg.bootArgs(64, 20000))
 	if err != nil {
 		t.Fatal(err)
 	}
-	par, err := r.freshParent(ctx, d.Client, src)
+	par, err := r.freshParent(ctx, dm, src)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -170,7 +171,8 @@ func TestBurstReportsCorruptedMemory(t *testing.T) {
 	}
 	corruptEveryPage(t, snap.Memory())
 
-	cell := r.burst(ctx, d.Client, par, 64, StrategyHardlink, api.BackendFile, Cold, 2)
+	cell := r.burst(ctx, dm, par, cellKey{size: 64, strategy: StrategyHardlink, prefetch: PrefetchAuto, rate: 20000, forks: 2,
+		backend: api.BackendFile, temp: Cold, workload: WorkloadSame})
 	if cell.Failed == 0 && cell.MemoryChecks["ok"] == cell.Forks {
 		t.Fatalf("forks of a corrupted snapshot reported clean: %+v", cell)
 	}
@@ -201,5 +203,64 @@ func corruptEveryPage(t *testing.T, path string) {
 		if _, err := f.WriteAt(b, off); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestForkBurstMeasuresPrefetch runs the prefetch axis end to end, tiny:
+// with prefetch auto every measured fork replays a recording made before
+// the burst (the cold bursts' too), the report carries the time to the
+// working set and the waste, and the differing workload runs beside it.
+func TestForkBurstMeasuresPrefetch(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts daemons and VMMs")
+	}
+	bin := buildForkd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	defer cancel()
+	var log bytes.Buffer
+	backends := []string{api.BackendFile}
+	if _, err := os.Stat("/dev/userfaultfd"); err == nil && os.Geteuid() == 0 {
+		backends = append(backends, api.BackendUffd)
+	}
+	rep, err := ForkBurst(ctx, Options{
+		Config: Config{SizesMiB: []int{64}, WorkingSetMiB: 4, Forks: []int{2}, Rates: []int{-1}, Backends: backends,
+			Temperatures: []string{Cold, Warm}, Prefetch: []string{PrefetchOff, PrefetchAuto}, DiffersRuns: 1, SerialForks: -1},
+		Binary:     bin,
+		Dir:        shortTempDir(t),
+		DaemonArgs: []string{"--prefetch-window", "1s"},
+	}, func(s string) { fmt.Fprintln(&log, s) })
+	if err != nil {
+		t.Fatalf("ForkBurst: %v\nprogress:\n%s", err, log.String())
+	}
+	var out bytes.Buffer
+	if err := rep.WriteTable(&out); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("\n%s", out.String())
+	differs := 0
+	for _, c := range rep.Cells {
+		name := fmt.Sprintf("%s/%s/%s/%s", c.Prefetch, c.Backend, c.Temperature, c.workloadStr())
+		if c.Skipped != "" || c.Failed != 0 || c.MemoryChecks["ok"] != c.Forks {
+			t.Errorf("%s: skipped %q, %d failed %v, checks %v", name, c.Skipped, c.Failed, c.Errors, c.MemoryChecks)
+			continue
+		}
+		if c.ToWorkingSet.N != c.Forks {
+			t.Errorf("%s: %d times to the working set, want %d", name, c.ToWorkingSet.N, c.Forks)
+		}
+		if c.Workload == WorkloadDiffers {
+			differs++
+		}
+		switch {
+		case c.Prefetch == PrefetchOff && c.PrefetchStats != nil:
+			t.Errorf("%s: prefetch figures from a daemon with prefetch off: %+v", name, c.PrefetchStats)
+		case c.Prefetch == PrefetchAuto && (c.PrefetchStats == nil || c.PrefetchStats.Modes["replay"] != c.Forks):
+			t.Errorf("%s: prefetch %+v, want every fork to replay", name, c.PrefetchStats)
+		}
+	}
+	if differs != 2*len(backends) {
+		t.Errorf("%d differing-workload cells, want %d (off and auto per backend)", differs, 2*len(backends))
+	}
+	if !strings.Contains(out.String(), "prefetch auto/off to-ws p50") || !strings.Contains(out.String(), "differing workload") {
+		t.Errorf("ratios lack the prefetch comparisons:\n%s", out.String())
 	}
 }

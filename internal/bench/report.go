@@ -47,10 +47,17 @@ type Machine struct {
 // Cell is one burst: N concurrent forks of one snapshot of one guest size,
 // forked with one strategy and restored with one backend, cold or warm.
 type Cell struct {
-	SizeMiB     int    `json:"size_mib"`
-	Strategy    string `json:"strategy"`
+	SizeMiB  int    `json:"size_mib"`
+	Strategy string `json:"strategy"`
+	// Prefetch is the daemon's prefetch setting (off, auto).
+	Prefetch string `json:"prefetch"`
+	// Rate is the workload's pace (steps/s per VM; -1 unpaced).
+	Rate        int    `json:"rate"`
 	Backend     string `json:"backend"`
 	Temperature string `json:"temperature"`
+	// Workload is WorkloadSame, or WorkloadDiffers (Run says which run).
+	Workload string `json:"workload"`
+	Run      int    `json:"run,omitempty"`
 	// Skipped says why the cell was not run ("" when it was).
 	Skipped string `json:"skipped,omitempty"`
 
@@ -67,6 +74,12 @@ type Cell struct {
 	// Touch is from the end of the restore until the fork's workload had
 	// read as many pages as its working set holds.
 	Touch Summary `json:"touch"`
+	// ToWorkingSet is from the restore call until the working set was read
+	// (restore + touch, per fork).
+	ToWorkingSet Summary `json:"to_working_set"`
+	// PrefetchStats sums the forks' prefetch figures once final (nil with
+	// prefetch off).
+	PrefetchStats *PrefetchSum `json:"prefetch_stats,omitempty"`
 	// Samples are the per-fork latencies behind Fork, Restore and Touch,
 	// in fork order, for distributions (JSON only).
 	Samples *Samples `json:"samples,omitempty"`
@@ -108,19 +121,19 @@ func (r *Report) WriteJSON(w io.Writer) error {
 // WriteTable writes the report for people: one row per cell, then the
 // ratios that matter.
 func (r *Report) WriteTable(w io.Writer) error {
-	fmt.Fprintf(w, "fork-burst: %d forks/burst, working set %d MiB, %s on %s (%s), %d CPUs, kernel %s, vmm %s\n\n",
-		r.Config.Forks, r.Config.WorkingSetMiB, r.Machine.DataDir, r.Machine.Device, r.Machine.FSType,
+	fmt.Fprintf(w, "fork-burst: %v forks/burst, working set %d MiB, rates %v, prefetch %v, %s on %s (%s), %d CPUs, kernel %s, vmm %s\n\n",
+		r.Config.Forks, r.Config.WorkingSetMiB, r.Config.Rates, r.Config.Prefetch, r.Machine.DataDir, r.Machine.Device, r.Machine.FSType,
 		r.Machine.CPUs, r.Machine.Kernel, r.Machine.VMM)
-	fmt.Fprintln(w, "latency (fork: API call to Standby; restore: to Running; touch: until the workload read its working set)")
+	fmt.Fprintln(w, "latency (fork: API call to Standby; restore: to Running; touch: until the workload read its working set; rate -1: unpaced)")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "size\tstrategy\tbackend\ttemp\tok\tfork p50\tp95\tmax\tforks wall\trestore p50\tp95\tmax\ttouch p50\tp95\tburst\tmemory_check\t")
+	fmt.Fprintln(tw, "size\tstrategy\tprefetch\trate\tworkload\tbackend\ttemp\tok\tfork p50\tp95\tmax\tforks wall\trestore p50\tp95\tmax\ttouch p50\tp95\tburst\tmemory_check\t")
 	for _, c := range r.Cells {
 		if c.Skipped != "" {
-			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\tskipped\t\t\t\t\t\t\t\t\t\t\t\t\n", c.SizeMiB, c.Strategy, c.Backend, c.Temperature)
+			fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%s\t%s\t%s\tskipped\t\t\t\t\t\t\t\t\t\t\t\t\n", c.SizeMiB, c.Strategy, c.Prefetch, c.Rate, c.workloadStr(), c.Backend, c.Temperature)
 			continue
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d/%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
-			c.SizeMiB, c.Strategy, c.Backend, c.Temperature, c.Forks-c.Failed, c.Forks,
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%s\t%s\t%s\t%d/%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
+			c.SizeMiB, c.Strategy, c.Prefetch, c.Rate, c.workloadStr(), c.Backend, c.Temperature, c.Forks-c.Failed, c.Forks,
 			durStr(c.Fork.P50), durStr(c.Fork.P95), durStr(c.Fork.Max), durStr(c.ForkWall),
 			durStr(c.Restore.P50), durStr(c.Restore.P95), durStr(c.Restore.Max),
 			durStr(c.Touch.P50), durStr(c.Touch.P95), durStr(c.Wall), checksStr(c.MemoryChecks))
@@ -131,7 +144,7 @@ func (r *Report) WriteTable(w io.Writer) error {
 
 	fmt.Fprintln(w, "\nresources (pager and disk over the burst; memory of the N fork VMMs summed, and of the pager, after it)")
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "size\tstrategy\tbackend\ttemp\thit%\tmisses\tbacking\tfault p50\tp95\tdisk read\tvmm read\tpager read\tdisk alloc\tPSS\tRSS\tpager RSS\tmode\t")
+	fmt.Fprintln(tw, "size\tstrategy\tprefetch\trate\tforks\tbackend\ttemp\thit%\tmisses\tbacking\tfault p50\tp95\tdisk read\tvmm read\tpager read\tdisk alloc\tPSS\tRSS\tpager RSS\tmode\t")
 	for _, c := range r.Cells {
 		if c.Skipped != "" {
 			continue
@@ -148,12 +161,15 @@ func (r *Report) WriteTable(w io.Writer) error {
 		if c.PagerMemory != nil {
 			pagerRSS = bytesStr(c.PagerMemory.Rss)
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
-			c.SizeMiB, c.Strategy, c.Backend, c.Temperature, hit, misses, backing, fp50, fp95,
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
+			c.SizeMiB, c.Strategy, c.Prefetch, c.Rate, c.Forks, c.Backend, c.Temperature, hit, misses, backing, fp50, fp95,
 			bytesStr(c.DiskReadBytes), bytesStr(c.VMMReadBytes), bytesStr(c.PagerReadBytes), bytesStr(c.DiskUsedBytes),
 			bytesStr(c.Memory.Pss), bytesStr(c.Memory.Rss), pagerRSS, modesStr(c.ForkModes))
 	}
 	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if err := r.writePrefetchTable(w); err != nil {
 		return err
 	}
 	if len(r.Serial) > 0 {
@@ -194,6 +210,27 @@ func (r *Report) WriteTable(w io.Writer) error {
 	return nil
 }
 
+// PrefetchSum is a burst's forks' prefetch figures (GET /instances/{id}).
+type PrefetchSum struct {
+	Modes map[string]int `json:"modes"` // forks by mode: record, replay, none
+	// PagesRecorded is the recording's size (the largest any fork reports).
+	PagesRecorded uint64 `json:"pages_recorded"`
+	// PagesPrefetched and PagesWasted are summed over the forks.
+	PagesPrefetched uint64 `json:"pages_prefetched"`
+	PagesWasted     uint64 `json:"pages_wasted"`
+	// WorkingSet are the forks' working_set_ms (replays that brought the
+	// whole recording in).
+	WorkingSet []time.Duration `json:"working_set_ns"`
+}
+
+// WastePct is wasted / prefetched pages in percent (0 with none prefetched).
+func (p *PrefetchSum) WastePct() float64 {
+	if p == nil {
+		return 0
+	}
+	return 100 * ratio(float64(p.PagesWasted), float64(p.PagesPrefetched))
+}
+
 // Samples are one burst's per-fork latencies.
 type Samples struct {
 	Fork    []time.Duration `json:"fork_ns"`
@@ -208,16 +245,15 @@ type Ratio struct {
 }
 
 // Ratios compares cells of the same run: strategies against hardlink, the
-// largest size against the smallest, warm against cold, File against Uffd.
+// largest size against the smallest, warm against cold, File against Uffd
+// (at the first prefetch setting and rate and the largest burst), then the
+// prefetch budgets (prefetchRatios).
 func (r *Report) Ratios() []Ratio {
+	base := cellFilter{prefetch: first(r.Config.Prefetch), rate: firstInt(r.Config.Rates), forks: maxInt(r.Config.Forks)}
 	find := func(size int, strategy, backend, temp string) *Cell {
-		for i := range r.Cells {
-			c := &r.Cells[i]
-			if c.Skipped == "" && c.Forks > c.Failed && c.SizeMiB == size && c.Strategy == strategy && c.Backend == backend && c.Temperature == temp {
-				return c
-			}
-		}
-		return nil
+		f := base
+		f.size, f.strategy, f.backend, f.temp = size, strategy, backend, temp
+		return r.find(f)
 	}
 	var out []Ratio
 	add := func(name string, a, b float64) {
@@ -281,6 +317,7 @@ func (r *Report) Ratios() []Ratio {
 			}
 		}
 	}
+	out = append(out, r.prefetchRatios()...)
 	if len(sizes) > 1 {
 		lo, hi := sizes[0], sizes[len(sizes)-1]
 		for _, st := range r.Config.Strategies {

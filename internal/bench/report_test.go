@@ -17,7 +17,7 @@ func sampleReport() *Report {
 			MemoryChecks: map[string]int{"ok": 25}, ForkModes: map[string]int{strategy: 25}}
 	}
 	return &Report{
-		Config: Config{SizesMiB: []int{256, 4096}, Forks: 25, WorkingSetMiB: 64, Strategies: []string{"hardlink", "copy"},
+		Config: Config{SizesMiB: []int{256, 4096}, Forks: []int{25}, WorkingSetMiB: 64, Strategies: []string{"hardlink", "copy"},
 			Backends: []string{"file", "uffd"}, Temperatures: []string{"cold", "warm"}},
 		Cells: []Cell{
 			cell(256, "hardlink", "file", "cold", 10*time.Millisecond, 50*time.Millisecond, 100<<20),
@@ -105,5 +105,80 @@ func TestWriteSVGDrawsEveryRunCell(t *testing.T) {
 	var doc struct{}
 	if err := xml.Unmarshal(b.Bytes(), &doc); err != nil {
 		t.Errorf("SVG is not well-formed XML: %v", err)
+	}
+}
+
+// prefetchReport is a run with prefetch off and auto, unpaced, 25 forks,
+// and three differing-workload runs.
+func prefetchReport() *Report {
+	cell := func(pf, backend, temp string, toWS time.Duration, disk int64, wasted uint64) Cell {
+		c := Cell{SizeMiB: 1024, Strategy: "hardlink", Prefetch: pf, Rate: -1, Forks: 25, Backend: backend, Temperature: temp,
+			Workload: WorkloadSame, ToWorkingSet: Summary{N: 25, P50: toWS}, DiskReadBytes: disk,
+			Pager: &PagerCounters{Faults: 1000}, MemoryChecks: map[string]int{"ok": 25}}
+		if pf == PrefetchAuto {
+			c.PrefetchStats = &PrefetchSum{Modes: map[string]int{"replay": 25}, PagesRecorded: 25 * 16400, PagesPrefetched: 1000, PagesWasted: wasted}
+		}
+		return c
+	}
+	differs := func(pf, backend string, run int, toWS time.Duration) Cell {
+		c := cell(pf, backend, Cold, toWS, 0, 0)
+		c.Workload, c.Run = WorkloadDiffers, run
+		return c
+	}
+	return &Report{
+		Config: Config{SizesMiB: []int{1024}, Forks: []int{25}, Rates: []int{-1}, WorkingSetMiB: 64, Strategies: []string{"hardlink"},
+			Backends: []string{"file", "uffd"}, Temperatures: []string{"cold", "warm"}, Prefetch: []string{"off", "auto"}, DiffersRuns: 3},
+		Cells: []Cell{
+			cell("off", "file", "cold", 4*time.Second, 200<<20, 0),
+			cell("off", "file", "warm", 3*time.Second, 0, 0),
+			cell("off", "uffd", "cold", 16*time.Second, 70<<20, 0),
+			cell("off", "uffd", "warm", 12*time.Second, 0, 0),
+			cell("auto", "file", "cold", 2*time.Second, 72<<20, 50),
+			cell("auto", "file", "warm", 1500*time.Millisecond, 0, 20),
+			cell("auto", "uffd", "cold", 2200*time.Millisecond, 70<<20, 30),
+			cell("auto", "uffd", "warm", 1800*time.Millisecond, 0, 10),
+			differs("off", "file", 1, 4*time.Second), differs("auto", "file", 1, 4400*time.Millisecond),
+			differs("off", "file", 2, 4*time.Second), differs("auto", "file", 2, 4*time.Second),
+			differs("off", "file", 3, 4*time.Second), differs("auto", "file", 3, 5*time.Second),
+		},
+	}
+}
+
+func TestPrefetchRatiosAreTheBudgets(t *testing.T) {
+	got := map[string]float64{}
+	for _, r := range prefetchReport().Ratios() {
+		got[r.Name] = r.Value
+	}
+	pre := "1024 MiB rate -1, 25 forks: "
+	for name, want := range map[string]float64{
+		pre + "prefetch auto cold: uffd/file to-ws p50":                             1.1,
+		pre + "prefetch auto warm: uffd/file to-ws p50":                             1.2,
+		pre + "prefetch off cold: uffd/file to-ws p50":                              4,
+		pre + "prefetch auto file: cold/warm to-ws p50":                             2.0 / 1.5,
+		pre + "prefetch auto file cold: disk read/working set":                      72.0 / 64,
+		pre + "uffd cold: prefetch auto/off to-ws p50":                              2.2 / 16,
+		pre + "file cold prefetch auto: waste (wasted/prefetched)":                  0.05,
+		"1024 MiB differing workload file cold, run 1: prefetch auto/off to-ws p50": 1.1,
+		"1024 MiB differing workload file cold: median of 3 runs":                   1.1,
+		"1024 MiB differing workload file cold: spread (max-min) of 3 runs":         0.25,
+	} {
+		if v, ok := got[name]; !ok || v < want*0.999 || v > want*1.001 {
+			t.Errorf("ratio %q = %v (present %v), want %v", name, v, ok, want)
+		}
+	}
+	if t.Failed() {
+		t.Logf("all ratios: %v", got)
+	}
+}
+
+func TestWriteTableShowsThePrefetchRows(t *testing.T) {
+	var b bytes.Buffer
+	if err := prefetchReport().WriteTable(&b); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"prefetch (to ws", "differs#2", "5.0%", "replay"} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("table lacks %q:\n%s", want, b.String())
+		}
 	}
 }

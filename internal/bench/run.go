@@ -15,6 +15,7 @@ import (
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/memfile"
+	"github.com/forkd/forkd/internal/pager"
 )
 
 // Target is where the benchmark finds daemons to measure.
@@ -24,11 +25,22 @@ type Target struct {
 	Dir string
 	// VMM names the VMM binary the daemons run, for the report.
 	VMM string
-	// Connect returns a daemon whose forks use strategy. It returns an
-	// error wrapping ErrStrategyUnsupported when no daemon can fork that
-	// way; those cells are reported as skipped.
-	Connect func(ctx context.Context, strategy string) (Conn, error)
+	// Connect returns a daemon configured as v asks. It returns an error
+	// wrapping ErrStrategyUnsupported when no daemon can fork with
+	// v.Strategy; those cells are reported as skipped.
+	Connect func(ctx context.Context, v Variant) (Conn, error)
 }
+
+// Variant is how a daemon under test is configured.
+type Variant struct {
+	Strategy string // fork strategy (hardlink: forkd's own)
+	Prefetch string // the daemon's prefetch setting: off or auto
+	// Args are further `forkd serve` flags (the differing-workload case
+	// bounds the recording).
+	Args []string
+}
+
+func (v Variant) String() string { return v.Strategy + ", prefetch " + v.Prefetch }
 
 // Conn is one daemon under test.
 type Conn struct {
@@ -44,7 +56,6 @@ type Conn struct {
 type runner struct {
 	cfg      Config
 	target   Target
-	layout   guestdir.Layout // of the daemon of the strategy being measured
 	disk     Disk
 	progress func(string)
 	seq      int    // makes every name this run creates unique
@@ -113,91 +124,328 @@ func canReflink(dir string) error {
 	return nil
 }
 
-// strategy runs every backend × temperature cell of one size and strategy
-// against one source VM.
+// daemon is one daemon under test.
+type daemon struct {
+	svc    api.Service
+	layout guestdir.Layout // its data dir: the benchmark reads its VMMs' sockets there
+	v      Variant
+	close  func(context.Context) error
+}
+
+// connect starts (or finds) the daemon of variant v; a nil daemon and nil
+// error mean the variant is unsupported (skip is the reason).
+func (r *runner) connect(ctx context.Context, size int, v Variant) (d *daemon, skip string, err error) {
+	conn, err := r.target.Connect(ctx, v)
+	if errors.Is(err, ErrStrategyUnsupported) {
+		r.progress(fmt.Sprintf("%d MiB %s: skipped: %v", size, v, err))
+		return nil, err.Error(), nil
+	}
+	if err != nil {
+		return nil, "", fmt.Errorf("fork-burst %d MiB %s: connect: %w", size, v, err)
+	}
+	layout, err := guestdir.New(conn.DataDir)
+	if err != nil {
+		if conn.Close != nil {
+			conn.Close(context.WithoutCancel(ctx))
+		}
+		return nil, "", fmt.Errorf("fork-burst %d MiB %s: data dir: %w", size, v, err)
+	}
+	return &daemon{svc: conn.Service, layout: layout, v: v, close: conn.Close}, "", nil
+}
+
+func (r *runner) release(ctx context.Context, size int, d *daemon) {
+	if d.close == nil {
+		return
+	}
+	if err := d.close(context.WithoutCancel(ctx)); err != nil {
+		r.progress(fmt.Sprintf("%d MiB %s: release daemon: %v", size, d.v, err))
+	}
+}
+
+// cellKey names one cell.
+type cellKey struct {
+	size                    int
+	strategy, prefetch      string
+	rate, forks             int
+	backend, temp, workload string
+	run                     int // the differing-workload case's run, from 1
+}
+
+func (k cellKey) cell() Cell {
+	return Cell{SizeMiB: k.size, Strategy: k.strategy, Prefetch: k.prefetch, Rate: k.rate, Forks: k.forks,
+		Backend: k.backend, Temperature: k.temp, Workload: k.workload, Run: k.run}
+}
+
+// strategy runs every cell of one size and strategy: per prefetch setting a
+// daemon, per rate a source VM, per burst size, backend and temperature a
+// burst; then the differing-workload runs.
 func (r *runner) strategy(ctx context.Context, size int, strategy string) ([]Cell, error) {
-	skipAll := func(reason string) []Cell {
-		var cells []Cell
-		for _, be := range r.cfg.Backends {
-			for _, temp := range r.cfg.Temperatures {
-				cells = append(cells, Cell{SizeMiB: size, Strategy: strategy, Backend: be, Temperature: temp, Skipped: reason})
+	var cells []Cell
+	skipAll := func(prefetch string, reason string) {
+		for _, rate := range r.cfg.Rates {
+			for _, n := range r.cfg.Forks {
+				for _, be := range r.cfg.Backends {
+					for _, temp := range r.cfg.Temperatures {
+						c := cellKey{size, strategy, prefetch, rate, n, be, temp, WorkloadSame, 0}.cell()
+						c.Skipped = reason
+						cells = append(cells, c)
+					}
+				}
 			}
 		}
-		return cells
 	}
 	if why := r.cfg.copySkipped(strategy, size); why != "" {
 		r.progress(fmt.Sprintf("%d MiB %s: skipped: %s", size, strategy, why))
-		return skipAll(why), nil
+		for _, pf := range r.cfg.Prefetch {
+			skipAll(pf, why)
+		}
+		return cells, nil
 	}
 	if strategy == StrategyReflink {
 		if err := canReflink(r.target.Dir); err != nil {
 			r.progress(fmt.Sprintf("%d MiB %s: skipped: %v", size, strategy, err))
-			return skipAll(err.Error()), nil
+			for _, pf := range r.cfg.Prefetch {
+				skipAll(pf, err.Error())
+			}
+			return cells, nil
 		}
 	}
-	conn, err := r.target.Connect(ctx, strategy)
-	if errors.Is(err, ErrStrategyUnsupported) {
-		r.progress(fmt.Sprintf("%d MiB %s: skipped: %v", size, strategy, err))
-		return skipAll(err.Error()), nil
+	for i, pf := range r.cfg.Prefetch {
+		d, skip, err := r.connect(ctx, size, Variant{Strategy: strategy, Prefetch: pf})
+		if err != nil {
+			return cells, err
+		}
+		if d == nil {
+			skipAll(pf, skip)
+			continue
+		}
+		more, err := r.variant(ctx, d, size, i == 0)
+		cells = append(cells, more...)
+		r.release(ctx, size, d)
+		if err != nil {
+			return cells, err
+		}
 	}
-	if err != nil {
-		return nil, fmt.Errorf("fork-burst %d MiB %s: connect: %w", size, strategy, err)
+	if r.cfg.DiffersRuns > 0 && strategy == StrategyHardlink {
+		more, err := r.differs(ctx, size)
+		cells = append(cells, more...)
+		if err != nil {
+			return cells, err
+		}
 	}
-	if conn.Close != nil {
-		defer func() {
-			if err := conn.Close(context.WithoutCancel(ctx)); err != nil {
-				r.progress(fmt.Sprintf("%d MiB %s: release daemon: %v", size, strategy, err))
-			}
-		}()
-	}
-	svc := conn.Service
-	if r.layout, err = guestdir.New(conn.DataDir); err != nil {
-		return nil, fmt.Errorf("fork-burst %d MiB %s: data dir: %w", size, strategy, err)
-	}
+	return cells, nil
+}
 
-	src, err := r.createSource(ctx, svc, size, strategy)
-	if err != nil {
-		return skipAll("source VM failed: " + err.Error()), fmt.Errorf("fork-burst %d MiB %s: %w", size, strategy, err)
-	}
-	defer r.deleteInstance(ctx, svc, src.id)
-	if r.cfg.SerialForks > 0 {
-		r.serial = append(r.serial, r.serialForks(ctx, svc, src, size, strategy))
-	}
-
+// variant runs one daemon's cells: per rate a source VM, then per burst
+// size, backend and temperature a burst. serial also times serial forks.
+func (r *runner) variant(ctx context.Context, d *daemon, size int, serial bool) ([]Cell, error) {
 	var cells []Cell
-	for _, backend := range r.cfg.Backends {
-		var par *parent
-		for _, temp := range r.cfg.Temperatures {
-			if temp == Cold || par == nil {
-				if par != nil {
-					par.release(ctx, r, svc)
+	for ri, rate := range r.cfg.Rates {
+		src, err := r.createSource(ctx, d, size, rate, r.cfg.bootArgs(size, rate))
+		if err != nil {
+			for _, n := range r.cfg.Forks {
+				for _, be := range r.cfg.Backends {
+					for _, temp := range r.cfg.Temperatures {
+						c := cellKey{size, d.v.Strategy, d.v.Prefetch, rate, n, be, temp, WorkloadSame, 0}.cell()
+						c.Skipped = "source VM failed: " + err.Error()
+						cells = append(cells, c)
+					}
 				}
-				p, err := r.freshParent(ctx, svc, src)
+			}
+			return cells, fmt.Errorf("fork-burst %d MiB %s: %w", size, d.v, err)
+		}
+		if serial && ri == 0 && r.cfg.SerialForks > 0 {
+			r.serial = append(r.serial, r.serialForks(ctx, d, src, size))
+		}
+		for _, n := range r.cfg.Forks {
+			for _, backend := range r.cfg.Backends {
+				key := cellKey{size, d.v.Strategy, d.v.Prefetch, rate, n, backend, "", WorkloadSame, 0}
+				more, err := r.temperatures(ctx, d, src, key)
+				cells = append(cells, more...)
 				if err != nil {
-					cells = append(cells, Cell{SizeMiB: size, Strategy: strategy, Backend: backend, Temperature: temp,
-						Skipped: "preparing the fork parent failed: " + err.Error()})
+					r.deleteInstance(ctx, d, src.id)
+					return cells, err
+				}
+			}
+		}
+		r.deleteInstance(ctx, d, src.id)
+	}
+	return cells, nil
+}
+
+// temperatures runs the cold and warm bursts of one cell key: cold on a
+// parent with a new cache key (recorded first when prefetch is on, so the
+// burst replays) after the page cache is dropped; warm on the same parent
+// again (after an unmeasured burst of one when there is no cold one).
+func (r *runner) temperatures(ctx context.Context, d *daemon, src *source, key cellKey) ([]Cell, error) {
+	var cells []Cell
+	var par *parent
+	defer func() {
+		if par != nil {
+			par.release(ctx, r, d)
+		}
+	}()
+	for _, temp := range r.cfg.Temperatures {
+		key.temp = temp
+		if temp == Cold || par == nil {
+			if par != nil {
+				par.release(ctx, r, d)
+				par = nil
+			}
+			p, err := r.freshParent(ctx, d, src)
+			if err == nil {
+				par = &p
+				err = r.prepare(ctx, d, *par, key)
+			}
+			if err != nil {
+				c := key.cell()
+				c.Skipped = "preparing the fork parent failed: " + err.Error()
+				cells = append(cells, c)
+				continue
+			}
+		}
+		if temp == Cold && r.cfg.DropCaches {
+			if err := DropPageCache(); err != nil {
+				return cells, fmt.Errorf("fork-burst: %w", err)
+			}
+		}
+		cells = append(cells, r.burst(ctx, d, *par, key))
+		if ctx.Err() != nil {
+			return cells, ctx.Err()
+		}
+	}
+	return cells, nil
+}
+
+// prepare readies a fresh parent for the bursts of key: with prefetch on,
+// one restore records the working set (and, Uffd, the pager is then drained,
+// so a cold burst meets a pager that has none of the pages); for a warm
+// burst with no cold one before it, an unmeasured burst of one warms the
+// caches.
+func (r *runner) prepare(ctx context.Context, d *daemon, par parent, key cellKey) error {
+	if d.v.Prefetch == PrefetchAuto {
+		if err := r.record(ctx, d, par, key); err != nil {
+			return err
+		}
+	}
+	if key.temp == Warm {
+		prime := key
+		prime.forks, prime.temp = 1, "prime"
+		r.burst(ctx, d, par, prime)
+	}
+	return nil
+}
+
+// record makes the parent's working-set recording: one fork restored with
+// the key's backend, followed until it read its working set and the daemon
+// wrote the recording.
+func (r *runner) record(ctx context.Context, d *daemon, par parent, key cellKey) error {
+	r.progress(fmt.Sprintf("%d MiB %s %s: recording the working set of %s", key.size, d.v, key.backend, par))
+	res := r.forkOne(ctx, d, par, r.name("record"))
+	if res.err != nil {
+		return fmt.Errorf("record: %w", res.err)
+	}
+	defer r.deleteInstance(ctx, d, res.id)
+	r.restoreOne(ctx, d, &res, key.backend, key.size)
+	if res.err != nil {
+		return fmt.Errorf("record: %w", res.err)
+	}
+	p, err := r.waitPrefetch(ctx, d, res.id)
+	if err != nil {
+		return fmt.Errorf("record: %w", err)
+	}
+	if p == nil || p.Mode != "record" || p.PagesRecorded == 0 || p.Error != "" {
+		return fmt.Errorf("record: the restore did not record a working set: %+v", p)
+	}
+	r.deleteInstance(ctx, d, res.id)
+	if key.backend == api.BackendUffd {
+		return r.drainPager(ctx, d)
+	}
+	return nil
+}
+
+// drainPager lets the daemon's pager exit (it has no session left) and
+// waits until it has: the next Uffd restore starts a new one, whose cache
+// holds nothing.
+func (r *runner) drainPager(ctx context.Context, d *daemon) error {
+	if err := drainPagers(ctx, d.layout.Root()); err != nil {
+		return err
+	}
+	socks, _ := filepath.Glob(pager.ControlSocket(filepath.Join(d.layout.PagerRoot(), "*")))
+	deadline := time.Now().Add(time.Minute)
+	for _, sock := range socks {
+		for {
+			if _, err := os.Stat(sock); errors.Is(err, os.ErrNotExist) {
+				break
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("pager %s did not exit after its drain", sock)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	return nil
+}
+
+// differs runs the case prefetch cannot help, DiffersRuns times: forks
+// whose workload reads other pages than the recording holds
+// (differsBootArgs), cold, at the largest burst and the last rate, with
+// prefetch off and auto side by side in each run (two daemons, one
+// source each; the recording is capped at the pages a fork reads).
+func (r *runner) differs(ctx context.Context, size int) ([]Cell, error) {
+	var cells []Cell
+	rate, n := r.cfg.Rates[len(r.cfg.Rates)-1], r.cfg.maxForks()
+	cap := fmt.Sprintf("%dMiB", r.cfg.workingSetMiB(size))
+	var ds []*daemon
+	var srcs []*source
+	defer func() {
+		for i, d := range ds {
+			if i < len(srcs) {
+				r.deleteInstance(ctx, d, srcs[i].id)
+			}
+			r.release(ctx, size, d)
+		}
+	}()
+	for _, pf := range []string{PrefetchOff, PrefetchAuto} {
+		d, skip, err := r.connect(ctx, size, Variant{Strategy: StrategyHardlink, Prefetch: pf, Args: []string{"--prefetch-max-bytes", cap}})
+		if err != nil {
+			return cells, err
+		}
+		if d == nil {
+			return cells, fmt.Errorf("fork-burst: differing workload: %s", skip)
+		}
+		ds = append(ds, d)
+		src, err := r.createSource(ctx, d, size, rate, r.cfg.differsBootArgs(size, rate))
+		if err != nil {
+			return cells, fmt.Errorf("fork-burst: differing workload: %w", err)
+		}
+		srcs = append(srcs, src)
+	}
+	for run := 1; run <= r.cfg.DiffersRuns; run++ {
+		for _, backend := range r.cfg.Backends {
+			for i, d := range ds {
+				key := cellKey{size, StrategyHardlink, d.v.Prefetch, rate, n, backend, Cold, WorkloadDiffers, run}
+				par, err := r.freshParent(ctx, d, srcs[i])
+				if err == nil {
+					err = r.prepare(ctx, d, par, key)
+				}
+				if err != nil {
+					c := key.cell()
+					c.Skipped = "preparing the fork parent failed: " + err.Error()
+					cells = append(cells, c)
 					continue
 				}
-				par = &p
-				if temp == Warm {
-					// A warm burst follows a burst of the same parent; without a
-					// measured cold one, warm the caches with one unmeasured fork.
-					r.burst(ctx, svc, *par, size, strategy, backend, "prime", 1)
+				if r.cfg.DropCaches {
+					if err := DropPageCache(); err != nil {
+						return cells, fmt.Errorf("fork-burst: %w", err)
+					}
+				}
+				cells = append(cells, r.burst(ctx, d, par, key))
+				par.release(ctx, r, d)
+				if ctx.Err() != nil {
+					return cells, ctx.Err()
 				}
 			}
-			if temp == Cold && r.cfg.DropCaches {
-				if err := DropPageCache(); err != nil {
-					return cells, fmt.Errorf("fork-burst: %w", err)
-				}
-			}
-			cell := r.burst(ctx, svc, *par, size, strategy, backend, temp, r.cfg.Forks)
-			cells = append(cells, cell)
-			if ctx.Err() != nil {
-				return cells, ctx.Err()
-			}
-		}
-		if par != nil {
-			par.release(ctx, r, svc)
 		}
 	}
 	return cells, nil
@@ -205,15 +453,15 @@ func (r *runner) strategy(ctx context.Context, size int, strategy string) ([]Cel
 
 // serialForks times cfg.SerialForks forks to Standby one at a time, each
 // deleted before the next: the fork's own cost, without a burst's queueing.
-func (r *runner) serialForks(ctx context.Context, svc api.Service, src *source, size int, strategy string) SerialFork {
-	sf := SerialFork{SizeMiB: size, Strategy: strategy}
-	par, err := r.freshParent(ctx, svc, src)
+func (r *runner) serialForks(ctx context.Context, d *daemon, src *source, size int) SerialFork {
+	sf := SerialFork{SizeMiB: size, Strategy: d.v.Strategy}
+	par, err := r.freshParent(ctx, d, src)
 	if err != nil {
 		sf.Error = err.Error()
 		return sf
 	}
-	defer par.release(ctx, r, svc)
-	r.progress(fmt.Sprintf("%d MiB %s: %d forks of %s, one at a time, each after one link+fsync floor sample", size, strategy, r.cfg.SerialForks, par))
+	defer par.release(ctx, r, d)
+	r.progress(fmt.Sprintf("%d MiB %s: %d forks of %s, one at a time, each after one link+fsync floor sample", size, d.v.Strategy, r.cfg.SerialForks, par))
 	floor, err := newFloorProbe(r.target.Dir)
 	if err != nil {
 		sf.Error = err.Error()
@@ -230,42 +478,43 @@ func (r *runner) serialForks(ctx context.Context, svc api.Service, src *source, 
 			break
 		}
 		floors = append(floors, f)
-		res := r.forkOne(ctx, svc, par, r.name("serial"))
+		res := r.forkOne(ctx, d, par, r.name("serial"))
 		if res.err != nil {
 			sf.Error = res.err.Error()
 			break
 		}
 		lat = append(lat, res.fork)
-		r.deleteInstance(ctx, svc, res.id)
+		r.deleteInstance(ctx, d, res.id)
 	}
 	sf.Fork, sf.Floor = Summarize(lat), Summarize(floors)
 	return sf
 }
 
-// source is the VM every fork of one size and strategy descends from.
+// source is the VM every fork of one cell key descends from.
 type source struct {
 	id      string
 	cycled  bool // has given a snapshot already: the next needs a new cache key
 	sizeMiB int
+	rate    int
 }
 
 // createSource boots the source VM, lets its workload write its working
 // set, and stands it by.
-func (r *runner) createSource(ctx context.Context, svc api.Service, size int, strategy string) (*source, error) {
-	r.progress(fmt.Sprintf("%d MiB %s: booting the source VM (%s)", size, strategy, r.cfg.bootArgs(size)))
-	inst, err := svc.CreateInstance(ctx, api.CreateInstanceRequest{
-		Name: r.name("src"), Vcpus: r.cfg.Vcpus, MemoryMiB: size, BootArgs: r.cfg.bootArgs(size),
+func (r *runner) createSource(ctx context.Context, d *daemon, size, rate int, bootArgs string) (*source, error) {
+	r.progress(fmt.Sprintf("%d MiB %s: booting the source VM (%s)", size, d.v, bootArgs))
+	inst, err := d.svc.CreateInstance(ctx, api.CreateInstanceRequest{
+		Name: r.name("src"), Vcpus: r.cfg.Vcpus, MemoryMiB: size, BootArgs: bootArgs,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("create source: %w", err)
 	}
-	src := &source{id: inst.ID, sizeMiB: size}
-	if _, err := r.waitWorkload(ctx, inst.ID, r.wsPages(size)); err != nil {
-		r.deleteInstance(ctx, svc, inst.ID)
+	src := &source{id: inst.ID, sizeMiB: size, rate: rate}
+	if _, err := r.waitWorkload(ctx, d, inst.ID, r.wsPages(size), rate); err != nil {
+		r.deleteInstance(ctx, d, inst.ID)
 		return nil, fmt.Errorf("source %s workload: %w", inst.ID, err)
 	}
-	if _, err := svc.Action(ctx, inst.ID, "standby", api.ActionRequest{}); err != nil {
-		r.deleteInstance(ctx, svc, inst.ID)
+	if _, err := d.svc.Action(ctx, inst.ID, "standby", api.ActionRequest{}); err != nil {
+		r.deleteInstance(ctx, d, inst.ID)
 		return nil, fmt.Errorf("standby source %s: %w", inst.ID, err)
 	}
 	return src, nil
@@ -294,9 +543,9 @@ func (p parent) fork(ctx context.Context, svc api.Service, req api.ForkRequest) 
 }
 
 // release deletes a snapshot parent (the source outlives its parents).
-func (p parent) release(ctx context.Context, r *runner, svc api.Service) {
+func (p parent) release(ctx context.Context, r *runner, d *daemon) {
 	if p.snapshot {
-		r.deleteSnapshot(ctx, svc, p.id)
+		r.deleteSnapshot(ctx, d, p.id)
 	}
 }
 
@@ -304,14 +553,14 @@ func (p parent) release(ctx context.Context, r *runner, svc api.Service) {
 // one nobody forked from yet (after the first parent, the source is
 // restored, runs a little, and is stood by again), then snapshots it when
 // forks are made from snapshots.
-func (r *runner) freshParent(ctx context.Context, svc api.Service, src *source) (parent, error) {
+func (r *runner) freshParent(ctx context.Context, d *daemon, src *source) (parent, error) {
 	if r.cfg.ForkFrom == FromStandby {
-		if err := r.cycle(ctx, svc, src); err != nil {
+		if err := r.cycle(ctx, d, src); err != nil {
 			return parent{}, err
 		}
 		return parent{id: src.id}, nil
 	}
-	snap, err := r.freshSnapshot(ctx, svc, src)
+	snap, err := r.freshSnapshot(ctx, d, src)
 	if err != nil {
 		return parent{}, err
 	}
@@ -320,15 +569,15 @@ func (r *runner) freshParent(ctx context.Context, svc api.Service, src *source) 
 
 // cycle restores and re-stands-by a source that already served as a
 // parent, which gives its memory a new cache key.
-func (r *runner) cycle(ctx context.Context, svc api.Service, src *source) error {
+func (r *runner) cycle(ctx context.Context, d *daemon, src *source) error {
 	if src.cycled {
-		if _, err := svc.Action(ctx, src.id, "restore", api.ActionRequest{}); err != nil {
+		if _, err := d.svc.Action(ctx, src.id, "restore", api.ActionRequest{}); err != nil {
 			return fmt.Errorf("restore source %s: %w", src.id, err)
 		}
-		if _, err := r.waitWorkload(ctx, src.id, 100); err != nil {
+		if _, err := r.waitWorkload(ctx, d, src.id, 100, src.rate); err != nil {
 			return fmt.Errorf("source %s workload: %w", src.id, err)
 		}
-		if _, err := svc.Action(ctx, src.id, "standby", api.ActionRequest{}); err != nil {
+		if _, err := d.svc.Action(ctx, src.id, "standby", api.ActionRequest{}); err != nil {
 			return fmt.Errorf("standby source %s: %w", src.id, err)
 		}
 	}
@@ -337,11 +586,11 @@ func (r *runner) cycle(ctx context.Context, svc api.Service, src *source) error 
 }
 
 // freshSnapshot snapshots the source under a new cache key.
-func (r *runner) freshSnapshot(ctx context.Context, svc api.Service, src *source) (api.Snapshot, error) {
-	if err := r.cycle(ctx, svc, src); err != nil {
+func (r *runner) freshSnapshot(ctx context.Context, d *daemon, src *source) (api.Snapshot, error) {
+	if err := r.cycle(ctx, d, src); err != nil {
 		return api.Snapshot{}, err
 	}
-	snap, err := svc.CreateSnapshot(ctx, src.id, api.SnapshotRequest{Name: r.name("snap")})
+	snap, err := d.svc.CreateSnapshot(ctx, src.id, api.SnapshotRequest{Name: r.name("snap")})
 	if err != nil {
 		return api.Snapshot{}, fmt.Errorf("snapshot source %s: %w", src.id, err)
 	}
@@ -359,14 +608,14 @@ func (r *runner) wsPages(sizeMiB int) uint64 {
 	return uint64(r.cfg.workingSetMiB(sizeMiB)) << 20 / 4096
 }
 
-func (r *runner) deleteInstance(ctx context.Context, svc api.Service, id string) {
-	if err := svc.DeleteInstance(context.WithoutCancel(ctx), id); err != nil && !errors.Is(err, api.ErrNotFound) {
+func (r *runner) deleteInstance(ctx context.Context, d *daemon, id string) {
+	if err := d.svc.DeleteInstance(context.WithoutCancel(ctx), id); err != nil && !errors.Is(err, api.ErrNotFound) {
 		r.progress(fmt.Sprintf("delete instance %s: %v", id, err))
 	}
 }
 
-func (r *runner) deleteSnapshot(ctx context.Context, svc api.Service, id string) {
-	if err := svc.DeleteSnapshot(context.WithoutCancel(ctx), id); err != nil && !errors.Is(err, api.ErrNotFound) {
+func (r *runner) deleteSnapshot(ctx context.Context, d *daemon, id string) {
+	if err := d.svc.DeleteSnapshot(context.WithoutCancel(ctx), id); err != nil && !errors.Is(err, api.ErrNotFound) {
 		r.progress(fmt.Sprintf("delete snapshot %s: %v", id, err))
 	}
 }
