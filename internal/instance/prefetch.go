@@ -274,10 +274,17 @@ func (r *prefetchRun) windowLeft() time.Duration {
 	return time.Until(r.start.Add(r.m.cfg.PrefetchWindow))
 }
 
-// recordUffd fetches the pager's first-fault log once the window has passed.
+// recordUffd fetches the pager's first-fault log once the window has
+// passed, or once the log is full (the size budget), whichever is first.
 func (r *prefetchRun) recordUffd(ctx context.Context, in store.Instance, pg Pager) error {
-	if err := sleep(ctx, r.windowLeft()); err != nil {
-		return err
+	budget := uint64(r.m.cfg.PrefetchMaxBytes / int64(os.Getpagesize()))
+	for left := r.windowLeft(); left > 0; left = r.windowLeft() {
+		if err := sleep(ctx, min(left, 100*time.Millisecond)); err != nil {
+			return err
+		}
+		if sp, err := pg.SessionPrefetch(ctx, in.PagerSession); err == nil && sp != nil && sp.PagesRecorded >= budget {
+			break
+		}
 	}
 	rec, err := pg.Recording(ctx, in.PagerSession)
 	if err != nil {
