@@ -94,6 +94,8 @@ type Server struct {
 	zeroOnce sync.Once
 	zeroHuge []byte // 2 MiB of zeros, for hugetlbfs regions (no ZEROPAGE there)
 
+	runBufs sync.Pool // replay's run buffers (*[]byte of runBytes), prefetch.go
+
 	mu       sync.Mutex
 	sessions map[string]*session // guarded by mu
 	// ended remembers why the last maxEnded sessions ended (id → cause),
