@@ -53,6 +53,7 @@ type Config struct {
 	NetworkEgress    bool   // network_egress: let guests open connections beyond the host
 	NetworkGuestCIDR string // network_guest_cidr: every guest's address (first) and gateway (last)
 	NetworkGuestMAC  string // network_guest_mac: every guest's MAC
+	NetworkWarm      int    // network_warm: networks kept made ahead of any VM
 
 	// OrphansToLostFound is the one-shot --orphans-to-lost-found flag (no
 	// env, no YAML key: it is a recovery step, not a setting): start over a
@@ -191,6 +192,16 @@ func settings() []setting {
 				n, err := api.ParseBytes(v)
 				c.PrefetchMaxBytes = n
 				return err
+			}},
+		{"network_warm", "FORKD_NETWORK_WARM", "network-warm", "8",
+			"networks kept made ahead of any VM once one is networked, so a fork takes a ready one (0: each makes its own)",
+			func(c *Config, v string) error {
+				n, err := strconv.Atoi(v)
+				if err != nil || n < 0 || n > 1024 {
+					return fmt.Errorf("%q is not a count from 0 to 1024", v)
+				}
+				c.NetworkWarm = n
+				return nil
 			}},
 	}
 }

@@ -51,6 +51,7 @@ func newBackend(ctx context.Context, cfg Config, log *slog.Logger, reg prometheu
 		NetworkDefault:     cfg.NetworkDefault,
 		Kernel:             cfg.Kernel,
 		ImageHeadroom:      cfg.ImageHeadroom,
+		NetworkWarm:        cfg.NetworkWarm,
 		Logger:             log,
 		Registerer:         reg,
 	})

@@ -63,6 +63,9 @@ type Config struct {
 	// ImageHeadroom is the free space each image's filesystem gets beyond
 	// its content (0: image.DefaultHeadroom).
 	ImageHeadroom int64
+	// NetworkWarm is how many networks to keep made ahead of any VM
+	// (netwarm.go); 0: every networked create or fork makes its own.
+	NetworkWarm int
 	// Logger receives what the manager does (default: slog.Default()).
 	Logger *slog.Logger
 	// Registerer receives the manager's metrics (nil: not registered).
@@ -114,6 +117,7 @@ type Manager struct {
 	pagerOnce pagerState
 	netState  netState
 	pfs       prefetchState
+	warmKick  chan struct{} // wakes warmLoop (netwarm.go)
 
 	mu sync.Mutex // guards the maps below; a leaf lock
 	// instLocks: the per-instance RW locks (see doc.go).
@@ -204,6 +208,7 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		compressing:  map[string]context.CancelFunc{},
 		pfs: prefetchState{recording: map[string]bool{}, stats: map[string]*api.Prefetch{},
 			cancel: map[string]context.CancelFunc{}, gc: make(chan struct{}, 1)},
+		warmKick: make(chan struct{}, 1),
 	}
 	if cfg.Kernel != "" {
 		// The kernel setting is checked as a client's kernel would be (a
@@ -239,6 +244,13 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	m.wg.Add(1)
 	go m.runPrefetchGC()
 	m.kickPrefetchGC() // recordings of keys removed while the daemon was down
+	if cfg.Network != nil && cfg.NetworkWarm > 0 {
+		m.wg.Add(1)
+		go m.warmLoop()
+		if m.netState.ready { // a networked VM exists: keep its pool full
+			m.kickWarm()
+		}
+	}
 	return m, nil
 }
 

@@ -90,6 +90,9 @@ func (m *Manager) wantNetwork(req *api.NetworkRequest, pubs []api.PortPublish) (
 // checkPublishes normalises publishes and refuses a host port something on
 // the host already holds (api.ErrPortInUse).
 func (m *Manager) checkPublishes(pubs []api.PortPublish) ([]store.Publish, error) {
+	if len(pubs) == 0 {
+		return nil, nil
+	}
 	var out []store.Publish
 	var np []network.Publish
 	for _, p := range pubs {
@@ -147,13 +150,19 @@ func (m *Manager) setupNetwork(ctx context.Context, o *op, rec store.Instance, p
 	if !rec.Networked {
 		return nil
 	}
+	defer m.kickWarm() // top the warm pool up again
 	if err := m.netReady(ctx); err != nil {
 		return err
 	}
-	if err := m.net().Ensure(rec.NetSlot); err != nil {
-		return err
+	if len(pubs) > 0 {
+		if err := m.net().AddPublishes(rec.NetSlot, toNetPublishes(pubs)); err != nil {
+			return err
+		}
 	}
-	if err := m.net().AddPublishes(rec.NetSlot, toNetPublishes(pubs)); err != nil {
+	if rec.NetWarm {
+		return nil // its network was made (and recorded) ahead: nothing new to journal
+	}
+	if err := m.net().Ensure(rec.NetSlot); err != nil {
 		return err
 	}
 	return o.step(ctx, "network", nil)
@@ -267,13 +276,27 @@ func (m *Manager) reconcileNetwork(ctx context.Context) error {
 			need[in.NetSlot] = in
 		}
 	}
-	present, err := h.Present()
+	warm, err := m.db.WarmSlots(ctx)
 	if err != nil {
 		return err
 	}
 	var errs []error
+	// Warm networks are kept while a VM is networked, up to NetworkWarm.
+	keepWarm := map[int]bool{}
+	for i, w := range warm {
+		if len(need) > 0 && i < m.cfg.NetworkWarm {
+			keepWarm[w.Slot] = true
+			continue
+		}
+		m.log.Info("reconcile: dropping a warm network", "namespace", h.Config().Namespace(w.Slot))
+		errs = append(errs, h.Remove(w.Slot), m.db.DeleteWarmSlot(ctx, w.Slot))
+	}
+	present, err := h.Present()
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
 	for s := range present {
-		if _, ok := need[s]; !ok {
+		if _, ok := need[s]; !ok && !keepWarm[s] {
 			m.log.Info("reconcile: removing a network no record holds", "namespace", h.Config().Namespace(s))
 			errs = append(errs, h.Remove(s))
 		}
@@ -300,6 +323,19 @@ func (m *Manager) reconcileNetwork(ctx context.Context) error {
 		if p := m.proc(in.ID); p != nil && p.Alive() {
 			errs = append(errs, h.ActivateTAP(s))
 		}
+	}
+	// A warm network a crash left half made (or a reboot removed) is made
+	// whole before it can be handed out; one that cannot be is dropped.
+	for _, w := range warm {
+		if !keepWarm[w.Slot] || (w.Ready && h.Complete(w.Slot)) {
+			continue
+		}
+		if err := h.Ensure(w.Slot); err != nil {
+			m.log.Warn("reconcile: dropping a warm network that cannot be made", "namespace", h.Config().Namespace(w.Slot), "err", err)
+			errs = append(errs, h.Remove(w.Slot), m.db.DeleteWarmSlot(ctx, w.Slot))
+			continue
+		}
+		errs = append(errs, m.db.SetWarmReady(ctx, w.Slot))
 	}
 	return errors.Join(errs...)
 }

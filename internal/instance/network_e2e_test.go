@@ -35,7 +35,9 @@ func netManager(t *testing.T, tn *testnet.NS, env *netEnv) *Manager {
 		if err := network.Do(env.ns, func() (err error) { env.host, err = network.New(nc); return err }); err != nil {
 			t.Fatal(err)
 		}
-		c.Network, c.NetworkDefault = env.host, true
+		// A small warm pool: some forks take a network made ahead, the rest
+		// make their own while the pool refills.
+		c.Network, c.NetworkDefault, c.NetworkWarm = env.host, true, 4
 	})
 }
 

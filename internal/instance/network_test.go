@@ -10,6 +10,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/network"
@@ -209,3 +210,85 @@ func TestNetworkBadInputLeaksNothing(t *testing.T) {
 func itoa(n int) string { return strconv.Itoa(n) }
 
 func netipParse(s string) (netip.Addr, error) { return netip.ParseAddr(s) }
+
+// TestWarmPoolGivesForksAReadyNetwork: nothing is made before a VM is
+// networked; then the pool keeps NetworkWarm networks ready, a fork takes
+// one of them, and a restart with no networked VM left removes them all.
+func TestWarmPoolGivesForksAReadyNetwork(t *testing.T) {
+	var env netEnv
+	dir, err := os.MkdirTemp("", "fk")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	warm := func(c *Config) { c.NetworkWarm = 2 }
+	m := newManagerAt(t, dir, withNetwork(t, &env, ""), warm)
+	ctx := context.Background()
+	if p, _ := env.host.Present(); len(p) != 0 {
+		t.Fatalf("before any networked VM, %d networks exist; want none", len(p))
+	}
+	off := false
+	src, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: testMemMiB, BootArgs: testBootArgs, Network: netOn(), Start: &off})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.waitWarm(ctxT(t), 2); err != nil {
+		t.Fatal(err)
+	}
+	ws, _ := m.db.WarmSlots(ctx)
+	warmAddr := map[string]bool{}
+	for _, w := range ws {
+		if !env.host.Complete(w.Slot) {
+			t.Fatalf("warm slot %d is marked ready but its network is not whole", w.Slot)
+		}
+		warmAddr[env.host.Config().Address(w.Slot).String()] = true
+	}
+	f, err := m.ForkInstance(ctx, src.ID, api.ForkRequest{Name: "f"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !warmAddr[f.Network.Address] {
+		t.Fatalf("the fork got %s, not one of the warm networks %v", f.Network.Address, warmAddr)
+	}
+	if err := m.waitWarm(ctxT(t), 2); err != nil {
+		t.Fatal(err)
+	}
+	if p, _ := env.host.Present(); len(p) != 4 {
+		t.Fatalf("%d networks for 2 VMs and a pool of 2, want 4", len(p))
+	}
+	for _, id := range []string{src.ID, f.ID} {
+		if err := m.DeleteInstance(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m.Close()
+	// A restart with no networked VM left drops the pool and the host table.
+	m2, err := New(ctx, Config{DataDir: dir, VMM: m.cfg.VMM, PagerBinary: m.cfg.PagerBinary, Logger: m.log, Network: reopen(t, &env), NetworkWarm: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m2.Close()
+	if p, _ := env.host.Present(); len(p) != 0 {
+		t.Fatalf("after a restart with no networked VM, %d networks remain; want none", len(p))
+	}
+	if ws, _ := m2.db.WarmSlots(ctx); len(ws) != 0 {
+		t.Fatalf("warm rows after the restart: %v, want none", ws)
+	}
+}
+
+// reopen gives env a new Host on the same namespace and configuration (the
+// old one was closed with its manager).
+func reopen(t *testing.T, env *netEnv) *network.Host {
+	t.Helper()
+	cfg := env.host.Config()
+	if err := network.Do(env.ns, func() (err error) { env.host, err = network.New(cfg); return err }); err != nil {
+		t.Fatal(err)
+	}
+	return env.host
+}
+
+func ctxT(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}

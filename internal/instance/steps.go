@@ -32,6 +32,7 @@ var journalSteps = withImageSteps(map[string][]string{
 	"delete":          {"begun"},
 	"snapshot-delete": {"begun"},
 	"compress":        {"compressed", "raw-removed"}, // background, not journalled: crash points only
+	"warm":            {"reserved", "ready"},         // the warm network pool (netwarm.go): crash points only
 })
 
 // withImageSteps adds the image store's kinds: it journals its own

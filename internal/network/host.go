@@ -27,6 +27,8 @@ type Host struct {
 	ctl int
 
 	mu sync.Mutex // guards the host table (Init, publishes)
+
+	closeOnce sync.Once
 }
 
 // New opens a Host for cfg in the calling process's network namespace. It
@@ -58,9 +60,13 @@ func New(cfg Config) (*Host, error) {
 // Close releases the Host's handles. Namespaces, links and rules stay: VMs
 // outlive the daemon.
 func (h *Host) Close() error {
-	h.nl.Close()
-	unix.Close(h.ctl)
-	return h.daemon.Close()
+	var err error
+	h.closeOnce.Do(func() {
+		h.nl.Close()
+		unix.Close(h.ctl)
+		err = h.daemon.Close()
+	})
+	return err
 }
 
 // Config is the configuration the Host was made with.

@@ -28,8 +28,10 @@ type crashCase struct {
 	gone []string
 	// check runs extra assertions after the restart.
 	check func(t *testing.T, d *Daemon)
-	// net runs the case on a networked daemon (network_test.go).
-	net bool
+	// net runs the case on a networked daemon (network_test.go), with a
+	// warm pool of warm networks.
+	net  bool
+	warm int
 	// env is extra daemon environment while the hook is armed.
 	env []string
 }
@@ -226,7 +228,7 @@ func TestCrashAtEveryJournalStepLosesNothing(t *testing.T) {
 func runCrashCase(t *testing.T, tc crashCase) {
 	var d *Daemon
 	if tc.net {
-		d = newNetDaemon(t)
+		d = newNetDaemonWarm(t, tc.warm)
 	} else {
 		d = newDaemon(t, nil)
 	}

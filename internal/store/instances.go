@@ -40,6 +40,9 @@ type Instance struct {
 	// Image is the manifest digest of the image the disk came from, "" for
 	// none; forks inherit it.
 	Image string
+	// NetWarm is set by CreateNetworkedInstance (never stored) when the
+	// slot it took was warm: its network is already whole.
+	NetWarm bool
 }
 
 const instanceCols = `id, name, state, vcpus, memory_mib, kernel, rootfs, boot_args, created_at, source,

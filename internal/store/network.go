@@ -46,18 +46,23 @@ func (s *Store) CreateNetworkedInstance(ctx context.Context, in *Instance, slots
 			return fmt.Errorf("create instance %s: %w", in.ID, err)
 		}
 	}
-	// The lowest slot no row holds: 0, else one past a held slot whose
-	// successor is free (both lookups use the unique index).
+	// A ready warm slot if there is one (its network is already made),
+	// else the lowest free one.
 	var slot int
-	err = tx.QueryRowContext(ctx, `SELECT CASE
-		WHEN NOT EXISTS (SELECT 1 FROM instances WHERE net_slot = 0) THEN 0
-		ELSE (SELECT MIN(a.net_slot) + 1 FROM instances a WHERE a.net_slot >= 0
-			AND NOT EXISTS (SELECT 1 FROM instances b WHERE b.net_slot = a.net_slot + 1)) END`).Scan(&slot)
-	if err != nil {
+	err = tx.QueryRowContext(ctx, `SELECT slot FROM net_warm WHERE ready = 1 ORDER BY slot LIMIT 1`).Scan(&slot)
+	switch {
+	case err == nil:
+		if _, err := tx.ExecContext(ctx, `DELETE FROM net_warm WHERE slot = ?`, slot); err != nil {
+			return fmt.Errorf("create instance %s: take warm slot %d: %w", in.ID, slot, err)
+		}
+		in.NetWarm = true
+	case errors.Is(err, sql.ErrNoRows):
+		if slot, err = lowestFreeSlot(ctx, tx, slots); err != nil {
+			return fmt.Errorf("create instance %s: %w", in.ID, err)
+		}
+		in.NetWarm = false
+	default:
 		return fmt.Errorf("create instance %s: allocate a network slot: %w", in.ID, err)
-	}
-	if slot >= slots {
-		return fmt.Errorf("create instance %s: %w (%d addresses, all in use)", in.ID, ErrPoolExhausted, slots)
 	}
 	in.Networked, in.NetSlot = true, slot
 	if _, err := tx.ExecContext(ctx, `INSERT INTO instances (`+instanceCols+`) VALUES (`+marks(instanceCols)+`)`, in.args()...); err != nil {
@@ -82,6 +87,87 @@ func (s *Store) CreateNetworkedInstance(ctx context.Context, in *Instance, slots
 		return fmt.Errorf("create instance %s: %w", in.ID, err)
 	}
 	return nil
+}
+
+// heldSlots is every slot an instance or a warm row holds.
+const heldSlots = `SELECT net_slot AS s FROM instances WHERE net_slot >= 0 UNION ALL SELECT slot FROM net_warm`
+
+// lowestFreeSlot is the lowest slot below slots that neither an instance
+// nor a warm row holds: 0, else one past a held slot whose successor is
+// free. ErrPoolExhausted if none.
+func lowestFreeSlot(ctx context.Context, tx *sql.Tx, slots int) (int, error) {
+	var slot int
+	err := tx.QueryRowContext(ctx, `WITH held AS (`+heldSlots+`) SELECT CASE
+		WHEN NOT EXISTS (SELECT 1 FROM held WHERE s = 0) THEN 0
+		ELSE (SELECT MIN(a.s) + 1 FROM held a WHERE NOT EXISTS (SELECT 1 FROM held b WHERE b.s = a.s + 1)) END`).Scan(&slot)
+	if err != nil {
+		return 0, fmt.Errorf("allocate a network slot: %w", err)
+	}
+	if slot >= slots {
+		return 0, fmt.Errorf("%w (%d addresses, all in use)", ErrPoolExhausted, slots)
+	}
+	return slot, nil
+}
+
+// WarmSlot is a network slot made ahead of any VM.
+type WarmSlot struct {
+	Slot  int
+	Ready bool // its network is whole; false: being made, or a crash interrupted that
+}
+
+// ReserveWarmSlot records a new warm slot (not ready), the lowest free one,
+// before its network is made. ErrPoolExhausted if none is free.
+func (s *Store) ReserveWarmSlot(ctx context.Context, slots int) (int, error) {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return 0, fmt.Errorf("reserve warm slot: %w", err)
+	}
+	defer tx.Rollback()
+	slot, err := lowestFreeSlot(ctx, tx, slots)
+	if err != nil {
+		return 0, fmt.Errorf("reserve warm slot: %w", err)
+	}
+	if _, err := tx.ExecContext(ctx, `INSERT INTO net_warm (slot, ready) VALUES (?, 0)`, slot); err != nil {
+		return 0, fmt.Errorf("reserve warm slot %d: %w", slot, err)
+	}
+	if err := tx.Commit(); err != nil {
+		return 0, fmt.Errorf("reserve warm slot %d: %w", slot, err)
+	}
+	return slot, nil
+}
+
+// SetWarmReady marks a warm slot's network whole.
+func (s *Store) SetWarmReady(ctx context.Context, slot int) error {
+	if _, err := s.db.ExecContext(ctx, `UPDATE net_warm SET ready = 1 WHERE slot = ?`, slot); err != nil {
+		return fmt.Errorf("warm slot %d ready: %w", slot, err)
+	}
+	return nil
+}
+
+// DeleteWarmSlot forgets a warm slot (none is not an error).
+func (s *Store) DeleteWarmSlot(ctx context.Context, slot int) error {
+	if _, err := s.db.ExecContext(ctx, `DELETE FROM net_warm WHERE slot = ?`, slot); err != nil {
+		return fmt.Errorf("delete warm slot %d: %w", slot, err)
+	}
+	return nil
+}
+
+// WarmSlots lists the warm slots.
+func (s *Store) WarmSlots(ctx context.Context) ([]WarmSlot, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT slot, ready FROM net_warm ORDER BY slot`)
+	if err != nil {
+		return nil, fmt.Errorf("list warm slots: %w", err)
+	}
+	defer rows.Close()
+	var out []WarmSlot
+	for rows.Next() {
+		var w WarmSlot
+		if err := rows.Scan(&w.Slot, &w.Ready); err != nil {
+			return nil, fmt.Errorf("list warm slots: %w", err)
+		}
+		out = append(out, w)
+	}
+	return out, rows.Err()
 }
 
 // Publishes returns the publishes of every instance, by instance id.

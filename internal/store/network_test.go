@@ -94,3 +94,35 @@ func TestPoolExhaustedAndPortTakenLeaveNothing(t *testing.T) {
 		t.Fatalf("publishes after deleting the first VM: %v, want only the udp one", pubs)
 	}
 }
+
+// TestWarmSlotsAreTakenOnlyWhenReady: a warm slot being made is held (no
+// instance gets it) but not handed out; once ready, the next networked
+// instance takes it and the warm row goes, in one transaction.
+func TestWarmSlotsAreTakenOnlyWhenReady(t *testing.T) {
+	ctx := context.Background()
+	s, _ := openTemp(t)
+	w, err := s.ReserveWarmSlot(ctx, 10)
+	if err != nil || w != 0 {
+		t.Fatalf("first warm slot = %d, %v; want 0", w, err)
+	}
+	a := netInstance(1)
+	if err := s.CreateNetworkedInstance(ctx, &a, 10, nil); err != nil || a.NetSlot != 1 || a.NetWarm {
+		t.Fatalf("with warm slot 0 not ready, an instance got slot %d (warm %v, %v); want 1, not warm", a.NetSlot, a.NetWarm, err)
+	}
+	if err := s.SetWarmReady(ctx, w); err != nil {
+		t.Fatal(err)
+	}
+	b := netInstance(2)
+	if err := s.CreateNetworkedInstance(ctx, &b, 10, nil); err != nil || b.NetSlot != 0 || !b.NetWarm {
+		t.Fatalf("with warm slot 0 ready, an instance got slot %d (warm %v, %v); want 0, warm", b.NetSlot, b.NetWarm, err)
+	}
+	if ws, _ := s.WarmSlots(ctx); len(ws) != 0 {
+		t.Fatalf("warm slots after the take: %v, want none", ws)
+	}
+	if w2, err := s.ReserveWarmSlot(ctx, 3); err != nil || w2 != 2 {
+		t.Fatalf("next warm slot = %d, %v; want 2", w2, err)
+	}
+	if _, err := s.ReserveWarmSlot(ctx, 3); !errors.Is(err, ErrPoolExhausted) {
+		t.Fatalf("warm slot in a full pool: %v, want ErrPoolExhausted", err)
+	}
+}

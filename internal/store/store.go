@@ -209,6 +209,12 @@ var migrations = []string{
 	CREATE INDEX image_refs_digest ON image_refs(digest);
 	ALTER TABLE instances ADD COLUMN image TEXT NOT NULL DEFAULT '';
 	ALTER TABLE snapshots ADD COLUMN image TEXT NOT NULL DEFAULT '';`,
+	// Warm network slots (issue 11): namespaces made ahead of any VM so a
+	// fork takes a ready one instead of making it on its path. A row is
+	// written before its namespace is made (ready 0) and marked ready once
+	// it is whole; an allocation takes a ready row and deletes it in the
+	// same transaction as the instance's record.
+	`CREATE TABLE net_warm (slot INTEGER PRIMARY KEY, ready INTEGER NOT NULL DEFAULT 0);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error {

@@ -1,0 +1,113 @@
+package instance
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/forkd/forkd/internal/store"
+)
+
+// The warm network pool. Making a VM's network (network.Host.Ensure) costs
+// a few milliseconds of netlink and nftables work under the kernel's rtnl
+// lock, on the order of a whole fork, and a burst of forks queues on that
+// lock. So, as e2b keeps pre-made slots, the manager keeps Config.NetworkWarm
+// networks made ahead of any VM: a networked create or fork takes a ready
+// one in the same transaction as its record (store net_warm) and skips
+// Ensure; a background loop makes the next.
+//
+// Crash story: a warm row is written (ready 0) before its network is made
+// and marked ready after, so every warm network on the host has a row; the
+// reconciler treats warm rows as records that hold their slot (makes the
+// network whole, then marks it ready) and removes the rows and networks of
+// a pool larger than configured, or of a daemon with no networked VM left.
+// Crash points "warm:reserved" and "warm:ready" (journalSteps) have crash
+// cases in internal/reliability.
+
+// kickWarm asks the warm loop to top the pool up (never blocks).
+func (m *Manager) kickWarm() {
+	if m.cfg.NetworkWarm <= 0 || m.net() == nil {
+		return
+	}
+	select {
+	case m.warmKick <- struct{}{}:
+	default:
+	}
+}
+
+// warmLoop owns refills: one at a time, so two never reserve for the same
+// need. It stops with the manager.
+func (m *Manager) warmLoop() {
+	defer m.wg.Done()
+	for {
+		select {
+		case <-m.ctx.Done():
+			return
+		case <-m.warmKick:
+		}
+		if err := m.fillWarm(m.ctx); err != nil && m.ctx.Err() == nil {
+			m.log.Warn("network warm pool: refill", "err", err)
+		}
+	}
+}
+
+// fillWarm makes warm networks until the pool holds NetworkWarm (or the
+// address pool is full).
+func (m *Manager) fillWarm(ctx context.Context) error {
+	if err := m.netReady(ctx); err != nil {
+		return err
+	}
+	for ctx.Err() == nil {
+		ws, err := m.db.WarmSlots(ctx)
+		if err != nil {
+			return err
+		}
+		if len(ws) >= m.cfg.NetworkWarm {
+			return nil
+		}
+		slot, err := m.db.ReserveWarmSlot(ctx, m.net().Config().Slots())
+		if errors.Is(err, store.ErrPoolExhausted) {
+			return nil // every address is in use: nothing to warm
+		}
+		if err != nil {
+			return err
+		}
+		crashPoint("warm", "reserved")
+		if err := m.net().Ensure(slot); err != nil {
+			m.net().Remove(slot)
+			m.db.DeleteWarmSlot(ctx, slot)
+			return err
+		}
+		if err := m.db.SetWarmReady(ctx, slot); err != nil {
+			return err
+		}
+		crashPoint("warm", "ready")
+	}
+	return nil
+}
+
+// waitWarm waits until the warm pool holds n ready networks (tests and
+// benchmarks that measure a fork with a warm pool).
+func (m *Manager) waitWarm(ctx context.Context, n int) error {
+	for {
+		ws, err := m.db.WarmSlots(ctx)
+		if err != nil {
+			return err
+		}
+		ready := 0
+		for _, w := range ws {
+			if w.Ready {
+				ready++
+			}
+		}
+		if ready >= n {
+			return nil
+		}
+		m.kickWarm()
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(5 * time.Millisecond): // polling a condition, not a timing
+		}
+	}
+}
