@@ -31,6 +31,7 @@ type forkFiles struct {
 func (m *Manager) ForkInstance(ctx context.Context, ref string, req api.ForkRequest) (api.Instance, error) {
 	start := time.Now()
 	defer m.observe("fork", start)
+	defer m.netOpStart()()
 	ctx = context.WithoutCancel(ctx)
 	probe, err := m.resolveInstance(ctx, ref)
 	if err != nil {
@@ -109,6 +110,7 @@ func (m *Manager) ForkInstance(ctx context.Context, ref string, req api.ForkRequ
 func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequest) (api.Instance, error) {
 	start := time.Now()
 	defer m.observe("fork", start)
+	defer m.netOpStart()()
 	ctx = context.WithoutCancel(ctx)
 	sn, err := m.resolveSnapshot(ctx, ref)
 	if err != nil {

@@ -57,6 +57,7 @@ func kernelPath(in store.Instance, g guestdir.Guest) string {
 func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequest) (api.Instance, error) {
 	start := time.Now()
 	defer m.observe("create", start)
+	defer m.netOpStart()()
 	ctx = context.WithoutCancel(ctx)
 	id := newID()
 	if req.Name == "" {

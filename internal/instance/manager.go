@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
@@ -118,6 +119,7 @@ type Manager struct {
 	netState  netState
 	pfs       prefetchState
 	warmKick  chan struct{} // wakes warmLoop (netwarm.go)
+	netBusy   atomic.Int64  // creates and forks in flight (netwarm.go)
 
 	mu sync.Mutex // guards the maps below; a leaf lock
 	// instLocks: the per-instance RW locks (see doc.go).

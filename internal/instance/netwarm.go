@@ -24,6 +24,21 @@ import (
 // Crash points "warm:reserved" and "warm:ready" (journalSteps) have crash
 // cases in internal/reliability.
 
+// netOpStart marks a create or fork in flight; the returned func ends it and
+// wakes the warm loop. The loop makes no network while one is in flight:
+// a refill would compete with it for the CPU and the kernel's rtnl lock,
+// so the pool refills between operations, never during a burst.
+func (m *Manager) netOpStart() func() {
+	if m.cfg.NetworkWarm <= 0 || m.net() == nil {
+		return func() {}
+	}
+	m.netBusy.Add(1)
+	return func() {
+		m.netBusy.Add(-1)
+		m.kickWarm()
+	}
+}
+
 // kickWarm asks the warm loop to top the pool up (never blocks).
 func (m *Manager) kickWarm() {
 	if m.cfg.NetworkWarm <= 0 || m.net() == nil {
@@ -58,6 +73,9 @@ func (m *Manager) fillWarm(ctx context.Context) error {
 		return err
 	}
 	for ctx.Err() == nil {
+		if m.netBusy.Load() > 0 {
+			return nil // the operation's end kicks again
+		}
 		ws, err := m.db.WarmSlots(ctx)
 		if err != nil {
 			return err

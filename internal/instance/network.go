@@ -150,7 +150,6 @@ func (m *Manager) setupNetwork(ctx context.Context, o *op, rec store.Instance, p
 	if !rec.Networked {
 		return nil
 	}
-	defer m.kickWarm() // top the warm pool up again
 	if err := m.netReady(ctx); err != nil {
 		return err
 	}

@@ -20,10 +20,11 @@ import (
 )
 
 // BenchmarkNetworkedFork measures what networking adds to a fork of a
-// Standby instance (its namespace, TAP, veth, address, routes and NAT
-// table, made on the fork path), serial and in a burst of 25, with and
-// without networking, in one run. Budget: networking at most doubles a
-// serial fork's p50. Compare the p50s of one run, never absolute times:
+// Standby instance, serial and in a burst of 25, without networking, with
+// each fork making its network (namespace, TAP, veth, address, routes, NAT
+// table) on its path, and with a warm pool, in one run. Budget: networking
+// at most doubles a serial fork's p50. Compare the p50s of one run, never
+// absolute times:
 //
 //	go test -run '^$' -bench NetworkedFork -benchtime 25x ./internal/instance/
 //
@@ -32,10 +33,18 @@ import (
 // asynchronously in the kernel and would compete with the next fork.
 func BenchmarkNetworkedFork(b *testing.B) {
 	dir := benchDataDir(b)
-	for _, networked := range []bool{false, true} {
+	// net: off; on (each fork makes its network); warm (it takes one the
+	// warm pool made ahead; the pool is refilled, untimed, before each fork
+	// or burst).
+	for _, net := range []string{"off", "on", "warm"} {
 		for _, burst := range []int{1, 25} {
-			b.Run(fmt.Sprintf("net=%v/burst=%d", networked, burst), func(b *testing.B) {
-				m := newNetBenchManager(b, dir, networked)
+			b.Run(fmt.Sprintf("net=%s/burst=%d", net, burst), func(b *testing.B) {
+				networked := net != "off"
+				warm := 0
+				if net == "warm" {
+					warm = burst
+				}
+				m := newNetBenchManager(b, dir, networked, warm)
 				ctx := context.Background()
 				src, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: 256, BootArgs: "forkd.ws_mib=8 forkd.rate=200"})
 				if err != nil {
@@ -50,6 +59,13 @@ func BenchmarkNetworkedFork(b *testing.B) {
 				var mu sync.Mutex
 				b.ResetTimer()
 				for i := 0; i < b.N; i++ {
+					if warm > 0 {
+						b.StopTimer()
+						if err := m.waitWarm(ctx, warm); err != nil {
+							b.Fatal(err)
+						}
+						b.StartTimer()
+					}
 					var wg sync.WaitGroup
 					for j := range burst {
 						wg.Go(func() {
@@ -92,7 +108,7 @@ func BenchmarkNetworkedFork(b *testing.B) {
 
 // newNetBenchManager is newBenchManager, networked inside a namespace of the
 // benchmark's own when networked is set.
-func newNetBenchManager(b *testing.B, parent string, networked bool) *Manager {
+func newNetBenchManager(b *testing.B, parent string, networked bool, warm int) *Manager {
 	b.Helper()
 	dir, err := os.MkdirTemp(parent, "fk")
 	if err != nil {
@@ -113,7 +129,7 @@ func newNetBenchManager(b *testing.B, parent string, networked bool) *Manager {
 		if err := network.Do(ns, func() (err error) { cfg.Network, err = network.New(nc); return err }); err != nil {
 			b.Fatal(err)
 		}
-		cfg.NetworkDefault = true
+		cfg.NetworkDefault, cfg.NetworkWarm = true, warm
 	}
 	m, err := New(context.Background(), cfg)
 	if err != nil {
