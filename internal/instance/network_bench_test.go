@@ -158,7 +158,7 @@ func BenchmarkFirstAnswer(b *testing.B) {
 	for _, backend := range []string{api.BackendFile, api.BackendUffd} {
 		b.Run("backend="+backend, func(b *testing.B) {
 			tn := testnet.New(b)
-			m := newNetBenchManagerIn(b, benchDataDir(b), tn.Path)
+			m := newNetBenchManagerIn(b, "", tn.Path) // short paths: the pager's session sockets live under the data dir
 			ctx := context.Background()
 			if _, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: 256, BootArgs: "forkd.ws_mib=8 forkd.rate=200"}); err != nil {
 				b.Fatal(err)
