@@ -100,6 +100,13 @@ func TestConfigRejectsBadValues(t *testing.T) {
 		{"tls without listen", map[string]string{"FORKD_TLS_CERT": "/c", "FORKD_TLS_KEY": "/k"}, "", "listen is not set"},
 		{"relative host_path_dirs", map[string]string{"FORKD_HOST_PATH_DIRS": "/ok,images"}, "", "host_path_dirs"},
 		{"listen_insecure not a bool", map[string]string{"FORKD_LISTEN_INSECURE": "maybe"}, "", "listen_insecure"},
+		{"network_cidr not a CIDR", map[string]string{"FORKD_NETWORK_CIDR": "10.200.0.0"}, "", "network_cidr"},
+		{"network_cidr too small", map[string]string{"FORKD_NETWORK_CIDR": "10.200.0.0/31"}, "", "network_cidr"},
+		{"network_cidr overlaps the guests", nil, "network_cidr: 169.254.0.0/24\n", "overlaps network_guest_cidr"},
+		{"network_guest_cidr overlaps the pool", map[string]string{"FORKD_NETWORK_CIDR": "198.18.0.0/24", "FORKD_NETWORK_GUEST_CIDR": "198.18.0.4/30"}, "", "overlaps"},
+		{"network_guest_mac multicast", map[string]string{"FORKD_NETWORK_GUEST_MAC": "01:00:5e:00:00:01"}, "", "network_guest_mac"},
+		{"network_default not a bool", map[string]string{"FORKD_NETWORK_DEFAULT": "sometimes"}, "", "network_default"},
+		{"network_warm negative", map[string]string{"FORKD_NETWORK_WARM": "-1"}, "", "network_warm"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -189,3 +189,56 @@ func TestVMsCannotReachSiblingsOrTheDaemon(t *testing.T) {
 // absentWait bounds a connection attempt that must fail (a drop is only
 // seen as silence); each such check has a twin that succeeds.
 const absentWait = 2 * time.Second
+
+// TestPublishedPortsReachTheGuest publishes port 8080 (every address of the
+// daemon's namespace) to a VM's port 80 and 8081 to its fork's: GET / on
+// each reaches the right guest, and the fork did not inherit its source's.
+func TestPublishedPortsReachTheGuest(t *testing.T) {
+	tn := testnet.New(t)
+	var env netEnv
+	m := netManager(t, tn, &env)
+	ctx := context.Background()
+	src, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: testMemMiB, BootArgs: testBootArgs,
+		Publish: []api.PortPublish{{HostPort: 8080, GuestPort: 80}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(src.Publish) != 1 || src.Publish[0].HostPort != 8080 || src.Publish[0].Protocol != "tcp" {
+		t.Fatalf("src publish = %+v, want 8080->80/tcp", src.Publish)
+	}
+	f, err := m.ForkInstance(ctx, "src", api.ForkRequest{Name: "f", FromRunning: true, Publish: []api.PortPublish{{HostIP: "127.0.0.1", HostPort: 8081, GuestPort: 80}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(f.Publish) != 1 || f.Publish[0].HostPort != 8081 {
+		t.Fatalf("fork publish = %+v, want only its own 8081", f.Publish)
+	}
+	get := func(url string) (guestAnswer, error) {
+		resp, err := tn.HTTPClient(10 * time.Second).Get(url)
+		if err != nil {
+			return guestAnswer{}, err
+		}
+		defer resp.Body.Close()
+		var g guestAnswer
+		return g, json.NewDecoder(resp.Body).Decode(&g)
+	}
+	a, err := get("http://127.0.0.1:8080/")
+	if err != nil || a.BootID == "" {
+		t.Fatalf("GET 127.0.0.1:8080 (published to src): %+v, %v", a, err)
+	}
+	b, err := get("http://127.0.0.1:8081/")
+	if err != nil || b.BootID != a.BootID {
+		t.Fatalf("GET 127.0.0.1:8081 (published to the fork): %+v, %v; want the source's boot_id %s", b, err, a.BootID)
+	}
+	// The fork's address answers too, and the two publishes are distinct
+	// DNATs: deleting the source leaves the fork's port working.
+	if err := m.DeleteInstance(ctx, "src"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := get("http://127.0.0.1:8081/"); err != nil {
+		t.Fatalf("the fork's published port after deleting the source: %v", err)
+	}
+	if _, err := get("http://127.0.0.1:8080/"); err == nil {
+		t.Fatal("the deleted source's published port still answers")
+	}
+}

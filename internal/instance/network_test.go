@@ -12,6 +12,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+	vnetns "github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/network"
 	"github.com/forkd/forkd/internal/network/nettest"
@@ -291,4 +296,72 @@ func ctxT(t *testing.T) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	t.Cleanup(cancel)
 	return ctx
+}
+
+// nsCounts counts a namespace's links, IPv4 routes and nftables tables.
+func nsCounts(t *testing.T, ns string) (links, routes, tables int) {
+	t.Helper()
+	err := network.Do(ns, func() error {
+		l, err := netlink.LinkList()
+		if err != nil {
+			return err
+		}
+		r, err := netlink.RouteList(nil, unix.AF_INET)
+		if err != nil {
+			return err
+		}
+		h, err := vnetns.Get()
+		if err != nil {
+			return err
+		}
+		defer h.Close()
+		nc, err := nftables.New(nftables.WithNetNSFd(int(h)))
+		if err != nil {
+			return err
+		}
+		tb, err := nc.ListTables()
+		links, routes, tables = len(l), len(r), len(tb)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return links, routes, tables
+}
+
+// TestDeleteLeavesNothing counts namespaces, links, routes and nftables
+// tables in the daemon's namespace with one networked VM, then creates,
+// forks (with a publish) and deletes two more: every count is back.
+func TestDeleteLeavesNothing(t *testing.T) {
+	var env netEnv
+	m := newTestManager(t, withNetwork(t, &env, ""))
+	ctx := context.Background()
+	off := false
+	if _, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "keep", MemoryMiB: testMemMiB, Network: netOn(), Start: &off}); err != nil {
+		t.Fatal(err)
+	}
+	// This daemon's namespaces (by its tag: other tests make theirs at the same time).
+	namespaces := func() int { p, _ := env.host.Present(); return len(p) }
+	n0 := namespaces()
+	l0, r0, t0 := nsCounts(t, env.ns)
+	a, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "a", MemoryMiB: testMemMiB, BootArgs: testBootArgs, Network: netOn()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := m.ForkInstance(ctx, "a", api.ForkRequest{Name: "f", FromRunning: true, Publish: []api.PortPublish{{HostPort: 9090, GuestPort: 80}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l, r, _ := nsCounts(t, env.ns); l != l0+2 || r != r0+2 {
+		t.Fatalf("with two more VMs: %d links, %d routes; want %d and %d", l, r, l0+2, r0+2)
+	}
+	for _, id := range []string{f.ID, a.ID} {
+		if err := m.DeleteInstance(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l, r, tb := nsCounts(t, env.ns)
+	if n := namespaces(); n != n0 || l != l0 || r != r0 || tb != t0 {
+		t.Fatalf("after deleting them: %d namespaces, %d links, %d routes, %d tables; want %d, %d, %d, %d", n, l, r, tb, n0, l0, r0, t0)
+	}
 }
