@@ -153,16 +153,19 @@ func (m *Manager) setupNetwork(ctx context.Context, o *op, rec store.Instance, p
 	if err := m.netReady(ctx); err != nil {
 		return err
 	}
+	if !rec.NetWarm { // a warm slot's network was made (and recorded) ahead
+		if err := m.net().Ensure(rec.NetSlot); err != nil {
+			return err
+		}
+	}
+	// Publishes after the network: they set a sysctl on its host link.
 	if len(pubs) > 0 {
 		if err := m.net().AddPublishes(rec.NetSlot, toNetPublishes(pubs)); err != nil {
 			return err
 		}
 	}
 	if rec.NetWarm {
-		return nil // its network was made (and recorded) ahead: nothing new to journal
-	}
-	if err := m.net().Ensure(rec.NetSlot); err != nil {
-		return err
+		return nil // nothing was made here: nothing new to journal
 	}
 	return o.step(ctx, "network", nil)
 }

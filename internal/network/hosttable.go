@@ -76,7 +76,9 @@ func (h *Host) Init(pubs []SlotPublishes) error {
 		}
 	}
 	for _, sp := range pubs {
-		if len(sp.Publish) > 0 {
+		// A VM whose network is not made yet gets it from its own
+		// AddPublishes once it is.
+		if len(sp.Publish) > 0 && h.Complete(sp.Slot) {
 			if err := h.routeLocalnet(sp.Slot); err != nil {
 				return err
 			}
@@ -125,8 +127,9 @@ func (h *Host) publishRules(nc *nftables.Conn, t *nftables.Table, ch hostChains,
 	}
 }
 
-// AddPublishes publishes ports to slot's VM. The host table must exist
-// (Init).
+// AddPublishes makes ps slot's publishes, replacing any it had (so adding
+// the same publishes twice, as Init and a VM's own setup may, leaves one
+// set of rules). The host table must exist (Init).
 func (h *Host) AddPublishes(slot int, ps []Publish) error {
 	if len(ps) == 0 {
 		return nil
@@ -136,6 +139,9 @@ func (h *Host) AddPublishes(slot int, ps []Publish) error {
 	nc, err := nftables.New(nftables.WithNetNSFd(int(h.daemon)))
 	if err != nil {
 		return fmt.Errorf("network: nftables: %w", err)
+	}
+	if err := h.queueUnpublish(nc, slot); err != nil {
+		return err
 	}
 	t, ch := h.hostChains(nc)
 	for _, p := range ps {
@@ -158,29 +164,32 @@ func (h *Host) RemovePublishes(slot int) error {
 	if err != nil {
 		return fmt.Errorf("network: nftables: %w", err)
 	}
+	if err := h.queueUnpublish(nc, slot); err != nil {
+		return err
+	}
+	if err := nc.Flush(); err != nil {
+		return fmt.Errorf("network: unpublish %s: %w", h.cfg.Address(slot), err)
+	}
+	return nil
+}
+
+// queueUnpublish queues, in nc's batch, the removal of slot's publish
+// rules. No host table yet means none.
+func (h *Host) queueUnpublish(nc *nftables.Conn, slot int) error {
 	t := &nftables.Table{Name: h.cfg.hostTable(), Family: nftables.TableFamilyIPv4}
 	want := string(slotComment(slot))
-	n := 0
 	for _, name := range []string{"prerouting", "output"} {
 		rules, err := nc.GetRules(t, &nftables.Chain{Name: name, Table: t})
 		if err != nil {
-			// No table (or chain) yet: nothing was ever published.
-			return nil
+			return nil // no table (or chain) yet: nothing was ever published
 		}
 		for _, r := range rules {
 			if string(r.UserData) == want {
 				if err := nc.DelRule(r); err != nil {
 					return fmt.Errorf("network: unpublish %s: %w", h.cfg.Address(slot), err)
 				}
-				n++
 			}
 		}
-	}
-	if n == 0 {
-		return nil
-	}
-	if err := nc.Flush(); err != nil {
-		return fmt.Errorf("network: unpublish %s: %w", h.cfg.Address(slot), err)
 	}
 	return nil
 }
