@@ -572,6 +572,11 @@ func (m *Manager) finishDelete(ctx context.Context, in store.Instance) error {
 		m.log.Warn("delete: remove dir", "instance", in.ID, "err", err)
 	}
 	m.forgetPrefetch(in.ID)
+	if in.Networked {
+		if err := m.dropIdleNetworking(ctx); err != nil {
+			m.log.Warn("delete: drop the idle warm network pool", "err", err)
+		}
+	}
 	m.log.Info("instance deleted", "instance", in.ID, "name", in.Name)
 	return nil
 }

@@ -120,6 +120,7 @@ type Manager struct {
 	pfs       prefetchState
 	warmKick  chan struct{} // wakes warmLoop (netwarm.go)
 	netBusy   atomic.Int64  // creates and forks in flight (netwarm.go)
+	warmMu    sync.Mutex    // serialises refilling and dropping the warm pool (netwarm.go)
 
 	mu sync.Mutex // guards the maps below; a leaf lock
 	// instLocks: the per-instance RW locks (see doc.go).

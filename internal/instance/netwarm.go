@@ -69,6 +69,11 @@ func (m *Manager) warmLoop() {
 // fillWarm makes warm networks until the pool holds NetworkWarm (or the
 // address pool is full).
 func (m *Manager) fillWarm(ctx context.Context) error {
+	m.warmMu.Lock()
+	defer m.warmMu.Unlock()
+	if n, err := m.networkedCount(ctx); err != nil || n == 0 {
+		return err // no VM is networked (any more): no pool
+	}
 	if err := m.netReady(ctx); err != nil {
 		return err
 	}
@@ -102,6 +107,60 @@ func (m *Manager) fillWarm(ctx context.Context) error {
 		crashPoint("warm", "ready")
 	}
 	return nil
+}
+
+// networkedCount is how many instances are networked.
+func (m *Manager) networkedCount(ctx context.Context) (int, error) {
+	all, err := m.db.ListInstances(ctx)
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, in := range all {
+		if in.Networked {
+			n++
+		}
+	}
+	return n, nil
+}
+
+// dropIdleNetworking runs after a networked VM is deleted: if no VM is
+// networked any more and no create or fork is in flight, the warm pool's
+// networks and the host table go too, so a daemon leaves nothing on the
+// host once it networks nothing (as at a restart, see reconcileNetwork).
+// A warm row a concurrent create took first is not its to remove: a
+// network is removed only with the row this call deleted.
+func (m *Manager) dropIdleNetworking(ctx context.Context) error {
+	h := m.net()
+	if h == nil {
+		return nil
+	}
+	m.warmMu.Lock()
+	defer m.warmMu.Unlock()
+	m.netState.mu.Lock()
+	defer m.netState.mu.Unlock()
+	if m.netBusy.Load() > 0 {
+		return nil
+	}
+	if n, err := m.networkedCount(ctx); err != nil || n > 0 {
+		return err
+	}
+	ws, err := m.db.WarmSlots(ctx)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, w := range ws {
+		took, err := m.db.TakeWarmSlot(ctx, w.Slot)
+		if err != nil || !took {
+			errs = append(errs, err)
+			continue
+		}
+		errs = append(errs, h.Remove(w.Slot))
+	}
+	errs = append(errs, h.RemoveHostTable())
+	m.netState.ready = false
+	return errors.Join(errs...)
 }
 
 // waitWarm waits until the warm pool holds n ready networks (tests and

@@ -266,6 +266,18 @@ func TestWarmPoolGivesForksAReadyNetwork(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// The last networked VM gone, the pool goes with it: nothing is left.
+	if p, _ := env.host.Present(); len(p) != 0 {
+		t.Fatalf("after deleting the last networked VM, %d networks remain; want none", len(p))
+	}
+	// A pool left by a daemon that stopped with warm networks and no VM is
+	// dropped at the next start.
+	if _, err := m.db.ReserveWarmSlot(ctx, env.host.Config().Slots()); err != nil {
+		t.Fatal(err)
+	}
+	if err := env.host.Ensure(0); err != nil {
+		t.Fatal(err)
+	}
 	m.Close()
 	// A restart with no networked VM left drops the pool and the host table.
 	m2, err := New(ctx, Config{DataDir: dir, VMM: m.cfg.VMM, PagerBinary: m.cfg.PagerBinary, Logger: m.log, Network: reopen(t, &env), NetworkWarm: 2})

@@ -152,6 +152,17 @@ func (s *Store) DeleteWarmSlot(ctx context.Context, slot int) error {
 	return nil
 }
 
+// TakeWarmSlot deletes a warm row and reports whether this call deleted
+// it (false: a create took it, or it was never there).
+func (s *Store) TakeWarmSlot(ctx context.Context, slot int) (bool, error) {
+	res, err := s.db.ExecContext(ctx, `DELETE FROM net_warm WHERE slot = ?`, slot)
+	if err != nil {
+		return false, fmt.Errorf("take warm slot %d: %w", slot, err)
+	}
+	n, _ := res.RowsAffected()
+	return n == 1, nil
+}
+
 // WarmSlots lists the warm slots.
 func (s *Store) WarmSlots(ctx context.Context) ([]WarmSlot, error) {
 	rows, err := s.db.QueryContext(ctx, `SELECT slot, ready FROM net_warm ORDER BY slot`)
