@@ -6,22 +6,29 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 )
 
-// Process is a live process whose command line names a path in a data dir.
+// Process is a live process of a data dir.
 type Process struct {
 	Pid  int
 	Kind string // "vmm", "pager", "daemon" or "other"
 	Args []string
-	// APISock is a VMM's --api-sock ("" for other kinds).
-	APISock string
+	// APISock and ID are a VMM's --api-sock and --id ("" for other kinds).
+	// The socket path is as the VMM names it: inside its jail, or relative
+	// to its working directory.
+	APISock, ID string
 }
 
-// ProcessesUnder scans /proc for live (non-zombie) processes whose command
-// line has an argument inside root: the daemon, its VMMs (which run in their
-// own sessions and outlive it) and its pager.
+// ProcessesUnder scans /proc for the live (non-zombie) processes of the data
+// dir root: the daemon and its pager, whose command lines name a path
+// inside it, and its VMMs (which run in their own sessions and outlive
+// it), whose working directory is a guest dir inside it or, jailed, whose
+// root directory is one of its jails (a pivoted VMM's paths say nothing of
+// the host, so its root is compared by device and inode).
 func ProcessesUnder(root string) []Process {
 	root = filepath.Clean(root)
+	jails := jailRoots(root)
 	ents, _ := os.ReadDir("/proc")
 	var out []Process
 	for _, e := range ents {
@@ -34,29 +41,54 @@ func ProcessesUnder(root string) []Process {
 			continue
 		}
 		args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
-		inside := false
-		for _, a := range args {
-			if a == root || strings.HasPrefix(a, root+"/") {
-				inside = true
-				break
-			}
-		}
-		if !inside || IsZombie(pid) {
+		if !namesPathUnder(args, root) && !livesUnder(pid, root, jails) || IsZombie(pid) {
 			continue
 		}
 		p := Process{Pid: pid, Kind: "other", Args: args}
-		if len(args) > 1 {
-			switch args[1] {
-			case "vmm":
-				p.Kind = "vmm"
-				p.APISock = flagValue(args, "--api-sock")
-			case "pager":
-				p.Kind = "pager"
-			case "serve":
-				p.Kind = "daemon"
-			}
+		switch {
+		case filepath.Base(args[0]) == "forkd-vmm" || filepath.Base(args[0]) == "firecracker" || (len(args) > 1 && args[1] == "vmm"):
+			p.Kind = "vmm"
+			p.APISock, p.ID = flagValue(args, "--api-sock"), flagValue(args, "--id")
+		case len(args) > 1 && args[1] == "pager":
+			p.Kind = "pager"
+		case len(args) > 1 && args[1] == "serve":
+			p.Kind = "daemon"
 		}
 		out = append(out, p)
+	}
+	return out
+}
+
+func namesPathUnder(args []string, root string) bool {
+	for _, a := range args {
+		if a == root || strings.HasPrefix(a, root+"/") {
+			return true
+		}
+	}
+	return false
+}
+
+// livesUnder reports whether process pid works in a directory under root
+// or has one of root's jails as its root directory.
+func livesUnder(pid int, root string, jails map[[2]uint64]bool) bool {
+	proc := filepath.Join("/proc", strconv.Itoa(pid))
+	if cwd, err := os.Readlink(proc + "/cwd"); err == nil && strings.HasPrefix(cwd, root+"/") {
+		return true
+	}
+	var st syscall.Stat_t
+	return len(jails) > 0 && syscall.Stat(proc+"/root", &st) == nil && jails[[2]uint64{st.Dev, st.Ino}]
+}
+
+// jailRoots is the device and inode of every jail root of a data dir
+// (<root>/jail/<exec>/<id>/root, temp names included).
+func jailRoots(root string) map[[2]uint64]bool {
+	out := map[[2]uint64]bool{}
+	dirs, _ := filepath.Glob(filepath.Join(root, "jail", "*", "*", "root"))
+	for _, d := range dirs {
+		var st syscall.Stat_t
+		if syscall.Lstat(d, &st) == nil && st.Mode&syscall.S_IFMT == syscall.S_IFDIR {
+			out[[2]uint64{st.Dev, st.Ino}] = true
+		}
 	}
 	return out
 }

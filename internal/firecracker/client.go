@@ -48,8 +48,7 @@ func NewClient(apiSock string) *Client {
 func newClient(apiSock string, t Timeouts) *Client {
 	transport := &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", apiSock)
+			return dialUnix(ctx, apiSock)
 		},
 		MaxIdleConns:        2,
 		MaxIdleConnsPerHost: 2,

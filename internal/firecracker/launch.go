@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -58,7 +57,15 @@ type LaunchSpec struct {
 // vmmCommand is the program and arguments Launch runs for spec.
 func (spec LaunchSpec) vmmCommand() (string, []string, error) {
 	if len(spec.Jailer) == 0 {
-		args := append(append([]string{}, spec.Args...), "--api-sock", spec.APISock)
+		// Inside its working directory the socket is named relative to
+		// it: the kernel's 108-byte limit then bounds only the name, not
+		// the data dir's depth (the daemon connects through dialUnix).
+		sock := spec.APISock
+		if rel, err := filepath.Rel(spec.WorkDir, sock); spec.WorkDir != "" && err == nil && filepath.IsAbs(sock) &&
+			rel != ".." && !strings.HasPrefix(rel, "../") {
+			sock = rel
+		}
+		args := append(append([]string{}, spec.Args...), "--api-sock", sock)
 		if spec.ID != "" {
 			args = append(args, "--id", spec.ID)
 		}
@@ -201,7 +208,9 @@ func clearStaleSocket(sock string) error {
 		return fmt.Errorf("stat api socket: %w", err)
 	}
 	if st.Mode().Type() == os.ModeSocket {
-		conn, err := net.DialTimeout("unix", sock, time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		conn, err := dialUnix(ctx, sock)
+		cancel()
 		if err == nil {
 			conn.Close()
 			return fmt.Errorf("api socket %s already has a listener: another VMM lives there", sock)

@@ -105,7 +105,9 @@ func hasArgPair(cmdline []byte, flag, value string) bool {
 // socketOwner is the pid that listens on a Unix socket (SO_PEERCRED of a
 // connection to it: the credentials the listener had at listen(2)).
 func socketOwner(path string) (int, error) {
-	conn, err := net.DialTimeout("unix", path, 2*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	conn, err := dialUnix(ctx, path)
 	if err != nil {
 		return 0, err
 	}
@@ -208,7 +210,9 @@ func (p *Process) removeSocket() error {
 	if p.APISock == "" {
 		return nil
 	}
-	if conn, err := net.DialTimeout("unix", p.APISock, time.Second); err == nil {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	if conn, err := dialUnix(ctx, p.APISock); err == nil {
 		conn.Close()
 		return nil
 	}

@@ -1,14 +1,27 @@
 // Package guestdir is the one place that knows every path under forkd's data
-// directory (DESIGN.md §4, a contract that tests and outside checks read):
+// directory (docs/architecture.md §4, a contract that tests and outside
+// checks read):
 //
 //	<data>/forkd.db, <data>/forkd.sock
-//	<data>/guests/<id>/{vmm.sock, logs/vmm.log, kernel, rootfs.ext4}
-//	<data>/guests/<id>/snapshots/snapshot-{latest,base}/{vmstate,memory}
+//	<data>/exec/<exec>                       the VMM's exec file, staged for jailers
+//	<data>/jail/<exec>/<id>/vmm.log          root's: the VMM's output
+//	<data>/jail/<exec>/<id>/root/            the guest dir, which is the jail root
+//	    {vmm.sock, kernel, rootfs.ext4, <exec>, <exec>.pid, dev/, run/}
+//	    snapshots/snapshot-{latest,base}/{vmstate,memory}
 //	<data>/snapshots/<snapshot-id>/{vmstate,memory,memory.zst,meta.json,kernel?,rootfs.ext4}
 //	<data>/pager/<version>/{control.sock,pager.pid,sessions/}
-//	<data>/lost+found/{guests,snapshots}/<entry>
+//	<data>/lost+found/{jail,guests,snapshots}/<entry>
 //	<data>/prefetch/<cache-key>.ws
 //	<data>/images/sha256-<hex>/{rootfs.ext4,image.json}
+//
+// <exec> is the name of the VMM's exec file as a jailer sees it (ExecEmulator
+// or ExecFirecracker): a jailer builds its jail at
+// <chroot_base>/<exec>/<id>/root, and with chroot_base <data>/jail that jail
+// root is the guest dir itself, so a jailed VMM's files need no extra link
+// (an extra link would hold every mem-file at nlink >= 2 for good). The
+// <id> level is root's: it holds the jail root and the VMM's log, which
+// must never lie in a directory the VMM owns. <data>/guests/<id>/ is the
+// layout before jails (LegacyGuestsDir): the manager migrates it at start.
 //
 // No other package joins path segments under the data dir. Every id and
 // version is validated here, so no path built from a request can escape the
@@ -31,6 +44,9 @@ const (
 	dbName        = "forkd.db"
 	sockName      = "forkd.sock"
 	guestsName    = "guests"
+	jailName      = "jail"
+	execDirName   = "exec"
+	jailRootName  = "root"
 	snapshotsName = "snapshots"
 	pagerName     = "pager"
 	lostFoundName = "lost+found"
@@ -41,8 +57,10 @@ const (
 	imageTreeName = "tree"
 
 	vmmSockName   = "vmm.sock"
-	logsName      = "logs"
 	vmmLogName    = "vmm.log"
+	devName       = "dev"
+	runName       = "run"
+	pidSuffix     = ".pid"
 	kernelName    = "kernel"
 	rootfsName    = "rootfs.ext4"
 	latestName    = "snapshot-latest"
@@ -53,7 +71,7 @@ const (
 	mappedPinName = "memory.mapped"
 	metaName      = "meta.json"
 
-	// TempPrefix starts the name of every directory under guests/ or
+	// TempPrefix starts the name of every directory under jail/<exec>/ or
 	// snapshots/ that is being built and not yet renamed into place. The
 	// reconciler removes such directories left by a crash.
 	TempPrefix = ".tmp-"
@@ -69,7 +87,16 @@ var forkdIDPattern = regexp.MustCompile(`^[0-9a-f]{24}$`)
 // IsForkdID reports whether s has the shape of an id forkd generates.
 func IsForkdID(s string) bool { return forkdIDPattern.MatchString(s) }
 
-// TempID parses a directory entry name under guests/ or snapshots/ that
+// Exec names: the file name a jailer gives the VMM's exec file, which is
+// also a directory level of every jail (<data>/jail/<exec>/<id>/root). They
+// are fixed, whatever the file a user points forkd at is called, so a
+// Firecracker release's file name never moves a VM's directory.
+const (
+	ExecEmulator    = "forkd-vmm"   // forkd's own binary run as its VMM (argv[0] dispatch)
+	ExecFirecracker = "firecracker" // a real Firecracker
+)
+
+// TempID parses a directory entry name under jail/<exec>/ or snapshots/ that
 // follows forkd's own temp patterns, ".tmp-<id>" (being built) or
 // ".tmp-<id>.deleting" (being removed), with id a forkd id. Any other name,
 // even one starting with ".tmp-", is not forkd's.
@@ -103,9 +130,11 @@ func ValidID(id string) error {
 // Layout is the data directory. The zero value is not usable; use New.
 type Layout struct {
 	root string
+	exec string // the exec name guests live under (jail/<exec>/)
 }
 
-// New returns the layout rooted at dataDir (made absolute and cleaned).
+// New returns the layout rooted at dataDir (made absolute and cleaned), with
+// guests under the emulator's exec name; WithExec chooses another.
 func New(dataDir string) (Layout, error) {
 	if dataDir == "" {
 		return Layout{}, fmt.Errorf("guestdir: empty data dir")
@@ -114,8 +143,21 @@ func New(dataDir string) (Layout, error) {
 	if err != nil {
 		return Layout{}, fmt.Errorf("guestdir: data dir %s: %w", dataDir, err)
 	}
-	return Layout{root: abs}, nil
+	return Layout{root: abs, exec: ExecEmulator}, nil
 }
+
+// WithExec is the layout whose guests live under jail/<exec>/: the exec
+// name of the VMM the daemon runs (ExecEmulator or ExecFirecracker).
+func (l Layout) WithExec(exec string) (Layout, error) {
+	if err := ValidID(exec); err != nil {
+		return Layout{}, fmt.Errorf("guestdir: exec name: %w", err)
+	}
+	l.exec = exec
+	return l, nil
+}
+
+// Exec is the exec name guests live under.
+func (l Layout) Exec() string { return l.exec }
 
 // Root is the data directory.
 func (l Layout) Root() string { return l.root }
@@ -126,30 +168,59 @@ func (l Layout) DB() string { return filepath.Join(l.root, dbName) }
 // Socket is the daemon's default API socket.
 func (l Layout) Socket() string { return filepath.Join(l.root, sockName) }
 
-// GuestsDir holds one directory per instance.
-func (l Layout) GuestsDir() string { return filepath.Join(l.root, guestsName) }
+// JailBase is <data>/jail: the jailers' --chroot-base-dir.
+func (l Layout) JailBase() string { return filepath.Join(l.root, jailName) }
+
+// JailsDir is <data>/jail/<exec>: one entry per instance (its id, or a
+// temp name while it is built or deleted).
+func (l Layout) JailsDir() string { return filepath.Join(l.JailBase(), l.exec) }
+
+// JailsDirOf is the JailsDir of another exec name (a data dir a daemon
+// running the other VMM kind used).
+func (l Layout) JailsDirOf(exec string) (string, error) {
+	if err := ValidID(exec); err != nil {
+		return "", fmt.Errorf("guestdir: exec name: %w", err)
+	}
+	return filepath.Join(l.JailBase(), exec), nil
+}
+
+// ExecDir holds the staged exec files jailers take the VMM from.
+func (l Layout) ExecDir() string { return filepath.Join(l.root, execDirName) }
+
+// StagedExec is the staged exec file of this layout's VMM: its base name is
+// the exec name, which names the jail directory level.
+func (l Layout) StagedExec() string { return filepath.Join(l.ExecDir(), l.exec) }
+
+// LegacyGuestsDir is <data>/guests: where guest dirs lived before jails
+// (one <id>/ per instance, the VMM's log in <id>/logs/vmm.log). The manager
+// moves what it finds there into JailsDir at start.
+func (l Layout) LegacyGuestsDir() string { return filepath.Join(l.root, guestsName) }
 
 // SnapshotsDir is the immutable snapshot store.
 func (l Layout) SnapshotsDir() string { return filepath.Join(l.root, snapshotsName) }
 
-// LostFound is where the reconciler moves what it finds under guests/ or
-// snapshots/ and cannot prove it made: <data>/lost+found/{guests,snapshots}/.
+// LostFound is where the reconciler moves what it finds under jail/<exec>/,
+// snapshots/ or a legacy guests/ and cannot prove it made:
+// <data>/lost+found/{jail,snapshots,guests}/.
 func (l Layout) LostFound() string { return filepath.Join(l.root, lostFoundName) }
 
 // LostFoundEntry is the n-th candidate name in lost+found for the entry
-// name found in dir (GuestsDir or SnapshotsDir): lost+found/<guests|snapshots>/<name>,
-// then <name>.1, <name>.2... (the caller takes the first that is free).
+// name found in dir (a JailsDir, SnapshotsDir or LegacyGuestsDir):
+// lost+found/<jail|snapshots|guests>/<name>, then <name>.1, <name>.2...
+// (the caller takes the first that is free).
 func (l Layout) LostFoundEntry(dir, name string, n int) (string, error) {
 	var kind string
-	switch dir {
-	case l.GuestsDir():
-		kind = guestsName
-	case l.SnapshotsDir():
+	switch {
+	case filepath.Dir(dir) == l.JailBase() && ValidID(filepath.Base(dir)) == nil:
+		kind = jailName
+	case dir == l.SnapshotsDir():
 		kind = snapshotsName
-	case l.ImagesDir():
+	case dir == l.ImagesDir():
 		kind = imagesName
+	case dir == l.LegacyGuestsDir():
+		kind = guestsName
 	default:
-		return "", fmt.Errorf("guestdir: lost+found: %s is not guests/, snapshots/ or images/", dir)
+		return "", fmt.Errorf("guestdir: lost+found: %s is not jail/<exec>/, snapshots/, images/ or guests/", dir)
 	}
 	if name == "" || name == "." || name == ".." || strings.ContainsRune(name, '/') {
 		return "", fmt.Errorf("guestdir: lost+found: invalid entry name %q", name)
@@ -194,24 +265,36 @@ func WorkingSetKey(name string) (string, bool) {
 	return key, true
 }
 
-// Guest is the directory of one instance.
+// Guest is the directory of one instance: jail/<exec>/<id>, whose root/ is
+// the guest dir.
 func (l Layout) Guest(id string) (Guest, error) {
 	if err := ValidID(id); err != nil {
 		return Guest{}, fmt.Errorf("guestdir: guest: %w", err)
 	}
-	g := Guest{Dir: filepath.Join(l.GuestsDir(), id)}
-	if n := len(g.VMMSock()); n > MaxSocketPath {
-		return Guest{}, fmt.Errorf("guestdir: guest %s: socket path %s is %d bytes, over the kernel's limit of %d: use a shorter data dir", id, g.VMMSock(), n, MaxSocketPath)
-	}
-	return g, nil
+	return l.guestAt(filepath.Join(l.JailsDir(), id)), nil
 }
 
-// TempGuest is where a fork of id is built before it is renamed to Guest(id).
+func (l Layout) guestAt(jail string) Guest {
+	return Guest{Jail: jail, Dir: filepath.Join(jail, jailRootName), Exec: l.exec}
+}
+
+// TempGuest is where a fork or create of id is built before its Jail is
+// renamed to Guest(id)'s.
 func (l Layout) TempGuest(id string) (Guest, error) {
 	if _, err := l.Guest(id); err != nil {
 		return Guest{}, err
 	}
-	return Guest{Dir: filepath.Join(l.GuestsDir(), TempPrefix+id)}, nil
+	return l.guestAt(filepath.Join(l.JailsDir(), TempPrefix+id)), nil
+}
+
+// LegacyGuest is where instance id's guest dir lay before jails
+// (<data>/guests/<id>), and its VMM's log inside it.
+func (l Layout) LegacyGuest(id string) (dir, log string, err error) {
+	if err := ValidID(id); err != nil {
+		return "", "", fmt.Errorf("guestdir: guest: %w", err)
+	}
+	dir = filepath.Join(l.LegacyGuestsDir(), id)
+	return dir, filepath.Join(dir, "logs", vmmLogName), nil
 }
 
 // Snapshot is the store directory of one snapshot.
@@ -230,11 +313,11 @@ func (l Layout) TempSnapshot(id string) (SnapDir, error) {
 	return SnapDir{Dir: filepath.Join(l.SnapshotsDir(), TempPrefix+id)}, nil
 }
 
-// DeletingGuest is where a guest dir is renamed before it is removed, so a
-// crash never leaves a half-removed dir under the instance's own name.
+// DeletingGuest is where a guest's Jail is renamed before it is removed, so
+// a crash never leaves a half-removed dir under the instance's own name.
 func (l Layout) DeletingGuest(id string) (string, error) {
 	t, err := l.TempGuest(id)
-	return t.Dir + deletingSuffix, err
+	return t.Jail + deletingSuffix, err
 }
 
 // DeletingSnapshot is DeletingGuest for the snapshot store.
@@ -322,18 +405,40 @@ func (d ImageDir) Tree() string { return filepath.Join(d.Dir, imageTreeName) }
 
 // IsTemp reports whether a directory entry name under guests/ or snapshots/
 // is a half-built directory.
+// IsTemp reports whether a directory entry name under jail/<exec>/ or
+// snapshots/ is a half-built directory.
 func IsTemp(name string) bool { return strings.HasPrefix(name, TempPrefix) }
 
-// Guest is one instance's directory.
+// Guest is one instance's directories.
 type Guest struct {
+	// Jail is jail/<exec>/<id>: root's, holding Dir and the VMM's log. It
+	// is the unit that is built, renamed and removed.
+	Jail string
+	// Dir is the guest dir, Jail/root: the instance's files, the VMM's
+	// working directory and, jailed, its root. A jailed VMM owns it (the
+	// jailer gives it the VM's uid), so every name in it is VM-controlled:
+	// the daemon never follows a symlink there and checks what it opens.
 	Dir string
+	// Exec is the exec name (a jailer's <exec_name>).
+	Exec string
 }
 
 func (g Guest) VMMSock() string { return filepath.Join(g.Dir, vmmSockName) }
-func (g Guest) LogsDir() string { return filepath.Join(g.Dir, logsName) }
-func (g Guest) VMMLog() string  { return filepath.Join(g.Dir, logsName, vmmLogName) }
-func (g Guest) Kernel() string  { return filepath.Join(g.Dir, kernelName) }
-func (g Guest) Rootfs() string  { return filepath.Join(g.Dir, rootfsName) }
+
+// VMMLog is the VMM's stdout and stderr: beside the guest dir, never in it,
+// so the VMM cannot swap it for a link the daemon would then append to.
+func (g Guest) VMMLog() string { return filepath.Join(g.Jail, vmmLogName) }
+func (g Guest) Kernel() string { return filepath.Join(g.Dir, kernelName) }
+func (g Guest) Rootfs() string { return filepath.Join(g.Dir, rootfsName) }
+
+// DevDir and RunDir are what a jailer makes in the jail root (device nodes,
+// Firecracker's run dir); ExecLink and PidFile are the exec file it places
+// there and the pid file it writes. The manager clears the first two before
+// each jailed launch (a jailer refuses a device node already there).
+func (g Guest) DevDir() string   { return filepath.Join(g.Dir, devName) }
+func (g Guest) RunDir() string   { return filepath.Join(g.Dir, runName) }
+func (g Guest) ExecLink() string { return filepath.Join(g.Dir, g.Exec) }
+func (g Guest) PidFile() string  { return filepath.Join(g.Dir, g.Exec+pidSuffix) }
 
 // InVMM is path as the guest's VMM names it: relative to the guest dir,
 // which is the VMM's working directory and, in a jail, its root. So a

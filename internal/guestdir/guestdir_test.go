@@ -30,13 +30,21 @@ func TestLayoutPathsFollowDesignLayout(t *testing.T) {
 	for _, tc := range []struct{ got, want string }{
 		{l.DB(), "/data/forkd.db"},
 		{l.Socket(), "/data/forkd.sock"},
-		{g.VMMSock(), "/data/guests/abc123/vmm.sock"},
-		{g.VMMLog(), "/data/guests/abc123/logs/vmm.log"},
-		{g.Kernel(), "/data/guests/abc123/kernel"},
-		{g.Rootfs(), "/data/guests/abc123/rootfs.ext4"},
-		{g.Latest().VMState(), "/data/guests/abc123/snapshots/snapshot-latest/vmstate"},
-		{g.Latest().Memory(), "/data/guests/abc123/snapshots/snapshot-latest/memory"},
-		{g.Base().Memory(), "/data/guests/abc123/snapshots/snapshot-base/memory"},
+		{g.Jail, "/data/jail/forkd-vmm/abc123"},
+		{g.Dir, "/data/jail/forkd-vmm/abc123/root"},
+		{g.VMMSock(), "/data/jail/forkd-vmm/abc123/root/vmm.sock"},
+		{g.VMMLog(), "/data/jail/forkd-vmm/abc123/vmm.log"},
+		{g.Kernel(), "/data/jail/forkd-vmm/abc123/root/kernel"},
+		{g.Rootfs(), "/data/jail/forkd-vmm/abc123/root/rootfs.ext4"},
+		{g.Latest().VMState(), "/data/jail/forkd-vmm/abc123/root/snapshots/snapshot-latest/vmstate"},
+		{g.Latest().Memory(), "/data/jail/forkd-vmm/abc123/root/snapshots/snapshot-latest/memory"},
+		{g.Base().Memory(), "/data/jail/forkd-vmm/abc123/root/snapshots/snapshot-base/memory"},
+		{g.DevDir(), "/data/jail/forkd-vmm/abc123/root/dev"},
+		{g.ExecLink(), "/data/jail/forkd-vmm/abc123/root/forkd-vmm"},
+		{g.PidFile(), "/data/jail/forkd-vmm/abc123/root/forkd-vmm.pid"},
+		{l.JailBase(), "/data/jail"},
+		{l.StagedExec(), "/data/exec/forkd-vmm"},
+		{l.LegacyGuestsDir(), "/data/guests"},
 		{s.Memory(), "/data/snapshots/snap1/memory"},
 		{s.MemoryZst(), "/data/snapshots/snap1/memory.zst"},
 		{s.Meta(), "/data/snapshots/snap1/meta.json"},
@@ -69,14 +77,30 @@ func TestIDsCannotEscapeDataDir(t *testing.T) {
 	}
 }
 
-func TestGuestRefusesSocketPathOverKernelLimit(t *testing.T) {
-	long, _ := New("/" + strings.Repeat("d", 80))
-	if _, err := long.Guest(strings.Repeat("a", 24)); err == nil || !strings.Contains(err.Error(), "socket path") {
-		t.Fatalf("Guest under a long data dir: err = %v, want a socket path error", err)
+// The jail root is <chroot_base>/<exec_name>/<id>/root, a jailer's layout:
+// the exec name the layout is given names the level above every guest, and
+// the guest dir is a jailer's jail root for the same id.
+func TestGuestDirIsTheJailersJailRoot(t *testing.T) {
+	l, _ := New("/data")
+	fc, err := l.WithExec(ExecFirecracker)
+	if err != nil {
+		t.Fatal(err)
 	}
-	short, _ := New("/d")
-	if _, err := short.Guest(strings.Repeat("a", 24)); err != nil {
-		t.Fatalf("Guest under a short data dir: %v", err)
+	g, _ := fc.Guest("abc")
+	if want := "/data/jail/firecracker/abc/root"; g.Dir != want || filepath.Join(fc.JailBase(), fc.Exec(), "abc", "root") != want {
+		t.Errorf("guest dir with exec firecracker = %s, want %s", g.Dir, want)
+	}
+	if fc.StagedExec() != "/data/exec/firecracker" || filepath.Base(fc.StagedExec()) != fc.Exec() {
+		t.Errorf("staged exec = %s: its base name must be the exec name", fc.StagedExec())
+	}
+	for _, bad := range []string{"", "..", "a/b", ".x"} {
+		if _, err := l.WithExec(bad); err == nil {
+			t.Errorf("WithExec(%q) accepted", bad)
+		}
+	}
+	dir, log, err := l.LegacyGuest("abc")
+	if err != nil || dir != "/data/guests/abc" || log != "/data/guests/abc/logs/vmm.log" {
+		t.Errorf("LegacyGuest = %s, %s, %v", dir, log, err)
 	}
 }
 
@@ -87,7 +111,11 @@ func TestTempDirsAreRecognisable(t *testing.T) {
 		t.Fatal(err)
 	}
 	s, _ := l.TempSnapshot("abc")
-	for _, d := range []string{g.Dir, s.Dir} {
+	del, _ := l.DeletingGuest("abc")
+	if g.Dir != filepath.Join(g.Jail, "root") || filepath.Dir(g.Jail) != l.JailsDir() {
+		t.Errorf("TempGuest = %+v: want a temp jail dir beside the guests, with root/ inside", g)
+	}
+	for _, d := range []string{g.Jail, s.Dir, del} {
 		if !IsTemp(filepath.Base(d)) {
 			t.Errorf("IsTemp(%s) = false", d)
 		}
@@ -125,21 +153,27 @@ func TestTempIDAcceptsOnlyForkdsOwnTempNames(t *testing.T) {
 
 func TestLostFoundEntriesStayInLostFound(t *testing.T) {
 	l, _ := New("/data")
-	p, err := l.LostFoundEntry(l.GuestsDir(), "abc", 0)
-	if err != nil || p != "/data/lost+found/guests/abc" {
-		t.Errorf("LostFoundEntry(guests, abc, 0) = %q, %v", p, err)
+	p, err := l.LostFoundEntry(l.JailsDir(), "abc", 0)
+	if err != nil || p != "/data/lost+found/jail/abc" {
+		t.Errorf("LostFoundEntry(jail/forkd-vmm, abc, 0) = %q, %v", p, err)
+	}
+	p, err = l.LostFoundEntry(l.LegacyGuestsDir(), "abc", 1)
+	if err != nil || p != "/data/lost+found/guests/abc.1" {
+		t.Errorf("LostFoundEntry(guests, abc, 1) = %q, %v", p, err)
 	}
 	p, err = l.LostFoundEntry(l.SnapshotsDir(), "abc", 2)
 	if err != nil || p != "/data/lost+found/snapshots/abc.2" {
 		t.Errorf("LostFoundEntry(snapshots, abc, 2) = %q, %v", p, err)
 	}
 	for _, name := range []string{"", ".", "..", "a/b", "../x"} {
-		if p, err := l.LostFoundEntry(l.GuestsDir(), name, 0); err == nil {
+		if p, err := l.LostFoundEntry(l.JailsDir(), name, 0); err == nil {
 			t.Errorf("LostFoundEntry(%q) = %q, want an error", name, p)
 		}
 	}
-	if p, err := l.LostFoundEntry("/etc", "x", 0); err == nil {
-		t.Errorf("LostFoundEntry from /etc = %q, want an error", p)
+	for _, dir := range []string{"/etc", l.JailBase(), "/data/jail/..", "/data"} {
+		if p, err := l.LostFoundEntry(dir, "x", 0); err == nil {
+			t.Errorf("LostFoundEntry from %s = %q, want an error", dir, p)
+		}
 	}
 }
 
@@ -159,14 +193,14 @@ func TestWorkingSetKeyReadsOnlyRecordingNames(t *testing.T) {
 }
 
 func TestInVMMIsRelativeToTheGuestDir(t *testing.T) {
-	g := Guest{Dir: "/data/guests/a"}
+	g := Guest{Dir: "/data/jail/x/a/root"}
 	for in, want := range map[string]string{
-		g.Latest().VMState():       "snapshots/snapshot-latest/vmstate",
-		g.Base().Memory():          "snapshots/snapshot-base/memory",
-		g.Kernel():                 "kernel",
-		"/data/guests/ab/kernel":   "/data/guests/ab/kernel",
-		"/boot/vmlinux":            "/boot/vmlinux",
-		"/data/guests/a/../b/disk": "/data/guests/a/../b/disk",
+		g.Latest().VMState():            "snapshots/snapshot-latest/vmstate",
+		g.Base().Memory():               "snapshots/snapshot-base/memory",
+		g.Kernel():                      "kernel",
+		"/data/jail/x/a/rootb/kernel":   "/data/jail/x/a/rootb/kernel",
+		"/boot/vmlinux":                 "/boot/vmlinux",
+		"/data/jail/x/a/root/../b/disk": "/data/jail/x/a/root/../b/disk",
 	} {
 		if got := g.InVMM(in); got != want {
 			t.Errorf("InVMM(%s) = %s, want %s", in, got, want)

@@ -126,7 +126,7 @@ func TestCrashMidOperationRecovers(t *testing.T) {
 			if (serr == nil) != tc.wantSnap {
 				t.Errorf("snapshot exists = %v, want %v", serr == nil, tc.wantSnap)
 			}
-			for _, root := range []string{m.layout.GuestsDir(), m.layout.SnapshotsDir()} {
+			for _, root := range []string{m.layout.JailsDir(), m.layout.SnapshotsDir()} {
 				ents, _ := os.ReadDir(root)
 				for _, e := range ents {
 					if strings.HasPrefix(e.Name(), ".tmp-") {

@@ -279,7 +279,7 @@ func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Inst
 			if res, fresh, err = m.buildForkDir(tmp, spec.files, nil); err != nil {
 				return err
 			}
-			return atomicfile.CommitDir(tmp.Dir, final.Dir, fresh...)
+			return atomicfile.CommitDir(tmp.Jail, final.Jail, fresh...)
 		}
 		if spec.live != nil {
 			spec.key, err = spec.live(ctx, o, build)
@@ -301,14 +301,14 @@ func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Inst
 			return fail(nil, err)
 		}
 		if err == nil { // fsync the new inodes and the dir while the journal commits
-			err = atomicfile.SyncTree(tmp.Dir, fresh...)
+			err = atomicfile.SyncTree(tmp.Jail, fresh...)
 		}
 		var jerr error
 		if o, jerr = j.wait(); jerr != nil {
 			return fail(nil, jerr)
 		}
 		if err == nil { // the fork's own name only once the journal names it
-			err = atomicfile.Rename(tmp.Dir, final.Dir)
+			err = atomicfile.Rename(tmp.Jail, final.Jail)
 		}
 		if err != nil {
 			return fail(o, err)

@@ -273,10 +273,10 @@ func TestForkTargetStates(t *testing.T) {
 	if _, err := m.ForkInstance(ctx, "src", api.ForkRequest{Name: "t-"}); !errors.Is(err, api.ErrExists) {
 		t.Errorf("fork with a taken name: %v, want ErrExists", err)
 	}
-	if _, err := os.Stat(m.layout.GuestsDir()); err != nil {
+	if _, err := os.Stat(m.layout.JailsDir()); err != nil {
 		t.Fatal(err)
 	}
-	ents, _ := os.ReadDir(m.layout.GuestsDir())
+	ents, _ := os.ReadDir(m.layout.JailsDir())
 	if len(ents) != 5 {
 		t.Errorf("%d guest dirs, want 5 (source + 4 forks; failed forks leave nothing)", len(ents))
 	}

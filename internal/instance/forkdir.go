@@ -24,7 +24,10 @@ func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memf
 	if shared == nil {
 		shared = func(memfile.ShareResult) {}
 	}
-	if err := os.MkdirAll(tmp.LogsDir(), 0o755); err != nil {
+	if err := os.Mkdir(tmp.Jail, 0o700); err != nil {
+		return res, nil, err
+	}
+	if err := os.Mkdir(tmp.Dir, 0o755); err != nil {
 		return res, nil, err
 	}
 	if f.from != nil {
@@ -180,9 +183,9 @@ func (m *Manager) removePartial(ctx context.Context, id string) {
 // removePartialFiles deletes a partial fork's or create's temp dir and dir.
 func (m *Manager) removePartialFiles(id string) {
 	if tmp, err := m.layout.TempGuest(id); err == nil {
-		os.RemoveAll(tmp.Dir)
+		os.RemoveAll(tmp.Jail)
 	}
 	if g, err := m.layout.Guest(id); err == nil {
-		os.RemoveAll(g.Dir)
+		os.RemoveAll(g.Jail)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/store"
 )
 
@@ -71,8 +72,8 @@ func TestCreateConfinesHostPaths(t *testing.T) {
 			if l, _ := m.ListInstances(ctx); len(l) != 0 {
 				t.Errorf("a refused create left %d instances", len(l))
 			}
-			if ents, _ := os.ReadDir(m.layout.GuestsDir()); len(ents) != 0 {
-				t.Errorf("a refused create left %d entries under guests/", len(ents))
+			if ents, _ := os.ReadDir(m.layout.JailsDir()); len(ents) != 0 {
+				t.Errorf("a refused create left %d entries under jail/", len(ents))
 			}
 		})
 	}
@@ -112,7 +113,9 @@ func TestInstanceIsNotVisibleUntilItsCreateFinished(t *testing.T) {
 		t.Fatal(err)
 	}
 	db.Close()
-	plant(t, filepath.Join(dir, "guests", half.ID, "rootfs.ext4"))
+	layout, _ := guestdir.New(dir)
+	halfG, _ := layout.Guest(half.ID)
+	plant(t, halfG.Rootfs())
 	m, err := newManagerErr(t, dir)
 	if err != nil {
 		t.Fatal(err)
@@ -121,7 +124,7 @@ func TestInstanceIsNotVisibleUntilItsCreateFinished(t *testing.T) {
 	if _, err := m.db.GetInstance(ctx, half.ID); err == nil {
 		t.Error("the reconciler kept a record whose create never finished")
 	}
-	if exists(filepath.Join(dir, "guests", half.ID)) {
+	if exists(halfG.Jail) {
 		t.Error("the reconciler kept the dir of a create that never finished")
 	}
 	// While a create runs, its record is hidden.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -211,7 +212,10 @@ type imageDisk struct {
 // img.size (reflink-first, so a second VM of an image costs no data I/O on
 // XFS), else a placeholder kernel and a sparse placeholder disk.
 func (m *Manager) makeGuestFiles(ctx context.Context, kernel, rootfs *os.File, img imageDisk, g guestdir.Guest) error {
-	if err := os.MkdirAll(g.LogsDir(), 0o755); err != nil {
+	if err := os.Mkdir(g.Jail, 0o700); err != nil {
+		return err
+	}
+	if err := os.Mkdir(g.Dir, 0o755); err != nil {
 		return err
 	}
 	if kernel != nil {
@@ -252,7 +256,7 @@ func (m *Manager) makeGuestFiles(ctx context.Context, kernel, rootfs *os.File, i
 			return err
 		}
 	}
-	return atomicfile.SyncDir(g.Dir)
+	return syncDirs(g.Dir, g.Jail, filepath.Dir(g.Jail))
 }
 
 // ListInstances returns every instance.
@@ -561,7 +565,7 @@ func (m *Manager) finishDelete(ctx context.Context, in store.Instance) error {
 	if err != nil {
 		return err
 	}
-	if err := atomicfile.Rename(g.Dir, trash); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if err := atomicfile.Rename(g.Jail, trash); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("delete %s: %w", in.Name, err)
 	}
 	if err := m.db.DeleteInstance(ctx, in.ID); err != nil && !errors.Is(err, store.ErrNotFound) {

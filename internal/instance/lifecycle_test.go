@@ -240,7 +240,7 @@ func TestCreateRefusesHostPathsInsideTheDataDir(t *testing.T) {
 	}
 	f := false
 	for _, p := range []string{g.Latest().Memory(), m.layout.DB(), link,
-		filepath.Join(m.layout.GuestsDir(), src.ID, "..", src.ID, "rootfs.ext4")} {
+		filepath.Join(m.layout.JailsDir(), src.ID, "..", src.ID, "rootfs.ext4")} {
 		if _, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "thief", Rootfs: p, Start: &f}); !errors.Is(err, api.ErrInvalid) {
 			t.Errorf("create with rootfs %s: %v, want ErrInvalid", p, err)
 		}

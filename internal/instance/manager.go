@@ -151,6 +151,9 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	if err != nil {
 		return nil, err
 	}
+	if layout, err = layout.WithExec(cfg.VMM.ExecName()); err != nil {
+		return nil, err
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -237,6 +240,11 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 			cancel()
 			return nil, fmt.Errorf("instance manager: metrics: %w", err)
 		}
+	}
+	if err := m.migrateLayout(ctx); err != nil {
+		db.Close()
+		cancel()
+		return nil, fmt.Errorf("instance manager: %w", err)
 	}
 	if err := m.Reconcile(ctx); err != nil {
 		m.stopBackground()

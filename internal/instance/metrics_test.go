@@ -66,7 +66,7 @@ func TestFullCopyReachesTheMetric(t *testing.T) {
 	if m.files.FullCopy == nil {
 		t.Fatal("the manager's memfile options have no FullCopy hook: a full copy would go unreported")
 	}
-	m.files.FullCopy("/data/guests/x/rootfs.ext4", 1<<20)
+	m.files.FullCopy("/data/jail/forkd-vmm/x/root/rootfs.ext4", 1<<20)
 	fams, err := reg.Gather()
 	if err != nil {
 		t.Fatal(err)

@@ -207,7 +207,7 @@ func TestNetworkBadInputLeaksNothing(t *testing.T) {
 	if n, p := count(); n != n0 || p != p0 {
 		t.Fatalf("after refused requests: %d instances and %d networks, want %d and %d (nothing leaked)", n, p, n0, p0)
 	}
-	if ents, _ := os.ReadDir(m.layout.GuestsDir()); len(ents) != n0 {
+	if ents, _ := os.ReadDir(m.layout.JailsDir()); len(ents) != n0 {
 		t.Fatalf("after refused requests: %d guest dirs, want %d", len(ents), n0)
 	}
 }

@@ -340,7 +340,7 @@ func (m *Manager) markStopped(ctx context.Context, in *store.Instance, g guestdi
 	return m.db.UpdateInstance(ctx, *in)
 }
 
-// sweepDataDirs removes what a crash left half-made under guests/ and
+// sweepDataDirs removes what a crash left half-made under jail/<exec>/ and
 // snapshots/, and sets aside what it cannot account for. It deletes only
 // what it can prove forkd made:
 //   - a real directory with one of forkd's temp names (.tmp-<id>,
@@ -372,7 +372,7 @@ func (m *Manager) sweepDataDirs(ctx context.Context) error {
 	for _, s := range snaps {
 		recorded["s/"+s.ID] = true
 	}
-	for _, root := range []struct{ dir, tag string }{{m.layout.GuestsDir(), "g/"}, {m.layout.SnapshotsDir(), "s/"}} {
+	for _, root := range []struct{ dir, tag string }{{m.layout.JailsDir(), "g/"}, {m.layout.SnapshotsDir(), "s/"}} {
 		ents, err := os.ReadDir(root.dir)
 		if err != nil {
 			return fmt.Errorf("reconcile: %w", err)

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/store"
 )
 
@@ -126,12 +127,14 @@ func TestReconcileRemovesInterruptedForkAndTempFiles(t *testing.T) {
 	db.CreateInstance(ctx, store.Instance{ID: forkID, Name: "half", State: api.StateForking, Vcpus: 1, MemoryMiB: testMemMiB})
 	db.Step(ctx, jid, "created", nil)
 	db.Close()
-	tmpFork := filepath.Join(dir, "guests", ".tmp-"+forkID)
+	layout, _ := guestdir.New(dir)
+	tmpFork, _ := layout.TempGuest(forkID)
+	srcG, _ := layout.Guest(src.ID)
 	leftovers := []string{
-		filepath.Join(tmpFork, "snapshots", "snapshot-latest", "memory"),
-		filepath.Join(dir, "guests", src.ID, "snapshots", "snapshot-latest", "memory.unshare.tmp"),
+		tmpFork.Latest().Memory(),
+		filepath.Join(srcG.Latest().Dir, "memory.unshare.tmp"),
 		filepath.Join(dir, "snapshots", ".tmp-"+newID(), "memory"),
-		filepath.Join(dir, "guests", newID(), "kernel"), // a dir no record claims
+		filepath.Join(layout.JailsDir(), newID(), "root", "kernel"), // a dir no record claims
 	}
 	for _, p := range leftovers {
 		os.MkdirAll(filepath.Dir(p), 0o755)

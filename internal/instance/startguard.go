@@ -15,20 +15,27 @@ import (
 )
 
 // ErrStoreLost is what New returns when the store is missing or empty while
-// guests/ or snapshots/ still hold forkd's directories: the records of those
-// VMs are gone, and starting would treat every one of them as a stranger.
+// jail/, snapshots/ or an old guests/ still hold forkd's directories: the
+// records of those VMs are gone, and starting would treat every one of them
+// as a stranger.
 var ErrStoreLost = errors.New("the store has no records of the VMs in the data dir")
 
-// makeDataSubdirs makes the data dir's guests/, snapshots/, pager/ and prefetch/ and
-// refuses one that exists but is not a real directory: a symlink there would
-// send every create, and every reconciler removal, into whatever directory
-// it names.
+// makeDataSubdirs makes the data dir's jail/, jail/<exec>/, snapshots/,
+// pager/, images/ and prefetch/ and refuses one that exists but is not a real directory: a symlink
+// there would send every create, and every reconciler removal, into
+// whatever directory it names.
 func makeDataSubdirs(l guestdir.Layout) error {
 	if err := os.MkdirAll(l.Root(), 0o700); err != nil {
 		return fmt.Errorf("data dir: %w", err)
 	}
-	for _, d := range []string{l.GuestsDir(), l.SnapshotsDir(), l.PagerRoot(), l.ImagesDir(), l.PrefetchDir()} {
-		if err := os.Mkdir(d, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+	for _, d := range []string{l.JailBase(), l.JailsDir(), l.SnapshotsDir(), l.PagerRoot(), l.ImagesDir(), l.PrefetchDir()} {
+		// jail/ is root's alone: a jailed VMM's directory lies below it,
+		// and no VMM needs to reach it from outside its jail.
+		perm := os.FileMode(0o755)
+		if d == l.JailBase() || d == l.JailsDir() {
+			perm = 0o700
+		}
+		if err := os.Mkdir(d, perm); err != nil && !errors.Is(err, os.ErrExist) {
 			return fmt.Errorf("data dir: %w", err)
 		}
 		st, err := os.Lstat(d)
@@ -38,6 +45,10 @@ func makeDataSubdirs(l guestdir.Layout) error {
 		if !st.IsDir() {
 			return fmt.Errorf("data dir: %s is a %s, not a directory forkd made; move it away (forkd never follows a symlink in its data dir)", d, fileKind(st.Mode()))
 		}
+	}
+	// The old layout's guests/, if any, is migrated: never through a link.
+	if st, err := os.Lstat(l.LegacyGuestsDir()); err == nil && !st.IsDir() {
+		return fmt.Errorf("data dir: %s is a %s, not a directory forkd made; move it away (forkd never follows a symlink in its data dir)", l.LegacyGuestsDir(), fileKind(st.Mode()))
 	}
 	return nil
 }
@@ -112,23 +123,27 @@ func openStore(ctx context.Context, l guestdir.Layout, allowOrphans bool, log *s
 }
 
 // guardOrphans is openStore's check once the store is known to hold no
-// records: any entry with a forkd name under guests/ or snapshots/ is a VM
-// or snapshot whose record is lost.
+// records: any entry with a forkd name under jail/<exec>/ (of either VMM
+// kind), snapshots/ or an old guests/ is a VM or snapshot whose record is
+// lost.
 func guardOrphans(l guestdir.Layout, how string, allow bool, log *slog.Logger) error {
-	var found []string
-	for _, dir := range []string{l.GuestsDir(), l.SnapshotsDir()} {
+	var found, ids []string
+	for _, dir := range append(guestDirsAnyLayout(l), l.SnapshotsDir()) {
 		names, err := forkdEntries(dir)
 		if err != nil {
 			return err
 		}
 		for _, n := range names {
 			found = append(found, dir+"/"+n)
+			if dir != l.SnapshotsDir() {
+				ids = append(ids, n)
+			}
 		}
 	}
 	if len(found) == 0 {
 		return nil
 	}
-	pids := vmmsUnder(l.GuestsDir())
+	pids := vmmsOf(ids)
 	if allow {
 		log.Warn("store is "+how+" but the data dir holds forkd entries: moving them to lost+found (--orphans-to-lost-found)",
 			"store", l.DB(), "entries", len(found), "lost_found", l.LostFound(), "vmm_pids", pids)
@@ -148,10 +163,29 @@ func guardOrphans(l guestdir.Layout, how string, allow bool, log *slog.Logger) e
 		ErrStoreLost, l.DB(), how, len(found), strings.Join(sample, ", "), vmms, l.DB(), l.LostFound())
 }
 
+// guestDirsAnyLayout lists every directory a guest dir of this data dir may
+// lie in: each jail/<exec>/ there is, and the guests/ of the layout before
+// jails.
+func guestDirsAnyLayout(l guestdir.Layout) []string {
+	out := []string{l.JailsDir(), l.LegacyGuestsDir()}
+	ents, _ := os.ReadDir(l.JailBase())
+	for _, e := range ents {
+		if e.Type().IsDir() && e.Name() != l.Exec() && guestdir.ValidID(e.Name()) == nil {
+			d, _ := l.JailsDirOf(e.Name())
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
 // forkdEntries lists the entries of dir whose names forkd would act on: its
 // ids and its temp names. Other names are never forkd's, and are left alone.
+// A dir that does not exist has none.
 func forkdEntries(dir string) ([]string, error) {
 	ents, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
 	if err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
 	}
@@ -164,11 +198,19 @@ func forkdEntries(dir string) ([]string, error) {
 	return out, nil
 }
 
-// vmmsUnder lists the pids of VMM processes whose API socket lies under dir.
-func vmmsUnder(dir string) []int {
+// vmmsOf lists the pids of VMM processes started for one of the ids (their
+// --id; a jailed VMM's socket path names no data dir).
+func vmmsOf(ids []string) []int {
+	want := map[string]bool{}
+	for _, id := range ids {
+		if tid, ok := guestdir.TempID(id); ok {
+			id = tid
+		}
+		want[id] = true
+	}
 	var pids []int
 	for _, p := range scanVMMs() {
-		if strings.HasPrefix(p.sock, dir+"/") {
+		if want[p.id] {
 			pids = append(pids, p.pid)
 		}
 	}

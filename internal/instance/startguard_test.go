@@ -129,7 +129,7 @@ func TestStartRefusesAStoreThatLostItsRecords(t *testing.T) {
 			dir := shortDir(t)
 			pid := populated(t, dir)
 			tc.lose(t, filepath.Join(dir, "forkd.db"))
-			guests, snaps := treeOf(t, filepath.Join(dir, "guests")), treeOf(t, filepath.Join(dir, "snapshots"))
+			guests, snaps := treeOf(t, filepath.Join(dir, "jail")), treeOf(t, filepath.Join(dir, "snapshots"))
 
 			m, err := newManagerErr(t, dir)
 			if err == nil {
@@ -147,7 +147,7 @@ func TestStartRefusesAStoreThatLostItsRecords(t *testing.T) {
 			if !strings.Contains(err.Error(), "pids ["+strconv.Itoa(pid)) {
 				t.Errorf("error does not name the VMM still running (pid %d): %v", pid, err)
 			}
-			sameTree(t, "guests/", guests, treeOf(t, filepath.Join(dir, "guests")))
+			sameTree(t, "jail/", guests, treeOf(t, filepath.Join(dir, "jail")))
 			sameTree(t, "snapshots/", snaps, treeOf(t, filepath.Join(dir, "snapshots")))
 			if syscall.Kill(pid, 0) != nil {
 				t.Errorf("the running VM's VMM (pid %d) is gone", pid)
@@ -162,9 +162,9 @@ func TestStartRefusesAStoreThatLostItsRecords(t *testing.T) {
 func TestOrphansToLostFoundSetsEverythingAside(t *testing.T) {
 	dir := shortDir(t)
 	pid := populated(t, dir)
-	before := map[string][]string{
-		"guests":    treeOf(t, filepath.Join(dir, "guests")),
-		"snapshots": treeOf(t, filepath.Join(dir, "snapshots")),
+	before := map[string][]string{ // dir → what it held; lost+found/<base name of dir> receives it
+		"jail/forkd-vmm": treeOf(t, filepath.Join(dir, "jail", "forkd-vmm")),
+		"snapshots":      treeOf(t, filepath.Join(dir, "snapshots")),
 	}
 	if err := os.Truncate(filepath.Join(dir, "forkd.db"), 0); err != nil {
 		t.Fatal(err)
@@ -181,7 +181,8 @@ func TestOrphansToLostFoundSetsEverythingAside(t *testing.T) {
 		if left := treeOf(t, filepath.Join(dir, kind)); len(left) != 1 {
 			t.Errorf("%s/ still holds %v after the move", kind, left)
 		}
-		sameTree(t, kind+"/ (now in lost+found)", tree, treeOf(t, filepath.Join(dir, "lost+found", kind)))
+		lf := map[string]string{"jail/forkd-vmm": "jail", "snapshots": "snapshots"}[kind]
+		sameTree(t, kind+"/ (now in lost+found)", tree, treeOf(t, filepath.Join(dir, "lost+found", lf)))
 	}
 	if syscall.Kill(pid, 0) != nil {
 		t.Errorf("the running VM's VMM (pid %d) was killed; moving aside must not destroy", pid)

@@ -33,6 +33,7 @@ var journalSteps = withImageSteps(map[string][]string{
 	"snapshot-delete": {"begun"},
 	"compress":        {"compressed", "raw-removed"}, // background, not journalled: crash points only
 	"warm":            {"reserved", "ready"},         // the warm network pool (netwarm.go): crash points only
+	"migrate":         {"begun", "moved"},            // a guest dir moved into the jail layout at start (migrate.go)
 })
 
 // withImageSteps adds the image store's kinds: it journals its own

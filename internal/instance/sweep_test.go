@@ -28,7 +28,8 @@ func exists(p string) bool {
 	return err == nil
 }
 
-// Finding: the reconciler removed every directory under guests/ and
+// Finding: the reconciler removed every directory under guests/ (now
+// jail/<exec>/) and
 // snapshots/ that no record claimed, whatever its name and whoever made it.
 // Now it deletes only what it can prove forkd made (its temp names; an id
 // the journal names) and moves every other forkd-named entry to lost+found;
@@ -55,17 +56,17 @@ func TestReconcilerDeletesOnlyWhatItCanProveItMade(t *testing.T) {
 	db.Finish(ctx, jid, "failed: test")
 	db.Close()
 
-	g, s := filepath.Join(dir, "guests"), filepath.Join(dir, "snapshots")
+	g, s := filepath.Join(dir, "jail", "forkd-vmm"), filepath.Join(dir, "snapshots")
 	strangerG, strangerS := newID(), newID()
 	deleted := []string{
 		filepath.Join(g, ".tmp-"+newID(), "snapshots", "snapshot-latest", "memory"),
 		filepath.Join(g, ".tmp-"+newID()+".deleting", "rootfs.ext4"),
 		filepath.Join(s, ".tmp-"+newID(), "memory"),
-		filepath.Join(g, failedCreate, "rootfs.ext4"), // the journal names it
-		filepath.Join(g, kept.ID, "rootfs.ext4.tmp"),  // a temp file inside a recorded dir
+		filepath.Join(g, failedCreate, "rootfs.ext4"),        // the journal names it
+		filepath.Join(g, kept.ID, "root", "rootfs.ext4.tmp"), // a temp file inside a recorded dir
 	}
 	movedAside := map[string]string{
-		filepath.Join(g, strangerG, "kernel"): filepath.Join(dir, "lost+found", "guests", strangerG, "kernel"),
+		filepath.Join(g, strangerG, "kernel"): filepath.Join(dir, "lost+found", "jail", strangerG, "kernel"),
 		filepath.Join(s, strangerS, "memory"): filepath.Join(dir, "lost+found", "snapshots", strangerS, "memory"),
 	}
 	leftAlone := []string{
@@ -73,7 +74,7 @@ func TestReconcilerDeletesOnlyWhatItCanProveItMade(t *testing.T) {
 		filepath.Join(g, "keep-me", "data"),
 		filepath.Join(g, ".tmp-not-an-id", "data"),
 		filepath.Join(s, "backup-2026", "memory"),
-		filepath.Join(g, kept.ID, "user-file"), // inside a recorded dir, not a temp name
+		filepath.Join(g, kept.ID, "root", "user-file"), // inside a recorded dir, not a temp name
 	}
 	for _, p := range append(append(append([]string{}, deleted...), leftAlone...), keys(movedAside)...) {
 		plant(t, p)
@@ -128,12 +129,15 @@ func keys(m map[string]string) []string {
 // Finding: with `guests` (or `snapshots`) a symlink to another directory,
 // forkd created guest dirs in its target, and the next start deleted the
 // unrelated files it found there. Now a start over such a data dir is
-// refused, and symlinks forkd finds under guests/ or snapshots/ are moved
-// aside as links: their targets are never touched.
+// refused, and symlinks forkd finds under jail/<exec>/, snapshots/ or an
+// old guests/ are moved aside as links: their targets are never touched.
 func TestReconcilerNeverFollowsASymlink(t *testing.T) {
-	for _, sub := range []string{"guests", "snapshots", "pager"} {
+	for _, sub := range []string{"jail", "jail/forkd-vmm", "snapshots", "pager", "guests"} {
 		t.Run(sub+" is a symlink", func(t *testing.T) {
 			dir := shortDir(t)
+			if err := os.MkdirAll(filepath.Dir(filepath.Join(dir, sub)), 0o700); err != nil {
+				t.Fatal(err)
+			}
 			victim := t.TempDir()
 			plant(t, filepath.Join(victim, newID(), "precious"))
 			plant(t, filepath.Join(victim, ".tmp-"+newID(), "precious"))
@@ -159,23 +163,26 @@ func TestReconcilerNeverFollowsASymlink(t *testing.T) {
 		plant(t, filepath.Join(victim, "precious"))
 		plant(t, filepath.Join(victim, "inner.tmp"))
 		before := treeOf(t, victim)
-		links := []string{
-			filepath.Join(dir, "guests", newID()),
-			filepath.Join(dir, "guests", ".tmp-"+newID()),
-			filepath.Join(dir, "snapshots", newID()),
+		os.MkdirAll(filepath.Join(dir, "guests"), 0o755) // the old layout's dir, migrated at start
+		links := map[string]string{                      // the link → its lost+found kind
+			filepath.Join(dir, "jail", "forkd-vmm", newID()):         "jail",
+			filepath.Join(dir, "jail", "forkd-vmm", ".tmp-"+newID()): "jail",
+			filepath.Join(dir, "snapshots", newID()):                 "snapshots",
+			filepath.Join(dir, "guests", newID()):                    "guests",
+			filepath.Join(dir, "guests", ".tmp-"+newID()):            "guests",
 		}
-		for _, l := range links {
+		for l := range links {
 			if err := os.Symlink(victim, l); err != nil {
 				t.Fatal(err)
 			}
 		}
 		newManagerAt(t, dir)
 		sameTree(t, "the symlinks' target", before, treeOf(t, victim))
-		for _, l := range links {
+		for l, kind := range links {
 			if exists(l) {
 				t.Errorf("symlink %s left in place", l)
 			}
-			moved := filepath.Join(dir, "lost+found", filepath.Base(filepath.Dir(l)), filepath.Base(l))
+			moved := filepath.Join(dir, "lost+found", kind, filepath.Base(l))
 			if target, err := os.Readlink(moved); err != nil || target != victim {
 				t.Errorf("symlink %s not moved aside as a link to %s: %q, %v", l, moved, target, err)
 			}

@@ -25,6 +25,15 @@ type VMMSpec struct {
 	Emulator bool
 }
 
+// ExecName is the name a jailer gives this VMM's exec file, which names the
+// directory level every guest lives under (guestdir.Layout.WithExec).
+func (s VMMSpec) ExecName() string {
+	if s.Emulator {
+		return guestdir.ExecEmulator
+	}
+	return guestdir.ExecFirecracker
+}
+
 // ResolveVMM turns the vmm_binary setting into a VMMSpec:
 //   - "auto" (or ""): real firecracker only when /dev/kvm AND a firecracker
 //     binary in PATH both exist, else this executable's emulator;
@@ -63,9 +72,6 @@ func ResolveVMM(setting string) (VMMSpec, error) {
 // instance's network namespace if it has one.
 func (m *Manager) launch(ctx context.Context, in store.Instance, g guestdir.Guest) (*firecracker.Process, error) {
 	id := in.ID
-	if err := os.MkdirAll(g.LogsDir(), 0o755); err != nil {
-		return nil, fmt.Errorf("launch vmm %s: %w", id, err)
-	}
 	p, err := firecracker.Launch(ctx, firecracker.LaunchSpec{
 		Binary:  m.cfg.VMM.Binary,
 		Args:    m.cfg.VMM.Args,

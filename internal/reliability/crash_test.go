@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -34,6 +36,11 @@ type crashCase struct {
 	warm int
 	// env is extra daemon environment while the hook is armed.
 	env []string
+	// offline changes the data dir while no daemon runs, after setup and
+	// before the armed start.
+	offline func(t *testing.T, d *Daemon)
+	// atStart: the armed start itself reaches the step (op is nil).
+	atStart bool
 }
 
 func crashCases() []crashCase {
@@ -88,6 +95,14 @@ func crashCases() []crashCase {
 		return func(ctx context.Context, c *api.Client) error {
 			_, err := c.CreateSnapshot(ctx, "src", api.SnapshotRequest{Name: "snap", Compression: comp})
 			return err
+		}
+	}
+	// A data dir in the layout before jails (guests/<id>/): the start
+	// migrates it, with a running VM among its guests.
+	legacyMix := func(t *testing.T, c *api.Client) {
+		createStandby(t, c, "src")
+		if _, err := c.ForkInstance(context.Background(), "src", api.ForkRequest{Name: "kid", TargetState: api.StateRunning}); err != nil {
+			t.Fatal(err)
 		}
 	}
 	del := func(ctx context.Context, c *api.Client) error { return c.DeleteInstance(ctx, "src") }
@@ -151,6 +166,8 @@ func crashCases() []crashCase {
 		{at: "snapshot-delete:begun", setup: withSnapshot, op: delSnap, gone: []string{"snap"}},
 		{at: "compress:compressed", setup: running, op: snapshot("zstd")},
 		{at: "compress:raw-removed", setup: running, op: snapshot("zstd")},
+		{at: "migrate:begun", setup: legacyMix, offline: toLegacyLayout, atStart: true},
+		{at: "migrate:moved", setup: legacyMix, offline: toLegacyLayout, atStart: true},
 	}
 	for _, step := range []string{"begun", "promoted", "creating", "created"} {
 		cases = append(cases,
@@ -241,17 +258,31 @@ func runCrashCase(t *testing.T, tc crashCase) {
 	if err := d.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	d = restart(t, d, append([]string{instance.CrashAtEnv + "=" + tc.at}, tc.env...))
-	c := d.Client
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	opErr := tc.op(ctx, c)
-	ws, err := d.WaitExit(20 * time.Second)
-	if err != nil {
-		t.Fatalf("crash hook %s never fired (op returned %v): is the step still journalled under that name? %v", tc.at, opErr, err)
+	if tc.offline != nil {
+		tc.offline(t, d)
 	}
-	if !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
-		t.Fatalf("daemon ended with %v, want SIGKILL from the hook", ws)
+	armed := append([]string{instance.CrashAtEnv + "=" + tc.at}, tc.env...)
+	if tc.atStart {
+		// The start itself reaches the step: it must die there.
+		if nd, err := d.Restart(context.Background(), armed); err == nil {
+			nd.Shutdown(context.Background())
+			t.Fatalf("crash hook %s never fired during the start", tc.at)
+		} else if !strings.Contains(err.Error(), "signal: killed") {
+			t.Fatalf("the armed start at %s failed otherwise than by the hook's SIGKILL: %v", tc.at, err)
+		}
+	} else {
+		d = restart(t, d, armed)
+		c := d.Client
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		opErr := tc.op(ctx, c)
+		ws, err := d.WaitExit(20 * time.Second)
+		if err != nil {
+			t.Fatalf("crash hook %s never fired (op returned %v): is the step still journalled under that name? %v", tc.at, opErr, err)
+		}
+		if !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
+			t.Fatalf("daemon ended with %v, want SIGKILL from the hook", ws)
+		}
 	}
 	addFigure("crashes_injected", 1)
 
@@ -405,5 +436,40 @@ func TestRestartKillsVMMsNoRecordNames(t *testing.T) {
 	checkAll(t, d)
 	if _, err := Exercise(ctxT(t, 60*time.Second), d.Client); err != nil {
 		t.Error(err)
+	}
+}
+
+// toLegacyLayout puts every guest dir of a stopped daemon's data dir back
+// where the layout before jails kept it: guests/<id>/, the VMM's log in its
+// logs/. A VMM running in one keeps running (its working directory and log
+// move with the directory), as a VMM from before an upgrade does.
+func toLegacyLayout(t *testing.T, d *Daemon) {
+	t.Helper()
+	l := d.Layout
+	ents, err := os.ReadDir(l.JailsDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(l.LegacyGuestsDir(), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		g, err := l.Guest(e.Name())
+		if err != nil {
+			t.Fatal(err)
+		}
+		dir, log, _ := l.LegacyGuest(e.Name())
+		if err := os.Rename(g.Dir, dir); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.MkdirAll(filepath.Dir(log), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(g.VMMLog(), log); err != nil && !os.IsNotExist(err) {
+			t.Fatal(err)
+		}
+		if err := os.Remove(g.Jail); err != nil {
+			t.Fatal(err)
+		}
 	}
 }

@@ -70,7 +70,7 @@ func TestEmptiedStoreRefusesToStartAndDestroysNothing(t *testing.T) {
 	if err := os.Truncate(d.Layout.DB(), 0); err != nil {
 		t.Fatal(err)
 	}
-	guests, snaps := dirTree(t, d.Layout.GuestsDir()), dirTree(t, d.Layout.SnapshotsDir())
+	guests, snaps := dirTree(t, d.Layout.JailsDir()), dirTree(t, d.Layout.SnapshotsDir())
 
 	ctx := context.Background()
 	if nd, err := StartDaemon(ctx, d.Spec); err == nil {
@@ -83,8 +83,8 @@ func TestEmptiedStoreRefusesToStartAndDestroysNothing(t *testing.T) {
 			}
 		}
 	}
-	if got := dirTree(t, d.Layout.GuestsDir()); got != guests {
-		t.Errorf("guests/ changed by the refused start:\nbefore:\n%s\nafter:\n%s", guests, got)
+	if got := dirTree(t, d.Layout.JailsDir()); got != guests {
+		t.Errorf("jail/forkd-vmm/ changed by the refused start:\nbefore:\n%s\nafter:\n%s", guests, got)
 	}
 	if got := dirTree(t, d.Layout.SnapshotsDir()); got != snaps {
 		t.Errorf("snapshots/ changed by the refused start:\nbefore:\n%s\nafter:\n%s", snaps, got)
@@ -108,8 +108,8 @@ func TestEmptiedStoreRefusesToStartAndDestroysNothing(t *testing.T) {
 		t.Errorf("instances after the recovery start: %v, %v; want none", l, err)
 	}
 	lf := filepath.Join(d.Layout.Root(), "lost+found")
-	if got := dirTree(t, filepath.Join(lf, "guests")); got != guests {
-		t.Errorf("lost+found/guests is not the old guests/:\nwant:\n%s\ngot:\n%s", guests, got)
+	if got := dirTree(t, filepath.Join(lf, "jail")); got != guests {
+		t.Errorf("lost+found/jail is not the old jail/forkd-vmm/:\nwant:\n%s\ngot:\n%s", guests, got)
 	}
 	if got := dirTree(t, filepath.Join(lf, "snapshots")); got != snaps {
 		t.Errorf("lost+found/snapshots is not the old snapshots/:\nwant:\n%s\ngot:\n%s", snaps, got)

@@ -32,7 +32,7 @@ func isStable(state string) bool {
 func isRootEntry(name string) bool {
 	switch name {
 	case "forkd.db", "forkd.db-wal", "forkd.db-shm", "forkd.db-journal",
-		"forkd.lock", "forkd.sock", "guests", "snapshots", "pager", "images", "prefetch":
+		"forkd.lock", "forkd.sock", "jail", "exec", "snapshots", "pager", "images", "prefetch":
 		return true
 	}
 	return false
@@ -150,7 +150,7 @@ func CheckInvariants(ctx context.Context, d *Daemon) error {
 		case "pager":
 			pagerRuns = true
 		case "vmm":
-			id := filepath.Base(filepath.Dir(p.APISock))
+			id := p.ID
 			in, ok := byID[id]
 			if !ok || (in.State != api.StateRunning && in.State != api.StatePaused) || in.Pid != p.Pid {
 				bad("leaked VMM pid %d (api sock %s): instance %q state %q pid %d", p.Pid, p.APISock, in.Name, in.State, in.Pid)
@@ -297,11 +297,19 @@ func leftovers(layout guestdir.Layout, insts map[string]api.Instance, snaps map[
 			errs = append(errs, fmt.Errorf("unexpected entry in the data dir: %s", e.Name()))
 		}
 	}
+	// jail/ holds the one exec dir of the daemon's VMM kind (a guest of the
+	// other kind, or of the layout before jails, is migrated at start).
+	jails, _ := os.ReadDir(layout.JailBase())
+	for _, e := range jails {
+		if e.Name() != layout.Exec() {
+			errs = append(errs, fmt.Errorf("unexpected entry in %s: %s", layout.JailBase(), e.Name()))
+		}
+	}
 	for _, root := range []struct {
 		dir   string
 		known func(string) bool
 	}{
-		{layout.GuestsDir(), func(n string) bool { _, ok := insts[n]; return ok }},
+		{layout.JailsDir(), func(n string) bool { _, ok := insts[n]; return ok }},
 		{layout.SnapshotsDir(), func(n string) bool { return snaps[n] }},
 	} {
 		ents, err := os.ReadDir(root.dir)

@@ -38,7 +38,7 @@ func TestInvariantCheckerCatchesEachViolation(t *testing.T) {
 			return func() { os.Remove(p) }
 		}, "leftover temp file"},
 		{"dir with no record", func(t *testing.T) func() {
-			p := filepath.Join(d.Layout.GuestsDir(), "0123456789abcdef01234567")
+			p := filepath.Join(d.Layout.JailsDir(), "0123456789abcdef01234567")
 			os.Mkdir(p, 0o700)
 			return func() { os.Remove(p) }
 		}, "no record"},
@@ -50,14 +50,14 @@ func TestInvariantCheckerCatchesEachViolation(t *testing.T) {
 		{"a VMM writes a file with two links", func(t *testing.T) func() {
 			// The VMM holds its log open for writing: a second link to it
 			// makes that a shared inode open for writing.
-			p := filepath.Join(d.Layout.GuestsDir(), "..", "shared-link")
+			p := filepath.Join(d.Layout.JailsDir(), "..", "shared-link")
 			if err := os.Link(g.VMMLog(), p); err != nil {
 				t.Fatal(err)
 			}
 			return func() { os.Remove(p) }
 		}, "shared inode writable"},
 		{"a VMM no instance owns", func(t *testing.T) func() {
-			dir := filepath.Join(d.Layout.GuestsDir(), ".tmp-stray")
+			dir := filepath.Join(d.Layout.JailsDir(), ".tmp-stray")
 			os.MkdirAll(dir, 0o700)
 			cmd := exec.Command(forkdBinary(t), "vmm", "--api-sock", filepath.Join(dir, "vmm.sock"))
 			if err := cmd.Start(); err != nil {
