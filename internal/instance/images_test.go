@@ -160,7 +160,7 @@ func TestBadImageCreatesLeaveNothing(t *testing.T) {
 			if list, _ := m.ListInstances(ctx); len(list) != 0 {
 				t.Errorf("left %d instances", len(list))
 			}
-			if ents, _ := os.ReadDir(m.layout.GuestsDir()); len(ents) != 0 {
+			if ents, _ := os.ReadDir(m.layout.JailsDir()); len(ents) != 0 {
 				t.Errorf("left %d guest dirs", len(ents))
 			}
 			if open, _ := m.db.OpenEntries(ctx); len(open) != 0 {

@@ -182,7 +182,7 @@ func TestRequestPathsStayInsideTheDataDir(t *testing.T) {
 	g, _ := d.Layout.Guest(src.ID)
 	ctx := ctxT(t, 30*time.Second)
 	for _, p := range []string{g.Latest().Memory(), g.Latest().VMState(), d.Layout.DB(),
-		filepath.Join(d.Layout.Root(), "guests", src.ID, "..", src.ID, "snapshots", "snapshot-latest", "memory")} {
+		filepath.Join(g.Jail, "..", src.ID, "root", "snapshots", "snapshot-latest", "memory")} {
 		_, err := d.Client.CreateInstance(ctx, api.CreateInstanceRequest{Name: "thief", MemoryMiB: testMemMiB, Rootfs: p, Start: new(bool)})
 		addFigure("hostile_requests", 1)
 		if err == nil {
