@@ -20,6 +20,7 @@ func newBenchForkBurstCommand() *cobra.Command {
 		opt       bench.Options
 		memoryMiB int
 		vmmBinary string
+		pfWindow  string
 		fsSize    string
 		svgPath   string
 		jsonPath  string
@@ -43,6 +44,9 @@ Compare ratios within one run: absolute times on nested VMs are noise.`,
 			}
 			if vmmBinary != "" {
 				opt.DaemonArgs = append(opt.DaemonArgs, "--vmm-binary", vmmBinary)
+			}
+			if pfWindow != "" {
+				opt.DaemonArgs = append(opt.DaemonArgs, "--prefetch-window", pfWindow)
 			}
 			if fsSize != "" {
 				n, err := api.ParseBytes(fsSize)
@@ -92,6 +96,7 @@ Compare ratios within one run: absolute times on nested VMs are noise.`,
 	f.IntVar(&opt.WritePct, "write-pct", 20, "percent of workload steps that write their page")
 	f.IntSliceVar(&opt.Rates, "rate", []int{20000}, "workload steps per second per VM (-1: unpaced; 20000 paces a page per 50 µs, so slower cold faults show in the touch time); a list runs each, e.g. 20000,-1")
 	f.StringSliceVar(&opt.Prefetch, "prefetch", []string{bench.PrefetchOff, bench.PrefetchAuto}, "the daemons' prefetch settings to compare: off, auto")
+	f.StringVar(&pfWindow, "prefetch-window", "", "the daemons' prefetch_window (default theirs, 5s): a burst's waste counts what its forks used within it, so give slow bursts a longer one")
 	f.IntVar(&opt.DiffersRuns, "differs", 0, "also run the case prefetch cannot help (forks whose workload differs from the recorded one) this many times, prefetch off and auto side by side (needs both)")
 	f.StringSliceVar(&opt.Strategies, "strategies", []string{bench.StrategyHardlink, bench.StrategyReflink, bench.StrategyCopy},
 		"fork strategies: hardlink (forkd), reflink, copy; ones the daemon cannot force are reported as skipped")

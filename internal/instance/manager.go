@@ -212,7 +212,7 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		sups:         map[string]*supervisor{},
 		pagerWatches: map[string]*pidwatch.Watch{},
 		compressing:  map[string]context.CancelFunc{},
-		pfs: prefetchState{recording: map[string]bool{}, stats: map[string]*api.Prefetch{},
+		pfs: prefetchState{recording: map[string]bool{}, reading: map[string]chan struct{}{}, stats: map[string]*api.Prefetch{},
 			cancel: map[string]context.CancelFunc{}, gc: make(chan struct{}, 1)},
 		warmKick: make(chan struct{}, 1),
 	}

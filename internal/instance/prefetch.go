@@ -30,9 +30,9 @@ import (
 //   - record, File: the daemon samples the pages the VMM has mapped from its
 //     mem-file (pagemap), at growing intervals over the time budget, and
 //     writes the same file. Nothing here depends on the VMM reporting faults.
-//   - replay, File: posix_fadvise WILLNEED over the recorded pages, merged
-//     into large ranges, is issued before the VMM is launched; the page cache
-//     reads them while the VMM loads and resumes.
+//   - replay, File: the recorded pages, merged into large ranges, are read
+//     into the page cache from before the VMM is launched (in the
+//     background: the VMM loads and resumes meanwhile).
 //   - replay, Uffd: the session is created with the recording; the pager
 //     installs it alongside demand faults (internal/pager/prefetch.go).
 //
@@ -69,6 +69,7 @@ const (
 type prefetchState struct {
 	mu        sync.Mutex
 	recording map[string]bool               // cache keys a restore is recording; guarded by mu
+	reading   map[string]chan struct{}      // cache key → closed when a File replay's reads of it end; guarded by mu
 	stats     map[string]*api.Prefetch      // instance id → its last restore's prefetch; guarded by mu
 	cancel    map[string]context.CancelFunc // instance id → its running record/replay follow-up; guarded by mu
 	gc        chan struct{}                 // kicks the recordings' garbage collector
@@ -87,8 +88,14 @@ type prefetchRun struct {
 	rec      prefetch.Recording // replay: the recording
 	fileRuns []prefetch.Run     // replay, File: the readahead ranges
 	absent   []uint64           // replay, File: pages of fileRuns not cached before the readahead
-	session  time.Time          // Uffd: when the pager session was created
-	claimed  bool               // holds the key's recording claim
+	// replay, File: the reads that bring fileRuns in (populate), started
+	// before the VMM; popDone is closed when they end, at popAt, with popErr.
+	popCancel context.CancelFunc
+	popDone   chan struct{}
+	popAt     time.Time
+	popErr    error
+	session   time.Time // Uffd: when the pager session was created
+	claimed   bool      // holds the key's recording claim
 }
 
 // beginPrefetch decides what a restore of memPath (cache key key) does:
@@ -167,8 +174,10 @@ func (r *prefetchRun) sessionRequest(req *pager.SessionRequest) {
 	r.session = time.Now()
 }
 
-// readAhead starts the page cache reading a File restore's recorded working
-// set, before the VMM is launched. It notes which pages it had to read.
+// readAhead starts reading a File restore's recorded working set into the
+// page cache, before the VMM is launched, in the background: the restore
+// does not wait for the disk, and the guest finds the pages there or on
+// their way. It notes which pages the page cache lacked.
 func (r *prefetchRun) readAhead() {
 	if r == nil || r.mode != "replay" || r.backend != api.BackendFile {
 		return
@@ -179,15 +188,53 @@ func (r *prefetchRun) readAhead() {
 		r.absent, err = res.Absent(r.fileRuns)
 		res.Close()
 	}
-	if err == nil {
-		err = prefetch.ReadAhead(r.mem, r.fileRuns, uint64(os.Getpagesize()))
-	}
 	if err != nil {
 		r.m.log.Warn("prefetch: readahead", "instance", r.id, "err", err)
 		r.fail(err)
 		return
 	}
 	r.m.updatePrefetchStats(r.id, func(p *api.Prefetch) { p.PagesPrefetched = uint64(len(r.absent)) })
+	ctx, cancel := context.WithCancel(r.m.ctx)
+	r.popCancel, r.popDone = cancel, make(chan struct{})
+	r.m.wg.Add(1)
+	go func() {
+		defer r.m.wg.Done()
+		defer close(r.popDone)
+		r.popErr = r.populate(ctx)
+		r.popAt = time.Now()
+	}()
+}
+
+// populate reads the working set into the page cache. Restores of one key
+// at once (a burst of forks) read it once: the others wait for the first,
+// then find every range cached.
+func (r *prefetchRun) populate(ctx context.Context) error {
+	m := r.m
+	m.pfs.mu.Lock()
+	for {
+		wait, busy := m.pfs.reading[r.key]
+		if !busy {
+			break
+		}
+		m.pfs.mu.Unlock()
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		m.pfs.mu.Lock()
+	}
+	done := make(chan struct{})
+	m.pfs.reading[r.key] = done
+	m.pfs.mu.Unlock()
+	defer func() {
+		m.pfs.mu.Lock()
+		delete(m.pfs.reading, r.key)
+		m.pfs.mu.Unlock()
+		close(done)
+	}()
+	_, err := prefetch.Populate(ctx, r.mem, r.fileRuns)
+	return err
 }
 
 // abort gives up a restore's prefetch (the restore failed).
@@ -199,8 +246,13 @@ func (r *prefetchRun) abort() {
 	r.m.forgetPrefetch(r.id)
 }
 
-// release gives up the key's recording claim and the mem-file.
+// release gives up the key's recording claim and the mem-file (after the
+// reads that use it).
 func (r *prefetchRun) release() {
+	if r.popDone != nil {
+		r.popCancel()
+		<-r.popDone
+	}
 	if r.mem != nil {
 		r.mem.Close()
 		r.mem = nil
@@ -365,39 +417,23 @@ func (r *prefetchRun) followUffd(ctx context.Context, in store.Instance, pg Page
 	}
 }
 
-// followFile waits until the page cache holds every page the readahead
-// read (the time to working set), then, at the end of the window, counts
-// those the VMM never mapped (the waste).
+// followFile waits until the reads of the working set are done (the time
+// to working set), then, at the end of the window, counts the pages they
+// brought in that the VMM never mapped (the waste).
 func (r *prefetchRun) followFile(ctx context.Context, in store.Instance) error {
-	res, err := prefetch.OpenResidency(r.mem)
-	if err != nil {
-		return err
+	if r.popDone == nil {
+		return errors.New("the working set was not read ahead")
 	}
-	defer res.Close()
-	pending := make([]prefetch.Run, 0, len(r.absent))
-	for _, p := range r.absent {
-		pending = append(pending, prefetch.Run{Page: p, Pages: 1})
+	select {
+	case <-r.popDone:
+	case <-ctx.Done():
+		return ctx.Err()
 	}
-	giveUp := time.Now().Add(workingSetWait)
-	for len(pending) > 0 && time.Now().Before(giveUp) {
-		still, err := res.Absent(pending)
-		if err != nil {
-			return err
-		}
-		pending = pending[:0]
-		for _, p := range still {
-			pending = append(pending, prefetch.Run{Page: p, Pages: 1})
-		}
-		if len(pending) > 0 {
-			if err := sleep(ctx, 2*time.Millisecond); err != nil {
-				return err
-			}
-		}
+	if r.popErr != nil {
+		return fmt.Errorf("read the working set: %w", r.popErr)
 	}
-	if len(pending) == 0 {
-		ms := max(time.Since(r.start).Milliseconds(), 1)
-		r.m.updatePrefetchStats(r.id, func(p *api.Prefetch) { p.WorkingSetMs = ms })
-	}
+	ms := max(r.popAt.Sub(r.start).Milliseconds(), 1)
+	r.m.updatePrefetchStats(r.id, func(p *api.Prefetch) { p.WorkingSetMs = ms })
 	if err := sleep(ctx, max(r.windowLeft(), 0)); err != nil {
 		return err
 	}

@@ -74,9 +74,9 @@ func (s *Server) putRunBuf(b []byte) {
 	}
 }
 
-// readAheadGap and readAheadMax shape the page-cache readahead issued when
-// a replaying session is created: recorded pages up to 16 pages apart are
-// read as one range of at most 8 MiB.
+// readAheadGap and readAheadMax shape the reads into the page cache a
+// replaying session starts when it is created: recorded pages up to 16
+// pages apart are read as one range of at most 8 MiB.
 const (
 	readAheadGap = 16
 	readAheadMax = 2048
@@ -162,15 +162,42 @@ func (s *session) recording() (prefetch.Recording, error) {
 	}, nil
 }
 
-// readAhead starts the page cache reading the recording, so the reader and
-// the faults find it there: issued at session creation, before the VMM has
-// even connected.
+// readAhead reads the recording into the page cache in large ranges, so
+// the reader (one run at a time) and the faults find it there: started at
+// session creation, before the VMM has even connected. It stops with the
+// session.
 func (s *session) readAhead() {
 	if s.replay == nil {
 		return
 	}
+	// Sibling sessions of one key created together read it once: the
+	// others wait for the first (and then find every run cached).
+	srv := s.srv
+	srv.mu.Lock()
+	for {
+		wait, busy := srv.populating[s.keyID]
+		if !busy {
+			break
+		}
+		srv.mu.Unlock()
+		select {
+		case <-wait:
+		case <-s.ctx.Done():
+			return
+		}
+		srv.mu.Lock()
+	}
+	done := make(chan struct{})
+	srv.populating[s.keyID] = done
+	srv.mu.Unlock()
+	defer func() {
+		srv.mu.Lock()
+		delete(srv.populating, s.keyID)
+		srv.mu.Unlock()
+		close(done)
+	}()
 	runs := prefetch.Plan(s.replay.Pages, readAheadGap, readAheadMax)
-	if err := prefetch.ReadAhead(s.backing, runs, uffd.PageSize); err != nil {
+	if _, err := prefetch.Populate(s.ctx, s.backing, runs); err != nil && s.ctx.Err() == nil {
 		s.log.Warn("prefetch readahead", "err", err)
 	}
 }

@@ -105,9 +105,12 @@ type Server struct {
 	ended      map[string]string
 	endedOrder []string
 	keys       map[string]uint32 // cache key → interned id; guarded by mu
-	draining   bool              // guarded by mu
-	drained    chan struct{}     // closed when draining and no session is left; guarded by mu (the close)
-	closed     bool              // Serve returned: no new sessions; guarded by mu
+	// populating has, per cache key, a channel closed when the session
+	// reading that key's recording into the page cache is done; guarded by mu.
+	populating map[uint32]chan struct{}
+	draining   bool          // guarded by mu
+	drained    chan struct{} // closed when draining and no session is left; guarded by mu (the close)
+	closed     bool          // Serve returned: no new sessions; guarded by mu
 }
 
 // NewServer takes the pager dir (an exclusive flock on it, so two pagers
@@ -164,7 +167,8 @@ func NewServer(cfg Config, log *slog.Logger) (*Server, error) {
 		cfg: cfg, log: log, cache: newPageCache(cfg.CacheBytes),
 		dirLock: lock, ln: ln,
 		sessions: make(map[string]*session), keys: make(map[string]uint32), ended: make(map[string]string),
-		drained: make(chan struct{}),
+		populating: make(map[uint32]chan struct{}),
+		drained:    make(chan struct{}),
 	}
 	s.http = &http.Server{Handler: s.routes(), ReadHeaderTimeout: 10 * time.Second}
 	return s, nil

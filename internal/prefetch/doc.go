@@ -11,9 +11,9 @@
 //   - plans (plan.go): the recorded pages merged into contiguous runs,
 //     ordered by the first touch of any page in them, for the pager's
 //     UFFDIO_COPY runs and for readahead ranges;
-//   - the host-side mechanics (readahead.go, mapped.go): posix_fadvise
-//     WILLNEED over runs, page-cache residency of runs (mincore over a
-//     mapping of the file), and the pages of a file another process has
+//   - the host-side mechanics (readahead.go, mapped.go): reading runs into
+//     the page cache, page-cache residency of runs (mincore over a mapping
+//     of the file), and the pages of a file another process has
 //     mapped (/proc/PID/maps and /proc/PID/pagemap), sampled over time to
 //     record a File-restored VM's working set in order.
 //

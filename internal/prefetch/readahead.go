@@ -1,6 +1,7 @@
 package prefetch
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"unsafe"
@@ -8,27 +9,47 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// ReadAhead asks the kernel to read the runs of f into the page cache
-// (posix_fadvise WILLNEED), in the runs' order. It starts the reads and
-// returns without waiting for them; pages the cache already holds cost
-// nothing. Runs past the end of the file are clipped.
-func ReadAhead(f *os.File, runs []Run, pageSize uint64) error {
-	st, err := f.Stat()
+// Populate reads the runs of f into the page cache, in the runs' order,
+// and returns once they are there (or ctx ends). A run the page cache
+// already holds entirely is skipped, so only the first of many restores of
+// one mem-file reads. Runs past the end of the file are clipped.
+//
+// It reads with plain reads, not posix_fadvise(WILLNEED): the kernel's
+// readahead for reads fills the cache with large folios, which a VMM then
+// maps many pages per fault, where WILLNEED fills it with 4 KiB ones that
+// each map only their 64 KiB fault-around window (a random read of 64 MiB:
+// about 280 faults against 1,030, 1.7 ms against 70 ms, here).
+func Populate(ctx context.Context, f *os.File, runs []Run) (read uint64, err error) {
+	res, err := OpenResidency(f)
 	if err != nil {
-		return fmt.Errorf("readahead %s: %w", f.Name(), err)
+		return 0, err
 	}
-	size := uint64(st.Size())
+	defer res.Close()
+	size := uint64(len(res.mem))
+	ps := res.pageSize
+	buf := make([]byte, 1<<20)
 	for _, r := range runs {
-		off, n := r.Page*pageSize, r.Pages*pageSize
-		if off >= size {
+		if ctx.Err() != nil {
+			return read, context.Cause(ctx)
+		}
+		absent, err := res.Absent([]Run{r})
+		if err != nil {
+			return read, err
+		}
+		if len(absent) == 0 {
 			continue
 		}
-		n = min(n, size-off)
-		if err := unix.Fadvise(int(f.Fd()), int64(off), int64(n), unix.FADV_WILLNEED); err != nil {
-			return fmt.Errorf("readahead %s at %d (+%d): %w", f.Name(), off, n, err)
+		off, end := r.Page*ps, min(r.End()*ps, size)
+		for off < end {
+			n, err := f.ReadAt(buf[:min(uint64(len(buf)), end-off)], int64(off))
+			if n == 0 && err != nil {
+				return read, fmt.Errorf("populate %s at %d: %w", f.Name(), off, err)
+			}
+			off += uint64(n)
+			read += uint64(n)
 		}
 	}
-	return nil
+	return read, nil
 }
 
 // Residency reports which pages of a file the page cache holds (mincore
