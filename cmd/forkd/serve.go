@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"os"
 	"os/signal"
 	"syscall"
@@ -18,8 +19,11 @@ func newServeCommand() *cobra.Command {
 		Long: `Run the forkd daemon in the foreground.
 
 It serves the API on <data>/forkd.sock (mode 0600) and, with --listen, on a TCP
-address that requires a bearer token. SIGTERM or SIGINT stops it gracefully;
-running VMs are never stopped with it.
+address that requires a bearer token. SIGTERM or SIGINT stops it: both
+listeners stop at once, new changes get 503 shutting_down, operations in
+flight get --shutdown-grace to finish, then it exits (what still runs is
+finished or rolled back from the journal at the next start). A second signal
+stops it at once. Running VMs are never stopped with it.
 
 Configuration precedence: flags, then FORKD_* environment variables, then the
 YAML file given by --config (or FORKD_CONFIG), then defaults.`,
@@ -31,6 +35,9 @@ YAML file given by --config (or FORKD_CONFIG), then defaults.`,
 			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGTERM, os.Interrupt)
 			defer stop()
+			// After the first signal a second one takes its default action:
+			// an operator can always stop the daemon at once.
+			context.AfterFunc(ctx, stop)
 			return daemon.Run(ctx, cfg)
 		},
 	}

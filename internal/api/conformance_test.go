@@ -232,6 +232,7 @@ func TestSentinelErrorsMapToStatusAndCode(t *testing.T) {
 		{fmt.Errorf("get a: %w", api.ErrAmbiguous), 409, api.CodeAmbiguous},
 		{fmt.Errorf("create: %w", api.ErrInvalid), 422, api.CodeInvalidRequest},
 		{fmt.Errorf("pager: %w", api.ErrUnavailable), 503, api.CodeUnavailable},
+		{fmt.Errorf("create: %w", api.ErrShuttingDown), 503, api.CodeShuttingDown},
 		{fmt.Errorf("disk on fire"), 500, api.CodeInternal},
 	}
 	for _, tc := range cases {
@@ -289,7 +290,7 @@ func TestUnknownRoutesAnswerWithErrorDocuments(t *testing.T) {
 
 func errorsIsSentinel(got, want error) bool {
 	for _, s := range []error{api.ErrNotFound, api.ErrInvalidState, api.ErrExists, api.ErrAmbiguous,
-		api.ErrInvalid, api.ErrUnavailable} {
+		api.ErrInvalid, api.ErrUnavailable, api.ErrShuttingDown} {
 		if errors.Is(want, s) {
 			return errors.Is(got, s)
 		}

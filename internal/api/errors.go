@@ -24,6 +24,7 @@ const (
 	CodeInternal             = "internal"               // 500
 	CodeUnavailable          = "unavailable"            // 503
 	CodeInsufficientStorage  = "insufficient_storage"   // 507: the data dir's filesystem is full
+	CodeShuttingDown         = "shutting_down"          // 503: the daemon is stopping and takes no new changes
 )
 
 // StatusError is an error with its HTTP status and code. The handlers return
@@ -72,6 +73,8 @@ func statusOf(err error) (int, string) {
 		return http.StatusConflict, CodePortInUse
 	case errors.Is(err, ErrInvalid):
 		return http.StatusUnprocessableEntity, CodeInvalidRequest
+	case errors.Is(err, ErrShuttingDown):
+		return http.StatusServiceUnavailable, CodeShuttingDown
 	case errors.Is(err, ErrUnavailable):
 		return http.StatusServiceUnavailable, CodeUnavailable
 	case errors.Is(err, ErrNoSpace):
@@ -103,6 +106,8 @@ func sentinelOf(code string) error {
 		return ErrUnavailable
 	case CodeInsufficientStorage:
 		return ErrNoSpace
+	case CodeShuttingDown:
+		return ErrShuttingDown
 	default:
 		return nil
 	}

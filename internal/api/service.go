@@ -59,6 +59,7 @@ var (
 	ErrPoolExhausted = errors.New("address pool exhausted")  // 409 address_pool_exhausted
 	ErrPortInUse     = errors.New("host port in use")        // 409 port_in_use
 	ErrNoSpace       = errors.New("no space left")           // 507 insufficient_storage
+	ErrShuttingDown  = errors.New("daemon shutting down")    // 503 shutting_down
 )
 
 // DeleteAll deletes every instance and every snapshot s knows, as tools that

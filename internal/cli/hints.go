@@ -53,6 +53,8 @@ func hintFor(err error) string {
 		return "check the current state with `forkd ps`"
 	case errors.Is(err, fs.ErrPermission):
 		return "run as root, or use a data dir you own (--data-dir / FORKD_DATA)"
+	case errors.Is(err, api.ErrShuttingDown):
+		return "the daemon is stopping; retry once it is back (`forkd version` shows when it answers)"
 	case errors.Is(err, api.ErrUnavailable):
 		return "the daemon is busy or a dependency (the pager) is down; retry, and check the daemon's log"
 	}

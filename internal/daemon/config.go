@@ -47,6 +47,10 @@ type Config struct {
 	Prefetch           string        // prefetch: auto | off
 	PrefetchWindow     time.Duration // prefetch_window: a recording's time budget
 	PrefetchMaxBytes   int64         // prefetch_max_bytes: a recording's size budget
+	// ShutdownGrace (shutdown_grace) bounds how long a stopping daemon
+	// waits for the operations in flight before it exits and leaves them to
+	// the journal, as a crash would.
+	ShutdownGrace time.Duration
 
 	NetworkCIDR      string // network_cidr: the pool of VMs' host-side addresses
 	NetworkDefault   bool   // network_default: whether a create that does not say is networked
@@ -202,6 +206,16 @@ func settings() []setting {
 				}
 				c.NetworkWarm = n
 				return nil
+			}},
+		{"shutdown_grace", "FORKD_SHUTDOWN_GRACE", "shutdown-grace", "60s",
+			"on SIGTERM, how long operations in flight may finish (a Go duration) before the daemon exits and leaves them to the journal",
+			func(c *Config, v string) error {
+				d, err := time.ParseDuration(v)
+				if err == nil && d <= 0 {
+					err = fmt.Errorf("%q: want a positive duration such as 60s", v)
+				}
+				c.ShutdownGrace = d
+				return err
 			}},
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -31,8 +32,14 @@ type Backend interface {
 // double in this package's tests.
 type backendFactory func(ctx context.Context, cfg Config, log *slog.Logger, reg prometheus.Registerer) (Backend, error)
 
-// shutdownGrace bounds how long in-flight requests may finish after a stop signal.
-const shutdownGrace = 60 * time.Second
+// defaultShutdownGrace is shutdown_grace when the Config leaves it zero.
+const defaultShutdownGrace = 60 * time.Second
+
+// ErrGraceExpired is what Run returns when operations were still running at
+// the end of the shutdown grace period: the daemon stops anyway, without
+// closing the store under them, and the next start's reconciler finishes
+// or rolls back what their journal entries say.
+var ErrGraceExpired = errors.New("shutdown grace period expired with operations in flight")
 
 // Run runs the daemon until ctx is cancelled (the serve command cancels it
 // on SIGTERM/SIGINT), then shuts down gracefully.
@@ -54,10 +61,15 @@ type daemon struct {
 	log     *slog.Logger
 	lock    *os.File
 	backend Backend
-	servers []*http.Server
-	socket  string
-	tcp     net.Addr   // nil without --listen
-	errc    chan error // a server that stopped on its own
+	// gate admits mutating requests and counts them, so shutdown can refuse
+	// new ones and wait for those in flight.
+	gate      *api.Gate
+	servers   []*http.Server
+	listeners []net.Listener
+	stopping  atomic.Bool // close has begun: a listener's end is not a failure
+	socket    string
+	tcp       net.Addr   // nil without --listen
+	errc      chan error // a server that stopped on its own
 }
 
 // start prepares the data dir, builds the backend and starts serving. On
@@ -73,7 +85,7 @@ func start(ctx context.Context, cfg Config, log *slog.Logger, factory backendFac
 	if err := os.Chmod(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("chmod data dir: %w", err)
 	}
-	d := &daemon{cfg: cfg, log: log, socket: filepath.Join(cfg.DataDir, api.SocketName), errc: make(chan error, 2)}
+	d := &daemon{cfg: cfg, log: log, socket: filepath.Join(cfg.DataDir, api.SocketName), errc: make(chan error, 2), gate: api.NewGate()}
 	defer func() {
 		if err != nil {
 			d.close(context.Background())
@@ -111,6 +123,7 @@ func start(ctx context.Context, cfg Config, log *slog.Logger, factory backendFac
 	if err != nil {
 		return nil, err
 	}
+	handler = d.gate.Wrap(handler)
 
 	uln, err := listenUnix(ctx, d.socket)
 	if err != nil {
@@ -159,8 +172,9 @@ func (d *daemon) serve(ln net.Listener, h http.Handler) {
 		BaseContext: func(net.Listener) context.Context { return context.Background() },
 	}
 	d.servers = append(d.servers, srv)
+	d.listeners = append(d.listeners, ln)
 	go func() {
-		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) && !d.stopping.Load() {
 			d.errc <- fmt.Errorf("serve %s: %w", ln.Addr(), err)
 		}
 	}()
@@ -171,13 +185,11 @@ func (d *daemon) wait(ctx context.Context) error {
 	var serveErr error
 	select {
 	case <-ctx.Done():
-		d.log.Info("forkd daemon stopping", "reason", context.Cause(ctx))
+		d.log.Info("forkd daemon stopping", "reason", context.Cause(ctx), "grace", d.grace())
 	case serveErr = <-d.errc:
 		d.log.Error("listener failed; stopping", "err", serveErr)
 	}
-	sctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
-	defer cancel()
-	err := d.close(sctx)
+	err := d.close(context.Background())
 	if serveErr != nil {
 		return serveErr
 	}
@@ -187,14 +199,49 @@ func (d *daemon) wait(ctx context.Context) error {
 	return err
 }
 
-// close stops accepting, lets in-flight requests finish (until ctx is done),
-// closes the backend and releases the data dir. It never touches VMs.
+func (d *daemon) grace() time.Duration {
+	if d.cfg.ShutdownGrace > 0 {
+		return d.cfg.ShutdownGrace
+	}
+	return defaultShutdownGrace
+}
+
+// close shuts down. At once: the gate closes (a change that still arrives
+// on an open connection gets 503 shutting_down, and every response tells
+// the client to close its connection) and every listener stops accepting.
+// The operations in flight get the grace period. If they all
+// finish, the servers finish their last responses, the backend (the store)
+// is closed and the data dir released. If some still run, close returns
+// ErrGraceExpired without closing the store under them: the process is
+// about to exit, and the journal covers them as it covers a crash. It never
+// touches VMs.
 func (d *daemon) close(ctx context.Context) error {
+	d.stopping.Store(true)
+	d.gate.Close()
 	var errs []error
-	for _, srv := range d.servers {
-		if err := srv.Shutdown(ctx); err != nil {
-			errs = append(errs, fmt.Errorf("shutdown http: %w", err))
+	for _, ln := range d.listeners {
+		if err := ln.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+			errs = append(errs, fmt.Errorf("close listener %s: %w", ln.Addr(), err))
+		}
+	}
+	gctx, cancel := context.WithTimeoutCause(ctx, d.grace(), ErrGraceExpired)
+	defer cancel()
+	if err := d.gate.Wait(gctx); err != nil {
+		inflight := d.gate.InFlight()
+		d.log.Error("shutdown: operations still running at the end of the grace period; exiting without closing the store under them (the next start reconciles them from the journal)",
+			"grace", d.grace(), "in_flight", inflight)
+		for _, srv := range d.servers {
 			srv.Close()
+		}
+		// The store and the data dir lock stay open until the process exits
+		// with the operations still using them.
+		return fmt.Errorf("%w: %v", ErrGraceExpired, inflight)
+	}
+	for _, srv := range d.servers {
+		// Only reads can still be running: let them answer, within the grace.
+		if err := srv.Shutdown(gctx); err != nil {
+			srv.Close()
+			errs = append(errs, fmt.Errorf("shutdown http: %w", err))
 		}
 	}
 	if d.backend != nil {
