@@ -1,10 +1,13 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -138,4 +141,67 @@ func writeSVG(path string, rep *bench.Report) error {
 		return fmt.Errorf("--svg %s: %w", path, err)
 	}
 	return f.Close()
+}
+
+// newBenchListCommand is `forkd bench list` (internal/bench): GET /instances
+// latency as instances grow, for one or more daemon binaries side by side.
+func newBenchListCommand() *cobra.Command {
+	var (
+		opt      bench.ListOptions
+		binaries []string
+	)
+	cmd := &cobra.Command{
+		Use:   "list",
+		Short: "Measure GET /instances latency at 10, 100 and 500 instances (a tenth Running, one VMM SIGSTOPped)",
+		Long: `For each --binary, start a private daemon of it in a fresh data dir, grow it to
+each --sizes count (forks of one Standby VM; --running-pct of them restored to
+Running, and the first Running VMM stopped with SIGSTOP, as a hung VMM), and
+time GET /instances back to back. Reports p50, p99 and max per binary and
+size, and each p99 as a ratio of the first binary's: measure the code before
+and after a change in one run (build the old one with a name starting with
+"forkd", which the daemon takes for the emulator).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(binaries) == 0 {
+				exe, err := os.Executable()
+				if err != nil {
+					return err
+				}
+				binaries = []string{"this=" + exe}
+			}
+			for _, b := range binaries {
+				label, path, ok := strings.Cut(b, "=")
+				if !ok || label == "" || path == "" {
+					return fmt.Errorf("--binary %q: want LABEL=PATH", b)
+				}
+				opt.Binaries = append(opt.Binaries, bench.LabeledBinary{Label: label, Path: path})
+			}
+			format, _ := cmd.Flags().GetString("output")
+			if format != "table" && format != "json" {
+				return fmt.Errorf("--output %q: want table or json", format)
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGTERM, os.Interrupt)
+			defer stop()
+			rep, err := bench.ListLatency(ctx, opt, func(s string) { fmt.Fprintln(cmd.ErrOrStderr(), "bench:", s) })
+			if rep != nil {
+				var werr error
+				if format == "json" {
+					werr = rep.WriteJSON(cmd.OutOrStdout())
+				} else {
+					werr = rep.WriteTable(cmd.OutOrStdout())
+				}
+				err = errors.Join(err, werr)
+			}
+			return err
+		},
+	}
+	f := cmd.Flags()
+	f.StringArrayVar(&binaries, "binary", nil, "LABEL=PATH of a forkd binary to measure (repeat to compare; default this binary)")
+	f.IntSliceVar(&opt.Sizes, "sizes", []int{10, 100, 500}, "instance counts, ascending")
+	f.IntVar(&opt.RunningPct, "running-pct", 10, "percent of the instances that are Running (at least 2; one is SIGSTOPped)")
+	f.IntVar(&opt.Samples, "samples", 200, "timed lists per binary and size")
+	f.DurationVar(&opt.MaxTime, "max-time", time.Minute, "stop sampling a size after this long (at least 5 samples)")
+	f.IntVar(&opt.MemoryMiB, "memory-mib", 16, "guest RAM of the VMs (MiB)")
+	f.StringVar(&opt.Dir, "data-dir", "", "make the run's data dirs under this directory (default $TMPDIR)")
+	return cmd
 }

@@ -34,6 +34,7 @@ func main() {
 		Jailer:     newJailerCommand(),
 
 		BenchForkBurst: newBenchForkBurstCommand(),
+		BenchList:      newBenchListCommand(),
 	})
 	os.Exit(cli.Execute(context.Background(), root))
 }

@@ -24,6 +24,7 @@ type Extensions struct {
 	PagerServe     *cobra.Command
 	Jailer         *cobra.Command
 	BenchForkBurst *cobra.Command
+	BenchList      *cobra.Command
 }
 
 // NewRootCommand builds the `forkd` command tree.
@@ -70,8 +71,10 @@ Start the daemon with 'forkd serve'; every other command talks to it.`,
 		pager.AddCommand(ext.PagerServe)
 	}
 	bench := &cobra.Command{Use: "bench", Short: "Benchmarks against a running daemon"}
-	if ext.BenchForkBurst != nil {
-		bench.AddCommand(ext.BenchForkBurst)
+	for _, c := range []*cobra.Command{ext.BenchForkBurst, ext.BenchList} {
+		if c != nil {
+			bench.AddCommand(c)
+		}
 	}
 	add("host", pager, bench, newDemoCommand(), newVersionCommand())
 	for _, c := range []*cobra.Command{ext.Serve, ext.VMM, ext.Jailer} {
