@@ -49,11 +49,11 @@ type LabeledBinary struct {
 
 // ListCell is one binary at one size.
 type ListCell struct {
-	Binary    string  `json:"binary"`
-	Instances int     `json:"instances"`
-	Running   int     `json:"running"`
-	Stopped   int     `json:"sigstopped"`
-	Latency   Summary `json:"latency"`
+	Binary    string        `json:"binary"`
+	Instances int           `json:"instances"`
+	Running   int           `json:"running"`
+	Stopped   int           `json:"sigstopped"`
+	Latency   Summary       `json:"latency"`
 	P99       time.Duration `json:"p99_ns"`
 }
 
