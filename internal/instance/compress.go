@@ -39,7 +39,9 @@ func (m *Manager) startCompression(rec store.Snapshot) {
 			m.log.Error("snapshot compression failed", "snapshot", rec.ID, "err", err)
 			if cur, gerr := m.db.GetSnapshot(context.Background(), rec.ID); gerr == nil && cur.State == snapCompressing {
 				cur.State, cur.Compression = snapReady, "none"
-				m.db.UpdateSnapshot(context.Background(), cur)
+				if uerr := m.db.UpdateSnapshot(context.Background(), cur); uerr != nil {
+					m.log.Error("snapshot compression failed and its record could not say so", "snapshot", rec.ID, "err", uerr)
+				}
 			}
 		}
 	}()

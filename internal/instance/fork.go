@@ -250,11 +250,13 @@ func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Inst
 	}
 	fail := func(o *op, err error) (store.Instance, error) {
 		err = fmt.Errorf("fork %q from %s: %w", req.Name, tmpl.Source, err)
+		u := m.undo("fork", id)
 		if o == nil { // nothing journalled: only the temp dir may exist
-			m.removePartialFiles(id)
-			return store.Instance{}, apiErr(err)
+			u.do("remove the partial fork's files", m.removePartialFiles(id))
+			return store.Instance{}, u.join(apiErr(err))
 		}
-		m.removePartial(ctx, id)
+		u.do("remove the partial fork", m.removePartial(ctx, id))
+		err = u.join(err)
 		o.finish(ctx, err)
 		return store.Instance{}, err
 	}

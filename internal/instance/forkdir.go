@@ -2,6 +2,8 @@ package instance
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"os"
 
 	"github.com/forkd/forkd/internal/api"
@@ -169,23 +171,35 @@ func (m *Manager) rollForwardFork(ctx context.Context, e store.Entry, p opPayloa
 
 // removePartial deletes whatever a failed or interrupted fork or create
 // made: its temp dir, its dir and its record.
-func (m *Manager) removePartial(ctx context.Context, id string) {
+func (m *Manager) removePartial(ctx context.Context, id string) error {
+	var errs []error
 	if in, err := m.db.GetInstance(ctx, id); err == nil {
 		if err := m.removeNetwork(in); err != nil {
-			m.log.Warn("remove partial instance: network", "instance", id, "err", err)
+			errs = append(errs, fmt.Errorf("remove its network: %w", err))
 		}
+	} else if !errors.Is(err, store.ErrNotFound) {
+		errs = append(errs, err)
 	}
-	m.removePartialFiles(id)
-	m.db.DeleteInstance(ctx, id)
+	errs = append(errs, m.removePartialFiles(id))
+	if err := m.db.DeleteInstance(ctx, id); err != nil && !errors.Is(err, store.ErrNotFound) {
+		errs = append(errs, fmt.Errorf("delete its record: %w", err))
+	}
 	m.forget(id)
+	return errors.Join(errs...)
 }
 
 // removePartialFiles deletes a partial fork's or create's temp dir and dir.
-func (m *Manager) removePartialFiles(id string) {
+func (m *Manager) removePartialFiles(id string) error {
+	var errs []error
 	if tmp, err := m.layout.TempGuest(id); err == nil {
-		os.RemoveAll(tmp.Jail)
+		if err := os.RemoveAll(tmp.Jail); err != nil {
+			errs = append(errs, fmt.Errorf("remove its temp dir: %w", err))
+		}
 	}
 	if g, err := m.layout.Guest(id); err == nil {
-		os.RemoveAll(g.Jail)
+		if err := os.RemoveAll(g.Jail); err != nil {
+			errs = append(errs, fmt.Errorf("remove its dir: %w", err))
+		}
 	}
+	return errors.Join(errs...)
 }

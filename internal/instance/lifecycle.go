@@ -178,9 +178,11 @@ func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequ
 	}
 	releaseOnce.Do(func() { releaseImage() }) // the record naming the image is durable, or gone
 	if err != nil {
-		m.removePartial(ctx, id)
+		u := m.undo("create", id)
+		u.do("remove the partial instance", m.removePartial(ctx, id))
+		err = u.join(fmt.Errorf("create instance %q: %w", req.Name, imageErr(err)))
 		o.finish(ctx, err)
-		return api.Instance{}, fmt.Errorf("create instance %q: %w", req.Name, imageErr(err))
+		return api.Instance{}, err
 	}
 	o.finish(ctx, nil)
 	m.log.Info("instance created", "instance", id, "name", req.Name, "vcpus", req.Vcpus, "memory_mib", req.MemoryMiB)
@@ -382,21 +384,24 @@ func (m *Manager) start(ctx context.Context, in *store.Instance, _ api.ActionReq
 	if err != nil {
 		return err
 	}
+	prev := *in
 	p, err := m.boot(ctx, *in, g)
 	if err == nil {
 		err = o.step(ctx, "booted", &opPayload{Prev: in.State, Pid: p.Pid})
 	}
-	if err != nil {
-		if p != nil {
-			m.killVMM(ctx, in.ID, p.Pid, g)
-		}
-		o.finish(ctx, err)
-		return fmt.Errorf("start %s: %w", in.Name, err)
+	if err == nil {
+		in.State, in.Pid, in.Error, in.MemoryCheck = api.StateRunning, p.Pid, "", "ok"
+		err = m.db.UpdateInstance(ctx, *in)
 	}
-	in.State, in.Pid, in.Error, in.MemoryCheck = api.StateRunning, p.Pid, "", "ok"
-	err = m.db.UpdateInstance(ctx, *in)
-	o.finish(ctx, err)
 	if err != nil {
+		// Never leave a VMM running under a record that does not say so.
+		u := m.undo("start", in.ID)
+		if p != nil {
+			u.do("kill the VMM", m.killVMM(ctx, in.ID, p.Pid, g))
+		}
+		*in = prev
+		err = u.join(fmt.Errorf("start %s: %w", in.Name, err))
+		o.finish(ctx, err)
 		return err
 	}
 	m.supervise(*in, p, false)

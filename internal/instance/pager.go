@@ -43,29 +43,78 @@ type Pager interface {
 
 // pagerState starts the host pager on first use (the first Uffd restore, or
 // a stats request). A pager that cannot start fails only Uffd restores.
+//
+// Its mutex guards two fields and is never held across I/O: the health
+// probe of the pager in use and the start of a new one (up to 10 s) run
+// without it, so Uffd restores never queue behind one another's probe, and
+// concurrent restores that all find no pager share one start (start).
 type pagerState struct {
-	mu sync.Mutex // guards p
-	p  Pager
+	mu       sync.Mutex  // guards p and starting
+	p        Pager       // the pager in use; nil before the first start and once found dead
+	starting *pagerStart // the start under way, nil when none runs
+	// start starts (or finds) the pager: startPager, or a test's stand-in.
+	start func(ctx context.Context) (Pager, error)
+}
+
+// pagerStart is one start of the pager that concurrent callers share.
+type pagerStart struct {
+	done chan struct{} // closed when p and err are set
+	p    Pager
+	err  error
 }
 
 func (m *Manager) pager(ctx context.Context) (Pager, error) {
-	m.pagerOnce.mu.Lock()
-	defer m.pagerOnce.mu.Unlock()
-	if m.pagerOnce.p != nil {
-		// A pager that died (killed, crashed) is started again rather than
-		// failing every later Uffd restore until the daemon restarts.
-		if m.pagerOnce.p.Healthy(ctx) {
-			return m.pagerOnce.p, nil
+	st := &m.pagerOnce
+	for {
+		st.mu.Lock()
+		p := st.p
+		if p != nil {
+			st.mu.Unlock()
+			// A pager that died (killed, crashed) is started again rather
+			// than failing every later Uffd restore until the daemon restarts.
+			if p.Healthy(ctx) {
+				return p, nil
+			}
+			st.mu.Lock()
+			if st.p == p {
+				m.log.Warn("pager does not answer: starting it again")
+				st.p = nil
+			}
+			st.mu.Unlock()
+			continue
 		}
-		m.log.Warn("pager does not answer: starting it again")
-		m.pagerOnce.p = nil
+		if s := st.starting; s != nil {
+			st.mu.Unlock()
+			select {
+			case <-s.done:
+				if s.err != nil {
+					return nil, s.err
+				}
+				return s.p, nil
+			case <-ctx.Done():
+				return nil, fmt.Errorf("pager: waiting for its start: %w", ctx.Err())
+			}
+		}
+		s := &pagerStart{done: make(chan struct{})}
+		st.starting = s
+		start := st.start
+		st.mu.Unlock()
+		if start == nil {
+			start = m.startPager
+		}
+		s.p, s.err = start(ctx)
+		if s.err != nil {
+			s.err = fmt.Errorf("pager: %w", s.err)
+		}
+		st.mu.Lock()
+		st.starting = nil
+		if s.err == nil {
+			st.p = s.p
+		}
+		st.mu.Unlock()
+		close(s.done)
+		return s.p, s.err
 	}
-	p, err := m.startPager(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("pager: %w", err)
-	}
-	m.pagerOnce.p = p
-	return p, nil
 }
 
 // startedPager returns the pager if it has been started, without starting it.

@@ -130,8 +130,7 @@ func (m *Manager) reconcileEntry(ctx context.Context, e store.Entry) (string, er
 		if e.Step == "files" {
 			return "kept (files complete)", nil
 		}
-		m.removePartial(ctx, e.Subject)
-		return "rolled back the create", nil
+		return "rolled back the create", m.removePartial(ctx, e.Subject)
 	case "fork":
 		m.liveSourceAfterCrash(ctx, p, e.Step)
 		if e.Step == "committed" {
@@ -140,8 +139,7 @@ func (m *Manager) reconcileEntry(ctx context.Context, e store.Entry) (string, er
 		if done, err := m.rollForwardFork(ctx, e, p); err != nil || done {
 			return "completed the fork (its dir was in place; its last commit was lost)", err
 		}
-		m.removePartial(ctx, e.Subject)
-		return "removed the partial fork", nil
+		return "removed the partial fork", m.removePartial(ctx, e.Subject)
 	case "snapshot":
 		m.liveSourceAfterCrash(ctx, p, e.Step)
 		sd, err := m.layout.Snapshot(e.Subject)
@@ -286,18 +284,25 @@ func (m *Manager) reconcileInstance(ctx context.Context, in store.Instance, vmms
 	switch in.State {
 	case api.StateForking, stateCreating:
 		m.log.Info("reconcile: removing a fork or create with no journal entry", "instance", in.ID, "state", in.State)
-		m.removePartial(ctx, in.ID)
+		if err := m.removePartial(ctx, in.ID); err != nil {
+			m.log.Error("reconcile: remove a partial instance", "instance", in.ID, "err", err)
+		}
 	case api.StateRunning, api.StatePaused, api.StateStandingby, api.StateRestoring:
 		if p, ok := m.adopt(in, g); ok {
 			c := m.client(g)
 			defer c.Close()
 			info, err := c.Describe(ctx)
 			if err == nil && info.State == firecracker.StatePaused && in.State == api.StateRunning {
-				c.Resume(ctx) // a live snapshot/fork paused it and crashed
+				// A live snapshot/fork paused it and crashed.
+				if err := c.Resume(ctx); err != nil {
+					m.log.Error("reconcile: resume a VM a crashed live operation paused", "instance", in.ID, "err", err)
+				}
 			}
 			if in.State != api.StateRunning && in.State != api.StatePaused {
 				in.State = api.StateRunning
-				m.db.UpdateInstance(ctx, in)
+				if err := m.db.UpdateInstance(ctx, in); err != nil {
+					m.log.Error("reconcile: record an adopted VM Running", "instance", in.ID, "err", err)
+				}
 			}
 			m.supervise(in, p, true)
 			m.log.Info("reconcile: VMM adopted", "instance", in.ID, "pid", p.Pid, "state", in.State)
@@ -309,15 +314,21 @@ func (m *Manager) reconcileInstance(ctx context.Context, in store.Instance, vmms
 				in.SnapshotCacheKey, _ = cacheKey(g.Latest())
 			}
 			m.closeSession(ctx, &in)
-			m.db.UpdateInstance(ctx, in)
+			if err := m.db.UpdateInstance(ctx, in); err != nil {
+				m.log.Error("reconcile: record Standby", "instance", in.ID, "err", err)
+			}
 			m.log.Warn("reconcile: VMM gone; complete snapshot found: Standby", "instance", in.ID)
 			return
 		}
-		m.markStopped(ctx, &in, g)
+		if err := m.markStopped(ctx, &in, g); err != nil {
+			m.log.Error("reconcile: mark Stopped", "instance", in.ID, "err", err)
+		}
 		m.log.Warn("reconcile: VMM gone and no complete snapshot: Stopped", "instance", in.ID)
 	case api.StateStandby:
 		if !complete(g.Latest()) {
-			m.markStopped(ctx, &in, g)
+			if err := m.markStopped(ctx, &in, g); err != nil {
+				m.log.Error("reconcile: mark Stopped", "instance", in.ID, "err", err)
+			}
 			m.log.Warn("reconcile: Standby without a complete snapshot: Stopped", "instance", in.ID)
 		}
 	}
@@ -333,11 +344,19 @@ func complete(d guestdir.SnapDir) bool {
 }
 
 func (m *Manager) markStopped(ctx context.Context, in *store.Instance, g guestdir.Guest) error {
-	m.killVMM(ctx, in.ID, in.Pid, g)
+	var errs []error
+	if err := m.killVMM(ctx, in.ID, in.Pid, g); err != nil {
+		errs = append(errs, err)
+	}
 	m.closeSession(ctx, in)
-	os.RemoveAll(g.SnapshotsDir())
+	if err := os.RemoveAll(g.SnapshotsDir()); err != nil {
+		errs = append(errs, fmt.Errorf("remove the snapshots dir: %w", err))
+	}
 	in.State, in.Pid, in.SnapshotCacheKey = api.StateStopped, 0, ""
-	return m.db.UpdateInstance(ctx, *in)
+	if err := m.db.UpdateInstance(ctx, *in); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
 }
 
 // sweepDataDirs removes what a crash left half-made under jail/<exec>/ and

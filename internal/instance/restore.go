@@ -10,6 +10,7 @@ import (
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/firecracker"
+	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/pager"
 	"github.com/forkd/forkd/internal/store"
 )
@@ -66,20 +67,18 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 	fail := func(err error) error {
 		pf.abort()
 		err = fmt.Errorf("restore %s (%s): %w", in.Name, backend, err)
+		u := m.undo("restore", in.ID)
 		if proc != nil {
-			if kerr := m.killVMM(ctx, in.ID, proc.Pid, g); kerr != nil {
-				m.log.Warn("restore: kill vmm", "instance", in.ID, "err", kerr)
-			}
+			u.do("kill the VMM", m.killVMM(ctx, in.ID, proc.Pid, g))
 		}
 		if session != "" && pg != nil {
-			if derr := pg.DeleteSession(ctx, session); derr != nil {
-				m.log.Warn("restore: delete session", "instance", in.ID, "session", session, "err", derr)
-			}
+			u.do("delete the pager session", pg.DeleteSession(ctx, session))
 		}
 		// The error goes to the caller and the log, not into the record: a
 		// Standby instance's error is "" (only Stopped and Error carry one).
 		in.State, in.Pid, in.Error, in.PagerSession, in.PagerVersion = api.StateStandby, 0, "", "", ""
-		m.db.UpdateInstance(ctx, *in)
+		u.do("record Standby again", m.db.UpdateInstance(ctx, *in))
+		err = u.join(err)
 		o.finish(ctx, err)
 		m.log.Warn("restore failed; instance stays on standby", "instance", in.ID, "err", err)
 		return err
@@ -169,33 +168,55 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 
 // finishRestore makes the loaded snapshot the retained diff base and records
 // the instance Running. The reconciler runs it for a restore that crashed
-// after step "resumed" with its VMM still alive.
+// after step "resumed" with its VMM still alive. It always finishes the
+// journal entry: done, or rolled back (rollbackRestore) and failed.
 func (m *Manager) finishRestore(ctx context.Context, o *op, in *store.Instance) error {
 	g, err := m.guest(in.ID)
 	if err != nil {
+		o.finish(ctx, err)
 		return err
 	}
 	latest, base := g.Latest(), g.Base()
+	renamed := false
 	if _, err := os.Stat(latest.Dir); err == nil {
 		if err := os.RemoveAll(base.Dir); err != nil {
-			return err
+			return m.rollbackRestore(ctx, o, in, g, renamed, fmt.Errorf("restore %s: drop the old base: %w", in.Name, err))
 		}
 		if err := atomicfile.Rename(latest.Dir, base.Dir); err != nil {
-			o.finish(ctx, err)
-			return fmt.Errorf("restore %s: keep base: %w", in.Name, err)
+			return m.rollbackRestore(ctx, o, in, g, renamed, fmt.Errorf("restore %s: keep base: %w", in.Name, err))
 		}
+		renamed = true
 	} else if !errors.Is(err, os.ErrNotExist) {
-		return err
+		return m.rollbackRestore(ctx, o, in, g, renamed, fmt.Errorf("restore %s: %w", in.Name, err))
 	}
 	in.State, in.Error, in.MemoryCheck = api.StateRunning, "", "ok"
-	err = m.db.UpdateInstance(ctx, *in)
-	o.finish(ctx, err)
-	if err != nil {
-		return err
+	if err := m.db.UpdateInstance(ctx, *in); err != nil {
+		return m.rollbackRestore(ctx, o, in, g, renamed, fmt.Errorf("restore %s: record Running: %w", in.Name, err))
 	}
+	o.finish(ctx, nil)
 	if p := m.proc(in.ID); p != nil {
 		m.supervise(*in, p, false)
 	}
 	m.log.Info("instance restored", "instance", in.ID, "backend", in.RestoreBackend, "pid", in.Pid)
 	return nil
+}
+
+// rollbackRestore undoes a restore that could not be finished after its VM
+// resumed: the snapshot goes back to snapshot-latest (if it was renamed to
+// the base), the VMM is killed and the pager session closed, and the
+// instance is recorded Standby, retryable, as a failed restore leaves it.
+// The journal entry is finished with err and every undo step that failed.
+func (m *Manager) rollbackRestore(ctx context.Context, o *op, in *store.Instance, g guestdir.Guest, renamed bool, err error) error {
+	u := m.undo("restore", in.ID)
+	if renamed {
+		u.do("rename the base back to snapshot-latest", atomicfile.Rename(g.Base().Dir, g.Latest().Dir))
+	}
+	u.do("kill the VMM", m.killVMM(ctx, in.ID, in.Pid, g))
+	m.closeSession(ctx, in)
+	in.State, in.Pid, in.Error = api.StateStandby, 0, ""
+	u.do("record Standby again", m.db.UpdateInstance(ctx, *in))
+	err = u.join(err)
+	o.finish(ctx, err)
+	m.log.Warn("restore could not be finished; instance back on standby", "instance", in.ID, "err", err)
+	return err
 }

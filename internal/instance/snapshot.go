@@ -85,10 +85,15 @@ func (m *Manager) CreateSnapshot(ctx context.Context, ref string, req api.Snapsh
 	}
 	fail := func(err error) (api.Snapshot, error) {
 		err = fmt.Errorf("snapshot %s of %s: %w", req.Name, in.Name, err)
-		m.db.DeleteSnapshot(ctx, id)
-		if tmp, terr := m.layout.TempSnapshot(id); terr == nil {
-			os.RemoveAll(tmp.Dir)
+		u := m.undo("snapshot", id)
+		if derr := m.db.DeleteSnapshot(ctx, id); derr != nil && !errors.Is(derr, store.ErrNotFound) {
+			u.do("delete the snapshot's record", derr)
 		}
+		if tmp, terr := m.layout.TempSnapshot(id); terr == nil {
+			u.do("remove the partial snapshot dir", os.RemoveAll(tmp.Dir))
+		}
+		m.forgetSnapshot(id)
+		err = u.join(err)
 		o.finish(ctx, err)
 		return api.Snapshot{}, err
 	}
@@ -150,12 +155,13 @@ func (m *Manager) updateBaseLive(ctx context.Context, o *op, in *store.Instance,
 		if !wasRunning {
 			return err
 		}
+		u := m.undo("live snapshot", in.ID)
 		if rerr := c.Resume(ctx); rerr != nil {
-			err = errors.Join(err, fmt.Errorf("resume %s: %w", in.Name, rerr))
-			in.State, in.Error = api.StateError, err.Error()
-			m.db.UpdateInstance(ctx, *in)
+			u.do("resume "+in.Name, rerr)
+			in.State, in.Error = api.StateError, u.join(err).Error()
+			u.do("record Error", m.db.UpdateInstance(ctx, *in))
 		}
-		return err
+		return u.join(err)
 	}
 	if _, err := m.writeSnapshot(ctx, o, c, in.ID, g.Base()); err != nil {
 		return "", resume(err)

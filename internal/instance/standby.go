@@ -38,22 +38,32 @@ func (m *Manager) standby(ctx context.Context, in *store.Instance, _ api.ActionR
 	}
 	c := m.client(g)
 	defer c.Close()
-	paused := false
-	// fail undoes what standby did to the VM (it resumes a VM it paused) and
-	// leaves the instance in its previous state; the error goes to the
-	// caller and the log, not the record (a Running or Paused instance's
-	// error is ""). A VM that cannot be resumed is Error, with the reason.
+	paused, promoted := false, false
+	latest, base := g.Latest(), g.Base()
+	// fail undoes what standby did (a promoted base that was not written to
+	// is demoted again, so the next standby is still a Diff; a VM it paused
+	// is resumed) and leaves the instance in its previous state; the error
+	// goes to the caller and the log, not the record (a Running or Paused
+	// instance's error is ""). A VM that cannot be resumed is Error, with
+	// the reason. Every undo step that fails is joined into the error.
 	fail := func(err error) error {
 		err = fmt.Errorf("standby %s: %w", in.Name, err)
-		m.log.Warn("standby failed; instance back in its previous state", "instance", in.ID, "state", prev, "err", err)
+		u := m.undo("standby", in.ID)
+		if promoted {
+			if _, serr := os.Stat(latest.Dir); serr == nil {
+				u.do("demote the base again", atomicfile.Rename(latest.Dir, base.Dir))
+			}
+		}
 		in.State, in.Error = prev, ""
 		if paused {
 			if rerr := c.Resume(ctx); rerr != nil {
-				err = errors.Join(err, fmt.Errorf("resume after failed standby: %w", rerr))
-				in.State, in.Error = api.StateError, err.Error()
+				u.do("resume the VM", rerr)
+				in.State, in.Error = api.StateError, u.join(err).Error()
 			}
 		}
-		m.db.UpdateInstance(ctx, *in)
+		u.do("record its state again", m.db.UpdateInstance(ctx, *in))
+		err = u.join(err)
+		m.log.Warn("standby failed; instance back in its previous state", "instance", in.ID, "state", in.State, "err", err)
 		o.finish(ctx, err)
 		return err
 	}
@@ -64,7 +74,6 @@ func (m *Manager) standby(ctx context.Context, in *store.Instance, _ api.ActionR
 		paused = true
 	}
 	in.MemoryCheck = m.memoryCheck(ctx, g)
-	latest, base := g.Latest(), g.Base()
 	// A stale snapshot-latest (left by a failed restore's rename, say) is
 	// older than the base: drop it, then promote the base.
 	if _, err := os.Stat(base.Dir); err == nil {
@@ -74,6 +83,7 @@ func (m *Manager) standby(ctx context.Context, in *store.Instance, _ api.ActionR
 		if err := atomicfile.Rename(base.Dir, latest.Dir); err != nil {
 			return fail(err)
 		}
+		promoted = true
 	}
 	if err := o.step(ctx, "promoted", nil); err != nil {
 		return fail(err)
@@ -88,15 +98,21 @@ func (m *Manager) standby(ctx context.Context, in *store.Instance, _ api.ActionR
 // close the pager session, record the cache key. The reconciler runs it for
 // a standby that crashed after step "created".
 func (m *Manager) finishStandby(ctx context.Context, o *op, in *store.Instance, g guestdir.Guest) error {
+	// The snapshot is durable: what follows cannot undo the standby, so a
+	// failure here is logged (the reconciler's sweep kills a VMM no record
+	// names at the next start) rather than turned back.
 	if err := m.killVMM(ctx, in.ID, in.Pid, g); err != nil {
-		m.log.Warn("standby: kill vmm", "instance", in.ID, "err", err)
+		m.log.Error("standby: kill vmm after the snapshot", "instance", in.ID, "err", err)
 	}
 	m.closeSession(ctx, in)
-	os.Remove(g.MappedPin()) // the VMM that mapped it is gone
+	if err := os.Remove(g.MappedPin()); err != nil && !errors.Is(err, os.ErrNotExist) { // the VMM that mapped it is gone
+		m.log.Error("standby: remove the mapped pin", "instance", in.ID, "err", err)
+	}
 	key, err := cacheKey(g.Latest())
 	if err != nil {
-		o.finish(ctx, err)
-		return fmt.Errorf("standby %s: %w", in.Name, err)
+		// A restore computes a missing key.
+		m.log.Error("standby: cache key of the new snapshot", "instance", in.ID, "err", err)
+		key = ""
 	}
 	in.State, in.Pid, in.SnapshotCacheKey, in.Error = api.StateStandby, 0, key, ""
 	err = m.db.UpdateInstance(ctx, *in)
@@ -154,8 +170,10 @@ func (m *Manager) writeSnapshot(ctx context.Context, o *op, c *firecracker.Clien
 		err = atomicfile.SyncDir(dir.Dir)
 	}
 	if err != nil {
-		os.RemoveAll(dir.Dir)
-		return "", fmt.Errorf("%s snapshot into %s: %w", typ, dir.Dir, err)
+		err = fmt.Errorf("%s snapshot into %s: %w", typ, dir.Dir, err)
+		u := m.undo("snapshot write", id)
+		u.do("remove the partial snapshot dir", os.RemoveAll(dir.Dir))
+		return "", u.join(err)
 	}
 	if err := o.step(ctx, "created", nil); err != nil {
 		return "", err
