@@ -391,7 +391,9 @@ func (m *Manager) start(ctx context.Context, in *store.Instance, _ api.ActionReq
 	}
 	if err == nil {
 		in.State, in.Pid, in.Error, in.MemoryCheck = api.StateRunning, p.Pid, "", "ok"
-		err = m.db.UpdateInstance(ctx, *in)
+		if err = m.fault("start:record"); err == nil {
+			err = m.db.UpdateInstance(ctx, *in)
+		}
 	}
 	if err != nil {
 		// Never leave a VMM running under a record that does not say so.
@@ -404,6 +406,7 @@ func (m *Manager) start(ctx context.Context, in *store.Instance, _ api.ActionReq
 		o.finish(ctx, err)
 		return err
 	}
+	o.finish(ctx, nil)
 	m.supervise(*in, p, false)
 	m.log.Info("instance started", "instance", in.ID, "pid", p.Pid)
 	return nil

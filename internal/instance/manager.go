@@ -102,6 +102,9 @@ type Manager struct {
 	db     *store.Store
 	log    *slog.Logger
 	met    *metrics
+	// faults are errors injected at named points by this package's tests
+	// (rollback.go's fault); nil otherwise.
+	faults map[string]error
 	// files runs every mem-file, disk and kernel copy (memfile), telling
 	// noteFullCopy when a sparse copy had to move every byte.
 	files  memfile.Options

@@ -190,7 +190,11 @@ func (m *Manager) finishRestore(ctx context.Context, o *op, in *store.Instance) 
 		return m.rollbackRestore(ctx, o, in, g, renamed, fmt.Errorf("restore %s: %w", in.Name, err))
 	}
 	in.State, in.Error, in.MemoryCheck = api.StateRunning, "", "ok"
-	if err := m.db.UpdateInstance(ctx, *in); err != nil {
+	err = m.fault("restore:record")
+	if err == nil {
+		err = m.db.UpdateInstance(ctx, *in)
+	}
+	if err != nil {
 		return m.rollbackRestore(ctx, o, in, g, renamed, fmt.Errorf("restore %s: record Running: %w", in.Name, err))
 	}
 	o.finish(ctx, nil)
@@ -209,7 +213,7 @@ func (m *Manager) finishRestore(ctx context.Context, o *op, in *store.Instance) 
 func (m *Manager) rollbackRestore(ctx context.Context, o *op, in *store.Instance, g guestdir.Guest, renamed bool, err error) error {
 	u := m.undo("restore", in.ID)
 	if renamed {
-		u.do("rename the base back to snapshot-latest", atomicfile.Rename(g.Base().Dir, g.Latest().Dir))
+		u.do("rename the base back to snapshot-latest", errors.Join(m.fault("restore:rename-back"), atomicfile.Rename(g.Base().Dir, g.Latest().Dir)))
 	}
 	u.do("kill the VMM", m.killVMM(ctx, in.ID, in.Pid, g))
 	m.closeSession(ctx, in)

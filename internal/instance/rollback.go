@@ -35,3 +35,11 @@ func (u *undo) join(err error) error {
 	}
 	return errors.Join(err, fmt.Errorf("and rolling back failed: %w", errors.Join(u.errs...)))
 }
+
+// fault returns the error a test injected at point ("" in production: the
+// map is only ever set by this package's tests, before the manager is
+// used), so the failure paths can be driven one step at a time, as the
+// crash hook drives the crash paths.
+func (m *Manager) fault(point string) error {
+	return m.faults[point]
+}

@@ -85,7 +85,7 @@ func (m *Manager) standby(ctx context.Context, in *store.Instance, _ api.ActionR
 		}
 		promoted = true
 	}
-	if err := o.step(ctx, "promoted", nil); err != nil {
+	if err := errors.Join(o.step(ctx, "promoted", nil), m.fault("standby:promoted")); err != nil {
 		return fail(err)
 	}
 	if _, err := m.writeSnapshot(ctx, o, c, in.ID, latest); err != nil {
