@@ -105,7 +105,9 @@ func (s *stressStats) record(op string, err error) {
 		s.refused[op]++
 	case errors.As(err, &se) && se.Status < 500:
 		s.failures = append(s.failures, fmt.Sprintf("%s: unexpected %d: %v", op, se.Status, err))
-	case s.tolerateTransport && !errors.As(err, &se):
+	case s.tolerateTransport && (!errors.As(err, &se) || errors.Is(err, api.ErrShuttingDown)):
+		// The daemon was killed or stopped: a refused connection, or a
+		// change refused with 503 shutting_down while it stops.
 		s.interrupted++
 	case s.tolerate5xx && errors.As(err, &se) && se.Message != "":
 		s.failedClean++
@@ -433,8 +435,8 @@ func TestPagerKilledUnderLoadIsContained(t *testing.T) {
 // TestGracefulRestartUnderLoadFinishesInFlightWork stops the daemon with
 // SIGTERM (an upgrade, a config change) while 4 goroutines run the random
 // load, and starts it again, twice. In-flight operations finish rather than
-// being cut off: no call gets an error other than a lost race or a refused
-// connection while the daemon is down; VMs keep running through the
+// being cut off: no call gets an error other than a lost race, a refused
+// connection while the daemon is down or a 503 shutting_down while it stops; VMs keep running through the
 // restart; afterwards the invariants hold and everything is operable.
 func TestGracefulRestartUnderLoadFinishesInFlightWork(t *testing.T) {
 	t.Parallel()
