@@ -177,8 +177,7 @@ func (m *Manager) reconcileEntry(ctx context.Context, e store.Entry) (string, er
 		if in.State == api.StateRunning {
 			return "kept (started)", nil
 		}
-		m.killVMM(ctx, in.ID, p.Pid, g)
-		return "rolled back the start (VMM killed)", nil
+		return "rolled back the start (VMM killed)", m.killVMM(ctx, in.ID, p.Pid, g)
 	case "standby":
 		proc, alive := m.adopt(in, g)
 		switch {
@@ -224,7 +223,7 @@ func (m *Manager) reconcileEntry(ctx context.Context, e store.Entry) (string, er
 			}
 			return "finished the restore (VMM adopted)", m.finishRestore(ctx, o, &in)
 		}
-		m.killVMM(ctx, in.ID, p.Pid, g)
+		kerr := m.killVMM(ctx, in.ID, p.Pid, g)
 		if p.Session != "" {
 			// A restore opens its session with this version's pager.
 			in.PagerSession, in.PagerVersion = p.Session, version.Version
@@ -233,7 +232,7 @@ func (m *Manager) reconcileEntry(ctx context.Context, e store.Entry) (string, er
 		// A Standby record holds no error: what happened is this entry's
 		// outcome and the reconciler's log line.
 		in.State, in.Pid, in.Error = api.StateStandby, 0, ""
-		return "rolled back the restore interrupted by a daemon restart (Standby)", m.db.UpdateInstance(ctx, in)
+		return "rolled back the restore interrupted by a daemon restart (Standby)", errors.Join(kerr, m.db.UpdateInstance(ctx, in))
 	}
 	return "unknown kind: left as is", nil
 }
