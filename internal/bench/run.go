@@ -210,7 +210,15 @@ func (r *runner) strategy(ctx context.Context, size int, strategy string) ([]Cel
 			return cells, nil
 		}
 	}
-	for i, pf := range r.cfg.Prefetch {
+	// One daemon per prefetch setting, all up at once: their bursts take
+	// turns, so "before" and "after" see the same machine.
+	var ds []*daemon
+	defer func() {
+		for _, d := range ds {
+			r.release(ctx, size, d)
+		}
+	}()
+	for _, pf := range r.cfg.Prefetch {
 		d, skip, err := r.connect(ctx, size, Variant{Strategy: strategy, Prefetch: pf})
 		if err != nil {
 			return cells, err
@@ -219,9 +227,11 @@ func (r *runner) strategy(ctx context.Context, size int, strategy string) ([]Cel
 			skipAll(pf, skip)
 			continue
 		}
-		more, err := r.variant(ctx, d, size, i == 0)
+		ds = append(ds, d)
+	}
+	if len(ds) > 0 {
+		more, err := r.variants(ctx, ds, size)
 		cells = append(cells, more...)
-		r.release(ctx, size, d)
 		if err != nil {
 			return cells, err
 		}
@@ -236,39 +246,55 @@ func (r *runner) strategy(ctx context.Context, size int, strategy string) ([]Cel
 	return cells, nil
 }
 
-// variant runs one daemon's cells: per rate a source VM, then per burst
-// size, backend and temperature a burst. serial also times serial forks.
-func (r *runner) variant(ctx context.Context, d *daemon, size int, serial bool) ([]Cell, error) {
+// variants runs the cells of the daemons ds (one per prefetch setting):
+// per rate a source VM on each, then per burst size and backend each
+// daemon's cold and warm bursts in turn. The first daemon also times
+// serial forks.
+func (r *runner) variants(ctx context.Context, ds []*daemon, size int) ([]Cell, error) {
 	var cells []Cell
 	for ri, rate := range r.cfg.Rates {
-		src, err := r.createSource(ctx, d, size, rate, r.cfg.bootArgs(size, rate))
-		if err != nil {
-			for _, n := range r.cfg.Forks {
-				for _, be := range r.cfg.Backends {
-					for _, temp := range r.cfg.Temperatures {
-						c := cellKey{size, d.v.Strategy, d.v.Prefetch, rate, n, be, temp, WorkloadSame, 0}.cell()
-						c.Skipped = "source VM failed: " + err.Error()
-						cells = append(cells, c)
-					}
+		srcs := make([]*source, len(ds))
+		cleanup := func() {
+			for i, src := range srcs {
+				if src != nil {
+					r.deleteInstance(ctx, ds[i], src.id)
 				}
 			}
-			return cells, fmt.Errorf("fork-burst %d MiB %s: %w", size, d.v, err)
 		}
-		if serial && ri == 0 && r.cfg.SerialForks > 0 {
-			r.serial = append(r.serial, r.serialForks(ctx, d, src, size))
+		for i, d := range ds {
+			src, err := r.createSource(ctx, d, size, rate, r.cfg.bootArgs(size, rate))
+			if err != nil {
+				for _, n := range r.cfg.Forks {
+					for _, be := range r.cfg.Backends {
+						for _, temp := range r.cfg.Temperatures {
+							c := cellKey{size, d.v.Strategy, d.v.Prefetch, rate, n, be, temp, WorkloadSame, 0}.cell()
+							c.Skipped = "source VM failed: " + err.Error()
+							cells = append(cells, c)
+						}
+					}
+				}
+				cleanup()
+				return cells, fmt.Errorf("fork-burst %d MiB %s: %w", size, d.v, err)
+			}
+			srcs[i] = src
+		}
+		if ri == 0 && r.cfg.SerialForks > 0 {
+			r.serial = append(r.serial, r.serialForks(ctx, ds[0], srcs[0], size))
 		}
 		for _, n := range r.cfg.Forks {
 			for _, backend := range r.cfg.Backends {
-				key := cellKey{size, d.v.Strategy, d.v.Prefetch, rate, n, backend, "", WorkloadSame, 0}
-				more, err := r.temperatures(ctx, d, src, key)
-				cells = append(cells, more...)
-				if err != nil {
-					r.deleteInstance(ctx, d, src.id)
-					return cells, err
+				for i, d := range ds {
+					key := cellKey{size, d.v.Strategy, d.v.Prefetch, rate, n, backend, "", WorkloadSame, 0}
+					more, err := r.temperatures(ctx, d, srcs[i], key)
+					cells = append(cells, more...)
+					if err != nil {
+						cleanup()
+						return cells, err
+					}
 				}
 			}
 		}
-		r.deleteInstance(ctx, d, src.id)
+		cleanup()
 	}
 	return cells, nil
 }
