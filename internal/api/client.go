@@ -308,3 +308,74 @@ func readError(resp *http.Response) error {
 	}
 	return &StatusError{Status: resp.StatusCode, Code: codeOfStatus(resp.StatusCode), Message: msg}
 }
+
+// EventStream reads GET /events (newline-delimited JSON) and calls fn for
+// each event until ctx ends (nil), fn returns an error (that error), or the
+// stream ends: ErrStreamEnded when the daemon closed it (it stops, or the
+// client fell too far behind), or the transport's error.
+func (c *Client) EventStream(ctx context.Context, fn func(Event) error) error {
+	body, err := c.openEvents(ctx)
+	if err != nil {
+		return err
+	}
+	return readEvents(ctx, body, fn)
+}
+
+// Events is EventStream as a channel, for the Service interface: a refused
+// request is its error, and the channel closes when the stream ends for
+// any reason.
+func (c *Client) Events(ctx context.Context) (<-chan Event, error) {
+	body, err := c.openEvents(ctx)
+	if err != nil {
+		return nil, err
+	}
+	ch := make(chan Event)
+	go func() {
+		defer close(ch)
+		readEvents(ctx, body, func(ev Event) error {
+			select {
+			case ch <- ev:
+				return nil
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		})
+	}()
+	return ch, nil
+}
+
+// ErrStreamEnded is EventStream's error when the daemon ended the stream.
+var ErrStreamEnded = errors.New("the daemon ended the event stream")
+
+func (c *Client) openEvents(ctx context.Context) (io.ReadCloser, error) {
+	resp, err := c.send(ctx, http.MethodGet, "/events", nil)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		defer resp.Body.Close()
+		return nil, readError(resp)
+	}
+	return resp.Body, nil
+}
+
+// readEvents decodes body's events into fn and closes body.
+func readEvents(ctx context.Context, body io.ReadCloser, fn func(Event) error) error {
+	defer body.Close()
+	dec := json.NewDecoder(body)
+	for {
+		var ev Event
+		if err := dec.Decode(&ev); err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			if errors.Is(err, io.EOF) {
+				return ErrStreamEnded
+			}
+			return fmt.Errorf("GET /events: %w", err)
+		}
+		if err := fn(ev); err != nil {
+			return err
+		}
+	}
+}

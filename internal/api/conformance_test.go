@@ -3,6 +3,7 @@ package api_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -109,6 +110,60 @@ func (c *specChecker) call(srv *httptest.Server, method, path, body string, want
 	return respBody
 }
 
+// events reads GET /events as NDJSON and as SSE and checks every event
+// against the spec's Event schema (a stream has no one body to validate).
+func (c *specChecker) events(srv *httptest.Server) {
+	c.t.Helper()
+	schema := c.doc.Components.Schemas["Event"].Value
+	for _, accept := range []string{"", api.ContentTypeSSE} {
+		req, _ := http.NewRequest(http.MethodGet, srv.URL+"/events", nil)
+		if accept != "" {
+			req.Header.Set("Accept", accept)
+		}
+		resp, err := srv.Client().Do(req)
+		if err != nil {
+			c.t.Fatalf("GET /events: %v", err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		want := api.ContentTypeNDJSON
+		if accept != "" {
+			want = accept
+		}
+		if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != want {
+			c.t.Fatalf("GET /events (Accept %q): %d %s %s, want 200 %s", accept, resp.StatusCode, resp.Header.Get("Content-Type"), body, want)
+		}
+		n := 0
+		for _, line := range strings.Split(string(body), "\n") {
+			if accept != "" {
+				var ok bool
+				if line, ok = strings.CutPrefix(line, "data: "); !ok {
+					continue
+				}
+			}
+			if strings.TrimSpace(line) == "" {
+				continue
+			}
+			var v any
+			if err := json.Unmarshal([]byte(line), &v); err != nil {
+				c.report(fmt.Errorf("GET /events (Accept %q): a line that is not JSON: %q", accept, line))
+				continue
+			}
+			if err := schema.VisitJSON(v); err != nil {
+				c.report(fmt.Errorf("GET /events (Accept %q): event %s does not conform to the spec: %w", accept, line, err))
+			}
+			n++
+		}
+		if n == 0 {
+			c.t.Errorf("GET /events (Accept %q) streamed no event; want the fake's", accept)
+		}
+	}
+	if c.covered["GET /events"] == nil {
+		c.covered["GET /events"] = map[int]bool{}
+	}
+	c.covered["GET /events"][200] = true
+}
+
 func newTestServer(t *testing.T, svc api.Service) *httptest.Server {
 	t.Helper()
 	reg := prometheus.NewRegistry()
@@ -191,6 +246,7 @@ func TestResponsesConformToOpenAPISpec(t *testing.T) {
 	for _, s := range steps {
 		c.call(srv, s.method, s.path, s.body, s.status)
 	}
+	c.events(srv)
 
 	// Every operation of the spec was exercised with a success status.
 	var missing []string

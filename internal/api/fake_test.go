@@ -283,3 +283,32 @@ func (f *fakeService) PagerStats(ctx context.Context) (json.RawMessage, error) {
 	defer f.enter()()
 	return json.RawMessage(`{"hits":10,"misses":1,"sessions":[]}`), nil
 }
+
+// Events streams what the fake holds now, one instance.created or
+// snapshot.created per item, then ends the stream (closes the channel).
+func (f *fakeService) Events(ctx context.Context) (<-chan api.Event, error) {
+	defer f.enter()()
+	var evs []api.Event
+	for _, id := range f.order {
+		in := f.instances[id]
+		if in == nil {
+			continue
+		}
+		evs = append(evs, api.Event{Time: time.Now().UTC(), Type: api.EventInstanceCreated,
+			Instance: &api.EventRef{ID: in.ID, Name: in.Name}, State: in.State})
+	}
+	for _, id := range f.snapOrder {
+		sn := f.snapshots[id]
+		if sn == nil {
+			continue
+		}
+		evs = append(evs, api.Event{Time: time.Now().UTC(), Type: api.EventSnapshotCreated,
+			Snapshot: &api.EventRef{ID: sn.ID, Name: sn.Name}, State: sn.State})
+	}
+	ch := make(chan api.Event, len(evs))
+	for _, ev := range evs {
+		ch <- ev
+	}
+	close(ch)
+	return ch, nil
+}

@@ -21,6 +21,7 @@ type Gate struct {
 	inflight map[uint64]inflight // guarded by mu
 	seq      uint64              // guarded by mu
 	idle     chan struct{}       // closed once closed and inflight is empty; guarded by mu
+	closing  chan struct{}       // closed by Close
 }
 
 type inflight struct {
@@ -30,7 +31,7 @@ type inflight struct {
 
 // NewGate returns an open gate.
 func NewGate() *Gate {
-	return &Gate{inflight: map[uint64]inflight{}, idle: make(chan struct{})}
+	return &Gate{inflight: map[uint64]inflight{}, idle: make(chan struct{}), closing: make(chan struct{})}
 }
 
 // Wrap admits next's mutating requests through the gate. Once it is
@@ -77,6 +78,10 @@ func (g *Gate) leave(id uint64) {
 	}
 }
 
+// Closing is closed once Close is called: long-lived responses (event
+// streams) end then, rather than hold the daemon open.
+func (g *Gate) Closing() <-chan struct{} { return g.closing }
+
 // Closed reports whether Close was called.
 func (g *Gate) Closed() bool {
 	g.mu.Lock()
@@ -89,6 +94,7 @@ func (g *Gate) Close() {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.closed = true
+	closeOnce(g.closing)
 	if len(g.inflight) == 0 {
 		closeOnce(g.idle)
 	}

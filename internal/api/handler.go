@@ -24,17 +24,21 @@ type HandlerOptions struct {
 	Gatherer prometheus.Gatherer
 	// Logger gets one line per failed request; nil discards.
 	Logger *slog.Logger
+	// Stopping, when closed, ends every event stream: a daemon that is
+	// shutting down does not wait on clients that never hang up.
+	Stopping <-chan struct{}
 }
 
 type handler struct {
-	svc Service
-	log *slog.Logger
+	svc      Service
+	log      *slog.Logger
+	stopping <-chan struct{}
 }
 
 // NewHandler serves svc over HTTP as api/openapi.yaml describes. It does no
 // authentication: wrap it with RequireBearer for a TCP listener.
 func NewHandler(svc Service, opt HandlerOptions) (http.Handler, error) {
-	h := &handler{svc: svc, log: opt.Logger}
+	h := &handler{svc: svc, log: opt.Logger, stopping: opt.Stopping}
 	if h.log == nil {
 		h.log = slog.New(slog.DiscardHandler)
 	}
@@ -62,6 +66,7 @@ func NewHandler(svc Service, opt HandlerOptions) (http.Handler, error) {
 	mux.HandleFunc("POST /snapshots/{id}/fork", h.forkSnapshot)
 
 	mux.HandleFunc("GET /pager/stats", h.pagerStats)
+	mux.HandleFunc("GET /events", h.events)
 
 	mux.HandleFunc("GET /images", h.listImages)
 	mux.HandleFunc("POST /images/pull", h.startPull)

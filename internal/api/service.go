@@ -28,6 +28,12 @@ type Service interface {
 	// PagerStats returns the pager's /stats JSON as is.
 	PagerStats(ctx context.Context) (json.RawMessage, error)
 
+	// Events subscribes to what happens from now on. The channel closes
+	// when ctx ends, or early when the subscriber falls too far behind
+	// (events are never queued without bound); either way the caller
+	// simply stops reading.
+	Events(ctx context.Context) (<-chan Event, error)
+
 	ImageService
 }
 

@@ -234,3 +234,34 @@ type Health struct {
 	Status  string `json:"status"`
 	Version string `json:"version"`
 }
+
+// Event types (GET /events).
+const (
+	EventInstanceCreated = "instance.created" // a create finished: the instance exists
+	EventInstanceForked  = "instance.forked"  // a fork finished: the fork exists (its source is in Instance.Source)
+	EventInstanceState   = "instance.state"   // an instance changed state
+	EventInstanceError   = "instance.error"   // an operation on it failed, or its guest reported memory corruption
+	EventInstanceDeleted = "instance.deleted" // an instance is gone
+	EventSnapshotCreated = "snapshot.created" // a snapshot is stored
+	EventSnapshotState   = "snapshot.state"   // a snapshot changed state (compressing, compressed, broken)
+	EventSnapshotDeleted = "snapshot.deleted" // a snapshot is gone
+)
+
+// Event is one thing that happened, as GET /events streams it: instance
+// events carry Instance, snapshot events Snapshot. State is the subject's
+// state after the event; Error says what failed (instance.error, a
+// Stopped or Error state), "" otherwise.
+type Event struct {
+	Time     time.Time `json:"time"`
+	Type     string    `json:"type"`
+	Instance *EventRef `json:"instance,omitempty"`
+	Snapshot *EventRef `json:"snapshot,omitempty"`
+	State    string    `json:"state"`
+	Error    string    `json:"error"`
+}
+
+// EventRef names an event's subject.
+type EventRef struct {
+	ID   string `json:"id"`
+	Name string `json:"name"`
+}

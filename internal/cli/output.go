@@ -30,6 +30,11 @@ func jsonOutput(cmd *cobra.Command) (bool, error) {
 	}
 }
 
+// printJSONCompact writes v as one line of JSON.
+func printJSONCompact(w io.Writer, v any) error {
+	return json.NewEncoder(w).Encode(v)
+}
+
 func printJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")

@@ -6,6 +6,7 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 
@@ -58,7 +59,7 @@ Start the daemon with 'forkd serve'; every other command talks to it.`,
 			root.AddCommand(c)
 		}
 	}
-	add("vm", newRunCommand(), newPsCommand(), newInspectCommand(), newRmCommand())
+	add("vm", newRunCommand(), newPsCommand(), newInspectCommand(), newRmCommand(), newWaitCommand())
 	for _, a := range actionCommands() {
 		add("vm", a)
 	}
@@ -76,7 +77,7 @@ Start the daemon with 'forkd serve'; every other command talks to it.`,
 			bench.AddCommand(c)
 		}
 	}
-	add("host", pager, bench, newDemoCommand(), newVersionCommand())
+	add("host", pager, bench, newEventsCommand(), newDemoCommand(), newVersionCommand())
 	for _, c := range []*cobra.Command{ext.Serve, ext.VMM, ext.Jailer} {
 		if c != nil {
 			add("host", c)
@@ -95,6 +96,10 @@ func Execute(ctx context.Context, root *cobra.Command) int {
 		return 0
 	}
 	printError(root.ErrOrStderr(), err)
+	var ee *exitError
+	if errors.As(err, &ee) {
+		return ee.code
+	}
 	return 1
 }
 

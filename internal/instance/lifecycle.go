@@ -366,9 +366,19 @@ func (m *Manager) Action(ctx context.Context, ref, action string, req api.Action
 	}
 	defer unlock()
 	if err := fn(ctx, &in, req); err != nil {
+		if !refused(err) { // a failure, not a refusal: say so on GET /events too
+			m.failed(in.ID, in.Name, in.State, err.Error())
+		}
 		return api.Instance{}, err
 	}
 	return m.toAPI(ctx, in), nil
+}
+
+// refused reports whether err refuses a request (bad input, wrong state)
+// rather than reports an operation that failed.
+func refused(err error) bool {
+	return errors.Is(err, api.ErrInvalid) || errors.Is(err, api.ErrInvalidState) || errors.Is(err, api.ErrNotFound) ||
+		errors.Is(err, api.ErrAmbiguous) || errors.Is(err, api.ErrExists)
 }
 
 // start boots a Created or Stopped instance. Caller holds the write lock.

@@ -102,6 +102,8 @@ type Manager struct {
 	db     *store.Store
 	log    *slog.Logger
 	met    *metrics
+	// feed publishes the events GET /events streams (events.go).
+	feed *eventFeed
 	// faults are errors injected at named points by this package's tests
 	// (rollback.go's fault); nil otherwise.
 	faults map[string]error
@@ -218,6 +220,7 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		pfs: prefetchState{recording: map[string]bool{}, reading: map[string]chan struct{}{}, stats: map[string]*api.Prefetch{},
 			cancel: map[string]context.CancelFunc{}, gc: make(chan struct{}, 1)},
 		warmKick: make(chan struct{}, 1),
+		feed:     newEventFeed(),
 	}
 	if cfg.Kernel != "" {
 		// The kernel setting is checked as a client's kernel would be (a
@@ -264,6 +267,20 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		if m.netState.ready { // a networked VM exists: keep its pool full
 			m.kickWarm()
 		}
+	}
+	// Events from here on: what the reconciler settled is the starting
+	// point, not news.
+	db.Observe(m.feed.observe)
+	insts, err := db.ListInstances(ctx)
+	if err == nil {
+		var snaps []store.Snapshot
+		if snaps, err = db.ListSnapshots(ctx); err == nil {
+			m.feed.seed(insts, snaps)
+		}
+	}
+	if err != nil {
+		m.Close()
+		return nil, fmt.Errorf("instance manager: %w", err)
 	}
 	return m, nil
 }

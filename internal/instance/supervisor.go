@@ -181,6 +181,9 @@ func (s *supervisor) refresh() bool {
 	s.mu.Unlock()
 	if check != prev && check != "ok" && check != "unknown" {
 		s.m.log.Error("guest memory integrity error", "instance", s.id, "memory_check", check)
+		if in, err := s.m.db.GetInstance(s.ctx, s.id); err == nil {
+			s.m.failed(in.ID, in.Name, in.State, "guest memory integrity error: "+check)
+		}
 	}
 	return false
 }

@@ -57,6 +57,9 @@ type Options struct {
 type Tx struct {
 	ctx context.Context
 	w   writer // the group's transaction
+	// changes are the unit's record writes, reported to the store's
+	// observer once the group has committed (observe.go).
+	changes []Change
 }
 
 // Begin is Store.Begin inside the group.
@@ -73,13 +76,27 @@ func (t *Tx) Step(id int64, step string, payload any) error {
 func (t *Tx) Finish(id int64, outcome string) error { return finishEntry(t.ctx, t.w, id, outcome) }
 
 // CreateInstance is Store.CreateInstance inside the group.
-func (t *Tx) CreateInstance(in Instance) error { return createInstance(t.ctx, t.w, in) }
+func (t *Tx) CreateInstance(in Instance) error {
+	return t.changed(createInstance(t.ctx, t.w, in), Created, in)
+}
 
 // UpdateInstance is Store.UpdateInstance inside the group.
-func (t *Tx) UpdateInstance(in Instance) error { return updateInstance(t.ctx, t.w, in) }
+func (t *Tx) UpdateInstance(in Instance) error {
+	return t.changed(updateInstance(t.ctx, t.w, in), Updated, in)
+}
 
 // DeleteInstance is Store.DeleteInstance inside the group.
-func (t *Tx) DeleteInstance(id string) error { return deleteInstance(t.ctx, t.w, id) }
+func (t *Tx) DeleteInstance(id string) error {
+	return t.changed(deleteInstance(t.ctx, t.w, id), Deleted, Instance{ID: id})
+}
+
+// changed records a successful instance write for the observer.
+func (t *Tx) changed(err error, op ChangeOp, in Instance) error {
+	if err == nil {
+		t.changes = append(t.changes, Change{Op: op, Instance: &in})
+	}
+	return err
+}
 
 // unit is one Group call waiting for its group.
 type unit struct {
@@ -88,6 +105,7 @@ type unit struct {
 	fn       func(*Tx) error
 	unsynced bool       // GroupUnsynced: need not wait for the fsync
 	done     chan error // buffered: the committer never blocks on a caller
+	changes  []Change   // its record writes, once it has run without error
 }
 
 // groupQueue is the committer's input.
@@ -277,6 +295,11 @@ func (s *Store) commitGroup(batch []*unit) {
 	if err == nil {
 		s.group.groups.Add(1)
 		s.group.units.Add(uint64(len(ok)))
+		for _, u := range ok { // committed: in order, before any caller returns
+			for _, c := range u.changes {
+				s.notify(c)
+			}
+		}
 	}
 	for _, u := range ok {
 		if err != nil {
@@ -311,7 +334,8 @@ func runUnit(ctx context.Context, w writer, u *unit) error {
 	if _, err := tx.ExecContext(ctx, `SAVEPOINT unit`); err != nil {
 		return fmt.Errorf("%w: %v", errSavepoint, err)
 	}
-	if ferr := u.fn(&Tx{ctx: ctx, w: w}); ferr != nil {
+	t := &Tx{ctx: ctx, w: w}
+	if ferr := u.fn(t); ferr != nil {
 		if _, err := tx.ExecContext(ctx, `ROLLBACK TO unit`); err != nil {
 			return fmt.Errorf("%w: rollback to: %v (after %v)", errSavepoint, err, ferr)
 		}
@@ -323,6 +347,7 @@ func runUnit(ctx context.Context, w writer, u *unit) error {
 	if _, err := tx.ExecContext(ctx, `RELEASE unit`); err != nil {
 		return fmt.Errorf("%w: release: %v", errSavepoint, err)
 	}
+	u.changes = t.changes
 	return nil
 }
 

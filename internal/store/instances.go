@@ -81,7 +81,11 @@ func scanInstance(row interface{ Scan(...any) error }) (Instance, error) {
 // the UNIQUE constraint is what admits names, so two concurrent creates or
 // forks with one name cannot both win.
 func (s *Store) CreateInstance(ctx context.Context, in Instance) error {
-	return createInstance(ctx, s.w(), in)
+	if err := createInstance(ctx, s.w(), in); err != nil {
+		return err
+	}
+	s.instanceChanged(Created, in)
+	return nil
 }
 
 // The instance writes, prepared once (stmts.go), and the hot read.
@@ -159,7 +163,11 @@ func (s *Store) InstancesMatching(ctx context.Context, ref string) ([]Instance, 
 
 // UpdateInstance replaces every field of an existing instance.
 func (s *Store) UpdateInstance(ctx context.Context, in Instance) error {
-	return updateInstance(ctx, s.w(), in)
+	if err := updateInstance(ctx, s.w(), in); err != nil {
+		return err
+	}
+	s.instanceChanged(Updated, in)
+	return nil
 }
 
 func updateInstance(ctx context.Context, x execer, in Instance) error {
@@ -179,7 +187,11 @@ func updateInstance(ctx context.Context, x execer, in Instance) error {
 
 // DeleteInstance removes an instance row. A missing row is ErrNotFound.
 func (s *Store) DeleteInstance(ctx context.Context, id string) error {
-	return deleteInstance(ctx, s.w(), id)
+	if err := deleteInstance(ctx, s.w(), id); err != nil {
+		return err
+	}
+	s.instanceChanged(Deleted, Instance{ID: id})
+	return nil
 }
 
 func deleteInstance(ctx context.Context, x execer, id string) error {

@@ -55,6 +55,7 @@ func (s *Store) CreateSnapshot(ctx context.Context, sn Snapshot) error {
 	if err != nil {
 		return fmt.Errorf("create snapshot %s: %w", sn.ID, err)
 	}
+	s.snapshotChanged(Created, sn)
 	return nil
 }
 
@@ -119,6 +120,7 @@ func (s *Store) UpdateSnapshot(ctx context.Context, sn Snapshot) error {
 	if n, _ := res.RowsAffected(); n == 0 {
 		return fmt.Errorf("update snapshot %s: %w", sn.ID, ErrNotFound)
 	}
+	s.snapshotChanged(Updated, sn)
 	return nil
 }
 
@@ -131,5 +133,6 @@ func (s *Store) DeleteSnapshot(ctx context.Context, id string) error {
 	if n, _ := res.RowsAffected(); n == 0 {
 		return fmt.Errorf("delete snapshot %s: %w", id, ErrNotFound)
 	}
+	s.snapshotChanged(Deleted, Snapshot{ID: id})
 	return nil
 }

@@ -15,6 +15,7 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 
@@ -34,6 +35,8 @@ type Store struct {
 	stmts stmts   // prepared statements (stmts.go)
 	opts  Options
 	group groupQueue // the group committer's queue (group.go)
+	// observer is told of every committed record write (observe.go).
+	observer atomic.Pointer[func(Change)]
 }
 
 // Open opens (creating if needed) the database at path and applies pending

@@ -1,0 +1,117 @@
+package cli
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/forkd/forkd/internal/api"
+)
+
+// eventService serves one instance ("web") and the events a test feeds it.
+type eventService struct {
+	api.Service
+	mu         sync.Mutex
+	state      string
+	subscribed chan chan api.Event // each subscription's channel, for the test to feed
+}
+
+func newEventService(state string) *eventService {
+	return &eventService{state: state, subscribed: make(chan chan api.Event, 4)}
+}
+
+func (s *eventService) GetInstance(_ context.Context, ref string) (api.Instance, error) {
+	if ref != "web" {
+		return api.Instance{}, api.ErrNotFound
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return api.Instance{ID: "0123456789abcdef01234567", Name: "web", State: s.state}, nil
+}
+
+func (s *eventService) Events(ctx context.Context) (<-chan api.Event, error) {
+	ch := make(chan api.Event, 16)
+	s.subscribed <- ch
+	return ch, nil
+}
+
+func webEvent(typ, state, errText string) api.Event {
+	return api.Event{Time: time.Now(), Type: typ, Instance: &api.EventRef{ID: "0123456789abcdef01234567", Name: "web"}, State: state, Error: errText}
+}
+
+// forkd wait exits 0 when the instance reaches the state (already, or by
+// an event), 1 on timeout, 2 when it reaches Error or is deleted, and says
+// why on stderr.
+func TestWaitExitCodes(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		state   string      // the instance's state when wait reads it
+		events  []api.Event // fed after the read
+		args    []string
+		want    int
+		wantErr string
+	}{
+		{"already there", api.StateRunning, nil, nil, 0, ""},
+		{"gets there", api.StateRestoring, []api.Event{
+			webEvent(api.EventInstanceState, api.StateRestoring, ""),
+			webEvent(api.EventInstanceError, api.StateStandby, "a failed restore"),
+			webEvent(api.EventInstanceState, api.StateRunning, "")}, nil, 0, ""},
+		{"times out", api.StateStandby, nil, []string{"--timeout", "200ms"}, 1, "after the timeout"},
+		{"goes to Error", api.StateRestoring, []api.Event{webEvent(api.EventInstanceError, api.StateError, "pager gone")}, nil, 2, "pager gone"},
+		{"is deleted", api.StateStandby, []api.Event{webEvent(api.EventInstanceDeleted, "", "")}, nil, 2, "deleted"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			svc := newEventService(tc.state)
+			sock := serve(t, svc)
+			go func() {
+				ch := <-svc.subscribed
+				for _, ev := range tc.events {
+					ch <- ev
+				}
+			}()
+			args := append([]string{"--host", sock, "wait", "web", "--state", api.StateRunning}, tc.args...)
+			_, stderr, code := run(t, args...)
+			if code != tc.want || !strings.Contains(stderr, tc.wantErr) {
+				t.Fatalf("wait: exit %d, stderr %q; want exit %d mentioning %q", code, stderr, tc.want, tc.wantErr)
+			}
+		})
+	}
+}
+
+func TestWaitForAnUnknownInstanceIsExit2(t *testing.T) {
+	sock := serve(t, newEventService(api.StateRunning))
+	if _, stderr, code := run(t, "--host", sock, "wait", "nope", "--state", "Running"); code != 2 {
+		t.Fatalf("wait for an unknown instance: exit %d (%s), want 2", code, stderr)
+	}
+	if _, stderr, code := run(t, "--host", sock, "wait", "web", "--state", "Restoring"); code != 1 || !strings.Contains(stderr, "want one of") {
+		t.Fatalf("wait for a transient state: exit %d (%s), want a usage error", code, stderr)
+	}
+}
+
+// forkd events prints each event as a line, and its JSON with -o json.
+func TestEventsPrintsEachEvent(t *testing.T) {
+	svc := newEventService(api.StateRunning)
+	sock := serve(t, svc)
+	go func() {
+		ch := <-svc.subscribed
+		ch <- webEvent(api.EventInstanceState, api.StateStandby, "")
+		ch <- webEvent(api.EventInstanceError, api.StateRunning, "restore failed: disk full")
+		close(ch) // the daemon ends the stream
+	}()
+	out, _, code := run(t, "--host", sock, "events")
+	if code != 1 || !strings.Contains(out, "instance.state") || !strings.Contains(out, "web (0123456789ab)  Standby") ||
+		!strings.Contains(out, "error: restore failed: disk full") {
+		t.Fatalf("events (exit %d):\n%s", code, out)
+	}
+	go func() {
+		ch := <-svc.subscribed
+		ch <- webEvent(api.EventInstanceDeleted, "", "")
+		close(ch)
+	}()
+	out, _, _ = run(t, "--host", sock, "events", "-o", "json")
+	if !strings.Contains(out, `"type":"instance.deleted"`) || strings.Count(out, "\n") != 1 {
+		t.Fatalf("events -o json: %q, want one JSON line", out)
+	}
+}
