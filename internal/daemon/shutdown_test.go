@@ -136,3 +136,44 @@ func TestShutdownEndsAfterTheGraceWithoutClosingTheStoreUnderAHungRequest(t *tes
 	refusing(t, "unix", d.socket)
 	refusing(t, "tcp", tcp)
 }
+
+// streamBackend's event subscription never ends on its own.
+type streamBackend struct{ *testBackend }
+
+func (streamBackend) Events(ctx context.Context) (<-chan api.Event, error) {
+	ch := make(chan api.Event)
+	context.AfterFunc(ctx, func() { close(ch) })
+	return ch, nil
+}
+
+// An event stream a client never hangs up does not hold the daemon open:
+// shutdown ends it, and the daemon stops well inside its grace.
+func TestShutdownEndsEventStreams(t *testing.T) {
+	cfg := testConfig(t)
+	b := streamBackend{newTestBackend()}
+	d, stop := startTest(t, cfg, b)
+	c, _ := api.NewClient(d.socket)
+	ended := make(chan error, 1)
+	subscribed := make(chan struct{})
+	go func() {
+		evs, err := c.Events(context.Background())
+		close(subscribed)
+		if err != nil {
+			ended <- err
+			return
+		}
+		for range evs {
+		}
+		ended <- nil
+	}()
+	<-subscribed
+	if err := stop(); err != nil {
+		t.Fatalf("stop with an event stream open: %v", err)
+	}
+	if err := <-ended; err != nil {
+		t.Fatalf("the event stream: %v", err)
+	}
+	if !b.closed.Load() {
+		t.Error("the backend was not closed")
+	}
+}
