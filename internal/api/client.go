@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -299,14 +300,18 @@ func (c *Client) send(ctx context.Context, method, path string, body io.Reader) 
 func readError(resp *http.Response) error {
 	b, _ := io.ReadAll(io.LimitReader(resp.Body, MaxBodyBytes))
 	var e Error
+	var retry time.Duration
+	if s, err := strconv.Atoi(resp.Header.Get("Retry-After")); err == nil && s >= 0 {
+		retry = time.Duration(s) * time.Second
+	}
 	if err := json.Unmarshal(b, &e); err == nil && e.Code != "" {
-		return &StatusError{Status: resp.StatusCode, Code: e.Code, Message: e.Message}
+		return &StatusError{Status: resp.StatusCode, Code: e.Code, Message: e.Message, RetryAfter: retry}
 	}
 	msg := strings.TrimSpace(string(b))
 	if msg == "" {
 		msg = resp.Status
 	}
-	return &StatusError{Status: resp.StatusCode, Code: codeOfStatus(resp.StatusCode), Message: msg}
+	return &StatusError{Status: resp.StatusCode, Code: codeOfStatus(resp.StatusCode), Message: msg, RetryAfter: retry}
 }
 
 // EventStream reads GET /events (newline-delimited JSON) and calls fn for

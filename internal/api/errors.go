@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"time"
 )
 
 // Error codes: the "code" of an error body. Each maps to one HTTP status.
@@ -25,6 +26,7 @@ const (
 	CodeUnavailable          = "unavailable"            // 503
 	CodeInsufficientStorage  = "insufficient_storage"   // 507: the data dir's filesystem is full
 	CodeShuttingDown         = "shutting_down"          // 503: the daemon is stopping and takes no new changes
+	CodeBusy                 = "busy"                   // 429: too many heavy operations at once; retry after Retry-After
 )
 
 // StatusError is an error with its HTTP status and code. The handlers return
@@ -35,6 +37,8 @@ type StatusError struct {
 	Status  int
 	Code    string
 	Message string
+	// RetryAfter is the response's Retry-After (a 429 busy), 0 without one.
+	RetryAfter time.Duration
 }
 
 func (e *StatusError) Error() string {
@@ -75,6 +79,8 @@ func statusOf(err error) (int, string) {
 		return http.StatusUnprocessableEntity, CodeInvalidRequest
 	case errors.Is(err, ErrShuttingDown):
 		return http.StatusServiceUnavailable, CodeShuttingDown
+	case errors.Is(err, ErrBusy):
+		return http.StatusTooManyRequests, CodeBusy
 	case errors.Is(err, ErrUnavailable):
 		return http.StatusServiceUnavailable, CodeUnavailable
 	case errors.Is(err, ErrNoSpace):
@@ -108,6 +114,8 @@ func sentinelOf(code string) error {
 		return ErrNoSpace
 	case CodeShuttingDown:
 		return ErrShuttingDown
+	case CodeBusy:
+		return ErrBusy
 	default:
 		return nil
 	}
@@ -149,6 +157,8 @@ func codeOfStatus(status int) string {
 		return CodeInvalidRequest
 	case http.StatusServiceUnavailable:
 		return CodeUnavailable
+	case http.StatusTooManyRequests:
+		return CodeBusy
 	case http.StatusInsufficientStorage:
 		return CodeInsufficientStorage
 	default:

@@ -27,6 +27,10 @@ type HandlerOptions struct {
 	// Stopping, when closed, ends every event stream: a daemon that is
 	// shutting down does not wait on clients that never hang up.
 	Stopping <-chan struct{}
+	// MaxHeavyOps bounds the heavy operations (create, start, standby,
+	// restore, fork, snapshot) in flight; past it a request gets 429 busy
+	// with Retry-After. 0 means no limit.
+	MaxHeavyOps int
 }
 
 type handler struct {
@@ -53,17 +57,18 @@ func NewHandler(svc Service, opt HandlerOptions) (http.Handler, error) {
 	mux.HandleFunc("GET /openapi.yaml", h.openapi)
 
 	mux.HandleFunc("GET /instances", h.listInstances)
-	mux.HandleFunc("POST /instances", h.createInstance)
+	adm := newAdmission(opt.MaxHeavyOps)
+	mux.HandleFunc("POST /instances", adm.heavy(h.createInstance))
 	mux.HandleFunc("GET /instances/{id}", h.getInstance)
 	mux.HandleFunc("DELETE /instances/{id}", h.deleteInstance)
-	mux.HandleFunc("POST /instances/{id}/{action}", h.action)
-	mux.HandleFunc("POST /instances/{id}/fork", h.forkInstance)
-	mux.HandleFunc("POST /instances/{id}/snapshots", h.createSnapshot)
+	mux.HandleFunc("POST /instances/{id}/{action}", adm.heavy(h.action))
+	mux.HandleFunc("POST /instances/{id}/fork", adm.heavy(h.forkInstance))
+	mux.HandleFunc("POST /instances/{id}/snapshots", adm.heavy(h.createSnapshot))
 
 	mux.HandleFunc("GET /snapshots", h.listSnapshots)
 	mux.HandleFunc("GET /snapshots/{id}", h.getSnapshot)
 	mux.HandleFunc("DELETE /snapshots/{id}", h.deleteSnapshot)
-	mux.HandleFunc("POST /snapshots/{id}/fork", h.forkSnapshot)
+	mux.HandleFunc("POST /snapshots/{id}/fork", adm.heavy(h.forkSnapshot))
 
 	mux.HandleFunc("GET /pager/stats", h.pagerStats)
 	mux.HandleFunc("GET /events", h.events)

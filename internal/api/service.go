@@ -66,6 +66,7 @@ var (
 	ErrPortInUse     = errors.New("host port in use")        // 409 port_in_use
 	ErrNoSpace       = errors.New("no space left")           // 507 insufficient_storage
 	ErrShuttingDown  = errors.New("daemon shutting down")    // 503 shutting_down
+	ErrBusy          = errors.New("busy")                    // 429 busy
 )
 
 // DeleteAll deletes every instance and every snapshot s knows, as tools that

@@ -115,3 +115,44 @@ func TestEventsPrintsEachEvent(t *testing.T) {
 		t.Fatalf("events -o json: %q, want one JSON line", out)
 	}
 }
+
+// busyForks answers each fork's first attempt 429 busy, then forks.
+type busyForks struct {
+	api.Service
+	mu    sync.Mutex
+	tried map[string]int
+}
+
+func (s *busyForks) GetInstance(_ context.Context, ref string) (api.Instance, error) {
+	return api.Instance{ID: "0123456789abcdef01234567", Name: ref, State: api.StateStandby}, nil
+}
+
+func (s *busyForks) ForkInstance(_ context.Context, ref string, req api.ForkRequest) (api.Instance, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.tried[req.Name]++
+	if s.tried[req.Name] == 1 {
+		return api.Instance{}, api.ErrBusy
+	}
+	return api.Instance{ID: "0123456789abcdef0123456" + req.Name[len(req.Name)-1:], Name: req.Name, State: api.StateStandby,
+		ForkMode: api.ForkModeHardlink, Vcpus: 1, MemoryMiB: 256, CreatedAt: time.Now()}, nil
+}
+
+// fork --count retries the forks the daemon answered 429 busy, after its
+// Retry-After, until they are admitted.
+func TestForkCountRetriesBusyAnswers(t *testing.T) {
+	svc := &busyForks{tried: map[string]int{}}
+	sock := serve(t, svc)
+	out, stderr, code := run(t, "--host", sock, "fork", "web", "kid", "--count", "3")
+	if code != 0 {
+		t.Fatalf("fork --count 3 with busy answers: exit %d\n%s%s", code, out, stderr)
+	}
+	if !strings.Contains(out, "3/3 forks") || !strings.Contains(out, "3 forks waited for the daemon's max_heavy_ops (3 busy answers retried)") {
+		t.Fatalf("fork --count output:\n%s", out)
+	}
+	for _, n := range []string{"kid-1", "kid-2", "kid-3"} {
+		if svc.tried[n] != 2 {
+			t.Errorf("%s tried %d times, want 2 (busy, then admitted)", n, svc.tried[n])
+		}
+	}
+}

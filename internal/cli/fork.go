@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"sync"
 	"time"
 
@@ -39,7 +40,10 @@ type forkResult struct {
 	Seconds  float64       `json:"latency_seconds"`
 	Instance *api.Instance `json:"instance,omitempty"`
 	Error    string        `json:"error,omitempty"`
-	err      error
+	// Retries counts the 429 busy answers retried before this fork was
+	// admitted (its latency includes the waits).
+	Retries int `json:"retries,omitempty"`
+	err     error
 }
 
 func newForkCommand() *cobra.Command {
@@ -116,11 +120,13 @@ func runForks(cmd *cobra.Command, o forkOptions, name string, call func(context.
 		go func() {
 			defer wg.Done()
 			t := time.Now()
-			inst, err := call(cmd.Context(), api.ForkRequest{
-				Name: n, FromRunning: o.fromRunning, TargetState: o.targetState, RestoreBackend: o.restoreBackend,
-				Publish: pubs,
+			inst, retries, err := retryBusy(cmd.Context(), func() (api.Instance, error) {
+				return call(cmd.Context(), api.ForkRequest{
+					Name: n, FromRunning: o.fromRunning, TargetState: o.targetState, RestoreBackend: o.restoreBackend,
+					Publish: pubs,
+				})
 			})
-			r := forkResult{Name: n, Latency: time.Since(t), err: err}
+			r := forkResult{Name: n, Latency: time.Since(t), Retries: retries, err: err}
 			r.Seconds = r.Latency.Seconds()
 			if err != nil {
 				r.Error = err.Error()
@@ -167,7 +173,45 @@ func runForks(cmd *cobra.Command, o forkOptions, name string, call func(context.
 		if o.count > 0 {
 			fmt.Fprintf(stdout(cmd), "%d/%d forks in %s: p50 %s, p90 %s, max %s\n", len(lat), len(results), ms(wall),
 				ms(percentile(lat, 0.5)), ms(percentile(lat, 0.9)), ms(percentile(lat, 1)))
+			retried, retries := 0, 0
+			for _, r := range results {
+				if r.Retries > 0 {
+					retried++
+					retries += r.Retries
+				}
+			}
+			if retried > 0 {
+				fmt.Fprintf(stdout(cmd), "%d forks waited for the daemon's max_heavy_ops (%d busy answers retried)\n", retried, retries)
+			}
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// busyRetryFor bounds how long one fork keeps retrying a busy daemon.
+const busyRetryFor = 5 * time.Minute
+
+// retryBusy calls fn until the daemon admits it: a 429 busy is retried
+// after its Retry-After (1 s without one), with some jitter so a burst's
+// forks do not all come back at once, for up to busyRetryFor. It returns
+// how many times it retried.
+func retryBusy(ctx context.Context, fn func() (api.Instance, error)) (api.Instance, int, error) {
+	deadline := time.Now().Add(busyRetryFor)
+	for retries := 0; ; retries++ {
+		inst, err := fn()
+		if !errors.Is(err, api.ErrBusy) || time.Now().After(deadline) {
+			return inst, retries, err
+		}
+		wait := time.Second
+		var se *api.StatusError
+		if errors.As(err, &se) && se.RetryAfter > 0 {
+			wait = se.RetryAfter
+		}
+		wait += time.Duration(rand.Int64N(int64(wait) / 2))
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return inst, retries, err
+		}
+	}
 }

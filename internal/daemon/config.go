@@ -51,6 +51,10 @@ type Config struct {
 	// waits for the operations in flight before it exits and leaves them to
 	// the journal, as a crash would.
 	ShutdownGrace time.Duration
+	// MaxHeavyOps (max_heavy_ops) bounds the heavy operations in flight
+	// (create, start, standby, restore, fork, snapshot): past it a request
+	// gets 429 busy with Retry-After. 0 means no limit.
+	MaxHeavyOps int
 
 	NetworkCIDR      string // network_cidr: the pool of VMs' host-side addresses
 	NetworkDefault   bool   // network_default: whether a create that does not say is networked
@@ -215,6 +219,16 @@ func settings() []setting {
 					err = fmt.Errorf("%q: want a positive duration such as 60s", v)
 				}
 				c.ShutdownGrace = d
+				return err
+			}},
+		{"max_heavy_ops", "FORKD_MAX_HEAVY_OPS", "max-heavy-ops", "32",
+			"heavy operations (create, start, standby, restore, fork, snapshot) at once; more get 429 busy with Retry-After (0: no limit)",
+			func(c *Config, v string) error {
+				n, err := strconv.Atoi(v)
+				if err == nil && n < 0 {
+					err = fmt.Errorf("%q: want 0 (no limit) or more", v)
+				}
+				c.MaxHeavyOps = n
 				return err
 			}},
 	}

@@ -41,7 +41,7 @@ func TestConfigPrecedenceFlagsOverEnvOverFileOverDefaults(t *testing.T) {
 	want := Config{
 		DataDir: filepath.Join(dir, "from-file"), LogFormat: "text", LogLevel: "debug",
 		VMMBinary: "/env/vmm", RestoreBackend: "uffd", ForkRestoreBackend: "file",
-		PagerCacheBytes: 2 << 30, ForkStrategy: "hardlink", ImageHeadroom: 256 << 20, ShutdownGrace: time.Minute, File: file,
+		PagerCacheBytes: 2 << 30, ForkStrategy: "hardlink", ImageHeadroom: 256 << 20, ShutdownGrace: time.Minute, MaxHeavyOps: 32, File: file,
 		HostPathDirs: []string{"/srv/images", "/opt/kernels"},
 		NetworkCIDR:  DefaultNetworkCIDR, NetworkGuestCIDR: "169.254.0.20/30", NetworkGuestMAC: "02:fc:00:00:00:05", NetworkWarm: 8,
 		Prefetch: "off", PrefetchWindow: 750 * time.Millisecond, PrefetchMaxBytes: 256 << 20,

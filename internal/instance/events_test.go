@@ -63,7 +63,9 @@ func about(name string) func(api.Event) bool {
 // checks it.
 func (l *eventLog) expect(t *testing.T, name, typ, state string) api.Event {
 	t.Helper()
-	ev := l.next(t, func(ev api.Event) bool { return about(name)(ev) && ev.Type == typ && (state == "" || ev.State == state) })
+	ev := l.next(t, func(ev api.Event) bool {
+		return about(name)(ev) && ev.Type == typ && (state == "" || ev.State == state)
+	})
 	if ev.Time.IsZero() {
 		t.Errorf("event %s of %s has no time", typ, name)
 	}
