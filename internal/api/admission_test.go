@@ -74,3 +74,16 @@ func TestAdmissionRefusesHeavyOperationsPastTheLimit(t *testing.T) {
 		t.Fatalf("a create after the slot freed: %d, want 201", resp.StatusCode)
 	}
 }
+
+// GET /health carries the backend's advice about the host.
+func TestHealthCarriesAdvice(t *testing.T) {
+	h, err := NewHandler(&blockingService{}, HandlerOptions{Advice: func() []string { return []string{"use XFS"} }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/health", nil))
+	if rec.Code != 200 || !strings.Contains(rec.Body.String(), `"advice":["use XFS"]`) {
+		t.Fatalf("GET /health: %d %s; want the advice", rec.Code, rec.Body)
+	}
+}

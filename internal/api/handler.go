@@ -27,6 +27,8 @@ type HandlerOptions struct {
 	// Stopping, when closed, ends every event stream: a daemon that is
 	// shutting down does not wait on clients that never hang up.
 	Stopping <-chan struct{}
+	// Advice, when set, is what GET /health advises about the host.
+	Advice func() []string
 	// MaxHeavyOps bounds the heavy operations (create, start, standby,
 	// restore, fork, snapshot) in flight; past it a request gets 429 busy
 	// with Retry-After. 0 means no limit.
@@ -37,12 +39,13 @@ type handler struct {
 	svc      Service
 	log      *slog.Logger
 	stopping <-chan struct{}
+	advice   func() []string
 }
 
 // NewHandler serves svc over HTTP as api/openapi.yaml describes. It does no
 // authentication: wrap it with RequireBearer for a TCP listener.
 func NewHandler(svc Service, opt HandlerOptions) (http.Handler, error) {
-	h := &handler{svc: svc, log: opt.Logger, stopping: opt.Stopping}
+	h := &handler{svc: svc, log: opt.Logger, stopping: opt.Stopping, advice: opt.Advice}
 	if h.log == nil {
 		h.log = slog.New(slog.DiscardHandler)
 	}
@@ -160,7 +163,11 @@ func (p *statusProbe) Write(b []byte) (int, error) { return len(b), nil }
 func (p *statusProbe) WriteHeader(code int)        { p.status = code }
 
 func (h *handler) health(w http.ResponseWriter, r *http.Request) {
-	writeJSON(w, http.StatusOK, Health{Status: "ok", Version: version.Version})
+	hl := Health{Status: "ok", Version: version.Version}
+	if h.advice != nil {
+		hl.Advice = h.advice()
+	}
+	writeJSON(w, http.StatusOK, hl)
 }
 
 func (h *handler) openapi(w http.ResponseWriter, r *http.Request) {

@@ -233,6 +233,9 @@ type Error struct {
 type Health struct {
 	Status  string `json:"status"`
 	Version string `json:"version"`
+	// Advice names what on this host costs users and how to fix it (a data
+	// dir that cannot reflink, say); absent when there is nothing to say.
+	Advice []string `json:"advice,omitempty"`
 }
 
 // Event types (GET /events).

@@ -105,20 +105,11 @@ func Run(ctx context.Context, cfg Config, target Target, progress func(string)) 
 // canReflink returns an error unless dir's filesystem accepts FICLONE: a
 // daemon forced to reflink there would fail every fork.
 func canReflink(dir string) error {
-	probe, err := os.MkdirTemp(dir, "reflink-probe-")
+	ok, err := memfile.CanReflink(dir)
 	if err != nil {
-		return fmt.Errorf("reflink probe: %w", err)
+		return err
 	}
-	defer os.RemoveAll(probe)
-	a := filepath.Join(probe, "a")
-	if err := os.WriteFile(a, []byte("forkd"), 0o600); err != nil {
-		return fmt.Errorf("reflink probe: %w", err)
-	}
-	mode, err := memfile.Clone(a, filepath.Join(probe, "b"))
-	if err != nil {
-		return fmt.Errorf("reflink probe: %w", err)
-	}
-	if mode != memfile.ModeReflink {
+	if !ok {
 		return fmt.Errorf("the filesystem of %s cannot reflink (run on one that can: --fs xfs or btrfs)", dir)
 	}
 	return nil

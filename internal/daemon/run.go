@@ -119,7 +119,11 @@ func start(ctx context.Context, cfg Config, log *slog.Logger, factory backendFac
 	if d.backend, err = factory(ctx, cfg, log, reg); err != nil {
 		return nil, fmt.Errorf("start backend: %w", err)
 	}
-	handler, err := api.NewHandler(d.backend, api.HandlerOptions{Registerer: reg, Gatherer: reg, Logger: log, Stopping: d.gate.Closing(),
+	var advice func() []string
+	if a, ok := d.backend.(interface{ Advice() []string }); ok {
+		advice = a.Advice
+	}
+	handler, err := api.NewHandler(d.backend, api.HandlerOptions{Advice: advice, Registerer: reg, Gatherer: reg, Logger: log, Stopping: d.gate.Closing(),
 		MaxHeavyOps: cfg.MaxHeavyOps})
 	if err != nil {
 		return nil, err

@@ -102,6 +102,8 @@ type Manager struct {
 	db     *store.Store
 	log    *slog.Logger
 	met    *metrics
+	// fs is what checkFilesystem found about the data dir (fsadvice.go).
+	fs fsAdvice
 	// feed publishes the events GET /events streams (events.go).
 	feed *eventFeed
 	// faults are errors injected at named points by this package's tests
@@ -235,6 +237,7 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		m.cfg.Kernel = f.Name()
 		f.Close()
 	}
+	m.checkFilesystem()
 	m.met = newMetrics(m)
 	m.images = image.New(image.Config{Layout: layout, DB: db, Headroom: cfg.ImageHeadroom,
 		StepHook: crashPoint, BuildDone: m.noteImageBuild, Logger: cfg.Logger})

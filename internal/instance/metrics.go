@@ -24,10 +24,12 @@ type metrics struct {
 	prefetchRestores   *prometheus.CounterVec
 	prefetchPages      *prometheus.CounterVec
 	prefetchWorkingSet *prometheus.HistogramVec
+	reflink            prometheus.Collector // forkd_data_dir_reflink
 }
 
 func newMetrics(m *Manager) *metrics {
 	return &metrics{
+		reflink: m.reflinkGauge(),
 		opDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "forkd_instance_operation_duration_seconds",
 			Help:    "Duration of instance operations (create, start, standby, restore, fork, snapshot, ...).",
@@ -99,7 +101,7 @@ func boolU64(b bool) uint64 {
 
 func (x *metrics) register(r prometheus.Registerer) error {
 	for _, c := range []prometheus.Collector{x.opDuration, x.shareFallbacks, x.fullCopies, x.states, x.pager, x.groups, x.units, x.imageBuilds, x.images,
-		x.prefetchRestores, x.prefetchPages, x.prefetchWorkingSet} {
+		x.prefetchRestores, x.prefetchPages, x.prefetchWorkingSet, x.reflink} {
 		if err := r.Register(c); err != nil {
 			return err
 		}
