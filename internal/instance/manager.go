@@ -261,16 +261,6 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		db.Close()
 		return nil, fmt.Errorf("instance manager: reconcile: %w", err)
 	}
-	m.wg.Add(1)
-	go m.runPrefetchGC()
-	m.kickPrefetchGC() // recordings of keys removed while the daemon was down
-	if cfg.Network != nil && cfg.NetworkWarm > 0 {
-		m.wg.Add(1)
-		go m.warmLoop()
-		if m.netState.ready { // a networked VM exists: keep its pool full
-			m.kickWarm()
-		}
-	}
 	// Events from here on: what the reconciler settled is the starting
 	// point, not news.
 	db.Observe(m.feed.observe)
@@ -282,8 +272,20 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		}
 	}
 	if err != nil {
-		m.Close()
+		m.stopBackground()
+		m.images.Close()
+		db.Close()
 		return nil, fmt.Errorf("instance manager: %w", err)
+	}
+	m.wg.Add(1)
+	go m.runPrefetchGC()
+	m.kickPrefetchGC() // recordings of keys removed while the daemon was down
+	if cfg.Network != nil && cfg.NetworkWarm > 0 {
+		m.wg.Add(1)
+		go m.warmLoop()
+		if m.netState.ready { // a networked VM exists: keep its pool full
+			m.kickWarm()
+		}
 	}
 	return m, nil
 }
