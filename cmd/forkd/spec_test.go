@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -133,11 +134,32 @@ func TestRealDaemonResponsesConformToSpec(t *testing.T) {
 		return b
 	}
 
+	// The event stream, open through everything below.
+	evctx, stopEvents := context.WithCancel(ctx)
+	evreq, _ := http.NewRequestWithContext(evctx, "GET", "http://localhost/events", nil)
+	evresp, err := hc.Do(evreq)
+	if err != nil || evresp.StatusCode != 200 || evresp.Header.Get("Content-Type") != api.ContentTypeNDJSON {
+		t.Fatalf("GET /events: %v %v", evresp, err)
+	}
+	evLines := make(chan []string, 1)
+	go func() {
+		var lines []string
+		sc := bufio.NewScanner(evresp.Body)
+		for sc.Scan() {
+			lines = append(lines, sc.Text())
+		}
+		evLines <- lines
+	}()
+
 	call("GET", "/health", "", 200)
 	call("GET", "/instances", "", 200)
 	call("GET", "/snapshots", "", 200)
 	call("POST", "/instances", `{"name":"src","memory_mib":64,"kernel":"`+kernel+`","boot_args":"forkd.ws_mib=8 forkd.write_pct=20"}`, 201)
 	call("POST", "/instances", `{"name":"idle","memory_mib":32,"kernel":"`+kernel+`","start":false}`, 201)
+	// forkd wait, on the real daemon: 0 when it is in the state.
+	if out, err := exec.Command(bin, "--host", sock, "wait", "src", "--state", "Running", "--timeout", "60s").CombinedOutput(); err != nil {
+		t.Errorf("forkd wait src --state Running: %v\n%s", err, out)
+	}
 	call("GET", "/instances/src", "", 200)
 	call("GET", "/instances", "", 200)
 	call("POST", "/instances/src/pause", "", 200)
@@ -168,6 +190,12 @@ func TestRealDaemonResponsesConformToSpec(t *testing.T) {
 	}
 	call("GET", "/instances", "", 200)
 	call("GET", "/metrics", "", 200)
+	// forkd wait for a deleted instance: 2, it will never get there.
+	cmd := exec.Command(bin, "--host", sock, "wait", "src", "--state", "Running", "--timeout", "60s")
+	if out, err := cmd.CombinedOutput(); cmd.ProcessState == nil || cmd.ProcessState.ExitCode() != 2 {
+		t.Errorf("forkd wait for a deleted instance: %v, want exit 2\n%s", err, out)
+	}
+	checkEvents(t, doc, stopEvents, evLines)
 	if os.Geteuid() == 0 { // building an image's root filesystem needs root
 		imageCalls(t, bin, sock, call)
 	}
@@ -241,5 +269,43 @@ func imageCalls(t *testing.T, bin, sock string, call func(method, path, body str
 	cli(true, "rm", "img2")
 	if out, _ := cli(true, "image", "gc"); !strings.Contains(out, "1 images removed") {
 		t.Errorf("forkd image gc: %s", out)
+	}
+}
+
+// checkEvents ends the event stream and checks what it carried: every line
+// is an Event as the spec says, and the run's milestones are there.
+func checkEvents(t *testing.T, doc *openapi3.T, stop func(), lines <-chan []string) {
+	t.Helper()
+	stop()
+	schema := doc.Components.Schemas["Event"].Value
+	seen := map[string]bool{}
+	for _, line := range <-lines {
+		var v any
+		if err := json.Unmarshal([]byte(line), &v); err != nil {
+			t.Errorf("GET /events: a line that is not JSON: %q", line)
+			continue
+		}
+		if err := schema.VisitJSON(v); err != nil {
+			t.Errorf("GET /events: %s does not conform to the spec: %v", line, err)
+		}
+		var ev api.Event
+		json.Unmarshal([]byte(line), &ev)
+		name := ""
+		if ev.Instance != nil {
+			name = ev.Instance.Name
+		} else if ev.Snapshot != nil {
+			name = ev.Snapshot.Name
+		}
+		seen[ev.Type+" "+name+" "+ev.State] = true
+	}
+	for _, want := range []string{
+		"instance.created src Created", "instance.state src Running", "instance.created idle Created",
+		"snapshot.created snap1 ready", "instance.forked live Standby", "instance.state live Running", "instance.state src Standby",
+		"instance.forked f1 Standby", "instance.forked cold Standby", "instance.state cold Stopped", "instance.state f1 Running",
+		"snapshot.deleted snap1 ", "instance.deleted src ",
+	} {
+		if !seen[want] {
+			t.Errorf("GET /events did not carry %q; it carried %v", want, seen)
+		}
 	}
 }
