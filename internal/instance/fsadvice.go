@@ -2,6 +2,7 @@ package instance
 
 import (
 	"fmt"
+	"os"
 
 	"github.com/forkd/forkd/internal/memfile"
 	"github.com/prometheus/client_golang/prometheus"
@@ -21,7 +22,10 @@ type fsAdvice struct {
 // copy of its RAM before it can diff into it (and every disk clone is a
 // copy): the daemon says so at start, in /health and as a metric.
 func (m *Manager) checkFilesystem() {
-	dir := m.layout.GuestsDir()
+	dir := m.layout.JailsDir() // where guest memory lives
+	if _, err := os.Stat(dir); err != nil {
+		dir = m.layout.Root()
+	}
 	fs := memfile.FilesystemName(dir)
 	ok, err := memfile.CanReflink(dir)
 	a := fsAdvice{fs: fs, reflink: ok}
