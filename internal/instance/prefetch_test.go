@@ -15,6 +15,7 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/prefetch"
+	"github.com/forkd/forkd/internal/testenv"
 )
 
 // prefetchBootArgs: an 8 MiB working set read at 20,000 pages/s, so a
@@ -88,7 +89,7 @@ func TestPrefetchRecordsOnFirstRestoreAndReplaysOnLaterOnes(t *testing.T) {
 		t.Run(backend, func(t *testing.T) {
 			if backend == api.BackendUffd {
 				if _, err := os.Stat("/dev/userfaultfd"); err != nil {
-					t.Skip("SKIP: no /dev/userfaultfd: " + err.Error())
+					testenv.Need(t, testenv.Uffd, "no /dev/userfaultfd: "+err.Error())
 				}
 			}
 			m := newTestManager(t, withPrefetch(5*time.Second), func(c *Config) {
@@ -296,7 +297,7 @@ func TestRecordingsNothingUsesAreRemoved(t *testing.T) {
 // TestDiscardedPagesReadAsZeros).
 func TestReplayedForksKeepDiscardedPagesZero(t *testing.T) {
 	if _, err := os.Stat("/dev/userfaultfd"); err != nil {
-		t.Skip("SKIP: no /dev/userfaultfd: " + err.Error())
+		testenv.Need(t, testenv.Uffd, "no /dev/userfaultfd: "+err.Error())
 	}
 	m := newTestManager(t, withPrefetch(time.Second), func(c *Config) { c.ForkRestoreBackend = api.BackendUffd })
 	src, err := m.CreateInstance(context.Background(), api.CreateInstanceRequest{

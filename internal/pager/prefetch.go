@@ -127,16 +127,31 @@ func (s *session) prefetchInfo() *SessionPrefetch {
 }
 
 // logFault records the first fault of a page (a region page of ps bytes at
-// file offset off) while the session records.
-func (s *session) logFault(off, ps uint64) {
+// file offset off) while the session records. It returns the log's length
+// before the entry, for unlogFault, or -1 if it logged nothing.
+func (s *session) logFault(off, ps uint64) int {
 	if s.recordMax == 0 {
-		return
+		return -1
 	}
 	s.recMu.Lock()
 	defer s.recMu.Unlock()
+	mark := len(s.recPages)
 	for p := off / uffd.PageSize; p < (off+ps)/uffd.PageSize && len(s.recPages) < s.recordMax; p++ {
 		s.recPages = append(s.recPages, p)
 	}
+	if len(s.recPages) == mark {
+		return -1
+	}
+	return mark
+}
+
+// unlogFault takes back the entry logFault made at mark, for an install
+// that did not happen (deferred). Only the session goroutine logs, so
+// nothing was logged after it.
+func (s *session) unlogFault(mark int) {
+	s.recMu.Lock()
+	s.recPages = s.recPages[:mark]
+	s.recMu.Unlock()
 }
 
 // startRecording marks the start of the recording's window.

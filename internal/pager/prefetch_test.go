@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -38,10 +39,19 @@ func seqPages(lo, hi uint64) []uint64 {
 
 // TestSessionRecordsFirstFaultsInOrder: a recording session logs each
 // page's first fault, in order, up to record_pages; a second touch adds
-// nothing.
+// nothing. A page the guest has read is in the log: the pager is held
+// right after installing the last page (the guest runs on, the log is
+// read) and the page must already be there.
 func TestSessionRecordsFirstFaultsInOrder(t *testing.T) {
 	requireUffd(t)
-	p := startPager(t, Config{CacheBytes: cacheBytes})
+	release := make(chan struct{})
+	var once sync.Once
+	t.Cleanup(func() { once.Do(func() { close(release) }) })
+	p := startPager(t, Config{CacheBytes: cacheBytes, afterInstall: func(off uint64) {
+		if off == 99*uffd.PageSize {
+			<-release
+		}
+	}})
 	mem := memFile(t, p.dir, 512, -1, 0, 0)
 	ctx := context.Background()
 	script := "seq:100-200,seq:0-100,touch:0-200,wait"
@@ -66,6 +76,7 @@ func TestSessionRecordsFirstFaultsInOrder(t *testing.T) {
 	if st := p.sessionStats(t, "rec"); st.Prefetch == nil || st.Prefetch.Mode != "record" || st.Prefetch.PagesRecorded != 200 {
 		t.Errorf("session prefetch stats %+v, want mode record with 200 pages", st.Prefetch)
 	}
+	once.Do(func() { close(release) })
 	c.resume()
 	c.finish()
 

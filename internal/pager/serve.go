@@ -229,12 +229,23 @@ func (h *handler) serveFault(flt fault) error {
 	r := h.regions[flt.region]
 	idx := (flt.page - r.BaseHostVirtAddr) / r.PageSize
 	first := h.installed[flt.region][idx/64]&(1<<(idx%64)) == 0 && !h.removed.overlaps(flt.page, flt.page+r.PageSize)
+	// Log a first fault before the install: the install wakes the guest,
+	// and anyone who has seen the guest read the page (the daemon fetching
+	// the recording at the end of its window) must find it in the log. A
+	// deferred install takes the entry back; its retry logs it again.
+	mark := -1
+	if first {
+		mark = h.s.logFault(r.Offset+(flt.page-r.BaseHostVirtAddr), r.PageSize)
+	}
 	res, err := h.install(flt.page, flt.region, false)
 	if err != nil {
 		return err
 	}
-	if res == installed && first {
-		h.s.logFault(r.Offset+(flt.page-r.BaseHostVirtAddr), r.PageSize)
+	if hook := h.s.srv.cfg.afterInstall; hook != nil && res == installed {
+		hook(r.Offset + (flt.page - r.BaseHostVirtAddr))
+	}
+	if res != installed && mark >= 0 {
+		h.s.unlogFault(mark)
 	}
 	if res == installAgain {
 		if _, dup := h.deferred[flt.page]; !dup {

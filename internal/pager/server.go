@@ -74,6 +74,10 @@ type Config struct {
 	// holdPrefetch, a test hook, keeps replay from installing anything
 	// until it is closed (so a test can discard pages first).
 	holdPrefetch <-chan struct{}
+	// afterInstall, a test hook, is called by the session goroutine right
+	// after a fault's page is installed (so the guest already has it),
+	// with the page's file offset: a test can hold the pager there.
+	afterInstall func(off uint64)
 }
 
 // Server is a running pager: the control API, the sessions and the page
