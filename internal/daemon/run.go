@@ -244,7 +244,9 @@ func (d *daemon) close(ctx context.Context) error {
 	}
 	for _, srv := range d.servers {
 		// Only reads can still be running: let them answer, within the grace.
-		if err := srv.Shutdown(gctx); err != nil {
+		// Shutdown closes the listeners it still tracks: those closed above
+		// report net.ErrClosed unless Serve already saw them close.
+		if err := srv.Shutdown(gctx); err != nil && !errors.Is(err, net.ErrClosed) {
 			srv.Close()
 			errs = append(errs, fmt.Errorf("shutdown http: %w", err))
 		}
