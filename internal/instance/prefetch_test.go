@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 
 	"github.com/forkd/forkd/internal/api"
@@ -92,8 +93,9 @@ func TestPrefetchRecordsOnFirstRestoreAndReplaysOnLaterOnes(t *testing.T) {
 					testenv.Need(t, testenv.Uffd, "no /dev/userfaultfd: "+err.Error())
 				}
 			}
+			reg := prometheus.NewRegistry()
 			m := newTestManager(t, withPrefetch(5*time.Second), func(c *Config) {
-				c.ForkRestoreBackend, c.PrefetchMaxBytes = backend, recordBudget*4096
+				c.ForkRestoreBackend, c.PrefetchMaxBytes, c.Registerer = backend, recordBudget*4096, reg
 			})
 			src := prefetchSource(t, m)
 			key := src.SnapshotCacheKey
@@ -137,7 +139,61 @@ func TestPrefetchRecordsOnFirstRestoreAndReplaysOnLaterOnes(t *testing.T) {
 					rep.PagesWasted, rep.PagesPrefetched, 100*wantUsed)
 			}
 			verifyGuest(t, m, second.ID)
+			checkPrefetchMetrics(t, reg, backend, rec, rep)
 		})
+	}
+}
+
+// checkPrefetchMetrics: the forkd_prefetch_* metrics count one recording
+// and one replay of backend with the figures the API showed. A restore is
+// counted just after its figures are final, so this waits for the count.
+func checkPrefetchMetrics(t *testing.T, reg *prometheus.Registry, backend string, rec, rep api.Prefetch) {
+	t.Helper()
+	type key struct{ name, label string }
+	gather := func() map[key]float64 {
+		fams, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := map[key]float64{}
+		for _, f := range fams {
+			for _, mm := range f.GetMetric() {
+				labels := map[string]string{}
+				for _, l := range mm.GetLabel() {
+					labels[l.GetName()] = l.GetValue()
+				}
+				if labels["backend"] != backend {
+					continue
+				}
+				switch f.GetName() {
+				case "forkd_prefetch_restores_total":
+					got[key{f.GetName(), labels["mode"]}] = mm.GetCounter().GetValue()
+				case "forkd_prefetch_pages_total":
+					got[key{f.GetName(), labels["kind"]}] = mm.GetCounter().GetValue()
+				case "forkd_prefetch_working_set_seconds":
+					got[key{f.GetName(), "count"}] = float64(mm.GetHistogram().GetSampleCount())
+				}
+			}
+		}
+		return got
+	}
+	var got map[key]float64
+	deadline := time.Now().Add(30 * time.Second)
+	for got = gather(); got[key{"forkd_prefetch_restores_total", "replay"}] < 1 && time.Now().Before(deadline); got = gather() {
+		time.Sleep(10 * time.Millisecond)
+	}
+	want := map[key]float64{
+		{"forkd_prefetch_restores_total", "record"}:     1,
+		{"forkd_prefetch_restores_total", "replay"}:     1,
+		{"forkd_prefetch_pages_total", "recorded"}:      float64(rec.PagesRecorded),
+		{"forkd_prefetch_pages_total", "prefetched"}:    float64(rec.PagesPrefetched + rep.PagesPrefetched),
+		{"forkd_prefetch_pages_total", "wasted"}:        float64(rec.PagesWasted + rep.PagesWasted),
+		{"forkd_prefetch_working_set_seconds", "count"}: 1,
+	}
+	for k, v := range want {
+		if got[k] != v {
+			t.Errorf("%s{backend=%q, %s} = %v, want %v (the API's figures)", k.name, backend, k.label, got[k], v)
+		}
 	}
 }
 
