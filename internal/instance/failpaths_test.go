@@ -3,6 +3,7 @@ package instance
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -127,4 +128,80 @@ func mustGuest(t *testing.T, m *Manager, id string) guestdir.Guest {
 		t.Fatal(err)
 	}
 	return g
+}
+
+// A snapshot being created cannot be deleted under its create (409): the
+// create would find its record gone after building its dir, fail a
+// snapshot it made and leave that dir behind. Once the create has
+// finished, the delete works and leaves nothing. Twin: with the refusal
+// switched off the same check fails, every time.
+func TestSnapshotBeingCreatedIsNotDeletedUnderItsCreate(t *testing.T) {
+	for _, off := range []bool{false, true} {
+		name := "refused"
+		if off {
+			name = "twin: refusal off"
+		}
+		t.Run(name, func(t *testing.T) {
+			m := newTestManager(t)
+			createRunning(t, m, "vm")
+			action(t, m, "vm", "standby")
+			m.deleteCreatingSnapshots = off
+			err := deleteDuringCreate(t, m)
+			switch {
+			case !off && err != nil:
+				t.Fatal(err)
+			case off && err == nil:
+				t.Fatal("with the refusal off the check still passed: it cannot catch the lost snapshot")
+			case off:
+				t.Logf("caught, as it must be: %v", err)
+			}
+		})
+	}
+}
+
+// deleteDuringCreate holds a snapshot create once its record exists
+// (hidden, creating), deletes the snapshot by name there, lets the create
+// finish, deletes again, and says what went wrong.
+func deleteDuringCreate(t *testing.T, m *Manager) error {
+	t.Helper()
+	ctx := context.Background()
+	reached, release := make(chan struct{}), make(chan struct{})
+	m.faultHook = func(point string) {
+		if point == "snapshot:recorded" {
+			close(reached)
+			<-release
+		}
+	}
+	defer func() { m.faultHook = nil }()
+	created := make(chan error, 1)
+	go func() {
+		_, err := m.CreateSnapshot(ctx, "vm", api.SnapshotRequest{Name: "s"})
+		created <- err
+	}()
+	<-reached
+	derr := m.DeleteSnapshot(ctx, "s")
+	close(release)
+	cerr := <-created
+	if derr == nil {
+		return errors.Join(errors.New("a delete of a snapshot still being created succeeded"), cerr)
+	}
+	if !errors.Is(derr, api.ErrInvalidState) {
+		return fmt.Errorf("delete during the create: %v; want invalid_state", derr)
+	}
+	if cerr != nil {
+		return fmt.Errorf("the create, after a refused delete: %w", cerr)
+	}
+	if sn, err := m.GetSnapshot(ctx, "s"); err != nil || sn.State != snapReady {
+		return fmt.Errorf("after the create: snapshot %+v (%v); want ready", sn, err)
+	}
+	if err := m.DeleteSnapshot(ctx, "s"); err != nil {
+		return fmt.Errorf("delete once ready: %w", err)
+	}
+	if ents, err := os.ReadDir(m.layout.SnapshotsDir()); err != nil || len(ents) != 0 {
+		return fmt.Errorf("snapshots dir after the delete: %d entries (%v); want none", len(ents), err)
+	}
+	if open, _ := m.db.OpenEntries(ctx); len(open) != 0 {
+		return fmt.Errorf("journal entries left open: %+v", open)
+	}
+	return nil
 }

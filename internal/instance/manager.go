@@ -109,6 +109,12 @@ type Manager struct {
 	// faults are errors injected at named points by this package's tests
 	// (rollback.go's fault); nil otherwise.
 	faults map[string]error
+	// faultHook, when a test sets it, runs at every fault point before
+	// that point's error is returned: a test can hold an operation there.
+	faultHook func(point string)
+	// deleteCreatingSnapshots switches off DeleteSnapshot's refusal of a
+	// snapshot still being created (tests only: the twin of its test).
+	deleteCreatingSnapshots bool
 	// files runs every mem-file, disk and kernel copy (memfile), telling
 	// noteFullCopy when a sparse copy had to move every byte.
 	files  memfile.Options

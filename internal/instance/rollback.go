@@ -41,5 +41,8 @@ func (u *undo) join(err error) error {
 // used), so the failure paths can be driven one step at a time, as the
 // crash hook drives the crash paths.
 func (m *Manager) fault(point string) error {
+	if m.faultHook != nil {
+		m.faultHook(point)
+	}
 	return m.faults[point]
 }

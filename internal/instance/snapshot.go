@@ -97,6 +97,9 @@ func (m *Manager) CreateSnapshot(ctx context.Context, ref string, req api.Snapsh
 		o.finish(ctx, err)
 		return api.Snapshot{}, err
 	}
+	if err := m.fault("snapshot:recorded"); err != nil {
+		return fail(err)
+	}
 	from := g.Latest()
 	if live {
 		key, err := m.updateBaseLive(ctx, o, &in, func() error { return m.storeFiles(g, g.Base(), id) })
@@ -279,8 +282,15 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, ref string) error {
 	l.rw.Lock()
 	defer l.rw.Unlock()
 	// A concurrent delete may have won the lock first: exactly one succeeds.
-	if _, err := m.db.GetSnapshot(ctx, s.ID); err != nil {
+	if s, err = m.db.GetSnapshot(ctx, s.ID); err != nil {
 		return apiErr(err)
+	}
+	// A snapshot being created is not yet the store's to delete: its
+	// create still builds its dir and then records it ready, and would
+	// find its record gone (failing a snapshot that was made, and leaving
+	// its renamed dir behind until the next start's sweep).
+	if s.State == snapCreating && !m.deleteCreatingSnapshots {
+		return fmt.Errorf("%w: snapshot %q is still being created; delete it once it is ready", api.ErrInvalidState, s.Name)
 	}
 	o, err := m.begin(ctx, "snapshot-delete", s.ID, opPayload{})
 	if err != nil {
