@@ -127,6 +127,9 @@ func (m *Manager) factsOf(id string) guestFacts {
 func (s *supervisor) run() {
 	defer close(s.done)
 	defer s.proc.Release() // an adopted VMM's pidfd
+	if s.pagerVersion != "" && s.m.beforePagerWatch != nil {
+		s.m.beforePagerWatch(s.id)
+	}
 	pagerExit := s.m.pagerExit(s.ctx, s.pagerVersion)
 	interval := s.m.cfg.SuperviseInterval
 	tick := time.NewTicker(interval)
@@ -134,6 +137,16 @@ func (s *supervisor) run() {
 	// A first look at once for a VMM adopted after a restart: its pager may
 	// have died while the daemon was down.
 	if s.adopted && s.refresh() {
+		return
+	}
+	// And a first question to the pager for every Uffd VM, asked after the
+	// watch above is in place: the pager that took the session at the
+	// restore may have died before the watch began, and the watch then
+	// follows the pager started since, which will never exit for this VM
+	// (seen under reliability's pager chaos: a VM Running on a dead session
+	// until the next tick). From here on, either that pager serves the
+	// session and its death is an event, or the question finds it gone.
+	if !s.adopted && s.sessionLost() {
 		return
 	}
 	for {
@@ -156,6 +169,19 @@ func (s *supervisor) run() {
 	}
 }
 
+// sessionLost asks the pager whether it still serves a Uffd VM's session,
+// and settles the VM in Error if it does not. It returns true when the
+// supervisor is done; false for a VM without a session.
+func (s *supervisor) sessionLost() bool {
+	if s.pagerVersion == "" || s.session == "" {
+		return false
+	}
+	if !s.m.sessionGone(s.ctx, s.pagerVersion, s.session) {
+		return false
+	}
+	return s.settle(pagerLost{version: s.pagerVersion, session: s.session, why: "it no longer serves the session"})
+}
+
 // refresh reads the guest's memory check and, for a Uffd VM, asks the
 // pager whether it still serves the session. It does I/O with short
 // timeouts and holds no lock. It returns true when the supervisor is done.
@@ -163,8 +189,8 @@ func (s *supervisor) refresh() bool {
 	var asked time.Time
 	if s.pagerVersion != "" && s.session != "" {
 		asked = time.Now()
-		if s.m.sessionGone(s.ctx, s.pagerVersion, s.session) {
-			return s.settle(pagerLost{version: s.pagerVersion, session: s.session, why: "it no longer serves the session"})
+		if s.sessionLost() {
+			return true
 		}
 	}
 	g, err := s.m.guest(s.id)

@@ -9,8 +9,10 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/guestdir"
@@ -219,4 +221,56 @@ func pagerPidIn(t *testing.T, dir string) int {
 		t.Fatalf("pager pid file %s: %v", pager.PidFile(dir), err)
 	}
 	return pid
+}
+
+// A pager that dies after a Uffd restore took its session but before the
+// VM's supervisor starts watching: the watch then finds the pager started
+// since, which never had the session and will not exit for this VM. The
+// supervisor's first question to the pager must report the VM Error at
+// once, not at a tick (set to an hour here, so only that question can).
+// Found by reliability's TestPagerKilledUnderLoadIsContained; with the first
+// question switched off, this test waits out its deadline with the VM
+// Running.
+func TestPagerDeathBeforeTheWatchIsSeen(t *testing.T) {
+	needUffd(t)
+	m := newTestManager(t, func(c *Config) { c.SuperviseInterval = time.Hour })
+	for _, n := range []string{"victim", "other"} {
+		createRunning(t, m, n)
+		action(t, m, n, "standby")
+	}
+	victim, err := m.GetInstance(context.Background(), "victim")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	m.beforePagerWatch = func(id string) {
+		if id != victim.ID {
+			return
+		}
+		once.Do(func() {
+			// The pager that took the session dies, and a new one of the
+			// same version starts (as another Uffd restore would start it).
+			dir, _ := m.layout.PagerDir(version.Version)
+			old := pagerPidIn(t, dir)
+			if err := syscall.Kill(old, syscall.SIGKILL); err != nil {
+				t.Error(err)
+				return
+			}
+			waitDead(t, old)
+			// The manager's cleanup drains it.
+			if _, err := pager.EnsureRunning(context.Background(), pager.StartOptions{Binary: forkdBinary(t), Dir: dir, Version: version.Version, CacheBytes: 1 << 20},
+				slog.New(slog.NewTextHandler(testWriter{t}, nil))); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	if _, err := m.Action(context.Background(), "victim", "restore", api.ActionRequest{RestoreBackend: api.BackendUffd}); err != nil {
+		t.Fatal(err)
+	}
+	if in := waitState(t, m, "victim", api.StateError); !strings.Contains(in.Error, "no longer serves the session") {
+		t.Fatalf("uffd VM whose pager died before the watch: error %q; want the pager not serving its session", in.Error)
+	}
+	if in, err := m.Action(context.Background(), "victim", "stop", api.ActionRequest{}); err != nil || in.State != api.StateStopped {
+		t.Fatalf("stop of the frozen VM: %+v %v", in, err)
+	}
 }
