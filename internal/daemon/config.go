@@ -14,6 +14,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/emulator"
 	"github.com/forkd/forkd/internal/instance"
 	"github.com/forkd/forkd/internal/network"
 )
@@ -37,16 +38,20 @@ type Config struct {
 	LogFormat    string // log_format: text | json
 	LogLevel     string // log_level: debug | info | warn | error
 
-	VMMBinary          string        // vmm_binary: "auto" (firecracker if usable, else `forkd vmm`), "emulator", or a path
-	RestoreBackend     string        // restore_backend: file | uffd
-	ForkRestoreBackend string        // fork_restore_backend: file | uffd, for a fork's first restore
-	PagerCacheBytes    int64         // pager_cache_bytes: the pager's page cache budget
-	ForkStrategy       string        // fork_strategy: hardlink | reflink | copy (benchmarks only)
-	Kernel             string        // kernel: the kernel of instances created without one
-	ImageHeadroom      int64         // image_headroom: free space each image's filesystem gets
-	Prefetch           string        // prefetch: auto | off
-	PrefetchWindow     time.Duration // prefetch_window: a recording's time budget
-	PrefetchMaxBytes   int64         // prefetch_max_bytes: a recording's size budget
+	VMMBinary string // vmm_binary: "auto" (firecracker if usable, else `forkd vmm`), "emulator", or a path
+	// EmulatorFirecrackerVersion (emulator_firecracker_version) is the
+	// Firecracker release `forkd vmm` stands for: its API, strictness and
+	// snapshot data version. A real firecracker reports its own.
+	EmulatorFirecrackerVersion string
+	RestoreBackend             string        // restore_backend: file | uffd
+	ForkRestoreBackend         string        // fork_restore_backend: file | uffd, for a fork's first restore
+	PagerCacheBytes            int64         // pager_cache_bytes: the pager's page cache budget
+	ForkStrategy               string        // fork_strategy: hardlink | reflink | copy (benchmarks only)
+	Kernel                     string        // kernel: the kernel of instances created without one
+	ImageHeadroom              int64         // image_headroom: free space each image's filesystem gets
+	Prefetch                   string        // prefetch: auto | off
+	PrefetchWindow             time.Duration // prefetch_window: a recording's time budget
+	PrefetchMaxBytes           int64         // prefetch_max_bytes: a recording's size budget
 	// ShutdownGrace (shutdown_grace) bounds how long a stopping daemon
 	// waits for the operations in flight before it exits and leaves them to
 	// the journal, as a crash would.
@@ -143,6 +148,11 @@ func settings() []setting {
 		{"vmm_binary", "FORKD_VMM_BINARY", "vmm-binary", "auto",
 			`VMM: "auto" (firecracker when /dev/kvm and a firecracker binary exist, else the built-in emulator), "emulator", or a path`,
 			str(func(c *Config) *string { return &c.VMMBinary })},
+		{"emulator_firecracker_version", "FORKD_EMULATOR_FIRECRACKER_VERSION", "emulator-firecracker-version",
+			emulator.DefaultFirecrackerVersion(),
+			"the Firecracker release the built-in emulator stands for (API fields, strictness, snapshot data version): " +
+				strings.Join(emulator.SupportedVersions(), ", "),
+			str(func(c *Config) *string { return &c.EmulatorFirecrackerVersion })},
 		{"restore_backend", "FORKD_RESTORE_BACKEND", "restore-backend", api.BackendFile,
 			"how restores load guest memory: file (mmap the mem-file) or uffd (through the pager)",
 			str(func(c *Config) *string { return &c.RestoreBackend })},
@@ -406,6 +416,11 @@ func (c Config) Validate() error {
 	}
 	if c.VMMBinary == "" {
 		return fmt.Errorf("config vmm_binary: empty; use \"auto\" or a path")
+	}
+	if c.EmulatorFirecrackerVersion != "" { // "" (a Config built in code): the emulator's default
+		if err := emulator.ParseFirecrackerVersion(c.EmulatorFirecrackerVersion); err != nil {
+			return fmt.Errorf("config emulator_firecracker_version: %w", err)
+		}
 	}
 	if c.PagerCacheBytes < 0 {
 		return fmt.Errorf("config pager_cache_bytes: %d is negative", c.PagerCacheBytes)

@@ -40,7 +40,7 @@ func TestConfigPrecedenceFlagsOverEnvOverFileOverDefaults(t *testing.T) {
 	}
 	want := Config{
 		DataDir: filepath.Join(dir, "from-file"), LogFormat: "text", LogLevel: "debug",
-		VMMBinary: "/env/vmm", RestoreBackend: "uffd", ForkRestoreBackend: "file",
+		VMMBinary: "/env/vmm", EmulatorFirecrackerVersion: "1.16", RestoreBackend: "uffd", ForkRestoreBackend: "file",
 		PagerCacheBytes: 2 << 30, ForkStrategy: "hardlink", ImageHeadroom: 256 << 20, ShutdownGrace: time.Minute, MaxHeavyOps: 32, File: file,
 		HostPathDirs: []string{"/srv/images", "/opt/kernels"},
 		NetworkCIDR:  DefaultNetworkCIDR, NetworkGuestCIDR: "169.254.0.20/30", NetworkGuestMAC: "02:fc:00:00:00:05", NetworkWarm: 8,
@@ -58,7 +58,8 @@ func TestConfigDefaults(t *testing.T) {
 	}
 	if c.DataDir != "/tmp/forkd-x" || c.VMMBinary != "auto" || c.RestoreBackend != "file" ||
 		c.ForkRestoreBackend != "file" || c.PagerCacheBytes != 1<<30 || c.LogFormat != "text" || c.LogLevel != "info" ||
-		c.ForkStrategy != "hardlink" || c.Prefetch != "auto" || c.PrefetchWindow != 5*time.Second || c.PrefetchMaxBytes != 256<<20 {
+		c.ForkStrategy != "hardlink" || c.Prefetch != "auto" || c.PrefetchWindow != 5*time.Second || c.PrefetchMaxBytes != 256<<20 ||
+		c.EmulatorFirecrackerVersion != "1.16" {
 		t.Errorf("defaults: %+v", c)
 	}
 	c, err = LoadConfig(nil, envOf(nil))
@@ -88,6 +89,8 @@ func TestConfigRejectsBadValues(t *testing.T) {
 		{"prefetch window", map[string]string{"FORKD_PREFETCH_WINDOW": "5"}, "", "prefetch_window"},
 		{"negative prefetch window", map[string]string{"FORKD_PREFETCH_WINDOW": "-1s"}, "", "prefetch_window"},
 		{"prefetch size", map[string]string{"FORKD_PREFETCH_MAX_BYTES": "big"}, "", "prefetch_max_bytes"},
+		{"emulator version too old", map[string]string{"FORKD_EMULATOR_FIRECRACKER_VERSION": "1.9"}, "", "emulator_firecracker_version"},
+		{"emulator version unreleased patch", map[string]string{"FORKD_EMULATOR_FIRECRACKER_VERSION": "1.12.7"}, "", "1.10, 1.11"},
 		{"listen scheme", map[string]string{"FORKD_LISTEN": "http://127.0.0.1:1", "FORKD_TOKEN_FILE": "/t"}, "", "listen"},
 		{"listen without token", map[string]string{"FORKD_LISTEN": "tcp://127.0.0.1:7000"}, "", "token_file"},
 		{"unknown file key", nil, "data_dri: /x\n", "unknown key"},

@@ -18,11 +18,15 @@ import (
 // temp files, VMMs that kept running). The pager starts lazily on the first
 // Uffd restore; a pager that cannot start fails only those restores.
 func newBackend(ctx context.Context, cfg Config, log *slog.Logger, reg prometheus.Registerer) (_ Backend, err error) {
-	vmm, err := instance.ResolveVMM(cfg.VMMBinary)
+	vmm, err := instance.ResolveVMM(cfg.VMMBinary, cfg.EmulatorFirecrackerVersion)
 	if err != nil {
 		return nil, fmt.Errorf("instance manager: %w", err)
 	}
-	log.Info("vmm resolved", "binary", vmm.Binary, "emulator", vmm.Emulator)
+	if vmm.Emulator {
+		log.Info("vmm resolved", "binary", vmm.Binary, "emulator", true, "firecracker_version", cfg.EmulatorFirecrackerVersion)
+	} else {
+		log.Info("vmm resolved", "binary", vmm.Binary, "emulator", false)
+	}
 	if cfg.ForkStrategy != "" && cfg.ForkStrategy != instance.ForkStrategyHardlink {
 		log.Warn("fork_strategy is not hardlink: forks copy or reflink their mem-file (for benchmarks; fanout is no longer zero-I/O)", "fork_strategy", cfg.ForkStrategy)
 	}

@@ -14,10 +14,16 @@ const maxBody = 51200
 
 // handler routes Firecracker's API (and GET /guest) to the VMM. Every
 // refusal is 400 with {"fault_message": "..."}, every PUT/PATCH success 204,
-// every GET 200 with JSON, as in Firecracker.
+// every GET 200 with JSON, as in Firecracker. Every body is first checked
+// against the request struct of the release the VMM stands for
+// (strictBodies), so a field that release does not know is refused exactly
+// as it would refuse it.
 func (v *vmm) handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, v.describe()) })
+	mux.HandleFunc("GET /version", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, map[string]string{"firecracker_version": v.rel.String()})
+	})
 	mux.HandleFunc("GET /machine-config", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, v.machineConfig()) })
 	mux.HandleFunc("GET /vm/config", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, v.vmConfig()) })
 	mux.HandleFunc("GET /guest", func(w http.ResponseWriter, r *http.Request) {
@@ -160,9 +166,52 @@ func (v *vmm) handler() http.Handler {
 	}))
 	registerTestHooks(mux)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeFault(w, faultf("Invalid request method and/or path: %s %s.", r.Method, r.URL.Path))
+		writeFault(w, invalidPath(r))
 	})
-	return mux
+	return strictBodies(requestSchemas(v.rel), mux)
+}
+
+func invalidPath(r *http.Request) error {
+	return faultf("Invalid request method and/or path: %s %s.", r.Method, r.URL.Path)
+}
+
+// strictBodies refuses, before any handler runs, a PUT or PATCH without a
+// body, on a route the release has no request struct for, or whose body
+// that struct would not decode (unknown or duplicate field, missing
+// required field): Firecracker parses every body with serde's
+// deny_unknown_fields before acting on it. The handlers then decode the
+// checked body into structs holding every field any release knows.
+func strictBodies(schemas map[string]*schema, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPut && r.Method != http.MethodPatch {
+			next.ServeHTTP(w, r)
+			return
+		}
+		data, err := io.ReadAll(io.LimitReader(r.Body, maxBody+1))
+		if err != nil {
+			writeFault(w, faultf("read request body: %v", err))
+			return
+		}
+		if len(data) > maxBody {
+			writeFault(w, deserializeError{fmt.Sprintf("request payload exceeds %d bytes", maxBody)})
+			return
+		}
+		if len(data) == 0 {
+			writeFault(w, faultf("Empty %s request.", r.Method))
+			return
+		}
+		s := schemas[routeKey(r.Method, r.URL.Path)]
+		if s == nil {
+			writeFault(w, invalidPath(r))
+			return
+		}
+		if err := s.check(data); err != nil {
+			writeFault(w, err)
+			return
+		}
+		r.Body = io.NopCloser(bytes.NewReader(data))
+		next.ServeHTTP(w, r)
+	})
 }
 
 func (v *vmm) usableLocked() error {
@@ -188,13 +237,13 @@ func matchID(path, body string) error {
 	return nil
 }
 
-// action decodes the body strictly into T (unknown fields refused, as
-// Firecracker's serde(deny_unknown_fields)) and runs do.
+// action decodes the body (already checked by strictBodies against the
+// release's struct) into T and runs do.
 func action[T any](do func(T) error) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		var body T
-		if err := decodeStrict(r.Body, &body); err != nil {
-			writeFault(w, fault(fmt.Sprintf("An error occurred when deserializing the json body of a request: %v.", err)))
+		if err := decodeBody(r.Body, &body); err != nil {
+			writeFault(w, deserializeError{err.Error()})
 			return
 		}
 		if err := do(body); err != nil {
@@ -205,19 +254,18 @@ func action[T any](do func(T) error) http.HandlerFunc {
 	}
 }
 
-func decodeStrict(r io.Reader, dst any) error {
-	data, err := io.ReadAll(io.LimitReader(r, maxBody+1))
+// decodeBody decodes one JSON value into dst. Unknown fields were refused
+// by strictBodies where the release's struct denies them, so they are not
+// refused here: a struct without deny_unknown_fields ignores them.
+func decodeBody(r io.Reader, dst any) error {
+	data, err := io.ReadAll(r)
 	if err != nil {
 		return err
 	}
-	if len(data) > maxBody {
-		return fmt.Errorf("request payload exceeds %d bytes", maxBody)
-	}
 	if len(bytes.TrimSpace(data)) == 0 {
-		return fmt.Errorf("empty body")
+		return fmt.Errorf("EOF while parsing a value at line 1 column %d", len(data))
 	}
 	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
 	if err := dec.Decode(dst); err != nil {
 		return err
 	}

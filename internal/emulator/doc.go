@@ -14,6 +14,19 @@
 // kernel image (any existing file is accepted) and never write a snapshot
 // file other than the two paths a /snapshot/create names.
 //
+// # Firecracker releases
+//
+// --firecracker-version picks the release the emulator stands for (1.10 to
+// 1.16; versions.go). GET /version reports it, and every request body is
+// checked against that release's request structs before anything runs
+// (schema.go): a field the release does not know is refused with the 400
+// and serde message that release would send, so a driver that sends a
+// field too new for the VMM fails here as it would on a real host. The
+// release also decides the snapshot data version written into the vmstate
+// and required of one being loaded, and the few behaviours that changed
+// (Diff without dirty tracking from 1.13; the Uffd handshake's page_size,
+// EVENT_REMOVE and socket lifetime from 1.12).
+//
 // # Guest memory layout
 //
 // RAM is one region, or two when it is larger than 3 GiB (Firecracker's x86

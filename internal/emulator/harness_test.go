@@ -47,7 +47,8 @@ type vmmProc struct {
 
 var procSeq atomic.Int64
 
-// startVMM starts a VMM process in dir and waits for its API socket.
+// startVMM starts a VMM process in dir, as the default (newest) release,
+// and waits for its API socket.
 func startVMM(t *testing.T, dir string) *vmmProc {
 	t.Helper()
 	return startVMMWith(t, dir, (*exec.Cmd).Start)
@@ -57,11 +58,23 @@ func startVMM(t *testing.T, dir string) *vmmProc {
 // a network namespace).
 func startVMMWith(t *testing.T, dir string, start func(*exec.Cmd) error) *vmmProc {
 	t.Helper()
+	return startVMMOpts(t, dir, DefaultFirecrackerVersion(), start)
+}
+
+// startVMMVersion is startVMM as Firecracker release version.
+func startVMMVersion(t *testing.T, dir, version string) *vmmProc {
+	t.Helper()
+	return startVMMOpts(t, dir, version, (*exec.Cmd).Start)
+}
+
+func startVMMOpts(t *testing.T, dir, version string, start func(*exec.Cmd) error) *vmmProc {
+	t.Helper()
 	n := procSeq.Add(1)
 	p := &vmmProc{t: t, name: fmt.Sprintf("vm%d", n), dir: dir, exited: make(chan struct{})}
 	p.sock = filepath.Join(dir, p.name+".sock")
 	p.logf = filepath.Join(dir, p.name+".log")
-	p.cmd = exec.Command(os.Args[0], "--api-sock", p.sock, "--id", p.name, "--log-path", p.logf, "--level", "Debug")
+	p.cmd = exec.Command(os.Args[0], "--api-sock", p.sock, "--id", p.name, "--log-path", p.logf, "--level", "Debug",
+		"--firecracker-version", version)
 	p.cmd.Env = append(os.Environ(), childEnv+"=1")
 	var stderr bytes.Buffer
 	p.cmd.Stderr = &stderr

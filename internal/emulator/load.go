@@ -14,18 +14,17 @@ type snapshotLoad struct {
 	SnapshotPath        *string     `json:"snapshot_path"`
 	MemBackend          *memBackend `json:"mem_backend"`
 	MemFilePath         *string     `json:"mem_file_path"`         // deprecated form of mem_backend File
-	EnableDiffSnapshots *bool       `json:"enable_diff_snapshots"` // deprecated form of track_dirty_pages
-	TrackDirtyPages     *bool       `json:"track_dirty_pages"`
+	EnableDiffSnapshots bool        `json:"enable_diff_snapshots"` // deprecated from 1.13
+	TrackDirtyPages     bool        `json:"track_dirty_pages"`     // 1.13+
 	ResumeVM            bool        `json:"resume_vm"`
 	NetworkOverrides    []struct {
 		IfaceID     string `json:"iface_id"`
 		HostDevName string `json:"host_dev_name"`
-	} `json:"network_overrides"`
+	} `json:"network_overrides"` // 1.12+
 	VsockOverride *struct {
 		UDSPath string `json:"uds_path"`
-	} `json:"vsock_override"`
-	ClockRealtime bool   `json:"clock_realtime"`
-	HugePages     string `json:"huge_pages"`
+	} `json:"vsock_override"` // 1.16+
+	ClockRealtime bool `json:"clock_realtime"` // 1.14.4, 1.15.1, 1.16+; no clock to advance here
 }
 
 // loadParams is a validated load request.
@@ -34,45 +33,33 @@ type loadParams struct {
 	track, resume                     bool
 }
 
+// validate applies Firecracker's checks of the parsed request (which fields
+// exist at all is the release's schema's business, already checked).
 func (r snapshotLoad) validate() (loadParams, error) {
 	var p loadParams
 	if r.SnapshotPath == nil {
-		return p, fault("missing field `snapshot_path`")
+		return p, deserializeError{"missing field `snapshot_path`"}
 	}
 	p.vmstate, p.resume = *r.SnapshotPath, r.ResumeVM
 	switch {
 	case r.MemBackend != nil && r.MemFilePath != nil:
-		return p, fault("too many fields: either `mem_backend` or `mem_file_path` exclusively.")
+		return p, deserializeError{"too many fields: either `mem_backend` or `mem_file_path` exclusively is required"}
 	case r.MemFilePath != nil:
 		p.backendType, p.backendPath = "File", *r.MemFilePath
 	case r.MemBackend != nil:
-		if r.MemBackend.BackendType == nil {
-			return p, fault("missing field `backend_type`")
-		}
-		if r.MemBackend.BackendPath == nil {
-			return p, fault("missing field `backend_path`")
+		if r.MemBackend.BackendType == nil || r.MemBackend.BackendPath == nil {
+			return p, deserializeError{"missing field `backend_type` or `backend_path`"}
 		}
 		p.backendType, p.backendPath = *r.MemBackend.BackendType, *r.MemBackend.BackendPath
 		if p.backendType != "File" && p.backendType != "Uffd" {
-			return p, faultf("unknown variant `%s`, expected `File` or `Uffd`", p.backendType)
+			return p, deserializeError{fmt.Sprintf("unknown variant `%s`, expected `File` or `Uffd`", p.backendType)}
 		}
 	default:
-		return p, fault("missing field: either `mem_backend` or `mem_file_path` is required.")
+		return p, deserializeError{"missing field: either `mem_backend` or `mem_file_path` is required"}
 	}
-	if r.TrackDirtyPages != nil && r.EnableDiffSnapshots != nil {
-		return p, fault("too many fields: either `enable_diff_snapshots` or `track_dirty_pages` exclusively.")
-	}
-	if r.TrackDirtyPages != nil {
-		p.track = *r.TrackDirtyPages
-	}
-	if r.EnableDiffSnapshots != nil {
-		p.track = *r.EnableDiffSnapshots
-	}
-	switch r.HugePages {
-	case "", "Snapshot", "None":
-	default:
-		return p, faultf("huge_pages %s is not supported by forkd vmm", r.HugePages)
-	}
+	// From 1.13 either name turns tracking on (the deprecated one too);
+	// before 1.13 track_dirty_pages does not exist (refused by the schema).
+	p.track = r.EnableDiffSnapshots || r.TrackDirtyPages
 	return p, nil
 }
 
@@ -105,6 +92,11 @@ func (v *vmm) load(p loadParams, req snapshotLoad) error {
 	if err != nil {
 		return err
 	}
+	// Firecracker's snapshot loader: same data format major, minor no newer.
+	if !v.snap.loads(st.SnapshotVersion) {
+		return faultf("Failed to restore from snapshot: Failed to get snapshot state from file: "+
+			"Failed to load snapshot state from file: Invalid data version: %s", st.SnapshotVersion)
+	}
 	// Devices are re-opened on load: their backing files must still exist.
 	for _, d := range st.Drives {
 		if d.Socket == "" && d.PathOnHost != "" {
@@ -125,12 +117,16 @@ func (v *vmm) load(p loadParams, req snapshotLoad) error {
 			return fault("Failed to restore from snapshot: Failed to get snapshot state from file: Unknown Network Device.")
 		}
 	}
+	if req.VsockOverride != nil {
+		// The emulator has no vsock device yet, so no snapshot holds one.
+		return fault("Failed to restore from snapshot: Failed to get snapshot state from file: Unknown Vsock Device.")
+	}
 	var mem *guestMemory
 	switch p.backendType {
 	case "File":
 		mem, err = mapFile(p.backendPath, st.Regions)
 	case "Uffd":
-		mem, err = v.mapUffd(p.backendPath, st.Regions)
+		mem, err = v.mapUffd(p.backendPath, st.Regions, st.Workload.Config.DiscardPct > 0)
 	}
 	if err != nil {
 		return err

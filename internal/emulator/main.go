@@ -14,15 +14,10 @@ import (
 	"strings"
 	"syscall"
 	"time"
-
-	"github.com/forkd/forkd/internal/version"
 )
 
-// FirecrackerVersion is the Firecracker release whose API this emulator
-// follows; GET / reports vmm_version as FirecrackerVersion-forkd+<forkd version>.
-const FirecrackerVersion = "1.13.0"
-
-// Config is the emulator's command line, named as Firecracker's.
+// Config is the emulator's command line, named as Firecracker's, plus the
+// release it stands for.
 type Config struct {
 	APISock string // --api-sock
 	ID      string // --id
@@ -31,6 +26,11 @@ type Config struct {
 	// NoSeccomp is --no-seccomp: run without the VMM's seccomp filter
 	// (development only, as in Firecracker).
 	NoSeccomp bool
+	// FirecrackerVersion (--firecracker-version MAJOR.MINOR[.PATCH]) is the
+	// release whose API, strictness and snapshot data version the emulator
+	// reproduces; default DefaultFirecrackerVersion. GET /version reports it
+	// and GET / reports vmm_version as <release>-forkd+<forkd version>.
+	FirecrackerVersion string
 }
 
 // ParseArgs parses Firecracker's command line. Firecracker flags forkd does
@@ -47,6 +47,8 @@ func ParseArgs(args []string) (Config, error) {
 	fs.StringVar(&c.LogPath, "log-path", "", "log file (appended to)")
 	fs.StringVar(&c.Level, "level", "Info", "log level: Error, Warning, Info, Debug")
 	fs.BoolVar(&c.NoSeccomp, "no-seccomp", false, "run without the seccomp filter (development only)")
+	fs.StringVar(&c.FirecrackerVersion, "firecracker-version", DefaultFirecrackerVersion(),
+		"the Firecracker release to emulate: "+strings.Join(SupportedVersions(), ", "))
 	for _, b := range []string{"boot-timer", "show-level", "show-log-origin", "no-api"} {
 		fs.Bool(b, false, "accepted for Firecracker compatibility; ignored")
 	}
@@ -64,6 +66,9 @@ func ParseArgs(args []string) (Config, error) {
 	}
 	if seccompFilter != "" {
 		return c, fmt.Errorf("forkd vmm: --seccomp-filter %s: custom filters are not supported (forkd vmm installs its own; --no-seccomp turns it off for development)", seccompFilter)
+	}
+	if err := ParseFirecrackerVersion(c.FirecrackerVersion); err != nil {
+		return c, fmt.Errorf("forkd vmm: --firecracker-version: %w", err)
 	}
 	return c, nil
 }
@@ -100,6 +105,13 @@ func Run(ctx context.Context, cfg Config, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if cfg.FirecrackerVersion == "" {
+		cfg.FirecrackerVersion = DefaultFirecrackerVersion()
+	}
+	rel, snap, err := lookupRelease(cfg.FirecrackerVersion)
+	if err != nil {
+		return fmt.Errorf("forkd vmm: --firecracker-version: %w", err)
+	}
 	var out io.Writer = stderr
 	if cfg.LogPath != "" {
 		f, err := os.OpenFile(cfg.LogPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
@@ -133,11 +145,12 @@ func Run(ctx context.Context, cfg Config, stderr io.Writer) error {
 	ctx, exit := context.WithCancel(ctx)
 	defer exit()
 
-	v := newVMM(cfg.ID, FirecrackerVersion+"-forkd+"+version.Version, log, exit)
+	v := newVMM(cfg.ID, rel, snap, log, exit)
 	srv := &http.Server{Handler: v.handler(), ReadHeaderTimeout: 10 * time.Second}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
-	log.Info("API server listening", "api_sock", cfg.APISock, "pid", os.Getpid(), "vmm_version", v.version)
+	log.Info("API server listening", "api_sock", cfg.APISock, "pid", os.Getpid(), "vmm_version", v.version,
+		"snapshot_version", snap.String())
 
 	select {
 	case <-ctx.Done():

@@ -78,7 +78,8 @@ func TestShippedBuildHasNoTestRequests(t *testing.T) {
 	if TestHooks {
 		t.Skip("built with the forkd_testhooks tag")
 	}
-	v := newVMM("t", "v", slog.New(slog.NewTextHandler(io.Discard, nil)), func() {})
+	rel, snap, _ := lookupRelease(DefaultFirecrackerVersion())
+	v := newVMM("t", rel, snap, slog.New(slog.NewTextHandler(io.Discard, nil)), func() {})
 	for _, path := range []string{"/test/open", "/test/violate-seccomp"} {
 		rec := httptest.NewRecorder()
 		v.handler().ServeHTTP(rec, httptest.NewRequest(http.MethodPut, path, strings.NewReader(`{"path":"/etc/shadow"}`)))

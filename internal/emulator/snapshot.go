@@ -78,7 +78,6 @@ type snapshotCreate struct {
 	SnapshotType string  `json:"snapshot_type"`
 	SnapshotPath *string `json:"snapshot_path"`
 	MemFilePath  *string `json:"mem_file_path"`
-	Version      string  `json:"version"` // deprecated (≤ 1.4), ignored
 }
 
 // createSnapshot is PUT /snapshot/create. The mem-file is written first and
@@ -99,10 +98,17 @@ func (v *vmm) createSnapshot(req snapshotCreate) error {
 	switch req.SnapshotType {
 	case "", "Full":
 	case "Diff":
-		if wl.dirty == nil {
-			return fault("Diff snapshots require dirty page tracking: set track_dirty_pages in /machine-config or /snapshot/load.")
-		}
 		dirty = wl.dirty
+		if dirty == nil {
+			if !v.rel.diffWithoutTracking() {
+				return fault("The requested operation is not supported: Diff snapshots are not allowed on uVMs with dirty page tracking disabled.")
+			}
+			// 1.13+: mincore stands in for the dirty log.
+			var err error
+			if dirty, err = residentPages(v.mem); err != nil {
+				return faultf("Create snapshot error: Cannot get dirty bitmap: %v", err)
+			}
+		}
 	default:
 		return faultf("unknown variant `%s`, expected `Full` or `Diff`", req.SnapshotType)
 	}
@@ -111,7 +117,7 @@ func (v *vmm) createSnapshot(req snapshotCreate) error {
 		// The dirty log is kept: a retry writes the same pages.
 		return faultf("Create snapshot error: %v", err)
 	}
-	st := &vmState{VMMVersion: v.version, Machine: v.machine, Drives: v.drives, Interfaces: v.ifaces,
+	st := &vmState{VMMVersion: v.version, FirecrackerVersion: v.rel.String(), SnapshotVersion: v.snap, Machine: v.machine, Drives: v.drives, Interfaces: v.ifaces,
 		Regions: v.mem.regions, Workload: wl.state()}
 	if v.boot != nil {
 		st.BootArgs = v.boot.BootArgs

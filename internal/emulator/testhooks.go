@@ -45,3 +45,9 @@ func registerTestHooks(mux *http.ServeMux) {
 		return nil
 	}))
 }
+
+// testHookSchemas lets the test requests past strictBodies (every release
+// has them in a test build; their bodies are the hooks' own business).
+func testHookSchemas() map[string]*schema {
+	return map[string]*schema{"PUT test": {open: true}}
+}

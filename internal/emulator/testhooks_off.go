@@ -8,3 +8,5 @@ import "net/http"
 const TestHooks = false
 
 func registerTestHooks(*http.ServeMux) {}
+
+func testHookSchemas() map[string]*schema { return nil }

@@ -77,7 +77,7 @@ func TestWorkingSetFitsBesideHeaderAndTable(t *testing.T) {
 }
 
 func testVMState() *vmState {
-	return &vmState{VMMVersion: "test", Machine: machineConfig{VCPUCount: 2, MemSizeMib: 32, HugePages: "None"},
+	return &vmState{VMMVersion: "test", FirecrackerVersion: "1.16.1", SnapshotVersion: snapshotVersion{10, 0, 0}, Machine: machineConfig{VCPUCount: 2, MemSizeMib: 32, HugePages: "None"},
 		BootArgs: "forkd.ws_mib=8", Regions: layoutRegions(32<<20, 16<<20),
 		Workload: workloadState{Config: workloadConfig{VCPUs: 2, WSPages: 2048, WritePct: 20, Rate: 100, Seed: 1},
 			Steps: []uint64{5, 7}, Generation: 3, Lineage: 99}}
@@ -98,7 +98,7 @@ func TestVMStateRoundTripsAndRejectsCorruption(t *testing.T) {
 		wantErr string
 	}{
 		{"magic", func(b []byte) []byte { b[0] ^= 1; return b }, "bad magic"},
-		{"format version", func(b []byte) []byte { b[16]++; return b }, "format version"},
+		{"format version", func(b []byte) []byte { b[16] += 7; return b }, "format version"},
 		{"body byte", func(b []byte) []byte { b[vmstateHeaderLen+5] ^= 1; return b }, "CRC64 mismatch"},
 		{"checksum byte", func(b []byte) []byte { b[len(b)-1] ^= 1; return b }, "CRC64 mismatch"},
 		{"truncated", func(b []byte) []byte { return b[:len(b)-3] }, "length"},

@@ -12,6 +12,7 @@ import (
 
 	"github.com/forkd/forkd/internal/guestnet"
 	"github.com/forkd/forkd/internal/uffd"
+	"github.com/forkd/forkd/internal/version"
 )
 
 // fault is an error whose text is the fault_message Firecracker would send.
@@ -55,7 +56,9 @@ func (s runState) String() string {
 // thread; mu gives the same serialisation.
 type vmm struct {
 	id      string
-	version string
+	version string          // GET / vmm_version
+	rel     release         // the Firecracker release emulated
+	snap    snapshotVersion // its snapshot data version
 	log     *slog.Logger
 	// shutdown asks Main to exit once the current response is written
 	// (SendCtrlAltDel).
@@ -89,8 +92,9 @@ type vmm struct {
 	wl atomic.Pointer[workload]
 }
 
-func newVMM(id, version string, log *slog.Logger, shutdown func()) *vmm {
-	return &vmm{id: id, version: version, log: log, shutdown: shutdown, machine: defaultMachineConfig()}
+func newVMM(id string, rel release, snap snapshotVersion, log *slog.Logger, shutdown func()) *vmm {
+	return &vmm{id: id, version: rel.String() + "-forkd+" + version.Version, rel: rel, snap: snap,
+		log: log, shutdown: shutdown, machine: defaultMachineConfig()}
 }
 
 // usable refuses every action after a failed load.

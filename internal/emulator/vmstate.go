@@ -13,24 +13,34 @@ import (
 
 // The vmstate file: magic (16 bytes) | format version (u32) | reserved (u32)
 // | body length (u64) | body (JSON) | CRC64-ECMA of everything before it.
-// Like Firecracker's, any change to the body's meaning bumps the format
+// Any change to the container or the body's meaning bumps the format
 // version, and a load refuses a version or checksum it does not know.
+// Which Firecracker release may load a vmstate is the body's
+// snapshot_version (Firecracker's snapshot data version), not this.
+//
+// Format versions: 1, the body without firecracker_version and
+// snapshot_version (written by the emulator when it stood for 1.13 only: read
+// as snapshot data version 8.0.0); 2, the body with them.
 const (
 	vmstateMagic         = "FORKD-VMSTATE\x00\x00\x00"
-	vmstateFormatVersion = 1
+	vmstateFormatVersion = 2
 	vmstateHeaderLen     = 16 + 4 + 4 + 8
 )
 
 // vmState is the vmstate body: the machine, its devices, the memory layout
 // and the guest's "CPU" state.
 type vmState struct {
-	VMMVersion string        `json:"vmm_version"`
-	Machine    machineConfig `json:"machine_config"`
-	BootArgs   string        `json:"boot_args"`
-	Drives     []drive       `json:"drives"`
-	Interfaces []netIface    `json:"network_interfaces"`
-	Regions    []region      `json:"regions"`
-	Workload   workloadState `json:"workload"`
+	VMMVersion string `json:"vmm_version"`
+	// FirecrackerVersion is the release that wrote it; SnapshotVersion its
+	// snapshot data version, which decides which releases may load it.
+	FirecrackerVersion string          `json:"firecracker_version"`
+	SnapshotVersion    snapshotVersion `json:"snapshot_version"`
+	Machine            machineConfig   `json:"machine_config"`
+	BootArgs           string          `json:"boot_args"`
+	Drives             []drive         `json:"drives"`
+	Interfaces         []netIface      `json:"network_interfaces"`
+	Regions            []region        `json:"regions"`
+	Workload           workloadState   `json:"workload"`
 }
 
 func encodeVMState(st *vmState) ([]byte, error) {
@@ -52,8 +62,9 @@ func decodeVMState(data []byte) (*vmState, error) {
 	if len(data) < vmstateHeaderLen+8 || string(data[:16]) != vmstateMagic {
 		return nil, fmt.Errorf("not a forkd vmstate file (bad magic or too short: %d bytes)", len(data))
 	}
-	if v := le.Uint32(data[16:]); v != vmstateFormatVersion {
-		return nil, fmt.Errorf("vmstate format version %d is not supported (this VMM reads version %d)", v, vmstateFormatVersion)
+	format := le.Uint32(data[16:])
+	if format != 1 && format != vmstateFormatVersion {
+		return nil, fmt.Errorf("vmstate format version %d is not supported (this VMM reads versions 1 and %d)", format, vmstateFormatVersion)
 	}
 	n := le.Uint64(data[24:])
 	if n != uint64(len(data)-vmstateHeaderLen-8) {
@@ -67,12 +78,18 @@ func decodeVMState(data []byte) (*vmState, error) {
 	if err := json.Unmarshal(data[vmstateHeaderLen:end], &st); err != nil {
 		return nil, fmt.Errorf("decode vmstate body: %w", err)
 	}
+	if format == 1 {
+		st.FirecrackerVersion, st.SnapshotVersion = "1.13.0", snapshotVersion{8, 0, 0}
+	}
 	return &st, st.validate()
 }
 
 // validate checks what the loader relies on, so a well-formed but wrong
 // vmstate is refused instead of crashing the workload.
 func (st *vmState) validate() error {
+	if st.SnapshotVersion.Major < 1 {
+		return fmt.Errorf("vmstate: no snapshot data version")
+	}
 	c := st.Workload.Config
 	if st.Machine.VCPUCount < 1 || st.Machine.VCPUCount > maxVCPUs || c.VCPUs != st.Machine.VCPUCount ||
 		len(st.Workload.Steps) != c.VCPUs {

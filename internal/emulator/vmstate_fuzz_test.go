@@ -26,9 +26,9 @@ func sealVMState(body []byte) []byte {
 func validVMStateBody(tb testing.TB) []byte {
 	tb.Helper()
 	st := &vmState{
-		VMMVersion: "fuzz",
-		Machine:    machineConfig{VCPUCount: 1, MemSizeMib: 16, TrackDirtyPages: true},
-		Regions:    []region{{GPA: 0, Size: 16 << 20, Offset: 0}},
+		VMMVersion: "fuzz", FirecrackerVersion: "1.13.2", SnapshotVersion: snapshotVersion{8, 0, 0},
+		Machine: machineConfig{VCPUCount: 1, MemSizeMib: 16, TrackDirtyPages: true},
+		Regions: []region{{GPA: 0, Size: 16 << 20, Offset: 0}},
 		Workload: workloadState{
 			Config: workloadConfig{VCPUs: 1, WSPages: 256, WritePct: 20, Rate: 100, Seed: 7},
 			Steps:  []uint64{42},

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -37,12 +38,25 @@ type Client struct {
 	apiSock  string
 	http     *http.Client
 	timeouts Timeouts
+
+	vmu     sync.Mutex // guards version
+	version Version    // the VMM's release; zero until known
 }
 
 // NewClient returns a client of the VMM listening on apiSock. It does not
-// connect until the first call.
+// connect until the first call. It learns the VMM's version (GET /version)
+// before the first request whose fields depend on it; a client from
+// Process.Client already knows it.
 func NewClient(apiSock string) *Client {
 	return newClient(apiSock, Timeouts{Call: defaultCallTimeout, Snapshot: defaultSnapshotTimeout})
+}
+
+// NewClientVersion is NewClient for a VMM whose version is already known
+// (zero: ask it when needed).
+func NewClientVersion(apiSock string, v Version) *Client {
+	c := NewClient(apiSock)
+	c.version = v
+	return c
 }
 
 func newClient(apiSock string, t Timeouts) *Client {
@@ -67,7 +81,11 @@ func (c *Client) WithTimeouts(t Timeouts) *Client {
 	if t.Snapshot <= 0 {
 		t.Snapshot = defaultSnapshotTimeout
 	}
-	return newClient(c.apiSock, t)
+	n := newClient(c.apiSock, t)
+	c.vmu.Lock()
+	n.version = c.version
+	c.vmu.Unlock()
+	return n
 }
 
 // APISock is the socket this client talks to.
@@ -81,6 +99,40 @@ func (c *Client) Describe(ctx context.Context) (InstanceInfo, error) {
 	var info InstanceInfo
 	err := c.do(ctx, c.timeouts.Call, http.MethodGet, "/", nil, &info)
 	return info, err
+}
+
+// GetVersion is GET /version: the release the VMM reports, unparsed.
+func (c *Client) GetVersion(ctx context.Context) (string, error) {
+	var v VersionInfo
+	if err := c.do(ctx, c.timeouts.Call, http.MethodGet, "/version", nil, &v); err != nil {
+		return "", err
+	}
+	if v.FirecrackerVersion == "" {
+		return "", fmt.Errorf("firecracker GET /version on %s: no firecracker_version in the answer", c.apiSock)
+	}
+	return v.FirecrackerVersion, nil
+}
+
+// Version is the VMM's release: the one this client was made with, else
+// asked once with GET /version and remembered.
+func (c *Client) Version(ctx context.Context) (Version, error) {
+	c.vmu.Lock()
+	v := c.version
+	c.vmu.Unlock()
+	if !v.IsZero() {
+		return v, nil
+	}
+	s, err := c.GetVersion(ctx)
+	if err != nil {
+		return Version{}, err
+	}
+	if v, err = ParseVersion(s); err != nil {
+		return Version{}, fmt.Errorf("firecracker GET /version on %s: %w", c.apiSock, err)
+	}
+	c.vmu.Lock()
+	c.version = v
+	c.vmu.Unlock()
+	return v, nil
 }
 
 // PutMachineConfig is PUT /machine-config (before boot).
@@ -105,6 +157,15 @@ func (c *Client) PutDrive(ctx context.Context, d Drive) error {
 func (c *Client) PutNetworkInterface(ctx context.Context, n NetworkInterface) error {
 	if n.IfaceID == "" {
 		return fmt.Errorf("firecracker put network interface: empty iface_id")
+	}
+	if n.MTU != 0 {
+		v, err := c.Version(ctx)
+		if err != nil {
+			return err
+		}
+		if err := requireFeature(v, FeatureNetworkMTU); err != nil {
+			return fmt.Errorf("firecracker put network interface %s: %w", n.IfaceID, err)
+		}
 	}
 	return c.do(ctx, c.timeouts.Call, http.MethodPut, "/network-interfaces/"+url.PathEscape(n.IfaceID), n, nil)
 }
@@ -144,9 +205,18 @@ func (c *Client) CreateSnapshot(ctx context.Context, s SnapshotCreate) error {
 	return c.do(ctx, c.timeouts.Snapshot, http.MethodPut, "/snapshot/create", s, nil)
 }
 
-// LoadSnapshot is PUT /snapshot/load, on a fresh VMM process only.
+// LoadSnapshot is PUT /snapshot/load, on a fresh VMM process only, with
+// the fields of the VMM's version (SnapshotLoad.loadBody).
 func (c *Client) LoadSnapshot(ctx context.Context, s SnapshotLoad) error {
-	return c.do(ctx, c.timeouts.Snapshot, http.MethodPut, "/snapshot/load", s, nil)
+	v, err := c.Version(ctx)
+	if err != nil {
+		return err
+	}
+	body, err := s.loadBody(v)
+	if err != nil {
+		return fmt.Errorf("firecracker PUT /snapshot/load: %w", err)
+	}
+	return c.do(ctx, c.timeouts.Snapshot, http.MethodPut, "/snapshot/load", body, nil)
 }
 
 // Guest is GET /guest, served only by the emulator. From a VMM without it (a

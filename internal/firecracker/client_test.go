@@ -132,7 +132,8 @@ func TestClientSendsFirecrackerRequests(t *testing.T) {
 				answer = `{"app_name":"Firecracker","id":"x","state":"Running","vmm_version":"1.13.0"}`
 			}
 			f := startFakeVMM(t, tc.answerCode, answer)
-			if err := tc.call(context.Background(), NewClient(f.sock)); err != nil {
+			// A client that knows its VMM's version, as Process.Client makes.
+			if err := tc.call(context.Background(), NewClientVersion(f.sock, Version{1, 13, 2})); err != nil {
 				t.Fatalf("call: %v", err)
 			}
 			r := <-f.reqs

@@ -7,14 +7,28 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/forkd/forkd/internal/testenv"
 )
 
 // These tests drive the real emulator (`forkd vmm`) through Launch and the
 // client: the driver's contract with a VMM, end to end.
 
-// launchEmulator launches `forkd vmm` on a socket in dir, skipping the test
-// while `forkd vmm` is still the skeleton's stub.
+// launchEmulator launches `forkd vmm` on a socket in dir, at the release the
+// test environment names (testenv.FirecrackerVersion, else the newest),
+// skipping the test while `forkd vmm` is still the skeleton's stub.
 func launchEmulator(t *testing.T, dir, name string) (*Process, *Client) {
+	t.Helper()
+	return launchEmulatorArgs(t, dir, name, testenv.EmulatorArgs())
+}
+
+// launchEmulatorVersion is launchEmulator as Firecracker release version.
+func launchEmulatorVersion(t *testing.T, dir, name, version string) (*Process, *Client) {
+	t.Helper()
+	return launchEmulatorArgs(t, dir, name, []string{"vmm", "--firecracker-version", version})
+}
+
+func launchEmulatorArgs(t *testing.T, dir, name string, args []string) (*Process, *Client) {
 	t.Helper()
 	bin, err := forkdBinary()
 	if err != nil {
@@ -24,7 +38,7 @@ func launchEmulator(t *testing.T, dir, name string) (*Process, *Client) {
 	defer cancel()
 	p, err := Launch(ctx, LaunchSpec{
 		Binary:  bin,
-		Args:    []string{"vmm"},
+		Args:    args,
 		APISock: filepath.Join(dir, name+".sock"),
 		ID:      name,
 		LogPath: filepath.Join(dir, "logs", name+".log"),
@@ -40,7 +54,7 @@ func launchEmulator(t *testing.T, dir, name string) (*Process, *Client) {
 			t.Errorf("cleanup Kill %s: %v", name, err)
 		}
 	})
-	c := NewClient(p.APISock)
+	c := p.Client()
 	t.Cleanup(c.Close)
 	return p, c
 }

@@ -93,7 +93,10 @@ const logTailBytes = 4 << 10
 // fallbackPATH is the VMM's PATH when the caller has none.
 const fallbackPATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-// Launch starts a VMM and returns once its API socket answers GET /.
+// Launch starts a VMM and returns once its API socket answers GET /version
+// with a release forkd drives (CheckSupported); the Process records it, so
+// every later request is built for it. An unsupported VMM is killed and the
+// error wraps ErrUnsupportedVersion.
 //
 // The VMM runs in its own session (setsid): it is not in the caller's process
 // group, so a signal to the daemon's group or the daemon's exit does not take
@@ -148,18 +151,27 @@ func Launch(ctx context.Context, spec LaunchSpec) (*Process, error) {
 		close(p.exited)
 	}()
 
-	if err := p.waitReady(ctx); err != nil {
+	v, err := p.waitReady(ctx)
+	if err == nil {
+		err = CheckSupported(v)
+	}
+	if err != nil {
 		killCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		_ = p.Kill(killCtx)
+		if errors.Is(err, ErrUnsupportedVersion) {
+			return nil, fmt.Errorf("launch vmm %s (%s): %w", spec.APISock, spec.Binary, err)
+		}
 		return nil, fmt.Errorf("launch vmm %s (%s): %w%s", spec.APISock, spec.Binary, err, logTail(spec.LogPath, logStart))
 	}
+	p.Version = v
 	return p, nil
 }
 
-// waitReady polls the API socket until GET / answers, the process exits, or
-// ctx (default 10 s) ends.
-func (p *Process) waitReady(ctx context.Context) error {
+// waitReady polls the API socket until GET /version answers, the process
+// exits, or ctx (default 10 s) ends, and returns the version. The answer
+// doubles as the readiness probe: it costs no extra round trip.
+func (p *Process) waitReady(ctx context.Context) (Version, error) {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, defaultLaunchTimeout)
@@ -175,21 +187,30 @@ func (p *Process) waitReady(ctx context.Context) error {
 	for {
 		select {
 		case <-p.exited:
-			return fmt.Errorf("vmm exited before its API socket answered: %v", p.waitErr)
+			return Version{}, fmt.Errorf("vmm exited before its API socket answered: %v", p.waitErr)
 		default:
 		}
 		if _, err := os.Stat(p.APISock); err != nil {
 			lastErr = err
-		} else if _, err := c.Describe(ctx); err != nil {
+		} else if s, err := c.GetVersion(ctx); err != nil {
+			var apiErr *APIError
+			if errors.As(err, &apiErr) {
+				// It answers, but not GET /version: no Firecracker we know.
+				return Version{}, fmt.Errorf("%w: the VMM does not answer GET /version: %w", ErrUnsupportedVersion, err)
+			}
 			lastErr = err
 		} else {
-			return nil
+			v, err := ParseVersion(s)
+			if err != nil {
+				return Version{}, fmt.Errorf("%w: GET /version: %w", ErrUnsupportedVersion, err)
+			}
+			return v, nil
 		}
 		select {
 		case <-p.exited:
-			return fmt.Errorf("vmm exited before its API socket answered: %v", p.waitErr)
+			return Version{}, fmt.Errorf("vmm exited before its API socket answered: %v", p.waitErr)
 		case <-ctx.Done():
-			return fmt.Errorf("vmm API socket did not answer: %w (last: %v)", ctx.Err(), lastErr)
+			return Version{}, fmt.Errorf("vmm API socket did not answer: %w (last: %v)", ctx.Err(), lastErr)
 		case <-tick.C:
 		}
 	}

@@ -429,3 +429,46 @@ func TestKillLeavesTheSocketOfANewerVMM(t *testing.T) {
 		t.Errorf("the newer VMM's socket broke when the old VMM was killed: %v", err)
 	}
 }
+
+func TestLaunchRecordsTheVMMVersion(t *testing.T) {
+	p := launchForTest(t, context.Background(), helperSpec(t, "serve"))
+	want, _ := ParseVersion(helperVersion)
+	if p.Version != want {
+		t.Fatalf("Process.Version = %v, want %v (GET /version)", p.Version, want)
+	}
+	if v, err := p.Client().Version(context.Background()); err != nil || v != want {
+		t.Fatalf("Process.Client().Version = %v, %v; want %v", v, err, want)
+	}
+	// An adopted VMM's version is read again, not assumed.
+	ap, err := Adopt(p.Pid, p.APISock)
+	if err != nil {
+		t.Fatalf("Adopt: %v", err)
+	}
+	if ap.Version != want {
+		t.Fatalf("adopted Process.Version = %v, want %v", ap.Version, want)
+	}
+}
+
+// A VMM forkd cannot drive is refused at launch with a clear error and
+// killed: nothing is left running on the socket.
+func TestLaunchRefusesAnUnsupportedVMM(t *testing.T) {
+	for _, tc := range []struct{ role, want string }{
+		{"old", "1.9.1 is older than 1.10.0"},
+		{"noversion", "does not answer GET /version"},
+	} {
+		t.Run(tc.role, func(t *testing.T) {
+			spec := helperSpec(t, tc.role)
+			p, err := Launch(context.Background(), spec)
+			if err == nil {
+				p.Kill(context.Background())
+				t.Fatalf("Launch of a %s VMM succeeded", tc.role)
+			}
+			if !errors.Is(err, ErrUnsupportedVersion) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Launch error %q: want ErrUnsupportedVersion saying %q", err, tc.want)
+			}
+			if _, serr := os.Stat(spec.APISock); !errors.Is(serr, os.ErrNotExist) {
+				t.Fatalf("the refused VMM's socket is still there (%v): it was not killed", serr)
+			}
+		})
+	}
+}

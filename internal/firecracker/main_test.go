@@ -31,9 +31,15 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
+// helperVersion is the release the "serve" helper claims; "old" claims one
+// forkd refuses.
+const helperVersion = "1.12.1"
+
 // runHelperVMM is a stand-in VMM process with the command line of
 // `firecracker --api-sock S --id ID`:
-//   - "serve": answers GET / like Firecracker;
+//   - "serve": answers GET / and GET /version like Firecracker helperVersion;
+//   - "old": the same, as Firecracker 1.9.1 (older than MinVersion);
+//   - "noversion": answers GET / but not GET /version;
 //   - "silent": prints its pid and never creates the socket;
 //   - "exit": prints an error and exits at once with status 3.
 func runHelperVMM(role string, args []string) int {
@@ -45,7 +51,8 @@ func runHelperVMM(role string, args []string) int {
 		return 2
 	}
 	switch role {
-	case "serve":
+	case "serve", "old", "noversion":
+		ver := map[string]string{"serve": helperVersion, "old": "1.9.1", "noversion": ""}[role]
 		ln, err := net.Listen("unix", *sock)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "helper: listen:", err)
@@ -54,7 +61,11 @@ func runHelperVMM(role string, args []string) int {
 		fmt.Printf("helper pid %d serving on %s\n", os.Getpid(), *sock)
 		_ = http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if r.Method == http.MethodGet && r.URL.Path == "/" {
-				_ = json.NewEncoder(w).Encode(InstanceInfo{AppName: "Firecracker", ID: *id, State: StateNotStarted, VMMVersion: "helper"})
+				_ = json.NewEncoder(w).Encode(InstanceInfo{AppName: "Firecracker", ID: *id, State: StateNotStarted, VMMVersion: ver})
+				return
+			}
+			if r.Method == http.MethodGet && r.URL.Path == "/version" && ver != "" {
+				_ = json.NewEncoder(w).Encode(VersionInfo{FirecrackerVersion: ver})
 				return
 			}
 			w.WriteHeader(http.StatusBadRequest)

@@ -19,6 +19,9 @@ import (
 type Process struct {
 	Pid     int
 	APISock string
+	// Version is the VMM's release (GET /version at launch or adoption);
+	// zero for a Process from AdoptForKill.
+	Version Version
 
 	// startTime is the process start time (clock ticks since boot, field 22
 	// of /proc/<pid>/stat). With the pid it names one process: a pid reused
@@ -36,9 +39,11 @@ type Process struct {
 }
 
 // Adopt re-attaches to a VMM started by an earlier daemon: the pid must be
-// alive (not a zombie), its API socket must answer GET /, and the socket
-// must be that process's (SO_PEERCRED): a recycled pid that happens to be
-// alive never passes for the VMM, so a later Kill cannot hit a stranger.
+// alive (not a zombie), its API socket must answer GET /version, and the
+// socket must be that process's (SO_PEERCRED): a recycled pid that happens
+// to be alive never passes for the VMM, so a later Kill cannot hit a
+// stranger. The version is read again (not trusted from any record), so
+// every request to the adopted VMM is built for what it really runs.
 func Adopt(pid int, apiSock string) (*Process, error) {
 	if pid <= 0 {
 		return nil, fmt.Errorf("adopt vmm pid %d: invalid pid", pid)
@@ -62,11 +67,15 @@ func Adopt(pid int, apiSock string) (*Process, error) {
 	}
 	c := newClient(apiSock, Timeouts{Call: 2 * time.Second, Snapshot: defaultSnapshotTimeout})
 	defer c.Close()
-	if _, err := c.Describe(context.Background()); err != nil {
+	v, err := c.Version(context.Background())
+	if err != nil {
 		return nil, fmt.Errorf("adopt vmm pid %d: api socket: %w", pid, err)
 	}
-	return &Process{Pid: pid, APISock: apiSock, startTime: st.startTime, watch: newPidWatch()}, nil
+	return &Process{Pid: pid, APISock: apiSock, Version: v, startTime: st.startTime, watch: newPidWatch()}, nil
 }
+
+// Client returns an API client of this VMM that already knows its version.
+func (p *Process) Client() *Client { return NewClientVersion(p.APISock, p.Version) }
 
 // AdoptForKill finds a VMM whose API may no longer answer (hung, or
 // mid-crash) so it can be killed: pid must be alive and its command line

@@ -48,6 +48,8 @@ type NetworkInterface struct {
 	IfaceID     string `json:"iface_id"`
 	HostDevName string `json:"host_dev_name"`
 	GuestMAC    string `json:"guest_mac,omitempty"`
+	// MTU is advertised to the guest (1.16+; 0 = not sent).
+	MTU int `json:"mtu,omitempty"`
 }
 
 // SnapshotCreate is the body of PUT /snapshot/create. The VM must be Paused.
@@ -65,15 +67,81 @@ type MemBackend struct {
 	BackendPath string `json:"backend_path"`
 }
 
-// SnapshotLoad is the body of PUT /snapshot/load. It is accepted only by a
-// fresh VMM process; a failed load leaves the process unusable.
+// SnapshotLoad is PUT /snapshot/load. It is accepted only by a fresh VMM
+// process; a failed load leaves the process unusable. The client encodes it
+// for the VMM's version (see loadBody): fields are named as of the newest
+// release here.
 type SnapshotLoad struct {
-	SnapshotPath string     `json:"snapshot_path"`
-	MemBackend   MemBackend `json:"mem_backend"`
+	SnapshotPath string
+	MemBackend   MemBackend
 	// TrackDirtyPages is not persisted in the snapshot: send it on every load
-	// that should be able to take a Diff snapshot later.
-	TrackDirtyPages bool `json:"track_dirty_pages"`
-	ResumeVM        bool `json:"resume_vm"`
+	// that should be able to take a Diff snapshot later. Sent as
+	// `track_dirty_pages` from 1.13, `enable_diff_snapshots` before.
+	TrackDirtyPages bool
+	ResumeVM        bool
+	// FeatureNetworkOverrides rename restored interfaces' TAP devices (1.12+).
+	NetworkOverrides []NetworkOverride
+	// FeatureVsockOverride rebinds the restored vsock device elsewhere (1.16+).
+	VsockOverride *VsockOverride
+}
+
+// NetworkOverride is one entry of SnapshotLoad.NetworkOverrides.
+type NetworkOverride struct {
+	IfaceID     string `json:"iface_id"`
+	HostDevName string `json:"host_dev_name"`
+}
+
+// VsockOverride is SnapshotLoad.VsockOverride.
+type VsockOverride struct {
+	UDSPath string `json:"uds_path"`
+}
+
+// loadWire is the JSON of PUT /snapshot/load: every field any supported
+// version knows, each left out unless loadBody sets it.
+type loadWire struct {
+	SnapshotPath        string            `json:"snapshot_path"`
+	MemBackend          *MemBackend       `json:"mem_backend,omitempty"`
+	EnableDiffSnapshots *bool             `json:"enable_diff_snapshots,omitempty"`
+	TrackDirtyPages     *bool             `json:"track_dirty_pages,omitempty"`
+	ResumeVM            bool              `json:"resume_vm"`
+	NetworkOverrides    []NetworkOverride `json:"network_overrides,omitempty"`
+	VsockOverride       *VsockOverride    `json:"vsock_override,omitempty"`
+}
+
+// loadBody encodes s for Firecracker v. Every supported version takes
+// mem_backend (mem_file_path is its deprecated File-only form, never sent).
+// Dirty tracking is track_dirty_pages from 1.13 and enable_diff_snapshots
+// before it: each version refuses the other's name. Overrides the version
+// lacks are an error, never silently dropped: a restore that ignored a TAP
+// rename would open another VM's device.
+func (s SnapshotLoad) loadBody(v Version) (loadWire, error) {
+	w := loadWire{SnapshotPath: s.SnapshotPath, ResumeVM: s.ResumeVM}
+	mb := s.MemBackend
+	w.MemBackend = &mb
+	track := s.TrackDirtyPages
+	if v.Supports(FeatureLoadTrackDirtyPages) {
+		w.TrackDirtyPages = &track
+	} else {
+		w.EnableDiffSnapshots = &track
+	}
+	if len(s.NetworkOverrides) > 0 {
+		if err := requireFeature(v, FeatureNetworkOverrides); err != nil {
+			return w, err
+		}
+		w.NetworkOverrides = s.NetworkOverrides
+	}
+	if s.VsockOverride != nil {
+		if err := requireFeature(v, FeatureVsockOverride); err != nil {
+			return w, err
+		}
+		w.VsockOverride = s.VsockOverride
+	}
+	return w, nil
+}
+
+// VersionInfo is the body of GET /version.
+type VersionInfo struct {
+	FirecrackerVersion string `json:"firecracker_version"`
 }
 
 // InstanceInfo is the body of GET /.

@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/testenv"
 	"github.com/forkd/forkd/internal/testfs"
 )
 
@@ -132,7 +133,7 @@ func newBenchManager(b *testing.B, parent, strategy string) *Manager {
 	b.Cleanup(func() { os.RemoveAll(dir) })
 	m, err := New(context.Background(), Config{
 		DataDir:      dir,
-		VMM:          VMMSpec{Binary: forkdBinary(b), Args: []string{"vmm"}, Emulator: true},
+		VMM:          VMMSpec{Binary: forkdBinary(b), Args: testenv.EmulatorArgs(), Emulator: true},
 		Logger:       slog.New(slog.NewTextHandler(io.Discard, nil)),
 		ForkStrategy: strategy,
 	})

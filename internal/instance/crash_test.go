@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/testenv"
 )
 
 // crashDirEnv makes this test binary a crash helper (see crashHelper).
@@ -26,7 +27,7 @@ const crashDirEnv = "FORKD_CRASH_DIR"
 func crashHelper() int {
 	m, err := New(context.Background(), Config{
 		DataDir: os.Getenv(crashDirEnv),
-		VMM:     VMMSpec{Binary: os.Getenv("FORKD_CRASH_VMM"), Args: []string{"vmm"}, Emulator: true},
+		VMM:     VMMSpec{Binary: os.Getenv("FORKD_CRASH_VMM"), Args: testenv.EmulatorArgs(), Emulator: true},
 		Logger:  slog.New(slog.NewTextHandler(os.Stderr, nil)),
 	})
 	if err != nil {

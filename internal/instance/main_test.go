@@ -95,7 +95,7 @@ func newManagerAt(t *testing.T, dir string, opts ...testOpt) *Manager {
 	t.Helper()
 	cfg := Config{
 		DataDir:     dir,
-		VMM:         VMMSpec{Binary: forkdBinary(t), Args: []string{"vmm"}, Emulator: true},
+		VMM:         VMMSpec{Binary: forkdBinary(t), Args: testenv.EmulatorArgs(), Emulator: true},
 		PagerBinary: forkdBinary(t),
 		Logger:      slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})),
 	}

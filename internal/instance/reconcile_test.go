@@ -12,6 +12,7 @@ import (
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/store"
+	"github.com/forkd/forkd/internal/testenv"
 )
 
 // openAndClose runs fn on a manager over dir and closes it WITHOUT deleting
@@ -20,7 +21,7 @@ func openAndClose(t *testing.T, dir string, fn func(m *Manager)) {
 	t.Helper()
 	m, err := New(context.Background(), Config{
 		DataDir: dir,
-		VMM:     VMMSpec{Binary: forkdBinary(t), Args: []string{"vmm"}, Emulator: true},
+		VMM:     VMMSpec{Binary: forkdBinary(t), Args: testenv.EmulatorArgs(), Emulator: true},
 		// Never this test binary: started as a pager it would run the tests.
 		PagerBinary: forkdBinary(t),
 		Logger:      slog.New(slog.NewTextHandler(testWriter{t}, nil)),

@@ -39,13 +39,21 @@ func (s VMMSpec) ExecName() string {
 //     binary in PATH both exist, else this executable's emulator;
 //   - "emulator": this executable's emulator;
 //   - a path: firecracker, unless its name starts with "forkd" (the emulator).
-func ResolveVMM(setting string) (VMMSpec, error) {
+//
+// The emulator stands for Firecracker release emulatorVersion ("" = its
+// default, the newest supported); a real firecracker reports its own, which
+// every launch reads and checks.
+func ResolveVMM(setting, emulatorVersion string) (VMMSpec, error) {
+	emuArgs := []string{"vmm"}
+	if emulatorVersion != "" {
+		emuArgs = append(emuArgs, "--firecracker-version", emulatorVersion)
+	}
 	self := func() (VMMSpec, error) {
 		exe, err := os.Executable()
 		if err != nil {
 			return VMMSpec{}, fmt.Errorf("resolve vmm: %w", err)
 		}
-		return VMMSpec{Binary: exe, Args: []string{"vmm"}, Emulator: true}, nil
+		return VMMSpec{Binary: exe, Args: emuArgs, Emulator: true}, nil
 	}
 	switch setting {
 	case "", "auto":
@@ -63,7 +71,7 @@ func ResolveVMM(setting string) (VMMSpec, error) {
 		return VMMSpec{}, fmt.Errorf("resolve vmm %q: %w", setting, err)
 	}
 	if strings.HasPrefix(filepath.Base(path), "forkd") {
-		return VMMSpec{Binary: path, Args: []string{"vmm"}, Emulator: true}, nil
+		return VMMSpec{Binary: path, Args: emuArgs, Emulator: true}, nil
 	}
 	return VMMSpec{Binary: path}, nil
 }
@@ -85,6 +93,7 @@ func (m *Manager) launch(ctx context.Context, in store.Instance, g guestdir.Gues
 		return nil, fmt.Errorf("launch vmm %s: %w", id, err)
 	}
 	m.setProc(id, p)
+	m.log.Debug("vmm launched", "instance", id, "pid", p.Pid, "firecracker_version", p.Version.String())
 	return p, nil
 }
 
@@ -115,8 +124,20 @@ func (m *Manager) killVMM(ctx context.Context, id string, pid int, g guestdir.Gu
 	return nil
 }
 
+// client returns an API client of the instance's VMM. The VMM this manager
+// launched or adopted on that socket lends it its version (read by GET
+// /version then), so requests are built for the release it runs; without
+// one the client asks before the first request that depends on it.
 func (m *Manager) client(g guestdir.Guest) *firecracker.Client {
-	return firecracker.NewClient(g.VMMSock())
+	sock := g.VMMSock()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, p := range m.procs {
+		if p != nil && p.APISock == sock {
+			return p.Client()
+		}
+	}
+	return firecracker.NewClient(sock)
 }
 
 // memoryCheck asks the VMM how its guest's memory verifies: "ok", the first

@@ -549,6 +549,26 @@ func TestVMMExitSeenThroughPidfd(t *testing.T) {
 	}
 }
 
+// Firecracker before 1.12 closes the handshake socket right after sending
+// and runs on: the session must keep serving it (its pidfd, not the
+// socket's EOF, tells its exit), then end when it exits.
+func TestSessionOutlivesAHandshakeSocketClosedEarly(t *testing.T) {
+	requireUffd(t)
+	p := startPager(t, Config{CacheBytes: cacheBytes})
+	mem := memFile(t, p.dir, 64, -1, 0, 0)
+	s := p.create(t, "fc110", mem, "snap")
+	c := startConsumer(t, s.SocketPath, mem, 64*uffd.PageSize, "fc110", "touch:0-8,wait,touch:8-64")
+	c.expect("waiting")
+	// The socket was closed before the first touch; every later fault must
+	// still be served (a session ended on EOF would leave them hanging).
+	c.resume()
+	c.finish() // touches the rest (each page verified) and exits
+	p.waitSessions(t, 0)
+	if !strings.Contains(p.logs.String(), "exited)") {
+		t.Errorf("session did not end through the pidfd:\n%s", p.logs.String())
+	}
+}
+
 func TestDeleteDuringHandshakeDoesNotWaitForItsTimeout(t *testing.T) {
 	requireUffd(t)
 	p := startPager(t, Config{CacheBytes: cacheBytes, HandshakeTimeout: 10 * time.Minute})

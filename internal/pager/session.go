@@ -178,14 +178,15 @@ func (s *session) run() {
 	s.mu.Unlock()
 	s.log.Info("session serving", "pid", pid, "regions", len(regions))
 
+	pidfd := s.openPidfd(pid)
 	watchDone := make(chan struct{}, 2)
 	go func() {
 		defer func() { watchDone <- struct{}{} }()
-		s.watch(conn)
+		s.watch(conn, pidfd != nil)
 	}()
 	go func() {
 		defer func() { watchDone <- struct{}{} }()
-		s.watchPid(pid)
+		s.watchPid(pid, pidfd)
 	}()
 	err = s.serve(s.ctx, f, regions)
 	if err != nil {
@@ -252,35 +253,51 @@ func peerPid(conn *net.UnixConn) int {
 }
 
 // watch reads the session socket until it closes. Firecracker never writes
-// after the handshake and keeps the socket until it exits, so EOF means the
-// VMM is gone (the uffd itself reports nothing when its owner exits) and
-// any data is a protocol error.
-func (s *session) watch(conn *net.UnixConn) {
+// after the handshake, so any data is a protocol error. From 1.12 it keeps
+// the socket until it exits, so EOF means the VMM is gone (the uffd itself
+// reports nothing when its owner exits); releases before 1.12 close it
+// right after the handshake and go on running. So with a pidfd watching
+// the VMM (havePidfd), EOF is left to the pidfd; without one it is the
+// only exit signal there is.
+func (s *session) watch(conn *net.UnixConn, havePidfd bool) {
 	buf := make([]byte, 512)
 	n, err := conn.Read(buf)
 	switch {
 	case n > 0:
 		s.cancel(fmt.Errorf("protocol error: %d unexpected bytes after the handshake (one handshake message per session)", n))
+	case (errors.Is(err, io.EOF) || errors.Is(err, unix.ECONNRESET)) && havePidfd:
+		s.log.Debug("the VMM closed the session socket (Firecracker < 1.12 does after the handshake); its pidfd tells its exit")
 	case errors.Is(err, io.EOF), errors.Is(err, unix.ECONNRESET):
 		s.cancel(errVMMExited)
 	default:
-		s.cancel(fmt.Errorf("session socket: %w", err))
+		if s.ctx.Err() == nil {
+			s.cancel(fmt.Errorf("session socket: %w", err))
+		}
 	}
 }
 
-// watchPid ends the session when the VMM process exits, seen through a
-// pidfd: it covers a VMM whose socket outlives it (inherited by a child).
-// Without pidfd support the socket's EOF is the only signal.
-func (s *session) watchPid(pid int) {
+// openPidfd pins the VMM process (the peer of the handshake) so its exit
+// can be seen; nil when the kernel has no pidfds or the VMM is already
+// gone (then the socket's EOF is the signal).
+func (s *session) openPidfd(pid int) *os.File {
 	if pid <= 0 {
-		return
+		return nil
 	}
 	fd, err := unix.PidfdOpen(pid, unix.PIDFD_NONBLOCK)
 	if err != nil {
 		s.log.Debug("no pidfd for the VMM; relying on the socket's EOF", "pid", pid, "err", err)
+		return nil
+	}
+	return os.NewFile(uintptr(fd), "pidfd")
+}
+
+// watchPid ends the session when the VMM process exits, seen through its
+// pidfd f (nil: nothing to watch): it covers a VMM whose socket outlives it
+// (inherited by a child) and one that closed the socket early (< 1.12).
+func (s *session) watchPid(pid int, f *os.File) {
+	if f == nil {
 		return
 	}
-	f := os.NewFile(uintptr(fd), "pidfd")
 	stop := context.AfterFunc(s.ctx, func() { f.Close() })
 	defer stop()
 	defer f.Close()

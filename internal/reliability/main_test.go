@@ -64,6 +64,7 @@ func newDaemonSpec(t *testing.T, parent string, edit func(*DaemonOptions)) *Daem
 	}
 	opts := DaemonOptions{Binary: bin, DataDir: filepath.Join(dir, "d"), LogPath: filepath.Join(dir, "daemon.log")}
 	edit(&opts)
+	opts.Env = withEmulatorVersion(opts.Env)
 	d, err := StartDaemon(context.Background(), opts)
 	if err != nil {
 		os.RemoveAll(dir)
@@ -96,6 +97,7 @@ func newDaemonSpec(t *testing.T, parent string, edit func(*DaemonOptions)) *Daem
 // the successor is shut down when the test ends.
 func restart(t *testing.T, d *Daemon, env []string) *Daemon {
 	t.Helper()
+	env = withEmulatorVersion(env)
 	nd, err := d.Restart(context.Background(), env)
 	// A child the killed daemon was forking (vfork, before its exec closes
 	// inherited descriptors) can hold the data-dir lock for a moment after
@@ -114,6 +116,15 @@ func restart(t *testing.T, d *Daemon, env []string) *Daemon {
 		}
 	})
 	return nd
+}
+
+// withEmulatorVersion adds the emulator release the test environment names
+// (testenv.FirecrackerVersion) to a daemon's environment.
+func withEmulatorVersion(env []string) []string {
+	if v := testenv.FirecrackerVersion(); v != "" {
+		return append(append([]string{}, env...), "FORKD_EMULATOR_FIRECRACKER_VERSION="+v)
+	}
+	return env
 }
 
 func ctxT(t *testing.T, d time.Duration) context.Context {

@@ -18,7 +18,7 @@ type Region struct {
 	BaseHostVirtAddr uint64 `json:"base_host_virt_addr"`
 	Size             uint64 `json:"size"`
 	Offset           uint64 `json:"offset"`
-	PageSize         uint64 `json:"page_size"`
+	PageSize         uint64 `json:"page_size,omitempty"` // not sent by Firecracker < 1.12
 	PageSizeKiB      uint64 `json:"page_size_kib"`
 }
 

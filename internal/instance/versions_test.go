@@ -1,0 +1,60 @@
+package instance
+
+import (
+	"context"
+	"os"
+	"testing"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/emulator"
+	"github.com/forkd/forkd/internal/firecracker"
+	"github.com/forkd/forkd/internal/testenv"
+)
+
+// TestLifecycleAtOldestAndNewestFirecracker runs the manager's whole
+// lifecycle (boot, standby, File and Uffd restore, fork, stop) against the
+// emulator standing for the oldest and the newest supported release, each
+// as strict as that release: a request field the release lacks fails the
+// operation that sends it. (The full instance suite runs at the newest,
+// and `make test` runs a subset again at the oldest.)
+func TestLifecycleAtOldestAndNewestFirecracker(t *testing.T) {
+	if _, err := os.Stat("/dev/userfaultfd"); err != nil {
+		testenv.Need(t, testenv.Uffd, "no /dev/userfaultfd: "+err.Error())
+	}
+	versions := emulator.SupportedVersions()
+	for _, ver := range []string{versions[0], versions[len(versions)-1]} {
+		t.Run(ver, func(t *testing.T) {
+			m := newTestManager(t, func(c *Config) {
+				c.VMM.Args = []string{"vmm", "--firecracker-version", ver}
+			})
+			ctx := context.Background()
+			src := createRunning(t, m, "src")
+			want, err := firecracker.ParseVersion(ver)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if p := m.proc(src.ID); p == nil || p.Version.Major != want.Major || p.Version.Minor != want.Minor {
+				t.Fatalf("the launched VMM's version is %v, want %s", p, ver)
+			}
+			verifyGuest(t, m, src.ID)
+			action(t, m, "src", "standby")
+			action(t, m, "src", "restore") // File
+			verifyGuest(t, m, src.ID)
+			action(t, m, "src", "standby") // a Diff into the restored base
+			in, err := m.Action(ctx, "src", "restore", api.ActionRequest{RestoreBackend: api.BackendUffd})
+			if err != nil || in.State != api.StateRunning {
+				t.Fatalf("uffd restore at %s: %+v, %v", ver, in, err)
+			}
+			verifyGuest(t, m, src.ID)
+			action(t, m, "src", "standby")
+			f := fork(t, m, "src", api.ForkRequest{Name: "f", TargetState: api.StateRunning})
+			verifyGuest(t, m, f.ID)
+			live := fork(t, m, "f", api.ForkRequest{Name: "live", FromRunning: true, TargetState: api.StateRunning})
+			verifyGuest(t, m, live.ID)
+			verifyGuest(t, m, f.ID)
+			action(t, m, "f", "stop")
+			action(t, m, "f", "start")
+			verifyGuest(t, m, f.ID)
+		})
+	}
+}
