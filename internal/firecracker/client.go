@@ -108,7 +108,7 @@ func (c *Client) GetVersion(ctx context.Context) (string, error) {
 		return "", err
 	}
 	if v.FirecrackerVersion == "" {
-		return "", fmt.Errorf("firecracker GET /version on %s: no firecracker_version in the answer", c.apiSock)
+		return "", fmt.Errorf("%w: GET /version on %s answered without firecracker_version", ErrUnsupportedVersion, c.apiSock)
 	}
 	return v.FirecrackerVersion, nil
 }

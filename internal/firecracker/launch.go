@@ -198,6 +198,9 @@ func (p *Process) waitReady(ctx context.Context) (Version, error) {
 				// It answers, but not GET /version: no Firecracker we know.
 				return Version{}, fmt.Errorf("%w: the VMM does not answer GET /version: %w", ErrUnsupportedVersion, err)
 			}
+			if errors.Is(err, ErrUnsupportedVersion) {
+				return Version{}, err
+			}
 			lastErr = err
 		} else {
 			v, err := ParseVersion(s)

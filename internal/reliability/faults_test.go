@@ -24,7 +24,7 @@ import (
 const fakeVMMEnv = "FORKD_RELIABILITY_FAKE_VMM"
 
 // fakeVMM is a VMM that speaks just enough of Firecracker's API to be
-// launched (GET / answers) and then, in mode "die-on-load", SIGKILLs itself
+// launched (GET / and GET /version answer) and then, in mode "die-on-load", SIGKILLs itself
 // when PUT /snapshot/load arrives: a VMM dying in the middle of a restore,
 // deterministically.
 func fakeVMM(mode string, args []string) int {
@@ -40,9 +40,13 @@ func fakeVMM(mode string, args []string) int {
 		return 1
 	}
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /", func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
-		io.WriteString(w, `{"app_name":"Firecracker","id":"fake","state":"Not started","vmm_version":"1.7.0"}`)
+		io.WriteString(w, `{"app_name":"Firecracker","id":"fake","state":"Not started","vmm_version":"1.16.1"}`)
+	})
+	mux.HandleFunc("GET /version", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"firecracker_version":"1.16.1"}`)
 	})
 	mux.HandleFunc("PUT /snapshot/load", func(w http.ResponseWriter, r *http.Request) {
 		io.Copy(io.Discard, r.Body)
