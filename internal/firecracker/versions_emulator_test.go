@@ -8,16 +8,23 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/forkd/forkd/internal/testenv"
+	"github.com/forkd/forkd/internal/testnet"
 )
 
 // driverScenario makes every request the driver has, the way the manager
-// makes them, against an emulator launched at release version, through the
-// client the launch returned (which knows the version). It returns the first
-// refusal. client, when set, replaces that client: the twin test uses it to
-// send another release's fields.
+// makes them, against emulators launched at release version inside a
+// network namespace of the test's own (with TAPs tap0 and tap1), through
+// the client each launch returned (which knows the version). It returns
+// the first refusal. client, when set, replaces that client: the twin test
+// uses it to send another release's fields.
 func driverScenario(t *testing.T, version string, client func(*Process) *Client) error {
 	t.Helper()
 	ctx := context.Background()
+	ns := testnet.New(t)
+	ns.AddTAP(testnet.TAP{Name: "tap0"})
+	ns.AddTAP(testnet.TAP{Name: "tap1"})
 	dir := shortTempDir(t)
 	kernel := filepath.Join(dir, "vmlinux")
 	rootfs := filepath.Join(dir, "rootfs.ext4")
@@ -26,8 +33,16 @@ func driverScenario(t *testing.T, version string, client func(*Process) *Client)
 			t.Fatal(err)
 		}
 	}
+	bin := testenv.ForkdBinary(t)
 	launch := func(name string) (*Process, *Client) {
-		p, _ := launchEmulatorVersion(t, dir, name, version)
+		var p *Process
+		ns.Do(func() error {
+			var err error
+			p, err = Launch(ctx, LaunchSpec{Binary: bin, Args: []string{"vmm", "--firecracker-version", version},
+				APISock: filepath.Join(dir, name+".sock"), ID: name, LogPath: filepath.Join(dir, "logs", name+".log"), WorkDir: dir})
+			return err
+		})
+		t.Cleanup(func() { p.Kill(context.Background()) })
 		c := p.Client()
 		if client != nil {
 			c = client(p)
@@ -47,29 +62,25 @@ func driverScenario(t *testing.T, version string, client func(*Process) *Client)
 		return SnapshotCreate{SnapshotType: typ, SnapshotPath: filepath.Join(dir, "vmstate"), MemFilePath: filepath.Join(dir, "memory")}
 	}
 
-	// Pre-boot requests on a process of their own (a network interface
-	// needs a TAP at boot, which this package's tests do not make).
-	p0, c0 := launch("netcfg")
+	// Boot with a disk and a network interface, Full then Diff snapshots
+	// (the start → standby path).
+	p1, c1 := launch("boot")
 	nic := NetworkInterface{IfaceID: "eth0", HostDevName: "tap0", GuestMAC: "02:fc:00:00:00:05"}
-	if p0.Version.Supports(FeatureNetworkMTU) {
+	if p1.Version.Supports(FeatureNetworkMTU) {
 		nic.MTU = 1500
 	}
-	if err := steps(namedStep{"network interface", func() error { return c0.PutNetworkInterface(ctx, nic) }}); err != nil {
-		return err
-	}
-
-	// Boot, Full then Diff snapshots (the start → standby path).
-	p1, c1 := launch("boot")
 	if err := steps(
 		namedStep{"machine-config", func() error {
 			return c1.PutMachineConfig(ctx, MachineConfig{VcpuCount: 1, MemSizeMib: 32, TrackDirtyPages: true})
 		}},
 		namedStep{"boot-source", func() error {
-			return c1.PutBootSource(ctx, BootSource{KernelImagePath: kernel, BootArgs: "forkd.ws_mib=2 forkd.rate=20000"})
+			return c1.PutBootSource(ctx, BootSource{KernelImagePath: kernel,
+				BootArgs: "forkd.ws_mib=2 forkd.rate=20000 ip=169.254.0.21::169.254.0.22:255.255.255.252::eth0:off"})
 		}},
 		namedStep{"drive", func() error {
 			return c1.PutDrive(ctx, Drive{DriveID: "rootfs", PathOnHost: "rootfs.ext4", IsRootDevice: true})
 		}},
+		namedStep{"network interface", func() error { return c1.PutNetworkInterface(ctx, nic) }},
 		namedStep{"start", func() error { return c1.StartInstance(ctx) }},
 		namedStep{"pause", func() error { return c1.Pause(ctx) }},
 		namedStep{"full snapshot", func() error { return c1.CreateSnapshot(ctx, snap(SnapshotFull)) }},
@@ -81,14 +92,17 @@ func driverScenario(t *testing.T, version string, client func(*Process) *Client)
 		return err
 	}
 
-	// Restore with dirty tracking (the restore path), then a Diff of the
+	// Restore with dirty tracking (the restore path), renaming the TAP
+	// where the release can (a fork's restore), then a Diff of the
 	// restored VM (its next standby).
 	p2, c2 := launch("restore")
+	load := SnapshotLoad{SnapshotPath: filepath.Join(dir, "vmstate"),
+		MemBackend: MemBackend{BackendType: BackendFile, BackendPath: filepath.Join(dir, "memory")}, TrackDirtyPages: true}
+	if p2.Version.Supports(FeatureNetworkOverrides) {
+		load.NetworkOverrides = []NetworkOverride{{IfaceID: "eth0", HostDevName: "tap1"}}
+	}
 	return steps(
-		namedStep{"load", func() error {
-			return c2.LoadSnapshot(ctx, SnapshotLoad{SnapshotPath: filepath.Join(dir, "vmstate"),
-				MemBackend: MemBackend{BackendType: BackendFile, BackendPath: filepath.Join(dir, "memory")}, TrackDirtyPages: true})
-		}},
+		namedStep{"load", func() error { return c2.LoadSnapshot(ctx, load) }},
 		namedStep{"resume after load", func() error { return c2.Resume(ctx) }},
 		namedStep{"pause after load", func() error { return c2.Pause(ctx) }},
 		namedStep{"diff snapshot after load", func() error { return c2.CreateSnapshot(ctx, snap(SnapshotDiff)) }},
