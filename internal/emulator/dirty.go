@@ -10,9 +10,10 @@ import (
 )
 
 // dirtyBitmap is the emulator's stand-in for KVM's dirty log: one bit per
-// guest page the guest wrote since the last snapshot. vCPUs set bits
-// concurrently (atomic OR); the VMM reads and clears it only while every vCPU
-// is stopped (snapshots require Paused).
+// guest page the guest wrote since the log was last taken (a Diff snapshot
+// takes it, a Full clears it). vCPUs set bits concurrently (atomic OR); the
+// VMM reads and clears it only while every vCPU is stopped (snapshots
+// require Paused).
 type dirtyBitmap struct {
 	words []atomic.Uint64
 }
@@ -35,6 +36,15 @@ func (d *dirtyBitmap) count() uint64 {
 		n += uint64(bits.OnesCount64(d.words[i].Load()))
 	}
 	return n
+}
+
+// take returns the log and clears it, as KVM_GET_DIRTY_LOG does.
+func (d *dirtyBitmap) take() *dirtyBitmap {
+	out := &dirtyBitmap{words: make([]atomic.Uint64, len(d.words))}
+	for i := range d.words {
+		out.words[i].Store(d.words[i].Swap(0))
+	}
+	return out
 }
 
 func (d *dirtyBitmap) reset() {

@@ -76,13 +76,15 @@
 //
 // # Snapshot files
 //
-// PUT /snapshot/create writes the mem-file first (Firecracker's semantics:
-// no truncation of a right-sized file, Full writes every page, Diff only the
-// pages dirtied since the last snapshot, fsync), then the vmstate through
-// internal/atomicfile. The vmstate is the commit point: it is format
-// version | JSON body (machine, devices, regions, workload and step
-// counters) | CRC64-ECMA, and a load refuses a bad version or checksum. A
-// load failure leaves the process unusable (every later call is refused).
+// PUT /snapshot/create writes as Firecracker does, in its order: the
+// vmstate first, in place (create|write|truncate, fsync: no temp file, no
+// rename), then the mem-file (no truncation of a right-sized file; Full
+// writes every page, Diff only the pages of the dirty log it takes; fsync).
+// Neither write is atomic: a crash leaves a torn vmstate, which a load
+// refuses (the vmstate is format version | JSON body (machine, devices,
+// regions, workload and step counters) | CRC64-ECMA), or a whole vmstate
+// beside an incomplete mem-file, which only the caller's journal can tell.
+// A load failure leaves the process unusable (every later call is refused).
 //
 // # Network
 //

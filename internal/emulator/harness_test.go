@@ -120,6 +120,17 @@ func startVMMOpts(t *testing.T, dir, version string, start func(*exec.Cmd) error
 // call sends one API request; body is marshalled unless it is a string.
 func (p *vmmProc) call(method, path string, body any) (int, string) {
 	p.t.Helper()
+	code, out, err := p.callErr(method, path, body)
+	if err != nil {
+		p.t.Fatalf("%s %s %s: %v", p.name, method, path, err)
+	}
+	return code, out
+}
+
+// callErr is call that returns a transport error (the VMM died) instead of
+// failing the test.
+func (p *vmmProc) callErr(method, path string, body any) (int, string, error) {
+	p.t.Helper()
 	var rd io.Reader
 	switch b := body.(type) {
 	case nil:
@@ -138,11 +149,11 @@ func (p *vmmProc) call(method, path string, body any) (int, string) {
 	}
 	resp, err := p.client.Do(req)
 	if err != nil {
-		p.t.Fatalf("%s %s %s: %v", p.name, method, path, err)
+		return 0, "", err
 	}
 	defer resp.Body.Close()
 	out, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(out)
+	return resp.StatusCode, string(out), nil
 }
 
 // must sends a request that must succeed with want.

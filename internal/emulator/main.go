@@ -31,7 +31,15 @@ type Config struct {
 	// reproduces; default DefaultFirecrackerVersion. GET /version reports it
 	// and GET / reports vmm_version as <release>-forkd+<forkd version>.
 	FirecrackerVersion string
+	// CrashAt is a test hook, from the environment variable
+	// FORKD_TEST_VMM_CRASH_AT: "vmstate" or "memory" SIGKILLs the process
+	// halfway through writing that file of a snapshot, as a VMM dying there
+	// would. Empty in production.
+	CrashAt string
 }
+
+// CrashAtEnv names the environment variable of Config.CrashAt.
+const CrashAtEnv = "FORKD_TEST_VMM_CRASH_AT"
 
 // ParseArgs parses Firecracker's command line. Firecracker flags forkd does
 // not need (--boot-timer, --show-level, ...) are accepted and ignored so a
@@ -96,6 +104,7 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	cfg.CrashAt = os.Getenv(CrashAtEnv)
 	return Run(ctx, cfg, stderr)
 }
 
@@ -146,6 +155,7 @@ func Run(ctx context.Context, cfg Config, stderr io.Writer) error {
 	defer exit()
 
 	v := newVMM(cfg.ID, rel, snap, log, exit)
+	v.crashAt = cfg.CrashAt
 	srv := &http.Server{Handler: v.handler(), ReadHeaderTimeout: 10 * time.Second}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()

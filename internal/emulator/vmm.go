@@ -59,6 +59,7 @@ type vmm struct {
 	version string          // GET / vmm_version
 	rel     release         // the Firecracker release emulated
 	snap    snapshotVersion // its snapshot data version
+	crashAt string          // Config.CrashAt (a test hook)
 	log     *slog.Logger
 	// shutdown asks Main to exit once the current response is written
 	// (SendCtrlAltDel).

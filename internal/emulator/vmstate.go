@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"hash/crc64"
 	"os"
-
-	"github.com/forkd/forkd/internal/atomicfile"
 )
 
 // The vmstate file: magic (16 bytes) | format version (u32) | reserved (u32)
@@ -118,14 +116,33 @@ func (st *vmState) validate() error {
 	return nil
 }
 
-// writeVMState writes the vmstate durably: temp file, fsync, rename, fsync
-// of the directory, so a crash leaves the previous vmstate or the new one.
-func writeVMState(path string, st *vmState) error {
+// writeVMStateInPlace writes the vmstate as Firecracker does
+// (snapshot_state_to_file): open with create|write|truncate, write, fsync.
+// No temp file and no rename: an existing vmstate is rewritten in its own
+// inode (under every link it has), and a crash midway leaves it torn, which
+// a load refuses (length, checksum). crash, when set, is called after half
+// the bytes (the test hook FORKD_TEST_VMM_CRASH_AT=vmstate).
+func writeVMStateInPlace(path string, st *vmState, crash func(*os.File)) error {
 	data, err := encodeVMState(st)
 	if err != nil {
-		return err
+		return faultf("Cannot serialize the microVM state: %v", err)
 	}
-	return atomicfile.WriteFile(path, data, 0o600)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return faultf("Cannot perform open on the snapshot backing file: %v", err)
+	}
+	defer f.Close()
+	if crash != nil {
+		f.Write(data[:len(data)/2])
+		crash(f)
+	}
+	if _, err := f.Write(data); err != nil {
+		return faultf("Cannot serialize the microVM state: %v", err)
+	}
+	if err := f.Sync(); err != nil {
+		return faultf("Cannot perform sync_all on the snapshot backing file: %v", err)
+	}
+	return f.Close()
 }
 
 func readVMState(path string) (*vmState, error) {

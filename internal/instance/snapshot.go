@@ -161,6 +161,9 @@ func (m *Manager) updateBaseLive(ctx context.Context, o *op, in *store.Instance,
 		u := m.undo("live snapshot", in.ID)
 		if rerr := c.Resume(ctx); rerr != nil {
 			u.do("resume "+in.Name, rerr)
+			if m.stopIfVMMGone(ctx, in, "a live snapshot", rerr) {
+				return u.join(err)
+			}
 			in.State, in.Error = api.StateError, u.join(err).Error()
 			u.do("record Error", m.db.UpdateInstance(ctx, *in))
 		}

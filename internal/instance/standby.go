@@ -58,6 +58,11 @@ func (m *Manager) standby(ctx context.Context, in *store.Instance, _ api.ActionR
 		if paused {
 			if rerr := c.Resume(ctx); rerr != nil {
 				u.do("resume the VM", rerr)
+				if m.stopIfVMMGone(ctx, in, "standby", rerr) {
+					err = u.join(err)
+					o.finish(ctx, err)
+					return err
+				}
 				in.State, in.Error = api.StateError, u.join(err).Error()
 			}
 		}

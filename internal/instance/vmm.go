@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/forkd/forkd/internal/firecracker"
@@ -158,4 +160,54 @@ func (m *Manager) memoryCheck(ctx context.Context, g guestdir.Guest) string {
 		return fmt.Sprintf("%d integrity errors", gs.IntegrityErrors)
 	}
 	return "ok"
+}
+
+// stopIfVMMGone settles an instance whose VMM could not be resumed after a
+// failed operation (rerr): if the VMM is gone (its exit seen, or its socket
+// gone or dropping the request, which happens only as it exits: socketGone;
+// a VMM killed in the middle of a snapshot write, whose process may not
+// have finished dying), its memory is lost: the instance becomes Stopped
+// with the reason and its snapshots dir (which may hold the torn write) is
+// removed, as for a VMM found dead by its supervisor. A VMM that is alive
+// but refused to resume is left to the caller (Error). Caller holds the
+// write lock.
+func (m *Manager) stopIfVMMGone(ctx context.Context, in *store.Instance, op string, rerr error) bool {
+	p := m.proc(in.ID)
+	if p == nil {
+		return false
+	}
+	select {
+	case <-p.Done():
+	default:
+		if !socketGone(rerr) {
+			return false
+		}
+	}
+	g, err := m.guest(in.ID)
+	if err != nil {
+		return false
+	}
+	// Kill waits until the process is gone (a no-op on a dead one), so its
+	// exit is known for the record.
+	if err := m.killVMM(ctx, in.ID, p.Pid, g); err != nil {
+		m.log.Warn("kill a VMM gone during "+op, "instance", in.ID, "err", err)
+	}
+	if err := (vmmExited{pid: p.Pid, exit: p.Exit()}).apply(m, ctx, in); err != nil {
+		m.log.Error("settle a VMM gone during "+op, "instance", in.ID, "err", err)
+	}
+	return true
+}
+
+// socketGone reports a request that failed because the VMM's API socket
+// is gone or going: nobody listens (ECONNREFUSED, ENOENT), or the VMM
+// closed the connection mid-request (ECONNRESET, EPIPE, EOF), which its API
+// server does only as the process exits. A VMM that is alive but slow
+// times out instead, and is never taken for dead.
+func socketGone(err error) bool {
+	for _, e := range []error{syscall.ECONNREFUSED, syscall.ENOENT, syscall.ECONNRESET, syscall.EPIPE, io.EOF, io.ErrUnexpectedEOF} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
 }

@@ -1,6 +1,7 @@
 package reliability
 
 import (
+	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/emulator"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/testenv"
 	"github.com/forkd/forkd/internal/testfs"
@@ -62,7 +64,9 @@ func fakeVMM(mode string, args []string) int {
 // faultyVMM writes a VMM wrapper whose behaviour a test switches by writing
 // a mode file: "ok" runs the real `forkd vmm`; "exit" dies at once; "mute"
 // never creates its API socket; "die-on-load" dies in the middle of PUT
-// /snapshot/load (fakeVMM). The name starts with "forkd" so the daemon
+// /snapshot/load (fakeVMM); "crash-vmstate" and "crash-memory" run the real
+// `forkd vmm`, which dies halfway through writing that file of its next
+// snapshot (emulator.CrashAtEnv). The name starts with "forkd" so the daemon
 // drives it as the emulator. It returns the wrapper path and a function
 // setting the mode.
 func faultyVMM(t *testing.T) (string, func(mode string)) {
@@ -80,9 +84,11 @@ case "$(cat %q)" in
 exit) echo "faulty vmm: exiting at start" >&2; exit 3 ;;
 mute) exec sleep 3600 ;;
 die-on-load) exec env %s=die-on-load %q "$@" ;;
+crash-vmstate) exec env %s=vmstate "$real" "$@" ;;
+crash-memory) exec env %s=memory "$real" "$@" ;;
 *) exec "$real" "$@" ;;
 esac
-`, forkdBinary(t), mode, fakeVMMEnv, self)
+`, forkdBinary(t), mode, fakeVMMEnv, self, emulator.CrashAtEnv, emulator.CrashAtEnv)
 	if err := os.WriteFile(script, []byte(body), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -420,6 +426,75 @@ func TestVMMKilledWhileRunningIsReported(t *testing.T) {
 		t.Errorf("after the VMM died: %v", err)
 	}
 	checkAll(t, d)
+}
+
+// TestVMMDyingMidSnapshotWriteLeavesNothingTorn kills the VMM halfway
+// through writing the vmstate (which Firecracker rewrites in place, so a
+// standby into an existing base tears the old one) or the mem-file, in a
+// first standby (Full, new files), a standby of a restored VM (Diff into
+// the base, vmstate rewritten in place) and a snapshot of a running VM (its
+// base). The operation fails with the reason; no record points at the torn
+// files (no Standby instance, no ready snapshot, no snapshot dir left to
+// load); the instance is Stopped (its memory died with the VMM) and starts
+// afresh.
+func TestVMMDyingMidSnapshotWriteLeavesNothingTorn(t *testing.T) {
+	t.Parallel()
+	script, setMode := faultyVMM(t)
+	d := newDaemon(t, nil, "--vmm-binary", script)
+	ctx := func() context.Context { return ctxT(t, 60*time.Second) }
+	for _, point := range []string{"vmstate", "memory"} {
+		for _, op := range []string{"first standby", "standby after restore", "live snapshot"} {
+			name := strings.ReplaceAll(point+"-"+op, " ", "-")
+			t.Run(name, func(t *testing.T) {
+				setMode("ok")
+				switch op {
+				case "first standby", "live snapshot":
+					setMode("crash-" + point)
+					createRunning(t, d.Client, name)
+				case "standby after restore":
+					createStandby(t, d.Client, name)
+					setMode("crash-" + point)
+					action(t, d.Client, name, "restore")
+				}
+				setMode("ok")
+				var err error
+				if op == "live snapshot" {
+					_, err = d.Client.CreateSnapshot(ctx(), name, api.SnapshotRequest{Name: name + "-snap"})
+				} else {
+					_, err = d.Client.Action(ctx(), name, "standby", api.ActionRequest{})
+				}
+				if err == nil {
+					t.Fatalf("%s with the VMM dying mid-%s succeeded", op, point)
+				}
+				addFigure("faults_injected", 1)
+				in, gerr := d.Client.GetInstance(ctx(), name)
+				if gerr != nil {
+					t.Fatal(gerr)
+				}
+				// Its memory died with the VMM: Stopped, as any instance whose
+				// VMM is found dead (never Standby on a torn snapshot).
+				if in.State != api.StateStopped || in.Error == "" {
+					t.Errorf("after the VMM died mid-%s in %s: %s, error %q; want Stopped with the reason", point, op, in.State, in.Error)
+				}
+				g, _ := d.Layout.Guest(in.ID)
+				for _, dir := range []string{g.Latest().Dir, g.Base().Dir} {
+					if _, serr := os.Stat(dir); serr == nil {
+						t.Errorf("%s is left after the VMM died mid-%s: a later restore could load it", dir, point)
+					}
+				}
+				if snaps, _ := d.Client.ListSnapshots(ctx()); len(snaps) != 0 {
+					t.Errorf("a snapshot record survived the failed live snapshot: %+v", snaps)
+				}
+				checkAll(t, d)
+				if in := action(t, d.Client, name, "start"); in.State != api.StateRunning {
+					t.Errorf("start after the failure: %s", in.State)
+				}
+				if err := d.Client.DeleteInstance(ctx(), name); err != nil {
+					t.Fatal(err)
+				}
+			})
+		}
+	}
 }
 
 // needUffd stops t unless this machine has userfaultfd (a skip with the
