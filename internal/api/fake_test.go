@@ -102,6 +102,9 @@ func (f *fakeService) CreateInstance(ctx context.Context, req api.CreateInstance
 		}
 		inst.Image = im.Digest
 	}
+	if state == api.StateRunning {
+		inst.Vsock = &api.Vsock{CID: 3, UDSPath: "/var/lib/forkd/guests/" + inst.ID + "/v.sock"}
+	}
 	f.instances[inst.ID] = inst
 	f.order = append(f.order, inst.ID)
 	return *inst, nil

@@ -54,6 +54,15 @@ type Instance struct {
 	// Prefetch is the working-set prefetch of the last restore since the
 	// daemon started (absent with prefetch off, or before any restore).
 	Prefetch *Prefetch `json:"prefetch,omitempty"`
+	Vsock    *Vsock    `json:"vsock,omitempty"`
+}
+
+// Vsock is an instance's vsock device: its guest CID and the host path of
+// its Unix socket (Firecracker's host side: connect, send "CONNECT
+// <port>\n", read "OK <host port>\n").
+type Vsock struct {
+	CID     uint32 `json:"cid"`
+	UDSPath string `json:"uds_path"`
 }
 
 // InstanceNetwork is the network of an instance: reach it at Address.

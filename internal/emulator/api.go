@@ -110,6 +110,7 @@ func (v *vmm) handler() http.Handler {
 			return v.patchNetIface(u)
 		})(w, r)
 	})
+	mux.HandleFunc("PUT /vsock", action(v.putVsock))
 	mux.HandleFunc("PUT /actions", action(func(a struct {
 		ActionType *string `json:"action_type"`
 	}) error {

@@ -140,6 +140,7 @@ func parseMAC(s string) (net.HardwareAddr, bool) {
 // doc). Unset fields are 0 and get defaults in workloadFor.
 type guestArgs struct {
 	wsMib, writePct, rate, seed, discardPct, splitMib, loadSeed uint64
+	vsockAnnounce                                               uint64 // host vsock port the guest connects to at boot and restore
 	set                                                         map[string]bool
 }
 
@@ -156,7 +157,8 @@ func parseBootArgs(cmdline string) (guestArgs, error) {
 		dst := map[string]*uint64{
 			"forkd.ws_mib": &g.wsMib, "forkd.write_pct": &g.writePct, "forkd.rate": &g.rate,
 			"forkd.seed": &g.seed, "forkd.discard_pct": &g.discardPct, "forkd.split_mib": &g.splitMib,
-			"forkd.load_seed": &g.loadSeed,
+			"forkd.load_seed":      &g.loadSeed,
+			"forkd.vsock_announce": &g.vsockAnnounce,
 		}[key]
 		if dst == nil {
 			return g, fmt.Errorf("boot_args: unknown forkd key %q", key)
@@ -170,6 +172,9 @@ func parseBootArgs(cmdline string) (guestArgs, error) {
 		}
 		if key == "forkd.load_seed" && n > 1 {
 			return g, fmt.Errorf("boot_args: forkd.load_seed=%d: want 0 or 1", n)
+		}
+		if key == "forkd.vsock_announce" && (n == 0 || n > 1<<32-1) {
+			return g, fmt.Errorf("boot_args: %s=%d is not a vsock port (1 to 4294967295)", key, n)
 		}
 		*dst = n
 		g.set[key] = true

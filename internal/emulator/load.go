@@ -118,8 +118,15 @@ func (v *vmm) load(p loadParams, req snapshotLoad) error {
 		}
 	}
 	if req.VsockOverride != nil {
-		// The emulator has no vsock device yet, so no snapshot holds one.
-		return fault("Failed to restore from snapshot: Failed to get snapshot state from file: Unknown Vsock Device.")
+		if st.Vsock == nil {
+			// Firecracker's SnapshotStateFromFileError::UnknownVsockDevice.
+			return fault("Failed to restore from snapshot: Failed to get snapshot state from file: Unknown Vsock Device.")
+		}
+		st.Vsock.UDSPath = req.VsockOverride.UDSPath
+	}
+	guest, err := parseBootArgs(st.BootArgs)
+	if err != nil {
+		return fmt.Errorf("vmstate boot args: %w", err)
 	}
 	var mem *guestMemory
 	switch p.backendType {
@@ -138,6 +145,21 @@ func (v *vmm) load(p loadParams, req snapshotLoad) error {
 		mem.close()
 		return err
 	}
+	// The vsock device re-binds the path the state holds (or the override):
+	// a relative one under this VMM's working directory. Before 1.15 the
+	// host port counter starts afresh; from 1.15 it continues.
+	var vs *vsockDevice
+	if st.Vsock != nil {
+		last := uint32(firstLocalPort)
+		if v.rel.atLeast(1, 15, 0) && st.Vsock.LocalPortLast != 0 {
+			last = st.Vsock.LocalPortLast
+		}
+		if vs, err = newVsockDevice(st.Vsock.vsockConfig, last, v.guestFacts, v.log); err != nil {
+			closeTAPs(taps)
+			mem.close()
+			return faultf("Failed to restore from snapshot: Failed to build microVM from snapshot: %v", err)
+		}
+	}
 	machine := st.Machine
 	machine.TrackDirtyPages = p.track // not persisted in the snapshot: re-sent on every load
 	var dirty *dirtyBitmap
@@ -146,6 +168,7 @@ func (v *vmm) load(p loadParams, req snapshotLoad) error {
 	}
 	wl := newLoadedWorkload(mem, st.Workload, newLineage(), dirty, v.log)
 	v.machine, v.drives, v.ifaces, v.taps, v.mem, v.restored = machine, st.Drives, st.Interfaces, taps, mem, true
+	v.vsock, v.bootArgs, v.announce = vs, st.BootArgs, guest.vsockAnnounce
 	v.wl.Store(wl)
 	v.st = statePaused
 	if p.resume {

@@ -148,6 +148,11 @@ func (v *vmm) createSnapshot(req snapshotCreate) error {
 		Drives: v.drives, Interfaces: v.ifaces, Regions: v.mem.regions, Workload: wl.state()}
 	if v.boot != nil {
 		st.BootArgs = v.boot.BootArgs
+	} else {
+		st.BootArgs = v.bootArgs // a restored VM keeps the boot args it was booted with
+	}
+	if v.vsock != nil {
+		st.Vsock = v.vsock.state()
 	}
 	if err := writeVMStateInPlace(*req.SnapshotPath, st, v.crashHook("vmstate")); err != nil {
 		return faultf("Create snapshot error: %v", err)

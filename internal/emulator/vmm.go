@@ -3,6 +3,7 @@ package emulator
 import (
 	"crypto/rand"
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net"
@@ -84,10 +85,16 @@ type vmm struct {
 	// runs in this process; nil without network interfaces.
 	guestNet       *guestnet.Guest
 	guestNetFailed bool // a loaded guest's network could not be built: not retried
-	mem            *guestMemory
-	uffd           *uffd.FD      // Uffd load: Firecracker keeps its copy of the uffd
-	uffdConn       *net.UnixConn // and never closes the handshake socket (FC ≥ 1.12)
-	restored       bool          // the VM came from a snapshot (boot-source is empty in /vm/config)
+	vsock          *vsockDevice
+	bootArgs       string // a restored VM's boot args (from its vmstate)
+	// announce is the host vsock port the guest connects to once it runs
+	// (forkd.vsock_announce), 0 for none or once done: once per boot and
+	// once per restore.
+	announce uint64
+	mem      *guestMemory
+	uffd     *uffd.FD      // Uffd load: Firecracker keeps its copy of the uffd
+	uffdConn *net.UnixConn // and never closes the handshake socket (FC ≥ 1.12)
+	restored bool          // the VM came from a snapshot (boot-source is empty in /vm/config)
 
 	// wl is the guest workload, read without mu by GET /guest.
 	wl atomic.Pointer[workload]
@@ -280,10 +287,8 @@ func (v *vmm) start() error {
 	}
 	v.mem = mem
 	v.wl.Store(wl)
-	wl.start()
-	if v.guestNet != nil {
-		v.guestNet.Run()
-	}
+	v.announce = v.guest.vsockAnnounce
+	v.runGuest(wl)
 	v.st = stateRunning
 	v.log.Info("microVM started", "vcpus", cfg.VCPUs, "mem_mib", v.machine.MemSizeMib, "regions", len(mem.regions),
 		"ws_pages", cfg.WSPages, "write_pct", cfg.WritePct, "rate", cfg.Rate, "discard_pct", cfg.DiscardPct)
@@ -340,6 +345,9 @@ func (v *vmm) pauseGuest() {
 	if v.guestNet != nil {
 		v.guestNet.Stop()
 	}
+	if v.vsock != nil {
+		v.vsock.stop()
+	}
 	if wl := v.wl.Load(); wl != nil {
 		wl.stop()
 	}
@@ -362,11 +370,25 @@ func (v *vmm) resumeGuest() error {
 			v.log.Error("guest network not started: the guest runs without network", "error", err)
 		}
 	}
-	v.wl.Load().start()
+	v.runGuest(v.wl.Load())
+	return nil
+}
+
+// runGuest starts the vCPUs, then the devices: network, vsock (and the
+// guest's announcement on vsock, the first time it runs after a boot or a
+// load). The caller holds v.mu.
+func (v *vmm) runGuest(wl *workload) {
+	wl.start()
 	if v.guestNet != nil {
 		v.guestNet.Run()
 	}
-	return nil
+	if v.vsock != nil {
+		v.vsock.run()
+		if v.announce != 0 {
+			v.vsock.announce(v.announce)
+			v.announce = 0
+		}
+	}
 }
 
 // stopGuest stops the guest and closes its devices (process exit).
@@ -378,6 +400,41 @@ func (v *vmm) stopGuest() {
 		v.guestNet.Close()
 	}
 	closeTAPs(v.taps)
+	if v.vsock != nil {
+		v.vsock.close()
+	}
+}
+
+// putVsock is PUT /vsock (pre-boot): the device's socket is bound now; one
+// configured before is replaced and its socket removed, as in Firecracker.
+func (v *vmm) putVsock(cfg vsockConfig) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err := v.preBoot(); err != nil {
+		return err
+	}
+	if v.vsock != nil {
+		if err := v.vsock.remove(); err != nil {
+			return faultf("Vsock config error: Cannot create backend for vsock device: Error binding to the host-side Unix socket: %v", err)
+		}
+		v.vsock = nil
+	}
+	d, err := newVsockDevice(cfg, firstLocalPort, v.guestFacts, v.log)
+	if err != nil {
+		return faultf("Vsock config error: %v", err)
+	}
+	v.vsock, v.configured = d, true
+	return nil
+}
+
+// guestFacts is the line the guest agent sends on vsock: GET /guest's JSON.
+func (v *vmm) guestFacts() ([]byte, error) {
+	st, err := v.guestStats()
+	if err != nil {
+		return nil, err
+	}
+	b, err := json.Marshal(st)
+	return append(b, '\n'), err
 }
 
 // describe is GET /.
@@ -412,7 +469,7 @@ func (v *vmm) vmConfig() map[string]any {
 		"logger":             nil,
 		"metrics":            nil,
 		"mmds-config":        nil,
-		"vsock":              nil,
+		"vsock":              v.vsockConfig(),
 		"entropy":            nil,
 	}
 	// After a restore the boot source is empty, as in Firecracker.
@@ -422,6 +479,13 @@ func (v *vmm) vmConfig() map[string]any {
 		cfg["boot-source"] = map[string]any{}
 	}
 	return cfg
+}
+
+func (v *vmm) vsockConfig() any {
+	if v.vsock == nil {
+		return nil
+	}
+	return v.vsock.cfg
 }
 
 // guestStats is GET /guest; it takes no lock so it answers while a long

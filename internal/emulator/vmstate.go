@@ -18,10 +18,11 @@ import (
 //
 // Format versions: 1, the body without firecracker_version and
 // snapshot_version (written by the emulator when it stood for 1.13 only: read
-// as snapshot data version 8.0.0); 2, the body with them.
+// as snapshot data version 8.0.0); 2, the body with them; 3, with the vsock
+// device (an older reader would drop it silently, hence the bump).
 const (
 	vmstateMagic         = "FORKD-VMSTATE\x00\x00\x00"
-	vmstateFormatVersion = 2
+	vmstateFormatVersion = 3
 	vmstateHeaderLen     = 16 + 4 + 4 + 8
 )
 
@@ -39,6 +40,7 @@ type vmState struct {
 	Interfaces         []netIface      `json:"network_interfaces"`
 	Regions            []region        `json:"regions"`
 	Workload           workloadState   `json:"workload"`
+	Vsock              *vsockState     `json:"vsock,omitempty"`
 }
 
 func encodeVMState(st *vmState) ([]byte, error) {
@@ -61,8 +63,8 @@ func decodeVMState(data []byte) (*vmState, error) {
 		return nil, fmt.Errorf("not a forkd vmstate file (bad magic or too short: %d bytes)", len(data))
 	}
 	format := le.Uint32(data[16:])
-	if format != 1 && format != vmstateFormatVersion {
-		return nil, fmt.Errorf("vmstate format version %d is not supported (this VMM reads versions 1 and %d)", format, vmstateFormatVersion)
+	if format < 1 || format > vmstateFormatVersion {
+		return nil, fmt.Errorf("vmstate format version %d is not supported (this VMM reads versions 1 to %d)", format, vmstateFormatVersion)
 	}
 	n := le.Uint64(data[24:])
 	if n != uint64(len(data)-vmstateHeaderLen-8) {
@@ -151,4 +153,35 @@ func readVMState(path string) (*vmState, error) {
 		return nil, fmt.Errorf("read vmstate: %w", err)
 	}
 	return decodeVMState(data)
+}
+
+// Devices are the host resources a vmstate names: what a VMM loading it
+// opens (drive files, the vsock socket it binds, the TAPs it attaches),
+// each exactly as recorded. Relative paths resolve against the loading
+// VMM's working directory.
+type Devices struct {
+	Drives []string // path_on_host of each drive
+	Vsock  string   // uds_path of the vsock device, "" for none
+	TAPs   []string // host_dev_name of each network interface
+}
+
+// ReadDevices reads a vmstate and lists the host resources it names, for
+// checks that a VM's snapshot names nothing of another VM's (a fork must
+// open its own disk and bind its own sockets).
+func ReadDevices(path string) (Devices, error) {
+	st, err := readVMState(path)
+	if err != nil {
+		return Devices{}, err
+	}
+	var d Devices
+	for _, dr := range st.Drives {
+		d.Drives = append(d.Drives, dr.PathOnHost)
+	}
+	if st.Vsock != nil {
+		d.Vsock = st.Vsock.UDSPath
+	}
+	for _, n := range st.Interfaces {
+		d.TAPs = append(d.TAPs, n.HostDevName)
+	}
+	return d, nil
 }

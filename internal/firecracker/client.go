@@ -170,6 +170,11 @@ func (c *Client) PutNetworkInterface(ctx context.Context, n NetworkInterface) er
 	return c.do(ctx, c.timeouts.Call, http.MethodPut, "/network-interfaces/"+url.PathEscape(n.IfaceID), n, nil)
 }
 
+// PutVsock is PUT /vsock (before boot).
+func (c *Client) PutVsock(ctx context.Context, v Vsock) error {
+	return c.do(ctx, c.timeouts.Call, http.MethodPut, "/vsock", v, nil)
+}
+
 type action struct {
 	ActionType string `json:"action_type"`
 }

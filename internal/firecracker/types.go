@@ -52,6 +52,15 @@ type NetworkInterface struct {
 	MTU int `json:"mtu,omitempty"`
 }
 
+// Vsock is the body of PUT /vsock (before boot). Firecracker binds UDSPath
+// (relative to its working directory) when the device is made, and again
+// on every load of a snapshot of the VM; it leaves the socket file behind
+// when it exits.
+type Vsock struct {
+	GuestCID uint32 `json:"guest_cid"`
+	UDSPath  string `json:"uds_path"`
+}
+
 // SnapshotCreate is the body of PUT /snapshot/create. The VM must be Paused.
 type SnapshotCreate struct {
 	SnapshotType string `json:"snapshot_type,omitempty"` // SnapshotFull (default) | SnapshotDiff

@@ -57,6 +57,7 @@ const (
 	imageTreeName = "tree"
 
 	vmmSockName   = "vmm.sock"
+	vsockName     = "v.sock"
 	vmmLogName    = "vmm.log"
 	devName       = "dev"
 	runName       = "run"
@@ -459,6 +460,19 @@ func (g Guest) InVMM(path string) string {
 // vmstate records it and a fork's VMM (working in the fork's dir) opens the
 // fork's own disk, not its source's (which may be gone).
 func (g Guest) RootfsRel() string { return rootfsName }
+
+// Vsock is the host end of the VM's vsock device (Firecracker's uds_path):
+// a host connects here and sends "CONNECT <port>\n"; the guest's
+// connection to host port P goes to Vsock() + "_P". The VMM binds it by
+// its relative name, so no length limits the bind; a client whose path
+// would pass MaxSocketPath connects through a shorter one (its dir's
+// /proc/self/fd, or a chdir).
+func (g Guest) Vsock() string { return filepath.Join(g.Dir, vsockName) }
+
+// VsockRel is Vsock relative to the guest dir, which is how the driver
+// gives it: the vmstate records the relative path, and a fork's VMM
+// (working in the fork's dir) binds the fork's own socket on restore.
+func (g Guest) VsockRel() string { return vsockName }
 
 func (g Guest) SnapshotsDir() string {
 	return filepath.Join(g.Dir, snapshotsName)

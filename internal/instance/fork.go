@@ -154,7 +154,8 @@ func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequ
 	tmpl := store.Instance{
 		Vcpus: sn.Vcpus, MemoryMiB: sn.MemoryMiB, Kernel: sn.Kernel, BootArgs: sn.BootArgs,
 		Source: "snapshot:" + sn.ID, Networked: sn.NetGuest != "", NetGuest: sn.NetGuest, NetMAC: sn.NetMAC,
-		Image: sn.Image,
+		Image:    sn.Image,
+		VsockCID: sn.VsockCID,
 	}
 	fork, err := m.fork(ctx, req, tmpl, forkSpec{files: files, key: sn.SnapshotCacheKey})
 	release()
@@ -246,7 +247,8 @@ func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Inst
 		Kernel: tmpl.Kernel, Rootfs: tmpl.Rootfs, BootArgs: tmpl.BootArgs, CreatedAt: time.Now().UTC(),
 		Source: tmpl.Source, MemoryCheck: tmpl.MemoryCheck, RestoreBackend: m.cfg.ForkRestoreBackend,
 		Networked: tmpl.Networked, NetGuest: tmpl.NetGuest, NetMAC: tmpl.NetMAC,
-		Image: tmpl.Image,
+		Image:    tmpl.Image,
+		VsockCID: tmpl.VsockCID, // its vmstate has the source's vsock device
 	}
 	fail := func(o *op, err error) (store.Instance, error) {
 		err = fmt.Errorf("fork %q from %s: %w", req.Name, tmpl.Source, err)
@@ -320,7 +322,7 @@ func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Inst
 	crashPoint("fork", "files") // test hook: the fork's dir is durable, its record still Forking
 	rec.State = api.StateStandby
 	if res.Mode == "" {
-		rec.State = api.StateStopped
+		rec.State, rec.VsockCID = api.StateStopped, 0 // no vmstate: its start makes the vsock device
 	}
 	commit := m.db.Group
 	if unsynced {

@@ -328,6 +328,7 @@ func (m *Manager) toAPIWith(in store.Instance, pubs []store.Publish) api.Instanc
 		Network: netw, Publish: publish,
 		Image:    in.Image,
 		Prefetch: m.prefetchStats(in.ID),
+		Vsock:    m.vsockAPI(in),
 	}
 }
 
@@ -400,7 +401,7 @@ func (m *Manager) start(ctx context.Context, in *store.Instance, _ api.ActionReq
 		err = o.step(ctx, "booted", &opPayload{Prev: in.State, Pid: p.Pid})
 	}
 	if err == nil {
-		in.State, in.Pid, in.Error, in.MemoryCheck = api.StateRunning, p.Pid, "", "ok"
+		in.State, in.Pid, in.Error, in.MemoryCheck, in.VsockCID = api.StateRunning, p.Pid, "", "ok", guestCID
 		if err = m.fault("start:record"); err == nil {
 			err = m.db.UpdateInstance(ctx, *in)
 		}
@@ -449,6 +450,11 @@ func (m *Manager) boot(ctx context.Context, in store.Instance, g guestdir.Guest)
 				return nil
 			}
 			return c.PutNetworkInterface(ctx, netInterface(in))
+		},
+		func() error {
+			// Relative to the VMM's working directory, the guest dir: the
+			// vmstate records it so, and each fork's VMM binds its own.
+			return c.PutVsock(ctx, firecracker.Vsock{GuestCID: guestCID, UDSPath: g.VsockRel()})
 		},
 		func() error { return c.StartInstance(ctx) },
 		func() error { return m.activateTAP(in) },

@@ -129,6 +129,12 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 	if err := o.step(ctx, "launched", &opPayload{Prev: api.StateStandby, Pid: proc.Pid, Session: session}); err != nil {
 		return fail(err)
 	}
+	// The vmstate holds the vsock socket's path relative to the VM's dir;
+	// where the release can, say so again, so the device binds this VM's
+	// socket whatever path the snapshot recorded.
+	if in.VsockCID != 0 && proc.Version.Supports(firecracker.FeatureVsockOverride) {
+		load.VsockOverride = &firecracker.VsockOverride{UDSPath: g.VsockRel()}
+	}
 	c := m.client(g)
 	defer c.Close()
 	if err := c.LoadSnapshot(ctx, load); err != nil {

@@ -77,7 +77,8 @@ func (m *Manager) CreateSnapshot(ctx context.Context, ref string, req api.Snapsh
 		ID: id, Name: req.Name, SourceInstance: in.ID, CreatedAt: time.Now().UTC(), Compression: "none",
 		State: snapCreating, MemoryMiB: in.MemoryMiB, Vcpus: in.Vcpus, Kernel: in.Kernel, BootArgs: in.BootArgs,
 		NetGuest: in.NetGuest, NetMAC: in.NetMAC,
-		Image: in.Image,
+		Image:    in.Image,
+		VsockCID: in.VsockCID,
 	}
 	if err := m.db.CreateSnapshot(ctx, rec); err != nil {
 		o.finish(ctx, err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/forkd/forkd/internal/api"
 	"io"
 	"os"
 	"os/exec"
@@ -96,7 +97,32 @@ func (m *Manager) launch(ctx context.Context, in store.Instance, g guestdir.Gues
 	}
 	m.setProc(id, p)
 	m.log.Debug("vmm launched", "instance", id, "pid", p.Pid, "firecracker_version", p.Version.String())
+	// A VMM that died left its vsock socket (Firecracker never unlinks it),
+	// and a boot or a load binding the same path would fail. No other VMM
+	// can be using it: Launch refused to start beside a live one.
+	if err := os.Remove(g.Vsock()); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return p, fmt.Errorf("launch vmm %s: remove stale vsock socket: %w", id, err)
+	}
 	return p, nil
+}
+
+// guestCID is every VM's vsock CID. Firecracker's vsock device is backed by
+// Unix sockets of its own, not by the host's vhost-vsock, so CIDs need not
+// be unique across VMs; 3 is the lowest a guest may have (0-2 are
+// reserved).
+const guestCID = 3
+
+// vsockAPI is the instance's vsock device as the API shows it: its CID and
+// the host path of its socket (nil for a VM without one).
+func (m *Manager) vsockAPI(in store.Instance) *api.Vsock {
+	if in.VsockCID == 0 {
+		return nil
+	}
+	g, err := m.layout.Guest(in.ID)
+	if err != nil {
+		return nil
+	}
+	return &api.Vsock{CID: in.VsockCID, UDSPath: g.Vsock()}
 }
 
 // killVMM kills an instance's VMM (the tracked process, else the recorded
@@ -117,8 +143,10 @@ func (m *Manager) killVMM(ctx context.Context, id string, pid int, g guestdir.Gu
 		err = p.Kill(ctx)
 	}
 	m.setProc(id, nil)
-	if rerr := os.Remove(g.VMMSock()); rerr != nil && !errors.Is(rerr, os.ErrNotExist) && err == nil {
-		err = rerr
+	for _, sock := range []string{g.VMMSock(), g.Vsock()} {
+		if rerr := os.Remove(sock); rerr != nil && !errors.Is(rerr, os.ErrNotExist) && err == nil {
+			err = rerr
+		}
 	}
 	if err != nil {
 		return fmt.Errorf("kill vmm %s: %w", id, err)

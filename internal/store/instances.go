@@ -42,17 +42,18 @@ type Instance struct {
 	Image string
 	// NetWarm is set by CreateNetworkedInstance (never stored) when the
 	// slot it took was warm: its network is already whole.
-	NetWarm bool
+	NetWarm  bool
+	VsockCID uint32 // guest CID of the VM's vsock device; 0: none
 }
 
 const instanceCols = `id, name, state, vcpus, memory_mib, kernel, rootfs, boot_args, created_at, source,
 	snapshot_cache_key, memory_check, fork_mode, restore_backend, pid, error, pager_session, pager_version,
-	net_slot, net_guest, net_mac, image`
+	net_slot, net_guest, net_mac, image, vsock_cid`
 
 func (in *Instance) args() []any {
 	return []any{in.ID, in.Name, in.State, in.Vcpus, in.MemoryMiB, in.Kernel, in.Rootfs, in.BootArgs,
 		in.CreatedAt.UnixNano(), in.Source, in.SnapshotCacheKey, in.MemoryCheck, in.ForkMode,
-		in.RestoreBackend, in.Pid, in.Error, in.PagerSession, in.PagerVersion, in.slotColumn(), in.NetGuest, in.NetMAC, in.Image}
+		in.RestoreBackend, in.Pid, in.Error, in.PagerSession, in.PagerVersion, in.slotColumn(), in.NetGuest, in.NetMAC, in.Image, in.VsockCID}
 }
 
 // slotColumn is net_slot: -1 for an instance without network.
@@ -68,7 +69,7 @@ func scanInstance(row interface{ Scan(...any) error }) (Instance, error) {
 	var created int64
 	err := row.Scan(&in.ID, &in.Name, &in.State, &in.Vcpus, &in.MemoryMiB, &in.Kernel, &in.Rootfs,
 		&in.BootArgs, &created, &in.Source, &in.SnapshotCacheKey, &in.MemoryCheck, &in.ForkMode,
-		&in.RestoreBackend, &in.Pid, &in.Error, &in.PagerSession, &in.PagerVersion, &in.NetSlot, &in.NetGuest, &in.NetMAC, &in.Image)
+		&in.RestoreBackend, &in.Pid, &in.Error, &in.PagerSession, &in.PagerVersion, &in.NetSlot, &in.NetGuest, &in.NetMAC, &in.Image, &in.VsockCID)
 	in.CreatedAt = time.Unix(0, created).UTC()
 	in.Networked = in.NetSlot >= 0
 	if !in.Networked {
@@ -94,7 +95,7 @@ var qInstanceInsert = `INSERT INTO instances (` + instanceCols + `) VALUES (` + 
 const (
 	qInstanceUpdate = `UPDATE instances SET name=?, state=?, vcpus=?, memory_mib=?, kernel=?, rootfs=?,
 		boot_args=?, created_at=?, source=?, snapshot_cache_key=?, memory_check=?, fork_mode=?, restore_backend=?,
-		pid=?, error=?, pager_session=?, pager_version=?, net_slot=?, net_guest=?, net_mac=?, image=? WHERE id=?`
+		pid=?, error=?, pager_session=?, pager_version=?, net_slot=?, net_guest=?, net_mac=?, image=?, vsock_cid=? WHERE id=?`
 	qInstanceDelete = `DELETE FROM instances WHERE id = ?`
 	qInstanceGet    = `SELECT ` + instanceCols + ` FROM instances WHERE id = ?`
 )

@@ -218,6 +218,11 @@ var migrations = []string{
 	// it is whole; an allocation takes a ready row and deletes it in the
 	// same transaction as the instance's record.
 	`CREATE TABLE net_warm (slot INTEGER PRIMARY KEY, ready INTEGER NOT NULL DEFAULT 0);`,
+	// 5 (fcver): the guest CID of a VM's vsock device, 0 for a VM without
+	// one (booted before forkd gave every VM a vsock); a snapshot keeps its
+	// source's, so its forks know whether their vmstate has the device.
+	`ALTER TABLE instances ADD COLUMN vsock_cid INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE snapshots ADD COLUMN vsock_cid INTEGER NOT NULL DEFAULT 0;`,
 }
 
 func (s *Store) migrate(ctx context.Context) error {
