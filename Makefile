@@ -5,7 +5,7 @@ PKGS    := ./...
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 export GOFLAGS ?= -mod=mod
 
-.PHONY: build demo test test-oldest vet staticcheck bench fmt-check clean fuzz-short
+.PHONY: build demo test test-oldest conformance vet staticcheck bench fmt-check clean fuzz-short
 
 # Static (no cgo): forkd is also the VMM a jailer execs inside an empty
 # jail, where no dynamic loader exists.
@@ -53,6 +53,17 @@ test-oldest:
 	@set -o pipefail; FORKD_TEST_FIRECRACKER_VERSION=$(FC_OLDEST) $(GO) test -race -count=1 -timeout 20m -v \
 		-run '$(OLDEST_RUN)' $(OLDEST_PKGS) 2>&1 | tee bin/test-oldest.log | \
 		grep -v -E '^(=== (RUN|PAUSE|CONT|NAME)|\s*--- PASS|PASS$$)'
+
+# The conformance suite (internal/conformance): lifecycle, standby, fork,
+# snapshot, Uffd and crash scenarios through a real daemon, against the
+# emulator at every supported Firecracker release; on a KVM host against
+# real Firecracker with FORKD_CONFORMANCE_VMM=firecracker (see
+# docs/real-firecracker.md). Where its requirements are missing it skips
+# with the reason (fails under FORKD_TEST_REQUIRE=kvm).
+conformance: build
+	@set -o pipefail; FORKD_CONFORMANCE_VERSIONS=$${FORKD_CONFORMANCE_VERSIONS:-all} \
+		$(GO) test -race -count=1 -timeout 45m -v ./internal/conformance 2>&1 | tee bin/conformance.log | \
+		grep -v -E '^(=== (RUN|PAUSE|CONT|NAME)|PASS$$)'
 
 fmt-check:
 	@out=$$(gofmt -l cmd internal api); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
