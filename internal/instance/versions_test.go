@@ -2,7 +2,11 @@ package instance
 
 import (
 	"context"
+	"io"
+	"net"
+	"net/url"
 	"os"
+	"syscall"
 	"testing"
 
 	"github.com/forkd/forkd/internal/api"
@@ -56,5 +60,29 @@ func TestLifecycleAtOldestAndNewestFirecracker(t *testing.T) {
 			action(t, m, "f", "start")
 			verifyGuest(t, m, f.ID)
 		})
+	}
+}
+
+// Only a socket that is gone or dropping the request marks a VMM dead
+// after a failed resume; a slow VMM (a timeout) or one that answered with
+// a refusal is never taken for dead.
+func TestSocketGoneTellsADeadVMMFromASlowOne(t *testing.T) {
+	wrap := func(err error) error {
+		return &url.Error{Op: "Patch", URL: "http://localhost/vm", Err: &net.OpError{Op: "read", Net: "unix", Err: err}}
+	}
+	for _, tc := range []struct {
+		err  error
+		gone bool
+	}{
+		{wrap(os.NewSyscallError("connect", syscall.ECONNREFUSED)), true},
+		{wrap(os.NewSyscallError("connect", syscall.ENOENT)), true},
+		{wrap(os.NewSyscallError("read", syscall.ECONNRESET)), true},
+		{&url.Error{Op: "Put", URL: "http://localhost/vm", Err: io.EOF}, true},
+		{wrap(context.DeadlineExceeded), false},
+		{&firecracker.APIError{Method: "PATCH", Path: "/vm", Status: 400, FaultMessage: "no"}, false},
+	} {
+		if got := socketGone(tc.err); got != tc.gone {
+			t.Errorf("socketGone(%v) = %v, want %v", tc.err, got, tc.gone)
+		}
 	}
 }
