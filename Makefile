@@ -56,10 +56,12 @@ test-oldest:
 
 # The conformance suite (internal/conformance): lifecycle, standby, fork,
 # snapshot, Uffd and crash scenarios through a real daemon, against the
-# emulator at every supported Firecracker release; on a KVM host against
-# real Firecracker with FORKD_CONFORMANCE_VMM=firecracker (see
-# docs/real-firecracker.md). Where its requirements are missing it skips
-# with the reason (fails under FORKD_TEST_REQUIRE=kvm).
+# emulator at every supported Firecracker release, and against real
+# Firecracker where the host has /dev/kvm, firecracker and jailer, and
+# FORKD_CONFORMANCE_KERNEL/ROOTFS are set (see docs/real-firecracker.md).
+# Where any is missing the real target skips naming it (fails under
+# FORKD_TEST_REQUIRE=kvm). FORKD_CONFORMANCE_VMM=emulator|firecracker
+# runs one kind only.
 conformance: build
 	@set -o pipefail; FORKD_CONFORMANCE_VERSIONS=$${FORKD_CONFORMANCE_VERSIONS:-all} \
 		$(GO) test -race -count=1 -timeout 45m -v ./internal/conformance 2>&1 | tee bin/conformance.log | \

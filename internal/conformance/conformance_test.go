@@ -21,7 +21,7 @@ import (
 
 // Environment of the suite (see the package doc).
 const (
-	envVMM         = "FORKD_CONFORMANCE_VMM"         // "emulator" (default) | "firecracker"
+	envVMM         = "FORKD_CONFORMANCE_VMM"         // "" (both) | "emulator" | "firecracker"
 	envVersions    = "FORKD_CONFORMANCE_VERSIONS"    // emulator releases: "all", or a comma list; default oldest and newest
 	envFirecracker = "FORKD_CONFORMANCE_FIRECRACKER" // the firecracker binary (default: in PATH)
 	envKernel      = "FORKD_CONFORMANCE_KERNEL"      // guest kernel for real Firecracker
@@ -39,16 +39,26 @@ type target struct {
 	name     string
 	args     []string // extra `forkd serve` flags
 	emulator bool     // forkd vmm: memory is checked through GET /guest
+	real     bool     // real Firecracker: resolved (or skipped) inside its own subtest
 	kernel   string   // create's kernel and rootfs ("" on the emulator)
 	rootfs   string
 	version  string // the release the VMMs must report (emulator), "" to take what runs
 }
 
-// targets are the VMMs this run is configured for.
+// targets are the VMMs this run is configured for: by default the
+// emulator at the oldest and newest release and real Firecracker, which
+// skips with the reason where the host lacks it (and fails under
+// FORKD_TEST_REQUIRE=kvm), so a KVM host runs it without being asked.
 func targets(t *testing.T) []target {
 	t.Helper()
-	switch vmm := os.Getenv(envVMM); vmm {
-	case "", "emulator":
+	vmm := os.Getenv(envVMM)
+	var out []target
+	switch vmm {
+	case "", "emulator", "firecracker":
+	default:
+		t.Fatalf("%s=%q: want emulator, firecracker or nothing (both)", envVMM, vmm)
+	}
+	if vmm != "firecracker" {
 		all := emulator.SupportedVersions()
 		versions := []string{all[0], all[len(all)-1]}
 		switch v := os.Getenv(envVersions); v {
@@ -58,7 +68,6 @@ func targets(t *testing.T) []target {
 		default:
 			versions = strings.Split(v, ",")
 		}
-		var out []target
 		for _, v := range versions {
 			v = strings.TrimSpace(v)
 			if err := emulator.ParseFirecrackerVersion(v); err != nil {
@@ -67,50 +76,63 @@ func targets(t *testing.T) []target {
 			out = append(out, target{name: "emulator-" + v, emulator: true, version: v,
 				args: []string{"--vmm-binary", "emulator", "--emulator-firecracker-version", v}})
 		}
-		return out
-	case "firecracker":
-		return []target{realFirecracker(t)}
-	default:
-		t.Fatalf("%s=%q: want emulator or firecracker", envVMM, vmm)
-		return nil
 	}
+	if vmm != "emulator" {
+		out = append(out, target{name: "firecracker", real: true})
+	}
+	return out
 }
 
-// realFirecracker is the target of a KVM host: it stops the test (skip,
-// or failure under FORKD_TEST_REQUIRE=kvm) when anything is missing.
-func realFirecracker(t *testing.T) target {
+// resolve returns tg ready to run; for real Firecracker it finds the
+// binaries, kernel and rootfs, and stops the (sub)test when any is
+// missing: a skip naming every missing piece, or a failure under
+// FORKD_TEST_REQUIRE=kvm.
+func (tg target) resolve(t *testing.T) target {
 	t.Helper()
+	if !tg.real {
+		return tg
+	}
+	var missing []string
 	if _, err := os.Stat("/dev/kvm"); err != nil {
-		testenv.Need(t, testenv.KVM, "no /dev/kvm: "+err.Error())
+		missing = append(missing, "no /dev/kvm ("+err.Error()+")")
 	}
 	bin := os.Getenv(envFirecracker)
 	if bin == "" {
-		var err error
-		if bin, err = exec.LookPath("firecracker"); err != nil {
-			testenv.Need(t, testenv.KVM, "no firecracker in PATH (set "+envFirecracker+")")
+		if p, err := exec.LookPath("firecracker"); err == nil {
+			bin = p
+		} else {
+			missing = append(missing, "no firecracker in PATH (or set "+envFirecracker+")")
 		}
 	}
-	if _, err := exec.LookPath("jailer"); err != nil {
-		if _, err := os.Stat(filepath.Join(filepath.Dir(bin), "jailer")); err != nil {
-			testenv.Need(t, testenv.KVM, "no jailer beside "+bin+" or in PATH")
+	if bin != "" {
+		if fi, err := os.Stat(bin); err != nil || !fi.Mode().IsRegular() || fi.Mode().Perm()&0o111 == 0 {
+			missing = append(missing, envFirecracker+"="+bin+" is not an executable file")
+		} else if _, err := os.Stat(filepath.Join(filepath.Dir(bin), "jailer")); err != nil {
+			if _, err := exec.LookPath("jailer"); err != nil {
+				missing = append(missing, "no jailer beside "+bin+" or in PATH")
+			}
 		}
 	}
-	kernel, rootfs := os.Getenv(envKernel), os.Getenv(envRootfs)
-	for env, p := range map[string]string{envKernel: kernel, envRootfs: rootfs} {
-		if p == "" {
-			testenv.Need(t, testenv.KVM, env+" is not set (a guest kernel and rootfs are needed)")
-		} else if _, err := os.Stat(p); err != nil {
-			testenv.Need(t, testenv.KVM, env+": "+err.Error())
+	tg.kernel, tg.rootfs = os.Getenv(envKernel), os.Getenv(envRootfs)
+	for _, e := range []struct{ env, path string }{{envKernel, tg.kernel}, {envRootfs, tg.rootfs}} {
+		if e.path == "" {
+			missing = append(missing, e.env+" is not set (a guest kernel and rootfs are needed)")
+		} else if _, err := os.Stat(e.path); err != nil {
+			missing = append(missing, e.env+": "+err.Error())
 		}
 	}
-	return target{name: "firecracker", args: []string{"--vmm-binary", bin}, kernel: kernel, rootfs: rootfs}
+	if len(missing) > 0 {
+		testenv.Need(t, testenv.KVM, "real Firecracker: "+strings.Join(missing, "; "))
+	}
+	tg.args = []string{"--vmm-binary", bin}
+	return tg
 }
 
 // run starts a daemon for tg per scenario and runs each scenario in it.
 func run(t *testing.T, scenario func(t *testing.T, s *suite)) {
 	for _, tg := range targets(t) {
 		t.Run(tg.name, func(t *testing.T) {
-			s := &suite{t: t, tg: tg}
+			s := &suite{t: t, tg: tg.resolve(t)}
 			s.d = s.start(nil)
 			scenario(t, s)
 			s.check()
@@ -393,6 +415,7 @@ var crashCases = []struct{ at, action string }{
 func TestCrashRecovery(t *testing.T) {
 	for _, tg := range targets(t) {
 		t.Run(tg.name, func(t *testing.T) {
+			tg := tg.resolve(t)
 			for _, cc := range crashCases {
 				t.Run(strings.ReplaceAll(cc.at, ":", "-"), func(t *testing.T) {
 					s := &suite{t: t, tg: tg}
