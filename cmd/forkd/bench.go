@@ -157,7 +157,9 @@ func newBenchListCommand() *cobra.Command {
 each --sizes count (forks of one Standby VM; --running-pct of them restored to
 Running, and the first Running VMM stopped with SIGSTOP, as a hung VMM), and
 time GET /instances back to back. Reports p50, p99 and max per binary and
-size, and each p99 as a ratio of the first binary's: measure the code before
+size, each p99 as a ratio of the first binary's, and the daemon's CPU time
+per list with the time its threads waited for a CPU (on a loaded host, a
+slow list that used little CPU waited for the machine): measure the code before
 and after a change in one run (build the old one with a name starting with
 "forkd", which the daemon takes for the emulator).`,
 		Args: cobra.NoArgs,

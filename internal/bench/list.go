@@ -55,6 +55,14 @@ type ListCell struct {
 	Stopped   int           `json:"sigstopped"`
 	Latency   Summary       `json:"latency"`
 	P99       time.Duration `json:"p99_ns"`
+	// DaemonCPU is the CPU time the daemon spent per list (all its
+	// threads, so also whatever its background work did meanwhile), and
+	// RunQueueWait the time its threads waited for a CPU meanwhile: on a
+	// loaded host a slow list with little CPU waited for the machine, not
+	// for forkd.
+	DaemonCPU    Summary       `json:"daemon_cpu"`
+	DaemonCPUP99 time.Duration `json:"daemon_cpu_p99_ns"`
+	RunQueueWait Summary       `json:"run_queue_wait"`
 }
 
 // ListReport is the run.
@@ -168,36 +176,48 @@ func listOneBinary(ctx context.Context, o ListOptions, b LabeledBinary, progress
 			}
 		}
 		progress(fmt.Sprintf("%s: %d instances (%d Running, VMM %d stopped); timing GET /instances", b.Label, n, running, stopped))
-		lat, err := timeLists(ctx, c, n, o)
+		lat, cpu, wait, err := timeLists(ctx, c, d.Pid(), n, o)
 		if err != nil {
 			return cells, err
 		}
-		cell := ListCell{Binary: b.Label, Instances: n, Running: running, Stopped: 1, Latency: Summarize(lat)}
-		cell.P99 = p99(lat)
+		cell := ListCell{Binary: b.Label, Instances: n, Running: running, Stopped: 1, Latency: Summarize(lat),
+			DaemonCPU: Summarize(cpu), RunQueueWait: Summarize(wait)}
+		cell.P99, cell.DaemonCPUP99 = p99(lat), p99(cpu)
 		cells = append(cells, cell)
-		progress(fmt.Sprintf("%s: %d instances: p50 %v p99 %v (%d samples)", b.Label, n, cell.Latency.P50, cell.P99, len(lat)))
+		progress(fmt.Sprintf("%s: %d instances: p50 %v p99 %v, daemon CPU per list p50 %v p99 %v (%d samples)",
+			b.Label, n, cell.Latency.P50, cell.P99, cell.DaemonCPU.P50, cell.DaemonCPUP99, len(lat)))
 	}
 	return cells, nil
 }
 
 // timeLists times GET /instances back to back: o.Samples of them, or as
 // many as fit o.MaxTime (never fewer than o.MinSamples). Each must list
-// all n instances.
-func timeLists(ctx context.Context, c *api.Client, n int, o ListOptions) ([]time.Duration, error) {
-	var lat []time.Duration
+// all n instances. Beside each list's latency it returns the CPU time the
+// daemon (pid) used meanwhile and the time its threads waited for a CPU.
+func timeLists(ctx context.Context, c *api.Client, pid, n int, o ListOptions) (lat, cpu, wait []time.Duration, err error) {
 	start := time.Now()
 	for len(lat) < o.Samples && (len(lat) < o.MinSamples || time.Since(start) < o.MaxTime) {
+		before, err := ReadSchedTimes(pid)
+		if err != nil {
+			return lat, cpu, wait, fmt.Errorf("daemon pid %d: %w", pid, err)
+		}
 		t := time.Now()
 		list, err := c.ListInstances(ctx)
 		if err != nil {
-			return lat, fmt.Errorf("list instances: %w", err)
+			return lat, cpu, wait, fmt.Errorf("list instances: %w", err)
 		}
 		lat = append(lat, time.Since(t))
+		after, err := ReadSchedTimes(pid)
+		if err != nil {
+			return lat, cpu, wait, fmt.Errorf("daemon pid %d: %w", pid, err)
+		}
+		cpu = append(cpu, after.CPU-before.CPU)
+		wait = append(wait, after.RunQueueWait-before.RunQueueWait)
 		if len(list) != n {
-			return lat, fmt.Errorf("list instances: %d, want %d", len(list), n)
+			return lat, cpu, wait, fmt.Errorf("list instances: %d, want %d", len(list), n)
 		}
 	}
-	return lat, nil
+	return lat, cpu, wait, nil
 }
 
 func p99(sample []time.Duration) time.Duration {
@@ -210,14 +230,15 @@ func p99(sample []time.Duration) time.Duration {
 // ratio of the first binary's at the same size.
 func (r *ListReport) WriteTable(w io.Writer) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "binary\tinstances\trunning\tsigstopped\tsamples\tp50\tp99\tmax\tp99 vs first\t")
+	fmt.Fprintln(tw, "binary\tinstances\trunning\tsigstopped\tsamples\tp50\tp99\tmax\tp99 vs first\tdaemon CPU p50\tdaemon CPU p99\tCPU wait p50\t")
 	first := map[int]time.Duration{}
 	for _, c := range r.Cells {
 		if _, ok := first[c.Instances]; !ok {
 			first[c.Instances] = c.P99
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%s\t%s\t%s\t%.3gx\t\n", c.Binary, c.Instances, c.Running, c.Stopped, c.Latency.N,
-			fmtMs(c.Latency.P50), fmtMs(c.P99), fmtMs(c.Latency.Max), ratio(float64(c.P99), float64(first[c.Instances])))
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%s\t%s\t%s\t%.3gx\t%s\t%s\t%s\t\n", c.Binary, c.Instances, c.Running, c.Stopped, c.Latency.N,
+			fmtMs(c.Latency.P50), fmtMs(c.P99), fmtMs(c.Latency.Max), ratio(float64(c.P99), float64(first[c.Instances])),
+			fmtMs(c.DaemonCPU.P50), fmtMs(c.DaemonCPUP99), fmtMs(c.RunQueueWait.P50))
 	}
 	return tw.Flush()
 }

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -251,4 +252,36 @@ func DropPageCache() error {
 		return fmt.Errorf("drop page cache: %w", err)
 	}
 	return nil
+}
+
+// SchedTimes are a process's scheduler counters summed over its threads
+// (/proc/PID/task/*/schedstat): time on a CPU and time runnable but waiting
+// for one. On a loaded host the second tells a slow answer that waited for
+// a CPU from one that worked longer.
+type SchedTimes struct {
+	CPU, RunQueueWait time.Duration
+}
+
+// ReadSchedTimes reads pid's scheduler counters (zero where the kernel has
+// no schedstat).
+func ReadSchedTimes(pid int) (SchedTimes, error) {
+	dir := fmt.Sprintf("/proc/%d/task", pid)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return SchedTimes{}, err
+	}
+	var st SchedTimes
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join(dir, e.Name(), "schedstat"))
+		if err != nil {
+			continue // a thread that exited meanwhile
+		}
+		var cpu, wait int64
+		if _, err := fmt.Sscan(string(b), &cpu, &wait); err != nil {
+			return SchedTimes{}, fmt.Errorf("%s/%s/schedstat: %w", dir, e.Name(), err)
+		}
+		st.CPU += time.Duration(cpu)
+		st.RunQueueWait += time.Duration(wait)
+	}
+	return st, nil
 }

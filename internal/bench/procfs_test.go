@@ -4,6 +4,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/forkd/forkd/internal/testfs"
 	"golang.org/x/sys/unix"
@@ -126,5 +127,31 @@ func TestDiskOfRootCountsReads(t *testing.T) {
 	}
 	if d.ReadBytes() < 0 {
 		t.Errorf("ReadBytes of %s (%s) unknown", d.Dir, d.Device)
+	}
+}
+
+func TestReadSchedTimesCountsThisProcessesCPU(t *testing.T) {
+	before, err := ReadSchedTimes(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var after SchedTimes
+	x := 1
+	for deadline := time.Now().Add(time.Minute); after.CPU <= before.CPU; {
+		if time.Now().After(deadline) {
+			t.Fatalf("a minute of busy work and the CPU time read %v, as before", after.CPU)
+		}
+		for i := range 1 << 20 {
+			x = x*31 + i
+		}
+		if after, err = ReadSchedTimes(os.Getpid()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if after.RunQueueWait < before.RunQueueWait {
+		t.Fatalf("run-queue wait went down from %v to %v (x=%d)", before.RunQueueWait, after.RunQueueWait, x)
+	}
+	if _, err := ReadSchedTimes(1 << 30); err == nil {
+		t.Fatal("ReadSchedTimes of a pid that cannot exist: no error")
 	}
 }
