@@ -2,7 +2,7 @@ package api
 
 import "time"
 
-// Instance states (DESIGN: lifecycle). Transient states are shown while an
+// Instance states (docs/architecture.md §5). Transient states are shown while an
 // operation holds the instance's write lock.
 const (
 	StateCreated    = "Created"

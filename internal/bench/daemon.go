@@ -61,7 +61,7 @@ func (d *Daemon) Stop(ctx context.Context) error {
 }
 
 // drainPagers asks every pager of the data dir to exit once idle (POST
-// /drain on its control socket, DESIGN §7): pagers are detached from the
+// /drain on its control socket, docs/architecture.md §8): pagers are detached from the
 // daemon and would otherwise outlive the benchmark.
 func drainPagers(ctx context.Context, dataDir string) error {
 	layout, err := guestdir.New(dataDir)

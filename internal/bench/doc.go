@@ -10,7 +10,8 @@
 // PSS/RSS of the fork VMMs, and every fork's memory_check.
 //
 // The numbers are only comparable within one run on one machine (the
-// machines here are nested VMs, DESIGN.md §8), so the report puts the
+// machines here are nested VMs where the first touch of a page costs ~10 µs
+// and other jobs share the CPUs), so the report puts the
 // strategies side by side; it never asserts a timing. Reading /proc and
 // /sys is all it does besides API calls; it never touches the data dir's
 // files itself (the daemon owns them), except to read VMM sockets to ask the

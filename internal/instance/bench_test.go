@@ -17,7 +17,7 @@ import (
 
 // BenchmarkForkOfStandby measures the API-level fork of a Standby instance
 // per fork strategy and guest RAM size, on an XFS loopback where it can be
-// made (root), so reflink runs too. DESIGN §8: with hardlink the fork never
+// made (root), so reflink runs too. With hardlink the fork never
 // touches a mem-file byte, so its cost should be flat in RAM size and far
 // below a per-fork copy; compare the sub-benchmarks of one run, never
 // absolute times. Copy runs only up to 1 GiB (each op copies the guest's RAM).

@@ -14,7 +14,8 @@ import (
 // page cache: a hash of both files' identity (device, inode, size, mtime).
 // It is computed when the pair is written (standby, snapshot, live fork) and
 // inherited by forks, which hardlink the same inode: all siblings of one
-// snapshot share one cache key and so one set of cached pages (DESIGN §1.4).
+// snapshot share one cache key and so one set of cached pages (invariant 4
+// of docs/architecture.md §3).
 // Any rewrite of the files changes mtime (and the unshare guard the inode),
 // so a stale key is never reused for new bytes.
 func cacheKey(d guestdir.SnapDir) (string, error) {

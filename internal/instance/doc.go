@@ -1,7 +1,8 @@
 // Package instance is forkd's VM manager: it implements api.Service over the
 // store (metadata + journal), guestdir (paths), memfile (sharing, cloning,
 // the unshare guard, compression), the firecracker driver (either VMM) and
-// the pager client. It owns the lifecycle state machine of DESIGN.md §3.
+// the pager client. It owns the lifecycle state machine of
+// docs/architecture.md §5.
 //
 // # Locks
 //
@@ -22,7 +23,7 @@
 // what a crash left open, removes temp files and half-made directories, and
 // re-adopts the VMMs that kept running (they run in their own session).
 //
-// # The memory invariants (DESIGN.md §1)
+// # The memory invariants (docs/architecture.md §3)
 //
 // Forks hardlink mem-files (memfile.ShareInto; fork_strategy reflink and
 // copy exist only for benchmarks); the only in-place writer

@@ -23,7 +23,7 @@ type forkFiles struct {
 	rootfs string
 }
 
-// ForkInstance forks an instance (DESIGN.md §3): from Standby under the
+// ForkInstance forks an instance (docs/architecture.md §5): from Standby under the
 // source's read lock (forks of one source run in parallel); from Running or
 // Paused only with from_running, as a live fork (pause, update the base in
 // place, fork from it, resume; the source VMM never restarts); from Stopped
@@ -341,7 +341,7 @@ func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Inst
 const (
 	// ForkStrategyHardlink: memfile.ShareForFork, a hardlink to the source's
 	// inode (a clone only where linking fails). forkd's behaviour and the
-	// only zero-I/O fanout (DESIGN.md §1.1).
+	// only zero-I/O fanout (invariant 1 of docs/architecture.md §3).
 	ForkStrategyHardlink = "hardlink"
 	// ForkStrategyReflink: a FICLONE reflink per fork; a fork on a filesystem
 	// that cannot reflink fails rather than silently copying.

@@ -14,7 +14,7 @@ import (
 	"github.com/forkd/forkd/internal/firecracker"
 )
 
-// The fork-isolation lifecycle (issue 8): the fork shares the source's
+// The fork-isolation lifecycle: the fork shares the source's
 // mem-file inode; restoring and standing the fork by never changes the
 // source's bytes or inode; the fork's standby unshares into its own inode.
 func TestForkIsolationLifecycle(t *testing.T) {
@@ -62,7 +62,8 @@ func TestForkIsolationLifecycle(t *testing.T) {
 	verifyGuest(t, m, src.ID)
 }
 
-// Delete safety (DESIGN §1.2): deleting a snapshot while its forks run, or a
+// Delete safety (invariant 2 of docs/architecture.md §3: independent on
+// return): deleting a snapshot while its forks run, or a
 // source while its standby forks exist, only unlinks names.
 func TestDeleteSafety(t *testing.T) {
 	m := newTestManager(t)
@@ -105,7 +106,8 @@ func TestDeleteSafety(t *testing.T) {
 	}
 }
 
-// The corruption scenario of DESIGN §1: a source re-enters standby while
+// The corruption scenario the unshare guard exists for (docs/architecture.md
+// §1 and invariant 3 of §3): a source re-enters standby while
 // running forks map its base mem-file. With the unshare guard the forks'
 // memory stays intact; the twin disables the guard and sees the corruption.
 //

@@ -24,7 +24,7 @@ import (
 
 // Config is what the manager is built from.
 type Config struct {
-	// DataDir is the root of DESIGN.md §4's layout.
+	// DataDir is the root of the layout of docs/architecture.md §4.
 	DataDir string
 	// VMM is the resolved VMM binary (ResolveVMM).
 	VMM VMMSpec
@@ -87,7 +87,7 @@ type Config struct {
 	// (default 5 s). VMM and pager exits are events, not polled.
 	SuperviseInterval time.Duration
 
-	// DisableUnshareGuard turns off DESIGN.md §1 invariant 3 (never
+	// DisableUnshareGuard turns off invariant 3 of docs/architecture.md §3 (never
 	// diff-write a mem-file another VM maps). It exists only so a test can
 	// show the corruption the guard prevents; never set it elsewhere.
 	DisableUnshareGuard bool

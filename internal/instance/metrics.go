@@ -110,7 +110,8 @@ func (x *metrics) register(r prometheus.Registerer) error {
 }
 
 // countFallback logs and counts a mem-file share that did not hardlink
-// (DESIGN.md §1.1: a warning and a metric labelled with the errno).
+// (invariant 1 of docs/architecture.md §3: a warning and a metric labelled
+// with the errno).
 func (m *Manager) countFallback(res memfile.ShareResult, op, subject string) {
 	if res.Reason == "" {
 		return

@@ -19,7 +19,7 @@ func (m *Manager) restoreAction(ctx context.Context, in *store.Instance, req api
 	return m.restore(ctx, in, req.RestoreBackend, m.cfg.RestoreBackend)
 }
 
-// restore wakes a Standby instance (DESIGN.md §3): a fresh VMM loads
+// restore wakes a Standby instance (docs/architecture.md §5): a fresh VMM loads
 // snapshot-latest (File: the mem-file mapped MAP_PRIVATE; Uffd: served by a
 // pager session under the instance's cache key), resumes, and
 // snapshot-latest becomes snapshot-base, the next standby's diff base.

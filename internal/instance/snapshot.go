@@ -27,7 +27,7 @@ const (
 )
 
 // CreateSnapshot copies an instance's memory into the immutable store
-// (DESIGN.md §3). From a Running/Paused instance, without restarting its
+// (docs/architecture.md §5). From a Running/Paused instance, without restarting its
 // VMM: pause, bring its own base up to date in place (writeSnapshot: unshare,
 // Diff; Full when it has none), hardlink the base's mem-file and copy its
 // vmstate (plus kernel and disk) into the store, resume. From a Standby

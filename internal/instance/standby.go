@@ -14,7 +14,7 @@ import (
 	"github.com/forkd/forkd/internal/store"
 )
 
-// standby parks a Running or Paused instance to disk (DESIGN.md §3):
+// standby parks a Running or Paused instance to disk (docs/architecture.md §5):
 // pause → promote snapshot-base to snapshot-latest → unshare guard → Diff
 // into it (Full when there is no base) → kill the VMM, close its pager
 // session → record a new cache key. Caller holds the write lock.

@@ -26,7 +26,7 @@ const standbyBenchArgs = "forkd.ws_mib=16 forkd.write_pct=50 forkd.rate=4000 for
 // restored VM make before the standby.
 const standbyBenchWrites = 2048
 
-// BenchmarkStandbyOfRestored measures DESIGN §8's budget "standby of a
+// BenchmarkStandbyOfRestored measures the budget "standby of a
 // restored VM writes O(dirty pages), not O(RAM), where the filesystem
 // reflinks": the standby of a Running VM restored from Standby, after it has
 // made standbyBenchWrites page writes, on a loopback XFS (reflink) and ext4,

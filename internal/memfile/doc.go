@@ -7,7 +7,7 @@
 // reported through Options.FullCopy and through return values (Mode, Reason),
 // so the caller can log and count them.
 //
-// # Invariants enforced here (DESIGN.md §1)
+// # Invariants enforced here (docs/architecture.md §3)
 //
 //   - Fanout is zero-I/O: ShareForFork hardlinks; not one mem-file byte is read
 //     or written. Only when linking fails (EXDEV, EMLINK, EPERM, ...) does it

@@ -7,7 +7,7 @@ import (
 	"net/http"
 )
 
-// routes is the control API (DESIGN.md §7).
+// routes is the control API (docs/architecture.md §8).
 func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /health", func(w http.ResponseWriter, r *http.Request) {

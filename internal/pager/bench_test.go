@@ -18,7 +18,7 @@ import (
 	"github.com/forkd/forkd/internal/uffd"
 )
 
-// The fault-serving benchmark (issue 4), in one run:
+// The fault-serving benchmark (BENCHMARKS.md, "Pager"), in one run:
 //
 //	RawCopy:            a minimal in-process handler, pread + UFFDIO_COPY per
 //	                    fault: the limit of this machine.

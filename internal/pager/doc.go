@@ -1,7 +1,7 @@
 // Package pager is forkd's userfaultfd pager: one long-lived process per
 // host and version (`forkd pager serve --dir <data>/pager/<version>`) that
 // serves the guest memory of VMs restored with Firecracker's Uffd backend
-// (DESIGN.md §7).
+// (docs/architecture.md §8).
 //
 // It owns:
 //   - the control API on <dir>/control.sock (server.go, api.go) and its

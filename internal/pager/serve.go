@@ -61,7 +61,7 @@ const (
 )
 
 // serve runs the event loop until ctx ends or a fatal error. The rules
-// (DESIGN.md §7): read events until EAGAIN; apply every REMOVE of a batch
+// (docs/architecture.md §8): read events until EAGAIN; apply every REMOVE of a batch
 // before serving the batch's faults; EEXIST is success; EAGAIN defers the
 // fault (deduplicated) until the events are drained; ESRCH ends the session.
 // Replay of a working set follows its own rules on top (prefetch.go):

@@ -25,7 +25,7 @@ import (
 	"github.com/forkd/forkd/internal/uffd"
 )
 
-// Names inside the pager's directory (DESIGN.md §4:
+// Names inside the pager's directory (docs/architecture.md §4:
 // <data>/pager/<version>/{control.sock,pager.pid,sessions/}).
 const (
 	controlSockName = "control.sock"

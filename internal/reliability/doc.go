@@ -1,5 +1,5 @@
 // Package reliability is forkd's black-box reliability and security suite
-// (issue 7, RELIABILITY.md). Its tests start real `forkd serve` daemons in
+// (RELIABILITY.md). Its tests start real `forkd serve` daemons in
 // temp data dirs and drive them only through the API (api.NewClient), the
 // way a user would: hostile input, crashes injected at every journal step
 // (FORKD_TEST_CRASH_AT, see internal/instance/crashhook.go), killed pagers

@@ -17,7 +17,7 @@ import (
 	"github.com/forkd/forkd/internal/api"
 )
 
-// The hostile-input probes of issue 17 (RELIABILITY.md, "Hostile input"):
+// The hostile-input probes (RELIABILITY.md, "Hostile input"):
 // what a careless or hostile user (or a token holder) tries against the
 // daemon, each with what forkd did before and does now.
 

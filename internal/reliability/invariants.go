@@ -79,7 +79,7 @@ func WaitSettled(ctx context.Context, c *api.Client, timeout time.Duration) erro
 //   - every Running/Paused instance has a live VMM at its recorded pid, and
 //     every VMM under the data dir belongs to such an instance (none leaked);
 //   - no VMM can write a file with more than one link (no shared inode is
-//     written: DESIGN §1.3), and every mem-file a VMM maps is still linked
+//     written: invariant 3 of docs/architecture.md §3), and every mem-file a VMM maps is still linked
 //     from its own guest dir whenever anyone links it (else a sibling sees a
 //     link count of 1 and diff-writes it in place under the running VM);
 //   - no temp file or dir, no dir without a record, nothing unknown at the

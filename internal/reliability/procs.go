@@ -34,8 +34,8 @@ func Environ(pid int) ([]string, error) {
 
 // sharedWrites lists the files under root with more than one link that pid
 // could write: open read-write or write-only, or mapped MAP_SHARED with
-// write permission. forkd promises there are none (DESIGN §1.3: nobody
-// writes a shared inode); MAP_PRIVATE mappings of a shared mem-file (the
+// write permission. forkd promises there are none (invariant 3 of
+// docs/architecture.md §3: nobody writes a shared inode); MAP_PRIVATE mappings of a shared mem-file (the
 // File restore backend) are fine, their writes never reach the file.
 func sharedWrites(pid int, root string) []string {
 	var out []string
@@ -102,7 +102,7 @@ func nlink(st os.FileInfo) uint64 {
 // unpinnedMappings lists the files a VMM maps from the data dir whose inode
 // no name under its own guest dir links any more, while another name still
 // does. The link count is how forkd decides whether a mem-file may be
-// written in place (DESIGN §1.3); a mapping the count does not show lets a
+// written in place (invariant 3 of docs/architecture.md §3); a mapping the count does not show lets a
 // sibling write the pages under a running VM.
 func unpinnedMappings(pid int, root, guestDir string) []string {
 	f, err := os.Open(fmt.Sprintf("/proc/%d/maps", pid))

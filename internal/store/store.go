@@ -170,7 +170,7 @@ var migrations = []string{
 		outcome TEXT NOT NULL DEFAULT ''
 	);
 	CREATE INDEX journal_open ON journal(finished_at) WHERE finished_at IS NULL;`,
-	// networking (issue 11). net_slot is the VM's slot in the address
+	// networking (docs/architecture.md §13). net_slot is the VM's slot in the address
 	// pool (-1: not networked); the unique index is what allocates it, so
 	// two concurrent creates or forks never share one. net_guest and
 	// net_mac are the guest identity the VM booted with (forks inherit
@@ -191,7 +191,7 @@ var migrations = []string{
 		guest_port INTEGER NOT NULL,
 		PRIMARY KEY (host_ip, host_port, protocol)
 	);`,
-	// 3: images (issue 16). An instance or snapshot names the image its
+	// 3: images (docs/architecture.md §5.9). An instance or snapshot names the image its
 	// disk came from (image = manifest digest, "" for none), so an image in
 	// use is never deleted.
 	`CREATE TABLE images (
@@ -212,7 +212,7 @@ var migrations = []string{
 	CREATE INDEX image_refs_digest ON image_refs(digest);
 	ALTER TABLE instances ADD COLUMN image TEXT NOT NULL DEFAULT '';
 	ALTER TABLE snapshots ADD COLUMN image TEXT NOT NULL DEFAULT '';`,
-	// Warm network slots (issue 11): namespaces made ahead of any VM so a
+	// Warm network slots (docs/architecture.md §13): namespaces made ahead of any VM so a
 	// fork takes a ready one instead of making it on its path. A row is
 	// written before its namespace is made (ready 0) and marked ready once
 	// it is whole; an allocation takes a ready row and deletes it in the
