@@ -79,7 +79,7 @@ func run(t *testing.T, args ...string) (string, string, int) {
 	return out.String(), errb.String(), code
 }
 
-func TestHelpListsEveryDesignCommand(t *testing.T) {
+func TestHelpListsEveryCommand(t *testing.T) {
 	out, _, code := run(t, "--help")
 	if code != 0 {
 		t.Fatalf("--help exited %d", code)

@@ -6,7 +6,8 @@ import (
 	"testing"
 )
 
-func TestLayoutPathsFollowDesignLayout(t *testing.T) {
+// The paths match the on-disk layout of docs/architecture.md §4.
+func TestLayoutPathsFollowTheLayout(t *testing.T) {
 	l, err := New("/data")
 	if err != nil {
 		t.Fatal(err)

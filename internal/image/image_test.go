@@ -302,8 +302,9 @@ func TestParseRefFollowsSkopeosTagRule(t *testing.T) {
 	}
 }
 
-// TestBadImagesAreClearErrorsThatLeaveNothing: each bad input the issue
-// lists fails with its own sentinel and leaves no dir, record or open
+// TestBadImagesAreClearErrorsThatLeaveNothing: each bad input (unknown
+// repository, tag or platform, an unreachable registry, a corrupt layer, an
+// entry escaping the tree) fails with its own sentinel and leaves no dir, record or open
 // journal entry.
 func TestBadImagesAreClearErrorsThatLeaveNothing(t *testing.T) {
 	e := newStore(t, "", nil)
