@@ -7,8 +7,11 @@ package atomicfile
 import (
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
+
+	"golang.org/x/sys/unix"
 )
 
 // TempSuffix is appended to a file's name while it is being written. The
@@ -83,15 +86,10 @@ func SyncDir(dir string) error {
 // CommitDir is the directory form of Write: it makes a directory tree built
 // under a temp name durable once and moves it to its final name. It fsyncs
 // each of files (the new inodes in the tree: copies and reflinks; a hardlink
-// to an inode that is already durable needs none), then dir itself, renames
-// dir to final and fsyncs final's parent. After a crash final is absent or
-// complete; dir (a temp name) is the caller's to sweep.
-//
-// One fsync of dir stands for the subdirectories built inside it. That holds
-// on the filesystems forkd runs on: XFS and ext4 commit metadata through one
-// log, in order, so forcing it for dir also forces every earlier change in
-// the tree; btrfs logs a fsynced directory's new subdirectories with it. The
-// power-loss cases of internal/reliability check it on XFS and ext4.
+// to an inode that is already durable needs none), then every directory of
+// the tree (SyncTree), renames dir to final and fsyncs final's parent. After
+// a crash final is absent or complete; dir (a temp name) is the caller's to
+// sweep.
 func CommitDir(dir, final string, files ...string) error {
 	if err := SyncTree(dir, files...); err != nil {
 		return fmt.Errorf("commit %s: %w", final, err)
@@ -103,18 +101,57 @@ func CommitDir(dir, final string, files ...string) error {
 }
 
 // SyncTree is CommitDir's first half, for a caller that does other work
-// (a journal commit, say) before the rename: it fsyncs files, then dir.
+// (a journal commit, say) before the rename: it fsyncs files, then the
+// directories of the tree rooted at dir, dir last.
+//
+// Which directories: POSIX makes a name durable only through an fsync of
+// its own directory, so SyncTree fsyncs every directory of the tree, the
+// deepest first, and btrfs needs exactly that: its fsync logs the one
+// directory's entries, and a hardlink made in a new subdirectory (a fork's
+// mem-file, vmstate, kernel) is lost at a power cut after an fsync of the
+// top alone (the power-loss cases of internal/reliability show it). XFS is
+// the exception: it commits all metadata through one log, in order, so
+// once a later change (the rename that publishes the tree, made durable by
+// Rename's fsync of the parent) is on disk, every earlier change in the
+// tree is too, and one fsync of dir suffices; each further fsync would only
+// cost a device cache flush (XFS flushes when an fsync forced nothing).
+// Symlinks are not followed.
 func SyncTree(dir string, files ...string) error {
 	for _, f := range files {
-		if err := syncFile(f); err != nil {
+		if err := SyncFile(f); err != nil {
 			return err
 		}
 	}
-	return SyncDir(dir)
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return fmt.Errorf("fsync tree %s: %w", dir, err)
+	}
+	if st.Type == unix.XFS_SUPER_MAGIC {
+		return SyncDir(dir)
+	}
+	var dirs []string
+	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() {
+			dirs = append(dirs, path)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("fsync tree %s: %w", dir, err)
+	}
+	for i := len(dirs) - 1; i >= 0; i-- { // a parent is visited before its children
+		if err := SyncDir(dirs[i]); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
-// syncFile fsyncs a regular file.
-func syncFile(path string) error {
+// SyncFile fsyncs a regular file.
+func SyncFile(path string) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return fmt.Errorf("fsync %s: %w", path, err)

@@ -63,6 +63,13 @@ func matchPoint(want, kind, step string) bool {
 // lost); never set it elsewhere.
 const UnsafeSkipForkFileSyncEnv = "FORKD_TEST_UNSAFE_SKIP_FORK_FILE_SYNC"
 
+// UnsafeSyncForkTopDirOnlyEnv, set to "1", makes a fork fsync only the top
+// of its directory tree (and its new inodes), not each subdirectory. It
+// exists only so the power-loss suite can show that it catches what that
+// loses on btrfs (the links made in the subdirectories: a fork's mem-file,
+// kernel and vmstate); never set it elsewhere.
+const UnsafeSyncForkTopDirOnlyEnv = "FORKD_TEST_UNSAFE_SYNC_FORK_TOP_DIR_ONLY"
+
 // GroupMinEnv, set to N > 1, holds every store group commit until N units
 // are queued (or 30 s passed), so crash and power-loss tests can put N
 // concurrent forks in one group and crash it at "fork:committing" (the

@@ -283,7 +283,10 @@ func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Inst
 			if res, fresh, err = m.buildForkDir(tmp, spec.files, nil); err != nil {
 				return err
 			}
-			return atomicfile.CommitDir(tmp.Jail, final.Jail, fresh...)
+			if err := syncForkTree(tmp.Jail, fresh); err != nil {
+				return err
+			}
+			return atomicfile.Rename(tmp.Jail, final.Jail)
 		}
 		if spec.live != nil {
 			spec.key, err = spec.live(ctx, o, build)
@@ -305,7 +308,7 @@ func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Inst
 			return fail(nil, err)
 		}
 		if err == nil { // fsync the new inodes and the dir while the journal commits
-			err = atomicfile.SyncTree(tmp.Jail, fresh...)
+			err = syncForkTree(tmp.Jail, fresh)
 		}
 		var jerr error
 		if o, jerr = j.wait(); jerr != nil {

@@ -7,6 +7,7 @@ import (
 	"os"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/store"
@@ -17,7 +18,7 @@ import (
 // linking fails; or per fork_strategy, see shareMemFile), the kernel linked
 // too, vmstate and disk cloned (reflink first). Nothing is fsynced: it returns the new inodes
 // (clones, copies) for the caller to make durable with the dir, at once
-// (atomicfile.SyncTree or CommitDir). shared, when set, is called as soon as
+// (syncForkTree). shared, when set, is called as soon as
 // the mem-file is shared (or at once for a fork without memory), when the
 // fork's fork_mode is known; the rest of the dir is built after it returns.
 func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memfile.ShareResult)) (memfile.ShareResult, []string, error) {
@@ -76,6 +77,21 @@ func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memf
 		fresh = nil // the power-loss suite's twin only (crashhook.go)
 	}
 	return res, fresh, nil
+}
+
+// syncForkTree is a fork's durable point before its rename: the new inodes,
+// then every directory of the fork's tree (atomicfile.SyncTree: on btrfs one
+// fsync of the top does not keep the links made below it).
+func syncForkTree(dir string, fresh []string) error {
+	if os.Getenv(UnsafeSyncForkTopDirOnlyEnv) == "1" { // the power-loss suite's twin only (crashhook.go)
+		for _, f := range fresh {
+			if err := atomicfile.SyncFile(f); err != nil {
+				return err
+			}
+		}
+		return atomicfile.SyncDir(dir)
+	}
+	return atomicfile.SyncTree(dir, fresh...)
 }
 
 // finishRecord fills in what a fork's record holds once its files exist:

@@ -106,14 +106,20 @@ func mkfsArgs(kind Kind, image string) []string {
 // Mount makes a sparse image of size bytes in a new temp dir, formats it as
 // kind, attaches it to a free loop device and mounts it. The caller must
 // Close it.
-func Mount(kind Kind, size int64) (_ *FS, err error) {
+func Mount(kind Kind, size int64) (*FS, error) { return MountIn("", kind, size) }
+
+// MountIn is Mount with the temp dir made in parent ("" is the system's temp
+// dir). A test that snapshots the image (a power cut taken as a reflink of
+// the image, on a filesystem with no shutdown ioctl) puts it on a
+// filesystem that can reflink.
+func MountIn(parent string, kind Kind, size int64) (_ *FS, err error) {
 	if why := Unavailable(kind); why != "" {
 		return nil, errors.New(why)
 	}
 	if mkfsArgs(kind, "") == nil {
 		return nil, fmt.Errorf("loopfs: unknown filesystem kind %q", kind)
 	}
-	work, err := os.MkdirTemp("", "forkd-loopfs-"+string(kind)+"-")
+	work, err := os.MkdirTemp(parent, "forkd-loopfs-"+string(kind)+"-")
 	if err != nil {
 		return nil, fmt.Errorf("loopfs: mount %s: %w", kind, err)
 	}
@@ -135,27 +141,60 @@ func Mount(kind Kind, size int64) (_ *FS, err error) {
 	if _, err := run(mkfsTool(kind), mkfsArgs(kind, fs.Image)...); err != nil {
 		return nil, fmt.Errorf("loopfs: mount %s: %w", kind, err)
 	}
+	if err := os.Mkdir(fs.Dir, 0o755); err != nil {
+		return nil, fmt.Errorf("loopfs: mount %s: %w", kind, err)
+	}
+	if err := fs.Attach(); err != nil {
+		return nil, err
+	}
+	return fs, nil
+}
+
+// Attach attaches the image to a free loop device and mounts it on Dir:
+// Mount's last step, and the way back after Unmount (the caller may have
+// replaced the image file meanwhile).
+func (f *FS) Attach() error {
+	if f.Device != "" {
+		return fmt.Errorf("loopfs: attach %s: already attached to %s", f.Image, f.Device)
+	}
 	// direct-io avoids caching every block twice (once for the image file on
 	// the host fs, once for the filesystem on the loop device).
 	// Two processes can race for the same free device; the loser gets EBUSY.
 	var out string
+	var err error
 	for try := 0; try < 5; try++ {
-		if out, err = run("losetup", "--find", "--show", "--direct-io=on", fs.Image); err == nil || !strings.Contains(err.Error(), "busy") {
+		if out, err = run("losetup", "--find", "--show", "--direct-io=on", f.Image); err == nil || !strings.Contains(err.Error(), "busy") {
 			break
 		}
 		time.Sleep(time.Duration(try+1) * 20 * time.Millisecond)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("loopfs: mount %s: %w", kind, err)
+		return fmt.Errorf("loopfs: mount %s: %w", f.Kind, err)
 	}
-	fs.Device = strings.TrimSpace(out)
-	if err := os.Mkdir(fs.Dir, 0o755); err != nil {
-		return nil, fmt.Errorf("loopfs: mount %s: %w", kind, err)
+	f.Device = strings.TrimSpace(out)
+	if _, err := run("mount", "-t", string(f.Kind), f.Device, f.Dir); err != nil {
+		return fmt.Errorf("loopfs: mount %s: %w", f.Kind, err)
 	}
-	if _, err := run("mount", "-t", string(kind), fs.Device, fs.Dir); err != nil {
-		return nil, fmt.Errorf("loopfs: mount %s: %w", kind, err)
+	return nil
+}
+
+// Unmount unmounts the filesystem and detaches its loop device but keeps the
+// image, which then holds exactly what the filesystem wrote to its device;
+// Attach mounts it again. Close after Unmount removes the image.
+func (f *FS) Unmount() error {
+	if f.Device == "" {
+		return nil
 	}
-	return fs, nil
+	if mounted(f.Dir) {
+		if err := umount(f.Dir); err != nil {
+			return err
+		}
+	}
+	if err := f.detach(); err != nil {
+		return err
+	}
+	f.Device = ""
+	return nil
 }
 
 // Close unmounts the filesystem, detaches its loop device and removes the

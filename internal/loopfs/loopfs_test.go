@@ -72,3 +72,41 @@ func TestDetachLeavesForeignDeviceAlone(t *testing.T) {
 	}
 	fs.Image = real
 }
+
+func TestUnmountKeepsTheImageAndAttachMountsItAgain(t *testing.T) {
+	need(t, Ext4)
+	parent := t.TempDir()
+	fs, err := MountIn(parent, Ext4, DefaultSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fs.Close() })
+	if !strings.HasPrefix(fs.Image, parent+"/") {
+		t.Fatalf("image %s not under %s", fs.Image, parent)
+	}
+	if err := os.WriteFile(filepath.Join(fs.Dir, "f"), []byte("kept"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dev := fs.Device
+	if err := fs.Unmount(); err != nil {
+		t.Fatal(err)
+	}
+	if mounted(fs.Dir) || fs.Device != "" {
+		t.Fatalf("after Unmount: mounted %v, device %q (was %s)", mounted(fs.Dir), fs.Device, dev)
+	}
+	if _, err := os.Stat(fs.Image); err != nil {
+		t.Fatalf("Unmount removed the image: %v", err)
+	}
+	if err := fs.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(filepath.Join(fs.Dir, "f")); err != nil || string(b) != "kept" {
+		t.Fatalf("after Attach: %q, %v; want the file written before Unmount", b, err)
+	}
+	if err := fs.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if fs.attached() || mounted(fs.Dir) {
+		t.Fatalf("Close left %s attached or mounted", fs.Device)
+	}
+}
