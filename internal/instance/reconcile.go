@@ -14,6 +14,7 @@ import (
 	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/store"
 	"github.com/forkd/forkd/internal/version"
 )
@@ -382,6 +383,19 @@ func (m *Manager) sweepDataDirs(ctx context.Context) error {
 	snaps, err := m.db.ListSnapshots(ctx)
 	if err != nil {
 		return err
+	}
+	// The reflink probe's temp dir (checkFilesystem, at every start), left
+	// by a crash or a power cut that lost its removal: forkd's own name.
+	for _, dir := range []string{m.layout.Root(), m.layout.JailsDir()} {
+		probes, _ := filepath.Glob(filepath.Join(dir, memfile.ReflinkProbePrefix+"*"))
+		for _, p := range probes {
+			if st, err := os.Lstat(p); err == nil && st.IsDir() {
+				m.log.Info("reconcile: removing a reflink probe left behind", "path", p)
+				if err := os.RemoveAll(p); err != nil {
+					m.log.Error("reconcile: remove reflink probe", "path", p, "err", err)
+				}
+			}
+		}
 	}
 	recorded := map[string]bool{}
 	for _, in := range insts {

@@ -11,6 +11,7 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/store"
 	"github.com/forkd/forkd/internal/testenv"
 )
@@ -136,6 +137,10 @@ func TestReconcileRemovesInterruptedForkAndTempFiles(t *testing.T) {
 		filepath.Join(srcG.Latest().Dir, "memory.unshare.tmp"),
 		filepath.Join(dir, "snapshots", ".tmp-"+newID(), "memory"),
 		filepath.Join(layout.JailsDir(), newID(), "root", "kernel"), // a dir no record claims
+		// reflink probes a power cut brought back (where guest memory
+		// lives, and the data dir before the first guest)
+		filepath.Join(layout.JailsDir(), memfile.ReflinkProbePrefix+"1", "b"),
+		filepath.Join(dir, memfile.ReflinkProbePrefix+"2", "a"),
 	}
 	for _, p := range leftovers {
 		os.MkdirAll(filepath.Dir(p), 0o755)

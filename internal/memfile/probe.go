@@ -8,12 +8,17 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// ReflinkProbePrefix begins the name of CanReflink's temp dir. A crash or a
+// power cut during (or soon after) a probe can leave one behind; the
+// daemon's reconciler removes them.
+const ReflinkProbePrefix = ".reflink-probe-"
+
 // CanReflink reports whether files in dir can be cloned with FICLONE: it
 // clones a small probe file in a temp dir under dir and removes both. Where
 // it cannot (ext4, tmpfs), every Clone is a copy, and the unshare guard
 // copies a whole mem-file where it would otherwise share its blocks.
 func CanReflink(dir string) (bool, error) {
-	probe, err := os.MkdirTemp(dir, ".reflink-probe-")
+	probe, err := os.MkdirTemp(dir, ReflinkProbePrefix)
 	if err != nil {
 		return false, fmt.Errorf("reflink probe in %s: %w", dir, err)
 	}
