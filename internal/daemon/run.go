@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/datadir"
 	"github.com/forkd/forkd/internal/version"
 )
 
@@ -80,6 +81,14 @@ func start(ctx context.Context, cfg Config, log *slog.Logger, factory backendFac
 	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create data dir: %w", err)
+	}
+	// Nobody but the daemon's uid may be able to plant anything in the
+	// data dir or swap it for a symlink: refuse, never fix silently.
+	if err := datadir.CheckAncestors(cfg.DataDir); err != nil {
+		return nil, err
+	}
+	if err := datadir.Check(cfg.DataDir); err != nil {
+		return nil, fmt.Errorf("data dir: %w", err)
 	}
 	// Instance state, sockets and guest memory live here: owner only.
 	if err := os.Chmod(cfg.DataDir, 0o700); err != nil {

@@ -9,6 +9,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/forkd/forkd/internal/atomicfile"
+	"github.com/forkd/forkd/internal/datadir"
 )
 
 // moveToLostFound moves the entry name of dir (guests/ or snapshots/) to
@@ -26,9 +27,10 @@ func (m *Manager) moveToLostFound(dir, name string) (string, error) {
 		if err := os.Mkdir(d, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
 			return "", fmt.Errorf("lost+found: %w", err)
 		}
-		// Never move anything through a planted symlink.
-		if st, err := os.Lstat(d); err != nil || !st.IsDir() {
-			return "", fmt.Errorf("lost+found: %s is not a directory", d)
+		// Never move anything through a planted symlink, or into a
+		// directory someone else controls.
+		if err := datadir.Check(d); err != nil {
+			return "", fmt.Errorf("lost+found: %w", err)
 		}
 	}
 	src := filepath.Join(dir, name)

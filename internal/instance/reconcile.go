@@ -12,6 +12,7 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/atomicfile"
+	"github.com/forkd/forkd/internal/datadir"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/memfile"
@@ -428,6 +429,11 @@ func (m *Manager) sweepDataDirs(ctx context.Context) error {
 				}
 				continue
 			case recorded[root.tag+name]:
+				// A recorded VM's dir that another uid owns or can write
+				// may hold anything planted: refuse to run on it.
+				if err := datadir.Check(path); err != nil {
+					return fmt.Errorf("reconcile: %w", err)
+				}
 				m.removeTempFiles(path)
 				continue
 			default:

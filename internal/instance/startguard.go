@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/forkd/forkd/internal/datadir"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/store"
 )
@@ -21,9 +22,10 @@ import (
 var ErrStoreLost = errors.New("the store has no records of the VMs in the data dir")
 
 // makeDataSubdirs makes the data dir's jail/, jail/<exec>/, snapshots/,
-// pager/, images/ and prefetch/ and refuses one that exists but is not a real directory: a symlink
-// there would send every create, and every reconciler removal, into
-// whatever directory it names.
+// pager/, images/ and prefetch/ and refuses one that exists but is not a
+// real directory (a symlink there would send every create, and every
+// reconciler removal, into whatever directory it names) or that someone
+// other than the daemon's uid owns or can write (datadir.Check).
 func makeDataSubdirs(l guestdir.Layout) error {
 	if err := os.MkdirAll(l.Root(), 0o700); err != nil {
 		return fmt.Errorf("data dir: %w", err)
@@ -44,6 +46,9 @@ func makeDataSubdirs(l guestdir.Layout) error {
 		}
 		if !st.IsDir() {
 			return fmt.Errorf("data dir: %s is a %s, not a directory forkd made; move it away (forkd never follows a symlink in its data dir)", d, fileKind(st.Mode()))
+		}
+		if err := datadir.Check(d); err != nil {
+			return fmt.Errorf("data dir: %w", err)
 		}
 	}
 	// The old layout's guests/, if any, is migrated: never through a link.

@@ -10,6 +10,7 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/store"
+	"github.com/forkd/forkd/internal/testenv"
 )
 
 // plant makes path (and its parents) holding a file with some bytes.
@@ -208,5 +209,45 @@ func TestLostFoundIsPrivate(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, "lost+found", "snapshots")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("lost+found/snapshots made with nothing to put in it: %v", err)
+	}
+}
+
+// A recorded VM's directory that another uid owns, or that group or others
+// can write, may hold anything planted there: the start is refused, naming
+// it, rather than acting on it as root. Its twin is every other start over
+// forkd's own 0755 dirs.
+func TestStartRefusesAGuestDirOthersControl(t *testing.T) {
+	testenv.NeedRoot(t)
+	for _, tc := range []struct {
+		name string
+		harm func(dir string) error
+		says string
+	}{
+		{"owned by nobody", func(d string) error { return os.Chown(d, 65534, 65534) }, "owned by uid 65534"},
+		{"group-writable", func(d string) error { return os.Chmod(d, 0o775) }, "chmod go-w"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := shortDir(t)
+			var kept api.Instance
+			openAndClose(t, dir, func(m *Manager) {
+				var err error
+				kept, err = m.CreateInstance(context.Background(), api.CreateInstanceRequest{Name: "kept", MemoryMiB: testMemMiB, Start: new(bool)})
+				if err != nil {
+					t.Fatal(err)
+				}
+			})
+			gdir := filepath.Join(dir, "guests", kept.ID)
+			if err := tc.harm(gdir); err != nil {
+				t.Fatal(err)
+			}
+			m, err := newManagerErr(t, dir)
+			if err == nil {
+				m.Close()
+				t.Fatal("New started over a guest dir others control")
+			}
+			if !strings.Contains(err.Error(), gdir) || !strings.Contains(err.Error(), tc.says) {
+				t.Errorf("New: %v; want it to name %s and say %q", err, gdir, tc.says)
+			}
+		})
 	}
 }

@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/forkd/forkd/internal/atomicfile"
+	"github.com/forkd/forkd/internal/datadir"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/hostpath"
 	"github.com/forkd/forkd/internal/prefetch"
@@ -131,6 +132,13 @@ func NewServer(cfg Config, log *slog.Logger) (*Server, error) {
 	}
 	if err := os.MkdirAll(filepath.Join(cfg.Dir, sessionsDirName), 0o700); err != nil {
 		return nil, fmt.Errorf("pager %s: %w", cfg.Dir, err)
+	}
+	// The pager creates sockets and reads mem-files here as root: nobody
+	// else may be able to plant anything in its dir.
+	for _, d := range []string{cfg.Dir, filepath.Join(cfg.Dir, sessionsDirName)} {
+		if err := datadir.Check(d); err != nil {
+			return nil, fmt.Errorf("pager %s: %w", cfg.Dir, err)
+		}
 	}
 	lock, err := os.Open(cfg.Dir)
 	if err != nil {

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/testenv"
 )
 
 // The hostile-input probes (RELIABILITY.md, "Hostile input"):
@@ -171,5 +172,60 @@ func TestHostFilesAreConfined(t *testing.T) {
 	}
 	if _, err := tcp.CreateInstance(ctxT(t, 30*time.Second), api.CreateInstanceRequest{Name: "ok", MemoryMiB: testMemMiB, Rootfs: disk, Start: &no}); err != nil {
 		t.Errorf("a file under host_path_dirs over TCP: %v", err)
+	}
+}
+
+// Probe: a data dir owned by `nobody` with a planted `guests -> elsewhere`.
+// Before: accepted without a word; guest dirs were created in the target,
+// and the next start deleted the unrelated files found there. Now: the
+// start is refused, naming the owner, and the target is untouched; with the
+// dir given back to root the start is refused again for the symlink; with
+// the symlink gone it starts (the twin).
+func TestDataDirOthersControlIsRefused(t *testing.T) {
+	t.Parallel()
+	testenv.NeedRoot(t)
+	dir := t.TempDir()
+	data := filepath.Join(dir, "d")
+	elsewhere := filepath.Join(dir, "elsewhere")
+	for _, d := range []string{data, elsewhere} {
+		if err := os.Mkdir(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	precious := filepath.Join(elsewhere, "0123456789abcdef01234567")
+	if err := os.WriteFile(precious, []byte("unrelated"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(elsewhere, filepath.Join(data, "guests")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(data, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	spec := DaemonOptions{Binary: forkdBinary(t), DataDir: data, LogPath: filepath.Join(dir, "daemon.log")}
+	ctx := context.Background()
+	start := func() (*Daemon, error) {
+		d, err := StartDaemon(ctx, spec)
+		if err == nil {
+			t.Cleanup(func() { d.Shutdown(ctx) })
+		}
+		return d, err
+	}
+	if _, err := start(); err == nil || !strings.Contains(err.Error(), "owned by uid 65534") {
+		t.Fatalf("start over a data dir owned by nobody: %v; want a refusal naming the owner", err)
+	}
+	os.Chown(data, 0, 0)
+	if _, err := start(); err == nil || !strings.Contains(err.Error(), "symlink") {
+		t.Fatalf("start with guests a symlink: %v; want a refusal", err)
+	}
+	if b, err := os.ReadFile(precious); err != nil || string(b) != "unrelated" {
+		t.Fatalf("the symlink's target was touched: %q, %v", b, err)
+	}
+	if ents, _ := os.ReadDir(elsewhere); len(ents) != 1 {
+		t.Errorf("the symlink's target holds %d entries, want only its own", len(ents))
+	}
+	os.Remove(filepath.Join(data, "guests"))
+	if _, err := start(); err != nil {
+		t.Fatalf("start over a data dir only root controls: %v", err)
 	}
 }
