@@ -286,6 +286,7 @@ func TestSentinelErrorsMapToStatusAndCode(t *testing.T) {
 		{fmt.Errorf("standby x: %w", api.ErrInvalidState), 409, api.CodeInvalidState},
 		{fmt.Errorf("create x: %w", api.ErrExists), 409, api.CodeAlreadyExists},
 		{fmt.Errorf("get a: %w", api.ErrAmbiguous), 409, api.CodeAmbiguous},
+		{fmt.Errorf("create a: %w: memory: short", api.ErrInsufficientResources), 409, api.CodeInsufficient},
 		{fmt.Errorf("create: %w", api.ErrInvalid), 422, api.CodeInvalidRequest},
 		{fmt.Errorf("pager: %w", api.ErrUnavailable), 503, api.CodeUnavailable},
 		{fmt.Errorf("create: %w", api.ErrShuttingDown), 503, api.CodeShuttingDown},
@@ -345,7 +346,7 @@ func TestUnknownRoutesAnswerWithErrorDocuments(t *testing.T) {
 }
 
 func errorsIsSentinel(got, want error) bool {
-	for _, s := range []error{api.ErrNotFound, api.ErrInvalidState, api.ErrExists, api.ErrAmbiguous,
+	for _, s := range []error{api.ErrNotFound, api.ErrInvalidState, api.ErrExists, api.ErrAmbiguous, api.ErrInsufficientResources,
 		api.ErrInvalid, api.ErrUnavailable, api.ErrShuttingDown} {
 		if errors.Is(want, s) {
 			return errors.Is(got, s)

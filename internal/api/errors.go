@@ -18,6 +18,7 @@ const (
 	CodeAmbiguous            = "ambiguous_reference"    // 409: a reference that could mean two things, or a prefix where a guess is refused
 	CodePoolExhausted        = "address_pool_exhausted" // 409: every address of network_cidr is taken
 	CodePortInUse            = "port_in_use"            // 409: a published host port is already taken
+	CodeInsufficient         = "insufficient_resources" // 409: the host cannot hold it (memory, vcpus, running VMs, disk)
 	CodeBodyTooLarge         = "body_too_large"         // 413: body over MaxBodyBytes
 	CodeUnsupportedMediaType = "unsupported_media_type" // 415: body that is not application/json
 	CodeInvalidName          = "invalid_name"           // 422: name or reference fails NamePattern
@@ -75,6 +76,8 @@ func statusOf(err error) (int, string) {
 		return http.StatusConflict, CodePoolExhausted
 	case errors.Is(err, ErrPortInUse):
 		return http.StatusConflict, CodePortInUse
+	case errors.Is(err, ErrInsufficientResources):
+		return http.StatusConflict, CodeInsufficient
 	case errors.Is(err, ErrInvalid):
 		return http.StatusUnprocessableEntity, CodeInvalidRequest
 	case errors.Is(err, ErrShuttingDown):
@@ -106,6 +109,8 @@ func sentinelOf(code string) error {
 		return ErrPoolExhausted
 	case CodePortInUse:
 		return ErrPortInUse
+	case CodeInsufficient:
+		return ErrInsufficientResources
 	case CodeInvalidName, CodeInvalidRequest, CodeBadRequest, CodeBodyTooLarge, CodeUnsupportedMediaType:
 		return ErrInvalid
 	case CodeUnavailable:

@@ -59,7 +59,7 @@ var (
 	ErrNotFound      = errors.New("not found")               // 404 not_found
 	ErrInvalidState  = errors.New("invalid state")           // 409 invalid_state
 	ErrExists        = errors.New("already exists")          // 409 already_exists
-	ErrAmbiguous     = errors.New("ambiguous reference")     // 409 ambiguous
+	ErrAmbiguous     = errors.New("ambiguous reference")     // 409 ambiguous_reference
 	ErrInvalid       = errors.New("invalid request")         // 422 invalid_request
 	ErrUnavailable   = errors.New("temporarily unavailable") // 503 unavailable
 	ErrPoolExhausted = errors.New("address pool exhausted")  // 409 address_pool_exhausted
@@ -67,6 +67,10 @@ var (
 	ErrNoSpace       = errors.New("no space left")           // 507 insufficient_storage
 	ErrShuttingDown  = errors.New("daemon shutting down")    // 503 shutting_down
 	ErrBusy          = errors.New("busy")                    // 429 busy
+	// ErrInsufficientResources: the host cannot hold what the request asks
+	// (memory, vCPUs, running VMs, disk); the message says which and by how
+	// much. 409 insufficient_resources.
+	ErrInsufficientResources = errors.New("insufficient resources")
 )
 
 // DeleteAll deletes every instance and every snapshot s knows, as tools that

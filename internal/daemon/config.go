@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"fmt"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 	"github.com/spf13/pflag"
 	"gopkg.in/yaml.v3"
 
+	"github.com/forkd/forkd/internal/admission"
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/emulator"
 	"github.com/forkd/forkd/internal/instance"
@@ -73,6 +75,10 @@ type Config struct {
 	// missing or empty store even though guests/ or snapshots/ hold forkd's
 	// directories, moving them to <data>/lost+found/.
 	OrphansToLostFound bool
+
+	// Admission limits (internal/admission): max_vm_memory_ratio,
+	// max_memory_mib, max_vcpus, memory_overcommit, max_running_vms.
+	Admission admission.Limits
 
 	File string // the YAML file the config was read from, "" if none
 }
@@ -139,6 +145,28 @@ func settings() []setting {
 					}
 					c.HostPathDirs = append(c.HostPathDirs, filepath.Clean(d))
 				}
+				return nil
+			}},
+		{"max_vm_memory_ratio", "FORKD_MAX_VM_MEMORY_RATIO", "max-vm-memory-ratio", "1.0",
+			"one VM's guest RAM may be at most the host's MemTotal times this",
+			floatSetting(func(c *Config) *float64 { return &c.Admission.MaxVMMemoryRatio })},
+		{"max_memory_mib", "FORKD_MAX_MEMORY_MIB", "max-memory-mib", "0",
+			"one VM's guest RAM cap in MiB (0: only max_vm_memory_ratio)",
+			intSetting(func(c *Config) *int { return &c.Admission.MaxMemoryMiB })},
+		{"max_vcpus", "FORKD_MAX_VCPUS", "max-vcpus", "0",
+			"one VM's vCPU cap (0: only the API's 32)",
+			intSetting(func(c *Config) *int { return &c.Admission.MaxVcpus })},
+		{"memory_overcommit", "FORKD_MEMORY_OVERCOMMIT", "memory-overcommit", "8",
+			"the guest RAM of all running VMs together may be at most MemTotal times this (forks share clean pages; see the README)",
+			floatSetting(func(c *Config) *float64 { return &c.Admission.MemoryOvercommit })},
+		{"max_running_vms", "FORKD_MAX_RUNNING_VMS", "max-running-vms", "1024",
+			"how many VMs may run at once on this host (at least 1)",
+			func(c *Config, v string) error {
+				n, err := strconv.Atoi(v)
+				if err != nil || n < 1 {
+					return fmt.Errorf("%q is not a positive integer", v)
+				}
+				c.Admission.MaxRunningVMs = n
 				return nil
 			}},
 		{"log_format", "FORKD_LOG_FORMAT", "log-format", "text", "log format: text or json",
@@ -241,6 +269,30 @@ func settings() []setting {
 				c.MaxHeavyOps = n
 				return err
 			}},
+	}
+}
+
+// intSetting parses a non-negative integer into *f(c).
+func intSetting(f func(c *Config) *int) func(*Config, string) error {
+	return func(c *Config, v string) error {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			return fmt.Errorf("%q is not a non-negative integer", v)
+		}
+		*f(c) = n
+		return nil
+	}
+}
+
+// floatSetting parses a positive number into *f(c).
+func floatSetting(f func(c *Config) *float64) func(*Config, string) error {
+	return func(c *Config, v string) error {
+		x, err := strconv.ParseFloat(v, 64)
+		if err != nil || !(x > 0) || math.IsInf(x, 0) {
+			return fmt.Errorf("%q is not a positive number", v)
+		}
+		*f(c) = x
+		return nil
 	}
 }
 

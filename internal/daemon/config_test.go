@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
+
+	"github.com/forkd/forkd/internal/admission"
 )
 
 func envOf(m map[string]string) func(string) (string, bool) {
@@ -18,7 +20,7 @@ func envOf(m map[string]string) func(string) (string, bool) {
 func TestConfigPrecedenceFlagsOverEnvOverFileOverDefaults(t *testing.T) {
 	dir := t.TempDir()
 	file := filepath.Join(dir, "forkd.yaml")
-	yml := "data_dir: " + filepath.Join(dir, "from-file") + "\nlog_level: warn\nrestore_backend: uffd\npager_cache_bytes: 2GiB\nvmm_binary: /file/vmm\nfork_strategy: copy\nhost_path_dirs: /srv/images, /opt/kernels/\n"
+	yml := "data_dir: " + filepath.Join(dir, "from-file") + "\nlog_level: warn\nrestore_backend: uffd\npager_cache_bytes: 2GiB\nvmm_binary: /file/vmm\nfork_strategy: copy\nhost_path_dirs: /srv/images, /opt/kernels/\nmemory_overcommit: 2.5\nmax_memory_mib: 4096\n"
 	if err := os.WriteFile(file, []byte(yml), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -45,6 +47,7 @@ func TestConfigPrecedenceFlagsOverEnvOverFileOverDefaults(t *testing.T) {
 		HostPathDirs: []string{"/srv/images", "/opt/kernels"},
 		NetworkCIDR:  DefaultNetworkCIDR, NetworkGuestCIDR: "169.254.0.20/30", NetworkGuestMAC: "02:fc:00:00:00:05", NetworkWarm: 8,
 		Prefetch: "off", PrefetchWindow: 750 * time.Millisecond, PrefetchMaxBytes: 256 << 20,
+		Admission: admission.Limits{MaxVMMemoryRatio: 1, MaxMemoryMiB: 4096, MemoryOvercommit: 2.5, MaxRunningVMs: 1024},
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Errorf("config:\n got %+v\nwant %+v", c, want)
@@ -101,6 +104,9 @@ func TestConfigRejectsBadValues(t *testing.T) {
 		{"a LAN address over plain HTTP", map[string]string{"FORKD_LISTEN": "tcp://192.168.1.5:7000", "FORKD_TOKEN_FILE": "/t"}, "", "listen_insecure"},
 		{"tls cert without key", map[string]string{"FORKD_LISTEN": "tcp://0.0.0.0:7000", "FORKD_TOKEN_FILE": "/t", "FORKD_TLS_CERT": "/c"}, "", "both"},
 		{"tls without listen", map[string]string{"FORKD_TLS_CERT": "/c", "FORKD_TLS_KEY": "/k"}, "", "listen is not set"},
+		{"zero overcommit", map[string]string{"FORKD_MEMORY_OVERCOMMIT": "0"}, "", "memory_overcommit"},
+		{"negative memory cap", map[string]string{"FORKD_MAX_MEMORY_MIB": "-1"}, "", "max_memory_mib"},
+		{"no running VMs at all", map[string]string{"FORKD_MAX_RUNNING_VMS": "0"}, "", "max_running_vms"},
 		{"relative host_path_dirs", map[string]string{"FORKD_HOST_PATH_DIRS": "/ok,images"}, "", "host_path_dirs"},
 		{"listen_insecure not a bool", map[string]string{"FORKD_LISTEN_INSECURE": "maybe"}, "", "listen_insecure"},
 		{"network_cidr not a CIDR", map[string]string{"FORKD_NETWORK_CIDR": "10.200.0.0"}, "", "network_cidr"},

@@ -56,6 +56,7 @@ func newBackend(ctx context.Context, cfg Config, log *slog.Logger, reg prometheu
 		Kernel:             cfg.Kernel,
 		ImageHeadroom:      cfg.ImageHeadroom,
 		NetworkWarm:        cfg.NetworkWarm,
+		Admission:          cfg.Admission,
 		Logger:             log,
 		Registerer:         reg,
 	})

@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/forkd/forkd/internal/admission"
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/guestdir"
@@ -79,6 +80,17 @@ func (m *Manager) ForkInstance(ctx context.Context, ref string, req api.ForkRequ
 			return api.Instance{}, fmt.Errorf("fork of %q: %w", src.Name, err)
 		}
 	}
+	id := newID()
+	cost := m.forkCost(g.Rootfs(), src.MemoryMiB, hasMemory)
+	if live {
+		cost += m.snapshotCost(g.Base(), src.MemoryMiB)
+	}
+	releaseAdm, err := m.admit(ctx, "fork", admission.Request{ID: id, MemoryMiB: src.MemoryMiB, Vcpus: src.Vcpus,
+		Runs: target == api.StateRunning, DiskBytes: cost})
+	if err != nil {
+		return api.Instance{}, err
+	}
+	defer releaseAdm()
 	files := forkFiles{rootfs: g.Rootfs()}
 	if _, err := os.Stat(g.Kernel()); err == nil {
 		files.kernel = g.Kernel()
@@ -97,7 +109,7 @@ func (m *Manager) ForkInstance(ctx context.Context, ref string, req api.ForkRequ
 		latest := g.Latest()
 		spec.files.from, spec.key = &latest, src.SnapshotCacheKey
 	}
-	fork, err := m.fork(ctx, req, tmpl, spec)
+	fork, err := m.fork(ctx, id, req, tmpl, spec)
 	release()
 	if err != nil {
 		return api.Instance{}, err
@@ -141,6 +153,17 @@ func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequ
 	if sn.State == snapBroken || m.markIfBroken(ctx, &sn) {
 		return api.Instance{}, brokenError(sn, sd)
 	}
+	id := newID()
+	cost := m.forkCost(sd.Rootfs(), sn.MemoryMiB, true)
+	if _, err := os.Stat(sd.Memory()); err != nil {
+		cost += int64(sn.MemoryMiB) << 20 // materialised once, for this and later forks
+	}
+	releaseAdm, err := m.admit(ctx, "fork", admission.Request{ID: id, MemoryMiB: sn.MemoryMiB, Vcpus: sn.Vcpus,
+		Runs: target == api.StateRunning, DiskBytes: cost})
+	if err != nil {
+		return api.Instance{}, err
+	}
+	defer releaseAdm()
 	if err := m.materialise(ctx, sn.ID, sd); err != nil {
 		return api.Instance{}, err
 	}
@@ -157,7 +180,7 @@ func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequ
 		Image:    sn.Image,
 		VsockCID: sn.VsockCID,
 	}
-	fork, err := m.fork(ctx, req, tmpl, forkSpec{files: files, key: sn.SnapshotCacheKey})
+	fork, err := m.fork(ctx, id, req, tmpl, forkSpec{files: files, key: sn.SnapshotCacheKey})
 	release()
 	if err != nil {
 		return api.Instance{}, err
@@ -210,8 +233,7 @@ type forkSpec struct {
 // A live fork, and a networked one, journal and record the fork first: a
 // live fork pauses its source, a networked one makes a namespace, and each
 // is journalled before it acts. Their last commit is synced.
-func (m *Manager) fork(ctx context.Context, req api.ForkRequest, tmpl store.Instance, spec forkSpec) (store.Instance, error) {
-	id := newID()
+func (m *Manager) fork(ctx context.Context, id string, req api.ForkRequest, tmpl store.Instance, spec forkSpec) (store.Instance, error) {
 	if req.Name == "" {
 		req.Name = id // an unnamed instance is named by its own id
 	} else if err := validName("instance", req.Name); err != nil {

@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/forkd/forkd/internal/admission"
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/firecracker"
@@ -120,6 +121,18 @@ func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequ
 	if err != nil {
 		return api.Instance{}, err
 	}
+	// An image's disk is admitted by the image store (its headroom); a
+	// rootfs the client named costs its copy here.
+	var diskCost int64
+	if rootfs != nil {
+		diskCost = m.copyCost(rootfs.Name())
+	}
+	release, err := m.admit(ctx, "create", admission.Request{ID: id, MemoryMiB: req.MemoryMiB, Vcpus: req.Vcpus,
+		Runs: req.Start == nil || *req.Start, DiskBytes: diskCost})
+	if err != nil {
+		return api.Instance{}, err
+	}
+	defer release()
 	if req.BootArgs == "" && !m.cfg.VMM.Emulator {
 		req.BootArgs = defaultFirecrackerBootArgs
 	}
@@ -391,6 +404,11 @@ func (m *Manager) start(ctx context.Context, in *store.Instance, _ api.ActionReq
 	if err != nil {
 		return err
 	}
+	release, err := m.admitRun(ctx, "start", *in)
+	if err != nil {
+		return err
+	}
+	defer release()
 	o, err := m.begin(ctx, "start", in.ID, opPayload{Prev: in.State})
 	if err != nil {
 		return err

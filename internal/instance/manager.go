@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/forkd/forkd/internal/admission"
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
@@ -77,6 +78,13 @@ type Config struct {
 	// Unix socket (root only) any plain host file will do (hostpath).
 	HostPathDirs []string
 
+	// Admission are the host-resource limits every create, start, restore,
+	// fork and standby is checked against (internal/admission); zero values
+	// take admission's defaults. AdmissionHost reads the machine (zero:
+	// the real one; tests give their own).
+	Admission     admission.Limits
+	AdmissionHost admission.Host
+
 	// OrphansToLostFound lets New start over a store that is missing or
 	// empty while guests/ or snapshots/ hold forkd's directories (otherwise
 	// ErrStoreLost): the reconciler then moves them all to lost+found.
@@ -137,6 +145,12 @@ type Manager struct {
 	warmKick  chan struct{} // wakes warmLoop (netwarm.go)
 	netBusy   atomic.Int64  // creates and forks in flight (netwarm.go)
 	warmMu    sync.Mutex    // serialises refilling and dropping the warm pool (netwarm.go)
+
+	// adm admits requests against the host's resources; reflink says
+	// whether the data dir's filesystem can FICLONE (probed once at New),
+	// which decides what forks and standbys cost on disk.
+	adm     *admission.Admitter
+	reflink bool
 
 	mu sync.Mutex // guards the maps below; a leaf lock
 	// instLocks: the per-instance RW locks (see doc.go).
@@ -214,13 +228,24 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	if err := makeDataSubdirs(layout); err != nil {
 		return nil, fmt.Errorf("instance manager: %w", err)
 	}
+	if cfg.AdmissionHost.MemTotal == nil || cfg.AdmissionHost.DiskFree == nil {
+		cfg.AdmissionHost = admission.RealHost()
+	}
+	adm, err := admission.New(cfg.Admission, cfg.AdmissionHost, layout.Root())
+	if err != nil {
+		return nil, fmt.Errorf("instance manager: %w", err)
+	}
+	reflink, err := memfile.ProbeReflink(layout.JailsDir()) // where guest dirs live
+	if err != nil {
+		return nil, fmt.Errorf("instance manager: %w", err)
+	}
 	db, err := openStore(ctx, layout, cfg.OrphansToLostFound, cfg.Logger)
 	if err != nil {
 		return nil, fmt.Errorf("instance manager: %w", err)
 	}
 	mctx, cancel := context.WithCancel(context.Background())
 	m := &Manager{
-		cfg: cfg, layout: layout, db: db, log: cfg.Logger,
+		cfg: cfg, layout: layout, db: db, log: cfg.Logger, adm: adm, reflink: reflink,
 		ctx: mctx, cancel: cancel,
 		instLocks:    map[string]*sync.RWMutex{},
 		snapLocks:    map[string]*snapLock{},

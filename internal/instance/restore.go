@@ -51,6 +51,11 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 	if err := memFileFits(fmt.Sprintf("the snapshot of instance %q", in.Name), latest, in.MemoryMiB); err != nil {
 		return fmt.Errorf("restore %s: %w", in.Name, err)
 	}
+	release, err := m.admitRun(ctx, "restore", *in)
+	if err != nil {
+		return err
+	}
+	defer release()
 	o, err := m.begin(ctx, "restore", in.ID, opPayload{Prev: api.StateStandby})
 	if err != nil {
 		return err

@@ -8,6 +8,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/forkd/forkd/internal/admission"
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/guestdir"
@@ -69,6 +70,15 @@ func (m *Manager) CreateSnapshot(ctx context.Context, ref string, req api.Snapsh
 	if err != nil {
 		return api.Snapshot{}, err
 	}
+	cost := m.copyCost(g.Rootfs()) // the store's copy of the disk; the mem-file is a link
+	if live {
+		cost += m.snapshotCost(g.Base(), in.MemoryMiB)
+	}
+	release, err := m.admit(ctx, "snapshot", admission.Request{ID: in.ID, DiskBytes: cost})
+	if err != nil {
+		return api.Snapshot{}, err
+	}
+	defer release()
 	o, err := m.begin(ctx, "snapshot", id, opPayload{Source: in.ID, Live: live, Prev: in.State})
 	if err != nil {
 		return api.Snapshot{}, err

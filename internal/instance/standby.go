@@ -7,6 +7,7 @@ import (
 	"os"
 	"syscall"
 
+	"github.com/forkd/forkd/internal/admission"
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/firecracker"
@@ -26,6 +27,18 @@ func (m *Manager) standby(ctx context.Context, in *store.Instance, _ api.ActionR
 	if err != nil {
 		return err
 	}
+	// A snapshot that cannot fit on disk fails here, before the VM is
+	// paused or a byte written: the snapshot goes into the base if there is
+	// one (promoted to latest), else into latest.
+	into := g.Base()
+	if _, err := os.Stat(into.Dir); err != nil {
+		into = g.Latest()
+	}
+	release, err := m.admit(ctx, "standby", admission.Request{ID: in.ID, DiskBytes: m.snapshotCost(into, in.MemoryMiB)})
+	if err != nil {
+		return err
+	}
+	defer release()
 	prev := in.State
 	o, err := m.begin(ctx, "standby", in.ID, opPayload{Prev: prev})
 	if err != nil {

@@ -109,3 +109,47 @@ func TestSparseCopyKeepsHolesAndZeroDataPages(t *testing.T) {
 		})
 	}
 }
+
+// ProbeReflink says what Clone will do on each filesystem, and leaves
+// nothing behind.
+func TestProbeReflinkMatchesTheFilesystem(t *testing.T) {
+	onEachFS(t, func(t *testing.T, kind testfs.Kind, dir string) {
+		ok, err := ProbeReflink(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ok != kind.Reflink() {
+			t.Errorf("ProbeReflink on %s = %v, want %v", kind, ok, kind.Reflink())
+		}
+		if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+			t.Errorf("the probe left %d files behind", len(ents))
+		}
+	})
+}
+
+// CloneFile reads only through the handle it is given: the path it was
+// opened at may be replaced afterwards without changing what is cloned.
+func TestCloneFileReadsTheHandleNotThePath(t *testing.T) {
+	onEachFS(t, func(t *testing.T, kind testfs.Kind, dir string) {
+		src, dst := filepath.Join(dir, "disk"), filepath.Join(dir, "clone")
+		if err := os.WriteFile(src, fill(8192, 'a'), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		f, err := os.Open(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		os.Remove(src)
+		if err := os.WriteFile(src, fill(8192, 'z'), 0o600); err != nil { // swapped after the open
+			t.Fatal(err)
+		}
+		if _, err := CloneFile(f, dst); err != nil {
+			t.Fatal(err)
+		}
+		b, _ := os.ReadFile(dst)
+		if string(b) != string(fill(8192, 'a')) {
+			t.Errorf("the clone holds the swapped file's bytes, not the handle's")
+		}
+	})
+}

@@ -1,0 +1,227 @@
+package admission
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// ErrInsufficient wraps every refusal.
+var ErrInsufficient = errors.New("insufficient resources")
+
+// Defaults of the limits (config keys of the same names).
+const (
+	DefaultMaxVMMemoryRatio = 1.0
+	DefaultMemoryOvercommit = 8.0
+	DefaultMaxRunningVMs    = 1024
+	// DiskReserve stays free on the data dir's filesystem whatever is
+	// admitted: the database, its WAL and the logs must still be writable.
+	DiskReserve = 64 << 20
+)
+
+// Limits are the configured caps; zero values are "no cap" except where a
+// default applies (New fills those).
+type Limits struct {
+	MaxVMMemoryRatio float64 // max_vm_memory_ratio: one VM's RAM ≤ MemTotal × this
+	MaxMemoryMiB     int     // max_memory_mib: one VM's RAM cap (0: none)
+	MaxVcpus         int     // max_vcpus: one VM's vCPU cap (0: none)
+	MemoryOvercommit float64 // memory_overcommit: running VMs' RAM together ≤ MemTotal × this
+	MaxRunningVMs    int     // max_running_vms: running VMs at once
+}
+
+// Host is what admission reads of the machine (tests give their own).
+type Host struct {
+	MemTotal func() (int64, error)            // bytes
+	DiskFree func(path string) (int64, error) // bytes available to the daemon
+}
+
+// RealHost reads /proc/meminfo and statfs.
+func RealHost() Host { return Host{MemTotal: memTotal, DiskFree: diskFree} }
+
+// Request is one operation to admit.
+type Request struct {
+	// ID is the instance the operation acts on (or creates); its own
+	// running record is not counted against it.
+	ID        string
+	MemoryMiB int
+	Vcpus     int
+	// Runs: the operation leaves the VM running (create with start, start,
+	// restore, a fork brought to Running).
+	Runs bool
+	// DiskBytes is what the operation will write on the data dir's
+	// filesystem (0: nothing to check).
+	DiskBytes int64
+}
+
+// Running is one VM that holds its guest RAM (its VMM runs).
+type Running struct {
+	ID        string
+	MemoryMiB int
+}
+
+// Admitter admits requests against Limits on a Host.
+type Admitter struct {
+	limits  Limits
+	host    Host
+	dataDir string
+
+	mu       sync.Mutex
+	reserved map[string]Request // admitted and not yet released; guarded by mu
+}
+
+// New returns an Admitter for the data dir at dataDir.
+func New(l Limits, h Host, dataDir string) (*Admitter, error) {
+	if l.MaxVMMemoryRatio == 0 {
+		l.MaxVMMemoryRatio = DefaultMaxVMMemoryRatio
+	}
+	if l.MemoryOvercommit == 0 {
+		l.MemoryOvercommit = DefaultMemoryOvercommit
+	}
+	if l.MaxRunningVMs == 0 {
+		l.MaxRunningVMs = DefaultMaxRunningVMs
+	}
+	switch {
+	case l.MaxVMMemoryRatio < 0, l.MemoryOvercommit < 0, l.MaxMemoryMiB < 0, l.MaxVcpus < 0, l.MaxRunningVMs < 0:
+		return nil, fmt.Errorf("admission: negative limit in %+v", l)
+	}
+	return &Admitter{limits: l, host: h, dataDir: dataDir, reserved: map[string]Request{}}, nil
+}
+
+// Limits are the effective limits (defaults filled in).
+func (a *Admitter) Limits() Limits { return a.limits }
+
+// Admit checks req against the limits, the VMs that run now (running, as
+// the records say) and what other admitted requests hold, and reserves it.
+// The caller must call the returned release once the operation has ended
+// (its record then shows what runs).
+func (a *Admitter) Admit(req Request, running []Running) (release func(), err error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err := a.check(req, running); err != nil {
+		return nil, err
+	}
+	key := req.ID
+	for n := 0; key == "" || a.reserved[key] != (Request{}); n++ {
+		key = fmt.Sprintf("%s#%d", req.ID, n)
+	}
+	a.reserved[key] = req
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			a.mu.Lock()
+			delete(a.reserved, key)
+			a.mu.Unlock()
+		})
+	}, nil
+}
+
+func (a *Admitter) check(req Request, running []Running) error {
+	l := a.limits
+	mem := int64(req.MemoryMiB) << 20
+	if l.MaxVcpus > 0 && req.Vcpus > l.MaxVcpus {
+		return refuse("vcpus", "%d vCPUs exceed max_vcpus %d by %d", req.Vcpus, l.MaxVcpus, req.Vcpus-l.MaxVcpus)
+	}
+	if l.MaxMemoryMiB > 0 && req.MemoryMiB > l.MaxMemoryMiB {
+		return refuse("memory", "%d MiB of guest RAM exceed max_memory_mib %d by %d MiB", req.MemoryMiB, l.MaxMemoryMiB, req.MemoryMiB-l.MaxMemoryMiB)
+	}
+	total, err := a.host.MemTotal()
+	if err != nil {
+		return fmt.Errorf("admission: %w", err)
+	}
+	if perVM := int64(float64(total) * l.MaxVMMemoryRatio); mem > perVM {
+		return refuse("memory", "%d MiB of guest RAM exceed this host's per-VM limit of %d MiB (MemTotal %d MiB × max_vm_memory_ratio %g) by %d MiB",
+			req.MemoryMiB, perVM>>20, total>>20, l.MaxVMMemoryRatio, (mem-perVM+(1<<20)-1)>>20)
+	}
+	if req.Runs {
+		held := map[string]bool{}
+		var sum int64
+		n := 0
+		for _, r := range a.reserved {
+			if r.Runs && r.ID != req.ID { // one VM runs once (a create admits, then its start)
+				sum += int64(r.MemoryMiB) << 20
+				n++
+				held[r.ID] = true
+			}
+		}
+		for _, r := range running {
+			if r.ID == req.ID || held[r.ID] {
+				continue // itself, or counted as a reservation already
+			}
+			sum += int64(r.MemoryMiB) << 20
+			n++
+		}
+		if n+1 > l.MaxRunningVMs {
+			return refuse("running VMs", "%d VMs run or are starting, and max_running_vms is %d: 1 over", n, l.MaxRunningVMs)
+		}
+		if budget := int64(float64(total) * l.MemoryOvercommit); sum+mem > budget {
+			return refuse("memory", "running VMs hold %d MiB of guest RAM; %d MiB more exceed MemTotal %d MiB × memory_overcommit %g = %d MiB by %d MiB",
+				sum>>20, req.MemoryMiB, total>>20, l.MemoryOvercommit, budget>>20, (sum+mem-budget+(1<<20)-1)>>20)
+		}
+	}
+	if req.DiskBytes > 0 {
+		free, err := a.host.DiskFree(a.dataDir)
+		if err != nil {
+			return fmt.Errorf("admission: %w", err)
+		}
+		var pending int64
+		for _, r := range a.reserved {
+			pending += r.DiskBytes
+		}
+		if need := req.DiskBytes + pending + DiskReserve; need > free {
+			return refuse("disk", "the data dir's filesystem has %d MiB free; this needs %d MiB (+ %d MiB for operations in flight and a %d MiB reserve): %d MiB short",
+				free>>20, (req.DiskBytes+(1<<20)-1)>>20, pending>>20, DiskReserve>>20, (need-free+(1<<20)-1)>>20)
+		}
+	}
+	return nil
+}
+
+// Error is a refusal: which resource, and what is missing.
+type Error struct {
+	Resource string // "memory", "vcpus", "running VMs", "disk"
+	Detail   string
+}
+
+func (e *Error) Error() string { return e.Resource + ": " + e.Detail }
+func (e *Error) Unwrap() error { return ErrInsufficient }
+
+func refuse(resource, format string, args ...any) error {
+	return &Error{Resource: resource, Detail: fmt.Sprintf(format, args...)}
+}
+
+// memTotal reads MemTotal from /proc/meminfo.
+func memTotal() (int64, error) {
+	f, err := os.Open("/proc/meminfo")
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		rest, ok := strings.CutPrefix(sc.Text(), "MemTotal:")
+		if !ok {
+			continue
+		}
+		kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc/meminfo MemTotal %q: %w", rest, err)
+		}
+		return kb << 10, nil
+	}
+	return 0, errors.New("/proc/meminfo has no MemTotal")
+}
+
+// diskFree is the space available to unprivileged writers on path's
+// filesystem (root may dig into the reserve; forkd does not count on it).
+func diskFree(path string) (int64, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return 0, fmt.Errorf("statfs %s: %w", path, err)
+	}
+	return int64(st.Bavail) * st.Bsize, nil
+}

@@ -1,0 +1,97 @@
+package instance
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"syscall"
+
+	"github.com/forkd/forkd/internal/admission"
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/store"
+)
+
+// holdsRAM are the states in which an instance's VMM runs and holds its
+// guest RAM.
+var holdsRAM = []string{api.StateRunning, api.StatePaused, api.StateStandingby, api.StateRestoring}
+
+// admit asks admission whether the host can take req (internal/admission)
+// and returns the release of its reservation, which the caller defers: the
+// record shows what runs once the operation has ended. A refusal is
+// api.ErrInsufficientResources naming the resource and the shortfall.
+func (m *Manager) admit(ctx context.Context, op string, req admission.Request) (func(), error) {
+	all, err := m.db.ListInstances(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var running []admission.Running
+	for _, in := range all {
+		if oneOf(in.State, holdsRAM...) {
+			running = append(running, admission.Running{ID: in.ID, MemoryMiB: in.MemoryMiB})
+		}
+	}
+	release, err := m.adm.Admit(req, running)
+	if errors.Is(err, admission.ErrInsufficient) {
+		m.met.admissionRefusals.WithLabelValues(op, resourceOf(err)).Inc()
+		m.log.Warn("request refused: the host cannot hold it", "op", op, "instance", req.ID, "err", err)
+		return nil, fmt.Errorf("%w: %s: %v", api.ErrInsufficientResources, op, err)
+	}
+	return release, err
+}
+
+func resourceOf(err error) string {
+	var e *admission.Error
+	if errors.As(err, &e) {
+		return e.Resource
+	}
+	return ""
+}
+
+// copyCost is what copying path costs where the filesystem cannot reflink:
+// its allocated bytes (a sparse disk costs its data, not its size); 0 where
+// it can, or when the file is missing.
+func (m *Manager) copyCost(path string) int64 {
+	if m.reflink {
+		return 0
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		return 0
+	}
+	return st.Blocks * 512
+}
+
+// snapshotCost is what writing a snapshot into dir will take on disk: a Full
+// snapshot (no mem-file yet) writes the whole RAM; a Diff into a mem-file
+// others share first unshares it, a whole-RAM copy where the filesystem
+// cannot reflink; a Diff into a private base writes in place.
+func (m *Manager) snapshotCost(dir guestdir.SnapDir, memMiB int) int64 {
+	ram := int64(memMiB) << 20
+	st, err := os.Stat(dir.Memory())
+	if err != nil {
+		return ram
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok && sys.Nlink > 1 && !m.reflink {
+		return ram
+	}
+	return 0
+}
+
+// forkCost is what a fork of a VM with memMiB of RAM and the disk at rootfs
+// will take: its disk clone, and, where the filesystem cannot reflink, the
+// whole-RAM copy its first standby makes (the unshare guard's private copy
+// of the mem-file it shares with its source).
+func (m *Manager) forkCost(rootfs string, memMiB int, hasMemory bool) int64 {
+	n := m.copyCost(rootfs)
+	if hasMemory && !m.reflink {
+		n += int64(memMiB) << 20
+	}
+	return n
+}
+
+// admitRun admits the instance in as a running VM (start, restore).
+func (m *Manager) admitRun(ctx context.Context, op string, in store.Instance) (func(), error) {
+	return m.admit(ctx, op, admission.Request{ID: in.ID, MemoryMiB: in.MemoryMiB, Vcpus: in.Vcpus, Runs: true})
+}
