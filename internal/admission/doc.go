@@ -7,8 +7,9 @@
 //     max_memory_mib, its vCPUs against max_vcpus;
 //   - every running VM: their guest RAM together against MemTotal ×
 //     memory_overcommit (default 8: forks share their clean pages through
-//     the page cache, so 25 forks of a 4 GiB VM use about 1.3 GiB, not
-//     100 GiB), and their number against max_running_vms;
+//     the page cache: 25 running forks of a 4 GiB VM use 0.6-1.3 GiB in
+//     the fork-burst benchmark, not 100 GiB), and their number against
+//     max_running_vms;
 //   - the data dir's filesystem: the bytes the operation will write must be
 //     free (plus a small reserve for the database and logs).
 //

@@ -47,6 +47,8 @@ func hintFor(err error) string {
 		return "list what exists with `forkd ps` or `forkd snapshot ls`"
 	case errors.Is(err, api.ErrAmbiguous):
 		return "use the exact name or the full id (`forkd ps` / `forkd snapshot ls` show both)"
+	case errors.Is(err, api.ErrInsufficientResources):
+		return "the host cannot hold it: free memory or disk (stop or stand by VMs, delete snapshots), or raise the limit the message names in the daemon's config; `forkd doctor` shows what the host has"
 	case errors.Is(err, api.ErrExists):
 		return "pick another name, or remove the old one first (`forkd rm NAME`)"
 	case errors.Is(err, api.ErrInvalidState):
