@@ -85,7 +85,8 @@ func (m *Manager) snapshotCost(dir guestdir.SnapDir, memMiB int) int64 {
 // of the mem-file it shares with its source).
 func (m *Manager) forkCost(rootfs string, memMiB int, hasMemory bool) int64 {
 	n := m.copyCost(rootfs)
-	if hasMemory && !m.reflink {
+	// fork_strategy copy writes the whole RAM at once (benchmarks only).
+	if hasMemory && (!m.reflink || m.cfg.ForkStrategy == ForkStrategyCopy) {
 		n += int64(memMiB) << 20
 	}
 	return n
