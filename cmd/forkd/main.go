@@ -32,6 +32,7 @@ func main() {
 		VMM:        newVMMCommand(),
 		PagerServe: newPagerServeCommand(),
 		Jailer:     newJailerCommand(),
+		Doctor:     newDoctorCommand(),
 
 		BenchForkBurst: newBenchForkBurstCommand(),
 		BenchList:      newBenchListCommand(),

@@ -129,3 +129,26 @@ func demoSteps() []string {
 	return []string{"daemon", "health", "list", "create", "standby", "fork-burst", "delete-source",
 		"restore", "fork-answers", "standby-forks", "memory-checks"}
 }
+
+// `forkd doctor` answers without a daemon: exit 0 and every check in JSON
+// for a data dir forkd can use; exit 1, naming the data dir, for one others
+// can write (the twin).
+func TestDoctorRunsWithoutADaemon(t *testing.T) {
+	bin := buildForkd(t)
+	good := filepath.Join(t.TempDir(), "data")
+	out, err := exec.Command(bin, "doctor", "--data-dir", good, "-o", "json").Output()
+	if err != nil {
+		t.Fatalf("doctor on a usable data dir: %v\n%s", err, out)
+	}
+	var rs []struct{ Check, Status, Found, Without string }
+	if err := json.Unmarshal(out, &rs); err != nil || len(rs) < 10 {
+		t.Fatalf("doctor -o json: %v, %d checks\n%s", err, len(rs), out)
+	}
+	bad := t.TempDir()
+	os.Chmod(bad, 0o777)
+	out, err = exec.Command(bin, "doctor", "--data-dir", bad).CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(string(out), "fail") || !strings.Contains(string(out), "chmod go-w") {
+		t.Fatalf("doctor on a world-writable data dir: %v\n%s\nwant exit 1 saying what to fix", err, out)
+	}
+}

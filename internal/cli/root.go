@@ -16,8 +16,9 @@ import (
 )
 
 // Extensions are the commands built outside this package, which the root
-// command mounts: the process roles (`serve`, `vmm`, `jailer`, `pager serve`) from
-// cmd/forkd, and `bench fork-burst` from internal/bench. A nil one is left
+// command mounts: the process roles (`serve`, `vmm`, `jailer`, `pager serve`)
+// and the host preflight (`doctor`) from cmd/forkd, and `bench fork-burst`
+// from internal/bench. A nil one is left
 // out.
 type Extensions struct {
 	Serve          *cobra.Command
@@ -26,6 +27,7 @@ type Extensions struct {
 	Jailer         *cobra.Command
 	BenchForkBurst *cobra.Command
 	BenchList      *cobra.Command
+	Doctor         *cobra.Command
 }
 
 // NewRootCommand builds the `forkd` command tree.
@@ -78,7 +80,7 @@ Start the daemon with 'forkd serve'; every other command talks to it.`,
 		}
 	}
 	add("host", pager, bench, newEventsCommand(), newDemoCommand(), newVersionCommand())
-	for _, c := range []*cobra.Command{ext.Serve, ext.VMM, ext.Jailer} {
+	for _, c := range []*cobra.Command{ext.Serve, ext.VMM, ext.Jailer, ext.Doctor} {
 		if c != nil {
 			add("host", c)
 		}

@@ -1,0 +1,374 @@
+package doctor
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/google/nftables"
+	"golang.org/x/sys/unix"
+
+	"github.com/forkd/forkd/internal/admission"
+	"github.com/forkd/forkd/internal/datadir"
+	"github.com/forkd/forkd/internal/memfile"
+	"github.com/forkd/forkd/internal/uffd"
+)
+
+// Status of one check.
+const (
+	OK      = "ok"      // present and usable
+	Missing = "missing" // absent: forkd runs without it, degraded (Without says how)
+	Fail    = "fail"    // forkd cannot run this way at all
+)
+
+// Result is one check.
+type Result struct {
+	Check   string `json:"check"`
+	Status  string `json:"status"`
+	Found   string `json:"found"`             // what is there (or what is wrong)
+	Without string `json:"without,omitempty"` // what forkd does without it; "" when ok
+}
+
+// Paths are the host files the checks read; tests point them elsewhere.
+type Paths struct {
+	KVM, Tun, Userfaultfd, Mountinfo, Meminfo string
+}
+
+// HostPaths are the real ones.
+func HostPaths() Paths {
+	return Paths{KVM: "/dev/kvm", Tun: "/dev/net/tun", Userfaultfd: "/dev/userfaultfd",
+		Mountinfo: "/proc/self/mountinfo", Meminfo: "/proc/meminfo"}
+}
+
+// Options say which host and configuration to check.
+type Options struct {
+	DataDir   string
+	Admission admission.Limits
+	Paths     Paths
+	// LookPath finds a binary (default exec.LookPath; tests give none).
+	LookPath func(string) (string, error)
+}
+
+// Run runs every check, in the order a user reads them.
+func Run(ctx context.Context, o Options) []Result {
+	if o.LookPath == nil {
+		o.LookPath = exec.LookPath
+	}
+	if o.Paths == (Paths{}) {
+		o.Paths = HostPaths()
+	}
+	return []Result{
+		checkKVM(o.Paths.KVM),
+		checkBinary(ctx, o.LookPath, "firecracker", "VMs run on the built-in emulator (forkd vmm): every memory mechanism is real, the guest is synthetic"),
+		checkBinary(ctx, o.LookPath, "jailer", "Firecracker VMMs cannot run under its jailer (forkd runs VMMs unjailed today)"),
+		checkUffd(o.Paths.Userfaultfd),
+		checkDataDir(o.DataDir),
+		checkReflink(o.DataDir),
+		checkTun(o.Paths.Tun),
+		checkNftables(),
+		checkCgroups(o.Paths.Mountinfo),
+		checkMemory(o.Paths.Meminfo, o.Admission),
+		checkDisk(o.DataDir),
+	}
+}
+
+// Failed reports whether any check makes forkd unable to run.
+func Failed(rs []Result) bool {
+	for _, r := range rs {
+		if r.Status == Fail {
+			return true
+		}
+	}
+	return false
+}
+
+func ok(check, found string) Result { return Result{Check: check, Status: OK, Found: found} }
+func missing(check, found, without string) Result {
+	return Result{Check: check, Status: Missing, Found: found, Without: without}
+}
+
+const (
+	kvmGetAPIVersion = 0xAE00
+	kvmCreateVM      = 0xAE01
+)
+
+func checkKVM(path string) Result {
+	const without = "no KVM: VMs run on the built-in emulator (forkd vmm), not on Firecracker"
+	f, err := os.OpenFile(path, os.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return missing("kvm", fmt.Sprintf("%s: %v", path, errors.Unwrap(err)), without)
+	}
+	defer f.Close()
+	v, err := unix.IoctlRetInt(int(f.Fd()), kvmGetAPIVersion)
+	if err != nil || v != 12 {
+		return missing("kvm", fmt.Sprintf("%s: KVM_GET_API_VERSION %d, %v (want 12)", path, v, err), without)
+	}
+	vm, err := unix.IoctlRetInt(int(f.Fd()), kvmCreateVM)
+	if err != nil {
+		return missing("kvm", fmt.Sprintf("%s opens, but KVM_CREATE_VM fails: %v (no hardware virtualisation?)", path, err), without)
+	}
+	unix.Close(vm)
+	return ok("kvm", path+": API 12, can create VMs")
+}
+
+func checkBinary(ctx context.Context, lookPath func(string) (string, error), name, without string) Result {
+	p, err := lookPath(name)
+	if err != nil {
+		return missing(name, "not in PATH", without)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, p, "--version").Output()
+	if err != nil {
+		return missing(name, fmt.Sprintf("%s --version: %v", p, err), without)
+	}
+	first, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
+	return ok(name, p+": "+first)
+}
+
+func checkUffd(dev string) Result {
+	const without = "Uffd restores fail (restore_backend file, the default, works without the pager)"
+	fd, err := uffd.Open(unix.O_CLOEXEC | unix.O_NONBLOCK)
+	if err != nil {
+		return missing("userfaultfd", "the userfaultfd syscall: "+err.Error()+" (as root it needs no device; otherwise vm.unprivileged_userfaultfd or "+dev+")", without)
+	}
+	fd.Close()
+	found := "the userfaultfd syscall works"
+	if _, err := os.Stat(dev); err == nil {
+		found += "; " + dev + " exists (jailed, unprivileged VMMs need it: Linux >= 6.1)"
+	} else {
+		found += "; no " + dev + " (jailed, unprivileged VMMs would need it: Linux >= 6.1)"
+	}
+	return ok("userfaultfd", found)
+}
+
+// existing is dir, or the nearest directory above it that exists.
+func existing(dir string) string {
+	for d := filepath.Clean(dir); ; d = filepath.Dir(d) {
+		if _, err := os.Stat(d); err == nil || d == "/" || d == "." {
+			return d
+		}
+	}
+}
+
+func checkDataDir(dir string) Result {
+	if err := datadir.CheckAncestors(existing(dir)); err != nil {
+		return Result{Check: "data dir", Status: Fail, Found: err.Error(), Without: "forkd serve refuses to start"}
+	}
+	if _, err := os.Stat(dir); err != nil {
+		return ok("data dir", dir+" does not exist yet; forkd serve makes it (0700); its parents are safe")
+	}
+	if err := datadir.Check(dir); err != nil {
+		return Result{Check: "data dir", Status: Fail, Found: err.Error(), Without: "forkd serve refuses to start"}
+	}
+	return ok("data dir", dir+": owned by this uid, writable by no one else, and so are its parents")
+}
+
+func checkReflink(dir string) Result {
+	const check = "reflink"
+	d := existing(dir)
+	var st unix.Statfs_t
+	fs := ""
+	if unix.Statfs(d, &st) == nil {
+		fs = fsName(st.Type)
+	}
+	can, err := memfile.ProbeReflink(d)
+	if err != nil {
+		return missing(check, err.Error(), "cannot tell; see below")
+	}
+	if !can {
+		return missing(check, fmt.Sprintf("%s (%s) cannot reflink", d, fs),
+			"a fork's first standby copies its whole RAM (the unshare guard's private copy) instead of sharing extents, and disk clones are copies; use XFS (mkfs.xfs -m reflink=1) or btrfs for the data dir")
+	}
+	return ok(check, fmt.Sprintf("%s (%s) can reflink: unshares and clones share extents", d, fs))
+}
+
+func fsName(t int64) string {
+	switch t {
+	case unix.XFS_SUPER_MAGIC:
+		return "xfs"
+	case unix.BTRFS_SUPER_MAGIC:
+		return "btrfs"
+	case unix.EXT4_SUPER_MAGIC:
+		return "ext4"
+	case unix.TMPFS_MAGIC:
+		return "tmpfs"
+	case unix.OVERLAYFS_SUPER_MAGIC:
+		return "overlayfs"
+	}
+	return fmt.Sprintf("filesystem 0x%x", t)
+}
+
+func checkTun(path string) Result {
+	const without = "VMs get no network (each VM's TAP needs it)"
+	f, err := os.OpenFile(path, os.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return missing("tun", fmt.Sprintf("%s: %v", path, errors.Unwrap(err)), without)
+	}
+	f.Close()
+	return ok("tun", path+" opens")
+}
+
+func checkNftables() Result {
+	const without = "VMs get no network (per-VM NAT and isolation rules need nf_tables)"
+	c, err := nftables.New()
+	if err != nil {
+		return missing("nf_tables", err.Error(), without)
+	}
+	defer c.CloseLasting()
+	tables, err := c.ListTables()
+	if err != nil {
+		return missing("nf_tables", "listing tables: "+err.Error(), without)
+	}
+	return ok("nf_tables", fmt.Sprintf("available (%d tables in this namespace)", len(tables)))
+}
+
+// checkCgroups finds memory, cpu and pids in the v2 hierarchy or as v1
+// controllers: hosts like this project's run a hybrid layout (v1 memory,
+// cpu, pids; a v2 hierarchy holding only hugetlb).
+func checkCgroups(mountinfo string) Result {
+	const without = "a VMM's memory, CPU and processes cannot be capped by cgroups"
+	where, err := cgroupControllers(mountinfo)
+	if err != nil {
+		return missing("cgroups", err.Error(), without)
+	}
+	var have, lack []string
+	for _, c := range []string{"memory", "cpu", "pids"} {
+		if w, ok := where[c]; ok {
+			have = append(have, c+" ("+w+")")
+		} else {
+			lack = append(lack, c)
+		}
+	}
+	if len(lack) > 0 {
+		return missing("cgroups", fmt.Sprintf("have %s; no %s", strings.Join(have, ", "), strings.Join(lack, ", ")), without)
+	}
+	return ok("cgroups", strings.Join(have, ", "))
+}
+
+// cgroupControllers maps each controller to "v2 at DIR" or "v1 at DIR".
+func cgroupControllers(mountinfo string) (map[string]string, error) {
+	f, err := os.Open(mountinfo)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	out := map[string]string{}
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		pre, post, ok := strings.Cut(sc.Text(), " - ")
+		if !ok {
+			continue
+		}
+		pf, qf := strings.Fields(pre), strings.Fields(post)
+		if len(pf) < 5 || len(qf) < 3 {
+			continue
+		}
+		mnt := pf[4]
+		switch qf[0] {
+		case "cgroup2":
+			b, err := os.ReadFile(filepath.Join(mnt, "cgroup.controllers"))
+			if err != nil {
+				continue
+			}
+			for _, c := range strings.Fields(string(b)) {
+				if _, seen := out[c]; !seen {
+					out[c] = "v2 at " + mnt
+				}
+			}
+		case "cgroup":
+			for _, opt := range strings.Split(qf[2], ",") {
+				if _, seen := out[opt]; !seen && (opt == "memory" || opt == "cpu" || opt == "pids") {
+					out[opt] = "v1 at " + mnt
+				}
+			}
+		}
+	}
+	return out, sc.Err()
+}
+
+func meminfo(path string) (map[string]int64, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]int64{}
+	for _, l := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(l, ":")
+		if !ok {
+			continue
+		}
+		var n int64
+		if _, err := fmt.Sscanf(strings.TrimSpace(v), "%d", &n); err == nil {
+			out[k] = n << 10
+		}
+	}
+	return out, nil
+}
+
+func checkMemory(path string, l admission.Limits) Result {
+	mi, err := meminfo(path)
+	if err != nil || mi["MemTotal"] == 0 {
+		return Result{Check: "memory", Status: Fail, Found: fmt.Sprintf("%s: no MemTotal (%v)", path, err), Without: "admission cannot size VMs: forkd serve refuses every VM"}
+	}
+	ratio, over := l.MaxVMMemoryRatio, l.MemoryOvercommit
+	if ratio == 0 {
+		ratio = admission.DefaultMaxVMMemoryRatio
+	}
+	if over == 0 {
+		over = admission.DefaultMemoryOvercommit
+	}
+	perVM := int64(float64(mi["MemTotal"])*ratio) >> 20
+	if l.MaxMemoryMiB > 0 && int64(l.MaxMemoryMiB) < perVM {
+		perVM = int64(l.MaxMemoryMiB)
+	}
+	return ok("memory", fmt.Sprintf("MemTotal %d MiB, MemAvailable %d MiB: one VM up to %d MiB, running VMs up to %d MiB of guest RAM together (memory_overcommit %g)",
+		mi["MemTotal"]>>20, mi["MemAvailable"]>>20, perVM, int64(float64(mi["MemTotal"])*over)>>20, over))
+}
+
+func checkDisk(dir string) Result {
+	d := existing(dir)
+	var st unix.Statfs_t
+	if err := unix.Statfs(d, &st); err != nil {
+		return Result{Check: "disk", Status: Fail, Found: err.Error(), Without: "forkd cannot tell what fits"}
+	}
+	free := int64(st.Bavail) * st.Bsize
+	found := fmt.Sprintf("%d MiB free of %d MiB on %s", free>>20, int64(st.Blocks)*st.Bsize>>20, d)
+	if free <= admission.DiskReserve {
+		return Result{Check: "disk", Status: Fail, Found: found, Without: fmt.Sprintf("every VM is refused: admission keeps %d MiB free", admission.DiskReserve>>20)}
+	}
+	return ok("disk", found)
+}
+
+// Render writes rs as a table for people: one line per check, then what
+// forkd does without each missing thing.
+func Render(w io.Writer, rs []Result) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "CHECK\tSTATUS\tFOUND")
+	for _, r := range rs {
+		fmt.Fprintf(tw, "%s\t%s\t%s\n", r.Check, r.Status, r.Found)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	first := true
+	for _, r := range rs {
+		if r.Without == "" {
+			continue
+		}
+		if first {
+			fmt.Fprintln(w, "\nWithout what is missing:")
+			first = false
+		}
+		fmt.Fprintf(w, "  %s: %s\n", r.Check, r.Without)
+	}
+	return nil
+}

@@ -1,0 +1,112 @@
+package doctor
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/forkd/forkd/internal/testenv"
+)
+
+// On this host every check answers, and says what forkd does without what
+// is missing; what the test environment guarantees (userfaultfd, TAP and
+// nf_tables under FORKD_TEST_REQUIRE) is found.
+func TestDoctorReportsEveryCheckOnThisHost(t *testing.T) {
+	testenv.NeedRoot(t)
+	rs := Run(context.Background(), Options{DataDir: filepath.Join(t.TempDir(), "data")})
+	want := []string{"kvm", "firecracker", "jailer", "userfaultfd", "data dir", "reflink", "tun", "nf_tables", "cgroups", "memory", "disk"}
+	if len(rs) != len(want) {
+		t.Fatalf("%d checks, want %d: %+v", len(rs), len(want), rs)
+	}
+	for i, r := range rs {
+		if r.Check != want[i] || r.Found == "" {
+			t.Errorf("check %d: %+v; want %q with what was found", i, r, want[i])
+		}
+		if (r.Status == OK) != (r.Without == "") {
+			t.Errorf("%s: status %s but without %q: only a missing thing says what forkd does without it", r.Check, r.Status, r.Without)
+		}
+		t.Logf("%-12s %-8s %s | %s", r.Check, r.Status, r.Found, r.Without)
+	}
+	byName := map[string]Result{}
+	for _, r := range rs {
+		byName[r.Check] = r
+	}
+	for key, check := range map[string]string{testenv.Uffd: "userfaultfd", testenv.Netns: "tun"} {
+		if testenv.Required(key) && byName[check].Status != OK {
+			t.Errorf("%s is required here but doctor says %+v", key, byName[check])
+		}
+	}
+	if Failed(rs) {
+		t.Errorf("a fresh data dir under a private temp dir fails: %+v", rs)
+	}
+}
+
+// The twin: where the devices are missing, each check says so and what
+// forkd does without them, and an unsafe data dir fails the preflight.
+func TestDoctorSaysWhatForkdDoesWithoutEachThing(t *testing.T) {
+	testenv.NeedRoot(t)
+	none := filepath.Join(t.TempDir(), "none")
+	mountinfo := filepath.Join(t.TempDir(), "mountinfo")
+	v2 := t.TempDir()
+	os.WriteFile(filepath.Join(v2, "cgroup.controllers"), []byte("hugetlb\n"), 0o644)
+	os.WriteFile(mountinfo, []byte("31 23 0:28 / "+v2+" rw - cgroup2 cgroup2 rw\n"), 0o644)
+	unsafe := t.TempDir()
+	os.Chmod(unsafe, 0o777)
+	rs := Run(context.Background(), Options{
+		DataDir: unsafe,
+		Paths:   Paths{KVM: none, Tun: none, Userfaultfd: none, Mountinfo: mountinfo, Meminfo: "/proc/meminfo"},
+		LookPath: func(string) (string, error) { return "", errors.New("not found") },
+	})
+	want := map[string]string{
+		"kvm": "built-in emulator", "firecracker": "built-in emulator", "tun": "no network",
+		"cgroups": "cannot be capped",
+	}
+	for _, r := range rs {
+		if w, ok := want[r.Check]; ok {
+			if r.Status != Missing || !strings.Contains(r.Without, w) {
+				t.Errorf("%s: %+v; want missing, saying %q", r.Check, r, w)
+			}
+			delete(want, r.Check)
+		}
+		if r.Check == "data dir" && r.Status != Fail {
+			t.Errorf("a world-writable data dir: %+v; want fail", r)
+		}
+	}
+	if len(want) != 0 {
+		t.Errorf("checks not run: %v", want)
+	}
+	if !Failed(rs) {
+		t.Error("Failed() is false with an unsafe data dir")
+	}
+}
+
+// The hybrid layout of this project's machines: memory, cpu and pids are
+// v1, the v2 hierarchy holds only hugetlb. Both are read.
+func TestCgroupControllersReadsAHybridLayout(t *testing.T) {
+	v2 := t.TempDir()
+	os.WriteFile(filepath.Join(v2, "cgroup.controllers"), []byte("hugetlb\n"), 0o644)
+	mi := filepath.Join(t.TempDir(), "mountinfo")
+	os.WriteFile(mi, []byte(strings.Join([]string{
+		"31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755",
+		"32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu",
+		"35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory",
+		"39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids",
+		"41 31 0:38 / " + v2 + " rw,relatime - cgroup2 cgroup2 rw",
+	}, "\n")+"\n"), 0o644)
+	got, err := cgroupControllers(mi)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for c, w := range map[string]string{"memory": "v1 at /sys/fs/cgroup/memory", "cpu": "v1 at /sys/fs/cgroup/cpu",
+		"pids": "v1 at /sys/fs/cgroup/pids", "hugetlb": "v2 at " + v2} {
+		if got[c] != w {
+			t.Errorf("%s: %q, want %q", c, got[c], w)
+		}
+	}
+	if r := checkCgroups(mi); r.Status != OK {
+		t.Errorf("checkCgroups on the hybrid layout: %+v", r)
+	}
+}
