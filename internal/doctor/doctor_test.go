@@ -56,8 +56,8 @@ func TestDoctorSaysWhatForkdDoesWithoutEachThing(t *testing.T) {
 	unsafe := t.TempDir()
 	os.Chmod(unsafe, 0o777)
 	rs := Run(context.Background(), Options{
-		DataDir: unsafe,
-		Paths:   Paths{KVM: none, Tun: none, Userfaultfd: none, Mountinfo: mountinfo, Meminfo: "/proc/meminfo"},
+		DataDir:  unsafe,
+		Paths:    Paths{KVM: none, Tun: none, Userfaultfd: none, Mountinfo: mountinfo, Meminfo: "/proc/meminfo"},
 		LookPath: func(string) (string, error) { return "", errors.New("not found") },
 	})
 	want := map[string]string{
