@@ -96,14 +96,22 @@ func New(l Limits, h Host, dataDir string) (*Admitter, error) {
 // Limits are the effective limits (defaults filled in).
 func (a *Admitter) Limits() Limits { return a.limits }
 
-// Admit checks req against the limits, the VMs that run now (running, as
-// the records say) and what other admitted requests hold, and reserves it.
-// The caller must call the returned release once the operation has ended
-// (its record then shows what runs).
-func (a *Admitter) Admit(req Request, running []Running) (release func(), err error) {
+// Admit checks req against the limits, the VMs that run now and what other
+// admitted requests hold, and reserves it. running reads what runs from the
+// records; it is called under admission's lock, so an operation that
+// updated its record and then released its reservation is counted exactly
+// once. The caller must call the returned release once the operation has
+// ended (its record then shows what runs).
+func (a *Admitter) Admit(req Request, running func() ([]Running, error)) (release func(), err error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if err := a.check(req, running); err != nil {
+	var now []Running
+	if req.Runs {
+		if now, err = running(); err != nil {
+			return nil, fmt.Errorf("admission: %w", err)
+		}
+	}
+	if err := a.check(req, now); err != nil {
 		return nil, err
 	}
 	key := req.ID

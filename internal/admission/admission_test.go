@@ -49,7 +49,7 @@ func TestAdmitRefusesWhatTheHostCannotHold(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			release, err := a.Admit(tc.req, running)
+			release, err := a.Admit(tc.req, func() ([]Running, error) { return running, nil })
 			if tc.refused == "" {
 				if err != nil {
 					t.Fatalf("refused: %v", err)
@@ -72,21 +72,22 @@ func TestAdmittedRequestsAreReservedUntilReleased(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	first, err := a.Admit(Request{ID: "x", MemoryMiB: 3 << 10, Runs: true, DiskBytes: gib}, nil)
+	none := func() ([]Running, error) { return nil, nil }
+	first, err := a.Admit(Request{ID: "x", MemoryMiB: 3 << 10, Runs: true, DiskBytes: gib}, none)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := a.Admit(Request{ID: "y", MemoryMiB: 2 << 10, Runs: true}, nil); !errors.Is(err, ErrInsufficient) {
+	if _, err := a.Admit(Request{ID: "y", MemoryMiB: 2 << 10, Runs: true}, none); !errors.Is(err, ErrInsufficient) {
 		t.Errorf("second request while the first holds 3 of 4 GiB: %v; want refused", err)
 	}
-	if _, err := a.Admit(Request{ID: "z", MemoryMiB: 256, DiskBytes: gib}, nil); !errors.Is(err, ErrInsufficient) {
+	if _, err := a.Admit(Request{ID: "z", MemoryMiB: 256, DiskBytes: gib}, none); !errors.Is(err, ErrInsufficient) {
 		t.Errorf("second request while the first holds 1 of 2 GiB of disk: %v; want refused", err)
 	}
 	// The first one's VM now runs: its record says so and its reservation
 	// goes; the same memory is still counted, once.
 	first()
 	first() // release is idempotent
-	running := []Running{{ID: "x", MemoryMiB: 3 << 10}}
+	running := func() ([]Running, error) { return []Running{{ID: "x", MemoryMiB: 3 << 10}}, nil }
 	if _, err := a.Admit(Request{ID: "y", MemoryMiB: 2 << 10, Runs: true}, running); !errors.Is(err, ErrInsufficient) {
 		t.Errorf("after the first VM runs: %v; want still refused", err)
 	}

@@ -22,15 +22,18 @@ var holdsRAM = []string{api.StateRunning, api.StatePaused, api.StateStandingby, 
 // record shows what runs once the operation has ended. A refusal is
 // api.ErrInsufficientResources naming the resource and the shortfall.
 func (m *Manager) admit(ctx context.Context, op string, req admission.Request) (func(), error) {
-	all, err := m.db.ListInstances(ctx)
-	if err != nil {
-		return nil, err
-	}
-	var running []admission.Running
-	for _, in := range all {
-		if oneOf(in.State, holdsRAM...) {
-			running = append(running, admission.Running{ID: in.ID, MemoryMiB: in.MemoryMiB})
+	running := func() ([]admission.Running, error) {
+		all, err := m.db.ListInstances(ctx)
+		if err != nil {
+			return nil, err
 		}
+		var out []admission.Running
+		for _, in := range all {
+			if oneOf(in.State, holdsRAM...) {
+				out = append(out, admission.Running{ID: in.ID, MemoryMiB: in.MemoryMiB})
+			}
+		}
+		return out, nil
 	}
 	release, err := m.adm.Admit(req, running)
 	if errors.Is(err, admission.ErrInsufficient) {
