@@ -163,7 +163,7 @@ func guardOrphans(l guestdir.Layout, how string, allow bool, log *slog.Logger) e
 		vmms = fmt.Sprintf("; VMMs still run for %d of them (pids %v)", len(pids), pids)
 	}
 	return fmt.Errorf("%w: refusing to start: the store %s is %s, but the data dir holds %d instance or snapshot directories (%s)%s. "+
-		"Starting would treat them all as strangers. Restore %s from a backup (with its -wal file, if you have one) and start again, "+
+		"forkd would no longer know which VM any of them is. Restore %s from a backup (with its -wal file, if you have one) and start again, "+
 		"or start once with `forkd serve --orphans-to-lost-found` to move them to %s and begin with an empty store",
 		ErrStoreLost, l.DB(), how, len(found), strings.Join(sample, ", "), vmms, l.DB(), l.LostFound())
 }
