@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"testing"
 
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/forkd/forkd/internal/admission"
 	"github.com/forkd/forkd/internal/api"
 )
@@ -94,6 +96,11 @@ func TestAdmissionCapsRunningVMs(t *testing.T) {
 	createRunning(t, m, "a")
 	_, err := m.CreateInstance(context.Background(), api.CreateInstanceRequest{Name: "b", MemoryMiB: testMemMiB, BootArgs: testBootArgs})
 	refusedFor(t, "a second VM over max_running_vms 1", err, "max_running_vms")
+	var pb dto.Metric
+	m.met.admissionRefusals.WithLabelValues("create", "running VMs").Write(&pb)
+	if n := pb.GetCounter().GetValue(); n != 1 {
+		t.Errorf("forkd_admission_refusals_total{op=create,resource=running VMs} = %v, want 1", n)
+	}
 }
 
 // A standby whose snapshot cannot fit on disk fails before it starts:
