@@ -136,12 +136,12 @@ func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequ
 	if req.BootArgs == "" && !m.cfg.VMM.Emulator {
 		req.BootArgs = defaultFirecrackerBootArgs
 	}
-	// The record is hidden (stateCreating) until the files are complete: a
-	// create is never listed half-made.
 	networked, pubs, err := m.wantNetwork(req.Network, req.Publish)
 	if err != nil {
 		return api.Instance{}, err
 	}
+	// The record is hidden (stateCreating) until the files are complete: a
+	// create is never listed half-made.
 	rec := store.Instance{
 		ID: id, Name: req.Name, State: stateCreating, Vcpus: req.Vcpus, MemoryMiB: req.MemoryMiB,
 		Kernel: req.Kernel, Rootfs: req.Rootfs, BootArgs: req.BootArgs, CreatedAt: time.Now().UTC(),
