@@ -3,6 +3,7 @@ package emulator
 import (
 	"encoding/json"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
@@ -234,4 +235,43 @@ func TestRefusesExistingAPISocketPath(t *testing.T) {
 	if err == nil {
 		t.Fatalf("a second VMM on %s started; want a refusal", p.sock)
 	}
+}
+
+// Finding: a VMM's API accepted snapshot and memory paths anywhere on the
+// host (the socket is root's, but still). With --confine-paths (which the
+// manager passes: its data dir) create and load refuse a path outside it or
+// through a symlink below it; a path inside it works (the twin).
+func TestConfinedSnapshotPaths(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "data")
+	outside := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(data, "snap"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	os.Symlink(outside, filepath.Join(data, "link"))
+	confine := func(c *exec.Cmd) error {
+		c.Args = append(c.Args, "--confine-paths", data)
+		return c.Start()
+	}
+	p := startVMMWith(t, data, confine)
+	p.boot(bootSpec{vcpus: 1, memMib: 16, bootArgs: "forkd.ws_mib=2"})
+	p.pause()
+	for _, tc := range []struct{ vmstate, mem, says string }{
+		{filepath.Join(outside, "vmstate"), filepath.Join(data, "snap", "memory"), "not inside"},
+		{filepath.Join(data, "snap", "vmstate"), filepath.Join(outside, "memory"), "not inside"},
+		{filepath.Join(data, "link", "vmstate"), filepath.Join(data, "snap", "memory"), "symlink"},
+	} {
+		p.fault("PUT", "/snapshot/create", map[string]any{"snapshot_type": "Full", "snapshot_path": tc.vmstate, "mem_file_path": tc.mem}, tc.says)
+	}
+	if ents, _ := os.ReadDir(outside); len(ents) != 0 {
+		t.Fatalf("a refused snapshot wrote %d files outside the data dir", len(ents))
+	}
+	vmstate, mem := filepath.Join(data, "snap", "vmstate"), filepath.Join(data, "snap", "memory")
+	p.snapshot("Full", vmstate, mem)
+
+	q := startVMMWith(t, data, confine)
+	copyFile(t, vmstate, filepath.Join(outside, "vmstate"))
+	q.fault("PUT", "/snapshot/load", map[string]any{"snapshot_path": filepath.Join(outside, "vmstate"),
+		"mem_backend": map[string]any{"backend_type": "File", "backend_path": mem}}, "not inside")
+	r := startVMMWith(t, data, confine)
+	r.loadFile(vmstate, mem, true, true)
 }

@@ -71,6 +71,11 @@ func (v *vmm) loadSnapshot(req snapshotLoad) error {
 	if err != nil {
 		return err
 	}
+	for _, c := range [][2]string{{"snapshot_path", p.vmstate}, {"backend_path", p.backendPath}} {
+		if err := v.confined(c[0], c[1]); err != nil {
+			return err
+		}
+	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if err := v.usable(); err != nil {

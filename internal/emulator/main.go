@@ -36,6 +36,12 @@ type Config struct {
 	// halfway through writing that file of a snapshot, as a VMM dying there
 	// would. Empty in production.
 	CrashAt string
+	// ConfinePaths (--confine-paths, forkd's own flag; the manager passes
+	// its data dir): the snapshot, mem-file and memory-backend paths the API
+	// names (relative ones against the working directory) must lie inside
+	// it, reached through no symlink below it. "" is Firecracker's
+	// behaviour: any path. A jailed VMM needs none: its root is its dir.
+	ConfinePaths string
 }
 
 // CrashAtEnv names the environment variable of Config.CrashAt.
@@ -54,6 +60,7 @@ func ParseArgs(args []string) (Config, error) {
 	fs.StringVar(&c.ID, "id", "anonymous-instance", "microVM id")
 	fs.StringVar(&c.LogPath, "log-path", "", "log file (appended to)")
 	fs.StringVar(&c.Level, "level", "Info", "log level: Error, Warning, Info, Debug")
+	fs.StringVar(&c.ConfinePaths, "confine-paths", "", "forkd's own: snapshot, mem-file and memory-backend paths must lie inside this directory")
 	fs.BoolVar(&c.NoSeccomp, "no-seccomp", false, "run without the seccomp filter (development only)")
 	fs.StringVar(&c.FirecrackerVersion, "firecracker-version", DefaultFirecrackerVersion(),
 		"the Firecracker release to emulate: "+strings.Join(SupportedVersions(), ", "))
@@ -156,6 +163,7 @@ func Run(ctx context.Context, cfg Config, stderr io.Writer) error {
 
 	v := newVMM(cfg.ID, rel, snap, log, exit)
 	v.crashAt = cfg.CrashAt
+	v.confine = cfg.ConfinePaths
 	srv := &http.Server{Handler: v.handler(), ReadHeaderTimeout: 10 * time.Second}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()

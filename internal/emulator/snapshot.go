@@ -119,6 +119,11 @@ type snapshotCreate struct {
 // memory (a failure after that loses it, as KVM_GET_DIRTY_LOG does); a
 // Full clears it once written.
 func (v *vmm) createSnapshot(req snapshotCreate) error {
+	for _, c := range [][2]string{{"snapshot_path", *req.SnapshotPath}, {"mem_file_path", *req.MemFilePath}} {
+		if err := v.confined(c[0], c[1]); err != nil {
+			return err
+		}
+	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if err := v.postBoot(); err != nil {

@@ -8,10 +8,12 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 
 	"github.com/forkd/forkd/internal/guestnet"
+	"github.com/forkd/forkd/internal/hostpath"
 	"github.com/forkd/forkd/internal/uffd"
 	"github.com/forkd/forkd/internal/version"
 )
@@ -65,6 +67,10 @@ type vmm struct {
 	// shutdown asks Main to exit once the current response is written
 	// (SendCtrlAltDel).
 	shutdown func()
+	// confine, if set, is the directory every snapshot, mem-file and
+	// memory-backend path must lie in (Config.ConfinePaths); set once before
+	// serving.
+	confine string
 
 	mu sync.Mutex // guards every field below; held for a whole API action
 	st runState
@@ -496,4 +502,23 @@ func (v *vmm) guestStats() (GuestStats, error) {
 		return GuestStats{}, errPreBoot
 	}
 	return wl.stats(), nil
+}
+
+// confined refuses a path the API names outside v.confine (relative paths
+// resolve against the working directory, as the kernel would resolve them),
+// or reached through a symlink below it: the API socket is root's, but a
+// VMM forkd runs reads and writes forkd's own files, not any file a caller
+// names.
+func (v *vmm) confined(field, path string) error {
+	if v.confine == "" {
+		return nil
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return faultf("%s %q: %v", field, path, err)
+	}
+	if err := hostpath.CheckBeneath(field, v.confine, abs); err != nil {
+		return faultf("%v", err)
+	}
+	return nil
 }

@@ -249,3 +249,49 @@ func OpenDirBeneath(what, root, path string) (*os.File, error) {
 	}
 	return os.NewFile(uintptr(fd), clean), nil
 }
+
+// CheckBeneath reports whether path (absolute) lies strictly inside root
+// with no symlink below root: its parent directory is resolved with
+// openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS) from root's fd, and its last
+// component, if it exists, must not be a symlink. The file itself need not
+// exist (a snapshot about to be written) and may be of any type (a socket).
+func CheckBeneath(what, root, path string) error {
+	clean := filepath.Clean(path)
+	root = filepath.Clean(root)
+	if !filepath.IsAbs(clean) || !under(clean, root) || clean == root {
+		return fmt.Errorf("%w: %s %q: not inside %s", ErrRefused, what, path, root)
+	}
+	rel := strings.TrimPrefix(clean, strings.TrimSuffix(root, "/")+"/")
+	dir, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("%s %q: open %s: %w", what, path, root, err)
+	}
+	defer unix.Close(dir)
+	parent := filepath.Dir(rel)
+	pfd := dir
+	if parent != "." {
+		pfd, err = unix.Openat2(dir, parent, &unix.OpenHow{
+			Flags:   unix.O_PATH | unix.O_DIRECTORY | unix.O_CLOEXEC,
+			Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS,
+		})
+		if errors.Is(err, unix.ENOSYS) {
+			pfd, err = openNoSymlinksAt(dir, parent) // kernels before 5.6
+		}
+		switch {
+		case errors.Is(err, unix.ELOOP), errors.Is(err, unix.EXDEV), errors.Is(err, unix.ENOTDIR):
+			return fmt.Errorf("%w: %s %q: reached through a symlink", ErrRefused, what, path)
+		case err != nil:
+			return fmt.Errorf("%s %q: %w", what, path, err)
+		}
+		defer unix.Close(pfd)
+	}
+	var st unix.Stat_t
+	err = unix.Fstatat(pfd, filepath.Base(rel), &st, unix.AT_SYMLINK_NOFOLLOW)
+	switch {
+	case err == nil && st.Mode&unix.S_IFMT == unix.S_IFLNK:
+		return fmt.Errorf("%w: %s %q: is a symlink", ErrRefused, what, path)
+	case err != nil && !errors.Is(err, unix.ENOENT):
+		return fmt.Errorf("%s %q: %w", what, path, err)
+	}
+	return nil
+}

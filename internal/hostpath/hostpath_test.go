@@ -175,3 +175,31 @@ func TestOpenBeneathConfinesToRoot(t *testing.T) {
 		})
 	}
 }
+
+// CheckBeneath accepts a path inside root through real directories whether
+// or not the file exists yet (the twins), and refuses one outside root,
+// through a symlinked directory, or that is itself a symlink.
+func TestCheckBeneathConfinesToRoot(t *testing.T) {
+	top := t.TempDir()
+	root := filepath.Join(top, "data")
+	os.MkdirAll(filepath.Join(root, "guests", "a", "snapshots"), 0o755)
+	os.Symlink(top, filepath.Join(root, "guests", "up"))
+	os.Symlink("/etc/passwd", filepath.Join(root, "guests", "a", "vmstate"))
+	for _, tc := range []struct {
+		path string
+		ok   bool
+	}{
+		{filepath.Join(root, "guests", "a", "snapshots", "memory"), true},
+		{filepath.Join(root, "guests", "a", "snapshots"), true},
+		{"/etc/passwd", false},
+		{filepath.Join(root, "guests", "up", "x"), false},
+		{filepath.Join(root, "guests", "a", "vmstate"), false},
+		{root + "/guests/../../x", false},
+		{root, false},
+	} {
+		err := CheckBeneath("snapshot_path", root, tc.path)
+		if tc.ok != (err == nil) || (err != nil && !errors.Is(err, ErrRefused)) {
+			t.Errorf("CheckBeneath(%s): %v; want ok=%v", tc.path, err, tc.ok)
+		}
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -227,6 +228,13 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	}
 	if err := makeDataSubdirs(layout); err != nil {
 		return nil, fmt.Errorf("instance manager: %w", err)
+	}
+	if cfg.VMM.Emulator {
+		// The emulator reads and writes snapshots, mem-files and the pager's
+		// session sockets only inside the data dir (forkd vmm
+		// --confine-paths). Firecracker has no such flag; a jail will confine
+		// it.
+		cfg.VMM.Args = append(slices.Clone(cfg.VMM.Args), "--confine-paths", layout.Root())
 	}
 	if cfg.AdmissionHost.MemTotal == nil || cfg.AdmissionHost.DiskFree == nil {
 		cfg.AdmissionHost = admission.RealHost()
