@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"syscall"
 
 	"github.com/forkd/forkd/internal/admission"
@@ -66,20 +65,25 @@ func (m *Manager) copyCost(path string) int64 {
 	return st.Blocks * 512
 }
 
-// snapshotCost is what writing a snapshot into dir will take on disk: a Full
-// snapshot (no mem-file yet) writes the whole RAM; a Diff into a mem-file
-// others share first unshares it, a whole-RAM copy where the filesystem
-// cannot reflink; a Diff into a private base writes in place.
+// snapshotCost is at most what writing a snapshot into dir will take on
+// disk: a Full snapshot (no mem-file yet) writes the whole RAM; a Diff into a
+// mem-file others share first unshares it, a whole-RAM copy where the
+// filesystem cannot reflink (with reflinks the clone is free and only the
+// dirty pages get new blocks, which the reserve covers); a Diff into a
+// private base writes in place, allocating at most its holes.
 func (m *Manager) snapshotCost(dir guestdir.SnapDir, memMiB int) int64 {
 	ram := int64(memMiB) << 20
-	st, err := os.Stat(dir.Memory())
-	if err != nil {
+	var st syscall.Stat_t
+	if err := syscall.Stat(dir.Memory(), &st); err != nil {
 		return ram
 	}
-	if sys, ok := st.Sys().(*syscall.Stat_t); ok && sys.Nlink > 1 && !m.reflink {
+	if st.Nlink > 1 {
+		if m.reflink {
+			return 0
+		}
 		return ram
 	}
-	return 0
+	return max(0, ram-st.Blocks*512)
 }
 
 // forkCost is what a fork of a VM with memMiB of RAM and the disk at rootfs
