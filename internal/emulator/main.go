@@ -163,7 +163,7 @@ func Run(ctx context.Context, cfg Config, stderr io.Writer) error {
 
 	v := newVMM(cfg.ID, rel, snap, log, exit)
 	v.crashAt = cfg.CrashAt
-	v.confine = cfg.ConfinePaths
+	v.setConfine(cfg.ConfinePaths)
 	srv := &http.Server{Handler: v.handler(), ReadHeaderTimeout: 10 * time.Second}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()

@@ -47,6 +47,7 @@ var allowedSyscalls = []string{
 	// Files (all inside the jail): snapshots, drives, the log.
 	"read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev",
 	"lseek", "openat", "open", "fstat", "newfstatat", "stat", "lstat", "statx",
+	"openat2", // --confine-paths resolves with RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS
 	"fstatfs", "statfs", "fsync", "fdatasync", "ftruncate", "fallocate",
 	"renameat", "renameat2", "rename", "unlinkat", "unlink", "mkdirat",
 	"getdents64", "readlinkat", "faccessat", "faccessat2", "access",

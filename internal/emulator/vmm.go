@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -67,10 +68,11 @@ type vmm struct {
 	// shutdown asks Main to exit once the current response is written
 	// (SendCtrlAltDel).
 	shutdown func()
-	// confine, if set, is the directory every snapshot, mem-file and
-	// memory-backend path must lie in (Config.ConfinePaths); set once before
-	// serving.
-	confine string
+	// confine, if set, holds the directory every snapshot, mem-file and
+	// memory-backend path must lie in (Config.ConfinePaths), as given and
+	// with symlinks resolved (relative paths resolve against the real
+	// working directory); set once before serving.
+	confine []string
 
 	mu sync.Mutex // guards every field below; held for a whole API action
 	st runState
@@ -510,15 +512,35 @@ func (v *vmm) guestStats() (GuestStats, error) {
 // VMM forkd runs reads and writes forkd's own files, not any file a caller
 // names.
 func (v *vmm) confined(field, path string) error {
-	if v.confine == "" {
+	if len(v.confine) == 0 {
 		return nil
 	}
 	abs, err := filepath.Abs(path)
 	if err != nil {
 		return faultf("%s %q: %v", field, path, err)
 	}
-	if err := hostpath.CheckBeneath(field, v.confine, abs); err != nil {
-		return faultf("%v", err)
+	var refusal error
+	for _, root := range v.confine {
+		err := hostpath.CheckBeneath(field, root, abs)
+		if err == nil {
+			return nil
+		}
+		if refusal == nil || !strings.Contains(err.Error(), "not inside") {
+			refusal = err // the most telling reason (a symlink beats "not inside")
+		}
 	}
-	return nil
+	return faultf("%v", refusal)
+}
+
+// setConfine sets the confinement root: dir as given and, if different,
+// with its symlinks resolved (the working directory the kernel reports is
+// the resolved one).
+func (v *vmm) setConfine(dir string) {
+	if dir == "" {
+		return
+	}
+	v.confine = []string{dir}
+	if real, err := filepath.EvalSymlinks(dir); err == nil && real != dir {
+		v.confine = append(v.confine, real)
+	}
 }
