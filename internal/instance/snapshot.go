@@ -128,17 +128,20 @@ func (m *Manager) CreateSnapshot(ctx context.Context, ref string, req api.Snapsh
 		return fail(err)
 	}
 	rec.SizeBytes = dirBytes(sd)
+	// Ready, or compressing, in one update: the moment the record is
+	// visible another client may delete it, so a second update (to
+	// compressing) could find it gone and fail a snapshot that was made
+	// (found by the stress test).
 	rec.State = snapReady
+	if req.Compression == "zstd" {
+		rec.Compression, rec.State = "zstd", snapCompressing
+	}
 	if err := m.db.UpdateSnapshot(ctx, rec); err != nil {
 		return fail(err)
 	}
 	o.finish(ctx, nil)
 	m.log.Info("snapshot created", "snapshot", id, "name", req.Name, "instance", in.ID, "live", live, "cache_key", rec.SnapshotCacheKey)
-	if req.Compression == "zstd" {
-		rec.Compression, rec.State = "zstd", snapCompressing
-		if err := m.db.UpdateSnapshot(ctx, rec); err != nil {
-			return api.Snapshot{}, err
-		}
+	if rec.State == snapCompressing {
 		m.startCompression(rec)
 	}
 	return snapshotAPI(rec), nil
