@@ -228,15 +228,15 @@ func TestStartRefusesAGuestDirOthersControl(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := shortDir(t)
-			var kept api.Instance
+			var gdir string
 			openAndClose(t, dir, func(m *Manager) {
-				var err error
-				kept, err = m.CreateInstance(context.Background(), api.CreateInstanceRequest{Name: "kept", MemoryMiB: testMemMiB, Start: new(bool)})
+				kept, err := m.CreateInstance(context.Background(), api.CreateInstanceRequest{Name: "kept", MemoryMiB: testMemMiB, Start: new(bool)})
 				if err != nil {
 					t.Fatal(err)
 				}
+				g, _ := m.layout.Guest(kept.ID)
+				gdir = filepath.Dir(g.Dir) // jail/<exec>/<id>: the entry the reconciler keeps
 			})
-			gdir := filepath.Join(dir, "guests", kept.ID)
 			if err := tc.harm(gdir); err != nil {
 				t.Fatal(err)
 			}
