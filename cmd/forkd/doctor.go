@@ -34,7 +34,7 @@ cannot (an unsafe data dir, no disk).`,
 			if err != nil {
 				return err
 			}
-			rs := doctor.Run(cmd.Context(), doctor.Options{DataDir: cfg.DataDir, Admission: cfg.Admission})
+			rs := doctor.Run(cmd.Context(), doctor.Options{DataDir: cfg.DataDir, Capacity: cfg.Capacity})
 			out := cmd.OutOrStdout()
 			switch o, _ := cmd.Flags().GetString("output"); o {
 			case "json":

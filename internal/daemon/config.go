@@ -14,8 +14,8 @@ import (
 	"github.com/spf13/pflag"
 	"gopkg.in/yaml.v3"
 
-	"github.com/forkd/forkd/internal/admission"
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/capacity"
 	"github.com/forkd/forkd/internal/emulator"
 	"github.com/forkd/forkd/internal/instance"
 	"github.com/forkd/forkd/internal/network"
@@ -76,9 +76,9 @@ type Config struct {
 	// directories, moving them to <data>/lost+found/.
 	OrphansToLostFound bool
 
-	// Admission limits (internal/admission): max_vm_memory_ratio,
+	// Capacity limits (internal/capacity): max_vm_memory_ratio,
 	// max_memory_mib, max_vcpus, memory_overcommit, max_running_vms.
-	Admission admission.Limits
+	Capacity capacity.Limits
 
 	File string // the YAML file the config was read from, "" if none
 }
@@ -149,16 +149,16 @@ func settings() []setting {
 			}},
 		{"max_vm_memory_ratio", "FORKD_MAX_VM_MEMORY_RATIO", "max-vm-memory-ratio", "1.0",
 			"one VM's guest RAM may be at most the host's MemTotal times this",
-			floatSetting(func(c *Config) *float64 { return &c.Admission.MaxVMMemoryRatio })},
+			floatSetting(func(c *Config) *float64 { return &c.Capacity.MaxVMMemoryRatio })},
 		{"max_memory_mib", "FORKD_MAX_MEMORY_MIB", "max-memory-mib", "0",
 			"one VM's guest RAM cap in MiB (0: only max_vm_memory_ratio)",
-			intSetting(func(c *Config) *int { return &c.Admission.MaxMemoryMiB })},
+			intSetting(func(c *Config) *int { return &c.Capacity.MaxMemoryMiB })},
 		{"max_vcpus", "FORKD_MAX_VCPUS", "max-vcpus", "0",
 			"one VM's vCPU cap (0: only the API's 32)",
-			intSetting(func(c *Config) *int { return &c.Admission.MaxVcpus })},
+			intSetting(func(c *Config) *int { return &c.Capacity.MaxVcpus })},
 		{"memory_overcommit", "FORKD_MEMORY_OVERCOMMIT", "memory-overcommit", "8",
 			"the guest RAM of all running VMs together may be at most MemTotal times this (forks share clean pages; see the README)",
-			floatSetting(func(c *Config) *float64 { return &c.Admission.MemoryOvercommit })},
+			floatSetting(func(c *Config) *float64 { return &c.Capacity.MemoryOvercommit })},
 		{"max_running_vms", "FORKD_MAX_RUNNING_VMS", "max-running-vms", "1024",
 			"how many VMs may run at once on this host (at least 1)",
 			func(c *Config, v string) error {
@@ -166,7 +166,7 @@ func settings() []setting {
 				if err != nil || n < 1 {
 					return fmt.Errorf("%q is not a positive integer", v)
 				}
-				c.Admission.MaxRunningVMs = n
+				c.Capacity.MaxRunningVMs = n
 				return nil
 			}},
 		{"log_format", "FORKD_LOG_FORMAT", "log-format", "text", "log format: text or json",

@@ -10,7 +10,7 @@ import (
 
 	"github.com/spf13/pflag"
 
-	"github.com/forkd/forkd/internal/admission"
+	"github.com/forkd/forkd/internal/capacity"
 )
 
 func envOf(m map[string]string) func(string) (string, bool) {
@@ -47,7 +47,7 @@ func TestConfigPrecedenceFlagsOverEnvOverFileOverDefaults(t *testing.T) {
 		HostPathDirs: []string{"/srv/images", "/opt/kernels"},
 		NetworkCIDR:  DefaultNetworkCIDR, NetworkGuestCIDR: "169.254.0.20/30", NetworkGuestMAC: "02:fc:00:00:00:05", NetworkWarm: 8,
 		Prefetch: "off", PrefetchWindow: 750 * time.Millisecond, PrefetchMaxBytes: 256 << 20,
-		Admission: admission.Limits{MaxVMMemoryRatio: 1, MaxMemoryMiB: 4096, MemoryOvercommit: 2.5, MaxRunningVMs: 1024},
+		Capacity: capacity.Limits{MaxVMMemoryRatio: 1, MaxMemoryMiB: 4096, MemoryOvercommit: 2.5, MaxRunningVMs: 1024},
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Errorf("config:\n got %+v\nwant %+v", c, want)

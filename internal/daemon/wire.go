@@ -56,7 +56,7 @@ func newBackend(ctx context.Context, cfg Config, log *slog.Logger, reg prometheu
 		Kernel:             cfg.Kernel,
 		ImageHeadroom:      cfg.ImageHeadroom,
 		NetworkWarm:        cfg.NetworkWarm,
-		Admission:          cfg.Admission,
+		Capacity:           cfg.Capacity,
 		Logger:             log,
 		Registerer:         reg,
 	})

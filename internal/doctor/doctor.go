@@ -16,7 +16,7 @@ import (
 	"github.com/google/nftables"
 	"golang.org/x/sys/unix"
 
-	"github.com/forkd/forkd/internal/admission"
+	"github.com/forkd/forkd/internal/capacity"
 	"github.com/forkd/forkd/internal/datadir"
 	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/uffd"
@@ -50,9 +50,9 @@ func HostPaths() Paths {
 
 // Options say which host and configuration to check.
 type Options struct {
-	DataDir   string
-	Admission admission.Limits
-	Paths     Paths
+	DataDir  string
+	Capacity capacity.Limits
+	Paths    Paths
 	// LookPath finds a binary (default exec.LookPath; tests give none).
 	LookPath func(string) (string, error)
 }
@@ -75,7 +75,7 @@ func Run(ctx context.Context, o Options) []Result {
 		checkTun(o.Paths.Tun),
 		checkNftables(),
 		checkCgroups(o.Paths.Mountinfo),
-		checkMemory(o.Paths.Meminfo, o.Admission),
+		checkMemory(o.Paths.Meminfo, o.Capacity),
 		checkDisk(o.DataDir),
 	}
 }
@@ -314,17 +314,17 @@ func meminfo(path string) (map[string]int64, error) {
 	return out, nil
 }
 
-func checkMemory(path string, l admission.Limits) Result {
+func checkMemory(path string, l capacity.Limits) Result {
 	mi, err := meminfo(path)
 	if err != nil || mi["MemTotal"] == 0 {
-		return Result{Check: "memory", Status: Fail, Found: fmt.Sprintf("%s: no MemTotal (%v)", path, err), Without: "admission cannot size VMs: forkd serve refuses every VM"}
+		return Result{Check: "memory", Status: Fail, Found: fmt.Sprintf("%s: no MemTotal (%v)", path, err), Without: "the capacity check cannot size VMs: forkd serve refuses every VM"}
 	}
 	ratio, over := l.MaxVMMemoryRatio, l.MemoryOvercommit
 	if ratio == 0 {
-		ratio = admission.DefaultMaxVMMemoryRatio
+		ratio = capacity.DefaultMaxVMMemoryRatio
 	}
 	if over == 0 {
-		over = admission.DefaultMemoryOvercommit
+		over = capacity.DefaultMemoryOvercommit
 	}
 	perVM := int64(float64(mi["MemTotal"])*ratio) >> 20
 	if l.MaxMemoryMiB > 0 && int64(l.MaxMemoryMiB) < perVM {
@@ -342,8 +342,8 @@ func checkDisk(dir string) Result {
 	}
 	free := int64(st.Bavail) * st.Bsize
 	found := fmt.Sprintf("%d MiB free of %d MiB on %s", free>>20, int64(st.Blocks)*st.Bsize>>20, d)
-	if free <= admission.DiskReserve {
-		return Result{Check: "disk", Status: Fail, Found: found, Without: fmt.Sprintf("every VM is refused: admission keeps %d MiB free", admission.DiskReserve>>20)}
+	if free <= capacity.DiskReserve {
+		return Result{Check: "disk", Status: Fail, Found: found, Without: fmt.Sprintf("every VM is refused: the capacity check keeps %d MiB free", capacity.DiskReserve>>20)}
 	}
 	return ok("disk", found)
 }

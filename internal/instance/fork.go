@@ -7,9 +7,9 @@ import (
 	"sync"
 	"time"
 
-	"github.com/forkd/forkd/internal/admission"
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/atomicfile"
+	"github.com/forkd/forkd/internal/capacity"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/store"
@@ -85,12 +85,12 @@ func (m *Manager) ForkInstance(ctx context.Context, ref string, req api.ForkRequ
 	if live {
 		cost += m.snapshotCost(g.Base(), src.MemoryMiB)
 	}
-	releaseAdm, err := m.admit(ctx, "fork", admission.Request{ID: id, MemoryMiB: src.MemoryMiB, Vcpus: src.Vcpus,
+	releaseCap, err := m.reserveCapacity(ctx, "fork", capacity.Request{ID: id, MemoryMiB: src.MemoryMiB, Vcpus: src.Vcpus,
 		Runs: target == api.StateRunning, DiskBytes: cost})
 	if err != nil {
 		return api.Instance{}, err
 	}
-	defer releaseAdm()
+	defer releaseCap()
 	files := forkFiles{rootfs: g.Rootfs()}
 	if _, err := os.Stat(g.Kernel()); err == nil {
 		files.kernel = g.Kernel()
@@ -158,12 +158,12 @@ func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequ
 	if _, err := os.Stat(sd.Memory()); err != nil {
 		cost += int64(sn.MemoryMiB) << 20 // materialised once, for this and later forks
 	}
-	releaseAdm, err := m.admit(ctx, "fork", admission.Request{ID: id, MemoryMiB: sn.MemoryMiB, Vcpus: sn.Vcpus,
+	releaseCap, err := m.reserveCapacity(ctx, "fork", capacity.Request{ID: id, MemoryMiB: sn.MemoryMiB, Vcpus: sn.Vcpus,
 		Runs: target == api.StateRunning, DiskBytes: cost})
 	if err != nil {
 		return api.Instance{}, err
 	}
-	defer releaseAdm()
+	defer releaseCap()
 	if err := m.materialise(ctx, sn.ID, sd); err != nil {
 		return api.Instance{}, err
 	}

@@ -9,9 +9,9 @@ import (
 	"sync"
 	"time"
 
-	"github.com/forkd/forkd/internal/admission"
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/atomicfile"
+	"github.com/forkd/forkd/internal/capacity"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/hostpath"
@@ -127,7 +127,7 @@ func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequ
 	if rootfs != nil {
 		diskCost = m.copyCost(rootfs.Name())
 	}
-	release, err := m.admit(ctx, "create", admission.Request{ID: id, MemoryMiB: req.MemoryMiB, Vcpus: req.Vcpus,
+	release, err := m.reserveCapacity(ctx, "create", capacity.Request{ID: id, MemoryMiB: req.MemoryMiB, Vcpus: req.Vcpus,
 		Runs: req.Start == nil || *req.Start, DiskBytes: diskCost})
 	if err != nil {
 		return api.Instance{}, err
@@ -404,7 +404,7 @@ func (m *Manager) start(ctx context.Context, in *store.Instance, _ api.ActionReq
 	if err != nil {
 		return err
 	}
-	release, err := m.admitRun(ctx, "start", *in)
+	release, err := m.reserveRunning(ctx, "start", *in)
 	if err != nil {
 		return err
 	}

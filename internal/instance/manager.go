@@ -12,8 +12,8 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/forkd/forkd/internal/admission"
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/capacity"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/image"
@@ -79,12 +79,12 @@ type Config struct {
 	// Unix socket (root only) any plain host file will do (hostpath).
 	HostPathDirs []string
 
-	// Admission are the host-resource limits every create, start, restore,
-	// fork and standby is checked against (internal/admission); zero values
-	// take admission's defaults. AdmissionHost reads the machine (zero:
+	// Capacity are the host-resource limits every create, start, restore,
+	// fork and standby is checked against (internal/capacity); zero values
+	// take capacity's defaults. CapacityHost reads the machine (zero:
 	// the real one; tests give their own).
-	Admission     admission.Limits
-	AdmissionHost admission.Host
+	Capacity     capacity.Limits
+	CapacityHost capacity.Host
 
 	// OrphansToLostFound lets New start over a store that is missing or
 	// empty while guests/ or snapshots/ hold forkd's directories (otherwise
@@ -147,11 +147,11 @@ type Manager struct {
 	netBusy   atomic.Int64  // creates and forks in flight (netwarm.go)
 	warmMu    sync.Mutex    // serialises refilling and dropping the warm pool (netwarm.go)
 
-	// adm admits requests against the host's resources; reflink says
+	// capacity reserves against the host's resources; reflink says
 	// whether the data dir's filesystem can FICLONE (probed once at New),
 	// which decides what forks and standbys cost on disk.
-	adm     *admission.Admitter
-	reflink bool
+	capacity *capacity.Ledger
+	reflink  bool
 
 	mu sync.Mutex // guards the maps below; a leaf lock
 	// instLocks: the per-instance RW locks (see doc.go).
@@ -236,10 +236,10 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		// it.
 		cfg.VMM.Args = append(slices.Clone(cfg.VMM.Args), "--confine-paths", layout.Root())
 	}
-	if cfg.AdmissionHost.MemTotal == nil || cfg.AdmissionHost.DiskFree == nil {
-		cfg.AdmissionHost = admission.RealHost()
+	if cfg.CapacityHost.MemTotal == nil || cfg.CapacityHost.DiskFree == nil {
+		cfg.CapacityHost = capacity.RealHost()
 	}
-	adm, err := admission.New(cfg.Admission, cfg.AdmissionHost, layout.Root())
+	capLedger, err := capacity.New(cfg.Capacity, cfg.CapacityHost, layout.Root())
 	if err != nil {
 		return nil, fmt.Errorf("instance manager: %w", err)
 	}
@@ -253,7 +253,7 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	}
 	mctx, cancel := context.WithCancel(context.Background())
 	m := &Manager{
-		cfg: cfg, layout: layout, db: db, log: cfg.Logger, adm: adm, reflink: reflink,
+		cfg: cfg, layout: layout, db: db, log: cfg.Logger, capacity: capLedger, reflink: reflink,
 		ctx: mctx, cancel: cancel,
 		instLocks:    map[string]*sync.RWMutex{},
 		snapLocks:    map[string]*snapLock{},

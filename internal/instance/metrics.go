@@ -15,13 +15,13 @@ type metrics struct {
 	opDuration     *prometheus.HistogramVec
 	shareFallbacks *prometheus.CounterVec
 	fullCopies     prometheus.Counter
-	// admissionRefusals counts requests the host could not hold.
-	admissionRefusals *prometheus.CounterVec
-	states            *stateCollector
-	pager             prometheus.Collector // the pager's stats, re-exported
-	groups, units     prometheus.CounterFunc
-	imageBuilds       *prometheus.HistogramVec
-	images            prometheus.Collector
+	// capacityRefusals counts requests the host could not hold.
+	capacityRefusals *prometheus.CounterVec
+	states           *stateCollector
+	pager            prometheus.Collector // the pager's stats, re-exported
+	groups, units    prometheus.CounterFunc
+	imageBuilds      *prometheus.HistogramVec
+	images           prometheus.Collector
 
 	prefetchRestores   *prometheus.CounterVec
 	prefetchPages      *prometheus.CounterVec
@@ -45,8 +45,8 @@ func newMetrics(m *Manager) *metrics {
 			Name: "forkd_memfile_full_copies_total",
 			Help: "Copies (clones, unshares) that moved every byte because the filesystem cannot report holes.",
 		}),
-		admissionRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "forkd_admission_refusals_total",
+		capacityRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "forkd_capacity_refusals_total",
 			Help: "Requests refused with insufficient_resources, by operation and resource (memory, vcpus, running VMs, disk).",
 		}, []string{"op", "resource"}),
 		states: &stateCollector{m: m, desc: prometheus.NewDesc("forkd_instances",
@@ -106,7 +106,7 @@ func boolU64(b bool) uint64 {
 }
 
 func (x *metrics) register(r prometheus.Registerer) error {
-	for _, c := range []prometheus.Collector{x.opDuration, x.shareFallbacks, x.fullCopies, x.admissionRefusals, x.states, x.pager, x.groups, x.units, x.imageBuilds, x.images,
+	for _, c := range []prometheus.Collector{x.opDuration, x.shareFallbacks, x.fullCopies, x.capacityRefusals, x.states, x.pager, x.groups, x.units, x.imageBuilds, x.images,
 		x.prefetchRestores, x.prefetchPages, x.prefetchWorkingSet, x.reflink} {
 		if err := r.Register(c); err != nil {
 			return err

@@ -51,7 +51,7 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 	if err := memFileFits(fmt.Sprintf("the snapshot of instance %q", in.Name), latest, in.MemoryMiB); err != nil {
 		return fmt.Errorf("restore %s: %w", in.Name, err)
 	}
-	release, err := m.admitRun(ctx, "restore", *in)
+	release, err := m.reserveRunning(ctx, "restore", *in)
 	if err != nil {
 		return err
 	}

@@ -8,9 +8,9 @@ import (
 	"os"
 	"time"
 
-	"github.com/forkd/forkd/internal/admission"
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/atomicfile"
+	"github.com/forkd/forkd/internal/capacity"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/store"
 )
@@ -74,7 +74,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, ref string, req api.Snapsh
 	if live {
 		cost += m.snapshotCost(g.Base(), in.MemoryMiB)
 	}
-	release, err := m.admit(ctx, "snapshot", admission.Request{ID: in.ID, DiskBytes: cost})
+	release, err := m.reserveCapacity(ctx, "snapshot", capacity.Request{ID: in.ID, DiskBytes: cost})
 	if err != nil {
 		return api.Snapshot{}, err
 	}

@@ -7,9 +7,9 @@ import (
 	"os"
 	"syscall"
 
-	"github.com/forkd/forkd/internal/admission"
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/atomicfile"
+	"github.com/forkd/forkd/internal/capacity"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/store"
@@ -34,7 +34,7 @@ func (m *Manager) standby(ctx context.Context, in *store.Instance, _ api.ActionR
 	if _, err := os.Stat(into.Dir); err != nil {
 		into = g.Latest()
 	}
-	release, err := m.admit(ctx, "standby", admission.Request{ID: in.ID, DiskBytes: m.snapshotCost(into, in.MemoryMiB)})
+	release, err := m.reserveCapacity(ctx, "standby", capacity.Request{ID: in.ID, DiskBytes: m.snapshotCost(into, in.MemoryMiB)})
 	if err != nil {
 		return err
 	}

@@ -166,9 +166,10 @@ func (o Options) sparseCopy(in, out *os.File, size int64, noCFR bool) error {
 }
 
 // ProbeReflink reports whether the filesystem holding dir can FICLONE: it
-// clones a one-page temp file inside dir and removes both. Admission asks
-// it once, because without reflinks a fork's first standby copies the whole
-// RAM (the unshare guard's private copy) instead of sharing extents.
+// clones a one-page temp file inside dir and removes both. The capacity
+// ledger asks it once, because without reflinks a fork's first standby
+// copies the whole RAM (the unshare guard's private copy) instead of
+// sharing extents.
 func ProbeReflink(dir string) (bool, error) {
 	src, err := os.CreateTemp(dir, ".reflink-probe-*.tmp")
 	if err != nil {

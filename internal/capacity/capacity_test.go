@@ -1,4 +1,4 @@
-package admission
+package capacity
 
 import (
 	"errors"
@@ -19,7 +19,7 @@ const gib = int64(1) << 30
 // 0.7 s and its standby brought the host-wide OOM killer four minutes later.
 // Each row is a refusal with its resource and shortfall, beside its twin:
 // the largest request that fits.
-func TestAdmitRefusesWhatTheHostCannotHold(t *testing.T) {
+func TestReserveRefusesWhatTheHostCannotHold(t *testing.T) {
 	host := fakeHost(24*gib, 100*gib)
 	// 170 GiB run of MemTotal 24 GiB × 8 = 192 GiB: 22 GiB are left.
 	running := []Running{{ID: "a", MemoryMiB: 64 << 10}, {ID: "b", MemoryMiB: 64 << 10}, {ID: "c", MemoryMiB: 42 << 10}}
@@ -49,7 +49,7 @@ func TestAdmitRefusesWhatTheHostCannotHold(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			release, err := a.Admit(tc.req, func() ([]Running, error) { return running, nil })
+			release, err := a.Reserve(tc.req, func() ([]Running, error) { return running, nil })
 			if tc.refused == "" {
 				if err != nil {
 					t.Fatalf("refused: %v", err)
@@ -67,20 +67,20 @@ func TestAdmitRefusesWhatTheHostCannotHold(t *testing.T) {
 
 // What is admitted is held until released: two requests cannot both take
 // the last of the memory, the last running slot or the last free disk.
-func TestAdmittedRequestsAreReservedUntilReleased(t *testing.T) {
+func TestReservationsHoldUntilReleased(t *testing.T) {
 	a, err := New(Limits{MemoryOvercommit: 1, MaxRunningVMs: 10}, fakeHost(4*gib, 2*gib), "/data")
 	if err != nil {
 		t.Fatal(err)
 	}
 	none := func() ([]Running, error) { return nil, nil }
-	first, err := a.Admit(Request{ID: "x", MemoryMiB: 3 << 10, Runs: true, DiskBytes: gib}, none)
+	first, err := a.Reserve(Request{ID: "x", MemoryMiB: 3 << 10, Runs: true, DiskBytes: gib}, none)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := a.Admit(Request{ID: "y", MemoryMiB: 2 << 10, Runs: true}, none); !errors.Is(err, ErrInsufficient) {
+	if _, err := a.Reserve(Request{ID: "y", MemoryMiB: 2 << 10, Runs: true}, none); !errors.Is(err, ErrInsufficient) {
 		t.Errorf("second request while the first holds 3 of 4 GiB: %v; want refused", err)
 	}
-	if _, err := a.Admit(Request{ID: "z", MemoryMiB: 256, DiskBytes: gib}, none); !errors.Is(err, ErrInsufficient) {
+	if _, err := a.Reserve(Request{ID: "z", MemoryMiB: 256, DiskBytes: gib}, none); !errors.Is(err, ErrInsufficient) {
 		t.Errorf("second request while the first holds 1 of 2 GiB of disk: %v; want refused", err)
 	}
 	// The first one's VM now runs: its record says so and its reservation
@@ -88,15 +88,15 @@ func TestAdmittedRequestsAreReservedUntilReleased(t *testing.T) {
 	first()
 	first() // release is idempotent
 	running := func() ([]Running, error) { return []Running{{ID: "x", MemoryMiB: 3 << 10}}, nil }
-	if _, err := a.Admit(Request{ID: "y", MemoryMiB: 2 << 10, Runs: true}, running); !errors.Is(err, ErrInsufficient) {
+	if _, err := a.Reserve(Request{ID: "y", MemoryMiB: 2 << 10, Runs: true}, running); !errors.Is(err, ErrInsufficient) {
 		t.Errorf("after the first VM runs: %v; want still refused", err)
 	}
-	if r, err := a.Admit(Request{ID: "y", MemoryMiB: 1 << 10, Runs: true}, running); err != nil {
+	if r, err := a.Reserve(Request{ID: "y", MemoryMiB: 1 << 10, Runs: true}, running); err != nil {
 		t.Errorf("1 GiB beside a running 3 GiB on 4 GiB: %v", err)
 	} else {
 		r()
 	}
-	if r, err := a.Admit(Request{ID: "z", MemoryMiB: 256, DiskBytes: gib}, running); err != nil {
+	if r, err := a.Reserve(Request{ID: "z", MemoryMiB: 256, DiskBytes: gib}, running); err != nil {
 		t.Errorf("disk after the release: %v", err)
 	} else {
 		r()

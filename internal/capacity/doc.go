@@ -1,4 +1,4 @@
-// Package admission decides, before forkd promises a VM, whether the host
+// Package capacity decides, before forkd promises a VM, whether the host
 // can hold it: one call with too much memory once ran a standby for four
 // minutes and brought the host-wide OOM killer (a 64 GiB, 32-vCPU VM on a
 // 24 GiB machine). It compares each request with:
@@ -14,8 +14,12 @@
 //     free (plus a small reserve for the database and logs).
 //
 // A request that does not fit is refused with ErrInsufficient naming the
-// resource and the shortfall. Admission reserves what it admitted until the
-// caller releases it, so two concurrent requests cannot both take the last
+// resource and the shortfall (409 insufficient_resources at the API). The
+// ledger reserves what it admitted until the caller releases it, so two concurrent requests cannot both take the last
 // of a resource. It knows nothing of VMs' files or states: the manager
 // says what runs and what an operation will write.
-package admission
+//
+// This is capacity admission: whether the host has room. It is not the
+// API's limit on heavy operations in flight (max_heavy_ops, 429 busy),
+// which bounds how many run at once whatever they cost.
+package capacity

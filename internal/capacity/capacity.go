@@ -1,4 +1,4 @@
-package admission
+package capacity
 
 import (
 	"bufio"
@@ -35,7 +35,7 @@ type Limits struct {
 	MaxRunningVMs    int     // max_running_vms: running VMs at once
 }
 
-// Host is what admission reads of the machine (tests give their own).
+// Host is what the ledger reads of the machine (tests give their own).
 type Host struct {
 	MemTotal func() (int64, error)            // bytes
 	DiskFree func(path string) (int64, error) // bytes available to the daemon
@@ -65,8 +65,8 @@ type Running struct {
 	MemoryMiB int
 }
 
-// Admitter admits requests against Limits on a Host.
-type Admitter struct {
+// Ledger admits requests against Limits on a Host.
+type Ledger struct {
 	limits  Limits
 	host    Host
 	dataDir string
@@ -75,8 +75,8 @@ type Admitter struct {
 	reserved map[string]Request // admitted and not yet released; guarded by mu
 }
 
-// New returns an Admitter for the data dir at dataDir.
-func New(l Limits, h Host, dataDir string) (*Admitter, error) {
+// New returns an Ledger for the data dir at dataDir.
+func New(l Limits, h Host, dataDir string) (*Ledger, error) {
 	if l.MaxVMMemoryRatio == 0 {
 		l.MaxVMMemoryRatio = DefaultMaxVMMemoryRatio
 	}
@@ -88,27 +88,27 @@ func New(l Limits, h Host, dataDir string) (*Admitter, error) {
 	}
 	switch {
 	case l.MaxVMMemoryRatio < 0, l.MemoryOvercommit < 0, l.MaxMemoryMiB < 0, l.MaxVcpus < 0, l.MaxRunningVMs < 0:
-		return nil, fmt.Errorf("admission: negative limit in %+v", l)
+		return nil, fmt.Errorf("capacity: negative limit in %+v", l)
 	}
-	return &Admitter{limits: l, host: h, dataDir: dataDir, reserved: map[string]Request{}}, nil
+	return &Ledger{limits: l, host: h, dataDir: dataDir, reserved: map[string]Request{}}, nil
 }
 
 // Limits are the effective limits (defaults filled in).
-func (a *Admitter) Limits() Limits { return a.limits }
+func (a *Ledger) Limits() Limits { return a.limits }
 
-// Admit checks req against the limits, the VMs that run now and what other
+// Reserve checks req against the limits, the VMs that run now and what other
 // admitted requests hold, and reserves it. running reads what runs from the
-// records; it is called under admission's lock, so an operation that
+// records; it is called under the ledger's lock, so an operation that
 // updated its record and then released its reservation is counted exactly
 // once. The caller must call the returned release once the operation has
 // ended (its record then shows what runs).
-func (a *Admitter) Admit(req Request, running func() ([]Running, error)) (release func(), err error) {
+func (a *Ledger) Reserve(req Request, running func() ([]Running, error)) (release func(), err error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	var now []Running
 	if req.Runs {
 		if now, err = running(); err != nil {
-			return nil, fmt.Errorf("admission: %w", err)
+			return nil, fmt.Errorf("capacity: %w", err)
 		}
 	}
 	if err := a.check(req, now); err != nil {
@@ -129,7 +129,7 @@ func (a *Admitter) Admit(req Request, running func() ([]Running, error)) (releas
 	}, nil
 }
 
-func (a *Admitter) check(req Request, running []Running) error {
+func (a *Ledger) check(req Request, running []Running) error {
 	l := a.limits
 	mem := int64(req.MemoryMiB) << 20
 	if l.MaxVcpus > 0 && req.Vcpus > l.MaxVcpus {
@@ -140,7 +140,7 @@ func (a *Admitter) check(req Request, running []Running) error {
 	}
 	total, err := a.host.MemTotal()
 	if err != nil {
-		return fmt.Errorf("admission: %w", err)
+		return fmt.Errorf("capacity: %w", err)
 	}
 	if perVM := int64(float64(total) * l.MaxVMMemoryRatio); mem > perVM {
 		return refuse("memory", "%d MiB of guest RAM exceed this host's per-VM limit of %d MiB (MemTotal %d MiB × max_vm_memory_ratio %g) by %d MiB",
@@ -175,7 +175,7 @@ func (a *Admitter) check(req Request, running []Running) error {
 	if req.DiskBytes > 0 {
 		free, err := a.host.DiskFree(a.dataDir)
 		if err != nil {
-			return fmt.Errorf("admission: %w", err)
+			return fmt.Errorf("capacity: %w", err)
 		}
 		var pending int64
 		for _, r := range a.reserved {

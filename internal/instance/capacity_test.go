@@ -10,18 +10,18 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 
-	"github.com/forkd/forkd/internal/admission"
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/capacity"
 )
 
 // fakeHost is a host with memTotal bytes of RAM and diskFree bytes free,
 // both changeable while the test runs.
 type fakeHost struct{ memTotal, diskFree atomic.Int64 }
 
-func (h *fakeHost) opt(limits admission.Limits) testOpt {
+func (h *fakeHost) opt(limits capacity.Limits) testOpt {
 	return func(c *Config) {
-		c.Admission = limits
-		c.AdmissionHost = admission.Host{
+		c.Capacity = limits
+		c.CapacityHost = capacity.Host{
 			MemTotal: func() (int64, error) { return h.memTotal.Load(), nil },
 			DiskFree: func(string) (int64, error) { return h.diskFree.Load(), nil },
 		}
@@ -40,12 +40,12 @@ func refusedFor(t *testing.T, what string, err error, resource string) {
 // host-wide OOM killer. Now a VM larger than the host, or one more than the
 // running VMs' budget, is refused before anything is made; the VMs that fit
 // are the twins.
-func TestAdmissionRefusesVMsTheHostCannotHold(t *testing.T) {
+func TestCapacityRefusesVMsTheHostCannotHold(t *testing.T) {
 	h := &fakeHost{}
 	h.memTotal.Store(256 << 20)
 	h.diskFree.Store(1 << 40)
 	// 256 MiB × 0.25 = 64 MiB for running VMs: two 32 MiB VMs.
-	m := newTestManager(t, h.opt(admission.Limits{MemoryOvercommit: 0.25, MaxVcpus: 2}))
+	m := newTestManager(t, h.opt(capacity.Limits{MemoryOvercommit: 0.25, MaxVcpus: 2}))
 	ctx := context.Background()
 	_, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "huge", MemoryMiB: 512, BootArgs: testBootArgs})
 	refusedFor(t, "a 512 MiB VM on a 256 MiB host", err, "memory")
@@ -88,18 +88,18 @@ func TestAdmissionRefusesVMsTheHostCannotHold(t *testing.T) {
 }
 
 // A host-wide cap on running VMs, whatever their size.
-func TestAdmissionCapsRunningVMs(t *testing.T) {
+func TestCapacityCapsRunningVMs(t *testing.T) {
 	h := &fakeHost{}
 	h.memTotal.Store(24 << 30)
 	h.diskFree.Store(1 << 40)
-	m := newTestManager(t, h.opt(admission.Limits{MaxRunningVMs: 1}))
+	m := newTestManager(t, h.opt(capacity.Limits{MaxRunningVMs: 1}))
 	createRunning(t, m, "a")
 	_, err := m.CreateInstance(context.Background(), api.CreateInstanceRequest{Name: "b", MemoryMiB: testMemMiB, BootArgs: testBootArgs})
 	refusedFor(t, "a second VM over max_running_vms 1", err, "max_running_vms")
 	var pb dto.Metric
-	m.met.admissionRefusals.WithLabelValues("create", "running VMs").Write(&pb)
+	m.met.capacityRefusals.WithLabelValues("create", "running VMs").Write(&pb)
 	if n := pb.GetCounter().GetValue(); n != 1 {
-		t.Errorf("forkd_admission_refusals_total{op=create,resource=running VMs} = %v, want 1", n)
+		t.Errorf("forkd_capacity_refusals_total{op=create,resource=running VMs} = %v, want 1", n)
 	}
 }
 
@@ -111,11 +111,11 @@ func TestStandbyAndForkThatCannotFitOnDiskFailBeforeWriting(t *testing.T) {
 	h := &fakeHost{}
 	h.memTotal.Store(24 << 30)
 	h.diskFree.Store(1 << 40)
-	m := newTestManager(t, h.opt(admission.Limits{}))
+	m := newTestManager(t, h.opt(capacity.Limits{}))
 	m.reflink = false // as on ext4: a Full snapshot or an unshare copies the RAM
 	ctx := context.Background()
 	in := createRunning(t, m, "vm")
-	h.diskFree.Store(admission.DiskReserve + 16<<20) // under 32 MiB of RAM
+	h.diskFree.Store(capacity.DiskReserve + 16<<20) // under 32 MiB of RAM
 	_, err := m.Action(ctx, "vm", "standby", api.ActionRequest{})
 	refusedFor(t, "standby with too little disk", err, "disk")
 	got, _ := m.GetInstance(ctx, "vm")
@@ -126,7 +126,7 @@ func TestStandbyAndForkThatCannotFitOnDiskFailBeforeWriting(t *testing.T) {
 	verifyGuest(t, m, in.ID) // still running, never paused for good
 	h.diskFree.Store(1 << 40)
 	action(t, m, "vm", "standby")
-	h.diskFree.Store(admission.DiskReserve + 16<<20)
+	h.diskFree.Store(capacity.DiskReserve + 16<<20)
 	_, err = m.ForkInstance(ctx, "vm", api.ForkRequest{Name: "kid"})
 	refusedFor(t, "a fork whose first standby cannot fit", err, "disk")
 	if l, _ := m.ListInstances(ctx); len(l) != 1 {

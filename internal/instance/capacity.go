@@ -6,8 +6,8 @@ import (
 	"fmt"
 	"syscall"
 
-	"github.com/forkd/forkd/internal/admission"
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/capacity"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/store"
 )
@@ -16,27 +16,27 @@ import (
 // guest RAM.
 var holdsRAM = []string{api.StateRunning, api.StatePaused, api.StateStandingby, api.StateRestoring}
 
-// admit asks admission whether the host can take req (internal/admission)
+// reserveCapacity asks whether the host can hold req (internal/capacity)
 // and returns the release of its reservation, which the caller defers: the
 // record shows what runs once the operation has ended. A refusal is
 // api.ErrInsufficientResources naming the resource and the shortfall.
-func (m *Manager) admit(ctx context.Context, op string, req admission.Request) (func(), error) {
-	running := func() ([]admission.Running, error) {
+func (m *Manager) reserveCapacity(ctx context.Context, op string, req capacity.Request) (func(), error) {
+	running := func() ([]capacity.Running, error) {
 		all, err := m.db.ListInstances(ctx)
 		if err != nil {
 			return nil, err
 		}
-		var out []admission.Running
+		var out []capacity.Running
 		for _, in := range all {
 			if oneOf(in.State, holdsRAM...) {
-				out = append(out, admission.Running{ID: in.ID, MemoryMiB: in.MemoryMiB})
+				out = append(out, capacity.Running{ID: in.ID, MemoryMiB: in.MemoryMiB})
 			}
 		}
 		return out, nil
 	}
-	release, err := m.adm.Admit(req, running)
-	if errors.Is(err, admission.ErrInsufficient) {
-		m.met.admissionRefusals.WithLabelValues(op, resourceOf(err)).Inc()
+	release, err := m.capacity.Reserve(req, running)
+	if errors.Is(err, capacity.ErrInsufficient) {
+		m.met.capacityRefusals.WithLabelValues(op, resourceOf(err)).Inc()
 		m.log.Warn("request refused: the host cannot hold it", "op", op, "instance", req.ID, "err", err)
 		return nil, fmt.Errorf("%w: %s: %v", api.ErrInsufficientResources, op, err)
 	}
@@ -44,7 +44,7 @@ func (m *Manager) admit(ctx context.Context, op string, req admission.Request) (
 }
 
 func resourceOf(err error) string {
-	var e *admission.Error
+	var e *capacity.Error
 	if errors.As(err, &e) {
 		return e.Resource
 	}
@@ -99,7 +99,7 @@ func (m *Manager) forkCost(rootfs string, memMiB int, hasMemory bool) int64 {
 	return n
 }
 
-// admitRun admits the instance in as a running VM (start, restore).
-func (m *Manager) admitRun(ctx context.Context, op string, in store.Instance) (func(), error) {
-	return m.admit(ctx, op, admission.Request{ID: in.ID, MemoryMiB: in.MemoryMiB, Vcpus: in.Vcpus, Runs: true})
+// reserveRunning reserves the instance in as a running VM (start, restore).
+func (m *Manager) reserveRunning(ctx context.Context, op string, in store.Instance) (func(), error) {
+	return m.reserveCapacity(ctx, op, capacity.Request{ID: in.ID, MemoryMiB: in.MemoryMiB, Vcpus: in.Vcpus, Runs: true})
 }
