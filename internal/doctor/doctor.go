@@ -180,7 +180,7 @@ func checkReflink(dir string) Result {
 	if unix.Statfs(d, &st) == nil {
 		fs = fsName(st.Type)
 	}
-	can, err := memfile.ProbeReflink(d)
+	can, err := memfile.CanReflink(d)
 	if err != nil {
 		return missing(check, err.Error(), "cannot tell; see below")
 	}

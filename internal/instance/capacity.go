@@ -55,7 +55,7 @@ func resourceOf(err error) string {
 // its allocated bytes (a sparse disk costs its data, not its size); 0 where
 // it can, or when the file is missing.
 func (m *Manager) copyCost(path string) int64 {
-	if m.reflink {
+	if m.fs.reflink {
 		return 0
 	}
 	var st syscall.Stat_t
@@ -78,7 +78,7 @@ func (m *Manager) snapshotCost(dir guestdir.SnapDir, memMiB int) int64 {
 		return ram
 	}
 	if st.Nlink > 1 {
-		if m.reflink {
+		if m.fs.reflink {
 			return 0
 		}
 		return ram
@@ -93,7 +93,7 @@ func (m *Manager) snapshotCost(dir guestdir.SnapDir, memMiB int) int64 {
 func (m *Manager) forkCost(rootfs string, memMiB int, hasMemory bool) int64 {
 	n := m.copyCost(rootfs)
 	// fork_strategy copy writes the whole RAM at once (benchmarks only).
-	if hasMemory && (!m.reflink || m.cfg.ForkStrategy == ForkStrategyCopy) {
+	if hasMemory && (!m.fs.reflink || m.cfg.ForkStrategy == ForkStrategyCopy) {
 		n += int64(memMiB) << 20
 	}
 	return n

@@ -112,7 +112,7 @@ func TestStandbyAndForkThatCannotFitOnDiskFailBeforeWriting(t *testing.T) {
 	h.memTotal.Store(24 << 30)
 	h.diskFree.Store(1 << 40)
 	m := newTestManager(t, h.opt(capacity.Limits{}))
-	m.reflink = false // as on ext4: a Full snapshot or an unshare copies the RAM
+	m.fs.reflink = false // as on ext4: a Full snapshot or an unshare copies the RAM
 	ctx := context.Background()
 	in := createRunning(t, m, "vm")
 	h.diskFree.Store(capacity.DiskReserve + 16<<20) // under 32 MiB of RAM
@@ -132,7 +132,7 @@ func TestStandbyAndForkThatCannotFitOnDiskFailBeforeWriting(t *testing.T) {
 	if l, _ := m.ListInstances(ctx); len(l) != 1 {
 		t.Errorf("the refused fork left %d instances", len(l))
 	}
-	m.reflink = true // with reflinks the same fork costs no RAM copy
+	m.fs.reflink = true // with reflinks the same fork costs no RAM copy
 	if _, err := m.ForkInstance(ctx, "vm", api.ForkRequest{Name: "kid"}); err != nil {
 		t.Errorf("fork on a reflink filesystem: %v", err)
 	}

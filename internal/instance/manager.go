@@ -147,11 +147,9 @@ type Manager struct {
 	netBusy   atomic.Int64  // creates and forks in flight (netwarm.go)
 	warmMu    sync.Mutex    // serialises refilling and dropping the warm pool (netwarm.go)
 
-	// capacity reserves against the host's resources; reflink says
-	// whether the data dir's filesystem can FICLONE (probed once at New),
-	// which decides what forks and standbys cost on disk.
+	// capacity reserves against the host's resources (capacity.go); what
+	// forks and standbys cost on disk depends on fs.reflink.
 	capacity *capacity.Ledger
-	reflink  bool
 
 	mu sync.Mutex // guards the maps below; a leaf lock
 	// instLocks: the per-instance RW locks (see doc.go).
@@ -243,17 +241,13 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	if err != nil {
 		return nil, fmt.Errorf("instance manager: %w", err)
 	}
-	reflink, err := memfile.ProbeReflink(layout.JailsDir()) // where guest dirs live
-	if err != nil {
-		return nil, fmt.Errorf("instance manager: %w", err)
-	}
 	db, err := openStore(ctx, layout, cfg.OrphansToLostFound, cfg.Logger)
 	if err != nil {
 		return nil, fmt.Errorf("instance manager: %w", err)
 	}
 	mctx, cancel := context.WithCancel(context.Background())
 	m := &Manager{
-		cfg: cfg, layout: layout, db: db, log: cfg.Logger, capacity: capLedger, reflink: reflink,
+		cfg: cfg, layout: layout, db: db, log: cfg.Logger, capacity: capLedger,
 		ctx: mctx, cancel: cancel,
 		instLocks:    map[string]*sync.RWMutex{},
 		snapLocks:    map[string]*snapLock{},

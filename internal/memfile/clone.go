@@ -164,27 +164,3 @@ func (o Options) sparseCopy(in, out *os.File, size int64, noCFR bool) error {
 	}
 	return err
 }
-
-// ProbeReflink reports whether the filesystem holding dir can FICLONE: it
-// clones a one-page temp file inside dir and removes both. The capacity
-// ledger asks it once, because without reflinks a fork's first standby
-// copies the whole RAM (the unshare guard's private copy) instead of
-// sharing extents.
-func ProbeReflink(dir string) (bool, error) {
-	src, err := os.CreateTemp(dir, ".reflink-probe-*.tmp")
-	if err != nil {
-		return false, fmt.Errorf("reflink probe in %s: %w", dir, err)
-	}
-	defer os.Remove(src.Name())
-	defer src.Close()
-	if _, err := src.Write(make([]byte, 4096)); err != nil {
-		return false, fmt.Errorf("reflink probe in %s: %w", dir, err)
-	}
-	dst, err := os.CreateTemp(dir, ".reflink-probe-*.tmp")
-	if err != nil {
-		return false, fmt.Errorf("reflink probe in %s: %w", dir, err)
-	}
-	defer os.Remove(dst.Name())
-	defer dst.Close()
-	return unix.IoctlFileClone(int(dst.Fd()), int(src.Fd())) == nil, nil
-}

@@ -110,16 +110,16 @@ func TestSparseCopyKeepsHolesAndZeroDataPages(t *testing.T) {
 	}
 }
 
-// ProbeReflink says what Clone will do on each filesystem, and leaves
+// CanReflink says what Clone will do on each filesystem, and leaves
 // nothing behind.
-func TestProbeReflinkMatchesTheFilesystem(t *testing.T) {
+func TestCanReflinkMatchesTheFilesystem(t *testing.T) {
 	onEachFS(t, func(t *testing.T, kind testfs.Kind, dir string) {
-		ok, err := ProbeReflink(dir)
+		ok, err := CanReflink(dir)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if ok != kind.Reflink() {
-			t.Errorf("ProbeReflink on %s = %v, want %v", kind, ok, kind.Reflink())
+			t.Errorf("CanReflink on %s = %v, want %v", kind, ok, kind.Reflink())
 		}
 		if ents, _ := os.ReadDir(dir); len(ents) != 0 {
 			t.Errorf("the probe left %d files behind", len(ents))
