@@ -175,11 +175,7 @@ func checkDataDir(dir string) Result {
 func checkReflink(dir string) Result {
 	const check = "reflink"
 	d := existing(dir)
-	var st unix.Statfs_t
-	fs := ""
-	if unix.Statfs(d, &st) == nil {
-		fs = fsName(st.Type)
-	}
+	fs := memfile.FilesystemName(d)
 	can, err := memfile.CanReflink(d)
 	if err != nil {
 		return missing(check, err.Error(), "cannot tell; see below")
@@ -189,22 +185,6 @@ func checkReflink(dir string) Result {
 			"a fork's first standby copies its whole RAM (the unshare guard's private copy) instead of sharing extents, and disk clones are copies; use XFS (mkfs.xfs -m reflink=1) or btrfs for the data dir")
 	}
 	return ok(check, fmt.Sprintf("%s (%s) can reflink: unshares and clones share extents", d, fs))
-}
-
-func fsName(t int64) string {
-	switch t {
-	case unix.XFS_SUPER_MAGIC:
-		return "xfs"
-	case unix.BTRFS_SUPER_MAGIC:
-		return "btrfs"
-	case unix.EXT4_SUPER_MAGIC:
-		return "ext4"
-	case unix.TMPFS_MAGIC:
-		return "tmpfs"
-	case unix.OVERLAYFS_SUPER_MAGIC:
-		return "overlayfs"
-	}
-	return fmt.Sprintf("filesystem 0x%x", t)
 }
 
 func checkTun(path string) Result {
