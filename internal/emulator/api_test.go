@@ -274,4 +274,13 @@ func TestConfinedSnapshotPaths(t *testing.T) {
 		"mem_backend": map[string]any{"backend_type": "File", "backend_path": mem}}, "not inside")
 	r := startVMMWith(t, data, confine)
 	r.loadFile(vmstate, mem, true, true)
+
+	// The vsock device's socket is bound where uds_path says: inside only.
+	s := startVMMWith(t, data, confine)
+	s.fault("PUT", "/vsock", map[string]any{"guest_cid": 3, "uds_path": filepath.Join(outside, "v.sock")}, "not inside")
+	s.fault("PUT", "/vsock", map[string]any{"guest_cid": 3, "uds_path": filepath.Join(data, "link", "v.sock")}, "symlink")
+	if ents, _ := os.ReadDir(outside); len(ents) != 1 { // the vmstate copied above
+		t.Fatalf("a refused vsock bound a socket outside the data dir: %d entries there", len(ents))
+	}
+	s.must("PUT", "/vsock", map[string]any{"guest_cid": 3, "uds_path": filepath.Join(data, "s.sock")}, 204)
 }

@@ -129,6 +129,11 @@ func (v *vmm) load(p loadParams, req snapshotLoad) error {
 		}
 		st.Vsock.UDSPath = req.VsockOverride.UDSPath
 	}
+	if st.Vsock != nil {
+		if err := v.confined("uds_path", st.Vsock.UDSPath); err != nil {
+			return err
+		}
+	}
 	guest, err := parseBootArgs(st.BootArgs)
 	if err != nil {
 		return fmt.Errorf("vmstate boot args: %w", err)

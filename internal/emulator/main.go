@@ -37,8 +37,8 @@ type Config struct {
 	// would. Empty in production.
 	CrashAt string
 	// ConfinePaths (--confine-paths, forkd's own flag; the manager passes
-	// its data dir): the snapshot, mem-file and memory-backend paths the API
-	// names (relative ones against the working directory) must lie inside
+	// its data dir): the snapshot, mem-file, memory-backend and vsock socket
+	// paths the API names (relative ones against the working directory) must lie inside
 	// it, reached through no symlink below it. "" is Firecracker's
 	// behaviour: any path. A jailed VMM needs none: its root is its dir.
 	ConfinePaths string

@@ -416,6 +416,9 @@ func (v *vmm) stopGuest() {
 // putVsock is PUT /vsock (pre-boot): the device's socket is bound now; one
 // configured before is replaced and its socket removed, as in Firecracker.
 func (v *vmm) putVsock(cfg vsockConfig) error {
+	if err := v.confined("uds_path", cfg.UDSPath); err != nil {
+		return err
+	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if err := v.preBoot(); err != nil {
