@@ -143,7 +143,7 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 	c := m.client(g)
 	defer c.Close()
 	if err := c.LoadSnapshot(ctx, load); err != nil {
-		return fail(m.withSessionEnd(ctx, pg, session, err))
+		return fail(m.withSessionEnd(ctx, pg, session, snapshotReleaseHint(err, proc.Version)))
 	}
 	if pg != nil {
 		// The VMM sent its uffd with the load; a pager that refused the

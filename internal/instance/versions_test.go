@@ -3,9 +3,11 @@ package instance
 import (
 	"context"
 	"io"
+	"log/slog"
 	"net"
 	"net/url"
 	"os"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -61,6 +63,62 @@ func TestLifecycleAtOldestAndNewestFirecracker(t *testing.T) {
 			verifyGuest(t, m, f.ID)
 		})
 	}
+}
+
+// A VM on standby across a Firecracker downgrade: the older release
+// refuses the newer snapshot format ("Invalid data version"), the restore
+// says what to do, the VM stays on standby with its files, and once the
+// release that wrote the snapshot is back it restores with its memory.
+func TestRestoreAcrossAFirecrackerDowngradeKeepsTheVMOnStandby(t *testing.T) {
+	versions := emulator.SupportedVersions()
+	oldest, newest := versions[0], versions[len(versions)-1]
+	dir := shortDir(t)
+	open := func(ver string) *Manager {
+		m, err := New(context.Background(), Config{
+			DataDir:     dir,
+			VMM:         VMMSpec{Binary: forkdBinary(t), Args: []string{"vmm", "--firecracker-version", ver}, Emulator: true},
+			PagerBinary: forkdBinary(t),
+			Logger:      slog.New(slog.NewTextHandler(testWriter{t}, nil)),
+		})
+		if err != nil {
+			t.Fatalf("manager at Firecracker %s: %v", ver, err)
+		}
+		return m
+	}
+	t.Cleanup(func() { // a failure midway may leave the VM running
+		m := open(newest)
+		defer m.Close()
+		list, _ := m.ListInstances(context.Background())
+		for _, in := range list {
+			if err := m.DeleteInstance(context.Background(), in.ID); err != nil {
+				t.Errorf("cleanup: delete %s: %v", in.Name, err)
+			}
+		}
+	})
+	ctx := context.Background()
+
+	m := open(newest)
+	src := createRunning(t, m, "vm")
+	verifyGuest(t, m, src.ID)
+	action(t, m, "vm", "standby")
+	m.Close()
+
+	m = open(oldest)
+	_, err := m.Action(ctx, "vm", "restore", api.ActionRequest{})
+	if err == nil || !strings.Contains(err.Error(), "Invalid data version") || !strings.Contains(err.Error(), "restore it with the release that wrote it") {
+		t.Fatalf("restore at %s of a snapshot written at %s: %v; want the VMM's refusal and what to do", oldest, newest, err)
+	}
+	if in, err := m.GetInstance(ctx, "vm"); err != nil || in.State != api.StateStandby {
+		t.Fatalf("after the refused restore: %+v, %v; want Standby", in, err)
+	}
+	m.Close()
+
+	m = open(newest)
+	defer m.Close()
+	if in := action(t, m, "vm", "restore"); in.State != api.StateRunning {
+		t.Fatalf("restore back at %s: %s", newest, in.State)
+	}
+	verifyGuest(t, m, src.ID)
 }
 
 // Only a socket that is gone or dropping the request marks a VMM dead

@@ -239,3 +239,18 @@ func socketGone(err error) bool {
 	}
 	return false
 }
+
+// snapshotReleaseHint says what to do when the VMM refused a snapshot
+// another Firecracker release wrote: each release loads only its own
+// snapshot data format (same major, no newer minor) and answers "Invalid
+// data version" otherwise, so after a Firecracker upgrade or downgrade a
+// VM on standby cannot be restored until the releases match again. The VM
+// stays on standby with its files intact (the restore rolls back).
+func snapshotReleaseHint(err error, v firecracker.Version) error {
+	var ae *firecracker.APIError
+	if !errors.As(err, &ae) || !strings.Contains(ae.FaultMessage, "Invalid data version") {
+		return err
+	}
+	return fmt.Errorf("%w: the snapshot was written by another Firecracker release, whose snapshot format Firecracker %s cannot load; "+
+		"restore it with the release that wrote it (the VM stays on standby), or stop and start it to boot afresh without its memory", err, v)
+}
