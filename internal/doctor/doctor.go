@@ -18,6 +18,7 @@ import (
 
 	"github.com/forkd/forkd/internal/capacity"
 	"github.com/forkd/forkd/internal/datadir"
+	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/uffd"
 )
@@ -65,9 +66,18 @@ func Run(ctx context.Context, o Options) []Result {
 	if o.Paths == (Paths{}) {
 		o.Paths = HostPaths()
 	}
+	kvm := checkKVM(o.Paths.KVM)
+	fc := checkFirecracker(ctx, o.LookPath)
+	if kvm.Status == OK && fc.Status == Fail {
+		// vmm_binary auto would pick this firecracker and every launch
+		// would be refused.
+		fc.Without += "; with KVM here, vmm_binary auto picks it and every VM launch fails: install a supported release or set vmm_binary: emulator"
+	} else if fc.Status == Fail {
+		fc.Status = Missing // without KVM forkd never runs it
+	}
 	return []Result{
-		checkKVM(o.Paths.KVM),
-		checkBinary(ctx, o.LookPath, "firecracker", "VMs run on the built-in emulator (forkd vmm): every memory mechanism is real, the guest is synthetic"),
+		kvm,
+		fc,
 		checkBinary(ctx, o.LookPath, "jailer", "Firecracker VMMs cannot run under its jailer (forkd runs VMMs unjailed today)"),
 		checkUffd(o.Paths.Userfaultfd),
 		checkDataDir(o.DataDir),
@@ -132,6 +142,31 @@ func checkBinary(ctx context.Context, lookPath func(string) (string, error), nam
 	}
 	first, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
 	return ok(name, p+": "+first)
+}
+
+// checkFirecracker is checkBinary for firecracker, with its release held to
+// the range forkd drives (firecracker.CheckSupported): a release outside it
+// is refused at every launch.
+func checkFirecracker(ctx context.Context, lookPath func(string) (string, error)) Result {
+	r := checkBinary(ctx, lookPath, "firecracker", "VMs run on the built-in emulator (forkd vmm): every memory mechanism is real, the guest is synthetic")
+	if r.Status != OK {
+		return r
+	}
+	// "Firecracker v1.12.1" (then build details on later lines).
+	_, out, _ := strings.Cut(r.Found, ": ")
+	fields := strings.Fields(out)
+	if len(fields) < 2 {
+		return Result{Check: r.Check, Status: Fail, Found: r.Found + " (no version in its output)", Without: "forkd cannot tell its release; every launch reads GET /version and refuses one it cannot drive"}
+	}
+	v, err := firecracker.ParseVersion(fields[1])
+	if err == nil {
+		err = firecracker.CheckSupported(v)
+	}
+	if err != nil {
+		return Result{Check: r.Check, Status: Fail, Found: r.Found, Without: err.Error()}
+	}
+	r.Found += " (a release forkd drives)"
+	return r
 }
 
 func checkUffd(dev string) Result {

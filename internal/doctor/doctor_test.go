@@ -110,3 +110,28 @@ func TestCgroupControllersReadsAHybridLayout(t *testing.T) {
 		t.Errorf("checkCgroups on the hybrid layout: %+v", r)
 	}
 }
+
+// A firecracker forkd cannot drive (older than 1.10, or 2.x) is not "ok":
+// every launch would refuse it. A supported release is the twin.
+func TestDoctorHoldsFirecrackerToTheReleasesForkdDrives(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		version string
+		ok      bool
+	}{
+		{"v1.9.1", false}, {"v2.0.0", false}, {"v1.10.1", true}, {"v1.16.1", true},
+	} {
+		bin := filepath.Join(dir, "firecracker-"+tc.version)
+		script := "#!/bin/sh\necho 'Firecracker " + tc.version + "'\necho\necho 'Supported snapshot data format versions: 4.0.0'\n"
+		if err := os.WriteFile(bin, []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		r := checkFirecracker(context.Background(), func(string) (string, error) { return bin, nil })
+		switch {
+		case tc.ok && (r.Status != OK || !strings.Contains(r.Found, "a release forkd drives")):
+			t.Errorf("firecracker %s: %+v; want ok, a release forkd drives", tc.version, r)
+		case !tc.ok && (r.Status != Fail || !strings.Contains(r.Without, "install Firecracker 1.10")):
+			t.Errorf("firecracker %s: %+v; want fail, saying which releases to install", tc.version, r)
+		}
+	}
+}
