@@ -2,6 +2,7 @@ package instance
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -107,6 +108,9 @@ func TestRestoreAcrossAFirecrackerDowngradeKeepsTheVMOnStandby(t *testing.T) {
 	_, err := m.Action(ctx, "vm", "restore", api.ActionRequest{})
 	if err == nil || !strings.Contains(err.Error(), "Invalid data version") || !strings.Contains(err.Error(), "restore it with the release that wrote it") {
 		t.Fatalf("restore at %s of a snapshot written at %s: %v; want the VMM's refusal and what to do", oldest, newest, err)
+	}
+	if !errors.Is(err, api.ErrInvalidState) {
+		t.Errorf("the refused restore is not invalid_state (409): %v", err)
 	}
 	if in, err := m.GetInstance(ctx, "vm"); err != nil || in.State != api.StateStandby {
 		t.Fatalf("after the refused restore: %+v, %v; want Standby", in, err)

@@ -245,12 +245,25 @@ func socketGone(err error) bool {
 // snapshot data format (same major, no newer minor) and answers "Invalid
 // data version" otherwise, so after a Firecracker upgrade or downgrade a
 // VM on standby cannot be restored until the releases match again. The VM
-// stays on standby with its files intact (the restore rolls back).
+// stays on standby with its files intact (the restore rolls back). It is
+// invalid_state (409), not a fault of forkd's (500): the restore can work
+// once the state of the host (its Firecracker) changes.
 func snapshotReleaseHint(err error, v firecracker.Version) error {
 	var ae *firecracker.APIError
 	if !errors.As(err, &ae) || !strings.Contains(ae.FaultMessage, "Invalid data version") {
 		return err
 	}
-	return fmt.Errorf("%w: the snapshot was written by another Firecracker release, whose snapshot format Firecracker %s cannot load; "+
-		"restore it with the release that wrote it (the VM stays on standby), or stop and start it to boot afresh without its memory", err, v)
+	return releaseMismatch{err: err, msg: fmt.Sprintf("%v: the snapshot was written by another Firecracker release, whose snapshot format "+
+		"Firecracker %s cannot load; restore it with the release that wrote it (the VM stays on standby), "+
+		"or stop and start it to boot afresh without its memory", err, v)}
 }
+
+// releaseMismatch is a load refused for another release's snapshot format:
+// both the VMM's error and api.ErrInvalidState.
+type releaseMismatch struct {
+	err error
+	msg string
+}
+
+func (e releaseMismatch) Error() string   { return e.msg }
+func (e releaseMismatch) Unwrap() []error { return []error{e.err, api.ErrInvalidState} }
