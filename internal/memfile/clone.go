@@ -71,7 +71,7 @@ func (o Options) Copy(src, dst string) error {
 // copy), fsyncs it and renames it over dst. On failure tmp is removed and dst
 // is untouched.
 func (o Options) cloneVia(src, dst, tmp string, fill func(in, out *os.File, size int64) (Mode, error)) (_ Mode, err error) {
-	in, err := os.Open(src)
+	in, err := OpenSource(src)
 	if err != nil {
 		return "", err
 	}
