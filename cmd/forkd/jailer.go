@@ -22,22 +22,35 @@ func newJailerCommand() *cobra.Command {
 		DisableFlagParsing: true,
 		SilenceUsage:       true,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			for _, a := range args {
-				if a == "--" {
-					break
-				}
-				if a == "-h" || a == "--help" {
-					return cmd.Help()
-				}
+			if wantsHelp(args) {
+				return cmd.Help()
 			}
-			a, err := jail.Parse(args)
-			if err != nil {
-				return fmt.Errorf("%w (see forkd jailer --help)", err)
-			}
-			return jail.Run(a, jail.Options{
-				CopyExec: os.Getenv(jail.EnvCopyExec) == "1",
-				Warn:     cmd.ErrOrStderr(),
-			})
+			return runJailer(args)
 		},
 	}
+}
+
+// runJailer is `forkd jailer ARGS`. main runs it before anything else (no
+// command tree is built): every VMM launch pays for this process's start,
+// so it does only what the jail needs.
+func runJailer(args []string) error {
+	a, err := jail.Parse(args)
+	if err != nil {
+		return fmt.Errorf("%w (see forkd jailer --help)", err)
+	}
+	return jail.Run(a, jail.Options{CopyExec: os.Getenv(jail.EnvCopyExec) == "1", Warn: os.Stderr})
+}
+
+// wantsHelp reports whether the jailer's own arguments (those before "--")
+// ask for help.
+func wantsHelp(args []string) bool {
+	for _, a := range args {
+		if a == "--" {
+			return false
+		}
+		if a == "-h" || a == "--help" {
+			return true
+		}
+	}
+	return false
 }

@@ -27,6 +27,13 @@ func main() {
 		}
 		os.Exit(0)
 	}
+	// The jailer runs at every jailed VMM launch: straight to it, before
+	// the command tree is built (help goes through cobra, below).
+	if len(os.Args) > 1 && os.Args[1] == "jailer" && !wantsHelp(os.Args[2:]) {
+		// runJailer returns only if it could not exec the VMM.
+		fmt.Fprintln(os.Stderr, "forkd jailer:", runJailer(os.Args[2:]))
+		os.Exit(1)
+	}
 	root := cli.NewRootCommand(cli.Extensions{
 		Serve:      newServeCommand(),
 		VMM:        newVMMCommand(),

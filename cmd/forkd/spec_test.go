@@ -12,7 +12,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -24,6 +23,7 @@ import (
 
 	apispec "github.com/forkd/forkd/api"
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/daemonproc"
 	"github.com/forkd/forkd/internal/image/imagetest"
 )
 
@@ -57,9 +57,12 @@ func TestRealDaemonResponsesConformToSpec(t *testing.T) {
 	t.Cleanup(func() {
 		daemon.Process.Signal(syscall.SIGTERM)
 		daemon.Wait()
-		for pid := range pids { // VMMs live on after the daemon by design
-			if b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline"); err == nil && strings.Contains(string(b), dir) {
-				syscall.Kill(pid, syscall.SIGKILL)
+		// VMMs live on after the daemon by design; a jailed one's command
+		// line names no path of the data dir (daemonproc finds it by its
+		// root).
+		for _, p := range daemonproc.ProcessesUnder(data) {
+			if pids[p.Pid] {
+				syscall.Kill(p.Pid, syscall.SIGKILL)
 			}
 		}
 		if t.Failed() {

@@ -17,6 +17,7 @@ const (
 	CodeAlreadyExists        = "already_exists"         // 409: name taken
 	CodeAmbiguous            = "ambiguous_reference"    // 409: a reference that could mean two things, or a prefix where a guess is refused
 	CodePoolExhausted        = "address_pool_exhausted" // 409: every address of network_cidr is taken
+	CodeJailUIDsExhausted    = "jail_uids_exhausted"    // 409: every uid of jail_uid_range is held by a running VMM
 	CodePortInUse            = "port_in_use"            // 409: a published host port is already taken
 	CodeInsufficient         = "insufficient_resources" // 409: the host cannot hold it (memory, vcpus, running VMs, disk)
 	CodeBodyTooLarge         = "body_too_large"         // 413: body over MaxBodyBytes
@@ -74,6 +75,8 @@ func statusOf(err error) (int, string) {
 		return http.StatusConflict, CodeAmbiguous
 	case errors.Is(err, ErrPoolExhausted):
 		return http.StatusConflict, CodePoolExhausted
+	case errors.Is(err, ErrJailUIDsExhausted):
+		return http.StatusConflict, CodeJailUIDsExhausted
 	case errors.Is(err, ErrPortInUse):
 		return http.StatusConflict, CodePortInUse
 	case errors.Is(err, ErrInsufficientResources):
@@ -107,6 +110,8 @@ func sentinelOf(code string) error {
 		return ErrAmbiguous
 	case CodePoolExhausted:
 		return ErrPoolExhausted
+	case CodeJailUIDsExhausted:
+		return ErrJailUIDsExhausted
 	case CodePortInUse:
 		return ErrPortInUse
 	case CodeInsufficient:

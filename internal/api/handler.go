@@ -163,9 +163,13 @@ func (p *statusProbe) Write(b []byte) (int, error) { return len(b), nil }
 func (p *statusProbe) WriteHeader(code int)        { p.status = code }
 
 func (h *handler) health(w http.ResponseWriter, r *http.Request) {
-	hl := Health{Status: "ok", Version: version.Version}
+	hl := Health{Status: "ok", Version: version.Version, Jailer: "none"}
 	if h.advice != nil {
 		hl.Advice = h.advice()
+	}
+	if hr, ok := h.svc.(HealthReporter); ok {
+		d := hr.Health()
+		hl.Jailer, hl.Warnings = d.Jailer, d.Warnings
 	}
 	writeJSON(w, http.StatusOK, hl)
 }

@@ -71,6 +71,9 @@ var (
 	// (memory, vCPUs, running VMs, disk); the message says which and by how
 	// much. 409 insufficient_resources.
 	ErrInsufficientResources = errors.New("insufficient resources")
+	// ErrJailUIDsExhausted: a VMM needs a uid of its own and every uid of
+	// jail_uid_range is held by a running VMM. 409 jail_uids_exhausted.
+	ErrJailUIDsExhausted = errors.New("jail uids exhausted")
 )
 
 // DeleteAll deletes every instance and every snapshot s knows, as tools that

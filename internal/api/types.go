@@ -245,6 +245,16 @@ type Health struct {
 	// Advice names what on this host costs users and how to fix it (a data
 	// dir that cannot reflink, say); absent when there is nothing to say.
 	Advice []string `json:"advice,omitempty"`
+	// Jailer is how VMMs are confined: the jailer's path, or "none".
+	Jailer string `json:"jailer"`
+	// Warnings name what a production host should not run with.
+	Warnings []string `json:"warnings,omitempty"`
+}
+
+// HealthReporter is what a Service may add to GET /health.
+type HealthReporter interface {
+	// Health fills in the jailer and warnings.
+	Health() Health
 }
 
 // Event types (GET /events).

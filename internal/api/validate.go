@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"regexp"
 	"strings"
+	"sync"
 )
 
 // Limits and defaults of requests. The Service may narrow them further.
@@ -36,9 +37,9 @@ func IsAction(a string) bool {
 }
 
 var (
-	nameRE = regexp.MustCompile(NamePattern)
+	nameRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(NamePattern) })
 	// idRE is the shape of the ids forkd generates: 24 lowercase hex digits.
-	idRE = regexp.MustCompile(`^[0-9a-f]{24}$`)
+	idRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[0-9a-f]{24}$`) })
 )
 
 // ValidateName checks a name against NamePattern. Names become directory and
@@ -49,7 +50,7 @@ func ValidateName(what, name string) error {
 	if err := validatePattern(what, name); err != nil {
 		return err
 	}
-	if idRE.MatchString(name) {
+	if idRE().MatchString(name) {
 		return errorf(http.StatusUnprocessableEntity, CodeInvalidName,
 			"%s %q has the shape of an id (24 hex digits) and could shadow one; pick another name", what, name)
 	}
@@ -57,7 +58,7 @@ func ValidateName(what, name string) error {
 }
 
 func validatePattern(what, name string) error {
-	if !nameRE.MatchString(name) {
+	if !nameRE().MatchString(name) {
 		return errorf(http.StatusUnprocessableEntity, CodeInvalidName,
 			"%s %q is not a valid name: use 1-63 lowercase letters, digits and '-', starting with a letter or digit", what, name)
 	}

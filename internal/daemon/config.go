@@ -9,6 +9,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/spf13/pflag"
@@ -18,6 +19,7 @@ import (
 	"github.com/forkd/forkd/internal/capacity"
 	"github.com/forkd/forkd/internal/emulator"
 	"github.com/forkd/forkd/internal/instance"
+	"github.com/forkd/forkd/internal/jail"
 	"github.com/forkd/forkd/internal/network"
 )
 
@@ -45,15 +47,24 @@ type Config struct {
 	// Firecracker release `forkd vmm` stands for: its API, strictness and
 	// snapshot data version. A real firecracker reports its own.
 	EmulatorFirecrackerVersion string
-	RestoreBackend             string        // restore_backend: file | uffd
-	ForkRestoreBackend         string        // fork_restore_backend: file | uffd, for a fork's first restore
-	PagerCacheBytes            int64         // pager_cache_bytes: the pager's page cache budget
-	ForkStrategy               string        // fork_strategy: hardlink | reflink | copy (benchmarks only)
-	Kernel                     string        // kernel: the kernel of instances created without one
-	ImageHeadroom              int64         // image_headroom: free space each image's filesystem gets
-	Prefetch                   string        // prefetch: auto | off
-	PrefetchWindow             time.Duration // prefetch_window: a recording's time budget
-	PrefetchMaxBytes           int64         // prefetch_max_bytes: a recording's size budget
+	// VMMJailer (vmm_jailer) confines every VMM: "auto" (the jailer beside
+	// firecracker, or `forkd jailer` for the emulator), a jailer's path, or
+	// "none" (development only: VMMs run as root, unconfined).
+	VMMJailer string
+	// JailUIDRange (jail_uid_range) is where each running VMM's uid and gid
+	// come from; JailMemoryOverhead (jail_memory_overhead) is added to a
+	// VM's RAM for its cgroup's memory limit.
+	JailUIDRange       jail.UIDRange
+	JailMemoryOverhead int64
+	RestoreBackend     string        // restore_backend: file | uffd
+	ForkRestoreBackend string        // fork_restore_backend: file | uffd, for a fork's first restore
+	PagerCacheBytes    int64         // pager_cache_bytes: the pager's page cache budget
+	ForkStrategy       string        // fork_strategy: hardlink | reflink | copy (benchmarks only)
+	Kernel             string        // kernel: the kernel of instances created without one
+	ImageHeadroom      int64         // image_headroom: free space each image's filesystem gets
+	Prefetch           string        // prefetch: auto | off
+	PrefetchWindow     time.Duration // prefetch_window: a recording's time budget
+	PrefetchMaxBytes   int64         // prefetch_max_bytes: a recording's size budget
 	// ShutdownGrace (shutdown_grace) bounds how long a stopping daemon
 	// waits for the operations in flight before it exits and leaves them to
 	// the journal, as a crash would.
@@ -181,6 +192,26 @@ func settings() []setting {
 			"the Firecracker release the built-in emulator stands for (API fields, strictness, snapshot data version): " +
 				strings.Join(emulator.SupportedVersions(), ", "),
 			str(func(c *Config) *string { return &c.EmulatorFirecrackerVersion })},
+		{"vmm_jailer", "FORKD_VMM_JAILER", "vmm-jailer", "auto",
+			`confine each VMM (own root, uid, cgroups, network namespace): "auto" (the jailer beside firecracker; forkd jailer for the emulator), a jailer's path, or "none" (development only: VMMs run as root, unconfined)`,
+			str(func(c *Config) *string { return &c.VMMJailer })},
+		{"jail_uid_range", "FORKD_JAIL_UID_RANGE", "jail-uid-range", DefaultJailUIDRange,
+			"uids (and gids of the same numbers) for jailed VMMs, FIRST-LAST: one per running VMM, none shared",
+			func(c *Config, v string) error {
+				r, err := jail.ParseUIDRange(v)
+				c.JailUIDRange = r
+				return err
+			}},
+		{"jail_memory_overhead", "FORKD_JAIL_MEMORY_OVERHEAD", "jail-memory-overhead", DefaultJailMemoryOverhead,
+			"memory a jailed VMM may use beyond its guest's RAM (its cgroup's limit is RAM + this; K/M/G/KiB/MiB/GiB suffixes allowed)",
+			func(c *Config, v string) error {
+				n, err := api.ParseBytes(v)
+				if err == nil && n <= 0 {
+					err = fmt.Errorf("%q: must be more than 0", v)
+				}
+				c.JailMemoryOverhead = n
+				return err
+			}},
 		{"restore_backend", "FORKD_RESTORE_BACKEND", "restore-backend", api.BackendFile,
 			"how restores load guest memory: file (mmap the mem-file) or uffd (through the pager)",
 			str(func(c *Config) *string { return &c.RestoreBackend })},
@@ -296,6 +327,17 @@ func floatSetting(f func(c *Config) *float64) func(*Config, string) error {
 	}
 }
 
+// Defaults of the jail settings.
+const (
+	// DefaultJailUIDRange: 65,536 ids far above the ranges distributions
+	// give users and services.
+	DefaultJailUIDRange = "900000-965535"
+	// DefaultJailMemoryOverhead covers a VMM's own memory beside its
+	// guest's: Firecracker needs a few MiB, forkd's emulator its Go
+	// runtime and network stack.
+	DefaultJailMemoryOverhead = "256MiB"
+)
+
 // SettingDoc describes one configuration key, for documentation.
 type SettingDoc struct{ Key, Env, Flag, Default, Usage string }
 
@@ -400,7 +442,7 @@ func readConfigFile(path string) (map[string]string, error) {
 	out := map[string]string{}
 	for k, v := range raw {
 		if !known[k] {
-			if !keyShape.MatchString(k) {
+			if !keyShape().MatchString(k) {
 				return nil, fmt.Errorf("config file %s: a key that is not a forkd setting (not shown: it does not look like one)", path)
 			}
 			return nil, fmt.Errorf("config file %s: unknown key %q", path, k)
@@ -420,13 +462,13 @@ func readConfigFile(path string) (map[string]string, error) {
 
 // keyShape is what a setting key looks like; an unknown key of this shape
 // is named in the error (a typo), any other is not (it may be a secret).
-var keyShape = regexp.MustCompile(`^[a-z][a-z0-9_]{0,63}$`)
+var keyShape = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[a-z][a-z0-9_]{0,63}$`) })
 
-var yamlLineRE = regexp.MustCompile(`line (\d+)`)
+var yamlLineRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`line (\d+)`) })
 
 // yamlLine is " (line N)" for a YAML error that names a line, else "".
 func yamlLine(err error) string {
-	if m := yamlLineRE.FindStringSubmatch(err.Error()); m != nil {
+	if m := yamlLineRE().FindStringSubmatch(err.Error()); m != nil {
 		return " (line " + m[1] + ")"
 	}
 	return ""
@@ -473,6 +515,9 @@ func (c Config) Validate() error {
 		if err := emulator.ParseFirecrackerVersion(c.EmulatorFirecrackerVersion); err != nil {
 			return fmt.Errorf("config emulator_firecracker_version: %w", err)
 		}
+	}
+	if c.JailMemoryOverhead < 0 {
+		return fmt.Errorf("config jail_memory_overhead: %d is negative", c.JailMemoryOverhead)
 	}
 	if c.PagerCacheBytes < 0 {
 		return fmt.Errorf("config pager_cache_bytes: %d is negative", c.PagerCacheBytes)

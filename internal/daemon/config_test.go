@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/forkd/forkd/internal/jail"
 	"github.com/spf13/pflag"
 
 	"github.com/forkd/forkd/internal/capacity"
@@ -48,6 +49,7 @@ func TestConfigPrecedenceFlagsOverEnvOverFileOverDefaults(t *testing.T) {
 		NetworkCIDR:  DefaultNetworkCIDR, NetworkGuestCIDR: "169.254.0.20/30", NetworkGuestMAC: "02:fc:00:00:00:05", NetworkWarm: 8,
 		Prefetch: "off", PrefetchWindow: 750 * time.Millisecond, PrefetchMaxBytes: 256 << 20,
 		Capacity: capacity.Limits{MaxVMMemoryRatio: 1, MaxMemoryMiB: 4096, MemoryOvercommit: 2.5, MaxRunningVMs: 1024},
+		VMMJailer: "auto", JailUIDRange: jail.UIDRange{First: 900000, Last: 965535}, JailMemoryOverhead: 256 << 20,
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Errorf("config:\n got %+v\nwant %+v", c, want)

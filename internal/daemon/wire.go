@@ -7,7 +7,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/instance"
+	"github.com/forkd/forkd/internal/jail"
 	"github.com/forkd/forkd/internal/network"
 )
 
@@ -27,6 +29,21 @@ func newBackend(ctx context.Context, cfg Config, log *slog.Logger, reg prometheu
 	} else {
 		log.Info("vmm resolved", "binary", vmm.Binary, "emulator", false)
 	}
+	// A Config built in code may leave the jail settings zero: their
+	// defaults (vmm_jailer "" is auto).
+	jailer, err := instance.ResolveJailer(cfg.VMMJailer, vmm)
+	if err != nil {
+		return nil, fmt.Errorf("instance manager: %w", err)
+	}
+	if cfg.JailUIDRange.First == 0 {
+		cfg.JailUIDRange, _ = jail.ParseUIDRange(DefaultJailUIDRange)
+	}
+	if cfg.JailMemoryOverhead == 0 {
+		cfg.JailMemoryOverhead, _ = api.ParseBytes(DefaultJailMemoryOverhead)
+	}
+	if len(jailer) > 0 {
+		log.Info("vmm jailer", "jailer", jailer, "jail_uid_range", cfg.JailUIDRange.String(), "jail_memory_overhead", cfg.JailMemoryOverhead)
+	}
 	if cfg.ForkStrategy != "" && cfg.ForkStrategy != instance.ForkStrategyHardlink {
 		log.Warn("fork_strategy is not hardlink: forks copy or reflink their mem-file (for benchmarks; fanout is no longer zero-I/O)", "fork_strategy", cfg.ForkStrategy)
 	}
@@ -41,6 +58,7 @@ func newBackend(ctx context.Context, cfg Config, log *slog.Logger, reg prometheu
 	m, err := instance.New(ctx, instance.Config{
 		DataDir:            cfg.DataDir,
 		VMM:                vmm,
+		Jail:               instance.JailConfig{Jailer: jailer, UIDs: cfg.JailUIDRange, MemoryOverhead: cfg.JailMemoryOverhead},
 		RestoreBackend:     cfg.RestoreBackend,
 		ForkRestoreBackend: cfg.ForkRestoreBackend,
 		PagerCacheBytes:    cfg.PagerCacheBytes,

@@ -54,7 +54,7 @@ func encodeVMState(st *vmState) ([]byte, error) {
 	binary.Write(&b, binary.LittleEndian, uint32(0))
 	binary.Write(&b, binary.LittleEndian, uint64(len(body)))
 	b.Write(body)
-	binary.Write(&b, binary.LittleEndian, crc64.Checksum(b.Bytes(), crcTable))
+	binary.Write(&b, binary.LittleEndian, crc64.Checksum(b.Bytes(), crcTable()))
 	return b.Bytes(), nil
 }
 
@@ -71,7 +71,7 @@ func decodeVMState(data []byte) (*vmState, error) {
 		return nil, fmt.Errorf("vmstate body length %d does not match the file (%d bytes)", n, len(data))
 	}
 	end := vmstateHeaderLen + int(n)
-	if got, want := crc64.Checksum(data[:end], crcTable), le.Uint64(data[end:]); got != want {
+	if got, want := crc64.Checksum(data[:end], crcTable()), le.Uint64(data[end:]); got != want {
 		return nil, fmt.Errorf("vmstate CRC64 mismatch: computed %#x, file says %#x", got, want)
 	}
 	var st vmState

@@ -19,7 +19,7 @@ func sealVMState(body []byte) []byte {
 	binary.Write(&b, binary.LittleEndian, uint32(0))
 	binary.Write(&b, binary.LittleEndian, uint64(len(body)))
 	b.Write(body)
-	binary.Write(&b, binary.LittleEndian, crc64.Checksum(b.Bytes(), crcTable))
+	binary.Write(&b, binary.LittleEndian, crc64.Checksum(b.Bytes(), crcTable()))
 	return b.Bytes()
 }
 

@@ -41,7 +41,7 @@ const (
 	pageHeader = 32
 )
 
-var crcTable = crc64.MakeTable(crc64.ECMA)
+var crcTable = sync.OnceValue(func() *crc64.Table { return crc64.MakeTable(crc64.ECMA) })
 
 var le = binary.LittleEndian
 
@@ -211,7 +211,7 @@ func splitmix(x uint64) uint64 {
 }
 
 func pageSum(pg []byte) uint64 {
-	return crc64.Update(crc64.Update(0, crcTable, pg[:24]), crcTable, pg[pageHeader:])
+	return crc64.Update(crc64.Update(0, crcTable(), pg[:24]), crcTable(), pg[pageHeader:])
 }
 
 // writeVersion writes version ver of working-set page j with this process's

@@ -348,17 +348,17 @@ func TestAdoptForKillFindsAVMMWhoseAPIDoesNotAnswer(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		pid  int
-		sock string
+		id   string
 	}{
-		{"other socket", cmd.Process.Pid, spec.APISock + ".other"},
-		{"not a VMM (the test itself)", os.Getpid(), spec.APISock},
-		{"invalid pid", -1, spec.APISock},
+		{"other id", cmd.Process.Pid, "hung-not"},
+		{"not a VMM (the test itself)", os.Getpid(), "hung"},
+		{"invalid pid", -1, "hung"},
 	} {
-		if _, err := AdoptForKill(tc.pid, tc.sock); err == nil {
-			t.Errorf("%s: AdoptForKill(%d, %s) succeeded, want a refusal", tc.name, tc.pid, tc.sock)
+		if _, err := AdoptForKill(tc.pid, tc.id, spec.APISock); err == nil {
+			t.Errorf("%s: AdoptForKill(%d, %s) succeeded, want a refusal", tc.name, tc.pid, tc.id)
 		}
 	}
-	p, err := AdoptForKill(cmd.Process.Pid, spec.APISock)
+	p, err := AdoptForKill(cmd.Process.Pid, "hung", spec.APISock)
 	if err != nil {
 		t.Fatalf("AdoptForKill of the hung VMM: %v", err)
 	}

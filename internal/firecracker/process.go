@@ -79,9 +79,10 @@ func (p *Process) Client() *Client { return NewClientVersion(p.APISock, p.Versio
 
 // AdoptForKill finds a VMM whose API may no longer answer (hung, or
 // mid-crash) so it can be killed: pid must be alive and its command line
-// must carry "--api-sock apiSock", which is how Launch started it. The
-// Process is meant for Alive and Kill only.
-func AdoptForKill(pid int, apiSock string) (*Process, error) {
+// must carry "--id id", which is how Launch started it (directly or
+// through a jailer; its socket path says nothing: every jailed VMM's is
+// /vmm.sock). The Process is meant for Alive and Kill only.
+func AdoptForKill(pid int, id, apiSock string) (*Process, error) {
 	if pid <= 0 {
 		return nil, fmt.Errorf("adopt vmm pid %d for kill: invalid pid", pid)
 	}
@@ -93,8 +94,8 @@ func AdoptForKill(pid int, apiSock string) (*Process, error) {
 	if err != nil {
 		return nil, fmt.Errorf("adopt vmm pid %d for kill: %w", pid, err)
 	}
-	if !hasArgPair(cmdline, "--api-sock", apiSock) {
-		return nil, fmt.Errorf("adopt vmm pid %d for kill: its command line has no --api-sock %s: not that VMM", pid, apiSock)
+	if !hasArgPair(cmdline, "--id", id) {
+		return nil, fmt.Errorf("adopt vmm pid %d for kill: its command line has no --id %s: not that VMM", pid, id)
 	}
 	return &Process{Pid: pid, APISock: apiSock, startTime: st.startTime, watch: newPidWatch()}, nil
 }

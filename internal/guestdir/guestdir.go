@@ -33,6 +33,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 )
 
 // MaxSocketPath is the longest unix socket path the kernel accepts
@@ -83,10 +84,10 @@ const (
 
 // forkdIDPattern is the shape of the ids forkd generates for instances and
 // snapshots: 24 lowercase hex digits (96 random bits).
-var forkdIDPattern = regexp.MustCompile(`^[0-9a-f]{24}$`)
+var forkdIDPattern = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[0-9a-f]{24}$`) })
 
 // IsForkdID reports whether s has the shape of an id forkd generates.
-func IsForkdID(s string) bool { return forkdIDPattern.MatchString(s) }
+func IsForkdID(s string) bool { return forkdIDPattern().MatchString(s) }
 
 // Exec names: the file name a jailer gives the VMM's exec file, which is
 // also a directory level of every jail (<data>/jail/<exec>/<id>/root). They
@@ -115,14 +116,14 @@ func TempID(name string) (id string, ok bool) {
 
 // idPattern is what ids and names used in paths look like: no dots, no
 // slashes, so an id can never be "..", a hidden temp name or a sub-path.
-var idPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$`)
+var idPattern = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$`) })
 
 // versionPattern allows the dots of a semver but never a path separator or "..".
-var versionPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$`)
+var versionPattern = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$`) })
 
 // ValidID reports whether id can name a guest or snapshot directory.
 func ValidID(id string) error {
-	if !idPattern.MatchString(id) {
+	if !idPattern().MatchString(id) {
 		return fmt.Errorf("invalid id %q: want 1-64 of [A-Za-z0-9_-], not starting with - or _", id)
 	}
 	return nil
@@ -237,7 +238,7 @@ func (l Layout) PagerRoot() string { return filepath.Join(l.root, pagerName) }
 
 // PagerDir is the directory of the pager of one version.
 func (l Layout) PagerDir(version string) (string, error) {
-	if !versionPattern.MatchString(version) || strings.Contains(version, "..") {
+	if !versionPattern().MatchString(version) || strings.Contains(version, "..") {
 		return "", fmt.Errorf("guestdir: invalid pager version %q", version)
 	}
 	return filepath.Join(l.PagerRoot(), version), nil
@@ -331,11 +332,11 @@ func (l Layout) DeletingSnapshot(id string) (string, error) {
 func (l Layout) ImagesDir() string { return filepath.Join(l.root, imagesName) }
 
 // digestPattern is the only digest form images are stored under.
-var digestPattern = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
+var digestPattern = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^sha256:[0-9a-f]{64}$`) })
 
 // ValidDigest reports whether d is a sha256 digest ("sha256:" + 64 hex).
 func ValidDigest(d string) error {
-	if !digestPattern.MatchString(d) {
+	if !digestPattern().MatchString(d) {
 		return fmt.Errorf("invalid image digest %q: want sha256:<64 hex digits>", d)
 	}
 	return nil

@@ -134,6 +134,7 @@ func newBenchManager(b *testing.B, parent, strategy string) *Manager {
 	m, err := New(context.Background(), Config{
 		DataDir:      dir,
 		VMM:          VMMSpec{Binary: forkdBinary(b), Args: testenv.EmulatorArgs(), Emulator: true},
+		Jail:         testJail(b, dir),
 		Logger:       slog.New(slog.NewTextHandler(io.Discard, nil)),
 		ForkStrategy: strategy,
 	})

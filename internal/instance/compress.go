@@ -108,6 +108,10 @@ func (m *Manager) materialise(ctx context.Context, id string, sd guestdir.SnapDi
 	if err := memfile.Decompress(ctx, sd.MemoryZst(), sd.Memory(), nil); err != nil {
 		return fmt.Errorf("materialise snapshot %s: %w", id, err)
 	}
+	// Forks link it: sealed, like every file of the store (inodes.go).
+	if err := sealPath(sd.Memory()); err != nil {
+		return fmt.Errorf("materialise snapshot %s: %w", id, err)
+	}
 	m.log.Info("snapshot mem-file materialised", "snapshot", id)
 	return nil
 }

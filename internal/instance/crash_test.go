@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/jail"
 	"github.com/forkd/forkd/internal/testenv"
 )
 
@@ -25,9 +26,11 @@ const crashDirEnv = "FORKD_CRASH_DIR"
 // of one operation (crashhook.go's FORKD_TEST_CRASH_AT). Reaching its end is
 // a failure: the crash point was never reached.
 func crashHelper() int {
+	uids, _ := jail.ParseUIDRange(testenv.JailUIDRange(os.Getenv(crashDirEnv)))
 	m, err := New(context.Background(), Config{
 		DataDir: os.Getenv(crashDirEnv),
 		VMM:     VMMSpec{Binary: os.Getenv("FORKD_CRASH_VMM"), Args: testenv.EmulatorArgs(), Emulator: true},
+		Jail:    JailConfig{Jailer: []string{os.Getenv("FORKD_CRASH_VMM"), "jailer"}, UIDs: uids, MemoryOverhead: 256 << 20},
 		Logger:  slog.New(slog.NewTextHandler(os.Stderr, nil)),
 	})
 	if err != nil {

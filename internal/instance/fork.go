@@ -389,10 +389,22 @@ func ValidForkStrategy(s string) error {
 // mem-file (src) the way Config.ForkStrategy says; the result's Mode is the
 // fork's fork_mode. Nothing is fsynced: a result other than a hardlink is a
 // new inode for buildForkDir's caller to fsync.
+//
+// The default shares the inode when it is sealed and clones it (sealing the
+// clone) when a VMM may still write it (a live fork's fresh base): see
+// inodes.go. Every fork's mem-file is sealed.
 func (m *Manager) shareMemFile(src, dst string) (memfile.ShareResult, error) {
-	switch m.cfg.ForkStrategy {
-	case ForkStrategyReflink:
-		mode, err := m.files.CloneInto(src, dst)
+	if m.cfg.ForkStrategy == ForkStrategyHardlink {
+		return m.shareFrom("mem-file", src, dst, false)
+	}
+	f, err := m.openShared("mem-file", src)
+	if err != nil {
+		return memfile.ShareResult{}, err
+	}
+	defer f.Close()
+	res := memfile.ShareResult{Mode: memfile.ModeCopy}
+	if m.cfg.ForkStrategy == ForkStrategyReflink {
+		mode, err := m.files.CloneFileInto(f, dst)
 		if err != nil {
 			return memfile.ShareResult{}, err
 		}
@@ -401,15 +413,11 @@ func (m *Manager) shareMemFile(src, dst string) (memfile.ShareResult, error) {
 			// the fork's partial dir, copy included.
 			return memfile.ShareResult{}, fmt.Errorf("fork_strategy reflink: the filesystem holding %s cannot reflink (FICLONE refused; Clone fell back to a %s); use fork_strategy hardlink or copy, or a reflink filesystem (XFS, btrfs)", src, mode)
 		}
-		return memfile.ShareResult{Mode: memfile.ModeReflink}, nil
-	case ForkStrategyCopy:
-		if err := m.files.CopyInto(src, dst); err != nil {
-			return memfile.ShareResult{}, err
-		}
-		return memfile.ShareResult{Mode: memfile.ModeCopy}, nil
-	default:
-		return m.files.ShareInto(src, dst)
+		res.Mode = memfile.ModeReflink
+	} else if err := m.files.CopyFileInto(f, dst); err != nil {
+		return memfile.ShareResult{}, err
 	}
+	return res, sealPath(dst)
 }
 
 // applyTarget brings a new fork to its target state: Standby as made,

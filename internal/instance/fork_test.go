@@ -12,6 +12,7 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/firecracker"
+	"github.com/forkd/forkd/internal/memfile"
 )
 
 // The fork-isolation lifecycle: the fork shares the source's
@@ -214,7 +215,10 @@ func anyCorrupted(t *testing.T, m *Manager, forks []api.Instance) bool {
 }
 
 // A live fork pauses the source, updates its base in place and resumes it:
-// the source's VMM never restarts.
+// the source's VMM never restarts. The fork gets a copy (a reflink where the
+// filesystem can) of that base, sealed, never a link: the source's VMM
+// wrote the base and may still write it (inodes.go), and the base stays
+// private to the source, so its next Diff needs no unshare.
 func TestForkFromRunningIsLive(t *testing.T) {
 	m := newTestManager(t)
 	ctx := context.Background()
@@ -226,8 +230,12 @@ func TestForkFromRunningIsLive(t *testing.T) {
 	}
 	for i := 0; i < 2; i++ {
 		f := fork(t, m, "src", api.ForkRequest{Name: fmt.Sprintf("live%d", i), FromRunning: true})
-		if f.State != api.StateRunning || f.ForkMode != api.ForkModeHardlink {
-			t.Fatalf("live fork %d: %+v", i, f)
+		if f.State != api.StateRunning || (f.ForkMode != string(memfile.ModeReflink) && f.ForkMode != string(memfile.ModeCopy)) {
+			t.Fatalf("live fork %d: %+v; want Running with a reflink or copy of the base", i, f)
+		}
+		fm, base := fingerprint(t, latestOrBase(t, m, f.ID)), fingerprint(t, baseMem(t, m, src.ID))
+		if fm.ino == base.ino || base.nlink != 1 {
+			t.Fatalf("live fork %d: its mem-file is inode %d, the source's base inode %d with %d links; want a copy, and the base private", i, fm.ino, base.ino, base.nlink)
 		}
 		now, _ := m.GetInstance(ctx, "src")
 		if now.State != api.StateRunning || now.Pid != src.Pid {
@@ -379,9 +387,10 @@ func TestCompressedSnapshotForkMaterialisesOnce(t *testing.T) {
 	}
 }
 
-// A snapshot of a running instance updates its base in place and hardlinks
-// it into the store without restarting the VMM.
-func TestSnapshotOfRunningSharesBaseInode(t *testing.T) {
+// A snapshot of a running instance updates its base in place and copies it
+// (a reflink where the filesystem can) into the store without restarting
+// the VMM: the store never links an inode a running VMM may write.
+func TestSnapshotOfRunningCopiesTheBase(t *testing.T) {
 	m := newTestManager(t)
 	ctx := context.Background()
 	src := createRunning(t, m, "src")
@@ -390,8 +399,8 @@ func TestSnapshotOfRunningSharesBaseInode(t *testing.T) {
 		t.Fatal(err)
 	}
 	sd, _ := m.layout.Snapshot(sn.ID)
-	if a, b := fingerprint(t, sd.Memory()), fingerprint(t, baseMem(t, m, src.ID)); a.ino != b.ino {
-		t.Fatalf("store mem-file inode %d, base %d: want one inode", a.ino, b.ino)
+	if a, b := fingerprint(t, sd.Memory()), fingerprint(t, baseMem(t, m, src.ID)); a.ino == b.ino || b.nlink != 1 {
+		t.Fatalf("store mem-file inode %d, base inode %d with %d links: want a copy and a private base", a.ino, b.ino, b.nlink)
 	}
 	now, _ := m.GetInstance(ctx, "src")
 	if now.Pid != src.Pid || now.State != api.StateRunning {
@@ -450,4 +459,14 @@ func TestForkChainsAndDiskOnlyForks(t *testing.T) {
 	}
 	booted := fork(t, m, "src", api.ForkRequest{Name: "booted", TargetState: api.StateRunning})
 	verifyGuest(t, m, booted.ID)
+}
+
+// latestOrBase is a fork's mem-file: snapshot-base once it runs.
+func latestOrBase(t *testing.T, m *Manager, id string) string {
+	t.Helper()
+	g, _ := m.layout.Guest(id)
+	if _, err := os.Stat(g.Base().Memory()); err == nil {
+		return g.Base().Memory()
+	}
+	return g.Latest().Memory()
 }

@@ -46,23 +46,29 @@ func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memf
 		}
 	}
 	shared(res)
-	clone := func(src, dst string) error {
-		if _, err := m.files.CloneInto(src, dst); err != nil {
+	// Every source is opened with no symlink below the data dir (a live
+	// source's VMM owns its dir) and cloned from that handle. The vmstate
+	// is sealed (the fork's VMM only reads it; its own snapshot writes a
+	// new one), the disk the fork's alone (given to its VMM's uid at
+	// launch).
+	clone := func(what, src, dst string, perm os.FileMode) error {
+		if _, err := m.cloneFrom(what, src, dst, perm, false); err != nil {
 			return err
 		}
 		fresh = append(fresh, dst)
 		return nil
 	}
 	if f.from != nil {
-		if err := clone(f.from.VMState(), tmp.Latest().VMState()); err != nil {
+		if err := clone("vmstate", f.from.VMState(), tmp.Latest().VMState(), sealMode); err != nil {
 			return res, nil, err
 		}
 	}
 	if f.kernel != "" {
 		// Nothing ever writes a kernel in place (VMMs open it read-only,
-		// forkd writes new inodes), so a link shares it safely: no copy of a
-		// user's kernel per fork where the filesystem cannot reflink.
-		kres, err := m.files.ShareInto(f.kernel, tmp.Kernel())
+		// forkd writes new inodes; it is sealed as made), so a link shares
+		// it safely: no copy of a user's kernel per fork where the
+		// filesystem cannot reflink.
+		kres, err := m.shareFrom("kernel", f.kernel, tmp.Kernel(), false)
 		if err != nil {
 			return res, nil, err
 		}
@@ -70,7 +76,7 @@ func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memf
 			fresh = append(fresh, tmp.Kernel())
 		}
 	}
-	if err := clone(f.rootfs, tmp.Rootfs()); err != nil {
+	if err := clone("disk", f.rootfs, tmp.Rootfs(), 0o600); err != nil {
 		return res, nil, err
 	}
 	if os.Getenv(UnsafeSkipForkFileSyncEnv) == "1" {

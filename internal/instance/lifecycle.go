@@ -237,7 +237,11 @@ func (m *Manager) makeGuestFiles(ctx context.Context, kernel, rootfs *os.File, i
 		if _, err := m.files.CloneFile(kernel, g.Kernel()); err != nil {
 			return err
 		}
-	} else if err := atomicfile.WriteFile(g.Kernel(), placeholderKernel, 0o644); err != nil {
+	} else if err := atomicfile.WriteFile(g.Kernel(), placeholderKernel, sealMode); err != nil {
+		return err
+	}
+	// Forks and the store link the kernel: sealed (inodes.go).
+	if err := sealPath(g.Kernel()); err != nil {
 		return err
 	}
 	switch {
@@ -270,6 +274,10 @@ func (m *Manager) makeGuestFiles(ctx context.Context, kernel, rootfs *os.File, i
 		if err := f.Close(); err != nil {
 			return err
 		}
+	}
+	// The disk is this VM's alone: given to its VMM's uid at each launch.
+	if err := os.Chmod(g.Rootfs(), 0o600); err != nil {
+		return err
 	}
 	return syncDirs(g.Dir, g.Jail, filepath.Dir(g.Jail))
 }
@@ -428,6 +436,7 @@ func (m *Manager) start(ctx context.Context, in *store.Instance, _ api.ActionReq
 		// Never leave a VMM running under a record that does not say so.
 		u := m.undo("start", in.ID)
 		if p != nil {
+			err = m.withDeathCause(in.ID, p, err)
 			u.do("kill the VMM", m.killVMM(ctx, in.ID, p.Pid, g))
 		}
 		*in = prev

@@ -14,6 +14,7 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/firecracker"
+	"github.com/forkd/forkd/internal/jail"
 	"github.com/forkd/forkd/internal/testenv"
 )
 
@@ -96,6 +97,7 @@ func newManagerAt(t *testing.T, dir string, opts ...testOpt) *Manager {
 	cfg := Config{
 		DataDir:     dir,
 		VMM:         VMMSpec{Binary: forkdBinary(t), Args: testenv.EmulatorArgs(), Emulator: true},
+		Jail:        testJail(t, dir),
 		PagerBinary: forkdBinary(t),
 		Logger:      slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})),
 	}
@@ -246,3 +248,19 @@ func baseMem(t *testing.T, m *Manager, id string) string {
 	}
 	return g.Base().Memory()
 }
+
+// testJail is the jail every test manager runs its VMMs in, as a daemon
+// does by default (vmm_jailer auto: forkd jailer for the emulator), with a
+// uid range of the data dir's own (testenv.JailUIDRange). unjailed() runs
+// VMMs as vmm_jailer none does.
+func testJail(tb testing.TB, dir string) JailConfig {
+	tb.Helper()
+	r, err := jail.ParseUIDRange(testenv.JailUIDRange(dir))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return JailConfig{Jailer: []string{forkdBinary(tb), "jailer"}, UIDs: r, MemoryOverhead: 256 << 20}
+}
+
+// unjailed runs a test manager's VMMs unjailed (vmm_jailer none).
+func unjailed(c *Config) { c.Jail = JailConfig{} }

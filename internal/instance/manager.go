@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -30,6 +31,9 @@ type Config struct {
 	DataDir string
 	// VMM is the resolved VMM binary (ResolveVMM).
 	VMM VMMSpec
+	// Jail confines every VMM (Jail.Jailer empty: unjailed, development
+	// only).
+	Jail JailConfig
 	// RestoreBackend is the default backend of restores: api.BackendFile or
 	// api.BackendUffd. ForkRestoreBackend is the default of a fork's first
 	// restore (target_state Running). Empty means file.
@@ -96,6 +100,12 @@ type Config struct {
 	// (default 5 s). VMM and pager exits are events, not polled.
 	SuperviseInterval time.Duration
 
+	// DisableSealing gives a jailed VMM every file of its guest dir to
+	// write, shared inodes included, as a jail that ignored who may write
+	// which inode would (inodes.go). It exists only so a test can show the
+	// breach sealing prevents; never set it elsewhere.
+	DisableSealing bool
+
 	// DisableUnshareGuard turns off invariant 3 of docs/architecture.md §3 (never
 	// diff-write a mem-file another VM maps). It exists only so a test can
 	// show the corruption the guard prevents; never set it elsewhere.
@@ -146,6 +156,8 @@ type Manager struct {
 	warmKick  chan struct{} // wakes warmLoop (netwarm.go)
 	netBusy   atomic.Int64  // creates and forks in flight (netwarm.go)
 	warmMu    sync.Mutex    // serialises refilling and dropping the warm pool (netwarm.go)
+	// jail launches VMMs through a jailer (nil: unjailed).
+	jail *jailer
 
 	// capacity reserves against the host's resources (capacity.go); what
 	// forks and standbys cost on disk depends on fs.reflink.
@@ -175,7 +187,7 @@ var _ api.Service = (*Manager)(nil)
 
 // New opens the store under cfg.DataDir, registers metrics and reconciles
 // what an earlier run left behind (see Reconcile). The caller must Close it.
-func New(ctx context.Context, cfg Config) (*Manager, error) {
+func New(ctx context.Context, cfg Config) (_ *Manager, err error) {
 	layout, err := guestdir.New(cfg.DataDir)
 	if err != nil {
 		return nil, err
@@ -230,9 +242,14 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	if cfg.VMM.Emulator {
 		// The emulator reads and writes snapshots, mem-files and the pager's
 		// session sockets only inside the data dir (forkd vmm
-		// --confine-paths). Firecracker has no such flag; a jail will confine
-		// it.
-		cfg.VMM.Args = append(slices.Clone(cfg.VMM.Args), "--confine-paths", layout.Root())
+		// --confine-paths); jailed, inside its jail root, which is all it
+		// sees of the data dir. Firecracker has no such flag: its jail
+		// confines it.
+		confine := layout.Root()
+		if len(cfg.Jail.Jailer) > 0 {
+			confine = "/"
+		}
+		cfg.VMM.Args = append(slices.Clone(cfg.VMM.Args), "--confine-paths", confine)
 	}
 	if cfg.CapacityHost.MemTotal == nil || cfg.CapacityHost.DiskFree == nil {
 		cfg.CapacityHost = capacity.RealHost()
@@ -241,13 +258,26 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	if err != nil {
 		return nil, fmt.Errorf("instance manager: %w", err)
 	}
+	var jl *jailer
+	if len(cfg.Jail.Jailer) > 0 {
+		if jl, err = newJailer(cfg.Jail, layout, cfg.VMM); err != nil {
+			return nil, fmt.Errorf("instance manager: %w", err)
+		}
+		defer func() {
+			if err != nil {
+				jl.close()
+			}
+		}()
+	} else {
+		cfg.Logger.Warn("vmm_jailer none: VMMs run as root, unconfined; a guest that escapes into its VMM owns the host (development only)")
+	}
 	db, err := openStore(ctx, layout, cfg.OrphansToLostFound, cfg.Logger)
 	if err != nil {
 		return nil, fmt.Errorf("instance manager: %w", err)
 	}
 	mctx, cancel := context.WithCancel(context.Background())
 	m := &Manager{
-		cfg: cfg, layout: layout, db: db, log: cfg.Logger, capacity: capLedger,
+		cfg: cfg, layout: layout, db: db, log: cfg.Logger, capacity: capLedger, jail: jl,
 		ctx: mctx, cancel: cancel,
 		instLocks:    map[string]*sync.RWMutex{},
 		snapLocks:    map[string]*snapLock{},
@@ -287,8 +317,9 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		}
 	}
 	if err := m.migrateLayout(ctx); err != nil {
+		m.stopBackground()
+		m.images.Close()
 		db.Close()
-		cancel()
 		return nil, fmt.Errorf("instance manager: %w", err)
 	}
 	if err := m.Reconcile(ctx); err != nil {
@@ -334,7 +365,17 @@ func (m *Manager) Close() error {
 		m.cfg.Network.Close()
 	}
 	m.images.Close()
+	m.jail.close()
 	return m.db.Close()
+}
+
+// Health says how this manager confines VMMs (GET /health).
+func (m *Manager) Health() api.Health {
+	if m.jail == nil {
+		return api.Health{Jailer: "none", Warnings: []string{
+			"vmm_jailer is none: VMMs run as root and unconfined, so a guest that escapes into its VMM owns the host (development only)"}}
+	}
+	return api.Health{Jailer: strings.Join(m.jail.cmd, " ")}
 }
 
 // stopBackground ends the manager's goroutines (compressions, supervisors,

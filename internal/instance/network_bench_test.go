@@ -118,6 +118,7 @@ func newNetBenchManager(b *testing.B, parent string, networked bool, warm int) *
 	cfg := Config{
 		DataDir: dir,
 		VMM:     VMMSpec{Binary: forkdBinary(b), Args: []string{"vmm"}, Emulator: true},
+		Jail:    testJail(b, dir),
 		Logger:  slog.New(slog.NewTextHandler(io.Discard, nil)),
 	}
 	if networked {
@@ -237,6 +238,7 @@ func newNetBenchManagerIn(b *testing.B, parent, ns string) *Manager {
 	cfg := Config{
 		DataDir:        dir,
 		VMM:            VMMSpec{Binary: forkdBinary(b), Args: []string{"vmm"}, Emulator: true},
+		Jail:           testJail(b, dir),
 		PagerBinary:    forkdBinary(b),
 		Logger:         slog.New(slog.NewTextHandler(io.Discard, nil)),
 		NetworkDefault: true,

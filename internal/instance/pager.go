@@ -16,8 +16,8 @@ import (
 // (internal/pager's Client, adapted in pagerclient.go).
 type Pager interface {
 	// CreateSession makes a session serving req.BackingPath's pages under
-	// req.CacheKey (recording or replaying a working set as req says) and
-	// returns the socket the VMM hands its uffd to.
+	// req.CacheKey (recording or replaying a working set as req says; its
+	// socket in req.SocketDir, if set) and returns the socket the VMM hands its uffd to.
 	CreateSession(ctx context.Context, req pager.SessionRequest) (socketPath string, err error)
 	// Recording is a recording session's first faults so far.
 	Recording(ctx context.Context, sessionID string) (prefetch.Recording, error)

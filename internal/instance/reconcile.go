@@ -11,7 +11,6 @@ import (
 	"strings"
 
 	"github.com/forkd/forkd/internal/api"
-	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/datadir"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
@@ -73,6 +72,7 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 	for _, in := range all {
 		m.reconcileInstance(ctx, in, vmms)
 	}
+	m.removeOrphanCgroups() // jail.go: the VMMs that run are known now
 	// Networks last, once every record is settled (network.go). A host
 	// that cannot network fails only its networked VMs, not the start.
 	if err := m.reconcileNetwork(ctx); err != nil {
@@ -91,6 +91,7 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 		if s.State != snapBroken && m.markIfBroken(ctx, &s) {
 			continue
 		}
+		m.sealStoreDir(s.ID)
 		if s.State == snapCompressing {
 			m.log.Info("reconcile: restarting compression", "snapshot", s.ID)
 			m.startCompression(s)
@@ -193,15 +194,16 @@ func (m *Manager) reconcileEntry(ctx context.Context, e store.Entry) (string, er
 			// The snapshot did not complete: drop what it may have half
 			// written, then give the VM back its state. A base promoted but
 			// not yet written to is still intact: demote it again.
+			// The VMM lives and owns its dir: by name only (os.Root).
 			if e.Step == "creating" {
-				if err := os.RemoveAll(g.Latest().Dir); err != nil {
+				if err := m.removeInGuest(g, g.Latest().Dir); err != nil {
 					return "", err
 				}
-			} else if _, err := os.Stat(g.Latest().Dir); err == nil {
-				if err := os.RemoveAll(g.Base().Dir); err != nil {
+			} else if _, err := os.Lstat(g.Latest().Dir); err == nil {
+				if err := m.removeInGuest(g, g.Base().Dir); err != nil {
 					return "", err
 				}
-				if err := atomicfile.Rename(g.Latest().Dir, g.Base().Dir); err != nil {
+				if err := m.renameInGuest(g, g.Latest().Dir, g.Base().Dir); err != nil {
 					return "", err
 				}
 			}
@@ -252,7 +254,7 @@ func (m *Manager) liveSourceAfterCrash(ctx context.Context, p opPayload, step st
 	if err != nil {
 		return
 	}
-	if err := os.RemoveAll(g.Base().Dir); err == nil {
+	if err := m.removeInGuest(g, g.Base().Dir); err == nil {
 		m.log.Info("reconcile: dropped a base whose diff may be partial", "instance", id)
 	}
 }
@@ -270,6 +272,7 @@ func (m *Manager) adopt(in store.Instance, g guestdir.Guest) (*firecracker.Proce
 		return nil, false
 	}
 	m.setProc(in.ID, p)
+	m.claimJail(in.ID, p.Pid)
 	return p, true
 }
 
@@ -282,6 +285,19 @@ func (m *Manager) reconcileInstance(ctx context.Context, in store.Instance, vmms
 		return
 	}
 	defer m.killUnrecordedVMMs(in.ID, vmms) // orphans.go
+	if !oneOf(in.State, api.StateRunning, api.StatePaused, api.StateStandingby, api.StateRestoring) {
+		// No VMM runs for it: clear what the last one could have left, and
+		// seal a snapshot no VMM can write any more (a data dir from before
+		// jails has them unsealed; forks link only sealed inodes).
+		if err := sanitizeGuest(g); err != nil {
+			m.log.Error("reconcile: clear a guest dir", "instance", in.ID, "err", err)
+		}
+		if in.State == api.StateStandby {
+			if err := sealSnapDir(g, g.Latest()); err != nil {
+				m.log.Error("reconcile: seal a Standby snapshot", "instance", in.ID, "err", err)
+			}
+		}
+	}
 	switch in.State {
 	case api.StateForking, stateCreating:
 		m.log.Info("reconcile: removing a fork or create with no journal entry", "instance", in.ID, "state", in.State)
@@ -310,6 +326,10 @@ func (m *Manager) reconcileInstance(ctx context.Context, in store.Instance, vmms
 			return
 		}
 		if complete(g.Latest()) {
+			m.killVMM(ctx, in.ID, 0, g) // clears what it left; frees its uid and cgroup
+			if err := sealSnapDir(g, g.Latest()); err != nil {
+				m.log.Error("reconcile: seal a Standby snapshot", "instance", in.ID, "err", err)
+			}
 			in.State, in.Pid = api.StateStandby, 0
 			if in.SnapshotCacheKey == "" {
 				in.SnapshotCacheKey, _ = cacheKey(g.Latest())
@@ -337,7 +357,7 @@ func (m *Manager) reconcileInstance(ctx context.Context, in store.Instance, vmms
 
 func complete(d guestdir.SnapDir) bool {
 	for _, p := range []string{d.VMState(), d.Memory()} {
-		if st, err := os.Stat(p); err != nil || !st.Mode().IsRegular() {
+		if st, err := os.Lstat(p); err != nil || !st.Mode().IsRegular() {
 			return false
 		}
 	}
@@ -463,12 +483,19 @@ func (m *Manager) sweepDataDirs(ctx context.Context) error {
 
 // removeTempFiles removes the regular *.tmp files (atomicfile and memfile
 // temp names, memory.unshare.tmp) under a recorded instance's or snapshot's
-// directory. WalkDir does not descend into symlinked directories.
+// directory. It walks and removes through os.Root: a VMM still running
+// (adopted) owns its guest dir, and a directory it swaps for a symlink
+// mid-walk never sends a removal outside dir.
 func (m *Manager) removeTempFiles(dir string) {
-	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		return
+	}
+	defer root.Close()
+	fs.WalkDir(root.FS(), ".", func(p string, d fs.DirEntry, err error) error {
 		if err == nil && d.Type().IsRegular() && strings.HasSuffix(d.Name(), ".tmp") {
-			m.log.Info("reconcile: removing temp file", "path", p)
-			os.Remove(p)
+			m.log.Info("reconcile: removing temp file", "path", filepath.Join(dir, p))
+			root.Remove(p)
 		}
 		return nil
 	})

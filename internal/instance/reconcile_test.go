@@ -25,6 +25,7 @@ func openAndClose(t *testing.T, dir string, fn func(m *Manager)) {
 	m, err := New(context.Background(), Config{
 		DataDir: dir,
 		VMM:     VMMSpec{Binary: forkdBinary(t), Args: testenv.EmulatorArgs(), Emulator: true},
+		Jail:    testJail(t, dir),
 		// Never this test binary: started as a pager it would run the tests.
 		PagerBinary: forkdBinary(t),
 		Logger:      slog.New(slog.NewTextHandler(testWriter{t}, nil)),

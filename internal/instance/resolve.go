@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"regexp"
 	"strings"
+	"sync"
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/guestdir"
@@ -12,13 +13,13 @@ import (
 )
 
 // namePattern is what instance and snapshot names look like.
-var namePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
+var namePattern = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`) })
 
 // validName checks a name a client gave. A name with the shape of an id (24
 // hex digits) is refused: it would shadow the instance or snapshot whose id
 // it is (`forkd rm <that id>` removed another, running, VM).
 func validName(kind, name string) error {
-	if !namePattern.MatchString(name) {
+	if !namePattern().MatchString(name) {
 		return fmt.Errorf("%w: %s name %q: want 1-63 of [A-Za-z0-9._-], starting with a letter or digit", api.ErrInvalid, kind, name)
 	}
 	if guestdir.IsForkdID(strings.ToLower(name)) {

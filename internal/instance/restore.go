@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
-	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/pager"
@@ -71,6 +70,9 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 	var pf *prefetchRun
 	fail := func(err error) error {
 		pf.abort()
+		if proc != nil {
+			err = m.withDeathCause(in.ID, proc, err)
+		}
 		err = fmt.Errorf("restore %s (%s): %w", in.Name, backend, err)
 		u := m.undo("restore", in.ID)
 		if proc != nil {
@@ -78,6 +80,9 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 		}
 		if session != "" && pg != nil {
 			u.do("delete the pager session", pg.DeleteSession(ctx, session))
+		}
+		if proc == nil {
+			m.releaseJail(in.ID) // the uid taken for the session's socket
 		}
 		// The error goes to the caller and the log, not into the record: a
 		// Standby instance's error is "" (only Stopped and Error carry one).
@@ -113,18 +118,28 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 		}
 		req := pager.SessionRequest{SessionID: session, BackingPath: latest.Memory(), CacheKey: in.SnapshotCacheKey}
 		pf.sessionRequest(&req)
+		if m.jail != nil {
+			// A jailed VMM names nothing outside its jail: the session's
+			// socket is made in its guest dir (its root), for its uid alone.
+			uid, err := m.jail.uids.Acquire(in.ID)
+			if err != nil {
+				session = ""
+				return fail(fmt.Errorf("%w: %v: stop or stand by a VM, or widen jail_uid_range", api.ErrJailUIDsExhausted, err))
+			}
+			req.SocketDir, req.SocketOwner = g.Dir, &pager.SocketOwner{UID: uid, GID: uid}
+		}
 		sock, err := pg.CreateSession(ctx, req)
 		if err != nil {
 			session = ""
 			return fail(fmt.Errorf("pager session: %w", err))
 		}
-		load.MemBackend = firecracker.MemBackend{BackendType: firecracker.BackendUffd, BackendPath: sock}
+		load.MemBackend = firecracker.MemBackend{BackendType: firecracker.BackendUffd, BackendPath: g.InVMM(sock)}
 	}
 	// A File restore's working set is read ahead before the VMM exists.
 	pf.readAhead()
 	// No VMM runs for a Standby instance, so a pin left by one that died
 	// while the daemon was down is stale; the new VMM maps latest's inode.
-	os.Remove(g.MappedPin())
+	m.removeInGuest(g, g.MappedPin())
 	if err := m.prepareTAP(*in); err != nil {
 		return fail(err)
 	}
@@ -187,13 +202,14 @@ func (m *Manager) finishRestore(ctx context.Context, o *op, in *store.Instance) 
 		o.finish(ctx, err)
 		return err
 	}
+	// The VMM runs and owns the guest dir: rename and remove by name only.
 	latest, base := g.Latest(), g.Base()
 	renamed := false
-	if _, err := os.Stat(latest.Dir); err == nil {
-		if err := os.RemoveAll(base.Dir); err != nil {
+	if _, err := os.Lstat(latest.Dir); err == nil {
+		if err := m.removeInGuest(g, base.Dir); err != nil {
 			return m.rollbackRestore(ctx, o, in, g, renamed, fmt.Errorf("restore %s: drop the old base: %w", in.Name, err))
 		}
-		if err := atomicfile.Rename(latest.Dir, base.Dir); err != nil {
+		if err := m.renameInGuest(g, latest.Dir, base.Dir); err != nil {
 			return m.rollbackRestore(ctx, o, in, g, renamed, fmt.Errorf("restore %s: keep base: %w", in.Name, err))
 		}
 		renamed = true
@@ -224,7 +240,7 @@ func (m *Manager) finishRestore(ctx context.Context, o *op, in *store.Instance) 
 func (m *Manager) rollbackRestore(ctx context.Context, o *op, in *store.Instance, g guestdir.Guest, renamed bool, err error) error {
 	u := m.undo("restore", in.ID)
 	if renamed {
-		u.do("rename the base back to snapshot-latest", errors.Join(m.fault("restore:rename-back"), atomicfile.Rename(g.Base().Dir, g.Latest().Dir)))
+		u.do("rename the base back to snapshot-latest", errors.Join(m.fault("restore:rename-back"), m.renameInGuest(g, g.Base().Dir, g.Latest().Dir)))
 	}
 	u.do("kill the VMM", m.killVMM(ctx, in.ID, in.Pid, g))
 	m.closeSession(ctx, in)

@@ -215,26 +215,29 @@ func (m *Manager) storeFiles(g guestdir.Guest, from guestdir.SnapDir, id string)
 	if err := os.MkdirAll(tmp.Dir, 0o755); err != nil {
 		return err
 	}
-	// The store and the instance now share the mem-file inode. Safe: the
-	// store never writes it, and the instance unshares before its next diff.
-	res, err := m.files.ShareForFork(from.Memory(), tmp.Memory())
+	// The store and the instance now share the mem-file inode (when it is
+	// sealed: a Standby source's; a running source's fresh base, which its
+	// VMM may still write, is cloned instead). Safe: the store never writes
+	// it, and the instance unshares before its next diff. Every file of the
+	// store is sealed.
+	res, err := m.shareFrom("mem-file", from.Memory(), tmp.Memory(), true)
 	if err != nil {
 		return err
 	}
 	m.countFallback(res, "snapshot", id)
-	if _, err := m.files.Clone(from.VMState(), tmp.VMState()); err != nil {
+	if _, err := m.cloneFrom("vmstate", from.VMState(), tmp.VMState(), sealMode, true); err != nil {
 		return err
 	}
-	if _, err := os.Stat(g.Kernel()); err == nil {
-		if _, err := m.files.ShareForFork(g.Kernel(), tmp.Kernel()); err != nil { // never written in place (see makeForkDir)
+	if _, err := os.Lstat(g.Kernel()); err == nil {
+		if _, err := m.shareFrom("kernel", g.Kernel(), tmp.Kernel(), true); err != nil { // never written in place (see buildForkDir)
 			return err
 		}
 	}
-	if _, err := m.files.Clone(g.Rootfs(), tmp.Rootfs()); err != nil {
+	if _, err := m.cloneFrom("disk", g.Rootfs(), tmp.Rootfs(), sealMode, true); err != nil {
 		return err
 	}
 	meta, _ := json.MarshalIndent(map[string]any{"id": id, "source_dir": g.Dir, "created_at": time.Now().UTC()}, "", "  ")
-	if err := atomicfile.WriteFile(tmp.Meta(), meta, 0o644); err != nil {
+	if err := atomicfile.WriteFile(tmp.Meta(), meta, sealMode); err != nil {
 		return err
 	}
 	if err := atomicfile.SyncDir(tmp.Dir); err != nil {

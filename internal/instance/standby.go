@@ -4,15 +4,20 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
-	"syscall"
+	"path/filepath"
+	"strings"
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/capacity"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/hostpath"
+	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/store"
+	"golang.org/x/sys/unix"
 )
 
 // standby parks a Running or Paused instance to disk (docs/architecture.md §5):
@@ -94,11 +99,11 @@ func (m *Manager) standby(ctx context.Context, in *store.Instance, _ api.ActionR
 	in.MemoryCheck = m.memoryCheck(ctx, g)
 	// A stale snapshot-latest (left by a failed restore's rename, say) is
 	// older than the base: drop it, then promote the base.
-	if _, err := os.Stat(base.Dir); err == nil {
-		if err := os.RemoveAll(latest.Dir); err != nil {
+	if _, err := os.Lstat(base.Dir); err == nil {
+		if err := m.removeInGuest(g, latest.Dir); err != nil {
 			return fail(err)
 		}
-		if err := atomicfile.Rename(base.Dir, latest.Dir); err != nil {
+		if err := m.renameInGuest(g, base.Dir, latest.Dir); err != nil {
 			return fail(err)
 		}
 		promoted = true
@@ -119,12 +124,20 @@ func (m *Manager) finishStandby(ctx context.Context, o *op, in *store.Instance, 
 	// The snapshot is durable: what follows cannot undo the standby, so a
 	// failure here is logged (the reconciler's sweep kills a VMM no record
 	// names at the next start) rather than turned back.
-	if err := m.killVMM(ctx, in.ID, in.Pid, g); err != nil {
-		m.log.Error("standby: kill vmm after the snapshot", "instance", in.ID, "err", err)
+	killErr := m.killVMM(ctx, in.ID, in.Pid, g)
+	if killErr != nil {
+		m.log.Error("standby: kill vmm after the snapshot", "instance", in.ID, "err", killErr)
 	}
 	m.closeSession(ctx, in)
-	if err := os.Remove(g.MappedPin()); err != nil && !errors.Is(err, os.ErrNotExist) { // the VMM that mapped it is gone
+	if err := m.removeInGuest(g, g.MappedPin()); err != nil { // the VMM that mapped it is gone
 		m.log.Error("standby: remove the mapped pin", "instance", in.ID, "err", err)
+	}
+	// No VMM can write the snapshot any more: seal it, so forks and the
+	// store may link it. (Unsealed, after a failed kill, they clone it.)
+	if killErr == nil {
+		if err := sealSnapDir(g, g.Latest()); err != nil {
+			m.log.Error("standby: seal the snapshot (forks will copy it)", "instance", in.ID, "err", err)
+		}
 	}
 	key, err := cacheKey(g.Latest())
 	if err != nil {
@@ -152,16 +165,28 @@ func (m *Manager) finishStandby(ctx context.Context, o *op, in *store.Instance, 
 //
 // On failure dir is removed: a partly written base must never be reused as
 // a diff base (the next snapshot is then Full).
+//
+// The VMM is alive throughout and owns the guest dir: every name there is
+// reached through a handle opened with no symlink below the instance's
+// level, and what the VMM will write (the dir, the base it diffs into) is
+// given to its uid only once it is a private inode.
 func (m *Manager) writeSnapshot(ctx context.Context, o *op, c *firecracker.Client, id string, dir guestdir.SnapDir) (string, error) {
 	g, err := m.guest(id)
 	if err != nil {
 		return "", err
 	}
-	if err := os.MkdirAll(dir.Dir, 0o755); err != nil {
+	d, err := m.openSnapDir(g, dir)
+	if err != nil {
 		return "", err
 	}
+	defer d.Close()
+	uid := m.vmmUID(id)
 	typ := firecracker.SnapshotFull
-	if _, err := os.Stat(dir.Memory()); err == nil {
+	mem := filepath.Base(dir.Memory())
+	fd, err := unix.Openat(int(d.Fd()), mem, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	switch {
+	case err == nil:
+		unix.Close(fd)
 		typ = firecracker.SnapshotDiff
 		// Never diff-write a mem-file another VM maps: forks and the
 		// snapshot store hardlink this inode, and Firecracker's Diff writes
@@ -171,7 +196,7 @@ func (m *Manager) writeSnapshot(ctx context.Context, o *op, c *firecracker.Clien
 			if err := m.pinMapped(id, dir); err != nil {
 				return "", err
 			}
-			unshared, err := m.files.EnsureExclusive(dir.Memory())
+			unshared, err := m.files.EnsureExclusiveAt(d, mem)
 			if err != nil {
 				return "", fmt.Errorf("unshare %s: %w", dir.Memory(), err)
 			}
@@ -179,24 +204,118 @@ func (m *Manager) writeSnapshot(ctx context.Context, o *op, c *firecracker.Clien
 				m.log.Info("mem-file unshared before diff", "instance", id, "path", dir.Memory())
 			}
 		}
+		// The VMM writes its Diff into this inode: it becomes the VMM's,
+		// and it has exactly one link (giveFile refuses another).
+		fd, err = unix.Openat(int(d.Fd()), mem, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return "", fmt.Errorf("diff base %s: %w", dir.Memory(), err)
+		}
+		f := os.NewFile(uintptr(fd), dir.Memory())
+		_, err = giveFile("diff base", f, uid, m.cfg.DisableUnshareGuard)
+		f.Close()
+		if err != nil {
+			return "", err
+		}
+	case !errors.Is(err, unix.ENOENT):
+		return "", fmt.Errorf("diff base %s: %w", dir.Memory(), err)
+	}
+	// The VMM writes a new vmstate: never into an inode a fork may link.
+	if err := unix.Unlinkat(int(d.Fd()), filepath.Base(dir.VMState()), 0); err != nil && !errors.Is(err, unix.ENOENT) {
+		return "", fmt.Errorf("snapshot into %s: remove the old vmstate: %w", dir.Dir, err)
+	}
+	if err := d.Chown(uid, uid); err != nil {
+		return "", fmt.Errorf("snapshot into %s: %w", dir.Dir, err)
 	}
 	if err := o.step(ctx, "creating", nil); err != nil {
 		return "", err
 	}
 	err = c.CreateSnapshot(ctx, firecracker.SnapshotCreate{SnapshotType: typ, SnapshotPath: g.InVMM(dir.VMState()), MemFilePath: g.InVMM(dir.Memory())})
 	if err == nil {
-		err = atomicfile.SyncDir(dir.Dir)
+		err = d.Sync()
 	}
 	if err != nil {
 		err = fmt.Errorf("%s snapshot into %s: %w", typ, dir.Dir, err)
 		u := m.undo("snapshot write", id)
-		u.do("remove the partial snapshot dir", os.RemoveAll(dir.Dir))
+		u.do("remove the partial snapshot dir", m.removeInGuest(g, dir.Dir))
 		return "", u.join(err)
 	}
 	if err := o.step(ctx, "created", nil); err != nil {
 		return "", err
 	}
 	return typ, nil
+}
+
+// openSnapDir makes (if missing) and opens one of g's snapshot dirs with no
+// symlink anywhere below g's <id> level. A VMM that owns the guest dir may
+// have put anything there: making the dirs goes through os.Root (nothing
+// made outside the guest dir), opening refuses every link.
+func (m *Manager) openSnapDir(g guestdir.Guest, dir guestdir.SnapDir) (*os.File, error) {
+	rel, err := filepath.Rel(g.Dir, dir.Dir)
+	if err != nil || strings.HasPrefix(rel, "..") {
+		return nil, fmt.Errorf("snapshot dir %s is not in %s", dir.Dir, g.Dir)
+	}
+	root, err := os.OpenRoot(g.Dir)
+	if err != nil {
+		return nil, err
+	}
+	defer root.Close()
+	if err := root.MkdirAll(rel, 0o755); err != nil {
+		return nil, fmt.Errorf("snapshot dir %s: %w", dir.Dir, err)
+	}
+	return hostpath.OpenDirBeneath("snapshot dir", g.Jail, dir.Dir)
+}
+
+// removeInGuest removes path (a file or tree in g's guest dir) by name,
+// through os.Root: a VMM-made symlink on the way never sends the removal
+// outside the guest dir.
+func (m *Manager) removeInGuest(g guestdir.Guest, path string) error {
+	rel, err := filepath.Rel(g.Dir, path)
+	if err != nil || rel == "." || strings.HasPrefix(rel, "..") {
+		return fmt.Errorf("remove %s: not inside %s", path, g.Dir)
+	}
+	root, err := os.OpenRoot(g.Dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer root.Close()
+	if err := root.RemoveAll(rel); err != nil {
+		return fmt.Errorf("remove %s: %w", path, err)
+	}
+	return nil
+}
+
+// renameInGuest renames one name of g's guest dir to another, through
+// os.Root (neither end is followed if it is a symlink, and neither leaves
+// the guest dir), and fsyncs the directories involved.
+func (m *Manager) renameInGuest(g guestdir.Guest, from, to string) error {
+	rf, err1 := filepath.Rel(g.Dir, from)
+	rt, err2 := filepath.Rel(g.Dir, to)
+	if err1 != nil || err2 != nil || strings.HasPrefix(rf, "..") || strings.HasPrefix(rt, "..") {
+		return fmt.Errorf("rename %s to %s: not inside %s", from, to, g.Dir)
+	}
+	root, err := os.OpenRoot(g.Dir)
+	if err != nil {
+		return err
+	}
+	defer root.Close()
+	if err := root.Rename(rf, rt); err != nil {
+		return fmt.Errorf("rename %s to %s: %w", from, to, err)
+	}
+	for _, d := range []string{filepath.Dir(rf), filepath.Dir(rt)} {
+		f, err := root.Open(d)
+		if err != nil {
+			return err
+		}
+		err = f.Sync()
+		f.Close()
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // The pin (guestdir's MappedPin) is an extra link to the mem-file inode a
@@ -212,21 +331,31 @@ func (m *Manager) writeSnapshot(ctx context.Context, o *op, c *firecracker.Clien
 // unshare it (nlink > 1) and no pin exists yet (with one, the VMM maps the
 // pinned inode, not this one).
 func (m *Manager) pinMapped(id string, dir guestdir.SnapDir) error {
-	st, err := os.Stat(dir.Memory())
-	if err != nil {
-		return nil // no base: a Full snapshot into a new file
-	}
-	if sys, ok := st.Sys().(*syscall.Stat_t); !ok || sys.Nlink <= 1 {
-		return nil
-	}
 	g, err := m.guest(id)
 	if err != nil {
 		return err
 	}
-	if _, err := os.Lstat(g.MappedPin()); err == nil {
+	f, err := hostpath.OpenBeneath("mem-file", g.Jail, dir.Memory())
+	if err != nil {
+		return nil // no base: a Full snapshot into a new file
+	}
+	defer f.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Nlink <= 1 {
 		return nil
 	}
-	if err := os.Link(dir.Memory(), g.MappedPin()); err != nil {
+	snaps, err := hostpath.OpenDirBeneath("snapshots dir", g.Jail, g.SnapshotsDir())
+	if err != nil {
+		return err
+	}
+	defer snaps.Close()
+	// The inode has other links, so it is sealed (inodes.go): a second
+	// name in the guest dir gives the VMM nothing it could write.
+	err = memfile.LinkFileAt(f, snaps, filepath.Base(g.MappedPin()))
+	if errors.Is(err, fs.ErrExist) {
+		return nil // pinned already: the VMM maps the pinned inode
+	}
+	if err != nil {
 		return fmt.Errorf("pin the mapped mem-file of %s: %w", id, err)
 	}
 	return nil

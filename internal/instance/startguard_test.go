@@ -84,6 +84,7 @@ func newManagerErr(t *testing.T, dir string, opts ...testOpt) (*Manager, error) 
 	cfg := Config{
 		DataDir: dir,
 		VMM:     VMMSpec{Binary: forkdBinary(t), Args: []string{"vmm"}, Emulator: true},
+		Jail:    testJail(t, dir),
 		Logger:  slog.New(slog.NewTextHandler(testWriter{t}, nil)),
 	}
 	for _, o := range opts {

@@ -222,7 +222,10 @@ type endCause interface {
 }
 
 // vmmExited: the VMM process ended under a live instance (a crash, the OOM
-// killer, a kill from outside). Its memory is gone: Stopped, with why.
+// killer, a kill from outside). Its memory is gone: Stopped, with why; or
+// Error when its jail says it was killed for breaking a rule (a system call
+// its seccomp filter denies, its cgroup's memory limit), with that cause
+// first.
 type vmmExited struct {
 	pid  int
 	exit firecracker.Exit
@@ -236,6 +239,15 @@ func (e vmmExited) apply(m *Manager, ctx context.Context, in *store.Instance) er
 	g, err := m.guest(in.ID)
 	if err != nil {
 		return err
+	}
+	// Read before the VMM's cgroup (and its oom counter) is removed.
+	if cause := m.exitCause(in.ID, e.exit); cause != "" {
+		m.log.Error("VMM killed by its jail: instance in Error", "instance", in.ID, "pid", e.pid, "exit", e.exit.String(), "cause", cause, "log", g.VMMLog())
+		killErr := m.killVMM(ctx, in.ID, 0, g)
+		m.closeSession(ctx, in)
+		in.State, in.Pid, in.MemoryCheck = api.StateError, 0, "unknown"
+		in.Error = fmt.Sprintf("%s (VMM pid %d %s; memory lost; see %s)", cause, e.pid, e.exit, g.VMMLog())
+		return errors.Join(killErr, m.db.UpdateInstance(ctx, *in))
 	}
 	m.log.Warn("VMM exited unexpectedly: instance stopped", "instance", in.ID, "pid", e.pid, "exit", e.exit.String(), "log", g.VMMLog())
 	in.Error = fmt.Sprintf("%s (see %s)", e.Error(), g.VMMLog())

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/forkd/forkd/internal/api"
 	"io"
 	"os"
 	"os/exec"
@@ -13,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/store"
@@ -80,10 +80,12 @@ func ResolveVMM(setting, emulatorVersion string) (VMMSpec, error) {
 }
 
 // launch starts a fresh VMM for an instance at its API socket, inside the
-// instance's network namespace if it has one.
+// instance's network namespace if it has one (else, jailed, an empty one):
+// through the jailer, with a uid, cgroups and limits of its own, unless VMMs
+// run unjailed.
 func (m *Manager) launch(ctx context.Context, in store.Instance, g guestdir.Guest) (*firecracker.Process, error) {
 	id := in.ID
-	p, err := firecracker.Launch(ctx, firecracker.LaunchSpec{
+	spec := firecracker.LaunchSpec{
 		Binary:  m.cfg.VMM.Binary,
 		Args:    m.cfg.VMM.Args,
 		APISock: g.VMMSock(),
@@ -91,8 +93,19 @@ func (m *Manager) launch(ctx context.Context, in store.Instance, g guestdir.Gues
 		LogPath: g.VMMLog(),
 		WorkDir: g.Dir,
 		NetNS:   m.netNS(in),
-	})
+	}
+	if m.jail != nil {
+		if err := m.jailArgs(in, g, &spec); err != nil {
+			m.releaseJail(id)
+			return nil, fmt.Errorf("launch vmm %s: %w", id, err)
+		}
+	}
+	p, err := firecracker.Launch(ctx, spec)
 	if err != nil {
+		m.releaseJail(id)
+		if serr := sanitizeGuest(g); serr != nil {
+			m.log.Warn("launch: clear the jail", "instance", id, "err", serr)
+		}
 		return nil, fmt.Errorf("launch vmm %s: %w", id, err)
 	}
 	m.setProc(id, p)
@@ -136,19 +149,25 @@ func (m *Manager) killVMM(ctx context.Context, id string, pid int, g guestdir.Gu
 	if p == nil && pid > 0 {
 		if ap, err := firecracker.Adopt(pid, g.VMMSock()); err == nil {
 			p = ap
+		} else if ap, err := firecracker.AdoptForKill(pid, id, g.VMMSock()); err == nil {
+			// Alive but not answering (hung, or its socket gone): still
+			// ours by its --id, and it must be gone before its uid and
+			// directory are given to anyone else.
+			p = ap
 		}
 	}
 	var err error
 	if p != nil {
 		err = p.Kill(ctx)
 	}
-	m.setProc(id, nil)
-	for _, sock := range []string{g.VMMSock(), g.Vsock()} {
-		if rerr := os.Remove(sock); rerr != nil && !errors.Is(rerr, os.ErrNotExist) && err == nil {
-			err = rerr
-		}
-	}
 	if err != nil {
+		return fmt.Errorf("kill vmm %s: %w", id, err)
+	}
+	m.setProc(id, nil)
+	// The VMM is gone: free its uid and cgroup, and clear what it could
+	// have left in its dir (sanitizeGuest also removes its socket).
+	m.releaseJail(id)
+	if err := sanitizeGuest(g); err != nil {
 		return fmt.Errorf("kill vmm %s: %w", id, err)
 	}
 	return nil

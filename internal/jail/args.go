@@ -7,6 +7,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 )
 
 // DefaultChrootBase is the jailer's default --chroot-base-dir.
@@ -45,7 +46,7 @@ type Args struct {
 
 // idPattern is the jailer's rule for --id: alphanumerics and hyphens, at
 // most 64 characters.
-var idPattern = regexp.MustCompile(`^[A-Za-z0-9-]{1,64}$`)
+var idPattern = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z0-9-]{1,64}$`) })
 
 // ErrUsage wraps every command-line error.
 var ErrUsage = errors.New("jailer usage")
@@ -194,7 +195,7 @@ func parseID(name, v string) (int, error) {
 // Validate checks what can be checked without touching the host: the id,
 // the paths' shape, the cgroup and resource-limit settings.
 func (a Args) Validate() error {
-	if !idPattern.MatchString(a.ID) {
+	if !idPattern().MatchString(a.ID) {
 		return usage("--id %q: want 1-64 letters, digits or hyphens", a.ID)
 	}
 	if a.ExecFile == "" {

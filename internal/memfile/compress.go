@@ -160,7 +160,7 @@ func compressTo(ctx context.Context, in *os.File, size int64, w io.Writer, enc *
 			return ctx.Err() // the producer stopped early: cancelled
 		}
 		ib := appendIndex(nil, index)
-		tail := appendFooter(ib, zFooter{size: uint64(size), frameSize: uint64(opt.FrameSize), indexOff: off, indexCRC: crc32.Checksum(ib, castagnoli)})
+		tail := appendFooter(ib, zFooter{size: uint64(size), frameSize: uint64(opt.FrameSize), indexOff: off, indexCRC: crc32.Checksum(ib, castagnoli())})
 		_, err := w.Write(tail)
 		return err
 	})
@@ -184,7 +184,7 @@ func compressFrame(in *os.File, i, size, frameSize int64, buf, zeros []byte, enc
 	if bytes.Equal(b, zeros[:n]) {
 		return frameResult{n: n}, nil
 	}
-	return frameResult{data: enc.EncodeAll(b, nil), crc: crc32.Checksum(b, castagnoli), n: n}, nil
+	return frameResult{data: enc.EncodeAll(b, nil), crc: crc32.Checksum(b, castagnoli()), n: n}, nil
 }
 
 // isHoleRange reports whether [from, to) of f holds no data extent. Without

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"sync"
 )
 
 // The seekable compressed format; documented in doc.go.
@@ -17,7 +18,7 @@ const (
 	zDefaultSize = 4 << 20
 )
 
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+var castagnoli = sync.OnceValue(func() *crc32.Table { return crc32.MakeTable(crc32.Castagnoli) })
 
 // ErrCorrupt is returned for a compressed file whose footer, index or frame
 // checksums do not hold.
@@ -79,7 +80,7 @@ func parseFooter(b []byte, fileLen int64) (zFooter, error) {
 }
 
 func parseIndex(b []byte, f zFooter) ([]zEntry, error) {
-	if crc32.Checksum(b, castagnoli) != f.indexCRC {
+	if crc32.Checksum(b, castagnoli()) != f.indexCRC {
 		return nil, fmt.Errorf("%w: index checksum mismatch", ErrCorrupt)
 	}
 	index := make([]zEntry, len(b)/zEntrySize)

@@ -140,7 +140,7 @@ func (r *compressedReader) decodeFrame(i int64, dst []byte) ([]byte, error) {
 		return nil, fmt.Errorf("read compressed %s: frame %d: %w: %v", r.f.Name(), i, ErrCorrupt, err)
 	}
 	wantLen := min(r.frameSize, r.size-i*r.frameSize)
-	if int64(len(out)) != wantLen || crc32.Checksum(out, castagnoli) != e.crc {
+	if int64(len(out)) != wantLen || crc32.Checksum(out, castagnoli()) != e.crc {
 		return nil, fmt.Errorf("read compressed %s: frame %d: %w: length %d (want %d) or checksum mismatch", r.f.Name(), i, ErrCorrupt, len(out), wantLen)
 	}
 	return out, nil

@@ -324,9 +324,10 @@ func (s *Server) createSession(req SessionRequest) (Session, error) {
 	}
 	sock := sessionSocket(s.cfg.Dir, req.SessionID)
 	if req.SocketDir != "" {
+		// Bound through the directory's handle (/proc/self/fd/N/<name>),
+		// so only the name counts against the kernel's limit.
 		sock = filepath.Join(req.SocketDir, req.SessionID+".sock")
-	}
-	if len(sock) > guestdir.MaxSocketPath {
+	} else if len(sock) > guestdir.MaxSocketPath {
 		return Session{}, fmt.Errorf("create session %s: %w: socket path %s is longer than %d bytes", req.SessionID, errInvalid, sock, guestdir.MaxSocketPath)
 	}
 	s.mu.Lock()

@@ -9,6 +9,7 @@ import (
 	"os"
 	"regexp"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/forkd/forkd/internal/atomicfile"
@@ -58,11 +59,11 @@ var (
 	ErrCorrupt = errors.New("working-set recording is corrupt")
 )
 
-var crcTable = crc32.MakeTable(crc32.Castagnoli)
+var crcTable = sync.OnceValue(func() *crc32.Table { return crc32.MakeTable(crc32.Castagnoli) })
 
 // keyPattern is what a snapshot cache key looks like (hex; forkd's are 24
 // digits). Anything else never names a recording.
-var keyPattern = regexp.MustCompile(`^[0-9a-f]{1,64}$`)
+var keyPattern = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[0-9a-f]{1,64}$`) })
 
 // Recording is one working set: the pages of a mem-file a restore touched
 // first, in the order it touched them.
@@ -87,7 +88,7 @@ type Recording struct {
 // Validate checks a recording's fields: a key, a page size that is a power
 // of two, every page inside the file and none twice.
 func (r Recording) Validate() error {
-	if !keyPattern.MatchString(r.Key) {
+	if !keyPattern().MatchString(r.Key) {
 		return fmt.Errorf("%w: cache key %q is not hex", ErrCorrupt, r.Key)
 	}
 	if r.PageSize == 0 || r.PageSize&(r.PageSize-1) != 0 {
@@ -149,7 +150,7 @@ func Encode(r Recording) ([]byte, error) {
 		}
 		prev = p
 	}
-	return le.AppendUint32(b, crc32.Checksum(b, crcTable)), nil
+	return le.AppendUint32(b, crc32.Checksum(b, crcTable())), nil
 }
 
 // Decode parses and validates a recording file's bytes.
@@ -159,7 +160,7 @@ func Decode(b []byte) (Recording, error) {
 	}
 	le := binary.LittleEndian
 	body, sum := b[:len(b)-4], le.Uint32(b[len(b)-4:])
-	if crc32.Checksum(body, crcTable) != sum {
+	if crc32.Checksum(body, crcTable()) != sum {
 		return Recording{}, fmt.Errorf("%w: checksum mismatch", ErrCorrupt)
 	}
 	if v := le.Uint32(b[8:]); v != formatVersion {

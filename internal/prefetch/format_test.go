@@ -63,7 +63,7 @@ func head(p []uint64) []uint64 { return p[:min(len(p), 5)] }
 // decoder's other checks are the ones tested.
 func reseal(b []byte) []byte {
 	body := b[:len(b)-4]
-	return binary.LittleEndian.AppendUint32(slices.Clone(body), crc32.Checksum(body, crcTable))
+	return binary.LittleEndian.AppendUint32(slices.Clone(body), crc32.Checksum(body, crcTable()))
 }
 
 func TestDecodeRefusesDamagedRecordings(t *testing.T) {
@@ -92,7 +92,7 @@ func TestDecodeRefusesDamagedRecordings(t *testing.T) {
 			out = out[:len(out)-4]
 			binary.LittleEndian.PutUint32(out[44:], 3)
 			out = binary.AppendVarint(out, -1)
-			return binary.LittleEndian.AppendUint32(out, crc32.Checksum(out, crcTable))
+			return binary.LittleEndian.AppendUint32(out, crc32.Checksum(out, crcTable()))
 		}},
 		{"a page past the end of the file", "past the end", func(b []byte) []byte {
 			binary.LittleEndian.PutUint64(b[16:], 2*4096) // the file shrinks to 2 pages
@@ -100,7 +100,7 @@ func TestDecodeRefusesDamagedRecordings(t *testing.T) {
 		}},
 		{"trailing bytes", "after the last page", func(b []byte) []byte {
 			body := append(slices.Clone(b[:len(b)-4]), 0)
-			return binary.LittleEndian.AppendUint32(body, crc32.Checksum(body, crcTable))
+			return binary.LittleEndian.AppendUint32(body, crc32.Checksum(body, crcTable()))
 		}},
 	}
 	for _, tt := range tests {

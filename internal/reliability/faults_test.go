@@ -157,7 +157,9 @@ func snapshotSums(t *testing.T, g guestdir.Guest) map[string]string {
 func TestVMMFaultsDuringRestoreLeaveTheInstanceStandby(t *testing.T) {
 	t.Parallel()
 	vmm, setMode := faultyVMM(t)
-	d := newDaemon(t, nil, "--vmm-binary", vmm)
+	// The faulty VMM is a shell script around forkd: no jail could run it
+	// (a jail has no shell, no dynamic loader).
+	d := newDaemon(t, nil, "--vmm-binary", vmm, "--vmm-jailer", "none")
 	src := createStandby(t, d.Client, "src")
 	g, _ := d.Layout.Guest(src.ID)
 	sums := snapshotSums(t, g)

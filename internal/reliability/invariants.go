@@ -78,8 +78,12 @@ func WaitSettled(ctx context.Context, c *api.Client, timeout time.Duration) erro
 //   - Standby instances have a complete snapshot-latest, Stopped ones none;
 //   - every Running/Paused instance has a live VMM at its recorded pid, and
 //     every VMM under the data dir belongs to such an instance (none leaked);
-//   - no VMM can write a file with more than one link (no shared inode is
-//     written: invariant 3 of docs/architecture.md §3), and every mem-file a VMM maps is still linked
+//   - every VMM is jailed (unless the daemon says vmm_jailer none): its own
+//     non-root uid and gid, its jail root as its root, a network namespace
+//     that is not the daemon's, a memory limit, a seccomp filter;
+//   - every inode with more than one link is sealed (root-owned, writable
+//     by nobody), and no VMM can write a file with more than one link (no
+//     shared inode is written: invariant 3 of docs/architecture.md §3), and every mem-file a VMM maps is still linked
 //     from its own guest dir whenever anyone links it (else a sibling sees a
 //     link count of 1 and diff-writes it in place under the running VM);
 //   - no temp file or dir, no dir without a record, nothing unknown at the
@@ -144,6 +148,11 @@ func CheckInvariants(ctx context.Context, d *Daemon) error {
 		}
 	}
 
+	health, err := c.Health(ctx)
+	if err != nil {
+		return fmt.Errorf("health: %w", err)
+	}
+	jailed := health.Jailer != "none"
 	pagerRuns := false
 	for _, p := range ProcessesUnder(layout.Root()) {
 		switch p.Kind {
@@ -161,6 +170,11 @@ func CheckInvariants(ctx context.Context, d *Daemon) error {
 			if g, err := layout.Guest(id); err == nil {
 				for _, u := range unpinnedMappings(p.Pid, layout.Root(), g.Dir) {
 					bad("mapped mem-file not counted in its link count: %s", u)
+				}
+				if jailed {
+					for _, b := range jailBreaches(p.Pid, d.Pid(), g.Dir) {
+						bad("VMM of %s not jailed: %s", in.Name, b)
+					}
 				}
 			}
 		}
@@ -228,6 +242,9 @@ func CheckInvariants(ctx context.Context, d *Daemon) error {
 		}
 	}
 
+	for _, u := range unsealedShared(layout.Root()) {
+		bad("shared inode a VMM could write (not root-owned read-only): %s", u)
+	}
 	errs = append(errs, leftovers(layout, byID, snapIDs)...)
 	errs = append(errs, imageLeftovers(layout, imageDigests)...)
 	errs = append(errs, badRecordings(layout)...)

@@ -101,6 +101,15 @@ func TestInvariantCheckerCatchesEachViolation(t *testing.T) {
 			os.WriteFile(p, []byte("FORKDWS1 and then nothing"), 0o600)
 			return func() { os.Remove(p) }
 		}, "recording 0123456789abcdef01234567.ws"},
+		{"a second link to an inode a VMM may write", func(t *testing.T) func() {
+			// vm2's base after its restore is sealed; a link to its disk
+			// (its VMM's to write) is a shared inode that is not.
+			p := filepath.Join(d.Layout.Root(), "exec", "stray-disk-link")
+			if err := os.Link(g2.Rootfs(), p); err != nil {
+				t.Fatal(err)
+			}
+			return func() { os.Remove(p) }
+		}, "shared inode a VMM could write"},
 		{"an instance whose dir is gone", func(t *testing.T) func() {
 			os.Rename(g.Dir, g.Dir+"-moved")
 			return func() { os.Rename(g.Dir+"-moved", g.Dir) }
@@ -118,5 +127,17 @@ func TestInvariantCheckerCatchesEachViolation(t *testing.T) {
 	}
 	if err := CheckInvariants(ctx, d); err != nil {
 		t.Fatalf("after undoing every plant: %v", err)
+	}
+}
+
+// The jail checks of CheckInvariants can fail: a process that is not
+// confined (this test, run as root in the host's namespaces, no filter)
+// breaks every one of them.
+func TestJailChecksCatchAnUnconfinedProcess(t *testing.T) {
+	bad := jailBreaches(os.Getpid(), os.Getpid(), t.TempDir())
+	for _, want := range []string{"Uid", "Seccomp", "root is not", "network namespace"} {
+		if !strings.Contains(strings.Join(bad, "; "), want) {
+			t.Errorf("jailBreaches of an unconfined process misses %q: %v", want, bad)
+		}
 	}
 }

@@ -65,6 +65,9 @@ func newDaemonSpec(t *testing.T, parent string, edit func(*DaemonOptions)) *Daem
 	opts := DaemonOptions{Binary: bin, DataDir: filepath.Join(dir, "d"), LogPath: filepath.Join(dir, "daemon.log")}
 	edit(&opts)
 	opts.Env = withEmulatorVersion(opts.Env)
+	// Jailed (vmm_jailer auto, the default), with uids of its own: daemons
+	// of tests running side by side never share one.
+	opts.Args = append([]string{"--jail-uid-range", testenv.JailUIDRange(opts.DataDir)}, opts.Args...)
 	d, err := StartDaemon(context.Background(), opts)
 	if err != nil {
 		os.RemoveAll(dir)

@@ -10,6 +10,8 @@ import (
 	"syscall"
 
 	"github.com/forkd/forkd/internal/daemonproc"
+	"github.com/forkd/forkd/internal/jail"
+	"golang.org/x/sys/unix"
 )
 
 // Proc is a live process whose command line names a path in a data dir.
@@ -32,32 +34,25 @@ func Environ(pid int) ([]string, error) {
 	return strings.Split(s, "\x00"), nil
 }
 
-// sharedWrites lists the files under root with more than one link that pid
-// could write: open read-write or write-only, or mapped MAP_SHARED with
-// write permission. forkd promises there are none (invariant 3 of
-// docs/architecture.md §3: nobody writes a shared inode); MAP_PRIVATE mappings of a shared mem-file (the
-// File restore backend) are fine, their writes never reach the file.
+// sharedWrites lists the files on the data dir's filesystem with more than
+// one link that pid could write: open read-write or write-only, or mapped
+// MAP_SHARED with write permission. forkd promises there are none (invariant
+// 3 of docs/architecture.md §3: nobody writes a shared inode); MAP_PRIVATE mappings of a shared mem-file (the
+// File restore backend) are fine, their writes never reach the file. Files
+// are matched by device and inode, not by path: a jailed VMM's paths are
+// its jail's.
 func sharedWrites(pid int, root string) []string {
 	var out []string
-	seen := map[string]bool{}
-	note := func(path, how string) {
-		if seen[path+how] {
-			return
-		}
-		st, err := os.Stat(path)
-		if err != nil || !st.Mode().IsRegular() {
-			return
-		}
-		if n := nlink(st); n > 1 {
-			seen[path+how] = true
-			out = append(out, fmt.Sprintf("pid %d %s %s (nlink %d)", pid, how, path, n))
-		}
+	var rst syscall.Stat_t
+	if err := syscall.Stat(root, &rst); err != nil {
+		return nil
 	}
 	fdDir := fmt.Sprintf("/proc/%d/fd", pid)
 	fds, _ := os.ReadDir(fdDir)
 	for _, fd := range fds {
-		target, err := os.Readlink(filepath.Join(fdDir, fd.Name()))
-		if err != nil || !strings.HasPrefix(target, root+"/") {
+		var st syscall.Stat_t
+		if syscall.Stat(filepath.Join(fdDir, fd.Name()), &st) != nil || st.Dev != rst.Dev ||
+			st.Mode&syscall.S_IFMT != syscall.S_IFREG || st.Nlink <= 1 {
 			continue
 		}
 		info, err := os.ReadFile(fmt.Sprintf("/proc/%d/fdinfo/%s", pid, fd.Name()))
@@ -68,62 +63,70 @@ func sharedWrites(pid int, root string) []string {
 			if v, ok := strings.CutPrefix(line, "flags:"); ok {
 				flags, _ := strconv.ParseUint(strings.TrimSpace(v), 8, 64)
 				if flags&3 != 0 { // O_WRONLY or O_RDWR
-					note(target, "has open for writing")
+					target, _ := os.Readlink(filepath.Join(fdDir, fd.Name()))
+					out = append(out, fmt.Sprintf("pid %d has open for writing %s (inode %d, nlink %d)", pid, target, st.Ino, st.Nlink))
 				}
 			}
 		}
 	}
-	f, err := os.Open(fmt.Sprintf("/proc/%d/maps", pid))
-	if err != nil {
-		return out
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 6 {
+	for _, mp := range dataDirMappings(pid, rst.Dev) {
+		if mp.perms[1] != 'w' || mp.perms[3] != 's' {
 			continue
 		}
-		perms, path := fields[1], strings.Join(fields[5:], " ")
-		if len(perms) == 4 && perms[1] == 'w' && perms[3] == 's' && strings.HasPrefix(path, root+"/") {
-			note(path, "maps shared-writable")
+		var st syscall.Stat_t
+		if syscall.Stat(fmt.Sprintf("/proc/%d/map_files/%s", pid, mp.addr), &st) == nil && st.Nlink > 1 {
+			out = append(out, fmt.Sprintf("pid %d maps shared-writable %s (inode %d, nlink %d)", pid, mp.path, mp.ino, st.Nlink))
 		}
 	}
 	return out
 }
 
-func nlink(st os.FileInfo) uint64 {
-	if s, ok := st.Sys().(*syscall.Stat_t); ok {
-		return uint64(s.Nlink)
-	}
-	return 1
+// mapping is one line of /proc/PID/maps.
+type mapping struct {
+	addr, perms, path string
+	ino               uint64
 }
 
-// unpinnedMappings lists the files a VMM maps from the data dir whose inode
-// no name under its own guest dir links any more, while another name still
-// does. The link count is how forkd decides whether a mem-file may be
-// written in place (invariant 3 of docs/architecture.md §3); a mapping the count does not show lets a
-// sibling write the pages under a running VM.
-func unpinnedMappings(pid int, root, guestDir string) []string {
+// dataDirMappings lists pid's mappings of files on device dev.
+func dataDirMappings(pid int, dev uint64) []mapping {
 	f, err := os.Open(fmt.Sprintf("/proc/%d/maps", pid))
 	if err != nil {
 		return nil
 	}
 	defer f.Close()
-	mapped := map[uint64]string{} // inode → path as maps shows it
+	var out []mapping
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
-		if len(fields) < 6 {
+		if len(fields) < 6 || len(fields[1]) != 4 {
 			continue
 		}
-		path := strings.TrimSuffix(strings.Join(fields[5:], " "), " (deleted)")
-		if !strings.HasPrefix(path, root+"/") {
+		maj, min, ok := strings.Cut(fields[3], ":")
+		ma, err1 := strconv.ParseUint(maj, 16, 32)
+		mi, err2 := strconv.ParseUint(min, 16, 32)
+		ino, err3 := strconv.ParseUint(fields[4], 10, 64)
+		if !ok || err1 != nil || err2 != nil || err3 != nil || ino == 0 || unix.Mkdev(uint32(ma), uint32(mi)) != dev {
 			continue
 		}
-		if ino, err := strconv.ParseUint(fields[4], 10, 64); err == nil && ino != 0 {
-			mapped[ino] = path
-		}
+		out = append(out, mapping{addr: fields[0], perms: fields[1], ino: ino,
+			path: strings.TrimSuffix(strings.Join(fields[5:], " "), " (deleted)")})
+	}
+	return out
+}
+
+// unpinnedMappings lists the files a VMM maps from the data dir whose inode
+// no name under its own guest dir links any more, while another name still
+// does. The link count is how forkd decides whether a mem-file may be
+// written in place; a mapping the count does not show lets a sibling write
+// the pages under a running VM. Mappings are matched by device and inode.
+func unpinnedMappings(pid int, root, guestDir string) []string {
+	var rst syscall.Stat_t
+	if err := syscall.Stat(root, &rst); err != nil {
+		return nil
+	}
+	mapped := map[uint64]string{} // inode → path as maps shows it
+	for _, mp := range dataDirMappings(pid, rst.Dev) {
+		mapped[mp.ino] = mp.path
 	}
 	if len(mapped) == 0 {
 		return nil
@@ -153,4 +156,95 @@ func unpinnedMappings(pid int, root, guestDir string) []string {
 		}
 	}
 	return out
+}
+
+// unsealedShared lists the regular files under root with more than one
+// link that are not sealed (root-owned, writable by nobody): forkd links an
+// inode a second time only once no VMM can write it.
+func unsealedShared(root string) []string {
+	var out []string
+	filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return nil
+		}
+		var st syscall.Stat_t
+		if syscall.Lstat(p, &st) == nil && st.Nlink > 1 && (st.Uid != 0 || st.Gid != 0 || st.Mode&0o222 != 0) {
+			out = append(out, fmt.Sprintf("%s (nlink %d, uid %d, mode %o)", p, st.Nlink, st.Uid, st.Mode&0o7777))
+		}
+		return nil
+	})
+	return out
+}
+
+// jailBreaches lists how VMM pid (of instance guest dir jailRoot) is not
+// confined: uid or gid 0, a root directory other than its jail root, the
+// daemon's network namespace, no memory limit on its cgroup, no seccomp
+// filter.
+func jailBreaches(pid, daemonPid int, jailRoot string) []string {
+	var bad []string
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return nil // gone meanwhile
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		k, v, _ := strings.Cut(line, ":")
+		switch k {
+		case "Uid", "Gid":
+			for _, f := range strings.Fields(v) {
+				if f == "0" {
+					bad = append(bad, fmt.Sprintf("pid %d: %s %s has a 0", pid, k, strings.TrimSpace(v)))
+					break
+				}
+			}
+		case "Seccomp":
+			if strings.TrimSpace(v) != "2" {
+				bad = append(bad, fmt.Sprintf("pid %d: Seccomp %s, want 2 (a filter)", pid, strings.TrimSpace(v)))
+			}
+		}
+	}
+	var r, j, ns, dns syscall.Stat_t
+	if syscall.Stat(fmt.Sprintf("/proc/%d/root", pid), &r) != nil || syscall.Stat(jailRoot, &j) != nil || r.Dev != j.Dev || r.Ino != j.Ino {
+		bad = append(bad, fmt.Sprintf("pid %d: its root is not its jail %s", pid, jailRoot))
+	}
+	if syscall.Stat(fmt.Sprintf("/proc/%d/ns/net", pid), &ns) == nil && syscall.Stat(fmt.Sprintf("/proc/%d/ns/net", daemonPid), &dns) == nil && ns.Ino == dns.Ino {
+		bad = append(bad, fmt.Sprintf("pid %d: in the daemon's network namespace", pid))
+	}
+	if limit, err := memoryLimit(pid); err != nil || limit <= 0 || limit >= 1<<62 {
+		bad = append(bad, fmt.Sprintf("pid %d: its cgroup has no memory limit (%d, %v)", pid, limit, err))
+	}
+	return bad
+}
+
+// memoryLimit is the memory limit of pid's cgroup (v2 memory.max, v1
+// memory.limit_in_bytes; -1 for none).
+func memoryLimit(pid int) (int64, error) {
+	m, err := jail.ReadMounts(jail.ProcMounts)
+	if err != nil {
+		return 0, err
+	}
+	v, err := m.Version(jail.Controllers...)
+	if err != nil {
+		return 0, err
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.SplitN(line, ":", 3)
+		if len(f) != 3 {
+			continue
+		}
+		var dir string
+		switch {
+		case v == 2 && f[0] == "0":
+			dir = filepath.Join(m.Unified, f[2])
+		case v == 1 && strings.Contains(","+f[1]+",", ",memory,"):
+			dir = filepath.Join(m.V1["memory"], f[2])
+		default:
+			continue
+		}
+		return jail.Cgroup{Version: v, Dirs: map[string]string{"memory": dir}}.MemoryLimit()
+	}
+	return 0, fmt.Errorf("pid %d has no memory cgroup", pid)
 }

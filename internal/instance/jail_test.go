@@ -1,0 +1,368 @@
+package instance
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/jail"
+)
+
+// jailViolations lists how the VMM of instance id (pid) is not jailed as
+// it must be: a uid or gid 0, a root directory that is not its own guest
+// dir, the daemon's network namespace, a cgroup without the configured
+// memory limit, no seccomp filter. "" items are left out.
+func jailViolations(t *testing.T, m *Manager, id string, pid int, memMiB int) []string {
+	t.Helper()
+	var bad []string
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		k, v, _ := strings.Cut(line, ":")
+		switch k {
+		case "Uid", "Gid":
+			for _, f := range strings.Fields(v) {
+				if f == "0" {
+					bad = append(bad, fmt.Sprintf("%s has a 0: %s", k, strings.TrimSpace(v)))
+					break
+				}
+			}
+		case "Seccomp":
+			if strings.TrimSpace(v) != "2" {
+				bad = append(bad, "Seccomp: "+strings.TrimSpace(v)+", want 2 (a filter)")
+			}
+		}
+	}
+	g, _ := m.layout.Guest(id)
+	var root, dir, ns, self syscall.Stat_t
+	if err := syscall.Stat(fmt.Sprintf("/proc/%d/root", pid), &root); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Stat(g.Dir, &dir); err != nil {
+		t.Fatal(err)
+	}
+	if root.Dev != dir.Dev || root.Ino != dir.Ino {
+		bad = append(bad, fmt.Sprintf("its root is not its guest dir %s", g.Dir))
+	}
+	syscall.Stat(fmt.Sprintf("/proc/%d/ns/net", pid), &ns)
+	syscall.Stat("/proc/self/ns/net", &self)
+	if ns.Ino == self.Ino {
+		bad = append(bad, "it shares the daemon's network namespace")
+	}
+	limit, err := vmmMemoryLimit(pid)
+	if want := int64(memMiB)<<20 + m.cfg.Jail.MemoryOverhead; err != nil || limit != want {
+		bad = append(bad, fmt.Sprintf("its cgroup's memory limit is %d (%v), want %d", limit, err, want))
+	}
+	return bad
+}
+
+// vmmMemoryLimit reads the memory limit of the cgroup process pid is in
+// (memory.max under v2, memory.limit_in_bytes under v1).
+func vmmMemoryLimit(pid int) (int64, error) {
+	mounts, err := jail.ReadMounts(jail.ProcMounts)
+	if err != nil {
+		return 0, err
+	}
+	version, err := mounts.Version(jail.Controllers...)
+	if err != nil {
+		return 0, err
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		return 0, err
+	}
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		f := strings.SplitN(sc.Text(), ":", 3)
+		if len(f) != 3 {
+			continue
+		}
+		var dir string
+		switch {
+		case version == 2 && f[0] == "0":
+			dir = filepath.Join(mounts.Unified, f[2])
+		case version == 1 && strings.Contains(","+f[1]+",", ",memory,"):
+			dir = filepath.Join(mounts.V1["memory"], f[2])
+		default:
+			continue
+		}
+		cg := jail.Cgroup{Version: version, Dirs: map[string]string{"memory": dir}}
+		return cg.MemoryLimit()
+	}
+	return 0, errors.New("no memory cgroup")
+}
+
+// vmmCall sends one request to a VMM's API (the test-only requests of a
+// forkd built with the forkd_testhooks tag).
+func vmmCall(t *testing.T, m *Manager, id, method, path string, body any) (int, string) {
+	t.Helper()
+	code, text, err := vmmTry(m, id, method, path, body)
+	if err != nil {
+		t.Fatalf("%s %s to %s's VMM: %v", method, path, id, err)
+	}
+	return code, text
+}
+
+func vmmTry(m *Manager, id, method, path string, body any) (int, string, error) {
+	g, _ := m.layout.Guest(id)
+	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", g.VMMSock())
+	}}}
+	b, _ := json.Marshal(body)
+	req, _ := http.NewRequest(method, "http://vmm"+path, bytes.NewReader(b))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := c.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	var out bytes.Buffer
+	out.ReadFrom(resp.Body)
+	return resp.StatusCode, out.String(), nil
+}
+
+// Every VMM the manager runs is jailed: its own uid and gid (never 0), its
+// guest dir as its root, a network namespace that is not the daemon's, a
+// cgroup holding it to its RAM plus the overhead, and the emulator's
+// seccomp filter, whether it was booted, restored (File and Uffd) or
+// forked. The twin runs the same checks on an unjailed manager and finds
+// every one broken.
+func TestEveryVMMIsJailed(t *testing.T) {
+	needUffd(t)
+	m := newTestManager(t)
+	ctx := context.Background()
+	createRunning(t, m, "booted")
+	createRunning(t, m, "file")
+	action(t, m, "file", "standby")
+	fork(t, m, "file", api.ForkRequest{Name: "uffd-fork", TargetState: api.StateRunning, RestoreBackend: api.BackendUffd})
+	action(t, m, "file", "restore")
+	fork(t, m, "booted", api.ForkRequest{Name: "live", FromRunning: true})
+	uids := map[string]string{}
+	for _, name := range []string{"booted", "file", "uffd-fork", "live"} {
+		in, err := m.GetInstance(ctx, name)
+		if err != nil || in.State != api.StateRunning {
+			t.Fatalf("%s: %+v %v; want Running", name, in, err)
+		}
+		if bad := jailViolations(t, m, in.ID, in.Pid, in.MemoryMiB); len(bad) > 0 {
+			t.Errorf("%s's VMM (pid %d) is not jailed: %s", name, in.Pid, strings.Join(bad, "; "))
+		}
+		uid, _ := procUID(in.Pid)
+		if other, taken := uids[strconv.Itoa(uid)]; taken {
+			t.Errorf("%s and %s run as the same uid %d", name, other, uid)
+		}
+		uids[strconv.Itoa(uid)] = name
+		verifyGuest(t, m, in.ID)
+	}
+
+	plain := newTestManager(t, unjailed)
+	in := createRunning(t, plain, "plain")
+	if bad := jailViolations(t, plain, in.ID, in.Pid, in.MemoryMiB); len(bad) < 4 {
+		t.Errorf("an unjailed VMM passes the jail checks (%v): they cannot fail", bad)
+	}
+	if h := plain.Health(); h.Jailer != "none" || len(h.Warnings) == 0 {
+		t.Errorf("Health of an unjailed manager = %+v, want jailer none with a warning", h)
+	}
+	if h := m.Health(); h.Jailer == "none" || len(h.Warnings) != 0 {
+		t.Errorf("Health of a jailed manager = %+v", h)
+	}
+}
+
+// From inside its jail a VMM (acting through the test-only request, as a
+// compromised one would) can open none of: another VM's mem-file, the data
+// dir's forkd.db, /etc/shadow. Its own files it can. The twin: the same
+// opens from an unjailed VMM succeed.
+func TestAJailedVMMReachesNothingOutsideItsJail(t *testing.T) {
+	for _, jailed := range []bool{true, false} {
+		t.Run(fmt.Sprintf("jailed=%v", jailed), func(t *testing.T) {
+			var opts []testOpt
+			if !jailed {
+				opts = append(opts, unjailed)
+			}
+			m := newTestManager(t, opts...)
+			other := createRunning(t, m, "other")
+			action(t, m, "other", "standby")
+			vm := createRunning(t, m, "vm")
+			og, _ := m.layout.Guest(other.ID)
+			for _, p := range []string{og.Latest().Memory(), m.layout.DB(), "/etc/shadow"} {
+				code, text := vmmCall(t, m, vm.ID, "PUT", "/test/open", map[string]any{"path": p})
+				if jailed && code != 400 {
+					t.Errorf("a jailed VMM opened %s: %d %s", p, code, text)
+				}
+				if !jailed && code != 204 {
+					t.Errorf("an unjailed VMM could not open %s (%d %s): the twin shows nothing", p, code, text)
+				}
+			}
+			// Its own disk, by the path it knows it under.
+			if code, text := vmmCall(t, m, vm.ID, "PUT", "/test/open", map[string]any{"path": "rootfs.ext4", "write": true}); code != 204 {
+				t.Errorf("the VMM cannot open its own disk for writing: %d %s", code, text)
+			}
+		})
+	}
+}
+
+// No VMM can write a mem-file another VM or the store shares: a restored
+// VM whose base a fork and a snapshot also link sees it root-owned and
+// read-only, and opening it for writing from inside fails; every inode
+// under the data dir with more than one link is sealed. The twin turns
+// sealing off (a VMM then writes the shared inode) and the check catches
+// it.
+func TestAVMMCannotWriteASharedMemFile(t *testing.T) {
+	for _, guard := range []bool{true, false} {
+		t.Run(fmt.Sprintf("sealed=%v", guard), func(t *testing.T) {
+			opts := []testOpt{}
+			if !guard {
+				opts = append(opts, func(c *Config) { c.DisableSealing = true })
+			}
+			m := newTestManager(t, opts...)
+			ctx := context.Background()
+			src := createRunning(t, m, "src")
+			action(t, m, "src", "standby")
+			fork(t, m, "src", api.ForkRequest{Name: "kid"})
+			if _, err := m.CreateSnapshot(ctx, "src", api.SnapshotRequest{Name: "snap"}); err != nil {
+				t.Fatal(err)
+			}
+			action(t, m, "src", "restore")
+			g, _ := m.layout.Guest(src.ID)
+			if st := fingerprint(t, g.Base().Memory()); st.nlink < 3 {
+				t.Fatalf("the restored base has %d links, want >= 3 (fork, snapshot)", st.nlink)
+			}
+			code, text := vmmCall(t, m, src.ID, "PUT", "/test/open", map[string]any{"path": "snapshots/snapshot-base/memory", "write": true})
+			unsealed := unsealedShared(t, m.layout.Root())
+			if guard {
+				if code != 400 {
+					t.Errorf("the VMM opened the mem-file its fork and snapshot share for writing: %d %s", code, text)
+				}
+				if len(unsealed) > 0 {
+					t.Errorf("shared inodes not sealed: %v", unsealed)
+				}
+				return
+			}
+			if code != 204 || len(unsealed) == 0 {
+				t.Errorf("with sealing off: open for writing %d %s, unsealed %v; want both to show the breach", code, text, unsealed)
+			}
+		})
+	}
+}
+
+// unsealedShared lists the regular files under root with more than one
+// link that are not root-owned and read-only for everyone.
+func unsealedShared(t *testing.T, root string) []string {
+	t.Helper()
+	var out []string
+	filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return nil
+		}
+		var st syscall.Stat_t
+		if syscall.Lstat(p, &st) == nil && st.Nlink > 1 && (st.Uid != 0 || st.Gid != 0 || st.Mode&0o222 != 0) {
+			out = append(out, fmt.Sprintf("%s (nlink %d, uid %d, mode %o)", p, st.Nlink, st.Uid, st.Mode&0o777))
+		}
+		return nil
+	})
+	return out
+}
+
+// Running out of uids is a clear 409 jail_uids_exhausted, and frees again
+// when a VMM ends.
+func TestNoUIDLeftIsAClearConflict(t *testing.T) {
+	m := newTestManager(t, func(c *Config) { c.Jail.UIDs.Last = c.Jail.UIDs.First })
+	createRunning(t, m, "one")
+	ctx := context.Background()
+	_, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "two", MemoryMiB: testMemMiB})
+	if !errors.Is(err, api.ErrJailUIDsExhausted) || !strings.Contains(err.Error(), "jail_uid_range") {
+		t.Fatalf("second VMM with one uid: %v; want ErrJailUIDsExhausted naming jail_uid_range", err)
+	}
+	action(t, m, "one", "standby")
+	if _, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "three", MemoryMiB: testMemMiB}); err != nil {
+		t.Fatalf("a VMM once the uid is free again: %v", err)
+	}
+}
+
+// A VMM killed by its seccomp filter (a system call it may not make) or
+// by its cgroup's memory limit becomes Error with the cause in its error,
+// and its cgroup and uid are freed.
+func TestAJailKillIsErrorNamingTheCause(t *testing.T) {
+	t.Run("seccomp", func(t *testing.T) {
+		m := newTestManager(t)
+		in := createRunning(t, m, "vm")
+		// The call itself ends with the connection: the VMM is gone.
+		vmmTry(m, in.ID, "PUT", "/test/violate-seccomp", struct{}{})
+		got := waitState(t, m, "vm", api.StateError)
+		if !strings.HasPrefix(got.Error, "seccomp violation") || !strings.Contains(got.Error, "SIGSYS") {
+			t.Errorf("error = %q, want it to name the seccomp violation", got.Error)
+		}
+		checkJailFreed(t, m, in.ID)
+	})
+	t.Run("memory limit at boot", func(t *testing.T) {
+		// A guest whose working set is written at boot, with almost no
+		// room for the VMM beside it: the start fails, naming the cause.
+		m := newTestManager(t, func(c *Config) { c.Jail.MemoryOverhead = 1 << 20 })
+		_, err := m.CreateInstance(context.Background(), api.CreateInstanceRequest{Name: "vm", MemoryMiB: 64, BootArgs: "forkd.ws_mib=64"})
+		if err == nil || !strings.Contains(err.Error(), "memory limit") {
+			t.Fatalf("create over the memory limit: %v; want an error naming the memory limit", err)
+		}
+		if n := m.jail.uids.InUse(); n != 0 {
+			t.Errorf("%d uids held after the failed create", n)
+		}
+	})
+	t.Run("memory limit while running", func(t *testing.T) {
+		// Parked with room to spare, restored by a daemon that allows the
+		// VMM 1 MiB beyond the guest's RAM: the restore maps the mem-file
+		// (page cache), and the guest, writing all its RAM as fast as it
+		// can, makes private pages until the cgroup's limit kills the VMM.
+		dir := shortDir(t)
+		var vm api.Instance
+		openAndClose(t, dir, func(m *Manager) {
+			var err error
+			vm, err = m.CreateInstance(context.Background(), api.CreateInstanceRequest{Name: "vm", MemoryMiB: 64, BootArgs: "forkd.ws_mib=63 forkd.write_pct=100 forkd.rate=0"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			action(t, m, "vm", "standby")
+		})
+		m := newManagerAt(t, dir, func(c *Config) { c.Jail.MemoryOverhead = 1 << 20 })
+		if _, err := m.Action(context.Background(), "vm", "restore", api.ActionRequest{}); err != nil {
+			if !strings.Contains(err.Error(), "memory limit") {
+				t.Fatalf("restore: %v; an error before the guest ran must name the memory limit", err)
+			}
+			return
+		}
+		got := waitState(t, m, "vm", api.StateError)
+		if !strings.HasPrefix(got.Error, "memory limit") {
+			t.Errorf("error = %q, want it to name the memory limit", got.Error)
+		}
+		checkJailFreed(t, m, vm.ID)
+	})
+}
+
+func checkJailFreed(t *testing.T, m *Manager, id string) {
+	t.Helper()
+	if n := m.jail.uids.InUse(); n != 0 {
+		t.Errorf("%d uids still held after the only VMM died", n)
+	}
+	cg, _ := m.jail.cgroup(id)
+	for _, d := range cg.Dirs {
+		if _, err := os.Stat(d); err == nil {
+			t.Errorf("cgroup %s left after its VMM died", d)
+		}
+	}
+	g, _ := m.layout.Guest(id)
+	if _, err := os.Lstat(g.DevDir()); err == nil {
+		t.Errorf("%s left after its VMM died", g.DevDir())
+	}
+}
