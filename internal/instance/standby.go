@@ -10,7 +10,6 @@ import (
 	"strings"
 
 	"github.com/forkd/forkd/internal/api"
-	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/capacity"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
@@ -68,8 +67,8 @@ func (m *Manager) standby(ctx context.Context, in *store.Instance, _ api.ActionR
 		err = fmt.Errorf("standby %s: %w", in.Name, err)
 		u := m.undo("standby", in.ID)
 		if promoted {
-			if _, serr := os.Stat(latest.Dir); serr == nil {
-				u.do("demote the base again", atomicfile.Rename(latest.Dir, base.Dir))
+			if _, serr := os.Lstat(latest.Dir); serr == nil {
+				u.do("demote the base again", m.renameInGuest(g, latest.Dir, base.Dir))
 			}
 		}
 		in.State, in.Error = prev, ""
