@@ -255,6 +255,7 @@ func baseMem(t *testing.T, m *Manager, id string) string {
 // VMMs as vmm_jailer none does.
 func testJail(tb testing.TB, dir string) JailConfig {
 	tb.Helper()
+	testenv.NeedJail(tb, jail.HostCgroups)
 	r, err := jail.ParseUIDRange(testenv.JailUIDRange(dir))
 	if err != nil {
 		tb.Fatal(err)

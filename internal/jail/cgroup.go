@@ -20,6 +20,17 @@ const ProcMounts = "/proc/mounts"
 // Controllers a jailed VMM is limited by.
 var Controllers = []string{"cpu", "memory", "pids"}
 
+// HostCgroups is the hierarchy version (1 or 2) that holds every one of
+// Controllers on this host, as a jailer will choose it, or an error saying
+// what is missing.
+func HostCgroups() (int, error) {
+	m, err := ReadMounts(ProcMounts)
+	if err != nil {
+		return 0, err
+	}
+	return m.Version(Controllers...)
+}
+
 // cpuPeriodUS is the CFS period of a VMM's cpu quota: vcpus × period of
 // CPU time per period.
 const cpuPeriodUS = 100000

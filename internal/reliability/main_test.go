@@ -13,6 +13,7 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/firecracker"
+	"github.com/forkd/forkd/internal/jail"
 	"github.com/forkd/forkd/internal/testenv"
 )
 
@@ -67,6 +68,7 @@ func newDaemonSpec(t *testing.T, parent string, edit func(*DaemonOptions)) *Daem
 	opts.Env = withEmulatorVersion(opts.Env)
 	// Jailed (vmm_jailer auto, the default), with uids of its own: daemons
 	// of tests running side by side never share one.
+	testenv.NeedJail(t, jail.HostCgroups)
 	opts.Args = append([]string{"--jail-uid-range", testenv.JailUIDRange(opts.DataDir)}, opts.Args...)
 	d, err := StartDaemon(context.Background(), opts)
 	if err != nil {

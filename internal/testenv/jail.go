@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"path/filepath"
+	"testing"
 )
 
 // JailUIDRange is a jail_uid_range of 256 uids for a test daemon on
@@ -16,4 +17,17 @@ func JailUIDRange(dataDir string) string {
 	h.Write([]byte(filepath.Clean(dataDir)))
 	first := 2_000_000 + int(h.Sum32()%60_000)*256
 	return fmt.Sprintf("%d-%d", first, first+255)
+}
+
+// NeedJail stops tb (skip, or fail under FORKD_TEST_REQUIRE=cgroup) when
+// this host cannot jail VMMs: a jailer needs root and the cpu, memory and
+// pids cgroup controllers. Every daemon and manager of the tests jails its
+// VMMs, as forkd does by default. hostCgroups is jail.HostCgroups (passed
+// in: testenv imports none of the packages it tests).
+func NeedJail(tb testing.TB, hostCgroups func() (int, error)) {
+	tb.Helper()
+	NeedRoot(tb)
+	if _, err := hostCgroups(); err != nil {
+		Need(tb, Cgroup, err.Error())
+	}
 }
