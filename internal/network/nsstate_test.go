@@ -149,8 +149,9 @@ func snapshotNS(t *testing.T, path string) nsState {
 	return st
 }
 
-// countNamespaces counts every named namespace forkd or its tests made.
-func countNamespaces(t *testing.T) int {
+// countNamespaces counts the named namespaces of one tag's VMs
+// (forkd-<tag>-<slot>), never another test's.
+func countNamespaces(t *testing.T, tag string) int {
 	t.Helper()
 	ents, err := os.ReadDir("/var/run/netns")
 	if err != nil {
@@ -158,7 +159,7 @@ func countNamespaces(t *testing.T) int {
 	}
 	n := 0
 	for _, e := range ents {
-		if strings.HasPrefix(e.Name(), "forkd") {
+		if strings.HasPrefix(e.Name(), "forkd-"+tag+"-") {
 			n++
 		}
 	}

@@ -159,14 +159,19 @@ func TestGuestIsReachableAtItsAddress(t *testing.T) {
 func TestRemoveLeavesNothing(t *testing.T) {
 	h, daemonNS := testHost(t, false)
 	before := snapshotNS(t, daemonNS)
-	nsBefore := countNamespaces(t)
+	// Only this Host's tag: other tests (and other engineers' test runs)
+	// make and remove namespaces of their own meanwhile.
+	tag := h.Config().Tag
+	if n := countNamespaces(t, tag); n != 0 {
+		t.Fatalf("%d named namespaces of the fresh tag %s before any Ensure", n, tag)
+	}
 	for s := 0; s < 3; s++ {
 		if err := h.Ensure(s); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if got := countNamespaces(t); got != nsBefore+3 {
-		t.Fatalf("%d named namespaces after 3 Ensures, want %d", got, nsBefore+3)
+	if got := countNamespaces(t, tag); got != 3 {
+		t.Fatalf("%d named namespaces of tag %s after 3 Ensures, want 3", got, tag)
 	}
 	for s := 0; s < 3; s++ {
 		if err := h.Remove(s); err != nil {
@@ -174,8 +179,8 @@ func TestRemoveLeavesNothing(t *testing.T) {
 		}
 	}
 	after := snapshotNS(t, daemonNS)
-	if got := countNamespaces(t); got != nsBefore {
-		t.Errorf("%d named namespaces after Remove, want %d", got, nsBefore)
+	if got := countNamespaces(t, tag); got != 0 {
+		t.Errorf("%d named namespaces of tag %s after Remove, want none", got, tag)
 	}
 	if len(after.links) != len(before.links) || len(after.routes) != len(before.routes) || len(after.tables) != len(before.tables) {
 		t.Errorf("daemon namespace after Remove: links %v routes %v tables %v; before: links %v routes %v tables %v",
