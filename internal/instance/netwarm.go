@@ -71,6 +71,10 @@ func (m *Manager) warmLoop() {
 func (m *Manager) fillWarm(ctx context.Context) error {
 	m.warmMu.Lock()
 	defer m.warmMu.Unlock()
+	// A daemon that networks no VM makes no network, first thing: every
+	// create and fork kicks this loop, networked or not, and without this
+	// check each daemon with the defaults made 8 networks and the host
+	// table in its namespace (for a test daemon, the host's own).
 	if n, err := m.networkedCount(ctx); err != nil || n == 0 {
 		return err // no VM is networked (any more): no pool
 	}
