@@ -80,6 +80,10 @@ type Config struct {
 	NetworkGuestCIDR string // network_guest_cidr: every guest's address (first) and gateway (last)
 	NetworkGuestMAC  string // network_guest_mac: every guest's MAC
 	NetworkWarm      int    // network_warm: networks kept made ahead of any VM
+	// NetworkRootNamespace (network_root_namespace): this daemon may network
+	// VMs from the host's initial network namespace (a production daemon on
+	// the host). Off, networking is off there: see network.ErrRootNamespace.
+	NetworkRootNamespace bool
 
 	// OrphansToLostFound is the one-shot --orphans-to-lost-found flag (no
 	// env, no YAML key: it is a recovery step, not a setting): start over a
@@ -237,6 +241,10 @@ func settings() []setting {
 		{"network_egress", "FORKD_NETWORK_EGRESS", "network-egress", "false",
 			"let guests open connections beyond the host, masqueraded behind its addresses (true or false)",
 			boolean(func(c *Config) *bool { return &c.NetworkEgress })},
+		{"network_root_namespace", "FORKD_NETWORK_ROOT_NAMESPACE", "network-root-namespace", "false",
+			"network VMs even when the daemon runs in the host's own (initial) network namespace, as a production daemon does (true or false); " +
+				"off, networking is off there, so a daemon started there by mistake never touches the host's links, routes and rules",
+			boolean(func(c *Config) *bool { return &c.NetworkRootNamespace })},
 		{"network_guest_cidr", "FORKD_NETWORK_GUEST_CIDR", "network-guest-cidr", network.DefaultGuestCIDR,
 			"every guest's network: the guest takes the first usable address, its gateway (the TAP) the last",
 			str(func(c *Config) *string { return &c.NetworkGuestCIDR })},
@@ -582,7 +590,9 @@ func (c Config) NetworkConfig() (network.Config, error) {
 	if mac == "" {
 		mac = network.DefaultGuestMAC
 	}
-	return network.ParseConfig(cidr, guest, mac, c.NetworkEgress, network.Tag(c.DataDir))
+	nc, err := network.ParseConfig(cidr, guest, mac, c.NetworkEgress, network.Tag(c.DataDir))
+	nc.RootNamespace = c.NetworkRootNamespace
+	return nc, err
 }
 
 // tcpAddr returns HOST:PORT of a tcp://HOST:PORT listen address.

@@ -48,6 +48,11 @@ type Config struct {
 	Egress bool
 	// Tag marks every name this daemon creates (Tag(dataDir)).
 	Tag string
+	// RootNamespace lets the Host network VMs from the host's initial
+	// network namespace (network_root_namespace): what a production
+	// daemon on the host itself does. Without it New refuses that
+	// namespace (ErrRootNamespace); see rootns.go.
+	RootNamespace bool
 }
 
 // tagLen is how many hex digits of the data dir's hash a tag keeps. Six

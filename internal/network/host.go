@@ -21,6 +21,9 @@ type Host struct {
 	// daemon is the daemon's network namespace, opened once: every OS
 	// thread not locked inside a VM's namespace is in it.
 	daemon netns.NsHandle
+	// daemonID identifies that namespace, so a handle that stopped naming
+	// it (closed and reused) is caught before a link is moved through it.
+	daemonID nsID
 	// nl is a netlink (route) handle in the daemon's namespace.
 	nl *netlink.Handle
 	// ctl is a datagram socket in the daemon's namespace, for link ioctls.
@@ -31,9 +34,14 @@ type Host struct {
 	closeOnce sync.Once
 }
 
-// New opens a Host for cfg in the calling process's network namespace. It
-// changes nothing on the host.
-func New(cfg Config) (*Host, error) {
+// New opens a Host for cfg in the calling thread's network namespace (the
+// daemon's). It changes nothing on the host. It refuses the host's initial
+// network namespace (ErrRootNamespace) unless cfg.RootNamespace is set.
+func New(cfg Config) (*Host, error) { return newHost(cfg, isInitialNamespace) }
+
+// newHost is New with the test of the initial namespace given (tests make a
+// namespace of their own count as the host's).
+func newHost(cfg Config, initial func(nsID) bool) (*Host, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -42,6 +50,15 @@ func New(cfg Config) (*Host, error) {
 	daemon, err := netns.Get()
 	if err != nil {
 		return nil, fmt.Errorf("network: the daemon's namespace: %w", err)
+	}
+	id, err := nsIDOf(int(daemon))
+	if err != nil {
+		daemon.Close()
+		return nil, fmt.Errorf("network: the daemon's namespace: %w", err)
+	}
+	if initial(id) && !cfg.RootNamespace {
+		daemon.Close()
+		return nil, rootNamespaceError()
 	}
 	nl, err := netlink.NewHandleAt(daemon, unix.NETLINK_ROUTE)
 	if err != nil {
@@ -54,7 +71,7 @@ func New(cfg Config) (*Host, error) {
 		daemon.Close()
 		return nil, fmt.Errorf("network: control socket: %w", err)
 	}
-	return &Host{cfg: cfg, daemon: daemon, nl: nl, ctl: ctl}, nil
+	return &Host{cfg: cfg, daemon: daemon, daemonID: id, nl: nl, ctl: ctl}, nil
 }
 
 // Close releases the Host's handles. Namespaces, links and rules stay: VMs

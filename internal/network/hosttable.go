@@ -39,9 +39,9 @@ type SlotPublishes struct {
 func (h *Host) Init(pubs []SlotPublishes) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	nc, err := nftables.New(nftables.WithNetNSFd(int(h.daemon)))
+	nc, err := h.hostNFT()
 	if err != nil {
-		return fmt.Errorf("network: nftables: %w", err)
+		return err
 	}
 	t, ch := h.hostChains(nc)
 	resetTable(nc, t)
@@ -136,9 +136,9 @@ func (h *Host) AddPublishes(slot int, ps []Publish) error {
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	nc, err := nftables.New(nftables.WithNetNSFd(int(h.daemon)))
+	nc, err := h.hostNFT()
 	if err != nil {
-		return fmt.Errorf("network: nftables: %w", err)
+		return err
 	}
 	if err := h.queueUnpublish(nc, slot); err != nil {
 		return err
@@ -160,9 +160,9 @@ func (h *Host) AddPublishes(slot int, ps []Publish) error {
 func (h *Host) RemovePublishes(slot int) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	nc, err := nftables.New(nftables.WithNetNSFd(int(h.daemon)))
+	nc, err := h.hostNFT()
 	if err != nil {
-		return fmt.Errorf("network: nftables: %w", err)
+		return err
 	}
 	if err := h.queueUnpublish(nc, slot); err != nil {
 		return err
@@ -200,9 +200,9 @@ func (h *Host) queueUnpublish(nc *nftables.Conn, slot int) error {
 func (h *Host) RemoveHostTable() error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	nc, err := nftables.New(nftables.WithNetNSFd(int(h.daemon)))
+	nc, err := h.hostNFT()
 	if err != nil {
-		return fmt.Errorf("network: nftables: %w", err)
+		return err
 	}
 	t, err := nc.ListTableOfFamily(h.cfg.hostTable(), nftables.TableFamilyIPv4)
 	if err != nil || t == nil {
@@ -216,11 +216,11 @@ func (h *Host) RemoveHostTable() error {
 }
 
 func (h *Host) forwarding() error {
-	return doIn(h.daemon, func() error { return writeSysctl("net/ipv4/ip_forward", "1") })
+	return h.inDaemonNS(func() error { return writeSysctl("net/ipv4/ip_forward", "1") })
 }
 
 func (h *Host) routeLocalnet(slot int) error {
-	return doIn(h.daemon, func() error {
+	return h.inDaemonNS(func() error {
 		return writeSysctl("net/ipv4/conf/"+h.cfg.HostVeth(slot)+"/route_localnet", "1")
 	})
 }

@@ -105,7 +105,7 @@ var ErrPortInUse = errors.New("host port in use")
 // host port of ps (a publish would silently steal its connections), or a
 // host IP is not an address of that namespace.
 func (h *Host) CheckPorts(ps []Publish) error {
-	return doIn(h.daemon, func() error {
+	return h.inDaemonNS(func() error {
 		for _, p := range ps {
 			p = p.Normalize()
 			ip := "0.0.0.0"

@@ -23,6 +23,10 @@ func (h *Host) Ensure(slot int) error {
 	if slot < 0 || slot >= h.cfg.Slots() {
 		return fmt.Errorf("network slot %d: outside the pool %s (%d slots)", slot, h.cfg.Pool, h.cfg.Slots())
 	}
+	// The host veth is moved into the namespace h.daemon names.
+	if err := h.checkDaemonNS(); err != nil {
+		return err
+	}
 	path := h.cfg.NamespacePath(slot)
 	var err error
 	if isNamespace(path) {

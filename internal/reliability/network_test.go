@@ -2,6 +2,7 @@ package reliability
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -10,9 +11,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
+
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/network"
 	"github.com/forkd/forkd/internal/network/nettest"
+	"github.com/forkd/forkd/internal/testenv"
 )
 
 // netArgs are the flags of a networked daemon (flags, not environment: a
@@ -259,4 +263,46 @@ func TestRestartRemakesNetworksAHostRebootRemoved(t *testing.T) {
 		t.Fatalf("restore after the rebuild: %v (%+v)", err, in)
 	}
 	checkAll(t, d)
+}
+
+// TestDaemonInTheHostsNamespaceNetworksNothing: a daemon started in the
+// host's own network namespace with the default settings (what every test
+// daemon that is not a networking one is) has networking off: a networked
+// create is refused with the setting that would allow it, and creates,
+// starts, forks and a restart of VMs without a network make no VM link of
+// its tag there (the daemons that once did filled the host with them).
+func TestDaemonInTheHostsNamespaceNetworksNothing(t *testing.T) {
+	if initial, err := network.InInitialNamespace(); err != nil || !initial {
+		testenv.Need(t, testenv.Netns, fmt.Sprintf("this test binary does not run in the host's initial network namespace (%v)", err))
+	}
+	d := newDaemon(t, nil)
+	ctx := ctxT(t, 60*time.Second)
+	on := true
+	_, err := d.Client.CreateInstance(ctx, api.CreateInstanceRequest{Name: "net", MemoryMiB: testMemMiB, BootArgs: testBootArgs,
+		Network: &api.NetworkRequest{Enabled: &on}})
+	if err == nil || !strings.Contains(err.Error(), "network_root_namespace") {
+		t.Fatalf("a networked create on a daemon in the host's namespace: %v; want a refusal naming network_root_namespace", err)
+	}
+	createRunning(t, d.Client, "a")
+	if _, err := d.Client.ForkInstance(ctx, "a", api.ForkRequest{Name: "b", FromRunning: true, TargetState: api.StateRunning}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	d = restart(t, d, nil)
+	createStandby(t, d.Client, "c")
+	tag := network.Tag(d.Spec.DataDir)
+	links, err := netlink.LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range links {
+		if strings.HasPrefix(l.Attrs().Name, "fk"+tag+"-") {
+			t.Errorf("the daemon made VM link %s in the host's namespace", l.Attrs().Name)
+		}
+	}
+	if ns, _ := filepath.Glob("/var/run/netns/forkd-" + tag + "-*"); len(ns) != 0 {
+		t.Errorf("the daemon made VM namespaces %v", ns)
+	}
 }
