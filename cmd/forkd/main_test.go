@@ -26,9 +26,7 @@ func buildForkd(t *testing.T) string {
 }
 
 func TestMain(m *testing.M) {
-	code := m.Run()
-	testenv.RemoveBuild()
-	os.Exit(code)
+	os.Exit(testenv.Main(m))
 }
 
 func TestBinaryHelpAndDemo(t *testing.T) {

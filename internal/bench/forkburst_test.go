@@ -28,9 +28,7 @@ func shortTempDir(t *testing.T) string {
 }
 
 func TestMain(m *testing.M) {
-	code := m.Run()
-	testenv.RemoveBuild()
-	os.Exit(code)
+	os.Exit(testenv.Main(m))
 }
 
 func buildForkd(t *testing.T) string {

@@ -15,6 +15,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/forkd/forkd/internal/testenv"
 )
 
 // childEnv makes the test binary run the emulator's Main instead of the
@@ -29,7 +31,7 @@ func TestMain(m *testing.M) {
 		}
 		os.Exit(0)
 	}
-	os.Exit(m.Run())
+	os.Exit(testenv.Main(m))
 }
 
 // vmmProc is one `forkd vmm` process under test.

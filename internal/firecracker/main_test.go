@@ -26,9 +26,7 @@ func TestMain(m *testing.M) {
 	} else if role != "" {
 		os.Exit(runHelperVMM(role, os.Args[1:]))
 	}
-	code := m.Run()
-	testenv.RemoveBuild()
-	os.Exit(code)
+	os.Exit(testenv.Main(m))
 }
 
 // helperVersion is the release the "serve" helper claims; "old" claims one

@@ -24,9 +24,7 @@ func TestMain(m *testing.M) {
 		// it must make nothing it would have to clean up.
 		os.Exit(crashHelper())
 	}
-	code := m.Run()
-	testenv.RemoveBuild()
-	os.Exit(code)
+	os.Exit(testenv.Main(m))
 }
 
 // forkdBinary is the forkd binary (built once per test process, or

@@ -28,9 +28,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	code := m.Run()
-	testenv.RemoveBuild()
-	os.Exit(code)
+	os.Exit(testenv.Main(m))
 }
 
 // needCgroups stops a test where this host cannot give a jailed VMM its

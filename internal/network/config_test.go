@@ -4,6 +4,8 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+
+	"github.com/forkd/forkd/internal/testenv"
 )
 
 func TestParseConfigRefusesBadRanges(t *testing.T) {
@@ -55,6 +57,12 @@ func TestAddressesAndNames(t *testing.T) {
 	big, _ := ParseConfig("10.0.0.0/8", DefaultGuestCIDR, DefaultGuestMAC, false, "abc123")
 	if n := big.HostVeth(big.Slots() - 1); len(n) > maxLinkName {
 		t.Errorf("largest host veth name %q is %d characters, over %d", n, len(n), maxLinkName)
+	}
+	// The test harness recognises VM links on the host by their name.
+	for _, n := range []string{c.HostVeth(0), c.HostVeth(0x2a), big.HostVeth(big.Slots() - 1)} {
+		if !testenv.IsVMHostLink(n) {
+			t.Errorf("testenv.IsVMHostLink(%q) = false: the host-link check would miss this VM's veth", n)
+		}
 	}
 	if s, ok := slotOfName(c.HostVeth(0x2a), c.linkPrefix()); !ok || s != 0x2a {
 		t.Errorf("slotOfName(%s) = %d, %v", c.HostVeth(0x2a), s, ok)

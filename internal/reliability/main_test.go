@@ -21,9 +21,8 @@ func TestMain(m *testing.M) {
 	if mode := os.Getenv(fakeVMMEnv); mode != "" {
 		os.Exit(fakeVMM(mode, os.Args[1:]))
 	}
-	code := m.Run()
+	code := testenv.Main(m)
 	printFigures()
-	testenv.RemoveBuild()
 	os.Exit(code)
 }
 
