@@ -28,11 +28,7 @@ const (
 	envRootfs      = "FORKD_CONFORMANCE_ROOTFS"      // guest rootfs for real Firecracker
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	testenv.RemoveBuild()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(testenv.Main(m)) }
 
 // target is one VMM the scenarios run against.
 type target struct {
