@@ -20,6 +20,7 @@ import (
 	"github.com/forkd/forkd/internal/datadir"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/memfile"
+	"github.com/forkd/forkd/internal/network"
 	"github.com/forkd/forkd/internal/uffd"
 )
 
@@ -229,7 +230,12 @@ func checkTun(path string) Result {
 		return missing("tun", fmt.Sprintf("%s: %v", path, errors.Unwrap(err)), without)
 	}
 	f.Close()
-	return ok("tun", path+" opens")
+	found := path + " opens"
+	if initial, err := network.InInitialNamespace(); err == nil && initial {
+		// The daemon refuses to network VMs from here unless told to.
+		found += "; this is the host's own network namespace: a daemon here networks VMs only with network_root_namespace: true"
+	}
+	return ok("tun", found)
 }
 
 func checkNftables() Result {
