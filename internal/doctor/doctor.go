@@ -57,6 +57,20 @@ type Options struct {
 	Paths    Paths
 	// LookPath finds a binary (default exec.LookPath; tests give none).
 	LookPath func(string) (string, error)
+	// Jail is how serve would confine VMMs with this configuration.
+	Jail Jail
+	// Root says whether the daemon would run as root (default: this
+	// process's euid is 0).
+	Root *bool
+}
+
+// Jail is the VMM confinement serve would use: the jailer command its
+// vmm_jailer setting resolves to (empty with vmm_jailer none), or why it
+// does not resolve.
+type Jail struct {
+	Setting string   // vmm_jailer as configured
+	Cmd     []string // the resolved jailer (nil: none)
+	Err     error    // the setting does not resolve (no jailer beside firecracker, ...)
 }
 
 // Run runs every check, in the order a user reads them.
@@ -67,6 +81,11 @@ func Run(ctx context.Context, o Options) []Result {
 	if o.Paths == (Paths{}) {
 		o.Paths = HostPaths()
 	}
+	root := os.Geteuid() == 0
+	if o.Root != nil {
+		root = *o.Root
+	}
+	cg := checkCgroups(o.Paths.Mountinfo, len(o.Jail.Cmd) > 0)
 	kvm := checkKVM(o.Paths.KVM)
 	fc := checkFirecracker(ctx, o.LookPath)
 	if kvm.Status == OK && fc.Status == Fail {
@@ -79,13 +98,13 @@ func Run(ctx context.Context, o Options) []Result {
 	return []Result{
 		kvm,
 		fc,
-		checkBinary(ctx, o.LookPath, "jailer", "Firecracker VMMs cannot run under its jailer (forkd runs VMMs unjailed today)"),
+		checkJail(ctx, o.Jail, root, cg),
 		checkUffd(o.Paths.Userfaultfd),
 		checkDataDir(o.DataDir),
 		checkReflink(o.DataDir),
 		checkTun(o.Paths.Tun),
 		checkNftables(),
-		checkCgroups(o.Paths.Mountinfo),
+		cg,
 		checkMemory(o.Paths.Meminfo, o.Capacity),
 		checkDisk(o.DataDir),
 	}
@@ -168,6 +187,35 @@ func checkFirecracker(ctx context.Context, lookPath func(string) (string, error)
 	}
 	r.Found += " (a release forkd drives)"
 	return r
+}
+
+// checkJail says how VMMs would be confined. A jailed daemon needs root and
+// the cpu, memory and pids controllers, or forkd serve refuses to start.
+func checkJail(ctx context.Context, j Jail, root bool, cgroups Result) Result {
+	const check = "jail"
+	const unconfined = "VMMs run as root, unconfined: a guest that escapes into its VMM owns the host (development only)"
+	switch {
+	case j.Err != nil:
+		return Result{Check: check, Status: Fail, Found: j.Err.Error(), Without: "forkd serve refuses to start"}
+	case len(j.Cmd) == 0:
+		return missing(check, "vmm_jailer none", unconfined)
+	case !root:
+		return Result{Check: check, Status: Fail, Found: "not root: a jailer needs root to chroot, make cgroups and drop to a VM's uid",
+			Without: "forkd serve refuses to start with vmm_jailer " + j.Setting + "; run it as root, or set vmm_jailer none (" + unconfined + ")"}
+	case cgroups.Status != OK:
+		return Result{Check: check, Status: Fail, Found: "the jailer needs the cpu, memory and pids controllers: " + cgroups.Found,
+			Without: "forkd serve refuses to start with vmm_jailer " + j.Setting + "; mount them, or set vmm_jailer none (" + unconfined + ")"}
+	}
+	found := strings.Join(j.Cmd, " ")
+	if len(j.Cmd) == 1 { // a jailer binary (Firecracker's): say which release
+		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		if out, err := exec.CommandContext(ctx, j.Cmd[0], "--version").Output(); err == nil {
+			first, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
+			found += ": " + first
+		}
+	}
+	return ok(check, found+"; each VMM runs chrooted in its guest dir under its own uid, cgroups and seccomp filter")
 }
 
 func checkUffd(dev string) Result {
@@ -255,8 +303,11 @@ func checkNftables() Result {
 // checkCgroups finds memory, cpu and pids in the v2 hierarchy or as v1
 // controllers: hosts like this project's run a hybrid layout (v1 memory,
 // cpu, pids; a v2 hierarchy holding only hugetlb).
-func checkCgroups(mountinfo string) Result {
-	const without = "a VMM's memory, CPU and processes cannot be capped by cgroups"
+func checkCgroups(mountinfo string, jailed bool) Result {
+	without := "a VMM's memory, CPU and processes cannot be capped by cgroups"
+	if jailed {
+		without = "jailed VMMs cannot be given their cgroups: forkd serve refuses to start (see jail)"
+	}
 	where, err := cgroupControllers(mountinfo)
 	if err != nil {
 		return missing("cgroups", err.Error(), without)

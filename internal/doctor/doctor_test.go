@@ -17,7 +17,7 @@ import (
 func TestDoctorReportsEveryCheckOnThisHost(t *testing.T) {
 	testenv.NeedRoot(t)
 	rs := Run(context.Background(), Options{DataDir: filepath.Join(t.TempDir(), "data")})
-	want := []string{"kvm", "firecracker", "jailer", "userfaultfd", "data dir", "reflink", "tun", "nf_tables", "cgroups", "memory", "disk"}
+	want := []string{"kvm", "firecracker", "jail", "userfaultfd", "data dir", "reflink", "tun", "nf_tables", "cgroups", "memory", "disk"}
 	if len(rs) != len(want) {
 		t.Fatalf("%d checks, want %d: %+v", len(rs), len(want), rs)
 	}
@@ -106,7 +106,7 @@ func TestCgroupControllersReadsAHybridLayout(t *testing.T) {
 			t.Errorf("%s: %q, want %q", c, got[c], w)
 		}
 	}
-	if r := checkCgroups(mi); r.Status != OK {
+	if r := checkCgroups(mi, true); r.Status != OK {
 		t.Errorf("checkCgroups on the hybrid layout: %+v", r)
 	}
 }
@@ -132,6 +132,34 @@ func TestDoctorHoldsFirecrackerToTheReleasesForkdDrives(t *testing.T) {
 			t.Errorf("firecracker %s: %+v; want ok, a release forkd drives", tc.version, r)
 		case !tc.ok && (r.Status != Fail || !strings.Contains(r.Without, "install Firecracker 1.10")):
 			t.Errorf("firecracker %s: %+v; want fail, saying which releases to install", tc.version, r)
+		}
+	}
+}
+
+// A jailed daemon needs root and the cpu, memory and pids controllers, or
+// serve refuses to start: doctor fails then, and says what to do. An
+// unconfined one is only a warning. A usable jailer is the twin.
+func TestDoctorChecksWhatTheJailNeeds(t *testing.T) {
+	cgOK := Result{Check: "cgroups", Status: OK, Found: "memory (v1), cpu (v1), pids (v1)"}
+	cgNo := Result{Check: "cgroups", Status: Missing, Found: "have memory (v1); no cpu, pids"}
+	jailer := []string{"/usr/bin/forkd", "jailer"}
+	for _, tc := range []struct {
+		name   string
+		j      Jail
+		root   bool
+		cg     Result
+		status string
+		says   string
+	}{
+		{"usable", Jail{Setting: "auto", Cmd: jailer}, true, cgOK, OK, "own uid"},
+		{"none", Jail{Setting: "none"}, true, cgOK, Missing, "unconfined"},
+		{"unresolved", Jail{Setting: "auto", Err: errors.New("vmm_jailer auto: no jailer beside /usr/bin/firecracker")}, true, cgOK, Fail, "refuses to start"},
+		{"not root", Jail{Setting: "auto", Cmd: jailer}, false, cgOK, Fail, "run it as root"},
+		{"no controllers", Jail{Setting: "auto", Cmd: jailer}, true, cgNo, Fail, "mount them"},
+	} {
+		r := checkJail(context.Background(), tc.j, tc.root, tc.cg)
+		if r.Status != tc.status || !strings.Contains(r.Found+r.Without, tc.says) {
+			t.Errorf("%s: %+v; want %s, saying %q", tc.name, r, tc.status, tc.says)
 		}
 	}
 }
