@@ -21,8 +21,8 @@ import (
 // as a stranger.
 var ErrStoreLost = errors.New("the store has no records of the VMs in the data dir")
 
-// makeDataSubdirs makes the data dir's jail/, jail/<exec>/, snapshots/,
-// pager/, images/ and prefetch/ and refuses one that exists but is not a
+// makeDataSubdirs makes the data dir's jail/, jail/<exec>/, exec/,
+// snapshots/, pager/, images/ and prefetch/ and refuses one that exists but is not a
 // real directory (a symlink there would send every create, and every
 // reconciler removal, into whatever directory it names) or that someone
 // other than the daemon's uid owns or can write (datadir.Check).
@@ -30,11 +30,12 @@ func makeDataSubdirs(l guestdir.Layout) error {
 	if err := os.MkdirAll(l.Root(), 0o700); err != nil {
 		return fmt.Errorf("data dir: %w", err)
 	}
-	for _, d := range []string{l.JailBase(), l.JailsDir(), l.SnapshotsDir(), l.PagerRoot(), l.ImagesDir(), l.PrefetchDir()} {
+	for _, d := range []string{l.JailBase(), l.JailsDir(), l.ExecDir(), l.SnapshotsDir(), l.PagerRoot(), l.ImagesDir(), l.PrefetchDir()} {
 		// jail/ is root's alone: a jailed VMM's directory lies below it,
-		// and no VMM needs to reach it from outside its jail.
+		// and no VMM needs to reach it from outside its jail; exec/ holds
+		// the file every jailer copies or links into a jail.
 		perm := os.FileMode(0o755)
-		if d == l.JailBase() || d == l.JailsDir() {
+		if d == l.JailBase() || d == l.JailsDir() || d == l.ExecDir() {
 			perm = 0o700
 		}
 		if err := os.Mkdir(d, perm); err != nil && !errors.Is(err, os.ErrExist) {

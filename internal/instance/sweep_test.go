@@ -127,13 +127,14 @@ func keys(m map[string]string) []string {
 	return out
 }
 
-// Finding: with `guests` (or `snapshots`) a symlink to another directory,
-// forkd created guest dirs in its target, and the next start deleted the
-// unrelated files it found there. Now a start over such a data dir is
-// refused, and symlinks forkd finds under jail/<exec>/, snapshots/ or an
-// old guests/ are moved aside as links: their targets are never touched.
+// Finding: with `guests` (or `snapshots`, or any dir forkd makes at the top
+// of its data dir) a symlink to another directory, forkd created guest dirs
+// in its target, and the next start deleted the unrelated files it found
+// there. Now a start over such a data dir is refused, and symlinks forkd
+// finds under jail/<exec>/, snapshots/ or an old guests/ are moved aside as
+// links: their targets are never touched.
 func TestReconcilerNeverFollowsASymlink(t *testing.T) {
-	for _, sub := range []string{"jail", "jail/forkd-vmm", "snapshots", "pager", "guests"} {
+	for _, sub := range []string{"jail", "jail/forkd-vmm", "exec", "snapshots", "pager", "images", "prefetch", "guests"} {
 		t.Run(sub+" is a symlink", func(t *testing.T) {
 			dir := shortDir(t)
 			if err := os.MkdirAll(filepath.Dir(filepath.Join(dir, sub)), 0o700); err != nil {
