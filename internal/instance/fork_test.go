@@ -470,3 +470,84 @@ func latestOrBase(t *testing.T, m *Manager, id string) string {
 	}
 	return g.Latest().Memory()
 }
+
+// A fork and a store snapshot hardlink their source's sealed vmstate, and
+// the source's next standby makes its VMM write a vmstate at that very
+// path, in place, as Firecracker does (create|write|truncate; the emulator
+// does the same). The vmstate guard unlinks the path first, so the VMM
+// makes a new inode and the fork and the store keep their vmstate byte for
+// byte, and the fork restores with its memory intact, jailed or not. The twins switch the guard off. Unjailed, the VMM
+// (root) rewrites the fork's vmstate in place: the corruption the guard
+// prevents. Jailed, sealing is the second line: the VMM's uid cannot open
+// the sealed inode for writing, so the standby fails and the fork's
+// vmstate is untouched.
+func TestForkKeepsItsVMStateWhenItsSourceStandsByAgain(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		guard, jailed bool
+	}{
+		{"guarded/jailed", true, true},
+		{"guarded/unjailed", true, false},
+		{"guard off/unjailed (twin: corrupts the fork)", false, false},
+		{"guard off/jailed (twin: sealing refuses the write)", false, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := newTestManager(t, func(c *Config) {
+				c.DisableVMStateGuard = !tc.guard
+				if !tc.jailed {
+					unjailed(c)
+				}
+			})
+			src := createRunning(t, m, "src")
+			action(t, m, "src", "standby")
+			kid := fork(t, m, "src", api.ForkRequest{Name: "kid"})
+			sn, err := m.CreateSnapshot(context.Background(), "src", api.SnapshotRequest{Name: "snap"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			gs, _ := m.layout.Guest(src.ID)
+			gk, _ := m.layout.Guest(kid.ID)
+			sd, _ := m.layout.Snapshot(sn.ID)
+			before := fingerprint(t, gk.Latest().VMState())
+			for what, p := range map[string]string{"source": gs.Latest().VMState(), "store snapshot": sd.VMState()} {
+				if s := fingerprint(t, p); s.ino != before.ino || before.nlink < 3 {
+					t.Fatalf("fork's vmstate inode %d (nlink %d), %s's %d: want one inode linked by the source, the fork and the store", before.ino, before.nlink, what, s.ino)
+				}
+			}
+			// The source runs on the linked files (restore renames latest to
+			// base) and stands by again: its VMM writes the vmstate anew.
+			action(t, m, "src", "restore")
+			runGuest(t, m, src.ID, 100)
+			_, err = m.Action(context.Background(), src.ID, "standby", api.ActionRequest{})
+			after := fingerprint(t, gk.Latest().VMState())
+			if stored := fingerprint(t, sd.VMState()); stored != after {
+				t.Fatalf("the store snapshot's vmstate %+v and the fork's %+v are no longer one inode", stored, after)
+			}
+			switch {
+			case !tc.guard && !tc.jailed:
+				if err != nil {
+					t.Fatalf("standby with the guard off, unjailed: %v", err)
+				}
+				if after.sum == before.sum {
+					t.Fatal("with the vmstate guard off the source's standby left the fork's vmstate alone: the emulator does not write it in place as Firecracker does, so this test cannot see what the guard prevents")
+				}
+				return
+			case !tc.guard:
+				if err == nil {
+					t.Fatal("with the vmstate guard off a jailed VMM wrote its snapshot over a sealed vmstate that a fork links")
+				}
+				if after.sum != before.sum {
+					t.Fatalf("a jailed VMM rewrote a sealed vmstate a fork links (standby: %v)", err)
+				}
+				t.Logf("refused as it must be: %v", err)
+			case err != nil:
+				t.Fatalf("standby: %v", err)
+			}
+			if after.ino != before.ino || after.sum != before.sum || after.nlink != before.nlink-1 {
+				t.Fatalf("fork's vmstate after its source's standby: %+v, want the same inode and bytes (%+v) with one link fewer", after, before)
+			}
+			action(t, m, "kid", "restore")
+			verifyGuest(t, m, kid.ID)
+		})
+	}
+}

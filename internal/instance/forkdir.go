@@ -15,8 +15,9 @@ import (
 
 // buildForkDir fills a fork's temp guest dir: the mem-file shared (hardlink:
 // zero I/O, one inode and page cache for all siblings; clone only when
-// linking fails; or per fork_strategy, see shareMemFile), the kernel linked
-// too, vmstate and disk cloned (reflink first). Nothing is fsynced: it returns the new inodes
+// linking fails; or per fork_strategy, see shareMemFile), the vmstate and
+// kernel linked too (the files a fork only reads), the disk cloned (reflink
+// first): the one file a fork writes. Nothing is fsynced: it returns the new inodes
 // (clones, copies) for the caller to make durable with the dir, at once
 // (syncForkTree). shared, when set, is called as soon as
 // the mem-file is shared (or at once for a fork without memory), when the
@@ -47,9 +48,8 @@ func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memf
 	}
 	shared(res)
 	// Every source is opened with no symlink below the data dir (a live
-	// source's VMM owns its dir) and cloned from that handle. The vmstate
-	// is sealed (the fork's VMM only reads it; its own snapshot writes a
-	// new one), the disk the fork's alone (given to its VMM's uid at
+	// source's VMM owns its dir) and linked or cloned from that handle. The
+	// disk is cloned: it is the fork's alone (given to its VMM's uid at
 	// launch).
 	clone := func(what, src, dst string, perm os.FileMode) error {
 		if _, err := m.cloneFrom(what, src, dst, perm, false); err != nil {
@@ -59,8 +59,16 @@ func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memf
 		return nil
 	}
 	if f.from != nil {
-		if err := clone("vmstate", f.from.VMState(), tmp.Latest().VMState(), sealMode); err != nil {
+		// The vmstate is only ever read (a VMM loads it); its one writer,
+		// a snapshot create, never rewrites an existing inode
+		// (writeSnapshot's vmstate guard): link it like the mem-file, if
+		// it is sealed (shareFrom; a live fork's fresh base is cloned).
+		vres, err := m.shareFrom("vmstate", f.from.VMState(), tmp.Latest().VMState(), false)
+		if err != nil {
 			return res, nil, err
+		}
+		if vres.Mode != memfile.ModeHardlink {
+			fresh = append(fresh, tmp.Latest().VMState())
 		}
 	}
 	if f.kernel != "" {

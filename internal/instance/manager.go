@@ -110,6 +110,11 @@ type Config struct {
 	// diff-write a mem-file another VM maps). It exists only so a test can
 	// show the corruption the guard prevents; never set it elsewhere.
 	DisableUnshareGuard bool
+	// DisableVMStateGuard lets a VMM write a snapshot's vmstate over the
+	// existing file in place, as Firecracker's snapshot create does, even
+	// when a fork links it (see writeSnapshot). It exists only so a test can
+	// show the corruption the guard prevents; never set it elsewhere.
+	DisableVMStateGuard bool
 }
 
 const defaultPagerCacheBytes = 512 << 20

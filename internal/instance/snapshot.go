@@ -204,8 +204,8 @@ func (m *Manager) updateBaseLive(ctx context.Context, o *op, in *store.Instance,
 }
 
 // storeFiles builds snapshot id in a temp dir from a guest's snapshot dir
-// (hardlink the mem-file, copy the vmstate, clone kernel and disk, write
-// meta.json) and renames it into place.
+// (link the mem-file, vmstate and kernel when sealed, else clone them; clone
+// the disk; write meta.json) and renames it into place.
 func (m *Manager) storeFiles(g guestdir.Guest, from guestdir.SnapDir, id string) error {
 	tmp, err := m.layout.TempSnapshot(id)
 	if err != nil {
@@ -225,7 +225,9 @@ func (m *Manager) storeFiles(g guestdir.Guest, from guestdir.SnapDir, id string)
 		return err
 	}
 	m.countFallback(res, "snapshot", id)
-	if _, err := m.cloneFrom("vmstate", from.VMState(), tmp.VMState(), sealMode, true); err != nil {
+	// The vmstate too: it is only read, and its one writer, the source's
+	// next snapshot create, writes a new inode (the vmstate guard).
+	if _, err := m.shareFrom("vmstate", from.VMState(), tmp.VMState(), true); err != nil {
 		return err
 	}
 	if _, err := os.Lstat(g.Kernel()); err == nil {

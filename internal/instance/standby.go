@@ -218,9 +218,21 @@ func (m *Manager) writeSnapshot(ctx context.Context, o *op, c *firecracker.Clien
 	case !errors.Is(err, unix.ENOENT):
 		return "", fmt.Errorf("diff base %s: %w", dir.Memory(), err)
 	}
-	// The VMM writes a new vmstate: never into an inode a fork may link.
-	if err := unix.Unlinkat(int(d.Fd()), filepath.Base(dir.VMState()), 0); err != nil && !errors.Is(err, unix.ENOENT) {
-		return "", fmt.Errorf("snapshot into %s: remove the old vmstate: %w", dir.Dir, err)
+	// Never let a VMM rewrite a vmstate another VM links (the vmstate
+	// guard): forks and the store link the vmstate they only read, and
+	// Firecracker's snapshot create opens the vmstate path with
+	// create|write|truncate and writes it in place. So the path must name
+	// no inode when the VMM opens it: unlink it, and the VMM makes a new
+	// inode while the links keep the old bytes. (Unlike the mem-file, whose
+	// Diff writes into the existing file and so needs the private copy
+	// above, the vmstate is written whole.) The unlink is made durable with
+	// the snapshot (the dir's fsync below); a crash before that drops this
+	// dir anyway. Sealing (inodes.go) is the second line: a jailed VMM could
+	// not open a sealed vmstate for writing, an unjailed one (root) could.
+	if !m.cfg.DisableVMStateGuard {
+		if err := unix.Unlinkat(int(d.Fd()), filepath.Base(dir.VMState()), 0); err != nil && !errors.Is(err, unix.ENOENT) {
+			return "", fmt.Errorf("snapshot into %s: remove the old vmstate: %w", dir.Dir, err)
+		}
 	}
 	if err := d.Chown(uid, uid); err != nil {
 		return "", fmt.Errorf("snapshot into %s: %w", dir.Dir, err)
