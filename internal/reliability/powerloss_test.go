@@ -135,6 +135,20 @@ func powerOn(fs *testfs.FS) error {
 	if err != nil {
 		return fmt.Errorf("power on: %w", err)
 	}
+	// Our umount drops our mount, not the superblock: a mount namespace
+	// made meanwhile (a jailer's, anywhere on the machine, holds a copy of
+	// every mount until it pivots away from them) keeps the shut-down
+	// filesystem alive, and a mount now would get that one back. Wait for
+	// the superblock to go (its /sys/fs/<kind>/<device> entry with it).
+	sb := filepath.Join("/sys/fs", string(fs.Kind), filepath.Base(fs.Device))
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(50 * time.Millisecond) {
+		if _, err := os.Stat(sb); os.IsNotExist(err) {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("power on: %s still alive a minute after its umount (another mount namespace holds it)", sb)
+		}
+	}
 	return exec2("mount", "-t", string(fs.Kind), fs.Device, fs.Dir)
 }
 
