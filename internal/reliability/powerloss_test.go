@@ -355,6 +355,7 @@ func runPowerCase(t *testing.T, kind testfs.Kind, pc powerCase) powerResult {
 		wantOf[names[i]] = want
 	}
 	var srcWant map[string]string // the source's second snapshot (restandby)
+	var stored guestdir.SnapDir   // a store snapshot of it, made inside the cut's window
 	if pc.at == "" {
 		for i, n := range names {
 			if pc.restandby && i == 1 {
@@ -365,6 +366,12 @@ func runPowerCase(t *testing.T, kind testfs.Kind, pc powerCase) powerResult {
 				if srcWant["vmstate"] == want["vmstate"] || srcWant["memory"] == want["memory"] {
 					t.Fatal("the source's second standby wrote the same vmstate or mem-file as its first: the case would show nothing")
 				}
+				// The store links the sealed vmstate and mem-file too.
+				sn, err := d.Client.CreateSnapshot(ctx, "src", api.SnapshotRequest{Name: "snap2"})
+				if err != nil {
+					t.Fatal(err)
+				}
+				stored, _ = d.Layout.Snapshot(sn.ID)
 			}
 			if srcWant != nil {
 				wantOf[n] = srcWant
@@ -451,6 +458,11 @@ func runPowerCase(t *testing.T, kind testfs.Kind, pc powerCase) powerResult {
 		for _, what := range []string{"memory", "vmstate"} {
 			if sum := fileSum(t, forkFiles(g.Latest(), "", "")[what]); sum != srcWant[what] {
 				bad("source: %s does not hold what its acknowledged standby wrote", what)
+			}
+			if _, err := d.Client.GetSnapshot(ctxT(t, 10*time.Second), "snap2"); err != nil {
+				bad("store snapshot snap2 was acknowledged before the power cut and is gone: %v", err)
+			} else if sum := fileSum(t, forkFiles(stored, "", "")[what]); sum != srcWant[what] {
+				bad("store snapshot snap2: %s does not hold its source's bytes", what)
 			}
 		}
 	}
