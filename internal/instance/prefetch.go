@@ -258,6 +258,9 @@ func (r *prefetchRun) release() {
 		r.mem = nil
 	}
 	if r.claimed {
+		// A hold point for tests (their faultHook can keep the claim
+		// taken); it injects no error.
+		_ = r.m.fault("prefetch:release-claim")
 		r.m.pfs.mu.Lock()
 		delete(r.m.pfs.recording, r.key)
 		r.m.pfs.mu.Unlock()

@@ -217,6 +217,15 @@ func TestOnlyOneRestoreOfAKeyRecords(t *testing.T) {
 	for i := range 3 {
 		ids = append(ids, fork(t, m, "src", api.ForkRequest{Name: fmt.Sprintf("f%d", i)}).ID)
 	}
+	// The recording restore keeps its claim until all three restores have
+	// returned, however slowly the machine runs them: the test is about
+	// restores that overlap a recording, not about how long one lasts.
+	restored := make(chan struct{})
+	m.faultHook = func(point string) {
+		if point == "prefetch:release-claim" {
+			<-restored
+		}
+	}
 	var wg sync.WaitGroup
 	for _, id := range ids {
 		wg.Go(func() {
@@ -226,6 +235,7 @@ func TestOnlyOneRestoreOfAKeyRecords(t *testing.T) {
 		})
 	}
 	wg.Wait()
+	close(restored)
 	modes := map[string]int{}
 	for _, id := range ids {
 		modes[waitPrefetch(t, m, id).Mode]++
