@@ -31,6 +31,15 @@ const (
 // maxErrorBody caps how much of an error body is kept in an APIError.
 const maxErrorBody = 8 << 10
 
+// A VMM may be hostile (a guest that escaped into it), so the daemon reads
+// no more of its answers than Firecracker ever sends: its largest, GET
+// /vm/config, is a few KiB. An answer over maxAnswerBody is refused, not
+// read; headers over maxAnswerHeader fail the call.
+const (
+	maxAnswerBody   = 1 << 20
+	maxAnswerHeader = 64 << 10
+)
+
 // Client speaks Firecracker's HTTP API over one VMM's Unix socket. It is
 // safe for concurrent use; Firecracker serves one request at a time, so
 // concurrent calls queue in the VMM.
@@ -64,10 +73,11 @@ func newClient(apiSock string, t Timeouts) *Client {
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			return dialUnix(ctx, apiSock)
 		},
-		MaxIdleConns:        2,
-		MaxIdleConnsPerHost: 2,
-		IdleConnTimeout:     30 * time.Second,
-		DisableCompression:  true,
+		MaxIdleConns:           2,
+		MaxIdleConnsPerHost:    2,
+		IdleConnTimeout:        30 * time.Second,
+		DisableCompression:     true,
+		MaxResponseHeaderBytes: maxAnswerHeader,
 	}
 	return &Client{apiSock: apiSock, http: &http.Client{Transport: transport}, timeouts: t}
 }
@@ -270,9 +280,12 @@ func (c *Client) do(ctx context.Context, timeout time.Duration, method, path str
 		raw, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody))
 		return &APIError{Method: method, Path: path, Status: resp.StatusCode, FaultMessage: faultMessage(raw)}
 	}
-	raw, err := io.ReadAll(resp.Body)
+	raw, err := io.ReadAll(io.LimitReader(resp.Body, maxAnswerBody+1))
 	if err != nil {
 		return fmt.Errorf("firecracker %s %s: read answer: %w", method, path, err)
+	}
+	if len(raw) > maxAnswerBody {
+		return fmt.Errorf("firecracker %s %s on %s: answer over %d bytes: no Firecracker answer is that large; refused", method, path, c.apiSock, maxAnswerBody)
 	}
 	if out == nil || len(bytes.TrimSpace(raw)) == 0 {
 		if out != nil && resp.StatusCode != http.StatusNoContent {

@@ -237,6 +237,21 @@ func TestClientBoundsEachCall(t *testing.T) {
 	}
 }
 
+// A hostile VMM (a guest escaped into it) cannot make the daemon read an
+// endless answer: one over the cap fails the call after at most the cap
+// plus a byte; one under it decodes (the twin).
+func TestClientRefusesAnOversizedAnswer(t *testing.T) {
+	pad := func(n int) string { return `{"state":"Running","id":"` + strings.Repeat("x", n) + `"}` }
+	big := startFakeVMM(t, 200, pad(maxAnswerBody))
+	if _, err := NewClient(big.sock).Describe(context.Background()); err == nil || !strings.Contains(err.Error(), "answer over") {
+		t.Errorf("Describe of a %d-byte answer: %v, want a refusal", maxAnswerBody+30, err)
+	}
+	small := startFakeVMM(t, 200, pad(maxAnswerBody-100))
+	if _, err := NewClient(small.sock).Describe(context.Background()); err != nil {
+		t.Errorf("Describe of an answer under the cap: %v", err)
+	}
+}
+
 func TestClientHonoursCallerContext(t *testing.T) {
 	f := startBlockingVMM(t)
 	ctx, cancel := context.WithCancel(context.Background())
