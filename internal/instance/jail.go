@@ -1,9 +1,11 @@
 package instance
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,6 +20,7 @@ import (
 	"github.com/forkd/forkd/internal/jail"
 	"github.com/forkd/forkd/internal/network"
 	"github.com/forkd/forkd/internal/store"
+	"golang.org/x/sys/unix"
 )
 
 // JailConfig says how the manager confines each VMM (the vmm_jailer,
@@ -123,13 +126,57 @@ func newJailer(cfg JailConfig, l guestdir.Layout, vmm VMMSpec) (*jailer, error) 
 	}
 	return &jailer{
 		cmd: slices.Clone(cfg.Jailer), uids: jail.NewUIDs(cfg.UIDs), overhead: cfg.MemoryOverhead,
-		mounts: mounts, version: version, parent: "forkd-" + network.Tag(l.Root()), isolated: ns,
+		mounts: mounts, version: version, parent: jailParentCgroup(l), isolated: ns,
 	}, nil
 }
 
-func (j *jailer) close() {
-	if j != nil && j.isolated != nil {
+// jailParentCgroup is the cgroup below which a data dir's VMMs get theirs
+// (forkd-<tag>, in every controller): one per data dir, so two daemons'
+// VMMs never meet in one.
+func jailParentCgroup(l guestdir.Layout) string { return "forkd-" + network.Tag(l.Root()) }
+
+// RemoveJailCgroups removes every VMM cgroup of data dir l and its parent
+// cgroups, waiting (until ctx ends) for VMMs just killed to leave theirs:
+// for whoever tears a data dir down for good (a test's cleanup). A cgroup
+// that still holds a process when ctx ends is an error naming it.
+func RemoveJailCgroups(ctx context.Context, l guestdir.Layout) error {
+	mounts, err := jail.ReadMounts(jail.ProcMounts)
+	if err != nil {
+		return err
+	}
+	version, err := mounts.Version(jail.Controllers...)
+	if err != nil {
+		return err
+	}
+	parent := jailParentCgroup(l)
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		err := mounts.RemoveTree(version, parent, jail.Controllers)
+		if !errors.Is(err, unix.EBUSY) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-tick.C:
+		}
+	}
+}
+
+// close lets go of the empty network namespace and removes the data dir's
+// parent cgroups (forkd-<tag>) if no VMM cgroup is left below them: VMMs
+// that outlive the daemon keep theirs, and the next start's reconciler
+// removes what their deaths leave.
+func (j *jailer) close(log *slog.Logger) {
+	if j == nil {
+		return
+	}
+	if j.isolated != nil {
 		j.isolated.Close()
+	}
+	if err := j.mounts.RemoveParent(j.version, j.parent, jail.Controllers); err != nil {
+		log.Warn("remove the data dir's parent cgroups", "err", err)
 	}
 }
 

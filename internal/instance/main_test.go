@@ -14,6 +14,7 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/firecracker"
+	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/jail"
 	"github.com/forkd/forkd/internal/testenv"
 )
@@ -254,6 +255,19 @@ func baseMem(t *testing.T, m *Manager, id string) string {
 func testJail(tb testing.TB, dir string) JailConfig {
 	tb.Helper()
 	testenv.NeedJail(tb, jail.HostCgroups)
+	// Registered before the manager's own cleanup, so it runs after it:
+	// the VMMs are gone by then.
+	tb.Cleanup(func() {
+		l, err := guestdir.New(dir)
+		if err == nil {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			err = RemoveJailCgroups(ctx, l)
+		}
+		if err != nil {
+			tb.Errorf("cleanup: the test's VMM cgroups: %v", err)
+		}
+	})
 	r, err := jail.ParseUIDRange(testenv.JailUIDRange(dir))
 	if err != nil {
 		tb.Fatal(err)

@@ -270,7 +270,7 @@ func New(ctx context.Context, cfg Config) (_ *Manager, err error) {
 		}
 		defer func() {
 			if err != nil {
-				jl.close()
+				jl.close(cfg.Logger)
 			}
 		}()
 	} else {
@@ -370,7 +370,7 @@ func (m *Manager) Close() error {
 		m.cfg.Network.Close()
 	}
 	m.images.Close()
-	m.jail.close()
+	m.jail.close(m.log)
 	return m.db.Close()
 }
 

@@ -11,6 +11,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // ProcMounts is where cgroup hierarchies are found, as the jailer finds
@@ -248,6 +250,58 @@ func (c Cgroup) Remove() error {
 	return errors.Join(errs...)
 }
 
+// RemoveParent removes the cgroup <mount>/<parent> of each controller
+// once nothing is below it: the daemon at exit, when its last VMM is gone.
+// One that still holds a VMM's cgroup (a VMM outlives its daemon by
+// design) is left, and that is not an error.
+func (m Mounts) RemoveParent(version int, parent string, controllers []string) error {
+	cg, err := m.Locate(version, parent, "", controllers)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, d := range cg.dirs() {
+		if err := os.Remove(d); err != nil && !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, unix.EBUSY) {
+			errs = append(errs, fmt.Errorf("remove cgroup %s: %w", d, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// RemoveTree removes every VMM cgroup below <mount>/<parent> of each
+// controller, then the parent: what a data dir's VMMs leave once all of
+// them are gone (a test's cleanup; a daemon killed before its VMMs were
+// released). A cgroup that still holds a process cannot be removed: its
+// error names it (errors.Is EBUSY), and the rest are still removed.
+func (m Mounts) RemoveTree(version int, parent string, controllers []string) error {
+	cg, err := m.Locate(version, parent, "", controllers)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, d := range cg.dirs() {
+		ents, err := os.ReadDir(d)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("list cgroup %s: %w", d, err))
+			continue
+		}
+		for _, e := range ents {
+			if e.IsDir() {
+				if err := os.Remove(filepath.Join(d, e.Name())); err != nil && !errors.Is(err, fs.ErrNotExist) {
+					errs = append(errs, fmt.Errorf("remove cgroup %s: %w", filepath.Join(d, e.Name()), err))
+				}
+			}
+		}
+		if err := os.Remove(d); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("remove cgroup %s: %w", d, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // setupCgroups is the jailer's cgroup step: create <mount>/<parent>/<id>
 // for each controller a setting names, write the settings (a value the new
 // cgroup starts empty with, like cpuset's, first inherits its parent's),
@@ -375,7 +429,10 @@ func inheritIfEmpty(dir, file string, depth int) error {
 
 // writeFile writes one value to a cgroup (or proc) file, which must exist.
 func writeFile(path, value string) error {
-	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	// O_APPEND changes nothing for a cgroup file (each write is one
+	// command, as with a shell's >>) and lets a test's plain-file tree
+	// keep every write.
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
 	if err != nil {
 		return err
 	}

@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -94,5 +95,51 @@ func TestOOMKillsReadsEachVersionsCounter(t *testing.T) {
 	}
 	if _, err := (Cgroup{Version: 1, Dirs: map[string]string{"memory": t.TempDir()}}).OOMKills(); err == nil {
 		t.Error("a cgroup without its counter file read without error")
+	}
+}
+
+// The jailer's v2 path, against a cgroup2 tree laid out as the kernel
+// makes one (this project's hybrid hosts cannot give v2 the cpu, memory and
+// pids controllers, which v1 holds): each controller enabled in
+// cgroup.subtree_control from the root down to the parent, the v2 files
+// written in the VMM's cgroup, the process moved in. On the hybrid layout
+// (cgroup2 with hugetlb only) the same v2 request is refused naming the
+// controller, never silently put in v1.
+func TestSetupCgroupsV2WritesTheUnifiedFiles(t *testing.T) {
+	m := writeMounts(t, "cpu memory pids hugetlb")
+	cgFiles := []string{"cgroup.procs", "cgroup.subtree_control", "cpu.max", "memory.max", "pids.max"}
+	for _, dir := range []string{m.Unified, filepath.Join(m.Unified, "forkd-x"), filepath.Join(m.Unified, "forkd-x", "vm1")} {
+		os.MkdirAll(dir, 0o755)
+		for _, f := range cgFiles {
+			os.WriteFile(filepath.Join(dir, f), nil, 0o644)
+		}
+	}
+	a := Args{ID: "vm1", CgroupVersion: 2, ParentCgroup: "forkd-x",
+		Cgroups: Settings(2, Limits{VCPUs: 2, MemoryBytes: 300 << 20, Pids: 64})}
+	if err := setupCgroups(m, a); err != nil {
+		t.Fatal(err)
+	}
+	read := func(p ...string) string {
+		b, _ := os.ReadFile(filepath.Join(append([]string{m.Unified}, p...)...))
+		return string(b)
+	}
+	for _, dir := range []string{"", "forkd-x"} {
+		for _, c := range Controllers {
+			if !strings.Contains(read(dir, "cgroup.subtree_control"), "+"+c+"\n") {
+				t.Errorf("%s/cgroup.subtree_control = %q, want +%s written", dir, read(dir, "cgroup.subtree_control"), c)
+			}
+		}
+	}
+	for file, want := range map[string]string{"cpu.max": "200000 100000\n", "memory.max": "314572800\n", "pids.max": "64\n",
+		"cgroup.procs": strconv.Itoa(os.Getpid()) + "\n"} {
+		if got := read("forkd-x", "vm1", file); got != want {
+			t.Errorf("forkd-x/vm1/%s = %q, want %q", file, got, want)
+		}
+	}
+
+	hybrid := writeMounts(t, "hugetlb")
+	err := setupCgroups(hybrid, a)
+	if err == nil || !strings.Contains(err.Error(), `"cpu" is not available`) {
+		t.Errorf("v2 on a hybrid host: %v, want a refusal naming the controller", err)
 	}
 }
