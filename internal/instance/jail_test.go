@@ -169,10 +169,15 @@ func TestEveryVMMIsJailed(t *testing.T) {
 		verifyGuest(t, m, in.ID)
 	}
 
-	plain := newTestManager(t, unjailed)
+	// The twin: an unjailed VMM without its seccomp filter fails every
+	// one of the checks.
+	plain := newTestManager(t, unjailed, func(c *Config) { c.VMM.Args = append(c.VMM.Args, "--no-seccomp") })
 	in := createRunning(t, plain, "plain")
-	if bad := jailViolations(t, plain, in.ID, in.Pid, in.MemoryMiB); len(bad) < 4 {
-		t.Errorf("an unjailed VMM passes the jail checks (%v): they cannot fail", bad)
+	bad := strings.Join(jailViolations(t, plain, in.ID, in.Pid, in.MemoryMiB), "; ")
+	for _, check := range []string{"Uid has a 0", "Gid has a 0", "Seccomp: 0", "root is not its guest dir", "daemon's network namespace", "memory limit"} {
+		if !strings.Contains(bad, check) {
+			t.Errorf("an unconfined VMM passes the %q check (found: %s): that check cannot fail", check, bad)
+		}
 	}
 	if h := plain.Health(); h.Jailer != "none" || len(h.Warnings) == 0 {
 		t.Errorf("Health of an unjailed manager = %+v, want jailer none with a warning", h)
@@ -364,5 +369,77 @@ func checkJailFreed(t *testing.T, m *Manager, id string) {
 	g, _ := m.layout.Guest(id)
 	if _, err := os.Lstat(g.DevDir()); err == nil {
 		t.Errorf("%s left after its VMM died", g.DevDir())
+	}
+}
+
+// A running VMM owns its guest dir, so a compromised one can swap any name
+// there for a symlink to what it must never reach, or for a FIFO that
+// would hang a reader. Nothing the daemon then does with that VM follows
+// or blocks on one: a live snapshot and a live fork (which clone its disk)
+// are refused naming the file, build nothing and leave the VM Running; no
+// file under the data dir ever gets the target's bytes; the target keeps
+// its one link; and once the VMM is gone the plant is removed
+// (sanitizeGuest). The twin: a plain open of the planted name does reach
+// the target, so the refusals are what stops it.
+func TestAHostileVMMsPlantsReachNothing(t *testing.T) {
+	secret := filepath.Join(t.TempDir(), "secret")
+	want := bytes.Repeat([]byte("host secret "), 512)
+	if err := os.WriteFile(secret, want, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, plant := range []string{"symlink", "fifo"} {
+		t.Run(plant, func(t *testing.T) {
+			m := newTestManager(t)
+			ctx := context.Background()
+			vm := createRunning(t, m, "vm")
+			g, _ := m.layout.Guest(vm.ID)
+			disk := g.Rootfs()
+			if err := os.Rename(disk, disk+".real"); err != nil {
+				t.Fatal(err)
+			}
+			if plant == "symlink" {
+				if err := os.Symlink(secret, disk); err != nil {
+					t.Fatal(err)
+				}
+				if b, err := os.ReadFile(disk); err != nil || !bytes.Equal(b, want) {
+					t.Fatalf("twin: a plain open of the planted disk reads %d bytes (%v), not the secret: the test shows nothing", len(b), err)
+				}
+			} else if err := syscall.Mkfifo(disk, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			_, err := m.CreateSnapshot(ctx, "vm", api.SnapshotRequest{Name: "snap"})
+			if err == nil || !strings.Contains(err.Error(), "disk") {
+				t.Errorf("live snapshot over a planted disk: %v; want a refusal naming the disk", err)
+			}
+			_, err = m.ForkInstance(ctx, "vm", api.ForkRequest{Name: "kid", FromRunning: true})
+			if err == nil || !strings.Contains(err.Error(), "disk") {
+				t.Errorf("live fork over a planted disk: %v; want a refusal naming the disk", err)
+			}
+			if list, _ := m.ListInstances(ctx); len(list) != 1 {
+				t.Errorf("instances after the refusals: %d, want the VM alone", len(list))
+			}
+			if snaps, _ := m.ListSnapshots(ctx); len(snaps) != 0 {
+				t.Errorf("snapshots after the refusal: %v", snaps)
+			}
+			if in, err := m.GetInstance(ctx, "vm"); err != nil || in.State != api.StateRunning {
+				t.Errorf("the VM after the refusals: %+v, %v; want Running", in, err)
+			}
+			filepath.WalkDir(m.layout.Root(), func(p string, d os.DirEntry, err error) error {
+				if err == nil && d.Type().IsRegular() {
+					if b, err := os.ReadFile(p); err == nil && bytes.Contains(b, want[:64]) {
+						t.Errorf("%s holds the secret's bytes", p)
+					}
+				}
+				return nil
+			})
+			var st syscall.Stat_t
+			if err := syscall.Stat(secret, &st); err != nil || st.Nlink != 1 {
+				t.Errorf("the secret has %d links (%v), want 1", st.Nlink, err)
+			}
+			action(t, m, "vm", "stop")
+			if _, err := os.Lstat(disk); err == nil {
+				t.Errorf("the planted %s is still there after its VMM is gone", plant)
+			}
+		})
 	}
 }

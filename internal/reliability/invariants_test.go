@@ -5,11 +5,15 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/forkd/forkd/internal/jail"
+	"github.com/forkd/forkd/internal/network"
 	"github.com/forkd/forkd/internal/prefetch"
+	"github.com/forkd/forkd/internal/testenv"
 )
 
 // TestInvariantCheckerCatchesEachViolation is the twin of every test that
@@ -131,13 +135,55 @@ func TestInvariantCheckerCatchesEachViolation(t *testing.T) {
 }
 
 // The jail checks of CheckInvariants can fail: a process that is not
-// confined (this test, run as root in the host's namespaces, no filter)
-// breaks every one of them.
+// confined (a child of this test, run as root in the host's namespaces, no
+// filter, in a memory cgroup of its own without a limit) breaks every one
+// of them; given a memory limit, that check passes.
 func TestJailChecksCatchAnUnconfinedProcess(t *testing.T) {
-	bad := jailBreaches(os.Getpid(), os.Getpid(), t.TempDir())
-	for _, want := range []string{"Uid", "Seccomp", "root is not", "network namespace"} {
-		if !strings.Contains(strings.Join(bad, "; "), want) {
-			t.Errorf("jailBreaches of an unconfined process misses %q: %v", want, bad)
+	testenv.NeedJail(t, jail.HostCgroups)
+	mounts, err := jail.ReadMounts(jail.ProcMounts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	version, err := mounts.Version(jail.Controllers...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	cg, err := mounts.Locate(version, "forkd-twin-"+network.Tag(dir), "unconfined", []string{"memory"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(cg.Dirs["memory"], 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := mounts.RemoveTree(version, "forkd-twin-"+network.Tag(dir), []string{"memory"}); err != nil {
+			t.Errorf("cleanup: %v", err)
 		}
+	})
+	child := exec.Command("sleep", "600")
+	if err := child.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer child.Wait()
+	defer child.Process.Kill()
+	if err := os.WriteFile(filepath.Join(cg.Dirs["memory"], "cgroup.procs"), []byte(strconv.Itoa(child.Process.Pid)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	bad := strings.Join(jailBreaches(child.Process.Pid, os.Getpid(), dir), "; ")
+	for _, want := range []string{"Uid", "Gid", "Seccomp", "root is not", "network namespace", "no memory limit"} {
+		if !strings.Contains(bad, want) {
+			t.Errorf("jailBreaches of an unconfined process misses %q: %s", want, bad)
+		}
+	}
+	file := "memory.limit_in_bytes"
+	if version == 2 {
+		file = "memory.max"
+	}
+	if err := os.WriteFile(filepath.Join(cg.Dirs["memory"], file), []byte("1073741824"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if bad := strings.Join(jailBreaches(child.Process.Pid, os.Getpid(), dir), "; "); strings.Contains(bad, "memory limit") {
+		t.Errorf("a process held to 1 GiB still breaks the memory limit check: %s", bad)
 	}
 }
