@@ -80,10 +80,14 @@ func livesUnder(pid int, root string, jails map[[2]uint64]bool) bool {
 }
 
 // jailRoots is the device and inode of every jail root of a data dir
-// (<root>/jail/<exec>/<id>/root, temp names included).
+// (<root>/jail/<exec>/<id>/root, temp names included), and of those the
+// reconciler set aside in lost+found (lost+found/jail/<id>/root) while
+// their VMMs ran on.
 func jailRoots(root string) map[[2]uint64]bool {
 	out := map[[2]uint64]bool{}
 	dirs, _ := filepath.Glob(filepath.Join(root, "jail", "*", "*", "root"))
+	moved, _ := filepath.Glob(filepath.Join(root, "lost+found", "jail", "*", "root"))
+	dirs = append(dirs, moved...)
 	for _, d := range dirs {
 		var st syscall.Stat_t
 		if syscall.Lstat(d, &st) == nil && st.Mode&syscall.S_IFMT == syscall.S_IFDIR {

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -248,6 +249,10 @@ func baseMem(t *testing.T, m *Manager, id string) string {
 	return g.Base().Memory()
 }
 
+// cgroupCleanups holds the data dirs whose jail cgroups a cleanup already
+// removes (testJail).
+var cgroupCleanups sync.Map
+
 // testJail is the jail every test manager runs its VMMs in, as a daemon
 // does by default (vmm_jailer auto: forkd jailer for the emulator), with a
 // uid range of the data dir's own (testenv.JailUIDRange). unjailed() runs
@@ -255,19 +260,22 @@ func baseMem(t *testing.T, m *Manager, id string) string {
 func testJail(tb testing.TB, dir string) JailConfig {
 	tb.Helper()
 	testenv.NeedJail(tb, jail.HostCgroups)
-	// Registered before the manager's own cleanup, so it runs after it:
-	// the VMMs are gone by then.
-	tb.Cleanup(func() {
-		l, err := guestdir.New(dir)
-		if err == nil {
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			defer cancel()
-			err = RemoveJailCgroups(ctx, l)
-		}
-		if err != nil {
-			tb.Errorf("cleanup: the test's VMM cgroups: %v", err)
-		}
-	})
+	// Registered with the first manager of the data dir, so it runs after
+	// every later cleanup of the test (the managers', any VMM kill): the
+	// VMMs are gone by then.
+	if _, seen := cgroupCleanups.LoadOrStore(dir, true); !seen {
+		tb.Cleanup(func() {
+			l, err := guestdir.New(dir)
+			if err == nil {
+				ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+				defer cancel()
+				err = RemoveJailCgroups(ctx, l)
+			}
+			if err != nil {
+				tb.Errorf("cleanup: the test's VMM cgroups: %v", err)
+			}
+		})
+	}
 	r, err := jail.ParseUIDRange(testenv.JailUIDRange(dir))
 	if err != nil {
 		tb.Fatal(err)
