@@ -61,6 +61,9 @@ func TestEmptiedStoreRefusesToStartAndDestroysNothing(t *testing.T) {
 	t.Parallel()
 	d := newDaemon(t, nil)
 	running := createRunning(t, d.Client, "web")
+	// The recovery start must leave this VMM running (below), so no daemon
+	// will stop it: the test does, or it outlives the test in lost+found.
+	t.Cleanup(func() { syscall.Kill(running.Pid, syscall.SIGKILL) })
 	createStandby(t, d.Client, "parked")
 	if _, err := d.Client.CreateSnapshot(ctxT(t, 30*time.Second), "parked", api.SnapshotRequest{Name: "snap"}); err != nil {
 		t.Fatal(err)
