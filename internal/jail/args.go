@@ -22,7 +22,7 @@ const (
 // defaultNoFile is the no-file limit a jailer sets when none is given.
 const defaultNoFile = 2048
 
-// Args is one jailer command line (Firecracker's docs/jailer.md).
+// Args is one jailer command line, in the form Firecracker's own jailer takes.
 type Args struct {
 	ID            string
 	ExecFile      string
