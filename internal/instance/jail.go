@@ -90,10 +90,6 @@ type jailer struct {
 	mounts   jail.Mounts
 	version  int    // cgroup version holding cpu, memory and pids
 	parent   string // forkd-<tag>: every VMM cgroup of this data dir lies below it
-	// isolated is an empty network namespace that no path names (it lives
-	// while this handle is open or a VMM is in it): VMs without a network
-	// are put there, so their VMMs reach no network at all.
-	isolated *os.File
 }
 
 // newJailer checks that this host can jail VMMs and stages the VMM's exec
@@ -120,13 +116,9 @@ func newJailer(cfg JailConfig, l guestdir.Layout, vmm VMMSpec) (*jailer, error) 
 	if err := jail.StageExec(vmm.Binary, l.StagedExec()); err != nil {
 		return nil, fmt.Errorf("stage the VMM for jails: %w", err)
 	}
-	ns, err := network.NewUnnamedNamespace()
-	if err != nil {
-		return nil, err
-	}
 	return &jailer{
 		cmd: slices.Clone(cfg.Jailer), uids: jail.NewUIDs(cfg.UIDs), overhead: cfg.MemoryOverhead,
-		mounts: mounts, version: version, parent: jailParentCgroup(l), isolated: ns,
+		mounts: mounts, version: version, parent: jailParentCgroup(l),
 	}, nil
 }
 
@@ -164,7 +156,7 @@ func RemoveJailCgroups(ctx context.Context, l guestdir.Layout) error {
 	}
 }
 
-// close lets go of the empty network namespace and removes the data dir's
+// close removes the data dir's
 // parent cgroups (forkd-<tag>) if no VMM cgroup is left below them: VMMs
 // that outlive the daemon keep theirs, and the next start's reconciler
 // removes what their deaths leave.
@@ -172,18 +164,24 @@ func (j *jailer) close(log *slog.Logger) {
 	if j == nil {
 		return
 	}
-	if j.isolated != nil {
-		j.isolated.Close()
-	}
 	if err := j.mounts.RemoveParent(j.version, j.parent, jail.Controllers); err != nil {
 		log.Warn("remove the data dir's parent cgroups", "err", err)
 	}
 }
 
-// isolatedNS names the empty namespace for a jailer: through this
-// process's descriptor, so no path on the host names it.
-func (j *jailer) isolatedNS() string {
-	return fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), j.isolated.Fd())
+// emptyNetNS makes a VM without a network an empty network namespace of
+// its own (only a loopback, down) and names it for the jailer through this
+// process's descriptor, so no path on the host names it. Each VMM gets its
+// own: two VMMs escaped from their guests share no loopback and no
+// abstract socket. The namespace lives while the returned file is open or
+// a process is in it: the caller closes the file once the launch is over,
+// and the namespace goes with its VMM.
+func emptyNetNS() (*os.File, string, error) {
+	f, err := network.NewUnnamedNamespace()
+	if err != nil {
+		return nil, "", fmt.Errorf("the VMM's empty network namespace: %w", err)
+	}
+	return f, fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), f.Fd()), nil
 }
 
 // cgroup is instance id's VMM cgroup (as the jailer makes it).
@@ -195,18 +193,20 @@ func (j *jailer) cgroup(id string) (jail.Cgroup, error) {
 // jail root cleared of what the last VMM's jailer made, its disk and TAP
 // given to that uid, and the jailer's command line (limits, network
 // namespace) in spec. It returns what to undo if the launch fails.
-func (m *Manager) jailArgs(in store.Instance, g guestdir.Guest, spec *firecracker.LaunchSpec) error {
+// holder, when not nil, keeps the VMM's empty network namespace alive until
+// the jailer has joined it: the caller closes it once the launch is over.
+func (m *Manager) jailArgs(in store.Instance, g guestdir.Guest, spec *firecracker.LaunchSpec) (holder *os.File, err error) {
 	j := m.jail
 	uid, err := j.uids.Acquire(in.ID)
 	if err != nil {
-		return fmt.Errorf("%w: %v: stop or stand by a VM, or widen jail_uid_range", api.ErrJailUIDsExhausted, err)
+		return nil, fmt.Errorf("%w: %v: stop or stand by a VM, or widen jail_uid_range", api.ErrJailUIDsExhausted, err)
 	}
 	if err := clearJailerFiles(g); err != nil {
-		return err
+		return nil, err
 	}
 	disk, err := giveToVMM("disk", g, g.Rootfs(), uid, false)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if m.cfg.DisableSealing {
 		giveAllToVMM(g, uid) // the twin test's breach only
@@ -214,10 +214,10 @@ func (m *Manager) jailArgs(in store.Instance, g guestdir.Guest, spec *firecracke
 	netns := m.netNS(in)
 	if netns != "" {
 		if err := m.net().SetTAPOwner(in.NetSlot, uid, uid); err != nil {
-			return err
+			return nil, err
 		}
-	} else {
-		netns = j.isolatedNS()
+	} else if holder, netns, err = emptyNetNS(); err != nil {
+		return nil, err
 	}
 	memBytes := int64(in.MemoryMiB) << 20
 	args := jail.Args{
@@ -232,7 +232,8 @@ func (m *Manager) jailArgs(in store.Instance, g guestdir.Guest, spec *firecracke
 		},
 	}
 	if root := args.ChrootDir(); root != g.Dir {
-		return fmt.Errorf("jail root %s is not the guest dir %s", root, g.Dir)
+		closeHolder(holder)
+		return nil, fmt.Errorf("jail root %s is not the guest dir %s", root, g.Dir)
 	}
 	spec.Jailer = append(slices.Clone(j.cmd), args.CommandLine()...)
 	spec.JailRoot, spec.NetNS = g.Dir, ""
@@ -240,7 +241,14 @@ func (m *Manager) jailArgs(in store.Instance, g guestdir.Guest, spec *firecracke
 	if m.cfg.Jail.CopyExec {
 		spec.Env = append(spec.Env, jail.EnvCopyExec+"=1")
 	}
-	return nil
+	return holder, nil
+}
+
+// closeHolder closes an empty namespace's holder (nil: none).
+func closeHolder(f *os.File) {
+	if f != nil {
+		f.Close()
+	}
 }
 
 // jailedArgs are the VMM's own arguments when a jailer execs it: the

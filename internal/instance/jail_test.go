@@ -137,10 +137,10 @@ func vmmTry(m *Manager, id, method, path string, body any) (int, string, error) 
 }
 
 // Every VMM the manager runs is jailed: its own uid and gid (never 0), its
-// guest dir as its root, a network namespace that is not the daemon's, a
-// cgroup holding it to its RAM plus the overhead, and the emulator's
-// seccomp filter, whether it was booted, restored (File and Uffd) or
-// forked. The twin runs the same checks on an unjailed manager and finds
+// guest dir as its root, a network namespace that is not the daemon's nor
+// another VMM's, a cgroup holding it to its RAM plus the overhead, and the
+// emulator's seccomp filter, whether it was booted, restored (File and
+// Uffd) or forked. The twin runs the same checks on an unjailed manager and finds
 // every one broken.
 func TestEveryVMMIsJailed(t *testing.T) {
 	needUffd(t)
@@ -153,6 +153,7 @@ func TestEveryVMMIsJailed(t *testing.T) {
 	action(t, m, "file", "restore")
 	fork(t, m, "booted", api.ForkRequest{Name: "live", FromRunning: true})
 	uids := map[string]string{}
+	nets := map[uint64]string{} // none of them is networked: each has an empty namespace of its own
 	for _, name := range []string{"booted", "file", "uffd-fork", "live"} {
 		in, err := m.GetInstance(ctx, name)
 		if err != nil || in.State != api.StateRunning {
@@ -166,6 +167,11 @@ func TestEveryVMMIsJailed(t *testing.T) {
 			t.Errorf("%s and %s run as the same uid %d", name, other, uid)
 		}
 		uids[strconv.Itoa(uid)] = name
+		ns := nsInode(t, "/proc/"+itoa(in.Pid)+"/ns/net")
+		if other, shared := nets[ns]; shared {
+			t.Errorf("%s and %s share a network namespace: two escaped VMMs could meet on its loopback", name, other)
+		}
+		nets[ns] = name
 		verifyGuest(t, m, in.ID)
 	}
 

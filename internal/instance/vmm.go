@@ -95,10 +95,14 @@ func (m *Manager) launch(ctx context.Context, in store.Instance, g guestdir.Gues
 		NetNS:   m.netNS(in),
 	}
 	if m.jail != nil {
-		if err := m.jailArgs(in, g, &spec); err != nil {
+		holder, err := m.jailArgs(in, g, &spec)
+		if err != nil {
 			m.releaseJail(id)
 			return nil, fmt.Errorf("launch vmm %s: %w", id, err)
 		}
+		// Launch returns once the VMM answers: its jailer joined the
+		// namespace long before, and the VMM now keeps it alive.
+		defer closeHolder(holder)
 	}
 	p, err := firecracker.Launch(ctx, spec)
 	if err != nil {
