@@ -1,7 +1,6 @@
 package instance
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -64,47 +63,11 @@ func jailViolations(t *testing.T, m *Manager, id string, pid int, memMiB int) []
 	if ns.Ino == self.Ino {
 		bad = append(bad, "it shares the daemon's network namespace")
 	}
-	limit, err := vmmMemoryLimit(pid)
+	limit, err := jail.ProcessMemoryLimit(pid)
 	if want := int64(memMiB)<<20 + m.cfg.Jail.MemoryOverhead; err != nil || limit != want {
 		bad = append(bad, fmt.Sprintf("its cgroup's memory limit is %d (%v), want %d", limit, err, want))
 	}
 	return bad
-}
-
-// vmmMemoryLimit reads the memory limit of the cgroup process pid is in
-// (memory.max under v2, memory.limit_in_bytes under v1).
-func vmmMemoryLimit(pid int) (int64, error) {
-	mounts, err := jail.ReadMounts(jail.ProcMounts)
-	if err != nil {
-		return 0, err
-	}
-	version, err := mounts.Version(jail.Controllers...)
-	if err != nil {
-		return 0, err
-	}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
-	if err != nil {
-		return 0, err
-	}
-	sc := bufio.NewScanner(bytes.NewReader(b))
-	for sc.Scan() {
-		f := strings.SplitN(sc.Text(), ":", 3)
-		if len(f) != 3 {
-			continue
-		}
-		var dir string
-		switch {
-		case version == 2 && f[0] == "0":
-			dir = filepath.Join(mounts.Unified, f[2])
-		case version == 1 && strings.Contains(","+f[1]+",", ",memory,"):
-			dir = filepath.Join(mounts.V1["memory"], f[2])
-		default:
-			continue
-		}
-		cg := jail.Cgroup{Version: version, Dirs: map[string]string{"memory": dir}}
-		return cg.MemoryLimit()
-	}
-	return 0, errors.New("no memory cgroup")
 }
 
 // vmmCall sends one request to a VMM's API (the test-only requests of a

@@ -237,6 +237,41 @@ func (c Cgroup) MemoryLimit() (int64, error) {
 	return strconv.ParseInt(s, 10, 64)
 }
 
+// ProcessMemoryLimit reads the memory limit of the cgroup process pid is in
+// (memory.max under v2, memory.limit_in_bytes under v1; -1 for none), for
+// checks that a VMM runs under the limit its jail was given.
+func ProcessMemoryLimit(pid int) (int64, error) {
+	m, err := ReadMounts(ProcMounts)
+	if err != nil {
+		return 0, err
+	}
+	v, err := m.Version(Controllers...)
+	if err != nil {
+		return 0, err
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.SplitN(line, ":", 3)
+		if len(f) != 3 {
+			continue
+		}
+		var dir string
+		switch {
+		case v == 2 && f[0] == "0":
+			dir = filepath.Join(m.Unified, f[2])
+		case v == 1 && strings.Contains(","+f[1]+",", ",memory,"):
+			dir = filepath.Join(m.V1["memory"], f[2])
+		default:
+			continue
+		}
+		return Cgroup{Version: v, Dirs: map[string]string{"memory": dir}}.MemoryLimit()
+	}
+	return 0, fmt.Errorf("pid %d has no memory cgroup", pid)
+}
+
 // Remove deletes c's directories once no process is left in them. A
 // directory already gone is not an error. (A cgroup directory is removed
 // with rmdir even though it lists files: they are the kernel's.)

@@ -209,42 +209,8 @@ func jailBreaches(pid, daemonPid int, jailRoot string) []string {
 	if syscall.Stat(fmt.Sprintf("/proc/%d/ns/net", pid), &ns) == nil && syscall.Stat(fmt.Sprintf("/proc/%d/ns/net", daemonPid), &dns) == nil && ns.Ino == dns.Ino {
 		bad = append(bad, fmt.Sprintf("pid %d: in the daemon's network namespace", pid))
 	}
-	if limit, err := memoryLimit(pid); err != nil || limit <= 0 || limit >= 1<<62 {
+	if limit, err := jail.ProcessMemoryLimit(pid); err != nil || limit <= 0 || limit >= 1<<62 {
 		bad = append(bad, fmt.Sprintf("pid %d: its cgroup has no memory limit (%d, %v)", pid, limit, err))
 	}
 	return bad
-}
-
-// memoryLimit is the memory limit of pid's cgroup (v2 memory.max, v1
-// memory.limit_in_bytes; -1 for none).
-func memoryLimit(pid int) (int64, error) {
-	m, err := jail.ReadMounts(jail.ProcMounts)
-	if err != nil {
-		return 0, err
-	}
-	v, err := m.Version(jail.Controllers...)
-	if err != nil {
-		return 0, err
-	}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
-	if err != nil {
-		return 0, err
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.SplitN(line, ":", 3)
-		if len(f) != 3 {
-			continue
-		}
-		var dir string
-		switch {
-		case v == 2 && f[0] == "0":
-			dir = filepath.Join(m.Unified, f[2])
-		case v == 1 && strings.Contains(","+f[1]+",", ",memory,"):
-			dir = filepath.Join(m.V1["memory"], f[2])
-		default:
-			continue
-		}
-		return jail.Cgroup{Version: v, Dirs: map[string]string{"memory": dir}}.MemoryLimit()
-	}
-	return 0, fmt.Errorf("pid %d has no memory cgroup", pid)
 }
