@@ -139,9 +139,6 @@ type Manager struct {
 	// deleteCreatingSnapshots switches off DeleteSnapshot's refusal of a
 	// snapshot still being created (tests only: the twin of its test).
 	deleteCreatingSnapshots bool
-	// beforePagerWatch, set by this package's tests, runs in a Uffd VM's
-	// supervisor before it starts watching the pager (supervisor.go).
-	beforePagerWatch func(id string)
 	// files runs every mem-file, disk and kernel copy (memfile), telling
 	// noteFullCopy when a sparse copy had to move every byte.
 	files  memfile.Options

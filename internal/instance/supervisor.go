@@ -127,8 +127,9 @@ func (m *Manager) factsOf(id string) guestFacts {
 func (s *supervisor) run() {
 	defer close(s.done)
 	defer s.proc.Release() // an adopted VMM's pidfd
-	if s.pagerVersion != "" && s.m.beforePagerWatch != nil {
-		s.m.beforePagerWatch(s.id)
+	if s.pagerVersion != "" {
+		// A hold point for tests (their faultHook); it injects no error.
+		_ = s.m.fault("supervise:pager-watch")
 	}
 	pagerExit := s.m.pagerExit(s.ctx, s.pagerVersion)
 	interval := s.m.cfg.SuperviseInterval

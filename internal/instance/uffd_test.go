@@ -238,13 +238,11 @@ func TestPagerDeathBeforeTheWatchIsSeen(t *testing.T) {
 		createRunning(t, m, n)
 		action(t, m, n, "standby")
 	}
-	victim, err := m.GetInstance(context.Background(), "victim")
-	if err != nil {
-		t.Fatal(err)
-	}
 	var once sync.Once
-	m.beforePagerWatch = func(id string) {
-		if id != victim.ID {
+	// Only victim is restored through the pager: the first supervisor to
+	// reach the point is its.
+	m.faultHook = func(point string) {
+		if point != "supervise:pager-watch" {
 			return
 		}
 		once.Do(func() {
