@@ -17,7 +17,9 @@ import (
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/jail"
+	"github.com/forkd/forkd/internal/testenv"
 )
 
 // jailViolations lists how the VMM of instance id (pid) is not jailed as
@@ -97,6 +99,18 @@ func vmmTry(m *Manager, id, method, path string, body any) (int, string, error) 
 	var out bytes.Buffer
 	out.ReadFrom(resp.Body)
 	return resp.StatusCode, out.String(), nil
+}
+
+// The test harness tells a data dir's jail cgroups by their name
+// (testenv.Main's check for leftovers): forkd-<the data dir's tag>.
+func TestJailParentCgroupIsNamedForTheLeftoverCheck(t *testing.T) {
+	l, err := guestdir.New("/var/lib/forkd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tag, ok := testenv.JailParentCgroupTag(jailParentCgroup(l)); !ok || tag != testenv.DataDirTag(l.Root()) {
+		t.Errorf("testenv.JailParentCgroupTag(%q) = %q, %v; want %q", jailParentCgroup(l), tag, ok, testenv.DataDirTag(l.Root()))
+	}
 }
 
 // Every VMM the manager runs is jailed: its own uid and gid (never 0), its

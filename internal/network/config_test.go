@@ -73,6 +73,16 @@ func TestAddressesAndNames(t *testing.T) {
 	if Tag("/var/lib/forkd") == Tag("/var/lib/forkd2") || len(Tag("/x")) != 6 {
 		t.Error("Tag: want 6 hex digits, different per data dir")
 	}
+	// The test harness tells whose a VM's namespace is by the tag in its
+	// name (testenv.Main's check for leftovers).
+	if tag := Tag("/var/lib/forkd"); testenv.DataDirTag("/var/lib/forkd") != tag {
+		t.Errorf("testenv.DataDirTag = %q, Tag = %q: the leftover check would not know a data dir's objects", testenv.DataDirTag("/var/lib/forkd"), tag)
+	}
+	for _, slot := range []int{0, 0x2a, big.Slots() - 1} {
+		if tag, ok := testenv.VMNamespaceTag(big.Namespace(slot)); !ok || tag != "abc123" {
+			t.Errorf("testenv.VMNamespaceTag(%q) = %q, %v; want abc123", big.Namespace(slot), tag, ok)
+		}
+	}
 }
 
 func mustAddr(s string) netip.Addr { return netip.MustParseAddr(s) }

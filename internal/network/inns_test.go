@@ -20,7 +20,7 @@ func TestDoRunsInTheNamespaceAndComesBack(t *testing.T) {
 		testenv.Need(t, testenv.Netns, "cannot read this thread's network namespace: "+err.Error())
 	}
 	defer orig.Close()
-	name := "forkdtest-do-" + randHex(t)
+	name := testenv.TestNamespaceName("do-" + randHex(t))
 	ns, err := netns.NewNamed(name)
 	if err != nil {
 		testenv.Need(t, testenv.Netns, "cannot create a named network namespace: "+err.Error())

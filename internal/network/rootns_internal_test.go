@@ -14,7 +14,7 @@ import (
 func testNamespace(t *testing.T) string {
 	t.Helper()
 	testenv.NeedRoot(t)
-	path, err := NewNamespace("forkdtest-" + randHex(t))
+	path, err := NewNamespace(testenv.TestNamespaceName(randHex(t)))
 	if err != nil {
 		testenv.Need(t, testenv.Netns, "cannot create a network namespace: "+err.Error())
 	}

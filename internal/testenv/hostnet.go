@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -150,12 +151,29 @@ func (w *NetWatch) Stop() ([]string, error) {
 // Main runs a test binary's tests and returns its exit code (TestMain:
 // os.Exit(testenv.Main(m))). It removes the shared forkd build, and it
 // fails the run, naming them, when VM host links appeared in the namespace
-// the binary started in while the tests ran: some test gave a VM a
-// network on the host's own network instead of in a namespace of its own.
+// the binary started in while the tests ran (some test gave a VM a
+// network on the host's own network instead of in a namespace of its
+// own), or when forkd cgroups or network namespaces that appeared are
+// still there at the end with nothing alive using them (HostWatch: some
+// test tore a data dir down and left its jail cgroups or VM namespaces).
 func Main(m *testing.M) int {
 	w, werr := WatchNetwork("")
+	hw, hwerr := watchHostObjects()
 	code := m.Run()
 	RemoveBuild()
+	fail := func(report string) {
+		fmt.Fprint(os.Stderr, report)
+		if code == 0 {
+			code = 1
+		}
+	}
+	if hwerr != nil {
+		fmt.Fprintf(os.Stderr, "testenv: cannot list forkd's cgroups and network namespaces (not checked): %v\n", hwerr)
+	} else if left, err := hw.Leftovers(leftoverGrace()); err != nil {
+		fmt.Fprintf(os.Stderr, "testenv: cannot list forkd's cgroups and network namespaces (not checked): %v\n", err)
+	} else if len(left) > 0 {
+		fail(HostLeftoverReport(left))
+	}
 	if werr != nil {
 		fmt.Fprintf(os.Stderr, "testenv: cannot watch this namespace for VM links (not checked): %v\n", werr)
 		return code
@@ -165,12 +183,36 @@ func Main(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "testenv: the link watch lost events (%v); only links present at the end were checked\n", err)
 	}
 	if len(leaked) > 0 {
-		fmt.Fprint(os.Stderr, HostLinkReport(leaked))
-		if code == 0 {
-			code = 1
-		}
+		fail(HostLinkReport(leaked))
 	}
 	return code
+}
+
+// EnvLeftoverGrace overrides how long Main waits for something alive to
+// claim a forkd host object that appeared during the run before calling it
+// left behind (a Go duration; default DefaultLeftoverGrace). Only the
+// check's own twin sets it, to fail fast.
+const EnvLeftoverGrace = "FORKD_TEST_LEFTOVER_GRACE"
+
+// DefaultLeftoverGrace is how long another test's daemon may be between
+// two holds of its data dir (killed and not yet restarted) before Main
+// takes its objects for this binary's leftovers.
+const DefaultLeftoverGrace = 20 * time.Second
+
+func leftoverGrace() time.Duration {
+	if d, err := time.ParseDuration(os.Getenv(EnvLeftoverGrace)); err == nil {
+		return d
+	}
+	return DefaultLeftoverGrace
+}
+
+// watchHostObjects is WatchHost over this host's roots.
+func watchHostObjects() (*HostWatch, error) {
+	roots, err := HostRoots()
+	if err != nil {
+		return nil, err
+	}
+	return WatchHost(roots)
 }
 
 // HostLinkReport is Main's failure message for leaked VM host links.

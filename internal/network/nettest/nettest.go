@@ -19,7 +19,8 @@ import (
 const Pool = "198.18.0.0/24"
 
 // Namespace creates a named network namespace for one test (name
-// "forkdtest-<random>", mounted under /var/run/netns) with its loopback up,
+// "forkdtest-<pid>-<random>", testenv.TestNamespaceName, mounted under
+// /var/run/netns: testenv.Main knows its own by the pid) with its loopback up,
 // and removes it when the test ends. It skips (or fails, under
 // FORKD_TEST_REQUIRE=netns) where namespaces cannot be made.
 func Namespace(tb testing.TB) string {
@@ -30,7 +31,7 @@ func Namespace(tb testing.TB) string {
 	}
 	var b [4]byte
 	rand.Read(b[:])
-	name := "forkdtest-" + hex.EncodeToString(b[:])
+	name := testenv.TestNamespaceName(hex.EncodeToString(b[:]))
 	path, err := network.NewNamespace(name)
 	if err != nil {
 		testenv.Need(tb, testenv.Netns, "cannot create a network namespace: "+err.Error())
