@@ -24,7 +24,11 @@ import (
 	apispec "github.com/forkd/forkd/api"
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/daemonproc"
+	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/image/imagetest"
+	"github.com/forkd/forkd/internal/instance"
+	"github.com/forkd/forkd/internal/jail"
+	"github.com/forkd/forkd/internal/testenv"
 )
 
 // TestRealDaemonResponsesConformToSpec runs the real daemon (instance
@@ -48,7 +52,10 @@ func TestRealDaemonResponsesConformToSpec(t *testing.T) {
 
 	logf, _ := os.Create(filepath.Join(dir, "daemon.log"))
 	defer logf.Close()
-	daemon := exec.Command(bin, "serve", "--data-dir", data, "--vmm-binary", bin, "--log-level", "debug")
+	// Jailed (the default) with uids of its own, as every test daemon.
+	testenv.NeedJail(t, jail.HostCgroups)
+	daemon := exec.Command(bin, "serve", "--data-dir", data, "--vmm-binary", bin, "--log-level", "debug",
+		"--jail-uid-range", testenv.JailUIDRange(data))
 	daemon.Stdout, daemon.Stderr = logf, logf
 	if err := daemon.Start(); err != nil {
 		t.Fatal(err)
@@ -64,6 +71,16 @@ func TestRealDaemonResponsesConformToSpec(t *testing.T) {
 			if pids[p.Pid] {
 				syscall.Kill(p.Pid, syscall.SIGKILL)
 			}
+		}
+		// The daemon left its cgroups if a VMM outlived it.
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		l, err := guestdir.New(data)
+		if err == nil {
+			err = instance.RemoveJailCgroups(ctx, l)
+		}
+		if err != nil {
+			t.Errorf("cleanup: the daemon's jail cgroups: %v", err)
 		}
 		if t.Failed() {
 			b, _ := os.ReadFile(filepath.Join(dir, "daemon.log"))

@@ -16,6 +16,7 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/jail"
 	"github.com/forkd/forkd/internal/network"
 )
 
@@ -141,9 +142,12 @@ func (p *Proc) Terminate(ctx context.Context, timeout time.Duration) error {
 // Teardown is how a caller that owns the whole data dir ends it: it
 // deletes every instance and snapshot through the API (deleting is what
 // stops VMMs, which outlive the daemon), stops the daemon (SIGTERM, then
-// SIGKILL after timeout), and SIGKILLs any process whose command line
-// still names the data dir (a VMM or pager left behind). No process it
-// started survives it.
+// SIGKILL after timeout), SIGKILLs any process still under the data dir (a
+// VMM or pager left behind), and removes the data dir's jail cgroups once
+// those VMMs have left them (the daemon removes them itself only when it
+// exits with no VMM left). Nothing it started survives it on the host,
+// neither a process nor a cgroup; one still held by a process when ctx
+// ends is an error.
 func (p *Proc) Teardown(ctx context.Context, timeout time.Duration) error {
 	var errs []error
 	select {
@@ -159,6 +163,9 @@ func (p *Proc) Teardown(ctx context.Context, timeout time.Duration) error {
 	}
 	for _, q := range ProcessesUnder(p.Layout.Root()) {
 		_ = syscall.Kill(q.Pid, syscall.SIGKILL)
+	}
+	if err := jail.RemoveHostTree(ctx, jail.DataDirParent(network.Tag(p.Layout.Root()))); err != nil {
+		errs = append(errs, fmt.Errorf("the data dir's jail cgroups: %w", err))
 	}
 	return errors.Join(errs...)
 }

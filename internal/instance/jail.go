@@ -20,7 +20,6 @@ import (
 	"github.com/forkd/forkd/internal/jail"
 	"github.com/forkd/forkd/internal/network"
 	"github.com/forkd/forkd/internal/store"
-	"golang.org/x/sys/unix"
 )
 
 // JailConfig says how the manager confines each VMM (the vmm_jailer,
@@ -122,38 +121,14 @@ func newJailer(cfg JailConfig, l guestdir.Layout, vmm VMMSpec) (*jailer, error) 
 	}, nil
 }
 
-// jailParentCgroup is the cgroup below which a data dir's VMMs get theirs
-// (forkd-<tag>, in every controller): one per data dir, so two daemons'
-// VMMs never meet in one.
-func jailParentCgroup(l guestdir.Layout) string { return "forkd-" + network.Tag(l.Root()) }
+// jailParentCgroup is the cgroup below which a data dir's VMMs get theirs.
+func jailParentCgroup(l guestdir.Layout) string { return jail.DataDirParent(network.Tag(l.Root())) }
 
 // RemoveJailCgroups removes every VMM cgroup of data dir l and its parent
-// cgroups, waiting (until ctx ends) for VMMs just killed to leave theirs:
-// for whoever tears a data dir down for good (a test's cleanup). A cgroup
-// that still holds a process when ctx ends is an error naming it.
+// cgroups (jail.RemoveHostTree): for whoever tears a data dir down for
+// good (a test's cleanup; daemonproc's Teardown does it for a daemon's).
 func RemoveJailCgroups(ctx context.Context, l guestdir.Layout) error {
-	mounts, err := jail.ReadMounts(jail.ProcMounts)
-	if err != nil {
-		return err
-	}
-	version, err := mounts.Version(jail.Controllers...)
-	if err != nil {
-		return err
-	}
-	parent := jailParentCgroup(l)
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		err := mounts.RemoveTree(version, parent, jail.Controllers)
-		if !errors.Is(err, unix.EBUSY) {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return err
-		case <-tick.C:
-		}
-	}
+	return jail.RemoveHostTree(ctx, jailParentCgroup(l))
 }
 
 // close removes the data dir's

@@ -4,8 +4,10 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -113,6 +115,70 @@ func TestReconcileSettlesInstancesWhoseVMMDied(t *testing.T) {
 	action(t, m, "standingby", "restore")
 	verifyGuest(t, m, in.ID)
 	action(t, m, "running", "start")
+}
+
+// A daemon killed and started again on its data dir finds the cgroups of
+// VMMs that died meanwhile (and of a VMM whose record is gone) and removes
+// them; a running VMM keeps its own. Once the last VMM is gone, the daemon
+// removes the data dir's parent cgroups as it closes: restarts leave
+// nothing behind. (Each cgroup is checked to be there before the restart:
+// nothing but the reconciler removes it.)
+func TestReconcileRemovesTheCgroupsOfVMMsThatAreGone(t *testing.T) {
+	dir := shortDir(t)
+	var gone, alive api.Instance
+	var dirsOf func(id string) []string
+	var parents []string
+	openAndClose(t, dir, func(m *Manager) {
+		gone = createRunning(t, m, "gone")
+		alive = createRunning(t, m, "alive")
+		dirsOf = func(id string) []string {
+			cg, err := m.jail.cgroup(id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return slices.Sorted(maps.Values(cg.Dirs))
+		}
+		parents = dirsOf("")
+	})
+	if err := syscall.Kill(gone.Pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitDead(t, gone.Pid)
+	stray := newID() // a VMM cgroup no record claims
+	for _, d := range dirsOf(stray) {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	exists := func(d string) bool { _, err := os.Stat(d); return err == nil }
+	for _, d := range append(dirsOf(gone.ID), dirsOf(stray)...) {
+		if !exists(d) {
+			t.Fatalf("before the restart: %s is missing (nothing would be left to remove)", d)
+		}
+	}
+
+	openAndClose(t, dir, func(m *Manager) {
+		for _, d := range append(dirsOf(gone.ID), dirsOf(stray)...) {
+			if exists(d) {
+				t.Errorf("after the restart: %s, the cgroup of a VMM that is gone, is still there", d)
+			}
+		}
+		for _, d := range dirsOf(alive.ID) {
+			if !exists(d) {
+				t.Errorf("after the restart: %s, the cgroup of the running VMM, is gone", d)
+			}
+		}
+		for _, ref := range []string{"gone", "alive"} {
+			if err := m.DeleteInstance(context.Background(), ref); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+	for _, d := range parents {
+		if exists(d) {
+			t.Errorf("the data dir's parent cgroup %s outlived its last VMM and the daemon", d)
+		}
+	}
 }
 
 func TestReconcileRemovesInterruptedForkAndTempFiles(t *testing.T) {

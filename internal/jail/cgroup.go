@@ -3,6 +3,7 @@ package jail
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -11,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -301,6 +303,41 @@ func (m Mounts) RemoveParent(version int, parent string, controllers []string) e
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// DataDirParent is the cgroup below which the VMMs of the data dir whose
+// tag (network.Tag) is tag get theirs, in every controller: forkd-<tag>.
+// One per data dir, so two daemons' VMMs never meet in one.
+func DataDirParent(tag string) string { return "forkd-" + tag }
+
+// RemoveHostTree removes every VMM cgroup below parent, and parent, in the
+// host hierarchy that holds Controllers (where a jailer made them),
+// waiting (until ctx ends) for VMMs just killed to leave theirs: for
+// whoever tears a data dir down for good. A cgroup that still holds a
+// process when ctx ends is an error naming it. A host whose hierarchies
+// lack a controller has no jail cgroups: nothing to remove.
+func RemoveHostTree(ctx context.Context, parent string) error {
+	mounts, err := ReadMounts(ProcMounts)
+	if err != nil {
+		return err
+	}
+	version, err := mounts.Version(Controllers...)
+	if err != nil {
+		return nil
+	}
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		err := mounts.RemoveTree(version, parent, Controllers)
+		if !errors.Is(err, unix.EBUSY) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-tick.C:
+		}
+	}
 }
 
 // RemoveTree removes every VMM cgroup below <mount>/<parent> of each
