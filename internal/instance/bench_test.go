@@ -11,6 +11,8 @@ import (
 	"testing"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/network"
+	"github.com/forkd/forkd/internal/network/nettest"
 	"github.com/forkd/forkd/internal/testenv"
 	"github.com/forkd/forkd/internal/testfs"
 )
@@ -35,7 +37,7 @@ func BenchmarkForkOfStandby(b *testing.B) {
 	} {
 		for _, mib := range tc.sizes {
 			b.Run(fmt.Sprintf("strategy=%s/ram=%dMiB", tc.strategy, mib), func(b *testing.B) {
-				m := newBenchManager(b, dir, tc.strategy)
+				m := newBenchManager(b, dir, benchSetup{strategy: tc.strategy})
 				ctx := context.Background()
 				src, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: mib, BootArgs: "forkd.ws_mib=8 forkd.rate=200"})
 				if err != nil {
@@ -78,7 +80,7 @@ func BenchmarkForkBurstOfStandby(b *testing.B) {
 	dir := benchDataDir(b)
 	for _, mib := range []int{256, 4096} {
 		b.Run(fmt.Sprintf("ram=%dMiB", mib), func(b *testing.B) {
-			m := newBenchManager(b, dir, ForkStrategyHardlink)
+			m := newBenchManager(b, dir, benchSetup{})
 			ctx := context.Background()
 			src, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: mib, BootArgs: "forkd.ws_mib=8 forkd.rate=200"})
 			if err != nil {
@@ -123,7 +125,21 @@ func benchDataDir(b *testing.B) string {
 	return testfs.Mount(b, testfs.XFS, 32<<30).Dir
 }
 
-func newBenchManager(b *testing.B, parent, strategy string) *Manager {
+// benchSetup is how a benchmark's manager differs from the plain one
+// (jailed, unnetworked, the hardlink fork strategy).
+type benchSetup struct {
+	strategy string // Config.ForkStrategy ("": hardlink)
+	// jailing is "jailed" ("" too), "jailed-copied-exec" (Jail.CopyExec)
+	// or "none" (unjailed: vmm_jailer none).
+	jailing string
+	netNS   string // networked (every VM by default), its daemon side in this namespace
+	warm    int    // Config.NetworkWarm, with netNS
+}
+
+// newBenchManager is a benchmark's manager on a fresh data dir under
+// parent, set up as s says, that logs nothing. The benchmark's end deletes
+// every instance it left, drains its pager and closes it.
+func newBenchManager(b *testing.B, parent string, s benchSetup) *Manager {
 	b.Helper()
 	// Short: VMM sockets live under the data dir (108-byte limit).
 	dir, err := os.MkdirTemp(parent, "fk")
@@ -131,13 +147,28 @@ func newBenchManager(b *testing.B, parent, strategy string) *Manager {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { os.RemoveAll(dir) })
-	m, err := New(context.Background(), Config{
+	cfg := Config{
 		DataDir:      dir,
 		VMM:          VMMSpec{Binary: forkdBinary(b), Args: testenv.EmulatorArgs(), Emulator: true},
-		Jail:         testJail(b, dir),
+		PagerBinary:  forkdBinary(b),
 		Logger:       slog.New(slog.NewTextHandler(io.Discard, nil)),
-		ForkStrategy: strategy,
-	})
+		ForkStrategy: s.strategy,
+	}
+	if s.jailing != "none" {
+		cfg.Jail = testJail(b, dir)
+		cfg.Jail.CopyExec = s.jailing == "jailed-copied-exec"
+	}
+	if s.netNS != "" {
+		nc, err := network.ParseConfig(nettest.Pool, network.DefaultGuestCIDR, network.DefaultGuestMAC, false, network.Tag(dir))
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := network.Do(s.netNS, func() (err error) { cfg.Network, err = network.New(nc); return err }); err != nil {
+			b.Fatal(err)
+		}
+		cfg.NetworkDefault, cfg.NetworkWarm = true, s.warm
+	}
+	m, err := New(context.Background(), cfg)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -145,6 +176,9 @@ func newBenchManager(b *testing.B, parent, strategy string) *Manager {
 		list, _ := m.ListInstances(context.Background())
 		for _, in := range list {
 			m.DeleteInstance(context.Background(), in.ID)
+		}
+		if hp, ok := m.startedPager().(interface{ Drain(context.Context) error }); ok {
+			hp.Drain(context.Background())
 		}
 		m.Close()
 	})

@@ -66,7 +66,7 @@ func benchImage(b *testing.B, fsDir string, content int64, deleteEach bool) {
 	}
 	imagetest.WriteLayout(b, layoutDir, "", imagetest.Image(b, "amd64", v1.Config{Cmd: []string{"/app"}}, layers...))
 	ref := "oci:" + layoutDir
-	m := newBenchManager(b, fsDir, ForkStrategyHardlink)
+	m := newBenchManager(b, fsDir, benchSetup{})
 	ctx := context.Background()
 
 	syscall.Sync()

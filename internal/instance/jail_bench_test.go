@@ -3,8 +3,6 @@ package instance
 import (
 	"context"
 	"fmt"
-	"io"
-	"log/slog"
 	"os"
 	"slices"
 	"strconv"
@@ -36,41 +34,11 @@ func BenchmarkJail(b *testing.B) {
 	for _, op := range []string{"create", "restore", "fork", "fork-burst25"} {
 		for _, jailing := range []string{"none", "jailed", "jailed-copied-exec"} {
 			b.Run(fmt.Sprintf("jail=%s/op=%s", jailing, op), func(b *testing.B) {
-				m := newJailBenchManager(b, dir, jailing)
+				m := newBenchManager(b, dir, benchSetup{jailing: jailing})
 				benchJailOp(b, m, op)
 			})
 		}
 	}
-}
-
-func newJailBenchManager(b *testing.B, parent, jailing string) *Manager {
-	b.Helper()
-	dir, err := os.MkdirTemp(parent, "fk")
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { os.RemoveAll(dir) })
-	cfg := Config{
-		DataDir: dir,
-		VMM:     VMMSpec{Binary: forkdBinary(b), Args: []string{"vmm"}, Emulator: true},
-		Logger:  slog.New(slog.NewTextHandler(io.Discard, nil)),
-	}
-	if jailing != "none" {
-		cfg.Jail = testJail(b, dir)
-		cfg.Jail.CopyExec = jailing == "jailed-copied-exec"
-	}
-	m, err := New(context.Background(), cfg)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() {
-		list, _ := m.ListInstances(context.Background())
-		for _, in := range list {
-			m.DeleteInstance(context.Background(), in.ID)
-		}
-		m.Close()
-	})
-	return m
 }
 
 // benchVM is the benchmark's guest: 256 MiB, a small paced workload.
@@ -204,7 +172,7 @@ func BenchmarkJailRestorePaired(b *testing.B) {
 	sides := []string{"none", "jailed"}
 	ms, ids := map[string]*Manager{}, map[string]string{}
 	for _, side := range sides {
-		m := newJailBenchManager(b, dir, side)
+		m := newBenchManager(b, dir, benchSetup{jailing: side})
 		req := benchVM
 		req.Name = "src"
 		src, err := m.CreateInstance(ctx, req)

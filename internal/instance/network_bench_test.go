@@ -4,9 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
-	"os"
 	"slices"
 	"sync"
 	"syscall"
@@ -14,7 +12,6 @@ import (
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
-	"github.com/forkd/forkd/internal/network"
 	"github.com/forkd/forkd/internal/network/nettest"
 	"github.com/forkd/forkd/internal/testnet"
 )
@@ -39,12 +36,15 @@ func BenchmarkNetworkedFork(b *testing.B) {
 	for _, net := range []string{"off", "on", "warm"} {
 		for _, burst := range []int{1, 25} {
 			b.Run(fmt.Sprintf("net=%s/burst=%d", net, burst), func(b *testing.B) {
+				var s benchSetup
 				networked := net != "off"
-				warm := 0
-				if net == "warm" {
-					warm = burst
+				if networked {
+					s.netNS = nettest.Namespace(b)
 				}
-				m := newNetBenchManager(b, dir, networked, warm)
+				if net == "warm" {
+					s.warm = burst
+				}
+				m := newBenchManager(b, dir, s)
 				ctx := context.Background()
 				src, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: 256, BootArgs: "forkd.ws_mib=8 forkd.rate=200"})
 				if err != nil {
@@ -59,9 +59,9 @@ func BenchmarkNetworkedFork(b *testing.B) {
 				var mu sync.Mutex
 				b.ResetTimer()
 				for i := 0; i < b.N; i++ {
-					if warm > 0 {
+					if s.warm > 0 {
 						b.StopTimer()
-						if err := m.waitWarm(ctx, warm); err != nil {
+						if err := m.waitWarm(ctx, s.warm); err != nil {
 							b.Fatal(err)
 						}
 						b.StartTimer()
@@ -106,46 +106,6 @@ func BenchmarkNetworkedFork(b *testing.B) {
 	}
 }
 
-// newNetBenchManager is newBenchManager, networked inside a namespace of the
-// benchmark's own when networked is set.
-func newNetBenchManager(b *testing.B, parent string, networked bool, warm int) *Manager {
-	b.Helper()
-	dir, err := os.MkdirTemp(parent, "fk")
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { os.RemoveAll(dir) })
-	cfg := Config{
-		DataDir: dir,
-		VMM:     VMMSpec{Binary: forkdBinary(b), Args: []string{"vmm"}, Emulator: true},
-		Jail:    testJail(b, dir),
-		Logger:  slog.New(slog.NewTextHandler(io.Discard, nil)),
-	}
-	if networked {
-		ns := nettest.Namespace(b)
-		nc, err := network.ParseConfig(nettest.Pool, network.DefaultGuestCIDR, network.DefaultGuestMAC, false, network.Tag(dir))
-		if err != nil {
-			b.Fatal(err)
-		}
-		if err := network.Do(ns, func() (err error) { cfg.Network, err = network.New(nc); return err }); err != nil {
-			b.Fatal(err)
-		}
-		cfg.NetworkDefault, cfg.NetworkWarm = true, warm
-	}
-	m, err := New(context.Background(), cfg)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() {
-		list, _ := m.ListInstances(context.Background())
-		for _, in := range list {
-			m.DeleteInstance(context.Background(), in.ID)
-		}
-		m.Close()
-	})
-	return m
-}
-
 // BenchmarkFirstAnswer measures, per restore backend, the time from a
 // fork call (of a networked snapshot, target Running) to the first TCP
 // answer at the fork's address (connect and one echo on port 7), against
@@ -159,7 +119,7 @@ func BenchmarkFirstAnswer(b *testing.B) {
 	for _, backend := range []string{api.BackendFile, api.BackendUffd} {
 		b.Run("backend="+backend, func(b *testing.B) {
 			tn := testnet.New(b)
-			m := newNetBenchManagerIn(b, "", tn.Path) // short paths: the pager's session sockets live under the data dir
+			m := newBenchManager(b, "", benchSetup{netNS: tn.Path}) // short paths: the pager's session sockets live under the data dir
 			ctx := context.Background()
 			if _, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: 256, BootArgs: "forkd.ws_mib=8 forkd.rate=200"}); err != nil {
 				b.Fatal(err)
@@ -220,45 +180,4 @@ func echoOnce(ctx context.Context, tn *testnet.NS, addr string) error {
 	var buf [1]byte
 	_, err = io.ReadFull(c, buf[:])
 	return err
-}
-
-// newNetBenchManagerIn is a networked bench manager (every VM networked)
-// whose daemon namespace is ns.
-func newNetBenchManagerIn(b *testing.B, parent, ns string) *Manager {
-	b.Helper()
-	dir, err := os.MkdirTemp(parent, "fk")
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { os.RemoveAll(dir) })
-	nc, err := network.ParseConfig(nettest.Pool, network.DefaultGuestCIDR, network.DefaultGuestMAC, false, network.Tag(dir))
-	if err != nil {
-		b.Fatal(err)
-	}
-	cfg := Config{
-		DataDir:        dir,
-		VMM:            VMMSpec{Binary: forkdBinary(b), Args: []string{"vmm"}, Emulator: true},
-		Jail:           testJail(b, dir),
-		PagerBinary:    forkdBinary(b),
-		Logger:         slog.New(slog.NewTextHandler(io.Discard, nil)),
-		NetworkDefault: true,
-	}
-	if err := network.Do(ns, func() (err error) { cfg.Network, err = network.New(nc); return err }); err != nil {
-		b.Fatal(err)
-	}
-	m, err := New(context.Background(), cfg)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() {
-		list, _ := m.ListInstances(context.Background())
-		for _, in := range list {
-			m.DeleteInstance(context.Background(), in.ID)
-		}
-		if hp, ok := m.startedPager().(interface{ Drain(context.Context) error }); ok {
-			hp.Drain(context.Background())
-		}
-		m.Close()
-	})
-	return m
 }

@@ -63,7 +63,7 @@ func BenchmarkStandbyOfRestored(b *testing.B) {
 
 func benchStandbyOfRestored(b *testing.B, fs *testfs.FS, mib int, fork bool) {
 	dir := fs.Dir
-	m := newBenchManager(b, dir, ForkStrategyHardlink)
+	m := newBenchManager(b, dir, benchSetup{})
 	gc := fs.Kind == testfs.XFS
 	if _, err := exec.LookPath("xfs_spaceman"); gc && err != nil {
 		b.Log("!!! new-after-gc-MiB/op not measured: no xfs_spaceman in PATH:", err)
