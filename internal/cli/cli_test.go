@@ -247,3 +247,78 @@ func TestCommandsMakeTheRightCalls(t *testing.T) {
 		t.Errorf("-o json standby a b: exit %d, output %s; want a JSON array of 2", code, out)
 	}
 }
+
+// verbService answers ls, inspect and rm of every kind: an empty snapshot
+// list, instances by name, and deletes that fail for refs named "missing".
+type verbService struct {
+	lifecycleService
+}
+
+func (s *verbService) ListSnapshots(context.Context) ([]api.Snapshot, error) { return nil, nil }
+
+func (s *verbService) DeleteSnapshot(_ context.Context, ref string) error {
+	return s.del("snapshot", ref)
+}
+
+func (s *verbService) DeleteImage(_ context.Context, ref string) error { return s.del("image", ref) }
+
+func (s *verbService) DeleteInstance(_ context.Context, ref string) error {
+	return s.del("instance", ref)
+}
+
+func (s *verbService) del(kind, ref string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.calls = append(s.calls, "delete "+kind+" "+ref)
+	if ref == "missing" {
+		return fmt.Errorf("%s %q: %w", kind, ref, api.ErrNotFound)
+	}
+	return nil
+}
+
+// Every kind's ls, inspect and rm take the same shape: an empty list is []
+// in JSON, inspect prints one object or an array of several, and rm goes on
+// past a ref it cannot delete, prints each one it did and fails naming the
+// others (with the kind's hint).
+func TestListInspectAndRmOfEveryKind(t *testing.T) {
+	svc := &verbService{}
+	sock := serve(t, svc)
+	if out, _, code := run(t, "--host", sock, "snapshot", "ls", "-o", "json"); code != 0 || strings.TrimSpace(out) != "[]" {
+		t.Errorf("snapshot ls -o json with no snapshots: exit %d, %q; want []", code, out)
+	}
+	out, _, code := run(t, "--host", sock, "inspect", "web")
+	var one api.Instance
+	if code != 0 || json.Unmarshal([]byte(out), &one) != nil || one.Name != "web" {
+		t.Errorf("inspect web: exit %d, %s; want the instance as an object", code, out)
+	}
+	out, _, code = run(t, "--host", sock, "inspect", "web", "db")
+	var many []api.Instance
+	if code != 0 || json.Unmarshal([]byte(out), &many) != nil || len(many) != 2 || many[1].Name != "db" {
+		t.Errorf("inspect web db: exit %d, %s; want an array of both", code, out)
+	}
+	for _, c := range []struct {
+		args       []string
+		kind, hint string
+	}{
+		{[]string{"rm"}, "", "forkd ps"},
+		{[]string{"snapshot", "rm"}, "snapshot ", "forkd snapshot ls"},
+		{[]string{"image", "rm"}, "image ", "forkd image ls"},
+	} {
+		svc.calls = nil
+		out, errOut, code := run(t, append(append([]string{"--host", sock}, c.args...), "a", "missing", "b")...)
+		kind := strings.TrimSpace(c.kind)
+		if kind == "" {
+			kind = "instance"
+		}
+		wantCalls := []string{"delete " + kind + " a", "delete " + kind + " missing", "delete " + kind + " b"}
+		if fmt.Sprint(svc.calls) != fmt.Sprint(wantCalls) {
+			t.Errorf("%v a missing b: calls %q, want %q", c.args, svc.calls, wantCalls)
+		}
+		if want := "removed " + c.kind + "a\nremoved " + c.kind + "b\n"; out != want {
+			t.Errorf("%v a missing b: output %q, want %q", c.args, out, want)
+		}
+		if code == 0 || !strings.Contains(errOut, c.kind+"rm missing:") || !strings.Contains(errOut, c.hint) {
+			t.Errorf("%v a missing b: exit %d, stderr %q; want a failure naming %q with the hint %q", c.args, code, errOut, c.kind+"rm missing", c.hint)
+		}
+	}
+}

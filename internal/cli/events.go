@@ -27,11 +27,7 @@ sends it.`,
   forkd events -o json | jq 'select(.type == "instance.error")'`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			asJSON, err := jsonOutput(cmd)
-			if err != nil {
-				return err
-			}
-			c, err := NewClient(cmd)
+			c, asJSON, err := clientFor(cmd)
 			if err != nil {
 				return err
 			}

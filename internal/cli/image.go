@@ -141,25 +141,7 @@ func newImageLsCommand() *cobra.Command {
 		Short:   "List images",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			asJSON, err := jsonOutput(cmd)
-			if err != nil {
-				return err
-			}
-			c, err := NewClient(cmd)
-			if err != nil {
-				return err
-			}
-			list, err := c.ListImages(cmd.Context())
-			if err != nil {
-				return err
-			}
-			if asJSON {
-				if list == nil {
-					list = []api.Image{}
-				}
-				return printJSON(stdout(cmd), list)
-			}
-			return printImages(stdout(cmd), list)
+			return runList(cmd, (*api.Client).ListImages, printImages)
 		},
 	}
 }
@@ -197,10 +179,7 @@ func newImageInspectCommand() *cobra.Command {
 				}
 				out = append(out, im)
 			}
-			if len(out) == 1 {
-				return printJSON(stdout(cmd), out[0])
-			}
-			return printJSON(stdout(cmd), out)
+			return printOneOrMany(cmd, out)
 		},
 	}
 }
@@ -211,21 +190,11 @@ func newImageRmCommand() *cobra.Command {
 		Short: "Delete images (refused while an instance or snapshot uses one)",
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := NewClient(cmd)
-			if err != nil {
-				return err
-			}
-			var errs []error
-			for _, ref := range args {
-				if err := c.DeleteImage(cmd.Context(), absImageRef(ref)); err != nil {
-					err = withHint(err, api.ErrInvalidState, "delete the instances and snapshots it names first (`forkd rm`, `forkd snapshot rm`)")
-					err = withHint(err, api.ErrNotFound, "see `forkd image ls`")
-					errs = append(errs, fmt.Errorf("image rm %s: %w", ref, err))
-					continue
-				}
-				fmt.Fprintf(stdout(cmd), "removed image %s\n", ref)
-			}
-			return errors.Join(errs...)
+			return removeEach(cmd, "image", args, func(c *api.Client, ctx context.Context, ref string) error {
+				err := c.DeleteImage(ctx, absImageRef(ref))
+				err = withHint(err, api.ErrInvalidState, "delete the instances and snapshots it names first (`forkd rm`, `forkd snapshot rm`)")
+				return withHint(err, api.ErrNotFound, "see `forkd image ls`")
+			})
 		},
 	}
 }

@@ -116,25 +116,7 @@ func newPsCommand() *cobra.Command {
 		Short:   "List instances",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			asJSON, err := jsonOutput(cmd)
-			if err != nil {
-				return err
-			}
-			c, err := NewClient(cmd)
-			if err != nil {
-				return err
-			}
-			list, err := c.ListInstances(cmd.Context())
-			if err != nil {
-				return err
-			}
-			if asJSON {
-				if list == nil {
-					list = []api.Instance{}
-				}
-				return printJSON(stdout(cmd), list)
-			}
-			return printInstances(stdout(cmd), list)
+			return runList(cmd, (*api.Client).ListInstances, printInstances)
 		},
 	}
 }
@@ -166,10 +148,7 @@ func newInspectCommand() *cobra.Command {
 				}
 				out = append(out, inst)
 			}
-			if len(out) == 1 {
-				return printJSON(stdout(cmd), out[0])
-			}
-			return printJSON(stdout(cmd), out)
+			return printOneOrMany(cmd, out)
 		},
 	}
 }
@@ -180,19 +159,7 @@ func newRmCommand() *cobra.Command {
 		Short: "Delete instances in any state (forks of them are unaffected)",
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := NewClient(cmd)
-			if err != nil {
-				return err
-			}
-			var errs []error
-			for _, ref := range args {
-				if err := c.DeleteInstance(cmd.Context(), ref); err != nil {
-					errs = append(errs, fmt.Errorf("rm %s: %w", ref, err))
-					continue
-				}
-				fmt.Fprintf(stdout(cmd), "removed %s\n", ref)
-			}
-			return errors.Join(errs...)
+			return removeEach(cmd, "", args, (*api.Client).DeleteInstance)
 		},
 	}
 }
@@ -223,11 +190,7 @@ func actionCommands() []*cobra.Command {
 			Short: short[action],
 			Args:  cobra.MinimumNArgs(1),
 			RunE: func(cmd *cobra.Command, args []string) error {
-				asJSON, err := jsonOutput(cmd)
-				if err != nil {
-					return err
-				}
-				c, err := NewClient(cmd)
+				c, asJSON, err := clientFor(cmd)
 				if err != nil {
 					return err
 				}

@@ -14,11 +14,7 @@ func newPagerStatsCommand() *cobra.Command {
 		Short: "Show the pager's statistics (hits, misses, faults, backing reads, per session)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			asJSON, err := jsonOutput(cmd)
-			if err != nil {
-				return err
-			}
-			c, err := NewClient(cmd)
+			c, asJSON, err := clientFor(cmd)
 			if err != nil {
 				return err
 			}

@@ -2,7 +2,6 @@ package cli
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"time"
 
@@ -57,25 +56,7 @@ func newSnapshotLsCommand() *cobra.Command {
 		Short:   "List snapshots",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			asJSON, err := jsonOutput(cmd)
-			if err != nil {
-				return err
-			}
-			c, err := NewClient(cmd)
-			if err != nil {
-				return err
-			}
-			list, err := c.ListSnapshots(cmd.Context())
-			if err != nil {
-				return err
-			}
-			if asJSON {
-				if list == nil {
-					list = []api.Snapshot{}
-				}
-				return printJSON(stdout(cmd), list)
-			}
-			return printSnapshots(stdout(cmd), list)
+			return runList(cmd, (*api.Client).ListSnapshots, printSnapshots)
 		},
 	}
 }
@@ -105,19 +86,9 @@ func newSnapshotRmCommand() *cobra.Command {
 		Short: "Delete snapshots (forks made from them are unaffected)",
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := NewClient(cmd)
-			if err != nil {
-				return err
-			}
-			var errs []error
-			for _, ref := range args {
-				if err := c.DeleteSnapshot(cmd.Context(), ref); err != nil {
-					errs = append(errs, fmt.Errorf("snapshot rm %s: %w", ref, withHint(err, api.ErrNotFound, "list snapshots with `forkd snapshot ls`")))
-					continue
-				}
-				fmt.Fprintf(stdout(cmd), "removed snapshot %s\n", ref)
-			}
-			return errors.Join(errs...)
+			return removeEach(cmd, "snapshot", args, func(c *api.Client, ctx context.Context, ref string) error {
+				return withHint(c.DeleteSnapshot(ctx, ref), api.ErrNotFound, "list snapshots with `forkd snapshot ls`")
+			})
 		},
 	}
 }
