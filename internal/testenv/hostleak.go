@@ -340,7 +340,8 @@ func HostLeftoverReport(left []string) string {
 		len(left), strings.Join(left, " "))
 	fmt.Fprint(&b, "  A forkd-<tag> cgroup is a data dir's jail parent (<tag>: the first 6 hex digits of the SHA-256 of the data\n"+
 		"  dir's path): a test that tears a data dir down must kill its VMMs and then call\n"+
-		"  instance.RemoveJailCgroups (instance tests' testJail and reliability's daemons do). A namespace\n"+
+		"  instance.RemoveJailCgroups (instance tests' testJail does; daemonproc's Teardown does it for a\n"+
+		"  daemon's data dir). A namespace\n"+
 		"  forkd-<tag>-<slot> is a VM's network: delete the data dir's VMs before the daemon goes. A test's own\n"+
 		"  namespace (nettest.Namespace) is removed by its cleanup.\n"+
 		"  (A test run of another checkout on this machine that leaked at the same time would show here too.)\n")
