@@ -121,6 +121,45 @@ func (c *pageCache) load(k pageKey, size int, read func() ([]byte, bool, error))
 	return f.data, f.zero, false, f.err
 }
 
+// tryLoad is load for a caller that must not wait on another's read: it
+// returns the cached page, or reads it with read when no other lookup is
+// reading it (concurrent loads of the page then wait for this read, as
+// for load's). ok is false when another lookup is reading the page or read
+// failed (say, it would wait on the disk): the caller goes through load.
+func (c *pageCache) tryLoad(k pageKey, size int, read func() ([]byte, bool, error)) (data []byte, zero, hit, ok bool) {
+	s := c.shard(k)
+	s.mu.Lock()
+	if i, found := s.index[k]; found {
+		sl := &s.slots[i]
+		if sl.zero || len(sl.data) == size {
+			sl.ref = true
+			data, zero := sl.data, sl.zero
+			s.mu.Unlock()
+			return data, zero, true, true
+		}
+	}
+	if _, busy := s.inflight[k]; busy && !c.noSingleFlight {
+		s.mu.Unlock()
+		return nil, false, false, false
+	}
+	f := &flight{done: make(chan struct{})}
+	if _, busy := s.inflight[k]; !busy {
+		s.inflight[k] = f
+	}
+	s.mu.Unlock()
+	f.data, f.zero, f.err = read()
+	if f.err == nil {
+		c.put(k, f.data, f.zero)
+	}
+	s.mu.Lock()
+	if s.inflight[k] == f {
+		delete(s.inflight, k)
+	}
+	s.mu.Unlock()
+	close(f.done) // a waiter of a failed read reads itself (load)
+	return f.data, f.zero, false, f.err == nil
+}
+
 func (c *pageCache) shard(k pageKey) *cacheShard {
 	h := uint64(k.key)*0x9E3779B97F4A7C15 ^ (k.off>>12)*0xC2B2AE3D27D4EB4F
 	h ^= h >> 29

@@ -233,3 +233,49 @@ func concurrentMisses(t *testing.T, c *pageCache, n int) (reads, hits, followerR
 	}
 	return int(readCount.Load()), hits, int(followers.Load())
 }
+
+// TestCacheTryLoadNeverWaitsOnAnotherRead: a tryLoad of a page another
+// lookup is reading returns at once without reading; once read, it hits;
+// a tryLoad whose read fails caches nothing, and a load then reads.
+func TestCacheTryLoadNeverWaitsOnAnotherRead(t *testing.T) {
+	c := newPageCache(1 << 20)
+	k := pageKey{key: 1, off: 0}
+	reading, release, done := make(chan struct{}), make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		c.load(k, 4096, func() ([]byte, bool, error) {
+			close(reading)
+			<-release
+			return page(1), false, nil
+		})
+	}()
+	<-reading
+	_, _, _, ok := c.tryLoad(k, 4096, func() ([]byte, bool, error) {
+		t.Error("tryLoad read a page another lookup is reading")
+		return page(2), false, nil
+	})
+	if ok {
+		t.Error("tryLoad of a page being read: ok, want not (the caller goes through load)")
+	}
+	close(release)
+	<-done
+	data, _, hit, ok := c.tryLoad(k, 4096, func() ([]byte, bool, error) {
+		t.Error("tryLoad read a cached page")
+		return page(2), false, nil
+	})
+	if !ok || !hit || data[0] != 1 {
+		t.Errorf("tryLoad of a cached page: ok %v hit %v data %x, want the cached page", ok, hit, data[:1])
+	}
+
+	k2 := pageKey{key: 1, off: 4096}
+	if _, _, _, ok := c.tryLoad(k2, 4096, func() ([]byte, bool, error) { return nil, false, errWouldWait }); ok {
+		t.Error("tryLoad with a failed read: ok")
+	}
+	if _, _, cached := c.get(k2); cached {
+		t.Error("a failed tryLoad cached the page")
+	}
+	data, _, hit, err := c.load(k2, 4096, func() ([]byte, bool, error) { return page(3), false, nil })
+	if err != nil || hit || data[0] != 3 {
+		t.Errorf("load after a failed tryLoad: %x hit %v err %v, want its own read", data[:1], hit, err)
+	}
+}

@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -138,7 +137,9 @@ func consumerMain() int {
 	}
 	rng := rand.New(rand.NewPCG(seed, 1))
 	in := bufio.NewScanner(os.Stdin)
-	for _, step := range strings.Split(os.Getenv("SCRIPT"), ",") {
+	bgDone := make(chan int, 1)
+	var runStep func(step string) int
+	runStep = func(step string) int {
 		name, arg, _ := strings.Cut(step, ":")
 		var lo, hi int
 		if a, b, ok := strings.Cut(arg, "-"); ok {
@@ -147,10 +148,28 @@ func consumerMain() int {
 		}
 		page := func(p int) []byte { return mem[p*uffd.PageSize : (p+1)*uffd.PageSize] }
 		switch name {
+		case "bg":
+			// Another thread of the VMM: the step after "bg:" runs beside
+			// the rest of the script until bgwait.
+			go func() { bgDone <- runStep(arg) }()
+		case "cold":
+			// Drop the mem-file (read above) from the page cache again.
+			if err := dropPageCache(os.Getenv("MEMFILE"), uint64(lo), uint64(hi)); err != nil {
+				return fail("%v", err)
+			}
+		case "bgwait":
+			if rc := <-bgDone; rc != 0 {
+				return rc
+			}
+			fmt.Println("bg done")
 		case "touch", "seq":
-			order := rng.Perm(hi - lo)
-			if name == "seq" {
-				slices.Sort(order)
+			var order []int
+			if name == "seq" { // no rng: seq may run beside another step
+				for i := range hi - lo {
+					order = append(order, i)
+				}
+			} else {
+				order = rng.Perm(hi - lo)
 			}
 			var sink byte
 			t0 := time.Now()
@@ -219,6 +238,12 @@ func consumerMain() int {
 		case "":
 		default:
 			return fail("unknown step %q", step)
+		}
+		return 0
+	}
+	for _, step := range strings.Split(os.Getenv("SCRIPT"), ",") {
+		if rc := runStep(step); rc != 0 {
+			return rc
 		}
 	}
 	if self != nil {

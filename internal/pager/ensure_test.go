@@ -124,7 +124,8 @@ func TestCollectorExportsPagerMetrics(t *testing.T) {
 	for _, name := range []string{"forkd_pager_up", "forkd_pager_faults_total", "forkd_pager_cache_hits_total",
 		"forkd_pager_cache_misses_total", "forkd_pager_backing_read_bytes_total", "forkd_pager_fault_duration_seconds",
 		"forkd_pager_sessions_active", "forkd_pager_cache_bytes", "forkd_pager_cache_evictions_total",
-		"forkd_pager_prefetched_pages_total", "forkd_pager_prefetch_probes_total", "forkd_pager_prefetch_probe_faults_total"} {
+		"forkd_pager_prefetched_pages_total", "forkd_pager_prefetch_probes_total", "forkd_pager_prefetch_probe_faults_total",
+		"forkd_pager_cold_reads_total"} {
 		if _, ok := up[name]; !ok {
 			t.Errorf("metric %s missing", name)
 		}

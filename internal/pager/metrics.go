@@ -39,12 +39,13 @@ var (
 	descPrefetched    = prometheus.NewDesc("forkd_pager_prefetched_pages_total", "Pages installed by working-set replay, not by a fault.", nil, nil)
 	descProbes        = prometheus.NewDesc("forkd_pager_prefetch_probes_total", "Recorded pages replay left for the guest to fault (the waste sample).", nil, nil)
 	descProbeFaults   = prometheus.NewDesc("forkd_pager_prefetch_probe_faults_total", "Probes the guest faulted: recorded pages it used.", nil, nil)
+	descColdReads     = prometheus.NewDesc("forkd_pager_cold_reads_total", "Faults whose page was read from disk off the session goroutine (neither cache held it).", nil, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descUp, descFaults, descHits, descMisses, descZero, descRemoved,
 		descPopulated, descBackingBytes, descBackingSecs, descCopyErrors, descLatency, descSessions,
-		descCacheBytes, descCacheBudget, descEvictions, descSessionsTotal, descPrefetched, descProbes, descProbeFaults} {
+		descCacheBytes, descCacheBudget, descEvictions, descSessionsTotal, descPrefetched, descProbes, descProbeFaults, descColdReads} {
 		ch <- d
 	}
 }
@@ -77,6 +78,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter(descPrefetched, float64(st.PrefetchedPages))
 	counter(descProbes, float64(st.PrefetchProbes))
 	counter(descProbeFaults, float64(st.PrefetchProbeFaults))
+	counter(descColdReads, float64(st.ColdReads))
 	for errno, n := range st.CopyErrors {
 		counter(descCopyErrors, float64(n), errno)
 	}

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"sync"
+	"syscall"
 	"time"
 	"unsafe"
 
@@ -18,6 +20,7 @@ type fault struct {
 	page   uint64 // page-aligned address in the VMM
 	region int
 	read   time.Time // when its event was read: latency starts here
+	pd     pageData  // the page, once read off the session goroutine (coldread.go)
 }
 
 // handler serves one session's uffd. It is owned by the serve loop (one
@@ -40,6 +43,7 @@ type handler struct {
 	faults   []fault  // scratch for one drain
 
 	populating bool
+	populated  bool // every page is in and the regions are unregistered
 	popRegion  int
 	popPage    uint64
 	popStalled bool // the last populate step hit EAGAIN
@@ -49,6 +53,17 @@ type handler struct {
 	// fault (prefetch.go).
 	pf    *replayer
 	probe [][]uint64
+
+	// Cold reads (coldread.go): reading holds the faults parked for a
+	// read, keyed by page; reads carries them to the readers and readDone
+	// brings them back. All nil with the syncColdReads hook.
+	reading  map[uint64]fault
+	reads    chan fault
+	readDone chan coldRead
+	readers  sync.WaitGroup
+	// noWait is the mem-file's descriptor for RWF_NOWAIT reads (nil when
+	// the filesystem refuses them).
+	noWait syscall.RawConn
 }
 
 // installResult is what happened to one install.
@@ -76,14 +91,19 @@ func (s *session) serve(ctx context.Context, f *uffd.FD, regions []uffd.Region) 
 	if s.recordMax > 0 {
 		s.startRecording()
 	}
+	if rc, err := s.backing.SyscallConn(); err == nil {
+		h.noWait = rc
+	}
 	readCtx, stopReader := context.WithCancel(ctx)
 	h.pf = h.startReplay(readCtx)
+	h.startColdReaders(readCtx)
 	defer func() {
 		stopReader()
 		if h.pf != nil {
 			for range h.pf.ready { // the reader closes it when it returns
 			}
 		}
+		h.stopColdReaders()
 	}()
 	msgs := make([]uffd.Msg, 64)
 	idle := 0
@@ -105,7 +125,7 @@ func (s *session) serve(ctx context.Context, f *uffd.FD, regions []uffd.Region) 
 		if err := h.populateStep(); err != nil {
 			return err
 		}
-		if len(h.deferred) > 0 || h.populating || h.pf.more() {
+		if len(h.deferred) > 0 || h.populating || h.pf.more() || len(h.readDone) > 0 {
 			// More work without waiting. A deferred fault that keeps getting
 			// EAGAIN with no event to read means the kernel is mid-change:
 			// yield instead of spinning hot.
@@ -198,10 +218,15 @@ func (h *handler) regionOf(addr uint64) int {
 	return -1
 }
 
-// serveBatch retries deferred faults, then serves the faults just read.
-// Removes of the batch are already applied (drain), so no fault read with
-// a REMOVE can resurrect file data in the removed range.
+// serveBatch serves the faults whose cold reads are done, retries
+// deferred faults, then serves the faults just read. Removes of the batch
+// are already applied (drain), so no fault read with a REMOVE, nor one
+// whose page was being read when the REMOVE came, can resurrect file data
+// in the removed range.
 func (h *handler) serveBatch() error {
+	if err := h.serveColdReads(); err != nil {
+		return err
+	}
 	if len(h.deferred) > 0 {
 		order := h.order
 		h.order = nil
@@ -226,6 +251,12 @@ func (h *handler) serveBatch() error {
 
 func (h *handler) serveFault(flt fault) error {
 	h.noteFault(flt.region, flt.page)
+	if _, busy := h.reading[flt.page]; busy {
+		return nil // its read's install wakes this fault too (coldread.go rule 3)
+	}
+	if h.parkCold(&flt) {
+		return nil // served once its page is read
+	}
 	r := h.regions[flt.region]
 	idx := (flt.page - r.BaseHostVirtAddr) / r.PageSize
 	first := h.installed[flt.region][idx/64]&(1<<(idx%64)) == 0 && !h.removed.overlaps(flt.page, flt.page+r.PageSize)
@@ -237,7 +268,7 @@ func (h *handler) serveFault(flt fault) error {
 	if first {
 		mark = h.s.logFault(r.Offset+(flt.page-r.BaseHostVirtAddr), r.PageSize)
 	}
-	res, err := h.install(flt.page, flt.region, false)
+	res, err := h.install(flt.page, flt.region, false, flt.pd)
 	if err != nil {
 		return err
 	}
@@ -261,10 +292,10 @@ func (h *handler) serveFault(flt fault) error {
 }
 
 // install puts one page into the VMM: zeros for removed ranges, holes and
-// all-zero pages; otherwise the page from the cache or the mem-file.
-// populate installs leave zero pages to the kernel (after the unregister it
-// zero-fills them itself) and do not count as faults.
-func (h *handler) install(page uint64, ri int, populate bool) (installResult, error) {
+// all-zero pages; otherwise the page known already (pd), or from the cache
+// or the mem-file. populate installs leave zero pages to the kernel (after
+// the unregister it zero-fills them itself) and do not count as faults.
+func (h *handler) install(page uint64, ri int, populate bool, pd pageData) (installResult, error) {
 	s := h.s
 	r := h.regions[ri]
 	ps := r.PageSize
@@ -280,6 +311,11 @@ func (h *handler) install(page uint64, ri int, populate bool) (installResult, er
 	case !s.data.overlaps(off, off+ps):
 		zero = true
 		s.count(func(c *counters) { c.zeroPages.Add(1) })
+	case pd.ok:
+		data, zero = pd.data, pd.zero
+		if zero {
+			s.count(func(c *counters) { c.zeroPages.Add(1) })
+		}
 	default:
 		var err error
 		data, zero, err = h.lookup(off, ps)
@@ -340,6 +376,9 @@ func (h *handler) install(page uint64, ri int, populate bool) (installResult, er
 func (h *handler) lookup(off, ps uint64) (data []byte, zero bool, err error) {
 	s := h.s
 	data, zero, hit, err := s.srv.cache.load(pageKey{key: s.keyID, off: off}, int(ps), func() ([]byte, bool, error) {
+		if hook := s.srv.cfg.beforeRead; hook != nil {
+			hook(s.ctx, off)
+		}
 		buf := make([]byte, ps)
 		t0 := time.Now()
 		n, err := s.backing.ReadAt(buf, int64(off))
@@ -404,7 +443,7 @@ func (h *handler) populateStep() error {
 		}
 		idx := h.popPage
 		if h.installed[h.popRegion][idx/64]&(1<<(idx%64)) == 0 {
-			res, err := h.install(r.BaseHostVirtAddr+idx*r.PageSize, h.popRegion, true)
+			res, err := h.install(r.BaseHostVirtAddr+idx*r.PageSize, h.popRegion, true, pageData{})
 			if err != nil {
 				h.finishPopulate(err)
 				return err
@@ -427,6 +466,7 @@ func (h *handler) populateStep() error {
 			return err
 		}
 	}
+	h.populated = true
 	s.mu.Lock()
 	s.state = statePopulated
 	s.mu.Unlock()

@@ -79,6 +79,13 @@ type Config struct {
 	// after a fault's page is installed (so the guest already has it),
 	// with the page's file offset: a test can hold the pager there.
 	afterInstall func(off uint64)
+	// beforeRead, a test hook, is called before a fault's page at file
+	// offset off is read from the mem-file (by a cold reader, or in place):
+	// a test can hold the read there. It must return when ctx ends.
+	beforeRead func(ctx context.Context, off uint64)
+	// syncColdReads serves every fault's read in place, on the session
+	// goroutine, as before cold reads: the twin of the cold-read tests.
+	syncColdReads bool
 }
 
 // Server is a running pager: the control API, the sessions and the page

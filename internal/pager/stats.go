@@ -38,6 +38,11 @@ type Counters struct {
 	// uses; PrefetchProbeFaults is how many of them it faulted.
 	PrefetchProbes      uint64 `json:"prefetch_probes"`
 	PrefetchProbeFaults uint64 `json:"prefetch_probe_faults"`
+	// ColdReads is faults whose page was read from the mem-file off the
+	// session goroutine: neither the pager's cache nor the kernel's page
+	// cache held it, and the session served other faults and replay while
+	// the disk worked.
+	ColdReads uint64 `json:"cold_reads"`
 	// BackingBytes and BackingNanos are mem-file reads (pread) and their time.
 	BackingBytes uint64 `json:"backing_bytes"`
 	BackingNanos uint64 `json:"backing_nanos"`
@@ -172,7 +177,7 @@ var latencyBounds = [...]time.Duration{
 type counters struct {
 	faults, hits, misses, zeroPages, removedFaults, removes, deferred atomic.Uint64
 	populated, backingBytes, backingNanos                             atomic.Uint64
-	prefetched, probes, probeFaults                                   atomic.Uint64
+	prefetched, probes, probeFaults, coldReads                        atomic.Uint64
 
 	latency [len(latencyBounds) + 1]atomic.Uint64 // per bucket, not cumulative
 	latSum  atomic.Uint64                         // nanoseconds
@@ -207,6 +212,7 @@ func (c *counters) snapshot() Counters {
 		Removes: c.removes.Load(), Deferred: c.deferred.Load(),
 		PopulatedPages:  c.populated.Load(),
 		PrefetchedPages: c.prefetched.Load(), PrefetchProbes: c.probes.Load(), PrefetchProbeFaults: c.probeFaults.Load(),
+		ColdReads:    c.coldReads.Load(),
 		BackingBytes: c.backingBytes.Load(), BackingNanos: c.backingNanos.Load(),
 		CopyErrors: map[string]uint64{},
 	}
