@@ -186,7 +186,8 @@ func (s *session) readAhead() {
 		return
 	}
 	// Sibling sessions of one key created together read it once: the
-	// others wait for the first (and then find every run cached).
+	// others wait for the first (and then find every run in the page
+	// cache).
 	srv := s.srv
 	srv.mu.Lock()
 	for {
@@ -251,6 +252,9 @@ func (h *handler) startReplay(ctx context.Context) *replayer {
 		h.probe[i] = make([]uint64, len(h.installed[i]))
 	}
 	probes := uint64(0)
+	// The reader's copy of the probes, by 4 KiB mem-file page: it caches
+	// those pages (they will fault) and no others.
+	keep := make(pageSet, (uint64(s.backingSize)/uffd.PageSize+63)/64)
 	for i, p := range s.replay.Pages {
 		if i%probeEvery != 0 {
 			continue
@@ -259,12 +263,32 @@ func (h *handler) startReplay(ctx context.Context) *replayer {
 			h.probe[ri][idx/64] |= 1 << (idx % 64)
 			probes++
 		}
+		keep.add(p)
 	}
 	s.count(func(c *counters) { c.probes.Add(probes) })
 	runs := h.planRuns(prefetch.Plan(s.replay.Pages, 0, runBytes/uffd.PageSize))
 	r := &replayer{h: h, ready: make(chan *pfRun, 4)}
-	go s.readRuns(ctx, runs, r.ready)
+	go s.readRuns(ctx, runs, keep, r.ready)
 	return r
+}
+
+// pageSet is a set of 4 KiB mem-file pages, one bit each.
+type pageSet []uint64
+
+func (set pageSet) add(p uint64) {
+	if p/64 < uint64(len(set)) {
+		set[p/64] |= 1 << (p % 64)
+	}
+}
+
+// any reports whether a page of [lo, hi) is in the set.
+func (set pageSet) any(lo, hi uint64) bool {
+	for p := lo; p < hi && p/64 < uint64(len(set)); p++ {
+		if set[p/64]&(1<<(p%64)) != 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // regionPageOf maps a mem-file offset to its region and page index there.
@@ -303,8 +327,9 @@ func (h *handler) planRuns(runs []prefetch.Run) []*pfRun {
 // readRuns is the reader: it fills each run from the page cache of the
 // pager or the mem-file (one read per run when anything is missing) and
 // hands it to the serve goroutine in order, waking it. It stops at the
-// end of the plan, at the first read error, or when ctx ends.
-func (s *session) readRuns(ctx context.Context, runs []*pfRun, ready chan<- *pfRun) {
+// end of the plan, at the first read error, or when ctx ends. keep are
+// the pages it puts in the pager's cache (fillRun).
+func (s *session) readRuns(ctx context.Context, runs []*pfRun, keep pageSet, ready chan<- *pfRun) {
 	defer func() {
 		close(ready)
 		s.kick() // the serve loop sees the end without waiting for a fault
@@ -317,7 +342,7 @@ func (s *session) readRuns(ctx context.Context, runs []*pfRun, ready chan<- *pfR
 		}
 	}
 	for _, run := range runs {
-		if err := s.fillRun(run); err != nil {
+		if err := s.fillRun(run, keep); err != nil {
 			s.pf.setErr(err)
 			s.log.Warn("prefetch stopped", "err", err)
 			return
@@ -334,8 +359,13 @@ func (s *session) readRuns(ctx context.Context, runs []*pfRun, ready chan<- *pfR
 // fillRun reads one run's pages: holes and all-zero pages are zeros, the
 // rest data, from the pager's cache when it has every page, else with one
 // pread of the run (which the readahead has mostly made a page-cache
-// copy), caching what it read.
-func (s *session) fillRun(run *pfRun) error {
+// copy). Of what it read it caches the pages in keep (the probes, which
+// the guest will fault) and the all-zero markers, not the rest: once
+// installed, a replayed page is never asked of the pager by this VM
+// again, and a sibling's replay reads it from the kernel's page cache as
+// cheaply as from ours. A 4 KiB copy of every page, in fresh heap, is what
+// made a cold replay slower than a warm one (BENCHMARKS.md).
+func (s *session) fillRun(run *pfRun, keep pageSet) error {
 	ps := run.ps
 	run.zero = make([]bool, run.pages)
 	cached := make([][]byte, run.pages)
@@ -378,11 +408,13 @@ func (s *session) fillRun(run *pfRun) error {
 			continue
 		}
 		pg := run.buf[uint64(i)*ps : uint64(i+1)*ps]
-		k := pageKey{key: s.keyID, off: run.off + uint64(i)*ps}
-		if allZero(pg) {
+		off := run.off + uint64(i)*ps
+		k := pageKey{key: s.keyID, off: off}
+		switch {
+		case allZero(pg):
 			run.zero[i] = true
 			s.srv.cache.put(k, nil, true)
-		} else {
+		case keep.any(off/uffd.PageSize, (off+ps)/uffd.PageSize):
 			s.srv.cache.put(k, append([]byte(nil), pg...), false)
 		}
 	}
