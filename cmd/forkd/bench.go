@@ -24,6 +24,7 @@ func newBenchForkBurstCommand() *cobra.Command {
 		memoryMiB int
 		vmmBinary string
 		pfWindow  string
+		builds    []string
 		fsSize    string
 		svgPath   string
 		jsonPath  string
@@ -47,6 +48,23 @@ Compare ratios within one run: absolute times on nested VMs are noise.`,
 			}
 			if vmmBinary != "" {
 				opt.DaemonArgs = append(opt.DaemonArgs, "--vmm-binary", vmmBinary)
+			}
+			for _, b := range builds {
+				name, path, ok := strings.Cut(b, "=")
+				if !ok || name == "" || path == "" {
+					return fmt.Errorf("--binary %q: want NAME=PATH, e.g. before=/tmp/forkd-main", b)
+				}
+				if _, dup := opt.Binaries[name]; dup {
+					return fmt.Errorf("--binary: build %q given twice", name)
+				}
+				if _, err := os.Stat(path); err != nil {
+					return fmt.Errorf("--binary %s: %w", b, err)
+				}
+				if opt.Binaries == nil {
+					opt.Binaries = map[string]string{}
+				}
+				opt.Binaries[name] = path
+				opt.Builds = append(opt.Builds, name)
 			}
 			if pfWindow != "" {
 				opt.DaemonArgs = append(opt.DaemonArgs, "--prefetch-window", pfWindow)
@@ -99,6 +117,7 @@ Compare ratios within one run: absolute times on nested VMs are noise.`,
 	f.IntVar(&opt.WritePct, "write-pct", 20, "percent of workload steps that write their page")
 	f.IntSliceVar(&opt.Rates, "rate", []int{20000}, "workload steps per second per VM (-1: unpaced; 20000 paces a page per 50 µs, so slower cold faults show in the touch time); a list runs each, e.g. 20000,-1")
 	f.StringSliceVar(&opt.Prefetch, "prefetch", []string{bench.PrefetchOff, bench.PrefetchAuto}, "the daemons' prefetch settings to compare: off, auto")
+	f.StringArrayVar(&builds, "binary", nil, "compare forkd builds side by side: NAME=PATH, repeated (e.g. --binary before=/tmp/forkd-main --binary after=./bin/forkd); every prefetch setting gets a daemon of each build, and cells are named SETTING@NAME")
 	f.StringVar(&pfWindow, "prefetch-window", "", "the daemons' prefetch_window (default theirs, 5s): a burst's waste counts what its forks used within it, so give slow bursts a longer one")
 	f.IntVar(&opt.DiffersRuns, "differs", 0, "also run the case prefetch cannot help (forks whose workload differs from the recorded one) this many times, prefetch off and auto side by side (needs both)")
 	f.StringSliceVar(&opt.Strategies, "strategies", []string{bench.StrategyHardlink, bench.StrategyReflink, bench.StrategyCopy},

@@ -113,7 +113,7 @@ func (r *runner) burst(ctx context.Context, d *daemon, par parent, key cellKey) 
 // window closed) and sums them into the cell. A daemon with prefetch off
 // reports none.
 func (r *runner) prefetchFigures(ctx context.Context, d *daemon, results []forkResult, cell *Cell) {
-	if d.v.Prefetch != PrefetchAuto {
+	if PrefetchSetting(d.v.Prefetch) != PrefetchAuto {
 		return
 	}
 	sum := &PrefetchSum{Modes: map[string]int{}}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
@@ -63,8 +64,13 @@ type Config struct {
 	Forks      []int    `json:"forks"`
 	Strategies []string `json:"strategies"` // default {hardlink}
 	// Prefetch are the daemons' prefetch settings compared (off, auto);
-	// default {auto}, the daemon's default.
+	// default {auto}, the daemon's default. With Builds, each setting is
+	// run by each build and named SETTING@BUILD (auto@before).
 	Prefetch []string `json:"prefetch"`
+	// Builds name forkd binaries compared side by side (a before and an
+	// after of a change): every prefetch setting gets a daemon of each,
+	// all up at once, their bursts taking turns. Empty: one binary.
+	Builds []string `json:"builds,omitempty"`
 	// DiffersRuns is how many times to run the case prefetch cannot help:
 	// forks whose workload differs from the recorded one (0: never). It
 	// needs both prefetch settings.
@@ -145,6 +151,24 @@ func (c Config) withDefaults() (Config, error) {
 		return c, fmt.Errorf("fork-burst config: forks %v, working set %d MiB, write %d%%, rates %v, vcpus %d, differs runs %d: out of range",
 			c.Forks, c.WorkingSetMiB, c.WritePct, c.Rates, c.Vcpus, c.DiffersRuns)
 	}
+	if len(c.Builds) > 0 {
+		if c.DiffersRuns > 0 {
+			return c, fmt.Errorf("fork-burst config: the differing-workload runs compare one binary's prefetch off and auto: run them without builds")
+		}
+		var pfs []string
+		for _, pf := range c.Prefetch {
+			if strings.Contains(pf, "@") {
+				return c, fmt.Errorf("fork-burst config: prefetch setting %q: with builds give the setting alone (off, auto)", pf)
+			}
+			for _, b := range c.Builds {
+				if b == "" || strings.ContainsAny(b, "@, ") {
+					return c, fmt.Errorf("fork-burst config: build name %q: want a non-empty name without '@', ',' or spaces", b)
+				}
+				pfs = append(pfs, pf+"@"+b)
+			}
+		}
+		c.Prefetch = pfs
+	}
 	if c.DiffersRuns > 0 && !(slices.Contains(c.Prefetch, PrefetchOff) && slices.Contains(c.Prefetch, PrefetchAuto)) {
 		return c, fmt.Errorf("fork-burst config: the differing-workload runs compare prefetch off and auto: add both to the prefetch settings")
 	}
@@ -159,6 +183,12 @@ func (c Config) withDefaults() (Config, error) {
 		{"prefetch setting", c.Prefetch, []string{PrefetchOff, PrefetchAuto}},
 	} {
 		for _, v := range list.got {
+			if list.name == "prefetch setting" {
+				if b := BuildOf(v); b != "" && !slices.Contains(c.Builds, b) {
+					return c, fmt.Errorf("fork-burst config: prefetch setting %q: no build %q", v, b)
+				}
+				v = PrefetchSetting(v)
+			}
 			if !slices.Contains(list.known, v) {
 				return c, fmt.Errorf("fork-burst config: unknown %s %q (want one of %v)", list.name, v, list.known)
 			}
@@ -169,6 +199,19 @@ func (c Config) withDefaults() (Config, error) {
 		return boolInt(a == Warm) - boolInt(b == Warm)
 	})
 	return c, nil
+}
+
+// PrefetchSetting is the daemon's prefetch setting of a cell's or
+// variant's prefetch name: auto for auto and auto@before.
+func PrefetchSetting(pf string) string {
+	setting, _, _ := strings.Cut(pf, "@")
+	return setting
+}
+
+// BuildOf is the build a prefetch name runs on ("" for the one binary).
+func BuildOf(pf string) string {
+	_, build, _ := strings.Cut(pf, "@")
+	return build
 }
 
 func boolInt(b bool) int {

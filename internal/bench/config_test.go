@@ -19,6 +19,22 @@ func TestConfigDefaults(t *testing.T) {
 	}
 }
 
+// TestConfigRunsEverySettingOnEveryBuild: with builds, every prefetch
+// setting gets a daemon of each build, named SETTING@BUILD.
+func TestConfigRunsEverySettingOnEveryBuild(t *testing.T) {
+	c, err := Config{Prefetch: []string{"off", "auto"}, Builds: []string{"before", "after"}}.withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"off@before", "off@after", "auto@before", "auto@after"}
+	if !slices.Equal(c.Prefetch, want) {
+		t.Fatalf("prefetch %v, want %v", c.Prefetch, want)
+	}
+	if PrefetchSetting("auto@after") != "auto" || BuildOf("auto@after") != "after" || BuildOf("auto") != "" {
+		t.Errorf("PrefetchSetting/BuildOf do not split SETTING@BUILD")
+	}
+}
+
 func TestConfigOrdersColdBeforeWarm(t *testing.T) {
 	c, err := Config{Temperatures: []string{"warm", "cold"}}.withDefaults()
 	if err != nil {
@@ -45,6 +61,10 @@ func TestConfigRejects(t *testing.T) {
 		{"unknown prefetch", Config{Prefetch: []string{"always"}}, `prefetch setting "always"`},
 		{"differs without both settings", Config{DiffersRuns: 3, Prefetch: []string{"auto"}}, "add both"},
 		{"unknown fork parent", Config{ForkFrom: "running"}, `fork from "running"`},
+		{"differs with builds", Config{DiffersRuns: 3, Prefetch: []string{"off", "auto"}, Builds: []string{"a", "b"}}, "without builds"},
+		{"a build named twice in a setting", Config{Prefetch: []string{"auto@a"}, Builds: []string{"a"}}, `"auto@a"`},
+		{"a build name with @", Config{Builds: []string{"a@b"}}, `build name "a@b"`},
+		{"a setting@build without builds", Config{Prefetch: []string{"auto@a"}}, "no build"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := tc.cfg.withDefaults()

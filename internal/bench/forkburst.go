@@ -18,6 +18,8 @@ type Options struct {
 	Config
 	// Binary is the forkd binary that runs the daemon; default this one.
 	Binary string
+	// Binaries are the binaries of Config.Builds, by build name.
+	Binaries map[string]string
 	// Dir is where the run's directory is made; default os.TempDir(). The
 	// run never uses an existing data dir: it makes its own under Dir.
 	Dir string
@@ -96,11 +98,17 @@ func ForkBurst(ctx context.Context, opt Options, progress func(string)) (rep *Re
 				args = append(args, "--fork-strategy", v.Strategy)
 			}
 			if v.Prefetch != "" {
-				args = append(args, "--prefetch", v.Prefetch)
+				args = append(args, "--prefetch", PrefetchSetting(v.Prefetch))
+			}
+			binary := opt.Binary
+			if b := BuildOf(v.Prefetch); b != "" {
+				if binary = opt.Binaries[b]; binary == "" {
+					return Conn{}, fmt.Errorf("fork-burst: build %q has no binary", b)
+				}
 			}
 			daemons++
 			dir := filepath.Join(short, fmt.Sprintf("%s-%d", v.Strategy, daemons))
-			d, err := StartDaemon(ctx, DaemonSpec{Binary: opt.Binary, DataDir: dir, Args: args, LogPath: dir + ".log"})
+			d, err := StartDaemon(ctx, DaemonSpec{Binary: binary, DataDir: dir, Args: args, LogPath: dir + ".log"})
 			if err != nil && v.Strategy != StrategyHardlink && strings.Contains(err.Error(), "unknown flag: --fork-strategy") {
 				return Conn{}, fmt.Errorf("%w: %s (this forkd serve has no --fork-strategy to force it)", ErrStrategyUnsupported, v.Strategy)
 			}

@@ -16,6 +16,9 @@ type PagerCounters struct {
 	ZeroPages    int64 `json:"zero_pages"`
 	BackingBytes int64 `json:"backing_bytes"`
 	BackingNanos int64 `json:"backing_nanos"`
+	// ColdReads is faults whose page the pager read from the disk off its
+	// session goroutine (absent, so 0, from pagers before it counted them).
+	ColdReads int64 `json:"cold_reads"`
 	// FaultLatency is the pager's fault service histogram.
 	FaultLatency Histogram `json:"fault_latency"`
 	// Gauges: the value at the later reading, never subtracted.
@@ -64,6 +67,7 @@ func (p PagerCounters) Sub(o PagerCounters) PagerCounters {
 	d.ZeroPages -= o.ZeroPages
 	d.BackingBytes -= o.BackingBytes
 	d.BackingNanos -= o.BackingNanos
+	d.ColdReads -= o.ColdReads
 	d.FaultLatency = p.FaultLatency.Sub(o.FaultLatency)
 	return d
 }

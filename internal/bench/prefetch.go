@@ -76,7 +76,7 @@ func (c Cell) workloadStr() string {
 // writePrefetchTable writes the prefetch rows (only when prefetch is among
 // the settings compared).
 func (r *Report) writePrefetchTable(w io.Writer) error {
-	if !slices.Contains(r.Config.Prefetch, PrefetchAuto) && r.Config.DiffersRuns == 0 {
+	if !slices.ContainsFunc(r.Config.Prefetch, func(pf string) bool { return PrefetchSetting(pf) == PrefetchAuto }) && r.Config.DiffersRuns == 0 {
 		return nil
 	}
 	fmt.Fprintln(w, "\nprefetch (to ws: restore call to working set read, per fork; faults: pager faults over the burst; waste: wasted/prefetched pages)")

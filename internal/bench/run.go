@@ -340,7 +340,7 @@ func (r *runner) temperatures(ctx context.Context, d *daemon, src *source, key c
 // burst with no cold one before it, an unmeasured burst of one warms the
 // caches.
 func (r *runner) prepare(ctx context.Context, d *daemon, par parent, key cellKey) error {
-	if d.v.Prefetch == PrefetchAuto {
+	if PrefetchSetting(d.v.Prefetch) == PrefetchAuto {
 		if err := r.record(ctx, d, par, key); err != nil {
 			return err
 		}
