@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -28,6 +29,7 @@ func newBenchForkBurstCommand() *cobra.Command {
 		fsSize    string
 		svgPath   string
 		jsonPath  string
+		profDir   string
 	)
 	cmd := &cobra.Command{
 		Use:   "fork-burst",
@@ -68,6 +70,13 @@ Compare ratios within one run: absolute times on nested VMs are noise.`,
 			}
 			if pfWindow != "" {
 				opt.DaemonArgs = append(opt.DaemonArgs, "--prefetch-window", pfWindow)
+			}
+			if profDir != "" {
+				abs, err := filepath.Abs(profDir)
+				if err != nil {
+					return fmt.Errorf("--daemon-profile: %w", err)
+				}
+				opt.DaemonArgs = append(opt.DaemonArgs, "--profile", abs)
 			}
 			if fsSize != "" {
 				n, err := api.ParseBytes(fsSize)
@@ -135,6 +144,7 @@ Compare ratios within one run: absolute times on nested VMs are noise.`,
 	f.BoolVar(&opt.Keep, "keep", false, "keep the run's data dir and logs")
 	f.StringVar(&svgPath, "svg", "", "also draw the latency and PSS charts into this SVG file")
 	f.StringVar(&jsonPath, "json", "", "also write the JSON report into this file (the table and the JSON of one run)")
+	f.StringVar(&profDir, "daemon-profile", "", "have each daemon write a CPU profile and an execution trace of its whole run into this directory (forkd serve --profile)")
 	return cmd
 }
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"os"
 	"os/signal"
 	"syscall"
@@ -13,6 +14,7 @@ import (
 
 // newServeCommand is `forkd serve`: the daemon (internal/daemon).
 func newServeCommand() *cobra.Command {
+	var profileDir string
 	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Run the forkd daemon",
@@ -28,10 +30,17 @@ stops it at once. Running VMs are never stopped with it.
 Configuration precedence: flags, then FORKD_* environment variables, then the
 YAML file given by --config (or FORKD_CONFIG), then defaults.`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
+		RunE: func(cmd *cobra.Command, args []string) (err error) {
 			cfg, err := daemon.LoadConfig(cmd.Flags(), os.LookupEnv)
 			if err != nil {
 				return err
+			}
+			if profileDir != "" {
+				stopProfile, err := startProfile(profileDir)
+				if err != nil {
+					return err
+				}
+				defer func() { err = errors.Join(err, stopProfile()) }()
 			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGTERM, os.Interrupt)
 			defer stop()
@@ -42,5 +51,6 @@ YAML file given by --config (or FORKD_CONFIG), then defaults.`,
 		},
 	}
 	daemon.BindFlags(cmd.Flags())
+	cmd.Flags().StringVar(&profileDir, "profile", "", "write a CPU profile and an execution trace of the daemon into this directory (forkd-<pid>.cpu.pprof, forkd-<pid>.trace) until it exits")
 	return cmd
 }
