@@ -141,6 +141,7 @@ func parseMAC(s string) (net.HardwareAddr, bool) {
 type guestArgs struct {
 	wsMib, writePct, rate, seed, discardPct, splitMib, loadSeed uint64
 	vsockAnnounce                                               uint64 // host vsock port the guest connects to at boot and restore
+	diskWrite                                                   uint64 // 1: the guest writes its root drive at boot and load (disk.go)
 	set                                                         map[string]bool
 }
 
@@ -159,6 +160,7 @@ func parseBootArgs(cmdline string) (guestArgs, error) {
 			"forkd.seed": &g.seed, "forkd.discard_pct": &g.discardPct, "forkd.split_mib": &g.splitMib,
 			"forkd.load_seed":      &g.loadSeed,
 			"forkd.vsock_announce": &g.vsockAnnounce,
+			"forkd.disk_write":     &g.diskWrite,
 		}[key]
 		if dst == nil {
 			return g, fmt.Errorf("boot_args: unknown forkd key %q", key)
@@ -170,8 +172,8 @@ func parseBootArgs(cmdline string) (guestArgs, error) {
 		if (key == "forkd.write_pct" || key == "forkd.discard_pct") && n > 100 {
 			return g, fmt.Errorf("boot_args: %s=%d is not a percentage", key, n)
 		}
-		if key == "forkd.load_seed" && n > 1 {
-			return g, fmt.Errorf("boot_args: forkd.load_seed=%d: want 0 or 1", n)
+		if (key == "forkd.load_seed" || key == "forkd.disk_write") && n > 1 {
+			return g, fmt.Errorf("boot_args: %s=%d: want 0 or 1", key, n)
 		}
 		if key == "forkd.vsock_announce" && (n == 0 || n > 1<<32-1) {
 			return g, fmt.Errorf("boot_args: %s=%d is not a vsock port (1 to 4294967295)", key, n)

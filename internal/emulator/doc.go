@@ -68,6 +68,9 @@
 //	forkd.split_mib=N     split RAM into two regions at N MiB (testing; default 3072)
 //	forkd.load_seed=1     every load picks its pages with a seed of its own (from its
 //	                      lineage): forks touch the working set in different orders
+//	forkd.disk_write=1    at every boot and load the guest writes a record of that run
+//	                      into the first 512 bytes of its root drive and flushes it
+//	                      (Firecracker writes a drive in place: a shared disk shows it)
 //
 // Limits, as in Firecracker: a vCPU blocked on a uffd fault whose handler
 // died blocks forever (and so does PATCH /vm Paused); each discard of a page

@@ -138,6 +138,10 @@ func (v *vmm) load(p loadParams, req snapshotLoad) error {
 	if err != nil {
 		return fmt.Errorf("vmstate boot args: %w", err)
 	}
+	lineage := newLineage()
+	if err := writeDiskRecord(st.Drives, guest, lineage); err != nil {
+		return faultf("Failed to restore from snapshot: Failed to build microVM from snapshot: %v", err)
+	}
 	var mem *guestMemory
 	switch p.backendType {
 	case "File":
@@ -176,7 +180,7 @@ func (v *vmm) load(p loadParams, req snapshotLoad) error {
 	if p.track {
 		dirty = newDirtyBitmap(mem.pages())
 	}
-	wl := newLoadedWorkload(mem, st.Workload, newLineage(), dirty, v.log)
+	wl := newLoadedWorkload(mem, st.Workload, lineage, dirty, v.log)
 	v.machine, v.drives, v.ifaces, v.taps, v.mem, v.restored = machine, st.Drives, st.Interfaces, taps, mem, true
 	v.vsock, v.bootArgs, v.announce = vs, st.BootArgs, guest.vsockAnnounce
 	v.wl.Store(wl)

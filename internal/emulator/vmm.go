@@ -284,7 +284,12 @@ func (v *vmm) start() error {
 	if v.machine.TrackDirtyPages {
 		dirty = newDirtyBitmap(mem.pages())
 	}
-	wl := newBootWorkload(mem, cfg, newLineage(), dirty, v.log)
+	lineage := newLineage()
+	if err := writeDiskRecord(v.drives, v.guest, lineage); err != nil {
+		mem.close()
+		return faultf("Cannot start microvm: %v", err)
+	}
+	wl := newBootWorkload(mem, cfg, lineage, dirty, v.log)
 	// The guest's "kernel" brings its network up from the boot args and the
 	// devices, and keeps what it decided in its memory.
 	id.write(mem.page(0))
