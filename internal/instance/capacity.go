@@ -87,11 +87,12 @@ func (m *Manager) snapshotCost(dir guestdir.SnapDir, memMiB int) int64 {
 }
 
 // forkCost is what a fork of a VM with memMiB of RAM and the disk at rootfs
-// will take: its disk clone, and, where the filesystem cannot reflink, the
+// will take: its disk clone (none when the disk is linked: the disk guard's
+// copy is its first launch's, see reserveRunning), and, where the filesystem cannot reflink, the
 // whole-RAM copy its first standby makes (the unshare guard's private copy
 // of the mem-file it shares with its source).
 func (m *Manager) forkCost(rootfs string, memMiB int, hasMemory bool) int64 {
-	n := m.copyCost(rootfs)
+	n := m.diskShareCost(rootfs)
 	// fork_strategy copy writes the whole RAM at once (benchmarks only).
 	if hasMemory && (!m.fs.reflink || m.cfg.ForkStrategy == ForkStrategyCopy) {
 		n += int64(memMiB) << 20
@@ -99,7 +100,13 @@ func (m *Manager) forkCost(rootfs string, memMiB int, hasMemory bool) int64 {
 	return n
 }
 
-// reserveRunning reserves the instance in as a running VM (start, restore).
+// reserveRunning reserves the instance in as a running VM (start, restore),
+// with the private copy of its disk the disk guard makes at its launch if
+// other names link the disk.
 func (m *Manager) reserveRunning(ctx context.Context, op string, in store.Instance) (func(), error) {
-	return m.reserveCapacity(ctx, op, capacity.Request{ID: in.ID, MemoryMiB: in.MemoryMiB, Vcpus: in.Vcpus, Runs: true})
+	var disk int64
+	if g, err := m.guest(in.ID); err == nil {
+		disk = m.diskUnshareCost(g.Rootfs())
+	}
+	return m.reserveCapacity(ctx, op, capacity.Request{ID: in.ID, MemoryMiB: in.MemoryMiB, Vcpus: in.Vcpus, Runs: true, DiskBytes: disk})
 }

@@ -29,7 +29,9 @@
 // copy exist only for benchmarks); the only in-place writer
 // of a mem-file is a Diff snapshot into an instance's own base, done by
 // standby, snapshot-of-running and live fork through one function
-// (writeSnapshot), which runs the unshare guard first.
+// (writeSnapshot), which runs the unshare guard first. Forks link a sealed
+// disk too; every VMM launch runs the disk guard first (launch,
+// unshareDisk), so a VMM writes only a disk no other name links.
 //
 // # VMMs and the pager
 //

@@ -15,9 +15,10 @@ import (
 
 // buildForkDir fills a fork's temp guest dir: the mem-file shared (hardlink:
 // zero I/O, one inode and page cache for all siblings; clone only when
-// linking fails; or per fork_strategy, see shareMemFile), the vmstate and
-// kernel linked too (the files a fork only reads), the disk cloned (reflink
-// first): the one file a fork writes. Nothing is fsynced: it returns the new inodes
+// linking fails; or per fork_strategy, see shareMemFile), the vmstate,
+// kernel and disk linked too when sealed (a fork only reads them until it
+// is launched; the disk guard gives its VMM a private disk then), cloned
+// (reflink first) when a VMM may still write them. Nothing is fsynced: it returns the new inodes
 // (clones, copies) for the caller to make durable with the dir, at once
 // (syncForkTree). shared, when set, is called as soon as
 // the mem-file is shared (or at once for a fork without memory), when the
@@ -48,16 +49,7 @@ func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memf
 	}
 	shared(res)
 	// Every source is opened with no symlink below the data dir (a live
-	// source's VMM owns its dir) and linked or cloned from that handle. The
-	// disk is cloned: it is the fork's alone (given to its VMM's uid at
-	// launch).
-	clone := func(what, src, dst string, perm os.FileMode) error {
-		if _, err := m.cloneFrom(what, src, dst, perm, false); err != nil {
-			return err
-		}
-		fresh = append(fresh, dst)
-		return nil
-	}
+	// source's VMM owns its dir) and linked or cloned from that handle.
 	if f.from != nil {
 		// The vmstate is only ever read (a VMM loads it); its one writer,
 		// a snapshot create, never rewrites an existing inode
@@ -84,8 +76,17 @@ func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memf
 			fresh = append(fresh, tmp.Kernel())
 		}
 	}
-	if err := clone("disk", f.rootfs, tmp.Rootfs(), 0o600); err != nil {
+	// A fork to Standby never writes its disk until a VMM runs it, and
+	// every launch gives its VMM a private disk first (the disk guard,
+	// unshareDisk): link a sealed disk like the mem-file (a source on
+	// Standby, a store snapshot), so the fork makes no new data inode; clone
+	// one a VMM may still write (a live fork's source, a Stopped one's).
+	dres, err := m.shareFrom("disk", f.rootfs, tmp.Rootfs(), false)
+	if err != nil {
 		return res, nil, err
+	}
+	if dres.Mode != memfile.ModeHardlink {
+		fresh = append(fresh, tmp.Rootfs())
 	}
 	if os.Getenv(UnsafeSkipForkFileSyncEnv) == "1" {
 		fresh = nil // the power-loss suite's twin only (crashhook.go)

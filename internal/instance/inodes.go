@@ -17,7 +17,8 @@ import (
 // Who may write which inode: the jail's invariant, enforced here.
 //
 //   - An inode with more than one link (a mem-file a fork or the store
-//     shares, a kernel, a stored snapshot's files) is sealed: root-owned,
+//     shares, a kernel, a disk until the disk guard unshares it at launch,
+//     a stored snapshot's files) is sealed: root-owned,
 //     mode 0444. A VMM may map and read it, never write it.
 //   - An inode a VMM writes (its disk; its own mem-file base during a Diff,
 //     after the unshare guard; the snapshot files it creates) belongs to
@@ -88,7 +89,7 @@ func giveFile(what string, f *os.File, uid int, allowShared bool) (int64, error)
 		return 0, fmt.Errorf("%s %s is not a regular file", what, f.Name())
 	}
 	if st.Nlink > 1 && !allowShared {
-		return 0, fmt.Errorf("%s %s has %d links: a VMM may write only an inode no other name shares (never a mem-file a fork or snapshot links)", what, f.Name(), st.Nlink)
+		return 0, fmt.Errorf("%s %s has %d links: a VMM may write only an inode no other name shares (never a file a fork or snapshot links)", what, f.Name(), st.Nlink)
 	}
 	if err := f.Chown(uid, uid); err != nil {
 		return 0, fmt.Errorf("give %s %s to uid %d: %w", what, f.Name(), uid, err)
@@ -180,35 +181,6 @@ func (m *Manager) shareFrom(what, src, dst string, durable bool) (memfile.ShareR
 		return memfile.ShareResult{}, err
 	}
 	return memfile.ShareResult{Mode: mode}, sealPath(dst)
-}
-
-// cloneFrom gives dst a new inode with src's bytes (reflink first), read
-// through a handle opened with no symlink below the data dir; perm is its
-// mode (root-owned). durable as for shareFrom.
-func (m *Manager) cloneFrom(what, src, dst string, perm os.FileMode, durable bool) (memfile.Mode, error) {
-	f, err := m.openShared(what, src)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	var mode memfile.Mode
-	if durable {
-		mode, err = m.files.CloneFile(f, dst)
-	} else {
-		mode, err = m.files.CloneFileInto(f, dst)
-	}
-	if err != nil {
-		return "", err
-	}
-	d, err := memfile.OpenSource(dst)
-	if err != nil {
-		return "", err
-	}
-	defer d.Close()
-	if err := d.Chown(0, 0); err != nil {
-		return "", err
-	}
-	return mode, d.Chmod(perm)
 }
 
 // sealStoreDir seals the files of store snapshot id (the reconciler: a

@@ -115,6 +115,11 @@ type Config struct {
 	// when a fork links it (see writeSnapshot). It exists only so a test can
 	// show the corruption the guard prevents; never set it elsewhere.
 	DisableVMStateGuard bool
+	// DisableDiskGuard lets a VMM be launched on a disk other names link
+	// (diskguard.go): its writes reach every fork that links it. It exists
+	// only so a test can show the corruption the guard prevents; never set
+	// it elsewhere.
+	DisableDiskGuard bool
 }
 
 const defaultPagerCacheBytes = 512 << 20

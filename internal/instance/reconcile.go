@@ -296,6 +296,9 @@ func (m *Manager) reconcileInstance(ctx context.Context, in store.Instance, vmms
 			if err := sealSnapDir(g, g.Latest()); err != nil {
 				m.log.Error("reconcile: seal a Standby snapshot", "instance", in.ID, "err", err)
 			}
+			if err := sealDisk(g); err != nil {
+				m.log.Error("reconcile: seal a Standby disk", "instance", in.ID, "err", err)
+			}
 		}
 	}
 	switch in.State {
@@ -329,6 +332,9 @@ func (m *Manager) reconcileInstance(ctx context.Context, in store.Instance, vmms
 			m.killVMM(ctx, in.ID, 0, g) // clears what it left; frees its uid and cgroup
 			if err := sealSnapDir(g, g.Latest()); err != nil {
 				m.log.Error("reconcile: seal a Standby snapshot", "instance", in.ID, "err", err)
+			}
+			if err := sealDisk(g); err != nil {
+				m.log.Error("reconcile: seal a Standby disk", "instance", in.ID, "err", err)
 			}
 			in.State, in.Pid = api.StateStandby, 0
 			if in.SnapshotCacheKey == "" {

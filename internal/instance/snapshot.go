@@ -70,7 +70,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, ref string, req api.Snapsh
 	if err != nil {
 		return api.Snapshot{}, err
 	}
-	cost := m.copyCost(g.Rootfs()) // the store's copy of the disk; the mem-file is a link
+	cost := m.diskShareCost(g.Rootfs()) // the store's copy of the disk (none if linked); the mem-file is a link
 	if live {
 		cost += m.snapshotCost(g.Base(), in.MemoryMiB)
 	}
@@ -204,8 +204,8 @@ func (m *Manager) updateBaseLive(ctx context.Context, o *op, in *store.Instance,
 }
 
 // storeFiles builds snapshot id in a temp dir from a guest's snapshot dir
-// (link the mem-file, vmstate and kernel when sealed, else clone them; clone
-// the disk; write meta.json) and renames it into place.
+// (link the mem-file, vmstate, kernel and disk when sealed, else clone
+// them; write meta.json) and renames it into place.
 func (m *Manager) storeFiles(g guestdir.Guest, from guestdir.SnapDir, id string) error {
 	tmp, err := m.layout.TempSnapshot(id)
 	if err != nil {
@@ -235,7 +235,9 @@ func (m *Manager) storeFiles(g guestdir.Guest, from guestdir.SnapDir, id string)
 			return err
 		}
 	}
-	if _, err := m.cloneFrom("disk", g.Rootfs(), tmp.Rootfs(), sealMode, true); err != nil {
+	// The disk is linked when sealed (a Standby source's: the source's next
+	// launch gives its VMM a private copy, the disk guard), else cloned.
+	if _, err := m.shareFrom("disk", g.Rootfs(), tmp.Rootfs(), true); err != nil {
 		return err
 	}
 	meta, _ := json.MarshalIndent(map[string]any{"id": id, "source_dir": g.Dir, "created_at": time.Now().UTC()}, "", "  ")

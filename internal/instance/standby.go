@@ -131,11 +131,14 @@ func (m *Manager) finishStandby(ctx context.Context, o *op, in *store.Instance, 
 	if err := m.removeInGuest(g, g.MappedPin()); err != nil { // the VMM that mapped it is gone
 		m.log.Error("standby: remove the mapped pin", "instance", in.ID, "err", err)
 	}
-	// No VMM can write the snapshot any more: seal it, so forks and the
-	// store may link it. (Unsealed, after a failed kill, they clone it.)
+	// No VMM can write the snapshot or the disk any more: seal them, so
+	// forks and the store may link them. (Unsealed, after a failed kill, they clone it.)
 	if killErr == nil {
 		if err := sealSnapDir(g, g.Latest()); err != nil {
 			m.log.Error("standby: seal the snapshot (forks will copy it)", "instance", in.ID, "err", err)
+		}
+		if err := sealDisk(g); err != nil {
+			m.log.Error("standby: seal the disk (forks will copy it)", "instance", in.ID, "err", err)
 		}
 	}
 	key, err := cacheKey(g.Latest())

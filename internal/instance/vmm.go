@@ -94,6 +94,10 @@ func (m *Manager) launch(ctx context.Context, in store.Instance, g guestdir.Gues
 		WorkDir: g.Dir,
 		NetNS:   m.netNS(in),
 	}
+	// Never launch a VMM on a disk another name links (the disk guard).
+	if err := m.unshareDisk(id, g); err != nil {
+		return nil, fmt.Errorf("launch vmm %s: %w", id, err)
+	}
 	if m.jail != nil {
 		holder, err := m.jailArgs(in, g, &spec)
 		if err != nil {

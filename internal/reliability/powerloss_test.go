@@ -210,11 +210,13 @@ func powerCases() []powerCase {
 }
 
 // TestPowerLossKeepsAcknowledgedForks cuts the power after acknowledged
-// forks and at each durable point of forks in flight, on XFS (the fork's
-// disk is a reflink), ext4 (it is a copy, whose data must be fsynced) and
-// btrfs (a reflink; its fsync logs one directory's entries, not a tree's),
-// and requires every acknowledged fork complete and every other one
-// complete or cleanly gone.
+// forks and at each durable point of forks in flight, on XFS, ext4 and
+// btrfs (its fsync logs one directory's entries, not a tree's), and
+// requires every acknowledged fork complete and every other one complete or
+// cleanly gone. A fork links every file of a Standby source or a store
+// snapshot; with the source restored inside the cut's window, the disk
+// guard's private copy (a reflink on XFS and btrfs, a copy on ext4) must
+// hold what the source's guest wrote, and the fork the old bytes.
 func TestPowerLossKeepsAcknowledgedForks(t *testing.T) {
 	for _, kind := range []testfs.Kind{testfs.XFS, testfs.Ext4, testfs.Btrfs} {
 		for _, pc := range powerCases() {
@@ -311,7 +313,10 @@ func runPowerCase(t *testing.T, kind testfs.Kind, pc powerCase) powerResult {
 	fs := mountForPowerLoss(t, kind)
 	d := newDaemonIn(t, fs.Dir, nil)
 	ctx := ctxT(t, 3*time.Minute)
-	src, err := d.Client.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: testMemMiB, BootArgs: testBootArgs, Rootfs: randomDisk(t)})
+	// The source's guest writes its disk at every boot and restore
+	// (forkd.disk_write): a fork links the disk, and the disk guard gives
+	// the source a private copy at its next launch.
+	src, err := d.Client.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: testMemMiB, BootArgs: testBootArgs + " forkd.disk_write=1", Rootfs: randomDisk(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -363,10 +368,10 @@ func runPowerCase(t *testing.T, kind testfs.Kind, pc powerCase) powerResult {
 				waitGuestWork(t, d, "src", 64)
 				action(t, d.Client, "src", "standby")
 				srcWant = sums(t, forkFiles(g.Latest(), g.Kernel(), g.Rootfs()))
-				if srcWant["vmstate"] == want["vmstate"] || srcWant["memory"] == want["memory"] {
-					t.Fatal("the source's second standby wrote the same vmstate or mem-file as its first: the case would show nothing")
+				if srcWant["vmstate"] == want["vmstate"] || srcWant["memory"] == want["memory"] || srcWant["rootfs"] == want["rootfs"] {
+					t.Fatal("the source's restore and second standby wrote the same vmstate, mem-file or disk as before: the case would show nothing")
 				}
-				// The store links the sealed vmstate and mem-file too.
+				// The store links the sealed vmstate, mem-file and disk too.
 				sn, err := d.Client.CreateSnapshot(ctx, "src", api.SnapshotRequest{Name: "snap2"})
 				if err != nil {
 					t.Fatal(err)
@@ -453,15 +458,16 @@ func runPowerCase(t *testing.T, kind testfs.Kind, pc powerCase) powerResult {
 		}
 	}
 	if srcWant != nil {
-		// The source's acknowledged standby: the vmstate its VMM wrote
-		// under a fresh name and the Diff into its private mem-file.
-		for _, what := range []string{"memory", "vmstate"} {
-			if sum := fileSum(t, forkFiles(g.Latest(), "", "")[what]); sum != srcWant[what] {
-				bad("source: %s does not hold what its acknowledged standby wrote", what)
+		// The source's acknowledged restore and standby: the disk guard's
+		// private copy its guest wrote, the vmstate its VMM wrote under a
+		// fresh name and the Diff into its private mem-file.
+		for _, what := range []string{"memory", "vmstate", "rootfs"} {
+			if sum := fileSum(t, forkFiles(g.Latest(), "", g.Rootfs())[what]); sum != srcWant[what] {
+				bad("source: %s does not hold what its acknowledged restore and standby wrote", what)
 			}
 			if _, err := d.Client.GetSnapshot(ctxT(t, 10*time.Second), "snap2"); err != nil {
 				bad("store snapshot snap2 was acknowledged before the power cut and is gone: %v", err)
-			} else if sum := fileSum(t, forkFiles(stored, "", "")[what]); sum != srcWant[what] {
+			} else if sum := fileSum(t, forkFiles(stored, "", stored.Rootfs())[what]); sum != srcWant[what] {
 				bad("store snapshot snap2: %s does not hold its source's bytes", what)
 			}
 		}
@@ -489,23 +495,25 @@ func runPowerCase(t *testing.T, kind testfs.Kind, pc powerCase) powerResult {
 
 // TestPowerLossCatchesAMissingFsync is the harness's twin: with the fsync of
 // a fork's new inodes switched off (instance.UnsafeSkipForkFileSyncEnv), the
-// disk of an acknowledged fork on ext4, a copy there, is lost at the power
-// cut, and the harness must report it.
+// mem-file of an acknowledged fork on ext4, a copy (fork_strategy copy: a
+// fork to Standby of a Standby source otherwise links every file, so it
+// has no new inode), is lost at the power cut, and the harness must report
+// it.
 func TestPowerLossCatchesAMissingFsync(t *testing.T) {
 	testenv.NeedRoot(t)
 	t.Parallel()
 	res := runPowerCase(t, testfs.Ext4, powerCase{name: "acknowledged", forks: 3, survive: 3,
-		env: []string{instance.UnsafeSkipForkFileSyncEnv + "=1"}})
+		env: []string{instance.UnsafeSkipForkFileSyncEnv + "=1", "FORKD_FORK_STRATEGY=" + instance.ForkStrategyCopy}})
 	caught := 0
 	for _, v := range res.violations {
-		if strings.Contains(v, "rootfs") && strings.Contains(v, "does not hold its source's bytes") {
+		if strings.Contains(v, "memory") && strings.Contains(v, "does not hold its source's bytes") {
 			caught++
 		}
 	}
 	if caught == 0 {
-		t.Fatalf("with the disk fsync switched off the power cut lost nothing the harness saw; violations: %q", res.violations)
+		t.Fatalf("with the fsync of the forks' new inodes switched off the power cut lost nothing the harness saw; violations: %q", res.violations)
 	}
-	t.Logf("caught %d forks whose unsynced disk copy was lost: %q", caught, res.violations)
+	t.Logf("caught %d forks whose unsynced mem-file copy was lost: %q", caught, res.violations)
 }
 
 // TestPowerLossCatchesALostLastCommit is the twin of the fork's unsynced
