@@ -86,8 +86,9 @@ func SyncDir(dir string) error {
 // CommitDir is the directory form of Write: it makes a directory tree built
 // under a temp name durable once and moves it to its final name. It fsyncs
 // each of files (the new inodes in the tree: copies and reflinks; a hardlink
-// to an inode that is already durable needs none), then every directory of
-// the tree (SyncTree), renames dir to final and fsyncs final's parent. After
+// to an inode that is already durable needs none), then the directories of
+// the tree (SyncTree: none on XFS), renames dir to final and fsyncs final's
+// parent. After
 // a crash final is absent or complete; dir (a temp name) is the caller's to
 // sweep.
 func CommitDir(dir, final string, files ...string) error {
@@ -101,21 +102,25 @@ func CommitDir(dir, final string, files ...string) error {
 }
 
 // SyncTree is CommitDir's first half, for a caller that does other work
-// (a journal commit, say) before the rename: it fsyncs files, then the
-// directories of the tree rooted at dir, dir last.
+// (a journal commit, say) before the rename: it makes the tree rooted at
+// dir durable as far as the rename that publishes it needs. The caller must
+// publish the tree with Rename (which fsyncs the new name's parent): only
+// then is the tree durable.
 //
-// Which directories: POSIX makes a name durable only through an fsync of
-// its own directory, so SyncTree fsyncs every directory of the tree, the
-// deepest first, and btrfs needs exactly that: its fsync logs the one
-// directory's entries, and a hardlink made in a new subdirectory (a fork's
-// mem-file, vmstate, kernel) is lost at a power cut after an fsync of the
-// top alone (the power-loss cases of internal/reliability show it). XFS is
-// the exception: it commits all metadata through one log, in order, so
-// once a later change (the rename that publishes the tree, made durable by
-// Rename's fsync of the parent) is on disk, every earlier change in the
-// tree is too, and one fsync of dir suffices; each further fsync would only
-// cost a device cache flush (XFS flushes when an fsync forced nothing).
-// Symlinks are not followed.
+// It fsyncs files (new inodes: their data is not in any directory's log),
+// then, except on XFS, every directory of the tree, the deepest first.
+// POSIX makes a name durable only through an fsync of its own directory,
+// and btrfs needs exactly that: its fsync logs the one directory's
+// entries, and a hardlink made in a new subdirectory (a fork's mem-file,
+// vmstate, kernel) is lost at a power cut after an fsync of the top alone
+// (the power-loss cases of internal/reliability show it). XFS commits all
+// metadata through one log, in order, and recovery replays a prefix of it:
+// once the rename that publishes the tree is durable (Rename's fsync of the
+// parent), every earlier change in the tree is too, so no directory of the
+// tree needs an fsync of its own; each would cost a log force and a device
+// cache flush. The power-loss cases on XFS prove it at every durable point
+// of a fork, and their btrfs twin shows the same rule losing forks where
+// the log is not in order. Symlinks are not followed.
 func SyncTree(dir string, files ...string) error {
 	for _, f := range files {
 		if err := SyncFile(f); err != nil {
@@ -127,8 +132,14 @@ func SyncTree(dir string, files ...string) error {
 		return fmt.Errorf("fsync tree %s: %w", dir, err)
 	}
 	if st.Type == unix.XFS_SUPER_MAGIC {
-		return SyncDir(dir)
+		return nil // the publishing rename's fsync carries the tree (above)
 	}
+	return SyncDirs(dir)
+}
+
+// SyncDirs fsyncs every directory of the tree rooted at dir, the deepest
+// first, dir last. Symlinks are not followed.
+func SyncDirs(dir string) error {
 	var dirs []string
 	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
 		if err != nil {

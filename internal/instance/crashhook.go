@@ -70,6 +70,13 @@ const UnsafeSkipForkFileSyncEnv = "FORKD_TEST_UNSAFE_SKIP_FORK_FILE_SYNC"
 // kernel and vmstate); never set it elsewhere.
 const UnsafeSyncForkTopDirOnlyEnv = "FORKD_TEST_UNSAFE_SYNC_FORK_TOP_DIR_ONLY"
 
+// UnsafeSyncForkAsOnXFSEnv, set to "1", makes a fork apply XFS's rule on
+// any filesystem: fsync its new inodes and no directory of its tree before
+// the rename (atomicfile.SyncTree). It exists only so the power-loss suite
+// can show that it catches what the rule loses where the log is not in
+// order (btrfs: the fork's linked files); never set it elsewhere.
+const UnsafeSyncForkAsOnXFSEnv = "FORKD_TEST_UNSAFE_SYNC_FORK_AS_ON_XFS"
+
 // GroupMinEnv, set to N > 1, holds every store group commit until N units
 // are queued (or 30 s passed), so crash and power-loss tests can put N
 // concurrent forks in one group and crash it at "fork:committing" (the

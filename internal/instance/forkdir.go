@@ -94,15 +94,22 @@ func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memf
 	return res, fresh, nil
 }
 
-// syncForkTree is a fork's durable point before its rename: the new inodes,
-// then every directory of the fork's tree (atomicfile.SyncTree: on btrfs one
-// fsync of the top does not keep the links made below it).
+// syncForkTree is a fork's durable point before its rename (whose fsync of
+// the parent completes it): the new inodes, then every directory of the
+// fork's tree, except on XFS (atomicfile.SyncTree: on btrfs one fsync of the
+// top does not keep the links made below it; on XFS the rename's fsync
+// carries the whole tree, so a fork that links every file fsyncs nothing
+// before it).
 func syncForkTree(dir string, fresh []string) error {
-	if os.Getenv(UnsafeSyncForkTopDirOnlyEnv) == "1" { // the power-loss suite's twin only (crashhook.go)
+	twinTop, twinXFS := os.Getenv(UnsafeSyncForkTopDirOnlyEnv) == "1", os.Getenv(UnsafeSyncForkAsOnXFSEnv) == "1"
+	if twinTop || twinXFS { // the power-loss suite's twins only (crashhook.go)
 		for _, f := range fresh {
 			if err := atomicfile.SyncFile(f); err != nil {
 				return err
 			}
+		}
+		if twinXFS {
+			return nil
 		}
 		return atomicfile.SyncDir(dir)
 	}

@@ -536,6 +536,16 @@ func TestPowerLossCatchesALostLastCommit(t *testing.T) {
 	t.Fatalf("with the roll-forward switched off the power cut lost no acknowledged fork; violations: %q", res.violations)
 }
 
+// btrfsFreshInode gives the btrfs twins' forks a new inode (a reflinked
+// mem-file, fsynced), as a live fork or a fork of a Stopped source has (its
+// cloned disk). With no new inode, a fork fsyncs directories alone, and
+// here btrfs then kept every fork whole even with the twins' missing
+// fsyncs (it falls back to committing its whole transaction for a
+// directory made in it): the twins would show nothing. After the fsync of
+// a new file, which goes through btrfs's log, the later fsyncs log only
+// their own directory's entries, and the links made below are lost.
+const btrfsFreshInode = "FORKD_FORK_STRATEGY=" + instance.ForkStrategyReflink
+
 // TestPowerLossCatchesAnUnsyncedSubdirectory is the twin of the fsync of
 // every directory of a fork's tree: with only the top one fsynced
 // (instance.UnsafeSyncForkTopDirOnlyEnv), btrfs logs the top dir's own
@@ -546,9 +556,27 @@ func TestPowerLossCatchesAnUnsyncedSubdirectory(t *testing.T) {
 	testenv.NeedRoot(t)
 	t.Parallel()
 	res := runPowerCase(t, testfs.Btrfs, powerCase{name: "acknowledged", forks: 3, survive: 3,
-		env: []string{instance.UnsafeSyncForkTopDirOnlyEnv + "=1"}})
+		env: []string{instance.UnsafeSyncForkTopDirOnlyEnv + "=1", btrfsFreshInode}})
 	if len(res.violations) == 0 {
 		t.Fatal("with only the top of each fork's tree fsynced the power cut on btrfs lost nothing the harness saw")
+	}
+	t.Logf("caught: %q", res.violations)
+}
+
+// TestPowerLossCatchesTheXFSRuleOffXFS is the twin of XFS's fork with no
+// fsync before its rename (atomicfile.SyncTree: XFS's log is in order, so
+// the rename's fsync carries the tree, which the XFS cases above prove at
+// every durable point): applied on btrfs (instance.UnsafeSyncForkAsOnXFSEnv),
+// whose fsync of the parent logs the renamed dir but not the links made in
+// it, the power cut loses the acknowledged forks' files, and the harness
+// must report it.
+func TestPowerLossCatchesTheXFSRuleOffXFS(t *testing.T) {
+	testenv.NeedRoot(t)
+	t.Parallel()
+	res := runPowerCase(t, testfs.Btrfs, powerCase{name: "acknowledged", forks: 3, survive: 3,
+		env: []string{instance.UnsafeSyncForkAsOnXFSEnv + "=1", btrfsFreshInode}})
+	if len(res.violations) == 0 {
+		t.Fatal("with XFS's rule (no fsync of the fork's tree before its rename) on btrfs the power cut lost nothing the harness saw")
 	}
 	t.Logf("caught: %q", res.violations)
 }
