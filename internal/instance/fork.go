@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"runtime/trace"
 	"sync"
 	"time"
 
@@ -34,6 +35,9 @@ func (m *Manager) ForkInstance(ctx context.Context, ref string, req api.ForkRequ
 	defer m.observe("fork", start)
 	defer m.netOpStart()()
 	ctx = context.WithoutCancel(ctx)
+	// Trace regions (forkd serve --profile) name where a fork's time goes.
+	admitted := sync.OnceFunc(trace.StartRegion(ctx, "fork: admit").End)
+	defer admitted()
 	probe, err := m.resolveInstance(ctx, ref)
 	if err != nil {
 		return api.Instance{}, apiErr(err)
@@ -109,6 +113,7 @@ func (m *Manager) ForkInstance(ctx context.Context, ref string, req api.ForkRequ
 		latest := g.Latest()
 		spec.files.from, spec.key = &latest, src.SnapshotCacheKey
 	}
+	admitted()
 	fork, err := m.fork(ctx, id, req, tmpl, spec)
 	release()
 	if err != nil {
@@ -124,6 +129,9 @@ func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequ
 	defer m.observe("fork", start)
 	defer m.netOpStart()()
 	ctx = context.WithoutCancel(ctx)
+	// Trace regions (forkd serve --profile) name where a fork's time goes.
+	admitted := sync.OnceFunc(trace.StartRegion(ctx, "fork: admit").End)
+	defer admitted()
 	sn, err := m.resolveSnapshot(ctx, ref)
 	if err != nil {
 		return api.Instance{}, apiErr(err)
@@ -180,6 +188,7 @@ func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequ
 		Image:    sn.Image,
 		VsockCID: sn.VsockCID,
 	}
+	admitted()
 	fork, err := m.fork(ctx, id, req, tmpl, forkSpec{files: files, key: sn.SnapshotCacheKey})
 	release()
 	if err != nil {
@@ -322,22 +331,25 @@ func (m *Manager) fork(ctx context.Context, id string, req api.ForkRequest, tmpl
 	} else {
 		var j *forkJournal
 		var fresh []string
+		r := trace.StartRegion(ctx, "fork: build")
 		res, fresh, err = m.buildForkDir(tmp, spec.files, func(res memfile.ShareResult) {
 			finishRecord(&rec, res, spec.key)
 			j = m.beginFork(ctx, rec, opPayload{Source: tmpl.Source, RollForward: true})
 		})
+		r.End()
 		if j == nil {
 			return fail(nil, err)
 		}
 		if err == nil { // fsync the new inodes and the dir while the journal commits
-			err = syncForkTree(tmp.Jail, fresh)
+			trace.WithRegion(ctx, "fork: sync tree", func() { err = syncForkTree(tmp.Jail, fresh) })
 		}
 		var jerr error
-		if o, jerr = j.wait(); jerr != nil {
+		trace.WithRegion(ctx, "fork: wait for the journal", func() { o, jerr = j.wait() })
+		if jerr != nil {
 			return fail(nil, jerr)
 		}
 		if err == nil { // the fork's own name only once the journal names it
-			err = atomicfile.Rename(tmp.Jail, final.Jail)
+			trace.WithRegion(ctx, "fork: rename", func() { err = atomicfile.Rename(tmp.Jail, final.Jail) })
 		}
 		if err != nil {
 			return fail(o, err)
@@ -353,7 +365,10 @@ func (m *Manager) fork(ctx context.Context, id string, req api.ForkRequest, tmpl
 	if unsynced {
 		commit = m.db.GroupUnsynced
 	}
-	if err := commit(ctx, "fork:committing", finishForkUnit(o, rec)); err != nil {
+	r := trace.StartRegion(ctx, "fork: last commit")
+	err = commit(ctx, "fork:committing", finishForkUnit(o, rec))
+	r.End()
+	if err != nil {
 		return fail(o, err)
 	}
 	crashPoint("fork", "committed") // test hook (crashhook.go)
