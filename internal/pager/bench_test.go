@@ -253,3 +253,62 @@ func BenchmarkTwoConsumersOneKey(b *testing.B) {
 	second.report(b)
 	b.ReportMetric(float64(first.touch)/float64(second.touch), "first/second-time")
 }
+
+// BenchmarkCachedFaultsBesideColdReads: a VMM with two threads, one
+// faulting pages the disk must bring in (512 random pages of a mem-file
+// dropped from the page cache), the other faulting 1,024 pages the pager
+// has cached. With the reads done in place (the session goroutine waits
+// on each) the cached faults queue behind them; read off the session
+// goroutine (coldread.go) they are served at once. Both pagers run in
+// turn in every iteration; the metrics are per iteration, in ms.
+func BenchmarkCachedFaultsBesideColdReads(b *testing.B) {
+	requireUffd(b)
+	variants := []struct {
+		name string
+		sync bool
+	}{{"inplace", true}, {"offloaded", false}}
+	type pagerOf struct {
+		p   *testPager
+		mem string
+	}
+	var ps []pagerOf
+	for _, v := range variants {
+		p := startPager(b, Config{CacheBytes: 256 << 20, syncColdReads: v.sync})
+		ps = append(ps, pagerOf{p, memFile(b, p.dir, benchPages, -1, 0, 0)})
+	}
+	cached := make([]time.Duration, len(variants))
+	cold := make([]time.Duration, len(variants))
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		for k := range variants {
+			j := (k + i) % len(variants) // alternate which goes first
+			p, mem := ps[j].p, ps[j].mem
+			key := fmt.Sprintf("k-%d", i)
+			w := p.create(b, fmt.Sprintf("warm-%d", i), mem, key)
+			startConsumer(b, w.SocketPath, mem, benchPages*uffd.PageSize, "good", "seq:0-1024").finish()
+			p.waitSessions(b, 0)
+			if err := dropPageCache(mem, 0, 0); err != nil {
+				b.Fatal(err)
+			}
+			s := p.create(b, fmt.Sprintf("run-%d", i), mem, key)
+			c := startConsumer(b, s.SocketPath, mem, benchPages*uffd.PageSize, "good",
+				fmt.Sprintf("cold:2048-%d,bg:touch:2048-2560,seq:0-1024,bgwait", benchPages))
+			for range 2 {
+				f := strings.Fields(c.expect("touch_ns"))
+				ns, _ := strconv.ParseInt(f[1], 10, 64)
+				if f[3] == "1024" {
+					cached[j] += time.Duration(ns)
+				} else {
+					cold[j] += time.Duration(ns)
+				}
+			}
+			c.finish()
+			p.waitSessions(b, 0)
+		}
+	}
+	for j, v := range variants {
+		b.ReportMetric(float64(cached[j].Milliseconds())/float64(b.N), v.name+"-cached-ms")
+		b.ReportMetric(float64(cold[j].Milliseconds())/float64(b.N), v.name+"-cold-ms")
+	}
+	b.ReportMetric(float64(cached[1])/float64(max(cached[0], 1)), "offloaded/inplace-cached")
+}
