@@ -252,9 +252,16 @@ func (h *handler) startReplay(ctx context.Context) *replayer {
 		h.probe[i] = make([]uint64, len(h.installed[i]))
 	}
 	probes := uint64(0)
-	// The reader's copy of the probes, by 4 KiB mem-file page: it caches
-	// those pages (they will fault) and no others.
+	// What the reader puts in the pager's cache, by 4 KiB mem-file page. A
+	// lone VM of its key: the probes (they will fault) and no others, since
+	// a copy of every page in fresh heap is what made a cold replay slow.
+	// With a sibling of the key live, every page (keep nil): the siblings'
+	// replays and faults then find the working set in the pager's cache,
+	// not one read of it each (warm siblings at ~100% hits, ~0 reads).
 	keep := make(pageSet, (uint64(s.backingSize)/uffd.PageSize+63)/64)
+	if s.srv.liveSiblings(s) > 0 {
+		keep = nil
+	}
 	for i, p := range s.replay.Pages {
 		if i%probeEvery != 0 {
 			continue
@@ -263,7 +270,9 @@ func (h *handler) startReplay(ctx context.Context) *replayer {
 			h.probe[ri][idx/64] |= 1 << (idx % 64)
 			probes++
 		}
-		keep.add(p)
+		if keep != nil {
+			keep.add(p)
+		}
 	}
 	s.count(func(c *counters) { c.probes.Add(probes) })
 	runs := h.planRuns(prefetch.Plan(s.replay.Pages, 0, runBytes/uffd.PageSize))
@@ -359,12 +368,12 @@ func (s *session) readRuns(ctx context.Context, runs []*pfRun, keep pageSet, rea
 // fillRun reads one run's pages: holes and all-zero pages are zeros, the
 // rest data, from the pager's cache when it has every page, else with one
 // pread of the run (which the readahead has mostly made a page-cache
-// copy). Of what it read it caches the pages in keep (the probes, which
-// the guest will fault) and the all-zero markers, not the rest: once
-// installed, a replayed page is never asked of the pager by this VM
-// again, and a sibling's replay reads it from the kernel's page cache as
-// cheaply as from ours. A 4 KiB copy of every page, in fresh heap, is what
-// made a cold replay slower than a warm one (BENCHMARKS.md).
+// copy). Of what it read it caches the all-zero markers and the pages in
+// keep (every page when keep is nil): for a lone VM of its key, only the
+// probes, which the guest will fault. Once installed, a replayed page is
+// never asked of the pager by this VM again, and a 4 KiB copy of every
+// page, in fresh heap, is what made a lone cold replay slower than a warm
+// one (BENCHMARKS.md); siblings live beside it share the copies instead.
 func (s *session) fillRun(run *pfRun, keep pageSet) error {
 	ps := run.ps
 	run.zero = make([]bool, run.pages)
@@ -414,7 +423,7 @@ func (s *session) fillRun(run *pfRun, keep pageSet) error {
 		case allZero(pg):
 			run.zero[i] = true
 			s.srv.cache.put(k, nil, true)
-		case keep.any(off/uffd.PageSize, (off+ps)/uffd.PageSize):
+		case keep == nil || keep.any(off/uffd.PageSize, (off+ps)/uffd.PageSize):
 			s.srv.cache.put(k, append([]byte(nil), pg...), false)
 		}
 	}

@@ -247,3 +247,47 @@ func TestUnusableRecordingIsNotReplayed(t *testing.T) {
 		})
 	}
 }
+
+// TestReplayCachesTheWorkingSetForSiblingsOnly: a lone VM's replay puts
+// only its probes in the pager's cache (copies of the rest would cost it
+// and serve no one); a replay with a sibling of its key live caches every
+// page, so a third VM's replay reads nothing from the mem-file.
+func TestReplayCachesTheWorkingSetForSiblingsOnly(t *testing.T) {
+	requireUffd(t)
+	p := startPager(t, Config{CacheBytes: cacheBytes})
+	mem := memFile(t, p.dir, testPages, zeroPage, holeLo, holeHi)
+	const ws = holeLo // pages [0, holeLo): data, and the zero page
+	rec := writeRecording(t, p.dir, "abc", testPages, seqPages(0, ws))
+	ctx := context.Background()
+
+	replay := func(id string) (*consumer, SessionInfo) {
+		t.Helper()
+		s, err := p.client.CreateSession(ctx, SessionRequest{SessionID: id, BackingPath: mem, CacheKey: "abc", PrefetchPath: rec})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := startConsumer(t, s.SocketPath, mem, testSize, "good", fmt.Sprintf("wait,touch:0-%d", ws))
+		c.expect("waiting")
+		waitFor(t, id+"'s replay to finish", func() bool { return p.sessionStats(t, id).Prefetch.Done })
+		return c, p.sessionStats(t, id)
+	}
+	lone, _ := replay("lone")
+	if n := p.stats(t).CacheEntries; n > 2*ws/probeEvery {
+		t.Errorf("a lone replay left %d pages in the pager's cache, want about its %d probes", n, ws/probeEvery)
+	}
+	second, st := replay("second")
+	if st.BackingBytes == 0 {
+		t.Errorf("the second replay read nothing: the lone one cached its whole working set")
+	}
+	if n := p.stats(t).CacheEntries; n < ws-1 {
+		t.Errorf("a replay beside a sibling left %d pages in the pager's cache, want the %d of the working set", n, ws)
+	}
+	third, st := replay("third")
+	if st.BackingBytes != 0 || st.Prefetch.Error != "" {
+		t.Errorf("the third replay read %d bytes of the mem-file (error %q), want none: its siblings cached the working set", st.BackingBytes, st.Prefetch.Error)
+	}
+	for _, c := range []*consumer{lone, second, third} {
+		c.resume()
+		c.finish()
+	}
+}

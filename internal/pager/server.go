@@ -464,6 +464,20 @@ func (s *Server) internKey(key string) uint32 {
 	return id
 }
 
+// liveSiblings is how many sessions other than ss serve ss's cache key
+// now: VMs of one snapshot whose pages ss's reads can save a read of.
+func (s *Server) liveSiblings(ss *session) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, o := range s.sessions {
+		if o != nil && o != ss && o.keyID == ss.keyID {
+			n++
+		}
+	}
+	return n
+}
+
 // maxEnded bounds how many ended sessions' causes the pager remembers.
 const maxEnded = 1024
 
