@@ -136,7 +136,7 @@ Compare ratios within one run: absolute times on nested VMs are noise.`,
 	f.IntVar(&opt.SerialForks, "serial-forks", 10, "forks timed one at a time per size and strategy, apart from the bursts (-1: none)")
 	f.StringVar(&opt.ForkFrom, "from", bench.FromSnapshot, "fork from a snapshot of the source or from the Standby source itself: snapshot, standby")
 	f.IntVar(&opt.CopyMaxMiB, "copy-max-mib", 1024, "run the copy strategy only at sizes up to this (MiB; -1: all): a burst writes --forks × the guest's RAM")
-	f.BoolVar(&opt.DropCaches, "drop-caches", os.Geteuid() == 0, "drop the host page cache before cold bursts (root)")
+	f.BoolVar(&opt.DropCaches, "drop-caches", os.Geteuid() == 0, "drop the host page cache before cold bursts, keeping the staged VMM program cached (root)")
 	f.StringVar(&opt.Dir, "data-dir", "", "make the run's data dir under this directory, on the filesystem to measure (default $TMPDIR)")
 	f.StringVar(&opt.FS, "fs", "", "run on a fresh loopback filesystem: xfs, btrfs or ext4 (root)")
 	f.StringVar(&fsSize, "fs-size", "64GiB", "size of the --fs image (sparse)")
