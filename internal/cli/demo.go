@@ -185,7 +185,11 @@ func (d *demo) run(ctx context.Context) error {
 		if err != nil {
 			return "", fmt.Errorf("health: %w", err)
 		}
-		return fmt.Sprintf("daemon healthy: version %s, socket %s", h.Version, d.c.Host()), nil
+		detail := fmt.Sprintf("daemon healthy: version %s, socket %s", h.Version, d.c.Host())
+		for _, a := range h.Advice { // what this host costs the steps below (a data dir that cannot reflink)
+			detail += "\n        advice: " + a
+		}
+		return detail, nil
 	}); err != nil {
 		return err
 	}
