@@ -1,7 +1,8 @@
 // Package daemonproc starts `forkd serve` as a child process and waits until
 // its API answers. The fork-burst benchmark and the reliability suite each
-// drive daemons they own through it. It never touches the daemon's VMMs:
-// they live in their own sessions and outlive it.
+// drive daemons they own through it. Stopping a daemon never touches its
+// VMMs (they live in their own sessions and outlive it); only Teardown,
+// which ends a data dir for good, deletes its VMs and kills what is left.
 package daemonproc
 
 import (
