@@ -83,14 +83,9 @@ func newPageCache(budgetBytes int64) *pageCache {
 func (c *pageCache) load(k pageKey, size int, read func() ([]byte, bool, error)) (data []byte, zero, hit bool, err error) {
 	s := c.shard(k)
 	s.mu.Lock()
-	if i, ok := s.index[k]; ok {
-		sl := &s.slots[i]
-		if sl.zero || len(sl.data) == size {
-			sl.ref = true
-			data, zero := sl.data, sl.zero
-			s.mu.Unlock()
-			return data, zero, true, nil
-		}
+	if data, zero, ok := s.cachedLocked(k, size); ok {
+		s.mu.Unlock()
+		return data, zero, true, nil
 	}
 	if f, ok := s.inflight[k]; ok && !c.noSingleFlight {
 		f.waiters++
@@ -103,6 +98,49 @@ func (c *pageCache) load(k pageKey, size int, read func() ([]byte, bool, error))
 		data, zero, err := read()
 		return data, zero, false, err
 	}
+	f := c.lead(s, k, read)
+	return f.data, f.zero, false, f.err
+}
+
+// tryLoad is load for a caller that must not wait on another's read: it
+// returns the cached page, or reads it with read when no other lookup is
+// reading it (concurrent loads of the page then wait for this read, as
+// for load's). ok is false when another lookup is reading the page or read
+// failed (say, it would wait on the disk): the caller goes through load.
+func (c *pageCache) tryLoad(k pageKey, size int, read func() ([]byte, bool, error)) (data []byte, zero, hit, ok bool) {
+	s := c.shard(k)
+	s.mu.Lock()
+	if data, zero, ok := s.cachedLocked(k, size); ok {
+		s.mu.Unlock()
+		return data, zero, true, true
+	}
+	if _, busy := s.inflight[k]; busy && !c.noSingleFlight {
+		s.mu.Unlock()
+		return nil, false, false, false
+	}
+	f := c.lead(s, k, read) // a waiter of a failed read reads itself (load)
+	return f.data, f.zero, false, f.err == nil
+}
+
+// cachedLocked returns page k if the shard holds it at size (or as an
+// all-zero page) and marks it used; s.mu is held.
+func (s *cacheShard) cachedLocked(k pageKey, size int) (data []byte, zero, ok bool) {
+	i, found := s.index[k]
+	if !found {
+		return nil, false, false
+	}
+	sl := &s.slots[i]
+	if !sl.zero && len(sl.data) != size {
+		return nil, false, false
+	}
+	sl.ref = true
+	return sl.data, sl.zero, true
+}
+
+// lead reads page k as the leader of a flight: called with s.mu held (it
+// releases it), it registers the flight unless another is (noSingleFlight),
+// reads, caches a good read, and wakes the flight's waiters.
+func (c *pageCache) lead(s *cacheShard, k pageKey, read func() ([]byte, bool, error)) *flight {
 	f := &flight{done: make(chan struct{})}
 	if _, ok := s.inflight[k]; !ok {
 		s.inflight[k] = f
@@ -118,46 +156,7 @@ func (c *pageCache) load(k pageKey, size int, read func() ([]byte, bool, error))
 	}
 	s.mu.Unlock()
 	close(f.done)
-	return f.data, f.zero, false, f.err
-}
-
-// tryLoad is load for a caller that must not wait on another's read: it
-// returns the cached page, or reads it with read when no other lookup is
-// reading it (concurrent loads of the page then wait for this read, as
-// for load's). ok is false when another lookup is reading the page or read
-// failed (say, it would wait on the disk): the caller goes through load.
-func (c *pageCache) tryLoad(k pageKey, size int, read func() ([]byte, bool, error)) (data []byte, zero, hit, ok bool) {
-	s := c.shard(k)
-	s.mu.Lock()
-	if i, found := s.index[k]; found {
-		sl := &s.slots[i]
-		if sl.zero || len(sl.data) == size {
-			sl.ref = true
-			data, zero := sl.data, sl.zero
-			s.mu.Unlock()
-			return data, zero, true, true
-		}
-	}
-	if _, busy := s.inflight[k]; busy && !c.noSingleFlight {
-		s.mu.Unlock()
-		return nil, false, false, false
-	}
-	f := &flight{done: make(chan struct{})}
-	if _, busy := s.inflight[k]; !busy {
-		s.inflight[k] = f
-	}
-	s.mu.Unlock()
-	f.data, f.zero, f.err = read()
-	if f.err == nil {
-		c.put(k, f.data, f.zero)
-	}
-	s.mu.Lock()
-	if s.inflight[k] == f {
-		delete(s.inflight, k)
-	}
-	s.mu.Unlock()
-	close(f.done) // a waiter of a failed read reads itself (load)
-	return f.data, f.zero, false, f.err == nil
+	return f
 }
 
 func (c *pageCache) shard(k pageKey) *cacheShard {
