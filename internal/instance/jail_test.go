@@ -230,7 +230,7 @@ func TestAVMMCannotWriteASharedMemFile(t *testing.T) {
 				t.Fatalf("the restored base has %d links, want >= 3 (fork, snapshot)", st.nlink)
 			}
 			code, text := vmmCall(t, m, src.ID, "PUT", "/test/open", map[string]any{"path": "snapshots/snapshot-base/memory", "write": true})
-			unsealed := unsealedShared(t, m.layout.Root())
+			unsealed := jail.UnsealedLinks(m.layout.Root())
 			if guard {
 				if code != 400 {
 					t.Errorf("the VMM opened the mem-file its fork and snapshot share for writing: %d %s", code, text)
@@ -245,24 +245,6 @@ func TestAVMMCannotWriteASharedMemFile(t *testing.T) {
 			}
 		})
 	}
-}
-
-// unsealedShared lists the regular files under root with more than one
-// link that are not root-owned and read-only for everyone.
-func unsealedShared(t *testing.T, root string) []string {
-	t.Helper()
-	var out []string
-	filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
-		if err != nil || !d.Type().IsRegular() {
-			return nil
-		}
-		var st syscall.Stat_t
-		if syscall.Lstat(p, &st) == nil && st.Nlink > 1 && (st.Uid != 0 || st.Gid != 0 || st.Mode&0o222 != 0) {
-			out = append(out, fmt.Sprintf("%s (nlink %d, uid %d, mode %o)", p, st.Nlink, st.Uid, st.Mode&0o777))
-		}
-		return nil
-	})
-	return out
 }
 
 // Running out of uids is a clear 409 jail_uids_exhausted, and frees again

@@ -15,6 +15,7 @@ import (
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/daemonproc"
 	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/jail"
 	"github.com/forkd/forkd/internal/prefetch"
 )
 
@@ -242,7 +243,7 @@ func CheckInvariants(ctx context.Context, d *Daemon) error {
 		}
 	}
 
-	for _, u := range unsealedShared(layout.Root()) {
+	for _, u := range jail.UnsealedLinks(layout.Root()) {
 		bad("shared inode a VMM could write (not root-owned read-only): %s", u)
 	}
 	errs = append(errs, leftovers(layout, byID, snapIDs)...)

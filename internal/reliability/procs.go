@@ -158,24 +158,6 @@ func unpinnedMappings(pid int, root, guestDir string) []string {
 	return out
 }
 
-// unsealedShared lists the regular files under root with more than one
-// link that are not sealed (root-owned, writable by nobody): forkd links an
-// inode a second time only once no VMM can write it.
-func unsealedShared(root string) []string {
-	var out []string
-	filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
-		if err != nil || !d.Type().IsRegular() {
-			return nil
-		}
-		var st syscall.Stat_t
-		if syscall.Lstat(p, &st) == nil && st.Nlink > 1 && (st.Uid != 0 || st.Gid != 0 || st.Mode&0o222 != 0) {
-			out = append(out, fmt.Sprintf("%s (nlink %d, uid %d, mode %o)", p, st.Nlink, st.Uid, st.Mode&0o7777))
-		}
-		return nil
-	})
-	return out
-}
-
 // jailBreaches lists how VMM pid (of instance guest dir jailRoot) is not
 // confined: uid or gid 0, a root directory other than its jail root, the
 // daemon's network namespace, no memory limit on its cgroup, no seccomp
