@@ -43,9 +43,7 @@ func BenchmarkForkOfStandby(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				if _, err := m.Action(ctx, src.ID, "standby", api.ActionRequest{}); err != nil {
-					b.Fatal(err)
-				}
+				action(b, m, src.ID, "standby")
 				syscall.Sync() // the standby's dirty pages must not land in the forks' fsyncs
 				b.ResetTimer()
 				for i := 0; i < b.N; i++ {
@@ -86,9 +84,7 @@ func BenchmarkForkBurstOfStandby(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			if _, err := m.Action(ctx, src.ID, "standby", api.ActionRequest{}); err != nil {
-				b.Fatal(err)
-			}
+			action(b, m, src.ID, "standby")
 			syscall.Sync()
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {

@@ -72,9 +72,7 @@ func benchJailOp(b *testing.B, m *Manager, op string) {
 		if src, err = m.CreateInstance(ctx, req); err != nil {
 			b.Fatal(err)
 		}
-		if _, err := m.Action(ctx, src.ID, "standby", api.ActionRequest{}); err != nil {
-			b.Fatal(err)
-		}
+		action(b, m, src.ID, "standby")
 	}
 	syscall.Sync()
 	b.ResetTimer()
@@ -90,9 +88,7 @@ func benchJailOp(b *testing.B, m *Manager, op string) {
 		case "restore":
 			timed(func() (api.Instance, error) { return m.Action(ctx, src.ID, "restore", api.ActionRequest{}) })
 			b.StopTimer()
-			if _, err := m.Action(ctx, src.ID, "standby", api.ActionRequest{}); err != nil {
-				b.Fatal(err)
-			}
+			action(b, m, src.ID, "standby")
 			b.StartTimer()
 		case "fork", "fork-burst25":
 			n := 1
@@ -179,9 +175,7 @@ func BenchmarkJailRestorePaired(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		if _, err := m.Action(ctx, src.ID, "standby", api.ActionRequest{}); err != nil {
-			b.Fatal(err)
-		}
+		action(b, m, src.ID, "standby")
 		ms[side], ids[side] = m, src.ID
 	}
 	syscall.Sync()

@@ -149,7 +149,7 @@ func createRunning(t *testing.T, m *Manager, name string) api.Instance {
 	return in
 }
 
-func action(t *testing.T, m *Manager, ref, act string) api.Instance {
+func action(t testing.TB, m *Manager, ref, act string) api.Instance {
 	t.Helper()
 	in, err := m.Action(context.Background(), ref, act, api.ActionRequest{})
 	if err != nil {

@@ -50,9 +50,7 @@ func BenchmarkNetworkedFork(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				if _, err := m.Action(ctx, src.ID, "standby", api.ActionRequest{}); err != nil {
-					b.Fatal(err)
-				}
+				action(b, m, src.ID, "standby")
 				syscall.Sync()
 				var lat []time.Duration
 				var ids []string

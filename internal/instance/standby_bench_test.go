@@ -74,9 +74,7 @@ func benchStandbyOfRestored(b *testing.B, fs *testfs.FS, mib int, fork bool) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	if _, err := m.Action(ctx, src.ID, "standby", api.ActionRequest{}); err != nil {
-		b.Fatal(err)
-	}
+	action(b, m, src.ID, "standby")
 	var newBytes, gcBytes, diffBytes int64
 	b.ResetTimer()
 	b.StopTimer()
