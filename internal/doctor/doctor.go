@@ -1,7 +1,6 @@
 package doctor
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -19,6 +18,7 @@ import (
 	"github.com/forkd/forkd/internal/capacity"
 	"github.com/forkd/forkd/internal/datadir"
 	"github.com/forkd/forkd/internal/firecracker"
+	"github.com/forkd/forkd/internal/jail"
 	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/network"
 	"github.com/forkd/forkd/internal/uffd"
@@ -301,21 +301,22 @@ func checkNftables() Result {
 }
 
 // checkCgroups finds memory, cpu and pids in the v2 hierarchy or as v1
-// controllers: hosts like this project's run a hybrid layout (v1 memory,
-// cpu, pids; a v2 hierarchy holding only hugetlb).
+// controllers, where the jail finds them: hosts like this project's run a
+// hybrid layout (v1 memory, cpu, pids; a v2 hierarchy holding only
+// hugetlb).
 func checkCgroups(mountinfo string, jailed bool) Result {
 	without := "a VMM's memory, CPU and processes cannot be capped by cgroups"
 	if jailed {
 		without = "jailed VMMs cannot be given their cgroups: forkd serve refuses to start (see jail)"
 	}
-	where, err := cgroupControllers(mountinfo)
+	m, err := jail.ReadMounts(mountinfo)
 	if err != nil {
 		return missing("cgroups", err.Error(), without)
 	}
 	var have, lack []string
 	for _, c := range []string{"memory", "cpu", "pids"} {
-		if w, ok := where[c]; ok {
-			have = append(have, c+" ("+w+")")
+		if v, dir := m.Where(c); v != 0 {
+			have = append(have, fmt.Sprintf("%s (v%d at %s)", c, v, dir))
 		} else {
 			lack = append(lack, c)
 		}
@@ -324,47 +325,6 @@ func checkCgroups(mountinfo string, jailed bool) Result {
 		return missing("cgroups", fmt.Sprintf("have %s; no %s", strings.Join(have, ", "), strings.Join(lack, ", ")), without)
 	}
 	return ok("cgroups", strings.Join(have, ", "))
-}
-
-// cgroupControllers maps each controller to "v2 at DIR" or "v1 at DIR".
-func cgroupControllers(mountinfo string) (map[string]string, error) {
-	f, err := os.Open(mountinfo)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	out := map[string]string{}
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		pre, post, ok := strings.Cut(sc.Text(), " - ")
-		if !ok {
-			continue
-		}
-		pf, qf := strings.Fields(pre), strings.Fields(post)
-		if len(pf) < 5 || len(qf) < 3 {
-			continue
-		}
-		mnt := pf[4]
-		switch qf[0] {
-		case "cgroup2":
-			b, err := os.ReadFile(filepath.Join(mnt, "cgroup.controllers"))
-			if err != nil {
-				continue
-			}
-			for _, c := range strings.Fields(string(b)) {
-				if _, seen := out[c]; !seen {
-					out[c] = "v2 at " + mnt
-				}
-			}
-		case "cgroup":
-			for _, opt := range strings.Split(qf[2], ",") {
-				if _, seen := out[opt]; !seen && (opt == "memory" || opt == "cpu" || opt == "pids") {
-					out[opt] = "v1 at " + mnt
-				}
-			}
-		}
-	}
-	return out, sc.Err()
 }
 
 func meminfo(path string) (map[string]int64, error) {

@@ -83,31 +83,49 @@ func TestDoctorSaysWhatForkdDoesWithoutEachThing(t *testing.T) {
 	}
 }
 
-// The hybrid layout of this project's machines: memory, cpu and pids are
-// v1, the v2 hierarchy holds only hugetlb. Both are read.
-func TestCgroupControllersReadsAHybridLayout(t *testing.T) {
-	v2 := t.TempDir()
-	os.WriteFile(filepath.Join(v2, "cgroup.controllers"), []byte("hugetlb\n"), 0o644)
-	mi := filepath.Join(t.TempDir(), "mountinfo")
-	os.WriteFile(mi, []byte(strings.Join([]string{
-		"31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755",
-		"32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu",
-		"35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory",
-		"39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids",
-		"41 31 0:38 / " + v2 + " rw,relatime - cgroup2 cgroup2 rw",
-	}, "\n")+"\n"), 0o644)
-	got, err := cgroupControllers(mi)
-	if err != nil {
-		t.Fatal(err)
+// The cgroup check reads the mount table as the jail does: the hybrid
+// layout of this project's machines (memory, cpu and pids in v1, the v2
+// hierarchy holding only hugetlb), a v2 hierarchy that holds them all, and
+// mount points the kernel writes with octal escapes (\040 for a space).
+func TestCgroupCheckReadsTheMountTableAsTheJailDoes(t *testing.T) {
+	dir := t.TempDir()
+	hugetlb, all := filepath.Join(dir, "v2"), filepath.Join(dir, "v2 all")
+	for d, controllers := range map[string]string{hugetlb: "hugetlb", all: "cpuset cpu io memory hugetlb pids"} {
+		os.Mkdir(d, 0o755)
+		os.WriteFile(filepath.Join(d, "cgroup.controllers"), []byte(controllers+"\n"), 0o644)
 	}
-	for c, w := range map[string]string{"memory": "v1 at /sys/fs/cgroup/memory", "cpu": "v1 at /sys/fs/cgroup/cpu",
-		"pids": "v1 at /sys/fs/cgroup/pids", "hugetlb": "v2 at " + v2} {
-		if got[c] != w {
-			t.Errorf("%s: %q, want %q", c, got[c], w)
-		}
+	esc := strings.NewReplacer(" ", `\040`).Replace
+	v1 := func(id, point, controller string) string {
+		return id + " 31 0:" + id + " / " + esc(point) + " rw,nosuid,relatime shared:" + id + " - cgroup cgroup rw," + controller
 	}
-	if r := checkCgroups(mi, true); r.Status != OK {
-		t.Errorf("checkCgroups on the hybrid layout: %+v", r)
+	v2 := func(point string) string {
+		return "41 31 0:38 / " + esc(point) + " rw,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate"
+	}
+	base := "31 23 0:28 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755"
+	for _, tc := range []struct {
+		name   string
+		table  []string
+		status string
+		found  string
+	}{
+		{"hybrid", []string{base, v1("32", "/sys/fs/cgroup/cpu", "cpu"), v1("35", "/sys/fs/cgroup/memory", "memory"),
+			v1("39", "/sys/fs/cgroup/pids", "pids"), v2(hugetlb)},
+			OK, "memory (v1 at /sys/fs/cgroup/memory), cpu (v1 at /sys/fs/cgroup/cpu), pids (v1 at /sys/fs/cgroup/pids)"},
+		{"v2 at a path with a space", []string{base, v2(all)},
+			OK, "memory (v2 at " + all + "), cpu (v2 at " + all + "), pids (v2 at " + all + ")"},
+		{"v1 at paths with spaces", []string{base, v1("32", "/sys/fs/cgroup/c pu", "cpu"), v1("35", "/sys/fs/cgroup/mem ory", "memory"),
+			v1("39", "/sys/fs/cgroup/pi ds", "pids")},
+			OK, "memory (v1 at /sys/fs/cgroup/mem ory), cpu (v1 at /sys/fs/cgroup/c pu), pids (v1 at /sys/fs/cgroup/pi ds)"},
+		{"v2 with hugetlb only", []string{base, v2(hugetlb)}, Missing, "no memory, cpu, pids"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			mi := filepath.Join(t.TempDir(), "mountinfo")
+			os.WriteFile(mi, []byte(strings.Join(tc.table, "\n")+"\n"), 0o644)
+			r := checkCgroups(mi, true)
+			if r.Status != tc.status || !strings.Contains(r.Found, tc.found) {
+				t.Errorf("checkCgroups = %+v; want %s, found %q", r, tc.status, tc.found)
+			}
+		})
 	}
 }
 

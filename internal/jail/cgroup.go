@@ -1,7 +1,6 @@
 package jail
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -15,11 +14,14 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/forkd/forkd/internal/mounts"
 )
 
-// ProcMounts is where cgroup hierarchies are found, as the jailer finds
-// them.
-const ProcMounts = "/proc/mounts"
+// ProcMounts is the mount table cgroup hierarchies are found in: this
+// process's. (Firecracker's jailer reads /proc/mounts, which lists the
+// same mounts.)
+const ProcMounts = mounts.Self
 
 // Controllers a jailed VMM is limited by.
 var Controllers = []string{"cpu", "memory", "pids"}
@@ -45,53 +47,31 @@ type Mounts struct {
 	V1      map[string]string // v1 controller → its mount point
 }
 
-// ReadMounts parses a /proc/mounts file for cgroup and cgroup2 mounts.
+// ReadMounts reads the cgroup and cgroup2 mounts of a mount table (in
+// mountinfo's format, see package mounts). The first cgroup2 mount is the
+// unified hierarchy, and a v1 controller's hierarchy the first mount that
+// names it.
 func ReadMounts(path string) (Mounts, error) {
-	b, err := os.ReadFile(path)
+	table, err := mounts.Read(path)
 	if err != nil {
 		return Mounts{}, fmt.Errorf("cgroup mounts: %w", err)
 	}
 	m := Mounts{V1: map[string]string{}}
-	sc := bufio.NewScanner(bytes.NewReader(b))
-	for sc.Scan() {
-		f := strings.Fields(sc.Text())
-		if len(f) < 4 {
-			continue
-		}
-		dir := unescapeMount(f[1])
-		switch f[2] {
+	for _, mt := range table {
+		switch mt.FSType {
 		case "cgroup2":
 			if m.Unified == "" {
-				m.Unified = dir
+				m.Unified = mt.Point
 			}
 		case "cgroup":
-			for _, opt := range strings.Split(f[3], ",") {
+			for _, opt := range mt.SuperOptions {
 				if _, taken := m.V1[opt]; !taken {
-					m.V1[opt] = dir
+					m.V1[opt] = mt.Point
 				}
 			}
 		}
 	}
-	return m, sc.Err()
-}
-
-// unescapeMount undoes /proc/mounts' octal escapes (\040 for a space…).
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
+	return m, nil
 }
 
 // Version is the cgroup version that offers every controller: 2 when the
@@ -99,14 +79,8 @@ func unescapeMount(s string) string {
 // hierarchies have them all (a hybrid host, where cgroup2 holds only what
 // v1 does not), else an error naming what is missing.
 func (m Mounts) Version(controllers ...string) (int, error) {
-	if m.Unified != "" {
-		b, err := os.ReadFile(filepath.Join(m.Unified, "cgroup.controllers"))
-		if err == nil {
-			have := strings.Fields(string(b))
-			if all(controllers, func(c string) bool { return slices.Contains(have, c) }) {
-				return 2, nil
-			}
-		}
+	if have := m.unifiedControllers(); have != nil && all(controllers, func(c string) bool { return slices.Contains(have, c) }) {
+		return 2, nil
 	}
 	var missing []string
 	for _, c := range controllers {
@@ -119,6 +93,33 @@ func (m Mounts) Version(controllers ...string) (int, error) {
 	}
 	return 0, fmt.Errorf("cgroups: no hierarchy offers %s (cgroup2 at %q lacks them, no v1 mount has them)",
 		strings.Join(missing, ", "), m.Unified)
+}
+
+// Where is the hierarchy that offers controller c: the unified one (2,
+// its mount) when c is enabled at its root, else c's v1 mount (1), else
+// (0, ""). It reports what the host has, controller by controller; a jail
+// takes the one version Version chooses for all of its controllers.
+func (m Mounts) Where(c string) (version int, dir string) {
+	if slices.Contains(m.unifiedControllers(), c) {
+		return 2, m.Unified
+	}
+	if d := m.V1[c]; d != "" {
+		return 1, d
+	}
+	return 0, ""
+}
+
+// unifiedControllers are the controllers enabled at the root of the
+// unified hierarchy: none without one, or when its list cannot be read.
+func (m Mounts) unifiedControllers() []string {
+	if m.Unified == "" {
+		return nil
+	}
+	b, err := os.ReadFile(filepath.Join(m.Unified, "cgroup.controllers"))
+	if err != nil {
+		return nil
+	}
+	return strings.Fields(string(b))
 }
 
 func all(xs []string, f func(string) bool) bool {
@@ -414,9 +415,9 @@ func setupCgroups(m Mounts, a Args) error {
 		if m.Unified == "" {
 			return errors.New("cgroup v2: no cgroup2 hierarchy is mounted")
 		}
-		b, _ := os.ReadFile(filepath.Join(m.Unified, "cgroup.controllers"))
+		have := m.unifiedControllers()
 		for _, ctrl := range order {
-			if !slices.Contains(strings.Fields(string(b)), ctrl) {
+			if !slices.Contains(have, ctrl) {
 				return fmt.Errorf("cgroup v2: controller %q is not available in %s", ctrl, m.Unified)
 			}
 		}

@@ -10,26 +10,31 @@ import (
 )
 
 // hybridMounts is this project's machines' layout: v1 controllers, and a
-// cgroup2 mount holding only hugetlb.
-const hybridMounts = `tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
-cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
-cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0
-cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0
-cgroup /sys/fs/cgroup/cpu\040acct cgroup rw,relatime,cpuacct 0 0
-cgroup2 UNIFIED cgroup2 rw,relatime 0 0
+// cgroup2 mount holding only hugetlb (mountinfo's format, as the kernel
+// writes it: optional fields, then "-", then the type).
+const hybridMounts = `30 22 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:8 - tmpfs tmpfs ro,mode=755
+32 30 0:28 / /sys/fs/cgroup/cpu rw,nosuid,nodev,noexec,relatime shared:10 - cgroup cgroup rw,cpu
+35 30 0:31 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:13 - cgroup cgroup rw,memory
+39 30 0:35 / /sys/fs/cgroup/pids rw,nosuid,nodev,noexec,relatime shared:17 - cgroup cgroup rw,pids
+40 30 0:36 / /sys/fs/cgroup/cpu\040acct rw,relatime shared:18 - cgroup cgroup rw,cpuacct
+41 30 0:37 / UNIFIED rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate
 `
 
 func writeMounts(t *testing.T, unifiedControllers string) Mounts {
 	t.Helper()
 	dir := t.TempDir()
-	unified := filepath.Join(dir, "unified")
+	unified := filepath.Join(dir, "uni fied") // written \040 in the table
 	os.MkdirAll(unified, 0o755)
 	os.WriteFile(filepath.Join(unified, "cgroup.controllers"), []byte(unifiedControllers+"\n"), 0o644)
-	p := filepath.Join(dir, "mounts")
-	os.WriteFile(p, []byte(strings.Replace(hybridMounts, "UNIFIED", unified, 1)), 0o644)
+	p := filepath.Join(dir, "mountinfo")
+	table := strings.Replace(hybridMounts, "UNIFIED", strings.ReplaceAll(unified, " ", `\040`), 1)
+	os.WriteFile(p, []byte(table), 0o644)
 	m, err := ReadMounts(p)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if m.Unified != unified {
+		t.Fatalf("cgroup2 mount = %q, want %q (octal escapes must be undone)", m.Unified, unified)
 	}
 	return m
 }
@@ -50,6 +55,28 @@ func TestVersionIsV1OnAHybridHostAndV2WhereItHasTheControllers(t *testing.T) {
 	m.Unified = ""
 	if _, err := m.Version(Controllers...); err == nil || !strings.Contains(err.Error(), "cpu, memory, pids") {
 		t.Errorf("no hierarchy: err = %v, want one naming the missing controllers", err)
+	}
+}
+
+func TestWhereSaysWhichHierarchyOffersEachController(t *testing.T) {
+	m := writeMounts(t, "hugetlb")
+	for c, want := range map[string]struct {
+		version int
+		dir     string
+	}{
+		"memory":  {1, "/sys/fs/cgroup/memory"},
+		"cpu":     {1, "/sys/fs/cgroup/cpu"},
+		"cpuacct": {1, "/sys/fs/cgroup/cpu acct"},
+		"hugetlb": {2, m.Unified},
+		"io":      {0, ""},
+	} {
+		if v, dir := m.Where(c); v != want.version || dir != want.dir {
+			t.Errorf("Where(%q) = v%d %q, want v%d %q", c, v, dir, want.version, want.dir)
+		}
+	}
+	m = writeMounts(t, "cpu io memory pids")
+	if v, dir := m.Where("memory"); v != 2 || dir != m.Unified {
+		t.Errorf("memory enabled in cgroup2: Where = v%d %q, want v2 %q", v, dir, m.Unified)
 	}
 }
 
