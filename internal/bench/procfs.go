@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/forkd/forkd/internal/mounts"
 )
 
 // MemUsage is a process's memory from /proc/PID/smaps_rollup, in bytes.
@@ -154,63 +156,20 @@ func DiskOf(dir string) (Disk, error) {
 	if real, err := filepath.EvalSymlinks(abs); err == nil {
 		abs = real // mountinfo knows real paths
 	}
-	mi, err := os.ReadFile("/proc/self/mountinfo")
+	table, err := mounts.Read(mounts.Self)
 	if err != nil {
 		return Disk{}, fmt.Errorf("disk of %s: %w", dir, err)
 	}
-	src, fstype := mountSource(mi, abs)
-	d := Disk{Dir: abs, Device: src, FSType: fstype}
+	m, _ := table.Holding(abs)
+	d := Disk{Dir: abs, Device: m.Source, FSType: m.FSType}
 	var st unix.Stat_t
-	if src != "" && unix.Stat(src, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFBLK {
+	if d.Device != "" && unix.Stat(d.Device, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFBLK {
 		d.stat = fmt.Sprintf("/sys/dev/block/%d:%d/stat", unix.Major(st.Rdev), unix.Minor(st.Rdev))
 		if _, err := os.Stat(d.stat); err != nil {
 			d.stat = ""
 		}
 	}
 	return d, nil
-}
-
-// mountSource returns the source and type of the mount with the longest
-// mount point containing path (fields: ... 5=mount point ... "-" fstype
-// source ...).
-func mountSource(mountinfo []byte, path string) (source, fstype string) {
-	bestLen := -1
-	for _, line := range strings.Split(string(mountinfo), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 10 {
-			continue
-		}
-		mp := unescapeMount(f[4])
-		if !(path == mp || mp == "/" || strings.HasPrefix(path, mp+"/")) || len(mp) <= bestLen {
-			continue
-		}
-		for i := 6; i+2 < len(f); i++ {
-			if f[i] == "-" {
-				source, fstype, bestLen = unescapeMount(f[i+2]), f[i+1], len(mp)
-				break
-			}
-		}
-	}
-	return source, fstype
-}
-
-// unescapeMount undoes mountinfo's octal escapes (\040 for a space).
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // ReadBytes is the bytes read from the device since boot, or -1 when the

@@ -2,10 +2,12 @@ package bench
 
 import (
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/forkd/forkd/internal/loopfs"
 	"github.com/forkd/forkd/internal/testfs"
 	"golang.org/x/sys/unix"
 )
@@ -92,23 +94,37 @@ func TestParseProcIO(t *testing.T) {
 	}
 }
 
-func TestMountSourcePicksLongestMountPoint(t *testing.T) {
-	mi := `22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
-40 22 7:3 / /tmp/fs rw,relatime shared:9 - xfs /dev/loop3 rw
-41 22 7:4 / /tmp/fs\040two rw,relatime shared:9 - btrfs /dev/loop4 rw
-42 22 0:50 / /tmp/fsx rw shared:3 - tmpfs tmpfs rw
-`
-	for path, want := range map[string][2]string{
-		"/var/lib/forkd":   {"/dev/vda", "ext4"},
-		"/tmp/fs":          {"/dev/loop3", "xfs"},
-		"/tmp/fs/data/x":   {"/dev/loop3", "xfs"},
-		"/tmp/fs two/data": {"/dev/loop4", "btrfs"},
-		"/tmp/fsx/a":       {"tmpfs", "tmpfs"},
-		"/tmp/fsxy":        {"/dev/vda", "ext4"}, // a prefix of the name is not the mount
-	} {
-		if src, typ := mountSource([]byte(mi), path); src != want[0] || typ != want[1] {
-			t.Errorf("mountSource(%q) = %q %q, want %q %q", path, src, typ, want[0], want[1])
+// A data dir under a path with a space (written \040 in the kernel's
+// mount table) is measured on its own loop device, not on the filesystem
+// its mount point sits in.
+func TestDiskOfFindsTheDeviceUnderAPathWithASpace(t *testing.T) {
+	testfs.Need(t, testfs.Ext4)
+	parent := filepath.Join(t.TempDir(), "a b")
+	if err := os.Mkdir(parent, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	fs, err := loopfs.MountIn(parent, testfs.Ext4, 64<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := fs.Close(); err != nil {
+			t.Error(err)
 		}
+	})
+	data := filepath.Join(fs.Dir, "data dir")
+	if err := os.Mkdir(data, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	d, err := DiskOf(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Device != fs.Device || d.FSType != "ext4" {
+		t.Errorf("DiskOf(%q) = %s %s, want %s ext4", data, d.Device, d.FSType, fs.Device)
+	}
+	if d, err := DiskOf(parent); err != nil || d.Device == fs.Device {
+		t.Errorf("DiskOf(%q) = %+v, %v; want the filesystem %s is mounted in, not %s", parent, d, err, fs.Dir, fs.Device)
 	}
 }
 

@@ -19,6 +19,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/forkd/forkd/internal/mounts"
 )
 
 // Kind is a filesystem type loopfs can make.
@@ -268,18 +270,14 @@ func umount(dir string) error {
 	return fmt.Errorf("loopfs: umount %s: %w", dir, err)
 }
 
+// mounted says whether dir is a mount point in this process's mount table.
 func mounted(dir string) bool {
-	data, err := os.ReadFile("/proc/self/mountinfo")
+	table, err := mounts.Read(mounts.Self)
 	if err != nil {
 		return true // let umount decide
 	}
-	for _, line := range strings.Split(string(data), "\n") {
-		fields := strings.Fields(line)
-		if len(fields) > 4 && fields[4] == dir {
-			return true
-		}
-	}
-	return false
+	_, ok := table.At(dir)
+	return ok
 }
 
 func run(name string, args ...string) (string, error) {

@@ -110,3 +110,40 @@ func TestUnmountKeepsTheImageAndAttachMountsItAgain(t *testing.T) {
 		t.Fatalf("Close left %s attached or mounted", fs.Device)
 	}
 }
+
+// A filesystem under a path with a space (written \040 in the kernel's
+// mount table) is known to be mounted, so Unmount and Close unmount it
+// before they detach its device, and nothing is left behind.
+func TestCloseUnmountsAFilesystemUnderAPathWithASpace(t *testing.T) {
+	need(t, Ext4)
+	parent := filepath.Join(t.TempDir(), "a b")
+	if err := os.Mkdir(parent, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	fs, err := MountIn(parent, Ext4, DefaultSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fs.Close() })
+	if !mounted(fs.Dir) {
+		t.Fatalf("%q not mounted after Mount", fs.Dir)
+	}
+	if err := fs.Unmount(); err != nil {
+		t.Fatalf("Unmount: %v", err)
+	}
+	if mounted(fs.Dir) {
+		t.Fatalf("%q still mounted after Unmount", fs.Dir)
+	}
+	if err := fs.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	if err := fs.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if mounted(fs.Dir) || fs.attached() {
+		t.Fatalf("Close left %q mounted or %s attached", fs.Dir, fs.Device)
+	}
+	if _, err := os.Stat(fs.Image); !os.IsNotExist(err) {
+		t.Fatalf("image %q left behind: %v", fs.Image, err)
+	}
+}
