@@ -100,8 +100,18 @@ func storeOptions() store.Options {
 }
 
 // UnsafeNoForkRollForwardEnv, set to "1", stops the reconciler from
-// completing a fork whose last (unsynced) commit a power cut lost: such a
-// fork is rolled back instead, acknowledged or not. It exists only so the
-// power-loss suite can show that the fork's last commit is really not
-// fsynced and that the roll-forward is what keeps it; never set it elsewhere.
+// completing a fork whose unsynced commits a power cut lost, from its
+// journal entry (rollForwardFork) or from its directory's own record
+// (restoreForkRecord): such a fork is rolled back or set aside instead,
+// acknowledged or not. It exists only so the power-loss suite can show that
+// the fork's commits are really not fsynced and that the roll-forward is
+// what keeps it; never set it elsewhere.
 const UnsafeNoForkRollForwardEnv = "FORKD_TEST_UNSAFE_NO_FORK_ROLL_FORWARD"
+
+// UnsafeNoForkRecordRestoreEnv, set to "1", stops the reconciler from
+// restoring a fork's record from its directory's own record
+// (restoreForkRecord) alone; the roll-forward from a journal entry still
+// runs. It exists only so the power-loss suite can show that a fork's first
+// commit is really not fsynced either and that the directory's record is
+// what keeps the fork then; never set it elsewhere.
+const UnsafeNoForkRecordRestoreEnv = "FORKD_TEST_UNSAFE_NO_FORK_RECORD_RESTORE"

@@ -11,6 +11,7 @@ import (
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/capacity"
+	"github.com/forkd/forkd/internal/dirrecord"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/store"
@@ -225,18 +226,21 @@ type forkSpec struct {
 // Standby with the inherited cache key, or Stopped without memory. Any
 // failure removes the partial fork.
 //
-// A fork of a Standby instance or a snapshot, without a network, makes one
-// synced commit: the journal entry naming the fork together with its
-// Forking record, which already holds everything the finished fork's record
-// holds but its state (cache key, fork_mode). It is made once the mem-file
-// is shared (its fork_mode known), while the rest of the directory is built
-// and fsynced, and the directory takes the fork's own name only once that
-// commit is durable. After the rename is durable, the last commit (state
-// Standby, journal entry closed) need not wait for an fsync
-// (store.GroupUnsynced): if a power cut loses it, the reconciler finds the
-// journal entry and the fork's directory under its own name, which only a
-// complete, durable fork has, and completes the record the same way
-// (rollForwardFork). Both commits are shared with whatever other forks
+// A fork of a Standby instance or a snapshot, without a network, has one
+// durable point: the rename of its directory into place. Its first commit
+// (the journal entry naming the fork, with its Forking record, which
+// already holds everything the finished record holds but its state) is
+// made once the mem-file is shared (its fork_mode known), while the rest of
+// the directory is built, and the directory takes the fork's own name only
+// once that commit is made. Where the data dir keeps directory records
+// (fsAdvice.records), the directory carries the finished record itself
+// (dirrecord, written before the rename and made durable by it), so neither
+// commit waits for an fsync (store.GroupUnsynced): a power cut that loses
+// them leaves the directory under its own name, which only a complete,
+// durable fork has, and the reconciler restores the record from it
+// (restoreForkRecord) or, when the first commit survived, completes it
+// (rollForwardFork). Where it keeps none, the first commit is synced, and
+// only the last is not. Both commits are shared with whatever other forks
 // commit at the same moment (store.Group).
 //
 // A live fork, and a networked one, journal and record the fork first: a
@@ -334,11 +338,17 @@ func (m *Manager) fork(ctx context.Context, id string, req api.ForkRequest, tmpl
 		r := trace.StartRegion(ctx, "fork: build")
 		res, fresh, err = m.buildForkDir(tmp, spec.files, func(res memfile.ShareResult) {
 			finishRecord(&rec, res, spec.key)
-			j = m.beginFork(ctx, rec, opPayload{Source: tmpl.Source, RollForward: true})
+			j = m.beginFork(ctx, rec, opPayload{Source: tmpl.Source, RollForward: true}, !m.fs.records)
 		})
 		r.End()
 		if j == nil {
 			return fail(nil, err)
+		}
+		if err == nil && m.fs.records {
+			// The fork's finished record, in its own directory: made durable
+			// by the rename's fsync, it is what the reconciler restores the
+			// fork from if a power cut loses the unsynced commits.
+			err = dirrecord.Write(tmp.Jail, forkRecordKind, completed(rec, res))
 		}
 		if err == nil { // fsync the new inodes and the dir while the journal commits
 			trace.WithRegion(ctx, "fork: sync tree", func() { err = syncForkTree(tmp.Jail, fresh) })
@@ -357,10 +367,7 @@ func (m *Manager) fork(ctx context.Context, id string, req api.ForkRequest, tmpl
 		unsynced = true
 	}
 	crashPoint("fork", "files") // test hook: the fork's dir is durable, its record still Forking
-	rec.State = api.StateStandby
-	if res.Mode == "" {
-		rec.State, rec.VsockCID = api.StateStopped, 0 // no vmstate: its start makes the vsock device
-	}
+	rec = completed(rec, res)
 	commit := m.db.Group
 	if unsynced {
 		commit = m.db.GroupUnsynced
@@ -375,6 +382,17 @@ func (m *Manager) fork(ctx context.Context, id string, req api.ForkRequest, tmpl
 	m.countFallback(res, "fork", id)
 	m.log.Info("forked", "instance", id, "name", req.Name, "source", tmpl.Source, "mode", res.Mode, "live", spec.live != nil)
 	return rec, nil
+}
+
+// completed is a fork's record once its files are in place: Standby, or
+// Stopped when it has no memory (no vmstate: its start makes its vsock
+// device).
+func completed(rec store.Instance, res memfile.ShareResult) store.Instance {
+	rec.State = api.StateStandby
+	if res.Mode == "" {
+		rec.State, rec.VsockCID = api.StateStopped, 0
+	}
+	return rec
 }
 
 // Fork strategies (Config.ForkStrategy): how a fork gets its mem-file.

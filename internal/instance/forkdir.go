@@ -8,6 +8,8 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/atomicfile"
+	"github.com/forkd/forkd/internal/datadir"
+	"github.com/forkd/forkd/internal/dirrecord"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/store"
@@ -158,12 +160,18 @@ func (j *forkJournal) wait() (*op, error) {
 
 // beginFork starts the fork's first group commit: journal step begun and the
 // record rec, in one unit, so a taken name leaves no journal entry behind.
-func (m *Manager) beginFork(ctx context.Context, rec store.Instance, p opPayload) *forkJournal {
+// Unless synced, the commit does not wait for an fsync: the caller then
+// gives the fork's directory its own record before its rename (fork).
+func (m *Manager) beginFork(ctx context.Context, rec store.Instance, p opPayload, synced bool) *forkJournal {
 	j := &forkJournal{done: make(chan struct{})}
+	commit := m.db.GroupUnsynced
+	if synced {
+		commit = m.db.Group
+	}
 	go func() {
 		defer close(j.done)
 		var opID int64
-		err := m.db.Group(ctx, "fork:beginning", func(tx *store.Tx) error {
+		err := commit(ctx, "fork:beginning", func(tx *store.Tx) error {
 			var err error
 			if opID, err = tx.Begin("fork", rec.ID, p); err != nil {
 				return err
@@ -200,11 +208,45 @@ func (m *Manager) rollForwardFork(ctx context.Context, e store.Entry, p opPayloa
 	if st, err := os.Stat(g.Dir); err != nil || !st.IsDir() {
 		return false, nil
 	}
-	in.State = api.StateStandby
-	if in.ForkMode == "" {
-		in.State = api.StateStopped
+	return true, m.db.UpdateInstance(ctx, completed(in, memfile.ShareResult{Mode: memfile.Mode(in.ForkMode)}))
+}
+
+// forkRecordKind is the dirrecord kind of a fork's own record.
+const forkRecordKind = "fork"
+
+// restoreForkRecord gives back its record to a fork whose commits a power
+// cut lost: dir, named id under the guests' dir, is complete and durable
+// (it has its own name, which a fork takes only then) and carries the
+// finished record (fork). It reports whether it restored the record; if
+// not, the caller accounts for dir as it would without one.
+func (m *Manager) restoreForkRecord(ctx context.Context, dir, id string) bool {
+	if os.Getenv(UnsafeNoForkRollForwardEnv) == "1" || os.Getenv(UnsafeNoForkRecordRestoreEnv) == "1" { // twin tests only
+		return false
 	}
-	return true, m.db.UpdateInstance(ctx, in)
+	var rec store.Instance
+	ok, err := dirrecord.Read(dir, forkRecordKind, &rec)
+	switch {
+	case err != nil:
+		m.log.Warn("reconcile: a dir's fork record cannot be read", "path", dir, "err", err)
+		return false
+	case !ok:
+		return false
+	case rec.ID != id || (rec.State != api.StateStandby && rec.State != api.StateStopped):
+		m.log.Warn("reconcile: a dir's fork record is not its own", "path", dir, "record_id", rec.ID, "state", rec.State)
+		return false
+	}
+	if err := datadir.Check(dir); err != nil {
+		m.log.Warn("reconcile: a fork's dir is not safe to take back", "path", dir, "err", err)
+		return false
+	}
+	if err := m.db.CreateInstance(ctx, rec); err != nil {
+		// A name taken since (which a synced commit would have made
+		// durable with the fork's own) cannot be: keep the dir aside.
+		m.log.Error("reconcile: restore a fork's record from its dir", "path", dir, "instance", id, "name", rec.Name, "err", err)
+		return false
+	}
+	m.log.Warn("reconcile: a fork's record was lost with the power: restored from its dir", "instance", id, "name", rec.Name, "state", rec.State)
+	return true
 }
 
 // removePartial deletes whatever a failed or interrupted fork or create

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 
+	"github.com/forkd/forkd/internal/dirrecord"
 	"github.com/forkd/forkd/internal/memfile"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -13,6 +14,9 @@ import (
 type fsAdvice struct {
 	fs      string // "xfs", "ext4", ...
 	reflink bool
+	// records: a directory here keeps a dirrecord, so a fork's directory
+	// carries its own record and its first commit needs no fsync (fork).
+	records bool
 	advice  []string
 }
 
@@ -40,6 +44,10 @@ func (m *Manager) checkFilesystem() {
 			"fix", "XFS with -m reflink=1, or btrfs")
 	default:
 		m.log.Info("data dir can reflink", "data_dir", m.layout.Root(), "fs", fs)
+	}
+	if a.records, err = dirrecord.Supported(m.layout.Root()); err != nil || !a.records {
+		// Forks still work: each waits for its first commit's fsync.
+		m.log.Warn("the data dir keeps no directory records: every fork waits for a synced commit", "data_dir", m.layout.Root(), "err", err)
 	}
 	m.fs = a
 }

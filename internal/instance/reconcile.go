@@ -12,6 +12,7 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/datadir"
+	"github.com/forkd/forkd/internal/dirrecord"
 	"github.com/forkd/forkd/internal/firecracker"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/memfile"
@@ -393,6 +394,10 @@ func (m *Manager) markStopped(ctx context.Context, in *store.Instance, g guestdi
 //     .tmp-<id>.deleting);
 //   - a real directory named by a forkd id that no record claims but the
 //     journal names (a create, fork or snapshot whose own cleanup failed);
+//
+// and keeps a guest dir no record or journal entry claims that carries its
+// own fork record (a fork whose unsynced commits a power cut lost:
+// restoreForkRecord);
 //   - regular *.tmp files inside the directory of a recorded instance or
 //     snapshot.
 //
@@ -415,7 +420,8 @@ func (m *Manager) sweepDataDirs(ctx context.Context) error {
 	// by a crash or a power cut that lost its removal: forkd's own name.
 	for _, dir := range []string{m.layout.Root(), m.layout.JailsDir()} {
 		probes, _ := filepath.Glob(filepath.Join(dir, memfile.ReflinkProbePrefix+"*"))
-		for _, p := range probes {
+		records, _ := filepath.Glob(filepath.Join(dir, dirrecord.ProbePrefix+"*")) // checkFilesystem's other probe
+		for _, p := range append(probes, records...) {
 			if st, err := os.Lstat(p); err == nil && st.IsDir() {
 				m.log.Info("reconcile: removing a reflink probe left behind", "path", p)
 				if err := os.RemoveAll(p); err != nil {
@@ -472,6 +478,10 @@ func (m *Manager) sweepDataDirs(ctx context.Context) error {
 					if err := os.RemoveAll(path); err != nil {
 						m.log.Error("reconcile: remove dir", "path", path, "err", err)
 					}
+					continue
+				}
+				if root.tag == "g/" && m.restoreForkRecord(ctx, path, name) {
+					m.removeTempFiles(path)
 					continue
 				}
 			}

@@ -517,10 +517,11 @@ func TestPowerLossCatchesAMissingFsync(t *testing.T) {
 }
 
 // TestPowerLossCatchesALostLastCommit is the twin of the fork's unsynced
-// last commit: with the reconciler's roll-forward switched off
-// (instance.UnsafeNoForkRollForwardEnv), the power cut right after an
-// acknowledged fork loses that commit, and with it the fork, and the
-// harness must report it. It shows the commit is really not fsynced and
+// commits: with the reconciler's roll-forward switched off
+// (instance.UnsafeNoForkRollForwardEnv: neither from the journal entry nor
+// from the fork directory's own record), the power cut right after an
+// acknowledged fork loses its commits, and with them the fork, and the
+// harness must report it. It shows the commits are really not fsynced and
 // that the roll-forward is what keeps the fork.
 func TestPowerLossCatchesALostLastCommit(t *testing.T) {
 	testenv.NeedRoot(t)
@@ -534,6 +535,30 @@ func TestPowerLossCatchesALostLastCommit(t *testing.T) {
 		}
 	}
 	t.Fatalf("with the roll-forward switched off the power cut lost no acknowledged fork; violations: %q", res.violations)
+}
+
+// TestPowerLossCatchesALostForkRecord is the twin of the fork directory's
+// own record (dirrecord): with only its restore switched off
+// (instance.UnsafeNoForkRecordRestoreEnv; the roll-forward from a journal
+// entry still runs), the power cut right after acknowledged forks loses
+// both their commits, the first one included, and with them the forks, and
+// the harness must report it. It shows a fork's first commit is not fsynced
+// either, and that the record in its directory is what keeps it.
+func TestPowerLossCatchesALostForkRecord(t *testing.T) {
+	testenv.NeedRoot(t)
+	t.Parallel()
+	res := runPowerCase(t, testfs.XFS, powerCase{name: "acknowledged", forks: 3, survive: 3,
+		afterEnv: []string{instance.UnsafeNoForkRecordRestoreEnv + "=1"}})
+	lost := 0
+	for _, v := range res.violations {
+		if strings.Contains(v, "was acknowledged before the power cut and is gone") {
+			lost++
+		}
+	}
+	if lost == 0 {
+		t.Fatalf("with the fork record's restore switched off the power cut lost no acknowledged fork; violations: %q", res.violations)
+	}
+	t.Logf("caught %d acknowledged forks lost with their commits: %q", lost, res.violations)
 }
 
 // btrfsFreshInode gives the btrfs twins' forks a new inode (a reflinked
