@@ -2,6 +2,8 @@ package capacity
 
 import (
 	"errors"
+	"fmt"
+	"os"
 	"strings"
 	"testing"
 )
@@ -108,6 +110,21 @@ func TestRealHostReadsThisMachine(t *testing.T) {
 	total, err := h.MemTotal()
 	if err != nil || total < 64<<20 {
 		t.Errorf("MemTotal = %d, %v", total, err)
+	}
+	// sysinfo's total RAM is /proc/meminfo's MemTotal, which the limits
+	// and their messages name.
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var kb int64
+	for _, line := range strings.Split(string(b), "\n") {
+		if _, err := fmt.Sscanf(line, "MemTotal: %d kB", &kb); err == nil {
+			break
+		}
+	}
+	if kb<<10 != total {
+		t.Errorf("MemTotal = %d bytes, /proc/meminfo says %d kB (%d bytes)", total, kb, kb<<10)
 	}
 	free, err := h.DiskFree(t.TempDir())
 	if err != nil || free <= 0 {
