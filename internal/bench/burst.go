@@ -44,6 +44,7 @@ func (r *runner) burst(ctx context.Context, d *daemon, par parent, key cellKey) 
 	readBefore, usedBefore := r.disk.ReadBytes(), r.disk.UsedBytes()
 
 	results := make([]forkResult, n)
+	r.settle()
 	t0 := time.Now()
 	concurrently(n, func(i int) { results[i] = r.forkOne(ctx, d, par, fmt.Sprintf("%s%d", prefix, i)) })
 	cell.ForkWall = time.Since(t0)

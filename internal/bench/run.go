@@ -515,6 +515,7 @@ func (r *runner) serialForks(ctx context.Context, d *daemon, src *source, size i
 		return sf
 	}
 	defer floor.Close()
+	r.settle()
 	// Floor and fork samples alternate, so whatever else loads the disk
 	// weighs on both alike.
 	var lat, floors []time.Duration
@@ -535,6 +536,23 @@ func (r *runner) serialForks(ctx context.Context, d *daemon, src *source, size i
 	}
 	sf.Fork, sf.Floor = Summarize(lat), Summarize(floors)
 	return sf
+}
+
+// settle makes durable what the run wrote before a timed phase (the
+// source's standby: up to its whole RAM in dirty pages), with syncfs(2) of
+// the measured filesystem, so that writeback does not land in the forks'
+// fsyncs: serial forks and bursts measure the fork's own cost. It changes
+// nothing a fork makes durable itself.
+func (r *runner) settle() {
+	f, err := os.Open(r.target.Dir)
+	if err != nil {
+		r.progress(fmt.Sprintf("settle: %v", err))
+		return
+	}
+	defer f.Close()
+	if err := unix.Syncfs(int(f.Fd())); err != nil {
+		r.progress(fmt.Sprintf("settle: syncfs %s: %v", r.target.Dir, err))
+	}
 }
 
 // source is the VM every fork of one cell key descends from.
