@@ -324,6 +324,12 @@ func checkCgroups(mountinfo string, jailed bool) Result {
 	if len(lack) > 0 {
 		return missing("cgroups", fmt.Sprintf("have %s; no %s", strings.Join(have, ", "), strings.Join(lack, ", ")), without)
 	}
+	// A jail takes all its controllers from one cgroup version: each
+	// present in some version is not enough (memory and cpu in v2, pids
+	// only in v1, say), as serve would refuse to start jailed.
+	if _, err := m.Version(jail.Controllers...); err != nil {
+		return missing("cgroups", fmt.Sprintf("have %s, but no one cgroup version offers them all: %v", strings.Join(have, ", "), err), without)
+	}
 	return ok("cgroups", strings.Join(have, ", "))
 }
 

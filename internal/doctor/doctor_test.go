@@ -87,10 +87,12 @@ func TestDoctorSaysWhatForkdDoesWithoutEachThing(t *testing.T) {
 // layout of this project's machines (memory, cpu and pids in v1, the v2
 // hierarchy holding only hugetlb), a v2 hierarchy that holds them all, and
 // mount points the kernel writes with octal escapes (\040 for a space).
+// It holds a host to the jail's rule too: every controller from one
+// version, which a host with pids in v1 only and the rest in v2 fails.
 func TestCgroupCheckReadsTheMountTableAsTheJailDoes(t *testing.T) {
 	dir := t.TempDir()
-	hugetlb, all := filepath.Join(dir, "v2"), filepath.Join(dir, "v2 all")
-	for d, controllers := range map[string]string{hugetlb: "hugetlb", all: "cpuset cpu io memory hugetlb pids"} {
+	hugetlb, all, nopids := filepath.Join(dir, "v2"), filepath.Join(dir, "v2 all"), filepath.Join(dir, "v2 no pids")
+	for d, controllers := range map[string]string{hugetlb: "hugetlb", all: "cpuset cpu io memory hugetlb pids", nopids: "cpu memory"} {
 		os.Mkdir(d, 0o755)
 		os.WriteFile(filepath.Join(d, "cgroup.controllers"), []byte(controllers+"\n"), 0o644)
 	}
@@ -117,6 +119,10 @@ func TestCgroupCheckReadsTheMountTableAsTheJailDoes(t *testing.T) {
 			v1("39", "/sys/fs/cgroup/pi ds", "pids")},
 			OK, "memory (v1 at /sys/fs/cgroup/mem ory), cpu (v1 at /sys/fs/cgroup/c pu), pids (v1 at /sys/fs/cgroup/pi ds)"},
 		{"v2 with hugetlb only", []string{base, v2(hugetlb)}, Missing, "no memory, cpu, pids"},
+		// Each controller somewhere, but no one version with all three:
+		// the jail (jail.Mounts.Version) refuses this host, so must doctor.
+		{"memory and cpu in v2, pids in v1 only", []string{base, v1("39", "/sys/fs/cgroup/pids", "pids"), v2(nopids)},
+			Missing, "no one cgroup version offers them all"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			mi := filepath.Join(t.TempDir(), "mountinfo")
