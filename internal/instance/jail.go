@@ -104,7 +104,7 @@ func newJailer(cfg JailConfig, l guestdir.Layout, vmm VMMSpec) (*jailer, error) 
 	if cfg.UIDs.First == 0 {
 		return nil, errors.New("jail_uid_range: unset")
 	}
-	mounts, err := jail.ReadMounts(jail.ProcMounts)
+	mounts, err := jail.ReadMounts(jail.MountTable)
 	if err != nil {
 		return nil, err
 	}

@@ -25,7 +25,7 @@ import (
 //	go test -run '^$' -bench Launch -benchtime 40x ./internal/jail
 func BenchmarkLaunch(b *testing.B) {
 	testenv.NeedRoot(b)
-	m, err := ReadMounts(ProcMounts)
+	m, err := ReadMounts(MountTable)
 	if err == nil {
 		_, err = m.Version(Controllers...)
 	}

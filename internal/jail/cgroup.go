@@ -18,10 +18,10 @@ import (
 	"github.com/forkd/forkd/internal/mounts"
 )
 
-// ProcMounts is the mount table cgroup hierarchies are found in: this
+// MountTable is the mount table cgroup hierarchies are found in: this
 // process's. (Firecracker's jailer reads /proc/mounts, which lists the
 // same mounts.)
-const ProcMounts = mounts.Self
+const MountTable = mounts.Self
 
 // Controllers a jailed VMM is limited by.
 var Controllers = []string{"cpu", "memory", "pids"}
@@ -30,7 +30,7 @@ var Controllers = []string{"cpu", "memory", "pids"}
 // Controllers on this host, as a jailer will choose it, or an error saying
 // what is missing.
 func HostCgroups() (int, error) {
-	m, err := ReadMounts(ProcMounts)
+	m, err := ReadMounts(MountTable)
 	if err != nil {
 		return 0, err
 	}
@@ -244,7 +244,7 @@ func (c Cgroup) MemoryLimit() (int64, error) {
 // (memory.max under v2, memory.limit_in_bytes under v1; -1 for none), for
 // checks that a VMM runs under the limit its jail was given.
 func ProcessMemoryLimit(pid int) (int64, error) {
-	m, err := ReadMounts(ProcMounts)
+	m, err := ReadMounts(MountTable)
 	if err != nil {
 		return 0, err
 	}
@@ -318,7 +318,7 @@ func DataDirParent(tag string) string { return "forkd-" + tag }
 // process when ctx ends is an error naming it. A host whose hierarchies
 // lack a controller has no jail cgroups: nothing to remove.
 func RemoveHostTree(ctx context.Context, parent string) error {
-	mounts, err := ReadMounts(ProcMounts)
+	mounts, err := ReadMounts(MountTable)
 	if err != nil {
 		return err
 	}

@@ -81,7 +81,7 @@ func Run(a Args, opt Options) error {
 	root := ChrootDir(base, name, a.ID)
 	uffdMinor, uffdErr := miscMinor("/proc/misc", "userfaultfd")
 	_, kvmErr := os.Stat("/dev/kvm")
-	mounts, err := ReadMounts(ProcMounts)
+	mounts, err := ReadMounts(MountTable)
 	if err != nil && len(a.Cgroups) > 0 {
 		return err
 	}

@@ -36,7 +36,7 @@ func TestMain(m *testing.M) {
 func needCgroups(t *testing.T) Mounts {
 	t.Helper()
 	testenv.NeedJail(t, HostCgroups)
-	m, err := ReadMounts(ProcMounts)
+	m, err := ReadMounts(MountTable)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -140,7 +140,7 @@ func TestInvariantCheckerCatchesEachViolation(t *testing.T) {
 // of them; given a memory limit, that check passes.
 func TestJailChecksCatchAnUnconfinedProcess(t *testing.T) {
 	testenv.NeedJail(t, jail.HostCgroups)
-	mounts, err := jail.ReadMounts(jail.ProcMounts)
+	mounts, err := jail.ReadMounts(jail.MountTable)
 	if err != nil {
 		t.Fatal(err)
 	}
