@@ -547,6 +547,9 @@ func (m *Manager) gcRecordings(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if len(ents) == 0 {
+		return nil // nothing to collect: no need to list every record
+	}
 	live := map[string]bool{}
 	insts, err := m.db.ListInstances(ctx)
 	if err != nil {
