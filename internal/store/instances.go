@@ -143,10 +143,12 @@ func (s *Store) ListInstances(ctx context.Context) ([]Instance, error) {
 
 // InstancesMatching returns the instances a reference could name: the one
 // named ref, and every one whose id starts with ref (the full id included).
-// Deciding which of them ref means is the caller's.
+// Deciding which of them ref means is the caller's. Both terms are index
+// lookups (the name's unique index, a range of the id's), never a scan of
+// every record: every operation on an instance resolves its reference.
 func (s *Store) InstancesMatching(ctx context.Context, ref string) ([]Instance, error) {
 	rows, err := s.r().QueryContext(ctx, `SELECT `+instanceCols+` FROM instances
-		WHERE name = ? OR substr(id, 1, length(?)) = ? ORDER BY created_at, id`, ref, ref, ref)
+		WHERE name = ? OR (id >= ? AND id < ?) ORDER BY created_at, id`, ref, ref, idPrefixEnd(ref))
 	if err != nil {
 		return nil, fmt.Errorf("find instances %q: %w", ref, err)
 	}
@@ -161,6 +163,14 @@ func (s *Store) InstancesMatching(ctx context.Context, ref string) ([]Instance, 
 	}
 	return out, rows.Err()
 }
+
+// idPrefixEnd is the end of the id range [ref, idPrefixEnd(ref)) that holds
+// exactly the ids starting with ref, as an index can look it up: a string
+// at or above ref and below ref+"~" starts with ref (where it first differs
+// from ref it is greater, and so greater than ref+"~" too), and every id
+// starting with ref is in it, its next byte being a lowercase hex digit,
+// below '~'.
+func idPrefixEnd(ref string) string { return ref + "~" }
 
 // UpdateInstance replaces every field of an existing instance.
 func (s *Store) UpdateInstance(ctx context.Context, in Instance) error {

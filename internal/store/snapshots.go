@@ -94,7 +94,7 @@ func (s *Store) ListSnapshots(ctx context.Context) ([]Snapshot, error) {
 // named ref, and every one whose id starts with ref (the full id included).
 func (s *Store) SnapshotsMatching(ctx context.Context, ref string) ([]Snapshot, error) {
 	rows, err := s.r().QueryContext(ctx, `SELECT `+snapshotCols+` FROM snapshots
-		WHERE name = ? OR substr(id, 1, length(?)) = ? ORDER BY created_at, id`, ref, ref, ref)
+		WHERE name = ? OR (id >= ? AND id < ?) ORDER BY created_at, id`, ref, ref, idPrefixEnd(ref))
 	if err != nil {
 		return nil, fmt.Errorf("find snapshots %q: %w", ref, err)
 	}

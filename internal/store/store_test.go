@@ -5,12 +5,13 @@ import (
 	"encoding/json"
 	"errors"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 )
 
-func openTemp(t *testing.T) (*Store, string) {
+func openTemp(t testing.TB) (*Store, string) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "forkd.db")
 	s, err := Open(context.Background(), path)
@@ -276,6 +277,59 @@ func TestNamesFindsOpenAndFinishedSubjects(t *testing.T) {
 	for subject, want := range map[string]bool{"open-one": true, "done-one": true, "never": false, "%": false} {
 		if got, err := s.Names(ctx, subject); err != nil || got != want {
 			t.Errorf("Names(%q) = %v, %v; want %v", subject, got, err, want)
+		}
+	}
+}
+
+// TestAReferenceIsResolvedByIndexNotByScan: resolving a reference (every
+// operation on an instance or snapshot does) looks the name and the id
+// prefix up in their indexes; a scan of every record would make each
+// operation cost as much as a list. The twin is the query as it was, with
+// the prefix taken by substr(), which the plan shows as a scan.
+func TestAReferenceIsResolvedByIndexNotByScan(t *testing.T) {
+	s, _ := openTemp(t)
+	ctx := context.Background()
+	plan := func(q string, args ...any) string {
+		rows, err := s.db.QueryContext(ctx, `EXPLAIN QUERY PLAN `+q, args...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rows.Close()
+		var b strings.Builder
+		for rows.Next() {
+			var id, parent, unused int
+			var detail string
+			if err := rows.Scan(&id, &parent, &unused, &detail); err != nil {
+				t.Fatal(err)
+			}
+			b.WriteString(detail + "; ")
+		}
+		return b.String()
+	}
+	for _, table := range []string{"instances", "snapshots"} {
+		got := plan(`SELECT id FROM `+table+` WHERE name = ? OR (id >= ? AND id < ?) ORDER BY created_at, id`, "web", "ab", idPrefixEnd("ab"))
+		if strings.Contains(got, "SCAN "+table) {
+			t.Errorf("%s: resolving a reference scans the table: %s", table, got)
+		}
+		twin := plan(`SELECT id FROM `+table+` WHERE name = ? OR substr(id, 1, length(?)) = ? ORDER BY created_at, id`, "web", "ab", "ab")
+		if !strings.Contains(twin, "SCAN "+table) {
+			t.Errorf("%s: the twin (prefix by substr) does not show a scan, so the check cannot fail: %s", table, twin)
+		}
+	}
+}
+
+// TestIDPrefixRangeHoldsExactlyTheIDsWithThePrefix checks the range the
+// lookup uses against the plain definition, over ids and references of
+// forkd's alphabet and beyond it.
+func TestIDPrefixRangeHoldsExactlyTheIDsWithThePrefix(t *testing.T) {
+	ids := []string{"a", "ab", "ab0", "abf", "abff", "ac", "b", "0123456789abcdef01234567", "0123456789abcdef0123456f", "0123456789abcdef1"}
+	refs := []string{"", "a", "ab", "abf", "0123456789abcdef0", "0123456789abcdef01234567", "web", "z", "ab~", "é"}
+	for _, ref := range refs {
+		for _, id := range ids {
+			in := id >= ref && id < idPrefixEnd(ref)
+			if want := strings.HasPrefix(id, ref); in != want {
+				t.Errorf("ref %q, id %q: in the range %v, has the prefix %v", ref, id, in, want)
+			}
 		}
 	}
 }
