@@ -394,12 +394,12 @@ func (m *Manager) markStopped(ctx context.Context, in *store.Instance, g guestdi
 //     .tmp-<id>.deleting);
 //   - a real directory named by a forkd id that no record claims but the
 //     journal names (a create, fork or snapshot whose own cleanup failed);
-//
-// and keeps a guest dir no record or journal entry claims that carries its
-// own fork record (a fork whose unsynced commits a power cut lost:
-// restoreForkRecord);
 //   - regular *.tmp files inside the directory of a recorded instance or
 //     snapshot.
+//
+// It gives back its record to a guest dir no record or journal entry
+// claims that carries its own fork record (a fork whose unsynced commits a
+// power cut lost: restoreForkRecord).
 //
 // Any other entry with a forkd name (a directory neither record nor journal
 // names; a symlink, file or FIFO, which forkd never makes there) is moved to
@@ -423,7 +423,7 @@ func (m *Manager) sweepDataDirs(ctx context.Context) error {
 		records, _ := filepath.Glob(filepath.Join(dir, dirrecord.ProbePrefix+"*")) // checkFilesystem's other probe
 		for _, p := range append(probes, records...) {
 			if st, err := os.Lstat(p); err == nil && st.IsDir() {
-				m.log.Info("reconcile: removing a reflink probe left behind", "path", p)
+				m.log.Info("reconcile: removing a filesystem probe left behind", "path", p)
 				if err := os.RemoveAll(p); err != nil {
 					m.log.Error("reconcile: remove reflink probe", "path", p, "err", err)
 				}
