@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/dirrecord"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/store"
@@ -210,6 +211,7 @@ func TestReconcileRemovesInterruptedForkAndTempFiles(t *testing.T) {
 		// lives, and the data dir before the first guest)
 		filepath.Join(layout.JailsDir(), memfile.ReflinkProbePrefix+"1", "b"),
 		filepath.Join(dir, memfile.ReflinkProbePrefix+"2", "a"),
+		filepath.Join(dir, dirrecord.ProbePrefix+"3", "a"), // the directory-record probe's
 	}
 	for _, p := range leftovers {
 		os.MkdirAll(filepath.Dir(p), 0o755)

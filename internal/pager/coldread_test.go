@@ -188,7 +188,13 @@ func TestRemoveDuringAColdReadGivesZeros(t *testing.T) {
 			hold.waitEntered(t)
 			c.resume()
 			c.expect("waiting") // the discard returned: the pager read its REMOVE
-			held := p.sessionStats(t, "vm")
+			// Read, not yet applied: the madvise returns once the pager has
+			// read the event, and the session counts it just after.
+			var held SessionInfo
+			waitFor(t, "the REMOVE applied while the read is held", func() bool {
+				held = p.sessionStats(t, "vm")
+				return held.Removes >= 1
+			})
 			hold.free()
 			c.resume()
 			if tt.twin {
