@@ -77,6 +77,19 @@ const UnsafeSyncForkTopDirOnlyEnv = "FORKD_TEST_UNSAFE_SYNC_FORK_TOP_DIR_ONLY"
 // order (btrfs: the fork's linked files); never set it elsewhere.
 const UnsafeSyncForkAsOnXFSEnv = "FORKD_TEST_UNSAFE_SYNC_FORK_AS_ON_XFS"
 
+// NoDirRecordsEnv, set to "1", makes the daemon treat its data dir as one
+// that keeps no directory records (checkFilesystem), as on a filesystem
+// without trusted extended attributes: each fork's first commit is synced
+// again, and its directory carries no record. The power-loss suite runs
+// that path too; never set it elsewhere (it costs every fork an fsync).
+const NoDirRecordsEnv = "FORKD_TEST_NO_DIR_RECORDS"
+
+// UnsafeUnsyncedForkBeginEnv, set to "1", makes a fork's first commit
+// unsynced even where its directory carries no record (NoDirRecordsEnv). It
+// exists only so the power-loss suite can show that the fsync of that commit
+// is what keeps an acknowledged fork there; never set it elsewhere.
+const UnsafeUnsyncedForkBeginEnv = "FORKD_TEST_UNSAFE_UNSYNCED_FORK_BEGIN"
+
 // GroupMinEnv, set to N > 1, holds every store group commit until N units
 // are queued (or 30 s passed), so crash and power-loss tests can put N
 // concurrent forks in one group and crash it at "fork:committing" (the

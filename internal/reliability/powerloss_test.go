@@ -196,6 +196,10 @@ func powerCases() []powerCase {
 		{name: "acknowledged", forks: 3, survive: 3},
 		{name: "acknowledged/from-snapshot", forks: 3, survive: 3, fromSnapshot: true},
 		{name: "acknowledged/source-stands-by-again", forks: 2, survive: 2, restandby: true},
+		// A data dir whose filesystem keeps no directory records: the
+		// fork's first commit is synced and only its last is not.
+		{name: "acknowledged/no-dir-records", forks: 3, survive: 3, env: []string{instance.NoDirRecordsEnv + "=1"}},
+		{name: "fork:files/no-dir-records", at: "fork:files", forks: 2, env: []string{instance.NoDirRecordsEnv + "=1"}},
 		{name: "fork:begun", at: "fork:begun", forks: 2},
 		{name: "fork:files", at: "fork:files", forks: 2},
 		{name: "fork:committed", at: "fork:committed", forks: 2, survive: 1},
@@ -559,6 +563,29 @@ func TestPowerLossCatchesALostForkRecord(t *testing.T) {
 		t.Fatalf("with the fork record's restore switched off the power cut lost no acknowledged fork; violations: %q", res.violations)
 	}
 	t.Logf("caught %d acknowledged forks lost with their commits: %q", lost, res.violations)
+}
+
+// TestPowerLossCatchesAnUnsyncedFirstCommitWithoutDirRecords is the twin of
+// the fork's synced first commit where its directory can carry no record
+// (instance.NoDirRecordsEnv): with that commit unsynced as well
+// (instance.UnsafeUnsyncedForkBeginEnv), the power cut right after
+// acknowledged forks loses both their commits and nothing in their
+// directories names them, so they are lost, and the harness must report it.
+func TestPowerLossCatchesAnUnsyncedFirstCommitWithoutDirRecords(t *testing.T) {
+	testenv.NeedRoot(t)
+	t.Parallel()
+	res := runPowerCase(t, testfs.XFS, powerCase{name: "acknowledged", forks: 3, survive: 3,
+		env: []string{instance.NoDirRecordsEnv + "=1", instance.UnsafeUnsyncedForkBeginEnv + "=1"}})
+	lost := 0
+	for _, v := range res.violations {
+		if strings.Contains(v, "was acknowledged before the power cut and is gone") {
+			lost++
+		}
+	}
+	if lost == 0 {
+		t.Fatalf("with the first commit unsynced and no directory records the power cut lost no acknowledged fork; violations: %q", res.violations)
+	}
+	t.Logf("caught %d acknowledged forks lost: %q", lost, res.violations)
 }
 
 // btrfsFreshInode gives the btrfs twins' forks a new inode (a reflinked
