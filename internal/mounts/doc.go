@@ -19,6 +19,10 @@
 // asks about, and answers the two questions forkd asks: which mount is at a
 // directory, and which mount holds a path.
 //
+// A line longer than the parser reads (64 KiB: an overlay of hundreds of
+// layers lists them all) is left out rather than failing the whole table:
+// forkd never looks for such a mount.
+//
 // A later line at the same mount point covers the earlier one (the kernel
 // lists mounts in the order they were made); both questions answer with
 // the mount a path lookup would reach.

@@ -1,6 +1,8 @@
 package mounts
 
 import (
+	"bufio"
+	"bytes"
 	"fmt"
 	"io"
 	"os"
@@ -44,8 +46,13 @@ func Read(path string) (Table, error) {
 
 // Parse parses a mount table in mountinfo's format. A line that is not one
 // (too few fields, no "-" separator) is an error: the kernel writes none.
+// A line longer than maxLine is left out (see withoutLongLines).
 func Parse(r io.Reader) (Table, error) {
-	infos, err := mountinfo.GetMountsFromReader(r, nil)
+	b, err := io.ReadAll(r)
+	if err != nil {
+		return nil, err
+	}
+	infos, err := mountinfo.GetMountsFromReader(bytes.NewReader(withoutLongLines(b)), nil)
 	if err != nil {
 		return nil, err
 	}
@@ -59,6 +66,35 @@ func Parse(r io.Reader) (Table, error) {
 		})
 	}
 	return t, nil
+}
+
+// maxLine is the longest line the parser reads (its bufio.Scanner's
+// default token size); a longer one fails the whole table.
+const maxLine = bufio.MaxScanTokenSize
+
+// withoutLongLines drops every line of a mount table longer than maxLine
+// (with its newline: the parser needs room for it). The kernel writes such a line only for a mount whose
+// options list hundreds of paths (an overlay filesystem of hundreds of
+// layers, mounted through the new mount API): none of what forkd looks
+// for (cgroup hierarchies, loop devices, the filesystem under a data dir).
+// Without this, one such mount anywhere on the host made the whole table
+// unreadable, and a jailed daemon refused to start.
+func withoutLongLines(b []byte) []byte {
+	if len(b) < maxLine {
+		return b
+	}
+	out := make([]byte, 0, len(b))
+	for len(b) > 0 {
+		line := b
+		if i := bytes.IndexByte(b, '\n'); i >= 0 {
+			line = b[:i+1]
+		}
+		b = b[len(line):]
+		if len(line) < maxLine {
+			out = append(out, line...)
+		}
+	}
+	return out
 }
 
 // At is the mount whose mount point is dir (the topmost, when several

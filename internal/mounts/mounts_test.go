@@ -1,12 +1,14 @@
 package mounts
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 
 	"github.com/forkd/forkd/internal/testenv"
@@ -178,5 +180,36 @@ func TestARealMountAtAPathWithASpaceIsMissedWithoutUnescaping(t *testing.T) {
 		if !slices.Contains(asWritten, escaped.Replace(dir)) {
 			t.Errorf("%q is not in the kernel's table as %q", dir, escaped.Replace(dir))
 		}
+	}
+}
+
+// TestAnOverlongLineIsLeftOutNotFatal: a mount whose line is longer than
+// the parser reads (an overlay of hundreds of layers lists them all) is
+// left out, and every other mount is still found. Its twin is the parser
+// itself on the same table, which fails on that line.
+func TestAnOverlongLineIsLeftOutNotFatal(t *testing.T) {
+	var layers []string
+	for i := range 1000 {
+		layers = append(layers, fmt.Sprintf("/var/lib/containers/storage/overlay/l/LAYER%05dABCDEFGHIJKLMNOPQRSTUVWXYZ", i))
+	}
+	long := "60 22 0:60 / /merged rw,relatime - overlay overlay rw,lowerdir=" + strings.Join(layers, ":") + "\n"
+	if len(long) <= maxLine {
+		t.Fatalf("the overlay line is %d bytes, not over the parser's %d: the test would show nothing", len(long), maxLine)
+	}
+	table := kernelTable + long + "61 22 0:61 / /after rw - tmpfs tmpfs rw\n"
+	tab, err := Parse(strings.NewReader(table))
+	if err != nil {
+		t.Fatalf("a table with one overlong line: %v; want it read without that line", err)
+	}
+	if _, ok := tab.At("/merged"); ok {
+		t.Error("the overlong line was kept")
+	}
+	for _, dir := range []string{"/sys/fs/cgroup/memory", "/srv/vm data", "/after"} {
+		if _, ok := tab.At(dir); !ok {
+			t.Errorf("%q is missing from the table read with an overlong line in it", dir)
+		}
+	}
+	if _, err := mountinfo.GetMountsFromReader(strings.NewReader(table), nil); err == nil {
+		t.Error("twin: the parser read the overlong line itself, so the check shows nothing")
 	}
 }
