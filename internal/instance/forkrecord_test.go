@@ -32,20 +32,33 @@ func loseForkCommits(t *testing.T, dir, id string) {
 	}
 }
 
+// forkOfStandbyIn makes, in a data dir dir, a Standby source "src" and its
+// fork "kid" (each test's daemon stops after, leaving them in place), and
+// returns the fork; more, when set, runs on the same manager after it.
+func forkOfStandbyIn(t *testing.T, dir string, more func(m *Manager, kid api.Instance)) api.Instance {
+	t.Helper()
+	var kid api.Instance
+	openAndClose(t, dir, func(m *Manager) {
+		createRunning(t, m, "src")
+		action(t, m, "src", "standby")
+		kid = fork(t, m, "src", api.ForkRequest{Name: "kid"})
+		if more != nil {
+			more(m, kid)
+		}
+	})
+	return kid
+}
+
 // TestAForkCarriesItsOwnRecord: a fork's directory holds its finished
 // record (dirrecord), identical to what the store holds, so a power cut
 // that loses the fork's unsynced commits loses nothing the fork needs.
 func TestAForkCarriesItsOwnRecord(t *testing.T) {
 	dir := shortDir(t)
-	var kid api.Instance
 	var stored store.Instance
-	openAndClose(t, dir, func(m *Manager) {
+	kid := forkOfStandbyIn(t, dir, func(m *Manager, kid api.Instance) {
 		if !m.fs.records {
 			t.Fatalf("the data dir %s (%s) keeps no directory records: forks would wait for a synced commit", dir, m.fs.fs)
 		}
-		createRunning(t, m, "src")
-		action(t, m, "src", "standby")
-		kid = fork(t, m, "src", api.ForkRequest{Name: "kid"})
 		var err error
 		if stored, err = m.db.GetInstance(context.Background(), kid.ID); err != nil {
 			t.Fatal(err)
@@ -77,12 +90,7 @@ func TestReconcileRestoresAForkWhoseCommitsWereLost(t *testing.T) {
 	}{{"restored", false}, {"twin: roll-forward off", true}} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := shortDir(t)
-			var kid api.Instance
-			openAndClose(t, dir, func(m *Manager) {
-				createRunning(t, m, "src")
-				action(t, m, "src", "standby")
-				kid = fork(t, m, "src", api.ForkRequest{Name: "kid"})
-			})
+			kid := forkOfStandbyIn(t, dir, nil)
 			loseForkCommits(t, dir, kid.ID)
 			if tc.off {
 				t.Setenv(UnsafeNoForkRollForwardEnv, "1")
@@ -116,11 +124,7 @@ func TestReconcileRestoresAForkWhoseCommitsWereLost(t *testing.T) {
 // dir's record: the journal names it, so the dir goes.
 func TestReconcileRestoresNoRecordTheJournalDisowns(t *testing.T) {
 	dir := shortDir(t)
-	var kid api.Instance
-	openAndClose(t, dir, func(m *Manager) {
-		createRunning(t, m, "src")
-		action(t, m, "src", "standby")
-		kid = fork(t, m, "src", api.ForkRequest{Name: "kid"})
+	kid := forkOfStandbyIn(t, dir, func(m *Manager, kid api.Instance) {
 		if err := m.db.DeleteInstance(context.Background(), kid.ID); err != nil { // the failed fork's rollback
 			t.Fatal(err)
 		}
@@ -139,12 +143,7 @@ func TestReconcileRestoresNoRecordTheJournalDisowns(t *testing.T) {
 // (copied or planted) restores nothing; the dir is set aside.
 func TestReconcileTakesNoRecordOfAnotherDir(t *testing.T) {
 	dir := shortDir(t)
-	var kid api.Instance
-	openAndClose(t, dir, func(m *Manager) {
-		createRunning(t, m, "src")
-		action(t, m, "src", "standby")
-		kid = fork(t, m, "src", api.ForkRequest{Name: "kid"})
-	})
+	kid := forkOfStandbyIn(t, dir, nil)
 	loseForkCommits(t, dir, kid.ID)
 	g := guestOf(t, dir, kid.ID)
 	var rec store.Instance

@@ -520,6 +520,23 @@ func TestPowerLossCatchesAMissingFsync(t *testing.T) {
 	t.Logf("caught %d forks whose unsynced mem-file copy was lost: %q", caught, res.violations)
 }
 
+// requireLostAcknowledged is a twin's verdict: the power cut must have lost
+// at least one acknowledged fork, or the switch the twin turned off is not
+// what keeps forks (what names the switch, for the failure message).
+func requireLostAcknowledged(t *testing.T, res powerResult, what string) {
+	t.Helper()
+	var lost []string
+	for _, v := range res.violations {
+		if strings.Contains(v, "was acknowledged before the power cut and is gone") {
+			lost = append(lost, v)
+		}
+	}
+	if len(lost) == 0 {
+		t.Fatalf("with %s the power cut lost no acknowledged fork; violations: %q", what, res.violations)
+	}
+	t.Logf("caught %d acknowledged forks lost: %q", len(lost), lost)
+}
+
 // TestPowerLossCatchesALostLastCommit is the twin of the fork's unsynced
 // commits: with the reconciler's roll-forward switched off
 // (instance.UnsafeNoForkRollForwardEnv: neither from the journal entry nor
@@ -532,13 +549,7 @@ func TestPowerLossCatchesALostLastCommit(t *testing.T) {
 	t.Parallel()
 	res := runPowerCase(t, testfs.XFS, powerCase{name: "acknowledged", forks: 1, survive: 1,
 		afterEnv: []string{instance.UnsafeNoForkRollForwardEnv + "=1"}})
-	for _, v := range res.violations {
-		if strings.Contains(v, "was acknowledged before the power cut and is gone") {
-			t.Logf("caught: %s", v)
-			return
-		}
-	}
-	t.Fatalf("with the roll-forward switched off the power cut lost no acknowledged fork; violations: %q", res.violations)
+	requireLostAcknowledged(t, res, "the roll-forward switched off")
 }
 
 // TestPowerLossCatchesALostForkRecord is the twin of the fork directory's
@@ -553,16 +564,7 @@ func TestPowerLossCatchesALostForkRecord(t *testing.T) {
 	t.Parallel()
 	res := runPowerCase(t, testfs.XFS, powerCase{name: "acknowledged", forks: 3, survive: 3,
 		afterEnv: []string{instance.UnsafeNoForkRecordRestoreEnv + "=1"}})
-	lost := 0
-	for _, v := range res.violations {
-		if strings.Contains(v, "was acknowledged before the power cut and is gone") {
-			lost++
-		}
-	}
-	if lost == 0 {
-		t.Fatalf("with the fork record's restore switched off the power cut lost no acknowledged fork; violations: %q", res.violations)
-	}
-	t.Logf("caught %d acknowledged forks lost with their commits: %q", lost, res.violations)
+	requireLostAcknowledged(t, res, "the fork record's restore switched off")
 }
 
 // TestPowerLossCatchesAnUnsyncedFirstCommitWithoutDirRecords is the twin of
@@ -576,16 +578,7 @@ func TestPowerLossCatchesAnUnsyncedFirstCommitWithoutDirRecords(t *testing.T) {
 	t.Parallel()
 	res := runPowerCase(t, testfs.XFS, powerCase{name: "acknowledged", forks: 3, survive: 3,
 		env: []string{instance.NoDirRecordsEnv + "=1", instance.UnsafeUnsyncedForkBeginEnv + "=1"}})
-	lost := 0
-	for _, v := range res.violations {
-		if strings.Contains(v, "was acknowledged before the power cut and is gone") {
-			lost++
-		}
-	}
-	if lost == 0 {
-		t.Fatalf("with the first commit unsynced and no directory records the power cut lost no acknowledged fork; violations: %q", res.violations)
-	}
-	t.Logf("caught %d acknowledged forks lost: %q", lost, res.violations)
+	requireLostAcknowledged(t, res, "the first commit unsynced and no directory records")
 }
 
 // btrfsFreshInode gives the btrfs twins' forks a new inode (a reflinked
