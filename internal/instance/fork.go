@@ -300,8 +300,8 @@ func (m *Manager) fork(ctx context.Context, id string, req api.ForkRequest, tmpl
 	var res memfile.ShareResult
 	var o *op
 	unsynced := false
-	if spec.live != nil || rec.Networked {
-		if o, err = m.begin(ctx, "fork", id, opPayload{Source: tmpl.Source, Live: spec.live != nil}); err != nil {
+	if spec.live != nil {
+		if o, err = m.begin(ctx, "fork", id, opPayload{Source: tmpl.Source, Live: true}); err != nil {
 			return store.Instance{}, err
 		}
 		if err := m.createRecord(ctx, &rec, pubs); err != nil {
@@ -323,29 +323,28 @@ func (m *Manager) fork(ctx context.Context, id string, req api.ForkRequest, tmpl
 			}
 			return atomicfile.Rename(tmp.Jail, final.Jail)
 		}
-		if spec.live != nil {
-			spec.key, err = spec.live(ctx, o, build)
-		} else {
-			err = build()
-		}
-		if err != nil {
+		if spec.key, err = spec.live(ctx, o, build); err != nil {
 			return fail(o, err)
 		}
 		finishRecord(&rec, res, spec.key)
 	} else {
 		var j *forkJournal
 		var fresh []string
+		// A networked fork's record takes its network slot in its first
+		// commit, which stays synced: its directory carries no record of
+		// its own, and the roll-forward completes it from the journal.
+		records := m.fs.records && !rec.Networked
 		r := trace.StartRegion(ctx, "fork: build")
 		res, fresh, err = m.buildForkDir(tmp, spec.files, func(res memfile.ShareResult) {
 			finishRecord(&rec, res, spec.key)
-			synced := !m.fs.records && os.Getenv(UnsafeUnsyncedForkBeginEnv) != "1" // the env: a twin test only
-			j = m.beginFork(ctx, rec, opPayload{Source: tmpl.Source, RollForward: true}, synced)
+			synced := !records && os.Getenv(UnsafeUnsyncedForkBeginEnv) != "1" // the env: a twin test only
+			j = m.beginFork(ctx, rec, pubs, opPayload{Source: tmpl.Source, RollForward: true}, synced)
 		})
 		r.End()
 		if j == nil {
 			return fail(nil, err)
 		}
-		if err == nil && m.fs.records {
+		if err == nil && records {
 			// The fork's finished record, in its own directory: made durable
 			// by the rename's fsync, it is what the reconciler restores the
 			// fork from if a power cut loses the unsynced commits.
@@ -358,6 +357,10 @@ func (m *Manager) fork(ctx context.Context, id string, req api.ForkRequest, tmpl
 		trace.WithRegion(ctx, "fork: wait for the journal", func() { o, jerr = j.wait() })
 		if jerr != nil {
 			return fail(nil, jerr)
+		}
+		rec = j.rec // a networked fork's slot, taken in the commit
+		if err == nil && rec.Networked {
+			err = m.setupNetwork(ctx, o, rec, pubs)
 		}
 		if err == nil { // the fork's own name only once the journal names it
 			trace.WithRegion(ctx, "fork: rename", func() { err = atomicfile.Rename(tmp.Jail, final.Jail) })

@@ -147,11 +147,12 @@ func finishForkUnit(o *op, rec store.Instance) func(*store.Tx) error {
 // record), made in the background while the fork's files are built.
 type forkJournal struct {
 	done chan struct{}
-	o    *op   // set before done is closed
-	err  error // set before done is closed
+	o    *op            // set before done is closed
+	rec  store.Instance // the record as committed (a networked one with its slot); read after done
+	err  error          // set before done is closed
 }
 
-// wait returns the fork's journal entry once it is durable, or the error
+// wait returns the fork's journal entry once it is committed, or the error
 // that kept it from being written (a taken name: nothing was written).
 func (j *forkJournal) wait() (*op, error) {
 	<-j.done
@@ -159,11 +160,12 @@ func (j *forkJournal) wait() (*op, error) {
 }
 
 // beginFork starts the fork's first group commit: journal step begun and the
-// record rec, in one unit, so a taken name leaves no journal entry behind.
-// Unless synced, the commit does not wait for an fsync: the caller then
-// gives the fork's directory its own record before its rename (fork).
-func (m *Manager) beginFork(ctx context.Context, rec store.Instance, p opPayload, synced bool) *forkJournal {
-	j := &forkJournal{done: make(chan struct{})}
+// record rec (a networked one takes its network slot and its publishes), in
+// one unit, so a taken name leaves no journal entry behind. Unless synced,
+// the commit does not wait for an fsync: the caller then gives the fork's
+// directory its own record before its rename (fork).
+func (m *Manager) beginFork(ctx context.Context, rec store.Instance, pubs []store.Publish, p opPayload, synced bool) *forkJournal {
+	j := &forkJournal{done: make(chan struct{}), rec: rec}
 	commit := m.db.GroupUnsynced
 	if synced {
 		commit = m.db.Group
@@ -173,17 +175,20 @@ func (m *Manager) beginFork(ctx context.Context, rec store.Instance, p opPayload
 		var opID int64
 		err := commit(ctx, "fork:beginning", func(tx *store.Tx) error {
 			var err error
-			if opID, err = tx.Begin("fork", rec.ID, p); err != nil {
+			if opID, err = tx.Begin("fork", j.rec.ID, p); err != nil {
 				return err
 			}
-			return tx.CreateInstance(rec)
+			if j.rec.Networked {
+				return tx.CreateNetworkedInstance(&j.rec, m.net().Config().Slots(), pubs)
+			}
+			return tx.CreateInstance(j.rec)
 		})
 		if err != nil {
-			j.err = err
+			j.err = networkRecordErr(m.net(), err)
 			return
 		}
 		crashPoint("fork", "begun") // test hook (crashhook.go)
-		j.o = &op{m: m, id: opID, kind: "fork", subject: rec.ID}
+		j.o = &op{m: m, id: opID, kind: "fork", subject: j.rec.ID}
 	}()
 	return j
 }

@@ -133,11 +133,16 @@ func (m *Manager) createRecord(ctx context.Context, rec *store.Instance, pubs []
 	if !rec.Networked {
 		return apiErr(m.db.CreateInstance(ctx, *rec))
 	}
-	err := m.db.CreateNetworkedInstance(ctx, rec, m.net().Config().Slots(), pubs)
+	return networkRecordErr(m.net(), m.db.CreateNetworkedInstance(ctx, rec, m.net().Config().Slots(), pubs))
+}
+
+// networkRecordErr is the API's error for a record that could not be
+// written: a full pool or a taken port say what to do.
+func networkRecordErr(h *network.Host, err error) error {
 	switch {
 	case errors.Is(err, store.ErrPoolExhausted):
 		return fmt.Errorf("%w: network_cidr %s: every address is in use; delete a networked VM or widen network_cidr (%v)",
-			api.ErrPoolExhausted, m.net().Config().Pool, err)
+			api.ErrPoolExhausted, h.Config().Pool, err)
 	case errors.Is(err, store.ErrPortTaken):
 		return fmt.Errorf("%w: %v", api.ErrPortInUse, err)
 	}

@@ -19,6 +19,7 @@ import (
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/instance"
 	"github.com/forkd/forkd/internal/loopfs"
+	"github.com/forkd/forkd/internal/network/nettest"
 	"github.com/forkd/forkd/internal/testenv"
 	"github.com/forkd/forkd/internal/testfs"
 )
@@ -187,6 +188,10 @@ type powerCase struct {
 	// env is extra daemon environment for the forks, afterEnv for the
 	// daemon that starts after the cut (a twin's switch).
 	env, afterEnv []string
+	// net runs the case on a networked daemon (every VM networked, a warm
+	// pool of 2) in a network namespace of the test's own: a networked
+	// fork's first commit stays synced and its last is not.
+	net bool
 }
 
 func powerCases() []powerCase {
@@ -200,6 +205,8 @@ func powerCases() []powerCase {
 		// fork's first commit is synced and only its last is not.
 		{name: "acknowledged/no-dir-records", forks: 3, survive: 3, env: []string{instance.NoDirRecordsEnv + "=1"}},
 		{name: "fork:files/no-dir-records", at: "fork:files", forks: 2, env: []string{instance.NoDirRecordsEnv + "=1"}},
+		{name: "acknowledged/networked", forks: 3, survive: 3, net: true},
+		{name: "fork:files/networked", at: "fork:files", forks: 2, net: true},
 		{name: "fork:begun", at: "fork:begun", forks: 2},
 		{name: "fork:files", at: "fork:files", forks: 2},
 		{name: "fork:committed", at: "fork:committed", forks: 2, survive: 1},
@@ -315,7 +322,12 @@ func syncFS(t *testing.T, dir string) {
 
 func runPowerCase(t *testing.T, kind testfs.Kind, pc powerCase) powerResult {
 	fs := mountForPowerLoss(t, kind)
-	d := newDaemonIn(t, fs.Dir, nil)
+	d := newDaemonSpec(t, fs.Dir, func(o *DaemonOptions) {
+		if pc.net {
+			o.NetNS = nettest.Namespace(t)
+			o.Args = append(o.Args, netArgs(2)...)
+		}
+	})
 	ctx := ctxT(t, 3*time.Minute)
 	// The source's guest writes its disk at every boot and restore
 	// (forkd.disk_write): a fork links the disk, and the disk guard gives
@@ -544,12 +556,19 @@ func requireLostAcknowledged(t *testing.T, res powerResult, what string) {
 // acknowledged fork loses its commits, and with them the fork, and the
 // harness must report it. It shows the commits are really not fsynced and
 // that the roll-forward is what keeps the fork.
+// A networked fork (net) takes the same path but keeps its first commit
+// synced: the twin shows its last commit is unsynced all the same.
 func TestPowerLossCatchesALostLastCommit(t *testing.T) {
 	testenv.NeedRoot(t)
 	t.Parallel()
-	res := runPowerCase(t, testfs.XFS, powerCase{name: "acknowledged", forks: 1, survive: 1,
-		afterEnv: []string{instance.UnsafeNoForkRollForwardEnv + "=1"}})
-	requireLostAcknowledged(t, res, "the roll-forward switched off")
+	for _, net := range []bool{false, true} {
+		t.Run(fmt.Sprintf("networked=%v", net), func(t *testing.T) {
+			t.Parallel()
+			res := runPowerCase(t, testfs.XFS, powerCase{name: "acknowledged", forks: 1, survive: 1, net: net,
+				afterEnv: []string{instance.UnsafeNoForkRollForwardEnv + "=1"}})
+			requireLostAcknowledged(t, res, "the roll-forward switched off")
+		})
+	}
 }
 
 // TestPowerLossCatchesALostForkRecord is the twin of the fork directory's

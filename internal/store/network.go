@@ -35,6 +35,25 @@ func (s *Store) CreateNetworkedInstance(ctx context.Context, in *Instance, slots
 		return fmt.Errorf("create instance %s: %w", in.ID, err)
 	}
 	defer tx.Rollback()
+	if err := createNetworkedInstance(ctx, tx, in, slots, pubs); err != nil {
+		return err
+	}
+	if err := tx.Commit(); err != nil {
+		in.Networked, in.NetSlot = false, 0
+		return fmt.Errorf("create instance %s: %w", in.ID, err)
+	}
+	return nil
+}
+
+// CreateNetworkedInstance is Store.CreateNetworkedInstance inside the
+// group: the slot, the record and its publishes are committed with the
+// rest of the unit (a fork's journal entry), or not at all.
+func (t *Tx) CreateNetworkedInstance(in *Instance, slots int, pubs []Publish) error {
+	return t.changed(createNetworkedInstance(t.ctx, t.w.tx, in, slots, pubs), Created, *in)
+}
+
+// createNetworkedInstance is CreateNetworkedInstance's writes, in tx.
+func createNetworkedInstance(ctx context.Context, tx *sql.Tx, in *Instance, slots int, pubs []Publish) error {
 	for _, p := range pubs {
 		var other string
 		err := tx.QueryRowContext(ctx, `SELECT instance_id FROM publishes WHERE protocol = ? AND host_port = ?
@@ -49,7 +68,7 @@ func (s *Store) CreateNetworkedInstance(ctx context.Context, in *Instance, slots
 	// A ready warm slot if there is one (its network is already made),
 	// else the lowest free one.
 	var slot int
-	err = tx.QueryRowContext(ctx, `SELECT slot FROM net_warm WHERE ready = 1 ORDER BY slot LIMIT 1`).Scan(&slot)
+	err := tx.QueryRowContext(ctx, `SELECT slot FROM net_warm WHERE ready = 1 ORDER BY slot LIMIT 1`).Scan(&slot)
 	switch {
 	case err == nil:
 		if _, err := tx.ExecContext(ctx, `DELETE FROM net_warm WHERE slot = ?`, slot); err != nil {
@@ -81,10 +100,6 @@ func (s *Store) CreateNetworkedInstance(ctx context.Context, in *Instance, slots
 			}
 			return fmt.Errorf("create instance %s: publish: %w", in.ID, err)
 		}
-	}
-	if err := tx.Commit(); err != nil {
-		in.Networked, in.NetSlot = false, 0
-		return fmt.Errorf("create instance %s: %w", in.ID, err)
 	}
 	return nil
 }
