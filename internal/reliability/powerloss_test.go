@@ -189,9 +189,10 @@ type powerCase struct {
 	// daemon that starts after the cut (a twin's switch).
 	env, afterEnv []string
 	// net runs the case on a networked daemon (every VM networked, a warm
-	// pool of 2) in a network namespace of the test's own: a networked
-	// fork's first commit stays synced and its last is not.
-	net bool
+	// pool of warm networks) in a network namespace of the test's own: a
+	// networked fork's first commit stays synced and its last is not.
+	net  bool
+	warm int
 }
 
 func powerCases() []powerCase {
@@ -205,8 +206,8 @@ func powerCases() []powerCase {
 		// fork's first commit is synced and only its last is not.
 		{name: "acknowledged/no-dir-records", forks: 3, survive: 3, env: []string{instance.NoDirRecordsEnv + "=1"}},
 		{name: "fork:files/no-dir-records", at: "fork:files", forks: 2, env: []string{instance.NoDirRecordsEnv + "=1"}},
-		{name: "acknowledged/networked", forks: 3, survive: 3, net: true},
-		{name: "fork:files/networked", at: "fork:files", forks: 2, net: true},
+		{name: "acknowledged/networked", forks: 3, survive: 3, net: true, warm: 2},
+		{name: "fork:files/networked", at: "fork:files", forks: 2, net: true, warm: 2},
 		{name: "fork:begun", at: "fork:begun", forks: 2},
 		{name: "fork:files", at: "fork:files", forks: 2},
 		{name: "fork:committed", at: "fork:committed", forks: 2, survive: 1},
@@ -325,7 +326,7 @@ func runPowerCase(t *testing.T, kind testfs.Kind, pc powerCase) powerResult {
 	d := newDaemonSpec(t, fs.Dir, func(o *DaemonOptions) {
 		if pc.net {
 			o.NetNS = nettest.Namespace(t)
-			o.Args = append(o.Args, netArgs(2)...)
+			o.Args = append(o.Args, netArgs(pc.warm)...)
 		}
 	})
 	ctx := ctxT(t, 3*time.Minute)
@@ -557,7 +558,10 @@ func requireLostAcknowledged(t *testing.T, res powerResult, what string) {
 // harness must report it. It shows the commits are really not fsynced and
 // that the roll-forward is what keeps the fork.
 // A networked fork (net) takes the same path but keeps its first commit
-// synced: the twin shows its last commit is unsynced all the same.
+// synced: the twin shows its last commit is unsynced all the same. It has
+// no warm pool: a refill after the fork is a synced commit that would make
+// the fork's last one durable before the cut, and the twin would show
+// nothing.
 func TestPowerLossCatchesALostLastCommit(t *testing.T) {
 	testenv.NeedRoot(t)
 	t.Parallel()
