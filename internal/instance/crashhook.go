@@ -84,6 +84,12 @@ const UnsafeSyncForkAsOnXFSEnv = "FORKD_TEST_UNSAFE_SYNC_FORK_AS_ON_XFS"
 // that path too; never set it elsewhere (it costs every fork an fsync).
 const NoDirRecordsEnv = "FORKD_TEST_NO_DIR_RECORDS"
 
+// UnsafeStaleForkRecordEnv, set to "1", makes the reconciler take back a
+// fork's directory record without checking that it still describes the
+// directory (forkDirRecord.describes). It exists only so a test can show
+// that check is what keeps a stale record out; never set it elsewhere.
+const UnsafeStaleForkRecordEnv = "FORKD_TEST_UNSAFE_STALE_FORK_RECORD"
+
 // UnsafeUnsyncedForkBeginEnv, set to "1", makes a fork's first commit
 // unsynced even where its directory carries no record (NoDirRecordsEnv). It
 // exists only so the power-loss suite can show that the fsync of that commit

@@ -11,7 +11,6 @@ import (
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/capacity"
-	"github.com/forkd/forkd/internal/dirrecord"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/store"
@@ -348,7 +347,7 @@ func (m *Manager) fork(ctx context.Context, id string, req api.ForkRequest, tmpl
 			// The fork's finished record, in its own directory: made durable
 			// by the rename's fsync, it is what the reconciler restores the
 			// fork from if a power cut loses the unsynced commits.
-			err = dirrecord.Write(tmp.Jail, forkRecordKind, completed(rec, res))
+			err = writeForkRecord(tmp, completed(rec, res))
 		}
 		if err == nil { // fsync the new inodes and the dir while the journal commits
 			trace.WithRegion(ctx, "fork: sync tree", func() { err = syncForkTree(tmp.Jail, fresh) })

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
+	"syscall"
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/atomicfile"
@@ -219,6 +221,70 @@ func (m *Manager) rollForwardFork(ctx context.Context, e store.Entry, p opPayloa
 // forkRecordKind is the dirrecord kind of a fork's own record.
 const forkRecordKind = "fork"
 
+// forkDirRecord is what a fork's directory says about itself: its finished
+// record, and the identity of the mem-file and vmstate it was made with
+// (filesIdentity; "" for a fork without memory), so a record that no
+// longer describes its directory (the fork has since been restored and
+// stood by, which writes new files) is never taken back.
+type forkDirRecord struct {
+	Instance store.Instance `json:"instance"`
+	Files    string         `json:"files,omitempty"`
+}
+
+// writeForkRecord gives the fork's temp dir tmp its own record rec.
+func writeForkRecord(tmp guestdir.Guest, rec store.Instance) error {
+	r := forkDirRecord{Instance: rec}
+	if rec.State == api.StateStandby {
+		k, err := filesIdentity(tmp.Latest())
+		if err != nil {
+			return err
+		}
+		r.Files = k
+	}
+	return dirrecord.Write(tmp.Jail, forkRecordKind, r)
+}
+
+// filesIdentity names the mem-file and vmstate of d as files: inode, size
+// and mtime of each, which any rewrite changes (a standby writes new
+// inodes). Not the device: btrfs numbers it anew at each mount, and the
+// record must still match after a power cut and a remount.
+func filesIdentity(d guestdir.SnapDir) (string, error) {
+	var b strings.Builder
+	for _, p := range []string{d.Memory(), d.VMState()} {
+		st, err := os.Stat(p)
+		if err != nil {
+			return "", err
+		}
+		sys, ok := st.Sys().(*syscall.Stat_t)
+		if !ok {
+			return "", fmt.Errorf("%s: no stat_t", p)
+		}
+		fmt.Fprintf(&b, "%d:%d:%d|", sys.Ino, st.Size(), st.ModTime().UnixNano())
+	}
+	return b.String(), nil
+}
+
+// describes reports why the fork record r does not describe the guest dir
+// g as it is now, or nil: a Standby fork's mem-file and vmstate must be the
+// very files it was made with, and a fork without memory must still have
+// none.
+func (r forkDirRecord) describes(g guestdir.Guest) error {
+	if r.Instance.State != api.StateStandby {
+		if _, err := os.Lstat(g.Latest().Dir); err == nil {
+			return fmt.Errorf("it has a snapshot, its record none")
+		}
+		return nil
+	}
+	k, err := filesIdentity(g.Latest())
+	if err != nil {
+		return err
+	}
+	if k != r.Files {
+		return fmt.Errorf("its mem-file and vmstate are not the ones it was made with")
+	}
+	return nil
+}
+
 // restoreForkRecord gives back its record to a fork whose commits a power
 // cut lost: dir, named id under the guests' dir, is complete and durable
 // (it has its own name, which a fork takes only then) and carries the
@@ -228,8 +294,9 @@ func (m *Manager) restoreForkRecord(ctx context.Context, dir, id string) bool {
 	if os.Getenv(UnsafeNoForkRollForwardEnv) == "1" || os.Getenv(UnsafeNoForkRecordRestoreEnv) == "1" { // twin tests only
 		return false
 	}
-	var rec store.Instance
-	ok, err := dirrecord.Read(dir, forkRecordKind, &rec)
+	var r forkDirRecord
+	ok, err := dirrecord.Read(dir, forkRecordKind, &r)
+	rec := r.Instance
 	switch {
 	case err != nil:
 		m.log.Warn("reconcile: a dir's fork record cannot be read", "path", dir, "err", err)
@@ -242,6 +309,18 @@ func (m *Manager) restoreForkRecord(ctx context.Context, dir, id string) bool {
 	}
 	if err := datadir.Check(dir); err != nil {
 		m.log.Warn("reconcile: a fork's dir is not safe to take back", "path", dir, "err", err)
+		return false
+	}
+	// A record is taken back only while it describes the dir: after a
+	// power cut it always does (whatever changed the fork since would have
+	// made its commits durable), but a store restored from an older backup
+	// can lack a fork that has run since.
+	g, err := m.guest(id)
+	if err == nil && os.Getenv(UnsafeStaleForkRecordEnv) != "1" { // the env: a twin test only
+		err = r.describes(g)
+	}
+	if err != nil {
+		m.log.Warn("reconcile: a fork's record no longer describes its dir", "path", dir, "instance", id, "err", err)
 		return false
 	}
 	if err := m.db.CreateInstance(ctx, rec); err != nil {

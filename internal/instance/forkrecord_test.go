@@ -3,6 +3,7 @@ package instance
 import (
 	"context"
 	"database/sql"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -65,10 +66,14 @@ func TestAForkCarriesItsOwnRecord(t *testing.T) {
 		}
 	})
 	g := guestOf(t, dir, kid.ID)
-	var rec store.Instance
-	if ok, err := dirrecord.Read(g.Jail, forkRecordKind, &rec); err != nil || !ok {
+	var r forkDirRecord
+	if ok, err := dirrecord.Read(g.Jail, forkRecordKind, &r); err != nil || !ok {
 		t.Fatalf("the fork's dir %s: record %v, %v; want its own", g.Jail, ok, err)
 	}
+	if err := r.describes(g); err != nil {
+		t.Errorf("the fork's record does not describe its own dir: %v", err)
+	}
+	rec := r.Instance
 	if !rec.CreatedAt.Equal(stored.CreatedAt) {
 		t.Errorf("the record's created_at %v, the store's %v", rec.CreatedAt, stored.CreatedAt)
 	}
@@ -146,22 +151,64 @@ func TestReconcileTakesNoRecordOfAnotherDir(t *testing.T) {
 	kid := forkOfStandbyIn(t, dir, nil)
 	loseForkCommits(t, dir, kid.ID)
 	g := guestOf(t, dir, kid.ID)
-	var rec store.Instance
-	if _, err := dirrecord.Read(g.Jail, forkRecordKind, &rec); err != nil {
+	var r forkDirRecord
+	if _, err := dirrecord.Read(g.Jail, forkRecordKind, &r); err != nil {
 		t.Fatal(err)
 	}
-	rec.ID = newID()
-	if err := dirrecord.Write(g.Jail, forkRecordKind, rec); err != nil {
+	r.Instance.ID = newID()
+	if err := dirrecord.Write(g.Jail, forkRecordKind, r); err != nil {
 		t.Fatal(err)
 	}
 	m := newManagerAt(t, dir)
-	for _, ref := range []string{"kid", kid.ID, rec.ID} {
+	for _, ref := range []string{"kid", kid.ID, r.Instance.ID} {
 		if in, err := m.GetInstance(context.Background(), ref); err == nil {
 			t.Fatalf("%s came back (%s %s) from a record naming another dir", ref, in.ID, in.State)
 		}
 	}
 	if _, err := os.Stat(g.Jail); !os.IsNotExist(err) {
 		t.Fatalf("the dir %s stayed in place: %v; want it in lost+found", g.Jail, err)
+	}
+}
+
+// TestReconcileTakesNoStaleRecord: a fork that has run and stood by since
+// it was made has new files, and its record from the fork no longer
+// describes them; a store that lacks the fork (one restored from an older
+// backup) must not get it back from that record, with the old cache key
+// (the pager would serve the old snapshot's pages for the new one). Its
+// twin takes the record back without the check: the fork comes back with
+// a cache key that is not its files'.
+func TestReconcileTakesNoStaleRecord(t *testing.T) {
+	for _, twin := range []bool{false, true} {
+		t.Run(fmt.Sprintf("check-off=%v", twin), func(t *testing.T) {
+			dir := shortDir(t)
+			var ranKey string
+			kid := forkOfStandbyIn(t, dir, func(m *Manager, kid api.Instance) {
+				action(t, m, "kid", "restore")
+				ranKey = action(t, m, "kid", "standby").SnapshotCacheKey
+			})
+			if ranKey == kid.SnapshotCacheKey {
+				t.Fatalf("the fork's standby kept its cache key %s: the test would show nothing", ranKey)
+			}
+			loseForkCommits(t, dir, kid.ID) // its record and every journal entry naming it
+			if twin {
+				t.Setenv(UnsafeStaleForkRecordEnv, "1")
+			}
+			m := newManagerAt(t, dir)
+			got, err := m.GetInstance(context.Background(), kid.ID)
+			if twin {
+				if err != nil || got.SnapshotCacheKey != kid.SnapshotCacheKey {
+					t.Fatalf("twin: %+v, %v; want the fork back with its stale key %s", got, err, kid.SnapshotCacheKey)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatalf("the fork came back from a stale record: %s, cache key %s (its files' %s)", got.State, got.SnapshotCacheKey, ranKey)
+			}
+			g := guestOf(t, dir, kid.ID)
+			if _, err := os.Stat(g.Jail); !os.IsNotExist(err) {
+				t.Fatalf("the dir %s stayed in place: %v; want it in lost+found", g.Jail, err)
+			}
+		})
 	}
 }
 
