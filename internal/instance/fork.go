@@ -225,8 +225,8 @@ type forkSpec struct {
 // Standby with the inherited cache key, or Stopped without memory. Any
 // failure removes the partial fork.
 //
-// A fork of a Standby instance or a snapshot, without a network, has one
-// durable point: the rename of its directory into place. Its first commit
+// A fork of a Standby instance or a snapshot has one durable point: the
+// rename of its directory into place. Its first commit
 // (the journal entry naming the fork, with its Forking record, which
 // already holds everything the finished record holds but its state) is
 // made once the mem-file is shared (its fork_mode known), while the rest of
@@ -239,12 +239,14 @@ type forkSpec struct {
 // durable fork has, and the reconciler restores the record from it
 // (restoreForkRecord) or, when the first commit survived, completes it
 // (rollForwardFork). Where it keeps none, the first commit is synced, and
-// only the last is not. Both commits are shared with whatever other forks
-// commit at the same moment (store.Group).
+// only the last is not. A networked fork's first commit also takes its
+// network slot and publishes, and stays synced (its directory carries no
+// record); its network is made once that commit is durable, before the
+// rename. Both commits are shared with whatever other forks commit at the
+// same moment (store.Group).
 //
-// A live fork, and a networked one, journal and record the fork first: a
-// live fork pauses its source, a networked one makes a namespace, and each
-// is journalled before it acts. Their last commit is synced.
+// A live fork journals and records itself first, and makes its network,
+// before it pauses its source; its last commit is synced.
 func (m *Manager) fork(ctx context.Context, id string, req api.ForkRequest, tmpl store.Instance, spec forkSpec) (store.Instance, error) {
 	if req.Name == "" {
 		req.Name = id // an unnamed instance is named by its own id
