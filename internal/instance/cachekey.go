@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"os"
+	"strings"
 	"syscall"
 
 	"github.com/forkd/forkd/internal/guestdir"
@@ -19,17 +20,31 @@ import (
 // Any rewrite of the files changes mtime (and the unshare guard the inode),
 // so a stale key is never reused for new bytes.
 func cacheKey(d guestdir.SnapDir) (string, error) {
-	h := sha256.New()
+	stamp, err := filesStamp(d, true)
+	if err != nil {
+		return "", fmt.Errorf("cache key: %w", err)
+	}
+	h := sha256.Sum256([]byte(stamp))
+	return hex.EncodeToString(h[:])[:24], nil
+}
+
+// filesStamp names d's mem-file and vmstate as files: the inode, size and
+// mtime of each (and their device, with dev), which any rewrite changes.
+func filesStamp(d guestdir.SnapDir, dev bool) (string, error) {
+	var b strings.Builder
 	for _, p := range []string{d.Memory(), d.VMState()} {
 		st, err := os.Stat(p)
 		if err != nil {
-			return "", fmt.Errorf("cache key: %w", err)
+			return "", err
 		}
 		sys, ok := st.Sys().(*syscall.Stat_t)
 		if !ok {
-			return "", fmt.Errorf("cache key: %s: no stat_t", p)
+			return "", fmt.Errorf("%s: no stat_t", p)
 		}
-		fmt.Fprintf(h, "%d:%d:%d:%d|", sys.Dev, sys.Ino, st.Size(), st.ModTime().UnixNano())
+		if dev {
+			fmt.Fprintf(&b, "%d:", sys.Dev)
+		}
+		fmt.Fprintf(&b, "%d:%d:%d|", sys.Ino, st.Size(), st.ModTime().UnixNano())
 	}
-	return hex.EncodeToString(h.Sum(nil))[:24], nil
+	return b.String(), nil
 }

@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"strings"
-	"syscall"
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/atomicfile"
@@ -244,25 +242,10 @@ func writeForkRecord(tmp guestdir.Guest, rec store.Instance) error {
 	return dirrecord.Write(tmp.Jail, forkRecordKind, r)
 }
 
-// filesIdentity names the mem-file and vmstate of d as files: inode, size
-// and mtime of each, which any rewrite changes (a standby writes new
-// inodes). Not the device: btrfs numbers it anew at each mount, and the
+// filesIdentity names the mem-file and vmstate of d as files (filesStamp):
+// not by their device, which btrfs numbers anew at each mount, as the
 // record must still match after a power cut and a remount.
-func filesIdentity(d guestdir.SnapDir) (string, error) {
-	var b strings.Builder
-	for _, p := range []string{d.Memory(), d.VMState()} {
-		st, err := os.Stat(p)
-		if err != nil {
-			return "", err
-		}
-		sys, ok := st.Sys().(*syscall.Stat_t)
-		if !ok {
-			return "", fmt.Errorf("%s: no stat_t", p)
-		}
-		fmt.Fprintf(&b, "%d:%d:%d|", sys.Ino, st.Size(), st.ModTime().UnixNano())
-	}
-	return b.String(), nil
-}
+func filesIdentity(d guestdir.SnapDir) (string, error) { return filesStamp(d, false) }
 
 // describes reports why the fork record r does not describe the guest dir
 // g as it is now, or nil: a Standby fork's mem-file and vmstate must be the
