@@ -147,8 +147,7 @@ func (s *Store) ListInstances(ctx context.Context) ([]Instance, error) {
 // lookups (the name's unique index, a range of the id's), never a scan of
 // every record: every operation on an instance resolves its reference.
 func (s *Store) InstancesMatching(ctx context.Context, ref string) ([]Instance, error) {
-	rows, err := s.r().QueryContext(ctx, `SELECT `+instanceCols+` FROM instances
-		WHERE name = ? OR (id >= ? AND id < ?) ORDER BY created_at, id`, ref, ref, idPrefixEnd(ref))
+	rows, err := s.r().QueryContext(ctx, `SELECT `+instanceCols+` FROM instances`+refMatch, refArgs(ref)...)
 	if err != nil {
 		return nil, fmt.Errorf("find instances %q: %w", ref, err)
 	}
@@ -163,6 +162,15 @@ func (s *Store) InstancesMatching(ctx context.Context, ref string) ([]Instance, 
 	}
 	return out, rows.Err()
 }
+
+// refMatch is the condition and order of a reference lookup
+// (InstancesMatching, SnapshotsMatching) over refArgs: the record named
+// ref, and every one whose id is in the range [ref, idPrefixEnd(ref)),
+// both index lookups.
+const refMatch = ` WHERE name = ? OR (id >= ? AND id < ?) ORDER BY created_at, id`
+
+// refArgs are refMatch's arguments for ref.
+func refArgs(ref string) []any { return []any{ref, ref, idPrefixEnd(ref)} }
 
 // idPrefixEnd is the end of the id range [ref, idPrefixEnd(ref)) that holds
 // exactly the ids starting with ref, as an index can look it up: a string

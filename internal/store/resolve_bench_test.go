@@ -25,8 +25,7 @@ func BenchmarkInstancesMatching(b *testing.B) {
 		}
 	}
 	scan := func(ref string) (int, error) {
-		rows, err := s.r().QueryContext(ctx, `SELECT `+instanceCols+` FROM instances
-			WHERE name = ? OR substr(id, 1, length(?)) = ? ORDER BY created_at, id`, ref, ref, ref)
+		rows, err := s.r().QueryContext(ctx, `SELECT `+instanceCols+` FROM instances`+refMatchByScan, ref, ref, ref)
 		if err != nil {
 			return 0, err
 		}

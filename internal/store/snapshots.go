@@ -93,8 +93,7 @@ func (s *Store) ListSnapshots(ctx context.Context) ([]Snapshot, error) {
 // SnapshotsMatching returns the snapshots a reference could name: the one
 // named ref, and every one whose id starts with ref (the full id included).
 func (s *Store) SnapshotsMatching(ctx context.Context, ref string) ([]Snapshot, error) {
-	rows, err := s.r().QueryContext(ctx, `SELECT `+snapshotCols+` FROM snapshots
-		WHERE name = ? OR (id >= ? AND id < ?) ORDER BY created_at, id`, ref, ref, idPrefixEnd(ref))
+	rows, err := s.r().QueryContext(ctx, `SELECT `+snapshotCols+` FROM snapshots`+refMatch, refArgs(ref)...)
 	if err != nil {
 		return nil, fmt.Errorf("find snapshots %q: %w", ref, err)
 	}
