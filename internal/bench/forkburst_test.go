@@ -3,6 +3,7 @@ package bench
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -260,5 +261,83 @@ func TestForkBurstMeasuresPrefetch(t *testing.T) {
 	}
 	if !strings.Contains(out.String(), "prefetch auto/off to-ws p50") || !strings.Contains(out.String(), "differing workload") {
 		t.Errorf("ratios lack the prefetch comparisons:\n%s", out.String())
+	}
+}
+
+// TestForkBurstTimesSerialForksOfEveryBinary compares two builds (the same
+// binary twice) in one run: each build's daemon must time its own serial
+// forks, each fork beside a floor sample, in a row of the JSON report that
+// names its build, and the table must compare the second build's serial
+// p50 with the first's. Before, only the first daemon timed serial forks.
+func TestForkBurstTimesSerialForksOfEveryBinary(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts daemons and VMMs")
+	}
+	bin := buildForkd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	var log bytes.Buffer
+	// More forks than one round, so the daemons take turns twice.
+	const forks = serialRound + 2
+	rep, err := ForkBurst(ctx, Options{
+		Config: Config{SizesMiB: []int{64}, WorkingSetMiB: 4, Forks: []int{1}, Rates: []int{20000}, Prefetch: []string{PrefetchOff},
+			Backends: []string{api.BackendFile}, Temperatures: []string{Warm}, Strategies: []string{StrategyHardlink},
+			Builds: []string{"a", "b"}, SerialForks: forks},
+		Binaries: map[string]string{"a": bin, "b": bin},
+		Dir:      shortTempDir(t),
+	}, func(s string) { fmt.Fprintln(&log, s) })
+	if err != nil {
+		t.Fatalf("ForkBurst: %v\nprogress:\n%s", err, log.String())
+	}
+	var table, js bytes.Buffer
+	if err := rep.WriteTable(&table); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("\n%s", table.String())
+	// Read the rows as a script would, from the JSON report.
+	if err := rep.WriteJSON(&js); err != nil {
+		t.Fatal(err)
+	}
+	var got struct {
+		Serial []struct {
+			SizeMiB  int    `json:"size_mib"`
+			Prefetch string `json:"prefetch"`
+			Build    string `json:"build"`
+			Fork     struct {
+				N   int   `json:"n"`
+				P50 int64 `json:"p50_ns"`
+			} `json:"fork"`
+			Floor struct {
+				N int `json:"n"`
+			} `json:"floor"`
+			Error string `json:"error"`
+		} `json:"serial_forks"`
+	}
+	if err := json.Unmarshal(js.Bytes(), &got); err != nil {
+		t.Fatal(err)
+	}
+	builds := map[string]int{}
+	for _, s := range got.Serial {
+		builds[s.Build]++
+		if s.Error != "" || s.Fork.N != forks || s.Floor.N != forks || s.Fork.P50 <= 0 {
+			t.Errorf("serial forks of build %q (prefetch %q): %d forks, %d floor samples, p50 %d ns, error %q; want %d of each",
+				s.Build, s.Prefetch, s.Fork.N, s.Floor.N, s.Fork.P50, s.Error, forks)
+		}
+		if want := PrefetchOff + "@" + s.Build; s.Prefetch != want {
+			t.Errorf("serial row of build %q names prefetch %q, want %q", s.Build, s.Prefetch, want)
+		}
+	}
+	if len(got.Serial) != 2 || builds["a"] != 1 || builds["b"] != 1 {
+		t.Errorf("serial rows %+v: want one for build a and one for build b", got.Serial)
+	}
+	if !strings.Contains(table.String(), "p50/a") {
+		t.Errorf("serial table does not compare the builds' p50 with the first's:\n%s", table.String())
+	}
+	found := false
+	for _, x := range rep.Ratios() {
+		found = found || x.Name == "64 MiB hardlink prefetch off: serial fork p50 b/a"
+	}
+	if !found {
+		t.Errorf("ratios lack the serial fork p50 of build b over a: %v", rep.Ratios())
 	}
 }

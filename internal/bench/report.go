@@ -21,16 +21,32 @@ type Report struct {
 }
 
 // SerialFork is the latency of forks made one at a time (to Standby, each
-// deleted before the next): the fork's own cost.
+// deleted before the next) by one daemon: the fork's own cost. Every daemon
+// of a size and strategy has one; their forks alternate (serialForks).
 type SerialFork struct {
-	SizeMiB  int     `json:"size_mib"`
-	Strategy string  `json:"strategy"`
-	Fork     Summary `json:"fork"`
+	SizeMiB  int    `json:"size_mib"`
+	Strategy string `json:"strategy"`
+	// Prefetch names the daemon as Cell.Prefetch does: its prefetch
+	// setting, SETTING@BUILD with builds. Reports made before every daemon
+	// timed serial forks have only the first daemon's, without it.
+	Prefetch string `json:"prefetch,omitempty"`
+	// Build is the name of the daemon's --binary ("" without builds).
+	Build string  `json:"build,omitempty"`
+	Fork  Summary `json:"fork"`
 	// Floor is one link() plus an fsync of its directory on the data dir's
 	// filesystem, sampled before each fork: the physical limit of a durable
 	// fork, measured alongside it.
 	Floor Summary `json:"floor"`
 	Error string  `json:"error,omitempty"`
+	// Samples are the latencies behind Fork and Floor (JSON only).
+	Samples *SerialSamples `json:"samples,omitempty"`
+}
+
+// SerialSamples are one daemon's serial fork latencies and the floor
+// sample taken just before each, in the order taken.
+type SerialSamples struct {
+	Fork  []time.Duration `json:"fork_ns"`
+	Floor []time.Duration `json:"floor_ns"`
 }
 
 // Machine says where the numbers come from.
@@ -172,22 +188,8 @@ func (r *Report) WriteTable(w io.Writer) error {
 	if err := r.writePrefetchTable(w); err != nil {
 		return err
 	}
-	if len(r.Serial) > 0 {
-		fmt.Fprintln(w, "\nserial forks (one at a time, to Standby: the fork's own cost; floor: one link() + fsync(dir) on the same filesystem, sampled before each fork)")
-		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-		fmt.Fprintln(tw, "size\tstrategy\tn\tp50\tp95\tmax\tfloor p50\tp95\tp50/floor\terror\t")
-		for _, s := range r.Serial {
-			over := "-"
-			if s.Floor.P50 > 0 && s.Fork.P50 > 0 {
-				over = fmt.Sprintf("%.1fx", float64(s.Fork.P50)/float64(s.Floor.P50))
-			}
-			fmt.Fprintf(tw, "%d\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", s.SizeMiB, s.Strategy, s.Fork.N,
-				durStr(s.Fork.P50), durStr(s.Fork.P95), durStr(s.Fork.Max), durStr(s.Floor.P50), durStr(s.Floor.P95),
-				over, truncateStr(s.Error, 60))
-		}
-		if err := tw.Flush(); err != nil {
-			return err
-		}
+	if err := r.writeSerialTable(w); err != nil {
+		return err
 	}
 	if rs := r.Ratios(); len(rs) > 0 {
 		fmt.Fprintln(w, "\nratios (same run, same machine):")
@@ -208,6 +210,54 @@ func (r *Report) WriteTable(w io.Writer) error {
 		}
 	}
 	return nil
+}
+
+// writeSerialTable writes the serial forks, one row per daemon: its
+// p50 over its own floor samples' and, when builds are compared, over the
+// first build's p50.
+func (r *Report) writeSerialTable(w io.Writer) error {
+	if len(r.Serial) == 0 {
+		return nil
+	}
+	builds := len(r.Config.Builds) > 1
+	fmt.Fprint(w, "\nserial forks (one at a time, to Standby: the fork's own cost; floor: one link() + fsync(dir) on the same filesystem, sampled before each fork")
+	if len(r.Config.Prefetch) > 1 {
+		fmt.Fprintf(w, "; the daemons take turns every %d forks", serialRound)
+	}
+	if builds {
+		fmt.Fprintf(w, "; binary: the --binary name, p50/%s: this row's p50 over the %s row's", r.Config.Builds[0], r.Config.Builds[0])
+	}
+	fmt.Fprintln(w, ")")
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	head := "size\tstrategy\tprefetch\tbinary\tn\tp50\tp95\tmax\tfloor p50\tp95\tp50/floor\t"
+	if builds {
+		head += "p50/" + r.Config.Builds[0] + "\t"
+	}
+	fmt.Fprintln(tw, head+"error\t")
+	for i := range r.Serial {
+		s := &r.Serial[i]
+		over, vs := "-", "-"
+		if s.Floor.P50 > 0 && s.Fork.P50 > 0 {
+			over = fmt.Sprintf("%.2fx", float64(s.Fork.P50)/float64(s.Floor.P50))
+		}
+		if b := r.serialBase(s); b != nil && s.Fork.P50 > 0 {
+			vs = fmt.Sprintf("%.2fx", float64(s.Fork.P50)/float64(b.Fork.P50))
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t", s.SizeMiB, s.Strategy, orDash(PrefetchSetting(s.Prefetch)), orDash(s.Build),
+			s.Fork.N, durStr(s.Fork.P50), durStr(s.Fork.P95), durStr(s.Fork.Max), durStr(s.Floor.P50), durStr(s.Floor.P95), over)
+		if builds {
+			fmt.Fprintf(tw, "%s\t", vs)
+		}
+		fmt.Fprintf(tw, "%s\t\n", truncateStr(s.Error, 60))
+	}
+	return tw.Flush()
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
 
 // PrefetchSum is a burst's forks' prefetch figures (GET /instances/{id}).
@@ -261,9 +311,11 @@ func (r *Report) Ratios() []Ratio {
 			out = append(out, Ratio{name, a / b})
 		}
 	}
+	// serial is the first daemon's serial forks of size and strategy (a
+	// report from before every daemon timed them has only those, unnamed).
 	serial := func(size int, strategy string) *SerialFork {
 		for i := range r.Serial {
-			if s := &r.Serial[i]; s.SizeMiB == size && s.Strategy == strategy && s.Fork.N > 0 {
+			if s := &r.Serial[i]; s.SizeMiB == size && s.Strategy == strategy && s.Fork.N > 0 && (s.Prefetch == "" || s.Prefetch == base.prefetch) {
 				return s
 			}
 		}
@@ -272,16 +324,41 @@ func (r *Report) Ratios() []Ratio {
 	sizes := append([]int(nil), r.Config.SizesMiB...)
 	sort.Ints(sizes)
 	for _, size := range sizes {
-		// The fork budgets: a serial fork within 5x of link()+fsync(dir), a
-		// burst's fork p50 within 3x of a serial fork.
-		if h := serial(size, StrategyHardlink); h != nil {
-			add(fmt.Sprintf("%d MiB serial fork p50 / link+fsync floor p50 (budget 5x)", size), float64(h.Fork.P50), float64(h.Floor.P50))
+		// The fork budgets, per daemon: a serial fork within 5x of
+		// link()+fsync(dir), a burst's fork p50 within 3x of a serial fork.
+		// With one daemon per size the names say no daemon.
+		for i := range r.Serial {
+			h := &r.Serial[i]
+			if h.SizeMiB != size || h.Strategy != StrategyHardlink || h.Fork.N == 0 {
+				continue
+			}
+			pf, at, colon := h.Prefetch, fmt.Sprintf("%d MiB", size), ""
+			if pf == "" {
+				pf = base.prefetch
+			} else if len(r.Config.Prefetch) > 1 {
+				at, colon = at+" "+pf, ":"
+			}
+			add(fmt.Sprintf("%s%s serial fork p50 / link+fsync floor p50 (budget 5x)", at, colon), float64(h.Fork.P50), float64(h.Floor.P50))
 			for _, be := range r.Config.Backends {
 				for _, temp := range r.Config.Temperatures {
-					if c := find(size, StrategyHardlink, be, temp); c != nil {
-						add(fmt.Sprintf("%d MiB %s %s: burst fork p50 / serial fork p50 (budget 3x)", size, be, temp), float64(c.Fork.P50), float64(h.Fork.P50))
+					f := base
+					f.size, f.strategy, f.prefetch, f.backend, f.temp = size, StrategyHardlink, pf, be, temp
+					if c := r.find(f); c != nil {
+						add(fmt.Sprintf("%s %s %s: burst fork p50 / serial fork p50 (budget 3x)", at, be, temp), float64(c.Fork.P50), float64(h.Fork.P50))
 					}
 				}
+			}
+		}
+		// Each build's serial fork against the first build's, measured in
+		// the same run, their forks taking turns.
+		for i := range r.Serial {
+			s := &r.Serial[i]
+			if s.SizeMiB != size {
+				continue
+			}
+			if b := r.serialBase(s); b != nil && b != s {
+				add(fmt.Sprintf("%d MiB %s prefetch %s: serial fork p50 %s/%s", size, s.Strategy, PrefetchSetting(s.Prefetch), s.Build, b.Build),
+					float64(s.Fork.P50), float64(b.Fork.P50))
 			}
 		}
 		if h := serial(size, StrategyHardlink); h != nil {
@@ -335,6 +412,24 @@ func (r *Report) Ratios() []Ratio {
 		}
 	}
 	return out
+}
+
+// serialBase is the row s is compared with when builds are compared: the
+// first build's serial forks of the same size, strategy and prefetch
+// setting (s itself when s is the first build's), or nil (no builds, or
+// the first build's forks did not run).
+func (r *Report) serialBase(s *SerialFork) *SerialFork {
+	if len(r.Config.Builds) < 2 || s.Build == "" {
+		return nil
+	}
+	for i := range r.Serial {
+		b := &r.Serial[i]
+		if b.Build == r.Config.Builds[0] && b.SizeMiB == s.SizeMiB && b.Strategy == s.Strategy &&
+			PrefetchSetting(b.Prefetch) == PrefetchSetting(s.Prefetch) && b.Fork.N > 0 {
+			return b
+		}
+	}
+	return nil
 }
 
 func durStr(d time.Duration) string {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"encoding/xml"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -180,5 +181,135 @@ func TestWriteTableShowsThePrefetchRows(t *testing.T) {
 		if !strings.Contains(b.String(), want) {
 			t.Errorf("table lacks %q:\n%s", want, b.String())
 		}
+	}
+}
+
+// buildsReport compares two builds, prefetch off: each daemon timed its
+// own serial forks beside its own floor samples.
+func buildsReport() *Report {
+	cell := func(pf string, forkP50 time.Duration) Cell {
+		return Cell{SizeMiB: 256, Strategy: "hardlink", Prefetch: pf, Rate: 20000, Forks: 25, Backend: "file", Temperature: "warm",
+			Workload: WorkloadSame, Fork: Summary{N: 25, P50: forkP50}, MemoryChecks: map[string]int{"ok": 25}}
+	}
+	serial := func(build string, p50, floor time.Duration) SerialFork {
+		return SerialFork{SizeMiB: 256, Strategy: "hardlink", Prefetch: "off@" + build, Build: build,
+			Fork: Summary{N: 20, P50: p50}, Floor: Summary{N: 20, P50: floor}}
+	}
+	return &Report{
+		Config: Config{SizesMiB: []int{256}, Forks: []int{25}, Rates: []int{20000}, Strategies: []string{"hardlink"},
+			Backends: []string{"file"}, Temperatures: []string{"warm"}, Prefetch: []string{"off@before", "off@after"}, Builds: []string{"before", "after"}},
+		Cells: []Cell{cell("off@before", 20*time.Millisecond), cell("off@after", 15*time.Millisecond)},
+		Serial: []SerialFork{
+			serial("before", 2*time.Millisecond, 500*time.Microsecond),
+			serial("after", time.Millisecond, 400*time.Microsecond),
+		},
+	}
+}
+
+func TestRatiosCompareEachBuildsSerialForks(t *testing.T) {
+	got := map[string]float64{}
+	for _, r := range buildsReport().Ratios() {
+		got[r.Name] = r.Value
+	}
+	for name, want := range map[string]float64{
+		"256 MiB off@before: serial fork p50 / link+fsync floor p50 (budget 5x)":     4,
+		"256 MiB off@after: serial fork p50 / link+fsync floor p50 (budget 5x)":      2.5,
+		"256 MiB off@before file warm: burst fork p50 / serial fork p50 (budget 3x)": 10,
+		"256 MiB off@after file warm: burst fork p50 / serial fork p50 (budget 3x)":  15,
+		"256 MiB hardlink prefetch off: serial fork p50 after/before":                0.5,
+	} {
+		if v, ok := got[name]; !ok || v < want*0.999 || v > want*1.001 {
+			t.Errorf("ratio %q = %v (present %v), want %v", name, v, ok, want)
+		}
+	}
+	if _, ok := got["256 MiB hardlink prefetch off: serial fork p50 before/before"]; ok {
+		t.Errorf("the first build is compared with itself")
+	}
+	if t.Failed() {
+		t.Logf("all ratios: %v", got)
+	}
+}
+
+func TestSerialTableNamesEachBinary(t *testing.T) {
+	var b bytes.Buffer
+	if err := buildsReport().WriteTable(&b); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	_, serial, ok := strings.Cut(out, "serial forks")
+	if !ok {
+		t.Fatalf("no serial table:\n%s", out)
+	}
+	serial, _, _ = strings.Cut(serial, "ratios")
+	rows := map[string]string{}
+	for _, line := range strings.Split(serial, "\n") {
+		f := strings.Fields(line)
+		if len(f) > 4 && f[0] == "256" {
+			rows[f[3]] = line
+		}
+	}
+	for build, want := range map[string][]string{
+		"before": {"2.0ms", "500µs", "4.00x", "1.00x"},
+		"after":  {"1.0ms", "400µs", "2.50x", "0.50x"},
+	} {
+		row, ok := rows[build]
+		if !ok {
+			t.Errorf("no serial row names binary %q:\n%s", build, serial)
+			continue
+		}
+		for _, w := range want {
+			if !strings.Contains(row, w) {
+				t.Errorf("serial row of %q lacks %q: %q", build, w, row)
+			}
+		}
+	}
+	if !strings.Contains(serial, "p50/before") {
+		t.Errorf("serial table lacks the p50/before column:\n%s", serial)
+	}
+}
+
+// TestSerialTableWithOneDaemon keeps the one-daemon table as it was: no
+// comparison column, the p50/floor ratio per row.
+func TestSerialTableWithOneDaemon(t *testing.T) {
+	var b bytes.Buffer
+	if err := sampleReport().WriteTable(&b); err != nil {
+		t.Fatal(err)
+	}
+	_, serial, _ := strings.Cut(b.String(), "serial forks")
+	serial, _, _ = strings.Cut(serial, "ratios")
+	if !strings.Contains(serial, "4.00x") || strings.Count(serial, "p50/") != strings.Count(serial, "p50/floor") {
+		t.Errorf("one-daemon serial table: want the 4.00x p50/floor and no build column:\n%s", serial)
+	}
+}
+
+func TestAlternateTakesTurns(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		k, n, r  int
+		failAt   map[int]int // series -> the step (from 1) that fails
+		want     []int
+		wantMade []int
+	}{
+		{name: "one series", k: 1, n: 3, r: 2, want: []int{0, 0, 0}, wantMade: []int{3}},
+		{name: "rounds of two", k: 2, n: 3, r: 2, want: []int{0, 0, 1, 1, 0, 1}, wantMade: []int{3, 3}},
+		{name: "three series", k: 3, n: 2, r: 1, want: []int{0, 1, 2, 0, 1, 2}, wantMade: []int{2, 2, 2}},
+		{name: "a failing series stops alone", k: 2, n: 3, r: 2, failAt: map[int]int{0: 2}, want: []int{0, 0, 1, 1, 1}, wantMade: []int{1, 3}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var order []int
+			made, tries := make([]int, tc.k), make([]int, tc.k)
+			alternate(tc.k, tc.n, tc.r, func(i int) bool {
+				order = append(order, i)
+				tries[i]++
+				if tries[i] == tc.failAt[i] {
+					return false
+				}
+				made[i]++
+				return true
+			})
+			if !slices.Equal(order, tc.want) || !slices.Equal(made, tc.wantMade) {
+				t.Errorf("order %v, made %v; want %v, %v", order, made, tc.want, tc.wantMade)
+			}
+		})
 	}
 }

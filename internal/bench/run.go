@@ -269,8 +269,8 @@ func (r *runner) strategy(ctx context.Context, size int, strategy string) ([]Cel
 
 // variants runs the cells of the daemons ds (one per prefetch setting):
 // per rate a source VM on each, then per burst size and backend each
-// daemon's cold and warm bursts in turn. The first daemon also times
-// serial forks.
+// daemon's cold and warm bursts in turn. At the first rate every daemon
+// also times serial forks, their turns alternating.
 func (r *runner) variants(ctx context.Context, ds []*daemon, size int) ([]Cell, error) {
 	var cells []Cell
 	for ri, rate := range r.cfg.Rates {
@@ -300,7 +300,7 @@ func (r *runner) variants(ctx context.Context, ds []*daemon, size int) ([]Cell, 
 			srcs[i] = src
 		}
 		if ri == 0 && r.cfg.SerialForks > 0 {
-			r.serial = append(r.serial, r.serialForks(ctx, ds[0], srcs[0], size))
+			r.serial = append(r.serial, r.serialForks(ctx, ds, srcs, size)...)
 		}
 		for _, n := range r.cfg.Forks {
 			for _, backend := range r.cfg.Backends {
@@ -496,46 +496,6 @@ func (r *runner) differs(ctx context.Context, size int) ([]Cell, error) {
 		}
 	}
 	return cells, nil
-}
-
-// serialForks times cfg.SerialForks forks to Standby one at a time, each
-// deleted before the next: the fork's own cost, without a burst's queueing.
-func (r *runner) serialForks(ctx context.Context, d *daemon, src *source, size int) SerialFork {
-	sf := SerialFork{SizeMiB: size, Strategy: d.v.Strategy}
-	par, err := r.freshParent(ctx, d, src)
-	if err != nil {
-		sf.Error = err.Error()
-		return sf
-	}
-	defer par.release(ctx, r, d)
-	r.progress(fmt.Sprintf("%d MiB %s: %d forks of %s, one at a time, each after one link+fsync floor sample", size, d.v.Strategy, r.cfg.SerialForks, par))
-	floor, err := newFloorProbe(r.target.Dir)
-	if err != nil {
-		sf.Error = err.Error()
-		return sf
-	}
-	defer floor.Close()
-	r.settle()
-	// Floor and fork samples alternate, so whatever else loads the disk
-	// weighs on both alike.
-	var lat, floors []time.Duration
-	for range r.cfg.SerialForks {
-		f, err := floor.sample()
-		if err != nil {
-			sf.Error = err.Error()
-			break
-		}
-		floors = append(floors, f)
-		res := r.forkOne(ctx, d, par, r.name("serial"))
-		if res.err != nil {
-			sf.Error = res.err.Error()
-			break
-		}
-		lat = append(lat, res.fork)
-		r.deleteInstance(ctx, d, res.id)
-	}
-	sf.Fork, sf.Floor = Summarize(lat), Summarize(floors)
-	return sf
 }
 
 // settle makes durable what the run wrote before a timed phase (the
