@@ -78,9 +78,11 @@ type Config struct {
 	Backends     []string `json:"backends"`     // restore backends; default {file, uffd}
 	Temperatures []string `json:"temperatures"` // default {cold, warm}
 	ForkFrom     string   `json:"fork_from"`    // FromSnapshot (default) | FromStandby
-	// SerialForks is how many forks to time one at a time per size and
-	// strategy, apart from the bursts (no queueing: the fork's own cost,
-	// the figure that must be flat in guest RAM); default 10, -1 none.
+	// SerialForks is how many forks to time one at a time per size,
+	// strategy and daemon (each prefetch setting of each build), apart
+	// from the bursts (no queueing: the fork's own cost, the figure that
+	// must be flat in guest RAM); the daemons of one size and strategy take
+	// turns. Default 10, -1 none.
 	SerialForks int `json:"serial_forks"`
 	// CopyMaxMiB is the largest guest size the copy strategy runs at
 	// (larger sizes are reported as skipped): a burst of N copies writes N

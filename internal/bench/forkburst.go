@@ -33,9 +33,10 @@ type Options struct {
 	Keep bool
 }
 
-// ForkBurst runs the benchmark against private daemons (one per size and
-// strategy, started and stopped in turn) and tears everything down (unless
-// Keep). The report is returned even when the run stopped early.
+// ForkBurst runs the benchmark against private daemons (one per size,
+// strategy, prefetch setting and build; those of one size and strategy up
+// together, each size and strategy in turn) and tears everything down
+// (unless Keep). The report is returned even when the run stopped early.
 func ForkBurst(ctx context.Context, opt Options, progress func(string)) (rep *Report, err error) {
 	if progress == nil {
 		progress = func(string) {}

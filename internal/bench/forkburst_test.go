@@ -278,7 +278,7 @@ func TestForkBurstTimesSerialForksOfEveryBinary(t *testing.T) {
 	defer cancel()
 	var log bytes.Buffer
 	// More forks than one round, so the daemons take turns twice.
-	const forks = serialRound + 2
+	const forks = SerialRound + 2
 	rep, err := ForkBurst(ctx, Options{
 		Config: Config{SizesMiB: []int{64}, WorkingSetMiB: 4, Forks: []int{1}, Rates: []int{20000}, Prefetch: []string{PrefetchOff},
 			Backends: []string{api.BackendFile}, Temperatures: []string{Warm}, Strategies: []string{StrategyHardlink},

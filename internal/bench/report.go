@@ -222,7 +222,7 @@ func (r *Report) writeSerialTable(w io.Writer) error {
 	builds := len(r.Config.Builds) > 1
 	fmt.Fprint(w, "\nserial forks (one at a time, to Standby: the fork's own cost; floor: one link() + fsync(dir) on the same filesystem, sampled before each fork")
 	if len(r.Config.Prefetch) > 1 {
-		fmt.Fprintf(w, "; the daemons take turns every %d forks", serialRound)
+		fmt.Fprintf(w, "; the daemons take turns every %d forks", SerialRound)
 	}
 	if builds {
 		fmt.Fprintf(w, "; binary: the --binary name, p50/%s: this row's p50 over the %s row's", r.Config.Builds[0], r.Config.Builds[0])

@@ -267,10 +267,10 @@ func (r *runner) strategy(ctx context.Context, size int, strategy string) ([]Cel
 	return cells, nil
 }
 
-// variants runs the cells of the daemons ds (one per prefetch setting):
-// per rate a source VM on each, then per burst size and backend each
-// daemon's cold and warm bursts in turn. At the first rate every daemon
-// also times serial forks, their turns alternating.
+// variants runs the cells of the daemons ds (one per prefetch setting and
+// build): per rate a source VM on each, then per burst size and backend
+// each daemon's cold and warm bursts in turn. At the first rate every
+// daemon also times serial forks, the daemons taking turns.
 func (r *runner) variants(ctx context.Context, ds []*daemon, size int) ([]Cell, error) {
 	var cells []Cell
 	for ri, rate := range r.cfg.Rates {

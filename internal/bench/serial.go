@@ -6,12 +6,12 @@ import (
 	"strings"
 )
 
-// serialRound is how many serial forks one daemon makes before the next
+// SerialRound is how many serial forks one daemon makes before the next
 // daemon takes its turn. Within a round a fork follows its own daemon's
 // previous fork, as in a run with one daemon; the rounds are short (a few
 // fork/delete pairs, well under a second), so whatever loads the machine
 // over seconds weighs on every daemon's forks alike.
-const serialRound = 5
+const SerialRound = 5
 
 // serialSeries is one daemon's serial forks.
 type serialSeries struct {
@@ -25,7 +25,7 @@ type serialSeries struct {
 // next: the fork's own cost, without a burst's queueing. Each fork is
 // preceded by a floor sample (link+fsync on the same filesystem). With
 // several daemons (builds and prefetch settings compared side by side) the
-// daemons take turns in rounds of serialRound forks, so a build's serial
+// daemons take turns in rounds of SerialRound forks, so a build's serial
 // fork can be compared with another's measured in the same run on the same
 // machine. It returns one SerialFork per daemon, in the order of ds; a
 // daemon whose fork fails stops there (its Error says why) and the others
@@ -65,10 +65,10 @@ func (r *runner) serialForks(ctx context.Context, ds []*daemon, srcs []*source, 
 		r.progress(fmt.Sprintf("%d MiB %s: %d forks, one at a time, each after one link+fsync floor sample", size, ds[0].v, r.cfg.SerialForks))
 	} else {
 		r.progress(fmt.Sprintf("%d MiB %s: %d forks of each of %s, one at a time, the daemons taking turns every %d, each fork after one link+fsync floor sample",
-			size, ds[0].v.Strategy, r.cfg.SerialForks, strings.Join(names, ", "), serialRound))
+			size, ds[0].v.Strategy, r.cfg.SerialForks, strings.Join(names, ", "), SerialRound))
 	}
 	r.settle()
-	alternate(len(series), r.cfg.SerialForks, serialRound, func(i int) bool {
+	alternate(len(series), r.cfg.SerialForks, SerialRound, func(i int) bool {
 		return r.serialFork(ctx, series[i], floor)
 	})
 	return out()
