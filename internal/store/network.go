@@ -54,16 +54,8 @@ func (t *Tx) CreateNetworkedInstance(in *Instance, slots int, pubs []Publish) er
 
 // createNetworkedInstance is CreateNetworkedInstance's writes, in tx.
 func createNetworkedInstance(ctx context.Context, tx *sql.Tx, in *Instance, slots int, pubs []Publish) error {
-	for _, p := range pubs {
-		var other string
-		err := tx.QueryRowContext(ctx, `SELECT instance_id FROM publishes WHERE protocol = ? AND host_port = ?
-			AND (host_ip = ? OR host_ip = '' OR ? = '') LIMIT 1`, p.Protocol, p.HostPort, p.HostIP, p.HostIP).Scan(&other)
-		if err == nil {
-			return fmt.Errorf("publish %d/%s: %w by instance %s", p.HostPort, p.Protocol, ErrPortTaken, other)
-		}
-		if !errors.Is(err, sql.ErrNoRows) {
-			return fmt.Errorf("create instance %s: %w", in.ID, err)
-		}
+	if err := publishesFree(ctx, tx, in.ID, pubs); err != nil {
+		return err
 	}
 	// A ready warm slot if there is one (its network is already made),
 	// else the lowest free one.
@@ -84,8 +76,82 @@ func createNetworkedInstance(ctx context.Context, tx *sql.Tx, in *Instance, slot
 		return fmt.Errorf("create instance %s: allocate a network slot: %w", in.ID, err)
 	}
 	in.Networked, in.NetSlot = true, slot
-	if _, err := tx.ExecContext(ctx, `INSERT INTO instances (`+instanceCols+`) VALUES (`+marks(instanceCols)+`)`, in.args()...); err != nil {
+	if err := insertNetworked(ctx, tx, *in, pubs); err != nil {
 		in.Networked, in.NetSlot = false, 0
+		return err
+	}
+	return nil
+}
+
+// ErrSlotTaken is returned by RestoreNetworkedInstance when another
+// instance holds the slot, or the slot is outside the pool.
+var ErrSlotTaken = errors.New("network slot not free")
+
+// RestoreNetworkedInstance inserts in, a networked instance whose record
+// was lost while what it holds is known (a fork's directory carries it),
+// with the slot it holds (in.NetSlot) and its publishes, in one
+// transaction. The slot must be in the pool (below slots) and held by no
+// other instance: a warm row holding it is dropped, as a fork that took a
+// warm slot did. A slot held is ErrSlotTaken, a published port taken
+// ErrPortTaken, a taken id or name ErrExists; none leaves anything behind.
+func (s *Store) RestoreNetworkedInstance(ctx context.Context, in Instance, slots int, pubs []Publish) error {
+	if !in.Networked {
+		return fmt.Errorf("restore instance %s: not networked", in.ID)
+	}
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("restore instance %s: %w", in.ID, err)
+	}
+	defer tx.Rollback()
+	if in.NetSlot < 0 || in.NetSlot >= slots {
+		return fmt.Errorf("restore instance %s: slot %d: %w (the pool has %d)", in.ID, in.NetSlot, ErrSlotTaken, slots)
+	}
+	var other string
+	err = tx.QueryRowContext(ctx, `SELECT id FROM instances WHERE net_slot = ? LIMIT 1`, in.NetSlot).Scan(&other)
+	if err == nil {
+		return fmt.Errorf("restore instance %s: slot %d: %w: instance %s holds it", in.ID, in.NetSlot, ErrSlotTaken, other)
+	}
+	if !errors.Is(err, sql.ErrNoRows) {
+		return fmt.Errorf("restore instance %s: %w", in.ID, err)
+	}
+	if err := publishesFree(ctx, tx, in.ID, pubs); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, `DELETE FROM net_warm WHERE slot = ?`, in.NetSlot); err != nil {
+		return fmt.Errorf("restore instance %s: take warm slot %d: %w", in.ID, in.NetSlot, err)
+	}
+	in.NetWarm = false
+	if err := insertNetworked(ctx, tx, in, pubs); err != nil {
+		return err
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("restore instance %s: %w", in.ID, err)
+	}
+	s.instanceChanged(Created, in)
+	return nil
+}
+
+// publishesFree fails with ErrPortTaken when another instance publishes
+// one of pubs' ports (same protocol and port, and the same host IP or
+// either one every address).
+func publishesFree(ctx context.Context, tx *sql.Tx, id string, pubs []Publish) error {
+	for _, p := range pubs {
+		var other string
+		err := tx.QueryRowContext(ctx, `SELECT instance_id FROM publishes WHERE protocol = ? AND host_port = ?
+			AND (host_ip = ? OR host_ip = '' OR ? = '') LIMIT 1`, p.Protocol, p.HostPort, p.HostIP, p.HostIP).Scan(&other)
+		if err == nil {
+			return fmt.Errorf("publish %d/%s: %w by instance %s", p.HostPort, p.Protocol, ErrPortTaken, other)
+		}
+		if !errors.Is(err, sql.ErrNoRows) {
+			return fmt.Errorf("create instance %s: %w", id, err)
+		}
+	}
+	return nil
+}
+
+// insertNetworked inserts in (its slot chosen) and its publishes.
+func insertNetworked(ctx context.Context, tx *sql.Tx, in Instance, pubs []Publish) error {
+	if _, err := tx.ExecContext(ctx, `INSERT INTO instances (`+instanceCols+`) VALUES (`+marks(instanceCols)+`)`, in.args()...); err != nil {
 		if isUnique(err) {
 			return fmt.Errorf("create instance %s (%q): %w", in.ID, in.Name, ErrExists)
 		}
@@ -94,7 +160,6 @@ func createNetworkedInstance(ctx context.Context, tx *sql.Tx, in *Instance, slot
 	for _, p := range pubs {
 		if _, err := tx.ExecContext(ctx, `INSERT INTO publishes (instance_id, host_ip, host_port, protocol, guest_port) VALUES (?,?,?,?,?)`,
 			in.ID, p.HostIP, p.HostPort, p.Protocol, p.GuestPort); err != nil {
-			in.Networked, in.NetSlot = false, 0
 			if isUnique(err) {
 				return fmt.Errorf("publish %d/%s: %w", p.HostPort, p.Protocol, ErrPortTaken)
 			}
@@ -138,12 +203,9 @@ func (s *Store) ReserveWarmSlot(ctx context.Context, slots int) (int, error) {
 		return 0, fmt.Errorf("reserve warm slot: %w", err)
 	}
 	defer tx.Rollback()
-	slot, err := lowestFreeSlot(ctx, tx, slots)
+	slot, err := reserveWarmSlot(ctx, tx, slots)
 	if err != nil {
-		return 0, fmt.Errorf("reserve warm slot: %w", err)
-	}
-	if _, err := tx.ExecContext(ctx, `INSERT INTO net_warm (slot, ready) VALUES (?, 0)`, slot); err != nil {
-		return 0, fmt.Errorf("reserve warm slot %d: %w", slot, err)
+		return 0, err
 	}
 	if err := tx.Commit(); err != nil {
 		return 0, fmt.Errorf("reserve warm slot %d: %w", slot, err)
@@ -151,9 +213,30 @@ func (s *Store) ReserveWarmSlot(ctx context.Context, slots int) (int, error) {
 	return slot, nil
 }
 
+// ReserveWarmSlot is Store.ReserveWarmSlot inside the group.
+func (t *Tx) ReserveWarmSlot(slots int) (int, error) { return reserveWarmSlot(t.ctx, t.w.tx, slots) }
+
+func reserveWarmSlot(ctx context.Context, tx *sql.Tx, slots int) (int, error) {
+	slot, err := lowestFreeSlot(ctx, tx, slots)
+	if err != nil {
+		return 0, fmt.Errorf("reserve warm slot: %w", err)
+	}
+	if _, err := tx.ExecContext(ctx, `INSERT INTO net_warm (slot, ready) VALUES (?, 0)`, slot); err != nil {
+		return 0, fmt.Errorf("reserve warm slot %d: %w", slot, err)
+	}
+	return slot, nil
+}
+
 // SetWarmReady marks a warm slot's network whole.
 func (s *Store) SetWarmReady(ctx context.Context, slot int) error {
-	if _, err := s.db.ExecContext(ctx, `UPDATE net_warm SET ready = 1 WHERE slot = ?`, slot); err != nil {
+	return setWarmReady(ctx, s.w(), slot)
+}
+
+// SetWarmReady is Store.SetWarmReady inside the group.
+func (t *Tx) SetWarmReady(slot int) error { return setWarmReady(t.ctx, t.w, slot) }
+
+func setWarmReady(ctx context.Context, x execer, slot int) error {
+	if _, err := x.ExecContext(ctx, `UPDATE net_warm SET ready = 1 WHERE slot = ?`, slot); err != nil {
 		return fmt.Errorf("warm slot %d ready: %w", slot, err)
 	}
 	return nil

@@ -126,3 +126,69 @@ func TestWarmSlotsAreTakenOnlyWhenReady(t *testing.T) {
 		t.Fatalf("warm slot in a full pool: %v, want ErrPoolExhausted", err)
 	}
 }
+
+// TestRestoreNetworkedInstanceTakesItsOwnSlotOnly: a networked record
+// restored (from a fork's directory) gets back the very slot and publishes
+// it held, taking the slot from the warm pool if a warm row holds it, and is
+// refused, leaving nothing behind, when another instance holds the slot or
+// a port, or the slot is outside the pool.
+func TestRestoreNetworkedInstanceTakesItsOwnSlotOnly(t *testing.T) {
+	ctx := context.Background()
+	s, _ := openTemp(t)
+	held := netInstance(1)
+	if err := s.CreateNetworkedInstance(ctx, &held, 10, []Publish{{HostPort: 8080, GuestPort: 80, Protocol: "tcp"}}); err != nil {
+		t.Fatal(err)
+	}
+	w, err := s.ReserveWarmSlot(ctx, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SetWarmReady(ctx, w); err != nil {
+		t.Fatal(err)
+	}
+	lost := func(slot int) Instance {
+		in := netInstance(2)
+		in.State, in.Networked, in.NetSlot = "Standby", true, slot
+		return in
+	}
+	for _, tc := range []struct {
+		name string
+		in   Instance
+		pubs []Publish
+		want error
+	}{
+		{"a slot another instance holds", lost(held.NetSlot), nil, ErrSlotTaken},
+		{"a slot outside the pool", lost(10), nil, ErrSlotTaken},
+		{"a port another instance publishes", lost(5), []Publish{{HostPort: 8080, GuestPort: 81, Protocol: "tcp"}}, ErrPortTaken},
+	} {
+		if err := s.RestoreNetworkedInstance(ctx, tc.in, 10, tc.pubs); !errors.Is(err, tc.want) {
+			t.Fatalf("%s: %v, want %v", tc.name, err, tc.want)
+		}
+		if _, err := s.GetInstance(ctx, tc.in.ID); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("%s: refused, yet the record is there (%v)", tc.name, err)
+		}
+	}
+	if ws, _ := s.WarmSlots(ctx); len(ws) != 1 {
+		t.Fatalf("the refusals changed the warm pool: %v", ws)
+	}
+	// The slot of a warm row: the fork had taken it, and takes it again.
+	in := lost(w)
+	pubs := []Publish{{HostPort: 9090, GuestPort: 90, Protocol: "udp"}}
+	if err := s.RestoreNetworkedInstance(ctx, in, 10, pubs); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.GetInstance(ctx, in.ID)
+	if err != nil || !got.Networked || got.NetSlot != w || got.State != "Standby" {
+		t.Fatalf("restored record %+v, %v; want networked at slot %d, Standby", got, err, w)
+	}
+	if p, _ := s.InstancePublishes(ctx, in.ID); len(p) != 1 || p[0] != pubs[0] {
+		t.Fatalf("restored publishes %v, want %v", p, pubs)
+	}
+	if ws, _ := s.WarmSlots(ctx); len(ws) != 0 {
+		t.Fatalf("warm rows after the restore took slot %d: %v, want none", w, ws)
+	}
+	next := netInstance(3)
+	if err := s.CreateNetworkedInstance(ctx, &next, 10, nil); err != nil || next.NetSlot == w || next.NetSlot == held.NetSlot {
+		t.Fatalf("the next instance got slot %d (%v), one already held", next.NetSlot, err)
+	}
+}
