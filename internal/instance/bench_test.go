@@ -6,9 +6,11 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"slices"
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/network"
@@ -86,19 +88,23 @@ func BenchmarkForkBurstOfStandby(b *testing.B) {
 			}
 			action(b, m, src.ID, "standby")
 			syscall.Sync()
+			var lat []time.Duration
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
 				ids := make([]string, forks)
 				errs := make([]error, forks)
+				took := make([]time.Duration, forks)
 				var wg sync.WaitGroup
+				t0 := time.Now()
 				for j := range forks {
 					wg.Go(func() {
 						f, err := m.ForkInstance(ctx, src.ID, api.ForkRequest{Name: fmt.Sprintf("f%d-%d", i, j)})
-						ids[j], errs[j] = f.ID, err
+						ids[j], errs[j], took[j] = f.ID, err, time.Since(t0)
 					})
 				}
 				wg.Wait()
 				b.StopTimer()
+				lat = append(lat, took...)
 				for j := range forks {
 					if errs[j] != nil {
 						b.Fatal(errs[j])
@@ -110,6 +116,8 @@ func BenchmarkForkBurstOfStandby(b *testing.B) {
 				b.StartTimer()
 			}
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*forks)/1e6, "ms/fork")
+			slices.Sort(lat)
+			b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds())/1e6, "p50-ms")
 		})
 	}
 }
