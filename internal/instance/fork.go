@@ -240,10 +240,11 @@ type forkSpec struct {
 // (restoreForkRecord) or, when the first commit survived, completes it
 // (rollForwardFork). Where it keeps none, the first commit is synced, and
 // only the last is not. A networked fork's first commit also takes its
-// network slot and publishes, and stays synced (its directory carries no
-// record); its network is made once that commit is durable, before the
-// rename. Both commits are shared with whatever other forks commit at the
-// same moment (store.Group).
+// network slot (a warm one when the pool has one) and its publishes; its
+// network is made once that commit is made, and its directory's record,
+// which holds the slot and the publishes too, is written after it, before
+// the rename. Both commits are shared with whatever other forks commit at
+// the same moment (store.Group).
 //
 // A live fork journals and records itself first, and makes its network,
 // before it pauses its source; its last commit is synced.
@@ -331,10 +332,7 @@ func (m *Manager) fork(ctx context.Context, id string, req api.ForkRequest, tmpl
 	} else {
 		var j *forkJournal
 		var fresh []string
-		// A networked fork's record takes its network slot in its first
-		// commit, which stays synced: its directory carries no record of
-		// its own, and the roll-forward completes it from the journal.
-		records := m.fs.records && !rec.Networked
+		records := m.fs.records
 		r := trace.StartRegion(ctx, "fork: build")
 		res, fresh, err = m.buildForkDir(tmp, spec.files, func(res memfile.ShareResult) {
 			finishRecord(&rec, res, spec.key)
@@ -345,13 +343,13 @@ func (m *Manager) fork(ctx context.Context, id string, req api.ForkRequest, tmpl
 		if j == nil {
 			return fail(nil, err)
 		}
-		if err == nil && records {
+		if err == nil && records && !rec.Networked {
 			// The fork's finished record, in its own directory: made durable
 			// by the rename's fsync, it is what the reconciler restores the
 			// fork from if a power cut loses the unsynced commits.
-			err = writeForkRecord(tmp, completed(rec, res))
+			err = writeForkRecord(tmp, completed(rec, res), nil)
 		}
-		if err == nil { // fsync the new inodes and the dir while the journal commits
+		if err == nil && !rec.Networked { // fsync the new inodes and the dir while the journal commits
 			trace.WithRegion(ctx, "fork: sync tree", func() { err = syncForkTree(tmp.Jail, fresh) })
 		}
 		var jerr error
@@ -361,7 +359,16 @@ func (m *Manager) fork(ctx context.Context, id string, req api.ForkRequest, tmpl
 		}
 		rec = j.rec // a networked fork's slot, taken in the commit
 		if err == nil && rec.Networked {
-			err = m.setupNetwork(ctx, o, rec, pubs)
+			// A networked fork's record names the slot its commit took, so
+			// it is written after that commit, and the tree is made durable
+			// after the record (btrfs makes a directory's attributes
+			// durable with that directory's own fsync).
+			if err = m.setupNetwork(ctx, o, rec, pubs); err == nil && records {
+				err = writeForkRecord(tmp, completed(rec, res), pubs)
+			}
+			if err == nil {
+				trace.WithRegion(ctx, "fork: sync tree", func() { err = syncForkTree(tmp.Jail, fresh) })
+			}
 		}
 		if err == nil { // the fork's own name only once the journal names it
 			trace.WithRegion(ctx, "fork: rename", func() { err = atomicfile.Rename(tmp.Jail, final.Jail) })

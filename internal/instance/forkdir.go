@@ -220,18 +220,22 @@ func (m *Manager) rollForwardFork(ctx context.Context, e store.Entry, p opPayloa
 const forkRecordKind = "fork"
 
 // forkDirRecord is what a fork's directory says about itself: its finished
-// record, and the identity of the mem-file and vmstate it was made with
-// (filesIdentity; "" for a fork without memory), so a record that no
-// longer describes its directory (the fork has since been restored and
-// stood by, which writes new files) is never taken back.
+// record (a networked one with its network slot), its publishes, and the
+// identity of the mem-file and vmstate it was made with (filesIdentity; ""
+// for a fork without memory), so a record that no longer describes its
+// directory (the fork has since been restored and stood by, which writes
+// new files) is never taken back.
 type forkDirRecord struct {
-	Instance store.Instance `json:"instance"`
-	Files    string         `json:"files,omitempty"`
+	Instance  store.Instance  `json:"instance"`
+	Publishes []store.Publish `json:"publishes,omitempty"`
+	Files     string          `json:"files,omitempty"`
 }
 
-// writeForkRecord gives the fork's temp dir tmp its own record rec.
-func writeForkRecord(tmp guestdir.Guest, rec store.Instance) error {
-	r := forkDirRecord{Instance: rec}
+// writeForkRecord gives the fork's temp dir tmp its own record rec, with
+// its publishes pubs.
+func writeForkRecord(tmp guestdir.Guest, rec store.Instance, pubs []store.Publish) error {
+	rec.NetWarm = false // how the slot was taken, not part of the record
+	r := forkDirRecord{Instance: rec, Publishes: pubs}
 	if rec.State == api.StateStandby {
 		k, err := filesIdentity(tmp.Latest())
 		if err != nil {
@@ -306,14 +310,29 @@ func (m *Manager) restoreForkRecord(ctx context.Context, dir, id string) bool {
 		m.log.Warn("reconcile: a fork's record no longer describes its dir", "path", dir, "instance", id, "err", err)
 		return false
 	}
-	if err := m.db.CreateInstance(ctx, rec); err != nil {
-		// A name taken since (which a synced commit would have made
-		// durable with the fork's own) cannot be: keep the dir aside.
+	if err := m.recreateForkRecord(ctx, rec, r.Publishes); err != nil {
+		// A name, slot or port taken since (which a synced commit would
+		// have made durable with the fork's own) cannot be after a power
+		// cut: keep the dir aside.
 		m.log.Error("reconcile: restore a fork's record from its dir", "path", dir, "instance", id, "name", rec.Name, "err", err)
 		return false
 	}
 	m.log.Warn("reconcile: a fork's record was lost with the power: restored from its dir", "instance", id, "name", rec.Name, "state", rec.State)
 	return true
+}
+
+// recreateForkRecord inserts a fork's record restored from its directory: a
+// networked one with the slot it held and its publishes, in one
+// transaction (a warm slot it had taken is taken again; the network is made
+// whole later, with every other, by reconcileNetwork).
+func (m *Manager) recreateForkRecord(ctx context.Context, rec store.Instance, pubs []store.Publish) error {
+	if !rec.Networked {
+		return m.db.CreateInstance(ctx, rec)
+	}
+	if m.net() == nil {
+		return fmt.Errorf("it is networked and networking is off on this daemon (%s)", m.cfg.NetworkOffReason)
+	}
+	return m.db.RestoreNetworkedInstance(ctx, rec, m.net().Config().Slots(), pubs)
 }
 
 // removePartial deletes whatever a failed or interrupted fork or create

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	_ "modernc.org/sqlite"
@@ -21,16 +22,8 @@ import (
 // gone, its directory stays (its rename was durable).
 func loseForkCommits(t *testing.T, dir, id string) {
 	t.Helper()
-	db, err := sql.Open("sqlite", "file:"+filepath.Join(dir, "forkd.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	for _, q := range []string{`DELETE FROM instances WHERE id = ?`, `DELETE FROM journal WHERE subject = ?`} {
-		if _, err := db.Exec(q, id); err != nil {
-			t.Fatal(err)
-		}
-	}
+	execDB(t, dir, `DELETE FROM instances WHERE id = ?`, id)
+	execDB(t, dir, `DELETE FROM journal WHERE subject = ?`, id)
 }
 
 // forkOfStandbyIn makes, in a data dir dir, a Standby source "src" and its
@@ -120,6 +113,103 @@ func TestReconcileRestoresAForkWhoseCommitsWereLost(t *testing.T) {
 			action(t, m, "kid", "restore")
 			verifyGuest(t, m, kid.ID)
 		})
+	}
+}
+
+// TestReconcileRestoresANetworkedForkWhoseCommitsWereLost: a networked
+// fork's directory record holds the network slot its first commit took (a
+// warm one here) and its publishes. When a power cut loses the fork's
+// commits, and with them the take of the warm slot, the reconciler gives the
+// fork that very slot again, out of the warm pool, with its publishes and
+// its network whole, and it restores and runs in its own namespace. The
+// twin, with the record's restore off, loses the fork: the record is what
+// keeps it.
+func TestReconcileRestoresANetworkedForkWhoseCommitsWereLost(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		off  bool
+	}{{"restored", false}, {"twin: record restore off", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			var env netEnv
+			dir := shortDir(t)
+			warm := func(c *Config) { c.NetworkWarm = 1 }
+			pub := api.PortPublish{HostPort: 18080, GuestPort: 80, Protocol: "tcp"}
+			var kid api.Instance
+			var stored store.Instance
+			warmSlot := -1
+			openAndClose(t, dir, func(m *Manager) {
+				ctx := context.Background()
+				if _, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: testMemMiB, BootArgs: testBootArgs, Network: netOn()}); err != nil {
+					t.Fatal(err)
+				}
+				action(t, m, "src", "standby")
+				if err := m.waitWarm(ctxT(t), 1); err != nil {
+					t.Fatal(err)
+				}
+				if ws, _ := m.db.WarmSlots(ctx); len(ws) == 1 && ws[0].Ready {
+					warmSlot = ws[0].Slot
+				}
+				kid = fork(t, m, "src", api.ForkRequest{Name: "kid", Publish: []api.PortPublish{pub}})
+				var err error
+				if stored, err = m.db.GetInstance(ctx, kid.ID); err != nil {
+					t.Fatal(err)
+				}
+			}, withNetwork(t, &env, ""), warm)
+			if !stored.Networked || stored.NetSlot != warmSlot {
+				t.Fatalf("the fork holds slot %d (networked %v); want the warm slot %d", stored.NetSlot, stored.Networked, warmSlot)
+			}
+			var r forkDirRecord
+			if ok, err := dirrecord.Read(guestOf(t, dir, kid.ID).Jail, forkRecordKind, &r); err != nil || !ok {
+				t.Fatalf("the networked fork's dir has no record: %v, %v", ok, err)
+			}
+			if r.Instance != stored || len(r.Publishes) != 1 || r.Publishes[0].HostPort != pub.HostPort {
+				t.Fatalf("the dir's record\n%+v %+v\nis not the store's\n%+v with the publish %+v", r.Instance, r.Publishes, stored, pub)
+			}
+			// The store as the power cut leaves it: the fork's commits and
+			// the refill after it lost, the warm slot the fork took warm.
+			loseForkCommits(t, dir, kid.ID)
+			execDB(t, dir, `DELETE FROM publishes WHERE instance_id = ?`, kid.ID)
+			execDB(t, dir, `DELETE FROM net_warm`)
+			execDB(t, dir, `INSERT INTO net_warm (slot, ready) VALUES (?, 1)`, warmSlot)
+			if tc.off {
+				t.Setenv(UnsafeNoForkRecordRestoreEnv, "1")
+			}
+			m := newManagerAt(t, dir, func(c *Config) { c.Network = reopen(t, &env) }, warm)
+			ctx := context.Background()
+			got, err := m.GetInstance(ctx, "kid")
+			if tc.off {
+				if err == nil {
+					t.Fatalf("with the record's restore off the fork came back (%s): the test shows nothing", got.State)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("the networked fork whose commits were lost did not come back: %v", err)
+			}
+			if got.State != api.StateStandby || got.Network.Address != kid.Network.Address || len(got.Publish) != 1 || got.Publish[0].HostPort != pub.HostPort {
+				t.Fatalf("came back as %+v, want Standby at %s publishing %d", got, kid.Network.Address, pub.HostPort)
+			}
+			if ws, _ := m.db.WarmSlots(ctx); slices.ContainsFunc(ws, func(w store.WarmSlot) bool { return w.Slot == warmSlot }) {
+				t.Fatalf("slot %d is both the fork's and warm: %v", warmSlot, ws)
+			}
+			got = action(t, m, "kid", "restore")
+			checkNetworked(t, m, &env, got)
+			verifyGuest(t, m, kid.ID)
+		})
+	}
+}
+
+// execDB runs one statement on the data dir's store, as a power cut's
+// losses are simulated.
+func execDB(t *testing.T, dir, q string, args ...any) {
+	t.Helper()
+	db, err := sql.Open("sqlite", "file:"+filepath.Join(dir, "forkd.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if _, err := db.Exec(q, args...); err != nil {
+		t.Fatalf("%s: %v", q, err)
 	}
 }
 

@@ -92,7 +92,18 @@ func (m *Manager) fillWarm(ctx context.Context) error {
 		if len(ws) >= m.cfg.NetworkWarm {
 			return nil
 		}
-		slot, err := m.db.ReserveWarmSlot(ctx, m.net().Config().Slots())
+		// The pool's writes wait for no fsync: a power cut that loses a
+		// reservation leaves a network no record holds, which the
+		// reconciler removes, and one that loses a ready mark leaves a row
+		// the pool finishes again; a fork that takes the slot commits after
+		// them and makes them durable with itself. So refilling after a
+		// burst of networked forks costs no fsync, and makes no fork's
+		// unsynced commits durable behind its back (fork).
+		var slot int
+		err = m.db.GroupUnsynced(ctx, "warm:reserving", func(tx *store.Tx) (err error) {
+			slot, err = tx.ReserveWarmSlot(m.net().Config().Slots())
+			return err
+		})
 		if errors.Is(err, store.ErrPoolExhausted) {
 			return nil // every address is in use: nothing to warm
 		}
@@ -105,7 +116,7 @@ func (m *Manager) fillWarm(ctx context.Context) error {
 			m.db.DeleteWarmSlot(ctx, slot)
 			return err
 		}
-		if err := m.db.SetWarmReady(ctx, slot); err != nil {
+		if err := m.db.GroupUnsynced(ctx, "warm:readying", func(tx *store.Tx) error { return tx.SetWarmReady(slot) }); err != nil {
 			return err
 		}
 		crashPoint("warm", "ready")

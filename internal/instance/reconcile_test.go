@@ -23,16 +23,20 @@ import (
 
 // openAndClose runs fn on a manager over dir and closes it WITHOUT deleting
 // its instances: a daemon that stops (or dies) while its VMs keep running.
-func openAndClose(t *testing.T, dir string, fn func(m *Manager)) {
+func openAndClose(t *testing.T, dir string, fn func(m *Manager), opts ...testOpt) {
 	t.Helper()
-	m, err := New(context.Background(), Config{
+	cfg := Config{
 		DataDir: dir,
 		VMM:     VMMSpec{Binary: forkdBinary(t), Args: testenv.EmulatorArgs(), Emulator: true},
 		Jail:    testJail(t, dir),
 		// Never this test binary: started as a pager it would run the tests.
 		PagerBinary: forkdBinary(t),
 		Logger:      slog.New(slog.NewTextHandler(testWriter{t}, nil)),
-	})
+	}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	m, err := New(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -31,9 +31,9 @@ var journalSteps = withImageSteps(map[string][]string{
 	"fork":            {"beginning", "begun", "network", "paused", "creating", "created", "files", "committing", "committed"}, // network: networked forks only
 	"delete":          {"begun"},
 	"snapshot-delete": {"begun"},
-	"compress":        {"compressed", "raw-removed"}, // background, not journalled: crash points only
-	"warm":            {"reserved", "ready"},         // the warm network pool (netwarm.go): crash points only
-	"migrate":         {"begun", "moved"},            // a guest dir moved into the jail layout at start (migrate.go)
+	"compress":        {"compressed", "raw-removed"},                  // background, not journalled: crash points only
+	"warm":            {"reserving", "reserved", "readying", "ready"}, // the warm network pool (netwarm.go): crash points only
+	"migrate":         {"begun", "moved"},                             // a guest dir moved into the jail layout at start (migrate.go)
 })
 
 // withImageSteps adds the image store's kinds: it journals its own

@@ -187,7 +187,9 @@ func networkCrashCases() []crashCase {
 	}
 	return []crashCase{
 		{at: "create:network", net: true, op: create},
+		{at: "warm:reserving", net: true, warm: 2, op: create},
 		{at: "warm:reserved", net: true, warm: 2, op: create},
+		{at: "warm:readying", net: true, warm: 2, op: create},
 		{at: "warm:ready", net: true, warm: 2, op: create},
 		{at: "fork:network", net: true, setup: func(t *testing.T, c *api.Client) { createStandby(t, c, "src") }, op: fork(false)},
 		{at: "fork:network", variant: "live", net: true, setup: func(t *testing.T, c *api.Client) { createRunning(t, c, "src") }, op: fork(true)},

@@ -190,7 +190,9 @@ type powerCase struct {
 	env, afterEnv []string
 	// net runs the case on a networked daemon (every VM networked, a warm
 	// pool of warm networks) in a network namespace of the test's own: a
-	// networked fork's first commit stays synced and its last is not.
+	// networked fork that takes a warm network commits unsynced, as any
+	// fork, its directory's record holding its slot; one that makes its
+	// own network journals that with a synced commit.
 	net  bool
 	warm int
 }
@@ -206,8 +208,12 @@ func powerCases() []powerCase {
 		// fork's first commit is synced and only its last is not.
 		{name: "acknowledged/no-dir-records", forks: 3, survive: 3, env: []string{instance.NoDirRecordsEnv + "=1"}},
 		{name: "fork:files/no-dir-records", at: "fork:files", forks: 2, env: []string{instance.NoDirRecordsEnv + "=1"}},
-		{name: "acknowledged/networked", forks: 3, survive: 3, net: true, warm: 2},
-		{name: "fork:files/networked", at: "fork:files", forks: 2, net: true, warm: 2},
+		// Networked forks: with more warm networks than forks, each takes
+		// one in its unsynced first commit; with none, each makes its own
+		// network and journals that with a synced commit.
+		{name: "acknowledged/networked", forks: 3, survive: 3, net: true, warm: 4},
+		{name: "acknowledged/networked-no-warm-pool", forks: 2, survive: 2, net: true},
+		{name: "fork:files/networked", at: "fork:files", forks: 2, net: true, warm: 4},
 		{name: "fork:begun", at: "fork:begun", forks: 2},
 		{name: "fork:files", at: "fork:files", forks: 2},
 		{name: "fork:committed", at: "fork:committed", forks: 2, survive: 1},
@@ -582,12 +588,28 @@ func TestPowerLossCatchesALostLastCommit(t *testing.T) {
 // both their commits, the first one included, and with them the forks, and
 // the harness must report it. It shows a fork's first commit is not fsynced
 // either, and that the record in its directory is what keeps it.
+//
+// A networked fork (net) takes its slot from the warm pool in that same
+// unsynced commit, and its record holds the slot: the twin shows the
+// commit is unsynced there too, and that nothing the fork does makes it
+// durable behind its back (the pool's refill is unsynced as well). Its
+// pool holds more warm networks than it forks: a fork that found none
+// would make its network and journal that with a synced commit.
 func TestPowerLossCatchesALostForkRecord(t *testing.T) {
 	testenv.NeedRoot(t)
 	t.Parallel()
-	res := runPowerCase(t, testfs.XFS, powerCase{name: "acknowledged", forks: 3, survive: 3,
-		afterEnv: []string{instance.UnsafeNoForkRecordRestoreEnv + "=1"}})
-	requireLostAcknowledged(t, res, "the fork record's restore switched off")
+	for _, net := range []bool{false, true} {
+		t.Run(fmt.Sprintf("networked=%v", net), func(t *testing.T) {
+			t.Parallel()
+			pc := powerCase{name: "acknowledged", forks: 3, survive: 3,
+				afterEnv: []string{instance.UnsafeNoForkRecordRestoreEnv + "=1"}}
+			if net {
+				pc.forks, pc.survive, pc.net, pc.warm = 2, 2, true, 4
+			}
+			res := runPowerCase(t, testfs.XFS, pc)
+			requireLostAcknowledged(t, res, "the fork record's restore switched off")
+		})
+	}
 }
 
 // TestPowerLossCatchesAnUnsyncedFirstCommitWithoutDirRecords is the twin of
