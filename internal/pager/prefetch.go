@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"runtime/debug"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -22,7 +23,10 @@ import (
 // when its time budget ends (GET /sessions/{id}/recording) and stores it.
 //
 // Replay: a session created with prefetch_path installs the recorded pages
-// in first-touch order, in contiguous runs, alongside demand faults. Its
+// in first-touch order, in contiguous runs, alongside demand faults. It
+// installs them straight from a read-only shared mapping of the mem-file
+// (one copy, page cache to guest, where a read into a buffer first made
+// two), or, where the file cannot be mapped, from buffers it reads. Its
 // rules, on top of the event rules (serve.go):
 //
 //  1. Demand faults first. A run (at most runBytes) is installed only after
@@ -227,11 +231,18 @@ type pfRun struct {
 	ps     uint64
 	buf    []byte // data pages' bytes (zero pages left zero); set by the reader
 	zero   []bool // per page: install as zeros
+	// mapped: buf is a window of the replayer's mapping of the mem-file,
+	// not a pooled buffer (never recycled, never written).
+	mapped bool
 }
 
 // replayer is the serve goroutine's side of replay.
 type replayer struct {
-	h        *handler
+	h *handler
+	// mem is a read-only shared mapping of the mem-file that runs are
+	// installed from (nil: runs are read into buffers). It is unmapped by
+	// unmap, once the reader has returned and nothing installs any more.
+	mem      []byte
 	ready    chan *pfRun // filled by the reader, in plan order; closed at its end
 	cur      *pfRun      // the run being installed
 	pos      int         // next page of cur
@@ -277,8 +288,28 @@ func (h *handler) startReplay(ctx context.Context) *replayer {
 	s.count(func(c *counters) { c.probes.Add(probes) })
 	runs := h.planRuns(prefetch.Plan(s.replay.Pages, 0, runBytes/uffd.PageSize))
 	r := &replayer{h: h, ready: make(chan *pfRun, 4)}
-	go s.readRuns(ctx, runs, keep, r.ready)
+	if s.backingSize > 0 {
+		mem, err := unix.Mmap(int(s.backing.Fd()), 0, int(s.backingSize), unix.PROT_READ, unix.MAP_SHARED)
+		if err != nil {
+			s.log.Warn("prefetch reads the mem-file into buffers: it cannot be mapped", "err", err)
+		} else {
+			r.mem = mem
+		}
+	}
+	go s.readRuns(ctx, runs, keep, r.mem, r.ready)
 	return r
+}
+
+// unmap releases the replayer's mapping of the mem-file, once the reader
+// has closed ready (it reads the mapping until then) and no run is left to
+// install from it: when replay ends (next), or when serve ends (after
+// draining ready). Never earlier: an address unmapped under the reader
+// could be mapped again by anything, and its bytes taken for the file's.
+func (r *replayer) unmap() {
+	if r != nil && r.mem != nil {
+		unix.Munmap(r.mem)
+		r.mem = nil
+	}
 }
 
 // pageSet is a set of 4 KiB mem-file pages, one bit each.
@@ -338,7 +369,7 @@ func (h *handler) planRuns(runs []prefetch.Run) []*pfRun {
 // hands it to the serve goroutine in order, waking it. It stops at the
 // end of the plan, at the first read error, or when ctx ends. keep are
 // the pages it puts in the pager's cache (fillRun).
-func (s *session) readRuns(ctx context.Context, runs []*pfRun, keep pageSet, ready chan<- *pfRun) {
+func (s *session) readRuns(ctx context.Context, runs []*pfRun, keep pageSet, mem []byte, ready chan<- *pfRun) {
 	defer func() {
 		close(ready)
 		s.kick() // the serve loop sees the end without waiting for a fault
@@ -351,7 +382,7 @@ func (s *session) readRuns(ctx context.Context, runs []*pfRun, keep pageSet, rea
 		}
 	}
 	for _, run := range runs {
-		if err := s.fillRun(run, keep); err != nil {
+		if err := s.fillRun(run, keep, mem); err != nil {
 			s.pf.setErr(err)
 			s.log.Warn("prefetch stopped", "err", err)
 			return
@@ -374,7 +405,7 @@ func (s *session) readRuns(ctx context.Context, runs []*pfRun, keep pageSet, rea
 // never asked of the pager by this VM again, and a 4 KiB copy of every
 // page, in fresh heap, is what made a lone cold replay slower than a warm
 // one (BENCHMARKS.md); siblings live beside it share the copies instead.
-func (s *session) fillRun(run *pfRun, keep pageSet) error {
+func (s *session) fillRun(run *pfRun, keep pageSet, mem []byte) error {
 	ps := run.ps
 	run.zero = make([]bool, run.pages)
 	cached := make([][]byte, run.pages)
@@ -394,6 +425,9 @@ func (s *session) fillRun(run *pfRun, keep pageSet) error {
 		default:
 			missing = true
 		}
+	}
+	if n := uint64(run.pages) * ps; missing && mem != nil && run.off+n <= uint64(len(mem)) {
+		return s.fillRunMapped(run, keep, mem[run.off:run.off+n:run.off+n], cached)
 	}
 	run.buf = s.srv.getRunBuf(uint64(run.pages) * ps)
 	if !missing {
@@ -427,6 +461,67 @@ func (s *session) fillRun(run *pfRun, keep pageSet) error {
 			s.srv.cache.put(k, append([]byte(nil), pg...), false)
 		}
 	}
+	return nil
+}
+
+// fillRunMapped is fillRun's read of a run whose pages are not all in the
+// pager's cache, from the mapping of the mem-file: the run is installed
+// straight from w, its window (which the kernel fills from the page cache,
+// or the disk, in one call first); of the pages fillRun found neither zero
+// nor cached, the all-zero ones and those in keep are cached as fillRun
+// caches them.
+func (s *session) fillRunMapped(run *pfRun, keep pageSet, w []byte, cached [][]byte) error {
+	ps := run.ps
+	run.buf, run.mapped = w, true
+	t0 := time.Now()
+	if err := unix.Madvise(w, unix.MADV_POPULATE_READ); err != nil && !errors.Is(err, unix.EINVAL) {
+		// EINVAL: a kernel before 5.14; the pages then fault in as read.
+		return fmt.Errorf("read %s at %d: %w", s.backingPath, run.off, err)
+	}
+	err := readMapped(func() {
+		for i := range run.pages {
+			off := run.off + uint64(i)*ps
+			if run.zero[i] || cached[i] != nil {
+				continue
+			}
+			k := pageKey{key: s.keyID, off: off}
+			pg := w[uint64(i)*ps : uint64(i+1)*ps]
+			switch {
+			case allZero(pg):
+				run.zero[i] = true
+				s.srv.cache.put(k, nil, true)
+			case keep == nil || keep.any(off/uffd.PageSize, (off+ps)/uffd.PageSize):
+				s.srv.cache.put(k, append([]byte(nil), pg...), false)
+			}
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("read %s at %d: %w", s.backingPath, run.off, err)
+	}
+	d := time.Since(t0)
+	s.count(func(c *counters) {
+		c.backingBytes.Add(uint64(len(w)))
+		c.backingNanos.Add(uint64(d))
+	})
+	return nil
+}
+
+// readMapped runs read, which reads a mapping of a file, and turns a fault
+// in it into an error. A mem-file never shrinks while a VM uses it (it is
+// sealed); if one did, a read past its new end would fault (SIGBUS), and
+// that must stop one replay, not the pager and every VM it serves.
+func readMapped(read func()) (err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if p := recover(); p != nil {
+			fault, ok := p.(interface{ Addr() uintptr }) // what SetPanicOnFault panics with
+			if !ok {
+				panic(p) // not a fault: a bug, not this file's doing
+			}
+			err = fmt.Errorf("the mapped file faulted at %#x (did it shrink?): %v", fault.Addr(), p)
+		}
+	}()
+	read()
 	return nil
 }
 
@@ -498,7 +593,9 @@ func (h *handler) prefetchStep() error {
 			return nil
 		}
 	}
-	h.s.srv.putRunBuf(run.buf)
+	if !run.mapped {
+		h.s.srv.putRunBuf(run.buf)
+	}
 	r.cur = nil
 	// Take the next run now (installed after the next drain), so a reader
 	// that has finished is seen here: its last wake-up may have been spent
@@ -517,6 +614,7 @@ func (r *replayer) next() bool {
 	select {
 	case run, ok := <-r.ready:
 		if !ok {
+			r.unmap() // the reader has returned and every run is installed
 			r.h.finishReplay()
 			return false
 		}

@@ -1,6 +1,7 @@
 package pager
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -11,6 +12,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/forkd/forkd/internal/prefetch"
 	"github.com/forkd/forkd/internal/uffd"
@@ -290,4 +293,73 @@ func TestReplayCachesTheWorkingSetForSiblingsOnly(t *testing.T) {
 		c.resume()
 		c.finish()
 	}
+}
+
+// TestReadMappedTurnsAFaultIntoAnError: a read of a mapped file past its
+// end (the file shrank under the mapping) is an error for the one replay
+// that read it, not a SIGBUS that kills the pager. With the guard off the
+// read kills this test binary.
+func TestReadMappedTurnsAFaultIntoAnError(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "mem")
+	if err := os.WriteFile(path, bytes.Repeat([]byte{7}, 4*uffd.PageSize), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	m, err := unix.Mmap(int(f.Fd()), 0, 4*uffd.PageSize, unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(m)
+	var sum byte
+	if err := readMapped(func() { sum = m[3*uffd.PageSize] }); err != nil || sum != 7 {
+		t.Fatalf("a read inside the file: %v, %d; want 7", err, sum)
+	}
+	if err := os.Truncate(path, uffd.PageSize); err != nil {
+		t.Fatal(err)
+	}
+	err = readMapped(func() { sum = m[3*uffd.PageSize] })
+	if err == nil || !strings.Contains(err.Error(), "faulted") {
+		t.Fatalf("a read past the shrunk file's end: %v; want a fault turned into an error", err)
+	}
+	// Anything else that panics is not the file's doing: it still panics.
+	defer func() {
+		if recover() == nil {
+			t.Error("a panic that is not a fault was swallowed")
+		}
+	}()
+	readMapped(func() { panic("a bug") })
+}
+
+// TestReplayOfAShrunkMemFileStopsReplayOnly: a mem-file cut short under a
+// replaying session (it never is; this is the guard) stops its replay with
+// an error that names the file, and the pager goes on serving the VM's
+// faults in what is left.
+func TestReplayOfAShrunkMemFileStopsReplayOnly(t *testing.T) {
+	requireUffd(t)
+	hold := make(chan struct{})
+	p := startPager(t, Config{CacheBytes: cacheBytes, holdPrefetch: hold})
+	mem := memFile(t, p.dir, 256, -1, 0, 0)
+	path := writeRecording(t, p.dir, "abc", 256, seqPages(0, 256))
+	s, err := p.client.CreateSession(context.Background(), SessionRequest{SessionID: "vm", BackingPath: mem, CacheKey: "abc", PrefetchPath: path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := startConsumer(t, s.SocketPath, mem, 256*uffd.PageSize, "good", "wait,touch:0-16,wait")
+	c.expect("waiting")
+	if err := os.Truncate(mem, 16*uffd.PageSize); err != nil {
+		t.Fatal(err)
+	}
+	close(hold)
+	waitFor(t, "replay to stop", func() bool { return p.sessionStats(t, "vm").Prefetch.Error != "" })
+	if e := p.sessionStats(t, "vm").Prefetch.Error; !strings.Contains(e, mem) {
+		t.Errorf("replay error %q does not name the mem-file %s", e, mem)
+	}
+	c.resume()
+	c.expect("waiting")
+	c.resume()
+	c.finish()
 }

@@ -102,6 +102,7 @@ func (s *session) serve(ctx context.Context, f *uffd.FD, regions []uffd.Region) 
 		if h.pf != nil {
 			for range h.pf.ready { // the reader closes it when it returns
 			}
+			h.pf.unmap() // no run refers to the mapping any more
 		}
 		h.stopColdReaders()
 	}()
