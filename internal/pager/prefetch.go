@@ -50,7 +50,11 @@ import (
 //     only, never the VM.
 
 // probeEvery: every probeEvery-th recorded page (from the first) is a probe.
-const probeEvery = 32
+// Each probe costs the guest a fault, which waits for the run being
+// installed: one in 32 cost a 64 MiB replay ~500 faults and its guest ~40
+// ms here (BENCHMARKS.md); one in 128 still samples a working set of 4,096
+// pages or more with 32 probes or more.
+const probeEvery = 128
 
 // runBytes bounds one install (and one read): demand faults wait at most
 // one run's copy.
