@@ -262,6 +262,11 @@ func (s *Store) commitGroup(batch []*unit) {
 		failAll(fmt.Errorf("begin: %w", err))
 		return
 	}
+	// A panic in a unit or the hook must crash the daemon (its journal
+	// recovers), not hang it: the connection cannot be restored or closed
+	// while this transaction holds it, so it is rolled back first (a no-op
+	// once committed or rolled back).
+	defer tx.Rollback()
 	var ok []*unit
 	var labels []string
 	for i, u := range batch {

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -181,8 +182,23 @@ func groupChild(when, path string) int {
 		select {}
 	}
 	opts := Options{MinGroup: 3}
-	if when == "before-commit" {
+	switch when {
+	case "before-commit":
 		opts.BeforeCommit = func([]string) { kill() }
+	case "panic-before-commit":
+		opts.BeforeCommit = func([]string) { panic("a hook's bug") }
+	case "panic-in-unit", "panic-in-unsynced-unit":
+		s, err := OpenWith(context.Background(), path, Options{})
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 2
+		}
+		group := s.Group
+		if when == "panic-in-unsynced-unit" {
+			group = s.GroupUnsynced
+		}
+		group(context.Background(), "fork", func(*Tx) error { panic("a unit's bug") })
+		return 3 // never reached: the panic ends the process
 	}
 	s, err := OpenWith(context.Background(), path, opts)
 	if err != nil {
@@ -226,6 +242,32 @@ func TestACrashLosesAGroupWholeOrKeepsItWhole(t *testing.T) {
 				if e.FinishedAt.IsZero() || e.Step != "committed" {
 					t.Errorf("journal entry %+v: want finished at committed, as its unit wrote it", e)
 				}
+			}
+		})
+	}
+}
+
+// TestAPanicInAGroupCrashesInsteadOfHanging: a bug that panics inside a
+// group commit (a unit's function, synced or not, or the BeforeCommit hook)
+// ends the process, whose journal the next start reconciles, instead of
+// leaving it hung forever with its writer connection held by the group's
+// transaction (which deferred restores and closes of the connection then
+// waited for). The child must die of the panic within the time given.
+func TestAPanicInAGroupCrashesInsteadOfHanging(t *testing.T) {
+	for _, when := range []string{"panic-in-unit", "panic-in-unsynced-unit", "panic-before-commit"} {
+		t.Run(when, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "forkd.db")
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			cmd := exec.CommandContext(ctx, os.Args[0], "-test.run", "^$")
+			cmd.Env = append(os.Environ(), groupChildEnv+"="+when, groupDBEnv+"="+path)
+			out, err := cmd.CombinedOutput()
+			if ctx.Err() != nil {
+				t.Fatalf("the child hung after the panic (killed after 30 s)\n%s", out)
+			}
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) || ee.ExitCode() != 2 || !strings.Contains(string(out), "bug") {
+				t.Fatalf("child: %v, want it to die of the panic (exit 2)\n%s", err, out)
 			}
 		})
 	}
