@@ -563,11 +563,11 @@ func requireLostAcknowledged(t *testing.T, res powerResult, what string) {
 // acknowledged fork loses its commits, and with them the fork, and the
 // harness must report it. It shows the commits are really not fsynced and
 // that the roll-forward is what keeps the fork.
-// A networked fork (net) takes the same path but keeps its first commit
-// synced: the twin shows its last commit is unsynced all the same. It has
-// no warm pool: a refill after the fork is a synced commit that would make
-// the fork's last one durable before the cut, and the twin would show
-// nothing.
+// A networked fork (net) here has no warm pool: it makes its own network
+// and journals that with a synced step, which makes its first commit
+// durable; the twin shows its last commit is unsynced all the same. (With
+// a warm network its first commit is unsynced too:
+// TestPowerLossCatchesALostForkRecord.)
 func TestPowerLossCatchesALostLastCommit(t *testing.T) {
 	testenv.NeedRoot(t)
 	t.Parallel()
