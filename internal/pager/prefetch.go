@@ -450,6 +450,15 @@ func (s *session) fillRun(run *pfRun, keep pageSet, mem []byte) error {
 	if n != len(run.buf) {
 		return fmt.Errorf("read %s at %d: %d of %d bytes: %w", s.backingPath, run.off, n, len(run.buf), err)
 	}
+	s.cacheRead(run, keep, cached)
+	return nil
+}
+
+// cacheRead marks the all-zero pages of run.buf that fillRun found neither
+// zero nor cached, and puts them, and the pages in keep, in the pager's
+// cache (keep nil: every page).
+func (s *session) cacheRead(run *pfRun, keep pageSet, cached [][]byte) {
+	ps := run.ps
 	for i := range run.pages {
 		if run.zero[i] || cached[i] != nil {
 			continue
@@ -465,7 +474,6 @@ func (s *session) fillRun(run *pfRun, keep pageSet, mem []byte) error {
 			s.srv.cache.put(k, append([]byte(nil), pg...), false)
 		}
 	}
-	return nil
 }
 
 // fillRunMapped is fillRun's read of a run whose pages are not all in the
@@ -475,30 +483,13 @@ func (s *session) fillRun(run *pfRun, keep pageSet, mem []byte) error {
 // nor cached, the all-zero ones and those in keep are cached as fillRun
 // caches them.
 func (s *session) fillRunMapped(run *pfRun, keep pageSet, w []byte, cached [][]byte) error {
-	ps := run.ps
 	run.buf, run.mapped = w, true
 	t0 := time.Now()
 	if err := unix.Madvise(w, unix.MADV_POPULATE_READ); err != nil && !errors.Is(err, unix.EINVAL) {
 		// EINVAL: a kernel before 5.14; the pages then fault in as read.
 		return fmt.Errorf("read %s at %d: %w", s.backingPath, run.off, err)
 	}
-	err := readMapped(func() {
-		for i := range run.pages {
-			off := run.off + uint64(i)*ps
-			if run.zero[i] || cached[i] != nil {
-				continue
-			}
-			k := pageKey{key: s.keyID, off: off}
-			pg := w[uint64(i)*ps : uint64(i+1)*ps]
-			switch {
-			case allZero(pg):
-				run.zero[i] = true
-				s.srv.cache.put(k, nil, true)
-			case keep == nil || keep.any(off/uffd.PageSize, (off+ps)/uffd.PageSize):
-				s.srv.cache.put(k, append([]byte(nil), pg...), false)
-			}
-		}
-	})
+	err := readMapped(func() { s.cacheRead(run, keep, cached) })
 	if err != nil {
 		return fmt.Errorf("read %s at %d: %w", s.backingPath, run.off, err)
 	}
