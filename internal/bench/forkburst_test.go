@@ -51,23 +51,11 @@ func TestForkBurstEndToEnd(t *testing.T) {
 }
 
 func testForkBurst(t *testing.T, bin, from string) {
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	var log bytes.Buffer
-	rep, err := ForkBurst(ctx, Options{
+	rep, out := runForkBurst(t, 3*time.Minute, Options{
 		Config: Config{SizesMiB: []int{64}, WorkingSetMiB: 4, Forks: []int{3}, Rates: []int{20000}, ForkFrom: from, Prefetch: []string{PrefetchOff},
 			Backends: []string{api.BackendFile, api.BackendUffd}, Strategies: []string{StrategyHardlink, StrategyCopy}},
 		Binary: bin,
-		Dir:    shortTempDir(t),
-	}, func(s string) { fmt.Fprintln(&log, s) })
-	if err != nil {
-		t.Fatalf("ForkBurst: %v\nprogress:\n%s", err, log.String())
-	}
-	var out bytes.Buffer
-	if err := rep.WriteTable(&out); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("\n%s", out.String())
+	})
 	ran := 0
 	for _, c := range rep.Cells {
 		if c.Skipped != "" {
@@ -115,9 +103,9 @@ func testForkBurst(t *testing.T, bin, from string) {
 		}
 	}
 	if ran == 0 {
-		t.Fatalf("no cell ran:\n%s", out.String())
+		t.Fatalf("no cell ran:\n%s", out)
 	}
-	if !strings.Contains(out.String(), "hardlink") {
+	if !strings.Contains(out, "hardlink") {
 		t.Errorf("table lacks the hardlink rows")
 	}
 }
@@ -214,28 +202,16 @@ func TestForkBurstMeasuresPrefetch(t *testing.T) {
 		t.Skip("starts daemons and VMMs")
 	}
 	bin := buildForkd(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
-	defer cancel()
-	var log bytes.Buffer
 	backends := []string{api.BackendFile}
 	if _, err := os.Stat("/dev/userfaultfd"); err == nil && os.Geteuid() == 0 {
 		backends = append(backends, api.BackendUffd)
 	}
-	rep, err := ForkBurst(ctx, Options{
+	rep, out := runForkBurst(t, 6*time.Minute, Options{
 		Config: Config{SizesMiB: []int{64}, WorkingSetMiB: 4, Forks: []int{2}, Rates: []int{-1}, Backends: backends,
 			Temperatures: []string{Cold, Warm}, Prefetch: []string{PrefetchOff, PrefetchAuto}, DiffersRuns: 1, SerialForks: -1},
 		Binary:     bin,
-		Dir:        shortTempDir(t),
 		DaemonArgs: []string{"--prefetch-window", "1s"},
-	}, func(s string) { fmt.Fprintln(&log, s) })
-	if err != nil {
-		t.Fatalf("ForkBurst: %v\nprogress:\n%s", err, log.String())
-	}
-	var out bytes.Buffer
-	if err := rep.WriteTable(&out); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("\n%s", out.String())
+	})
 	differs := 0
 	for _, c := range rep.Cells {
 		name := fmt.Sprintf("%s/%s/%s/%s", c.Prefetch, c.Backend, c.Temperature, c.workloadStr())
@@ -259,8 +235,8 @@ func TestForkBurstMeasuresPrefetch(t *testing.T) {
 	if differs != 2*len(backends) {
 		t.Errorf("%d differing-workload cells, want %d (off and auto per backend)", differs, 2*len(backends))
 	}
-	if !strings.Contains(out.String(), "prefetch auto/off to-ws p50") || !strings.Contains(out.String(), "differing workload") {
-		t.Errorf("ratios lack the prefetch comparisons:\n%s", out.String())
+	if !strings.Contains(out, "prefetch auto/off to-ws p50") || !strings.Contains(out, "differing workload") {
+		t.Errorf("ratios lack the prefetch comparisons:\n%s", out)
 	}
 }
 
@@ -274,26 +250,15 @@ func TestForkBurstTimesSerialForksOfEveryBinary(t *testing.T) {
 		t.Skip("starts daemons and VMMs")
 	}
 	bin := buildForkd(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
-	defer cancel()
-	var log bytes.Buffer
 	// More forks than one round, so the daemons take turns twice.
 	const forks = SerialRound + 2
-	rep, err := ForkBurst(ctx, Options{
+	rep, table := runForkBurst(t, 4*time.Minute, Options{
 		Config: Config{SizesMiB: []int{64}, WorkingSetMiB: 4, Forks: []int{1}, Rates: []int{20000}, Prefetch: []string{PrefetchOff},
 			Backends: []string{api.BackendFile}, Temperatures: []string{Warm}, Strategies: []string{StrategyHardlink},
 			Builds: []string{"a", "b"}, SerialForks: forks},
 		Binaries: map[string]string{"a": bin, "b": bin},
-		Dir:      shortTempDir(t),
-	}, func(s string) { fmt.Fprintln(&log, s) })
-	if err != nil {
-		t.Fatalf("ForkBurst: %v\nprogress:\n%s", err, log.String())
-	}
-	var table, js bytes.Buffer
-	if err := rep.WriteTable(&table); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("\n%s", table.String())
+	})
+	var js bytes.Buffer
 	// Read the rows as a script would, from the JSON report.
 	if err := rep.WriteJSON(&js); err != nil {
 		t.Fatal(err)
@@ -330,8 +295,8 @@ func TestForkBurstTimesSerialForksOfEveryBinary(t *testing.T) {
 	if len(got.Serial) != 2 || builds["a"] != 1 || builds["b"] != 1 {
 		t.Errorf("serial rows %+v: want one for build a and one for build b", got.Serial)
 	}
-	if !strings.Contains(table.String(), "p50/a") {
-		t.Errorf("serial table does not compare the builds' p50 with the first's:\n%s", table.String())
+	if !strings.Contains(table, "p50/a") {
+		t.Errorf("serial table does not compare the builds' p50 with the first's:\n%s", table)
 	}
 	found := false
 	for _, x := range rep.Ratios() {
@@ -340,4 +305,25 @@ func TestForkBurstTimesSerialForksOfEveryBinary(t *testing.T) {
 	if !found {
 		t.Errorf("ratios lack the serial fork p50 of build b over a: %v", rep.Ratios())
 	}
+}
+
+// runForkBurst runs ForkBurst with opt (in a short temp dir of its own)
+// within timeout, failing t with the run's progress if it fails, and logs
+// and returns the report and its table.
+func runForkBurst(t *testing.T, timeout time.Duration, opt Options) (*Report, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	opt.Dir = shortTempDir(t)
+	var log bytes.Buffer
+	rep, err := ForkBurst(ctx, opt, func(s string) { fmt.Fprintln(&log, s) })
+	if err != nil {
+		t.Fatalf("ForkBurst: %v\nprogress:\n%s", err, log.String())
+	}
+	var out bytes.Buffer
+	if err := rep.WriteTable(&out); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("\n%s", out.String())
+	return rep, out.String()
 }

@@ -36,11 +36,7 @@ func sampleReport() *Report {
 }
 
 func TestRatiosCompareCellsOfTheRun(t *testing.T) {
-	got := map[string]float64{}
-	for _, r := range sampleReport().Ratios() {
-		got[r.Name] = r.Value
-	}
-	for name, want := range map[string]float64{
+	checkRatios(t, sampleReport(), map[string]float64{
 		"256 MiB file cold: copy/hardlink fork p50":                        40,
 		"256 MiB hardlink cold: uffd/file PSS":                             3,
 		"256 MiB hardlink cold: uffd/file restore p50":                     0.5,
@@ -48,11 +44,7 @@ func TestRatiosCompareCellsOfTheRun(t *testing.T) {
 		"256 MiB serial fork p50 / link+fsync floor p50 (budget 5x)":       4,
 		"256 MiB file cold: burst fork p50 / serial fork p50 (budget 3x)":  2.5,
 		"4096 MiB file cold: burst fork p50 / serial fork p50 (budget 3x)": 2.2,
-	} {
-		if v, ok := got[name]; !ok || v < want*0.999 || v > want*1.001 {
-			t.Errorf("ratio %q = %v (present %v), want %v; all: %v", name, v, ok, want, got)
-		}
-	}
+	})
 }
 
 func TestWriteTableShowsEveryCell(t *testing.T) {
@@ -146,12 +138,8 @@ func prefetchReport() *Report {
 }
 
 func TestPrefetchRatiosAreTheBudgets(t *testing.T) {
-	got := map[string]float64{}
-	for _, r := range prefetchReport().Ratios() {
-		got[r.Name] = r.Value
-	}
 	pre := "1024 MiB rate -1, 25 forks: "
-	for name, want := range map[string]float64{
+	checkRatios(t, prefetchReport(), map[string]float64{
 		pre + "prefetch auto cold: uffd/file to-ws p50":                             1.1,
 		pre + "prefetch auto warm: uffd/file to-ws p50":                             1.2,
 		pre + "prefetch off cold: uffd/file to-ws p50":                              4,
@@ -162,14 +150,7 @@ func TestPrefetchRatiosAreTheBudgets(t *testing.T) {
 		"1024 MiB differing workload file cold, run 1: prefetch auto/off to-ws p50": 1.1,
 		"1024 MiB differing workload file cold: median of 3 runs":                   1.1,
 		"1024 MiB differing workload file cold: spread (max-min) of 3 runs":         0.25,
-	} {
-		if v, ok := got[name]; !ok || v < want*0.999 || v > want*1.001 {
-			t.Errorf("ratio %q = %v (present %v), want %v", name, v, ok, want)
-		}
-	}
-	if t.Failed() {
-		t.Logf("all ratios: %v", got)
-	}
+	})
 }
 
 func TestWriteTableShowsThePrefetchRows(t *testing.T) {
@@ -207,21 +188,13 @@ func buildsReport() *Report {
 }
 
 func TestRatiosCompareEachBuildsSerialForks(t *testing.T) {
-	got := map[string]float64{}
-	for _, r := range buildsReport().Ratios() {
-		got[r.Name] = r.Value
-	}
-	for name, want := range map[string]float64{
+	got := checkRatios(t, buildsReport(), map[string]float64{
 		"256 MiB off@before: serial fork p50 / link+fsync floor p50 (budget 5x)":     4,
 		"256 MiB off@after: serial fork p50 / link+fsync floor p50 (budget 5x)":      2.5,
 		"256 MiB off@before file warm: burst fork p50 / serial fork p50 (budget 3x)": 10,
 		"256 MiB off@after file warm: burst fork p50 / serial fork p50 (budget 3x)":  15,
 		"256 MiB hardlink prefetch off: serial fork p50 after/before":                0.5,
-	} {
-		if v, ok := got[name]; !ok || v < want*0.999 || v > want*1.001 {
-			t.Errorf("ratio %q = %v (present %v), want %v", name, v, ok, want)
-		}
-	}
+	})
 	if _, ok := got["256 MiB hardlink prefetch off: serial fork p50 before/before"]; ok {
 		t.Errorf("the first build is compared with itself")
 	}
@@ -312,4 +285,23 @@ func TestAlternateTakesTurns(t *testing.T) {
 			}
 		})
 	}
+}
+
+// checkRatios requires each ratio of want among rep's, to 0.1%, and
+// returns them all by name (logged when the test fails).
+func checkRatios(t *testing.T, rep *Report, want map[string]float64) map[string]float64 {
+	t.Helper()
+	got := map[string]float64{}
+	for _, r := range rep.Ratios() {
+		got[r.Name] = r.Value
+	}
+	for name, w := range want {
+		if v, ok := got[name]; !ok || v < w*0.999 || v > w*1.001 {
+			t.Errorf("ratio %q = %v (present %v), want %v", name, v, ok, w)
+		}
+	}
+	if t.Failed() {
+		t.Logf("all ratios: %v", got)
+	}
+	return got
 }
