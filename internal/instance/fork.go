@@ -46,7 +46,7 @@ func (m *Manager) ForkInstance(ctx context.Context, ref string, req api.ForkRequ
 	if live && !req.FromRunning {
 		return api.Instance{}, fmt.Errorf("%w: instance %q is %s; stand it by first or pass from_running", api.ErrInvalidState, probe.Name, probe.State)
 	}
-	src, unlockSrc, err := m.lockInstance(ctx, probe.ID, live)
+	src, unlockSrc, err := m.lockResolved(ctx, probe, live)
 	if err != nil {
 		return api.Instance{}, err
 	}

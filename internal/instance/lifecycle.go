@@ -581,7 +581,7 @@ func (m *Manager) DeleteInstance(ctx context.Context, ref string) error {
 	if err != nil {
 		return apiErr(err)
 	}
-	in, unlock, err := m.lockInstance(ctx, probe.ID, true)
+	in, unlock, err := m.lockResolved(ctx, probe, true)
 	if err != nil {
 		return err
 	}

@@ -146,6 +146,14 @@ func (m *Manager) lockInstance(ctx context.Context, ref string, write bool) (sto
 	if err != nil {
 		return store.Instance{}, nil, err
 	}
+	return m.lockResolved(ctx, in, write)
+}
+
+// lockResolved is lockInstance for an instance its caller has resolved
+// already (to decide how to lock it): one lookup of its id under the lock,
+// not a second resolve before it. A fork, a snapshot and a delete each
+// resolve first, and every read costs CPU a burst of them shares.
+func (m *Manager) lockResolved(ctx context.Context, in store.Instance, write bool) (store.Instance, func(), error) {
 	l := m.instanceLock(in.ID)
 	unlock := l.Unlock
 	if write {
@@ -154,7 +162,7 @@ func (m *Manager) lockInstance(ctx context.Context, ref string, write bool) (sto
 		l.RLock()
 		unlock = l.RUnlock
 	}
-	in, err = m.db.GetInstance(ctx, in.ID)
+	in, err := m.db.GetInstance(ctx, in.ID)
 	if err != nil {
 		unlock()
 		return store.Instance{}, nil, apiErr(err)

@@ -48,7 +48,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, ref string, req api.Snapsh
 		return api.Snapshot{}, apiErr(err)
 	}
 	live := oneOf(probe.State, api.StateRunning, api.StatePaused)
-	in, unlock, err := m.lockInstance(ctx, probe.ID, live)
+	in, unlock, err := m.lockResolved(ctx, probe, live)
 	if err != nil {
 		return api.Snapshot{}, err
 	}
