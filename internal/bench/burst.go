@@ -45,9 +45,13 @@ func (r *runner) burst(ctx context.Context, d *daemon, par parent, key cellKey) 
 
 	results := make([]forkResult, n)
 	r.settle()
+	cpu := newCPUMeter(d.pid)
+	cpu.start()
 	t0 := time.Now()
 	concurrently(n, func(i int) { results[i] = r.forkOne(ctx, d, par, fmt.Sprintf("%s%d", prefix, i)) })
 	cell.ForkWall = time.Since(t0)
+	cpu.stop(n)
+	cell.ForkCPU = cpu.perFork()
 	concurrently(n, func(i int) {
 		if results[i].err == nil {
 			r.restoreOne(ctx, d, &results[i], backend, size)

@@ -44,6 +44,9 @@ func StartDaemon(ctx context.Context, spec DaemonSpec) (*Daemon, error) {
 	return &Daemon{DataDir: p.Layout.Root(), Client: p.Client, LogPath: spec.LogPath, proc: p}, nil
 }
 
+// Pid is the daemon's process id.
+func (d *Daemon) Pid() int { return d.proc.Pid() }
+
 // Stop deletes every instance and snapshot of the daemon (the data dir is
 // the benchmark's: this is what stops their VMMs, which outlive the
 // daemon), stops the daemon with SIGTERM, and drains its pagers.

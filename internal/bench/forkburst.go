@@ -117,7 +117,7 @@ func ForkBurst(ctx context.Context, opt Options, progress func(string)) (rep *Re
 				return Conn{}, fmt.Errorf("fork-burst: %w", err)
 			}
 			progress(fmt.Sprintf("%s daemon up: data dir %s, log %s", v, d.DataDir, d.LogPath))
-			return Conn{Service: d.Client, DataDir: d.DataDir, Close: func(ctx context.Context) error {
+			return Conn{Service: d.Client, DataDir: d.DataDir, Pid: d.Pid(), Close: func(ctx context.Context) error {
 				ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 				defer cancel()
 				return d.Stop(ctx)

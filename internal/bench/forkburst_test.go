@@ -78,12 +78,19 @@ func testForkBurst(t *testing.T, bin, from string) {
 		if c.ForkWall < c.Fork.Max || c.ForkWall > c.Wall {
 			t.Errorf("%s: forks wall %v, want between the slowest fork (%v) and the whole burst (%v)", name, c.ForkWall, c.Fork.Max, c.Wall)
 		}
+		// The bench started the daemon, so it knows what a fork cost it.
+		if c.ForkCPU == nil || c.ForkCPU.Daemon <= 0 || c.ForkCPU.Client <= 0 {
+			t.Errorf("%s: fork CPU %+v, want the daemon's and the client's", name, c.ForkCPU)
+		}
 	}
 	// Every serial fork is measured beside a floor sample on the same
 	// filesystem: the budgets are ratios against it.
 	for _, s := range rep.Serial {
 		if s.Error != "" || s.Fork.N == 0 || s.Floor.N != s.Fork.N {
 			t.Errorf("serial %d MiB %s: %d forks, %d floor samples, error %q; want as many floor samples as forks", s.SizeMiB, s.Strategy, s.Fork.N, s.Floor.N, s.Error)
+		}
+		if s.ForkCPU == nil || s.ForkCPU.Daemon <= 0 {
+			t.Errorf("serial %d MiB %s: fork CPU %+v, want the daemon's", s.SizeMiB, s.Strategy, s.ForkCPU)
 		}
 	}
 	// The pager needs userfaultfd; where it exists the Uffd cells must run.

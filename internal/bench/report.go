@@ -37,7 +37,10 @@ type SerialFork struct {
 	// filesystem, sampled before each fork: the physical limit of a durable
 	// fork, measured alongside it.
 	Floor Summary `json:"floor"`
-	Error string  `json:"error,omitempty"`
+	// ForkCPU is the CPU time per fork over the fork calls alone (nil when
+	// the daemon's pid is unknown).
+	ForkCPU *ForkCPU `json:"fork_cpu,omitempty"`
+	Error   string   `json:"error,omitempty"`
 	// Samples are the latencies behind Fork and Floor (JSON only).
 	Samples *SerialSamples `json:"samples,omitempty"`
 }
@@ -101,6 +104,9 @@ type Cell struct {
 	Samples *Samples `json:"samples,omitempty"`
 	// ForkWall is the fork phase alone: first fork call to last fork return.
 	ForkWall time.Duration `json:"fork_wall_ns"`
+	// ForkCPU is the fork phase's CPU time per fork, the daemon's and the
+	// benchmark's own (nil when the daemon's pid is unknown).
+	ForkCPU *ForkCPU `json:"fork_cpu,omitempty"`
 	// Wall is the whole burst, first fork call to last working set touched.
 	Wall time.Duration `json:"wall_ns"`
 
@@ -158,9 +164,9 @@ func (r *Report) WriteTable(w io.Writer) error {
 		return err
 	}
 
-	fmt.Fprintln(w, "\nresources (pager and disk over the burst; memory of the N fork VMMs summed, and of the pager, after it)")
+	fmt.Fprintln(w, "\nresources (pager and disk over the burst; memory of the N fork VMMs summed, and of the pager, after it; fork cpu: CPU time per fork over the fork calls, daemon+this client)")
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "size\tstrategy\tprefetch\trate\tforks\tbackend\ttemp\thit%\tmisses\tbacking\tfault p50\tp95\tdisk read\tvmm read\tpager read\tdisk alloc\tPSS\tRSS\tpager RSS\tmode\t")
+	fmt.Fprintln(tw, "size\tstrategy\tprefetch\trate\tforks\tbackend\ttemp\thit%\tmisses\tbacking\tfault p50\tp95\tdisk read\tvmm read\tpager read\tdisk alloc\tPSS\tRSS\tpager RSS\tmode\tfork cpu\t")
 	for _, c := range r.Cells {
 		if c.Skipped != "" {
 			continue
@@ -177,10 +183,10 @@ func (r *Report) WriteTable(w io.Writer) error {
 		if c.PagerMemory != nil {
 			pagerRSS = bytesStr(c.PagerMemory.Rss)
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
 			c.SizeMiB, c.Strategy, c.Prefetch, c.Rate, c.Forks, c.Backend, c.Temperature, hit, misses, backing, fp50, fp95,
 			bytesStr(c.DiskReadBytes), bytesStr(c.VMMReadBytes), bytesStr(c.PagerReadBytes), bytesStr(c.DiskUsedBytes),
-			bytesStr(c.Memory.Pss), bytesStr(c.Memory.Rss), pagerRSS, modesStr(c.ForkModes))
+			bytesStr(c.Memory.Pss), bytesStr(c.Memory.Rss), pagerRSS, modesStr(c.ForkModes), cpuStr(c.ForkCPU))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -220,7 +226,7 @@ func (r *Report) writeSerialTable(w io.Writer) error {
 		return nil
 	}
 	builds := len(r.Config.Builds) > 1
-	fmt.Fprint(w, "\nserial forks (one at a time, to Standby: the fork's own cost; floor: one link() + fsync(dir) on the same filesystem, sampled before each fork")
+	fmt.Fprint(w, "\nserial forks (one at a time, to Standby: the fork's own cost; floor: one link() + fsync(dir) on the same filesystem, sampled before each fork; cpu/fork: CPU time per fork call, daemon+this client")
 	if len(r.Config.Prefetch) > 1 {
 		fmt.Fprintf(w, "; the daemons take turns every %d forks", SerialRound)
 	}
@@ -229,7 +235,7 @@ func (r *Report) writeSerialTable(w io.Writer) error {
 	}
 	fmt.Fprintln(w, ")")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	head := "size\tstrategy\tprefetch\tbinary\tn\tp50\tp95\tmax\tfloor p50\tp95\tp50/floor\t"
+	head := "size\tstrategy\tprefetch\tbinary\tn\tp50\tp95\tmax\tfloor p50\tp95\tp50/floor\tcpu/fork\t"
 	if builds {
 		head += "p50/" + r.Config.Builds[0] + "\t"
 	}
@@ -243,14 +249,22 @@ func (r *Report) writeSerialTable(w io.Writer) error {
 		if b := r.serialBase(s); b != nil && s.Fork.P50 > 0 {
 			vs = fmt.Sprintf("%.2fx", float64(s.Fork.P50)/float64(b.Fork.P50))
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t", s.SizeMiB, s.Strategy, orDash(PrefetchSetting(s.Prefetch)), orDash(s.Build),
-			s.Fork.N, durStr(s.Fork.P50), durStr(s.Fork.P95), durStr(s.Fork.Max), durStr(s.Floor.P50), durStr(s.Floor.P95), over)
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t", s.SizeMiB, s.Strategy, orDash(PrefetchSetting(s.Prefetch)), orDash(s.Build),
+			s.Fork.N, durStr(s.Fork.P50), durStr(s.Fork.P95), durStr(s.Fork.Max), durStr(s.Floor.P50), durStr(s.Floor.P95), over, cpuStr(s.ForkCPU))
 		if builds {
 			fmt.Fprintf(tw, "%s\t", vs)
 		}
 		fmt.Fprintf(tw, "%s\t\n", truncateStr(s.Error, 60))
 	}
 	return tw.Flush()
+}
+
+// cpuStr is a ForkCPU as daemon+client, "-" when unknown.
+func cpuStr(c *ForkCPU) string {
+	if c == nil {
+		return "-"
+	}
+	return durStr(c.Daemon) + "+" + durStr(c.Client)
 }
 
 func orDash(s string) string {
@@ -345,6 +359,12 @@ func (r *Report) Ratios() []Ratio {
 					f.size, f.strategy, f.prefetch, f.backend, f.temp = size, StrategyHardlink, pf, be, temp
 					if c := r.find(f); c != nil {
 						add(fmt.Sprintf("%s %s %s: burst fork p50 / serial fork p50 (budget 3x)", at, be, temp), float64(c.Fork.P50), float64(h.Fork.P50))
+						// What the host's CPUs allow that ratio: the burst's
+						// CPU per fork, for half its forks, over every CPU.
+						if c.ForkCPU != nil {
+							add(fmt.Sprintf("%s %s %s: burst p50 CPU floor (half its forks' CPU / %d CPUs) / serial fork p50", at, be, temp, max(r.Machine.CPUs, 1)),
+								float64(c.ForkCPU.BurstFloor(c.Forks, r.Machine.CPUs)), float64(h.Fork.P50))
+						}
 					}
 				}
 			}

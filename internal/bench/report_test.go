@@ -17,18 +17,22 @@ func sampleReport() *Report {
 			Touch: Summary{N: 25, P50: time.Second}, Memory: MemUsage{Pss: pss, Rss: pss * 2},
 			MemoryChecks: map[string]int{"ok": 25}, ForkModes: map[string]int{strategy: 25}}
 	}
+	burst := cell(256, "hardlink", "file", "cold", 10*time.Millisecond, 50*time.Millisecond, 100<<20)
+	burst.ForkCPU = &ForkCPU{Daemon: 800 * time.Microsecond, Client: 200 * time.Microsecond}
 	return &Report{
 		Config: Config{SizesMiB: []int{256, 4096}, Forks: []int{25}, WorkingSetMiB: 64, Strategies: []string{"hardlink", "copy"},
 			Backends: []string{"file", "uffd"}, Temperatures: []string{"cold", "warm"}},
+		Machine: Machine{CPUs: 2},
 		Cells: []Cell{
-			cell(256, "hardlink", "file", "cold", 10*time.Millisecond, 50*time.Millisecond, 100<<20),
+			burst,
 			cell(256, "copy", "file", "cold", 400*time.Millisecond, 60*time.Millisecond, 100<<20),
 			cell(256, "hardlink", "uffd", "cold", 10*time.Millisecond, 25*time.Millisecond, 300<<20),
 			cell(4096, "hardlink", "file", "cold", 11*time.Millisecond, 50*time.Millisecond, 100<<20),
 			{SizeMiB: 4096, Strategy: "reflink", Backend: "file", Temperature: "cold", Skipped: "fork strategy not supported"},
 		},
 		Serial: []SerialFork{
-			{SizeMiB: 256, Strategy: "hardlink", Fork: Summary{N: 10, P50: 4 * time.Millisecond}, Floor: Summary{N: 10, P50: time.Millisecond}},
+			{SizeMiB: 256, Strategy: "hardlink", Fork: Summary{N: 10, P50: 4 * time.Millisecond}, Floor: Summary{N: 10, P50: time.Millisecond},
+				ForkCPU: &ForkCPU{Daemon: 1500 * time.Microsecond, Client: 300 * time.Microsecond}},
 			{SizeMiB: 4096, Strategy: "hardlink", Fork: Summary{N: 10, P50: 5 * time.Millisecond}},
 			{SizeMiB: 4096, Strategy: "copy", Fork: Summary{N: 10, P50: 2 * time.Second}},
 		},
@@ -44,6 +48,8 @@ func TestRatiosCompareCellsOfTheRun(t *testing.T) {
 		"256 MiB serial fork p50 / link+fsync floor p50 (budget 5x)":       4,
 		"256 MiB file cold: burst fork p50 / serial fork p50 (budget 3x)":  2.5,
 		"4096 MiB file cold: burst fork p50 / serial fork p50 (budget 3x)": 2.2,
+		// 13 of 25 forks at 1 ms of CPU each, over 2 CPUs: 6.5 ms against 4.
+		"256 MiB file cold: burst p50 CPU floor (half its forks' CPU / 2 CPUs) / serial fork p50": 6.5 / 4.0,
 	})
 }
 
@@ -53,7 +59,8 @@ func TestWriteTableShowsEveryCell(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := b.String()
-	for _, want := range []string{"hardlink", "copy", "skipped reflink/file: fork strategy not supported", "400.0ms", "25/25", "ratios", "copy/hardlink fork p50", "serial forks", "2000.0ms"} {
+	for _, want := range []string{"hardlink", "copy", "skipped reflink/file: fork strategy not supported", "400.0ms", "25/25", "ratios", "copy/hardlink fork p50", "serial forks", "2000.0ms",
+		"800µs+200µs", "1.5ms+300µs"} { // the burst's and the serial forks' CPU per fork
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
 		}

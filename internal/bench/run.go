@@ -52,6 +52,9 @@ type Conn struct {
 	DataDir string
 	// Close releases the daemon (nil: nothing to release).
 	Close func(context.Context) error
+	// Pid is the daemon's process id, whose CPU the benchmark counts (0:
+	// unknown, e.g. a daemon it did not start).
+	Pid int
 }
 
 // runner is the state of one Run.
@@ -123,6 +126,7 @@ type daemon struct {
 	layout guestdir.Layout // its data dir: the benchmark reads its VMMs' sockets there
 	v      Variant
 	close  func(context.Context) error
+	pid    int // 0: unknown
 }
 
 // dropCaches empties the host page cache for a cold burst, then reads
@@ -171,7 +175,7 @@ func (r *runner) connect(ctx context.Context, size int, v Variant) (d *daemon, s
 		}
 		return nil, "", fmt.Errorf("fork-burst %d MiB %s: data dir: %w", size, v, err)
 	}
-	return &daemon{svc: conn.Service, layout: layout, v: v, close: conn.Close}, "", nil
+	return &daemon{svc: conn.Service, layout: layout, v: v, close: conn.Close, pid: conn.Pid}, "", nil
 }
 
 func (r *runner) release(ctx context.Context, size int, d *daemon) {

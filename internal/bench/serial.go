@@ -18,6 +18,7 @@ type serialSeries struct {
 	d   *daemon
 	par *parent // nil when no parent could be made (sf.Error says why)
 	sf  SerialFork
+	cpu *cpuMeter
 }
 
 // serialForks times cfg.SerialForks forks to Standby on each daemon of ds
@@ -35,7 +36,7 @@ func (r *runner) serialForks(ctx context.Context, ds []*daemon, srcs []*source, 
 	names := make([]string, len(ds))
 	for i, d := range ds {
 		s := &serialSeries{d: d, sf: SerialFork{SizeMiB: size, Strategy: d.v.Strategy, Prefetch: d.v.Prefetch, Build: BuildOf(d.v.Prefetch),
-			Samples: &SerialSamples{}}}
+			Samples: &SerialSamples{}}, cpu: newCPUMeter(d.pid)}
 		series[i], names[i] = s, d.v.Prefetch
 		par, err := r.freshParent(ctx, d, srcs[i])
 		if err != nil {
@@ -49,6 +50,7 @@ func (r *runner) serialForks(ctx context.Context, ds []*daemon, srcs []*source, 
 		sfs := make([]SerialFork, len(series))
 		for i, s := range series {
 			s.sf.Fork, s.sf.Floor = Summarize(s.sf.Samples.Fork), Summarize(s.sf.Samples.Floor)
+			s.sf.ForkCPU = s.cpu.perFork()
 			sfs[i] = s.sf
 		}
 		return sfs
@@ -87,7 +89,9 @@ func (r *runner) serialFork(ctx context.Context, s *serialSeries, floor *floorPr
 		s.sf.Error = err.Error()
 		return false
 	}
+	s.cpu.start()
 	res := r.forkOne(ctx, s.d, *s.par, r.name("serial"))
+	s.cpu.stop(1)
 	if res.err != nil {
 		s.sf.Error = res.err.Error()
 		return false
