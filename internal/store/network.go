@@ -143,7 +143,7 @@ func publishesFree(ctx context.Context, tx *sql.Tx, id string, pubs []Publish) e
 			return fmt.Errorf("publish %d/%s: %w by instance %s", p.HostPort, p.Protocol, ErrPortTaken, other)
 		}
 		if !errors.Is(err, sql.ErrNoRows) {
-			return fmt.Errorf("create instance %s: %w", id, err)
+			return fmt.Errorf("check the publishes of instance %s: %w", id, err)
 		}
 	}
 	return nil
