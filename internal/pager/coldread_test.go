@@ -139,7 +139,7 @@ func TestColdReadDoesNotHoldUpTheSession(t *testing.T) {
 	c.resume()
 	c.finish()
 
-	probes := uint64(ws / probeEvery)
+	probes := uint64(ws / probeStride(ws))
 	if held.PrefetchedPages != ws-probes {
 		t.Errorf("while the read was held: prefetched %d pages, want %d", held.PrefetchedPages, ws-probes)
 	}

@@ -42,19 +42,34 @@ import (
 //     the guest got meanwhile fails the copy with EEXIST and is skipped.
 //     UFFDIO_COPY never replaces a present page, so a guest write is never
 //     undone.
-//  4. Probes: one recorded page in probeEvery is left to fault. Whether the
+//  4. Probes: one recorded page in probeStride is left to fault. Whether the
 //     guest faults them is the only way to see whether it uses the
 //     recording (an installed page is invisible once read), and gives the
 //     waste estimate.
 //  5. ESRCH ends the session as for a fault; any other error stops replay
 //     only, never the VM.
 
-// probeEvery: every probeEvery-th recorded page (from the first) is a probe.
-// Each probe costs the guest a fault, which waits for the run being
-// installed: one in 32 cost a 64 MiB replay ~500 faults and its guest ~40
-// ms here (BENCHMARKS.md); one in 128 still samples a working set of 4,096
-// pages or more with 32 probes or more.
+// probeEvery: at most one recorded page in probeEvery is a probe. Each
+// probe costs the guest a fault, which waits for the run being installed:
+// one in 32 cost a 64 MiB replay ~500 faults and its guest ~40 ms here
+// (BENCHMARKS.md); one in 128 still samples a working set of 4,096 pages
+// or more with 32 probes or more.
 const probeEvery = 128
+
+// maxProbes bounds one replay's probes. The waste estimate's precision
+// depends on how many pages it samples, not on the working set's size, so
+// past maxProbes*probeEvery recorded pages the probes spread out rather
+// than grow in number: the guest's cost of them stays flat (~64 faults)
+// where one in 128 would cost a 1 GiB working set 2,048.
+const maxProbes = 64
+
+// probeStride is the distance between the probes of a recording of n
+// pages: every probeStride-th recorded page, from the first, is one. That
+// makes ceil(n/probeStride(n)) probes: never more than maxProbes, and 32
+// or more for any n of 4,096 or more.
+func probeStride(n int) int {
+	return max(probeEvery, (n+maxProbes-1)/maxProbes)
+}
 
 // runBytes bounds one install (and one read): demand faults wait at most
 // one run's copy.
@@ -277,8 +292,9 @@ func (h *handler) startReplay(ctx context.Context) *replayer {
 	if s.srv.liveSiblings(s) > 0 {
 		keep = nil
 	}
+	stride := probeStride(len(s.replay.Pages))
 	for i, p := range s.replay.Pages {
-		if i%probeEvery != 0 {
+		if i%stride != 0 {
 			continue
 		}
 		if ri, idx, ok := h.regionPageOf(p * uffd.PageSize); ok && h.probe[ri][idx/64]&(1<<(idx%64)) == 0 {

@@ -154,7 +154,7 @@ func TestReplayInstallsTheWorkingSetSoTheGuestDoesNotFault(t *testing.T) {
 	c.resume()
 	c.finish()
 
-	probes := uint64(ws / probeEvery)
+	probes := uint64(ws / probeStride(ws))
 	pf := st.Prefetch
 	if pf.Mode != "replay" || pf.PagesRecorded != ws || pf.Error != "" {
 		t.Fatalf("prefetch stats %+v, want a replay of %d pages", pf, ws)
@@ -202,11 +202,11 @@ func TestReplayOfAnotherWorkingSetNeverGivesWrongData(t *testing.T) {
 	c.resume()
 	c.finish()
 	pf := st.Prefetch
-	// 1024 recorded, one in probeEvery a probe, 64 written by the guest
+	// 1024 recorded, one in probeStride a probe, 64 written by the guest
 	// first (those of them at probe positions are counted once).
 	probes, writtenProbes := 0, 0
 	for i, page := range order {
-		if i%probeEvery == 0 {
+		if i%probeStride(len(order)) == 0 {
 			probes++
 			if page < 64 {
 				writtenProbes++
@@ -283,8 +283,8 @@ func TestReplayCachesTheWorkingSetForSiblingsOnly(t *testing.T) {
 		return c, p.sessionStats(t, id)
 	}
 	lone, _ := replay("lone")
-	if n := p.stats(t).CacheEntries; n > 2*ws/probeEvery {
-		t.Errorf("a lone replay left %d pages in the pager's cache, want about its %d probes", n, ws/probeEvery)
+	if n := p.stats(t).CacheEntries; n > 2*ws/probeStride(ws) {
+		t.Errorf("a lone replay left %d pages in the pager's cache, want about its %d probes", n, ws/probeStride(ws))
 	}
 	second, st := replay("second")
 	if st.BackingBytes == 0 {
@@ -370,4 +370,24 @@ func TestReplayOfAShrunkMemFileStopsReplayOnly(t *testing.T) {
 	c.expect("waiting")
 	c.resume()
 	c.finish()
+}
+
+// TestProbesStayFewAndEnough: a replay's probes sample its working set
+// often enough to estimate waste (32 or more from 4,096 pages) and cost
+// the guest a bounded number of faults whatever its size (a 1 GiB working
+// set at one in probeEvery would fault 2,048 times).
+func TestProbesStayFewAndEnough(t *testing.T) {
+	for _, n := range []int{1, 127, 128, 129, 1024, 4095, 4096, 8191, 8192, 8193, 10000, 16384, 65536, 262144, 1 << 20, 3<<20 + 7} {
+		stride := probeStride(n)
+		probes := (n + stride - 1) / stride
+		if probes > maxProbes {
+			t.Errorf("%d recorded pages: %d probes (one in %d), want at most %d", n, probes, stride, maxProbes)
+		}
+		if n >= 4096 && probes < 32 {
+			t.Errorf("%d recorded pages: %d probes (one in %d), want 32 or more", n, probes, stride)
+		}
+		if stride < probeEvery {
+			t.Errorf("%d recorded pages: one probe in %d, want one in %d at most", n, stride, probeEvery)
+		}
+	}
 }
