@@ -550,20 +550,9 @@ func (m *Manager) gcRecordings(ctx context.Context) error {
 	if len(ents) == 0 {
 		return nil // nothing to collect: no need to list every record
 	}
-	live := map[string]bool{}
-	insts, err := m.db.ListInstances(ctx)
+	live, err := m.db.CacheKeysInUse(ctx)
 	if err != nil {
 		return err
-	}
-	for _, in := range insts {
-		live[in.SnapshotCacheKey] = true
-	}
-	snaps, err := m.db.ListSnapshots(ctx)
-	if err != nil {
-		return err
-	}
-	for _, s := range snaps {
-		live[s.SnapshotCacheKey] = true
 	}
 	recording := map[string]bool{}
 	m.pfs.mu.Lock()

@@ -90,6 +90,27 @@ func (s *Store) ListSnapshots(ctx context.Context) ([]Snapshot, error) {
 	return out, rows.Err()
 }
 
+// CacheKeysInUse is every snapshot cache key an instance or a snapshot
+// holds, read in one transaction ("" included when some record has none).
+// It is what the prefetch recordings' collector keeps; a fleet's records
+// are not decoded for it, only their keys.
+func (s *Store) CacheKeysInUse(ctx context.Context) (map[string]bool, error) {
+	rows, err := s.r().QueryContext(ctx, `SELECT snapshot_cache_key FROM instances UNION SELECT snapshot_cache_key FROM snapshots`)
+	if err != nil {
+		return nil, fmt.Errorf("list cache keys: %w", err)
+	}
+	defer rows.Close()
+	keys := map[string]bool{}
+	for rows.Next() {
+		var k string
+		if err := rows.Scan(&k); err != nil {
+			return nil, fmt.Errorf("list cache keys: %w", err)
+		}
+		keys[k] = true
+	}
+	return keys, rows.Err()
+}
+
 // SnapshotsMatching returns the snapshots a reference could name: the one
 // named ref, and every one whose id starts with ref (the full id included).
 func (s *Store) SnapshotsMatching(ctx context.Context, ref string) ([]Snapshot, error) {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"maps"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -336,5 +338,36 @@ func TestIDPrefixRangeHoldsExactlyTheIDsWithThePrefix(t *testing.T) {
 				t.Errorf("ref %q, id %q: in the range %v, has the prefix %v", ref, id, in, want)
 			}
 		}
+	}
+}
+
+func TestCacheKeysInUseAreEveryRecordsKeyOnce(t *testing.T) {
+	ctx := context.Background()
+	s, _ := openTemp(t)
+	if keys, err := s.CacheKeysInUse(ctx); err != nil || len(keys) != 0 {
+		t.Fatalf("empty store: keys %v, %v; want none", keys, err)
+	}
+	for i, key := range []string{"k1", "k1", "k2", ""} {
+		in := Instance{ID: fmt.Sprintf("i%d", i), Name: fmt.Sprintf("vm%d", i), State: "Standby", SnapshotCacheKey: key, CreatedAt: time.Unix(int64(i), 0).UTC()}
+		if err := s.CreateInstance(ctx, in); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.CreateSnapshot(ctx, Snapshot{ID: "s1", Name: "golden", State: "ready", SnapshotCacheKey: "k3"}); err != nil {
+		t.Fatal(err)
+	}
+	keys, err := s.CacheKeysInUse(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]bool{"k1": true, "k2": true, "k3": true, "": true}
+	if !maps.Equal(keys, want) {
+		t.Fatalf("keys %v, want %v", keys, want)
+	}
+	if err := s.DeleteInstance(ctx, "i2"); err != nil {
+		t.Fatal(err)
+	}
+	if keys, err = s.CacheKeysInUse(ctx); err != nil || keys["k2"] || !keys["k1"] {
+		t.Fatalf("after deleting k2's only instance: keys %v, %v; want k1 and no k2", keys, err)
 	}
 }
