@@ -2,6 +2,7 @@ package instance
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"regexp"
 	"strings"
@@ -162,9 +163,21 @@ func (m *Manager) lockResolved(ctx context.Context, in store.Instance, write boo
 		l.RLock()
 		unlock = l.RUnlock
 	}
-	in, err := m.db.GetInstance(ctx, in.ID)
+	id := in.ID
+	in, err := m.db.GetInstance(ctx, id)
 	if err != nil {
 		unlock()
+		if errors.Is(err, store.ErrNotFound) {
+			// Deleted since it was resolved: its delete may have dropped
+			// its lock before this one was made, and nothing else would
+			// drop this one (forget's rule: whoever waits on the old lock
+			// finds the record gone too).
+			m.mu.Lock()
+			if m.instLocks[id] == l {
+				delete(m.instLocks, id)
+			}
+			m.mu.Unlock()
+		}
 		return store.Instance{}, nil, apiErr(err)
 	}
 	if write {

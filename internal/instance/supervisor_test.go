@@ -2,6 +2,7 @@ package instance
 
 import (
 	"context"
+	"errors"
 	"syscall"
 	"testing"
 	"time"
@@ -78,5 +79,31 @@ func TestDeletedInstancesLeaveNothingInTheMaps(t *testing.T) {
 	if n := len(m.instLocks) + len(m.snapLocks) + len(m.procs) + len(m.sups); n != 0 {
 		t.Fatalf("after deleting everything: %d instance locks, %d snapshot locks, %d VMMs, %d supervisors; want none",
 			len(m.instLocks), len(m.snapLocks), len(m.procs), len(m.sups))
+	}
+}
+
+// An instance deleted between being resolved and being locked leaves no
+// lock behind: its delete dropped the lock it knew, and the late locker's
+// new one is dropped when it finds the record gone.
+func TestALateLockOfADeletedInstanceLeavesNoLock(t *testing.T) {
+	m := newTestManager(t)
+	ctx := context.Background()
+	createRunning(t, m, "vm")
+	in, err := m.resolveInstance(ctx, "vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.DeleteInstance(ctx, "vm"); err != nil {
+		t.Fatal(err)
+	}
+	for _, write := range []bool{false, true} {
+		if _, _, err := m.lockResolved(ctx, in, write); !errors.Is(err, api.ErrNotFound) {
+			t.Fatalf("lock of a deleted instance (write %v): err %v, want not found", write, err)
+		}
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.instLocks[in.ID]; ok || len(m.instLocks) != 0 {
+		t.Fatalf("%d instance locks left (one for the deleted %s: %v), want none", len(m.instLocks), in.ID, ok)
 	}
 }
