@@ -62,13 +62,11 @@ func (m *Manager) compress(ctx context.Context, id string) error {
 		}
 	}
 	crashPoint("compress", "compressed") // test hook (crashhook.go)
-	l := m.snapshotLock(id)
-	l.rw.Lock()
-	defer l.rw.Unlock()
-	rec, err := m.db.GetSnapshot(ctx, id)
+	rec, unlock, err := m.lockSnapshot(ctx, id, true)
 	if err != nil {
 		return err // deleted meanwhile
 	}
+	defer unlock()
 	if err := os.Remove(sd.Memory()); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("compress snapshot %s: drop raw: %w", id, err)
 	}

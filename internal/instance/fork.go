@@ -136,14 +136,13 @@ func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequ
 	if err != nil {
 		return api.Instance{}, apiErr(err)
 	}
-	l := m.snapshotLock(sn.ID)
-	l.rw.RLock()
-	var once sync.Once
-	release := func() { once.Do(l.rw.RUnlock) }
-	defer release()
-	if sn, err = m.db.GetSnapshot(ctx, sn.ID); err != nil {
+	sn, unlockSnap, err := m.lockSnapshot(ctx, sn.ID, false)
+	if err != nil {
 		return api.Instance{}, apiErr(err)
 	}
+	var once sync.Once
+	release := func() { once.Do(unlockSnap) }
+	defer release()
 	if sn.State == snapCreating {
 		return api.Instance{}, fmt.Errorf("%w: snapshot %q is still being created", api.ErrInvalidState, sn.Name)
 	}

@@ -186,6 +186,35 @@ func (m *Manager) lockResolved(ctx context.Context, in store.Instance, write boo
 	return in, unlock, nil
 }
 
+// lockSnapshot takes snapshot id's lock (write or read) and re-reads its
+// record under it, as lockResolved does for an instance; the returned
+// unlock releases the lock. A snapshot deleted since its caller resolved
+// it leaves no lock behind: the store's error (not found) is returned as
+// is, for the caller to word.
+func (m *Manager) lockSnapshot(ctx context.Context, id string, write bool) (store.Snapshot, func(), error) {
+	l := m.snapshotLock(id)
+	unlock := l.rw.Unlock
+	if write {
+		l.rw.Lock()
+	} else {
+		l.rw.RLock()
+		unlock = l.rw.RUnlock
+	}
+	sn, err := m.db.GetSnapshot(ctx, id)
+	if err != nil {
+		unlock()
+		if errors.Is(err, store.ErrNotFound) {
+			m.mu.Lock()
+			if m.snapLocks[id] == l {
+				delete(m.snapLocks, id)
+			}
+			m.mu.Unlock()
+		}
+		return store.Snapshot{}, nil, err
+	}
+	return sn, unlock, nil
+}
+
 func invalidState(in store.Instance, action string, want ...string) error {
 	return fmt.Errorf("%w: cannot %s instance %q: it is %s (needs %s)", api.ErrInvalidState, action, in.Name, in.State, strings.Join(want, " or "))
 }

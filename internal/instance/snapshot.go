@@ -302,13 +302,12 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, ref string) error {
 		return apiErr(err)
 	}
 	m.cancelCompression(s.ID)
-	l := m.snapshotLock(s.ID)
-	l.rw.Lock()
-	defer l.rw.Unlock()
 	// A concurrent delete may have won the lock first: exactly one succeeds.
-	if s, err = m.db.GetSnapshot(ctx, s.ID); err != nil {
+	s, unlock, err := m.lockSnapshot(ctx, s.ID, true)
+	if err != nil {
 		return apiErr(err)
 	}
+	defer unlock()
 	// A snapshot being created is not yet the store's to delete: its
 	// create still builds its dir and then records it ready, and would
 	// find its record gone (failing a snapshot that was made, and leaving

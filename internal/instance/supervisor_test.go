@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/store"
 )
 
 // Reads only read: with a VMM stopped by SIGSTOP (it will not answer
@@ -105,5 +106,37 @@ func TestALateLockOfADeletedInstanceLeavesNoLock(t *testing.T) {
 	defer m.mu.Unlock()
 	if _, ok := m.instLocks[in.ID]; ok || len(m.instLocks) != 0 {
 		t.Fatalf("%d instance locks left (one for the deleted %s: %v), want none", len(m.instLocks), in.ID, ok)
+	}
+}
+
+// The same for a snapshot: a fork, compression or delete that resolved it
+// before its delete finished leaves no lock for it.
+func TestALateLockOfADeletedSnapshotLeavesNoLock(t *testing.T) {
+	m := newTestManager(t)
+	ctx := context.Background()
+	createRunning(t, m, "vm")
+	action(t, m, "vm", "standby")
+	if _, err := m.CreateSnapshot(ctx, "vm", api.SnapshotRequest{Name: "snap"}); err != nil {
+		t.Fatal(err)
+	}
+	sn, err := m.resolveSnapshot(ctx, "snap")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.DeleteSnapshot(ctx, "snap"); err != nil {
+		t.Fatal(err)
+	}
+	for _, write := range []bool{false, true} {
+		if _, _, err := m.lockSnapshot(ctx, sn.ID, write); !errors.Is(err, store.ErrNotFound) {
+			t.Fatalf("lock of a deleted snapshot (write %v): err %v, want not found", write, err)
+		}
+	}
+	if _, err := m.ForkSnapshot(ctx, sn.ID, api.ForkRequest{Name: "late"}); !errors.Is(err, api.ErrNotFound) {
+		t.Fatalf("fork of a deleted snapshot: err %v, want not found", err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.snapLocks[sn.ID]; ok || len(m.snapLocks) != 0 {
+		t.Fatalf("%d snapshot locks left (one for the deleted %s: %v), want none", len(m.snapLocks), sn.ID, ok)
 	}
 }
