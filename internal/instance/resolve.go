@@ -156,27 +156,13 @@ func (m *Manager) lockInstance(ctx context.Context, ref string, write bool) (sto
 // resolve first, and every read costs CPU a burst of them shares.
 func (m *Manager) lockResolved(ctx context.Context, in store.Instance, write bool) (store.Instance, func(), error) {
 	l := m.instanceLock(in.ID)
-	unlock := l.Unlock
-	if write {
-		l.Lock()
-	} else {
-		l.RLock()
-		unlock = l.RUnlock
-	}
+	unlock := rwLock(l, write)
 	id := in.ID
 	in, err := m.db.GetInstance(ctx, id)
 	if err != nil {
 		unlock()
 		if errors.Is(err, store.ErrNotFound) {
-			// Deleted since it was resolved: its delete may have dropped
-			// its lock before this one was made, and nothing else would
-			// drop this one (forget's rule: whoever waits on the old lock
-			// finds the record gone too).
-			m.mu.Lock()
-			if m.instLocks[id] == l {
-				delete(m.instLocks, id)
-			}
-			m.mu.Unlock()
+			dropLock(m, m.instLocks, id, l)
 		}
 		return store.Instance{}, nil, apiErr(err)
 	}
@@ -193,26 +179,39 @@ func (m *Manager) lockResolved(ctx context.Context, in store.Instance, write boo
 // is, for the caller to word.
 func (m *Manager) lockSnapshot(ctx context.Context, id string, write bool) (store.Snapshot, func(), error) {
 	l := m.snapshotLock(id)
-	unlock := l.rw.Unlock
-	if write {
-		l.rw.Lock()
-	} else {
-		l.rw.RLock()
-		unlock = l.rw.RUnlock
-	}
+	unlock := rwLock(&l.rw, write)
 	sn, err := m.db.GetSnapshot(ctx, id)
 	if err != nil {
 		unlock()
 		if errors.Is(err, store.ErrNotFound) {
-			m.mu.Lock()
-			if m.snapLocks[id] == l {
-				delete(m.snapLocks, id)
-			}
-			m.mu.Unlock()
+			dropLock(m, m.snapLocks, id, l)
 		}
 		return store.Snapshot{}, nil, err
 	}
 	return sn, unlock, nil
+}
+
+// rwLock takes l for writing or for reading and returns how to release it.
+func rwLock(l *sync.RWMutex, write bool) (unlock func()) {
+	if write {
+		l.Lock()
+		return l.Unlock
+	}
+	l.RLock()
+	return l.RUnlock
+}
+
+// dropLock removes id's entry from locks (a map under m.mu) if it is
+// still l. A locker that finds its instance or snapshot deleted calls it:
+// the delete may have dropped the lock it knew before this one was made,
+// and nothing else would drop this one. Whoever else holds or waits on l
+// finds the record gone too (forget's rule).
+func dropLock[L any](m *Manager, locks map[string]*L, id string, l *L) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if locks[id] == l {
+		delete(locks, id)
+	}
 }
 
 func invalidState(in store.Instance, action string, want ...string) error {
