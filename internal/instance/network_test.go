@@ -20,6 +20,7 @@ import (
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/network"
 	"github.com/forkd/forkd/internal/network/nettest"
+	"github.com/forkd/forkd/internal/store"
 )
 
 // netEnv is a manager's networking in a test: its daemon namespace (made by
@@ -272,7 +273,10 @@ func TestWarmPoolGivesForksAReadyNetwork(t *testing.T) {
 	}
 	// A pool left by a daemon that stopped with warm networks and no VM is
 	// dropped at the next start.
-	if _, err := m.db.ReserveWarmSlot(ctx, env.host.Config().Slots()); err != nil {
+	if err := m.db.GroupUnsynced(ctx, "warm:reserving", func(tx *store.Tx) error {
+		_, err := tx.ReserveWarmSlot(env.host.Config().Slots())
+		return err
+	}); err != nil {
 		t.Fatal(err)
 	}
 	if err := env.host.Ensure(0); err != nil {

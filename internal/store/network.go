@@ -195,33 +195,16 @@ type WarmSlot struct {
 	Ready bool // its network is whole; false: being made, or a crash interrupted that
 }
 
-// ReserveWarmSlot records a new warm slot (not ready), the lowest free one,
-// before its network is made. ErrPoolExhausted if none is free.
-func (s *Store) ReserveWarmSlot(ctx context.Context, slots int) (int, error) {
-	tx, err := s.db.BeginTx(ctx, nil)
+// ReserveWarmSlot records, in the group, a new warm slot (not ready), the
+// lowest free one, before its network is made. ErrPoolExhausted if none is
+// free. (The pool's only writer commits it in a group: there is no Store
+// form.)
+func (t *Tx) ReserveWarmSlot(slots int) (int, error) {
+	slot, err := lowestFreeSlot(t.ctx, t.w.tx, slots)
 	if err != nil {
 		return 0, fmt.Errorf("reserve warm slot: %w", err)
 	}
-	defer tx.Rollback()
-	slot, err := reserveWarmSlot(ctx, tx, slots)
-	if err != nil {
-		return 0, err
-	}
-	if err := tx.Commit(); err != nil {
-		return 0, fmt.Errorf("reserve warm slot %d: %w", slot, err)
-	}
-	return slot, nil
-}
-
-// ReserveWarmSlot is Store.ReserveWarmSlot inside the group.
-func (t *Tx) ReserveWarmSlot(slots int) (int, error) { return reserveWarmSlot(t.ctx, t.w.tx, slots) }
-
-func reserveWarmSlot(ctx context.Context, tx *sql.Tx, slots int) (int, error) {
-	slot, err := lowestFreeSlot(ctx, tx, slots)
-	if err != nil {
-		return 0, fmt.Errorf("reserve warm slot: %w", err)
-	}
-	if _, err := tx.ExecContext(ctx, `INSERT INTO net_warm (slot, ready) VALUES (?, 0)`, slot); err != nil {
+	if _, err := t.w.tx.ExecContext(t.ctx, `INSERT INTO net_warm (slot, ready) VALUES (?, 0)`, slot); err != nil {
 		return 0, fmt.Errorf("reserve warm slot %d: %w", slot, err)
 	}
 	return slot, nil

@@ -101,7 +101,7 @@ func TestPoolExhaustedAndPortTakenLeaveNothing(t *testing.T) {
 func TestWarmSlotsAreTakenOnlyWhenReady(t *testing.T) {
 	ctx := context.Background()
 	s, _ := openTemp(t)
-	w, err := s.ReserveWarmSlot(ctx, 10)
+	w, err := reserveWarm(ctx, s, 10)
 	if err != nil || w != 0 {
 		t.Fatalf("first warm slot = %d, %v; want 0", w, err)
 	}
@@ -119,10 +119,10 @@ func TestWarmSlotsAreTakenOnlyWhenReady(t *testing.T) {
 	if ws, _ := s.WarmSlots(ctx); len(ws) != 0 {
 		t.Fatalf("warm slots after the take: %v, want none", ws)
 	}
-	if w2, err := s.ReserveWarmSlot(ctx, 3); err != nil || w2 != 2 {
+	if w2, err := reserveWarm(ctx, s, 3); err != nil || w2 != 2 {
 		t.Fatalf("next warm slot = %d, %v; want 2", w2, err)
 	}
-	if _, err := s.ReserveWarmSlot(ctx, 3); !errors.Is(err, ErrPoolExhausted) {
+	if _, err := reserveWarm(ctx, s, 3); !errors.Is(err, ErrPoolExhausted) {
 		t.Fatalf("warm slot in a full pool: %v, want ErrPoolExhausted", err)
 	}
 }
@@ -139,7 +139,7 @@ func TestRestoreNetworkedInstanceTakesItsOwnSlotOnly(t *testing.T) {
 	if err := s.CreateNetworkedInstance(ctx, &held, 10, []Publish{{HostPort: 8080, GuestPort: 80, Protocol: "tcp"}}); err != nil {
 		t.Fatal(err)
 	}
-	w, err := s.ReserveWarmSlot(ctx, 10)
+	w, err := reserveWarm(ctx, s, 10)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -191,4 +191,13 @@ func TestRestoreNetworkedInstanceTakesItsOwnSlotOnly(t *testing.T) {
 	if err := s.CreateNetworkedInstance(ctx, &next, 10, nil); err != nil || next.NetSlot == w || next.NetSlot == held.NetSlot {
 		t.Fatalf("the next instance got slot %d (%v), one already held", next.NetSlot, err)
 	}
+}
+
+// reserveWarm reserves a warm slot in a group of its own, as the pool does.
+func reserveWarm(ctx context.Context, s *Store, slots int) (slot int, err error) {
+	err = s.Group(ctx, "warm", func(tx *Tx) (err error) {
+		slot, err = tx.ReserveWarmSlot(slots)
+		return err
+	})
+	return slot, err
 }
