@@ -6,7 +6,8 @@ import (
 	"time"
 )
 
-// spin burns CPU until this process's CPU time has grown by at least d.
+// spin burns CPU until this process's CPU time, as ReadSchedTimes reads
+// it, has grown by at least d; it fails the test after a minute without.
 func spin(t *testing.T, d time.Duration) {
 	t.Helper()
 	start, err := ReadSchedTimes(os.Getpid())
