@@ -46,6 +46,9 @@ type cpuMeter struct {
 // newCPUMeter meters the daemon of pid (0: unknown, nothing is measured).
 func newCPUMeter(pid int) *cpuMeter { return &cpuMeter{pid: pid, ok: pid > 0} }
 
+// start begins an interval. This process's own reading of the daemon's
+// counters is kept out of its interval: it is read after them here, and
+// before them in stop.
 func (m *cpuMeter) start() {
 	if !m.ok {
 		return
@@ -61,8 +64,8 @@ func (m *cpuMeter) stop(forks int) {
 	if !m.ok {
 		return
 	}
-	d1, err1 := ReadSchedTimes(m.pid)
 	c1, err2 := ReadSchedTimes(os.Getpid())
+	d1, err1 := ReadSchedTimes(m.pid)
 	if m.ok = err1 == nil && err2 == nil; !m.ok {
 		return
 	}
