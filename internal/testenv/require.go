@@ -9,17 +9,18 @@ import (
 // Keys of the requirements a test may name. The list is closed so that a
 // typo in FORKD_TEST_REQUIRE or in a test is caught (Required panics).
 const (
-	Root   = "root"   // euid 0
-	Loop   = "loop"   // loop devices (/dev/loop-control, losetup, mount)
-	Uffd   = "uffd"   // userfaultfd
-	XFS    = "xfs"    // mkfs.xfs with reflink
-	Btrfs  = "btrfs"  // mkfs.btrfs
-	Netns  = "netns"  // network namespaces, veth, TAP and nf_tables
-	Cgroup = "cgroup" // writable cgroup controllers (memory, cpu, pids)
-	KVM    = "kvm"    // /dev/kvm with firecracker and jailer binaries
+	Root   = "root"      // euid 0
+	Loop   = "loop"      // loop devices (/dev/loop-control, losetup, mount)
+	Uffd   = "uffd"      // userfaultfd
+	XFS    = "xfs"       // mkfs.xfs with reflink
+	Btrfs  = "btrfs"     // mkfs.btrfs
+	Netns  = "netns"     // network namespaces, veth, TAP and nf_tables
+	Cgroup = "cgroup"    // writable cgroup controllers (memory, cpu, pids)
+	KVM    = "kvm"       // /dev/kvm with firecracker and jailer binaries
+	Huge   = "hugepages" // a pool of 2 MiB pages the tests may grow (root)
 )
 
-var known = map[string]bool{Root: true, Loop: true, Uffd: true, XFS: true, Btrfs: true, Netns: true, Cgroup: true, KVM: true}
+var known = map[string]bool{Root: true, Loop: true, Uffd: true, XFS: true, Btrfs: true, Netns: true, Cgroup: true, KVM: true, Huge: true}
 
 // EnvRequire names the environment variable listing the requirements whose
 // absence fails a test instead of skipping it.
