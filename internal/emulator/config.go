@@ -34,7 +34,24 @@ type machineConfigUpdate struct {
 	CPUTemplate     *string `json:"cpu_template"`
 }
 
+// Firecracker's refusals of a machine configuration (MachineConfigError,
+// "Machine config error: ..." at the API).
+const (
+	errVCPUCount fault = "Machine config error: The number of vCPUs must be greater than 0, less than 32 and must be 1 or an even number if SMT is enabled."
+	errMemSize   fault = "Machine config error: The memory size (MiB) is either 0, or not a multiple of the configured page size."
+)
+
+// apply merges u into c and checks the result as Firecracker's
+// MachineConfig::update does: the vCPU count, then the memory size, which
+// with huge_pages 2M must be a whole number of 2 MiB pages (checked on the
+// merged config, so a PATCH of either field alone is checked against the
+// other). Checks against other resources (balloon, initrd) are the VMM's
+// (checkMachineAgainstBoot).
 func (u machineConfigUpdate) apply(c machineConfig) (machineConfig, error) {
+	if u.HugePages != nil && *u.HugePages != "None" && *u.HugePages != hugePages2M {
+		// serde refuses an unknown enum variant while decoding the body.
+		return c, deserializeError{fmt.Sprintf("unknown variant `%s`, expected `None` or `2M`", *u.HugePages)}
+	}
 	if u.VCPUCount != nil {
 		c.VCPUCount = *u.VCPUCount
 	}
@@ -54,21 +71,16 @@ func (u machineConfigUpdate) apply(c machineConfig) (machineConfig, error) {
 		c.CPUTemplate = *u.CPUTemplate
 	}
 	if c.VCPUCount < 1 || c.VCPUCount > maxVCPUs || (c.SMT && c.VCPUCount > 1 && c.VCPUCount%2 != 0) {
-		return c, fault("The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled.")
+		return c, errVCPUCount
 	}
-	if c.MemSizeMib < 1 {
-		return c, fault("The memory size (MiB) is invalid.")
-	}
-	switch c.HugePages {
-	case "", "None":
-		c.HugePages = "None"
-	case "2M":
-		return c, fmt.Errorf("huge_pages 2M is not supported by forkd vmm (no hugetlbfs backing)")
-	default:
-		return c, fmt.Errorf("unknown variant `%s`, expected `None` or `2M`", c.HugePages)
+	if c.MemSizeMib < 1 || (c.huge() && c.MemSizeMib%(hugePageSize>>20) != 0) {
+		return c, errMemSize
 	}
 	return c, nil
 }
+
+// huge reports huge_pages 2M: guest memory is 2 MiB hugetlbfs pages.
+func (c machineConfig) huge() bool { return c.HugePages == hugePages2M }
 
 type bootSource struct {
 	KernelImagePath string `json:"kernel_image_path"`

@@ -34,6 +34,14 @@
 // contiguous in the mem-file. The hidden boot arg forkd.split_mib=N splits at
 // N MiB instead, so tests reach the multi-region code paths with small VMs.
 //
+// With machine-config huge_pages "2M" RAM is 2 MiB hugetlbfs pages
+// (hugepages.go): mapped MAP_HUGETLB|MAP_HUGE_2MB with Firecracker's other
+// flags (NORESERVE included), every page claimed from the host's pool at
+// InstanceStart so a short pool fails the start instead of a later fault,
+// restored only through Uffd (a File load is refused as Firecracker refuses
+// it) with 2 MiB announced in the handshake. The guest's own page, the dirty
+// log and a Diff stay 4 KiB.
+//
 // Page 0 is the workload header (magic, generation, lineage, layout and one
 // step counter per vCPU), then the version table (16 bytes per working-set
 // page: version, lineage), then the working-set pages, then free pages.

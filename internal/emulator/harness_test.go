@@ -230,6 +230,7 @@ func (p *vmmProc) waitExit(d time.Duration) error {
 type bootSpec struct {
 	vcpus, memMib int
 	track         bool
+	huge          bool // huge_pages 2M
 	bootArgs      string
 }
 
@@ -246,7 +247,11 @@ func (p *vmmProc) boot(b bootSpec) {
 			p.t.Fatal(err)
 		}
 	}
-	p.must("PUT", "/machine-config", map[string]any{"vcpu_count": b.vcpus, "mem_size_mib": b.memMib, "track_dirty_pages": b.track}, 204)
+	machine := map[string]any{"vcpu_count": b.vcpus, "mem_size_mib": b.memMib, "track_dirty_pages": b.track}
+	if b.huge {
+		machine["huge_pages"] = "2M"
+	}
+	p.must("PUT", "/machine-config", machine, 204)
 	p.must("PUT", "/boot-source", map[string]any{"kernel_image_path": kernel, "boot_args": b.bootArgs}, 204)
 	p.must("PUT", "/actions", map[string]any{"action_type": "InstanceStart"}, 204)
 }

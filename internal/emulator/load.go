@@ -142,12 +142,18 @@ func (v *vmm) load(p loadParams, req snapshotLoad) error {
 	if err := writeDiskRecord(st.Drives, guest, lineage); err != nil {
 		return faultf("Failed to restore from snapshot: Failed to build microVM from snapshot: %v", err)
 	}
+	// The snapshot's huge_pages decides the backing; a load cannot switch
+	// it (Firecracker applies the vmstate's setting before mapping memory).
+	huge := st.Machine.huge()
 	var mem *guestMemory
 	switch p.backendType {
 	case "File":
+		if huge {
+			return v.refuseFileLoad(p.backendPath)
+		}
 		mem, err = mapFile(p.backendPath, st.Regions)
 	case "Uffd":
-		mem, err = v.mapUffd(p.backendPath, st.Regions, st.Workload.Config.DiscardPct > 0)
+		mem, err = v.mapUffd(p.backendPath, st.Regions, st.Workload.Config.DiscardPct > 0, huge)
 	}
 	if err != nil {
 		return err

@@ -1,6 +1,7 @@
 package emulator
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"unsafe"
@@ -8,8 +9,22 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// pageSize is the guest page size: 4 KiB, as Firecracker without hugetlbfs.
+// pageSize is the guest page size: 4 KiB. The workload, the dirty log and
+// a Diff snapshot count in it whatever backs guest memory, as KVM's dirty
+// log does.
 const pageSize = 4096
+
+// hugePageSize is the host page backing guest memory with huge_pages 2M
+// (hugetlbfs): every region is mapped, registered with a uffd and announced
+// in the uffd handshake in whole pages of this size.
+const hugePageSize = 2 << 20
+
+// hugePages2M is machine-config's huge_pages value for hugetlbfs backing.
+const hugePages2M = "2M"
+
+// nrHugePagesPath is where the host's pool of 2 MiB pages is sized: named
+// in errors, never read (a jailed VMM has no /sys).
+const nrHugePagesPath = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
 
 // Firecracker's x86 layout: RAM below the MMIO hole at 3 GiB, the rest from
 // 4 GiB on. A VM larger than 3 GiB therefore has two regions.
@@ -48,7 +63,21 @@ type guestMemory struct {
 	// map anonymous memory over the range (MADV_DONTNEED would re-read the
 	// file), as Firecracker does for balloon discards.
 	fileBacked bool
-	size       uint64
+	// huge: the mapping is hugetlbfs (huge_pages 2M): 2 MiB host pages,
+	// never file-backed, never discarded (a 4 KiB discard cannot free part
+	// of a huge page; the config refuses a discarding workload).
+	huge bool
+	size uint64
+}
+
+// backingPageSize is the host page size of the mapping: the unit a uffd
+// handler must install (UFFDIO_COPY of anything smaller into hugetlbfs
+// fails with EINVAL).
+func (m *guestMemory) backingPageSize() uint64 {
+	if m.huge {
+		return hugePageSize
+	}
+	return pageSize
 }
 
 func (m *guestMemory) pages() uint64 { return m.size / pageSize }
@@ -69,6 +98,9 @@ func (m *guestMemory) page(i uint64) []byte {
 // zeros. On anonymous (and uffd-registered) memory that is MADV_DONTNEED,
 // which reaches a pager as UFFD_EVENT_REMOVE.
 func (m *guestMemory) discard(i uint64) error {
+	if m.huge {
+		return fmt.Errorf("discard guest page %d: guest memory is 2 MiB hugetlbfs pages, a 4 KiB discard cannot free one", i)
+	}
 	p := m.page(i)
 	if m.fileBacked {
 		addr := unsafe.Pointer(&p[0])
@@ -108,19 +140,63 @@ func totalSize(regions []region) uint64 {
 	return n
 }
 
-// mapAnonymous maps fresh guest RAM with Firecracker's boot flags.
-func mapAnonymous(regions []region) (*guestMemory, error) {
-	m := &guestMemory{regions: regions, size: totalSize(regions)}
+// mapAnonymous maps fresh guest RAM with Firecracker's flags (boot, and a
+// Uffd load): MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE, plus
+// MAP_HUGETLB|MAP_HUGE_2MB with huge. NORESERVE on hugetlbfs means no page of
+// the pool is reserved here: a fault the pool cannot serve is a SIGBUS (a
+// uffd handler's UFFDIO_COPY fails with ENOMEM instead), hence
+// claimHugePages at boot. Region sizes must be whole huge pages (the
+// config and the vmstate check ensure it): munmap of a hugetlbfs mapping
+// needs its length aligned.
+func mapAnonymous(regions []region, huge bool) (*guestMemory, error) {
+	m := &guestMemory{regions: regions, size: totalSize(regions), huge: huge}
+	flags := unix.MAP_PRIVATE | unix.MAP_ANONYMOUS | unix.MAP_NORESERVE
+	kind := "anonymous"
+	if huge {
+		flags |= unix.MAP_HUGETLB | unix.MAP_HUGE_2MB
+		kind = "2 MiB hugetlbfs"
+	}
 	for _, r := range regions {
-		b, err := unix.Mmap(-1, 0, int(r.Size), unix.PROT_READ|unix.PROT_WRITE,
-			unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+		if huge && r.Size%hugePageSize != 0 {
+			m.close()
+			return nil, fmt.Errorf("map %d bytes of %s guest memory: not a whole number of huge pages", r.Size, kind)
+		}
+		b, err := unix.Mmap(-1, 0, int(r.Size), unix.PROT_READ|unix.PROT_WRITE, flags)
 		if err != nil {
 			m.close()
-			return nil, fmt.Errorf("map %d bytes of anonymous guest memory: %w", r.Size, err)
+			return nil, fmt.Errorf("map %d bytes of %s guest memory: %w", r.Size, kind, err)
 		}
 		m.maps = append(m.maps, b)
 	}
 	return m, nil
+}
+
+// claimHugePages takes every 2 MiB page of a freshly booted hugetlbfs guest
+// from the host's pool (MADV_POPULATE_WRITE), so a pool too small for the
+// guest fails InstanceStart with a message saying what to grow, where
+// Firecracker, mapping with MAP_NORESERVE too, boots and takes a SIGBUS at
+// the first fault the pool cannot serve. The pool's pages are allocated
+// when the pool grows, so claiming them costs the host no memory; it does
+// make every page resident (a mincore Diff without dirty tracking then
+// counts all of them, as it would once the guest had touched its RAM).
+// POPULATE_WRITE reports the fault it could not serve as EFAULT instead of
+// raising the signal.
+func (m *guestMemory) claimHugePages() error {
+	if !m.huge {
+		return nil
+	}
+	for r, b := range m.maps {
+		if err := unix.Madvise(b, unix.MADV_POPULATE_WRITE); err != nil {
+			need := m.size / hugePageSize
+			if errors.Is(err, unix.EFAULT) || errors.Is(err, unix.ENOMEM) {
+				return fmt.Errorf("guest memory (huge_pages 2M) needs %d free 2 MiB huge pages for its %d MiB and the host's pool ran out "+
+					"(populate region %d: %v): raise nr_hugepages (%s) so that %d pages are free (or the VMM's hugetlb cgroup limit)",
+					need, m.size>>20, r, err, nrHugePagesPath, need)
+			}
+			return fmt.Errorf("populate region %d of 2 MiB hugetlbfs guest memory: %w", r, err)
+		}
+	}
+	return nil
 }
 
 // mapFile maps the mem-file MAP_PRIVATE|MAP_NORESERVE per region: clean pages

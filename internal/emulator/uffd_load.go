@@ -23,8 +23,17 @@ import (
 //     that discards pages, forkd.discard_pct > 0, the emulator's balloon),
 //     only page_size_kib (holding bytes), and the socket is closed right
 //     after the handshake.
-func (v *vmm) mapUffd(backendPath string, regions []region, balloon bool) (*guestMemory, error) {
-	mem, err := mapAnonymous(regions)
+//
+// With huge (the snapshot's huge_pages 2M) the memory is hugetlbfs
+// (mapAnonymous), registered MISSING all the same, and every region
+// announces 2 MiB pages (page_size and page_size_kib both 2097152): the
+// handler must install whole huge pages (UFFDIO_COPY of 4 KiB fails with
+// EINVAL there, and hugetlbfs has no UFFDIO_ZEROPAGE). Region bases are
+// 2 MiB aligned (the kernel aligns a hugetlbfs mapping). Nothing is
+// claimed from the pool here: a pool the handler's copies exhaust fails
+// them with ENOMEM.
+func (v *vmm) mapUffd(backendPath string, regions []region, balloon, huge bool) (*guestMemory, error) {
+	mem, err := mapAnonymous(regions, huge)
 	if err != nil {
 		return nil, err
 	}
@@ -51,9 +60,10 @@ func (v *vmm) mapUffd(backendPath string, regions []region, balloon bool) (*gues
 			fd.Close()
 			return fail(fmt.Errorf("register region %d (%d bytes) with userfaultfd: %w", i, r.Size, err))
 		}
-		hs[i] = uffd.Region{BaseHostVirtAddr: addr, Size: r.Size, Offset: r.Offset, PageSizeKiB: pageSize}
+		ps := mem.backingPageSize()
+		hs[i] = uffd.Region{BaseHostVirtAddr: addr, Size: r.Size, Offset: r.Offset, PageSizeKiB: ps}
 		if v.rel.uffdPageSize() {
-			hs[i].PageSize = pageSize
+			hs[i].PageSize = ps
 		}
 	}
 	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: backendPath, Net: "unix"})

@@ -21,9 +21,11 @@ import (
 )
 
 // testPager is a minimal userfaultfd handler for one VMM: it serves missing
-// pages from a mem-file and zero-fills ranges the guest removed. With
-// ignoreRemove it reads REMOVE events but forgets them, so it resurrects
-// file data into removed ranges: the bug the workload must catch.
+// pages from a mem-file and zero-fills ranges the guest removed, in pages of
+// the size the handshake announces for the region (so a hugetlbfs guest
+// whose handshake said 4 KiB fails its copies). With ignoreRemove it reads
+// REMOVE events but forgets them, so it resurrects file data into removed
+// ranges: the bug the workload must catch.
 type testPager struct {
 	t            *testing.T
 	backing      []byte
@@ -32,7 +34,8 @@ type testPager struct {
 	faults, removes atomic.Int64
 
 	mu      sync.Mutex
-	regions []uffd.Region
+	regions []uffd.Region // as parsed (PageSize filled from page_size_kib if absent)
+	raw     []byte        // the handshake's JSON payload as sent
 	err     error
 	removed [][2]uint64 // [start, end) ranges to zero-fill
 }
@@ -81,17 +84,18 @@ func (p *testPager) serve(ctx context.Context, ln *net.UnixListener) error {
 		return fmt.Errorf("accept: %w", err)
 	}
 	defer conn.Close()
-	regions, fds, err := uffd.ReceiveHandshake(conn, 10*time.Second)
+	raw, fdn, err := receiveRawHandshake(conn)
 	if err != nil {
 		return fmt.Errorf("handshake: %w", err)
 	}
-	for _, fd := range fds[1:] {
-		unix.Close(fd)
-	}
-	fd := uffd.FromFD(fds[0])
+	fd := uffd.FromFD(fdn)
 	defer fd.Close()
+	regions, err := uffd.ParseHandshake(raw)
+	if err != nil {
+		return err
+	}
 	p.mu.Lock()
-	p.regions = regions
+	p.regions, p.raw = regions, raw
 	p.mu.Unlock()
 
 	msgs := make([]uffd.Msg, 64)
@@ -130,7 +134,7 @@ func (p *testPager) serve(ctx context.Context, ln *net.UnixListener) error {
 			}
 			for _, m := range msgs[:n] {
 				if m.Event == uffd.EventPagefault {
-					pending = append(pending, m.Address&^(pageSize-1))
+					pending = append(pending, m.Address)
 				}
 			}
 		}
@@ -148,22 +152,50 @@ func (p *testPager) serve(ctx context.Context, ln *net.UnixListener) error {
 	}
 }
 
-func (p *testPager) serveFault(fd *uffd.FD, addr uint64) (retry bool, err error) {
+// receiveRawHandshake reads the VMM's one handshake message: its payload
+// as sent (so a test sees which fields the release sent) and its one
+// descriptor.
+func receiveRawHandshake(conn *net.UnixConn) ([]byte, int, error) {
+	conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	buf, oob := make([]byte, 16<<10), make([]byte, unix.CmsgSpace(4))
+	n, oobn, _, _, err := conn.ReadMsgUnix(buf, oob)
+	if err != nil {
+		return nil, -1, err
+	}
+	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+	if err != nil || len(msgs) != 1 {
+		return nil, -1, fmt.Errorf("control messages %d: %v", len(msgs), err)
+	}
+	fds, err := unix.ParseUnixRights(&msgs[0])
+	if err != nil || len(fds) != 1 {
+		return nil, -1, fmt.Errorf("descriptors %v: %v", fds, err)
+	}
+	return buf[:n], fds[0], nil
+}
+
+func (p *testPager) serveFault(fd *uffd.FD, fault uint64) (retry bool, err error) {
 	p.faults.Add(1)
-	for _, r := range p.removed {
-		if addr >= r[0] && addr < r[1] {
-			_, err = fd.ZeroPage(addr, pageSize, 0)
-			return p.result(addr, err)
-		}
-	}
 	for _, r := range p.regions {
-		if addr >= r.BaseHostVirtAddr && addr < r.BaseHostVirtAddr+r.Size {
-			off := r.Offset + addr - r.BaseHostVirtAddr
-			_, err = fd.Copy(uintptr(addr), uintptr(unsafe.Pointer(&p.backing[off])), pageSize, 0)
-			return p.result(addr, err)
+		if fault < r.BaseHostVirtAddr || fault >= r.BaseHostVirtAddr+r.Size {
+			continue
 		}
+		ps := r.PageSize // ParseHandshake fills it from page_size_kib before 1.12
+		addr := fault &^ (ps - 1)
+		for _, rm := range p.removed {
+			if addr >= rm[0] && addr < rm[1] {
+				if ps == pageSize {
+					_, err = fd.ZeroPage(addr, ps, 0)
+				} else { // hugetlbfs has no ZEROPAGE
+					_, err = fd.Copy(uintptr(addr), uintptr(unsafe.Pointer(&make([]byte, ps)[0])), ps, 0)
+				}
+				return p.result(addr, err)
+			}
+		}
+		off := r.Offset + addr - r.BaseHostVirtAddr
+		_, err = fd.Copy(uintptr(addr), uintptr(unsafe.Pointer(&p.backing[off])), ps, 0)
+		return p.result(addr, err)
 	}
-	return false, fmt.Errorf("fault at %#x outside every region", addr)
+	return false, fmt.Errorf("fault at %#x outside every region", fault)
 }
 
 func (p *testPager) result(addr uint64, err error) (bool, error) {

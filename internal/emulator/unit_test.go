@@ -122,7 +122,7 @@ func TestVMStateRoundTripsAndRejectsCorruption(t *testing.T) {
 // steps run synchronously on the caller's goroutine.
 func newTestWorkload(t *testing.T, vcpus int, memMib uint64, track bool) *workload {
 	t.Helper()
-	mem, err := mapAnonymous(layoutRegions(memMib<<20, memMib<<19))
+	mem, err := mapAnonymous(layoutRegions(memMib<<20, memMib<<19), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -258,7 +258,7 @@ func TestMemFileFollowsFirecrackerFileSemantics(t *testing.T) {
 }
 
 func BenchmarkWorkloadStep(b *testing.B) {
-	mem, err := mapAnonymous(layoutRegions(64<<20, 32<<20))
+	mem, err := mapAnonymous(layoutRegions(64<<20, 32<<20), false)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -138,3 +138,11 @@ func (r release) uffdKeepsSocket() bool { return r.atLeast(1, 12, 0) }
 // uffdAlwaysEventRemove: from 1.12 the uffd always has
 // UFFD_FEATURE_EVENT_REMOVE; before, only when a balloon device exists.
 func (r release) uffdAlwaysEventRemove() bool { return r.atLeast(1, 12, 0) }
+
+// hugePagesRefuseBalloon: before 1.14 huge_pages 2M and a balloon device
+// exclude each other (either order); from 1.14 both may be configured.
+func (r release) hugePagesRefuseBalloon() bool { return !r.atLeast(1, 14, 0) }
+
+// hugePagesRefuseInitrd: 1.10 refuses huge_pages 2M beside an initrd
+// (either order); 1.11 dropped that restriction.
+func (r release) hugePagesRefuseInitrd() bool { return !r.atLeast(1, 11, 0) }

@@ -163,6 +163,9 @@ func (v *vmm) setMachineConfig(u machineConfigUpdate, put bool) error {
 	if err != nil {
 		return err
 	}
+	if err := v.checkMachineAgainstBoot(c); err != nil {
+		return err
+	}
 	v.machine, v.configured = c, true
 	return nil
 }
@@ -171,6 +174,9 @@ func (v *vmm) setBootSource(b bootSource) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if err := v.preBoot(); err != nil {
+		return err
+	}
+	if err := v.checkInitrdAgainstMachine(b); err != nil {
 		return err
 	}
 	// The kernel is never executed, but it must exist, as Firecracker
@@ -186,6 +192,9 @@ func (v *vmm) setBootSource(b bootSource) error {
 	g, err := parseBootArgs(b.BootArgs)
 	if err != nil {
 		return fault(err.Error())
+	}
+	if err := v.checkBalloonAgainstMachine(g); err != nil {
+		return err
 	}
 	ip, err := guestnet.ParseIPArg(b.BootArgs)
 	if err != nil {
@@ -276,8 +285,20 @@ func (v *vmm) start() error {
 	}
 	memBytes := uint64(v.machine.MemSizeMib) << 20
 	cfg, split := workloadFor(v.guest, v.machine.VCPUCount, memBytes)
-	mem, err := mapAnonymous(layoutRegions(memBytes, split))
+	regions := layoutRegions(memBytes, split)
+	if v.machine.huge() {
+		if err := checkHugeLayout(regions); err != nil {
+			return faultf("Cannot start microvm: %v", err)
+		}
+	}
+	mem, err := mapAnonymous(regions, v.machine.huge())
 	if err != nil {
+		return faultf("Cannot start microvm: %v", err)
+	}
+	// A hugetlbfs pool too small for the guest fails here, not as a SIGBUS
+	// in the middle of the guest's run.
+	if err := mem.claimHugePages(); err != nil {
+		mem.close()
 		return faultf("Cannot start microvm: %v", err)
 	}
 	var dirty *dirtyBitmap
@@ -303,7 +324,7 @@ func (v *vmm) start() error {
 	v.announce = v.guest.vsockAnnounce
 	v.runGuest(wl)
 	v.st = stateRunning
-	v.log.Info("microVM started", "vcpus", cfg.VCPUs, "mem_mib", v.machine.MemSizeMib, "regions", len(mem.regions),
+	v.log.Info("microVM started", "vcpus", cfg.VCPUs, "mem_mib", v.machine.MemSizeMib, "huge_pages", v.machine.HugePages, "regions", len(mem.regions),
 		"ws_pages", cfg.WSPages, "write_pct", cfg.WritePct, "rate", cfg.Rate, "discard_pct", cfg.DiscardPct)
 	return nil
 }

@@ -19,11 +19,16 @@ import (
 // Format versions: 1, the body without firecracker_version and
 // snapshot_version (written by the emulator when it stood for 1.13 only: read
 // as snapshot data version 8.0.0); 2, the body with them; 3, with the vsock
-// device (an older reader would drop it silently, hence the bump).
+// device (an older reader would drop it silently, hence the bump); 4, a
+// machine_config whose huge_pages is 2M (hugetlbfs guest memory). Version 4
+// is written only for such a vmstate, so a reader that predates huge pages
+// refuses it rather than restore it in 4 KiB pages (or through File), and
+// every other vmstate stays readable by it.
 const (
-	vmstateMagic         = "FORKD-VMSTATE\x00\x00\x00"
-	vmstateFormatVersion = 3
-	vmstateHeaderLen     = 16 + 4 + 4 + 8
+	vmstateMagic            = "FORKD-VMSTATE\x00\x00\x00"
+	vmstateFormatVersion    = 4 // the newest this VMM reads
+	vmstateFormatNoHugePage = 3 // what it writes without huge pages
+	vmstateHeaderLen        = 16 + 4 + 4 + 8
 )
 
 // vmState is the vmstate body: the machine, its devices, the memory layout
@@ -48,9 +53,13 @@ func encodeVMState(st *vmState) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("encode vmstate: %w", err)
 	}
+	format := uint32(vmstateFormatNoHugePage)
+	if st.Machine.huge() {
+		format = vmstateFormatVersion
+	}
 	var b bytes.Buffer
 	b.WriteString(vmstateMagic)
-	binary.Write(&b, binary.LittleEndian, uint32(vmstateFormatVersion))
+	binary.Write(&b, binary.LittleEndian, format)
 	binary.Write(&b, binary.LittleEndian, uint32(0))
 	binary.Write(&b, binary.LittleEndian, uint64(len(body)))
 	b.Write(body)
@@ -81,6 +90,9 @@ func decodeVMState(data []byte) (*vmState, error) {
 	if format == 1 {
 		st.FirecrackerVersion, st.SnapshotVersion = "1.13.0", snapshotVersion{8, 0, 0}
 	}
+	if st.Machine.huge() && format < 4 {
+		return nil, fmt.Errorf("vmstate format version %d cannot hold huge_pages 2M", format)
+	}
 	return &st, st.validate()
 }
 
@@ -105,9 +117,22 @@ func (st *vmState) validate() error {
 	if len(st.Regions) == 0 || size != uint64(st.Machine.MemSizeMib)<<20 {
 		return fmt.Errorf("vmstate: regions cover %d bytes, machine has %d MiB", size, st.Machine.MemSizeMib)
 	}
+	// Older vmstates hold "" or "None"; hugetlbfs memory is mapped in whole
+	// huge pages and never discarded (the config refuses both).
+	unit := uint64(pageSize)
+	switch st.Machine.HugePages {
+	case "", "None":
+	case hugePages2M:
+		unit = hugePageSize
+		if c.DiscardPct > 0 {
+			return fmt.Errorf("vmstate: huge_pages 2M with a workload that discards pages")
+		}
+	default:
+		return fmt.Errorf("vmstate: huge_pages %q is neither None nor 2M", st.Machine.HugePages)
+	}
 	var off uint64
 	for _, r := range st.Regions {
-		if r.Offset != off || r.Size == 0 || r.Size > size || r.Size%pageSize != 0 {
+		if r.Offset != off || r.Size == 0 || r.Size > size || r.Size%unit != 0 {
 			return fmt.Errorf("vmstate: region at offset %d size %d breaks the contiguous layout", r.Offset, r.Size)
 		}
 		off += r.Size
