@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/forkd/forkd/internal/pager"
+	"github.com/forkd/forkd/internal/testenv"
 )
 
 // startPager runs forkd's real pager in this test process.
@@ -62,6 +63,29 @@ func TestUffdLoadThroughForkdPager(t *testing.T) {
 			q := startVMM(t, dir)
 			q.loadFile(vmstate2, mem2, false, true)
 			requireClean(t, "File restore of a pager-restored VM", q.waitTicks(2000))
+		}
+	}
+}
+
+// A huge_pages 2M snapshot restores through forkd's own pager: it reads the
+// handshake's 2 MiB page size and installs whole huge pages, twice from one
+// cache key (the second mostly from the pager's cache).
+func TestUffdLoadOfAHugePagesGuestThroughForkdPager(t *testing.T) {
+	requireUffd(t)
+	testenv.HugePages(t, 3*hugeGuestPages)
+	dir := t.TempDir()
+	_, vmstate, mem := bootHugeSnapshot(t, dir, DefaultFirecrackerVersion())
+	pc := startPager(t, filepath.Join(dir, "pager"))
+	for _, name := range []string{"a", "b"} {
+		sess, err := pc.CreateSession(t.Context(), pager.SessionRequest{SessionID: name, BackingPath: mem, CacheKey: "huge"})
+		if err != nil {
+			t.Fatalf("create pager session %s: %v", name, err)
+		}
+		p := startVMM(t, dir)
+		p.loadUffd(vmstate, sess.SocketPath)
+		requireClean(t, "huge guest restored through the pager "+name, p.waitTicks(3000))
+		if mapped, resident := hugetlbMappings(t, p.cmd.Process.Pid); mapped != 16<<20 || resident == 0 {
+			t.Fatalf("restored through the pager %s: %d bytes mapped in 2 MiB pages, %d resident", name, mapped, resident)
 		}
 	}
 }
