@@ -42,16 +42,21 @@ func TestMain(m *testing.M) {
 //
 //	SOCK      session socket to connect to
 //	MEMFILE   the mem-file, to verify pages against
-//	SIZE      guest memory bytes (one region at offset 0)
+//	SIZE      guest memory bytes
+//	PAGESIZE  4096 (anonymous memory) or 2097152 (hugetlb, MAP_HUGE_2MB)
+//	REGIONS   how many equal regions SIZE is split into, each its own
+//	          mapping, at consecutive mem-file offsets
 //	SEED      touch order seed
 //	HANDSHAKE good | fc110 (as Firecracker < 1.12) | badjson | nofd | twomsgs | bigregion
-//	SCRIPT    comma-separated steps:
+//	SCRIPT    comma-separated steps, in 4 KiB pages of the mem-file
+//	          whatever PAGESIZE is:
 //	  touch:A-B    read pages [A,B) in random order, verify each against MEMFILE
 //	  seq:A-B      the same in ascending order
 //	  written:A-B  verify pages [A,B) still hold what write:A-B wrote
 //	  zeros:A-B    verify pages [A,B) read as zeros
 //	  write:A-B    write 0xEE over pages [A,B) (a guest write)
-//	  dontneed:A-B madvise(MADV_DONTNEED) pages [A,B) (a balloon discard)
+//	  dontneed:A-B madvise(MADV_DONTNEED) pages [A,B) (a balloon discard;
+//	               within one region)
 //	  wait         print "waiting" and wait for a line on stdin
 //	  churn        touch and discard pages forever (to be killed mid-run)
 //
@@ -64,15 +69,51 @@ func consumerMain() int {
 	}
 	size, _ := strconv.Atoi(os.Getenv("SIZE"))
 	seed, _ := strconv.ParseUint(os.Getenv("SEED"), 10, 64)
+	pageSize, _ := strconv.Atoi(os.Getenv("PAGESIZE"))
+	nregions, _ := strconv.Atoi(os.Getenv("REGIONS"))
+	pageSize, nregions = max(pageSize, uffd.PageSize), max(nregions, 1)
 	file, err := os.ReadFile(os.Getenv("MEMFILE"))
 	if err != nil {
 		return fail("read memfile: %v", err)
 	}
-	mem, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
-	if err != nil {
-		return fail("mmap: %v", err)
+	flags := unix.MAP_PRIVATE | unix.MAP_ANONYMOUS | unix.MAP_NORESERVE
+	switch pageSize {
+	case uffd.PageSize:
+	case uffd.HugePageSize:
+		// As Firecracker backs guest memory with huge pages: private
+		// hugetlb memory, 2 MiB aligned by the kernel.
+		flags |= unix.MAP_HUGETLB | unix.MAP_HUGE_2MB
+	default:
+		return fail("PAGESIZE %d: want %d or %d", pageSize, uffd.PageSize, uffd.HugePageSize)
 	}
-	base := uint64(uintptr(unsafe.Pointer(&mem[0])))
+	regionSize := size / nregions
+	if regionSize*nregions != size || regionSize%pageSize != 0 {
+		return fail("SIZE %d does not split into %d regions of whole %d-byte pages", size, nregions, pageSize)
+	}
+	// mems[i] is region i, at mem-file offset i*regionSize; each is its
+	// own mapping, so the regions' addresses are unrelated to their offsets.
+	var mems [][]byte
+	var regions []uffd.Region
+	for i := range nregions {
+		m, err := unix.Mmap(-1, 0, regionSize, unix.PROT_READ|unix.PROT_WRITE, flags)
+		if err != nil {
+			return fail("mmap region %d (%d-byte pages): %v", i, pageSize, err)
+		}
+		mems = append(mems, m)
+		regions = append(regions, uffd.Region{BaseHostVirtAddr: uint64(uintptr(unsafe.Pointer(&m[0]))), Size: uint64(regionSize),
+			Offset: uint64(i * regionSize), PageSize: uint64(pageSize), PageSizeKiB: uint64(pageSize)})
+	}
+	// span is mem-file pages [lo, hi) in guest memory; they must lie in
+	// one region.
+	span := func(lo, hi int) []byte {
+		r := lo * uffd.PageSize / regionSize
+		if (hi*uffd.PageSize-1)/regionSize != r {
+			panic(fmt.Sprintf("pages [%d, %d) span regions", lo, hi))
+		}
+		off := r * regionSize
+		return mems[r][lo*uffd.PageSize-off : hi*uffd.PageSize-off]
+	}
+	page := func(p int) []byte { return span(p, p+1) }
 	f, err := uffd.Open(unix.O_CLOEXEC | unix.O_NONBLOCK)
 	if err != nil {
 		return fail("open uffd: %v", err)
@@ -80,14 +121,19 @@ func consumerMain() int {
 	if err := f.API(uffd.FeatureEventRemove); err != nil {
 		return fail("%v", err)
 	}
-	if _, err := f.Register(base, uint64(size), uffd.RegisterModeMissing); err != nil {
-		return fail("%v", err)
+	for _, r := range regions {
+		if _, err := f.Register(r.BaseHostVirtAddr, r.Size, uffd.RegisterModeMissing); err != nil {
+			return fail("%v", err)
+		}
 	}
 	var self *selfServer
 	if os.Getenv("HANDSHAKE") == "self" {
 		// The baseline: this process serves its own faults (pread + COPY
 		// on a locked thread), no pager, no socket.
-		self, err = startSelfServer(f, base, os.Getenv("MEMFILE"))
+		if nregions != 1 || pageSize != uffd.PageSize {
+			return fail("HANDSHAKE self serves one region of 4 KiB pages")
+		}
+		self, err = startSelfServer(f, regions[0].BaseHostVirtAddr, os.Getenv("MEMFILE"))
 		if err != nil {
 			return fail("self serve: %v", err)
 		}
@@ -100,7 +146,6 @@ func consumerMain() int {
 		}
 		conn = c.(*net.UnixConn)
 	}
-	regions := []uffd.Region{{BaseHostVirtAddr: base, Size: uint64(size), PageSize: uffd.PageSize, PageSizeKiB: uffd.PageSize}}
 	switch os.Getenv("HANDSHAKE") {
 	case "self":
 	case "", "good":
@@ -146,7 +191,6 @@ func consumerMain() int {
 			lo, _ = strconv.Atoi(a)
 			hi, _ = strconv.Atoi(b)
 		}
-		page := func(p int) []byte { return mem[p*uffd.PageSize : (p+1)*uffd.PageSize] }
 		switch name {
 		case "bg":
 			// Another thread of the VMM: the step after "bg:" runs beside
@@ -175,7 +219,7 @@ func consumerMain() int {
 			t0 := time.Now()
 			for _, i := range order {
 				p := lo + i
-				sink += mem[p*uffd.PageSize+i%uffd.PageSize] // the fault
+				sink += page(p)[i%uffd.PageSize] // the fault
 			}
 			d := time.Since(t0)
 			_ = fmt.Sprint(sink)
@@ -209,7 +253,7 @@ func consumerMain() int {
 				}
 			}
 		case "dontneed":
-			if err := unix.Madvise(mem[lo*uffd.PageSize:hi*uffd.PageSize], unix.MADV_DONTNEED); err != nil {
+			if err := unix.Madvise(span(lo, hi), unix.MADV_DONTNEED); err != nil {
 				return fail("madvise: %v", err)
 			}
 		case "wait":

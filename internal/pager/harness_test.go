@@ -110,7 +110,30 @@ func startPager(t testing.TB, cfg Config) *testPager {
 // [holeLo, holeHi) left as a hole.
 func memFile(t testing.TB, dir string, pages, zeroPage, holeLo, holeHi int) string {
 	t.Helper()
-	path := filepath.Join(dir, fmt.Sprintf("memory-%d", pages))
+	return memFileOf(t, filepath.Join(dir, fmt.Sprintf("memory-%d", pages)), pages, func(p int) pageFill {
+		switch {
+		case p >= holeLo && p < holeHi:
+			return fillHole
+		case p == zeroPage:
+			return fillZeros
+		}
+		return fillData
+	})
+}
+
+// pageFill is what memFileOf puts in a 4 KiB page of a mem-file.
+type pageFill int
+
+const (
+	fillData  pageFill = iota // random bytes
+	fillZeros                 // zeros written: data that reads all-zero
+	fillHole                  // nothing written: a hole
+)
+
+// memFileOf writes a mem-file of pages 4 KiB pages at path, each filled as
+// fill says.
+func memFileOf(t testing.TB, path string, pages int, fill func(p int) pageFill) string {
+	t.Helper()
 	f, err := os.Create(path)
 	if err != nil {
 		t.Fatal(err)
@@ -121,12 +144,12 @@ func memFile(t testing.TB, dir string, pages, zeroPage, holeLo, holeHi int) stri
 	}
 	buf := make([]byte, uffd.PageSize)
 	for p := 0; p < pages; p++ {
-		if p >= holeLo && p < holeHi {
+		switch fill(p) {
+		case fillHole:
 			continue
-		}
-		if p == zeroPage {
+		case fillZeros:
 			clear(buf)
-		} else {
+		default:
 			rand.Read(buf)
 		}
 		if _, err := f.WriteAt(buf, int64(p*uffd.PageSize)); err != nil {
@@ -145,12 +168,34 @@ type consumer struct {
 	done  chan error
 }
 
-// startConsumer re-executes the test binary as a consumer process.
-func startConsumer(t testing.TB, sock, memfile string, size int, handshake, script string) *consumer {
+// guestMemory is how a consumer lays out its guest memory: the page size
+// of its regions and how many regions it splits SIZE into.
+type guestMemory struct {
+	// pageSize is uffd.PageSize (anonymous memory, the default) or
+	// uffd.HugePageSize (hugetlb memory: 2 MiB pages from the host's pool,
+	// see testenv.HugePages).
+	pageSize int
+	// regions splits the memory into that many equal regions, each its own
+	// mapping, at consecutive mem-file offsets (0: one).
+	regions int
+}
+
+// huge2M is one region of 2 MiB pages.
+var huge2M = guestMemory{pageSize: uffd.HugePageSize}
+
+// startConsumer re-executes the test binary as a consumer process, with
+// one region of 4 KiB pages unless mem says otherwise.
+func startConsumer(t testing.TB, sock, memfile string, size int, handshake, script string, mem ...guestMemory) *consumer {
 	t.Helper()
+	layout := guestMemory{pageSize: uffd.PageSize, regions: 1}
+	if len(mem) > 0 {
+		layout = mem[0]
+		layout.regions = max(layout.regions, 1)
+	}
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), roleEnv+"=consumer", "SOCK="+sock, "MEMFILE="+memfile,
-		fmt.Sprintf("SIZE=%d", size), "SEED=7", "HANDSHAKE="+handshake, "SCRIPT="+script)
+		fmt.Sprintf("SIZE=%d", size), "SEED=7", "HANDSHAKE="+handshake, "SCRIPT="+script,
+		fmt.Sprintf("PAGESIZE=%d", layout.pageSize), fmt.Sprintf("REGIONS=%d", layout.regions))
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		t.Fatal(err)
