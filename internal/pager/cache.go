@@ -5,11 +5,15 @@ import (
 	"sync/atomic"
 )
 
-// pageKey names one page of one snapshot: the interned cache key and the
-// page's byte offset in the mem-file.
+// pageKey names one page of one snapshot: the interned cache key, the
+// page's byte offset in the mem-file and its size (a region's page size).
+// The size is part of the name because an entry stands for exactly its
+// bytes: a 4 KiB all-zero marker at a 2 MiB boundary says nothing of the
+// 2 MiB page there, so pages of one key at two sizes never alias.
 type pageKey struct {
-	key uint32
-	off uint64
+	key  uint32
+	size uint32
+	off  uint64
 }
 
 // entryOverhead is what an entry costs besides its data (map slot, slot
@@ -76,14 +80,14 @@ func newPageCache(budgetBytes int64) *pageCache {
 	return c
 }
 
-// load returns page k (size bytes) from the cache, or reads it with read
+// load returns page k from the cache, or reads it with read
 // and caches it. Concurrent loads of one missing page share one read: the
 // first caller reads, the others wait and count as hits (hit is true for
 // them), so N siblings faulting a page together read it once.
-func (c *pageCache) load(k pageKey, size int, read func() ([]byte, bool, error)) (data []byte, zero, hit bool, err error) {
+func (c *pageCache) load(k pageKey, read func() ([]byte, bool, error)) (data []byte, zero, hit bool, err error) {
 	s := c.shard(k)
 	s.mu.Lock()
-	if data, zero, ok := s.cachedLocked(k, size); ok {
+	if data, zero, ok := s.cachedLocked(k); ok {
 		s.mu.Unlock()
 		return data, zero, true, nil
 	}
@@ -91,10 +95,10 @@ func (c *pageCache) load(k pageKey, size int, read func() ([]byte, bool, error))
 		f.waiters++
 		s.mu.Unlock()
 		<-f.done
-		if f.err == nil && (f.zero || len(f.data) == size) {
+		if f.err == nil {
 			return f.data, f.zero, true, nil
 		}
-		// The leader failed (or read another page size): read ourselves.
+		// The leader failed: read ourselves.
 		data, zero, err := read()
 		return data, zero, false, err
 	}
@@ -107,10 +111,10 @@ func (c *pageCache) load(k pageKey, size int, read func() ([]byte, bool, error))
 // reading it (concurrent loads of the page then wait for this read, as
 // for load's). ok is false when another lookup is reading the page or read
 // failed (say, it would wait on the disk): the caller goes through load.
-func (c *pageCache) tryLoad(k pageKey, size int, read func() ([]byte, bool, error)) (data []byte, zero, hit, ok bool) {
+func (c *pageCache) tryLoad(k pageKey, read func() ([]byte, bool, error)) (data []byte, zero, hit, ok bool) {
 	s := c.shard(k)
 	s.mu.Lock()
-	if data, zero, ok := s.cachedLocked(k, size); ok {
+	if data, zero, ok := s.cachedLocked(k); ok {
 		s.mu.Unlock()
 		return data, zero, true, true
 	}
@@ -122,17 +126,14 @@ func (c *pageCache) tryLoad(k pageKey, size int, read func() ([]byte, bool, erro
 	return f.data, f.zero, false, f.err == nil
 }
 
-// cachedLocked returns page k if the shard holds it at size (or as an
-// all-zero page) and marks it used; s.mu is held.
-func (s *cacheShard) cachedLocked(k pageKey, size int) (data []byte, zero, ok bool) {
+// cachedLocked returns page k if the shard holds it (or an all-zero
+// marker of it) and marks it used; s.mu is held.
+func (s *cacheShard) cachedLocked(k pageKey) (data []byte, zero, ok bool) {
 	i, found := s.index[k]
 	if !found {
 		return nil, false, false
 	}
 	sl := &s.slots[i]
-	if !sl.zero && len(sl.data) != size {
-		return nil, false, false
-	}
 	sl.ref = true
 	return sl.data, sl.zero, true
 }

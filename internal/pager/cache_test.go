@@ -181,7 +181,7 @@ func concurrentMisses(t *testing.T, c *pageCache, n int) (reads, hits, followerR
 	}
 	results := make(chan result, n+1)
 	go func() {
-		d, _, hit, _ := c.load(k, 4096, read)
+		d, _, hit, _ := c.load(k, read)
 		results <- result{d, hit}
 	}()
 	waitFor(t, "the leader's flight", func() bool {
@@ -192,7 +192,7 @@ func concurrentMisses(t *testing.T, c *pageCache, n int) (reads, hits, followerR
 	var followers atomic.Int32
 	for range n {
 		go func() {
-			d, _, hit, _ := c.load(k, 4096, func() ([]byte, bool, error) {
+			d, _, hit, _ := c.load(k, func() ([]byte, bool, error) {
 				followers.Add(1)
 				readCount.Add(1)
 				return page(9), false, nil
@@ -243,14 +243,14 @@ func TestCacheTryLoadNeverWaitsOnAnotherRead(t *testing.T) {
 	reading, release, done := make(chan struct{}), make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(done)
-		c.load(k, 4096, func() ([]byte, bool, error) {
+		c.load(k, func() ([]byte, bool, error) {
 			close(reading)
 			<-release
 			return page(1), false, nil
 		})
 	}()
 	<-reading
-	_, _, _, ok := c.tryLoad(k, 4096, func() ([]byte, bool, error) {
+	_, _, _, ok := c.tryLoad(k, func() ([]byte, bool, error) {
 		t.Error("tryLoad read a page another lookup is reading")
 		return page(2), false, nil
 	})
@@ -259,7 +259,7 @@ func TestCacheTryLoadNeverWaitsOnAnotherRead(t *testing.T) {
 	}
 	close(release)
 	<-done
-	data, _, hit, ok := c.tryLoad(k, 4096, func() ([]byte, bool, error) {
+	data, _, hit, ok := c.tryLoad(k, func() ([]byte, bool, error) {
 		t.Error("tryLoad read a cached page")
 		return page(2), false, nil
 	})
@@ -268,13 +268,13 @@ func TestCacheTryLoadNeverWaitsOnAnotherRead(t *testing.T) {
 	}
 
 	k2 := pageKey{key: 1, off: 4096}
-	if _, _, _, ok := c.tryLoad(k2, 4096, func() ([]byte, bool, error) { return nil, false, errWouldWait }); ok {
+	if _, _, _, ok := c.tryLoad(k2, func() ([]byte, bool, error) { return nil, false, errWouldWait }); ok {
 		t.Error("tryLoad with a failed read: ok")
 	}
 	if _, _, cached := c.get(k2); cached {
 		t.Error("a failed tryLoad cached the page")
 	}
-	data, _, hit, err := c.load(k2, 4096, func() ([]byte, bool, error) { return page(3), false, nil })
+	data, _, hit, err := c.load(k2, func() ([]byte, bool, error) { return page(3), false, nil })
 	if err != nil || hit || data[0] != 3 {
 		t.Errorf("load after a failed tryLoad: %x hit %v err %v, want its own read", data[:1], hit, err)
 	}

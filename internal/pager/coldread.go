@@ -115,7 +115,7 @@ func (h *handler) parkCold(flt *fault) bool {
 	}
 	// The cache, else a read that does not wait, shared with siblings
 	// reading the page at the same time as load's reads are.
-	data, zero, hit, ok := s.srv.cache.tryLoad(pageKey{key: s.keyID, off: off}, int(ps), func() ([]byte, bool, error) {
+	data, zero, hit, ok := s.srv.cache.tryLoad(s.pageKey(off, ps), func() ([]byte, bool, error) {
 		return h.readNoWait(off, ps)
 	})
 	if ok {

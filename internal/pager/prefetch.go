@@ -200,6 +200,33 @@ func (s *session) recording() (prefetch.Recording, error) {
 	}, nil
 }
 
+// in4K returns rec with its pages counted in 4 KiB mem-file pages, the
+// unit replay plans in and stats report. The recordings forkd writes
+// already are (a session of 2 MiB pages logs each fault as its 512 4 KiB
+// pages), but a recording names its own page size, and its indices read
+// as 4 KiB pages when they are not would replay other pages than the
+// guest's. A page smaller than 4 KiB stands for the 4 KiB page holding
+// it; each 4 KiB page is kept once, at its first mention.
+func in4K(rec prefetch.Recording) prefetch.Recording {
+	ps := uint64(rec.PageSize)
+	if ps == uffd.PageSize || ps == 0 {
+		return rec
+	}
+	seen := make(pageSet, (uint64(rec.FileSize)/uffd.PageSize+64)/64)
+	var pages []uint64
+	for _, p := range rec.Pages {
+		lo, hi := p*ps/uffd.PageSize, ((p+1)*ps+uffd.PageSize-1)/uffd.PageSize
+		for q := lo; q < hi; q++ {
+			if !seen.any(q, q+1) {
+				seen.add(q)
+				pages = append(pages, q)
+			}
+		}
+	}
+	rec.PageSize, rec.Pages = uffd.PageSize, pages
+	return rec
+}
+
 // readAhead reads the recording into the page cache in large ranges, so
 // the reader (one run at a time) and the faults find it there: started at
 // session creation, before the VMM has even connected. It stops with the
@@ -276,12 +303,32 @@ func (h *handler) startReplay(ctx context.Context) *replayer {
 	if s.replay == nil {
 		return nil
 	}
-	// Probes: region pages of every probeEvery-th recorded page.
+	// Probes: every probeStride-th region page of the recording, in
+	// first-touch order. Region pages, not recorded (4 KiB) pages: a 2 MiB
+	// region page holds 512 recorded pages, and one probe in probeStride of
+	// those would make every 2 MiB page of a working set under 64 MiB a
+	// probe, leaving replay nothing to install.
 	h.probe = make([][]uint64, len(h.regions))
+	seen := make([][]uint64, len(h.regions))
 	for i := range h.regions {
 		h.probe[i] = make([]uint64, len(h.installed[i]))
+		seen[i] = make([]uint64, len(h.installed[i]))
 	}
-	probes := uint64(0)
+	// Each recorded page's region page, once: firstTouch calls fn for each
+	// in first-touch order, with its first recorded 4 KiB mem-file page.
+	firstTouch := func(fn func(ri int, idx, p uint64)) {
+		for i := range seen {
+			clear(seen[i])
+		}
+		for _, p := range s.replay.Pages {
+			if ri, idx, ok := h.regionPageOf(p * uffd.PageSize); ok && seen[ri][idx/64]&(1<<(idx%64)) == 0 {
+				seen[ri][idx/64] |= 1 << (idx % 64)
+				fn(ri, idx, p)
+			}
+		}
+	}
+	touched := 0
+	firstTouch(func(int, uint64, uint64) { touched++ })
 	// What the reader puts in the pager's cache, by 4 KiB mem-file page. A
 	// lone VM of its key: the probes (they will fault) and no others, since
 	// a copy of every page in fresh heap is what made a cold replay slow.
@@ -292,19 +339,17 @@ func (h *handler) startReplay(ctx context.Context) *replayer {
 	if s.srv.liveSiblings(s) > 0 {
 		keep = nil
 	}
-	stride := probeStride(len(s.replay.Pages))
-	for i, p := range s.replay.Pages {
-		if i%stride != 0 {
-			continue
-		}
-		if ri, idx, ok := h.regionPageOf(p * uffd.PageSize); ok && h.probe[ri][idx/64]&(1<<(idx%64)) == 0 {
+	probes, i, stride := uint64(0), 0, probeStride(touched)
+	firstTouch(func(ri int, idx, p uint64) {
+		if i%stride == 0 {
 			h.probe[ri][idx/64] |= 1 << (idx % 64)
 			probes++
+			if keep != nil {
+				keep.add(p)
+			}
 		}
-		if keep != nil {
-			keep.add(p)
-		}
-	}
+		i++
+	})
 	s.count(func(c *counters) { c.probes.Add(probes) })
 	runs := h.planRuns(prefetch.Plan(s.replay.Pages, 0, runBytes/uffd.PageSize))
 	r := &replayer{h: h, ready: make(chan *pfRun, 4)}
@@ -436,11 +481,11 @@ func (s *session) fillRun(run *pfRun, keep pageSet, mem []byte) error {
 			run.zero[i] = true
 			continue
 		}
-		data, zero, ok := s.srv.cache.get(pageKey{key: s.keyID, off: off})
+		data, zero, ok := s.srv.cache.get(s.pageKey(off, ps))
 		switch {
 		case ok && zero:
 			run.zero[i] = true
-		case ok && uint64(len(data)) == ps:
+		case ok:
 			cached[i] = data
 		default:
 			missing = true
@@ -481,7 +526,7 @@ func (s *session) cacheRead(run *pfRun, keep pageSet, cached [][]byte) {
 		}
 		pg := run.buf[uint64(i)*ps : uint64(i+1)*ps]
 		off := run.off + uint64(i)*ps
-		k := pageKey{key: s.keyID, off: off}
+		k := s.pageKey(off, ps)
 		switch {
 		case allZero(pg):
 			run.zero[i] = true
@@ -571,7 +616,8 @@ func (h *handler) prefetchStep() error {
 		done, err := h.installRun(run, i, j)
 		h.markInstalled(run, i, i+done)
 		if done > 0 {
-			h.s.count(func(c *counters) { c.prefetched.Add(uint64(done)) })
+			// In 4 KiB pages, as the recording counts (PagesRecorded).
+			h.s.count(func(c *counters) { c.prefetched.Add(uint64(done) * (run.ps / uffd.PageSize)) })
 		}
 		switch {
 		case err == nil:

@@ -88,6 +88,12 @@ func (s *session) serve(ctx context.Context, f *uffd.FD, regions []uffd.Region) 
 		pages := r.Size / r.PageSize
 		h.installed = append(h.installed, make([]uint64, (pages+63)/64))
 	}
+	if ps := regions[0].PageSize; s.srv.cache.budget > 0 && int64(ps)+entryOverhead > s.srv.cache.budget {
+		// Each of the cache's shards holds 1/cacheShards of its budget, and
+		// a page larger than that is never cached.
+		s.log.Warn("the pager's cache is too small to hold this VM's pages: every fault reads the mem-file",
+			"page_size", ps, "cache_budget_bytes", s.srv.cache.budget*cacheShards, "want_at_least", (int64(ps)+entryOverhead)*cacheShards)
+	}
 	if s.recordMax > 0 {
 		s.startRecording()
 	}
@@ -200,13 +206,29 @@ func (h *handler) drain(msgs []uffd.Msg) (int, error) {
 				h.s.count(func(c *counters) { c.faults.Add(1) })
 			case uffd.EventRemove, uffd.EventUnmap:
 				if !h.s.srv.cfg.ignoreRemoves {
-					h.removed = h.removed.add(m.Start, m.End)
+					h.applyRemove(m.Start, m.End)
 				}
 				h.s.count(func(c *counters) { c.removes.Add(1) })
 			default:
 				return total, fmt.Errorf("unexpected uffd event %s (only PAGEFAULT and REMOVE are requested by Firecracker)", m)
 			}
 		}
+	}
+}
+
+// applyRemove remembers that the VMM discarded [start, end). With 2 MiB
+// pages that is the whole pages inside the range: the kernel frees whole
+// huge pages only (it rounds a discard's end down, and a discard of less
+// than a page frees nothing), so the rest of the range keeps the guest's
+// bytes, or gets the mem-file's at its first fault. Zeros there would
+// lose bytes the guest never gave up. Every region has one page size (the
+// handshake's rule).
+func (h *handler) applyRemove(start, end uint64) {
+	if ps := h.regions[0].PageSize; ps > uffd.PageSize {
+		start, end = (start+ps-1)&^(ps-1), end&^(ps-1)
+	}
+	if start < end {
+		h.removed = h.removed.add(start, end)
 	}
 }
 
@@ -301,6 +323,9 @@ func (h *handler) install(page uint64, ri int, populate bool, pd pageData) (inst
 	r := h.regions[ri]
 	ps := r.PageSize
 	off := r.Offset + (page - r.BaseHostVirtAddr)
+	// Counts of pages installed are in 4 KiB pages whatever the region's
+	// page size (docs/architecture.md §8); counts of faults are events.
+	base := ps / uffd.PageSize
 	var data []byte
 	zero := false
 	switch {
@@ -311,11 +336,11 @@ func (h *handler) install(page uint64, ri int, populate bool, pd pageData) (inst
 		}
 	case !s.data.overlaps(off, off+ps):
 		zero = true
-		s.count(func(c *counters) { c.zeroPages.Add(1) })
+		s.count(func(c *counters) { c.zeroPages.Add(base) })
 	case pd.ok:
 		data, zero = pd.data, pd.zero
 		if zero {
-			s.count(func(c *counters) { c.zeroPages.Add(1) })
+			s.count(func(c *counters) { c.zeroPages.Add(base) })
 		}
 	default:
 		var err error
@@ -324,7 +349,7 @@ func (h *handler) install(page uint64, ri int, populate bool, pd pageData) (inst
 			return 0, err
 		}
 		if zero {
-			s.count(func(c *counters) { c.zeroPages.Add(1) })
+			s.count(func(c *counters) { c.zeroPages.Add(base) })
 		}
 	}
 	if populate && zero {
@@ -366,7 +391,7 @@ func (h *handler) install(page uint64, ri int, populate bool, pd pageData) (inst
 	idx := (page - r.BaseHostVirtAddr) / ps
 	h.installed[ri][idx/64] |= 1 << (idx % 64)
 	if populate {
-		s.count(func(c *counters) { c.populated.Add(1) })
+		s.count(func(c *counters) { c.populated.Add(base) })
 	}
 	return installed, nil
 }
@@ -376,7 +401,7 @@ func (h *handler) install(page uint64, ri int, populate bool, pd pageData) (inst
 // their bytes (zero is true, data nil).
 func (h *handler) lookup(off, ps uint64) (data []byte, zero bool, err error) {
 	s := h.s
-	data, zero, hit, err := s.srv.cache.load(pageKey{key: s.keyID, off: off}, int(ps), func() ([]byte, bool, error) {
+	data, zero, hit, err := s.srv.cache.load(s.pageKey(off, ps), func() ([]byte, bool, error) {
 		if hook := s.srv.cfg.beforeRead; hook != nil {
 			hook(s.ctx, off)
 		}
@@ -402,6 +427,12 @@ func (h *handler) lookup(off, ps uint64) (data []byte, zero bool, err error) {
 		s.count(func(c *counters) { c.misses.Add(1) })
 	}
 	return data, zero, err
+}
+
+// pageKey names the session's page of ps bytes at mem-file offset off in
+// the pager's cache.
+func (s *session) pageKey(off, ps uint64) pageKey {
+	return pageKey{key: s.keyID, size: uint32(ps), off: off}
 }
 
 func allZero(b []byte) bool {

@@ -445,6 +445,7 @@ func (s *Server) openSession(req SessionRequest, sock string) (*session, error) 
 			ss.replayErr = err.Error()
 			ss.log.Warn("session serves without prefetch", "err", err)
 		} else {
+			rec = in4K(rec)
 			ss.replay = &rec
 		}
 	}

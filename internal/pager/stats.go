@@ -18,7 +18,10 @@ type Counters struct {
 	Hits   uint64 `json:"hits"`
 	Misses uint64 `json:"misses"`
 	// ZeroPages is pages installed as zeros because the mem-file has a hole
-	// there or the page read back all zeros.
+	// there or the page read back all zeros. Every count of pages here is
+	// in 4 KiB pages, whatever the regions' page size (a 2 MiB install
+	// counts 512); Faults, Hits, Misses, RemovedFaults, Deferred, probes
+	// and ColdReads count events, one per region page.
 	ZeroPages uint64 `json:"zero_pages"`
 	// RemovedFaults is faults in ranges the VMM discarded (UFFD_EVENT_REMOVE),
 	// served as zeros.
@@ -33,9 +36,10 @@ type Counters struct {
 	// PrefetchedPages is pages installed by working-set replay, not by a
 	// fault (contiguous pages go in one UFFDIO_COPY or ZEROPAGE).
 	PrefetchedPages uint64 `json:"prefetched_pages"`
-	// PrefetchProbes is recorded pages replay leaves for the guest to
-	// fault, one in every 32, to measure how much of a recording the guest
-	// uses; PrefetchProbeFaults is how many of them it faulted.
+	// PrefetchProbes is region pages of a recording replay leaves for the
+	// guest to fault, one in probeStride (prefetch.go), to measure how much
+	// of a recording the guest uses; PrefetchProbeFaults is how many of
+	// them it faulted.
 	PrefetchProbes      uint64 `json:"prefetch_probes"`
 	PrefetchProbeFaults uint64 `json:"prefetch_probe_faults"`
 	// ColdReads is faults whose page was read from the mem-file off the
@@ -105,12 +109,14 @@ type SessionPrefetch struct {
 	// PagesRecorded is, recording, the first faults logged so far;
 	// replaying, the pages of the recording (4 KiB units).
 	PagesRecorded uint64 `json:"pages_recorded"`
-	// PagesPrefetched is pages replay installed (in the region's page size).
+	// PagesPrefetched is pages replay installed (4 KiB units, whatever the
+	// region's page size: comparable with PagesRecorded and across VMs).
 	PagesPrefetched uint64 `json:"pages_prefetched"`
 	// PagesWasted estimates the prefetched pages the guest has not used:
 	// PagesPrefetched × the share of probes it has not faulted. An
 	// installed page is invisible to the pager once the guest reads it, so
-	// the probes, a 1-in-32 sample left to fault, are how it knows.
+	// the probes, a sample of its region pages left to fault, are how it
+	// knows (4 KiB units).
 	PagesWasted uint64 `json:"pages_wasted"`
 	// WorkingSetMs is, once replay has installed every page it will, the
 	// time from the session's creation until then (0 before).
