@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -15,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/forkd/forkd/internal/testenv"
 	"github.com/forkd/forkd/internal/uffd"
 )
 
@@ -311,4 +314,115 @@ func BenchmarkCachedFaultsBesideColdReads(b *testing.B) {
 		b.ReportMetric(float64(cold[j].Milliseconds())/float64(b.N), v.name+"-cold-ms")
 	}
 	b.ReportMetric(float64(cached[1])/float64(max(cached[0], 1)), "offloaded/inplace-cached")
+}
+
+// BenchmarkReplayHugePages (BENCHMARKS.md, "Pager"): a restore whose 64 MiB
+// working set is the whole guest memory, at 4 KiB and at 2 MiB pages
+// (hugetlb), served by demand faults only and by a replay of a recording of
+// every page in ascending order. The consumer touches every 4 KiB page as
+// soon as its handshake is sent, as a resumed guest would, in one random
+// order, or ("-seq") in the recorded order; the replay starts with the
+// session's serving. Per variant, medians of the iterations (every variant
+// runs in every iteration, in rotating order):
+//
+//	<variant>-ws-ms   the consumer's time to have read every page: the
+//	                  time to working set, handshake to last page
+//	<variant>-cpu-ms  the pager's CPU (this process's user+system) from
+//	                  session creation to that point: the UFFDIO_COPYs
+//	                  (they copy into the guest) and reads are charged here
+//	<variant>-faults  the session's faults
+//
+// and the ratios 2m/4k of each pair. Fresh hugetlb pages are slow to touch
+// the first time on this nested VM (the host backs them then): run enough
+// iterations (10x) that the medians are of a warmed pool.
+func BenchmarkReplayHugePages(b *testing.B) {
+	requireUffd(b)
+	const wsPages = 64 << 20 / uffd.PageSize
+	testenv.HugePages(b, wsPages/perHuge+8)
+	p := startPager(b, Config{CacheBytes: 512 << 20})
+	mem := memFileOf(b, filepath.Join(p.dir, "memory-64m"), wsPages, func(int) pageFill { return fillData })
+	small := guestMemory{pageSize: uffd.PageSize}
+	random, inOrder := fmt.Sprintf("touch:0-%d,wait", wsPages), fmt.Sprintf("seq:0-%d,wait", wsPages)
+	variants := []struct {
+		name   string
+		mem    guestMemory
+		replay bool
+		script string
+	}{
+		{"fault-4k", small, false, random},
+		{"fault-2m", huge2M, false, random},
+		{"replay-4k", small, true, random},
+		{"replay-2m", huge2M, true, random},
+		{"replay-seq-4k", small, true, inOrder},
+		{"replay-seq-2m", huge2M, true, inOrder},
+	}
+	ws := make([][]float64, len(variants))
+	cpu := make([][]float64, len(variants))
+	faults := make([][]float64, len(variants))
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		for k := range variants {
+			j := (k + i) % len(variants)
+			v := variants[j]
+			// A new key every run: the pager's cache starts empty (a lone
+			// replay caches only its probes); the mem-file stays in the
+			// kernel's page cache (the consumer reads it to verify).
+			key := fmt.Sprintf("%08x%04x", i, j) // recordings want hex keys
+			req := SessionRequest{SessionID: key, BackingPath: mem, CacheKey: key}
+			if v.replay {
+				req.PrefetchPath = writeRecording(b, p.dir, key, wsPages, seqPages(0, wsPages))
+			}
+			cpu0 := processCPU()
+			s, err := p.client.CreateSession(context.Background(), req)
+			if err != nil {
+				b.Fatal(err)
+			}
+			c := startConsumer(b, s.SocketPath, mem, wsPages*uffd.PageSize, "good", v.script, v.mem)
+			f := strings.Fields(c.expect("touch_ns"))
+			c.expect("waiting")
+			used := processCPU() - cpu0
+			ns, _ := strconv.ParseInt(f[1], 10, 64)
+			st := p.sessionStats(b, key)
+			c.resume()
+			c.finish()
+			p.waitSessions(b, 0)
+			ws[j] = append(ws[j], float64(ns)/1e6)
+			cpu[j] = append(cpu[j], float64(used)/1e6)
+			faults[j] = append(faults[j], float64(st.Faults))
+		}
+	}
+	b.StopTimer()
+	med := make([][3]float64, len(variants))
+	for j, v := range variants {
+		med[j] = [3]float64{median(ws[j]), median(cpu[j]), median(faults[j])}
+		b.ReportMetric(med[j][0], v.name+"-ws-ms")
+		b.ReportMetric(med[j][1], v.name+"-cpu-ms")
+		b.ReportMetric(med[j][2], v.name+"-faults")
+	}
+	for _, pair := range [][2]int{{0, 1}, {2, 3}, {4, 5}} {
+		name := strings.TrimSuffix(variants[pair[0]].name, "-4k")
+		b.ReportMetric(med[pair[1]][0]/med[pair[0]][0], name+"-2m/4k-ws")
+		b.ReportMetric(med[pair[1]][1]/med[pair[0]][1], name+"-2m/4k-cpu")
+	}
+}
+
+// processCPU is this process's user and system CPU time so far.
+func processCPU() time.Duration {
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+func median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if n := len(s); n%2 == 0 {
+		return (s[n/2-1] + s[n/2]) / 2
+	}
+	return s[len(s)/2]
 }

@@ -136,7 +136,7 @@ func hugeRange(lo, hi int) string { return fmt.Sprintf("%d-%d", lo*perHuge, hi*p
 // its probes (one in probeStride of the recording's 2 MiB pages, not of
 // its 4 KiB pages), so the guest faults only on the probes, reads exactly
 // the mem-file, and the stats count 4 KiB pages: recorded, prefetched and
-// wasted alike.
+// wasted alike. Replay reads each 2 MiB page once.
 func TestHugePageReplayInstallsWholeHugePages(t *testing.T) {
 	for _, layout := range hugeLayouts {
 		t.Run(layout.name, func(t *testing.T) {
@@ -173,12 +173,16 @@ func TestHugePageReplayInstallsWholeHugePages(t *testing.T) {
 			if rec.PageSize != uffd.PageSize || rec.FileSize != hugeFile*uffd.PageSize {
 				t.Errorf("recording header: page size %d, file size %d; want 4 KiB pages of a %d-byte file", rec.PageSize, rec.FileSize, hugeFile*uffd.PageSize)
 			}
-			path := filepath.Join(p.dir, "abc.ws")
+			// Replayed under a key of its own (a copy of the snapshot): the
+			// recording session's faults filled the pager's cache for "abc",
+			// and this replay must read the mem-file.
+			rec.Key = "def"
+			path := filepath.Join(p.dir, "def.ws")
 			if err := prefetch.Write(path, rec); err != nil {
 				t.Fatal(err)
 			}
 
-			s, err = p.client.CreateSession(ctx, SessionRequest{SessionID: "replay", BackingPath: mem, CacheKey: "abc", PrefetchPath: path})
+			s, err = p.client.CreateSession(ctx, SessionRequest{SessionID: "replay", BackingPath: mem, CacheKey: "def", PrefetchPath: path})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -213,6 +217,12 @@ func TestHugePageReplayInstallsWholeHugePages(t *testing.T) {
 			}
 			if st.Faults < probes || st.Faults > 2*probes {
 				t.Errorf("faults = %d, want about the %d probe(s), not one per 2 MiB page touched", st.Faults, probes)
+			}
+			// Replay reads each 2 MiB page once (the probe too: it caches
+			// it for the probe's fault), however many runs of 4 KiB pages
+			// the recording holds of it.
+			if want := uint64(len(order)) * uffd.HugePageSize; st.BackingBytes != want || st.Hits != probes {
+				t.Errorf("read %d bytes of the mem-file, %d cache hits; want %d (each 2 MiB page once) and the probe's hit", st.BackingBytes, st.Hits, want)
 			}
 		})
 	}

@@ -351,7 +351,19 @@ func (h *handler) startReplay(ctx context.Context) *replayer {
 		i++
 	})
 	s.count(func(c *counters) { c.probes.Add(probes) })
-	runs := h.planRuns(prefetch.Plan(s.replay.Pages, 0, runBytes/uffd.PageSize))
+	// Plan in the regions' pages: the recorded 4 KiB pages of one 2 MiB
+	// page are one page to install, and runs of 4 KiB pages would each
+	// cover it whole (a 2 MiB page recorded in four 512 KiB runs was read
+	// four times, and replay fell behind the guest's faults).
+	ps := h.regions[0].PageSize // every region's (the handshake's rule)
+	units := s.replay.Pages
+	if ps != uffd.PageSize {
+		units = make([]uint64, len(s.replay.Pages))
+		for i, p := range s.replay.Pages {
+			units[i] = p * uffd.PageSize / ps
+		}
+	}
+	runs := h.planRuns(prefetch.Plan(units, 0, max(1, runBytes/ps)), ps)
 	r := &replayer{h: h, ready: make(chan *pfRun, 4)}
 	if s.backingSize > 0 {
 		mem, err := unix.Mmap(int(s.backing.Fd()), 0, int(s.backingSize), unix.PROT_READ, unix.MAP_SHARED)
@@ -406,12 +418,13 @@ func (h *handler) regionPageOf(off uint64) (region int, idx uint64, ok bool) {
 	return 0, 0, false
 }
 
-// planRuns turns runs of 4 KiB mem-file pages into runs of region pages,
-// clipped to the regions, at most runBytes each (one page at least).
-func (h *handler) planRuns(runs []prefetch.Run) []*pfRun {
+// planRuns turns runs of mem-file pages of unit bytes (the regions' page
+// size, or 4 KiB) into runs of region pages, clipped to the regions, at
+// most runBytes each (one page at least).
+func (h *handler) planRuns(runs []prefetch.Run, unit uint64) []*pfRun {
 	var out []*pfRun
 	for _, run := range runs {
-		lo, hi := run.Page*uffd.PageSize, run.End()*uffd.PageSize
+		lo, hi := run.Page*unit, run.End()*unit
 		for ri, r := range h.regions {
 			a, b := max(lo, r.Offset), min(hi, r.Offset+r.Size)
 			if a >= b {
