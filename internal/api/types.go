@@ -29,6 +29,14 @@ const (
 	BackendUffd = "uffd"
 )
 
+// Huge page settings of a VM's guest memory (huge_pages). A VM backed by
+// 2 MiB pages draws its memory from the host's hugetlbfs pool; Firecracker
+// restores such a VM only through a pager (the uffd backend).
+const (
+	HugePagesNone = "none"
+	HugePages2M   = "2M"
+)
+
 // Instance is the JSON shape of one VM.
 type Instance struct {
 	ID               string    `json:"id"`
@@ -45,6 +53,7 @@ type Instance struct {
 	MemoryCheck      string    `json:"memory_check"`       // "ok", "unknown" or first integrity error
 	ForkMode         string    `json:"fork_mode"`          // "" for non-forks
 	RestoreBackend   string    `json:"restore_backend"`    // backend of the last/next restore
+	HugePages        string    `json:"huge_pages"`         // "none" | "2M"; forks inherit it
 	Pid              int       `json:"pid,omitempty"`
 	Error            string    `json:"error"` // "" unless Stopped (why the VMM stopped) or Error (what failed)
 	// Network is the VM's network; Publish its published ports.
@@ -127,6 +136,7 @@ type Snapshot struct {
 	MemoryMiB        int       `json:"memory_mib"`
 	Vcpus            int       `json:"vcpus"`
 	Image            string    `json:"image,omitempty"` // digest of the image its disk came from
+	HugePages        string    `json:"huge_pages"`      // "none" | "2M", as its source
 }
 
 // CreateInstanceRequest is the body of POST /instances.
@@ -147,6 +157,11 @@ type CreateInstanceRequest struct {
 	Image string `json:"image,omitempty"`
 	// DiskSizeMiB grows an image's disk to this size (default: the image's).
 	DiskSizeMiB int `json:"disk_size_mib,omitempty"`
+	// HugePages backs the guest's memory with 2 MiB pages ("2M") or not
+	// ("none", the default). A 2M VM needs an even memory_mib, free pages
+	// in the host's pool (vm.nr_hugepages), and restores only with the uffd
+	// backend; its forks inherit it.
+	HugePages string `json:"huge_pages,omitempty"`
 }
 
 // ActionRequest is the optional body of lifecycle actions

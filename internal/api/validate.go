@@ -77,6 +77,9 @@ func (r CreateInstanceRequest) WithDefaults() CreateInstanceRequest {
 	if r.MemoryMiB == 0 {
 		r.MemoryMiB = DefaultMemoryMiB
 	}
+	if r.HugePages == "" {
+		r.HugePages = HugePagesNone
+	}
 	return r
 }
 
@@ -105,6 +108,15 @@ func (r CreateInstanceRequest) Validate() error {
 	}
 	if r.DiskSizeMiB < 0 || r.DiskSizeMiB > MaxDiskSizeMiB {
 		return invalid("disk_size_mib must be 1..%d, got %d", MaxDiskSizeMiB, r.DiskSizeMiB)
+	}
+	switch r.HugePages {
+	case HugePagesNone:
+	case HugePages2M:
+		if r.MemoryMiB%2 != 0 {
+			return invalid("memory_mib must be even with huge_pages 2M (whole 2 MiB pages), got %d", r.MemoryMiB)
+		}
+	default:
+		return invalid("huge_pages must be %q or %q, got %q", HugePagesNone, HugePages2M, r.HugePages)
 	}
 	if r.Network != nil && r.Network.Enabled != nil && !*r.Network.Enabled && len(r.Publish) > 0 {
 		return invalid("publish needs a network; drop network.enabled=false or the publishes")

@@ -3,6 +3,10 @@ package capacity
 import (
 	"errors"
 	"fmt"
+	"io/fs"
+	"os"
+	"strconv"
+	"strings"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -35,10 +39,13 @@ type Limits struct {
 type Host struct {
 	MemTotal func() (int64, error)            // bytes
 	DiskFree func(path string) (int64, error) // bytes available to the daemon
+	// HugePages is the host's pool of 2 MiB pages: how many, and how many
+	// are free.
+	HugePages func() (total, free int64, err error)
 }
 
-// RealHost reads /proc/meminfo and statfs.
-func RealHost() Host { return Host{MemTotal: memTotal, DiskFree: diskFree} }
+// RealHost reads /proc/meminfo, statfs and sysfs.
+func RealHost() Host { return Host{MemTotal: memTotal, DiskFree: diskFree, HugePages: hugePages} }
 
 // Request is one operation to admit.
 type Request struct {
@@ -53,6 +60,8 @@ type Request struct {
 	// DiskBytes is what the operation will write on the data dir's
 	// filesystem (0: nothing to check).
 	DiskBytes int64
+	// HugePages: the VM's memory comes from the host's pool of 2 MiB pages.
+	HugePages bool
 }
 
 // Running is one VM that holds its guest RAM (its VMM runs).
@@ -142,6 +151,11 @@ func (a *Ledger) check(req Request, running []Running) error {
 		return refuse("memory", "%d MiB of guest RAM exceed this host's per-VM limit of %d MiB (MemTotal %d MiB × max_vm_memory_ratio %g) by %d MiB",
 			req.MemoryMiB, perVM>>20, total>>20, l.MaxVMMemoryRatio, (mem-perVM+(1<<20)-1)>>20)
 	}
+	if req.Runs && req.HugePages {
+		if err := a.checkHugePages(req); err != nil {
+			return err
+		}
+	}
 	if req.Runs {
 		held := map[string]bool{}
 		var sum int64
@@ -185,6 +199,33 @@ func (a *Ledger) check(req Request, running []Running) error {
 	return nil
 }
 
+// checkHugePages admits a VM whose memory comes from the host's pool of
+// 2 MiB pages. Such memory is taken from the pool as the guest touches it
+// (Firecracker maps it MAP_NORESERVE), and a guest that finds the pool
+// empty dies (SIGBUS) or stalls (its pager's copies fail), so a VM larger
+// than the whole pool, or one that would start with no page free, is
+// refused here. Below that the pool is shared like RAM: forks of one VM
+// use only the pages they touch.
+func (a *Ledger) checkHugePages(req Request) error {
+	if a.host.HugePages == nil {
+		return fmt.Errorf("capacity: this host reports no pool of 2 MiB pages")
+	}
+	total, free, err := a.host.HugePages()
+	if err != nil {
+		return fmt.Errorf("capacity: %w", err)
+	}
+	const page = 2 << 20
+	mem := int64(req.MemoryMiB) << 20
+	switch {
+	case total*page < mem:
+		return refuse("huge pages", "%d MiB of guest RAM backed by 2 MiB pages exceed the host's whole pool of %d MiB (%d pages): raise vm.nr_hugepages to at least %d",
+			req.MemoryMiB, total*page>>20, total, (mem+page-1)/page)
+	case free == 0:
+		return refuse("huge pages", "the host's pool of 2 MiB pages has none free (all %d in use): raise vm.nr_hugepages, or stop or stand by a VM backed by huge pages", total)
+	}
+	return nil
+}
+
 // Error is a refusal: which resource, and what is missing.
 type Error struct {
 	Resource string // "memory", "vcpus", "running VMs", "disk"
@@ -217,4 +258,29 @@ func diskFree(path string) (int64, error) {
 		return 0, fmt.Errorf("statfs %s: %w", path, err)
 	}
 	return int64(st.Bavail) * st.Bsize, nil
+}
+
+// hugePagesDir is where the kernel reports the pool of 2 MiB pages.
+const hugePagesDir = "/sys/kernel/mm/hugepages/hugepages-2048kB/"
+
+// hugePages reads the pool of 2 MiB pages; a kernel without them has a
+// pool of none.
+func hugePages() (total, free int64, err error) {
+	read := func(name string) (int64, error) {
+		b, err := os.ReadFile(hugePagesDir + name)
+		if errors.Is(err, fs.ErrNotExist) {
+			return 0, nil
+		}
+		if err != nil {
+			return 0, err
+		}
+		return strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+	}
+	if total, err = read("nr_hugepages"); err != nil {
+		return 0, 0, fmt.Errorf("read the pool of 2 MiB pages: %w", err)
+	}
+	if free, err = read("free_hugepages"); err != nil {
+		return 0, 0, fmt.Errorf("read the pool of 2 MiB pages: %w", err)
+	}
+	return total, free, nil
 }

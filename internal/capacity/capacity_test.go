@@ -12,6 +12,8 @@ func fakeHost(memTotal, diskFree int64) Host {
 	return Host{
 		MemTotal: func() (int64, error) { return memTotal, nil },
 		DiskFree: func(string) (int64, error) { return diskFree, nil },
+		// A pool of 256 pages (512 MiB), 10 of them free.
+		HugePages: func() (int64, int64, error) { return 256, 10, nil },
 	}
 }
 
@@ -45,6 +47,9 @@ func TestReserveRefusesWhatTheHostCannotHold(t *testing.T) {
 		{"max_running_vms", Limits{MaxRunningVMs: 3}, Request{ID: "x", MemoryMiB: 256, Runs: true}, "running VMs", "1 over"},
 		{"disk short", Limits{}, Request{ID: "x", MemoryMiB: 256, DiskBytes: 100 * gib}, "disk", "64 MiB short"},
 		{"disk enough (the twin)", Limits{}, Request{ID: "x", MemoryMiB: 256, DiskBytes: 100*gib - DiskReserve}, "", ""},
+		{"huge pages over the whole pool", Limits{}, Request{ID: "x", MemoryMiB: 514, Runs: true, HugePages: true}, "huge pages", "vm.nr_hugepages to at least 257"},
+		{"huge pages: the whole pool (the twin)", Limits{}, Request{ID: "x", MemoryMiB: 512, Runs: true, HugePages: true}, "", ""},
+		{"huge pages: not running, no pool check", Limits{}, Request{ID: "x", MemoryMiB: 514, HugePages: true}, "", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			a, err := New(tc.limits, host, "/data")
@@ -130,4 +135,30 @@ func TestRealHostReadsThisMachine(t *testing.T) {
 	if err != nil || free <= 0 {
 		t.Errorf("DiskFree = %d, %v", free, err)
 	}
+	pool, poolFree, err := h.HugePages()
+	if err != nil || pool < 0 || poolFree < 0 || poolFree > pool {
+		t.Errorf("HugePages = %d total, %d free, %v", pool, poolFree, err)
+	}
+}
+
+// A pool with no page free refuses a VM backed by huge pages, and only such
+// a VM.
+func TestAnEmptyHugePagePoolRefusesHugePageVMs(t *testing.T) {
+	h := fakeHost(24*gib, 100*gib)
+	h.HugePages = func() (int64, int64, error) { return 256, 0, nil }
+	a, err := New(Limits{}, h, "/data")
+	if err != nil {
+		t.Fatal(err)
+	}
+	none := func() ([]Running, error) { return nil, nil }
+	_, err = a.Reserve(Request{ID: "x", MemoryMiB: 64, Runs: true, HugePages: true}, none)
+	var e *Error
+	if !errors.As(err, &e) || e.Resource != "huge pages" || !strings.Contains(err.Error(), "none free") {
+		t.Fatalf("Reserve with no free page: %v; want a huge pages refusal saying none is free", err)
+	}
+	release, err := a.Reserve(Request{ID: "y", MemoryMiB: 64, Runs: true}, none)
+	if err != nil {
+		t.Fatalf("a VM of 4 KiB pages was refused: %v", err)
+	}
+	release()
 }

@@ -25,6 +25,7 @@ func newRunCommand() *cobra.Command {
 		Example: `  forkd run web --memory 512 --kernel /srv/vmlinux --rootfs /srv/rootfs.ext4
   forkd run web --net --publish 8080:80     # reach it at its address, and at host port 8080
   forkd run web --image alpine:3.20 --disk-size 4GiB
+  forkd run web --huge-pages 2M             # guest memory of 2 MiB pages (needs vm.nr_hugepages)
   forkd run --no-start`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -83,6 +84,7 @@ func newRunCommand() *cobra.Command {
 	f.StringVar(&req.Rootfs, "rootfs", "", "root filesystem image path on the host")
 	f.StringVar(&req.Image, "image", "", "container image whose root filesystem the VM's disk clones (pulled first if missing): a registry reference, oci:PATH[:TAG] or docker-archive:PATH")
 	f.StringVar(&diskSize, "disk-size", "", "grow the image's disk to this size, e.g. 4GiB (default: the image's size)")
+	f.StringVar(&req.HugePages, "huge-pages", api.HugePagesNone, "back guest memory with 2 MiB pages from the host's pool (2M; restores then use the uffd backend), or not (none)")
 	cmd.MarkFlagsMutuallyExclusive("image", "rootfs")
 	f.StringVar(&req.BootArgs, "boot-args", "", "kernel command line (the emulator reads forkd.ws_mib=N forkd.write_pct=P ...)")
 	f.BoolVar(&noStart, "no-start", false, "create only: leave it Created")

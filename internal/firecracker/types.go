@@ -26,7 +26,13 @@ type MachineConfig struct {
 	Smt        bool `json:"smt,omitempty"`
 	// TrackDirtyPages enables KVM dirty logging, which Diff snapshots need.
 	TrackDirtyPages bool `json:"track_dirty_pages"`
+	// HugePages is "None" (Firecracker's default when left out) or "2M":
+	// guest memory from the host's hugetlbfs pool.
+	HugePages string `json:"huge_pages,omitempty"`
 }
+
+// HugePages2M is MachineConfig.HugePages for 2 MiB hugetlbfs pages.
+const HugePages2M = "2M"
 
 // BootSource is the body of PUT /boot-source.
 type BootSource struct {

@@ -108,5 +108,6 @@ func (m *Manager) reserveRunning(ctx context.Context, op string, in store.Instan
 	if g, err := m.guest(in.ID); err == nil {
 		disk = m.diskUnshareCost(g.Rootfs())
 	}
-	return m.reserveCapacity(ctx, op, capacity.Request{ID: in.ID, MemoryMiB: in.MemoryMiB, Vcpus: in.Vcpus, Runs: true, DiskBytes: disk})
+	return m.reserveCapacity(ctx, op, capacity.Request{ID: in.ID, MemoryMiB: in.MemoryMiB, Vcpus: in.Vcpus, Runs: true, DiskBytes: disk,
+		HugePages: in.HugePages != ""})
 }

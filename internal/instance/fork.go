@@ -74,6 +74,9 @@ func (m *Manager) ForkInstance(ctx context.Context, ref string, req api.ForkRequ
 	if err := checkTarget(target, hasMemory); err != nil {
 		return api.Instance{}, err
 	}
+	if err := m.checkForkBackend(target, hasMemory, src, req.RestoreBackend); err != nil {
+		return api.Instance{}, err
+	}
 	g, err := m.guest(src.ID)
 	if err != nil {
 		return api.Instance{}, err
@@ -90,7 +93,7 @@ func (m *Manager) ForkInstance(ctx context.Context, ref string, req api.ForkRequ
 		cost += m.snapshotCost(g.Base(), src.MemoryMiB)
 	}
 	releaseCap, err := m.reserveCapacity(ctx, "fork", capacity.Request{ID: id, MemoryMiB: src.MemoryMiB, Vcpus: src.Vcpus,
-		Runs: target == api.StateRunning, DiskBytes: cost})
+		Runs: target == api.StateRunning, DiskBytes: cost, HugePages: src.HugePages != ""})
 	if err != nil {
 		return api.Instance{}, err
 	}
@@ -153,6 +156,9 @@ func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequ
 	if err := checkTarget(target, true); err != nil {
 		return api.Instance{}, err
 	}
+	if err := m.checkForkBackend(target, true, store.Instance{Name: sn.Name, HugePages: sn.HugePages}, req.RestoreBackend); err != nil {
+		return api.Instance{}, err
+	}
 	sd, err := m.layout.Snapshot(sn.ID)
 	if err != nil {
 		return api.Instance{}, err
@@ -166,7 +172,7 @@ func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequ
 		cost += int64(sn.MemoryMiB) << 20 // materialised once, for this and later forks
 	}
 	releaseCap, err := m.reserveCapacity(ctx, "fork", capacity.Request{ID: id, MemoryMiB: sn.MemoryMiB, Vcpus: sn.Vcpus,
-		Runs: target == api.StateRunning, DiskBytes: cost})
+		Runs: target == api.StateRunning, DiskBytes: cost, HugePages: sn.HugePages != ""})
 	if err != nil {
 		return api.Instance{}, err
 	}
@@ -184,8 +190,9 @@ func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequ
 	tmpl := store.Instance{
 		Vcpus: sn.Vcpus, MemoryMiB: sn.MemoryMiB, Kernel: sn.Kernel, BootArgs: sn.BootArgs,
 		Source: "snapshot:" + sn.ID, Networked: sn.NetGuest != "", NetGuest: sn.NetGuest, NetMAC: sn.NetMAC,
-		Image:    sn.Image,
-		VsockCID: sn.VsockCID,
+		Image:     sn.Image,
+		VsockCID:  sn.VsockCID,
+		HugePages: sn.HugePages,
 	}
 	admitted()
 	fork, err := m.fork(ctx, id, req, tmpl, forkSpec{files: files, key: sn.SnapshotCacheKey})
@@ -194,6 +201,17 @@ func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequ
 		return api.Instance{}, err
 	}
 	return m.applyTarget(ctx, fork, target, req.RestoreBackend)
+}
+
+// checkForkBackend refuses, before anything is made, a fork to Running
+// that would restore src's memory with a backend it cannot have
+// (restoreBackend).
+func (m *Manager) checkForkBackend(target string, hasMemory bool, src store.Instance, backend string) error {
+	if target != api.StateRunning || !hasMemory {
+		return nil
+	}
+	_, err := restoreBackend(src, backend, m.cfg.ForkRestoreBackend)
+	return err
 }
 
 func checkTarget(target string, hasMemory bool) error {
@@ -281,11 +299,13 @@ func (m *Manager) fork(ctx context.Context, id string, req api.ForkRequest, tmpl
 	rec := store.Instance{
 		ID: id, Name: req.Name, State: api.StateForking, Vcpus: tmpl.Vcpus, MemoryMiB: tmpl.MemoryMiB,
 		Kernel: tmpl.Kernel, Rootfs: tmpl.Rootfs, BootArgs: tmpl.BootArgs, CreatedAt: time.Now().UTC(),
-		Source: tmpl.Source, MemoryCheck: tmpl.MemoryCheck, RestoreBackend: m.cfg.ForkRestoreBackend,
+		Source: tmpl.Source, MemoryCheck: tmpl.MemoryCheck,
 		Networked: tmpl.Networked, NetGuest: tmpl.NetGuest, NetMAC: tmpl.NetMAC,
-		Image:    tmpl.Image,
-		VsockCID: tmpl.VsockCID, // its vmstate has the source's vsock device
+		Image:     tmpl.Image,
+		VsockCID:  tmpl.VsockCID,  // its vmstate has the source's vsock device
+		HugePages: tmpl.HugePages, // and its memory's pages
 	}
+	rec.RestoreBackend, _ = restoreBackend(rec, "", m.cfg.ForkRestoreBackend)
 	fail := func(o *op, err error) (store.Instance, error) {
 		err = fmt.Errorf("fork %q from %s: %w", req.Name, tmpl.Source, err)
 		u := m.undo("fork", id)

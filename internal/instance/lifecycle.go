@@ -128,7 +128,7 @@ func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequ
 		diskCost = m.copyCost(rootfs.Name())
 	}
 	release, err := m.reserveCapacity(ctx, "create", capacity.Request{ID: id, MemoryMiB: req.MemoryMiB, Vcpus: req.Vcpus,
-		Runs: req.Start == nil || *req.Start, DiskBytes: diskCost})
+		Runs: req.Start == nil || *req.Start, DiskBytes: diskCost, HugePages: req.HugePages == api.HugePages2M})
 	if err != nil {
 		return api.Instance{}, err
 	}
@@ -145,8 +145,12 @@ func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequ
 	rec := store.Instance{
 		ID: id, Name: req.Name, State: stateCreating, Vcpus: req.Vcpus, MemoryMiB: req.MemoryMiB,
 		Kernel: req.Kernel, Rootfs: req.Rootfs, BootArgs: req.BootArgs, CreatedAt: time.Now().UTC(),
-		MemoryCheck: "unknown", RestoreBackend: m.cfg.RestoreBackend, Networked: networked,
+		MemoryCheck: "unknown", Networked: networked,
 	}
+	if req.HugePages == api.HugePages2M {
+		rec.HugePages = api.HugePages2M
+	}
+	rec.RestoreBackend, _ = restoreBackend(rec, "", m.cfg.RestoreBackend)
 	if networked {
 		// The guest's identity, fixed for the life of this VM and its forks.
 		nc := m.net().Config()
@@ -345,7 +349,8 @@ func (m *Manager) toAPIWith(in store.Instance, pubs []store.Publish) api.Instanc
 		ID: in.ID, Name: in.Name, State: in.State, Vcpus: in.Vcpus, MemoryMiB: in.MemoryMiB,
 		Kernel: in.Kernel, Rootfs: in.Rootfs, BootArgs: in.BootArgs, CreatedAt: in.CreatedAt,
 		Source: in.Source, SnapshotCacheKey: in.SnapshotCacheKey, MemoryCheck: check,
-		ForkMode: in.ForkMode, RestoreBackend: in.RestoreBackend, Pid: in.Pid, Error: errText,
+		ForkMode: in.ForkMode, RestoreBackend: in.RestoreBackend, HugePages: hugePagesAPI(in.HugePages),
+		Pid: in.Pid, Error: errText,
 		Network: netw, Publish: publish,
 		Image:    in.Image,
 		Prefetch: m.prefetchStats(in.ID),
@@ -464,7 +469,11 @@ func (m *Manager) boot(ctx context.Context, in store.Instance, g guestdir.Guest)
 	defer c.Close()
 	steps := []func() error{
 		func() error {
-			return c.PutMachineConfig(ctx, firecracker.MachineConfig{VcpuCount: in.Vcpus, MemSizeMib: in.MemoryMiB, TrackDirtyPages: true})
+			mc := firecracker.MachineConfig{VcpuCount: in.Vcpus, MemSizeMib: in.MemoryMiB, TrackDirtyPages: true}
+			if in.HugePages == api.HugePages2M {
+				mc.HugePages = firecracker.HugePages2M
+			}
+			return c.PutMachineConfig(ctx, mc)
 		},
 		func() error {
 			return c.PutBootSource(ctx, firecracker.BootSource{KernelImagePath: g.InVMM(kernelPath(in, g)), BootArgs: in.BootArgs})

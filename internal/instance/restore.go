@@ -31,11 +31,9 @@ func (m *Manager) restore(ctx context.Context, in *store.Instance, backend, def 
 	if in.State != api.StateStandby {
 		return invalidState(*in, "restore", api.StateStandby)
 	}
-	if backend == "" {
-		backend = def
-	}
-	if backend != api.BackendFile && backend != api.BackendUffd {
-		return fmt.Errorf("%w: restore backend %q: want file or uffd", api.ErrInvalid, backend)
+	backend, err := restoreBackend(*in, backend, def)
+	if err != nil {
+		return err
 	}
 	g, err := m.guest(in.ID)
 	if err != nil {
@@ -250,4 +248,34 @@ func (m *Manager) rollbackRestore(ctx context.Context, o *op, in *store.Instance
 	o.finish(ctx, err)
 	m.log.Warn("restore could not be finished; instance back on standby", "instance", in.ID, "err", err)
 	return err
+}
+
+// restoreBackend is the backend a restore of in uses: asked (a request's),
+// else def (the daemon's default). Firecracker maps no snapshot of
+// hugetlbfs-backed memory from its mem-file: a VM backed by huge pages
+// restores through the pager only, so uffd is its default whatever def
+// says, and a request for file is refused before anything changes.
+func restoreBackend(in store.Instance, asked, def string) (string, error) {
+	b := asked
+	if b == "" {
+		b = def
+		if in.HugePages != "" {
+			b = api.BackendUffd
+		}
+	}
+	switch {
+	case b != api.BackendFile && b != api.BackendUffd:
+		return "", fmt.Errorf("%w: restore backend %q: want file or uffd", api.ErrInvalid, b)
+	case b == api.BackendFile && in.HugePages != "":
+		return "", fmt.Errorf("%w: %s's memory is backed by %s huge pages, which restore only with restore_backend uffd", api.ErrInvalid, in.Name, in.HugePages)
+	}
+	return b, nil
+}
+
+// hugePagesAPI is the API's name of a record's huge pages.
+func hugePagesAPI(h string) string {
+	if h == "" {
+		return api.HugePagesNone
+	}
+	return h
 }

@@ -87,8 +87,9 @@ func (m *Manager) CreateSnapshot(ctx context.Context, ref string, req api.Snapsh
 		ID: id, Name: req.Name, SourceInstance: in.ID, CreatedAt: time.Now().UTC(), Compression: "none",
 		State: snapCreating, MemoryMiB: in.MemoryMiB, Vcpus: in.Vcpus, Kernel: in.Kernel, BootArgs: in.BootArgs,
 		NetGuest: in.NetGuest, NetMAC: in.NetMAC,
-		Image:    in.Image,
-		VsockCID: in.VsockCID,
+		Image:     in.Image,
+		VsockCID:  in.VsockCID,
+		HugePages: in.HugePages,
 	}
 	if err := m.db.CreateSnapshot(ctx, rec); err != nil {
 		o.finish(ctx, err)
@@ -264,7 +265,7 @@ func snapshotAPI(s store.Snapshot) api.Snapshot {
 	return api.Snapshot{
 		ID: s.ID, Name: s.Name, SourceInstance: s.SourceInstance, CreatedAt: s.CreatedAt, SizeBytes: s.SizeBytes,
 		Compression: s.Compression, State: s.State, SnapshotCacheKey: s.SnapshotCacheKey,
-		MemoryMiB: s.MemoryMiB, Vcpus: s.Vcpus, Image: s.Image,
+		MemoryMiB: s.MemoryMiB, Vcpus: s.Vcpus, Image: s.Image, HugePages: hugePagesAPI(s.HugePages),
 	}
 }
 

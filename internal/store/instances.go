@@ -44,16 +44,19 @@ type Instance struct {
 	// slot it took was warm: its network is already whole.
 	NetWarm  bool
 	VsockCID uint32 // guest CID of the VM's vsock device; 0: none
+	// HugePages is "" for guest memory of 4 KiB pages, or api.HugePages2M;
+	// fixed at create, inherited by forks and snapshots.
+	HugePages string
 }
 
 const instanceCols = `id, name, state, vcpus, memory_mib, kernel, rootfs, boot_args, created_at, source,
 	snapshot_cache_key, memory_check, fork_mode, restore_backend, pid, error, pager_session, pager_version,
-	net_slot, net_guest, net_mac, image, vsock_cid`
+	net_slot, net_guest, net_mac, image, vsock_cid, huge_pages`
 
 func (in *Instance) args() []any {
 	return []any{in.ID, in.Name, in.State, in.Vcpus, in.MemoryMiB, in.Kernel, in.Rootfs, in.BootArgs,
 		in.CreatedAt.UnixNano(), in.Source, in.SnapshotCacheKey, in.MemoryCheck, in.ForkMode,
-		in.RestoreBackend, in.Pid, in.Error, in.PagerSession, in.PagerVersion, in.slotColumn(), in.NetGuest, in.NetMAC, in.Image, in.VsockCID}
+		in.RestoreBackend, in.Pid, in.Error, in.PagerSession, in.PagerVersion, in.slotColumn(), in.NetGuest, in.NetMAC, in.Image, in.VsockCID, in.HugePages}
 }
 
 // slotColumn is net_slot: -1 for an instance without network.
@@ -69,7 +72,7 @@ func scanInstance(row interface{ Scan(...any) error }) (Instance, error) {
 	var created int64
 	err := row.Scan(&in.ID, &in.Name, &in.State, &in.Vcpus, &in.MemoryMiB, &in.Kernel, &in.Rootfs,
 		&in.BootArgs, &created, &in.Source, &in.SnapshotCacheKey, &in.MemoryCheck, &in.ForkMode,
-		&in.RestoreBackend, &in.Pid, &in.Error, &in.PagerSession, &in.PagerVersion, &in.NetSlot, &in.NetGuest, &in.NetMAC, &in.Image, &in.VsockCID)
+		&in.RestoreBackend, &in.Pid, &in.Error, &in.PagerSession, &in.PagerVersion, &in.NetSlot, &in.NetGuest, &in.NetMAC, &in.Image, &in.VsockCID, &in.HugePages)
 	in.CreatedAt = time.Unix(0, created).UTC()
 	in.Networked = in.NetSlot >= 0
 	if !in.Networked {
@@ -95,7 +98,7 @@ var qInstanceInsert = `INSERT INTO instances (` + instanceCols + `) VALUES (` + 
 const (
 	qInstanceUpdate = `UPDATE instances SET name=?, state=?, vcpus=?, memory_mib=?, kernel=?, rootfs=?,
 		boot_args=?, created_at=?, source=?, snapshot_cache_key=?, memory_check=?, fork_mode=?, restore_backend=?,
-		pid=?, error=?, pager_session=?, pager_version=?, net_slot=?, net_guest=?, net_mac=?, image=?, vsock_cid=? WHERE id=?`
+		pid=?, error=?, pager_session=?, pager_version=?, net_slot=?, net_guest=?, net_mac=?, image=?, vsock_cid=?, huge_pages=? WHERE id=?`
 	qInstanceDelete = `DELETE FROM instances WHERE id = ?`
 	qInstanceGet    = `SELECT ` + instanceCols + ` FROM instances WHERE id = ?`
 )

@@ -28,21 +28,24 @@ type Snapshot struct {
 	NetMAC   string
 	Image    string // manifest digest of the source's image, "" for none
 	VsockCID uint32 // the source's vsock CID (0: its vmstate has no vsock)
+	// HugePages is the source's (Instance.HugePages): its vmstate restores
+	// with those pages only.
+	HugePages string
 }
 
 const snapshotCols = `id, name, source_instance, created_at, size_bytes, compression, state,
-	snapshot_cache_key, memory_mib, vcpus, kernel, boot_args, net_guest, net_mac, image, vsock_cid`
+	snapshot_cache_key, memory_mib, vcpus, kernel, boot_args, net_guest, net_mac, image, vsock_cid, huge_pages`
 
 func (sn *Snapshot) args() []any {
 	return []any{sn.ID, sn.Name, sn.SourceInstance, sn.CreatedAt.UnixNano(), sn.SizeBytes, sn.Compression,
-		sn.State, sn.SnapshotCacheKey, sn.MemoryMiB, sn.Vcpus, sn.Kernel, sn.BootArgs, sn.NetGuest, sn.NetMAC, sn.Image, sn.VsockCID}
+		sn.State, sn.SnapshotCacheKey, sn.MemoryMiB, sn.Vcpus, sn.Kernel, sn.BootArgs, sn.NetGuest, sn.NetMAC, sn.Image, sn.VsockCID, sn.HugePages}
 }
 
 func scanSnapshot(row interface{ Scan(...any) error }) (Snapshot, error) {
 	var sn Snapshot
 	var created int64
 	err := row.Scan(&sn.ID, &sn.Name, &sn.SourceInstance, &created, &sn.SizeBytes, &sn.Compression,
-		&sn.State, &sn.SnapshotCacheKey, &sn.MemoryMiB, &sn.Vcpus, &sn.Kernel, &sn.BootArgs, &sn.NetGuest, &sn.NetMAC, &sn.Image, &sn.VsockCID)
+		&sn.State, &sn.SnapshotCacheKey, &sn.MemoryMiB, &sn.Vcpus, &sn.Kernel, &sn.BootArgs, &sn.NetGuest, &sn.NetMAC, &sn.Image, &sn.VsockCID, &sn.HugePages)
 	sn.CreatedAt = time.Unix(0, created).UTC()
 	return sn, err
 }
@@ -134,7 +137,7 @@ func (s *Store) SnapshotsMatching(ctx context.Context, ref string) ([]Snapshot, 
 func (s *Store) UpdateSnapshot(ctx context.Context, sn Snapshot) error {
 	a := sn.args()
 	res, err := s.db.ExecContext(ctx, `UPDATE snapshots SET name=?, source_instance=?, created_at=?, size_bytes=?,
-		compression=?, state=?, snapshot_cache_key=?, memory_mib=?, vcpus=?, kernel=?, boot_args=?, net_guest=?, net_mac=?, image=?, vsock_cid=? WHERE id=?`, append(a[1:], a[0])...)
+		compression=?, state=?, snapshot_cache_key=?, memory_mib=?, vcpus=?, kernel=?, boot_args=?, net_guest=?, net_mac=?, image=?, vsock_cid=?, huge_pages=? WHERE id=?`, append(a[1:], a[0])...)
 	if err != nil {
 		return fmt.Errorf("update snapshot %s: %w", sn.ID, err)
 	}

@@ -223,6 +223,11 @@ var migrations = []string{
 	// source's, so its forks know whether their vmstate has the device.
 	`ALTER TABLE instances ADD COLUMN vsock_cid INTEGER NOT NULL DEFAULT 0;
 	ALTER TABLE snapshots ADD COLUMN vsock_cid INTEGER NOT NULL DEFAULT 0;`,
+	// 6: huge pages. '' for guest memory of 4 KiB pages, '2M' for memory
+	// backed by 2 MiB hugetlbfs pages; a snapshot keeps its source's, as
+	// its vmstate does, so its forks restore with the same pages.
+	`ALTER TABLE instances ADD COLUMN huge_pages TEXT NOT NULL DEFAULT '';
+	ALTER TABLE snapshots ADD COLUMN huge_pages TEXT NOT NULL DEFAULT '';`,
 }
 
 func (s *Store) migrate(ctx context.Context) error {

@@ -75,6 +75,7 @@ func TestInstanceCRUDSurvivesReopen(t *testing.T) {
 	in.State = "Standby"
 	in.Pid = 0
 	in.VsockCID = 3
+	in.HugePages = "2M"
 	if err := s.UpdateInstance(ctx, in); err != nil {
 		t.Fatal(err)
 	}
@@ -144,7 +145,7 @@ func TestSnapshotCRUD(t *testing.T) {
 	ctx := context.Background()
 	s, _ := openTemp(t)
 	sn := Snapshot{ID: "s1", Name: "golden", SourceInstance: "a1", CreatedAt: time.Unix(7, 0).UTC(),
-		SizeBytes: 1 << 20, Compression: "none", State: "ready", SnapshotCacheKey: "k", MemoryMiB: 64, Vcpus: 1, VsockCID: 3}
+		SizeBytes: 1 << 20, Compression: "none", State: "ready", SnapshotCacheKey: "k", MemoryMiB: 64, Vcpus: 1, VsockCID: 3, HugePages: "2M"}
 	if err := s.CreateSnapshot(ctx, sn); err != nil {
 		t.Fatal(err)
 	}
