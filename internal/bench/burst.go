@@ -192,7 +192,7 @@ func (r *runner) forkOne(ctx context.Context, d *daemon, par parent, name string
 // has read as many pages as its working set holds.
 func (r *runner) restoreOne(ctx context.Context, d *daemon, res *forkResult, backend string, size int) {
 	t1 := time.Now()
-	if _, err := d.svc.Action(ctx, res.id, "restore", api.ActionRequest{RestoreBackend: backend}); err != nil {
+	if _, err := d.svc.Action(ctx, res.id, "restore", api.ActionRequest{RestoreBackend: restoreBackend(backend)}); err != nil {
 		res.err = err
 		return
 	}

@@ -74,8 +74,10 @@ type Config struct {
 	// DiffersRuns is how many times to run the case prefetch cannot help:
 	// forks whose workload differs from the recorded one (0: never). It
 	// needs both prefetch settings.
-	DiffersRuns  int      `json:"differs_runs"`
-	Backends     []string `json:"backends"`     // restore backends; default {file, uffd}
+	DiffersRuns int `json:"differs_runs"`
+	// Backends are the restore backends (default {file, uffd}), and
+	// BackendUffdHuge: uffd restores of a source backed by 2 MiB pages.
+	Backends     []string `json:"backends"`
 	Temperatures []string `json:"temperatures"` // default {cold, warm}
 	ForkFrom     string   `json:"fork_from"`    // FromSnapshot (default) | FromStandby
 	// SerialForks is how many forks to time one at a time per size,
@@ -180,7 +182,7 @@ func (c Config) withDefaults() (Config, error) {
 		known []string
 	}{
 		{"strategy", c.Strategies, []string{StrategyHardlink, StrategyReflink, StrategyCopy}},
-		{"backend", c.Backends, []string{api.BackendFile, api.BackendUffd}},
+		{"backend", c.Backends, []string{api.BackendFile, api.BackendUffd, BackendUffdHuge}},
 		{"temperature", c.Temperatures, []string{Cold, Warm}},
 		{"prefetch setting", c.Prefetch, []string{PrefetchOff, PrefetchAuto}},
 	} {
@@ -259,4 +261,45 @@ func (c Config) copySkipped(strategy string, sizeMiB int) string {
 	}
 	return fmt.Sprintf("copy runs only up to %d MiB (--copy-max-mib): a burst of %d copies of %d MiB would write %d GiB",
 		c.CopyMaxMiB, c.maxForks(), sizeMiB, c.maxForks()*sizeMiB/1024)
+}
+
+// BackendUffdHuge is the bench's backend of uffd restores of a source whose
+// guest memory is backed by 2 MiB pages (huge_pages 2M), and so are its
+// forks': the pager installs 2 MiB pages. Firecracker restores such memory
+// with the uffd backend only.
+const BackendUffdHuge = "uffd-2M"
+
+// restoreBackend is the API's backend of a bench backend.
+func restoreBackend(backend string) string {
+	if backend == BackendUffdHuge {
+		return api.BackendUffd
+	}
+	return backend
+}
+
+// hugeBackend reports whether backend's source is backed by 2 MiB pages.
+func hugeBackend(backend string) bool { return backend == BackendUffdHuge }
+
+// enoughHugePages refuses a run with BackendUffdHuge that the host's pool
+// of 2 MiB pages (pool: total and free pages) cannot hold: every daemon's
+// source whole (they are up at once), and a burst's forks and the
+// recording restore their working set each, plus a few pages for what the
+// guest touches besides. A pool that runs dry mid-burst would stall forks
+// until their timeout instead.
+func (c Config) enoughHugePages(pool func() (total, free int64, err error)) error {
+	if !slices.ContainsFunc(c.Backends, hugeBackend) {
+		return nil
+	}
+	sz := slices.Max(c.SizesMiB)
+	const slack = 4 // pages per VM beyond its working set
+	need := int64(len(c.Prefetch)*max(len(c.Builds), 1)*sz/2 + (c.maxForks()+1)*(c.workingSetMiB(sz)/2+slack))
+	total, free, err := pool()
+	if err != nil {
+		return fmt.Errorf("fork-burst: %s: %w", BackendUffdHuge, err)
+	}
+	if free < need {
+		return fmt.Errorf("fork-burst: %s needs about %d free 2 MiB pages (%d MiB) and the host has %d: raise vm.nr_hugepages (sysctl -w vm.nr_hugepages=%d) or drop %s from --backends",
+			BackendUffdHuge, need, need*2, free, total+need-free, BackendUffdHuge)
+	}
+	return nil
 }

@@ -112,3 +112,28 @@ func TestCopyRunsOnlyUpToCopyMaxMiB(t *testing.T) {
 		})
 	}
 }
+
+// A run with uffd-2M is refused up front when the pool of 2 MiB pages
+// cannot hold its sources and a burst's working sets, and only then.
+func TestConfigNeedsHugePagesForUffd2M(t *testing.T) {
+	cfg, err := Config{SizesMiB: []int{256}, WorkingSetMiB: 64, Forks: []int{1, 25},
+		Backends: []string{"file", BackendUffdHuge}, Prefetch: []string{PrefetchOff, PrefetchAuto}}.withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Two daemons' sources (2 × 128 pages) and 26 restores of 32 + 4 pages.
+	const need = 2*128 + 26*36
+	pool := func(free int64) func() (int64, int64, error) {
+		return func() (int64, int64, error) { return free + 100, free, nil }
+	}
+	if err := cfg.enoughHugePages(pool(need - 1)); err == nil || !strings.Contains(err.Error(), "vm.nr_hugepages") {
+		t.Errorf("one page short: %v; want a refusal naming vm.nr_hugepages", err)
+	}
+	if err := cfg.enoughHugePages(pool(need)); err != nil {
+		t.Errorf("enough pages: %v", err)
+	}
+	cfg.Backends = []string{"file", "uffd"}
+	if err := cfg.enoughHugePages(pool(0)); err != nil {
+		t.Errorf("no uffd-2M, no pool needed: %v", err)
+	}
+}

@@ -151,7 +151,7 @@ func TestBurstReportsCorruptedMemory(t *testing.T) {
 	}
 	r := &runner{cfg: cfg, disk: disk, progress: func(string) {}, tag: "twin"}
 	dm := &daemon{svc: d.Client, layout: layout, v: Variant{Strategy: StrategyHardlink, Prefetch: PrefetchAuto}}
-	src, err := r.createSource(ctx, dm, 64, 20000, cfg.bootArgs(64, 20000))
+	src, err := r.createSource(ctx, dm, 64, 20000, cfg.bootArgs(64, 20000), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -333,4 +333,44 @@ func runForkBurst(t *testing.T, timeout time.Duration, opt Options) (*Report, st
 	}
 	t.Logf("\n%s", out.String())
 	return rep, out.String()
+}
+
+// TestForkBurstMeasuresUffdOnHugePages runs the uffd-2M backend end to
+// end, tiny: its source is backed by 2 MiB pages, every fork restores
+// through the pager and replays, reads its working set with every page
+// checked, and the report compares its time to the working set with File's.
+func TestForkBurstMeasuresUffdOnHugePages(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts daemons and VMMs")
+	}
+	testenv.NeedRoot(t)
+	if _, err := os.Stat("/dev/userfaultfd"); err != nil {
+		testenv.Need(t, testenv.Uffd, err.Error())
+	}
+	cfg := Config{SizesMiB: []int{64}, WorkingSetMiB: 4, Forks: []int{2}, Rates: []int{-1},
+		Backends: []string{api.BackendFile, BackendUffdHuge}, Temperatures: []string{Cold, Warm},
+		Prefetch: []string{PrefetchAuto}, SerialForks: -1}
+	testenv.HugePages(t, 64) // the run needs 32 + 3 × 6 (enoughHugePages)
+	bin := buildForkd(t)
+	rep, out := runForkBurst(t, 6*time.Minute, Options{Config: cfg, Binary: bin, DaemonArgs: []string{"--prefetch-window", "1s"}})
+	huge := 0
+	for _, c := range rep.Cells {
+		name := fmt.Sprintf("%s/%s", c.Backend, c.Temperature)
+		if c.Skipped != "" || c.Failed != 0 || c.MemoryChecks["ok"] != c.Forks || c.ToWorkingSet.N != c.Forks {
+			t.Errorf("%s: skipped %q, %d failed %v, checks %v, %d times to ws", name, c.Skipped, c.Failed, c.Errors, c.MemoryChecks, c.ToWorkingSet.N)
+			continue
+		}
+		if c.Backend == BackendUffdHuge {
+			huge++
+			if c.PrefetchStats == nil || c.PrefetchStats.Modes["replay"] != c.Forks {
+				t.Errorf("%s: prefetch %+v, want every fork to replay", name, c.PrefetchStats)
+			}
+		}
+	}
+	if huge != 2 {
+		t.Errorf("%d uffd-2M cells, want 2 (cold, warm)", huge)
+	}
+	if !strings.Contains(out, "uffd-2M/file to-ws p50") {
+		t.Errorf("ratios lack uffd-2M/file:\n%s", out)
+	}
 }

@@ -136,6 +136,8 @@ func (r *Report) prefetchRatios() []Ratio {
 					for _, temp := range r.Config.Temperatures {
 						add(name(fmt.Sprintf("prefetch %s %s: uffd/file to-ws p50", pf, temp)),
 							toWS(at(pf, api.BackendUffd, temp)), toWS(at(pf, api.BackendFile, temp)))
+						add(name(fmt.Sprintf("prefetch %s %s: uffd-2M/file to-ws p50", pf, temp)),
+							toWS(at(pf, BackendUffdHuge, temp)), toWS(at(pf, api.BackendFile, temp)))
 					}
 					for _, be := range r.Config.Backends {
 						add(name(fmt.Sprintf("prefetch %s %s: cold/warm to-ws p50", pf, be)),

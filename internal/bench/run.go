@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/forkd/forkd/internal/capacity"
 	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 
@@ -77,6 +79,9 @@ type runner struct {
 func Run(ctx context.Context, cfg Config, target Target, progress func(string)) (*Report, error) {
 	cfg, err := cfg.withDefaults()
 	if err != nil {
+		return nil, err
+	}
+	if err := cfg.enoughHugePages(capacity.HugePagePool); err != nil {
 		return nil, err
 	}
 	if cfg.DropCaches && os.Geteuid() != 0 {
@@ -279,15 +284,27 @@ func (r *runner) variants(ctx context.Context, ds []*daemon, size int) ([]Cell, 
 	var cells []Cell
 	for ri, rate := range r.cfg.Rates {
 		srcs := make([]*source, len(ds))
+		// hsrcs are the sources backed by 2 MiB pages, for BackendUffdHuge.
+		hsrcs := make([]*source, len(ds))
 		cleanup := func() {
-			for i, src := range srcs {
-				if src != nil {
-					r.deleteInstance(ctx, ds[i], src.id)
+			for i := range ds {
+				for _, src := range []*source{srcs[i], hsrcs[i]} {
+					if src != nil {
+						r.deleteInstance(ctx, ds[i], src.id)
+					}
 				}
 			}
 		}
 		for i, d := range ds {
-			src, err := r.createSource(ctx, d, size, rate, r.cfg.bootArgs(size, rate))
+			if slices.ContainsFunc(r.cfg.Backends, hugeBackend) {
+				src, err := r.createSource(ctx, d, size, rate, r.cfg.bootArgs(size, rate), true)
+				if err != nil {
+					cleanup()
+					return cells, fmt.Errorf("fork-burst %d MiB %s: %s: %w", size, d.v, BackendUffdHuge, err)
+				}
+				hsrcs[i] = src
+			}
+			src, err := r.createSource(ctx, d, size, rate, r.cfg.bootArgs(size, rate), false)
 			if err != nil {
 				for _, n := range r.cfg.Forks {
 					for _, be := range r.cfg.Backends {
@@ -310,7 +327,11 @@ func (r *runner) variants(ctx context.Context, ds []*daemon, size int) ([]Cell, 
 			for _, backend := range r.cfg.Backends {
 				for i, d := range ds {
 					key := cellKey{size, d.v.Strategy, d.v.Prefetch, rate, n, backend, "", WorkloadSame, 0}
-					more, err := r.temperatures(ctx, d, srcs[i], key)
+					src := srcs[i]
+					if hugeBackend(backend) {
+						src = hsrcs[i]
+					}
+					more, err := r.temperatures(ctx, d, src, key)
 					cells = append(cells, more...)
 					if err != nil {
 						cleanup()
@@ -409,7 +430,7 @@ func (r *runner) record(ctx context.Context, d *daemon, par parent, key cellKey)
 		return fmt.Errorf("record: the restore did not record a working set: %+v", p)
 	}
 	r.deleteInstance(ctx, d, res.id)
-	if key.backend == api.BackendUffd {
+	if restoreBackend(key.backend) == api.BackendUffd {
 		return r.drainPager(ctx, d)
 	}
 	return nil
@@ -466,7 +487,7 @@ func (r *runner) differs(ctx context.Context, size int) ([]Cell, error) {
 			return cells, fmt.Errorf("fork-burst: differing workload: %s", skip)
 		}
 		ds = append(ds, d)
-		src, err := r.createSource(ctx, d, size, rate, r.cfg.differsBootArgs(size, rate))
+		src, err := r.createSource(ctx, d, size, rate, r.cfg.differsBootArgs(size, rate), false)
 		if err != nil {
 			return cells, fmt.Errorf("fork-burst: differing workload: %w", err)
 		}
@@ -474,6 +495,9 @@ func (r *runner) differs(ctx context.Context, size int) ([]Cell, error) {
 	}
 	for run := 1; run <= r.cfg.DiffersRuns; run++ {
 		for _, backend := range r.cfg.Backends {
+			if hugeBackend(backend) {
+				continue // the case is measured on sources of 4 KiB pages
+			}
 			for i, d := range ds {
 				key := cellKey{size, StrategyHardlink, d.v.Prefetch, rate, n, backend, Cold, WorkloadDiffers, run}
 				par, err := r.freshParent(ctx, d, srcs[i])
@@ -527,13 +551,15 @@ type source struct {
 	rate    int
 }
 
-// createSource boots the source VM, lets its workload write its working
-// set, and stands it by.
-func (r *runner) createSource(ctx context.Context, d *daemon, size, rate int, bootArgs string) (*source, error) {
-	r.progress(fmt.Sprintf("%d MiB %s: booting the source VM (%s)", size, d.v, bootArgs))
-	inst, err := d.svc.CreateInstance(ctx, api.CreateInstanceRequest{
-		Name: r.name("src"), Vcpus: r.cfg.Vcpus, MemoryMiB: size, BootArgs: bootArgs,
-	})
+// createSource boots the source VM (its memory backed by 2 MiB pages when
+// huge), lets its workload write its working set, and stands it by.
+func (r *runner) createSource(ctx context.Context, d *daemon, size, rate int, bootArgs string, huge bool) (*source, error) {
+	req := api.CreateInstanceRequest{Name: r.name("src"), Vcpus: r.cfg.Vcpus, MemoryMiB: size, BootArgs: bootArgs}
+	if huge {
+		req.HugePages = api.HugePages2M
+	}
+	r.progress(fmt.Sprintf("%d MiB %s: booting the source VM (%s, huge_pages %s)", size, d.v, bootArgs, req.WithDefaults().HugePages))
+	inst, err := d.svc.CreateInstance(ctx, req)
 	if err != nil {
 		return nil, fmt.Errorf("create source: %w", err)
 	}

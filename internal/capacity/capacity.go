@@ -45,7 +45,7 @@ type Host struct {
 }
 
 // RealHost reads /proc/meminfo, statfs and sysfs.
-func RealHost() Host { return Host{MemTotal: memTotal, DiskFree: diskFree, HugePages: hugePages} }
+func RealHost() Host { return Host{MemTotal: memTotal, DiskFree: diskFree, HugePages: HugePagePool} }
 
 // Request is one operation to admit.
 type Request struct {
@@ -263,9 +263,9 @@ func diskFree(path string) (int64, error) {
 // hugePagesDir is where the kernel reports the pool of 2 MiB pages.
 const hugePagesDir = "/sys/kernel/mm/hugepages/hugepages-2048kB/"
 
-// hugePages reads the pool of 2 MiB pages; a kernel without them has a
-// pool of none.
-func hugePages() (total, free int64, err error) {
+// HugePagePool reads the host's pool of 2 MiB pages: how many, and how
+// many are free. A kernel without 2 MiB pages has a pool of none.
+func HugePagePool() (total, free int64, err error) {
 	read := func(name string) (int64, error) {
 		b, err := os.ReadFile(hugePagesDir + name)
 		if errors.Is(err, fs.ErrNotExist) {
