@@ -93,7 +93,7 @@ func (f *fakeService) CreateInstance(ctx context.Context, req api.CreateInstance
 	inst := &api.Instance{
 		ID: f.newID(), Name: req.Name, State: state, Vcpus: req.Vcpus, MemoryMiB: req.MemoryMiB,
 		Kernel: req.Kernel, BootArgs: req.BootArgs, CreatedAt: time.Now().UTC(),
-		MemoryCheck: "ok", RestoreBackend: api.BackendFile, Pid: 4242,
+		MemoryCheck: "ok", RestoreBackend: api.BackendFile, HugePages: req.HugePages, Pid: 4242,
 	}
 	if req.Image != "" {
 		im, err := f.resolveImage(req.Image)
@@ -187,7 +187,7 @@ func (f *fakeService) fork(name, source, cacheKey, state string, mem, vcpus int)
 	inst := &api.Instance{
 		ID: f.newID(), Name: name, State: state, Vcpus: vcpus, MemoryMiB: mem, CreatedAt: time.Now().UTC(),
 		Source: source, SnapshotCacheKey: cacheKey, MemoryCheck: "ok", ForkMode: api.ForkModeHardlink,
-		RestoreBackend: api.BackendFile,
+		RestoreBackend: api.BackendFile, HugePages: api.HugePagesNone,
 	}
 	f.instances[inst.ID] = inst
 	f.order = append(f.order, inst.ID)
@@ -223,7 +223,7 @@ func (f *fakeService) CreateSnapshot(ctx context.Context, ref string, req api.Sn
 	s := &api.Snapshot{
 		ID: f.newID(), Name: req.Name, SourceInstance: src.ID, CreatedAt: time.Now().UTC(),
 		SizeBytes: int64(src.MemoryMiB) << 20, Compression: comp, State: "ready",
-		SnapshotCacheKey: "ck-snap-" + src.ID, MemoryMiB: src.MemoryMiB, Vcpus: src.Vcpus,
+		SnapshotCacheKey: "ck-snap-" + src.ID, MemoryMiB: src.MemoryMiB, Vcpus: src.Vcpus, HugePages: src.HugePages,
 	}
 	f.snapshots[s.ID] = s
 	f.snapOrder = append(f.snapOrder, s.ID)
