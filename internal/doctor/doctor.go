@@ -106,6 +106,7 @@ func Run(ctx context.Context, o Options) []Result {
 		checkNftables(),
 		cg,
 		checkMemory(o.Paths.Meminfo, o.Capacity),
+		checkHugePages(capacity.HugePagePool),
 		checkDisk(o.DataDir),
 	}
 }
@@ -216,6 +217,20 @@ func checkJail(ctx context.Context, j Jail, root bool, cgroups Result) Result {
 		}
 	}
 	return ok(check, found+"; each VMM runs chrooted in its guest dir under its own uid, cgroups and seccomp filter")
+}
+
+// checkHugePages reports the host's pool of 2 MiB pages, which VMs created
+// with huge_pages 2M draw their memory from.
+func checkHugePages(pool func() (total, free int64, err error)) Result {
+	const without = "VMs with huge_pages 2M are refused (409 insufficient_resources); set vm.nr_hugepages (sysctl -w vm.nr_hugepages=N) to offer them"
+	total, free, err := pool()
+	switch {
+	case err != nil:
+		return missing("huge pages", err.Error(), without)
+	case total == 0:
+		return missing("huge pages", "the pool of 2 MiB pages is empty (vm.nr_hugepages 0)", without)
+	}
+	return ok("huge pages", fmt.Sprintf("a pool of %d pages of 2 MiB (%d MiB), %d free: VMs with huge_pages 2M take theirs from it", total, total*2, free))
 }
 
 func checkUffd(dev string) Result {

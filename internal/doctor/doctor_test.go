@@ -17,7 +17,7 @@ import (
 func TestDoctorReportsEveryCheckOnThisHost(t *testing.T) {
 	testenv.NeedRoot(t)
 	rs := Run(context.Background(), Options{DataDir: filepath.Join(t.TempDir(), "data")})
-	want := []string{"kvm", "firecracker", "jail", "userfaultfd", "data dir", "reflink", "tun", "nf_tables", "cgroups", "memory", "disk"}
+	want := []string{"kvm", "firecracker", "jail", "userfaultfd", "data dir", "reflink", "tun", "nf_tables", "cgroups", "memory", "huge pages", "disk"}
 	if len(rs) != len(want) {
 		t.Fatalf("%d checks, want %d: %+v", len(rs), len(want), rs)
 	}
@@ -184,6 +184,22 @@ func TestDoctorChecksWhatTheJailNeeds(t *testing.T) {
 		r := checkJail(context.Background(), tc.j, tc.root, tc.cg)
 		if r.Status != tc.status || !strings.Contains(r.Found+r.Without, tc.says) {
 			t.Errorf("%s: %+v; want %s, saying %q", tc.name, r, tc.status, tc.says)
+		}
+	}
+}
+
+// The pool of 2 MiB pages: a pool says its size, an empty one (or one that
+// cannot be read) what forkd does without it.
+func TestDoctorReportsThePoolOfHugePages(t *testing.T) {
+	pool := func(total, free int64, err error) func() (int64, int64, error) {
+		return func() (int64, int64, error) { return total, free, err }
+	}
+	if r := checkHugePages(pool(512, 100, nil)); r.Status != OK || !strings.Contains(r.Found, "512 pages") || !strings.Contains(r.Found, "100 free") {
+		t.Errorf("a pool of 512: %+v", r)
+	}
+	for _, p := range []func() (int64, int64, error){pool(0, 0, nil), pool(0, 0, errors.New("no sysfs"))} {
+		if r := checkHugePages(p); r.Status != Missing || !strings.Contains(r.Without, "vm.nr_hugepages") {
+			t.Errorf("no pool: %+v; want missing, naming vm.nr_hugepages", r)
 		}
 	}
 }
