@@ -36,7 +36,7 @@ func TestMain(m *testing.M) {
 
 // vmmProc is one `forkd vmm` process under test.
 type vmmProc struct {
-	t      *testing.T
+	t      testing.TB
 	name   string
 	dir    string
 	sock   string
@@ -51,25 +51,25 @@ var procSeq atomic.Int64
 
 // startVMM starts a VMM process in dir, as the default (newest) release,
 // and waits for its API socket.
-func startVMM(t *testing.T, dir string) *vmmProc {
+func startVMM(t testing.TB, dir string) *vmmProc {
 	t.Helper()
 	return startVMMWith(t, dir, (*exec.Cmd).Start)
 }
 
 // startVMMWith is startVMM with the process started by start (e.g. inside
 // a network namespace).
-func startVMMWith(t *testing.T, dir string, start func(*exec.Cmd) error) *vmmProc {
+func startVMMWith(t testing.TB, dir string, start func(*exec.Cmd) error) *vmmProc {
 	t.Helper()
 	return startVMMOpts(t, dir, DefaultFirecrackerVersion(), start)
 }
 
 // startVMMVersion is startVMM as Firecracker release version.
-func startVMMVersion(t *testing.T, dir, version string) *vmmProc {
+func startVMMVersion(t testing.TB, dir, version string) *vmmProc {
 	t.Helper()
 	return startVMMOpts(t, dir, version, (*exec.Cmd).Start)
 }
 
-func startVMMOpts(t *testing.T, dir, version string, start func(*exec.Cmd) error) *vmmProc {
+func startVMMOpts(t testing.TB, dir, version string, start func(*exec.Cmd) error) *vmmProc {
 	t.Helper()
 	n := procSeq.Add(1)
 	p := &vmmProc{t: t, name: fmt.Sprintf("vm%d", n), dir: dir, exited: make(chan struct{})}
@@ -278,7 +278,7 @@ func (p *vmmProc) loadFile(vmstate, mem string, track, resume bool) {
 }
 
 // requireClean fails the test if the workload saw any integrity error.
-func requireClean(t *testing.T, name string, st GuestStats) {
+func requireClean(t testing.TB, name string, st GuestStats) {
 	t.Helper()
 	if st.IntegrityErrors != 0 || st.FirstIntegrityError != "" {
 		t.Fatalf("%s: %d integrity errors, first: %s", name, st.IntegrityErrors, st.FirstIntegrityError)

@@ -25,7 +25,7 @@ const hugeGuestPages = 16 << 20 / hugePageSize
 
 // hugetlbMappings reads pid's smaps: the total size of its mappings whose
 // kernel page size is 2 MiB, and of the hugetlbfs pages they hold.
-func hugetlbMappings(t *testing.T, pid int) (mapped, resident int64) {
+func hugetlbMappings(t testing.TB, pid int) (mapped, resident int64) {
 	t.Helper()
 	f, err := os.Open(fmt.Sprintf("/proc/%d/smaps", pid))
 	if err != nil {
@@ -60,7 +60,7 @@ func hugetlbMappings(t *testing.T, pid int) (mapped, resident int64) {
 // bootHugeSnapshot boots a 16 MiB huge_pages 2M guest as release ver in
 // dir, checks it holds its RAM in 2 MiB hugetlbfs pages, runs it, pauses it
 // and writes a Full snapshot.
-func bootHugeSnapshot(t *testing.T, dir, ver string) (p *vmmProc, vmstate, mem string) {
+func bootHugeSnapshot(t testing.TB, dir, ver string) (p *vmmProc, vmstate, mem string) {
 	t.Helper()
 	p = startVMMVersion(t, dir, ver)
 	p.boot(bootSpec{vcpus: 2, memMib: 16, track: true, huge: true, bootArgs: hugeBootArgs})

@@ -12,7 +12,7 @@ import (
 )
 
 // startPager runs forkd's real pager in this test process.
-func startPager(t *testing.T, dir string) *pager.Client {
+func startPager(t testing.TB, dir string) *pager.Client {
 	t.Helper()
 	srv, err := pager.NewServer(pager.Config{Dir: dir, CacheBytes: 64 << 20, Version: "test"},
 		slog.New(slog.NewTextHandler(io.Discard, nil)))

@@ -218,7 +218,7 @@ func (p *testPager) check(t *testing.T) []uffd.Region {
 	return p.regions
 }
 
-func requireUffd(t *testing.T) {
+func requireUffd(t testing.TB) {
 	t.Helper()
 	f, err := uffd.Open(unix.O_CLOEXEC | unix.O_NONBLOCK)
 	if err != nil {
