@@ -112,6 +112,12 @@ func TestHugePagesServeEveryByte(t *testing.T) {
 				t.Errorf("session has %d regions of %d bytes, want %d of %d", first.Regions, first.MemoryBytes, max(layout.mem.regions, 1), hugeSize)
 			}
 
+			// The cache holds each 2 MiB page read as one entry of its size:
+			// the 6 data pages, and page 1 as an all-zero marker.
+			if st := p.stats(t); st.CacheEntries != read || st.CacheBytes != (read-1)*(uffd.HugePageSize+entryOverhead)+entryOverhead {
+				t.Errorf("cache: %d entries, %d bytes; want %d entries, %d bytes", st.CacheEntries, st.CacheBytes, read, (read-1)*(uffd.HugePageSize+entryOverhead)+entryOverhead)
+			}
+
 			warm := run("warm", "abc", "")
 			if warm.BackingBytes != 0 || warm.Hits != read || warm.Misses != 0 {
 				t.Errorf("second VM of the key: %d hits, %d misses, read %d bytes; want %d hits and no read", warm.Hits, warm.Misses, warm.BackingBytes, read)
@@ -123,6 +129,27 @@ func TestHugePagesServeEveryByte(t *testing.T) {
 					cold.ColdReads, cold.Misses, read)
 			}
 		})
+	}
+}
+
+// TestHugePagesBeyondTheCacheAreServedAndSaidSo: with a cache whose shards
+// (1/64 of its budget each) cannot hold a 2 MiB page, every page is still
+// served right, none is cached but all-zero markers, and the session says
+// why in the log.
+func TestHugePagesBeyondTheCacheAreServedAndSaidSo(t *testing.T) {
+	needHugePages(t, 1)
+	p := startPager(t, Config{CacheBytes: 64 << 20})
+	mem := hugeMemFile(t, p.dir)
+	s := p.create(t, "vm", mem, "abc")
+	c := startConsumer(t, s.SocketPath, mem, hugeSize, "good", fmt.Sprintf("touch:0-%d,wait", hugeFile), huge2M)
+	c.expect("waiting")
+	c.resume()
+	c.finish()
+	if st := p.stats(t); st.CacheEntries != 1 || st.CacheBytes != entryOverhead {
+		t.Errorf("cache: %d entries, %d bytes; want only page 1's all-zero marker", st.CacheEntries, st.CacheBytes)
+	}
+	if !strings.Contains(p.logs.String(), "too small to hold this VM's pages") {
+		t.Errorf("no warning that the cache cannot hold 2 MiB pages; log:\n%s", p.logs.String())
 	}
 }
 
@@ -182,6 +209,7 @@ func TestHugePageReplayInstallsWholeHugePages(t *testing.T) {
 				t.Fatal(err)
 			}
 
+			cached := p.stats(t)
 			s, err = p.client.CreateSession(ctx, SessionRequest{SessionID: "replay", BackingPath: mem, CacheKey: "def", PrefetchPath: path})
 			if err != nil {
 				t.Fatal(err)
@@ -217,6 +245,12 @@ func TestHugePageReplayInstallsWholeHugePages(t *testing.T) {
 			}
 			if st.Faults < probes || st.Faults > 2*probes {
 				t.Errorf("faults = %d, want about the %d probe(s), not one per 2 MiB page touched", st.Faults, probes)
+			}
+			// A lone replay caches its probe (a 2 MiB page) and the all-zero
+			// marker of page 1, nothing else: no 2 MiB copy of every page.
+			if now := p.stats(t); now.CacheEntries-cached.CacheEntries != 2 || now.CacheBytes-cached.CacheBytes != uffd.HugePageSize+2*entryOverhead {
+				t.Errorf("the replay added %d cache entries, %d bytes; want its probe and one zero marker (2, %d bytes)",
+					now.CacheEntries-cached.CacheEntries, now.CacheBytes-cached.CacheBytes, uffd.HugePageSize+2*entryOverhead)
 			}
 			// Replay reads each 2 MiB page once (the probe too: it caches
 			// it for the probe's fault), however many runs of 4 KiB pages
