@@ -61,7 +61,11 @@ type Request struct {
 	// filesystem (0: nothing to check).
 	DiskBytes int64
 	// HugePages: the VM's memory comes from the host's pool of 2 MiB pages.
+	// Boots: the operation boots it (create with start, start), which
+	// claims all of that memory at once; a restore claims only the pages
+	// its guest touches.
 	HugePages bool
+	Boots     bool
 }
 
 // Running is one VM that holds its guest RAM (its VMM runs).
@@ -200,12 +204,14 @@ func (a *Ledger) check(req Request, running []Running) error {
 }
 
 // checkHugePages admits a VM whose memory comes from the host's pool of
-// 2 MiB pages. Such memory is taken from the pool as the guest touches it
-// (Firecracker maps it MAP_NORESERVE), and a guest that finds the pool
-// empty dies (SIGBUS) or stalls (its pager's copies fail), so a VM larger
-// than the whole pool, or one that would start with no page free, is
-// refused here. Below that the pool is shared like RAM: forks of one VM
-// use only the pages they touch.
+// 2 MiB pages. A guest that finds the pool empty dies (SIGBUS) or stalls
+// (its pager's copies fail), so what is refused here is: a VM larger than
+// the whole pool; a boot without all of its memory free, counting the
+// boots admitted and in flight (a booted guest comes to use all of it, and
+// forkd vmm claims it at boot); a restore with no page free. A restore
+// takes pages as its guest touches them (Firecracker maps the memory
+// MAP_NORESERVE), so the forks of one VM share the pool as they share
+// RAM: each takes only the pages it touches.
 func (a *Ledger) checkHugePages(req Request) error {
 	if a.host.HugePages == nil {
 		return fmt.Errorf("capacity: this host reports no pool of 2 MiB pages")
@@ -222,6 +228,18 @@ func (a *Ledger) checkHugePages(req Request) error {
 			req.MemoryMiB, total*page>>20, total, (mem+page-1)/page)
 	case free == 0:
 		return refuse("huge pages", "the host's pool of 2 MiB pages has none free (all %d in use): raise vm.nr_hugepages, or stop or stand by a VM backed by huge pages", total)
+	case !req.Boots:
+		return nil
+	}
+	var booting int64 // pages of boots admitted and in flight
+	for _, r := range a.reserved {
+		if r.Runs && r.HugePages && r.Boots && r.ID != req.ID {
+			booting += (int64(r.MemoryMiB)<<20 + page - 1) / page
+		}
+	}
+	if need := (mem+page-1)/page + booting; need > free {
+		return refuse("huge pages", "booting %d MiB of guest RAM backed by 2 MiB pages takes %d pages, %d more are held for boots in flight, and the host's pool has %d free: %d short (raise vm.nr_hugepages)",
+			req.MemoryMiB, (mem+page-1)/page, booting, free, need-free)
 	}
 	return nil
 }

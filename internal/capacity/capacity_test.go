@@ -50,6 +50,8 @@ func TestReserveRefusesWhatTheHostCannotHold(t *testing.T) {
 		{"huge pages over the whole pool", Limits{}, Request{ID: "x", MemoryMiB: 514, Runs: true, HugePages: true}, "huge pages", "vm.nr_hugepages to at least 257"},
 		{"huge pages: the whole pool (the twin)", Limits{}, Request{ID: "x", MemoryMiB: 512, Runs: true, HugePages: true}, "", ""},
 		{"huge pages: not running, no pool check", Limits{}, Request{ID: "x", MemoryMiB: 514, HugePages: true}, "", ""},
+		{"huge pages: a boot needs all its pages free", Limits{}, Request{ID: "x", MemoryMiB: 22, Runs: true, HugePages: true, Boots: true}, "huge pages", "1 short"},
+		{"huge pages: a boot that fits the free pages (the twin)", Limits{}, Request{ID: "x", MemoryMiB: 20, Runs: true, HugePages: true, Boots: true}, "", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			a, err := New(tc.limits, host, "/data")
@@ -161,4 +163,35 @@ func TestAnEmptyHugePagePoolRefusesHugePageVMs(t *testing.T) {
 		t.Fatalf("a VM of 4 KiB pages was refused: %v", err)
 	}
 	release()
+}
+
+// Boots in flight hold their pages: with 10 free, a boot of 6 pages leaves
+// room for a restore but not for a second boot of 5, until it is released.
+func TestHugePageBootsInFlightHoldTheirPages(t *testing.T) {
+	a, err := New(Limits{}, fakeHost(24*gib, 100*gib), "/data")
+	if err != nil {
+		t.Fatal(err)
+	}
+	none := func() ([]Running, error) { return nil, nil }
+	boot := func(id string, mib int) Request {
+		return Request{ID: id, MemoryMiB: mib, Runs: true, HugePages: true, Boots: true}
+	}
+	release, err := a.Reserve(boot("a", 12), none)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Reserve(boot("b", 10), none); !errors.Is(err, ErrInsufficient) || !strings.Contains(err.Error(), "6 more are held") {
+		t.Fatalf("a second boot past the free pages: %v; want a refusal counting the boot in flight", err)
+	}
+	if r, err := a.Reserve(Request{ID: "c", MemoryMiB: 64, Runs: true, HugePages: true}, none); err != nil {
+		t.Fatalf("a restore with pages free: %v", err)
+	} else {
+		r()
+	}
+	release()
+	r, err := a.Reserve(boot("b", 10), none)
+	if err != nil {
+		t.Fatalf("the second boot once the first is released: %v", err)
+	}
+	r()
 }

@@ -128,7 +128,7 @@ func (m *Manager) CreateInstance(ctx context.Context, req api.CreateInstanceRequ
 		diskCost = m.copyCost(rootfs.Name())
 	}
 	release, err := m.reserveCapacity(ctx, "create", capacity.Request{ID: id, MemoryMiB: req.MemoryMiB, Vcpus: req.Vcpus,
-		Runs: req.Start == nil || *req.Start, DiskBytes: diskCost, HugePages: req.HugePages == api.HugePages2M})
+		Runs: req.Start == nil || *req.Start, DiskBytes: diskCost, HugePages: req.HugePages == api.HugePages2M, Boots: true})
 	if err != nil {
 		return api.Instance{}, err
 	}
