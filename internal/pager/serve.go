@@ -464,8 +464,11 @@ func (h *handler) populateStep() error {
 		}
 		h.populating, h.popRegion, h.popPage = true, 0, 0
 	}
-	const chunk = 256 // pages between event drains: faults stay served
-	for n := 0; n < chunk && h.popRegion < len(h.regions); n++ {
+	// At most populateBytes between event drains, so faults stay served:
+	// 256 pages of 4 KiB, one of 2 MiB (256 of those would hold faults up
+	// behind 512 MiB of copies).
+	chunk := max(1, populateBytes/h.regions[0].PageSize)
+	for n := uint64(0); n < chunk && h.popRegion < len(h.regions); n++ {
 		r := h.regions[h.popRegion]
 		pages := r.Size / r.PageSize
 		if h.popPage >= pages {
@@ -506,6 +509,9 @@ func (h *handler) populateStep() error {
 	s.log.Info("session populated", "pages", s.stats.populated.Load())
 	return nil
 }
+
+// populateBytes is what populate installs between event drains.
+const populateBytes = 1 << 20
 
 func (h *handler) finishPopulate(err error) {
 	h.populating = false
