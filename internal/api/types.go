@@ -98,7 +98,9 @@ type PortPublish struct {
 	Protocol  string `json:"protocol,omitempty"` // tcp (default) | udp
 }
 
-// Prefetch is what a restore did with its cache key's working set.
+// Prefetch is what a restore did with its cache key's working set. Its page
+// counts are of 4 KiB pages whatever the guest's page size (a VM backed by
+// 2 MiB pages counts 512 for each).
 type Prefetch struct {
 	// Mode is "record" (this restore recorded the key's working set),
 	// "replay" (it prefetched the recording) or "none" (another restore of
@@ -112,7 +114,8 @@ type Prefetch struct {
 	PagesPrefetched uint64 `json:"pages_prefetched"`
 	// PagesWasted is prefetched pages the guest had not used when the
 	// prefetch window closed: File, pages its VMM never mapped; Uffd, an
-	// estimate from a 1-in-32 sample of recorded pages left to fault.
+	// estimate from a sample of the recorded pages left to fault (at most
+	// one in 128, and at most 64 pages of the guest's size per replay).
 	PagesWasted uint64 `json:"pages_wasted"`
 	// WorkingSetMs is, for a replay, the time from the restore call until
 	// the whole recorded working set was in memory (0 if not within the
