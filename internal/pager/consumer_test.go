@@ -359,7 +359,7 @@ func pagerMain(args []string) int {
 		fmt.Fprintf(os.Stderr, "pager role: want 'pager serve ...', got %q\n", args)
 		return 2
 	}
-	opt := MainOptions{Version: os.Getenv("FORKD_PAGER_TEST_VERSION")}
+	opt := MainOptions{Version: os.Getenv("FORKD_PAGER_TEST_VERSION"), DefaultPriority: os.Getenv(defaultPriorityEnv) != ""}
 	for i := 2; i < len(args); i++ {
 		next := func() string { i++; return args[i] }
 		switch args[i] {

@@ -20,6 +20,10 @@ type MainOptions struct {
 	LogPath   string
 	LogFormat string
 	Stderr    io.Writer
+	// DefaultPriority keeps the default CPU priority instead of pagerNice
+	// (priority.go). It exists only for the test that shows its check
+	// catches a pager left at the default; never set it elsewhere.
+	DefaultPriority bool
 }
 
 // Main runs a pager process until it has drained or is stopped. The first
@@ -55,6 +59,11 @@ func Main(ctx context.Context, opt MainOptions) error {
 	// low GC target keeps the process near its budget instead of the
 	// default 2x of it; marking pointer-free pages costs next to nothing.
 	debug.SetGCPercent(25)
+	if !opt.DefaultPriority {
+		if err := raisePriority(); err != nil {
+			log.Warn("the pager runs at the default CPU priority: busy guests can starve it and stall the guests it serves", "nice", pagerNice, "err", err)
+		}
+	}
 	srv, err := NewServer(Config{Dir: opt.Dir, CacheBytes: opt.CacheBytes, Version: opt.Version}, log)
 	if err != nil {
 		log.Error("pager failed to start", "err", err)
