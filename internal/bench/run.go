@@ -295,30 +295,32 @@ func (r *runner) variants(ctx context.Context, ds []*daemon, size int) ([]Cell, 
 				}
 			}
 		}
+		kinds := []bool{false} // per daemon: a source of 4 KiB pages, and one of 2 MiB pages for BackendUffdHuge
+		if slices.ContainsFunc(r.cfg.Backends, hugeBackend) {
+			kinds = append(kinds, true)
+		}
 		for i, d := range ds {
-			if slices.ContainsFunc(r.cfg.Backends, hugeBackend) {
-				src, err := r.createSource(ctx, d, size, rate, r.cfg.bootArgs(size, rate), true)
+			for _, huge := range kinds {
+				src, err := r.createSource(ctx, d, size, rate, r.cfg.bootArgs(size, rate), huge)
 				if err != nil {
-					cleanup()
-					return cells, fmt.Errorf("fork-burst %d MiB %s: %s: %w", size, d.v, BackendUffdHuge, err)
-				}
-				hsrcs[i] = src
-			}
-			src, err := r.createSource(ctx, d, size, rate, r.cfg.bootArgs(size, rate), false)
-			if err != nil {
-				for _, n := range r.cfg.Forks {
-					for _, be := range r.cfg.Backends {
-						for _, temp := range r.cfg.Temperatures {
-							c := cellKey{size, d.v.Strategy, d.v.Prefetch, rate, n, be, temp, WorkloadSame, 0}.cell()
-							c.Skipped = "source VM failed: " + err.Error()
-							cells = append(cells, c)
+					for _, n := range r.cfg.Forks {
+						for _, be := range r.cfg.Backends {
+							for _, temp := range r.cfg.Temperatures {
+								c := cellKey{size, d.v.Strategy, d.v.Prefetch, rate, n, be, temp, WorkloadSame, 0}.cell()
+								c.Skipped = "source VM failed: " + err.Error()
+								cells = append(cells, c)
+							}
 						}
 					}
+					cleanup()
+					return cells, fmt.Errorf("fork-burst %d MiB %s: %w", size, d.v, err)
 				}
-				cleanup()
-				return cells, fmt.Errorf("fork-burst %d MiB %s: %w", size, d.v, err)
+				if huge {
+					hsrcs[i] = src
+				} else {
+					srcs[i] = src
+				}
 			}
-			srcs[i] = src
 		}
 		if ri == 0 && r.cfg.SerialForks > 0 {
 			r.serial = append(r.serial, r.serialForks(ctx, ds, srcs, size)...)
@@ -558,10 +560,11 @@ func (r *runner) createSource(ctx context.Context, d *daemon, size, rate int, bo
 	if huge {
 		req.HugePages = api.HugePages2M
 	}
-	r.progress(fmt.Sprintf("%d MiB %s: booting the source VM (%s, huge_pages %s)", size, d.v, bootArgs, req.WithDefaults().HugePages))
+	pages := req.WithDefaults().HugePages
+	r.progress(fmt.Sprintf("%d MiB %s: booting the source VM (%s, huge_pages %s)", size, d.v, bootArgs, pages))
 	inst, err := d.svc.CreateInstance(ctx, req)
 	if err != nil {
-		return nil, fmt.Errorf("create source: %w", err)
+		return nil, fmt.Errorf("create source (huge_pages %s): %w", pages, err)
 	}
 	src := &source{id: inst.ID, sizeMiB: size, rate: rate}
 	if _, err := r.waitWorkload(ctx, d, inst.ID, r.wsPages(size), rate); err != nil {
