@@ -292,7 +292,9 @@ func (c Config) enoughHugePages(pool func() (total, free int64, err error)) erro
 	}
 	sz := slices.Max(c.SizesMiB)
 	const slack = 4 // pages per VM beyond its working set
-	need := int64(len(c.Prefetch)*max(len(c.Builds), 1)*sz/2 + (c.maxForks()+1)*(c.workingSetMiB(sz)/2+slack))
+	// One daemon per prefetch setting (withDefaults has made them one per
+	// setting and build), each with its source.
+	need := int64(len(c.Prefetch)*sz/2 + (c.maxForks()+1)*(c.workingSetMiB(sz)/2+slack))
 	total, free, err := pool()
 	if err != nil {
 		return fmt.Errorf("fork-burst: %s: %w", BackendUffdHuge, err)

@@ -132,6 +132,19 @@ func TestConfigNeedsHugePagesForUffd2M(t *testing.T) {
 	if err := cfg.enoughHugePages(pool(need)); err != nil {
 		t.Errorf("enough pages: %v", err)
 	}
+	// Two builds: four daemons, each counted once.
+	built, err := Config{SizesMiB: []int{256}, WorkingSetMiB: 64, Forks: []int{1, 25}, Builds: []string{"a", "b"},
+		Backends: []string{"file", BackendUffdHuge}, Prefetch: []string{PrefetchOff, PrefetchAuto}}.withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const needBuilt = 4*128 + 26*36
+	if err := built.enoughHugePages(pool(needBuilt - 1)); err == nil {
+		t.Errorf("two builds, one page short: admitted")
+	}
+	if err := built.enoughHugePages(pool(needBuilt)); err != nil {
+		t.Errorf("two builds, enough pages for four daemons: %v", err)
+	}
 	cfg.Backends = []string{"file", "uffd"}
 	if err := cfg.enoughHugePages(pool(0)); err != nil {
 		t.Errorf("no uffd-2M, no pool needed: %v", err)
