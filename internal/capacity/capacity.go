@@ -278,14 +278,18 @@ func diskFree(path string) (int64, error) {
 	return int64(st.Bavail) * st.Bsize, nil
 }
 
-// hugePagesDir is where the kernel reports the pool of 2 MiB pages.
-const hugePagesDir = "/sys/kernel/mm/hugepages/hugepages-2048kB/"
+// hugePagesDir is where the kernel reports the pool of 2 MiB pages;
+// NrHugePagesPath sizes it (vm.nr_hugepages).
+const (
+	hugePagesDir    = "/sys/kernel/mm/hugepages/hugepages-2048kB/"
+	NrHugePagesPath = hugePagesDir + "nr_hugepages"
+)
 
 // HugePagePool reads the host's pool of 2 MiB pages: how many, and how
 // many are free. A kernel without 2 MiB pages has a pool of none.
 func HugePagePool() (total, free int64, err error) {
-	read := func(name string) (int64, error) {
-		b, err := os.ReadFile(hugePagesDir + name)
+	read := func(path string) (int64, error) {
+		b, err := os.ReadFile(path)
 		if errors.Is(err, fs.ErrNotExist) {
 			return 0, nil
 		}
@@ -294,10 +298,10 @@ func HugePagePool() (total, free int64, err error) {
 		}
 		return strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
 	}
-	if total, err = read("nr_hugepages"); err != nil {
+	if total, err = read(NrHugePagesPath); err != nil {
 		return 0, 0, fmt.Errorf("read the pool of 2 MiB pages: %w", err)
 	}
-	if free, err = read("free_hugepages"); err != nil {
+	if free, err = read(hugePagesDir + "free_hugepages"); err != nil {
 		return 0, 0, fmt.Errorf("read the pool of 2 MiB pages: %w", err)
 	}
 	return total, free, nil

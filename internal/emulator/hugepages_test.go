@@ -12,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/forkd/forkd/internal/capacity"
 	"github.com/forkd/forkd/internal/jail"
 	"github.com/forkd/forkd/internal/testenv"
 )
@@ -460,7 +461,7 @@ func TestHugePagesPoolTooSmallFailsInstanceStart(t *testing.T) {
 			p.must("PUT", "/boot-source", map[string]any{"kernel_image_path": kernel, "boot_args": hugeBootArgs}, 204)
 			p.fault("PUT", "/actions", map[string]any{"action_type": "InstanceStart"},
 				"Cannot start microvm: guest memory (huge_pages 2M) needs 8 free 2 MiB huge pages for its 16 MiB")
-			p.fault("PUT", "/actions", map[string]any{"action_type": "InstanceStart"}, nrHugePagesPath)
+			p.fault("PUT", "/actions", map[string]any{"action_type": "InstanceStart"}, capacity.NrHugePagesPath)
 			if got := p.state(); got != "Not started" {
 				t.Fatalf("state %q after a start the pool refused, want Not started", got)
 			}

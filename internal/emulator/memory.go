@@ -6,6 +6,7 @@ import (
 	"os"
 	"unsafe"
 
+	"github.com/forkd/forkd/internal/capacity"
 	"golang.org/x/sys/unix"
 )
 
@@ -21,10 +22,6 @@ const hugePageSize = 2 << 20
 
 // hugePages2M is machine-config's huge_pages value for hugetlbfs backing.
 const hugePages2M = "2M"
-
-// nrHugePagesPath is where the host's pool of 2 MiB pages is sized: named
-// in errors, never read (a jailed VMM has no /sys).
-const nrHugePagesPath = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
 
 // Firecracker's x86 layout: RAM below the MMIO hole at 3 GiB, the rest from
 // 4 GiB on. A VM larger than 3 GiB therefore has two regions.
@@ -191,7 +188,7 @@ func (m *guestMemory) claimHugePages() error {
 			if errors.Is(err, unix.EFAULT) || errors.Is(err, unix.ENOMEM) {
 				return fmt.Errorf("guest memory (huge_pages 2M) needs %d free 2 MiB huge pages for its %d MiB and the host's pool ran out "+
 					"(populate region %d: %v): raise nr_hugepages (%s) so that %d pages are free (or the VMM's hugetlb cgroup limit)",
-					need, m.size>>20, r, err, nrHugePagesPath, need)
+					need, m.size>>20, r, err, capacity.NrHugePagesPath, need) // named, never read: a jailed VMM has no /sys
 			}
 			return fmt.Errorf("populate region %d of 2 MiB hugetlbfs guest memory: %w", r, err)
 		}

@@ -5,16 +5,11 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"testing"
 
+	"github.com/forkd/forkd/internal/capacity"
 	"golang.org/x/sys/unix"
 )
-
-// nrHugePages is the size of the host's pool of 2 MiB pages: the pool
-// Firecracker (and forkd vmm) draws from when a guest's memory is backed by
-// hugetlbfs.
-const nrHugePages = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
 
 // hugePagesLock serializes the read-modify-write of the pool between test
 // binaries running at once.
@@ -56,8 +51,8 @@ func adjustHugePages(delta int) error {
 		return err
 	}
 	want := max(before+delta, 0)
-	if err := os.WriteFile(nrHugePages, []byte(strconv.Itoa(want)), 0); err != nil {
-		return fmt.Errorf("set %s to %d: %w", nrHugePages, want, err)
+	if err := os.WriteFile(capacity.NrHugePagesPath, []byte(strconv.Itoa(want)), 0); err != nil {
+		return fmt.Errorf("set %s to %d: %w", capacity.NrHugePagesPath, want, err)
 	}
 	if delta <= 0 {
 		return nil
@@ -68,20 +63,16 @@ func adjustHugePages(delta int) error {
 	}
 	if got < want {
 		// Give back what was found: a test that cannot run takes nothing.
-		_ = os.WriteFile(nrHugePages, []byte(strconv.Itoa(before)), 0)
+		_ = os.WriteFile(capacity.NrHugePagesPath, []byte(strconv.Itoa(before)), 0)
 		return fmt.Errorf("the kernel found %d of %d more 2 MiB pages (memory too fragmented or too small)", got-before, delta)
 	}
 	return nil
 }
 
+// readHugePages is the size of the host's pool of 2 MiB pages: the pool
+// Firecracker (and forkd vmm) draws from when a guest's memory is backed by
+// hugetlbfs.
 func readHugePages() (int, error) {
-	b, err := os.ReadFile(nrHugePages)
-	if err != nil {
-		return 0, fmt.Errorf("no 2 MiB huge pages on this host: %w", err)
-	}
-	n, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil {
-		return 0, fmt.Errorf("parse %s: %w", nrHugePages, err)
-	}
-	return n, nil
+	total, _, err := capacity.HugePagePool()
+	return int(total), err
 }
