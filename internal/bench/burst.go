@@ -101,7 +101,7 @@ func (r *runner) burst(ctx context.Context, d *daemon, par parent, key cellKey) 
 	}
 	cell.Fork, cell.Restore, cell.Touch = Summarize(forks), Summarize(restores), Summarize(touches)
 	cell.ToWorkingSet = Summarize(toWS)
-	cell.Samples = &Samples{Fork: forks, Restore: restores, Touch: touches}
+	cell.Samples = &Samples{Fork: forks, Restore: restores, Touch: touches, ToWorkingSet: toWS}
 	r.prefetchFigures(ctx, d, results, &cell)
 	if why := unavailable(results); why != "" {
 		// Not a failure of the strategy: this daemon cannot restore this way

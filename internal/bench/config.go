@@ -75,6 +75,12 @@ type Config struct {
 	// forks whose workload differs from the recorded one (0: never). It
 	// needs both prefetch settings.
 	DiffersRuns int `json:"differs_runs"`
+	// Rounds is how many times every burst of the same workload runs
+	// (default 1). The rounds take turns: round 1 of every backend and
+	// daemon, then round 2, so drift on a noisy machine falls on all of
+	// them alike. A 1-fork cell is one sample; its budgets are then
+	// quoted as the median of the rounds' ratios, with their spread.
+	Rounds int `json:"rounds,omitempty"`
 	// Backends are the restore backends (default {file, uffd}), and
 	// BackendUffdHuge: uffd restores of a source backed by 2 MiB pages.
 	Backends     []string `json:"backends"`
@@ -139,6 +145,9 @@ func (c Config) withDefaults() (Config, error) {
 	if c.ForkFrom == "" {
 		c.ForkFrom = FromSnapshot
 	}
+	if c.Rounds == 0 {
+		c.Rounds = 1
+	}
 	if c.ForkFrom != FromSnapshot && c.ForkFrom != FromStandby {
 		return c, fmt.Errorf("fork-burst config: fork from %q: want %s or %s", c.ForkFrom, FromSnapshot, FromStandby)
 	}
@@ -151,9 +160,9 @@ func (c Config) withDefaults() (Config, error) {
 		}
 	}
 	if slices.Min(c.Forks) < 1 || c.WorkingSetMiB < 1 || c.WritePct < 0 || c.WritePct > 100 || slices.Min(c.Rates) < -1 ||
-		slices.Contains(c.Rates, 0) || c.Vcpus < 1 || c.DiffersRuns < 0 {
-		return c, fmt.Errorf("fork-burst config: forks %v, working set %d MiB, write %d%%, rates %v, vcpus %d, differs runs %d: out of range",
-			c.Forks, c.WorkingSetMiB, c.WritePct, c.Rates, c.Vcpus, c.DiffersRuns)
+		slices.Contains(c.Rates, 0) || c.Vcpus < 1 || c.DiffersRuns < 0 || c.Rounds < 1 {
+		return c, fmt.Errorf("fork-burst config: forks %v, working set %d MiB, write %d%%, rates %v, vcpus %d, differs runs %d, rounds %d: out of range",
+			c.Forks, c.WorkingSetMiB, c.WritePct, c.Rates, c.Vcpus, c.DiffersRuns, c.Rounds)
 	}
 	if len(c.Builds) > 0 {
 		if c.DiffersRuns > 0 {
@@ -249,6 +258,15 @@ const differsMultiple = 8
 func (c Config) differsBootArgs(sizeMiB, rate int) string {
 	return fmt.Sprintf("forkd.ws_mib=%d forkd.write_pct=%d forkd.rate=%d forkd.seed=1 forkd.load_seed=1",
 		min(c.workingSetMiB(sizeMiB)*differsMultiple, sizeMiB/2), c.WritePct, max(rate, 0))
+}
+
+// roundOf is a same-workload cell's Run in round (from 1): 0 when the run
+// has one round, as reports before rounds existed have.
+func (c Config) roundOf(round int) int {
+	if c.Rounds > 1 {
+		return round
+	}
+	return 0
 }
 
 // maxForks is the largest burst.

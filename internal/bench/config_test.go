@@ -12,7 +12,7 @@ func TestConfigDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	if !slices.Equal(c.SizesMiB, []int{1024}) || !slices.Equal(c.Forks, []int{25}) || c.WorkingSetMiB != 64 || !slices.Equal(c.Rates, []int{20000}) ||
-		!slices.Equal(c.Prefetch, []string{"auto"}) || c.DiffersRuns != 0 ||
+		!slices.Equal(c.Prefetch, []string{"auto"}) || c.DiffersRuns != 0 || c.Rounds != 1 ||
 		!slices.Equal(c.Strategies, []string{"hardlink"}) || !slices.Equal(c.Backends, []string{"file", "uffd"}) ||
 		!slices.Equal(c.Temperatures, []string{"cold", "warm"}) {
 		t.Errorf("defaults = %+v", c)
@@ -58,6 +58,7 @@ func TestConfigRejects(t *testing.T) {
 		{"write pct over 100", Config{WritePct: 101}, "out of range"},
 		{"negative forks", Config{Forks: []int{25, -1}}, "out of range"},
 		{"rate 0", Config{Rates: []int{0}}, "out of range"},
+		{"negative rounds", Config{Rounds: -1}, "rounds -1: out of range"},
 		{"unknown prefetch", Config{Prefetch: []string{"always"}}, `prefetch setting "always"`},
 		{"differs without both settings", Config{DiffersRuns: 3, Prefetch: []string{"auto"}}, "add both"},
 		{"unknown fork parent", Config{ForkFrom: "running"}, `fork from "running"`},

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -317,6 +318,38 @@ func TestForkBurstTimesSerialForksOfEveryBinary(t *testing.T) {
 // runForkBurst runs ForkBurst with opt (in a short temp dir of its own)
 // within timeout, failing t with the run's progress if it fails, and logs
 // and returns the report and its table.
+// TestForkBurstRunsRoundsInTurn runs two rounds of 1-fork bursts: the
+// backends take turns within each round, every round is its own cell
+// (Run), and the budget is quoted as the median of the rounds' ratios.
+func TestForkBurstRunsRoundsInTurn(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a daemon and VMMs")
+	}
+	rep, table := runForkBurst(t, 4*time.Minute, Options{
+		Config: Config{SizesMiB: []int{64}, WorkingSetMiB: 4, Forks: []int{1}, Rates: []int{-1}, Prefetch: []string{PrefetchOff},
+			Backends: []string{api.BackendFile, api.BackendUffd}, Temperatures: []string{Warm}, Strategies: []string{StrategyHardlink},
+			SerialForks: -1, Rounds: 2},
+		Binary: buildForkd(t),
+	})
+	var order []string
+	for _, c := range rep.Cells {
+		order = append(order, fmt.Sprintf("%s#%d", c.Backend, c.Run))
+		if c.Skipped != "" || c.Failed > 0 || c.MemoryChecks["ok"] != 1 || c.ToWorkingSet.N != 1 {
+			t.Errorf("cell %s round %d: skipped %q, %d failed, checks %v, %d touched", c.Backend, c.Run, c.Skipped, c.Failed, c.MemoryChecks, c.ToWorkingSet.N)
+		}
+	}
+	if want := []string{"file#1", "uffd#1", "file#2", "uffd#2"}; !slices.Equal(order, want) {
+		t.Errorf("cells ran in order %v, want %v (rounds taking turns)", order, want)
+	}
+	const ratio = "64 MiB rate -1, 1 forks: prefetch off warm: uffd/file to-ws p50, median of 2 rounds"
+	if !slices.ContainsFunc(rep.Ratios(), func(r Ratio) bool { return r.Name == ratio && r.Value > 0 }) {
+		t.Errorf("ratios lack %q", ratio)
+	}
+	if !strings.Contains(table, "to ws by round") {
+		t.Errorf("table lacks the rounds")
+	}
+}
+
 func runForkBurst(t *testing.T, timeout time.Duration, opt Options) (*Report, string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)

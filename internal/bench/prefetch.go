@@ -5,7 +5,9 @@ import (
 	"io"
 	"slices"
 	"sort"
+	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/forkd/forkd/internal/api"
 )
@@ -66,9 +68,11 @@ func maxInt(s []int) int {
 	return slices.Max(s)
 }
 
+// workloadStr is the workload column: the workload, and its run (a
+// differing workload's run, a round of the same) when there are several.
 func (c Cell) workloadStr() string {
-	if c.Workload == WorkloadDiffers {
-		return fmt.Sprintf("differs#%d", c.Run)
+	if c.Run > 0 {
+		return fmt.Sprintf("%s#%d", c.Workload, c.Run)
 	}
 	return c.Workload
 }
@@ -105,19 +109,58 @@ func (r *Report) writePrefetchTable(w io.Writer) error {
 	return tw.Flush()
 }
 
+// writeRoundsTable writes, when the run had several rounds, each cell
+// key's to-ws p50 in every round and the p50 of every fork of every round
+// together.
+func (r *Report) writeRoundsTable(w io.Writer) error {
+	if r.Config.Rounds <= 1 {
+		return nil
+	}
+	fmt.Fprintf(w, "\nto ws by round (p50 of each of the %d rounds, in order; all: p50 over every fork of every round)\n", r.Config.Rounds)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "size\tprefetch\trate\tforks\tbackend\ttemp\trounds\tall p50\t")
+	type key struct {
+		size, rate, forks       int
+		prefetch, backend, temp string
+	}
+	var keys []key
+	byKey := map[key][]*Cell{}
+	for i := range r.Cells {
+		c := &r.Cells[i]
+		if c.Skipped != "" || c.Strategy != StrategyHardlink || c.Workload == WorkloadDiffers || c.Run == 0 {
+			continue
+		}
+		k := key{c.SizeMiB, c.Rate, c.Forks, c.Prefetch, c.Backend, c.Temperature}
+		if _, seen := byKey[k]; !seen {
+			keys = append(keys, k)
+		}
+		byKey[k] = append(byKey[k], c)
+	}
+	for _, k := range keys {
+		var rounds []string
+		var all []time.Duration
+		for _, c := range byKey[k] {
+			rounds = append(rounds, durStr(c.ToWorkingSet.P50))
+			if c.Samples != nil {
+				all = append(all, c.Samples.ToWorkingSet...)
+			}
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%d\t%d\t%s\t%s\t%s\t%s\t\n", k.size, k.prefetch, k.rate, k.forks, k.backend, k.temp,
+			strings.Join(rounds, " "), durStr(Summarize(all).P50))
+	}
+	return tw.Flush()
+}
+
 // prefetchRatios are the prefetch budgets, each within one run: for every
 // size, rate and burst size, Uffd against File (budget ≤ 1.2), cold against
 // warm (≤ 1.5), cold disk reads against the working set (≤ 1.2), waste
 // (under 10%), each with prefetch auto and, where measured, off (the
 // "before"); the speedup of prefetch; and the differing workload's cost
-// per run, with the median and spread.
+// per run, with the median and spread. With several rounds each budget is
+// a ratio of two cells of one round, quoted as the median of the rounds
+// and their spread (roundRatios).
 func (r *Report) prefetchRatios() []Ratio {
 	var out []Ratio
-	add := func(name string, a, b float64) {
-		if a > 0 && b > 0 {
-			out = append(out, Ratio{name, a / b})
-		}
-	}
 	toWS := func(c *Cell) float64 {
 		if c == nil {
 			return 0
@@ -128,33 +171,47 @@ func (r *Report) prefetchRatios() []Ratio {
 		wsBytes := float64(r.Config.workingSetMiB(size)) * (1 << 20)
 		for _, rate := range r.Config.Rates {
 			for _, n := range r.Config.Forks {
-				at := func(pf, backend, temp string) *Cell {
-					return r.find(cellFilter{size: size, strategy: StrategyHardlink, prefetch: pf, rate: rate, forks: n, backend: backend, temp: temp})
-				}
 				name := func(s string) string { return fmt.Sprintf("%d MiB rate %d, %d forks: %s", size, rate, n, s) }
+				// per is one budget: value gives its two sides in a round,
+				// and whether both were measured.
+				per := func(label string, value func(at func(pf, backend, temp string) *Cell) (a, b float64, ok bool)) {
+					out = append(out, r.roundRatios(name(label), func(round int) (float64, float64, bool) {
+						return value(func(pf, backend, temp string) *Cell {
+							return r.find(cellFilter{size: size, strategy: StrategyHardlink, prefetch: pf, rate: rate, forks: n, backend: backend, temp: temp, run: round})
+						})
+					})...)
+				}
 				for _, pf := range r.Config.Prefetch {
 					for _, temp := range r.Config.Temperatures {
-						add(name(fmt.Sprintf("prefetch %s %s: uffd/file to-ws p50", pf, temp)),
-							toWS(at(pf, api.BackendUffd, temp)), toWS(at(pf, api.BackendFile, temp)))
-						add(name(fmt.Sprintf("prefetch %s %s: uffd-2M/file to-ws p50", pf, temp)),
-							toWS(at(pf, BackendUffdHuge, temp)), toWS(at(pf, api.BackendFile, temp)))
+						for _, be := range []string{api.BackendUffd, BackendUffdHuge} {
+							per(fmt.Sprintf("prefetch %s %s: %s/file to-ws p50", pf, temp, be), func(at func(pf, backend, temp string) *Cell) (float64, float64, bool) {
+								return both(toWS(at(pf, be, temp)), toWS(at(pf, api.BackendFile, temp)))
+							})
+						}
 					}
 					for _, be := range r.Config.Backends {
-						add(name(fmt.Sprintf("prefetch %s %s: cold/warm to-ws p50", pf, be)),
-							toWS(at(pf, be, Cold)), toWS(at(pf, be, Warm)))
-						if c := at(pf, be, Cold); c != nil && c.DiskReadBytes > 0 {
-							add(name(fmt.Sprintf("prefetch %s %s cold: disk read/working set", pf, be)), float64(c.DiskReadBytes), wsBytes)
-						}
+						per(fmt.Sprintf("prefetch %s %s: cold/warm to-ws p50", pf, be), func(at func(pf, backend, temp string) *Cell) (float64, float64, bool) {
+							return both(toWS(at(pf, be, Cold)), toWS(at(pf, be, Warm)))
+						})
+						per(fmt.Sprintf("prefetch %s %s cold: disk read/working set", pf, be), func(at func(pf, backend, temp string) *Cell) (float64, float64, bool) {
+							if c := at(pf, be, Cold); c != nil {
+								return both(float64(c.DiskReadBytes), wsBytes)
+							}
+							return 0, 0, false
+						})
 					}
 				}
 				for _, be := range r.Config.Backends {
 					for _, temp := range r.Config.Temperatures {
-						add(name(fmt.Sprintf("%s %s: prefetch auto/off to-ws p50", be, temp)),
-							toWS(at(PrefetchAuto, be, temp)), toWS(at(PrefetchOff, be, temp)))
-						if c := at(PrefetchAuto, be, temp); c != nil && c.PrefetchStats != nil && c.PrefetchStats.PagesPrefetched > 0 {
-							out = append(out, Ratio{name(fmt.Sprintf("%s %s prefetch auto: waste (wasted/prefetched)", be, temp)),
-								c.PrefetchStats.WastePct() / 100})
-						}
+						per(fmt.Sprintf("%s %s: prefetch auto/off to-ws p50", be, temp), func(at func(pf, backend, temp string) *Cell) (float64, float64, bool) {
+							return both(toWS(at(PrefetchAuto, be, temp)), toWS(at(PrefetchOff, be, temp)))
+						})
+						per(fmt.Sprintf("%s %s prefetch auto: waste (wasted/prefetched)", be, temp), func(at func(pf, backend, temp string) *Cell) (float64, float64, bool) {
+							if c := at(PrefetchAuto, be, temp); c != nil && c.PrefetchStats != nil && c.PrefetchStats.PagesPrefetched > 0 {
+								return float64(c.PrefetchStats.PagesWasted), float64(c.PrefetchStats.PagesPrefetched), true // 0 wasted is a ratio of 0
+							}
+							return 0, 0, false
+						})
 					}
 				}
 			}
@@ -162,6 +219,47 @@ func (r *Report) prefetchRatios() []Ratio {
 		out = append(out, r.differsRatios(size)...)
 	}
 	return out
+}
+
+// roundRatios is one budget's ratio a/b, as value gives its sides in each
+// round: the ratio itself with one round (round 0: reports without
+// rounds); with several, the median and spread (max-min) of the rounds
+// whose two sides were measured. Each ratio is of two cells of one round,
+// measured minutes apart at most, which a noisy machine moves less than
+// it moves one round against another.
+func (r *Report) roundRatios(name string, value func(round int) (a, b float64, ok bool)) []Ratio {
+	if r.Config.Rounds <= 1 {
+		if a, b, ok := value(0); ok {
+			return []Ratio{{name, a / b}}
+		}
+		return nil
+	}
+	var vals []float64
+	for round := 1; round <= r.Config.Rounds; round++ {
+		if a, b, ok := value(round); ok {
+			vals = append(vals, a/b)
+		}
+	}
+	if len(vals) == 0 {
+		return nil
+	}
+	sort.Float64s(vals)
+	return []Ratio{
+		{fmt.Sprintf("%s, median of %d rounds", name, len(vals)), median(vals)},
+		{fmt.Sprintf("%s, spread (max-min) of %d rounds", name, len(vals)), vals[len(vals)-1] - vals[0]},
+	}
+}
+
+// both passes a ratio's sides on when both were measured (positive).
+func both(a, b float64) (float64, float64, bool) { return a, b, a > 0 && b > 0 }
+
+// median of sorted values.
+func median(sorted []float64) float64 {
+	n := len(sorted)
+	if n%2 == 1 {
+		return sorted[n/2]
+	}
+	return (sorted[n/2-1] + sorted[n/2]) / 2
 }
 
 // differsRatios is, per backend, the differing workload's prefetch
@@ -182,12 +280,8 @@ func (r *Report) differsRatios(size int) []Ratio {
 		}
 		if len(runs) > 0 {
 			sort.Float64s(runs)
-			med := runs[len(runs)/2]
-			if len(runs)%2 == 0 {
-				med = (runs[len(runs)/2-1] + runs[len(runs)/2]) / 2
-			}
 			out = append(out,
-				Ratio{fmt.Sprintf("%d MiB differing workload %s cold: median of %d runs", size, be, len(runs)), med},
+				Ratio{fmt.Sprintf("%d MiB differing workload %s cold: median of %d runs", size, be, len(runs)), median(runs)},
 				Ratio{fmt.Sprintf("%d MiB differing workload %s cold: spread (max-min) of %d runs", size, be, len(runs)), runs[len(runs)-1] - runs[0]})
 		}
 	}

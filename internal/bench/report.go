@@ -74,7 +74,9 @@ type Cell struct {
 	Rate        int    `json:"rate"`
 	Backend     string `json:"backend"`
 	Temperature string `json:"temperature"`
-	// Workload is WorkloadSame, or WorkloadDiffers (Run says which run).
+	// Workload is WorkloadSame or WorkloadDiffers. Run is a differing
+	// workload's run, or the same workload's round when the run had
+	// several (Config.Rounds); 0 otherwise.
 	Workload string `json:"workload"`
 	Run      int    `json:"run,omitempty"`
 	// Skipped says why the cell was not run ("" when it was).
@@ -194,6 +196,9 @@ func (r *Report) WriteTable(w io.Writer) error {
 	if err := r.writePrefetchTable(w); err != nil {
 		return err
 	}
+	if err := r.writeRoundsTable(w); err != nil {
+		return err
+	}
 	if err := r.writeSerialTable(w); err != nil {
 		return err
 	}
@@ -300,6 +305,8 @@ type Samples struct {
 	Fork    []time.Duration `json:"fork_ns"`
 	Restore []time.Duration `json:"restore_ns"`
 	Touch   []time.Duration `json:"touch_ns"`
+	// ToWorkingSet is restore+touch of each fork that read its working set.
+	ToWorkingSet []time.Duration `json:"to_working_set_ns,omitempty"`
 }
 
 // Ratio is one comparison the benchmark exists to show.

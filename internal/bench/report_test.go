@@ -312,3 +312,50 @@ func checkRatios(t *testing.T, rep *Report, want map[string]float64) map[string]
 	}
 	return got
 }
+
+// roundsReport is a run of three rounds of 1-fork bursts, File and Uffd
+// warm, prefetch auto: round 2 ran on a slower machine than the others.
+func roundsReport() *Report {
+	cell := func(backend string, round int, toWS time.Duration) Cell {
+		return Cell{SizeMiB: 256, Strategy: "hardlink", Prefetch: PrefetchAuto, Rate: -1, Forks: 1, Backend: backend, Temperature: Warm,
+			Workload: WorkloadSame, Run: round, ToWorkingSet: Summary{N: 1, P50: toWS}, MemoryChecks: map[string]int{"ok": 1},
+			Samples: &Samples{ToWorkingSet: []time.Duration{toWS}}}
+	}
+	ms := time.Millisecond
+	return &Report{
+		Config: Config{SizesMiB: []int{256}, Forks: []int{1}, Rates: []int{-1}, WorkingSetMiB: 64, Strategies: []string{"hardlink"},
+			Backends: []string{"file", "uffd"}, Temperatures: []string{"warm"}, Prefetch: []string{"auto"}, Rounds: 3},
+		Cells: []Cell{
+			cell("file", 1, 100*ms), cell("uffd", 1, 120*ms),
+			cell("file", 2, 200*ms), cell("uffd", 2, 210*ms),
+			cell("file", 3, 100*ms), cell("uffd", 3, 150*ms),
+		},
+	}
+}
+
+// Each round's ratio pairs the cells of that round: 1.2, 1.05 and 1.5,
+// median 1.2. Ratios of the first round alone (1.2) or of the pooled p50s
+// (150/100 = 1.5) would each pass for one of them, the spread for neither.
+func TestRoundsQuoteTheMedianOfEachRoundsRatio(t *testing.T) {
+	pre := "256 MiB rate -1, 1 forks: prefetch auto warm: uffd/file to-ws p50"
+	got := checkRatios(t, roundsReport(), map[string]float64{
+		pre + ", median of 3 rounds":           1.2,
+		pre + ", spread (max-min) of 3 rounds": 0.45,
+	})
+	if v, ok := got[pre]; ok {
+		t.Errorf("with rounds the one-round ratio %q = %v is quoted too", pre, v)
+	}
+}
+
+func TestWriteTableShowsEachRound(t *testing.T) {
+	var b bytes.Buffer
+	if err := roundsReport().WriteTable(&b); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	for _, want := range []string{"same#2", "to ws by round", "120.0ms 210.0ms 150.0ms  150.0ms", "100.0ms 200.0ms 100.0ms  100.0ms"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+}

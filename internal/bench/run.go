@@ -277,8 +277,8 @@ func (r *runner) strategy(ctx context.Context, size int, strategy string) ([]Cel
 }
 
 // variants runs the cells of the daemons ds (one per prefetch setting and
-// build): per rate a source VM on each, then per burst size and backend
-// each daemon's cold and warm bursts in turn. At the first rate every
+// build): per rate a source VM on each, then per burst size, round and
+// backend each daemon's cold and warm bursts in turn. At the first rate every
 // daemon also times serial forks, the daemons taking turns.
 func (r *runner) variants(ctx context.Context, ds []*daemon, size int) ([]Cell, error) {
 	var cells []Cell
@@ -326,18 +326,20 @@ func (r *runner) variants(ctx context.Context, ds []*daemon, size int) ([]Cell, 
 			r.serial = append(r.serial, r.serialForks(ctx, ds, srcs, size)...)
 		}
 		for _, n := range r.cfg.Forks {
-			for _, backend := range r.cfg.Backends {
-				for i, d := range ds {
-					key := cellKey{size, d.v.Strategy, d.v.Prefetch, rate, n, backend, "", WorkloadSame, 0}
-					src := srcs[i]
-					if hugeBackend(backend) {
-						src = hsrcs[i]
-					}
-					more, err := r.temperatures(ctx, d, src, key)
-					cells = append(cells, more...)
-					if err != nil {
-						cleanup()
-						return cells, err
+			for round := 1; round <= r.cfg.Rounds; round++ {
+				for _, backend := range r.cfg.Backends {
+					for i, d := range ds {
+						key := cellKey{size, d.v.Strategy, d.v.Prefetch, rate, n, backend, "", WorkloadSame, r.cfg.roundOf(round)}
+						src := srcs[i]
+						if hugeBackend(backend) {
+							src = hsrcs[i]
+						}
+						more, err := r.temperatures(ctx, d, src, key)
+						cells = append(cells, more...)
+						if err != nil {
+							cleanup()
+							return cells, err
+						}
 					}
 				}
 			}
