@@ -142,7 +142,7 @@ Compare ratios within one run: absolute times on nested VMs are noise.`,
 	f.StringVar(&opt.FS, "fs", "", "run on a fresh loopback filesystem: xfs, btrfs or ext4 (root)")
 	f.StringVar(&fsSize, "fs-size", "64GiB", "size of the --fs image (sparse)")
 	f.StringVar(&vmmBinary, "vmm-binary", "", `VMM for the daemon: "auto" or a path (default: the daemon's)`)
-	f.BoolVar(&opt.Keep, "keep", false, "keep the run's data dir and logs")
+	f.BoolVar(&opt.Keep, "keep", false, "keep the run's data dir and logs (with --fs the data dir goes with the loopback filesystem: its logs are copied out, under --data-dir or $TMPDIR)")
 	f.StringVar(&svgPath, "svg", "", "also draw the latency and PSS charts into this SVG file")
 	f.StringVar(&jsonPath, "json", "", "also write the JSON report into this file (the table and the JSON of one run)")
 	f.StringVar(&profDir, "daemon-profile", "", "have each daemon write a CPU profile and an execution trace of its whole run into this directory (forkd serve --profile)")

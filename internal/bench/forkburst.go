@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -65,9 +66,25 @@ func ForkBurst(ctx context.Context, opt Options, progress func(string)) (rep *Re
 	if err != nil {
 		return nil, fmt.Errorf("fork-burst: work dir: %w", err)
 	}
-	if opt.Keep {
+	switch {
+	case opt.Keep && opt.FS != "":
+		// The loopback filesystem goes with the run (Close above), the data
+		// dir with it: keep its logs, copied out before that.
+		defer func() {
+			under := opt.Dir
+			if under == "" {
+				under = os.TempDir()
+			}
+			kept, cerr := keepLogs(work, filepath.Join(under, "fb-logs-"))
+			if cerr != nil {
+				err = errors.Join(err, fmt.Errorf("fork-burst: keep the logs: %w", cerr))
+				return
+			}
+			progress(fmt.Sprintf("kept the logs in %s (the data dir was on the loopback %s filesystem, removed with it)", kept, opt.FS))
+		}()
+	case opt.Keep:
 		progress("keeping " + work)
-	} else {
+	default:
 		defer os.RemoveAll(work)
 	}
 	// Unix socket paths (VMM API sockets, pager sessions) live up to ~70
@@ -125,6 +142,35 @@ func ForkBurst(ctx context.Context, opt Options, progress func(string)) (rep *Re
 		},
 	}
 	return Run(ctx, opt.Config, target, progress)
+}
+
+// keepLogs copies every *.log file under dir (daemon, pager and VMM logs)
+// into a new directory named by prefix plus a random suffix, at the same
+// relative paths, and returns that directory.
+func keepLogs(dir, prefix string) (string, error) {
+	out, err := os.MkdirTemp(filepath.Dir(prefix), filepath.Base(prefix))
+	if err != nil {
+		return "", err
+	}
+	err = filepath.WalkDir(dir, func(path string, e fs.DirEntry, err error) error {
+		if err != nil || !e.Type().IsRegular() || !strings.HasSuffix(path, ".log") {
+			return err
+		}
+		rel, err := filepath.Rel(dir, path)
+		if err != nil {
+			return err
+		}
+		dst := filepath.Join(out, rel)
+		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+			return err
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		return os.WriteFile(dst, b, 0o644)
+	})
+	return out, err
 }
 
 // vmmOf names the VMM the daemon was told to use.

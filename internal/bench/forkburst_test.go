@@ -407,3 +407,38 @@ func TestForkBurstMeasuresUffdOnHugePages(t *testing.T) {
 		t.Errorf("ratios lack uffd-2M/file:\n%s", out)
 	}
 }
+
+// TestKeepLogsCopiesEveryLogOut: with --keep on a loopback filesystem
+// the data dir is removed with it, so its logs are copied out, at their
+// relative paths, and nothing else is.
+func TestKeepLogsCopiesEveryLogOut(t *testing.T) {
+	work := t.TempDir()
+	files := map[string]string{
+		"hardlink-1.log":                          "daemon",
+		"hardlink-1/pager/0.1.0-dev/pager.log":    "pager",
+		"hardlink-1/jail/vm/root/memory":          "guest memory",
+		"hardlink-1/jail/vm/root/firecracker.log": "vmm",
+	}
+	for rel, body := range files {
+		p := filepath.Join(work, rel)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, err := keepLogs(work, filepath.Join(t.TempDir(), "fb-logs-"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rel, body := range files {
+		b, err := os.ReadFile(filepath.Join(out, rel))
+		switch {
+		case strings.HasSuffix(rel, ".log") && (err != nil || string(b) != body):
+			t.Errorf("kept %s = %q, %v; want %q", rel, b, err, body)
+		case !strings.HasSuffix(rel, ".log") && err == nil:
+			t.Errorf("kept %s, which is not a log", rel)
+		}
+	}
+}
