@@ -87,9 +87,24 @@ func (h *handler) coldReader(ctx context.Context) {
 		}
 		r := h.regions[flt.region]
 		off := r.Offset + (flt.page - r.BaseHostVirtAddr)
-		data, zero, err := h.lookup(off, r.PageSize)
-		if err == nil {
-			flt.pd = pageData{data: data, zero: zero, ok: true}
+		var err error
+		if flt.mapped {
+			// A lone session's 2 MiB page, read into the page cache
+			// through the mapping (mapped.go).
+			if hook := s.srv.cfg.beforeRead; hook != nil {
+				hook(s.ctx, off)
+			}
+			flt.pd, err = h.readWindow(h.faultMem[off:off+r.PageSize:off+r.PageSize], off)
+		}
+		if !flt.pd.ok {
+			// Through the cache; also where the mapping failed, so a read
+			// error is reported as for any read.
+			var data []byte
+			var zero bool
+			data, zero, err = h.lookup(off, r.PageSize)
+			if err == nil {
+				flt.pd = pageData{data: data, zero: zero, ok: true}
+			}
 		}
 		// Never blocks: at most maxColdReads faults are parked.
 		h.readDone <- coldRead{flt: flt, err: err}
@@ -103,7 +118,7 @@ func (h *handler) coldReader(ctx context.Context) {
 // when the pager's cache or the page cache had it (or stays unknown, for a
 // page that needs no read or a read done in place).
 func (h *handler) parkCold(flt *fault) bool {
-	if h.reads == nil || flt.pd.ok {
+	if flt.pd.ok {
 		return false
 	}
 	s := h.s
@@ -112,6 +127,12 @@ func (h *handler) parkCold(flt *fault) bool {
 	off := r.Offset + (flt.page - r.BaseHostVirtAddr)
 	if h.removed.overlaps(flt.page, flt.page+ps) || !s.data.overlaps(off, off+ps) {
 		return false // zeros: no read
+	}
+	if w := h.mappedWindow(off, ps); w != nil {
+		return h.parkMapped(flt, w, off)
+	}
+	if h.reads == nil {
+		return false
 	}
 	// The cache, else a read that does not wait, shared with siblings
 	// reading the page at the same time as load's reads are.
@@ -136,6 +157,31 @@ func (h *handler) parkCold(flt *fault) bool {
 	h.reads <- *flt // room: fewer than maxColdReads are parked
 	s.count(func(c *counters) { c.coldReads.Add(1) })
 	return true
+}
+
+// parkMapped is parkCold for a page served from the mapping of the
+// mem-file (mapped.go): from the pager's cache if it has it; else from
+// the mapping, in place when the page cache holds the whole page, else
+// parked for a cold reader to read it through the mapping. Where the
+// mapping fails, flt.pd stays unknown and install reads the page as any.
+func (h *handler) parkMapped(flt *fault, w []byte, off uint64) bool {
+	s := h.s
+	if data, zero, ok := s.srv.cache.get(s.pageKey(off, uint64(len(w)))); ok {
+		s.count(func(c *counters) { c.hits.Add(1) })
+		flt.pd = pageData{data: data, zero: zero, ok: true}
+		return false
+	}
+	if h.reads != nil && len(h.reading) < maxColdReads && !h.inPageCache(off, uint64(len(w))) {
+		flt.mapped = true
+		h.reading[flt.page] = *flt
+		h.reads <- *flt // room: fewer than maxColdReads are parked
+		s.count(func(c *counters) { c.coldReads.Add(1) })
+		return true
+	}
+	if pd, err := h.readWindow(w, off); err == nil {
+		flt.pd = pd
+	}
+	return false
 }
 
 // errWouldWait: the page is not in the kernel's page cache.

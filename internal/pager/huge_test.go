@@ -73,62 +73,119 @@ func needHugePages(t testing.TB, n int) {
 // bytes everywhere: data pages, an all-zero page (installed as a copy of
 // a zero page, hugetlbfs has no ZEROPAGE), a mostly-zero page, a hole and
 // a half hole; each 2 MiB page faults once whichever 4 KiB of it is
-// touched first. A second VM of the key is served from the pager's cache
-// (no read of the mem-file), and a third of another key with the mem-file
-// out of the page cache reads it off the session goroutine (cold reads).
+// touched first. Where the page comes from depends on the VM's siblings
+// (mapped.go): a lone VM's misses are served straight from the page cache
+// through a mapping of the mem-file, not read into the heap nor cached
+// (but the all-zero page's marker), a second lone VM likewise; with a
+// sibling of the key live, misses go through the pager's cache and the
+// next VM is served from it with no read of the mem-file; a lone VM of
+// another key with the mem-file out of the page cache reads it off the
+// session goroutine (cold reads), through the mapping too.
 func TestHugePagesServeEveryByte(t *testing.T) {
 	for _, layout := range hugeLayouts {
 		t.Run(layout.name, func(t *testing.T) {
 			needHugePages(t, 1)
 			p := startPager(t, Config{CacheBytes: hugeCacheBytes})
 			mem := hugeMemFile(t, p.dir)
-			run := func(id, key, script string) SessionInfo {
-				t.Helper()
-				s := p.create(t, id, mem, key)
-				c := startConsumer(t, s.SocketPath, mem, hugeSize, "good", script+fmt.Sprintf("touch:0-%d,wait", hugeFile), layout.mem)
-				c.expect("waiting")
-				st := p.sessionStats(t, id)
-				c.resume()
-				c.finish()
-				p.waitSessions(t, 0)
-				return st
-			}
-			// 2 MiB pages read from the mem-file: all but the hole (3).
-			const read = hugeCount - 1
-
-			first := run("first", "abc", "")
-			if first.Faults < hugeCount || first.Faults > 2*hugeCount {
-				t.Errorf("faults = %d, want about one per 2 MiB page (%d)", first.Faults, hugeCount)
-			}
-			if first.Misses != read || first.Hits != 0 || first.BackingBytes != read*uffd.HugePageSize {
-				t.Errorf("misses %d, hits %d, read %d bytes; want %d misses reading %d bytes", first.Misses, first.Hits,
-					first.BackingBytes, read, read*uffd.HugePageSize)
-			}
-			// Pages 1 (read back all-zero) and 3 (a hole), in 4 KiB pages.
-			if first.ZeroPages != 2*perHuge {
-				t.Errorf("zero pages = %d, want %d (2 MiB pages 1 and 3, counted in 4 KiB pages)", first.ZeroPages, 2*perHuge)
-			}
-			if first.Regions != max(layout.mem.regions, 1) || first.MemoryBytes != hugeSize {
-				t.Errorf("session has %d regions of %d bytes, want %d of %d", first.Regions, first.MemoryBytes, max(layout.mem.regions, 1), hugeSize)
-			}
-
-			// The cache holds each 2 MiB page read as one entry of its size:
-			// the 6 data pages, and page 1 as an all-zero marker.
-			if st := p.stats(t); st.CacheEntries != read || st.CacheBytes != (read-1)*(uffd.HugePageSize+entryOverhead)+entryOverhead {
-				t.Errorf("cache: %d entries, %d bytes; want %d entries, %d bytes", st.CacheEntries, st.CacheBytes, read, (read-1)*(uffd.HugePageSize+entryOverhead)+entryOverhead)
-			}
-
-			warm := run("warm", "abc", "")
-			if warm.BackingBytes != 0 || warm.Hits != read || warm.Misses != 0 {
-				t.Errorf("second VM of the key: %d hits, %d misses, read %d bytes; want %d hits and no read", warm.Hits, warm.Misses, warm.BackingBytes, read)
-			}
-
-			cold := run("cold", "def", "cold:0-0,")
-			if cold.ColdReads == 0 || cold.Misses != read {
-				t.Errorf("a VM of a new key with the mem-file dropped: %d cold reads, %d misses; want its %d reads, some off the session goroutine",
-					cold.ColdReads, cold.Misses, read)
-			}
+			checkHugeServing(t, p, mem, layout.mem, false)
 		})
+	}
+	// The twin: lone VMs' misses read into the heap and cached, as before
+	// mapped faults; the checks of a lone VM's counts must catch it.
+	t.Run("twin: misses through the heap", func(t *testing.T) {
+		needHugePages(t, 1)
+		p := startPager(t, Config{CacheBytes: hugeCacheBytes, noMappedFaults: true})
+		mem := hugeMemFile(t, p.dir)
+		checkHugeServing(t, p, mem, huge2M, true)
+	})
+}
+
+// checkHugeServing runs TestHugePagesServeEveryByte's VMs in turn; twin:
+// the lone VMs' checks must fail (and are reported as failures if not).
+func checkHugeServing(t *testing.T, p *testPager, mem string, gm guestMemory, twin bool) {
+	active := 0 // sessions left live: the sibling
+	run := func(id, key, script string) SessionInfo {
+		t.Helper()
+		s := p.create(t, id, mem, key)
+		c := startConsumer(t, s.SocketPath, mem, hugeSize, "good", script+fmt.Sprintf("touch:0-%d,wait", hugeFile), gm)
+		c.expect("waiting")
+		st := p.sessionStats(t, id)
+		c.resume()
+		c.finish()
+		p.waitSessions(t, active)
+		return st
+	}
+	// 2 MiB pages read from the mem-file: all but the hole (3).
+	const read = hugeCount - 1
+	var lone []string // what the lone VMs' checks found wrong
+	loneErrorf := func(format string, args ...any) { lone = append(lone, fmt.Sprintf(format, args...)) }
+
+	first := run("first", "abc", "")
+	if first.Faults < hugeCount || first.Faults > 2*hugeCount {
+		t.Errorf("faults = %d, want about one per 2 MiB page (%d)", first.Faults, hugeCount)
+	}
+	if first.Misses != read || first.Hits != 0 || first.BackingBytes != read*uffd.HugePageSize {
+		t.Errorf("misses %d, hits %d, read %d bytes; want %d misses reading %d bytes", first.Misses, first.Hits,
+			first.BackingBytes, read, read*uffd.HugePageSize)
+	}
+	// Pages 1 (read back all-zero) and 3 (a hole), in 4 KiB pages.
+	if first.ZeroPages != 2*perHuge {
+		t.Errorf("zero pages = %d, want %d (2 MiB pages 1 and 3, counted in 4 KiB pages)", first.ZeroPages, 2*perHuge)
+	}
+	if first.Regions != max(gm.regions, 1) || first.MemoryBytes != hugeSize {
+		t.Errorf("session has %d regions of %d bytes, want %d of %d", first.Regions, first.MemoryBytes, max(gm.regions, 1), hugeSize)
+	}
+	if first.MappedFaults != read || first.ColdReads != 0 {
+		loneErrorf("a lone VM: %d mapped faults, %d cold reads; want its %d misses served from the page cache through the mapping", first.MappedFaults, first.ColdReads, read)
+	}
+	// A lone VM caches only the all-zero marker of page 1: no 2 MiB copy.
+	if st := p.stats(t); st.CacheEntries != 1 || st.CacheBytes != entryOverhead {
+		loneErrorf("cache after a lone VM: %d entries, %d bytes; want only page 1's all-zero marker", st.CacheEntries, st.CacheBytes)
+	}
+	second := run("second", "abc", "")
+	if second.Hits != 1 || second.Misses != read-1 || second.MappedFaults != read-1 {
+		loneErrorf("a second lone VM: %d hits, %d misses, %d mapped; want the zero marker's hit and %d mapped misses", second.Hits, second.Misses, second.MappedFaults, read-1)
+	}
+
+	// A sibling of the key live (never connected): misses go through the
+	// pager's cache, each 2 MiB page one entry of its size, and the next
+	// VM of the key reads nothing.
+	if _, err := p.client.CreateSession(context.Background(), SessionRequest{SessionID: "sibling", BackingPath: mem, CacheKey: "abc"}); err != nil {
+		t.Fatal(err)
+	}
+	active = 1
+	shared := run("shared", "abc", "")
+	if shared.MappedFaults != 0 || shared.Hits+shared.Misses != read {
+		t.Errorf("a VM with a sibling: %d mapped faults, %d hits, %d misses; want its %d lookups through the cache", shared.MappedFaults, shared.Hits, shared.Misses, read)
+	}
+	if st := p.stats(t); st.CacheEntries != read || st.CacheBytes != (read-1)*(uffd.HugePageSize+entryOverhead)+entryOverhead {
+		t.Errorf("cache: %d entries, %d bytes; want %d entries, %d bytes", st.CacheEntries, st.CacheBytes, read, (read-1)*(uffd.HugePageSize+entryOverhead)+entryOverhead)
+	}
+	warm := run("warm", "abc", "")
+	if warm.BackingBytes != 0 || warm.Hits != read || warm.Misses != 0 {
+		t.Errorf("a VM of the key after the cache has it: %d hits, %d misses, read %d bytes; want %d hits and no read", warm.Hits, warm.Misses, warm.BackingBytes, read)
+	}
+	if err := p.client.DeleteSession(context.Background(), "sibling"); err != nil {
+		t.Fatal(err)
+	}
+	active = 0
+	p.waitSessions(t, 0)
+
+	cold := run("cold", "def", "cold:0-0,")
+	if cold.ColdReads == 0 || cold.Misses != read {
+		t.Errorf("a VM of a new key with the mem-file dropped: %d cold reads, %d misses; want its %d reads, some off the session goroutine",
+			cold.ColdReads, cold.Misses, read)
+	}
+	if cold.MappedFaults != read {
+		loneErrorf("a lone VM of a new key, mem-file dropped: %d mapped faults, want %d (cold reads through the mapping too)", cold.MappedFaults, read)
+	}
+	switch {
+	case !twin && len(lone) > 0:
+		t.Errorf("%s", strings.Join(lone, "\n"))
+	case twin && len(lone) == 0:
+		t.Errorf("twin: the lone VMs' checks found nothing with mapped faults off")
+	case twin:
+		t.Logf("twin caught: %s", strings.Join(lone, "; "))
 	}
 }
 
@@ -540,5 +597,31 @@ func TestHugePagePopulateInstallsEverythingThenUnregisters(t *testing.T) {
 	// 5 discarded), in 4 KiB pages.
 	if want := uint64(4 * perHuge); before.PopulatedPages != want {
 		t.Errorf("populated pages = %d, want %d", before.PopulatedPages, want)
+	}
+}
+
+// TestMappedFaultOfAShrunkMemFileEndsOnlyItsSession: a mem-file never
+// shrinks while a VM uses it, but if one did, a lone VM's 2 MiB fault
+// past its new end, served through the mapping (mapped.go), must end that
+// session with a read error naming the file, as a read into a buffer
+// does, never fault the pager (SIGBUS) and every VM it serves with it.
+func TestMappedFaultOfAShrunkMemFileEndsOnlyItsSession(t *testing.T) {
+	needHugePages(t, 1)
+	p := startPager(t, Config{CacheBytes: hugeCacheBytes})
+	mem := hugeMemFile(t, p.dir)
+	s := p.create(t, "vm", mem, "abc")
+	c := startConsumer(t, s.SocketPath, mem, hugeSize, "good", "wait,touch:"+hugeRange(5, 6)+",wait", huge2M)
+	c.expect("waiting")
+	if err := os.Truncate(mem, uffd.HugePageSize); err != nil {
+		t.Fatal(err)
+	}
+	c.resume()
+	p.waitSessions(t, 0) // the consumer's thread stays blocked on its uffd; cleanup kills it
+	if _, err := p.client.Health(context.Background()); err != nil {
+		t.Fatalf("pager after a fault past the mem-file's end: %v", err)
+	}
+	_, err := p.client.Session(context.Background(), "vm")
+	if err == nil || !strings.Contains(err.Error(), mem) {
+		t.Errorf("why the session ended: %v; want a read error naming %s", err, mem)
 	}
 }

@@ -40,12 +40,13 @@ var (
 	descProbes        = prometheus.NewDesc("forkd_pager_prefetch_probes_total", "Recorded pages replay left for the guest to fault (the waste sample).", nil, nil)
 	descProbeFaults   = prometheus.NewDesc("forkd_pager_prefetch_probe_faults_total", "Probes the guest faulted: recorded pages it used.", nil, nil)
 	descColdReads     = prometheus.NewDesc("forkd_pager_cold_reads_total", "Faults whose page was read from disk off the session goroutine (neither cache held it).", nil, nil)
+	descMappedFaults  = prometheus.NewDesc("forkd_pager_mapped_faults_total", "Faults of 2 MiB pages that missed the pager's cache and were served from the kernel's page cache through a mapping of the mem-file (also counted as misses).", nil, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descUp, descFaults, descHits, descMisses, descZero, descRemoved,
 		descPopulated, descBackingBytes, descBackingSecs, descCopyErrors, descLatency, descSessions,
-		descCacheBytes, descCacheBudget, descEvictions, descSessionsTotal, descPrefetched, descProbes, descProbeFaults, descColdReads} {
+		descCacheBytes, descCacheBudget, descEvictions, descSessionsTotal, descPrefetched, descProbes, descProbeFaults, descColdReads, descMappedFaults} {
 		ch <- d
 	}
 }
@@ -79,6 +80,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter(descProbes, float64(st.PrefetchProbes))
 	counter(descProbeFaults, float64(st.PrefetchProbeFaults))
 	counter(descColdReads, float64(st.ColdReads))
+	counter(descMappedFaults, float64(st.MappedFaults))
 	for errno, n := range st.CopyErrors {
 		counter(descCopyErrors, float64(n), errno)
 	}

@@ -12,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/forkd/forkd/internal/prefetch"
 	"github.com/forkd/forkd/internal/uffd"
 )
 
@@ -21,6 +22,7 @@ type fault struct {
 	region int
 	read   time.Time // when its event was read: latency starts here
 	pd     pageData  // the page, once read off the session goroutine (coldread.go)
+	mapped bool      // its cold read goes through the mapping (mapped.go)
 }
 
 // handler serves one session's uffd. It is owned by the serve loop (one
@@ -64,6 +66,13 @@ type handler struct {
 	// noWait is the mem-file's descriptor for RWF_NOWAIT reads (nil when
 	// the filesystem refuses them).
 	noWait syscall.RawConn
+
+	// faultMem is a read-only shared mapping of the mem-file that a lone
+	// session's 2 MiB faults are served from (mapped.go; nil for 4 KiB
+	// pages). Set before the cold readers start, unmapped after they stop:
+	// they read it too. resident tells which pages the page cache holds.
+	faultMem []byte
+	resident *prefetch.Residency
 }
 
 // installResult is what happened to one install.
@@ -100,6 +109,7 @@ func (s *session) serve(ctx context.Context, f *uffd.FD, regions []uffd.Region) 
 	if rc, err := s.backing.SyscallConn(); err == nil {
 		h.noWait = rc
 	}
+	h.mapFaults()
 	readCtx, stopReader := context.WithCancel(ctx)
 	h.pf = h.startReplay(readCtx)
 	h.startColdReaders(readCtx)
@@ -111,6 +121,7 @@ func (s *session) serve(ctx context.Context, f *uffd.FD, regions []uffd.Region) 
 			h.pf.unmap() // no run refers to the mapping any more
 		}
 		h.stopColdReaders()
+		h.unmapFaults() // no fault, reader or install refers to it any more
 	}()
 	msgs := make([]uffd.Msg, 64)
 	idle := 0

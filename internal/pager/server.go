@@ -86,6 +86,11 @@ type Config struct {
 	// syncColdReads serves every fault's read in place, on the session
 	// goroutine, as before cold reads: the twin of the cold-read tests.
 	syncColdReads bool
+	// noMappedFaults serves a lone session's 2 MiB misses as any miss, read
+	// into the heap and cached, not from a mapping of the mem-file
+	// (mapped.go): the twin of the mapped-fault tests, and the benchmarks'
+	// baseline.
+	noMappedFaults bool
 }
 
 // Server is a running pager: the control API, the sessions and the page

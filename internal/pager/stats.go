@@ -47,6 +47,12 @@ type Counters struct {
 	// cache held it, and the session served other faults and replay while
 	// the disk worked.
 	ColdReads uint64 `json:"cold_reads"`
+	// MappedFaults is faults of 2 MiB pages that missed the pager's cache
+	// (each is also a miss) and were served straight from the kernel's
+	// page cache through a mapping of the mem-file, without a copy into
+	// the pager's heap and without caching the page: a lone VM's, which
+	// never asks for a page twice (docs/architecture.md §8).
+	MappedFaults uint64 `json:"mapped_faults"`
 	// BackingBytes and BackingNanos are mem-file reads (pread) and their time.
 	BackingBytes uint64 `json:"backing_bytes"`
 	BackingNanos uint64 `json:"backing_nanos"`
@@ -183,7 +189,7 @@ var latencyBounds = [...]time.Duration{
 type counters struct {
 	faults, hits, misses, zeroPages, removedFaults, removes, deferred atomic.Uint64
 	populated, backingBytes, backingNanos                             atomic.Uint64
-	prefetched, probes, probeFaults, coldReads                        atomic.Uint64
+	prefetched, probes, probeFaults, coldReads, mappedFaults          atomic.Uint64
 
 	latency [len(latencyBounds) + 1]atomic.Uint64 // per bucket, not cumulative
 	latSum  atomic.Uint64                         // nanoseconds
@@ -218,7 +224,7 @@ func (c *counters) snapshot() Counters {
 		Removes: c.removes.Load(), Deferred: c.deferred.Load(),
 		PopulatedPages:  c.populated.Load(),
 		PrefetchedPages: c.prefetched.Load(), PrefetchProbes: c.probes.Load(), PrefetchProbeFaults: c.probeFaults.Load(),
-		ColdReads:    c.coldReads.Load(),
+		ColdReads: c.coldReads.Load(), MappedFaults: c.mappedFaults.Load(),
 		BackingBytes: c.backingBytes.Load(), BackingNanos: c.backingNanos.Load(),
 		CopyErrors: map[string]uint64{},
 	}
