@@ -277,9 +277,10 @@ type pfRun struct {
 	ps     uint64
 	buf    []byte // data pages' bytes (zero pages left zero); set by the reader
 	zero   []bool // per page: install as zeros
-	// mapped: buf is a window of the replayer's mapping of the mem-file,
-	// not a pooled buffer (never recycled, never written).
-	mapped bool
+	// borrowed: buf is not a pooled buffer but a window of the replayer's
+	// mapping of the mem-file or a cache entry (never recycled, never
+	// written).
+	borrowed bool
 }
 
 // replayer is the serve goroutine's side of replay.
@@ -507,6 +508,14 @@ func (s *session) fillRun(run *pfRun, keep pageSet, mem []byte) error {
 	if n := uint64(run.pages) * ps; missing && mem != nil && run.off+n <= uint64(len(mem)) {
 		return s.fillRunMapped(run, keep, mem[run.off:run.off+n:run.off+n], cached)
 	}
+	if !missing && run.pages == 1 && cached[0] != nil {
+		// One cached page (a 2 MiB page, most often): installed straight
+		// from its immutable cache entry. A copy into a buffer of its own
+		// gave every sibling's replay a fresh 2 MiB allocation and copy
+		// per page (buffers of 2 MiB are not pooled).
+		run.buf, run.borrowed = cached[0], true
+		return nil
+	}
 	run.buf = s.srv.getRunBuf(uint64(run.pages) * ps)
 	if !missing {
 		for i, d := range cached {
@@ -557,7 +566,7 @@ func (s *session) cacheRead(run *pfRun, keep pageSet, cached [][]byte) {
 // nor cached, the all-zero ones and those in keep are cached as fillRun
 // caches them.
 func (s *session) fillRunMapped(run *pfRun, keep pageSet, w []byte, cached [][]byte) error {
-	run.buf, run.mapped = w, true
+	run.buf, run.borrowed = w, true
 	t0 := time.Now()
 	if err := unix.Madvise(w, unix.MADV_POPULATE_READ); err != nil && !errors.Is(err, unix.EINVAL) {
 		// EINVAL: a kernel before 5.14; the pages then fault in as read.
@@ -663,7 +672,7 @@ func (h *handler) prefetchStep() error {
 			return nil
 		}
 	}
-	if !run.mapped {
+	if !run.borrowed {
 		h.s.srv.putRunBuf(run.buf)
 	}
 	r.cur = nil

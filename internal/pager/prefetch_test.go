@@ -391,3 +391,35 @@ func TestProbesStayFewAndEnough(t *testing.T) {
 		}
 	}
 }
+
+// TestReplayInstallsACachedPageFromItsEntry: a replay run of one page the
+// pager's cache holds (a 2 MiB page a sibling's replay or fault read) is
+// installed straight from the cache entry, which is immutable, not from a
+// fresh 2 MiB buffer the entry is copied into: 25 sibling replays made 25
+// such copies of every page. A run of several cached pages is still copied
+// into one buffer (one UFFDIO_COPY for all of them), and a run with a page
+// the cache lacks is read.
+func TestReplayInstallsACachedPageFromItsEntry(t *testing.T) {
+	const ps = uffd.HugePageSize
+	s := &session{srv: &Server{cache: newPageCache(256 << 20)}, keyID: 1, data: extents(nil).add(0, 4*ps)}
+	entry := make([]byte, ps)
+	entry[0] = 1
+	s.srv.cache.put(s.pageKey(0, ps), entry, false)
+	s.srv.cache.put(s.pageKey(ps, ps), slices.Clone(entry), false)
+
+	one := &pfRun{off: 0, pages: 1, ps: ps}
+	if err := s.fillRun(one, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if !one.borrowed || &one.buf[0] != &entry[0] {
+		t.Errorf("a run of one cached page: borrowed %v, installs from the entry %v; want the entry itself, no copy", one.borrowed, &one.buf[0] == &entry[0])
+	}
+	two := &pfRun{off: 0, pages: 2, ps: ps}
+	if err := s.fillRun(two, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if two.borrowed || len(two.buf) != 2*ps || two.buf[0] != 1 || two.buf[ps] != 1 {
+		t.Errorf("a run of two cached pages: borrowed %v, %d bytes; want both pages copied into one buffer", two.borrowed, len(two.buf))
+	}
+	s.srv.putRunBuf(two.buf)
+}
