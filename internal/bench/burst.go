@@ -41,6 +41,7 @@ func (r *runner) burst(ctx context.Context, d *daemon, par parent, key cellKey) 
 
 	pagerBefore, pagerErr := r.pagerCounters(ctx, svc)
 	pagerIOBefore, pagerIOErr := ReadProcIO(pagerBefore.Pid)
+	pagerCPUBefore, pagerCPUErr := ReadSchedTimes(pagerBefore.Pid)
 	readBefore, usedBefore := r.disk.ReadBytes(), r.disk.UsedBytes()
 
 	results := make([]forkResult, n)
@@ -66,7 +67,10 @@ func (r *runner) burst(ctx context.Context, d *daemon, par parent, key cellKey) 
 		if after, err := r.pagerCounters(ctx, svc); err == nil {
 			// A pager restarted during the burst (after a drain) counts from 0.
 			if after.Pid != pagerBefore.Pid {
-				pagerBefore = PagerCounters{}
+				pagerBefore, pagerCPUBefore, pagerCPUErr = PagerCounters{}, SchedTimes{}, nil
+			}
+			if cpu, err := ReadSchedTimes(after.Pid); err == nil && pagerCPUErr == nil && n > 0 {
+				cell.PagerCPU = (cpu.CPU - pagerCPUBefore.CPU) / time.Duration(n)
 			}
 			dc := after.Sub(pagerBefore)
 			cell.Pager = &dc

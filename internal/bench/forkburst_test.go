@@ -337,6 +337,10 @@ func TestForkBurstRunsRoundsInTurn(t *testing.T) {
 		if c.Skipped != "" || c.Failed > 0 || c.MemoryChecks["ok"] != 1 || c.ToWorkingSet.N != 1 {
 			t.Errorf("cell %s round %d: skipped %q, %d failed, checks %v, %d touched", c.Backend, c.Run, c.Skipped, c.Failed, c.MemoryChecks, c.ToWorkingSet.N)
 		}
+		// The pager installs every page of a Uffd fork: it used CPU.
+		if c.Backend == api.BackendUffd && c.PagerCPU <= 0 {
+			t.Errorf("cell uffd round %d: pager CPU per fork %v, want > 0", c.Run, c.PagerCPU)
+		}
 	}
 	if want := []string{"file#1", "uffd#1", "file#2", "uffd#2"}; !slices.Equal(order, want) {
 		t.Errorf("cells ran in order %v, want %v (rounds taking turns)", order, want)

@@ -126,6 +126,10 @@ type Cell struct {
 	// Memory sums smaps_rollup over the fork VMMs once every working set
 	// was touched: Pss is what the forks cost together (density).
 	Memory MemUsage `json:"memory"`
+	// PagerCPU is the pager's CPU time (every thread, user and kernel) over
+	// the burst, per fork: a Uffd fork's installs are copies the pager
+	// makes (0: unknown, or no pager).
+	PagerCPU time.Duration `json:"pager_cpu_per_fork_ns,omitempty"`
 	// PagerMemory is the pager process's memory after the burst (its page
 	// cache), nil without a pager.
 	PagerMemory *MemUsage `json:"pager_memory,omitempty"`
@@ -166,9 +170,9 @@ func (r *Report) WriteTable(w io.Writer) error {
 		return err
 	}
 
-	fmt.Fprintln(w, "\nresources (pager and disk over the burst; memory of the N fork VMMs summed, and of the pager, after it; fork cpu: CPU time per fork over the fork calls, daemon+this client)")
+	fmt.Fprintln(w, "\nresources (pager and disk over the burst; memory of the N fork VMMs summed, and of the pager, after it; pager cpu: the pager's CPU time over the burst per fork; fork cpu: CPU time per fork over the fork calls, daemon+this client)")
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "size\tstrategy\tprefetch\trate\tforks\tbackend\ttemp\thit%\tmisses\tbacking\tfault p50\tp95\tdisk read\tvmm read\tpager read\tdisk alloc\tPSS\tRSS\tpager RSS\tmode\tfork cpu\t")
+	fmt.Fprintln(tw, "size\tstrategy\tprefetch\trate\tforks\tbackend\ttemp\thit%\tmisses\tbacking\tfault p50\tp95\tdisk read\tvmm read\tpager read\tdisk alloc\tPSS\tRSS\tpager RSS\tpager cpu\tmode\tfork cpu\t")
 	for _, c := range r.Cells {
 		if c.Skipped != "" {
 			continue
@@ -185,10 +189,10 @@ func (r *Report) WriteTable(w io.Writer) error {
 		if c.PagerMemory != nil {
 			pagerRSS = bytesStr(c.PagerMemory.Rss)
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
 			c.SizeMiB, c.Strategy, c.Prefetch, c.Rate, c.Forks, c.Backend, c.Temperature, hit, misses, backing, fp50, fp95,
 			bytesStr(c.DiskReadBytes), bytesStr(c.VMMReadBytes), bytesStr(c.PagerReadBytes), bytesStr(c.DiskUsedBytes),
-			bytesStr(c.Memory.Pss), bytesStr(c.Memory.Rss), pagerRSS, modesStr(c.ForkModes), cpuStr(c.ForkCPU))
+			bytesStr(c.Memory.Pss), bytesStr(c.Memory.Rss), pagerRSS, durStr(c.PagerCPU), modesStr(c.ForkModes), cpuStr(c.ForkCPU))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
