@@ -1,6 +1,7 @@
 package prefetch
 
 import (
+	"math/rand/v2"
 	"slices"
 	"testing"
 )
@@ -22,6 +23,7 @@ func TestPlanMergesRunsInFirstTouchOrder(t *testing.T) {
 		{"max pages splits a long run", []uint64{0, 1, 2, 3, 4, 5, 6}, 0, 3, []Run{{0, 3}, {3, 3}, {6, 1}}},
 		{"split pieces keep their own order", []uint64{6, 0, 1, 2, 3, 4, 5}, 0, 3, []Run{{6, 1}, {0, 3}, {3, 3}}},
 		{"duplicates are covered once", []uint64{1, 1, 2}, 0, 0, []Run{{1, 2}}},
+		{"a page recorded twice is ordered by its first touch", []uint64{5, 9, 5}, 0, 0, []Run{{5, 1}, {9, 1}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -60,5 +62,64 @@ func TestPlanCoversEveryRecordedPageOnce(t *testing.T) {
 		if TotalPages(runs) != uint64(len(pages)) {
 			t.Fatalf("max %d: TotalPages = %d, want %d", maxPages, TotalPages(runs), len(pages))
 		}
+	}
+}
+
+// TestPlanOrdersRunsByFirstTouchWithManyDuplicates: a recording planned
+// in 2 MiB units names each unit 512 times, interleaved with the others.
+// Each unit's run must come in the order of the unit's first touch, which
+// an unstable sort of the duplicates got wrong on inputs this large.
+func TestPlanOrdersRunsByFirstTouchWithManyDuplicates(t *testing.T) {
+	const units = 33
+	var pages []uint64
+	for i := range 512 * units {
+		// Unit k is first touched at position k; later touches cycle
+		// through the units in another order.
+		switch {
+		case i < units:
+			pages = append(pages, uint64(2*i)) // even units: never contiguous
+		default:
+			pages = append(pages, uint64(2*((i*7)%units)))
+		}
+	}
+	got := Plan(pages, 0, 1)
+	if len(got) != units {
+		t.Fatalf("Plan made %d runs, want %d", len(got), units)
+	}
+	for k, r := range got {
+		if want := (Run{Page: uint64(2 * k), Pages: 1}); r != want {
+			t.Fatalf("run %d = %v, want %v (first touch order)", k, r, want)
+		}
+	}
+}
+
+// BenchmarkPlan plans a recording as a replay does at 4 KiB (16,384
+// pages of a 64 MiB working set, touched at random) and at 2 MiB (the same
+// pages in 2 MiB units), and as the readahead does (gap 16, 8 MiB runs).
+func BenchmarkPlan(b *testing.B) {
+	const n = 16384
+	pages := make([]uint64, n)
+	for i := range pages {
+		pages[i] = uint64(i)
+	}
+	rand.New(rand.NewPCG(1, 2)).Shuffle(n, func(i, j int) { pages[i], pages[j] = pages[j], pages[i] })
+	units := make([]uint64, n)
+	for i, p := range pages {
+		units[i] = p / 512
+	}
+	for _, bc := range []struct {
+		name          string
+		pages         []uint64
+		gap, maxPages uint64
+	}{
+		{"replay 4KiB", pages, 0, 128},
+		{"replay 2MiB", units, 0, 1},
+		{"readahead", pages, 16, 2048},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			for b.Loop() {
+				Plan(bc.pages, bc.gap, bc.maxPages)
+			}
+		})
 	}
 }
