@@ -119,18 +119,14 @@ func (r *Report) writeRoundsTable(w io.Writer) error {
 	fmt.Fprintf(w, "\nto ws by round (p50 of each of the %d rounds, in order; all: p50 over every fork of every round)\n", r.Config.Rounds)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "size\tprefetch\trate\tforks\tbackend\ttemp\trounds\tall p50\t")
-	type key struct {
-		size, rate, forks       int
-		prefetch, backend, temp string
-	}
-	var keys []key
-	byKey := map[key][]*Cell{}
+	var keys []cellKey
+	byKey := map[cellKey][]*Cell{}
 	for i := range r.Cells {
 		c := &r.Cells[i]
 		if c.Skipped != "" || c.Strategy != StrategyHardlink || c.Workload == WorkloadDiffers || c.Run == 0 {
 			continue
 		}
-		k := key{c.SizeMiB, c.Rate, c.Forks, c.Prefetch, c.Backend, c.Temperature}
+		k := cellKey{c.SizeMiB, c.Strategy, c.Prefetch, c.Rate, c.Forks, c.Backend, c.Temperature, c.Workload, 0}
 		if _, seen := byKey[k]; !seen {
 			keys = append(keys, k)
 		}
@@ -172,29 +168,28 @@ func (r *Report) prefetchRatios() []Ratio {
 		for _, rate := range r.Config.Rates {
 			for _, n := range r.Config.Forks {
 				name := func(s string) string { return fmt.Sprintf("%d MiB rate %d, %d forks: %s", size, rate, n, s) }
+				at := func(round int, pf, backend, temp string) *Cell {
+					return r.find(cellFilter{size: size, strategy: StrategyHardlink, prefetch: pf, rate: rate, forks: n, backend: backend, temp: temp, run: round})
+				}
 				// per is one budget: value gives its two sides in a round,
 				// and whether both were measured.
-				per := func(label string, value func(at func(pf, backend, temp string) *Cell) (a, b float64, ok bool)) {
-					out = append(out, r.roundRatios(name(label), func(round int) (float64, float64, bool) {
-						return value(func(pf, backend, temp string) *Cell {
-							return r.find(cellFilter{size: size, strategy: StrategyHardlink, prefetch: pf, rate: rate, forks: n, backend: backend, temp: temp, run: round})
-						})
-					})...)
+				per := func(label string, value func(round int) (a, b float64, ok bool)) {
+					out = append(out, r.roundRatios(name(label), value)...)
 				}
 				for _, pf := range r.Config.Prefetch {
 					for _, temp := range r.Config.Temperatures {
 						for _, be := range []string{api.BackendUffd, BackendUffdHuge} {
-							per(fmt.Sprintf("prefetch %s %s: %s/file to-ws p50", pf, temp, be), func(at func(pf, backend, temp string) *Cell) (float64, float64, bool) {
-								return both(toWS(at(pf, be, temp)), toWS(at(pf, api.BackendFile, temp)))
+							per(fmt.Sprintf("prefetch %s %s: %s/file to-ws p50", pf, temp, be), func(k int) (float64, float64, bool) {
+								return both(toWS(at(k, pf, be, temp)), toWS(at(k, pf, api.BackendFile, temp)))
 							})
 						}
 					}
 					for _, be := range r.Config.Backends {
-						per(fmt.Sprintf("prefetch %s %s: cold/warm to-ws p50", pf, be), func(at func(pf, backend, temp string) *Cell) (float64, float64, bool) {
-							return both(toWS(at(pf, be, Cold)), toWS(at(pf, be, Warm)))
+						per(fmt.Sprintf("prefetch %s %s: cold/warm to-ws p50", pf, be), func(k int) (float64, float64, bool) {
+							return both(toWS(at(k, pf, be, Cold)), toWS(at(k, pf, be, Warm)))
 						})
-						per(fmt.Sprintf("prefetch %s %s cold: disk read/working set", pf, be), func(at func(pf, backend, temp string) *Cell) (float64, float64, bool) {
-							if c := at(pf, be, Cold); c != nil {
+						per(fmt.Sprintf("prefetch %s %s cold: disk read/working set", pf, be), func(k int) (float64, float64, bool) {
+							if c := at(k, pf, be, Cold); c != nil {
 								return both(float64(c.DiskReadBytes), wsBytes)
 							}
 							return 0, 0, false
@@ -203,11 +198,11 @@ func (r *Report) prefetchRatios() []Ratio {
 				}
 				for _, be := range r.Config.Backends {
 					for _, temp := range r.Config.Temperatures {
-						per(fmt.Sprintf("%s %s: prefetch auto/off to-ws p50", be, temp), func(at func(pf, backend, temp string) *Cell) (float64, float64, bool) {
-							return both(toWS(at(PrefetchAuto, be, temp)), toWS(at(PrefetchOff, be, temp)))
+						per(fmt.Sprintf("%s %s: prefetch auto/off to-ws p50", be, temp), func(k int) (float64, float64, bool) {
+							return both(toWS(at(k, PrefetchAuto, be, temp)), toWS(at(k, PrefetchOff, be, temp)))
 						})
-						per(fmt.Sprintf("%s %s prefetch auto: waste (wasted/prefetched)", be, temp), func(at func(pf, backend, temp string) *Cell) (float64, float64, bool) {
-							if c := at(PrefetchAuto, be, temp); c != nil && c.PrefetchStats != nil && c.PrefetchStats.PagesPrefetched > 0 {
+						per(fmt.Sprintf("%s %s prefetch auto: waste (wasted/prefetched)", be, temp), func(k int) (float64, float64, bool) {
+							if c := at(k, PrefetchAuto, be, temp); c != nil && c.PrefetchStats != nil && c.PrefetchStats.PagesPrefetched > 0 {
 								return float64(c.PrefetchStats.PagesWasted), float64(c.PrefetchStats.PagesPrefetched), true // 0 wasted is a ratio of 0
 							}
 							return 0, 0, false
