@@ -24,6 +24,8 @@ func TestPlanMergesRunsInFirstTouchOrder(t *testing.T) {
 		{"split pieces keep their own order", []uint64{6, 0, 1, 2, 3, 4, 5}, 0, 3, []Run{{6, 1}, {0, 3}, {3, 3}}},
 		{"duplicates are covered once", []uint64{1, 1, 2}, 0, 0, []Run{{1, 2}}},
 		{"a page recorded twice is ordered by its first touch", []uint64{5, 9, 5}, 0, 0, []Run{{5, 1}, {9, 1}}},
+		// Pages too large to pack with their position take the other sort.
+		{"pages past 2^40, recorded twice, by first touch", []uint64{1<<41 + 5, 1<<41 + 9, 1<<41 + 5, 1<<41 + 6}, 0, 0, []Run{{1<<41 + 5, 2}, {1<<41 + 9, 1}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
