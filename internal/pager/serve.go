@@ -338,13 +338,10 @@ func (h *handler) install(page uint64, ri int, populate bool, pd pageData) (inst
 	// page size (docs/architecture.md §8); counts of faults are events.
 	base := ps / uffd.PageSize
 	var data []byte
-	zero := false
+	zero, removed := false, false
 	switch {
 	case h.removed.overlaps(page, page+ps):
-		zero = true
-		if !populate {
-			s.count(func(c *counters) { c.removedFaults.Add(1) })
-		}
+		zero, removed = true, !populate
 	case !s.data.overlaps(off, off+ps):
 		zero = true
 		s.count(func(c *counters) { c.zeroPages.Add(base) })
@@ -383,6 +380,12 @@ func (h *handler) install(page uint64, ri int, populate bool, pd pageData) (inst
 	}
 	switch {
 	case err == nil:
+		// Counted only when it lands: a fault the kernel reports twice
+		// (its thread was interrupted by a signal and faulted again)
+		// finds the page mapped, and is not a second discarded page.
+		if removed {
+			s.count(func(c *counters) { c.removedFaults.Add(1) })
+		}
 	case errors.Is(err, unix.EEXIST):
 		// Already mapped (a racing fault or populate won): success.
 		s.count(func(c *counters) { c.copyError(unix.EEXIST) })

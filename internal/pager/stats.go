@@ -24,7 +24,8 @@ type Counters struct {
 	// and ColdReads count events, one per region page.
 	ZeroPages uint64 `json:"zero_pages"`
 	// RemovedFaults is faults in ranges the VMM discarded (UFFD_EVENT_REMOVE),
-	// served as zeros.
+	// served as zeros: one per zero page installed, so a fault the kernel
+	// reports again (a signal interrupted its thread) is not counted twice.
 	RemovedFaults uint64 `json:"removed_faults"`
 	// Removes is UFFD_EVENT_REMOVE events applied.
 	Removes uint64 `json:"removes"`
