@@ -276,11 +276,30 @@ func (h *handler) serveBatch() error {
 		}
 	}
 	for _, flt := range h.faults {
+		if h.reportedAgain(flt) {
+			continue
+		}
 		if err := h.serveFault(flt); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// reportedAgain: the kernel reports a fault again when a signal interrupts
+// the faulting thread and it faults anew before the install. A fault whose
+// page is installed is such a report, with nobody waiting on it: every
+// install wakes the page's waiters, and only a REMOVE unmaps an installed
+// page, and its event is read before the kernel unmaps (so it is applied
+// by now). Serving it again would read the page a second time (a lone
+// 2 MiB VM's page through the mapping) for an EEXIST. The twin that
+// forgets REMOVEs cannot tell a fault after a discard from a report
+// again, so it serves every fault.
+func (h *handler) reportedAgain(flt fault) bool {
+	r := h.regions[flt.region]
+	idx := (flt.page - r.BaseHostVirtAddr) / r.PageSize
+	return h.installed[flt.region][idx/64]&(1<<(idx%64)) != 0 &&
+		!h.removed.overlaps(flt.page, flt.page+r.PageSize) && !h.s.srv.cfg.ignoreRemoves
 }
 
 func (h *handler) serveFault(flt fault) error {
