@@ -128,7 +128,7 @@ Compare ratios within one run: absolute times on nested VMs are noise.`,
 	f.StringSliceVar(&opt.Prefetch, "prefetch", []string{bench.PrefetchOff, bench.PrefetchAuto}, "the daemons' prefetch settings to compare: off, auto")
 	f.StringArrayVar(&builds, "binary", nil, "compare forkd builds side by side: NAME=PATH, repeated (e.g. --binary before=/tmp/forkd-main --binary after=./bin/forkd); every prefetch setting gets a daemon of each build, cells are named SETTING@NAME, and each daemon times its own serial forks, compared with the first build's")
 	f.StringVar(&pfWindow, "prefetch-window", "", "the daemons' prefetch_window (default theirs, 5s): a burst's waste counts what its forks used within it, so give slow bursts a longer one")
-	f.IntVar(&opt.Rounds, "rounds", 1, "run every burst this many times, the rounds taking turns (round 1 of every backend and daemon, then round 2...): each budget is then the median of the rounds' ratios, with their spread (a 1-fork burst is one sample)")
+	f.IntVar(&opt.Rounds, "rounds", 1, "run every burst this many times, the rounds taking turns (round 1 of every backend and daemon, then round 2...): each budget and every other ratio of bursts is then the median of the rounds' ratios, with their spread (a 1-fork burst is one sample)")
 	f.IntVar(&opt.DiffersRuns, "differs", 0, "also run the case prefetch cannot help (forks whose workload differs from the recorded one) this many times, prefetch off and auto side by side (needs both)")
 	f.StringSliceVar(&opt.Strategies, "strategies", []string{bench.StrategyHardlink, bench.StrategyReflink, bench.StrategyCopy},
 		"fork strategies: hardlink (forkd), reflink, copy; ones the daemon cannot force are reported as skipped")

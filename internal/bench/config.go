@@ -78,8 +78,9 @@ type Config struct {
 	// Rounds is how many times every burst of the same workload runs
 	// (default 1). The rounds take turns: round 1 of every backend and
 	// daemon, then round 2, so drift on a noisy machine falls on all of
-	// them alike. A 1-fork cell is one sample; its budgets are then
-	// quoted as the median of the rounds' ratios, with their spread.
+	// them alike. A 1-fork cell is one sample; its budgets, and every
+	// ratio of burst cells, are then quoted as the median of the rounds'
+	// ratios, with their spread.
 	Rounds int `json:"rounds,omitempty"`
 	// Backends are the restore backends (default {file, uffd}), and
 	// BackendUffdHuge: uffd restores of a source backed by 2 MiB pages.

@@ -322,18 +322,35 @@ type Ratio struct {
 // Ratios compares cells of the same run: strategies against hardlink, the
 // largest size against the smallest, warm against cold, File against Uffd
 // (at the first prefetch setting and rate and the largest burst), then the
-// prefetch budgets (prefetchRatios).
+// prefetch budgets (prefetchRatios). A ratio of two burst cells pairs the
+// cells of one round; with several rounds it is quoted as the median of
+// the rounds' ratios and their spread (roundRatios). Serial forks are not
+// in rounds: a burst cell against them is taken per round the same way.
 func (r *Report) Ratios() []Ratio {
 	base := cellFilter{prefetch: first(r.Config.Prefetch), rate: firstInt(r.Config.Rates), forks: maxInt(r.Config.Forks)}
-	find := func(size int, strategy, backend, temp string) *Cell {
+	find := func(round, size int, strategy, backend, temp string) *Cell {
 		f := base
-		f.size, f.strategy, f.backend, f.temp = size, strategy, backend, temp
+		f.size, f.strategy, f.backend, f.temp, f.run = size, strategy, backend, temp, round
 		return r.find(f)
 	}
 	var out []Ratio
 	add := func(name string, a, b float64) {
 		if a > 0 && b > 0 {
 			out = append(out, Ratio{name, a / b})
+		}
+	}
+	// per is one ratio of cells: value gives its two sides in a round.
+	per := func(name string, value func(round int) (a, b float64, ok bool)) {
+		out = append(out, r.roundRatios(name, value)...)
+	}
+	// cells gives a ratio's two cells in a round, and side their values.
+	cells := func(cells func(round int) (a, b *Cell), side func(*Cell) float64) func(int) (float64, float64, bool) {
+		return func(round int) (float64, float64, bool) {
+			a, b := cells(round)
+			if a == nil || b == nil {
+				return 0, 0, false
+			}
+			return both(side(a), side(b))
 		}
 	}
 	// serial is the first daemon's serial forks of size and strategy (a
@@ -366,17 +383,25 @@ func (r *Report) Ratios() []Ratio {
 			add(fmt.Sprintf("%s%s serial fork p50 / link+fsync floor p50 (budget 5x)", at, colon), float64(h.Fork.P50), float64(h.Floor.P50))
 			for _, be := range r.Config.Backends {
 				for _, temp := range r.Config.Temperatures {
-					f := base
-					f.size, f.strategy, f.prefetch, f.backend, f.temp = size, StrategyHardlink, pf, be, temp
-					if c := r.find(f); c != nil {
-						add(fmt.Sprintf("%s %s %s: burst fork p50 / serial fork p50 (budget 3x)", at, be, temp), float64(c.Fork.P50), float64(h.Fork.P50))
-						// What the host's CPUs allow that ratio: the burst's
-						// CPU per fork, for half its forks, over every CPU.
-						if c.ForkCPU != nil {
-							add(fmt.Sprintf("%s %s %s: burst p50 CPU floor (half its forks' CPU / %d CPUs) / serial fork p50", at, be, temp, max(r.Machine.CPUs, 1)),
-								float64(c.ForkCPU.BurstFloor(c.Forks, r.Machine.CPUs)), float64(h.Fork.P50))
-						}
+					burst := func(round int) *Cell {
+						f := base
+						f.size, f.strategy, f.prefetch, f.backend, f.temp, f.run = size, StrategyHardlink, pf, be, temp, round
+						return r.find(f)
 					}
+					per(fmt.Sprintf("%s %s %s: burst fork p50 / serial fork p50 (budget 3x)", at, be, temp), func(k int) (float64, float64, bool) {
+						if c := burst(k); c != nil {
+							return both(float64(c.Fork.P50), float64(h.Fork.P50))
+						}
+						return 0, 0, false
+					})
+					// What the host's CPUs allow that ratio: the burst's CPU
+					// per fork, for half its forks, over every CPU.
+					per(fmt.Sprintf("%s %s %s: burst p50 CPU floor (half its forks' CPU / %d CPUs) / serial fork p50", at, be, temp, max(r.Machine.CPUs, 1)), func(k int) (float64, float64, bool) {
+						if c := burst(k); c != nil && c.ForkCPU != nil {
+							return both(float64(c.ForkCPU.BurstFloor(c.Forks, r.Machine.CPUs)), float64(h.Fork.P50))
+						}
+						return 0, 0, false
+					})
 				}
 			}
 		}
@@ -401,28 +426,25 @@ func (r *Report) Ratios() []Ratio {
 		}
 		for _, be := range r.Config.Backends {
 			for _, temp := range r.Config.Temperatures {
-				h := find(size, StrategyHardlink, be, temp)
-				if h == nil {
-					continue
-				}
 				for _, other := range []string{StrategyCopy, StrategyReflink} {
-					if o := find(size, other, be, temp); o != nil {
-						add(fmt.Sprintf("%d MiB %s %s: %s/hardlink fork p50", size, be, temp, other), float64(o.Fork.P50), float64(h.Fork.P50))
-						add(fmt.Sprintf("%d MiB %s %s: %s/hardlink restore+touch p50", size, be, temp, other),
-							float64(o.Restore.P50+o.Touch.P50), float64(h.Restore.P50+h.Touch.P50))
+					pair := func(k int) (*Cell, *Cell) {
+						return find(k, size, other, be, temp), find(k, size, StrategyHardlink, be, temp)
 					}
+					per(fmt.Sprintf("%d MiB %s %s: %s/hardlink fork p50", size, be, temp, other), cells(pair, func(c *Cell) float64 { return float64(c.Fork.P50) }))
+					per(fmt.Sprintf("%d MiB %s %s: %s/hardlink restore+touch p50", size, be, temp, other),
+						cells(pair, func(c *Cell) float64 { return float64(c.Restore.P50 + c.Touch.P50) }))
 				}
 			}
-			if c, w := find(size, StrategyHardlink, be, Cold), find(size, StrategyHardlink, be, Warm); c != nil && w != nil {
-				add(fmt.Sprintf("%d MiB %s hardlink: cold/warm touch p50", size, be), float64(c.Touch.P50), float64(w.Touch.P50))
-			}
+			per(fmt.Sprintf("%d MiB %s hardlink: cold/warm touch p50", size, be), cells(func(k int) (*Cell, *Cell) {
+				return find(k, size, StrategyHardlink, be, Cold), find(k, size, StrategyHardlink, be, Warm)
+			}, func(c *Cell) float64 { return float64(c.Touch.P50) }))
 		}
 		for _, temp := range r.Config.Temperatures {
-			f, u := find(size, StrategyHardlink, "file", temp), find(size, StrategyHardlink, "uffd", temp)
-			if f != nil && u != nil {
-				add(fmt.Sprintf("%d MiB hardlink %s: uffd/file PSS", size, temp), float64(u.Memory.Pss), float64(f.Memory.Pss))
-				add(fmt.Sprintf("%d MiB hardlink %s: uffd/file restore p50", size, temp), float64(u.Restore.P50), float64(f.Restore.P50))
+			pair := func(k int) (*Cell, *Cell) {
+				return find(k, size, StrategyHardlink, "uffd", temp), find(k, size, StrategyHardlink, "file", temp)
 			}
+			per(fmt.Sprintf("%d MiB hardlink %s: uffd/file PSS", size, temp), cells(pair, func(c *Cell) float64 { return float64(c.Memory.Pss) }))
+			per(fmt.Sprintf("%d MiB hardlink %s: uffd/file restore p50", size, temp), cells(pair, func(c *Cell) float64 { return float64(c.Restore.P50) }))
 		}
 	}
 	out = append(out, r.prefetchRatios()...)
@@ -435,10 +457,9 @@ func (r *Report) Ratios() []Ratio {
 		}
 		for _, be := range r.Config.Backends {
 			for _, temp := range r.Config.Temperatures {
-				a, b := find(hi, StrategyHardlink, be, temp), find(lo, StrategyHardlink, be, temp)
-				if a != nil && b != nil {
-					add(fmt.Sprintf("hardlink %s %s: %d/%d MiB fork p50", be, temp, hi, lo), float64(a.Fork.P50), float64(b.Fork.P50))
-				}
+				per(fmt.Sprintf("hardlink %s %s: %d/%d MiB fork p50", be, temp, hi, lo), cells(func(k int) (*Cell, *Cell) {
+					return find(k, hi, StrategyHardlink, be, temp), find(k, lo, StrategyHardlink, be, temp)
+				}, func(c *Cell) float64 { return float64(c.Fork.P50) }))
 			}
 		}
 	}

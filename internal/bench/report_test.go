@@ -318,7 +318,7 @@ func checkRatios(t *testing.T, rep *Report, want map[string]float64) map[string]
 func roundsReport() *Report {
 	cell := func(backend string, round int, toWS time.Duration) Cell {
 		return Cell{SizeMiB: 256, Strategy: "hardlink", Prefetch: PrefetchAuto, Rate: -1, Forks: 1, Backend: backend, Temperature: Warm,
-			Workload: WorkloadSame, Run: round, ToWorkingSet: Summary{N: 1, P50: toWS}, MemoryChecks: map[string]int{"ok": 1},
+			Workload: WorkloadSame, Run: round, ToWorkingSet: Summary{N: 1, P50: toWS}, Restore: Summary{N: 1, P50: toWS / 4}, MemoryChecks: map[string]int{"ok": 1},
 			Samples: &Samples{ToWorkingSet: []time.Duration{toWS}}}
 	}
 	ms := time.Millisecond
@@ -336,14 +336,17 @@ func roundsReport() *Report {
 // Each round's ratio pairs the cells of that round: 1.2, 1.05 and 1.5,
 // median 1.2. Ratios of the first round alone (1.2) or of the pooled p50s
 // (150/100 = 1.5) would each pass for one of them, the spread for neither.
+// The prefetch budgets and the other ratios of cells (restore p50 here, a
+// quarter of to-ws in each cell) alike.
 func TestRoundsQuoteTheMedianOfEachRoundsRatio(t *testing.T) {
-	pre := "256 MiB rate -1, 1 forks: prefetch auto warm: uffd/file to-ws p50"
-	got := checkRatios(t, roundsReport(), map[string]float64{
-		pre + ", median of 3 rounds":           1.2,
-		pre + ", spread (max-min) of 3 rounds": 0.45,
-	})
-	if v, ok := got[pre]; ok {
-		t.Errorf("with rounds the one-round ratio %q = %v is quoted too", pre, v)
+	for _, pre := range []string{"256 MiB rate -1, 1 forks: prefetch auto warm: uffd/file to-ws p50", "256 MiB hardlink warm: uffd/file restore p50"} {
+		got := checkRatios(t, roundsReport(), map[string]float64{
+			pre + ", median of 3 rounds":           1.2,
+			pre + ", spread (max-min) of 3 rounds": 0.45,
+		})
+		if v, ok := got[pre]; ok {
+			t.Errorf("with rounds the one-round ratio %q = %v is quoted too", pre, v)
+		}
 	}
 }
 
