@@ -237,6 +237,11 @@ func Load(path, key string, fileSize int64) (Recording, error) {
 	if err != nil {
 		return Recording{}, fmt.Errorf("load recording: %w", err)
 	}
+	return Parse(path, b, key, fileSize)
+}
+
+// Parse is Load of the bytes b read from path.
+func Parse(path string, b []byte, key string, fileSize int64) (Recording, error) {
 	r, err := Decode(b)
 	if err != nil {
 		return Recording{}, fmt.Errorf("load recording %s: %w", path, err)

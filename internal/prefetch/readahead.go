@@ -27,7 +27,7 @@ func Populate(ctx context.Context, f *os.File, runs []Run) (read uint64, err err
 	defer res.Close()
 	size := uint64(len(res.mem))
 	ps := res.pageSize
-	buf := make([]byte, 1<<20)
+	var buf []byte // made at the first read: most calls find every run cached
 	for _, r := range runs {
 		if ctx.Err() != nil {
 			return read, context.Cause(ctx)
@@ -40,6 +40,9 @@ func Populate(ctx context.Context, f *os.File, runs []Run) (read uint64, err err
 			continue
 		}
 		off, end := r.Page*ps, min(r.End()*ps, size)
+		if buf == nil {
+			buf = make([]byte, 1<<20)
+		}
 		for off < end {
 			n, err := f.ReadAt(buf[:min(uint64(len(buf)), end-off)], int64(off))
 			if n == 0 && err != nil {
