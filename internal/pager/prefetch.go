@@ -262,8 +262,7 @@ func (s *session) readAhead() {
 		srv.mu.Unlock()
 		close(done)
 	}()
-	runs := prefetch.Plan(s.replay.Pages, readAheadGap, readAheadMax)
-	if _, err := prefetch.Populate(s.ctx, s.backing, runs); err != nil && s.ctx.Err() == nil {
+	if _, err := prefetch.Populate(s.ctx, s.backing, s.plan.readAhead); err != nil && s.ctx.Err() == nil {
 		s.log.Warn("prefetch readahead", "err", err)
 	}
 }
@@ -330,14 +329,29 @@ func (h *handler) startReplay(ctx context.Context) *replayer {
 	}
 	touched := 0
 	firstTouch(func(int, uint64, uint64) { touched++ })
-	// What the reader puts in the pager's cache, by 4 KiB mem-file page. A
-	// lone VM of its key: the probes (they will fault) and no others, since
-	// a copy of every page in fresh heap is what made a cold replay slow.
-	// With a sibling of the key live, every page (keep nil): the siblings'
-	// replays and faults then find the working set in the pager's cache,
-	// not one read of it each (warm siblings at ~100% hits, ~0 reads).
+	ps := h.regions[0].PageSize // every region's (the handshake's rule)
+	r := &replayer{h: h, ready: make(chan *pfRun, 4)}
+	if s.backingSize > 0 {
+		mem, err := unix.Mmap(int(s.backing.Fd()), 0, int(s.backingSize), unix.PROT_READ, unix.MAP_SHARED)
+		if err != nil {
+			s.log.Warn("prefetch reads the mem-file into buffers: it cannot be mapped", "err", err)
+		} else {
+			r.mem = mem
+		}
+	}
+	// What the reader puts in the pager's cache, by 4 KiB mem-file page:
+	// the probes (they will fault) and no others, since a copy of every
+	// page in fresh heap is what made a cold replay slow. The exception is
+	// a replay that reads its runs into buffers (2 MiB pages, or a mem-file
+	// that cannot be mapped) with a sibling of its key live: it caches
+	// every page (keep nil), so the siblings' replays and faults find the
+	// working set in the pager's cache, not one read of it each. A 4 KiB
+	// replay from the mapping needs no such copy: every replay of the key
+	// installs straight from the kernel's page cache (fillRun), which is
+	// what a sibling's copy out of the pager's cache into a buffer cost
+	// again, plus a cache lookup per page.
 	keep := make(pageSet, (uint64(s.backingSize)/uffd.PageSize+63)/64)
-	if s.srv.liveSiblings(s) > 0 {
+	if (ps != uffd.PageSize || r.mem == nil) && s.srv.liveSiblings(s) > 0 {
 		keep = nil
 	}
 	probes, i, stride := uint64(0), 0, probeStride(touched)
@@ -352,28 +366,8 @@ func (h *handler) startReplay(ctx context.Context) *replayer {
 		i++
 	})
 	s.count(func(c *counters) { c.probes.Add(probes) })
-	// Plan in the regions' pages: the recorded 4 KiB pages of one 2 MiB
-	// page are one page to install, and runs of 4 KiB pages would each
-	// cover it whole (a 2 MiB page recorded in four 512 KiB runs was read
-	// four times, and replay fell behind the guest's faults).
-	ps := h.regions[0].PageSize // every region's (the handshake's rule)
-	units := s.replay.Pages
-	if ps != uffd.PageSize {
-		units = make([]uint64, len(s.replay.Pages))
-		for i, p := range s.replay.Pages {
-			units[i] = p * uffd.PageSize / ps
-		}
-	}
-	runs := h.planRuns(prefetch.Plan(units, 0, max(1, runBytes/ps)), ps)
-	r := &replayer{h: h, ready: make(chan *pfRun, 4)}
-	if s.backingSize > 0 {
-		mem, err := unix.Mmap(int(s.backing.Fd()), 0, int(s.backingSize), unix.PROT_READ, unix.MAP_SHARED)
-		if err != nil {
-			s.log.Warn("prefetch reads the mem-file into buffers: it cannot be mapped", "err", err)
-		} else {
-			r.mem = mem
-		}
-	}
+	// Plan in the regions' pages (replayRuns), once per recording.
+	runs := h.planRuns(s.plan.replayRuns(ps), ps)
 	go s.readRuns(ctx, runs, keep, r.mem, r.ready)
 	return r
 }
@@ -487,6 +481,16 @@ func (s *session) readRuns(ctx context.Context, runs []*pfRun, keep pageSet, mem
 func (s *session) fillRun(run *pfRun, keep pageSet, mem []byte) error {
 	ps := run.ps
 	run.zero = make([]bool, run.pages)
+	if n := uint64(run.pages) * ps; ps == uffd.PageSize && mem != nil && run.off+n <= uint64(len(mem)) {
+		// 4 KiB pages come from the mapping whatever the pager's cache
+		// holds: a lookup per page and a copy of each into a buffer cost a
+		// sibling's replay more than the install itself (BENCHMARKS.md).
+		for i := range run.pages {
+			off := run.off + uint64(i)*ps
+			run.zero[i] = !s.data.overlaps(off, off+ps)
+		}
+		return s.fillRunMapped(run, keep, mem[run.off:run.off+n:run.off+n], nil)
+	}
 	cached := make([][]byte, run.pages)
 	missing := false
 	for i := range run.pages {
@@ -538,12 +542,12 @@ func (s *session) fillRun(run *pfRun, keep pageSet, mem []byte) error {
 }
 
 // cacheRead marks the all-zero pages of run.buf that fillRun found neither
-// zero nor cached, and puts them, and the pages in keep, in the pager's
-// cache (keep nil: every page).
+// zero nor cached (cached nil: it looked none up), and puts them, and the
+// pages in keep, in the pager's cache (keep nil: every page).
 func (s *session) cacheRead(run *pfRun, keep pageSet, cached [][]byte) {
 	ps := run.ps
 	for i := range run.pages {
-		if run.zero[i] || cached[i] != nil {
+		if run.zero[i] || cached != nil && cached[i] != nil {
 			continue
 		}
 		pg := run.buf[uint64(i)*ps : uint64(i+1)*ps]

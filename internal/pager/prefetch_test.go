@@ -259,45 +259,52 @@ func TestUnusableRecordingIsNotReplayed(t *testing.T) {
 	}
 }
 
-// TestReplayCachesTheWorkingSetForSiblingsOnly: a lone VM's replay puts
-// only its probes in the pager's cache (copies of the rest would cost it
-// and serve no one); a replay with a sibling of its key live caches every
-// page, so a third VM's replay reads nothing from the mem-file.
-func TestReplayCachesTheWorkingSetForSiblingsOnly(t *testing.T) {
+// TestReplayOf4KiBPagesCachesOnlyItsProbes: every replay of 4 KiB pages,
+// lone or beside siblings of its key, installs its working set from its
+// own mapping of the mem-file (the kernel's page cache) and puts only its
+// probes and all-zero markers in the pager's cache: a sibling's lookup of
+// every page in the pager's cache and copy of it into a buffer cost more
+// than the install. Each replay reads its working set from the mem-file
+// (backing_bytes), the siblings' probe faults hit the probes the first
+// one cached, and every guest reads the file's bytes (the consumers check
+// each page they touch).
+func TestReplayOf4KiBPagesCachesOnlyItsProbes(t *testing.T) {
 	requireUffd(t)
 	p := startPager(t, Config{CacheBytes: cacheBytes})
 	mem := memFile(t, p.dir, testPages, zeroPage, holeLo, holeHi)
 	const ws = holeLo // pages [0, holeLo): data, and the zero page
 	rec := writeRecording(t, p.dir, "abc", testPages, seqPages(0, ws))
 	ctx := context.Background()
+	probes := uint64((ws + probeStride(ws) - 1) / probeStride(ws))
 
-	replay := func(id string) (*consumer, SessionInfo) {
-		t.Helper()
+	var live []*consumer
+	for _, id := range []string{"lone", "second", "third"} {
 		s, err := p.client.CreateSession(ctx, SessionRequest{SessionID: id, BackingPath: mem, CacheKey: "abc", PrefetchPath: rec})
 		if err != nil {
 			t.Fatal(err)
 		}
-		c := startConsumer(t, s.SocketPath, mem, testSize, "good", fmt.Sprintf("wait,touch:0-%d", ws))
+		c := startConsumer(t, s.SocketPath, mem, testSize, "good", fmt.Sprintf("wait,touch:0-%d,wait", ws))
+		live = append(live, c)
 		c.expect("waiting")
 		waitFor(t, id+"'s replay to finish", func() bool { return p.sessionStats(t, id).Prefetch.Done })
-		return c, p.sessionStats(t, id)
+		c.resume()
+		c.expect("waiting")
+		st := p.sessionStats(t, id)
+		if st.Prefetch.Error != "" || st.Prefetch.PagesPrefetched != ws-probes {
+			t.Errorf("%s: prefetched %d pages (error %q), want %d", id, st.Prefetch.PagesPrefetched, st.Prefetch.Error, ws-probes)
+		}
+		if st.BackingBytes != ws*uffd.PageSize {
+			t.Errorf("%s read %d bytes of the mem-file, want its working set's %d (installed from its mapping)", id, st.BackingBytes, ws*uffd.PageSize)
+		}
+		// The probes and the all-zero page's marker, whatever the siblings.
+		if n := uint64(p.stats(t).CacheEntries); n > probes+1 {
+			t.Errorf("after %s's replay the pager's cache holds %d pages, want its %d probes and the zero marker", id, n, probes)
+		}
+		if id != "lone" && (st.Misses != 0 || st.Hits < probes) {
+			t.Errorf("%s: %d hits, %d misses; want its %d probe faults served from the probes the first replay cached", id, st.Hits, st.Misses, probes)
+		}
 	}
-	lone, _ := replay("lone")
-	if n := p.stats(t).CacheEntries; n > 2*ws/probeStride(ws) {
-		t.Errorf("a lone replay left %d pages in the pager's cache, want about its %d probes", n, ws/probeStride(ws))
-	}
-	second, st := replay("second")
-	if st.BackingBytes == 0 {
-		t.Errorf("the second replay read nothing: the lone one cached its whole working set")
-	}
-	if n := p.stats(t).CacheEntries; n < ws-1 {
-		t.Errorf("a replay beside a sibling left %d pages in the pager's cache, want the %d of the working set", n, ws)
-	}
-	third, st := replay("third")
-	if st.BackingBytes != 0 || st.Prefetch.Error != "" {
-		t.Errorf("the third replay read %d bytes of the mem-file (error %q), want none: its siblings cached the working set", st.BackingBytes, st.Prefetch.Error)
-	}
-	for _, c := range []*consumer{lone, second, third} {
+	for _, c := range live {
 		c.resume()
 		c.finish()
 	}
@@ -422,4 +429,77 @@ func TestReplayInstallsACachedPageFromItsEntry(t *testing.T) {
 		t.Errorf("a run of two cached pages: borrowed %v, %d bytes; want both pages copied into one buffer", two.borrowed, len(two.buf))
 	}
 	s.srv.putRunBuf(two.buf)
+}
+
+// TestANewRecordingOfAKeyIsNeverReplayedFromAStalePlan: the sessions of a
+// key share the plan of its recording (decoded and planned once) only
+// while their recording file holds the bytes it was made from. A session
+// given another recording of the key, in another file or at the same path
+// rewritten, while sessions of the old plan are live, replays its own; the
+// key's plan is forgotten with its last session. The twin reuses the key's
+// plan whatever the file holds, and the checks must catch it.
+func TestANewRecordingOfAKeyIsNeverReplayedFromAStalePlan(t *testing.T) {
+	requireUffd(t)
+	for _, twin := range []bool{false, true} {
+		problems := stalePlanProblems(t, twin)
+		switch {
+		case !twin && len(problems) > 0:
+			t.Errorf("%s", strings.Join(problems, "\n"))
+		case twin && len(problems) == 0:
+			t.Errorf("twin: with plans reused by key alone the checks found nothing")
+		case twin:
+			t.Logf("twin caught: %s", strings.Join(problems, "; "))
+		}
+	}
+}
+
+// stalePlanProblems runs TestANewRecordingOfAKeyIsNeverReplayedFromAStalePlan's
+// sessions, with plans reused by key alone when twin, and returns what
+// its checks found wrong.
+func stalePlanProblems(t *testing.T, twin bool) []string {
+	p := startPager(t, Config{CacheBytes: cacheBytes, plansByKeyOnly: twin})
+	mem := memFile(t, p.dir, testPages, zeroPage, holeLo, holeHi)
+	ctx := context.Background()
+	var problems []string
+	planOf := func(id string) *replayPlan {
+		p.srv.mu.Lock()
+		defer p.srv.mu.Unlock()
+		return p.srv.sessions[id].plan
+	}
+	replay := func(id, path string, want int) {
+		t.Helper()
+		if _, err := p.client.CreateSession(ctx, SessionRequest{SessionID: id, BackingPath: mem, CacheKey: "abc", PrefetchPath: path}); err != nil {
+			t.Fatal(err)
+		}
+		pf := p.sessionStats(t, id).Prefetch
+		if pf == nil || pf.Mode != "replay" || pf.PagesRecorded != uint64(want) {
+			problems = append(problems, fmt.Sprintf("session %s replays %+v, want the %d pages of its recording %s", id, pf, want, path))
+		}
+	}
+	first := writeRecording(t, p.dir, "abc", testPages, seqPages(0, 256))
+	replay("a", first, 256)
+	replay("a2", first, 256)
+	if planOf("a") != planOf("a2") {
+		t.Errorf("two sessions of one recording have two plans, want one shared")
+	}
+	other := filepath.Join(p.dir, "other.ws")
+	if err := prefetch.Write(other, prefetch.Recording{Key: "abc", PageSize: uffd.PageSize, FileSize: testSize,
+		Source: prefetch.SourceUffd, Window: time.Second, RecordedAt: time.Now(), Pages: seqPages(0, 300)}); err != nil {
+		t.Fatal(err)
+	}
+	replay("b", other, 300)                                        // another file
+	writeRecording(t, p.dir, "abc", testPages, seqPages(100, 500)) // the first path rewritten
+	replay("c", first, 400)
+	for _, id := range []string{"a", "a2", "b", "c"} {
+		if err := p.client.DeleteSession(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p.srv.mu.Lock()
+	left := len(p.srv.plans)
+	p.srv.mu.Unlock()
+	if left != 0 {
+		t.Errorf("%d plans kept after the key's last session ended, want none", left)
+	}
+	return problems
 }

@@ -72,6 +72,10 @@ type Config struct {
 	// prefetchIgnoresRemoves is the twin of the prefetch side of that
 	// rule: replay installs pages in removed ranges.
 	prefetchIgnoresRemoves bool
+	// plansByKeyOnly is the twin of the rule that a replay plan is reused
+	// only for the bytes it was made from (plan.go): a session then replays
+	// its key's current plan whatever its recording file holds.
+	plansByKeyOnly bool
 	// holdPrefetch, a test hook, keeps replay from installing anything
 	// until it is closed (so a test can discard pages first).
 	holdPrefetch <-chan struct{}
@@ -125,9 +129,13 @@ type Server struct {
 	// populating has, per cache key, a channel closed when the session
 	// reading that key's recording into the page cache is done; guarded by mu.
 	populating map[uint32]chan struct{}
-	draining   bool          // guarded by mu
-	drained    chan struct{} // closed when draining and no session is left; guarded by mu (the close)
-	closed     bool          // Serve returned: no new sessions; guarded by mu
+	// plans holds, per cache key, the plan of the recording its sessions
+	// last replayed (plan.go), while a session of the key is left; guarded
+	// by mu.
+	plans    map[uint32]*replayPlan
+	draining bool          // guarded by mu
+	drained  chan struct{} // closed when draining and no session is left; guarded by mu (the close)
+	closed   bool          // Serve returned: no new sessions; guarded by mu
 }
 
 // NewServer takes the pager dir (an exclusive flock on it, so two pagers
@@ -191,8 +199,8 @@ func NewServer(cfg Config, log *slog.Logger) (*Server, error) {
 		cfg: cfg, log: log, cache: newPageCache(cfg.CacheBytes),
 		dirLock: lock, ln: ln,
 		sessions: make(map[string]*session), keys: make(map[string]uint32), ended: make(map[string]string),
-		populating: make(map[uint32]chan struct{}),
-		drained:    make(chan struct{}),
+		populating: make(map[uint32]chan struct{}), plans: make(map[uint32]*replayPlan),
+		drained: make(chan struct{}),
 	}
 	s.http = &http.Server{Handler: s.routes(), ReadHeaderTimeout: 10 * time.Second}
 	return s, nil
@@ -445,13 +453,12 @@ func (s *Server) openSession(req SessionRequest, sock string) (*session, error) 
 	if req.PrefetchPath != "" {
 		// The session serves without the recording rather than fail: a
 		// working set is an optimisation, never a reason a VM cannot run.
-		rec, err := prefetch.Load(req.PrefetchPath, req.CacheKey, st.Size())
+		plan, err := s.replayPlan(req.PrefetchPath, req.CacheKey, ss.keyID, st.Size())
 		if err != nil {
 			ss.replayErr = err.Error()
 			ss.log.Warn("session serves without prefetch", "err", err)
 		} else {
-			rec = in4K(rec)
-			ss.replay = &rec
+			ss.plan, ss.replay = plan, &plan.rec
 		}
 	}
 	ss.log.Info("session created", "backing", req.BackingPath, "size", st.Size(), "data_extents", len(data),
@@ -500,6 +507,7 @@ func (s *Server) removeSession(ss *session) {
 			delete(s.ended, s.endedOrder[0])
 			s.endedOrder = s.endedOrder[1:]
 		}
+		s.dropPlanLocked(ss.keyID)
 	}
 	s.checkDrainedLocked()
 }

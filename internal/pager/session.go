@@ -57,7 +57,8 @@ type session struct {
 
 	created   time.Time
 	recordMax int                 // log the first faults of this many 4 KiB pages (0: none)
-	replay    *prefetch.Recording // the working set to install, nil for none
+	replay    *prefetch.Recording // the working set to install, nil for none (plan.rec: shared, read only)
+	plan      *replayPlan         // replay's plan, shared by the sessions of the recording
 	replayErr string              // why a requested recording is not replayed
 
 	stats counters
