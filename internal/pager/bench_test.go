@@ -426,3 +426,62 @@ func median(xs []float64) float64 {
 	}
 	return s[len(s)/2]
 }
+
+// BenchmarkSiblingReplay4K (BENCHMARKS.md, "Pager"): the forks of a burst
+// after the first, at 4 KiB pages. Per iteration a new cache key: a first
+// VM replays its 64 MiB working set and stays live, then siblings of its
+// key replay the same recording one at a time, each while the ones before
+// it are live, and touch it in one random order. Medians over the
+// siblings of every iteration:
+//
+//	sibling-cpu-ms   the pager's CPU (this process's user+system) from a
+//	                 sibling's session creation to its touch done: its
+//	                 planning, reads and installs
+//	sibling-ws-ms    the sibling's time to have read every page
+//	first-cpu-ms     the same CPU for the first VM of the key
+func BenchmarkSiblingReplay4K(b *testing.B) {
+	requireUffd(b)
+	const wsPages = 64 << 20 / uffd.PageSize
+	const siblings = 4
+	p := startPager(b, Config{CacheBytes: 512 << 20})
+	mem := memFileOf(b, filepath.Join(p.dir, "memory-64m"), wsPages, func(int) pageFill { return fillData })
+	script := fmt.Sprintf("wait,touch:0-%d,wait", wsPages)
+	var first, cpu, ws []float64
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		key := fmt.Sprintf("%08x", i)
+		path := writeRecording(b, p.dir, key, wsPages, seqPages(0, wsPages))
+		var live []*consumer
+		for k := 0; k <= siblings; k++ {
+			id := fmt.Sprintf("%s-%d", key, k)
+			cpu0 := processCPU()
+			s, err := p.client.CreateSession(context.Background(), SessionRequest{SessionID: id, BackingPath: mem, CacheKey: key, PrefetchPath: path})
+			if err != nil {
+				b.Fatal(err)
+			}
+			c := startConsumer(b, s.SocketPath, mem, wsPages*uffd.PageSize, "good", script)
+			live = append(live, c)
+			c.expect("waiting")
+			c.resume()
+			f := strings.Fields(c.expect("touch_ns"))
+			c.expect("waiting")
+			used := float64(processCPU()-cpu0) / 1e6
+			ns, _ := strconv.ParseInt(f[1], 10, 64)
+			if k == 0 {
+				first = append(first, used)
+				continue
+			}
+			cpu = append(cpu, used)
+			ws = append(ws, float64(ns)/1e6)
+		}
+		for _, c := range live {
+			c.resume()
+			c.finish()
+		}
+		p.waitSessions(b, 0)
+	}
+	b.StopTimer()
+	b.ReportMetric(median(cpu), "sibling-cpu-ms")
+	b.ReportMetric(median(ws), "sibling-ws-ms")
+	b.ReportMetric(median(first), "first-cpu-ms")
+}
