@@ -108,7 +108,7 @@ func TestColdReadDoesNotHoldUpTheSession(t *testing.T) {
 	requireUffd(t)
 	const cold = 4000 // far from the working set: no readahead reaches it
 	hold := newHoldRead(t, cold)
-	p := startPager(t, Config{CacheBytes: cacheBytes, beforeRead: hold.hook})
+	p := startPager(t, Config{CacheBytes: cacheBytes, beforeRead: hold.hook, parkEveryMiss: true})
 	mem := memFile(t, p.dir, testPages, -1, 0, 0)
 	if err := dropPageCache(mem, 0, 0); err != nil {
 		t.Fatal(err)
@@ -173,7 +173,7 @@ func TestRemoveDuringAColdReadGivesZeros(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			const cold = 300
 			hold := newHoldRead(t, cold)
-			tt.cfg.CacheBytes, tt.cfg.beforeRead = cacheBytes, hold.hook
+			tt.cfg.CacheBytes, tt.cfg.beforeRead, tt.cfg.parkEveryMiss = cacheBytes, hold.hook, true
 			p := startPager(t, tt.cfg)
 			mem := memFile(t, p.dir, 512, -1, 0, 0)
 			if err := dropPageCache(mem, 0, 0); err != nil {

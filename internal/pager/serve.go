@@ -106,7 +106,7 @@ func (s *session) serve(ctx context.Context, f *uffd.FD, regions []uffd.Region) 
 	if s.recordMax > 0 {
 		s.startRecording()
 	}
-	if rc, err := s.backing.SyscallConn(); err == nil {
+	if rc, err := s.backing.SyscallConn(); err == nil && !s.srv.cfg.parkEveryMiss {
 		h.noWait = rc
 	}
 	h.mapFaults()

@@ -90,6 +90,13 @@ type Config struct {
 	// syncColdReads serves every fault's read in place, on the session
 	// goroutine, as before cold reads: the twin of the cold-read tests.
 	syncColdReads bool
+	// parkEveryMiss sends every miss to a cold reader, as on a filesystem
+	// without RWF_NOWAIT: a test that holds a cold read needs its fault
+	// parked, and a page dropped from the page cache can be back by the
+	// time the session's non-blocking read looks (that read starts the
+	// readahead, and a fast disk can finish it within the call: ~1 in 100
+	// on this host's).
+	parkEveryMiss bool
 	// noMappedFaults serves a lone session's 2 MiB misses as any miss, read
 	// into the heap and cached, not from a mapping of the mem-file
 	// (mapped.go): the twin of the mapped-fault tests, and the benchmarks'
