@@ -342,3 +342,18 @@ func settleGoroutines(t testing.TB, want int) {
 }
 
 func numGoroutines() int { return runtime.NumGoroutine() }
+
+// checkTwin judges what a test's checks found: nothing, with its safety
+// rule on; something, with it switched off (the twin, described by off),
+// which is logged.
+func checkTwin(t *testing.T, twin bool, problems []string, off string) {
+	t.Helper()
+	switch {
+	case !twin && len(problems) > 0:
+		t.Errorf("%s", strings.Join(problems, "\n"))
+	case twin && len(problems) == 0:
+		t.Errorf("twin: %s the checks found nothing", off)
+	case twin:
+		t.Logf("twin caught: %s", strings.Join(problems, "; "))
+	}
+}

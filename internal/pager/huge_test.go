@@ -179,14 +179,7 @@ func checkHugeServing(t *testing.T, p *testPager, mem string, gm guestMemory, tw
 	if cold.MappedFaults != read {
 		loneErrorf("a lone VM of a new key, mem-file dropped: %d mapped faults, want %d (cold reads through the mapping too)", cold.MappedFaults, read)
 	}
-	switch {
-	case !twin && len(lone) > 0:
-		t.Errorf("%s", strings.Join(lone, "\n"))
-	case twin && len(lone) == 0:
-		t.Errorf("twin: the lone VMs' checks found nothing with mapped faults off")
-	case twin:
-		t.Logf("twin caught: %s", strings.Join(lone, "; "))
-	}
+	checkTwin(t, twin, lone, "with mapped faults off")
 }
 
 // TestHugePagesBeyondTheCacheAreServedAndSaidSo: with a cache whose shards

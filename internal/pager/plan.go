@@ -32,11 +32,11 @@ type replayPlan struct {
 	runs map[uint64][]prefetch.Run // rec planned for replay, by region page size; guarded by mu
 }
 
-// replayPlan returns the plan of the recording at path for a session of
+// planFor returns the plan of the recording at path for a session of
 // cache key key (interned as id) and a mem-file of size bytes: the key's
 // current plan when the file holds the bytes it was made from, else a new
 // one, which becomes the key's (sessions holding the old one keep it).
-func (s *Server) replayPlan(path, key string, id uint32, size int64) (*replayPlan, error) {
+func (s *Server) planFor(path, key string, id uint32, size int64) (*replayPlan, error) {
 	raw, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("load recording: %w", err)

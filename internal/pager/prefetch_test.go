@@ -441,15 +441,7 @@ func TestReplayInstallsACachedPageFromItsEntry(t *testing.T) {
 func TestANewRecordingOfAKeyIsNeverReplayedFromAStalePlan(t *testing.T) {
 	requireUffd(t)
 	for _, twin := range []bool{false, true} {
-		problems := stalePlanProblems(t, twin)
-		switch {
-		case !twin && len(problems) > 0:
-			t.Errorf("%s", strings.Join(problems, "\n"))
-		case twin && len(problems) == 0:
-			t.Errorf("twin: with plans reused by key alone the checks found nothing")
-		case twin:
-			t.Logf("twin caught: %s", strings.Join(problems, "; "))
-		}
+		checkTwin(t, twin, stalePlanProblems(t, twin), "with plans reused by key alone")
 	}
 }
 

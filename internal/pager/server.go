@@ -460,7 +460,7 @@ func (s *Server) openSession(req SessionRequest, sock string) (*session, error) 
 	if req.PrefetchPath != "" {
 		// The session serves without the recording rather than fail: a
 		// working set is an optimisation, never a reason a VM cannot run.
-		plan, err := s.replayPlan(req.PrefetchPath, req.CacheKey, ss.keyID, st.Size())
+		plan, err := s.planFor(req.PrefetchPath, req.CacheKey, ss.keyID, st.Size())
 		if err != nil {
 			ss.replayErr = err.Error()
 			ss.log.Warn("session serves without prefetch", "err", err)
