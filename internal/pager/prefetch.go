@@ -711,7 +711,7 @@ func (r *replayer) next() bool {
 // installable: not a probe, not installed, not removed (rule 2).
 func (h *handler) installable(run *pfRun, i int) bool {
 	idx := (run.addr-h.regions[run.region].BaseHostVirtAddr)/run.ps + uint64(i)
-	if h.probe[run.region][idx/64]&(1<<(idx%64)) != 0 || h.installed[run.region][idx/64]&(1<<(idx%64)) != 0 {
+	if h.probe[run.region][idx/64]&(1<<(idx%64)) != 0 || h.isInstalled(run.region, idx) {
 		return false
 	}
 	page := run.addr + uint64(i)*run.ps

@@ -297,9 +297,14 @@ func (h *handler) serveBatch() error {
 // again, so it serves every fault.
 func (h *handler) reportedAgain(flt fault) bool {
 	r := h.regions[flt.region]
-	idx := (flt.page - r.BaseHostVirtAddr) / r.PageSize
-	return h.installed[flt.region][idx/64]&(1<<(idx%64)) != 0 &&
+	return h.isInstalled(flt.region, (flt.page-r.BaseHostVirtAddr)/r.PageSize) &&
 		!h.removed.overlaps(flt.page, flt.page+r.PageSize) && !h.s.srv.cfg.ignoreRemoves
+}
+
+// isInstalled reports whether page idx of region ri is in the VMM (its bit
+// in installed, set by every install that lands).
+func (h *handler) isInstalled(ri int, idx uint64) bool {
+	return h.installed[ri][idx/64]&(1<<(idx%64)) != 0
 }
 
 func (h *handler) serveFault(flt fault) error {
@@ -312,7 +317,7 @@ func (h *handler) serveFault(flt fault) error {
 	}
 	r := h.regions[flt.region]
 	idx := (flt.page - r.BaseHostVirtAddr) / r.PageSize
-	first := h.installed[flt.region][idx/64]&(1<<(idx%64)) == 0 && !h.removed.overlaps(flt.page, flt.page+r.PageSize)
+	first := !h.isInstalled(flt.region, idx) && !h.removed.overlaps(flt.page, flt.page+r.PageSize)
 	// Log a first fault before the install: the install wakes the guest,
 	// and anyone who has seen the guest read the page (the daemon fetching
 	// the recording at the end of its window) must find it in the log. A
@@ -510,7 +515,7 @@ func (h *handler) populateStep() error {
 			continue
 		}
 		idx := h.popPage
-		if h.installed[h.popRegion][idx/64]&(1<<(idx%64)) == 0 {
+		if !h.isInstalled(h.popRegion, idx) {
 			res, err := h.install(r.BaseHostVirtAddr+idx*r.PageSize, h.popRegion, true, pageData{})
 			if err != nil {
 				h.finishPopulate(err)
