@@ -163,6 +163,7 @@ func (r *Report) prefetchRatios() []Ratio {
 		}
 		return float64(c.ToWorkingSet.P50)
 	}
+	cpus := max(r.Machine.CPUs, 1)
 	for _, size := range r.Config.SizesMiB {
 		wsBytes := float64(r.Config.workingSetMiB(size)) * (1 << 20)
 		for _, rate := range r.Config.Rates {
@@ -181,6 +182,18 @@ func (r *Report) prefetchRatios() []Ratio {
 						for _, be := range []string{api.BackendUffd, BackendUffdHuge} {
 							per(fmt.Sprintf("prefetch %s %s: %s/file to-ws p50", pf, temp, be), func(k int) (float64, float64, bool) {
 								return both(toWS(at(k, pf, be, temp)), toWS(at(k, pf, api.BackendFile, temp)))
+							})
+							if n <= cpus {
+								continue
+							}
+							// What the host's CPUs allow that ratio when the
+							// burst's guests keep every CPU busy.
+							per(fmt.Sprintf("prefetch %s %s: %s/file to-ws floor from the pager's CPU (file to-ws p50 + %d forks' pager CPU / %d CPUs, over file to-ws p50)", pf, temp, be, n, cpus), func(k int) (float64, float64, bool) {
+								u, f := at(k, pf, be, temp), toWS(at(k, pf, api.BackendFile, temp))
+								if u == nil || u.PagerCPU <= 0 || f <= 0 {
+									return 0, 0, false
+								}
+								return f + float64(pagerFloor(u.PagerCPU, n, cpus)), f, true
 							})
 						}
 					}
@@ -214,6 +227,14 @@ func (r *Report) prefetchRatios() []Ratio {
 		out = append(out, r.differsRatios(size)...)
 	}
 	return out
+}
+
+// pagerFloor is the time a burst of n Uffd forks spends on the pager's CPU,
+// perFork each, at the least, when the guests keep all cpus busy: a Uffd
+// fork reaches its working set no sooner than a File fork of the same run
+// plus that, since the File forks' guests do the same work without it.
+func pagerFloor(perFork time.Duration, n, cpus int) time.Duration {
+	return time.Duration(n) * perFork / time.Duration(max(cpus, 1))
 }
 
 // roundRatios is one budget's ratio a/b, as value gives its sides in each

@@ -125,9 +125,12 @@ func prefetchReport() *Report {
 		c.Workload, c.Run = WorkloadDiffers, run
 		return c
 	}
+	uffdWarm := cell("auto", "uffd", "warm", 1800*time.Millisecond, 0, 10)
+	uffdWarm.PagerCPU = 30 * time.Millisecond
 	return &Report{
 		Config: Config{SizesMiB: []int{1024}, Forks: []int{25}, Rates: []int{-1}, WorkingSetMiB: 64, Strategies: []string{"hardlink"},
 			Backends: []string{"file", "uffd"}, Temperatures: []string{"cold", "warm"}, Prefetch: []string{"off", "auto"}, DiffersRuns: 3},
+		Machine: Machine{CPUs: 2},
 		Cells: []Cell{
 			cell("off", "file", "cold", 4*time.Second, 200<<20, 0),
 			cell("off", "file", "warm", 3*time.Second, 0, 0),
@@ -136,7 +139,7 @@ func prefetchReport() *Report {
 			cell("auto", "file", "cold", 2*time.Second, 72<<20, 50),
 			cell("auto", "file", "warm", 1500*time.Millisecond, 0, 20),
 			cell("auto", "uffd", "cold", 2200*time.Millisecond, 70<<20, 30),
-			cell("auto", "uffd", "warm", 1800*time.Millisecond, 0, 10),
+			uffdWarm,
 			differs("off", "file", 1, 4*time.Second), differs("auto", "file", 1, 4400*time.Millisecond),
 			differs("off", "file", 2, 4*time.Second), differs("auto", "file", 2, 4*time.Second),
 			differs("off", "file", 3, 4*time.Second), differs("auto", "file", 3, 5*time.Second),
@@ -147,9 +150,11 @@ func prefetchReport() *Report {
 func TestPrefetchRatiosAreTheBudgets(t *testing.T) {
 	pre := "1024 MiB rate -1, 25 forks: "
 	checkRatios(t, prefetchReport(), map[string]float64{
-		pre + "prefetch auto cold: uffd/file to-ws p50":                             1.1,
-		pre + "prefetch auto warm: uffd/file to-ws p50":                             1.2,
-		pre + "prefetch off cold: uffd/file to-ws p50":                              4,
+		pre + "prefetch auto cold: uffd/file to-ws p50": 1.1,
+		pre + "prefetch auto warm: uffd/file to-ws p50": 1.2,
+		pre + "prefetch off cold: uffd/file to-ws p50":  4,
+		// 25 forks' 30 ms of pager CPU on 2 CPUs, after File's 1.5 s.
+		pre + "prefetch auto warm: uffd/file to-ws floor from the pager's CPU (file to-ws p50 + 25 forks' pager CPU / 2 CPUs, over file to-ws p50)": (1500 + 375) / 1500.0,
 		pre + "prefetch auto file: cold/warm to-ws p50":                             2.0 / 1.5,
 		pre + "prefetch auto file cold: disk read/working set":                      72.0 / 64,
 		pre + "uffd cold: prefetch auto/off to-ws p50":                              2.2 / 16,
