@@ -17,8 +17,8 @@ import (
 // a fresh 2 MiB buffer (make + pread: 0.4-0.9 ms on this host) before the
 // UFFDIO_COPY (~0.3 ms), and cache it. A session of 2 MiB pages with no
 // other live session of its cache key (a lone VM) now serves such a miss
-// straight from a read-only shared mapping of the mem-file, made once per
-// session: the kernel's page cache is the copy's source, as it is for
+// straight from a read-only shared mapping of the mem-file (one per file,
+// memmap.go): the kernel's page cache is the copy's source, as it is for
 // replay (prefetch.go). A lone VM never asks the pager for a page again
 // once installed, so a heap copy of it helps nobody; with siblings live a
 // miss still goes through the cache, read once for all of them. The rules,
@@ -34,9 +34,10 @@ import (
 //     never over a present page, EEXIST/EAGAIN/ESRCH as for any fault.
 //  3. Reads of the mapping (the all-zero check) go through readMapped, so
 //     a mem-file that shrank is an error, never a SIGBUS of the pager.
-//  4. The mapping is unmapped when serve returns, after the cold readers
-//     have stopped: every fault that refers to it (served, deferred or
-//     parked) belongs to this serve loop.
+//  4. The session's reference to the mapping (memmap.go, shared with the
+//     siblings reading the same mem-file) is dropped when serve returns,
+//     after the cold readers have stopped: every fault that refers to it
+//     (served, deferred or parked) belongs to this serve loop.
 //
 // Counts: such a page is a cache miss (misses) and a mapped fault
 // (mapped_faults); its 2 MiB count in backing_bytes, as every read of the
@@ -51,26 +52,55 @@ func (h *handler) mapFaults() {
 	if h.regions[0].PageSize == uffd.PageSize || s.backingSize == 0 || s.srv.cfg.noMappedFaults {
 		return
 	}
-	mem, err := unix.Mmap(int(s.backing.Fd()), 0, int(s.backingSize), unix.PROT_READ, unix.MAP_SHARED)
-	if err != nil {
-		s.log.Warn("faults read the mem-file into buffers: it cannot be mapped", "err", err)
+	mem := h.mapping()
+	if mem == nil {
 		return
 	}
 	res, err := prefetch.OpenResidency(s.backing)
 	if err != nil {
-		unix.Munmap(mem)
 		s.log.Warn("faults read the mem-file into buffers: its page-cache residency cannot be queried", "err", err)
 		return
 	}
 	h.faultMem, h.resident = mem, res
 }
 
-// unmapFaults releases h.faultMem, once nothing can refer to it (rule 4).
+// unmapFaults stops serving faults from the mapping, once nothing can
+// refer to it (rule 4); serve then drops the session's reference to it.
 func (h *handler) unmapFaults() {
 	if h.faultMem != nil {
-		unix.Munmap(h.faultMem)
 		h.resident.Close()
 		h.faultMem, h.resident = nil, nil
+	}
+}
+
+// mapping returns the session's read-only shared mapping of its mem-file
+// (memmap.go), taking the session's reference to it the first time; nil
+// when the file cannot be mapped (reads then go into buffers).
+func (h *handler) mapping() []byte {
+	s := h.s
+	if h.fmap == nil && !h.mapFailed && s.backingSize > 0 {
+		fm, err := s.srv.memMaps.acquire(s.backing, s.backingSize)
+		if err != nil {
+			h.mapFailed = true
+			s.log.Warn("the pager reads the mem-file into buffers: it cannot be mapped", "err", err)
+			return nil
+		}
+		h.fmap = fm
+	}
+	if h.fmap == nil {
+		return nil
+	}
+	return h.fmap.mem
+}
+
+// releaseMapping drops the session's reference to its mem-file's mapping,
+// when serve returns: its reader and cold readers have stopped, and no
+// run, fault or install refers to the mapping any more (memmap.go, rule
+// 1). Siblings holding it keep it mapped.
+func (h *handler) releaseMapping() {
+	if h.fmap != nil {
+		h.s.srv.memMaps.release(h.fmap)
+		h.fmap = nil
 	}
 }
 

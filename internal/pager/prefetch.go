@@ -26,8 +26,9 @@ import (
 // in first-touch order, in contiguous runs, alongside demand faults. It
 // installs them straight from a read-only shared mapping of the mem-file
 // (one copy, page cache to guest, where a read into a buffer first made
-// two), or, where the file cannot be mapped, from buffers it reads. Its
-// rules, on top of the event rules (serve.go):
+// two; one mapping per file, which the sessions reading it share:
+// memmap.go), or, where the file cannot be mapped, from buffers it reads.
+// Its rules, on top of the event rules (serve.go):
 //
 //  1. Demand faults first. A run (at most runBytes) is installed only after
 //     the events read so far are applied and their faults served, and the
@@ -285,9 +286,10 @@ type pfRun struct {
 // replayer is the serve goroutine's side of replay.
 type replayer struct {
 	h *handler
-	// mem is a read-only shared mapping of the mem-file that runs are
-	// installed from (nil: runs are read into buffers). It is unmapped by
-	// unmap, once the reader has returned and nothing installs any more.
+	// mem is the session's read-only shared mapping of the mem-file
+	// (memmap.go) that runs are installed from (nil: runs are read into
+	// buffers). serve drops the session's reference to it once the reader
+	// has returned and nothing installs any more.
 	mem      []byte
 	ready    chan *pfRun // filled by the reader, in plan order; closed at its end
 	cur      *pfRun      // the run being installed
@@ -331,14 +333,7 @@ func (h *handler) startReplay(ctx context.Context) *replayer {
 	firstTouch(func(int, uint64, uint64) { touched++ })
 	ps := h.regions[0].PageSize // every region's (the handshake's rule)
 	r := &replayer{h: h, ready: make(chan *pfRun, 4)}
-	if s.backingSize > 0 {
-		mem, err := unix.Mmap(int(s.backing.Fd()), 0, int(s.backingSize), unix.PROT_READ, unix.MAP_SHARED)
-		if err != nil {
-			s.log.Warn("prefetch reads the mem-file into buffers: it cannot be mapped", "err", err)
-		} else {
-			r.mem = mem
-		}
-	}
+	r.mem = h.mapping()
 	// What the reader puts in the pager's cache, by 4 KiB mem-file page:
 	// the probes (they will fault) and no others, since a copy of every
 	// page in fresh heap is what made a cold replay slow. The exception is
@@ -370,18 +365,6 @@ func (h *handler) startReplay(ctx context.Context) *replayer {
 	runs := h.planRuns(s.plan.replayRuns(ps), ps)
 	go s.readRuns(ctx, runs, keep, r.mem, r.ready)
 	return r
-}
-
-// unmap releases the replayer's mapping of the mem-file, once the reader
-// has closed ready (it reads the mapping until then) and no run is left to
-// install from it: when replay ends (next), or when serve ends (after
-// draining ready). Never earlier: an address unmapped under the reader
-// could be mapped again by anything, and its bytes taken for the file's.
-func (r *replayer) unmap() {
-	if r != nil && r.mem != nil {
-		unix.Munmap(r.mem)
-		r.mem = nil
-	}
 }
 
 // pageSet is a set of 4 KiB mem-file pages, one bit each.
@@ -697,7 +680,6 @@ func (r *replayer) next() bool {
 	select {
 	case run, ok := <-r.ready:
 		if !ok {
-			r.unmap() // the reader has returned and every run is installed
 			r.h.finishReplay()
 			return false
 		}

@@ -67,10 +67,15 @@ type handler struct {
 	// the filesystem refuses them).
 	noWait syscall.RawConn
 
-	// faultMem is a read-only shared mapping of the mem-file that a lone
-	// session's 2 MiB faults are served from (mapped.go; nil for 4 KiB
-	// pages). Set before the cold readers start, unmapped after they stop:
-	// they read it too. resident tells which pages the page cache holds.
+	// fmap is the session's reference to its mem-file's shared mapping
+	// (memmap.go), taken by mapping() when replay or faults first need it
+	// and dropped when serve returns, after every reader has stopped.
+	fmap      *fileMap
+	mapFailed bool // the mem-file could not be mapped: reads go into buffers
+	// faultMem is the mapping that a lone session's 2 MiB faults are
+	// served from (mapped.go; nil for 4 KiB pages). Set before the cold
+	// readers start, which read it too. resident tells which pages the
+	// page cache holds.
 	faultMem []byte
 	resident *prefetch.Residency
 }
@@ -118,10 +123,10 @@ func (s *session) serve(ctx context.Context, f *uffd.FD, regions []uffd.Region) 
 		if h.pf != nil {
 			for range h.pf.ready { // the reader closes it when it returns
 			}
-			h.pf.unmap() // no run refers to the mapping any more
 		}
 		h.stopColdReaders()
-		h.unmapFaults() // no fault, reader or install refers to it any more
+		h.unmapFaults()
+		h.releaseMapping() // no run, fault, reader or install refers to it any more
 	}()
 	msgs := make([]uffd.Msg, 64)
 	idle := 0

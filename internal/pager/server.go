@@ -102,6 +102,14 @@ type Config struct {
 	// (mapped.go): the twin of the mapped-fault tests, and the benchmarks'
 	// baseline.
 	noMappedFaults bool
+	// privateMemMaps gives every session a mapping of its mem-file of its
+	// own, as before they were shared (memmap.go): the twin of the sharing
+	// test, and the benchmarks' baseline.
+	privateMemMaps bool
+	// unmapSharedEarly is the twin of the rule that a shared mapping is
+	// unmapped only when no session holds it (memmap.go): any session's
+	// end unmaps it, under its siblings' readers.
+	unmapSharedEarly bool
 }
 
 // Server is a running pager: the control API, the sessions and the page
@@ -123,6 +131,7 @@ type Server struct {
 	zeroHuge []byte // 2 MiB of zeros, for hugetlbfs regions (no ZEROPAGE there)
 
 	runBufs sync.Pool // replay's run buffers (*[]byte of runBytes), prefetch.go
+	memMaps *memMaps  // the mem-files' shared mappings, memmap.go
 
 	mu       sync.Mutex
 	sessions map[string]*session // guarded by mu
@@ -204,6 +213,7 @@ func NewServer(cfg Config, log *slog.Logger) (*Server, error) {
 	}
 	s := &Server{
 		cfg: cfg, log: log, cache: newPageCache(cfg.CacheBytes),
+		memMaps: newMemMaps(cfg.privateMemMaps, cfg.unmapSharedEarly),
 		dirLock: lock, ln: ln,
 		sessions: make(map[string]*session), keys: make(map[string]uint32), ended: make(map[string]string),
 		populating: make(map[uint32]chan struct{}), plans: make(map[uint32]*replayPlan),
