@@ -55,6 +55,7 @@ type memMaps struct {
 	mu   sync.Mutex
 	maps map[fileMapID]*fileMap // guarded by mu
 	live int                    // mappings made and not unmapped; guarded by mu
+	held int                    // references held, over all mappings; guarded by mu
 }
 
 // fileMapID names a mapping: the inode and the size mapped (rule 2).
@@ -88,6 +89,7 @@ func (m *memMaps) acquire(f *os.File, size int64) (*fileMap, error) {
 	defer m.mu.Unlock()
 	if fm := m.maps[id]; fm != nil && !m.private {
 		fm.refs++
+		m.held++
 		return fm, nil
 	}
 	// Mapped with mu held: a second session of the file waits for this
@@ -98,6 +100,7 @@ func (m *memMaps) acquire(f *os.File, size int64) (*fileMap, error) {
 	}
 	fm := &fileMap{id: id, mem: mem, refs: 1}
 	m.live++
+	m.held++
 	if !m.private {
 		m.maps[id] = fm
 	}
@@ -109,6 +112,7 @@ func (m *memMaps) release(fm *fileMap) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	fm.refs--
+	m.held--
 	if (fm.refs > 0 && !m.unmapEarly) || fm.unmapped {
 		return
 	}
@@ -120,9 +124,10 @@ func (m *memMaps) release(fm *fileMap) {
 	}
 }
 
-// mapped is how many mappings are made and not unmapped (for tests).
-func (m *memMaps) mapped() int {
+// counts are how many mappings are made and not unmapped, and how many
+// references the sessions hold to them (for tests).
+func (m *memMaps) counts() (mapped, held int) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.live
+	return m.live, m.held
 }
