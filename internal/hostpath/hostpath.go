@@ -180,17 +180,64 @@ func openNoSymlinksAt(dir int, rel string) (int, error) {
 // and may be reached through symlinks). It is for files a local API names
 // that must be forkd's own (the pager's backing mem-files and recordings).
 func OpenBeneath(what, root, path string) (*os.File, error) {
-	clean := filepath.Clean(path)
-	root = filepath.Clean(root)
-	if !filepath.IsAbs(clean) || !under(clean, root) || clean == root {
-		return nil, fmt.Errorf("%w: %s %q: not inside %s", ErrRefused, what, path, root)
+	clean, rel, err := beneath(what, root, path)
+	if err != nil {
+		return nil, err
 	}
-	rel := strings.TrimPrefix(clean, strings.TrimSuffix(root, "/")+"/")
 	dir, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("%s %q: open %s: %w", what, path, root, err)
 	}
 	defer unix.Close(dir)
+	return openRegularAt(what, dir, path, clean, rel)
+}
+
+// Root is a directory held open for OpenBeneath's lookups below it: a
+// caller that opens several files under one root in a row (a fork opens
+// its source's four) opens the root once, not once per file. The checks
+// are OpenBeneath's; only the root's handle is shared.
+type Root struct {
+	path string
+	fd   int
+}
+
+// OpenRoot opens root (trusted configuration: it may be reached through
+// symlinks) for Root.Open. The caller closes it.
+func OpenRoot(root string) (*Root, error) {
+	fd, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", root, err)
+	}
+	return &Root{path: root, fd: fd}, nil
+}
+
+// Open is OpenBeneath(what, r's path, path) through r's handle.
+func (r *Root) Open(what, path string) (*os.File, error) {
+	clean, rel, err := beneath(what, r.path, path)
+	if err != nil {
+		return nil, err
+	}
+	return openRegularAt(what, r.fd, path, clean, rel)
+}
+
+// Close closes r's handle.
+func (r *Root) Close() error { return unix.Close(r.fd) }
+
+// beneath checks that path lies textually inside root (and is not root) and
+// returns it cleaned and relative to root.
+func beneath(what, root, path string) (clean, rel string, err error) {
+	clean = filepath.Clean(path)
+	root = filepath.Clean(root)
+	if !filepath.IsAbs(clean) || !under(clean, root) || clean == root {
+		return "", "", fmt.Errorf("%w: %s %q: not inside %s", ErrRefused, what, path, root)
+	}
+	return clean, strings.TrimPrefix(clean, strings.TrimSuffix(root, "/")+"/"), nil
+}
+
+// openRegularAt opens rel below the directory dir for reading: reached
+// through no symlink, and a regular file (path and clean name it in errors
+// and the file).
+func openRegularAt(what string, dir int, path, clean, rel string) (*os.File, error) {
 	fd, err := unix.Openat2(dir, rel, &unix.OpenHow{
 		Flags:   unix.O_RDONLY | unix.O_NOFOLLOW | unix.O_NONBLOCK | unix.O_CLOEXEC | unix.O_NOCTTY,
 		Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS,

@@ -156,23 +156,40 @@ func TestOpenBeneathConfinesToRoot(t *testing.T) {
 		{"the root itself", root, root, false},
 		{"a directory", root, filepath.Join(root, "guests"), false},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			f, err := OpenBeneath("backing_path", tc.root, tc.path)
-			if tc.ok {
+		// OpenBeneath, and Root.Open through one handle of the root held
+		// open (a fork's several files): the same checks either way.
+		for _, o := range []struct {
+			name string
+			open func() (*os.File, error)
+		}{
+			{"OpenBeneath", func() (*os.File, error) { return OpenBeneath("backing_path", tc.root, tc.path) }},
+			{"Root.Open", func() (*os.File, error) {
+				r, err := OpenRoot(tc.root)
 				if err != nil {
-					t.Fatalf("OpenBeneath: %v", err)
+					return nil, err
 				}
-				f.Close()
-				return
-			}
-			if err == nil {
-				f.Close()
-				t.Fatal("OpenBeneath accepted it")
-			}
-			if !errors.Is(err, ErrRefused) {
-				t.Errorf("OpenBeneath: %v; want ErrRefused", err)
-			}
-		})
+				defer r.Close()
+				return r.Open("backing_path", tc.path)
+			}},
+		} {
+			t.Run(tc.name+"/"+o.name, func(t *testing.T) {
+				f, err := o.open()
+				if tc.ok {
+					if err != nil {
+						t.Fatalf("%s: %v", o.name, err)
+					}
+					f.Close()
+					return
+				}
+				if err == nil {
+					f.Close()
+					t.Fatalf("%s accepted it", o.name)
+				}
+				if !errors.Is(err, ErrRefused) {
+					t.Errorf("%s: %v; want ErrRefused", o.name, err)
+				}
+			})
+		}
 	}
 }
 

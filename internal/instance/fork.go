@@ -12,6 +12,7 @@ import (
 	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/capacity"
 	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/forkd/forkd/internal/hostpath"
 	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/store"
 )
@@ -450,18 +451,18 @@ func ValidForkStrategy(s string) error {
 }
 
 // shareMemFile gives a fork (dst, in a dir being built) the source's
-// mem-file (src) the way Config.ForkStrategy says; the result's Mode is the
+// mem-file (src, opened through root) the way Config.ForkStrategy says; the result's Mode is the
 // fork's fork_mode. Nothing is fsynced: a result other than a hardlink is a
 // new inode for buildForkDir's caller to fsync.
 //
 // The default shares the inode when it is sealed and clones it (sealing the
 // clone) when a VMM may still write it (a live fork's fresh base): see
 // inodes.go. Every fork's mem-file is sealed.
-func (m *Manager) shareMemFile(src, dst string) (memfile.ShareResult, error) {
+func (m *Manager) shareMemFile(root *hostpath.Root, src, dst string) (memfile.ShareResult, error) {
 	if m.cfg.ForkStrategy == ForkStrategyHardlink {
-		return m.shareFrom("mem-file", src, dst, false)
+		return m.shareFrom(root, "mem-file", src, dst, false)
 	}
-	f, err := m.openShared("mem-file", src)
+	f, err := m.openShared(root, "mem-file", src)
 	if err != nil {
 		return memfile.ShareResult{}, err
 	}

@@ -37,12 +37,21 @@ func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memf
 	if err := os.Mkdir(tmp.Dir, 0o755); err != nil {
 		return res, nil, err
 	}
+	// The four source files are opened through one handle of the data dir.
+	root, err := m.openDataRoot()
+	if err != nil {
+		return res, nil, err
+	}
+	defer root.Close()
 	if f.from != nil {
-		if err := os.MkdirAll(tmp.Latest().Dir, 0o755); err != nil {
-			return res, nil, err
+		// snapshots/snapshot-latest, one level at a time: tmp.Dir is new,
+		// so there is nothing for MkdirAll to look up first.
+		for _, d := range []string{tmp.SnapshotsDir(), tmp.Latest().Dir} {
+			if err := os.Mkdir(d, 0o755); err != nil {
+				return res, nil, err
+			}
 		}
-		var err error
-		if res, err = m.shareMemFile(f.from.Memory(), tmp.Latest().Memory()); err != nil {
+		if res, err = m.shareMemFile(root, f.from.Memory(), tmp.Latest().Memory()); err != nil {
 			return res, nil, err
 		}
 		if res.Mode != memfile.ModeHardlink {
@@ -57,7 +66,7 @@ func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memf
 		// a snapshot create, never rewrites an existing inode
 		// (writeSnapshot's vmstate guard): link it like the mem-file, if
 		// it is sealed (shareFrom; a live fork's fresh base is cloned).
-		vres, err := m.shareFrom("vmstate", f.from.VMState(), tmp.Latest().VMState(), false)
+		vres, err := m.shareFrom(root, "vmstate", f.from.VMState(), tmp.Latest().VMState(), false)
 		if err != nil {
 			return res, nil, err
 		}
@@ -70,7 +79,7 @@ func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memf
 		// forkd writes new inodes; it is sealed as made), so a link shares
 		// it safely: no copy of a user's kernel per fork where the
 		// filesystem cannot reflink.
-		kres, err := m.shareFrom("kernel", f.kernel, tmp.Kernel(), false)
+		kres, err := m.shareFrom(root, "kernel", f.kernel, tmp.Kernel(), false)
 		if err != nil {
 			return res, nil, err
 		}
@@ -83,7 +92,7 @@ func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memf
 	// unshareDisk): link a sealed disk like the mem-file (a source on
 	// Standby, a store snapshot), so the fork makes no new data inode; clone
 	// one a VMM may still write (a live fork's source, a Stopped one's).
-	dres, err := m.shareFrom("disk", f.rootfs, tmp.Rootfs(), false)
+	dres, err := m.shareFrom(root, "disk", f.rootfs, tmp.Rootfs(), false)
 	if err != nil {
 		return res, nil, err
 	}
