@@ -164,12 +164,16 @@ func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequ
 	if err != nil {
 		return api.Instance{}, err
 	}
-	if sn.State == snapBroken || m.markIfBroken(ctx, &sn) {
+	broken, raw := sn.State == snapBroken, false
+	if !broken {
+		broken, raw = m.markIfBroken(ctx, &sn)
+	}
+	if broken {
 		return api.Instance{}, brokenError(sn, sd)
 	}
 	id := newID()
 	cost := m.forkCost(sd.Rootfs(), sn.MemoryMiB, true)
-	if _, err := os.Stat(sd.Memory()); err != nil {
+	if !raw {
 		cost += int64(sn.MemoryMiB) << 20 // materialised once, for this and later forks
 	}
 	releaseCap, err := m.reserveCapacity(ctx, "fork", capacity.Request{ID: id, MemoryMiB: sn.MemoryMiB, Vcpus: sn.Vcpus,
@@ -178,11 +182,16 @@ func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequ
 		return api.Instance{}, err
 	}
 	defer releaseCap()
-	if err := m.materialise(ctx, sn.ID, sd); err != nil {
-		return api.Instance{}, err
-	}
-	if err := memFileFits(fmt.Sprintf("snapshot %q", sn.Name), sd, sn.MemoryMiB); err != nil {
-		return api.Instance{}, fmt.Errorf("fork of snapshot %q: %w", sn.Name, err)
+	// A raw mem-file markIfBroken found whole stays so under the
+	// snapshot's read lock (compression drops it only under the write
+	// lock): only a compressed one is materialised, and checked after.
+	if !raw {
+		if err := m.materialise(ctx, sn.ID, sd); err != nil {
+			return api.Instance{}, err
+		}
+		if err := memFileFits(fmt.Sprintf("snapshot %q", sn.Name), sd, sn.MemoryMiB); err != nil {
+			return api.Instance{}, fmt.Errorf("fork of snapshot %q: %w", sn.Name, err)
+		}
 	}
 	files := forkFiles{from: &sd, rootfs: sd.Rootfs()}
 	if _, err := os.Stat(sd.Kernel()); err == nil {

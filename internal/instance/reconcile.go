@@ -89,8 +89,10 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 			m.finishSnapshotDelete(ctx, s.ID)
 			continue
 		}
-		if s.State != snapBroken && m.markIfBroken(ctx, &s) {
-			continue
+		if s.State != snapBroken {
+			if broken, _ := m.markIfBroken(ctx, &s); broken {
+				continue
+			}
 		}
 		m.sealStoreDir(s.ID)
 		if s.State == snapCompressing {

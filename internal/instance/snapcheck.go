@@ -28,6 +28,12 @@ func memFileFits(what string, d guestdir.SnapDir, memMiB int) error {
 // memFileShort says how d's mem-file falls short of memMiB of RAM, or nil.
 func memFileShort(d guestdir.SnapDir, memMiB int) error {
 	st, err := os.Stat(d.Memory())
+	return memFileShortStat(d, st, err, memMiB)
+}
+
+// memFileShortStat is memFileShort given the stat of d's mem-file (its
+// FileInfo and error).
+func memFileShortStat(d guestdir.SnapDir, st os.FileInfo, err error, memMiB int) error {
 	if err != nil {
 		return fmt.Errorf("its mem-file: %w", err)
 	}
@@ -39,50 +45,56 @@ func memFileShort(d guestdir.SnapDir, memMiB int) error {
 
 // snapshotIntact reports what is missing from a store snapshot's directory,
 // or nil: it needs its vmstate, its disk, and its mem-file (raw, or
-// compressed until materialised).
-func snapshotIntact(d guestdir.SnapDir, memMiB int) error {
+// compressed until materialised). raw says the raw mem-file is there, and
+// then it holds all of the RAM (memFileShort): a fork needs to look at it
+// no further.
+func snapshotIntact(d guestdir.SnapDir, memMiB int) (raw bool, err error) {
 	if st, err := os.Lstat(d.Dir); err != nil || !st.IsDir() {
-		return fmt.Errorf("its directory %s is gone", d.Dir)
+		return false, fmt.Errorf("its directory %s is gone", d.Dir)
 	}
 	for _, p := range []string{d.VMState(), d.Rootfs()} {
 		if st, err := os.Stat(p); err != nil || !st.Mode().IsRegular() {
-			return fmt.Errorf("%s is missing", p)
+			return false, fmt.Errorf("%s is missing", p)
 		}
 	}
-	_, rawErr := os.Stat(d.Memory())
+	st, rawErr := os.Stat(d.Memory())
 	if errors.Is(rawErr, os.ErrNotExist) {
 		if _, err := os.Stat(d.MemoryZst()); err != nil {
-			return fmt.Errorf("its mem-file (%s or %s) is missing", d.Memory(), d.MemoryZst())
+			return false, fmt.Errorf("its mem-file (%s or %s) is missing", d.Memory(), d.MemoryZst())
 		}
-		return nil
+		return false, nil
 	}
-	return memFileShort(d, memMiB)
+	if err := memFileShortStat(d, st, rawErr, memMiB); err != nil {
+		return false, err
+	}
+	return true, nil
 }
 
 // markIfBroken records a store snapshot whose directory is gone or
 // incomplete as broken (and says so in the log), so that it is listed as
 // what it is and refuses forks instead of failing them obscurely. It
-// reports whether the snapshot is broken.
-func (m *Manager) markIfBroken(ctx context.Context, sn *store.Snapshot) bool {
+// reports whether the snapshot is broken, and if not, whether its raw
+// mem-file is there whole (snapshotIntact's raw).
+func (m *Manager) markIfBroken(ctx context.Context, sn *store.Snapshot) (broken, raw bool) {
 	sd, err := m.layout.Snapshot(sn.ID)
 	if err != nil {
-		return false
+		return false, false
 	}
-	why := snapshotIntact(sd, sn.MemoryMiB)
+	raw, why := snapshotIntact(sd, sn.MemoryMiB)
 	if why == nil {
-		return false
+		return false, raw
 	}
 	m.log.Error("snapshot is broken: it refuses forks and can only be deleted", "snapshot", sn.ID, "name", sn.Name, "reason", why)
 	sn.State = snapBroken
 	if err := m.db.UpdateSnapshot(ctx, *sn); err != nil {
 		m.log.Error("record broken snapshot", "snapshot", sn.ID, "err", err)
 	}
-	return true
+	return true, false
 }
 
 // brokenError is the refusal of a fork of a broken snapshot.
 func brokenError(sn store.Snapshot, sd guestdir.SnapDir) error {
-	why := snapshotIntact(sd, sn.MemoryMiB)
+	_, why := snapshotIntact(sd, sn.MemoryMiB)
 	if why == nil {
 		why = errors.New("it was found incomplete")
 	}
