@@ -79,7 +79,7 @@ func (h *handler) unmapFaults() {
 func (h *handler) mapping() []byte {
 	s := h.s
 	if h.fmap == nil && !h.mapFailed && s.backingSize > 0 {
-		fm, err := s.srv.memMaps.acquire(s.backing, s.backingSize)
+		fm, err := s.srv.memMaps.acquire(s.backing, s.backingID)
 		if err != nil {
 			h.mapFailed = true
 			s.log.Warn("the pager reads the mem-file into buffers: it cannot be mapped", "err", err)

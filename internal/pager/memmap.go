@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -64,6 +65,12 @@ type fileMapID struct {
 	size     int64
 }
 
+// fileMapIDOf names the mapping of the whole of a file, from its stat.
+func fileMapIDOf(st os.FileInfo) fileMapID {
+	sys := st.Sys().(*syscall.Stat_t)
+	return fileMapID{dev: sys.Dev, ino: sys.Ino, size: st.Size()}
+}
+
 // fileMap is one read-only shared mapping of a mem-file.
 type fileMap struct {
 	id       fileMapID
@@ -76,15 +83,11 @@ func newMemMaps(private, unmapEarly bool) *memMaps {
 	return &memMaps{private: private, unmapEarly: unmapEarly, maps: make(map[fileMapID]*fileMap)}
 }
 
-// acquire returns a reference to the mapping of f's size bytes (f open for
-// reading), mapping it if no session holds one. The caller drops it with
+// acquire returns a reference to the mapping of the file id names (f,
+// open for reading: id is f's, from the stat its session was opened
+// with), mapping it if no session holds one. The caller drops it with
 // release once nothing of it reads the mapping (rule 1).
-func (m *memMaps) acquire(f *os.File, size int64) (*fileMap, error) {
-	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		return nil, fmt.Errorf("map %s: %w", f.Name(), err)
-	}
-	id := fileMapID{dev: st.Dev, ino: st.Ino, size: size}
+func (m *memMaps) acquire(f *os.File, id fileMapID) (*fileMap, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if fm := m.maps[id]; fm != nil && !m.private {
@@ -94,7 +97,7 @@ func (m *memMaps) acquire(f *os.File, size int64) (*fileMap, error) {
 	}
 	// Mapped with mu held: a second session of the file waits for this
 	// mapping rather than making its own (an mmap only reserves addresses).
-	mem, err := unix.Mmap(int(f.Fd()), 0, int(size), unix.PROT_READ, unix.MAP_SHARED)
+	mem, err := unix.Mmap(int(f.Fd()), 0, int(id.size), unix.PROT_READ, unix.MAP_SHARED)
 	if err != nil {
 		return nil, fmt.Errorf("map %s: %w", f.Name(), err)
 	}

@@ -461,7 +461,7 @@ func (s *Server) openSession(req SessionRequest, sock string) (*session, error) 
 	ctx, cancel := context.WithCancelCause(context.Background())
 	ss := &session{
 		srv: s, id: req.SessionID, cacheKey: req.CacheKey, keyID: s.internKey(req.CacheKey),
-		backingPath: req.BackingPath, backing: f, backingSize: st.Size(), data: data,
+		backingPath: req.BackingPath, backing: f, backingSize: st.Size(), backingID: fileMapIDOf(st), data: data,
 		sockPath: bindPath, sockDir: sockDir, ln: ln, ctx: ctx, cancel: cancel, done: make(chan struct{}),
 		created: time.Now(), recordMax: req.RecordPages,
 		state: stateWaiting,

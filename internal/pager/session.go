@@ -46,9 +46,10 @@ type session struct {
 	backingPath string
 	backing     *os.File
 	backingSize int64
-	data        extents  // data extents of backing, taken at open; elsewhere are holes
-	sockPath    string   // the socket's name, through sockDir's handle when there is one
-	sockDir     *os.File // the socket_dir the socket was made in, nil for sessions/
+	backingID   fileMapID // backing's inode and size, as opened: its shared mapping's name (memmap.go)
+	data        extents   // data extents of backing, taken at open; elsewhere are holes
+	sockPath    string    // the socket's name, through sockDir's handle when there is one
+	sockDir     *os.File  // the socket_dir the socket was made in, nil for sessions/
 	ln          *net.UnixListener
 
 	ctx    context.Context
