@@ -471,7 +471,7 @@ func (m *Manager) shareMemFile(root *hostpath.Root, src, dst string) (memfile.Sh
 	if m.cfg.ForkStrategy == ForkStrategyHardlink {
 		return m.shareFrom(root, "mem-file", src, dst, false)
 	}
-	f, err := m.openShared(root, "mem-file", src)
+	f, err := root.Open("mem-file", src)
 	if err != nil {
 		return memfile.ShareResult{}, err
 	}

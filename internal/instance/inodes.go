@@ -142,18 +142,12 @@ func sealSnapDir(g guestdir.Guest, d guestdir.SnapDir) error {
 	return dir.Chmod(0o755)
 }
 
-// openDataRoot opens the data dir for openShared: a fork or a store
-// snapshot opens its four files through one handle of it (the caller closes
-// it), not four.
+// openDataRoot opens the data dir for the files a fork or the store is to
+// get: its Open opens one read-only, a regular file reached through no
+// symlink below the data dir. A fork or a store snapshot opens its four
+// files through one handle of it (the caller closes it), not four.
 func (m *Manager) openDataRoot() (*hostpath.Root, error) {
 	return hostpath.OpenRoot(m.layout.Root())
-}
-
-// openShared opens a file a fork or the store is to get: read-only, a
-// regular file reached through no symlink below the data dir (root, from
-// openDataRoot).
-func (m *Manager) openShared(root *hostpath.Root, what, path string) (*os.File, error) {
-	return root.Open(what, path)
 }
 
 // shareFrom gives dst, in a directory the daemon is building (a fork's or a
@@ -165,7 +159,7 @@ func (m *Manager) openShared(root *hostpath.Root, what, path string) (*os.File, 
 // snapshot) or later with its tree (a fork: memfile's *Into functions).
 // src is opened through root (openDataRoot).
 func (m *Manager) shareFrom(root *hostpath.Root, what, src, dst string, durable bool) (memfile.ShareResult, error) {
-	f, err := m.openShared(root, what, src)
+	f, err := root.Open(what, src)
 	if err != nil {
 		return memfile.ShareResult{}, err
 	}
