@@ -220,6 +220,18 @@ func (c *Client) ForkSnapshot(ctx context.Context, ref string, req ForkRequest) 
 	return inst, err
 }
 
+func (c *Client) ForkInstanceBatch(ctx context.Context, ref string, req ForkBatchRequest) ([]Instance, error) {
+	var b ForkBatch
+	err := c.do(ctx, http.MethodPost, "/instances/"+url.PathEscape(ref)+"/forks", req, &b, http.StatusCreated)
+	return b.Forks, err
+}
+
+func (c *Client) ForkSnapshotBatch(ctx context.Context, ref string, req ForkBatchRequest) ([]Instance, error) {
+	var b ForkBatch
+	err := c.do(ctx, http.MethodPost, "/snapshots/"+url.PathEscape(ref)+"/forks", req, &b, http.StatusCreated)
+	return b.Forks, err
+}
+
 func (c *Client) PagerStats(ctx context.Context) (json.RawMessage, error) {
 	var raw json.RawMessage
 	err := c.do(ctx, http.MethodGet, "/pager/stats", nil, &raw, http.StatusOK)

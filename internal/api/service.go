@@ -18,12 +18,17 @@ type Service interface {
 	// Action runs one lifecycle action: start|pause|resume|standby|restore|stop.
 	Action(ctx context.Context, ref, action string, req ActionRequest) (Instance, error)
 	ForkInstance(ctx context.Context, ref string, req ForkRequest) (Instance, error)
+	// ForkInstanceBatch makes req.Count forks of one source at once: all
+	// of them, in name order, or an error and none.
+	ForkInstanceBatch(ctx context.Context, ref string, req ForkBatchRequest) ([]Instance, error)
 
 	CreateSnapshot(ctx context.Context, ref string, req SnapshotRequest) (Snapshot, error)
 	ListSnapshots(ctx context.Context) ([]Snapshot, error)
 	GetSnapshot(ctx context.Context, ref string) (Snapshot, error)
 	DeleteSnapshot(ctx context.Context, ref string) error
 	ForkSnapshot(ctx context.Context, ref string, req ForkRequest) (Instance, error)
+	// ForkSnapshotBatch is ForkInstanceBatch for a snapshot.
+	ForkSnapshotBatch(ctx context.Context, ref string, req ForkBatchRequest) ([]Instance, error)
 
 	// PagerStats returns the pager's /stats JSON as is.
 	PagerStats(ctx context.Context) (json.RawMessage, error)

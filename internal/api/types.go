@@ -1,6 +1,9 @@
 package api
 
-import "time"
+import (
+	"fmt"
+	"time"
+)
 
 // Instance states (docs/architecture.md §5). Transient states are shown while an
 // operation holds the instance's write lock.
@@ -182,6 +185,36 @@ type ForkRequest struct {
 	// Publish gives the fork its own published ports (forks never inherit
 	// their source's).
 	Publish []PortPublish `json:"publish,omitempty"`
+}
+
+// MaxForkBatch is the most forks one ForkBatchRequest makes.
+const MaxForkBatch = 1000
+
+// ForkBatchRequest is the body of POST /instances/{id}/forks and POST
+// /snapshots/{id}/forks: Count forks of one source in one call, named
+// Name-1..Name-Count. A batch is all or nothing: it returns every fork, or
+// an error and no fork. It takes no publish (every fork would claim the same
+// host port) and no from_running (a live source is forked once, and that
+// fork forked in a batch).
+type ForkBatchRequest struct {
+	Name           string `json:"name"`
+	Count          int    `json:"count"`
+	TargetState    string `json:"target_state,omitempty"`    // Standby|Running|Stopped; default: source's state
+	RestoreBackend string `json:"restore_backend,omitempty"` // for target_state Running; default fork_restore_backend
+}
+
+// Names are the batch's fork names, in order: Name-1..Name-Count.
+func (r ForkBatchRequest) Names() []string {
+	names := make([]string, r.Count)
+	for i := range names {
+		names[i] = fmt.Sprintf("%s-%d", r.Name, i+1)
+	}
+	return names
+}
+
+// ForkBatch is the answer to a ForkBatchRequest: the forks, in name order.
+type ForkBatch struct {
+	Forks []Instance `json:"forks"`
 }
 
 // SnapshotRequest is the body of POST /instances/{id}/snapshots.

@@ -1,6 +1,7 @@
 package api
 
 import (
+	"fmt"
 	"net/http"
 	"net/netip"
 	"regexp"
@@ -198,6 +199,26 @@ func (r ForkRequest) Validate() error {
 	}
 	if err := validatePublish(r.Publish); err != nil {
 		return err
+	}
+	return validateBackend(r.RestoreBackend)
+}
+
+// Validate checks a fork batch request: its count, and that every name it
+// makes (the longest is Name-Count) is a valid name.
+func (r ForkBatchRequest) Validate() error {
+	if r.Count < 1 || r.Count > MaxForkBatch {
+		return invalid("count must be 1..%d, got %d", MaxForkBatch, r.Count)
+	}
+	if err := ValidateName("fork name", r.Name); err != nil {
+		return err
+	}
+	if err := ValidateName("fork name", fmt.Sprintf("%s-%d", r.Name, r.Count)); err != nil {
+		return err
+	}
+	switch r.TargetState {
+	case "", StateStandby, StateRunning, StateStopped:
+	default:
+		return invalid("target_state must be Standby, Running or Stopped, got %q", r.TargetState)
 	}
 	return validateBackend(r.RestoreBackend)
 }

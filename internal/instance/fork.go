@@ -36,24 +36,114 @@ func (m *Manager) ForkInstance(ctx context.Context, ref string, req api.ForkRequ
 	defer m.observe("fork", start)
 	defer m.netOpStart()()
 	ctx = context.WithoutCancel(ctx)
-	// Trace regions (forkd serve --profile) name where a fork's time goes.
-	admitted := sync.OnceFunc(trace.StartRegion(ctx, "fork: admit").End)
-	defer admitted()
-	probe, err := m.resolveInstance(ctx, ref)
-	if err != nil {
-		return api.Instance{}, apiErr(err)
-	}
-	live := oneOf(probe.State, api.StateRunning, api.StatePaused)
-	if live && !req.FromRunning {
-		return api.Instance{}, fmt.Errorf("%w: instance %q is %s; stand it by first or pass from_running", api.ErrInvalidState, probe.Name, probe.State)
-	}
-	src, unlockSrc, err := m.lockResolved(ctx, probe, live)
+	a, err := m.admitInstanceFork(ctx, ref, forkAsk{fromRunning: req.FromRunning, target: req.TargetState, backend: req.RestoreBackend, n: 1})
 	if err != nil {
 		return api.Instance{}, err
 	}
-	var once sync.Once
-	release := func() { once.Do(unlockSrc) }
-	defer release()
+	defer a.releaseCap()
+	fork, err := m.fork(ctx, a.ids[0], req, a.tmpl, a.spec)
+	a.release()
+	if err != nil {
+		return api.Instance{}, err
+	}
+	return m.applyTarget(ctx, fork, a.target, req.RestoreBackend)
+}
+
+// ForkSnapshot forks a store snapshot, under the snapshot's read lock (so
+// it is not deleted mid-fork; it may be deleted the moment this returns).
+func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequest) (api.Instance, error) {
+	start := time.Now()
+	defer m.observe("fork", start)
+	defer m.netOpStart()()
+	ctx = context.WithoutCancel(ctx)
+	a, err := m.admitSnapshotFork(ctx, ref, forkAsk{target: req.TargetState, backend: req.RestoreBackend, n: 1})
+	if err != nil {
+		return api.Instance{}, err
+	}
+	defer a.releaseCap()
+	fork, err := m.fork(ctx, a.ids[0], req, a.tmpl, a.spec)
+	a.release()
+	if err != nil {
+		return api.Instance{}, err
+	}
+	return m.applyTarget(ctx, fork, a.target, req.RestoreBackend)
+}
+
+// forkAsk is what a fork call asks of its admission: n forks (one, or a
+// batch's) to target (or the source's default), restored with backend.
+type forkAsk struct {
+	fromRunning     bool
+	target, backend string
+	n               int
+}
+
+// forkAdmission is a source admitted for forks: locked (release unlocks it;
+// the forks' files are made under the lock), with capacity reserved for each
+// fork (releaseCap).
+type forkAdmission struct {
+	ids        []string // the forks' ids, one per fork asked for
+	tmpl       store.Instance
+	spec       forkSpec
+	target     string
+	release    func() // idempotent
+	releaseCap func()
+}
+
+// reserveForks reserves capacity for each of ids, all or none.
+func (m *Manager) reserveForks(ctx context.Context, ids []string, req capacity.Request) (func(), error) {
+	var releases []func()
+	releaseAll := func() {
+		for _, r := range releases {
+			r()
+		}
+	}
+	for _, id := range ids {
+		req.ID = id
+		r, err := m.reserveCapacity(ctx, "fork", req)
+		if err != nil {
+			releaseAll()
+			if len(ids) > 1 {
+				err = fmt.Errorf("a batch of %d forks: %w", len(ids), err)
+			}
+			return nil, err
+		}
+		releases = append(releases, r)
+	}
+	return releaseAll, nil
+}
+
+func newIDs(n int) []string {
+	ids := make([]string, n)
+	for i := range ids {
+		ids[i] = newID()
+	}
+	return ids
+}
+
+// admitInstanceFork resolves and locks instance ref for forks, checks it can
+// be forked as asked, and reserves the forks' capacity.
+func (m *Manager) admitInstanceFork(ctx context.Context, ref string, ask forkAsk) (*forkAdmission, error) {
+	// Trace regions (forkd serve --profile) name where a fork's time goes.
+	defer trace.StartRegion(ctx, "fork: admit").End()
+	probe, err := m.resolveInstance(ctx, ref)
+	if err != nil {
+		return nil, apiErr(err)
+	}
+	live := oneOf(probe.State, api.StateRunning, api.StatePaused)
+	if live && !ask.fromRunning {
+		return nil, fmt.Errorf("%w: instance %q is %s; stand it by first or pass from_running", api.ErrInvalidState, probe.Name, probe.State)
+	}
+	src, unlockSrc, err := m.lockResolved(ctx, probe, live)
+	if err != nil {
+		return nil, err
+	}
+	ok := false
+	a := &forkAdmission{release: sync.OnceFunc(unlockSrc)}
+	defer func() {
+		if !ok {
+			a.release()
+		}
+	}()
 	var target string
 	switch {
 	case live && oneOf(src.State, api.StateRunning, api.StatePaused):
@@ -66,151 +156,141 @@ func (m *Manager) ForkInstance(ctx context.Context, ref string, req api.ForkRequ
 	case !live && oneOf(src.State, api.StateStopped, api.StateCreated):
 		target = api.StateStopped
 	default:
-		return api.Instance{}, invalidState(src, "fork", api.StateStandby, api.StateRunning+" (from_running)", api.StateStopped)
+		return nil, invalidState(src, "fork", api.StateStandby, api.StateRunning+" (from_running)", api.StateStopped)
 	}
-	if req.TargetState != "" {
-		target = req.TargetState
+	if ask.target != "" {
+		target = ask.target
 	}
 	hasMemory := src.State != api.StateStopped && src.State != api.StateCreated
 	if err := checkTarget(target, hasMemory); err != nil {
-		return api.Instance{}, err
+		return nil, err
 	}
-	if err := m.checkForkBackend(target, hasMemory, src, req.RestoreBackend); err != nil {
-		return api.Instance{}, err
+	if err := m.checkForkBackend(target, hasMemory, src, ask.backend); err != nil {
+		return nil, err
 	}
 	g, err := m.guest(src.ID)
 	if err != nil {
-		return api.Instance{}, err
+		return nil, err
 	}
 	if hasMemory && !live {
 		// Never hand a damaged mem-file on to a fork.
 		if err := memFileFits(fmt.Sprintf("the snapshot of instance %q", src.Name), g.Latest(), src.MemoryMiB); err != nil {
-			return api.Instance{}, fmt.Errorf("fork of %q: %w", src.Name, err)
+			return nil, fmt.Errorf("fork of %q: %w", src.Name, err)
 		}
 	}
-	id := newID()
+	a.ids = newIDs(ask.n)
 	cost := m.forkCost(g.Rootfs(), src.MemoryMiB, hasMemory)
 	if live {
 		cost += m.snapshotCost(g.Base(), src.MemoryMiB)
 	}
-	releaseCap, err := m.reserveCapacity(ctx, "fork", capacity.Request{ID: id, MemoryMiB: src.MemoryMiB, Vcpus: src.Vcpus,
-		Runs: target == api.StateRunning, DiskBytes: cost, HugePages: src.HugePages != ""})
-	if err != nil {
-		return api.Instance{}, err
+	if a.releaseCap, err = m.reserveForks(ctx, a.ids, capacity.Request{MemoryMiB: src.MemoryMiB, Vcpus: src.Vcpus,
+		Runs: target == api.StateRunning, DiskBytes: cost, HugePages: src.HugePages != ""}); err != nil {
+		return nil, err
 	}
-	defer releaseCap()
 	files := forkFiles{rootfs: g.Rootfs()}
 	if _, err := os.Stat(g.Kernel()); err == nil {
 		files.kernel = g.Kernel()
 	}
-	tmpl := src
-	tmpl.Source = "instance:" + src.ID
-	spec := forkSpec{files: files}
+	a.tmpl = src
+	a.tmpl.Source = "instance:" + src.ID
+	a.spec = forkSpec{files: files}
 	switch {
 	case live:
 		base := g.Base()
-		spec.files.from = &base
-		spec.live = func(ctx context.Context, o *op, build func() error) (string, error) {
+		a.spec.files.from = &base
+		a.spec.live = func(ctx context.Context, o *op, build func() error) (string, error) {
 			return m.updateBaseLive(ctx, o, &src, build)
 		}
 	case hasMemory:
 		latest := g.Latest()
-		spec.files.from, spec.key = &latest, src.SnapshotCacheKey
+		a.spec.files.from, a.spec.key = &latest, src.SnapshotCacheKey
 	}
-	admitted()
-	fork, err := m.fork(ctx, id, req, tmpl, spec)
-	release()
-	if err != nil {
-		return api.Instance{}, err
-	}
-	return m.applyTarget(ctx, fork, target, req.RestoreBackend)
+	a.target, ok = target, true
+	return a, nil
 }
 
-// ForkSnapshot forks a store snapshot, under the snapshot's read lock (so
-// it is not deleted mid-fork; it may be deleted the moment this returns).
-func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequest) (api.Instance, error) {
-	start := time.Now()
-	defer m.observe("fork", start)
-	defer m.netOpStart()()
-	ctx = context.WithoutCancel(ctx)
-	// Trace regions (forkd serve --profile) name where a fork's time goes.
-	admitted := sync.OnceFunc(trace.StartRegion(ctx, "fork: admit").End)
-	defer admitted()
+// admitSnapshotFork is admitInstanceFork for a store snapshot, which it
+// read-locks (so it is not deleted mid-fork).
+func (m *Manager) admitSnapshotFork(ctx context.Context, ref string, ask forkAsk) (*forkAdmission, error) {
+	defer trace.StartRegion(ctx, "fork: admit").End()
 	sn, err := m.resolveSnapshot(ctx, ref)
 	if err != nil {
-		return api.Instance{}, apiErr(err)
+		return nil, apiErr(err)
 	}
 	sn, unlockSnap, err := m.lockSnapshot(ctx, sn.ID, false)
 	if err != nil {
-		return api.Instance{}, apiErr(err)
+		return nil, apiErr(err)
 	}
-	var once sync.Once
-	release := func() { once.Do(unlockSnap) }
-	defer release()
+	ok := false
+	a := &forkAdmission{release: sync.OnceFunc(unlockSnap)}
+	defer func() {
+		if !ok {
+			a.release()
+		}
+	}()
 	if sn.State == snapCreating {
-		return api.Instance{}, fmt.Errorf("%w: snapshot %q is still being created", api.ErrInvalidState, sn.Name)
+		return nil, fmt.Errorf("%w: snapshot %q is still being created", api.ErrInvalidState, sn.Name)
 	}
-	target := req.TargetState
+	target := ask.target
 	if target == "" {
 		target = api.StateStandby
 	}
 	if err := checkTarget(target, true); err != nil {
-		return api.Instance{}, err
+		return nil, err
 	}
-	if err := m.checkForkBackend(target, true, store.Instance{Name: sn.Name, HugePages: sn.HugePages}, req.RestoreBackend); err != nil {
-		return api.Instance{}, err
+	if err := m.checkForkBackend(target, true, store.Instance{Name: sn.Name, HugePages: sn.HugePages}, ask.backend); err != nil {
+		return nil, err
 	}
 	sd, err := m.layout.Snapshot(sn.ID)
 	if err != nil {
-		return api.Instance{}, err
+		return nil, err
 	}
 	broken, raw := sn.State == snapBroken, false
 	if !broken {
 		broken, raw = m.markIfBroken(ctx, &sn)
 	}
 	if broken {
-		return api.Instance{}, brokenError(sn, sd)
+		return nil, brokenError(sn, sd)
 	}
-	id := newID()
+	a.ids = newIDs(ask.n)
 	cost := m.forkCost(sd.Rootfs(), sn.MemoryMiB, true)
 	if !raw {
 		cost += int64(sn.MemoryMiB) << 20 // materialised once, for this and later forks
 	}
-	releaseCap, err := m.reserveCapacity(ctx, "fork", capacity.Request{ID: id, MemoryMiB: sn.MemoryMiB, Vcpus: sn.Vcpus,
-		Runs: target == api.StateRunning, DiskBytes: cost, HugePages: sn.HugePages != ""})
-	if err != nil {
-		return api.Instance{}, err
+	if a.releaseCap, err = m.reserveForks(ctx, a.ids, capacity.Request{MemoryMiB: sn.MemoryMiB, Vcpus: sn.Vcpus,
+		Runs: target == api.StateRunning, DiskBytes: cost, HugePages: sn.HugePages != ""}); err != nil {
+		return nil, err
 	}
-	defer releaseCap()
+	defer func() {
+		if !ok {
+			a.releaseCap()
+		}
+	}()
 	// A raw mem-file markIfBroken found whole stays so under the
 	// snapshot's read lock (compression drops it only under the write
 	// lock): only a compressed one is materialised, and checked after.
 	if !raw {
 		if err := m.materialise(ctx, sn.ID, sd); err != nil {
-			return api.Instance{}, err
+			return nil, err
 		}
 		if err := memFileFits(fmt.Sprintf("snapshot %q", sn.Name), sd, sn.MemoryMiB); err != nil {
-			return api.Instance{}, fmt.Errorf("fork of snapshot %q: %w", sn.Name, err)
+			return nil, fmt.Errorf("fork of snapshot %q: %w", sn.Name, err)
 		}
 	}
 	files := forkFiles{from: &sd, rootfs: sd.Rootfs()}
 	if _, err := os.Stat(sd.Kernel()); err == nil {
 		files.kernel = sd.Kernel()
 	}
-	tmpl := store.Instance{
+	a.tmpl = store.Instance{
 		Vcpus: sn.Vcpus, MemoryMiB: sn.MemoryMiB, Kernel: sn.Kernel, BootArgs: sn.BootArgs,
 		Source: "snapshot:" + sn.ID, Networked: sn.NetGuest != "", NetGuest: sn.NetGuest, NetMAC: sn.NetMAC,
 		Image:     sn.Image,
 		VsockCID:  sn.VsockCID,
 		HugePages: sn.HugePages,
 	}
-	admitted()
-	fork, err := m.fork(ctx, id, req, tmpl, forkSpec{files: files, key: sn.SnapshotCacheKey})
-	release()
-	if err != nil {
-		return api.Instance{}, err
-	}
-	return m.applyTarget(ctx, fork, target, req.RestoreBackend)
+	a.spec = forkSpec{files: files, key: sn.SnapshotCacheKey}
+	a.target, ok = target, true
+	return a, nil
 }
 
 // checkForkBackend refuses, before anything is made, a fork to Running
@@ -276,38 +356,84 @@ type forkSpec struct {
 // A live fork journals and records itself first, and makes its network,
 // before it pauses its source; its last commit is synced.
 func (m *Manager) fork(ctx context.Context, id string, req api.ForkRequest, tmpl store.Instance, spec forkSpec) (store.Instance, error) {
-	if req.Name == "" {
-		req.Name = id // an unnamed instance is named by its own id
-	} else if err := validName("instance", req.Name); err != nil {
+	job, err := m.newForkJob(id, req.Name, req.Publish, tmpl)
+	if err != nil {
 		return store.Instance{}, err
+	}
+	if spec.live != nil {
+		return m.forkLive(ctx, job, spec)
+	}
+	err = m.forkJournalled(ctx, job, m.buildFork(ctx, job, spec))
+	if err == nil { // the fork's own name only once the journal names it
+		trace.WithRegion(ctx, "fork: rename", func() { err = atomicfile.Rename(job.tmp.Jail, job.final.Jail) })
+	}
+	if err != nil {
+		return m.failFork(ctx, job, err)
+	}
+	crashPoint("fork", "files") // test hook: the fork's dir is durable, its record still Forking
+	rec := completed(job.rec, job.res)
+	r := trace.StartRegion(ctx, "fork: last commit")
+	err = m.db.GroupUnsynced(ctx, "fork:committing", finishForkUnit(job.o, rec))
+	r.End()
+	if err != nil {
+		return m.failFork(ctx, job, err)
+	}
+	crashPoint("fork", "committed") // test hook (crashhook.go)
+	m.forked(job, rec, false)
+	return rec, nil
+}
+
+// forkJob is one fork as it is made. fork runs its steps for one fork;
+// forkBatch runs each step for every fork of a batch before the next.
+type forkJob struct {
+	id         string
+	rec        store.Instance // Forking until its last commit
+	pubs       []store.Publish
+	tmp, final guestdir.Guest
+	res        memfile.ShareResult
+	fresh      []string     // the new inodes buildForkDir made
+	journal    *forkJournal // its first commit; nil until the mem-file is shared
+	o          *op          // its journal entry, once that commit is made
+	// batch: one fork of a batch (forkBatch), whose first commit is synced
+	// and which neither rolls forward nor carries a directory record.
+	batch bool
+}
+
+// newForkJob checks what a fork of tmpl named name (its id if "") asks,
+// and makes its Forking record.
+func (m *Manager) newForkJob(id, name string, publish []api.PortPublish, tmpl store.Instance) (*forkJob, error) {
+	if name == "" {
+		name = id // an unnamed instance is named by its own id
+	} else if err := validName("instance", name); err != nil {
+		return nil, err
 	}
 	final, err := m.guest(id)
 	if err != nil {
-		return store.Instance{}, err
+		return nil, err
 	}
 	tmp, err := m.layout.TempGuest(id)
 	if err != nil {
-		return store.Instance{}, err
+		return nil, err
 	}
 	// A fork of a networked source is networked with the source's guest
 	// identity (the guest keeps it in memory); it never inherits
 	// publishes, and gets its own only if asked.
 	var pubs []store.Publish
-	if len(req.Publish) > 0 {
+	if len(publish) > 0 {
 		if !tmpl.Networked {
-			return store.Instance{}, fmt.Errorf("%w: publish needs a network, and %s has none", api.ErrInvalid, tmpl.Source)
+			return nil, fmt.Errorf("%w: publish needs a network, and %s has none", api.ErrInvalid, tmpl.Source)
 		}
 	}
 	if tmpl.Networked {
 		if m.net() == nil {
-			return store.Instance{}, fmt.Errorf("%w: %s is networked but networking is off on this daemon (%s)", api.ErrInvalid, tmpl.Source, m.cfg.NetworkOffReason)
+			return nil, fmt.Errorf("%w: %s is networked but networking is off on this daemon (%s)", api.ErrInvalid, tmpl.Source, m.cfg.NetworkOffReason)
 		}
-		if pubs, err = m.checkPublishes(req.Publish); err != nil {
-			return store.Instance{}, err
+		if pubs, err = m.checkPublishes(publish); err != nil {
+			return nil, err
 		}
 	}
 	rec := store.Instance{
-		ID: id, Name: req.Name, State: api.StateForking, Vcpus: tmpl.Vcpus, MemoryMiB: tmpl.MemoryMiB,
+		ID: id, Name: name, State: api.StateForking, Vcpus: tmpl.Vcpus, MemoryMiB: tmpl.MemoryMiB,
 		Kernel: tmpl.Kernel, Rootfs: tmpl.Rootfs, BootArgs: tmpl.BootArgs, CreatedAt: time.Now().UTC(),
 		Source: tmpl.Source, MemoryCheck: tmpl.MemoryCheck,
 		Networked: tmpl.Networked, NetGuest: tmpl.NetGuest, NetMAC: tmpl.NetMAC,
@@ -316,112 +442,134 @@ func (m *Manager) fork(ctx context.Context, id string, req api.ForkRequest, tmpl
 		HugePages: tmpl.HugePages, // and its memory's pages
 	}
 	rec.RestoreBackend, _ = restoreBackend(rec, "", m.cfg.ForkRestoreBackend)
-	fail := func(o *op, err error) (store.Instance, error) {
-		err = fmt.Errorf("fork %q from %s: %w", req.Name, tmpl.Source, err)
-		u := m.undo("fork", id)
-		if o == nil { // nothing journalled: only the temp dir may exist
-			u.do("remove the partial fork's files", m.removePartialFiles(id))
-			return store.Instance{}, u.join(apiErr(err))
-		}
-		u.do("remove the partial fork", m.removePartial(ctx, id))
-		err = u.join(err)
+	return &forkJob{id: id, rec: rec, pubs: pubs, tmp: tmp, final: final}, nil
+}
+
+// failFork removes what a failed fork made and journals its failure.
+func (m *Manager) failFork(ctx context.Context, job *forkJob, err error) (store.Instance, error) {
+	return store.Instance{}, m.undoFork(ctx, job, fmt.Errorf("fork %q from %s: %w", job.rec.Name, job.rec.Source, err))
+}
+
+// undoFork is failFork's work: it removes what job made, journals err as
+// its outcome, and returns err with any step of the removal that failed
+// joined to it (as an API error when nothing was journalled: a taken name).
+func (m *Manager) undoFork(ctx context.Context, job *forkJob, err error) error {
+	u := m.undo("fork", job.id)
+	if job.o == nil { // nothing journalled: only the temp dir may exist
+		u.do("remove the partial fork's files", m.removePartialFiles(job.id))
+		return u.join(apiErr(err))
+	}
+	u.do("remove the partial fork", m.removePartial(ctx, job.id))
+	err = u.join(err)
+	job.o.finish(ctx, err)
+	return err
+}
+
+// buildFork builds a fork's directory under its temp name and, once its
+// mem-file is shared, starts its first commit (beginFork) while the rest is
+// built; then, unless the fork is networked, writes the directory's record
+// and makes the tree durable (syncForkTree), while that commit is made.
+// Its error is forkJournalled's to handle.
+func (m *Manager) buildFork(ctx context.Context, job *forkJob, spec forkSpec) error {
+	records := m.fs.records
+	r := trace.StartRegion(ctx, "fork: build")
+	var err error
+	job.res, job.fresh, err = m.buildForkDir(job.tmp, spec.files, func(res memfile.ShareResult) {
+		finishRecord(&job.rec, res, spec.key)
+		synced := job.batch || !records && os.Getenv(UnsafeUnsyncedForkBeginEnv) != "1" // the env: a twin test only
+		job.journal = m.beginFork(ctx, job.rec, job.pubs, opPayload{Source: job.rec.Source, RollForward: !job.batch}, synced)
+	})
+	r.End()
+	records = records && !job.batch
+	if err == nil && records && !job.rec.Networked {
+		// The fork's finished record, in its own directory: made durable
+		// by the rename's fsync, it is what the reconciler restores the
+		// fork from if a power cut loses the unsynced commits.
+		err = writeForkRecord(job.tmp, completed(job.rec, job.res), nil)
+	}
+	if err == nil && !job.rec.Networked { // fsync the new inodes and the dir while the journal commits
+		trace.WithRegion(ctx, "fork: sync tree", func() { err = syncForkTree(job.tmp.Jail, job.fresh) })
+	}
+	return err
+}
+
+// forkJournalled waits for a fork's first commit (built: buildFork's
+// error) and, for a networked fork, makes its network, its directory's
+// record and its durable tree. On an error the fork is the caller's to
+// fail (failFork): job.o says whether it was journalled.
+func (m *Manager) forkJournalled(ctx context.Context, job *forkJob, built error) error {
+	if job.journal == nil {
+		return built
+	}
+	var o *op
+	var jerr error
+	trace.WithRegion(ctx, "fork: wait for the journal", func() { o, jerr = job.journal.wait() })
+	if jerr != nil {
+		return jerr
+	}
+	job.o, job.rec = o, job.journal.rec // a networked fork's slot, taken in the commit
+	if built != nil || !job.rec.Networked {
+		return built
+	}
+	// A networked fork's record names the slot its commit took, so it is
+	// written after that commit, and the tree is made durable after the
+	// record (btrfs makes a directory's attributes durable with that
+	// directory's own fsync).
+	err := m.setupNetwork(ctx, job.o, job.rec, job.pubs)
+	if err == nil && m.fs.records && !job.batch {
+		err = writeForkRecord(job.tmp, completed(job.rec, job.res), job.pubs)
+	}
+	if err == nil {
+		trace.WithRegion(ctx, "fork: sync tree", func() { err = syncForkTree(job.tmp.Jail, job.fresh) })
+	}
+	return err
+}
+
+// forked logs a made fork.
+func (m *Manager) forked(job *forkJob, rec store.Instance, live bool) {
+	m.countFallback(job.res, "fork", job.id)
+	m.log.Info("forked", "instance", job.id, "name", rec.Name, "source", rec.Source, "mode", job.res.Mode, "live", live)
+}
+
+// forkLive is fork for a running source: it journals and records the fork
+// and makes its network before it pauses the source, builds the fork's
+// directory while the source is paused, and syncs its last commit.
+func (m *Manager) forkLive(ctx context.Context, job *forkJob, spec forkSpec) (store.Instance, error) {
+	o, err := m.begin(ctx, "fork", job.id, opPayload{Source: job.rec.Source, Live: true})
+	if err != nil {
+		return store.Instance{}, err
+	}
+	if err := m.createRecord(ctx, &job.rec, job.pubs); err != nil {
 		o.finish(ctx, err)
 		return store.Instance{}, err
 	}
-	var res memfile.ShareResult
-	var o *op
-	unsynced := false
-	if spec.live != nil {
-		if o, err = m.begin(ctx, "fork", id, opPayload{Source: tmpl.Source, Live: true}); err != nil {
-			return store.Instance{}, err
-		}
-		if err := m.createRecord(ctx, &rec, pubs); err != nil {
-			o.finish(ctx, err)
-			return store.Instance{}, err
-		}
-		// The network before the files: a live source is paused only while
-		// its memory is copied, never while a namespace is made.
-		if err := m.setupNetwork(ctx, o, rec, pubs); err != nil {
-			return fail(o, err)
-		}
-		build := func() error {
-			var fresh []string
-			if res, fresh, err = m.buildForkDir(tmp, spec.files, nil); err != nil {
-				return err
-			}
-			if err := syncForkTree(tmp.Jail, fresh); err != nil {
-				return err
-			}
-			return atomicfile.Rename(tmp.Jail, final.Jail)
-		}
-		if spec.key, err = spec.live(ctx, o, build); err != nil {
-			return fail(o, err)
-		}
-		finishRecord(&rec, res, spec.key)
-	} else {
-		var j *forkJournal
-		var fresh []string
-		records := m.fs.records
-		r := trace.StartRegion(ctx, "fork: build")
-		res, fresh, err = m.buildForkDir(tmp, spec.files, func(res memfile.ShareResult) {
-			finishRecord(&rec, res, spec.key)
-			synced := !records && os.Getenv(UnsafeUnsyncedForkBeginEnv) != "1" // the env: a twin test only
-			j = m.beginFork(ctx, rec, pubs, opPayload{Source: tmpl.Source, RollForward: true}, synced)
-		})
-		r.End()
-		if j == nil {
-			return fail(nil, err)
-		}
-		if err == nil && records && !rec.Networked {
-			// The fork's finished record, in its own directory: made durable
-			// by the rename's fsync, it is what the reconciler restores the
-			// fork from if a power cut loses the unsynced commits.
-			err = writeForkRecord(tmp, completed(rec, res), nil)
-		}
-		if err == nil && !rec.Networked { // fsync the new inodes and the dir while the journal commits
-			trace.WithRegion(ctx, "fork: sync tree", func() { err = syncForkTree(tmp.Jail, fresh) })
-		}
-		var jerr error
-		trace.WithRegion(ctx, "fork: wait for the journal", func() { o, jerr = j.wait() })
-		if jerr != nil {
-			return fail(nil, jerr)
-		}
-		rec = j.rec // a networked fork's slot, taken in the commit
-		if err == nil && rec.Networked {
-			// A networked fork's record names the slot its commit took, so
-			// it is written after that commit, and the tree is made durable
-			// after the record (btrfs makes a directory's attributes
-			// durable with that directory's own fsync).
-			if err = m.setupNetwork(ctx, o, rec, pubs); err == nil && records {
-				err = writeForkRecord(tmp, completed(rec, res), pubs)
-			}
-			if err == nil {
-				trace.WithRegion(ctx, "fork: sync tree", func() { err = syncForkTree(tmp.Jail, fresh) })
-			}
-		}
-		if err == nil { // the fork's own name only once the journal names it
-			trace.WithRegion(ctx, "fork: rename", func() { err = atomicfile.Rename(tmp.Jail, final.Jail) })
-		}
-		if err != nil {
-			return fail(o, err)
-		}
-		unsynced = true
+	job.o = o
+	// The network before the files: a live source is paused only while
+	// its memory is copied, never while a namespace is made.
+	if err := m.setupNetwork(ctx, o, job.rec, job.pubs); err != nil {
+		return m.failFork(ctx, job, err)
 	}
+	build := func() error {
+		var err error
+		if job.res, job.fresh, err = m.buildForkDir(job.tmp, spec.files, nil); err != nil {
+			return err
+		}
+		if err := syncForkTree(job.tmp.Jail, job.fresh); err != nil {
+			return err
+		}
+		return atomicfile.Rename(job.tmp.Jail, job.final.Jail)
+	}
+	if spec.key, err = spec.live(ctx, o, build); err != nil {
+		return m.failFork(ctx, job, err)
+	}
+	finishRecord(&job.rec, job.res, spec.key)
 	crashPoint("fork", "files") // test hook: the fork's dir is durable, its record still Forking
-	rec = completed(rec, res)
-	commit := m.db.Group
-	if unsynced {
-		commit = m.db.GroupUnsynced
-	}
-	r := trace.StartRegion(ctx, "fork: last commit")
-	err = commit(ctx, "fork:committing", finishForkUnit(o, rec))
-	r.End()
-	if err != nil {
-		return fail(o, err)
+	rec := completed(job.rec, job.res)
+	if err := m.db.Group(ctx, "fork:committing", finishForkUnit(o, rec)); err != nil {
+		return m.failFork(ctx, job, err)
 	}
 	crashPoint("fork", "committed") // test hook (crashhook.go)
-	m.countFallback(res, "fork", id)
-	m.log.Info("forked", "instance", id, "name", req.Name, "source", tmpl.Source, "mode", res.Mode, "live", spec.live != nil)
+	m.forked(job, rec, true)
 	return rec, nil
 }
 

@@ -1,0 +1,184 @@
+package instance
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime/trace"
+	"sync"
+	"time"
+
+	"github.com/forkd/forkd/internal/api"
+	"github.com/forkd/forkd/internal/atomicfile"
+	"github.com/forkd/forkd/internal/store"
+)
+
+// ForkInstanceBatch makes req.Count forks of instance ref in one call
+// (a Standby source, or a Stopped or Created one for disk-only forks; a
+// running source is forked live one fork at a time), named
+// req.Name-1..req.Name-Count: every fork, or an error and none (forkBatch).
+func (m *Manager) ForkInstanceBatch(ctx context.Context, ref string, req api.ForkBatchRequest) ([]api.Instance, error) {
+	start := time.Now()
+	defer m.observe("fork_batch", start)
+	defer m.netOpStart()()
+	ctx = context.WithoutCancel(ctx)
+	if err := req.Validate(); err != nil {
+		return nil, err
+	}
+	a, err := m.admitInstanceFork(ctx, ref, forkAsk{target: req.TargetState, backend: req.RestoreBackend, n: req.Count})
+	if err != nil {
+		return nil, err
+	}
+	return m.forkAdmittedBatch(ctx, a, req)
+}
+
+// ForkSnapshotBatch is ForkInstanceBatch for a store snapshot.
+func (m *Manager) ForkSnapshotBatch(ctx context.Context, ref string, req api.ForkBatchRequest) ([]api.Instance, error) {
+	start := time.Now()
+	defer m.observe("fork_batch", start)
+	defer m.netOpStart()()
+	ctx = context.WithoutCancel(ctx)
+	if err := req.Validate(); err != nil {
+		return nil, err
+	}
+	a, err := m.admitSnapshotFork(ctx, ref, forkAsk{target: req.TargetState, backend: req.RestoreBackend, n: req.Count})
+	if err != nil {
+		return nil, err
+	}
+	return m.forkAdmittedBatch(ctx, a, req)
+}
+
+// forkAdmittedBatch makes an admitted batch's forks under the source's
+// lock, then brings them to their target state; if any of them cannot be
+// brought there, every fork of the batch is deleted.
+func (m *Manager) forkAdmittedBatch(ctx context.Context, a *forkAdmission, req api.ForkBatchRequest) ([]api.Instance, error) {
+	defer a.releaseCap()
+	recs, err := m.forkBatch(ctx, a.ids, req.Names(), a.tmpl, a.spec)
+	a.release()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.Instance, len(recs))
+	errs := make([]error, len(recs))
+	eachFork(len(recs), func(i int) { out[i], errs[i] = m.applyTarget(ctx, recs[i], a.target, req.RestoreBackend) })
+	if err := errors.Join(errs...); err != nil {
+		for i, rec := range recs {
+			if errs[i] == nil { // applyTarget removed the ones it failed
+				if derr := m.DeleteInstance(ctx, rec.ID); derr != nil {
+					m.log.Error("fork batch: remove a fork after another's failed target state", "instance", rec.ID, "err", derr)
+				}
+			}
+		}
+		return nil, fmt.Errorf("a batch of %d forks: target state %s: %w (every fork of the batch removed)", len(recs), a.target, err)
+	}
+	return out, nil
+}
+
+// forkBatchWorkers bounds how many of a batch's forks are built at once:
+// building is a few metadata syscalls per fork, so a few workers keep the
+// CPUs busy without a goroutine per fork contending for them.
+const forkBatchWorkers = 4
+
+// eachFork runs fn(0..n-1) on up to forkBatchWorkers goroutines.
+func eachFork(n int, fn func(i int)) {
+	var wg sync.WaitGroup
+	next := make(chan int)
+	for range min(n, forkBatchWorkers) {
+		wg.Go(func() {
+			for i := range next {
+				fn(i)
+			}
+		})
+	}
+	for i := range n {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+}
+
+// forkBatch makes a fork of spec (not a live one) for each of ids, named
+// names, with fork's steps taken for every fork of the batch before the
+// next: every directory is built (each fork's first commit, synced, queued
+// as its mem-file is shared, so the batch shares a few group commits), then
+// every directory is renamed into place and one fsync of their parent makes
+// all of them durable, and one last commit, synced, completes them all.
+//
+// The batch is all or none, across a crash or a power cut too. Its forks'
+// journal entries do not roll forward (opPayload.RollForward is false, and
+// their directories carry no record to restore them from): until the last
+// commit is durable, the reconciler removes every fork of the batch whose
+// entry it finds; after, all of them are complete. So that one durable
+// point is the batch's only way to exist, its first commits are synced
+// before any directory takes its own name, and its last commit is one unit
+// holding every fork.
+func (m *Manager) forkBatch(ctx context.Context, ids, names []string, tmpl store.Instance, spec forkSpec) ([]store.Instance, error) {
+	if spec.live != nil {
+		return nil, fmt.Errorf("%w: a running source is forked live one fork at a time, not in a batch", api.ErrInvalid)
+	}
+	jobs := make([]*forkJob, len(ids))
+	for i, id := range ids {
+		job, err := m.newForkJob(id, names[i], nil, tmpl)
+		if err != nil {
+			return nil, err
+		}
+		job.batch = true
+		jobs[i] = job
+	}
+	errs := make([]error, len(jobs))
+	eachFork(len(jobs), func(i int) {
+		errs[i] = m.forkJournalled(ctx, jobs[i], m.buildFork(ctx, jobs[i], spec))
+	})
+	err := errors.Join(errs...)
+	if err == nil { // every fork's own name only once the journal names them all
+		r := trace.StartRegion(ctx, "fork: rename")
+		for _, job := range jobs {
+			if err = os.Rename(job.tmp.Jail, job.final.Jail); err != nil {
+				break
+			}
+		}
+		if err == nil {
+			err = atomicfile.SyncDir(filepath.Dir(jobs[0].final.Jail))
+		}
+		r.End()
+	}
+	if err != nil {
+		return nil, m.failBatch(ctx, jobs, err)
+	}
+	crashPoint("fork", "batch-files") // test hook: every fork's dir is durable, its record still Forking
+	recs := make([]store.Instance, len(jobs))
+	r := trace.StartRegion(ctx, "fork: last commit")
+	err = m.db.Group(ctx, "fork:batch-committing", func(tx *store.Tx) error {
+		for i, job := range jobs {
+			recs[i] = completed(job.rec, job.res)
+			if err := finishForkUnit(job.o, recs[i])(tx); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	r.End()
+	if err != nil {
+		return nil, m.failBatch(ctx, jobs, err)
+	}
+	crashPoint("fork", "batch-committed") // test hook (crashhook.go)
+	for i, job := range jobs {
+		m.forked(job, recs[i], false)
+	}
+	return recs, nil
+}
+
+// failBatch removes every fork of a batch and journals err as each one's
+// outcome (undoFork), and returns err with any removal that failed.
+func (m *Manager) failBatch(ctx context.Context, jobs []*forkJob, err error) error {
+	err = apiErr(fmt.Errorf("a batch of %d forks of %s: %w (no fork of the batch kept)", len(jobs), jobs[0].rec.Source, err))
+	out := []error{err}
+	for _, job := range jobs {
+		if uerr := m.undoFork(ctx, job, err); uerr != err {
+			out = append(out, uerr) // err with a removal that failed joined to it
+		}
+	}
+	return errors.Join(out...)
+}
