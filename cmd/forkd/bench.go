@@ -135,6 +135,7 @@ Compare ratios within one run: absolute times on nested VMs are noise.`,
 	f.StringSliceVar(&opt.Backends, "backends", []string{"file", "uffd"}, "restore backends: file, uffd, and uffd-2M (uffd restores of a source backed by 2 MiB pages: needs free pages in vm.nr_hugepages)")
 	f.StringSliceVar(&opt.Temperatures, "temps", []string{bench.Cold, bench.Warm}, "cache temperatures: cold, warm")
 	f.IntVar(&opt.SerialForks, "serial-forks", 10, fmt.Sprintf("forks timed one at a time per size, strategy and daemon (each prefetch setting of each --binary; the daemons take turns every %d forks), each after a link+fsync floor sample, apart from the bursts (-1: none)", bench.SerialRound))
+	f.BoolVar(&opt.Batch, "batch", false, "also make each burst's forks by one batch call (POST .../forks), timed before the concurrent calls and deleted at once, and print its ratio to a serial fork")
 	f.StringVar(&opt.ForkFrom, "from", bench.FromSnapshot, "fork from a snapshot of the source or from the Standby source itself: snapshot, standby")
 	f.IntVar(&opt.CopyMaxMiB, "copy-max-mib", 1024, "run the copy strategy only at sizes up to this (MiB; -1: all): a burst writes --forks × the guest's RAM")
 	f.BoolVar(&opt.DropCaches, "drop-caches", os.Geteuid() == 0, "drop the host page cache before cold bursts, keeping the staged VMM program cached (root)")

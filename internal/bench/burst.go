@@ -44,6 +44,9 @@ func (r *runner) burst(ctx context.Context, d *daemon, par parent, key cellKey) 
 	pagerCPUBefore, pagerCPUErr := ReadSchedTimes(pagerBefore.Pid)
 	readBefore, usedBefore := r.disk.ReadBytes(), r.disk.UsedBytes()
 
+	if r.cfg.Batch {
+		cell.Batch = r.batch(ctx, d, par, n)
+	}
 	results := make([]forkResult, n)
 	r.settle()
 	cpu := newCPUMeter(d.pid)
@@ -116,6 +119,30 @@ func (r *runner) burst(ctx context.Context, d *daemon, par parent, key cellKey) 
 	}
 	r.deleteBurst(ctx, d, prefix)
 	return cell
+}
+
+// batch makes n forks of par by one batch call, times it, and deletes them.
+func (r *runner) batch(ctx context.Context, d *daemon, par parent, n int) *BatchFork {
+	name := r.name("batch")
+	req := api.ForkBatchRequest{Name: name, Count: n, TargetState: api.StateStandby}
+	r.settle()
+	cpu := newCPUMeter(d.pid)
+	cpu.start()
+	t0 := time.Now()
+	var err error
+	if par.snapshot {
+		_, err = d.svc.ForkSnapshotBatch(ctx, par.id, req)
+	} else {
+		_, err = d.svc.ForkInstanceBatch(ctx, par.id, req)
+	}
+	b := &BatchFork{Call: time.Since(t0)}
+	cpu.stop(n)
+	b.CPU = cpu.perFork()
+	if err != nil {
+		b.Err = err.Error()
+	}
+	r.deleteBurst(ctx, d, name+"-")
+	return b
 }
 
 // prefetchFigures waits for each fork's prefetch figures to be final (the

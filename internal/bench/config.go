@@ -93,6 +93,10 @@ type Config struct {
 	// must be flat in guest RAM); the daemons of one size and strategy take
 	// turns. Default 10, -1 none.
 	SerialForks int `json:"serial_forks"`
+	// Batch also times each burst's forks made by one batch call
+	// (POST .../forks: every fork returns when the call does), before the
+	// concurrent calls; those forks are deleted at once, not restored.
+	Batch bool `json:"batch,omitempty"`
 	// CopyMaxMiB is the largest guest size the copy strategy runs at
 	// (larger sizes are reported as skipped): a burst of N copies writes N
 	// times the guest's RAM (25 × 4 GiB = 100 GiB). Default 1024; -1: no

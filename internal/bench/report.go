@@ -106,6 +106,9 @@ type Cell struct {
 	Samples *Samples `json:"samples,omitempty"`
 	// ForkWall is the fork phase alone: first fork call to last fork return.
 	ForkWall time.Duration `json:"fork_wall_ns"`
+	// Batch is the same N forks made by one batch call (Config.Batch), nil
+	// when not asked for.
+	Batch *BatchFork `json:"batch,omitempty"`
 	// ForkCPU is the fork phase's CPU time per fork, the daemon's and the
 	// benchmark's own (nil when the daemon's pid is unknown).
 	ForkCPU *ForkCPU `json:"fork_cpu,omitempty"`
@@ -167,6 +170,10 @@ func (r *Report) WriteTable(w io.Writer) error {
 			durStr(c.Touch.P50), durStr(c.Touch.P95), durStr(c.Wall), checksStr(c.MemoryChecks))
 	}
 	if err := tw.Flush(); err != nil {
+		return err
+	}
+
+	if err := r.writeBatches(w); err != nil {
 		return err
 	}
 
@@ -266,6 +273,33 @@ func (r *Report) writeSerialTable(w io.Writer) error {
 		fmt.Fprintf(tw, "%s\t\n", truncateStr(s.Error, 60))
 	}
 	return tw.Flush()
+}
+
+// writeBatches prints the bursts' batch calls (Config.Batch), if any.
+func (r *Report) writeBatches(w io.Writer) error {
+	if !r.Config.Batch {
+		return nil
+	}
+	fmt.Fprintln(w, "\nbatch (the same N forks made by one batch call, POST .../forks, before the concurrent calls; each fork returns with the call; fork cpu: per fork, daemon+this client)")
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "size\tstrategy\tprefetch\trate\tworkload\tbackend\ttemp\tforks\tbatch call\tconcurrent calls: fork p50\twall\tfork cpu\terror\t")
+	for _, c := range r.Cells {
+		if c.Skipped != "" || c.Batch == nil {
+			continue
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t\n",
+			c.SizeMiB, c.Strategy, c.Prefetch, c.Rate, c.workloadStr(), c.Backend, c.Temperature, c.Forks,
+			durStr(c.Batch.Call), durStr(c.Fork.P50), durStr(c.ForkWall), cpuStr(c.Batch.CPU), c.Batch.Err)
+	}
+	return tw.Flush()
+}
+
+// BatchFork is a burst's forks made by one batch call: every fork's
+// latency is the call's.
+type BatchFork struct {
+	Call time.Duration `json:"call_ns"`
+	CPU  *ForkCPU      `json:"fork_cpu,omitempty"` // per fork
+	Err  string        `json:"error,omitempty"`
 }
 
 // cpuStr is a ForkCPU as daemon+client, "-" when unknown.
@@ -394,6 +428,14 @@ func (r *Report) Ratios() []Ratio {
 						}
 						return 0, 0, false
 					})
+					if r.Config.Batch {
+						per(fmt.Sprintf("%s %s %s: one batch call of the burst's forks / serial fork p50 (budget 3x)", at, be, temp), func(k int) (float64, float64, bool) {
+							if c := burst(k); c != nil && c.Batch != nil && c.Batch.Err == "" {
+								return both(float64(c.Batch.Call), float64(h.Fork.P50))
+							}
+							return 0, 0, false
+						})
+					}
 					// What the host's CPUs allow that ratio: the burst's CPU
 					// per fork, for half its forks, over every CPU.
 					per(fmt.Sprintf("%s %s %s: burst p50 CPU floor (half its forks' CPU / %d CPUs) / serial fork p50", at, be, temp, max(r.Machine.CPUs, 1)), func(k int) (float64, float64, bool) {

@@ -127,10 +127,14 @@ func (m *Manager) forkBatch(ctx context.Context, ids, names []string, tmpl store
 		job.batch = true
 		jobs[i] = job
 	}
+	// Build every dir first, each fork's first commit queued as its
+	// mem-file is shared, and only then wait for the commits: a worker
+	// that waited for its fork's commit before building the next would
+	// put a commit's fsync between every few forks.
+	built := make([]error, len(jobs))
+	eachFork(len(jobs), func(i int) { built[i] = m.buildFork(ctx, jobs[i], spec) })
 	errs := make([]error, len(jobs))
-	eachFork(len(jobs), func(i int) {
-		errs[i] = m.forkJournalled(ctx, jobs[i], m.buildFork(ctx, jobs[i], spec))
-	})
+	eachFork(len(jobs), func(i int) { errs[i] = m.forkJournalled(ctx, jobs[i], built[i]) })
 	err := errors.Join(errs...)
 	if err == nil { // every fork's own name only once the journal names them all
 		r := trace.StartRegion(ctx, "fork: rename")
