@@ -367,3 +367,30 @@ func TestWriteTableShowsEachRound(t *testing.T) {
 		}
 	}
 }
+
+// With Config.Batch, a burst's batch call is compared with the serial fork
+// as the burst is, and printed beside the concurrent calls.
+func TestBatchCallIsABudgetRatio(t *testing.T) {
+	rep := sampleReport()
+	rep.Config.Batch = true
+	rep.Cells[0].Batch = &BatchFork{Call: 6 * time.Millisecond, CPU: &ForkCPU{Daemon: 300 * time.Microsecond, Client: 10 * time.Microsecond}}
+	rep.Cells[3].Batch = &BatchFork{Err: "404 not_found: no such endpoint"}
+	checkRatios(t, rep, map[string]float64{
+		"256 MiB file cold: one batch call of the burst's forks / serial fork p50 (budget 3x)": 6.0 / 4.0,
+		"256 MiB file cold: burst fork p50 / serial fork p50 (budget 3x)":                      2.5,
+	})
+	for _, r := range rep.Ratios() {
+		if strings.HasPrefix(r.Name, "4096 MiB") && strings.Contains(r.Name, "batch") {
+			t.Errorf("a failed batch call gave a ratio: %+v", r)
+		}
+	}
+	var b bytes.Buffer
+	if err := rep.WriteTable(&b); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"batch call", "6.0ms", "300µs+10µs", "404 not_found"} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("table lacks %q:\n%s", want, b.String())
+		}
+	}
+}
