@@ -476,8 +476,11 @@ func (m *Manager) buildFork(ctx context.Context, job *forkJob, spec forkSpec) er
 	var err error
 	job.res, job.fresh, err = m.buildForkDir(job.tmp, spec.files, func(res memfile.ShareResult) {
 		finishRecord(&job.rec, res, spec.key)
-		synced := job.batch || !records && os.Getenv(UnsafeUnsyncedForkBeginEnv) != "1" // the env: a twin test only
-		job.journal = m.beginFork(ctx, job.rec, job.pubs, opPayload{Source: job.rec.Source, RollForward: !job.batch}, synced)
+		if job.batch {
+			return // journalled with its batch (forkBatch)
+		}
+		synced := !records && os.Getenv(UnsafeUnsyncedForkBeginEnv) != "1" // the env: a twin test only
+		job.journal = m.beginFork(ctx, job.rec, job.pubs, opPayload{Source: job.rec.Source, RollForward: true}, synced)
 	})
 	r.End()
 	records = records && !job.batch
@@ -498,16 +501,18 @@ func (m *Manager) buildFork(ctx context.Context, job *forkJob, spec forkSpec) er
 // record and its durable tree. On an error the fork is the caller's to
 // fail (failFork): job.o says whether it was journalled.
 func (m *Manager) forkJournalled(ctx context.Context, job *forkJob, built error) error {
-	if job.journal == nil {
-		return built
+	if !job.batch { // a batch's forks are journalled together (forkBatch)
+		if job.journal == nil {
+			return built
+		}
+		var o *op
+		var jerr error
+		trace.WithRegion(ctx, "fork: wait for the journal", func() { o, jerr = job.journal.wait() })
+		if jerr != nil {
+			return jerr
+		}
+		job.o, job.rec = o, job.journal.rec // a networked fork's slot, taken in the commit
 	}
-	var o *op
-	var jerr error
-	trace.WithRegion(ctx, "fork: wait for the journal", func() { o, jerr = job.journal.wait() })
-	if jerr != nil {
-		return jerr
-	}
-	job.o, job.rec = o, job.journal.rec // a networked fork's slot, taken in the commit
 	if built != nil || !job.rec.Networked {
 		return built
 	}

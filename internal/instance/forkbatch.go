@@ -101,19 +101,18 @@ func eachFork(n int, fn func(i int)) {
 
 // forkBatch makes a fork of spec (not a live one) for each of ids, named
 // names, with fork's steps taken for every fork of the batch before the
-// next: every directory is built (each fork's first commit, synced, queued
-// as its mem-file is shared, so the batch shares a few group commits), then
-// every directory is renamed into place and one fsync of their parent makes
-// all of them durable, and one last commit, synced, completes them all.
+// next: one synced commit journals every fork (beginBatch) while every
+// directory is built, then every directory is renamed into place and one
+// fsync of their parent makes all of them durable, and one last commit,
+// synced, completes them all.
 //
 // The batch is all or none, across a crash or a power cut too. Its forks'
 // journal entries do not roll forward (opPayload.RollForward is false, and
 // their directories carry no record to restore them from): until the last
 // commit is durable, the reconciler removes every fork of the batch whose
-// entry it finds; after, all of them are complete. So that one durable
-// point is the batch's only way to exist, its first commits are synced
-// before any directory takes its own name, and its last commit is one unit
-// holding every fork.
+// entry it finds, and the first commit, durable before any directory takes
+// its own name, names every one; once the last commit is durable all of
+// them are complete, and it is one unit holding every fork.
 func (m *Manager) forkBatch(ctx context.Context, ids, names []string, tmpl store.Instance, spec forkSpec) ([]store.Instance, error) {
 	if spec.live != nil {
 		return nil, fmt.Errorf("%w: a running source is forked live one fork at a time, not in a batch", api.ErrInvalid)
@@ -127,15 +126,20 @@ func (m *Manager) forkBatch(ctx context.Context, ids, names []string, tmpl store
 		job.batch = true
 		jobs[i] = job
 	}
-	// Build every dir first, each fork's first commit queued as its
-	// mem-file is shared, and only then wait for the commits: a worker
-	// that waited for its fork's commit before building the next would
-	// put a commit's fsync between every few forks.
+	// The batch's first commit, made while its dirs are built: a fork of
+	// a batch never rolls forward, so its Forking record need not hold
+	// what building learns (its fork_mode): the last commit writes it.
+	journal := m.beginBatch(ctx, jobs)
 	built := make([]error, len(jobs))
 	eachFork(len(jobs), func(i int) { built[i] = m.buildFork(ctx, jobs[i], spec) })
+	var err error
+	trace.WithRegion(ctx, "fork: wait for the journal", func() { err = journal.wait(m, jobs) })
+	if err != nil {
+		return nil, m.failBatch(ctx, jobs, err)
+	}
 	errs := make([]error, len(jobs))
 	eachFork(len(jobs), func(i int) { errs[i] = m.forkJournalled(ctx, jobs[i], built[i]) })
-	err := errors.Join(errs...)
+	err = errors.Join(errs...)
 	if err == nil { // every fork's own name only once the journal names them all
 		r := trace.StartRegion(ctx, "fork: rename")
 		for _, job := range jobs {
@@ -172,6 +176,67 @@ func (m *Manager) forkBatch(ctx context.Context, ids, names []string, tmpl store
 		m.forked(job, recs[i], false)
 	}
 	return recs, nil
+}
+
+// batchJournal is a batch's first commit (beginBatch).
+type batchJournal struct {
+	done chan struct{}
+	ids  []int64          // the forks' journal entries; read after done
+	recs []store.Instance // their records as committed (a networked one with its slot)
+	err  error            // set before done is closed
+}
+
+// wait waits for the commit and, once it is made, gives each job its
+// journal entry and what the commit took (a networked fork's slot).
+func (j *batchJournal) wait(m *Manager, jobs []*forkJob) error {
+	<-j.done
+	if j.err != nil {
+		return j.err
+	}
+	for i, job := range jobs {
+		job.o = &op{m: m, id: j.ids[i], kind: "fork", subject: job.id}
+		job.rec.NetSlot, job.rec.NetWarm = j.recs[i].NetSlot, j.recs[i].NetWarm
+	}
+	return nil
+}
+
+// beginBatch starts a batch's first commit, synced, in the background: one
+// unit with every fork's journal entry (begun, not rolling forward) and
+// Forking record (a networked one takes its slot), so a taken name or a
+// full pool writes nothing. The records are copied before it returns: the
+// jobs' builds go on changing theirs.
+func (m *Manager) beginBatch(ctx context.Context, jobs []*forkJob) *batchJournal {
+	j := &batchJournal{done: make(chan struct{}), ids: make([]int64, len(jobs)), recs: make([]store.Instance, len(jobs))}
+	pubs := make([][]store.Publish, len(jobs))
+	for i, job := range jobs {
+		j.recs[i], pubs[i] = job.rec, job.pubs
+	}
+	go func() {
+		defer close(j.done)
+		err := m.db.Group(ctx, "fork:beginning", func(tx *store.Tx) error {
+			for i := range j.recs {
+				var err error
+				if j.ids[i], err = tx.Begin("fork", j.recs[i].ID, opPayload{Source: j.recs[i].Source}); err != nil {
+					return err
+				}
+				if j.recs[i].Networked {
+					err = tx.CreateNetworkedInstance(&j.recs[i], m.net().Config().Slots(), pubs[i])
+				} else {
+					err = tx.CreateInstance(j.recs[i])
+				}
+				if err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			j.err = networkRecordErr(m.net(), err)
+			return
+		}
+		crashPoint("fork", "begun") // test hook (crashhook.go)
+	}()
+	return j
 }
 
 // failBatch removes every fork of a batch and journals err as each one's
