@@ -12,7 +12,6 @@ import (
 	"github.com/forkd/forkd/internal/atomicfile"
 	"github.com/forkd/forkd/internal/capacity"
 	"github.com/forkd/forkd/internal/guestdir"
-	"github.com/forkd/forkd/internal/hostpath"
 	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/store"
 )
@@ -363,7 +362,7 @@ func (m *Manager) fork(ctx context.Context, id string, req api.ForkRequest, tmpl
 	if spec.live != nil {
 		return m.forkLive(ctx, job, spec)
 	}
-	err = m.forkJournalled(ctx, job, m.buildFork(ctx, job, spec))
+	err = m.forkJournalled(ctx, job, m.buildFork(ctx, job, spec, nil))
 	if err == nil { // the fork's own name only once the journal names it
 		trace.WithRegion(ctx, "fork: rename", func() { err = atomicfile.Rename(job.tmp.Jail, job.final.Jail) })
 	}
@@ -469,12 +468,19 @@ func (m *Manager) undoFork(ctx context.Context, job *forkJob, err error) error {
 // mem-file is shared, starts its first commit (beginFork) while the rest is
 // built; then, unless the fork is networked, writes the directory's record
 // and makes the tree durable (syncForkTree), while that commit is made.
-// Its error is forkJournalled's to handle.
-func (m *Manager) buildFork(ctx context.Context, job *forkJob, spec forkSpec) error {
+// Its source files come from srcs (nil: opened for this fork alone). Its
+// error is forkJournalled's to handle.
+func (m *Manager) buildFork(ctx context.Context, job *forkJob, spec forkSpec, srcs sources) error {
 	records := m.fs.records
 	r := trace.StartRegion(ctx, "fork: build")
+	build := m.buildForkDir
+	if srcs != nil { // a batch's, shared by its forks
+		build = func(tmp guestdir.Guest, f forkFiles, shared func(memfile.ShareResult)) (memfile.ShareResult, []string, error) {
+			return m.buildForkDirFrom(srcs, tmp, f, shared)
+		}
+	}
 	var err error
-	job.res, job.fresh, err = m.buildForkDir(job.tmp, spec.files, func(res memfile.ShareResult) {
+	job.res, job.fresh, err = build(job.tmp, spec.files, func(res memfile.ShareResult) {
 		finishRecord(&job.rec, res, spec.key)
 		if job.batch {
 			return // journalled with its batch (forkBatch)
@@ -613,22 +619,22 @@ func ValidForkStrategy(s string) error {
 }
 
 // shareMemFile gives a fork (dst, in a dir being built) the source's
-// mem-file (src, opened through root) the way Config.ForkStrategy says; the result's Mode is the
+// mem-file (src, opened from srcs) the way Config.ForkStrategy says; the result's Mode is the
 // fork's fork_mode. Nothing is fsynced: a result other than a hardlink is a
 // new inode for buildForkDir's caller to fsync.
 //
 // The default shares the inode when it is sealed and clones it (sealing the
 // clone) when a VMM may still write it (a live fork's fresh base): see
 // inodes.go. Every fork's mem-file is sealed.
-func (m *Manager) shareMemFile(root *hostpath.Root, src, dst string) (memfile.ShareResult, error) {
+func (m *Manager) shareMemFile(srcs sources, src, dst string) (memfile.ShareResult, error) {
 	if m.cfg.ForkStrategy == ForkStrategyHardlink {
-		return m.shareFrom(root, "mem-file", src, dst, false)
+		return m.shareFrom(srcs, "mem-file", src, dst, false)
 	}
-	f, err := root.Open("mem-file", src)
+	f, _, release, err := srcs.source("mem-file", src)
 	if err != nil {
 		return memfile.ShareResult{}, err
 	}
-	defer f.Close()
+	defer release()
 	res := memfile.ShareResult{Mode: memfile.ModeCopy}
 	if m.cfg.ForkStrategy == ForkStrategyReflink {
 		mode, err := m.files.CloneFileInto(f, dst)

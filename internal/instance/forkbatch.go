@@ -130,9 +130,16 @@ func (m *Manager) forkBatch(ctx context.Context, ids, names []string, tmpl store
 	// a batch never rolls forward, so its Forking record need not hold
 	// what building learns (its fork_mode): the last commit writes it.
 	journal := m.beginBatch(ctx, jobs)
+	root, err := m.openDataRoot()
+	if err != nil {
+		journal.wait(m, jobs)
+		return nil, m.failBatch(ctx, jobs, err)
+	}
+	srcs := newSourceCache(root) // each sealed source opened once, for every fork
 	built := make([]error, len(jobs))
-	eachFork(len(jobs), func(i int) { built[i] = m.buildFork(ctx, jobs[i], spec) })
-	var err error
+	eachFork(len(jobs), func(i int) { built[i] = m.buildFork(ctx, jobs[i], spec, srcs) })
+	srcs.close()
+	root.Close()
 	trace.WithRegion(ctx, "fork: wait for the journal", func() { err = journal.wait(m, jobs) })
 	if err != nil {
 		return nil, m.failBatch(ctx, jobs, err)

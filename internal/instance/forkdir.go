@@ -26,6 +26,17 @@ import (
 // the mem-file is shared (or at once for a fork without memory), when the
 // fork's fork_mode is known; the rest of the dir is built after it returns.
 func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memfile.ShareResult)) (memfile.ShareResult, []string, error) {
+	// The four source files are opened through one handle of the data dir.
+	root, err := m.openDataRoot()
+	if err != nil {
+		return memfile.ShareResult{}, nil, err
+	}
+	defer root.Close()
+	return m.buildForkDirFrom(dataSources{root}, tmp, f, shared)
+}
+
+// buildForkDirFrom is buildForkDir with the source files opened from srcs.
+func (m *Manager) buildForkDirFrom(srcs sources, tmp guestdir.Guest, f forkFiles, shared func(memfile.ShareResult)) (memfile.ShareResult, []string, error) {
 	var res memfile.ShareResult
 	var fresh []string // new inodes: their data must be fsynced
 	if shared == nil {
@@ -37,12 +48,6 @@ func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memf
 	if err := os.Mkdir(tmp.Dir, 0o755); err != nil {
 		return res, nil, err
 	}
-	// The four source files are opened through one handle of the data dir.
-	root, err := m.openDataRoot()
-	if err != nil {
-		return res, nil, err
-	}
-	defer root.Close()
 	if f.from != nil {
 		// snapshots/snapshot-latest, one level at a time: tmp.Dir is new,
 		// so there is nothing for MkdirAll to look up first.
@@ -51,7 +56,8 @@ func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memf
 				return res, nil, err
 			}
 		}
-		if res, err = m.shareMemFile(root, f.from.Memory(), tmp.Latest().Memory()); err != nil {
+		var err error
+		if res, err = m.shareMemFile(srcs, f.from.Memory(), tmp.Latest().Memory()); err != nil {
 			return res, nil, err
 		}
 		if res.Mode != memfile.ModeHardlink {
@@ -66,7 +72,7 @@ func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memf
 		// a snapshot create, never rewrites an existing inode
 		// (writeSnapshot's vmstate guard): link it like the mem-file, if
 		// it is sealed (shareFrom; a live fork's fresh base is cloned).
-		vres, err := m.shareFrom(root, "vmstate", f.from.VMState(), tmp.Latest().VMState(), false)
+		vres, err := m.shareFrom(srcs, "vmstate", f.from.VMState(), tmp.Latest().VMState(), false)
 		if err != nil {
 			return res, nil, err
 		}
@@ -79,7 +85,7 @@ func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memf
 		// forkd writes new inodes; it is sealed as made), so a link shares
 		// it safely: no copy of a user's kernel per fork where the
 		// filesystem cannot reflink.
-		kres, err := m.shareFrom(root, "kernel", f.kernel, tmp.Kernel(), false)
+		kres, err := m.shareFrom(srcs, "kernel", f.kernel, tmp.Kernel(), false)
 		if err != nil {
 			return res, nil, err
 		}
@@ -92,7 +98,7 @@ func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memf
 	// unshareDisk): link a sealed disk like the mem-file (a source on
 	// Standby, a store snapshot), so the fork makes no new data inode; clone
 	// one a VMM may still write (a live fork's source, a Stopped one's).
-	dres, err := m.shareFrom(root, "disk", f.rootfs, tmp.Rootfs(), false)
+	dres, err := m.shareFrom(srcs, "disk", f.rootfs, tmp.Rootfs(), false)
 	if err != nil {
 		return res, nil, err
 	}

@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sync"
 
 	"golang.org/x/sys/unix"
 
@@ -150,6 +151,73 @@ func (m *Manager) openDataRoot() (*hostpath.Root, error) {
 	return hostpath.OpenRoot(m.layout.Root())
 }
 
+// sources is where shareFrom gets its source files: each opened anew
+// through the data dir's handle (dataSources), or, for a batch of forks,
+// each sealed one opened once and shared by every fork (sourceCache).
+type sources interface {
+	// source opens path read-only (what names it in errors) and stats it;
+	// release gives the handle back.
+	source(what, path string) (f *os.File, st *unix.Stat_t, release func(), err error)
+}
+
+// dataSources opens each source through the data dir's handle
+// (openDataRoot).
+type dataSources struct{ root *hostpath.Root }
+
+func (d dataSources) source(what, path string) (*os.File, *unix.Stat_t, func(), error) {
+	f, err := d.root.Open(what, path)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		f.Close()
+		return nil, nil, nil, err
+	}
+	return f, &st, func() { f.Close() }, nil
+}
+
+// sourceCache is dataSources for a batch of forks: a sealed source (one
+// nothing writes: a fork only links it, through its descriptor) is opened
+// and checked once and its handle shared by every fork of the batch until
+// close; an unsealed one (a VMM may still write it) is opened anew for each
+// fork, which copies it.
+type sourceCache struct {
+	dataSources
+	mu     sync.Mutex
+	sealed map[string]sealedSource // by path
+}
+
+type sealedSource struct {
+	f  *os.File
+	st *unix.Stat_t
+}
+
+func newSourceCache(root *hostpath.Root) *sourceCache {
+	return &sourceCache{dataSources: dataSources{root}, sealed: map[string]sealedSource{}}
+}
+
+func (c *sourceCache) source(what, path string) (*os.File, *unix.Stat_t, func(), error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s, ok := c.sealed[path]; ok {
+		return s.f, s.st, func() {}, nil
+	}
+	f, st, release, err := c.dataSources.source(what, path)
+	if err != nil || !sealed(st) {
+		return f, st, release, err
+	}
+	c.sealed[path] = sealedSource{f, st}
+	return f, st, func() {}, nil
+}
+
+// close closes the shared handles.
+func (c *sourceCache) close() {
+	for _, s := range c.sealed {
+		s.f.Close()
+	}
+}
+
 // shareFrom gives dst, in a directory the daemon is building (a fork's or a
 // store snapshot's), the file src: a hardlink when src is sealed (zero I/O,
 // one inode and page cache for every sibling), else a new inode cloned from
@@ -157,18 +225,14 @@ func (m *Manager) openDataRoot() (*hostpath.Root, error) {
 // still live: a live fork or snapshot takes its running source's fresh
 // base). durable says whether dst's directory is fsynced now (a store
 // snapshot) or later with its tree (a fork: memfile's *Into functions).
-// src is opened through root (openDataRoot).
-func (m *Manager) shareFrom(root *hostpath.Root, what, src, dst string, durable bool) (memfile.ShareResult, error) {
-	f, err := root.Open(what, src)
+// src is opened from srcs.
+func (m *Manager) shareFrom(srcs sources, what, src, dst string, durable bool) (memfile.ShareResult, error) {
+	f, st, release, err := srcs.source(what, src)
 	if err != nil {
 		return memfile.ShareResult{}, err
 	}
-	defer f.Close()
-	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		return memfile.ShareResult{}, err
-	}
-	if sealed(&st) {
+	defer release()
+	if sealed(st) {
 		if durable {
 			return m.files.ShareFileForFork(f, dst)
 		}

@@ -226,24 +226,24 @@ func (m *Manager) storeFiles(g guestdir.Guest, from guestdir.SnapDir, id string)
 		return err
 	}
 	defer root.Close()
-	res, err := m.shareFrom(root, "mem-file", from.Memory(), tmp.Memory(), true)
+	res, err := m.shareFrom(dataSources{root}, "mem-file", from.Memory(), tmp.Memory(), true)
 	if err != nil {
 		return err
 	}
 	m.countFallback(res, "snapshot", id)
 	// The vmstate too: it is only read, and its one writer, the source's
 	// next snapshot create, writes a new inode (the vmstate guard).
-	if _, err := m.shareFrom(root, "vmstate", from.VMState(), tmp.VMState(), true); err != nil {
+	if _, err := m.shareFrom(dataSources{root}, "vmstate", from.VMState(), tmp.VMState(), true); err != nil {
 		return err
 	}
 	if _, err := os.Lstat(g.Kernel()); err == nil {
-		if _, err := m.shareFrom(root, "kernel", g.Kernel(), tmp.Kernel(), true); err != nil { // never written in place (see buildForkDir)
+		if _, err := m.shareFrom(dataSources{root}, "kernel", g.Kernel(), tmp.Kernel(), true); err != nil { // never written in place (see buildForkDir)
 			return err
 		}
 	}
 	// The disk is linked when sealed (a Standby source's: the source's next
 	// launch gives its VMM a private copy, the disk guard), else cloned.
-	if _, err := m.shareFrom(root, "disk", g.Rootfs(), tmp.Rootfs(), true); err != nil {
+	if _, err := m.shareFrom(dataSources{root}, "disk", g.Rootfs(), tmp.Rootfs(), true); err != nil {
 		return err
 	}
 	meta, _ := json.MarshalIndent(map[string]any{"id": id, "source_dir": g.Dir, "created_at": time.Now().UTC()}, "", "  ")
