@@ -194,6 +194,21 @@ func TestRealDaemonResponsesConformToSpec(t *testing.T) {
 	call("GET", "/snapshots", "", 200)
 	call("GET", "/snapshots/snap1", "", 200)
 	call("POST", "/snapshots/snap1/fork", `{"name":"s1","target_state":"Running"}`, 201)
+	// Batches: all or none, and never of a live source.
+	var batch api.ForkBatch
+	json.Unmarshal(call("POST", "/instances/src/forks", `{"name":"b","count":3}`, 201), &batch)
+	if len(batch.Forks) != 3 || batch.Forks[0].Name != "b-1" || batch.Forks[2].Name != "b-3" {
+		t.Errorf("a batch of 3: %+v, want b-1..b-3 in order", batch.Forks)
+	}
+	call("POST", "/instances/src/forks", `{"name":"b","count":4}`, 409)  // b-1..b-3 are taken
+	call("GET", "/instances/b-4", "", 404)                               // so none was made
+	call("POST", "/instances/live/forks", `{"name":"x","count":2}`, 409) // Running: forked live, one at a time
+	call("POST", "/snapshots/snap1/forks", `{"name":"sb","count":2,"target_state":"Stopped"}`, 201)
+	// forkd fork --count, on the real daemon: one batch call.
+	if out, err := exec.Command(bin, "--host", sock, "fork", "src", "cb", "--count", "2").CombinedOutput(); err != nil ||
+		!strings.Contains(string(out), "2/2 forks") || !strings.Contains(string(out), "(one batch call)") {
+		t.Errorf("forkd fork src cb --count 2: %v\n%s", err, out)
+	}
 	call("POST", "/instances/f1/restore", "", 200)
 	call("POST", "/instances/f1/resume", "", 409)
 	call("POST", "/instances/f1/stop", "", 200)
@@ -205,7 +220,7 @@ func TestRealDaemonResponsesConformToSpec(t *testing.T) {
 	call("GET", "/snapshots/snapz", "", 200)
 	call("DELETE", "/snapshots/snapz", "", 204, 409)
 	call("GET", "/snapshots/snap1", "", 404)
-	for _, name := range []string{"live", "f1", "cold", "s1", "idle", "src"} {
+	for _, name := range []string{"live", "f1", "cold", "s1", "b-1", "b-2", "b-3", "sb-1", "sb-2", "cb-1", "cb-2", "idle", "src"} {
 		call("DELETE", "/instances/"+name, "", 204)
 	}
 	call("GET", "/instances", "", 200)
@@ -322,6 +337,7 @@ func checkEvents(t *testing.T, doc *openapi3.T, stop func(), lines <-chan []stri
 		"instance.created src Created", "instance.state src Running", "instance.created idle Created",
 		"snapshot.created snap1 ready", "instance.forked live Standby", "instance.state live Running", "instance.state src Standby",
 		"instance.forked f1 Standby", "instance.forked cold Standby", "instance.state cold Stopped", "instance.state f1 Running",
+		"instance.forked b-1 Standby", "instance.forked b-3 Standby", "instance.state sb-2 Stopped",
 		"snapshot.deleted snap1 ", "instance.deleted src ",
 	} {
 		if !seen[want] {

@@ -52,7 +52,7 @@ func (a *admission) heavy(next http.HandlerFunc) http.HandlerFunc {
 func isHeavy(r *http.Request) bool {
 	switch action := r.PathValue("action"); action {
 	case "":
-		return true // the routes wrapped without an {action}: create, fork, snapshot
+		return true // the routes wrapped without an {action}: create, fork, a batch of forks (one operation however many forks), snapshot
 	case "start", "standby", "restore":
 		return true
 	default:

@@ -2,7 +2,9 @@ package api
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -22,6 +24,16 @@ func (s *blockingService) CreateInstance(ctx context.Context, req CreateInstance
 	s.once.Do(func() { close(s.entered) })
 	<-s.release
 	return Instance{ID: "0123456789abcdef01234567", Name: req.Name, State: StateRunning, Vcpus: 1, MemoryMiB: 256}, nil
+}
+
+func (s *blockingService) ForkInstanceBatch(ctx context.Context, ref string, req ForkBatchRequest) ([]Instance, error) {
+	s.once.Do(func() { close(s.entered) })
+	<-s.release
+	out := make([]Instance, req.Count)
+	for i, n := range req.Names() {
+		out[i] = Instance{ID: fmt.Sprintf("0123456789abcdef0123%04d", i), Name: n, State: StateStandby, Vcpus: 1, MemoryMiB: 256}
+	}
+	return out, nil
 }
 
 func (s *blockingService) Action(ctx context.Context, ref, action string, req ActionRequest) (Instance, error) {
@@ -72,6 +84,47 @@ func TestAdmissionRefusesHeavyOperationsPastTheLimit(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusCreated {
 		t.Fatalf("a create after the slot freed: %d, want 201", resp.StatusCode)
+	}
+}
+
+// A batch of forks is one heavy operation however many forks it makes: a
+// batch of 10 is admitted under a limit of 1, and while it runs every
+// other heavy request, a fork or another batch, is answered 429 busy.
+func TestAdmissionCountsABatchOfForksAsOne(t *testing.T) {
+	svc := &blockingService{entered: make(chan struct{}), release: make(chan struct{})}
+	h, err := NewHandler(svc, HandlerOptions{MaxHeavyOps: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	post := func(path, body string) *http.Response {
+		resp, err := http.Post(srv.URL+path, "application/json", strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp
+	}
+	first := make(chan *http.Response, 1)
+	go func() { first <- post("/instances/web/forks", `{"name":"kid","count":10}`) }()
+	<-svc.entered
+	for _, p := range []struct{ path, body string }{
+		{"/instances/web/forks", `{"name":"more","count":2}`},
+		{"/snapshots/snap/forks", `{"name":"more","count":1}`},
+		{"/instances/web/fork", `{"name":"one"}`},
+	} {
+		resp := post(p.path, p.body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusTooManyRequests || resp.Header.Get("Retry-After") == "" {
+			t.Errorf("POST %s while a batch holds the only slot: %d, want 429 with Retry-After", p.path, resp.StatusCode)
+		}
+	}
+	close(svc.release)
+	resp := <-first
+	defer resp.Body.Close()
+	var b ForkBatch
+	if err := json.NewDecoder(resp.Body).Decode(&b); err != nil || resp.StatusCode != http.StatusCreated || len(b.Forks) != 10 {
+		t.Fatalf("the admitted batch: %d, %d forks (%v); want 201 with 10", resp.StatusCode, len(b.Forks), err)
 	}
 }
 

@@ -199,11 +199,14 @@ func TestResponsesConformToOpenAPISpec(t *testing.T) {
 		{"POST", "/instances/web/restore", `{"restore_backend":"uffd"}`, 200},
 		{"POST", "/instances/web/standby", "", 200},
 		{"POST", "/instances/web/fork", `{"name":"web-1"}`, 201},
+		{"POST", "/instances/web/forks", `{"name":"kid","count":3}`, 201},
+		{"POST", "/instances/web/forks", `{"name":"run","count":2,"target_state":"Running","restore_backend":"uffd"}`, 201},
 		{"POST", "/instances/idle/fork", `{"name":"live-1","from_running":true,"target_state":"Running"}`, 201},
 		{"POST", "/instances/web/snapshots", `{"name":"snap1","compression":"zstd"}`, 201},
 		{"GET", "/snapshots", "", 200},
 		{"GET", "/snapshots/snap1", "", 200},
 		{"POST", "/snapshots/snap1/fork", `{"name":"from-snap","target_state":"Running","restore_backend":"uffd"}`, 201},
+		{"POST", "/snapshots/snap1/forks", `{"name":"snap-kid","count":2}`, 201},
 		{"GET", "/pager/stats", "", 200},
 		{"POST", "/instances/web/stop", "", 200},
 		{"DELETE", "/snapshots/snap1", "", 204},
@@ -237,6 +240,10 @@ func TestResponsesConformToOpenAPISpec(t *testing.T) {
 		{"POST", "/instances/nope/snapshots", `{"name":"x"}`, 404},
 		{"POST", "/instances/idle/restore", "", 409},
 		{"POST", "/instances/idle/fork", `{"name":"x"}`, 409},
+		{"POST", "/instances/web-1/forks", `{"name":"kid","count":4}`, 409}, // kid-1..3 exist: none made
+		{"POST", "/snapshots/nope/forks", `{"name":"x","count":2}`, 404},
+		{"POST", "/instances/web-1/forks", `{"name":"x","count":0}`, 422},
+		{"POST", "/instances/web-1/forks", `{"name":"x","count":2,"from_running":true}`, 400},
 		{"POST", "/instances", `{"name":"web-1"}`, 409},
 		{"GET", "/instances/0", "", 409},
 		{"POST", "/instances", `{"name":"Bad"}`, 422},
@@ -327,6 +334,8 @@ func TestUnknownRoutesAnswerWithErrorDocuments(t *testing.T) {
 		{"PUT", "/instances", 405, api.CodeMethodNotAllowed},
 		{"GET", "/instances/x/fork", 405, api.CodeMethodNotAllowed},
 		{"POST", "/instances/x/explode", 404, api.CodeNotFound},
+		{"GET", "/instances/x/forks", 405, api.CodeMethodNotAllowed},
+		{"PUT", "/snapshots/x/forks", 405, api.CodeMethodNotAllowed},
 	}
 	for _, tc := range cases {
 		req, _ := http.NewRequest(tc.method, srv.URL+tc.path, nil)

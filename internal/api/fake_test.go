@@ -210,6 +210,40 @@ func (f *fakeService) ForkInstance(ctx context.Context, ref string, req api.Fork
 	return f.fork(req.Name, "instance:"+src.ID, src.SnapshotCacheKey, state, src.MemoryMiB, src.Vcpus)
 }
 
+// forkBatch makes every fork of names or, when any name is taken, none.
+func (f *fakeService) forkBatch(names []string, source, cacheKey, state string, mem, vcpus int) ([]api.Instance, error) {
+	for _, n := range names {
+		if f.nameTaken(n) {
+			return nil, fmt.Errorf("a batch of %d forks: fork %q: %w (no fork of the batch kept)", len(names), n, api.ErrExists)
+		}
+	}
+	out := make([]api.Instance, len(names))
+	for i, n := range names {
+		inst, err := f.fork(n, source, cacheKey, state, mem, vcpus)
+		if err != nil {
+			return nil, err // cannot happen: every name was free
+		}
+		out[i] = inst
+	}
+	return out, nil
+}
+
+func (f *fakeService) ForkInstanceBatch(ctx context.Context, ref string, req api.ForkBatchRequest) ([]api.Instance, error) {
+	defer f.enter()()
+	src, err := f.resolve(ref)
+	if err != nil {
+		return nil, err
+	}
+	if src.State != api.StateStandby {
+		return nil, fmt.Errorf("a batch of forks of %s: instance is %s: %w", src.Name, src.State, api.ErrInvalidState)
+	}
+	state := req.TargetState
+	if state == "" {
+		state = src.State
+	}
+	return f.forkBatch(req.Names(), "instance:"+src.ID, src.SnapshotCacheKey, state, src.MemoryMiB, src.Vcpus)
+}
+
 func (f *fakeService) CreateSnapshot(ctx context.Context, ref string, req api.SnapshotRequest) (api.Snapshot, error) {
 	defer f.enter()()
 	src, err := f.resolve(ref)
@@ -280,6 +314,19 @@ func (f *fakeService) ForkSnapshot(ctx context.Context, ref string, req api.Fork
 		state = api.StateStandby
 	}
 	return f.fork(req.Name, "snapshot:"+s.ID, s.SnapshotCacheKey, state, s.MemoryMiB, s.Vcpus)
+}
+
+func (f *fakeService) ForkSnapshotBatch(ctx context.Context, ref string, req api.ForkBatchRequest) ([]api.Instance, error) {
+	defer f.enter()()
+	s, err := f.resolveSnap(ref)
+	if err != nil {
+		return nil, err
+	}
+	state := req.TargetState
+	if state == "" {
+		state = api.StateStandby
+	}
+	return f.forkBatch(req.Names(), "snapshot:"+s.ID, s.SnapshotCacheKey, state, s.MemoryMiB, s.Vcpus)
 }
 
 func (f *fakeService) PagerStats(ctx context.Context) (json.RawMessage, error) {

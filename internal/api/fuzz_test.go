@@ -18,10 +18,12 @@ func FuzzRequestBodies(f *testing.F) {
 		`{"name":"a"}`, `{"name":"a","vcpus":2}`, `{}`, `[]`, `null`, `"x"`, `{"name":"../x"}`,
 		`{"name":"a"}{}`, `{"name":"a","target_state":"Running"}`, "\x00", `{"name":1e400}`,
 		`{"restore_backend":"uffd"}`, `{"name":"a","compression":"zstd"}`, `{"name":"a","start":false}`,
+		`{"name":"a","count":3}`, `{"name":"a","count":0}`, `{"name":"a","count":2,"from_running":true}`,
 	} {
 		f.Add(seed)
 	}
-	paths := []string{"/instances", "/instances/src/fork", "/instances/src/snapshots", "/instances/src/restore", "/snapshots/snap/fork"}
+	paths := []string{"/instances", "/instances/src/fork", "/instances/src/snapshots", "/instances/src/restore", "/snapshots/snap/fork",
+		"/instances/src/forks", "/snapshots/snap/forks"}
 	f.Fuzz(func(t *testing.T, body string) {
 		svc := newFakeService()
 		h, err := api.NewHandler(svc, api.HandlerOptions{})

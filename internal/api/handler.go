@@ -30,8 +30,8 @@ type HandlerOptions struct {
 	// Advice, when set, is what GET /health advises about the host.
 	Advice func() []string
 	// MaxHeavyOps bounds the heavy operations (create, start, standby,
-	// restore, fork, snapshot) in flight; past it a request gets 429 busy
-	// with Retry-After. 0 means no limit.
+	// restore, fork, snapshot) in flight, a batch of forks counting as one;
+	// past it a request gets 429 busy with Retry-After. 0 means no limit.
 	MaxHeavyOps int
 }
 
@@ -64,14 +64,18 @@ func NewHandler(svc Service, opt HandlerOptions) (http.Handler, error) {
 	mux.HandleFunc("POST /instances", adm.heavy(h.createInstance))
 	mux.HandleFunc("GET /instances/{id}", h.getInstance)
 	mux.HandleFunc("DELETE /instances/{id}", h.deleteInstance)
+	// The literal routes below are more specific than {action}, so the mux
+	// sends fork, forks and snapshots to their own handlers, never to action.
 	mux.HandleFunc("POST /instances/{id}/{action}", adm.heavy(h.action))
 	mux.HandleFunc("POST /instances/{id}/fork", adm.heavy(h.forkInstance))
+	mux.HandleFunc("POST /instances/{id}/forks", adm.heavy(h.forkInstanceBatch))
 	mux.HandleFunc("POST /instances/{id}/snapshots", adm.heavy(h.createSnapshot))
 
 	mux.HandleFunc("GET /snapshots", h.listSnapshots)
 	mux.HandleFunc("GET /snapshots/{id}", h.getSnapshot)
 	mux.HandleFunc("DELETE /snapshots/{id}", h.deleteSnapshot)
 	mux.HandleFunc("POST /snapshots/{id}/fork", adm.heavy(h.forkSnapshot))
+	mux.HandleFunc("POST /snapshots/{id}/forks", adm.heavy(h.forkSnapshotBatch))
 
 	mux.HandleFunc("GET /pager/stats", h.pagerStats)
 	mux.HandleFunc("GET /events", h.events)
@@ -240,7 +244,7 @@ func (h *handler) action(w http.ResponseWriter, r *http.Request) {
 	action := r.PathValue("action")
 	if !IsAction(action) {
 		h.fail(w, r, errorf(http.StatusNotFound, CodeNotFound,
-			"no instance action %q; actions are %v, fork and snapshots", action, Actions()))
+			"no instance action %q; actions are %v, fork, forks and snapshots", action, Actions()))
 		return
 	}
 	ref, ok := h.ref(w, r)
@@ -293,6 +297,42 @@ func (h *handler) fork(w http.ResponseWriter, r *http.Request,
 		return
 	}
 	writeJSON(w, http.StatusCreated, inst)
+}
+
+func (h *handler) forkInstanceBatch(w http.ResponseWriter, r *http.Request) {
+	h.forkBatch(w, r, h.svc.ForkInstanceBatch)
+}
+
+func (h *handler) forkSnapshotBatch(w http.ResponseWriter, r *http.Request) {
+	h.forkBatch(w, r, h.svc.ForkSnapshotBatch)
+}
+
+// forkBatch serves a batch of forks: one heavy operation however many forks
+// it makes (the Service admits and builds them together), all or none.
+func (h *handler) forkBatch(w http.ResponseWriter, r *http.Request,
+	call func(ctx context.Context, ref string, req ForkBatchRequest) ([]Instance, error)) {
+	ref, ok := h.ref(w, r)
+	if !ok {
+		return
+	}
+	var req ForkBatchRequest
+	if _, err := decodeBody(w, r, &req, true); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	if err := req.Validate(); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	forks, err := call(r.Context(), ref, req)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	if forks == nil {
+		forks = []Instance{}
+	}
+	writeJSON(w, http.StatusCreated, ForkBatch{Forks: forks})
 }
 
 func (h *handler) createSnapshot(w http.ResponseWriter, r *http.Request) {

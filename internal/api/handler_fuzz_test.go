@@ -22,6 +22,8 @@ var fuzzRoutes = []struct{ method, path string }{
 	{"GET", "/instances/{ref}"},
 	{"DELETE", "/instances/{ref}"},
 	{"DELETE", "/snapshots/{ref}"},
+	{"POST", "/instances/{ref}/forks"},
+	{"POST", "/snapshots/{ref}/forks"},
 }
 
 // FuzzHandlerRequestDecoding sends arbitrary refs, content types and bodies
@@ -46,6 +48,9 @@ func FuzzHandlerRequestDecoding(f *testing.F) {
 	f.Add(uint8(6), "%00", "", ``)
 	f.Add(uint8(7), "a/b", "", ``)
 	f.Add(uint8(8), ".", "", ``)
+	f.Add(uint8(9), "src", "application/json", `{"name":"kid","count":3,"target_state":"Stopped"}`)
+	f.Add(uint8(9), "src", "application/json", `{"name":"kid","count":1001}`)
+	f.Add(uint8(10), "snap", "application/json", `{"name":"k","count":2,"publish":[]}`)
 	f.Fuzz(func(t *testing.T, route uint8, ref, ctype, body string) {
 		svc := newFakeService()
 		h, err := api.NewHandler(svc, api.HandlerOptions{})

@@ -22,8 +22,10 @@ import (
 // records. The real Service is the instance manager, tested in its package.
 type recordingService struct {
 	api.Service
-	mu        sync.Mutex // guards forkNames and instances
-	forkNames []string
+	mu        sync.Mutex // guards forkNames, forkReqs, batches and instances
+	forkNames []string   // every fork made, by either call
+	forkReqs  []api.ForkRequest
+	batches   []string // "instance|snapshot REF NAME COUNT TARGET BACKEND" per batch call
 	instances []api.Instance
 	forkErr   error
 }
@@ -44,9 +46,42 @@ func (s *recordingService) ForkInstance(_ context.Context, ref string, req api.F
 	if s.forkErr != nil {
 		return api.Instance{}, s.forkErr
 	}
-	s.forkNames = append(s.forkNames, req.Name)
-	return api.Instance{ID: fmt.Sprintf("id%014d", len(s.forkNames)), Name: req.Name, State: api.StateStandby,
-		Vcpus: 1, MemoryMiB: 256, ForkMode: api.ForkModeHardlink, Source: "instance:abcdef0123456789", CreatedAt: time.Now()}, nil
+	s.forkReqs = append(s.forkReqs, req)
+	return s.forked(req.Name), nil
+}
+
+// ForkSnapshot records a snapshot's fork as ForkInstance does.
+func (s *recordingService) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequest) (api.Instance, error) {
+	return s.ForkInstance(ctx, ref, req)
+}
+
+// forked records a fork named name and returns it; s.mu is held.
+func (s *recordingService) forked(name string) api.Instance {
+	s.forkNames = append(s.forkNames, name)
+	return api.Instance{ID: fmt.Sprintf("id%014d", len(s.forkNames)), Name: name, State: api.StateStandby,
+		Vcpus: 1, MemoryMiB: 256, ForkMode: api.ForkModeHardlink, Source: "instance:abcdef0123456789", CreatedAt: time.Now()}
+}
+
+func (s *recordingService) batch(kind, ref string, req api.ForkBatchRequest) ([]api.Instance, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.batches = append(s.batches, fmt.Sprintf("%s %s %s %d %s %s", kind, ref, req.Name, req.Count, req.TargetState, req.RestoreBackend))
+	if s.forkErr != nil {
+		return nil, s.forkErr
+	}
+	var out []api.Instance
+	for _, n := range req.Names() {
+		out = append(out, s.forked(n))
+	}
+	return out, nil
+}
+
+func (s *recordingService) ForkInstanceBatch(_ context.Context, ref string, req api.ForkBatchRequest) ([]api.Instance, error) {
+	return s.batch("instance", ref, req)
+}
+
+func (s *recordingService) ForkSnapshotBatch(_ context.Context, ref string, req api.ForkBatchRequest) ([]api.Instance, error) {
+	return s.batch("snapshot", ref, req)
 }
 
 // serve runs svc behind the real handler on a Unix socket.
@@ -98,29 +133,105 @@ func TestHelpListsEveryCommand(t *testing.T) {
 	}
 }
 
-func TestForkCountMakesNamedConcurrentForksAndPrintsLatencies(t *testing.T) {
+// forkJSON is one result of `fork --count -o json`.
+type forkJSON struct {
+	Name     string        `json:"name"`
+	Seconds  float64       `json:"latency_seconds"`
+	Instance *api.Instance `json:"instance"`
+	Error    string        `json:"error"`
+	Retries  int           `json:"retries"`
+}
+
+// fork --count makes its forks with one batch call, never a fork call, and
+// prints each fork's row with the call's latency, in name order.
+func TestForkCountMakesOneBatchCall(t *testing.T) {
 	svc := &recordingService{}
 	sock := serve(t, svc)
-	out, errOut, code := run(t, "--host", sock, "fork", "web", "burst", "--count", "4")
+	out, errOut, code := run(t, "--host", sock, "fork", "web", "burst", "--count", "4", "--target-state", "Running", "--restore-backend", "uffd")
 	if code != 0 {
 		t.Fatalf("exit %d, stderr %s", code, errOut)
 	}
-	sort.Strings(svc.forkNames)
-	if want := []string{"burst-1", "burst-2", "burst-3", "burst-4"}; fmt.Sprint(svc.forkNames) != fmt.Sprint(want) {
-		t.Errorf("fork names %v, want %v", svc.forkNames, want)
+	if want := []string{"instance web burst 4 Running uffd"}; fmt.Sprint(svc.batches) != fmt.Sprint(want) || len(svc.forkReqs) != 0 {
+		t.Errorf("batch calls %q and %d fork calls, want %q and none", svc.batches, len(svc.forkReqs), want)
 	}
-	if !strings.Contains(out, "4/4 forks in") || !strings.Contains(out, "p50") || strings.Count(out, "hardlink") != 4 {
+	if !strings.Contains(out, "4/4 forks in") || !strings.Contains(out, "(one batch call): p50") || strings.Count(out, "hardlink") != 4 {
 		t.Errorf("output lacks one row per fork and a latency summary:\n%s", out)
 	}
-
-	out, _, code = run(t, "--host", sock, "-o", "json", "fork", "web", "j", "-n", "2")
-	var results []struct {
-		Name     string        `json:"name"`
-		Seconds  float64       `json:"latency_seconds"`
-		Instance *api.Instance `json:"instance"`
+	rows := strings.Split(out, "\n")
+	for i, n := range []string{"burst-1", "burst-2", "burst-3", "burst-4"} {
+		if len(rows) <= i+1 || !strings.HasPrefix(rows[i+1], n+" ") {
+			t.Errorf("row %d is not %s's:\n%s", i+1, n, out)
+		}
 	}
-	if code != 0 || json.Unmarshal([]byte(out), &results) != nil || len(results) != 2 || results[0].Instance == nil {
-		t.Errorf("-o json fork --count 2: exit %d, output %s", code, out)
+
+	svc.batches = nil
+	out, _, code = run(t, "--host", sock, "-o", "json", "fork", "web", "j", "-n", "2")
+	var results []forkJSON
+	if code != 0 || json.Unmarshal([]byte(out), &results) != nil || len(results) != 2 || results[0].Instance == nil ||
+		results[1].Name != "j-2" || results[0].Seconds != results[1].Seconds {
+		t.Errorf("-o json fork --count 2: exit %d, output %s; want 2 results with the call's latency", code, out)
+	}
+
+	svc.batches = nil
+	if _, errOut, code := run(t, "--host", sock, "snapshot", "fork", "base", "s", "--count", "3"); code != 0 ||
+		fmt.Sprint(svc.batches) != "[snapshot base s 3  ]" {
+		t.Errorf("snapshot fork --count 3: exit %d (%s), batch calls %q; want one snapshot batch", code, errOut, svc.batches)
+	}
+}
+
+// --separate, and --from-running (a batch takes no live fork), make
+// --count's forks with one fork call each.
+func TestForkCountSeparateMakesOneCallPerFork(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		live bool
+	}{
+		{[]string{"fork", "web", "burst", "--count", "4", "--separate"}, false},
+		{[]string{"fork", "web", "burst", "--count", "4", "--from-running"}, true},
+		{[]string{"snapshot", "fork", "web", "burst", "--count", "4", "--separate"}, false},
+	} {
+		svc := &recordingService{}
+		sock := serve(t, svc)
+		out, errOut, code := run(t, append([]string{"--host", sock}, tc.args...)...)
+		if code != 0 {
+			t.Fatalf("%v: exit %d, stderr %s", tc.args, code, errOut)
+		}
+		sort.Strings(svc.forkNames)
+		if want := []string{"burst-1", "burst-2", "burst-3", "burst-4"}; fmt.Sprint(svc.forkNames) != fmt.Sprint(want) ||
+			len(svc.forkReqs) != 4 || len(svc.batches) != 0 {
+			t.Errorf("%v: forks %v from %d fork calls and %d batch calls; want %v from 4 fork calls", tc.args, svc.forkNames,
+				len(svc.forkReqs), len(svc.batches), want)
+		}
+		for _, r := range svc.forkReqs {
+			if r.FromRunning != tc.live {
+				t.Errorf("%v: fork %s from_running %v, want %v", tc.args, r.Name, r.FromRunning, tc.live)
+			}
+		}
+		if !strings.Contains(out, "4/4 forks in") || strings.Contains(out, "batch") || strings.Count(out, "hardlink") != 4 {
+			t.Errorf("%v: output lacks one row per fork and a latency summary:\n%s", tc.args, out)
+		}
+	}
+	if _, errOut, code := run(t, "--host", "/nonexistent", "fork", "web", "x", "--separate"); code == 0 || !strings.Contains(errOut, "--count") {
+		t.Errorf("--separate without --count: exit %d, %q; want a usage error naming --count", code, errOut)
+	}
+}
+
+// A batch that fails made no fork: every row says failed, the error is said
+// once, and the exit code is non-zero.
+func TestForkBatchFailurePrintsEveryForkFailed(t *testing.T) {
+	svc := &recordingService{forkErr: fmt.Errorf("a batch of 3 forks: fork %q: %w", "kid-2", api.ErrExists)}
+	sock := serve(t, svc)
+	out, errOut, code := run(t, "--host", sock, "fork", "web", "kid", "--count", "3")
+	if code == 0 || strings.Count(out, "failed") != 3 || !strings.Contains(out, "0/3 forks") {
+		t.Errorf("a failed batch: exit %d, output:\n%s", code, out)
+	}
+	if strings.Count(errOut, "already exists") != 1 || !strings.Contains(errOut, "kid-1..kid-3 (one batch, all or none)") {
+		t.Errorf("a failed batch: stderr %q; want the batch's error once", errOut)
+	}
+	out, _, _ = run(t, "--host", sock, "-o", "json", "fork", "web", "kid", "--count", "3")
+	var results []forkJSON
+	if err := json.Unmarshal([]byte(out), &results); err != nil || len(results) != 3 || results[2].Instance != nil || results[2].Error == "" {
+		t.Errorf("a failed batch -o json: %s; want 3 results with the error and no instance", out)
 	}
 }
 

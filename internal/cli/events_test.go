@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -116,15 +117,24 @@ func TestEventsPrintsEachEvent(t *testing.T) {
 	}
 }
 
-// busyForks answers each fork's first attempt 429 busy, then forks.
+// busyForks answers each fork's, and each batch's, first attempt 429 busy,
+// then forks.
 type busyForks struct {
 	api.Service
-	mu    sync.Mutex
-	tried map[string]int
+	mu      sync.Mutex
+	tried   map[string]int // by fork name, or "batch NAME COUNT"
+	made    []string
+	batches int // batch calls, busy ones too
 }
 
 func (s *busyForks) GetInstance(_ context.Context, ref string) (api.Instance, error) {
 	return api.Instance{ID: "0123456789abcdef01234567", Name: ref, State: api.StateStandby}, nil
+}
+
+func (s *busyForks) fork(name string) api.Instance {
+	s.made = append(s.made, name)
+	return api.Instance{ID: fmt.Sprintf("0123456789abcdef0123%04d", len(s.made)), Name: name, State: api.StateStandby,
+		ForkMode: api.ForkModeHardlink, Vcpus: 1, MemoryMiB: 256, CreatedAt: time.Now()}
 }
 
 func (s *busyForks) ForkInstance(_ context.Context, ref string, req api.ForkRequest) (api.Instance, error) {
@@ -134,25 +144,67 @@ func (s *busyForks) ForkInstance(_ context.Context, ref string, req api.ForkRequ
 	if s.tried[req.Name] == 1 {
 		return api.Instance{}, api.ErrBusy
 	}
-	return api.Instance{ID: "0123456789abcdef0123456" + req.Name[len(req.Name)-1:], Name: req.Name, State: api.StateStandby,
-		ForkMode: api.ForkModeHardlink, Vcpus: 1, MemoryMiB: 256, CreatedAt: time.Now()}, nil
+	return s.fork(req.Name), nil
 }
 
-// fork --count retries the forks the daemon answered 429 busy, after its
-// Retry-After, until they are admitted.
-func TestForkCountRetriesBusyAnswers(t *testing.T) {
+func (s *busyForks) ForkInstanceBatch(_ context.Context, ref string, req api.ForkBatchRequest) ([]api.Instance, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.batches++
+	key := fmt.Sprintf("batch %s %d", req.Name, req.Count)
+	s.tried[key]++
+	if s.tried[key] == 1 {
+		return nil, api.ErrBusy // refused before anything was made
+	}
+	var out []api.Instance
+	for _, n := range req.Names() {
+		out = append(out, s.fork(n))
+	}
+	return out, nil
+}
+
+// fork --count --separate retries each fork the daemon answered 429 busy,
+// after its Retry-After, until it is admitted.
+func TestForkCountSeparateRetriesBusyAnswers(t *testing.T) {
 	svc := &busyForks{tried: map[string]int{}}
 	sock := serve(t, svc)
-	out, stderr, code := run(t, "--host", sock, "fork", "web", "kid", "--count", "3")
+	out, stderr, code := run(t, "--host", sock, "fork", "web", "kid", "--count", "3", "--separate")
 	if code != 0 {
-		t.Fatalf("fork --count 3 with busy answers: exit %d\n%s%s", code, out, stderr)
+		t.Fatalf("fork --count 3 --separate with busy answers: exit %d\n%s%s", code, out, stderr)
 	}
 	if !strings.Contains(out, "3/3 forks") || !strings.Contains(out, "3 forks waited for the daemon's max_heavy_ops (3 busy answers retried)") {
-		t.Fatalf("fork --count output:\n%s", out)
+		t.Fatalf("fork --count --separate output:\n%s", out)
 	}
 	for _, n := range []string{"kid-1", "kid-2", "kid-3"} {
 		if svc.tried[n] != 2 {
 			t.Errorf("%s tried %d times, want 2 (busy, then admitted)", n, svc.tried[n])
 		}
+	}
+	if svc.batches != 0 {
+		t.Errorf("--separate made %d batch calls, want none", svc.batches)
+	}
+}
+
+// fork --count retries a batch the daemon answered 429 busy whole, the same
+// batch again, until it is admitted: each fork is made once.
+func TestForkCountRetriesABusyBatchWhole(t *testing.T) {
+	svc := &busyForks{tried: map[string]int{}}
+	sock := serve(t, svc)
+	out, stderr, code := run(t, "--host", sock, "fork", "web", "kid", "--count", "3")
+	if code != 0 {
+		t.Fatalf("fork --count 3 with a busy answer: exit %d\n%s%s", code, out, stderr)
+	}
+	if !strings.Contains(out, "3/3 forks") || !strings.Contains(out, "the batch waited for the daemon's max_heavy_ops (1 busy answers retried)") {
+		t.Fatalf("fork --count output:\n%s", out)
+	}
+	if svc.tried["batch kid 3"] != 2 || svc.batches != 2 {
+		t.Errorf("batch calls %d (%v), want the same batch twice (busy, then admitted)", svc.batches, svc.tried)
+	}
+	if fmt.Sprint(svc.made) != "[kid-1 kid-2 kid-3]" {
+		t.Errorf("forks made %v, want each of kid-1..kid-3 once", svc.made)
+	}
+	out, _, _ = run(t, "--host", sock, "-o", "json", "fork", "web", "j", "--count", "2")
+	if strings.Count(out, `"retries": 1`) != 2 {
+		t.Errorf("-o json of a batch retried once: %s; want retries 1 on each fork", out)
 	}
 }

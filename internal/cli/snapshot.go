@@ -98,7 +98,18 @@ func newSnapshotForkCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "fork SNAPSHOT [NAME]",
 		Short: "Make new instances from a snapshot (shares its memory file; no copy)",
-		Args:  cobra.RangeArgs(1, 2),
+		Long: `Make a new instance from a snapshot. It shares the snapshot's memory file (no
+memory is copied) and is independent of it: deleting the snapshot does not affect it.
+
+With --count N, N instances named NAME-1..NAME-N are made in one batch call: all
+of them or, if any one fails, none; each is printed with the call's latency, and a
+busy daemon (max_heavy_ops) makes the CLI retry the whole batch. With --separate
+they are made with N concurrent single-fork calls instead, each with its own
+latency and retries, keeping those that succeed.`,
+		Example: `  forkd snapshot fork base web
+  forkd snapshot fork base --count 25 --target-state Running    # one batch: 25 or none
+  forkd snapshot fork base kid --count 25 --separate            # 25 concurrent single forks`,
+		Args: cobra.RangeArgs(1, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := NewClient(cmd)
 			if err != nil {
@@ -114,8 +125,13 @@ func newSnapshotForkCommand() *cobra.Command {
 				}
 				name = forkBaseName(snap.Name)
 			}
-			return runForks(cmd, o, name, func(ctx context.Context, req api.ForkRequest) (api.Instance, error) {
-				return c.ForkSnapshot(ctx, args[0], req)
+			return runForks(cmd, o, name, forkCalls{
+				one: func(ctx context.Context, req api.ForkRequest) (api.Instance, error) {
+					return c.ForkSnapshot(ctx, args[0], req)
+				},
+				batch: func(ctx context.Context, req api.ForkBatchRequest) ([]api.Instance, error) {
+					return c.ForkSnapshotBatch(ctx, args[0], req)
+				},
 			})
 		},
 	}
