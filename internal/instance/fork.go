@@ -72,6 +72,7 @@ func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequ
 // batch's) to target (or the source's default), restored with backend.
 type forkAsk struct {
 	fromRunning     bool
+	batch           bool // a batch's forks (none of a running source)
 	target, backend string
 	n               int
 }
@@ -129,6 +130,9 @@ func (m *Manager) admitInstanceFork(ctx context.Context, ref string, ask forkAsk
 		return nil, apiErr(err)
 	}
 	live := oneOf(probe.State, api.StateRunning, api.StatePaused)
+	if live && ask.batch {
+		return nil, fmt.Errorf("%w: instance %q is %s, and a batch forks no running instance; stand it by first, or fork it live once (from_running) and fork that fork in a batch", api.ErrInvalidState, probe.Name, probe.State)
+	}
 	if live && !ask.fromRunning {
 		return nil, fmt.Errorf("%w: instance %q is %s; stand it by first or pass from_running", api.ErrInvalidState, probe.Name, probe.State)
 	}

@@ -27,7 +27,7 @@ func (m *Manager) ForkInstanceBatch(ctx context.Context, ref string, req api.For
 	if err := req.Validate(); err != nil {
 		return nil, err
 	}
-	a, err := m.admitInstanceFork(ctx, ref, forkAsk{target: req.TargetState, backend: req.RestoreBackend, n: req.Count})
+	a, err := m.admitInstanceFork(ctx, ref, forkAsk{batch: true, target: req.TargetState, backend: req.RestoreBackend, n: req.Count})
 	if err != nil {
 		return nil, err
 	}
@@ -43,7 +43,7 @@ func (m *Manager) ForkSnapshotBatch(ctx context.Context, ref string, req api.For
 	if err := req.Validate(); err != nil {
 		return nil, err
 	}
-	a, err := m.admitSnapshotFork(ctx, ref, forkAsk{target: req.TargetState, backend: req.RestoreBackend, n: req.Count})
+	a, err := m.admitSnapshotFork(ctx, ref, forkAsk{batch: true, target: req.TargetState, backend: req.RestoreBackend, n: req.Count})
 	if err != nil {
 		return nil, err
 	}
