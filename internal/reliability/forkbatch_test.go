@@ -26,7 +26,9 @@ import (
 // batch, with the crash or freeze hook armed in its environment. The
 // daemon's API has no batch route yet; the child is the daemon for the
 // span of the batch, and a real daemon starts after it to reconcile what it
-// left and answer every check through the API.
+// left and answer every check through the API. The child runs no
+// network, so no batch case runs on a networked daemon
+// (networkedCrashCases leaves them out).
 const (
 	// batchChildEnv makes this binary a batch child (batchChild) on the
 	// data dir it names.
