@@ -165,7 +165,10 @@ func (a *Ledger) check(req Request, running []Running) error {
 		var sum int64
 		n := 0
 		for _, r := range a.reserved {
-			if r.Runs && r.ID != req.ID { // one VM runs once (a create admits, then its start)
+			// One VM runs once: a create or a fork admits it, then its
+			// start or restore reserves it again; neither its own nor
+			// another VM's two reservations count twice.
+			if r.Runs && r.ID != req.ID && (r.ID == "" || !held[r.ID]) {
 				sum += int64(r.MemoryMiB) << 20
 				n++
 				held[r.ID] = true

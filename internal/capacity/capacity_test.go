@@ -195,3 +195,31 @@ func TestHugePageBootsInFlightHoldTheirPages(t *testing.T) {
 	}
 	r()
 }
+
+// Finding: a batch of 2 forks to Running under max_running_vms 2 was
+// refused at its second fork's restore: the first fork, admitted by the
+// batch and reserved again by its own restore, counted as two running
+// VMs. A VM holding two reservations counts once; a second VM still
+// counts (the twin).
+func TestAVMReservedTwiceCountsOnce(t *testing.T) {
+	a, err := New(Limits{MaxRunningVMs: 2, MemoryOvercommit: 1}, fakeHost(4*gib, 100*gib), "/data")
+	if err != nil {
+		t.Fatal(err)
+	}
+	none := func() ([]Running, error) { return nil, nil }
+	for _, req := range []Request{
+		{ID: "a", MemoryMiB: 1 << 10, Runs: true}, // a's admission
+		{ID: "b", MemoryMiB: 1 << 10, Runs: true}, // b's admission
+		{ID: "a", MemoryMiB: 1 << 10, Runs: true}, // a's restore
+	} {
+		if _, err := a.Reserve(req, none); err != nil {
+			t.Fatalf("reserve %s: %v", req.ID, err)
+		}
+	}
+	if _, err := a.Reserve(Request{ID: "b", MemoryMiB: 2 << 10, Runs: true}, none); err != nil {
+		t.Errorf("b's restore beside a, reserved twice, within max_running_vms 2 and 4 GiB: %v", err)
+	}
+	if _, err := a.Reserve(Request{ID: "c", MemoryMiB: 256, Runs: true}, none); !errors.Is(err, ErrInsufficient) || !strings.Contains(err.Error(), "max_running_vms is 2") {
+		t.Errorf("a third VM beside a and b under max_running_vms 2: %v; want refused", err)
+	}
+}

@@ -42,6 +42,8 @@ func crashHelper() int {
 	switch op := os.Getenv("FORKD_CRASH_OP"); op {
 	case "fork":
 		_, err = m.ForkInstance(ctx, ref, api.ForkRequest{Name: "crashfork"})
+	case "forkbatch": // a batch of crashBatch forks, crashfork-1..crashfork-N
+		_, err = m.ForkInstanceBatch(ctx, ref, api.ForkBatchRequest{Name: "crashfork", Count: crashBatch})
 	case "livefork":
 		_, err = m.ForkInstance(ctx, ref, api.ForkRequest{Name: "crashfork", FromRunning: true})
 	case "snapshot":
@@ -181,5 +183,102 @@ func waitSnapshotState(t *testing.T, m *Manager, ref, state string) {
 			t.Fatalf("snapshot %s is %s after 30 s, want %s", ref, sn.State, state)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// crashBatch is how many forks the crash helper's "forkbatch" makes.
+const crashBatch = 4
+
+// A batch of forks killed at each of its crash points is all or none after
+// the restart: before its last commit no fork of it exists (no record, no
+// dir, no temp dir, its journal entries closed), after it every fork is
+// Standby with its files in place, restores and verifies its memory; the
+// source is untouched.
+func TestCrashMidForkBatchIsAllOrNone(t *testing.T) {
+	for _, tc := range []struct {
+		step string
+		kept bool
+	}{
+		{"begun", false}, // the first fork's first commit; its siblings' may be made too
+		{"batch-files", false},
+		{"batch-committing", false},
+		{"batch-committed", true},
+	} {
+		t.Run(tc.step, func(t *testing.T) {
+			dir := shortDir(t)
+			var src api.Instance
+			var srcMem fileID
+			openAndClose(t, dir, func(m *Manager) {
+				src = createRunning(t, m, "src")
+				action(t, m, "src", "standby")
+				srcMem = fingerprint(t, latestMem(t, m, src.ID))
+			})
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			cmd := exec.CommandContext(ctx, os.Args[0])
+			cmd.Env = append(os.Environ(), crashDirEnv+"="+dir, "FORKD_CRASH_VMM="+forkdBinary(t),
+				"FORKD_CRASH_OP=forkbatch", CrashAtEnv+"=fork:"+tc.step, "FORKD_CRASH_REF=src")
+			out, err := cmd.CombinedOutput()
+			m := newManagerAt(t, dir)
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
+				t.Fatalf("helper was not killed at fork:%s: %v\n%s", tc.step, err, out)
+			}
+			ctx = context.Background()
+			if open, _ := m.db.OpenEntries(ctx); len(open) != 0 {
+				t.Errorf("%d journal entries still open", len(open))
+			}
+			ents, err := os.ReadDir(m.layout.JailsDir())
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, e := range ents {
+				if strings.HasPrefix(e.Name(), ".tmp-") {
+					t.Errorf("half-made dir left: %s", e.Name())
+				}
+			}
+			wantDirs := 1
+			if tc.kept {
+				wantDirs += crashBatch
+			}
+			if len(ents) != wantDirs {
+				t.Errorf("%d entries in %s, want %d (the source and every fork of the batch, or none)", len(ents), m.layout.JailsDir(), wantDirs)
+			}
+			var forks []api.Instance
+			for i := range crashBatch {
+				name := fmt.Sprintf("crashfork-%d", i+1)
+				f, err := m.GetInstance(ctx, name)
+				if !tc.kept {
+					if !errors.Is(err, api.ErrNotFound) {
+						t.Errorf("fork %s of a batch killed before its last commit: %+v, %v; want none", name, f, err)
+					}
+					continue
+				}
+				if err != nil {
+					t.Errorf("fork %s of a batch killed after its last commit: %v", name, err)
+					continue
+				}
+				if f.State != api.StateStandby {
+					t.Errorf("fork %s: %s (error %q), want Standby", name, f.State, f.Error)
+				}
+				if got := fingerprint(t, latestMem(t, m, f.ID)); got.ino != srcMem.ino || got.sum != srcMem.sum {
+					t.Errorf("fork %s does not link its source's mem-file", name)
+				}
+				forks = append(forks, f)
+			}
+			in, err := m.GetInstance(ctx, "src")
+			if err != nil || in.State != api.StateStandby {
+				t.Fatalf("src after the crash: %+v, %v; want Standby", in, err)
+			}
+			if got := fingerprint(t, latestMem(t, m, src.ID)); got.sum != srcMem.sum {
+				t.Error("the crash changed the source's mem-file")
+			}
+			for _, f := range forks {
+				action(t, m, f.ID, "restore")
+				verifyGuest(t, m, f.ID)
+			}
+			action(t, m, "src", "restore")
+			verifyGuest(t, m, src.ID)
+		})
 	}
 }

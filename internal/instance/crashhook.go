@@ -96,6 +96,14 @@ const UnsafeStaleForkRecordEnv = "FORKD_TEST_UNSAFE_STALE_FORK_RECORD"
 // is what keeps an acknowledged fork there; never set it elsewhere.
 const UnsafeUnsyncedForkBeginEnv = "FORKD_TEST_UNSAFE_UNSYNCED_FORK_BEGIN"
 
+// UnsafeUnsyncedBatchCommitEnv, set to "1", makes a fork batch's last
+// commit (forkBatch) unsynced. A batch's forks never roll forward, so that
+// commit is the batch's only durable point: this exists only so the
+// power-loss suite can show that its fsync is what keeps an acknowledged
+// batch (the reconciler removes the forks of a batch whose last commit the
+// cut lost); never set it elsewhere.
+const UnsafeUnsyncedBatchCommitEnv = "FORKD_TEST_UNSAFE_UNSYNCED_BATCH_COMMIT"
+
 // GroupMinEnv, set to N > 1, holds every store group commit until N units
 // are queued (or 30 s passed), so crash and power-loss tests can put N
 // concurrent forks in one group and crash it at "fork:committing" (the

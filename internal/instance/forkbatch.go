@@ -157,6 +157,9 @@ func (m *Manager) forkBatch(ctx context.Context, ids, names []string, tmpl store
 		if err == nil {
 			err = atomicfile.SyncDir(filepath.Dir(jobs[0].final.Jail))
 		}
+		if err == nil {
+			err = m.fault("fork:batch-renamed") // tests only: every dir under its own name
+		}
 		r.End()
 	}
 	if err != nil {
@@ -165,7 +168,11 @@ func (m *Manager) forkBatch(ctx context.Context, ids, names []string, tmpl store
 	crashPoint("fork", "batch-files") // test hook: every fork's dir is durable, its record still Forking
 	recs := make([]store.Instance, len(jobs))
 	r := trace.StartRegion(ctx, "fork: last commit")
-	err = m.db.Group(ctx, "fork:batch-committing", func(tx *store.Tx) error {
+	commit := m.db.Group
+	if os.Getenv(UnsafeUnsyncedBatchCommitEnv) == "1" { // a twin test only (crashhook.go)
+		commit = m.db.GroupUnsynced
+	}
+	err = commit(ctx, "fork:batch-committing", func(tx *store.Tx) error {
 		for i, job := range jobs {
 			recs[i] = completed(job.rec, job.res)
 			if err := finishForkUnit(job.o, recs[i])(tx); err != nil {

@@ -204,6 +204,9 @@ func networkedCrashCases() []crashCase {
 		if tc.net {
 			continue // already networked
 		}
+		if tc.batchFrom != "" {
+			continue // a batch child runs no network (forkbatch_test.go)
+		}
 		switch tc.at {
 		case "create:begun", "create:files", "fork:begun", "fork:files", "fork:committed", "delete:begun",
 			"start:booted", "restore:launched", "restore:resumed", "standby:created", "stop:begun":

@@ -195,6 +195,10 @@ type powerCase struct {
 	// own network journals that with a synced commit.
 	net  bool
 	warm int
+	// batch: the forks are one fork batch (kid-1..kid-N, all or none), run
+	// by a batch child on the stopped daemon's data dir (forkbatch_test.go);
+	// acknowledged means the batch call returned.
+	batch bool
 }
 
 func powerCases() []powerCase {
@@ -224,6 +228,13 @@ func powerCases() []powerCase {
 		// their dirs in place.
 		{name: "fork:committing/batch-of-3", at: "fork:committing", forks: 3, survive: 3, env: batch},
 		{name: "fork:committed/batch-of-3", at: "fork:committed", forks: 3, survive: 3, env: batch},
+		// A fork batch (one call): its last commit, synced, is its only
+		// durable point; before it, the reconciler removes every fork.
+		{name: "acknowledged/fork-batch-of-4", forks: 4, survive: 4, batch: true},
+		{name: "acknowledged/fork-batch-of-4-from-snapshot", forks: 4, survive: 4, batch: true, fromSnapshot: true},
+		{name: "fork:batch-files/fork-batch-of-4", at: "fork:batch-files", forks: 4, lost: true, batch: true},
+		{name: "fork:batch-committing/fork-batch-of-4", at: "fork:batch-committing", forks: 4, lost: true, batch: true},
+		{name: "fork:batch-committed/fork-batch-of-4", at: "fork:batch-committed", forks: 4, survive: 4, batch: true},
 	}
 }
 
@@ -373,18 +384,25 @@ func runPowerCase(t *testing.T, kind testfs.Kind, pc powerCase) powerResult {
 	if err := d.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	d = restart(t, d, env)
-
 	names := make([]string, pc.forks)
 	acked := make([]bool, pc.forks)
 	wantOf := map[string]map[string]string{} // each fork's files, by name
 	for i := range names {
 		names[i] = fmt.Sprintf("kid%d", i)
+		if pc.batch {
+			names[i] = fmt.Sprintf("kid-%d", i+1)
+		}
 		wantOf[names[i]] = want
 	}
 	var srcWant map[string]string // the source's second snapshot (restandby)
 	var stored guestdir.SnapDir   // a store snapshot of it, made inside the cut's window
-	if pc.at == "" {
+	if !pc.batch {
+		d = restart(t, d, env)
+	}
+	switch {
+	case pc.batch: // the batch child is the daemon until the cut
+		cutBatch(t, fs, d, pc, env, acked)
+	case pc.at == "":
 		for i, n := range names {
 			if pc.restandby && i == 1 {
 				action(t, d.Client, "src", "restore")
@@ -409,7 +427,7 @@ func runPowerCase(t *testing.T, kind testfs.Kind, pc powerCase) powerResult {
 			}
 			acked[i] = true
 		}
-	} else {
+	default:
 		fctx, cancel := context.WithCancel(ctx)
 		defer cancel()
 		var wg sync.WaitGroup
@@ -435,7 +453,7 @@ func runPowerCase(t *testing.T, kind testfs.Kind, pc powerCase) powerResult {
 		cancel()
 		wg.Wait()
 	}
-	if pc.at == "" {
+	if pc.at == "" && !pc.batch {
 		if err := fs.cut(); err != nil {
 			t.Fatal(err)
 		}
@@ -498,6 +516,9 @@ func runPowerCase(t *testing.T, kind testfs.Kind, pc powerCase) powerResult {
 	if survived < pc.survive {
 		bad("%d of %d forks came back, want at least %d", survived, pc.forks, pc.survive)
 	}
+	if pc.batch && survived != 0 && survived != pc.forks {
+		bad("%d of the %d forks of one batch came back: a batch is all or none", survived, pc.forks)
+	}
 	if pc.lost && survived > 0 {
 		bad("%d of %d forks came back from a group cut before its commit, want none", survived, pc.forks)
 	}
@@ -514,6 +535,60 @@ func runPowerCase(t *testing.T, kind testfs.Kind, pc powerCase) powerResult {
 		bad("after the power cut, not everything is operable:\n%v", err)
 	}
 	return res
+}
+
+// cutBatch runs pc's fork batch in a batch child on stopped daemon d's
+// data dir and cuts the power once the child stops: at pc.at (the freeze
+// hook), or right after the batch was acknowledged; then it kills the
+// child. acked says, for each fork, whether the batch was acknowledged.
+func cutBatch(t *testing.T, fs *powerFS, d *Daemon, pc powerCase, env []string, acked []bool) {
+	t.Helper()
+	if pc.at != "" {
+		env = append(env, instance.FreezeAtEnv+"="+pc.at)
+	}
+	from := "instance"
+	if pc.fromSnapshot {
+		from = "snapshot"
+	}
+	b := startBatch(t, d, from, pc.forks, pc.at == "", env)
+	for deadline := time.Now().Add(90 * time.Second); !frozen(b.cmd.Process.Pid); time.Sleep(10 * time.Millisecond) {
+		select {
+		case <-b.exited:
+			t.Fatalf("the batch child exited before the cut (at %q): %s\n%s", pc.at, b.out.String(), b.log.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the batch child never stopped (at %q: is it still a crash point?): %s\n%s", pc.at, b.out.String(), b.log.String())
+		}
+	}
+	if err := fs.cut(); err != nil {
+		t.Fatal(err)
+	}
+	b.cmd.Process.Kill()
+	if _, err := b.wait(30 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	ok := strings.TrimSpace(b.out.String()) == "acked"
+	if pc.at == "" && !ok {
+		t.Fatalf("the batch failed: %s\n%s", b.out.String(), b.log.String())
+	}
+	for i := range acked {
+		acked[i] = ok
+	}
+}
+
+// TestPowerLossCatchesAnUnsyncedBatchCommit is the twin of the fork
+// batch's synced last commit: with it unsynced
+// (instance.UnsafeUnsyncedBatchCommitEnv), the power cut right after an
+// acknowledged batch loses that commit, and the reconciler, which never
+// rolls a batch's forks forward, removes every one of them: the harness
+// must report the acknowledged forks gone.
+func TestPowerLossCatchesAnUnsyncedBatchCommit(t *testing.T) {
+	testenv.NeedRoot(t)
+	t.Parallel()
+	res := runPowerCase(t, testfs.XFS, powerCase{name: "acknowledged/fork-batch-of-4", forks: 4, survive: 4, batch: true,
+		env: []string{instance.UnsafeUnsyncedBatchCommitEnv + "=1"}})
+	requireLostAcknowledged(t, res, "the batch's last commit unsynced")
 }
 
 // TestPowerLossCatchesAMissingFsync is the harness's twin: with the fsync of
