@@ -41,10 +41,6 @@ type crashCase struct {
 	offline func(t *testing.T, d *Daemon)
 	// atStart: the armed start itself reaches the step (op is nil).
 	atStart bool
-	// batchFrom: op is nil, and a batch child (forkbatch_test.go) runs a
-	// fork batch of "instance" src or "snapshot" snap on the stopped
-	// daemon's data dir with the hook armed.
-	batchFrom string
 }
 
 func crashCases() []crashCase {
@@ -275,8 +271,6 @@ func runCrashCase(t *testing.T, tc crashCase) {
 		} else if !strings.Contains(err.Error(), "signal: killed") {
 			t.Fatalf("the armed start at %s failed otherwise than by the hook's SIGKILL: %v", tc.at, err)
 		}
-	} else if tc.batchFrom != "" {
-		crashBatch(t, d, tc, armed)
 	} else {
 		d = restart(t, d, armed)
 		c := d.Client

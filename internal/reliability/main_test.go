@@ -21,9 +21,6 @@ func TestMain(m *testing.M) {
 	if mode := os.Getenv(fakeVMMEnv); mode != "" {
 		os.Exit(fakeVMM(mode, os.Args[1:]))
 	}
-	if os.Getenv(batchChildEnv) != "" {
-		os.Exit(batchChild()) // forkbatch_test.go
-	}
 	code := testenv.Main(m)
 	printFigures()
 	os.Exit(code)

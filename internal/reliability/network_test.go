@@ -204,11 +204,9 @@ func networkedCrashCases() []crashCase {
 		if tc.net {
 			continue // already networked
 		}
-		if tc.batchFrom != "" {
-			continue // a batch child runs no network (forkbatch_test.go)
-		}
 		switch tc.at {
 		case "create:begun", "create:files", "fork:begun", "fork:files", "fork:committed", "delete:begun",
+			"fork:batch-files", "fork:batch-committed", // a batch's slots: every one freed, or every one kept
 			"start:booted", "restore:launched", "restore:resumed", "standby:created", "stop:begun":
 			tc.net = true
 			if tc.variant == "" {

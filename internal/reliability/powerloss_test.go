@@ -195,9 +195,8 @@ type powerCase struct {
 	// own network journals that with a synced commit.
 	net  bool
 	warm int
-	// batch: the forks are one fork batch (kid-1..kid-N, all or none), run
-	// by a batch child on the stopped daemon's data dir (forkbatch_test.go);
-	// acknowledged means the batch call returned.
+	// batch: the forks are one fork batch (kid-1..kid-N, all or none), one
+	// call to the daemon; acknowledged means that call returned them.
 	batch bool
 }
 
@@ -396,12 +395,19 @@ func runPowerCase(t *testing.T, kind testfs.Kind, pc powerCase) powerResult {
 	}
 	var srcWant map[string]string // the source's second snapshot (restandby)
 	var stored guestdir.SnapDir   // a store snapshot of it, made inside the cut's window
-	if !pc.batch {
-		d = restart(t, d, env)
+	d = restart(t, d, env)
+	batchFrom := "instance"
+	if pc.fromSnapshot {
+		batchFrom = "snapshot"
 	}
 	switch {
-	case pc.batch: // the batch child is the daemon until the cut
-		cutBatch(t, fs, d, pc, env, acked)
+	case pc.batch && pc.at == "":
+		if err := forkBatchOf(batchFrom, pc.forks)(ctx, d.Client); err != nil {
+			t.Fatalf("fork batch: %v", err)
+		}
+		for i := range acked {
+			acked[i] = true
+		}
 	case pc.at == "":
 		for i, n := range names {
 			if pc.restandby && i == 1 {
@@ -431,8 +437,17 @@ func runPowerCase(t *testing.T, kind testfs.Kind, pc powerCase) powerResult {
 		fctx, cancel := context.WithCancel(ctx)
 		defer cancel()
 		var wg sync.WaitGroup
-		for i, n := range names {
-			wg.Go(func() { acked[i] = fork(fctx, d.Client, n) == nil })
+		if pc.batch {
+			wg.Go(func() {
+				ok := forkBatchOf(batchFrom, pc.forks)(fctx, d.Client) == nil
+				for i := range acked {
+					acked[i] = ok
+				}
+			})
+		} else {
+			for i, n := range names {
+				wg.Go(func() { acked[i] = fork(fctx, d.Client, n) == nil })
+			}
 		}
 		deadline := time.Now().Add(90 * time.Second)
 		for !frozen(d.Pid()) {
@@ -453,7 +468,7 @@ func runPowerCase(t *testing.T, kind testfs.Kind, pc powerCase) powerResult {
 		cancel()
 		wg.Wait()
 	}
-	if pc.at == "" && !pc.batch {
+	if pc.at == "" {
 		if err := fs.cut(); err != nil {
 			t.Fatal(err)
 		}
@@ -535,46 +550,6 @@ func runPowerCase(t *testing.T, kind testfs.Kind, pc powerCase) powerResult {
 		bad("after the power cut, not everything is operable:\n%v", err)
 	}
 	return res
-}
-
-// cutBatch runs pc's fork batch in a batch child on stopped daemon d's
-// data dir and cuts the power once the child stops: at pc.at (the freeze
-// hook), or right after the batch was acknowledged; then it kills the
-// child. acked says, for each fork, whether the batch was acknowledged.
-func cutBatch(t *testing.T, fs *powerFS, d *Daemon, pc powerCase, env []string, acked []bool) {
-	t.Helper()
-	if pc.at != "" {
-		env = append(env, instance.FreezeAtEnv+"="+pc.at)
-	}
-	from := "instance"
-	if pc.fromSnapshot {
-		from = "snapshot"
-	}
-	b := startBatch(t, d, from, pc.forks, pc.at == "", env)
-	for deadline := time.Now().Add(90 * time.Second); !frozen(b.cmd.Process.Pid); time.Sleep(10 * time.Millisecond) {
-		select {
-		case <-b.exited:
-			t.Fatalf("the batch child exited before the cut (at %q): %s\n%s", pc.at, b.out.String(), b.log.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the batch child never stopped (at %q: is it still a crash point?): %s\n%s", pc.at, b.out.String(), b.log.String())
-		}
-	}
-	if err := fs.cut(); err != nil {
-		t.Fatal(err)
-	}
-	b.cmd.Process.Kill()
-	if _, err := b.wait(30 * time.Second); err != nil {
-		t.Fatal(err)
-	}
-	ok := strings.TrimSpace(b.out.String()) == "acked"
-	if pc.at == "" && !ok {
-		t.Fatalf("the batch failed: %s\n%s", b.out.String(), b.log.String())
-	}
-	for i := range acked {
-		acked[i] = ok
-	}
 }
 
 // TestPowerLossCatchesAnUnsyncedBatchCommit is the twin of the fork
