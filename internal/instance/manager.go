@@ -120,6 +120,12 @@ type Config struct {
 	// only so a test can show the corruption the guard prevents; never set
 	// it elsewhere.
 	DisableDiskGuard bool
+	// DisableTAPActivation leaves a networked VM's TAP down after its VMM
+	// attaches (activateTAP is skipped), so the VM runs but nothing reaches
+	// it. It exists only so a test can show its first-request check catches
+	// a VM that does not answer when its restore returns; never set it
+	// elsewhere.
+	DisableTAPActivation bool
 }
 
 const defaultPagerCacheBytes = 512 << 20

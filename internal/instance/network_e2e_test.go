@@ -24,10 +24,10 @@ type guestAnswer struct {
 // netManager is a manager whose daemon namespace is tn's (the test's own:
 // every packet below is sent from a socket in it, to addresses routed only
 // inside it).
-func netManager(t *testing.T, tn *testnet.NS, env *netEnv) *Manager {
+func netManager(t *testing.T, tn *testnet.NS, env *netEnv, opts ...testOpt) *Manager {
 	t.Helper()
 	env.ns = tn.Path
-	return newTestManager(t, func(c *Config) {
+	return newTestManager(t, append([]testOpt{func(c *Config) {
 		nc, err := network.ParseConfig("198.18.0.0/24", network.DefaultGuestCIDR, network.DefaultGuestMAC, false, network.Tag(c.DataDir))
 		if err != nil {
 			t.Fatal(err)
@@ -38,7 +38,7 @@ func netManager(t *testing.T, tn *testnet.NS, env *netEnv) *Manager {
 		// A small warm pool: some forks take a network made ahead, the rest
 		// make their own while the pool refills.
 		c.Network, c.NetworkDefault, c.NetworkWarm = env.host, true, 4
-	})
+	}}, opts...)...)
 }
 
 // firstContact pings a VM's address once and GETs / once, as a client
@@ -46,23 +46,32 @@ func netManager(t *testing.T, tn *testnet.NS, env *netEnv) *Manager {
 // either. It returns the guest's answer.
 func firstContact(t *testing.T, tn *testnet.NS, p *testnet.Pinger, in api.Instance, seq int) guestAnswer {
 	t.Helper()
+	g, err := contact(tn, p, in, seq)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return g
+}
+
+// contact is firstContact's ping and GET /, returning what failed.
+func contact(tn *testnet.NS, p *testnet.Pinger, in api.Instance, seq int) (guestAnswer, error) {
 	addr, err := netip.ParseAddr(in.Network.Address)
 	if err != nil {
-		t.Fatalf("%s: address %q: %v", in.Name, in.Network.Address, err)
+		return guestAnswer{}, fmt.Errorf("%s: address %q: %w", in.Name, in.Network.Address, err)
 	}
 	if err := p.Ping(addr, seq, 10*time.Second); err != nil {
-		t.Fatalf("%s: the first ping to %s after its restore returned failed: %v", in.Name, addr, err)
+		return guestAnswer{}, fmt.Errorf("%s: the first ping to %s after its restore returned failed: %w", in.Name, addr, err)
 	}
 	resp, err := tn.HTTPClient(10 * time.Second).Get("http://" + net.JoinHostPort(addr.String(), "80") + "/")
 	if err != nil {
-		t.Fatalf("%s: the first GET / to %s after its restore returned failed: %v", in.Name, addr, err)
+		return guestAnswer{}, fmt.Errorf("%s: the first GET / to %s after its restore returned failed: %w", in.Name, addr, err)
 	}
 	defer resp.Body.Close()
 	var g guestAnswer
 	if err := json.NewDecoder(resp.Body).Decode(&g); err != nil || resp.StatusCode != 200 || g.BootID == "" {
-		t.Fatalf("%s: GET / = %d, %+v, %v; want 200 with a boot_id", in.Name, resp.StatusCode, g, err)
+		return g, fmt.Errorf("%s: GET / = %d, %+v, %v; want 200 with a boot_id", in.Name, resp.StatusCode, g, err)
 	}
-	return g
+	return g, nil
 }
 
 // TestForksAnswerTheMomentTheirRestoreReturns makes 25 live forks of a
