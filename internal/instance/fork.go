@@ -31,31 +31,26 @@ type forkFiles struct {
 // place, fork from it, resume; the source VMM never restarts); from Stopped
 // or Created, disk only.
 func (m *Manager) ForkInstance(ctx context.Context, ref string, req api.ForkRequest) (api.Instance, error) {
-	start := time.Now()
-	defer m.observe("fork", start)
-	defer m.netOpStart()()
-	ctx = context.WithoutCancel(ctx)
-	a, err := m.admitInstanceFork(ctx, ref, forkAsk{fromRunning: req.FromRunning, target: req.TargetState, backend: req.RestoreBackend, n: 1})
-	if err != nil {
-		return api.Instance{}, err
-	}
-	defer a.releaseCap()
-	fork, err := m.fork(ctx, a.ids[0], req, a.tmpl, a.spec)
-	a.release()
-	if err != nil {
-		return api.Instance{}, err
-	}
-	return m.applyTarget(ctx, fork, a.target, req.RestoreBackend)
+	return m.forkOne(ctx, m.admitInstanceFork, ref, req)
 }
 
 // ForkSnapshot forks a store snapshot, under the snapshot's read lock (so
 // it is not deleted mid-fork; it may be deleted the moment this returns).
 func (m *Manager) ForkSnapshot(ctx context.Context, ref string, req api.ForkRequest) (api.Instance, error) {
+	return m.forkOne(ctx, m.admitSnapshotFork, ref, req)
+}
+
+// admitFork admits forks of ref: admitInstanceFork or admitSnapshotFork.
+type admitFork func(ctx context.Context, ref string, ask forkAsk) (*forkAdmission, error)
+
+// forkOne makes one fork of ref, admitted by admit, and brings it to its
+// target state.
+func (m *Manager) forkOne(ctx context.Context, admit admitFork, ref string, req api.ForkRequest) (api.Instance, error) {
 	start := time.Now()
 	defer m.observe("fork", start)
 	defer m.netOpStart()()
 	ctx = context.WithoutCancel(ctx)
-	a, err := m.admitSnapshotFork(ctx, ref, forkAsk{target: req.TargetState, backend: req.RestoreBackend, n: 1})
+	a, err := admit(ctx, ref, forkAsk{fromRunning: req.FromRunning, target: req.TargetState, backend: req.RestoreBackend, n: 1})
 	if err != nil {
 		return api.Instance{}, err
 	}

@@ -20,22 +20,17 @@ import (
 // running source is forked live one fork at a time), named
 // req.Name-1..req.Name-Count: every fork, or an error and none (forkBatch).
 func (m *Manager) ForkInstanceBatch(ctx context.Context, ref string, req api.ForkBatchRequest) ([]api.Instance, error) {
-	start := time.Now()
-	defer m.observe("fork_batch", start)
-	defer m.netOpStart()()
-	ctx = context.WithoutCancel(ctx)
-	if err := req.Validate(); err != nil {
-		return nil, err
-	}
-	a, err := m.admitInstanceFork(ctx, ref, forkAsk{batch: true, target: req.TargetState, backend: req.RestoreBackend, n: req.Count})
-	if err != nil {
-		return nil, err
-	}
-	return m.forkAdmittedBatch(ctx, a, req)
+	return m.forkMany(ctx, m.admitInstanceFork, ref, req)
 }
 
 // ForkSnapshotBatch is ForkInstanceBatch for a store snapshot.
 func (m *Manager) ForkSnapshotBatch(ctx context.Context, ref string, req api.ForkBatchRequest) ([]api.Instance, error) {
+	return m.forkMany(ctx, m.admitSnapshotFork, ref, req)
+}
+
+// forkMany checks a batch request, admits its forks of ref with admit, and
+// makes them (forkAdmittedBatch).
+func (m *Manager) forkMany(ctx context.Context, admit admitFork, ref string, req api.ForkBatchRequest) ([]api.Instance, error) {
 	start := time.Now()
 	defer m.observe("fork_batch", start)
 	defer m.netOpStart()()
@@ -43,7 +38,7 @@ func (m *Manager) ForkSnapshotBatch(ctx context.Context, ref string, req api.For
 	if err := req.Validate(); err != nil {
 		return nil, err
 	}
-	a, err := m.admitSnapshotFork(ctx, ref, forkAsk{batch: true, target: req.TargetState, backend: req.RestoreBackend, n: req.Count})
+	a, err := admit(ctx, ref, forkAsk{batch: true, target: req.TargetState, backend: req.RestoreBackend, n: req.Count})
 	if err != nil {
 		return nil, err
 	}
