@@ -233,3 +233,38 @@ func newBenchManager(b *testing.B, parent string, s benchSetup) *Manager {
 	})
 	return m
 }
+
+// BenchmarkForkBatchToRunning is a batch of 25 forks of a Standby source
+// brought to Running (target_state Running, File restores): one op is the
+// batch call, which returns once every fork runs.
+//
+//	go test -run '^$' -bench ForkBatchToRunning -benchtime 5x ./internal/instance/
+func BenchmarkForkBatchToRunning(b *testing.B) {
+	const forks = 25
+	m := newBenchManager(b, benchDataDir(b), benchSetup{})
+	ctx := context.Background()
+	src, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: 256, BootArgs: "forkd.ws_mib=8 forkd.rate=200"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	action(b, m, src.ID, "standby")
+	syscall.Sync()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		fs, err := m.ForkInstanceBatch(ctx, src.ID, api.ForkBatchRequest{Name: fmt.Sprintf("f%d", i), Count: forks, TargetState: api.StateRunning})
+		b.StopTimer()
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, f := range fs {
+			if f.State != api.StateRunning {
+				b.Fatalf("fork %s is %s, want Running", f.Name, f.State)
+			}
+			if err := m.DeleteInstance(ctx, f.ID); err != nil {
+				b.Fatal(err)
+			}
+		}
+		b.StartTimer()
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/1e6, "ms/batch")
+}

@@ -57,7 +57,7 @@ func (m *Manager) forkAdmittedBatch(ctx context.Context, a *forkAdmission, req a
 	}
 	out := make([]api.Instance, len(recs))
 	errs := make([]error, len(recs))
-	eachFork(len(recs), func(i int) { out[i], errs[i] = m.applyTarget(ctx, recs[i], a.target, req.RestoreBackend) })
+	eachFork(len(recs), forkTargetWorkers, func(i int) { out[i], errs[i] = m.applyTarget(ctx, recs[i], a.target, req.RestoreBackend) })
 	if err := errors.Join(errs...); err != nil {
 		for i, rec := range recs {
 			if errs[i] == nil { // applyTarget removed the ones it failed
@@ -76,11 +76,18 @@ func (m *Manager) forkAdmittedBatch(ctx context.Context, a *forkAdmission, req a
 // CPUs busy without a goroutine per fork contending for them.
 const forkBatchWorkers = 4
 
-// eachFork runs fn(0..n-1) on up to forkBatchWorkers goroutines.
-func eachFork(n int, fn func(i int)) {
+// forkTargetWorkers bounds how many of a batch's forks are brought to their
+// target state at once. A restore or a start mostly waits (for its VMM to
+// load the snapshot and answer), so a batch brings its forks up together,
+// as the same forks made by separate calls would be; the bound only keeps
+// a very large batch from launching every VMM in the same instant.
+const forkTargetWorkers = 32
+
+// eachFork runs fn(0..n-1) on up to workers goroutines.
+func eachFork(n, workers int, fn func(i int)) {
 	var wg sync.WaitGroup
 	next := make(chan int)
-	for range min(n, forkBatchWorkers) {
+	for range min(n, workers) {
 		wg.Go(func() {
 			for i := range next {
 				fn(i)
@@ -132,7 +139,7 @@ func (m *Manager) forkBatch(ctx context.Context, ids, names []string, tmpl store
 	}
 	srcs := newSourceCache(root) // each sealed source opened once, for every fork
 	built := make([]error, len(jobs))
-	eachFork(len(jobs), func(i int) { built[i] = m.buildFork(ctx, jobs[i], spec, srcs) })
+	eachFork(len(jobs), forkBatchWorkers, func(i int) { built[i] = m.buildFork(ctx, jobs[i], spec, srcs) })
 	srcs.close()
 	root.Close()
 	trace.WithRegion(ctx, "fork: wait for the journal", func() { err = journal.wait(m, jobs) })
@@ -140,7 +147,7 @@ func (m *Manager) forkBatch(ctx context.Context, ids, names []string, tmpl store
 		return nil, m.failBatch(ctx, jobs, err)
 	}
 	errs := make([]error, len(jobs))
-	eachFork(len(jobs), func(i int) { errs[i] = m.forkJournalled(ctx, jobs[i], built[i]) })
+	eachFork(len(jobs), forkBatchWorkers, func(i int) { errs[i] = m.forkJournalled(ctx, jobs[i], built[i]) })
 	err = errors.Join(errs...)
 	if err == nil { // every fork's own name only once the journal names them all
 		r := trace.StartRegion(ctx, "fork: rename")
