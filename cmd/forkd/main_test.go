@@ -124,7 +124,7 @@ func TestBinaryHelpAndDemo(t *testing.T) {
 // own list is internal/cli's demoStepNames; a step added there must be
 // added here, with what to check of it).
 func demoSteps() []string {
-	return []string{"daemon", "health", "list", "create", "standby", "fork-burst", "delete-source",
+	return []string{"daemon", "health", "list", "create", "standby", "fork-burst", "fork-batch", "delete-source",
 		"restore", "fork-answers", "standby-forks", "memory-checks"}
 }
 
