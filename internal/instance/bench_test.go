@@ -41,12 +41,7 @@ func BenchmarkForkOfStandby(b *testing.B) {
 			b.Run(fmt.Sprintf("strategy=%s/ram=%dMiB", tc.strategy, mib), func(b *testing.B) {
 				m := newBenchManager(b, dir, benchSetup{strategy: tc.strategy})
 				ctx := context.Background()
-				src, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: mib, BootArgs: "forkd.ws_mib=8 forkd.rate=200"})
-				if err != nil {
-					b.Fatal(err)
-				}
-				action(b, m, src.ID, "standby")
-				syscall.Sync() // the standby's dirty pages must not land in the forks' fsyncs
+				src := benchStandbySource(b, m, mib)
 				b.ResetTimer()
 				for i := 0; i < b.N; i++ {
 					f, err := m.ForkInstance(ctx, src.ID, api.ForkRequest{Name: fmt.Sprintf("f%d", i)})
@@ -82,12 +77,7 @@ func BenchmarkForkBurstOfStandby(b *testing.B) {
 		b.Run(fmt.Sprintf("ram=%dMiB", mib), func(b *testing.B) {
 			m := newBenchManager(b, dir, benchSetup{})
 			ctx := context.Background()
-			src, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: mib, BootArgs: "forkd.ws_mib=8 forkd.rate=200"})
-			if err != nil {
-				b.Fatal(err)
-			}
-			action(b, m, src.ID, "standby")
-			syscall.Sync()
+			src := benchStandbySource(b, m, mib)
 			var lat []time.Duration
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
@@ -133,12 +123,7 @@ func BenchmarkForkBatchOfStandby(b *testing.B) {
 		b.Run(fmt.Sprintf("ram=%dMiB", mib), func(b *testing.B) {
 			m := newBenchManager(b, dir, benchSetup{})
 			ctx := context.Background()
-			src, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: mib, BootArgs: "forkd.ws_mib=8 forkd.rate=200"})
-			if err != nil {
-				b.Fatal(err)
-			}
-			action(b, m, src.ID, "standby")
-			syscall.Sync()
+			src := benchStandbySource(b, m, mib)
 			var lat []time.Duration
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
@@ -165,6 +150,20 @@ func BenchmarkForkBatchOfStandby(b *testing.B) {
 			b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds())/1e6, "p50-ms")
 		})
 	}
+}
+
+// benchStandbySource is the fork benchmarks' source: a VM of mib MiB named
+// src, stood by, with every dirty page written back (sync), so that its
+// standby's writeback does not land in the forks' fsyncs.
+func benchStandbySource(b *testing.B, m *Manager, mib int) api.Instance {
+	b.Helper()
+	src, err := m.CreateInstance(context.Background(), api.CreateInstanceRequest{Name: "src", MemoryMiB: mib, BootArgs: "forkd.ws_mib=8 forkd.rate=200"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	action(b, m, src.ID, "standby")
+	syscall.Sync()
+	return src
 }
 
 // benchDataDir is where the benchmark's managers live: an XFS loopback, so
@@ -243,12 +242,7 @@ func BenchmarkForkBatchToRunning(b *testing.B) {
 	const forks = 25
 	m := newBenchManager(b, benchDataDir(b), benchSetup{})
 	ctx := context.Background()
-	src, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: 256, BootArgs: "forkd.ws_mib=8 forkd.rate=200"})
-	if err != nil {
-		b.Fatal(err)
-	}
-	action(b, m, src.ID, "standby")
-	syscall.Sync()
+	src := benchStandbySource(b, m, 256)
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		fs, err := m.ForkInstanceBatch(ctx, src.ID, api.ForkBatchRequest{Name: fmt.Sprintf("f%d", i), Count: forks, TargetState: api.StateRunning})
