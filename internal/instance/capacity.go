@@ -109,5 +109,5 @@ func (m *Manager) reserveRunning(ctx context.Context, op string, in store.Instan
 		disk = m.diskUnshareCost(g.Rootfs())
 	}
 	return m.reserveCapacity(ctx, op, capacity.Request{ID: in.ID, MemoryMiB: in.MemoryMiB, Vcpus: in.Vcpus, Runs: true, DiskBytes: disk,
-		HugePages: in.HugePages != "", Boots: op == "start"})
+		HugePages: in.Huge(), Boots: op == "start"})
 }

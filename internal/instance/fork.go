@@ -182,7 +182,7 @@ func (m *Manager) admitInstanceFork(ctx context.Context, ref string, ask forkAsk
 		cost += m.snapshotCost(g.Base(), src.MemoryMiB)
 	}
 	if a.releaseCap, err = m.reserveForks(ctx, a.ids, capacity.Request{MemoryMiB: src.MemoryMiB, Vcpus: src.Vcpus,
-		Runs: target == api.StateRunning, DiskBytes: cost, HugePages: src.HugePages != ""}); err != nil {
+		Runs: target == api.StateRunning, DiskBytes: cost, HugePages: src.Huge()}); err != nil {
 		return nil, err
 	}
 	files := forkFiles{rootfs: g.Rootfs()}
@@ -256,7 +256,7 @@ func (m *Manager) admitSnapshotFork(ctx context.Context, ref string, ask forkAsk
 		cost += int64(sn.MemoryMiB) << 20 // materialised once, for this and later forks
 	}
 	if a.releaseCap, err = m.reserveForks(ctx, a.ids, capacity.Request{MemoryMiB: sn.MemoryMiB, Vcpus: sn.Vcpus,
-		Runs: target == api.StateRunning, DiskBytes: cost, HugePages: sn.HugePages != ""}); err != nil {
+		Runs: target == api.StateRunning, DiskBytes: cost, HugePages: sn.Huge()}); err != nil {
 		return nil, err
 	}
 	defer func() {

@@ -259,14 +259,14 @@ func restoreBackend(in store.Instance, asked, def string) (string, error) {
 	b := asked
 	if b == "" {
 		b = def
-		if in.HugePages != "" {
+		if in.Huge() {
 			b = api.BackendUffd
 		}
 	}
 	switch {
 	case b != api.BackendFile && b != api.BackendUffd:
 		return "", fmt.Errorf("%w: restore backend %q: want file or uffd", api.ErrInvalid, b)
-	case b == api.BackendFile && in.HugePages != "":
+	case b == api.BackendFile && in.Huge():
 		return "", fmt.Errorf("%w: %s's memory is backed by %s huge pages, which restore only with restore_backend uffd", api.ErrInvalid, in.Name, in.HugePages)
 	}
 	return b, nil

@@ -49,6 +49,9 @@ type Instance struct {
 	HugePages string
 }
 
+// Huge reports whether the VM's guest memory is backed by huge pages.
+func (in Instance) Huge() bool { return in.HugePages != "" }
+
 const instanceCols = `id, name, state, vcpus, memory_mib, kernel, rootfs, boot_args, created_at, source,
 	snapshot_cache_key, memory_check, fork_mode, restore_backend, pid, error, pager_session, pager_version,
 	net_slot, net_guest, net_mac, image, vsock_cid, huge_pages`

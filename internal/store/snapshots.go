@@ -33,6 +33,9 @@ type Snapshot struct {
 	HugePages string
 }
 
+// Huge reports whether the snapshot's memory is backed by huge pages.
+func (sn Snapshot) Huge() bool { return sn.HugePages != "" }
+
 const snapshotCols = `id, name, source_instance, created_at, size_bytes, compression, state,
 	snapshot_cache_key, memory_mib, vcpus, kernel, boot_args, net_guest, net_mac, image, vsock_cid, huge_pages`
 
