@@ -179,3 +179,54 @@ func echoOnce(ctx context.Context, tn *testnet.NS, addr string) error {
 	_, err = io.ReadFull(c, buf[:])
 	return err
 }
+
+// BenchmarkNetworkedForkBatch is BenchmarkNetworkedFork's burst of 25 made
+// by one batch call instead of 25 concurrent calls, each fork networked
+// (net=on: it makes its network; warm: it takes one the pool made ahead,
+// refilled untimed before each batch). Its p50 is the call's latency;
+// compare it with BenchmarkNetworkedFork's burst=25 p50 of the same run.
+//
+//	go test -run '^$' -bench 'NetworkedFork(Batch)?/net=(on|warm)(/burst=25)?$' -benchtime 5x ./internal/instance/
+func BenchmarkNetworkedForkBatch(b *testing.B) {
+	const forks = 25
+	dir := benchDataDir(b)
+	for _, net := range []string{"on", "warm"} {
+		b.Run("net="+net, func(b *testing.B) {
+			s := benchSetup{netNS: nettest.Namespace(b)}
+			if net == "warm" {
+				s.warm = forks
+			}
+			m := newBenchManager(b, dir, s)
+			ctx := context.Background()
+			src := benchStandbySource(b, m, 256)
+			var lat []time.Duration
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				if s.warm > 0 {
+					b.StopTimer()
+					if err := m.waitWarm(ctx, s.warm); err != nil {
+						b.Fatal(err)
+					}
+					b.StartTimer()
+				}
+				t := time.Now()
+				fs, err := m.ForkInstanceBatch(ctx, src.ID, api.ForkBatchRequest{Name: fmt.Sprintf("f%d", i), Count: forks})
+				d := time.Since(t)
+				b.StopTimer()
+				if err != nil {
+					b.Fatal(err)
+				}
+				for _, f := range fs {
+					if !f.Network.Enabled {
+						b.Fatalf("fork %s: network %+v, want enabled", f.Name, f.Network)
+					}
+					m.DeleteInstance(ctx, f.ID)
+				}
+				lat = append(lat, d)
+				b.StartTimer()
+			}
+			slices.Sort(lat)
+			b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
+		})
+	}
+}
