@@ -7,7 +7,6 @@ import (
 	"net"
 	"slices"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -46,24 +45,13 @@ func BenchmarkNetworkedFork(b *testing.B) {
 				}
 				m := newBenchManager(b, dir, s)
 				ctx := context.Background()
-				src, err := m.CreateInstance(ctx, api.CreateInstanceRequest{Name: "src", MemoryMiB: 256, BootArgs: "forkd.ws_mib=8 forkd.rate=200"})
-				if err != nil {
-					b.Fatal(err)
-				}
-				action(b, m, src.ID, "standby")
-				syscall.Sync()
+				src := benchStandbySource(b, m, 256)
 				var lat []time.Duration
 				var ids []string
 				var mu sync.Mutex
 				b.ResetTimer()
 				for i := 0; i < b.N; i++ {
-					if s.warm > 0 {
-						b.StopTimer()
-						if err := m.waitWarm(ctx, s.warm); err != nil {
-							b.Fatal(err)
-						}
-						b.StartTimer()
-					}
+					waitWarmUntimed(b, m, s.warm)
 					var wg sync.WaitGroup
 					for j := range burst {
 						wg.Go(func() {
@@ -202,13 +190,7 @@ func BenchmarkNetworkedForkBatch(b *testing.B) {
 			var lat []time.Duration
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
-				if s.warm > 0 {
-					b.StopTimer()
-					if err := m.waitWarm(ctx, s.warm); err != nil {
-						b.Fatal(err)
-					}
-					b.StartTimer()
-				}
+				waitWarmUntimed(b, m, s.warm)
 				t := time.Now()
 				fs, err := m.ForkInstanceBatch(ctx, src.ID, api.ForkBatchRequest{Name: fmt.Sprintf("f%d", i), Count: forks})
 				d := time.Since(t)
@@ -228,5 +210,19 @@ func BenchmarkNetworkedForkBatch(b *testing.B) {
 			slices.Sort(lat)
 			b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
 		})
+	}
+}
+
+// waitWarmUntimed waits, off the clock, until the warm pool holds n
+// networks (n 0: no pool, nothing to wait for).
+func waitWarmUntimed(b *testing.B, m *Manager, n int) {
+	b.Helper()
+	if n == 0 {
+		return
+	}
+	b.StopTimer()
+	defer b.StartTimer()
+	if err := m.waitWarm(context.Background(), n); err != nil {
+		b.Fatal(err)
 	}
 }
