@@ -45,8 +45,8 @@ and clean everything up (daemon, VMMs, pager, temp dir):
   create a VM, stand it by, fork it N times in a burst (hardlinked memory: no
   copy) and N more in one batch call, delete the source, restore every fork
   (half through the userfaultfd pager, half from the file), stand them all by
-  again, and show fork latencies, fork modes, the pager's hit rate and each VM's memory integrity
-  check.
+  again, and show fork latencies, fork modes, the pager's hit rate and each
+  VM's memory integrity check.
 
 It exits non-zero if any step fails; nothing falls back quietly (a pager that
 cannot start fails the demo). With -o json the steps go to stderr and a JSON
