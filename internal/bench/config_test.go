@@ -17,6 +17,12 @@ func TestConfigDefaults(t *testing.T) {
 		!slices.Equal(c.Temperatures, []string{"cold", "warm"}) {
 		t.Errorf("defaults = %+v", c)
 	}
+	if c.BatchCalls != 0 {
+		t.Errorf("batch calls %d without batch, want 0", c.BatchCalls)
+	}
+	if c, err = (Config{Batch: true}).withDefaults(); err != nil || c.BatchCalls != 5 {
+		t.Errorf("batch calls %d (err %v) with batch, want the default 5", c.BatchCalls, err)
+	}
 }
 
 // TestConfigRunsEverySettingOnEveryBuild: with builds, every prefetch
@@ -59,6 +65,7 @@ func TestConfigRejects(t *testing.T) {
 		{"negative forks", Config{Forks: []int{25, -1}}, "out of range"},
 		{"rate 0", Config{Rates: []int{0}}, "out of range"},
 		{"negative rounds", Config{Rounds: -1}, "rounds -1: out of range"},
+		{"negative batch calls", Config{Batch: true, BatchCalls: -2}, "-2 batch calls"},
 		{"unknown prefetch", Config{Prefetch: []string{"always"}}, `prefetch setting "always"`},
 		{"differs without both settings", Config{DiffersRuns: 3, Prefetch: []string{"auto"}}, "add both"},
 		{"unknown fork parent", Config{ForkFrom: "running"}, `fork from "running"`},

@@ -54,7 +54,8 @@ func TestForkBurstEndToEnd(t *testing.T) {
 func testForkBurst(t *testing.T, bin, from string) {
 	rep, out := runForkBurst(t, 3*time.Minute, Options{
 		Config: Config{SizesMiB: []int{64}, WorkingSetMiB: 4, Forks: []int{3}, Rates: []int{20000}, ForkFrom: from, Prefetch: []string{PrefetchOff},
-			Backends: []string{api.BackendFile, api.BackendUffd}, Strategies: []string{StrategyHardlink, StrategyCopy}},
+			Backends: []string{api.BackendFile, api.BackendUffd}, Strategies: []string{StrategyHardlink, StrategyCopy},
+			Batch: true, BatchCalls: 3},
 		Binary: bin,
 	})
 	ran := 0
@@ -78,6 +79,11 @@ func testForkBurst(t *testing.T, bin, from string) {
 		}
 		if c.ForkWall < c.Fork.Max || c.ForkWall > c.Wall {
 			t.Errorf("%s: forks wall %v, want between the slowest fork (%v) and the whole burst (%v)", name, c.ForkWall, c.Fork.Max, c.Wall)
+		}
+		// Each burst's forks were also made by 3 batch calls in a row, and
+		// their p50 is the batched fork's latency.
+		if b := c.Batch; b == nil || b.Err != "" || len(b.Calls) != 3 || b.Call != Summarize(b.Calls).P50 || b.Call <= 0 || b.CPU == nil {
+			t.Errorf("%s: batch %+v, want 3 calls, their p50 and their CPU", name, b)
 		}
 		// The bench started the daemon, so it knows what a fork cost it.
 		if c.ForkCPU == nil || c.ForkCPU.Daemon <= 0 || c.ForkCPU.Client <= 0 {

@@ -280,26 +280,31 @@ func (r *Report) writeBatches(w io.Writer) error {
 	if !r.Config.Batch {
 		return nil
 	}
-	fmt.Fprintln(w, "\nbatch (the same N forks made by one batch call, POST .../forks, before the concurrent calls; each fork returns with the call; fork cpu: per fork, daemon+this client)")
+	fmt.Fprintln(w, "\nbatch (the same N forks made by one batch call, POST .../forks, before the concurrent calls, calls times one after another; each fork returns with its call; fork cpu: per fork, daemon+this client)")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "size\tstrategy\tprefetch\trate\tworkload\tbackend\ttemp\tforks\tbatch call\tconcurrent calls: fork p50\twall\tfork cpu\terror\t")
+	fmt.Fprintln(tw, "size\tstrategy\tprefetch\trate\tworkload\tbackend\ttemp\tforks\tcalls\tbatch call p50\tmin\tmax\tconcurrent calls: fork p50\twall\tfork cpu\terror\t")
 	for _, c := range r.Cells {
 		if c.Skipped != "" || c.Batch == nil {
 			continue
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t\n",
+		calls := Summarize(c.Batch.Calls)
+		if calls.N == 0 && c.Batch.Err == "" { // a report from before the calls were kept
+			calls = Summarize([]time.Duration{c.Batch.Call})
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
 			c.SizeMiB, c.Strategy, c.Prefetch, c.Rate, c.workloadStr(), c.Backend, c.Temperature, c.Forks,
-			durStr(c.Batch.Call), durStr(c.Fork.P50), durStr(c.ForkWall), cpuStr(c.Batch.CPU), c.Batch.Err)
+			calls.N, durStr(c.Batch.Call), durStr(calls.Min), durStr(calls.Max), durStr(c.Fork.P50), durStr(c.ForkWall), cpuStr(c.Batch.CPU), c.Batch.Err)
 	}
 	return tw.Flush()
 }
 
-// BatchFork is a burst's forks made by one batch call: every fork's
-// latency is the call's.
+// BatchFork is a burst's forks made by one batch call, Config.BatchCalls
+// times: every fork's latency is its call's.
 type BatchFork struct {
-	Call time.Duration `json:"call_ns"`
-	CPU  *ForkCPU      `json:"fork_cpu,omitempty"` // per fork
-	Err  string        `json:"error,omitempty"`
+	Call  time.Duration   `json:"call_ns"`            // the calls' p50
+	Calls []time.Duration `json:"calls_ns,omitempty"` // each call's time (a report before them has only call_ns)
+	CPU   *ForkCPU        `json:"fork_cpu,omitempty"` // per fork, over every call
+	Err   string          `json:"error,omitempty"`    // the call that failed ended the series
 }
 
 // cpuStr is a ForkCPU as daemon+client, "-" when unknown.
@@ -429,8 +434,8 @@ func (r *Report) Ratios() []Ratio {
 						return 0, 0, false
 					})
 					if r.Config.Batch {
-						per(fmt.Sprintf("%s %s %s: one batch call of the burst's forks / serial fork p50 (budget 3x)", at, be, temp), func(k int) (float64, float64, bool) {
-							if c := burst(k); c != nil && c.Batch != nil && c.Batch.Err == "" {
+						per(fmt.Sprintf("%s %s %s: one batch call of the burst's forks, p50 / serial fork p50 (budget 3x)", at, be, temp), func(k int) (float64, float64, bool) {
+							if c := burst(k); c != nil && c.Batch != nil && c.Batch.Err == "" && c.Batch.Call > 0 {
 								return both(float64(c.Batch.Call), float64(h.Fork.P50))
 							}
 							return 0, 0, false
