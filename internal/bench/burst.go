@@ -141,13 +141,15 @@ func (r *runner) batch(ctx context.Context, d *daemon, par parent, n int) *Batch
 			_, err = d.svc.ForkInstanceBatch(ctx, par.id, req)
 		}
 		took := time.Since(t0)
+		if err == nil {
+			cpu.stop(n) // the call's CPU only, not the deletes'
+			b.Calls = append(b.Calls, took)
+		}
 		r.deleteBurst(ctx, d, name+"-")
 		if err != nil {
 			b.Err = err.Error()
 			break
 		}
-		cpu.stop(n)
-		b.Calls = append(b.Calls, took)
 	}
 	b.Call = Summarize(b.Calls).P50
 	b.CPU = cpu.perFork()
