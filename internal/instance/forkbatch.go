@@ -106,7 +106,8 @@ func eachFork(n, workers int, fn func(i int)) {
 // next: one synced commit journals every fork (beginBatch) while every
 // directory is built, then every directory is renamed into place and one
 // fsync of their parent makes all of them durable, and one last commit,
-// synced, completes them all.
+// synced, completes them all (its statements run during the renames, its
+// COMMIT only after that fsync).
 //
 // The batch is all or none, across a crash or a power cut too. Its forks'
 // journal entries do not roll forward (opPayload.RollForward is false, and
@@ -148,42 +149,33 @@ func (m *Manager) forkBatch(ctx context.Context, ids, names []string, tmpl store
 	}
 	errs := make([]error, len(jobs))
 	eachFork(len(jobs), forkBatchWorkers, func(i int) { errs[i] = m.forkJournalled(ctx, jobs[i], built[i]) })
-	err = errors.Join(errs...)
-	if err == nil { // every fork's own name only once the journal names them all
-		r := trace.StartRegion(ctx, "fork: rename")
-		for _, job := range jobs {
-			if err = os.Rename(job.tmp.Jail, job.final.Jail); err != nil {
-				break
-			}
-		}
-		if err == nil {
-			err = atomicfile.SyncDir(filepath.Dir(jobs[0].final.Jail))
-		}
-		if err == nil {
-			err = m.fault("fork:batch-renamed") // tests only: every dir under its own name
-		}
-		r.End()
-	}
-	if err != nil {
+	if err := errors.Join(errs...); err != nil {
 		return nil, m.failBatch(ctx, jobs, err)
 	}
-	crashPoint("fork", "batch-files") // test hook: every fork's dir is durable, its record still Forking
+	// The last commit's statements run while the dirs are renamed and made
+	// durable; it commits only on renameBatch's go-ahead (store.GroupAfter),
+	// so no fork is complete before its dir is durable under its own name.
 	recs := make([]store.Instance, len(jobs))
-	r := trace.StartRegion(ctx, "fork: last commit")
-	commit := m.db.Group
-	if os.Getenv(UnsafeUnsyncedBatchCommitEnv) == "1" { // a twin test only (crashhook.go)
-		commit = m.db.GroupUnsynced
-	}
-	err = commit(ctx, "fork:batch-committing", func(tx *store.Tx) error {
-		for i, job := range jobs {
-			recs[i] = completed(job.rec, job.res)
-			if err := finishForkUnit(job.o, recs[i])(tx); err != nil {
-				return err
+	ready, committed := make(chan error, 1), make(chan error, 1)
+	go func() {
+		after := store.After{Ready: ready, Unsynced: os.Getenv(UnsafeUnsyncedBatchCommitEnv) == "1"} // a twin test only (crashhook.go)
+		committed <- m.db.GroupAfter(ctx, "fork:batch-committing", after, func(tx *store.Tx) error {
+			for i, job := range jobs {
+				recs[i] = completed(job.rec, job.res)
+				if err := finishForkUnit(job.o, recs[i])(tx); err != nil {
+					return err
+				}
 			}
+			return nil
+		})
+	}()
+	err = m.renameBatch(ctx, jobs)
+	ready <- err // no store write before it: the committer waits for it
+	trace.WithRegion(ctx, "fork: last commit", func() {
+		if cerr := <-committed; err == nil {
+			err = cerr
 		}
-		return nil
 	})
-	r.End()
 	if err != nil {
 		return nil, m.failBatch(ctx, jobs, err)
 	}
@@ -192,6 +184,25 @@ func (m *Manager) forkBatch(ctx context.Context, ids, names []string, tmpl store
 		m.forked(job, recs[i], false)
 	}
 	return recs, nil
+}
+
+// renameBatch gives every fork of a journalled batch its own name, and one
+// fsync of their parent makes every rename durable.
+func (m *Manager) renameBatch(ctx context.Context, jobs []*forkJob) error {
+	defer trace.StartRegion(ctx, "fork: rename").End()
+	for _, job := range jobs {
+		if err := os.Rename(job.tmp.Jail, job.final.Jail); err != nil {
+			return err
+		}
+	}
+	if err := atomicfile.SyncDir(filepath.Dir(jobs[0].final.Jail)); err != nil {
+		return err
+	}
+	if err := m.fault("fork:batch-renamed"); err != nil { // tests only: every dir under its own name
+		return err
+	}
+	crashPoint("fork", "batch-files") // test hook: every fork's dir is durable, its record still Forking
+	return nil
 }
 
 // batchJournal is a batch's first commit (beginBatch).

@@ -104,9 +104,10 @@ type unit struct {
 	ctx      context.Context
 	label    string
 	fn       func(*Tx) error
-	unsynced bool       // GroupUnsynced: need not wait for the fsync
-	done     chan error // buffered: the committer never blocks on a caller
-	changes  []Change   // its record writes, once it has run without error
+	unsynced bool         // GroupUnsynced: need not wait for the fsync
+	ready    <-chan error // GroupAfter: its go-ahead, awaited before the COMMIT
+	done     chan error   // buffered: the committer never blocks on a caller
+	changes  []Change     // its record writes, once it has run without error
 }
 
 // groupQueue is the committer's input.
@@ -145,6 +146,31 @@ func (s *Store) Group(ctx context.Context, label string, fn func(tx *Tx) error) 
 // something.
 func (s *Store) GroupUnsynced(ctx context.Context, label string, fn func(tx *Tx) error) error {
 	return s.enqueue(&unit{ctx: ctx, label: label, fn: fn, unsynced: true, done: make(chan error, 1)})
+}
+
+// After is GroupAfter's go-ahead: one value on Ready, nil to commit the
+// unit, an error to roll it back. Unsynced is GroupUnsynced's, for a test's
+// twin only.
+type After struct {
+	Ready    <-chan error
+	Unsynced bool
+}
+
+// GroupAfter is Group for a unit whose statements may run before the caller
+// is ready for them to be durable (a fork batch's last commit, while its
+// directories are made durable): the committer runs fn, then waits, the
+// group's transaction open, for one value on a.Ready before the group's
+// COMMIT. nil commits the unit with the group; an error rolls back the
+// unit's writes alone (the rest of the group commits) and GroupAfter
+// returns it. So nothing of the unit is durable, or even visible, before
+// the go-ahead: the commit order the caller needs is kept.
+//
+// The committer holds the store's writer until the go-ahead (the units of
+// the group after it run once it has come), so the caller must send it
+// without waiting for any write of the store, or the two wait for each
+// other forever; reads are free.
+func (s *Store) GroupAfter(ctx context.Context, label string, a After, fn func(tx *Tx) error) error {
+	return s.enqueue(&unit{ctx: ctx, label: label, fn: fn, unsynced: a.Unsynced, ready: a.Ready, done: make(chan error, 1)})
 }
 
 func (s *Store) enqueue(u *unit) error {
@@ -343,7 +369,11 @@ func runUnit(ctx context.Context, w writer, u *unit) error {
 		return fmt.Errorf("%w: %v", errSavepoint, err)
 	}
 	t := &Tx{ctx: ctx, w: w}
-	if ferr := u.fn(t); ferr != nil {
+	ferr := u.fn(t)
+	if ferr == nil && u.ready != nil { // GroupAfter
+		trace.WithRegion(ctx, "store: wait for a unit's go-ahead", func() { ferr = <-u.ready })
+	}
+	if ferr != nil {
 		if _, err := tx.ExecContext(ctx, `ROLLBACK TO unit`); err != nil {
 			return fmt.Errorf("%w: rollback to: %v (after %v)", errSavepoint, err, ferr)
 		}

@@ -297,3 +297,81 @@ func TestAnUnsyncedGroupIsVisibleAndLeavesTheDatabaseFull(t *testing.T) {
 		t.Fatalf("after reopen: %d instances, want 2", len(list))
 	}
 }
+
+// gatedUnit is forkUnit for GroupAfter: ran is closed once its statements
+// have run, before its go-ahead.
+func gatedUnit(id, name string, ran chan struct{}) func(tx *Tx) error {
+	return func(tx *Tx) error {
+		defer close(ran)
+		return forkUnit(id, name)(tx)
+	}
+}
+
+// A GroupAfter unit's statements run at once, but nothing of it is visible
+// or durable before its go-ahead, nor of a unit queued behind it; the
+// go-ahead commits both.
+func TestGroupAfterCommitsOnlyOnItsGoAhead(t *testing.T) {
+	ctx := context.Background()
+	s := openWith(t, filepath.Join(t.TempDir(), "forkd.db"), Options{})
+	ready, ran, done := make(chan error, 1), make(chan struct{}), make(chan error, 1)
+	go func() { done <- s.GroupAfter(ctx, "fork", After{Ready: ready}, gatedUnit("a", "kid-a", ran)) }()
+	<-ran
+	behind := make(chan error, 1)
+	go func() { behind <- s.Group(ctx, "fork", forkUnit("b", "kid-b")) }()
+	time.Sleep(50 * time.Millisecond) // time for a wrong committer to commit either
+	if _, err := s.GetInstance(ctx, "a"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("the gated unit's record before its go-ahead: %v, want ErrNotFound", err)
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("GroupAfter returned %v before its go-ahead", err)
+	case err := <-behind:
+		t.Fatalf("a unit queued behind a gated one returned %v before the go-ahead", err)
+	default:
+	}
+	ready <- nil
+	if err := <-done; err != nil {
+		t.Fatalf("GroupAfter after its go-ahead: %v", err)
+	}
+	if err := <-behind; err != nil {
+		t.Fatalf("the unit behind it: %v", err)
+	}
+	for _, id := range []string{"a", "b"} {
+		if _, err := s.GetInstance(ctx, id); err != nil {
+			t.Errorf("instance %s after the go-ahead: %v", id, err)
+		}
+	}
+}
+
+// An error for a go-ahead rolls back the gated unit alone: the unit that
+// shares its group commits, and GroupAfter returns the error.
+func TestGroupAfterRollsBackItsUnitAloneOnError(t *testing.T) {
+	ctx := context.Background()
+	s := openWith(t, filepath.Join(t.TempDir(), "forkd.db"), Options{MinGroup: 2, MinGroupWait: time.Minute})
+	first := make(chan error, 1)
+	go func() { first <- s.Group(ctx, "fork", forkUnit("b", "kid-b")) }()
+	for queued := 0; queued == 0; time.Sleep(time.Millisecond) { // "b" first in the group
+		s.group.mu.Lock()
+		queued = len(s.group.pending)
+		s.group.mu.Unlock()
+	}
+	groups, units := s.GroupCommits()
+	failed := errors.New("the renames failed")
+	ready, ran := make(chan error, 1), make(chan struct{})
+	ready <- failed
+	if err := s.GroupAfter(ctx, "fork", After{Ready: ready}, gatedUnit("a", "kid-a", ran)); !errors.Is(err, failed) {
+		t.Fatalf("GroupAfter with a failed go-ahead: %v, want its error", err)
+	}
+	if err := <-first; err != nil {
+		t.Fatalf("the unit in the same group: %v", err)
+	}
+	if g, u := s.GroupCommits(); g != groups+1 || u != units+1 {
+		t.Errorf("groups %d → %d, units %d → %d: want one group committing one unit", groups, g, units, u)
+	}
+	if _, err := s.GetInstance(ctx, "a"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("the rolled back unit's record: %v, want ErrNotFound", err)
+	}
+	if _, err := s.GetInstance(ctx, "b"); err != nil {
+		t.Errorf("the other unit's record: %v", err)
+	}
+}
