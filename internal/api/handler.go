@@ -247,25 +247,9 @@ func (h *handler) action(w http.ResponseWriter, r *http.Request) {
 			"no instance action %q; actions are %v, fork, forks and snapshots", action, Actions()))
 		return
 	}
-	ref, ok := h.ref(w, r)
-	if !ok {
-		return
-	}
-	var req ActionRequest
-	if _, err := decodeBody(w, r, &req, false); err != nil {
-		h.fail(w, r, err)
-		return
-	}
-	if err := req.Validate(); err != nil {
-		h.fail(w, r, err)
-		return
-	}
-	inst, err := h.svc.Action(r.Context(), ref, action, req)
-	if err != nil {
-		h.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, inst)
+	callOnRef(h, w, r, false, http.StatusOK, func(ctx context.Context, ref string, req ActionRequest) (Instance, error) {
+		return h.svc.Action(ctx, ref, action, req)
+	})
 }
 
 func (h *handler) forkInstance(w http.ResponseWriter, r *http.Request) {
@@ -278,25 +262,7 @@ func (h *handler) forkSnapshot(w http.ResponseWriter, r *http.Request) {
 
 func (h *handler) fork(w http.ResponseWriter, r *http.Request,
 	call func(ctx context.Context, ref string, req ForkRequest) (Instance, error)) {
-	ref, ok := h.ref(w, r)
-	if !ok {
-		return
-	}
-	var req ForkRequest
-	if _, err := decodeBody(w, r, &req, true); err != nil {
-		h.fail(w, r, err)
-		return
-	}
-	if err := req.Validate(); err != nil {
-		h.fail(w, r, err)
-		return
-	}
-	inst, err := call(r.Context(), ref, req)
-	if err != nil {
-		h.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusCreated, inst)
+	callOnRef(h, w, r, true, http.StatusCreated, call)
 }
 
 func (h *handler) forkInstanceBatch(w http.ResponseWriter, r *http.Request) {
@@ -311,37 +277,34 @@ func (h *handler) forkSnapshotBatch(w http.ResponseWriter, r *http.Request) {
 // it makes (the Service admits and builds them together), all or none.
 func (h *handler) forkBatch(w http.ResponseWriter, r *http.Request,
 	call func(ctx context.Context, ref string, req ForkBatchRequest) ([]Instance, error)) {
-	ref, ok := h.ref(w, r)
-	if !ok {
-		return
-	}
-	var req ForkBatchRequest
-	if _, err := decodeBody(w, r, &req, true); err != nil {
-		h.fail(w, r, err)
-		return
-	}
-	if err := req.Validate(); err != nil {
-		h.fail(w, r, err)
-		return
-	}
-	forks, err := call(r.Context(), ref, req)
-	if err != nil {
-		h.fail(w, r, err)
-		return
-	}
-	if forks == nil {
-		forks = []Instance{}
-	}
-	writeJSON(w, http.StatusCreated, ForkBatch{Forks: forks})
+	callOnRef(h, w, r, true, http.StatusCreated, func(ctx context.Context, ref string, req ForkBatchRequest) (ForkBatch, error) {
+		forks, err := call(ctx, ref, req)
+		if forks == nil {
+			forks = []Instance{}
+		}
+		return ForkBatch{Forks: forks}, err
+	})
 }
 
 func (h *handler) createSnapshot(w http.ResponseWriter, r *http.Request) {
+	callOnRef(h, w, r, true, http.StatusCreated, h.svc.CreateSnapshot)
+}
+
+// validator is a request body that checks itself.
+type validator interface{ Validate() error }
+
+// callOnRef serves a request on the instance or snapshot the path names: it
+// decodes the body into a Req (a body is required, or may be empty), checks
+// it, calls call, and writes what it returns with status. Any error is the
+// response, and nothing is called before the body is known good.
+func callOnRef[Req validator, Out any](h *handler, w http.ResponseWriter, r *http.Request, required bool, status int,
+	call func(ctx context.Context, ref string, req Req) (Out, error)) {
 	ref, ok := h.ref(w, r)
 	if !ok {
 		return
 	}
-	var req SnapshotRequest
-	if _, err := decodeBody(w, r, &req, true); err != nil {
+	var req Req
+	if _, err := decodeBody(w, r, &req, required); err != nil {
 		h.fail(w, r, err)
 		return
 	}
@@ -349,12 +312,12 @@ func (h *handler) createSnapshot(w http.ResponseWriter, r *http.Request) {
 		h.fail(w, r, err)
 		return
 	}
-	snap, err := h.svc.CreateSnapshot(r.Context(), ref, req)
+	out, err := call(r.Context(), ref, req)
 	if err != nil {
 		h.fail(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusCreated, snap)
+	writeJSON(w, status, out)
 }
 
 func (h *handler) listSnapshots(w http.ResponseWriter, r *http.Request) {
