@@ -90,6 +90,14 @@ func TestHugePagesServeEveryByte(t *testing.T) {
 			checkHugeServing(t, p, mem, layout.mem, false)
 		})
 	}
+	// A kernel before 5.14 refuses MADV_POPULATE_READ: mapped faults read
+	// their pages by faulting them in, with every byte and count the same.
+	t.Run("without MADV_POPULATE_READ", func(t *testing.T) {
+		needHugePages(t, 1)
+		p := startPager(t, Config{CacheBytes: hugeCacheBytes, noPopulateRead: true})
+		mem := hugeMemFile(t, p.dir)
+		checkHugeServing(t, p, mem, huge2M, false)
+	})
 	// The twin: lone VMs' misses read into the heap and cached, as before
 	// mapped faults; the checks of a lone VM's counts must catch it.
 	t.Run("twin: misses through the heap", func(t *testing.T) {
@@ -215,10 +223,20 @@ func hugeRange(lo, hi int) string { return fmt.Sprintf("%d-%d", lo*perHuge, hi*p
 // the mem-file, and the stats count 4 KiB pages: recorded, prefetched and
 // wasted alike. Replay reads each 2 MiB page once.
 func TestHugePageReplayInstallsWholeHugePages(t *testing.T) {
-	for _, layout := range hugeLayouts {
+	type layoutRun struct {
+		name       string
+		mem        guestMemory
+		noPopulate bool // as a kernel before 5.14 (populateRead)
+	}
+	var runs []layoutRun
+	for _, l := range hugeLayouts {
+		runs = append(runs, layoutRun{name: l.name, mem: l.mem})
+	}
+	runs = append(runs, layoutRun{name: "one region, without MADV_POPULATE_READ", mem: huge2M, noPopulate: true})
+	for _, layout := range runs {
 		t.Run(layout.name, func(t *testing.T) {
 			needHugePages(t, 2)
-			p := startPager(t, Config{CacheBytes: hugeCacheBytes})
+			p := startPager(t, Config{CacheBytes: hugeCacheBytes, noPopulateRead: layout.noPopulate})
 			mem := hugeMemFile(t, p.dir)
 			ctx := context.Background()
 			// 2 MiB pages 5, 0, 2 (the mixed one), 4 (the half hole), 1 (all zeros)

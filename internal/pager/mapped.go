@@ -3,6 +3,7 @@ package pager
 import (
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -121,6 +122,36 @@ func (h *handler) inPageCache(off, ps uint64) bool {
 	return err == nil && in == total && total == ps/uffd.PageSize
 }
 
+// populateRead brings w, a window of a mapped mem-file, into memory in one
+// call (MADV_POPULATE_READ: from the page cache, or the disk) before its
+// pages are installed. A kernel before 5.14 answers EINVAL (every call does
+// when unsupported, a test's stand-in for one): then one byte of every 4 KiB
+// page is read instead, through readMapped, so the install that follows
+// still finds every page in memory either way.
+func populateRead(w []byte, unsupported bool) error {
+	var err error = unix.EINVAL
+	if !unsupported {
+		err = unix.Madvise(w, unix.MADV_POPULATE_READ)
+	}
+	if !errors.Is(err, unix.EINVAL) {
+		return err
+	}
+	return readMapped(func() { touchPages(w) })
+}
+
+// touched keeps touchPages' reads from being optimized away (atomic: the
+// readers of several sessions touch pages at once).
+var touched atomic.Uint32
+
+// touchPages reads one byte of every 4 KiB page of w.
+func touchPages(w []byte) {
+	var b byte
+	for i := 0; i < len(w); i += uffd.PageSize {
+		b |= w[i]
+	}
+	touched.Store(uint32(b))
+}
+
 // readWindow makes w's page known from the mapping: it populates w (from
 // the page cache, or the disk when called by a cold reader) and checks
 // whether it reads all zeros; an all-zero page is cached as a marker. It
@@ -128,8 +159,7 @@ func (h *handler) inPageCache(off, ps uint64) bool {
 func (h *handler) readWindow(w []byte, off uint64) (pageData, error) {
 	s := h.s
 	t0 := time.Now()
-	// EINVAL: a kernel before 5.14; the copy then faults the pages in.
-	if err := unix.Madvise(w, unix.MADV_POPULATE_READ); err != nil && !errors.Is(err, unix.EINVAL) {
+	if err := populateRead(w, s.srv.cfg.noPopulateRead); err != nil {
 		return pageData{}, fmt.Errorf("read %s at %d: %w", s.backingPath, off, err)
 	}
 	var zero bool

@@ -115,8 +115,17 @@ func TestSessionRecordsFirstFaultsInOrder(t *testing.T) {
 // them (no waste), and reads exactly the mem-file's bytes, holes and the
 // all-zero page included.
 func TestReplayInstallsTheWorkingSetSoTheGuestDoesNotFault(t *testing.T) {
+	t.Run("populated", func(t *testing.T) { testReplayInstallsTheWorkingSet(t, Config{CacheBytes: cacheBytes}) })
+	// A kernel before 5.14 refuses MADV_POPULATE_READ: the replay's runs
+	// fault in from the mapping as they are installed, just as well.
+	t.Run("without MADV_POPULATE_READ", func(t *testing.T) {
+		testReplayInstallsTheWorkingSet(t, Config{CacheBytes: cacheBytes, noPopulateRead: true})
+	})
+}
+
+func testReplayInstallsTheWorkingSet(t *testing.T, cfg Config) {
 	requireUffd(t)
-	p := startPager(t, Config{CacheBytes: cacheBytes})
+	p := startPager(t, cfg)
 	mem := memFile(t, p.dir, testPages, zeroPage, holeLo, holeHi)
 	ctx := context.Background()
 	const ws = 2048 // pages 0-2047: data, the zero page and part of the hole

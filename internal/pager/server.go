@@ -97,6 +97,10 @@ type Config struct {
 	// readahead, and a fast disk can finish it within the call: ~1 in 100
 	// on this host's).
 	parkEveryMiss bool
+	// noPopulateRead answers every MADV_POPULATE_READ with EINVAL, as a
+	// kernel before 5.14 does (populateRead): the pages of a mapped read
+	// then fault in as they are read.
+	noPopulateRead bool
 	// noMappedFaults serves a lone session's 2 MiB misses as any miss, read
 	// into the heap and cached, not from a mapping of the mem-file
 	// (mapped.go): the twin of the mapped-fault tests, and the benchmarks'
