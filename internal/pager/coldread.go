@@ -44,9 +44,10 @@ const maxColdReads = 64
 // pageData is a page's contents, known before its install: an all-zero
 // page (zero) or its bytes. ok is false while unknown.
 type pageData struct {
-	data []byte // an immutable cache entry or a page of our own
-	zero bool
-	ok   bool
+	data   []byte // an immutable cache entry, a page of our own, or a window of the mapping
+	zero   bool
+	ok     bool
+	mapped bool // data is a window of the mem-file's mapping (mapped.go)
 }
 
 // coldRead is a parked fault's read, done.

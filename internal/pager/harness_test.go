@@ -247,6 +247,25 @@ func (c *consumer) expect(prefix string) string {
 	}
 }
 
+// printsWithin reports whether the consumer prints a line starting with
+// prefix within d (a twin's check that something does not happen).
+func (c *consumer) printsWithin(prefix string, d time.Duration) bool {
+	timeout := time.After(d)
+	for {
+		select {
+		case l, ok := <-c.lines:
+			if !ok {
+				return false
+			}
+			if strings.HasPrefix(l, prefix) {
+				return true
+			}
+		case <-timeout:
+			return false
+		}
+	}
+}
+
 // finish waits for a clean exit after "ok".
 func (c *consumer) finish() {
 	c.t.Helper()

@@ -636,3 +636,37 @@ func TestMappedFaultOfAShrunkMemFileEndsOnlyItsSession(t *testing.T) {
 		t.Errorf("why the session ended: %v; want a read error naming %s", err, mem)
 	}
 }
+
+// TestMappedFaultWhosePagesLeftMemoryIsServed: a lone VM's 2 MiB fault whose
+// window of the mapping is not in memory when it is copied (the page cache
+// dropped it after populateRead; here it is never populated) fails that
+// copy with ENOMEM; the pager reads the page and installs it from a buffer,
+// and the VM gets every byte. The twin ends the session on the ENOMEM, as
+// before, and the VM freezes at that fault.
+func TestMappedFaultWhosePagesLeftMemoryIsServed(t *testing.T) {
+	for _, twin := range []bool{false, true} {
+		t.Run(fmt.Sprintf("twin=%v", twin), func(t *testing.T) {
+			needHugePages(t, 1)
+			p := startPager(t, Config{CacheBytes: hugeCacheBytes, unpopulatedWindows: true, noMappedRetry: twin})
+			mem := hugeMemFile(t, p.dir)
+			if err := dropPageCache(mem, 0, 0); err != nil {
+				t.Fatal(err)
+			}
+			s := p.create(t, "vm", mem, "abc")
+			c := startConsumer(t, s.SocketPath, mem, hugeSize, "good", fmt.Sprintf("touch:0-%d,wait", hugeFile), huge2M)
+			if twin {
+				if c.printsWithin("waiting", 5*time.Second) {
+					t.Fatalf("twin: the VM was served though the session ends on the copy's ENOMEM (the case shows nothing)")
+				}
+				return
+			}
+			c.expect("waiting")
+			st := p.sessionStats(t, "vm")
+			c.resume()
+			c.finish()
+			if st.CopyErrors["ENOMEM"] == 0 {
+				t.Errorf("copy errors %v: want the ENOMEM of a copy from a window not in memory (the case shows nothing)", st.CopyErrors)
+			}
+		})
+	}
+}

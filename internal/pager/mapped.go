@@ -125,12 +125,16 @@ func (h *handler) inPageCache(off, ps uint64) bool {
 // populateRead brings w, a window of a mapped mem-file, into memory in one
 // call (MADV_POPULATE_READ: from the page cache, or the disk) before its
 // pages are installed. A kernel before 5.14 answers EINVAL (every call does
-// when unsupported, a test's stand-in for one): then one byte of every 4 KiB
+// with cfg.noPopulateRead, a test's stand-in for one): then one byte of every 4 KiB
 // page is read instead, through readMapped, so the install that follows
-// still finds every page in memory either way.
-func populateRead(w []byte, unsupported bool) error {
+// still finds every page in memory either way. (Should the page cache drop
+// them again before the install, copyAgain serves the fault.)
+func populateRead(w []byte, cfg *Config) error {
+	if cfg.unpopulatedWindows {
+		return nil
+	}
 	var err error = unix.EINVAL
-	if !unsupported {
+	if !cfg.noPopulateRead {
 		err = unix.Madvise(w, unix.MADV_POPULATE_READ)
 	}
 	if !errors.Is(err, unix.EINVAL) {
@@ -159,7 +163,7 @@ func touchPages(w []byte) {
 func (h *handler) readWindow(w []byte, off uint64) (pageData, error) {
 	s := h.s
 	t0 := time.Now()
-	if err := populateRead(w, s.srv.cfg.noPopulateRead); err != nil {
+	if err := populateRead(w, &s.srv.cfg); err != nil {
 		return pageData{}, fmt.Errorf("read %s at %d: %w", s.backingPath, off, err)
 	}
 	var zero bool
@@ -177,5 +181,5 @@ func (h *handler) readWindow(w []byte, off uint64) (pageData, error) {
 		s.srv.cache.put(s.pageKey(off, uint64(len(w))), nil, true)
 		return pageData{zero: true, ok: true}, nil
 	}
-	return pageData{data: w, ok: true}, nil
+	return pageData{data: w, ok: true, mapped: true}, nil
 }

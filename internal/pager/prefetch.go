@@ -555,7 +555,7 @@ func (s *session) cacheRead(run *pfRun, keep pageSet, cached [][]byte) {
 func (s *session) fillRunMapped(run *pfRun, keep pageSet, w []byte, cached [][]byte) error {
 	run.buf, run.borrowed = w, true
 	t0 := time.Now()
-	if err := populateRead(w, s.srv.cfg.noPopulateRead); err != nil {
+	if err := populateRead(w, &s.srv.cfg); err != nil {
 		return fmt.Errorf("read %s at %d: %w", s.backingPath, run.off, err)
 	}
 	err := readMapped(func() { s.cacheRead(run, keep, cached) })

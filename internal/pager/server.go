@@ -101,6 +101,13 @@ type Config struct {
 	// kernel before 5.14 does (populateRead): the pages of a mapped read
 	// then fault in as they are read.
 	noPopulateRead bool
+	// unpopulatedWindows skips populateRead altogether, as if the page
+	// cache had dropped a window's pages between it and the copy: the
+	// copy from the mapping then fails with ENOMEM (copyAgain).
+	unpopulatedWindows bool
+	// noMappedRetry ends the session on that ENOMEM, as before copyAgain:
+	// its twin.
+	noMappedRetry bool
 	// noMappedFaults serves a lone session's 2 MiB misses as any miss, read
 	// into the heap and cached, not from a mapping of the mem-file
 	// (mapped.go): the twin of the mapped-fault tests, and the benchmarks'
