@@ -128,7 +128,7 @@ func (h *handler) inPageCache(off, ps uint64) bool {
 // with cfg.noPopulateRead, a test's stand-in for one): then one byte of every 4 KiB
 // page is read instead, through readMapped, so the install that follows
 // still finds every page in memory either way. (Should the page cache drop
-// them again before the install, copyAgain serves the fault.)
+// them again before the install, install reads the page again.)
 func populateRead(w []byte, cfg *Config) error {
 	if cfg.unpopulatedWindows {
 		return nil

@@ -358,26 +358,6 @@ func (h *handler) serveFault(flt fault) error {
 // all-zero pages; otherwise the page known already (pd), or from the cache
 // or the mem-file. populate installs leave zero pages to the kernel (after
 // the unregister it zero-fills them itself) and do not count as faults.
-// copyAgain installs the page at file offset off from a buffer, after a
-// copy from the mapping failed with ENOMEM: the window's pages had left
-// memory again (reclaimed since populateRead), and a 2 MiB copy from a
-// source that is not in memory fails so. The page is read (through the
-// pager's cache) on the session goroutine: rare, and better than ending the
-// session, which would freeze the VM at this fault.
-func (h *handler) copyAgain(page, off, ps uint64) error {
-	h.s.count(func(c *counters) { c.copyError(unix.ENOMEM) })
-	data, zero, err := h.lookup(off, ps)
-	if err != nil {
-		return err
-	}
-	if zero {
-		data = h.s.srv.zeroHugePage()
-	}
-	_, err = h.f.Copy(uintptr(page), uintptr(unsafe.Pointer(&data[0])), ps, 0)
-	runtime.KeepAlive(data)
-	return err
-}
-
 func (h *handler) install(page uint64, ri int, populate bool, pd pageData) (installResult, error) {
 	s := h.s
 	r := h.regions[ri]
@@ -428,7 +408,13 @@ func (h *handler) install(page uint64, ri int, populate bool, pd pageData) (inst
 		_, err = h.f.Copy(uintptr(page), uintptr(unsafe.Pointer(&data[0])), ps, 0)
 		runtime.KeepAlive(data)
 		if errors.Is(err, unix.ENOMEM) && pd.mapped && !s.srv.cfg.noMappedRetry {
-			err = h.copyAgain(page, off, ps)
+			// A 2 MiB copy from a window of the mapping whose pages
+			// left memory again (reclaimed since populateRead) fails so:
+			// install the page as any other, read through the pager's
+			// cache, here on the session goroutine. Rare, and better
+			// than ending the session, which would freeze the VM.
+			s.count(func(c *counters) { c.copyError(unix.ENOMEM) })
+			return h.install(page, ri, populate, pageData{})
 		}
 	}
 	switch {

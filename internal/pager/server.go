@@ -103,10 +103,11 @@ type Config struct {
 	noPopulateRead bool
 	// unpopulatedWindows skips populateRead altogether, as if the page
 	// cache had dropped a window's pages between it and the copy: the
-	// copy from the mapping then fails with ENOMEM (copyAgain).
+	// copy from the mapping then fails with ENOMEM (install reads the page
+	// again).
 	unpopulatedWindows bool
-	// noMappedRetry ends the session on that ENOMEM, as before copyAgain:
-	// its twin.
+	// noMappedRetry ends the session on that ENOMEM, as before install read
+	// the page again: its twin.
 	noMappedRetry bool
 	// noMappedFaults serves a lone session's 2 MiB misses as any miss, read
 	// into the heap and cached, not from a mapping of the mem-file
