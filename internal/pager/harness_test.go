@@ -228,40 +228,38 @@ func startConsumer(t testing.TB, sock, memfile string, size int, handshake, scri
 // expect waits for an output line starting with prefix.
 func (c *consumer) expect(prefix string) string {
 	c.t.Helper()
-	timeout := time.After(60 * time.Second)
-	for {
-		select {
-		case l, ok := <-c.lines:
-			if !ok {
-				c.t.Fatalf("consumer exited before printing %q; output:\n%s", prefix, c.out.String())
-			}
-			if strings.HasPrefix(l, prefix) {
-				return l
-			}
-			if strings.HasPrefix(l, "FAIL") {
-				c.t.Fatalf("consumer failed: %s\noutput:\n%s", l, c.out.String())
-			}
-		case <-timeout:
-			c.t.Fatalf("consumer did not print %q in 60 s; output:\n%s", prefix, c.out.String())
-		}
+	l, err := c.await(prefix, 60*time.Second)
+	if err != nil {
+		c.t.Fatalf("%v; output:\n%s", err, c.out.String())
 	}
+	return l
 }
 
 // printsWithin reports whether the consumer prints a line starting with
 // prefix within d (a twin's check that something does not happen).
 func (c *consumer) printsWithin(prefix string, d time.Duration) bool {
+	_, err := c.await(prefix, d)
+	return err == nil
+}
+
+// await reads output lines until one starts with prefix, or the consumer
+// fails, exits, or says nothing of the kind within d.
+func (c *consumer) await(prefix string, d time.Duration) (string, error) {
 	timeout := time.After(d)
 	for {
 		select {
 		case l, ok := <-c.lines:
 			if !ok {
-				return false
+				return "", fmt.Errorf("consumer exited before printing %q", prefix)
 			}
 			if strings.HasPrefix(l, prefix) {
-				return true
+				return l, nil
+			}
+			if strings.HasPrefix(l, "FAIL") {
+				return "", fmt.Errorf("consumer failed: %s", l)
 			}
 		case <-timeout:
-			return false
+			return "", fmt.Errorf("consumer did not print %q in %v", prefix, d)
 		}
 	}
 }
