@@ -374,6 +374,28 @@ func TestAdoptForKillFindsAVMMWhoseAPIDoesNotAnswer(t *testing.T) {
 	}
 }
 
+// TestHasArgPairTakesBothFlagForms: the reconciler's scan finds a VMM by
+// "--id X" or "--id=X"; AdoptForKill must then accept the same VMM, or the
+// kill silently skips what the scan found.
+func TestHasArgPairTakesBothFlagForms(t *testing.T) {
+	for _, tc := range []struct {
+		cmdline string
+		want    bool
+	}{
+		{"/vmm\x00--id\x00abc\x00--api-sock\x00/vmm.sock\x00", true},
+		{"/vmm\x00--api-sock\x00/vmm.sock\x00--id=abc\x00", true},
+		{"/vmm\x00--id\x00abcd\x00", false},
+		{"/vmm\x00--id=abcd\x00", false},
+		{"/vmm\x00--id\x00", false},
+		{"/vmm\x00abc\x00--id\x00", false},
+		{"/vmm\x00--idx\x00abc\x00", false},
+	} {
+		if got := hasArgPair([]byte(tc.cmdline), "--id", "abc"); got != tc.want {
+			t.Errorf("hasArgPair(%q, --id, abc) = %v, want %v", tc.cmdline, got, tc.want)
+		}
+	}
+}
+
 func TestAliveIsFalseForReusedPid(t *testing.T) {
 	p := launchForTest(t, context.Background(), helperSpec(t, "serve"))
 	// Same pid, other start time: what a recycled pid looks like.

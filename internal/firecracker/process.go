@@ -79,7 +79,7 @@ func (p *Process) Client() *Client { return NewClientVersion(p.APISock, p.Versio
 
 // AdoptForKill finds a VMM whose API may no longer answer (hung, or
 // mid-crash) so it can be killed: pid must be alive and its command line
-// must carry "--id id", which is how Launch started it (directly or
+// must carry "--id id" (or "--id=id"), which is how Launch started it (directly or
 // through a jailer; its socket path says nothing: every jailed VMM's is
 // /vmm.sock). The Process is meant for Alive and Kill only.
 func AdoptForKill(pid int, id, apiSock string) (*Process, error) {
@@ -101,11 +101,12 @@ func AdoptForKill(pid int, id, apiSock string) (*Process, error) {
 }
 
 // hasArgPair reports whether a NUL-separated command line holds flag
-// followed by value.
+// followed by value, as two arguments or as one "flag=value" (both forms
+// a VMM's flag parser takes, and the reconciler's scan finds).
 func hasArgPair(cmdline []byte, flag, value string) bool {
 	args := strings.Split(strings.TrimRight(string(cmdline), "\x00"), "\x00")
-	for i := 0; i+1 < len(args); i++ {
-		if args[i] == flag && args[i+1] == value {
+	for i, a := range args {
+		if a == flag+"="+value || a == flag && i+1 < len(args) && args[i+1] == value {
 			return true
 		}
 	}

@@ -1,11 +1,14 @@
 package instance
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
+	"time"
+
+	"github.com/forkd/forkd/internal/firecracker"
 )
 
 // vmmProc is one VMM process seen in /proc: its --id and --api-sock.
@@ -70,15 +73,25 @@ func vmmsByID(scan []vmmProc) map[string][]int {
 }
 
 // killUnrecordedVMMs kills every VMM process started for instance id (found
-// by its --id in vmms) except the one the manager adopted for it, if any.
+// by its --id in vmms) except the one the manager adopted for it, if any,
+// and waits until each has exited (at most unrecordedExitWait each).
 // The journal learns a VMM's pid only after Launch returns, so a crash
 // between a start's or restore's launch and its next step leaves a VMM no
 // record names: without this sweep it would run forever, and a later
 // restore would start a second VMM for the same guest (found by the
-// reliability suite, TestCrashUnderLoadLosesNothing). Run by the reconciler
-// once per instance, after it has settled that instance. Instance ids are
-// 96 random bits, so a VMM of another data dir never carries one of ours.
-func (m *Manager) killUnrecordedVMMs(id string, vmms map[string][]int) {
+// reliability suite, TestCrashUnderLoadLosesNothing). Instance ids are 96
+// random bits, so a VMM of another data dir never carries one of ours.
+//
+// The reconciler calls it for each instance before it clears the guest dir
+// and frees the jail: a VMM is gone only once it has exited, not when it
+// is sent SIGKILL. One with a large memory to tear down, or blocked, can
+// take a while; until then it still holds its uid, its cgroup and its
+// guest dir, and it could still write into that dir. (A VMM in the
+// kernel when its SIGKILL came, on a loaded host, was seen still exiting
+// by the suite's invariant check after the daemon served.) The kill goes through a pidfd taken after
+// the process's command line is checked again, so a pid reused since the
+// scan is never signalled.
+func (m *Manager) killUnrecordedVMMs(ctx context.Context, id string, vmms map[string][]int) {
 	keep := 0
 	if p := m.proc(id); p != nil {
 		keep = p.Pid
@@ -87,13 +100,20 @@ func (m *Manager) killUnrecordedVMMs(id string, vmms map[string][]int) {
 		if pid == keep {
 			continue
 		}
-		// Re-read the command line: the pid may have been reused since
-		// the scan.
-		b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cmdline"))
-		if p, ok := parseVMMCmdline(b); err != nil || !ok || p.id != id {
-			continue
+		// No socket: the path is the instance's, which a kept VMM may own.
+		p, err := firecracker.AdoptForKill(pid, id, "")
+		if err != nil {
+			continue // exited since the scan, or the pid names another process now
 		}
 		m.log.Warn("reconcile: killing a VMM no record names", "instance", id, "pid", pid)
-		syscall.Kill(pid, syscall.SIGKILL)
+		kctx, cancel := context.WithTimeout(ctx, unrecordedExitWait)
+		if err := p.Kill(kctx); err != nil {
+			m.log.Error("reconcile: a VMM no record names has not exited; its jail is freed without it", "instance", id, "pid", pid, "err", err)
+		}
+		cancel()
 	}
 }
+
+// unrecordedExitWait bounds the wait for one killed VMM to exit: a process
+// stuck in the kernel must not hold the daemon's start for ever.
+const unrecordedExitWait = 10 * time.Second

@@ -31,6 +31,8 @@ import (
 //  3. each instance that should have a VMM is re-adopted by pid + socket (VMMs
 //     run in their own session and outlive the daemon); one whose VMM died
 //     becomes Standby if it has a complete snapshot-latest, else Stopped;
+//     every other VMM started for an instance is killed, and has exited
+//     before the instance's dir and jail are touched;
 //  4. networks: every namespace and host link of this data dir's tag that
 //     no record holds is removed, every one a record holds is made whole
 //     (also after a host reboot), and the host table is rebuilt from the
@@ -287,11 +289,12 @@ func (m *Manager) reconcileInstance(ctx context.Context, in store.Instance, vmms
 		m.log.Error("reconcile: bad instance id", "instance", in.ID, "err", err)
 		return
 	}
-	defer m.killUnrecordedVMMs(in.ID, vmms) // orphans.go
 	if !oneOf(in.State, api.StateRunning, api.StatePaused, api.StateStandingby, api.StateRestoring) {
-		// No VMM runs for it: clear what the last one could have left, and
-		// seal a snapshot no VMM can write any more (a data dir from before
-		// jails has them unsealed; forks link only sealed inodes).
+		// No VMM runs for it: end any a crash left (orphans.go), clear
+		// what the last one could have left, and seal a snapshot no VMM
+		// can write any more (a data dir from before jails has them
+		// unsealed; forks link only sealed inodes).
+		m.killUnrecordedVMMs(ctx, in.ID, vmms)
 		if err := sanitizeGuest(g); err != nil {
 			m.log.Error("reconcile: clear a guest dir", "instance", in.ID, "err", err)
 		}
@@ -311,7 +314,11 @@ func (m *Manager) reconcileInstance(ctx context.Context, in store.Instance, vmms
 			m.log.Error("reconcile: remove a partial instance", "instance", in.ID, "err", err)
 		}
 	case api.StateRunning, api.StatePaused, api.StateStandingby, api.StateRestoring:
-		if p, ok := m.adopt(in, g); ok {
+		p, ok := m.adopt(in, g)
+		// Any other VMM of this id is a crash's leftover: it is gone
+		// before anything of the guest's is touched (orphans.go).
+		m.killUnrecordedVMMs(ctx, in.ID, vmms)
+		if ok {
 			c := m.client(g)
 			defer c.Close()
 			info, err := c.Describe(ctx)

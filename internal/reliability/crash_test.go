@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -15,6 +16,8 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/instance"
+	"github.com/forkd/forkd/internal/jail"
+	"github.com/forkd/forkd/internal/testenv"
 )
 
 // crashCase is one crash point: the daemon runs with FORKD_TEST_CRASH_AT=at,
@@ -409,6 +412,65 @@ func verifyRestingMemFiles(t *testing.T, d *Daemon, before map[string]string) {
 // restore starts a second VMM on the same socket).
 func TestRestartKillsVMMsNoRecordNames(t *testing.T) {
 	t.Parallel()
+	d, stray, exited := strayVMM(t)
+	d = restart(t, d, nil)
+	select {
+	case <-exited:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the reconciler left the unrecorded VMM pid %d running", stray.Process.Pid)
+	}
+	checkAll(t, d)
+	if _, err := Exercise(ctxT(t, 60*time.Second), d.Client); err != nil {
+		t.Error(err)
+	}
+}
+
+// TestRestartServesOnlyOnceTheVMMsItKilledExited: a VMM the reconciler
+// kills may take a while to exit (a large memory to tear down, or in the
+// kernel when the SIGKILL comes), and until it has exited it holds its uid,
+// its cgroup and its guest dir. The restarted daemon must not serve before
+// then. The stray VMM sits in a frozen cgroup v1 freezer, where a SIGKILL
+// stays pending until the cgroup thaws: the test thaws it thawDelay after
+// the kill, and requires the stray to have exited by the time the daemon
+// answers. (Its twin, a reconciler that sends the SIGKILL and goes on,
+// serves while the stray still runs.)
+func TestRestartServesOnlyOnceTheVMMsItKilledExited(t *testing.T) {
+	t.Parallel()
+	const thawDelay = 2 * time.Second
+	d, stray, exited := strayVMM(t)
+	thaw := freeze(t, stray.Process)
+	thawed := make(chan struct{})
+	go func() {
+		defer close(thawed)
+		for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+			if sigkillPending(stray.Process.Pid) {
+				time.Sleep(thawDelay)
+				break
+			}
+		}
+		thaw()
+	}()
+	d = restart(t, d, nil)
+	select {
+	case <-exited:
+	default:
+		t.Errorf("the restarted daemon serves while the VMM it killed (pid %d) has not exited (SIGKILL pending: %v)",
+			stray.Process.Pid, sigkillPending(stray.Process.Pid))
+	}
+	<-thawed
+	select {
+	case <-exited:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the reconciler left the unrecorded VMM pid %d running", stray.Process.Pid)
+	}
+	checkAll(t, d)
+}
+
+// strayVMM makes a daemon with one Standby instance, stops it, and starts
+// a VMM for that instance that no record names (as a crash between a
+// launch and its journal step leaves). exited closes when the VMM exits.
+func strayVMM(t *testing.T) (*Daemon, *exec.Cmd, <-chan struct{}) {
+	t.Helper()
 	d := newDaemon(t, nil)
 	src := createStandby(t, d.Client, "src")
 	g, _ := d.Layout.Guest(src.ID)
@@ -428,16 +490,78 @@ func TestRestartKillsVMMsNoRecordNames(t *testing.T) {
 		}
 	}
 	addFigure("faults_injected", 1)
-	d = restart(t, d, nil)
-	select {
-	case <-exited:
-	case <-time.After(10 * time.Second):
-		t.Fatalf("the reconciler left the unrecorded VMM pid %d running", stray.Process.Pid)
+	return d, stray, exited
+}
+
+// freeze puts p in a new, frozen cgroup of the host's v1 freezer
+// hierarchy, where a SIGKILL stays pending until thaw. The test's cleanup
+// thaws it, kills p and removes the cgroup. A v2 freezer will not do: a
+// frozen v2 task dies at once on SIGKILL.
+func freeze(t *testing.T, p *os.Process) (thaw func()) {
+	t.Helper()
+	m, err := jail.ReadMounts(jail.MountTable)
+	if err != nil {
+		t.Fatal(err)
 	}
-	checkAll(t, d)
-	if _, err := Exercise(ctxT(t, 60*time.Second), d.Client); err != nil {
-		t.Error(err)
+	if m.V1["freezer"] == "" {
+		testenv.Need(t, testenv.Cgroup, "no cgroup v1 freezer hierarchy is mounted (a frozen process must outlive its SIGKILL)")
 	}
+	dir := filepath.Join(m.V1["freezer"], fmt.Sprintf("forkdtest-freeze-%d", p.Pid))
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	write := func(file, v string) error { return os.WriteFile(filepath.Join(dir, file), []byte(v), 0o644) }
+	var once sync.Once
+	thaw = func() {
+		once.Do(func() {
+			if err := write("freezer.state", "THAWED"); err != nil {
+				t.Errorf("thaw %s: %v", dir, err)
+			}
+		})
+	}
+	t.Cleanup(func() {
+		thaw()
+		p.Kill() // through its pidfd: never another process, even once reaped
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+			if err := os.Remove(dir); err == nil || errors.Is(err, os.ErrNotExist) {
+				return
+			}
+		}
+		t.Errorf("cannot remove the freezer cgroup %s", dir)
+	})
+	if err := write("cgroup.procs", strconv.Itoa(p.Pid)); err != nil {
+		t.Fatal(err)
+	}
+	if err := write("freezer.state", "FROZEN"); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if b, _ := os.ReadFile(filepath.Join(dir, "freezer.state")); strings.TrimSpace(string(b)) == "FROZEN" {
+			return thaw
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never reached FROZEN", dir)
+		}
+	}
+}
+
+// sigkillPending reports whether pid has a SIGKILL pending (sent, not yet
+// acted on): /proc/<pid>/status ShdPnd or SigPnd has bit 9.
+func sigkillPending(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, _ := strings.Cut(line, ":")
+		if k != "ShdPnd" && k != "SigPnd" {
+			continue
+		}
+		if mask, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64); err == nil && mask&(1<<(syscall.SIGKILL-1)) != 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // toLegacyLayout puts every guest dir of a stopped daemon's data dir back
