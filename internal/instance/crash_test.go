@@ -15,6 +15,7 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/jail"
+	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/testenv"
 )
 
@@ -190,18 +191,20 @@ func waitSnapshotState(t *testing.T, m *Manager, ref, state string) {
 const crashBatch = 4
 
 // A batch of forks killed at each of its crash points is all or none after
-// the restart: before its last commit no fork of it exists (no record, no
-// dir, no temp dir, its journal entries closed), after it every fork is
-// Standby with its files in place, restores and verifies its memory; the
-// source is untouched.
+// the restart: before every fork's dir is under its own name no fork of it
+// exists (no record, no dir, no temp dir, its journal entries closed);
+// after, every fork is Standby with its files in place and the fork_mode
+// its mem-file has (the reconciler completes a batch whose last commit did
+// not happen), restores and verifies its memory; the source is untouched.
 func TestCrashMidForkBatchIsAllOrNone(t *testing.T) {
 	for _, tc := range []struct {
 		step string
 		kept bool
 	}{
-		{"begun", false}, // the first fork's first commit; its siblings' may be made too
-		{"batch-files", false},
-		{"batch-committing", false},
+		{"begun", false},          // the first fork's first commit; its siblings' may be made too
+		{"batch-renaming", false}, // one dir under its own name, the others not
+		{"batch-files", true},     // every dir in place: the reconciler completes the batch
+		{"batch-committing", true},
 		{"batch-committed", true},
 	} {
 		t.Run(tc.step, func(t *testing.T) {
@@ -250,16 +253,16 @@ func TestCrashMidForkBatchIsAllOrNone(t *testing.T) {
 				f, err := m.GetInstance(ctx, name)
 				if !tc.kept {
 					if !errors.Is(err, api.ErrNotFound) {
-						t.Errorf("fork %s of a batch killed before its last commit: %+v, %v; want none", name, f, err)
+						t.Errorf("fork %s of a batch killed before every dir of it was in place: %+v, %v; want none", name, f, err)
 					}
 					continue
 				}
 				if err != nil {
-					t.Errorf("fork %s of a batch killed after its last commit: %v", name, err)
+					t.Errorf("fork %s of a batch whose dirs were all in place: %v", name, err)
 					continue
 				}
-				if f.State != api.StateStandby {
-					t.Errorf("fork %s: %s (error %q), want Standby", name, f.State, f.Error)
+				if f.State != api.StateStandby || f.ForkMode != string(memfile.ModeHardlink) {
+					t.Errorf("fork %s: %s, fork_mode %q (error %q), want Standby, hardlink", name, f.State, f.ForkMode, f.Error)
 				}
 				if got := fingerprint(t, latestMem(t, m, f.ID)); got.ino != srcMem.ino || got.sum != srcMem.sum {
 					t.Errorf("fork %s does not link its source's mem-file", name)

@@ -96,14 +96,6 @@ const UnsafeStaleForkRecordEnv = "FORKD_TEST_UNSAFE_STALE_FORK_RECORD"
 // is what keeps an acknowledged fork there; never set it elsewhere.
 const UnsafeUnsyncedForkBeginEnv = "FORKD_TEST_UNSAFE_UNSYNCED_FORK_BEGIN"
 
-// UnsafeUnsyncedBatchCommitEnv, set to "1", makes a fork batch's last
-// commit (forkBatch) unsynced. A batch's forks never roll forward, so that
-// commit is the batch's only durable point: this exists only so the
-// power-loss suite can show that its fsync is what keeps an acknowledged
-// batch (the reconciler removes the forks of a batch whose last commit the
-// cut lost); never set it elsewhere.
-const UnsafeUnsyncedBatchCommitEnv = "FORKD_TEST_UNSAFE_UNSYNCED_BATCH_COMMIT"
-
 // GroupMinEnv, set to N > 1, holds every store group commit until N units
 // are queued (or 30 s passed), so crash and power-loss tests can put N
 // concurrent forks in one group and crash it at "fork:committing" (the
@@ -128,9 +120,9 @@ func storeOptions() store.Options {
 
 // UnsafeNoForkRollForwardEnv, set to "1", stops the reconciler from
 // completing a fork whose unsynced commits a power cut lost, from its
-// journal entry (rollForwardFork) or from its directory's own record
-// (restoreForkRecord): such a fork is rolled back or set aside instead,
-// acknowledged or not. It exists only so the power-loss suite can show that
+// journal entry (rollForwardFork, and rollForwardBatches for a fork batch)
+// or from its directory's own record (restoreForkRecord): such a fork is
+// rolled back or set aside instead, acknowledged or not. It exists only so the power-loss suite can show that
 // the fork's commits are really not fsynced and that the roll-forward is
 // what keeps it; never set it elsewhere.
 const UnsafeNoForkRollForwardEnv = "FORKD_TEST_UNSAFE_NO_FORK_ROLL_FORWARD"

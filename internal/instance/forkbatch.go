@@ -2,16 +2,19 @@ package instance
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"runtime/trace"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/atomicfile"
+	"github.com/forkd/forkd/internal/memfile"
 	"github.com/forkd/forkd/internal/store"
 )
 
@@ -105,17 +108,27 @@ func eachFork(n, workers int, fn func(i int)) {
 // names, with fork's steps taken for every fork of the batch before the
 // next: one synced commit journals every fork (beginBatch) while every
 // directory is built, then every directory is renamed into place and one
-// fsync of their parent makes all of them durable, and one last commit,
-// synced, completes them all (its statements run during the renames, its
-// COMMIT only after that fsync).
+// fsync of their parent makes all of them durable, and one last commit
+// completes them all (its statements run during the renames, its COMMIT
+// only after that fsync, and it is not synced).
 //
-// The batch is all or none, across a crash or a power cut too. Its forks'
-// journal entries do not roll forward (opPayload.RollForward is false, and
-// their directories carry no record to restore them from): until the last
-// commit is durable, the reconciler removes every fork of the batch whose
-// entry it finds, and the first commit, durable before any directory takes
-// its own name, names every one; once the last commit is durable all of
-// them are complete, and it is one unit holding every fork.
+// The batch is all or none, across a crash or a power cut too, and it has
+// two durable points: the first commit, and the fsync of the renames.
+//   - The first commit names every fork of the batch (opPayload.Batch and
+//     BatchSize in each entry) and holds each one's Forking record with all
+//     the finished record holds but its state and its final fork_mode (the
+//     one its fork_strategy gives). It is durable before any directory
+//     takes its own name, so the reconciler can always find every fork of
+//     the batch.
+//   - Once the renames are durable, every fork is whole on disk: the last
+//     commit only says so, and a power cut that loses it leaves what the
+//     reconciler completes the batch from (rollForwardBatches): every
+//     entry of the batch open, every directory under its own name. Before
+//     that fsync, some renames may be lost and others not; the reconciler
+//     then finds the batch incomplete and removes every fork of it.
+//
+// So the batch is acknowledged after two log forces, not three, and no
+// fork of it is ever kept or lost alone.
 func (m *Manager) forkBatch(ctx context.Context, ids, names []string, tmpl store.Instance, spec forkSpec) ([]store.Instance, error) {
 	if spec.live != nil {
 		return nil, fmt.Errorf("%w: a running source is forked live one fork at a time, not in a batch", api.ErrInvalid)
@@ -127,11 +140,12 @@ func (m *Manager) forkBatch(ctx context.Context, ids, names []string, tmpl store
 			return nil, err
 		}
 		job.batch = true
+		// What the reconciler completes the fork with if the last commit
+		// is lost; building learns the mode for the last commit itself.
+		finishRecord(&job.rec, memfile.ShareResult{Mode: m.expectedForkMode(spec)}, spec.key)
 		jobs[i] = job
 	}
-	// The batch's first commit, made while its dirs are built: a fork of
-	// a batch never rolls forward, so its Forking record need not hold
-	// what building learns (its fork_mode): the last commit writes it.
+	// The batch's first commit, made while its dirs are built.
 	journal := m.beginBatch(ctx, jobs)
 	root, err := m.openDataRoot()
 	if err != nil {
@@ -155,10 +169,12 @@ func (m *Manager) forkBatch(ctx context.Context, ids, names []string, tmpl store
 	// The last commit's statements run while the dirs are renamed and made
 	// durable; it commits only on renameBatch's go-ahead (store.GroupAfter),
 	// so no fork is complete before its dir is durable under its own name.
+	// It is not synced: what it says, the reconciler can say again from
+	// the first commit and the durable dirs (rollForwardBatches).
 	recs := make([]store.Instance, len(jobs))
 	ready, committed := make(chan error, 1), make(chan error, 1)
 	go func() {
-		after := store.After{Ready: ready, Unsynced: os.Getenv(UnsafeUnsyncedBatchCommitEnv) == "1"} // a twin test only (crashhook.go)
+		after := store.After{Ready: ready, Unsynced: true}
 		committed <- m.db.GroupAfter(ctx, "fork:batch-committing", after, func(tx *store.Tx) error {
 			for i, job := range jobs {
 				recs[i] = completed(job.rec, job.res)
@@ -190,9 +206,12 @@ func (m *Manager) forkBatch(ctx context.Context, ids, names []string, tmpl store
 // fsync of their parent makes every rename durable.
 func (m *Manager) renameBatch(ctx context.Context, jobs []*forkJob) error {
 	defer trace.StartRegion(ctx, "fork: rename").End()
-	for _, job := range jobs {
+	for i, job := range jobs {
 		if err := os.Rename(job.tmp.Jail, job.final.Jail); err != nil {
 			return err
+		}
+		if i == 0 {
+			crashPoint("fork", "batch-renaming") // test hook: one dir under its own name, none durable
 		}
 	}
 	if err := atomicfile.SyncDir(filepath.Dir(jobs[0].final.Jail)); err != nil {
@@ -228,7 +247,7 @@ func (j *batchJournal) wait(m *Manager, jobs []*forkJob) error {
 }
 
 // beginBatch starts a batch's first commit, synced, in the background: one
-// unit with every fork's journal entry (begun, not rolling forward) and
+// unit with every fork's journal entry (begun, naming its batch) and
 // Forking record (a networked one takes its slot), so a taken name or a
 // full pool writes nothing. The records are copied before it returns: the
 // jobs' builds go on changing theirs.
@@ -240,10 +259,11 @@ func (m *Manager) beginBatch(ctx context.Context, jobs []*forkJob) *batchJournal
 	}
 	go func() {
 		defer close(j.done)
+		batch := opPayload{Source: j.recs[0].Source, Batch: j.recs[0].ID, BatchSize: len(j.recs)}
 		err := m.db.Group(ctx, "fork:beginning", func(tx *store.Tx) error {
 			for i := range j.recs {
 				var err error
-				if j.ids[i], err = tx.Begin("fork", j.recs[i].ID, opPayload{Source: j.recs[i].Source}); err != nil {
+				if j.ids[i], err = tx.Begin("fork", j.recs[i].ID, batch); err != nil {
 					return err
 				}
 				if j.recs[i].Networked {
@@ -277,4 +297,132 @@ func (m *Manager) failBatch(ctx context.Context, jobs []*forkJob, err error) err
 		}
 	}
 	return errors.Join(out...)
+}
+
+// expectedForkMode is the fork_mode spec's forks get by the fork strategy:
+// "" for a fork without memory. (A hardlink the filesystem refuses falls
+// back to a clone; forkModeOf tells that afterwards.)
+func (m *Manager) expectedForkMode(spec forkSpec) memfile.Mode {
+	switch {
+	case spec.files.from == nil:
+		return ""
+	case m.cfg.ForkStrategy == ForkStrategyReflink:
+		return memfile.ModeReflink
+	case m.cfg.ForkStrategy == ForkStrategyCopy:
+		return memfile.ModeCopy
+	}
+	return memfile.ModeHardlink
+}
+
+// rollForwardBatches completes every fork batch a crash or a power cut
+// interrupted after its renames were durable: its last commit lost, every
+// fork of it has its entry open (the first commit, synced, made them all)
+// and its Forking record, and its directory under its own name. Such a
+// batch is completed in one commit, every record Standby (or Stopped,
+// without memory) with the fork_mode its mem-file shows, and every entry
+// finished; the caller then reads the open entries again. A batch with
+// any fork missing (an entry, a record still Forking, a directory under
+// its own name, its mem-file) is left to reconcileEntry, which removes
+// each of its forks: never part of a batch. It returns how many batches it
+// completed.
+func (m *Manager) rollForwardBatches(ctx context.Context, entries []store.Entry) (int, error) {
+	if os.Getenv(UnsafeNoForkRollForwardEnv) == "1" { // a twin test only (crashhook.go)
+		return 0, nil
+	}
+	batches := map[string][]store.Entry{}
+	sizes := map[string]int{}
+	var keys []string
+	for _, e := range entries {
+		var p opPayload
+		if e.Kind != "fork" || json.Unmarshal(e.Payload, &p) != nil || p.Batch == "" {
+			continue
+		}
+		if _, ok := batches[p.Batch]; !ok {
+			keys = append(keys, p.Batch)
+		}
+		batches[p.Batch] = append(batches[p.Batch], e)
+		sizes[p.Batch] = p.BatchSize
+	}
+	done := 0
+	for _, key := range keys {
+		members := batches[key]
+		recs, why := m.wholeBatch(ctx, members, sizes[key])
+		if why != "" {
+			m.log.Info("reconcile: a fork batch interrupted before it was whole: its forks are removed", "batch", key, "forks", sizes[key], "why", why)
+			continue
+		}
+		outcome := fmt.Sprintf("reconciled: completed with the %d forks of its batch (every dir was in place; the batch's last commit was lost)", len(recs))
+		err := m.db.Group(ctx, "fork:batch-committing", func(tx *store.Tx) error {
+			for i, e := range members {
+				if err := tx.UpdateInstance(recs[i]); err != nil {
+					return err
+				}
+				if err := tx.Finish(e.ID, outcome); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return done, fmt.Errorf("reconcile: complete the fork batch %s: %w", key, err)
+		}
+		m.log.Info("reconcile: completed a fork batch whose last commit was lost", "batch", key, "forks", len(recs))
+		done++
+	}
+	return done, nil
+}
+
+// wholeBatch returns the finished records of a batch's forks (members, of
+// a batch of size) if every one of them is whole, else why not.
+func (m *Manager) wholeBatch(ctx context.Context, members []store.Entry, size int) ([]store.Instance, string) {
+	if len(members) != size {
+		return nil, fmt.Sprintf("%d of its %d forks have an open entry", len(members), size)
+	}
+	recs := make([]store.Instance, len(members))
+	for i, e := range members {
+		in, err := m.db.GetInstance(ctx, e.Subject)
+		if err != nil || in.State != api.StateForking {
+			return nil, fmt.Sprintf("fork %s has no Forking record (%v)", e.Subject, err)
+		}
+		g, err := m.guest(in.ID)
+		if err != nil {
+			return nil, err.Error()
+		}
+		if st, err := os.Lstat(g.Jail); err != nil || !st.IsDir() {
+			return nil, fmt.Sprintf("fork %s has no directory under its own name", in.ID)
+		}
+		mode := memfile.Mode(in.ForkMode)
+		if mode != "" {
+			if mode, err = m.forkModeOf(g.Latest().Memory(), mode); err != nil {
+				return nil, fmt.Sprintf("fork %s: %v", in.ID, err)
+			}
+		}
+		in.ForkMode = string(mode)
+		recs[i] = completed(in, memfile.ShareResult{Mode: mode})
+	}
+	return recs, ""
+}
+
+// forkModeOf is the fork_mode of a fork's mem-file mem made by the
+// strategy that expects want: a hardlink still shares its inode; a
+// hardlink the filesystem refused became a clone (a reflink where the
+// filesystem has them).
+func (m *Manager) forkModeOf(mem string, want memfile.Mode) (memfile.Mode, error) {
+	st, err := os.Lstat(mem)
+	if err != nil {
+		return "", err
+	}
+	if !st.Mode().IsRegular() {
+		return "", fmt.Errorf("%s is not a regular file", mem)
+	}
+	if want != memfile.ModeHardlink {
+		return want, nil
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok && sys.Nlink > 1 {
+		return memfile.ModeHardlink, nil
+	}
+	if m.fs.reflink {
+		return memfile.ModeReflink, nil
+	}
+	return memfile.ModeCopy, nil
 }

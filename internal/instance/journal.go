@@ -28,6 +28,12 @@ type opPayload struct {
 	// final state, so once the fork's dir exists under its own name the
 	// reconciler completes the fork instead of removing it.
 	RollForward bool `json:"roll_forward,omitempty"`
+	// Batch and BatchSize (fork): the fork is one of a batch of BatchSize
+	// (forkBatch), whose key is its first fork's id. The reconciler
+	// completes such a fork only with every other fork of its batch
+	// (rollForwardBatches), never alone.
+	Batch     string `json:"batch,omitempty"`
+	BatchSize int    `json:"batch_size,omitempty"`
 }
 
 func (m *Manager) begin(ctx context.Context, kind, subject string, p opPayload) (*op, error) {

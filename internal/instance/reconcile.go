@@ -24,7 +24,9 @@ import (
 // agreement after a crash or restart. It runs once, from New, before the
 // manager serves anything:
 //  1. every journal entry left open is finished or rolled back, by kind and
-//     last step (see reconcileEntry);
+//     last step (see reconcileEntry); first, a fork batch whose every fork
+//     is whole on disk is completed (rollForwardBatches), and the forks of
+//     any other interrupted batch are removed;
 //  2. temp files (*.tmp, *.unshare.tmp) and half-made or half-deleted
 //     directories are removed; what no record or journal entry accounts for
 //     is moved to lost+found, never deleted (sweepDataDirs);
@@ -44,6 +46,15 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 	entries, err := m.db.OpenEntries(ctx)
 	if err != nil {
 		return err
+	}
+	// A fork batch whose last commit was lost is completed whole first
+	// (forkbatch.go); its entries are finished then, so they are read again.
+	if n, err := m.rollForwardBatches(ctx, entries); err != nil {
+		return err
+	} else if n > 0 {
+		if entries, err = m.db.OpenEntries(ctx); err != nil {
+			return err
+		}
 	}
 	for _, e := range entries {
 		what, handled, err := m.images.ReconcileEntry(ctx, e)

@@ -28,7 +28,7 @@ var journalSteps = withImageSteps(map[string][]string{
 	"standby":         {"begun", "promoted", "creating", "created"},
 	"restore":         {"begun", "session", "launched", "resumed"},
 	"snapshot":        {"begun", "paused", "creating", "created", "stored"},
-	"fork":            {"beginning", "begun", "network", "paused", "creating", "created", "files", "committing", "committed", "batch-files", "batch-committing", "batch-committed"}, // network: networked forks only; batch-*: a batch's (forkBatch)
+	"fork":            {"beginning", "begun", "network", "paused", "creating", "created", "files", "committing", "committed", "batch-renaming", "batch-files", "batch-committing", "batch-committed"}, // network: networked forks only; batch-*: a batch's (forkBatch)
 	"delete":          {"begun"},
 	"snapshot-delete": {"begun"},
 	"compress":        {"compressed", "raw-removed"},                  // background, not journalled: crash points only

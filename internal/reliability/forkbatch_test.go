@@ -40,9 +40,10 @@ const batchForks = 4
 // batchCrashCases kill a batch of 4 forks of a Standby source (and one of
 // a store snapshot) at each of its crash points: at the first fork's
 // "begun" (its siblings' first commits may be made too), at
-// "batch-files" (every dir renamed and made durable, every record
-// Forking), at "batch-committing" (the batch's one last commit written,
-// not committed) and at "batch-committed".
+// "batch-renaming" (one dir under its own name, the others not: none kept),
+// at "batch-files" (every dir renamed and made durable, every record
+// Forking: the reconciler completes them all), at "batch-committing" (the
+// batch's last commit written, not committed) and at "batch-committed".
 func batchCrashCases() []crashCase {
 	standby := func(t *testing.T, c *api.Client) { createStandby(t, c, "src") }
 	withSnapshot := func(t *testing.T, c *api.Client) {
@@ -52,13 +53,14 @@ func batchCrashCases() []crashCase {
 		}
 	}
 	var cases []crashCase
-	for _, step := range []string{"begun", "batch-files", "batch-committing", "batch-committed"} {
+	kept := func(step string) bool { return step != "begun" && step != "batch-renaming" }
+	for _, step := range []string{"begun", "batch-renaming", "batch-files", "batch-committing", "batch-committed"} {
 		cases = append(cases, crashCase{at: "fork:" + step, variant: "batch-of-4", setup: standby, op: forkBatchOf("instance", batchForks),
-			check: batchAllOrNone(step == "batch-committed")})
+			check: batchAllOrNone(kept(step))})
 	}
-	for _, step := range []string{"batch-files", "batch-committed"} {
+	for _, step := range []string{"batch-renaming", "batch-files", "batch-committed"} {
 		cases = append(cases, crashCase{at: "fork:" + step, variant: "batch-of-4-from-snapshot", setup: withSnapshot, op: forkBatchOf("snapshot", batchForks),
-			check: batchAllOrNone(step == "batch-committed")})
+			check: batchAllOrNone(kept(step))})
 	}
 	return cases
 }
@@ -81,8 +83,8 @@ func batchAllOrNone(kept bool) func(t *testing.T, d *Daemon) {
 				t.Fatalf("get %s: %v", name, err)
 			}
 			got++
-			if in.State != api.StateStandby {
-				t.Errorf("fork %s of the batch came back %s (error %q), want Standby", name, in.State, in.Error)
+			if in.State != api.StateStandby || in.ForkMode != "hardlink" {
+				t.Errorf("fork %s of the batch came back %s, fork_mode %q (error %q), want Standby, hardlink", name, in.State, in.ForkMode, in.Error)
 			}
 			g, err := d.Layout.Guest(in.ID)
 			if err != nil {

@@ -206,7 +206,7 @@ func networkedCrashCases() []crashCase {
 		}
 		switch tc.at {
 		case "create:begun", "create:files", "fork:begun", "fork:files", "fork:committed", "delete:begun",
-			"fork:batch-files", "fork:batch-committed", // a batch's slots: every one freed, or every one kept
+			"fork:batch-renaming", "fork:batch-files", "fork:batch-committed", // a batch's slots: every one freed, or every one kept
 			"start:booted", "restore:launched", "restore:resumed", "standby:created", "stop:begun":
 			tc.net = true
 			if tc.variant == "" {

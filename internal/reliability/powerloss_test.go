@@ -227,12 +227,16 @@ func powerCases() []powerCase {
 		// their dirs in place.
 		{name: "fork:committing/batch-of-3", at: "fork:committing", forks: 3, survive: 3, env: batch},
 		{name: "fork:committed/batch-of-3", at: "fork:committed", forks: 3, survive: 3, env: batch},
-		// A fork batch (one call): its last commit, synced, is its only
-		// durable point; before it, the reconciler removes every fork.
+		// A fork batch (one call): its durable points are its first commit
+		// and the fsync of its renames. A cut before that fsync (one dir
+		// renamed, the log not forced) loses every fork; after it, the
+		// reconciler completes every one from the first commit, whether
+		// the last commit, not synced, survived the cut or not.
 		{name: "acknowledged/fork-batch-of-4", forks: 4, survive: 4, batch: true},
 		{name: "acknowledged/fork-batch-of-4-from-snapshot", forks: 4, survive: 4, batch: true, fromSnapshot: true},
-		{name: "fork:batch-files/fork-batch-of-4", at: "fork:batch-files", forks: 4, lost: true, batch: true},
-		{name: "fork:batch-committing/fork-batch-of-4", at: "fork:batch-committing", forks: 4, lost: true, batch: true},
+		{name: "fork:batch-renaming/fork-batch-of-4", at: "fork:batch-renaming", forks: 4, lost: true, batch: true},
+		{name: "fork:batch-files/fork-batch-of-4", at: "fork:batch-files", forks: 4, survive: 4, batch: true},
+		{name: "fork:batch-committing/fork-batch-of-4", at: "fork:batch-committing", forks: 4, survive: 4, batch: true},
 		{name: "fork:batch-committed/fork-batch-of-4", at: "fork:batch-committed", forks: 4, survive: 4, batch: true},
 	}
 }
@@ -553,17 +557,17 @@ func runPowerCase(t *testing.T, kind testfs.Kind, pc powerCase) powerResult {
 }
 
 // TestPowerLossCatchesAnUnsyncedBatchCommit is the twin of the fork
-// batch's synced last commit: with it unsynced
-// (instance.UnsafeUnsyncedBatchCommitEnv), the power cut right after an
-// acknowledged batch loses that commit, and the reconciler, which never
-// rolls a batch's forks forward, removes every one of them: the harness
-// must report the acknowledged forks gone.
+// batch's roll-forward: its last commit is not synced, so with the
+// reconciler's roll-forward switched off
+// (instance.UnsafeNoForkRollForwardEnv, after the cut), the power cut right
+// after an acknowledged batch loses that commit and the reconciler removes
+// every fork of it: the harness must report the acknowledged forks gone.
 func TestPowerLossCatchesAnUnsyncedBatchCommit(t *testing.T) {
 	testenv.NeedRoot(t)
 	t.Parallel()
 	res := runPowerCase(t, testfs.XFS, powerCase{name: "acknowledged/fork-batch-of-4", forks: 4, survive: 4, batch: true,
-		env: []string{instance.UnsafeUnsyncedBatchCommitEnv + "=1"}})
-	requireLostAcknowledged(t, res, "the batch's last commit unsynced")
+		afterEnv: []string{instance.UnsafeNoForkRollForwardEnv + "=1"}})
+	requireLostAcknowledged(t, res, "the batch's roll-forward off")
 }
 
 // TestPowerLossCatchesAMissingFsync is the harness's twin: with the fsync of
