@@ -6,10 +6,9 @@ import (
 	"path/filepath"
 	"testing"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/prefetch"
+	"github.com/forkd/forkd/internal/testenv"
 )
 
 // TestColdBurstKeepsTheVMMProgramCached: what a cold burst drops is the
@@ -39,17 +38,14 @@ func TestColdBurstKeepsTheVMMProgramCached(t *testing.T) {
 	if err := os.WriteFile(exec, prog, 0o500); err != nil {
 		t.Fatal(err)
 	}
+	if err := testenv.EvictPageCache(exec); err != nil {
+		t.Fatal(err)
+	}
 	f, err := os.Open(exec)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	if err := f.Sync(); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
-		t.Fatal(err)
-	}
 	res, err := prefetch.OpenResidency(f)
 	if err != nil {
 		t.Fatal(err)

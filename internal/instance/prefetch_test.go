@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/sys/unix"
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/prefetch"
@@ -70,12 +69,7 @@ func waitPrefetch(t *testing.T, m *Manager, id string) api.Prefetch {
 // a restore reads it from disk.
 func dropPageCache(t *testing.T, path string) {
 	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
+	if err := testenv.EvictPageCache(path); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -9,9 +9,8 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/forkd/forkd/internal/prefetch"
+	"github.com/forkd/forkd/internal/testenv"
 	"github.com/forkd/forkd/internal/uffd"
 )
 
@@ -23,17 +22,14 @@ import (
 // calls it too, after reading the mem-file it checks pages against (while
 // a replay may be reading other pages back in).
 func dropPageCache(path string, lo, hi uint64) error {
+	if err := testenv.EvictPageCache(path); err != nil {
+		return err
+	}
 	f, err := os.Open(path)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	if err := f.Sync(); err != nil {
-		return err
-	}
-	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
-		return fmt.Errorf("drop %s from the page cache: %w", path, err)
-	}
 	res, err := prefetch.OpenResidency(f)
 	if err != nil {
 		return err

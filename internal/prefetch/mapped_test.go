@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/forkd/forkd/internal/testenv"
 )
 
 // The test binary doubles as a process that maps a file MAP_PRIVATE, as a
@@ -305,17 +307,14 @@ func TestRecordMappedStopsAtItsBudgets(t *testing.T) {
 // are not read again.
 func TestPopulateFillsOnlyTheRuns(t *testing.T) {
 	path := cachedFile(t, 4096)
+	if err := testenv.EvictPageCache(path); err != nil {
+		t.Fatal(err)
+	}
 	f, err := os.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	if err := f.Sync(); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
-		t.Fatal(err)
-	}
 	res, err := OpenResidency(f)
 	if err != nil {
 		t.Fatal(err)
