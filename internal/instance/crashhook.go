@@ -122,9 +122,10 @@ func storeOptions() store.Options {
 // completing a fork whose unsynced commits a power cut lost, from its
 // journal entry (rollForwardFork, and rollForwardBatches for a fork batch)
 // or from its directory's own record (restoreForkRecord): such a fork is
-// rolled back or set aside instead, acknowledged or not. It exists only so the power-loss suite can show that
-// the fork's commits are really not fsynced and that the roll-forward is
-// what keeps it; never set it elsewhere.
+// rolled back or set aside instead, acknowledged or not. It exists only so
+// the power-loss suite can show that the fork's commits are really not
+// fsynced and that the roll-forward is what keeps it; never set it
+// elsewhere.
 const UnsafeNoForkRollForwardEnv = "FORKD_TEST_UNSAFE_NO_FORK_ROLL_FORWARD"
 
 // UnsafeNoForkRecordRestoreEnv, set to "1", stops the reconciler from

@@ -88,9 +88,9 @@ func vmmsByID(scan []vmmProc) map[string][]int {
 // take a while; until then it still holds its uid, its cgroup and its
 // guest dir, and it could still write into that dir. (A VMM in the
 // kernel when its SIGKILL came, on a loaded host, was seen still exiting
-// by the suite's invariant check after the daemon served.) The kill goes through a pidfd taken after
-// the process's command line is checked again, so a pid reused since the
-// scan is never signalled.
+// by the suite's invariant check after the daemon served.) The kill goes
+// through a pidfd taken after the process's command line is checked
+// again, so a pid reused since the scan is never signalled.
 func (m *Manager) killUnrecordedVMMs(ctx context.Context, id string, vmms map[string][]int) {
 	keep := 0
 	if p := m.proc(id); p != nil {

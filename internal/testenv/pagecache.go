@@ -11,7 +11,7 @@ import (
 // drop its cached pages (FADV_DONTNEED), so that the next read of it goes
 // to the disk: a cold read, as after a reboot or under memory pressure.
 // Pages a process maps stay cached; a file on tmpfs stays whole. A test
-// that needs its pages gone checks that they are (prefetch.Residency).
+// that needs its pages gone checks that they are (prefetch.OpenResidency).
 func EvictPageCache(path string) error {
 	f, err := os.Open(path)
 	if err != nil {
