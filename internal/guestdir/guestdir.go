@@ -80,6 +80,10 @@ const (
 	// deletingSuffix ends the temp name a directory is renamed to before it
 	// is removed.
 	deletingSuffix = ".deleting"
+	// PoolPrefix starts the name of an empty fork tree made ahead for a
+	// fork id no fork has yet (forktree's pool): no VM's, never carrying a
+	// file until a fork takes it, and removed by the reconciler.
+	PoolPrefix = ".pool-"
 )
 
 // forkdIDPattern is the shape of the ids forkd generates for instances and
@@ -109,6 +113,16 @@ func TempID(name string) (id string, ok bool) {
 	}
 	rest = strings.TrimSuffix(rest, deletingSuffix)
 	if !IsForkdID(rest) {
+		return "", false
+	}
+	return rest, true
+}
+
+// PooledID parses a directory entry name under jail/<exec>/ that names a
+// pooled fork tree, ".pool-<id>" with id a forkd id.
+func PooledID(name string) (id string, ok bool) {
+	rest, ok := strings.CutPrefix(name, PoolPrefix)
+	if !ok || !IsForkdID(rest) {
 		return "", false
 	}
 	return rest, true
@@ -287,6 +301,16 @@ func (l Layout) TempGuest(id string) (Guest, error) {
 		return Guest{}, err
 	}
 	return l.guestAt(filepath.Join(l.JailsDir(), TempPrefix+id)), nil
+}
+
+// PooledGuest is where the empty tree made ahead for a fork of id lies
+// (forktree's pool); a fork that takes it builds there instead of in its
+// TempGuest, and renames its Jail to Guest(id)'s the same way.
+func (l Layout) PooledGuest(id string) (Guest, error) {
+	if _, err := l.Guest(id); err != nil {
+		return Guest{}, err
+	}
+	return l.guestAt(filepath.Join(l.JailsDir(), PoolPrefix+id)), nil
 }
 
 // LegacyGuest is where instance id's guest dir lay before jails

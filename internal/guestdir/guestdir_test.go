@@ -152,6 +152,34 @@ func TestTempIDAcceptsOnlyForkdsOwnTempNames(t *testing.T) {
 	}
 }
 
+func TestPooledTreesHaveTheirOwnNames(t *testing.T) {
+	l, _ := New("/data")
+	id := "0123456789abcdef01234567"
+	g, err := l.PooledGuest(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if filepath.Dir(g.Jail) != l.JailsDir() || g.Dir != filepath.Join(g.Jail, "root") {
+		t.Errorf("PooledGuest = %+v: want a jail dir beside the guests, with root/ inside", g)
+	}
+	if got, ok := PooledID(filepath.Base(g.Jail)); !ok || got != id {
+		t.Errorf("PooledID(%s) = %q, %v", filepath.Base(g.Jail), got, ok)
+	}
+	// Not a temp name: the start guard counts temp dirs as a VM's, and a
+	// pooled tree is no VM's.
+	if _, ok := TempID(filepath.Base(g.Jail)); ok || IsTemp(filepath.Base(g.Jail)) {
+		t.Errorf("%s reads as a temp name", g.Jail)
+	}
+	for _, name := range []string{id, ".pool-", ".pool-notes", ".pool-" + id + ".deleting", ".pool-../" + id, ".tmp-" + id} {
+		if _, ok := PooledID(name); ok {
+			t.Errorf("PooledID(%q) accepted", name)
+		}
+	}
+	if _, err := l.PooledGuest("../x"); err == nil {
+		t.Error("PooledGuest(../x) accepted")
+	}
+}
+
 func TestLostFoundEntriesStayInLostFound(t *testing.T) {
 	l, _ := New("/data")
 	p, err := l.LostFoundEntry(l.JailsDir(), "abc", 0)
