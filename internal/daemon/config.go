@@ -80,6 +80,7 @@ type Config struct {
 	NetworkGuestCIDR string // network_guest_cidr: every guest's address (first) and gateway (last)
 	NetworkGuestMAC  string // network_guest_mac: every guest's MAC
 	NetworkWarm      int    // network_warm: networks kept made ahead of any VM
+	ForkTreePool     int    // fork_tree_pool: empty fork trees kept made ahead
 	// NetworkRootNamespace (network_root_namespace): this daemon may network
 	// VMs from the host's initial network namespace (a production daemon on
 	// the host). Off, networking is off there: see network.ErrRootNamespace.
@@ -286,6 +287,16 @@ func settings() []setting {
 					return fmt.Errorf("%q is not a count from 0 to 1024", v)
 				}
 				c.NetworkWarm = n
+				return nil
+			}},
+		{"fork_tree_pool", "FORKD_FORK_TREE_POOL", "fork-tree-pool", "32",
+			"empty fork directories kept made ahead (for forks with memory), so a fork, or a batch of up to this many, makes no directory on its path (0: each makes its own)",
+			func(c *Config, v string) error {
+				n, err := strconv.Atoi(v)
+				if err != nil || n < 0 || n > 1024 {
+					return fmt.Errorf("%q is not a count from 0 to 1024", v)
+				}
+				c.ForkTreePool = n
 				return nil
 			}},
 		{"shutdown_grace", "FORKD_SHUTDOWN_GRACE", "shutdown-grace", "60s",

@@ -46,7 +46,7 @@ func TestConfigPrecedenceFlagsOverEnvOverFileOverDefaults(t *testing.T) {
 		VMMBinary: "/env/vmm", EmulatorFirecrackerVersion: "1.16", RestoreBackend: "uffd", ForkRestoreBackend: "file",
 		PagerCacheBytes: 2 << 30, ForkStrategy: "hardlink", ImageHeadroom: 256 << 20, ShutdownGrace: time.Minute, MaxHeavyOps: 32, File: file,
 		HostPathDirs: []string{"/srv/images", "/opt/kernels"},
-		NetworkCIDR:  DefaultNetworkCIDR, NetworkGuestCIDR: "169.254.0.20/30", NetworkGuestMAC: "02:fc:00:00:00:05", NetworkWarm: 8,
+		NetworkCIDR:  DefaultNetworkCIDR, NetworkGuestCIDR: "169.254.0.20/30", NetworkGuestMAC: "02:fc:00:00:00:05", NetworkWarm: 8, ForkTreePool: 32,
 		Prefetch: "off", PrefetchWindow: 750 * time.Millisecond, PrefetchMaxBytes: 256 << 20,
 		Capacity:  capacity.Limits{MaxVMMemoryRatio: 1, MaxMemoryMiB: 4096, MemoryOvercommit: 2.5, MaxRunningVMs: 1024},
 		VMMJailer: "auto", JailUIDRange: jail.UIDRange{First: 900000, Last: 965535}, JailMemoryOverhead: 256 << 20,

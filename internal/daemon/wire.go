@@ -74,6 +74,7 @@ func newBackend(ctx context.Context, cfg Config, log *slog.Logger, reg prometheu
 		Kernel:             cfg.Kernel,
 		ImageHeadroom:      cfg.ImageHeadroom,
 		NetworkWarm:        cfg.NetworkWarm,
+		ForkTreePool:       cfg.ForkTreePool,
 		Capacity:           cfg.Capacity,
 		Logger:             log,
 		Registerer:         reg,

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"slices"
+	"strconv"
 	"sync"
 	"syscall"
 	"testing"
@@ -166,6 +167,16 @@ func benchStandbySource(b *testing.B, m *Manager, mib int) api.Instance {
 	return src
 }
 
+// benchForkTrees is the benchmarks' fork tree pool: fork_tree_pool's
+// default (FORKD_BENCH_FORK_TREES overrides it, 0 for none, to measure the
+// pool against no pool in one binary).
+var benchForkTrees = func() int {
+	if n, err := strconv.Atoi(os.Getenv("FORKD_BENCH_FORK_TREES")); err == nil {
+		return n
+	}
+	return 32
+}()
+
 // benchDataDir is where the benchmark's managers live: an XFS loopback, so
 // every strategy (reflink too) runs on the same filesystem.
 func benchDataDir(b *testing.B) string {
@@ -201,6 +212,7 @@ func newBenchManager(b *testing.B, parent string, s benchSetup) *Manager {
 		PagerBinary:  forkdBinary(b),
 		Logger:       slog.New(slog.NewTextHandler(io.Discard, nil)),
 		ForkStrategy: s.strategy,
+		ForkTreePool: benchForkTrees, // the daemon's default
 	}
 	if s.jailing != "none" {
 		cfg.Jail = testJail(b, dir)

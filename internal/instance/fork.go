@@ -49,13 +49,14 @@ func (m *Manager) forkOne(ctx context.Context, admit admitFork, ref string, req 
 	start := time.Now()
 	defer m.observe("fork", start)
 	defer m.netOpStart()()
+	defer m.treeOpStart()()
 	ctx = context.WithoutCancel(ctx)
 	a, err := admit(ctx, ref, forkAsk{fromRunning: req.FromRunning, target: req.TargetState, backend: req.RestoreBackend, n: 1})
 	if err != nil {
 		return api.Instance{}, err
 	}
 	defer a.releaseCap()
-	fork, err := m.fork(ctx, a.ids[0], req, a.tmpl, a.spec)
+	fork, err := m.fork(ctx, a.ids[0], a.pooled > 0, req, a.tmpl, a.spec)
 	a.release()
 	if err != nil {
 		return api.Instance{}, err
@@ -77,6 +78,7 @@ type forkAsk struct {
 // fork (releaseCap).
 type forkAdmission struct {
 	ids        []string // the forks' ids, one per fork asked for
+	pooled     int      // the first pooled of ids come with their trees made (forktrees.go)
 	tmpl       store.Instance
 	spec       forkSpec
 	target     string
@@ -107,14 +109,6 @@ func (m *Manager) reserveForks(ctx context.Context, ids []string, req capacity.R
 	return releaseAll, nil
 }
 
-func newIDs(n int) []string {
-	ids := make([]string, n)
-	for i := range ids {
-		ids[i] = newID()
-	}
-	return ids
-}
-
 // admitInstanceFork resolves and locks instance ref for forks, checks it can
 // be forked as asked, and reserves the forks' capacity.
 func (m *Manager) admitInstanceFork(ctx context.Context, ref string, ask forkAsk) (*forkAdmission, error) {
@@ -140,6 +134,7 @@ func (m *Manager) admitInstanceFork(ctx context.Context, ref string, ask forkAsk
 	defer func() {
 		if !ok {
 			a.release()
+			m.returnTrees(a.ids[:a.pooled]) // no fork built in them
 		}
 	}()
 	var target string
@@ -176,7 +171,7 @@ func (m *Manager) admitInstanceFork(ctx context.Context, ref string, ask forkAsk
 			return nil, fmt.Errorf("fork of %q: %w", src.Name, err)
 		}
 	}
-	a.ids = newIDs(ask.n)
+	a.ids, a.pooled = m.forkIDs(ask.n, hasMemory && !live)
 	cost := m.forkCost(g.Rootfs(), src.MemoryMiB, hasMemory)
 	if live {
 		cost += m.snapshotCost(g.Base(), src.MemoryMiB)
@@ -224,6 +219,7 @@ func (m *Manager) admitSnapshotFork(ctx context.Context, ref string, ask forkAsk
 	defer func() {
 		if !ok {
 			a.release()
+			m.returnTrees(a.ids[:a.pooled]) // no fork built in them
 		}
 	}()
 	if sn.State == snapCreating {
@@ -250,7 +246,7 @@ func (m *Manager) admitSnapshotFork(ctx context.Context, ref string, ask forkAsk
 	if broken {
 		return nil, brokenError(sn, sd)
 	}
-	a.ids = newIDs(ask.n)
+	a.ids, a.pooled = m.forkIDs(ask.n, true)
 	cost := m.forkCost(sd.Rootfs(), sn.MemoryMiB, true)
 	if !raw {
 		cost += int64(sn.MemoryMiB) << 20 // materialised once, for this and later forks
@@ -353,9 +349,12 @@ type forkSpec struct {
 //
 // A live fork journals and records itself first, and makes its network,
 // before it pauses its source; its last commit is synced.
-func (m *Manager) fork(ctx context.Context, id string, req api.ForkRequest, tmpl store.Instance, spec forkSpec) (store.Instance, error) {
-	job, err := m.newForkJob(id, req.Name, req.Publish, tmpl)
+func (m *Manager) fork(ctx context.Context, id string, pooled bool, req api.ForkRequest, tmpl store.Instance, spec forkSpec) (store.Instance, error) {
+	job, err := m.newForkJob(id, pooled, req.Name, req.Publish, tmpl)
 	if err != nil {
+		if pooled {
+			m.returnTrees([]string{id})
+		}
 		return store.Instance{}, err
 	}
 	if spec.live != nil {
@@ -388,6 +387,7 @@ type forkJob struct {
 	rec        store.Instance // Forking until its last commit
 	pubs       []store.Publish
 	tmp, final guestdir.Guest
+	pooled     bool // tmp is a pooled tree, made ahead (forktrees.go)
 	res        memfile.ShareResult
 	fresh      []string     // the new inodes buildForkDir made
 	journal    *forkJournal // its first commit; nil until the mem-file is shared
@@ -398,8 +398,9 @@ type forkJob struct {
 }
 
 // newForkJob checks what a fork of tmpl named name (its id if "") asks,
-// and makes its Forking record.
-func (m *Manager) newForkJob(id, name string, publish []api.PortPublish, tmpl store.Instance) (*forkJob, error) {
+// and makes its Forking record. pooled: id came with its tree made, where
+// the fork builds (forktrees.go).
+func (m *Manager) newForkJob(id string, pooled bool, name string, publish []api.PortPublish, tmpl store.Instance) (*forkJob, error) {
 	if name == "" {
 		name = id // an unnamed instance is named by its own id
 	} else if err := validName("instance", name); err != nil {
@@ -410,6 +411,9 @@ func (m *Manager) newForkJob(id, name string, publish []api.PortPublish, tmpl st
 		return nil, err
 	}
 	tmp, err := m.layout.TempGuest(id)
+	if pooled {
+		tmp, err = m.layout.PooledGuest(id)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -440,7 +444,7 @@ func (m *Manager) newForkJob(id, name string, publish []api.PortPublish, tmpl st
 		HugePages: tmpl.HugePages, // and its memory's pages
 	}
 	rec.RestoreBackend, _ = restoreBackend(rec, "", m.cfg.ForkRestoreBackend)
-	return &forkJob{id: id, rec: rec, pubs: pubs, tmp: tmp, final: final}, nil
+	return &forkJob{id: id, rec: rec, pubs: pubs, tmp: tmp, final: final, pooled: pooled}, nil
 }
 
 // failFork removes what a failed fork made and journals its failure.
@@ -474,12 +478,12 @@ func (m *Manager) buildFork(ctx context.Context, job *forkJob, spec forkSpec, sr
 	r := trace.StartRegion(ctx, "fork: build")
 	build := m.buildForkDir
 	if srcs != nil { // a batch's, shared by its forks
-		build = func(tmp guestdir.Guest, f forkFiles, shared func(memfile.ShareResult)) (memfile.ShareResult, []string, error) {
-			return m.buildForkDirFrom(srcs, tmp, f, shared)
+		build = func(tmp guestdir.Guest, made bool, f forkFiles, shared func(memfile.ShareResult)) (memfile.ShareResult, []string, error) {
+			return m.buildForkDirFrom(srcs, tmp, made, f, shared)
 		}
 	}
 	var err error
-	job.res, job.fresh, err = build(job.tmp, spec.files, func(res memfile.ShareResult) {
+	job.res, job.fresh, err = build(job.tmp, job.pooled, spec.files, func(res memfile.ShareResult) {
 		finishRecord(&job.rec, res, spec.key)
 		if job.batch {
 			return // journalled with its batch (forkBatch)
@@ -561,7 +565,7 @@ func (m *Manager) forkLive(ctx context.Context, job *forkJob, spec forkSpec) (st
 	}
 	build := func() error {
 		var err error
-		if job.res, job.fresh, err = m.buildForkDir(job.tmp, spec.files, nil); err != nil {
+		if job.res, job.fresh, err = m.buildForkDir(job.tmp, false, spec.files, nil); err != nil {
 			return err
 		}
 		if err := syncForkTree(job.tmp.Jail, job.fresh); err != nil {

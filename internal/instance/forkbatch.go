@@ -37,6 +37,7 @@ func (m *Manager) forkMany(ctx context.Context, admit admitFork, ref string, req
 	start := time.Now()
 	defer m.observe("fork_batch", start)
 	defer m.netOpStart()()
+	defer m.treeOpStart()()
 	ctx = context.WithoutCancel(ctx)
 	if err := req.Validate(); err != nil {
 		return nil, err
@@ -53,7 +54,7 @@ func (m *Manager) forkMany(ctx context.Context, admit admitFork, ref string, req
 // brought there, every fork of the batch is deleted.
 func (m *Manager) forkAdmittedBatch(ctx context.Context, a *forkAdmission, req api.ForkBatchRequest) ([]api.Instance, error) {
 	defer a.releaseCap()
-	recs, err := m.forkBatch(ctx, a.ids, req.Names(), a.tmpl, a.spec)
+	recs, err := m.forkBatch(ctx, a.ids, a.pooled, req.Names(), a.tmpl, a.spec)
 	a.release()
 	if err != nil {
 		return nil, err
@@ -104,8 +105,8 @@ func eachFork(n, workers int, fn func(i int)) {
 	wg.Wait()
 }
 
-// forkBatch makes a fork of spec (not a live one) for each of ids, named
-// names, with fork's steps taken for every fork of the batch before the
+// forkBatch makes a fork of spec (not a live one) for each of ids (the
+// first pooled with their trees made, forktrees.go), named names, with fork's steps taken for every fork of the batch before the
 // next: one synced commit journals every fork (beginBatch) while every
 // directory is built, then every directory is renamed into place and one
 // fsync of their parent makes all of them durable, and one last commit
@@ -129,14 +130,16 @@ func eachFork(n, workers int, fn func(i int)) {
 //
 // So the batch is acknowledged after two log forces, not three, and no
 // fork of it is ever kept or lost alone.
-func (m *Manager) forkBatch(ctx context.Context, ids, names []string, tmpl store.Instance, spec forkSpec) ([]store.Instance, error) {
+func (m *Manager) forkBatch(ctx context.Context, ids []string, pooled int, names []string, tmpl store.Instance, spec forkSpec) ([]store.Instance, error) {
 	if spec.live != nil {
+		m.returnTrees(ids[:pooled])
 		return nil, fmt.Errorf("%w: a running source is forked live one fork at a time, not in a batch", api.ErrInvalid)
 	}
 	jobs := make([]*forkJob, len(ids))
 	for i, id := range ids {
-		job, err := m.newForkJob(id, names[i], nil, tmpl)
+		job, err := m.newForkJob(id, i < pooled, names[i], nil, tmpl)
 		if err != nil {
+			m.returnTrees(ids[:pooled]) // nothing built in any of them yet
 			return nil, err
 		}
 		job.batch = true

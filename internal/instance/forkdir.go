@@ -25,37 +25,30 @@ import (
 // (syncForkTree). shared, when set, is called as soon as
 // the mem-file is shared (or at once for a fork without memory), when the
 // fork's fork_mode is known; the rest of the dir is built after it returns.
-func (m *Manager) buildForkDir(tmp guestdir.Guest, f forkFiles, shared func(memfile.ShareResult)) (memfile.ShareResult, []string, error) {
+func (m *Manager) buildForkDir(tmp guestdir.Guest, made bool, f forkFiles, shared func(memfile.ShareResult)) (memfile.ShareResult, []string, error) {
 	// The four source files are opened through one handle of the data dir.
 	root, err := m.openDataRoot()
 	if err != nil {
 		return memfile.ShareResult{}, nil, err
 	}
 	defer root.Close()
-	return m.buildForkDirFrom(dataSources{root}, tmp, f, shared)
+	return m.buildForkDirFrom(dataSources{root}, tmp, made, f, shared)
 }
 
 // buildForkDirFrom is buildForkDir with the source files opened from srcs.
-func (m *Manager) buildForkDirFrom(srcs sources, tmp guestdir.Guest, f forkFiles, shared func(memfile.ShareResult)) (memfile.ShareResult, []string, error) {
+// made says tmp's empty tree exists already (a pooled one, forktrees.go).
+func (m *Manager) buildForkDirFrom(srcs sources, tmp guestdir.Guest, made bool, f forkFiles, shared func(memfile.ShareResult)) (memfile.ShareResult, []string, error) {
 	var res memfile.ShareResult
 	var fresh []string // new inodes: their data must be fsynced
 	if shared == nil {
 		shared = func(memfile.ShareResult) {}
 	}
-	if err := os.Mkdir(tmp.Jail, 0o700); err != nil {
-		return res, nil, err
-	}
-	if err := os.Mkdir(tmp.Dir, 0o755); err != nil {
-		return res, nil, err
+	if !made {
+		if err := makeForkTree(tmp, f.from != nil); err != nil {
+			return res, nil, err
+		}
 	}
 	if f.from != nil {
-		// snapshots/snapshot-latest, one level at a time: tmp.Dir is new,
-		// so there is nothing for MkdirAll to look up first.
-		for _, d := range []string{tmp.SnapshotsDir(), tmp.Latest().Dir} {
-			if err := os.Mkdir(d, 0o755); err != nil {
-				return res, nil, err
-			}
-		}
 		var err error
 		if res, err = m.shareMemFile(srcs, f.from.Memory(), tmp.Latest().Memory()); err != nil {
 			return res, nil, err
@@ -369,12 +362,18 @@ func (m *Manager) removePartial(ctx context.Context, id string) error {
 	return errors.Join(errs...)
 }
 
-// removePartialFiles deletes a partial fork's or create's temp dir and dir.
+// removePartialFiles deletes a partial fork's or create's temp dir (or
+// pooled tree) and dir.
 func (m *Manager) removePartialFiles(id string) error {
 	var errs []error
 	if tmp, err := m.layout.TempGuest(id); err == nil {
 		if err := os.RemoveAll(tmp.Jail); err != nil {
 			errs = append(errs, fmt.Errorf("remove its temp dir: %w", err))
+		}
+	}
+	if tmp, err := m.layout.PooledGuest(id); err == nil { // a fork built in a pooled tree
+		if err := os.RemoveAll(tmp.Jail); err != nil {
+			errs = append(errs, fmt.Errorf("remove its pooled tree: %w", err))
 		}
 	}
 	if g, err := m.layout.Guest(id); err == nil {

@@ -16,6 +16,7 @@ import (
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/capacity"
 	"github.com/forkd/forkd/internal/firecracker"
+	"github.com/forkd/forkd/internal/forktree"
 	"github.com/forkd/forkd/internal/guestdir"
 	"github.com/forkd/forkd/internal/image"
 	"github.com/forkd/forkd/internal/memfile"
@@ -73,6 +74,9 @@ type Config struct {
 	// NetworkWarm is how many networks to keep made ahead of any VM
 	// (netwarm.go); 0: every networked create or fork makes its own.
 	NetworkWarm int
+	// ForkTreePool is how many empty fork trees to keep made ahead
+	// (forktree; forks with memory take them); 0: every fork makes its own.
+	ForkTreePool int
 	// Logger receives what the manager does (default: slog.Default()).
 	Logger *slog.Logger
 	// Registerer receives the manager's metrics (nil: not registered).
@@ -171,6 +175,8 @@ type Manager struct {
 	warmMu    sync.Mutex    // serialises refilling and dropping the warm pool (netwarm.go)
 	// jail launches VMMs through a jailer (nil: unjailed).
 	jail *jailer
+	// trees is the pool of empty fork trees (forktrees.go; nil: none).
+	trees *forktree.Pool
 
 	// capacity reserves against the host's resources (capacity.go); what
 	// forks and standbys cost on disk depends on fs.reflink.
@@ -357,6 +363,7 @@ func New(ctx context.Context, cfg Config) (_ *Manager, err error) {
 		db.Close()
 		return nil, fmt.Errorf("instance manager: %w", err)
 	}
+	m.startForkTrees()
 	m.wg.Add(1)
 	go m.runPrefetchGC()
 	m.kickPrefetchGC() // recordings of keys removed while the daemon was down
@@ -374,6 +381,7 @@ func New(ctx context.Context, cfg Config) (_ *Manager, err error) {
 // pager keep running: they outlive the daemon by design.
 func (m *Manager) Close() error {
 	m.stopBackground()
+	m.closeForkTrees()
 	if m.cfg.Network != nil {
 		m.cfg.Network.Close()
 	}

@@ -457,6 +457,12 @@ func (m *Manager) sweepDataDirs(ctx context.Context) error {
 	for _, s := range snaps {
 		recorded["s/"+s.ID] = true
 	}
+	pooledTrees := 0
+	defer func() {
+		if pooledTrees > 0 {
+			m.log.Info("reconcile: removed the empty fork trees an earlier run made ahead", "trees", pooledTrees)
+		}
+	}()
 	for _, root := range []struct{ dir, tag string }{{m.layout.JailsDir(), "g/"}, {m.layout.SnapshotsDir(), "s/"}} {
 		ents, err := os.ReadDir(root.dir)
 		if err != nil {
@@ -466,14 +472,24 @@ func (m *Manager) sweepDataDirs(ctx context.Context) error {
 			name := e.Name()
 			path := filepath.Join(root.dir, name)
 			_, temp := guestdir.TempID(name)
+			_, pooled := guestdir.PooledID(name)
+			pooled = pooled && root.tag == "g/"
 			isID := guestdir.IsForkdID(name)
 			realDir := e.Type().IsDir() // the entry itself: a symlink is not a dir here
 			switch {
-			case !temp && !isID:
+			case !temp && !isID && !pooled:
 				m.log.Warn("reconcile: not a forkd name: left alone", "path", path)
 				continue
 			case !realDir:
 				// forkd makes only real directories here.
+			case pooled:
+				// An empty tree made ahead by a run that did not close its
+				// pool (forktrees.go): no VM's.
+				pooledTrees++
+				if err := os.RemoveAll(path); err != nil {
+					m.log.Error("reconcile: remove a pooled fork tree", "path", path, "err", err)
+				}
+				continue
 			case temp:
 				m.log.Info("reconcile: removing temp dir", "path", path)
 				if err := os.RemoveAll(path); err != nil {

@@ -336,6 +336,12 @@ func leftovers(layout guestdir.Layout, insts map[string]api.Instance, snaps map[
 			continue
 		}
 		for _, e := range ents {
+			if _, ok := guestdir.PooledID(e.Name()); ok && root.dir == layout.JailsDir() {
+				// The daemon's pool of empty fork trees: no VM's, and it
+				// must hold no file.
+				errs = append(errs, emptyTree(filepath.Join(root.dir, e.Name()))...)
+				continue
+			}
 			if guestdir.IsTemp(e.Name()) || !root.known(e.Name()) {
 				errs = append(errs, fmt.Errorf("leftover %s (no record)", filepath.Join(root.dir, e.Name())))
 				continue
@@ -347,6 +353,22 @@ func leftovers(layout guestdir.Layout, insts map[string]api.Instance, snaps map[
 				return nil
 			})
 		}
+	}
+	return errs
+}
+
+// emptyTree reports every entry under dir that is not a directory: a
+// pooled fork tree holds none until a fork takes it.
+func emptyTree(dir string) []error {
+	var errs []error
+	err := filepath.WalkDir(dir, func(p string, de fs.DirEntry, err error) error {
+		if err == nil && !de.IsDir() {
+			errs = append(errs, fmt.Errorf("pooled fork tree holds %s (a %s)", p, de.Type()))
+		}
+		return err
+	})
+	if err != nil && !errors.Is(err, fs.ErrNotExist) { // a fork may take the tree mid-walk
+		errs = append(errs, err)
 	}
 	return errs
 }
