@@ -9,6 +9,7 @@ import (
 
 	"github.com/forkd/forkd/internal/api"
 	"github.com/forkd/forkd/internal/guestdir"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // withForkTrees gives the manager a pool of n empty fork trees.
@@ -177,16 +178,31 @@ func TestTreesLeftByACrashAreRemovedAndAreNoVMs(t *testing.T) {
 	}
 }
 
-// Close removes every tree the pool holds.
+// The pool's trees are on disk and counted by forkd_fork_trees_ready, and
+// Close removes every one of them.
 func TestClosingTheManagerRemovesItsTrees(t *testing.T) {
 	dir := shortDir(t)
-	m, err := newManagerErr(t, dir, withForkTrees(5))
+	reg := prometheus.NewRegistry()
+	m, err := newManagerErr(t, dir, withForkTrees(5), func(c *Config) { c.Registerer = reg })
 	if err != nil {
 		t.Fatal(err)
 	}
 	waitUntil(t, "the pool to fill", func() bool { return m.ForkTreesReady() == 5 })
 	if n := len(pooledTrees(t, m)); n != 5 {
 		t.Fatalf("%d pooled trees on disk, want 5", n)
+	}
+	fams, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ready := -1.0
+	for _, f := range fams {
+		if f.GetName() == "forkd_fork_trees_ready" {
+			ready = f.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	if ready != 5 {
+		t.Errorf("forkd_fork_trees_ready = %v, want 5", ready)
 	}
 	m.Close()
 	if n := len(pooledTrees(t, m)); n != 0 {

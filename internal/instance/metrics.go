@@ -27,11 +27,16 @@ type metrics struct {
 	prefetchPages      *prometheus.CounterVec
 	prefetchWorkingSet *prometheus.HistogramVec
 	reflink            prometheus.Collector // forkd_data_dir_reflink
+	forkTrees          prometheus.GaugeFunc // forkd_fork_trees_ready
 }
 
 func newMetrics(m *Manager) *metrics {
 	return &metrics{
 		reflink: m.reflinkGauge(),
+		forkTrees: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "forkd_fork_trees_ready",
+			Help: "Empty fork trees made ahead and ready for forks to take (fork_tree_pool).",
+		}, func() float64 { return float64(m.ForkTreesReady()) }),
 		opDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "forkd_instance_operation_duration_seconds",
 			Help:    "Duration of instance operations (create, start, standby, restore, fork, snapshot, ...).",
@@ -107,7 +112,7 @@ func boolU64(b bool) uint64 {
 
 func (x *metrics) register(r prometheus.Registerer) error {
 	for _, c := range []prometheus.Collector{x.opDuration, x.shareFallbacks, x.fullCopies, x.capacityRefusals, x.states, x.pager, x.groups, x.units, x.imageBuilds, x.images,
-		x.prefetchRestores, x.prefetchPages, x.prefetchWorkingSet, x.reflink} {
+		x.prefetchRestores, x.prefetchPages, x.prefetchWorkingSet, x.reflink, x.forkTrees} {
 		if err := r.Register(c); err != nil {
 			return err
 		}
