@@ -281,24 +281,10 @@ func settings() []setting {
 			}},
 		{"network_warm", "FORKD_NETWORK_WARM", "network-warm", "8",
 			"networks kept made ahead of any VM once one is networked, so a fork takes a ready one (0: each makes its own)",
-			func(c *Config, v string) error {
-				n, err := strconv.Atoi(v)
-				if err != nil || n < 0 || n > 1024 {
-					return fmt.Errorf("%q is not a count from 0 to 1024", v)
-				}
-				c.NetworkWarm = n
-				return nil
-			}},
+			poolSize(func(c *Config) *int { return &c.NetworkWarm })},
 		{"fork_tree_pool", "FORKD_FORK_TREE_POOL", "fork-tree-pool", "32",
 			"empty fork directories kept made ahead (for forks with memory), so a fork, or a batch of up to this many, makes no directory on its path (0: each makes its own)",
-			func(c *Config, v string) error {
-				n, err := strconv.Atoi(v)
-				if err != nil || n < 0 || n > 1024 {
-					return fmt.Errorf("%q is not a count from 0 to 1024", v)
-				}
-				c.ForkTreePool = n
-				return nil
-			}},
+			poolSize(func(c *Config) *int { return &c.ForkTreePool })},
 		{"shutdown_grace", "FORKD_SHUTDOWN_GRACE", "shutdown-grace", "60s",
 			"on SIGTERM, how long operations in flight may finish (a Go duration) before the daemon exits and leaves them to the journal",
 			func(c *Config, v string) error {
@@ -328,6 +314,18 @@ func intSetting(f func(c *Config) *int) func(*Config, string) error {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 0 {
 			return fmt.Errorf("%q is not a non-negative integer", v)
+		}
+		*f(c) = n
+		return nil
+	}
+}
+
+// poolSize parses the size of a pool made ahead (0 to 1024) into *f(c).
+func poolSize(f func(c *Config) *int) func(*Config, string) error {
+	return func(c *Config, v string) error {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 || n > 1024 {
+			return fmt.Errorf("%q is not a count from 0 to 1024", v)
 		}
 		*f(c) = n
 		return nil

@@ -118,6 +118,8 @@ func TestConfigRejectsBadValues(t *testing.T) {
 		{"network_guest_mac multicast", map[string]string{"FORKD_NETWORK_GUEST_MAC": "01:00:5e:00:00:01"}, "", "network_guest_mac"},
 		{"network_default not a bool", map[string]string{"FORKD_NETWORK_DEFAULT": "sometimes"}, "", "network_default"},
 		{"network_warm negative", map[string]string{"FORKD_NETWORK_WARM": "-1"}, "", "network_warm"},
+		{"fork_tree_pool too large", map[string]string{"FORKD_FORK_TREE_POOL": "5000"}, "", "fork_tree_pool"},
+		{"fork_tree_pool not a count", nil, "fork_tree_pool: many\n", "fork_tree_pool"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
