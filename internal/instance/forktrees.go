@@ -103,9 +103,9 @@ func (m *Manager) returnTrees(ids []string) {
 	}
 }
 
-// ForkTreesReady is how many empty fork trees the pool holds now (tests
+// forkTreesReady is how many empty fork trees the pool holds now (tests
 // and metrics).
-func (m *Manager) ForkTreesReady() int {
+func (m *Manager) forkTreesReady() int {
 	if m.trees == nil {
 		return 0
 	}

@@ -52,7 +52,7 @@ func TestForksTakeTheTreesMadeAhead(t *testing.T) {
 	createRunning(t, m, "src")
 	src := action(t, m, "src", "standby")
 	srcMem := fingerprint(t, latestMem(t, m, src.ID))
-	waitUntil(t, "the pool to fill", func() bool { return m.ForkTreesReady() == pool })
+	waitUntil(t, "the pool to fill", func() bool { return m.forkTreesReady() == pool })
 
 	before := pooledTrees(t, m)
 	forks, err := m.ForkInstanceBatch(ctx, "src", api.ForkBatchRequest{Name: "kid", Count: pool + 2})
@@ -77,7 +77,7 @@ func TestForksTakeTheTreesMadeAhead(t *testing.T) {
 		t.Errorf("%d forks of a batch of %d took a tree made ahead, want the pool's %d", took, pool+2, pool)
 	}
 
-	waitUntil(t, "the pool to refill", func() bool { return m.ForkTreesReady() == pool })
+	waitUntil(t, "the pool to refill", func() bool { return m.forkTreesReady() == pool })
 	before = pooledTrees(t, m)
 	one, err := m.ForkInstance(ctx, "src", api.ForkRequest{Name: "single"})
 	if err != nil {
@@ -105,7 +105,7 @@ func TestRefusedForksLeaveNoTree(t *testing.T) {
 	if _, err := m.ForkInstance(ctx, "src", api.ForkRequest{Name: "taken"}); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, "the pool to fill", func() bool { return m.ForkTreesReady() == pool })
+	waitUntil(t, "the pool to fill", func() bool { return m.forkTreesReady() == pool })
 	if _, err := m.ForkInstance(ctx, "src", api.ForkRequest{Name: "bad/name"}); err == nil {
 		t.Fatal("a fork named bad/name was made")
 	}
@@ -115,7 +115,7 @@ func TestRefusedForksLeaveNoTree(t *testing.T) {
 	if _, err := m.ForkInstanceBatch(ctx, "src", api.ForkBatchRequest{Name: "taken", Count: 3}); err == nil {
 		t.Fatal("a batch over the taken names taken-1 and taken-2 was made")
 	}
-	waitUntil(t, "the pool to refill", func() bool { return m.ForkTreesReady() == pool })
+	waitUntil(t, "the pool to refill", func() bool { return m.forkTreesReady() == pool })
 	ents, err := os.ReadDir(m.layout.JailsDir())
 	if err != nil {
 		t.Fatal(err)
@@ -187,7 +187,7 @@ func TestClosingTheManagerRemovesItsTrees(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, "the pool to fill", func() bool { return m.ForkTreesReady() == 5 })
+	waitUntil(t, "the pool to fill", func() bool { return m.forkTreesReady() == 5 })
 	if n := len(pooledTrees(t, m)); n != 5 {
 		t.Fatalf("%d pooled trees on disk, want 5", n)
 	}

@@ -36,7 +36,7 @@ func newMetrics(m *Manager) *metrics {
 		forkTrees: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "forkd_fork_trees_ready",
 			Help: "Empty fork trees made ahead and ready for forks to take (fork_tree_pool).",
-		}, func() float64 { return float64(m.ForkTreesReady()) }),
+		}, func() float64 { return float64(m.forkTreesReady()) }),
 		opDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "forkd_instance_operation_duration_seconds",
 			Help:    "Duration of instance operations (create, start, standby, restore, fork, snapshot, ...).",
