@@ -106,12 +106,13 @@ func eachFork(n, workers int, fn func(i int)) {
 }
 
 // forkBatch makes a fork of spec (not a live one) for each of ids (the
-// first pooled with their trees made, forktrees.go), named names, with fork's steps taken for every fork of the batch before the
-// next: one synced commit journals every fork (beginBatch) while every
-// directory is built, then every directory is renamed into place and one
-// fsync of their parent makes all of them durable, and one last commit
-// completes them all (its statements run during the renames, its COMMIT
-// only after that fsync, and it is not synced).
+// first pooled with their trees made, forktrees.go), named names, with
+// fork's steps taken for every fork of the batch before the next: one
+// synced commit journals every fork (beginBatch) while every directory is
+// built, then every directory is renamed into place and one fsync of their
+// parent makes all of them durable, and one last commit completes them all
+// (its statements run during the renames, its COMMIT only after that fsync,
+// and it is not synced).
 //
 // The batch is all or none, across a crash or a power cut too, and it has
 // two durable points: the first commit, and the fsync of the renames.

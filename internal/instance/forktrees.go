@@ -24,10 +24,7 @@ func (t treeMaker) Make(id string) error {
 	if err != nil {
 		return err
 	}
-	if err := makeForkTree(g, true); err != nil {
-		return err
-	}
-	return nil
+	return makeForkTree(g, true)
 }
 
 func (t treeMaker) Remove(id string) error {
