@@ -10,9 +10,14 @@
 // place, as it would one it had just made.
 //
 // The pool knows nothing of the data dir's layout: its Maker makes and
-// removes the tree of an id. It refills only while no operation that may
-// take a tree is in flight (Busy), so its own directory work never lands in
-// a fork's log force, and it removes every tree it still holds when closed.
+// removes the tree of an id, and settles the trees made (makes them
+// durable). The pool refills only while no operation that may take a tree
+// is in flight (Busy), and settles each round of refills that ends with
+// none in flight, so its own directory work never lands in a fork's log
+// force: a directory made and never synced waits in the filesystem's log
+// for the next fsync of anything, which would be a fork's. A round cut
+// short by an operation is left to that operation's own log force. The
+// pool removes every tree it still holds when closed.
 //
 // Invariants:
 //   - A tree is handed out once: Take removes the ids it returns from the

@@ -3,12 +3,15 @@ package forktree
 import (
 	"log/slog"
 	"sync"
+	"sync/atomic"
 )
 
-// Maker makes and removes the empty tree of a fork id.
+// Maker makes and removes the empty tree of a fork id, and settles the
+// trees it made: makes them durable, so that no later fsync carries them.
 type Maker interface {
 	Make(id string) error
 	Remove(id string) error
+	Settle() error
 }
 
 // Pool holds up to Size trees, each made for an id of its own.
@@ -22,6 +25,8 @@ type Pool struct {
 	ready  []string // ids whose trees are made; guarded by mu
 	busy   int      // operations in flight (Busy); guarded by mu
 	closed bool     // guarded by mu
+
+	settles atomic.Int64 // rounds settled (tests)
 
 	kick chan struct{} // wakes the refill loop
 	stop chan struct{} // closed by Close
@@ -123,7 +128,8 @@ func (p *Pool) refill() {
 
 // loop makes trees, one at a time, while the pool is short of Size and no
 // operation is in flight; a tree it cannot make ends the round (logged),
-// and the next Busy operation's end starts another.
+// and the next Busy operation's end starts another. A round that made
+// trees and ends with none in flight settles them (settle).
 func (p *Pool) loop() {
 	defer close(p.done)
 	for {
@@ -132,6 +138,7 @@ func (p *Pool) loop() {
 			return
 		case <-p.kick:
 		}
+		made := 0
 		for p.wants() {
 			id := p.newID()
 			if err := p.mk.Make(id); err != nil {
@@ -149,8 +156,31 @@ func (p *Pool) loop() {
 				p.remove([]string{id})
 				break
 			}
+			made++
+		}
+		if made > 0 {
+			p.settle()
 		}
 	}
+}
+
+// settle has the Maker make the trees of a round durable, unless an
+// operation is in flight: a tree made and never synced waits in the
+// filesystem's log for the next fsync of anything, and that would be a
+// fork's, which would then carry a round's directories (a fork right after
+// a batch of 25 took ~1 ms more). An operation in flight makes its own
+// log force, which carries them anyway: settling then would only compete.
+func (p *Pool) settle() {
+	p.mu.Lock()
+	idle := !p.closed && p.busy == 0
+	p.mu.Unlock()
+	if !idle {
+		return
+	}
+	if err := p.mk.Settle(); err != nil {
+		p.log.Warn("fork tree pool: settle the trees made", "err", err)
+	}
+	p.settles.Add(1)
 }
 
 // wants reports whether the loop should make another tree now.

@@ -19,6 +19,9 @@ type dirMaker struct {
 	made    atomic.Int64
 	block   chan struct{} // when set, Make says so on entered and waits on it
 	entered chan struct{}
+	// settles counts Settle calls; settledMade is how many trees had been
+	// made at the last one.
+	settles, settledMade atomic.Int64
 }
 
 func (d *dirMaker) Make(id string) error {
@@ -37,6 +40,12 @@ func (d *dirMaker) Make(id string) error {
 }
 
 func (d *dirMaker) Remove(id string) error { return os.RemoveAll(filepath.Join(d.root, id)) }
+
+func (d *dirMaker) Settle() error {
+	d.settledMade.Store(d.made.Load())
+	d.settles.Add(1)
+	return nil
+}
 
 func (d *dirMaker) trees(t *testing.T) []string {
 	t.Helper()
@@ -216,5 +225,53 @@ func TestAPoolOfNoneHoldsNone(t *testing.T) {
 	time.Sleep(10 * time.Millisecond)
 	if p.Take(3) != nil || d.made.Load() != 0 {
 		t.Error("a pool of size 0 made or handed out trees")
+	}
+}
+
+// A round of trees is settled once it is made, so that the next fork's
+// fsync does not carry it; a round an operation cuts short is not (that
+// operation's own log force carries its trees), and the round that
+// completes it after the operation is.
+func TestARoundOfTreesIsSettledOnceMadeAndNeverDuringAnOperation(t *testing.T) {
+	d := &dirMaker{root: t.TempDir(), block: make(chan struct{}), entered: make(chan struct{}, 1)}
+	p := New(3, d, ids(), nil)
+	defer p.Close()
+	makeOne := func() { <-d.entered; d.block <- struct{}{} }
+	waitSettles := func(n int64) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for d.settles.Load() < n {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d settles after 10 s, want %d", d.settles.Load(), n)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	for range 3 {
+		makeOne()
+	}
+	waitSettles(1)
+	if got := d.settledMade.Load(); got != 3 {
+		t.Fatalf("the first round settled with %d trees made, want all 3", got)
+	}
+
+	done := p.Busy()
+	p.Take(2)
+	done() // a round of 2 starts...
+	<-d.entered
+	inFlight := p.Busy() // ...and an operation starts during its first tree
+	d.block <- struct{}{}
+	time.Sleep(20 * time.Millisecond)
+	if got := d.settles.Load(); got != 1 {
+		t.Fatalf("the pool settled %d times, the last during an operation in flight; want only the first round's", got)
+	}
+	if p.Ready() != 2 {
+		t.Fatalf("the pool holds %d trees, want 2 (one made before the operation began)", p.Ready())
+	}
+	inFlight() // the round is completed, and settled
+	makeOne()
+	waitSettles(2)
+	if got := d.settledMade.Load(); got != 5 {
+		t.Fatalf("the second settle came with %d trees made, want 5", got)
 	}
 }

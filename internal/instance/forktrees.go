@@ -3,6 +3,8 @@ package instance
 import (
 	"os"
 
+	"github.com/forkd/forkd/internal/atomicfile"
+
 	"github.com/forkd/forkd/internal/forktree"
 	"github.com/forkd/forkd/internal/guestdir"
 )
@@ -26,6 +28,13 @@ func (t treeMaker) Make(id string) error {
 	}
 	return makeForkTree(g, true)
 }
+
+// Settle makes the trees made so far durable with one fsync of the
+// directory that holds them. On XFS that one log force carries every
+// directory made before it; elsewhere it carries at least the trees' own
+// names, and a fork still fsyncs every directory of its tree itself
+// (syncForkTree): settling is for speed, never for a fork's durability.
+func (t treeMaker) Settle() error { return atomicfile.SyncDir(t.layout.JailsDir()) }
 
 func (t treeMaker) Remove(id string) error {
 	g, err := t.layout.PooledGuest(id)
@@ -70,8 +79,9 @@ func (m *Manager) closeForkTrees() {
 	}
 }
 
-// treeOpStart marks a fork call in flight: the pool refills only once
-// none is, so its directory work never lands in a fork's log force.
+// treeOpStart marks a fork call in flight: the pool refills, and settles
+// what it made (treeMaker.Settle), only once none is, so its directory
+// work never lands in a fork's log force.
 func (m *Manager) treeOpStart() func() {
 	if m.trees == nil {
 		return func() {}
