@@ -139,7 +139,7 @@ Compare ratios within one run: absolute times on nested VMs are noise.`,
 	f.IntVar(&opt.BatchCalls, "batch-calls", 0, "with --batch: batch calls per burst, one after another, their p50 a batched fork's p50 (default 5)")
 	f.StringVar(&opt.ForkFrom, "from", bench.FromSnapshot, "fork from a snapshot of the source or from the Standby source itself: snapshot, standby")
 	f.IntVar(&opt.CopyMaxMiB, "copy-max-mib", 1024, "run the copy strategy only at sizes up to this (MiB; -1: all): a burst writes --forks × the guest's RAM")
-	f.BoolVar(&opt.DropCaches, "drop-caches", os.Geteuid() == 0, "drop the host page cache before cold bursts, keeping the staged VMM program cached (root)")
+	f.BoolVar(&opt.DropCaches, "drop-caches", os.Geteuid() == 0, "drop the host page cache and the dentry and inode caches before cold bursts (and before each of their batch calls), keeping the staged VMM program cached, and time cold serial forks, each after a drop, to set the cold bursts against (root)")
 	f.StringVar(&opt.Dir, "data-dir", "", "make the run's data dir under this directory, on the filesystem to measure (default $TMPDIR)")
 	f.StringVar(&opt.FS, "fs", "", "run on a fresh loopback filesystem: xfs, btrfs or ext4 (root)")
 	f.StringVar(&fsSize, "fs-size", "64GiB", "size of the --fs image (sparse)")

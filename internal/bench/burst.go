@@ -44,8 +44,14 @@ func (r *runner) burst(ctx context.Context, d *daemon, par parent, key cellKey) 
 	pagerCPUBefore, pagerCPUErr := ReadSchedTimes(pagerBefore.Pid)
 	readBefore, usedBefore := r.disk.ReadBytes(), r.disk.UsedBytes()
 
+	cold := key.temp == Cold && r.cfg.DropCaches
 	if r.cfg.Batch {
-		cell.Batch = r.batch(ctx, d, par, n)
+		cell.Batch = r.batch(ctx, d, par, n, cold)
+		if cold { // the batch calls read back what the drop emptied
+			if err := d.dropCaches(); err != nil {
+				cell.Errors = append(cell.Errors, err.Error())
+			}
+		}
 	}
 	results := make([]forkResult, n)
 	r.settle()
@@ -123,14 +129,21 @@ func (r *runner) burst(ctx context.Context, d *daemon, par parent, key cellKey) 
 
 // batch makes n forks of par by one batch call, times it, and deletes them,
 // cfg.BatchCalls times (each from a settled filesystem, as a serial fork
+// is; cold: each right after the caches are dropped, as a cold serial fork
 // is): a call's time is every one of its forks' latency, so the calls' p50
 // is a batched fork's p50. The first failed call ends the series.
-func (r *runner) batch(ctx context.Context, d *daemon, par parent, n int) *BatchFork {
+func (r *runner) batch(ctx context.Context, d *daemon, par parent, n int, cold bool) *BatchFork {
 	b := &BatchFork{}
 	cpu := newCPUMeter(d.pid)
 	for range r.cfg.BatchCalls {
 		name := r.name("batch")
 		req := api.ForkBatchRequest{Name: name, Count: n, TargetState: api.StateStandby}
+		if cold {
+			if err := d.dropCaches(); err != nil {
+				b.Err = err.Error()
+				break
+			}
+		}
 		r.settle()
 		cpu.start()
 		t0 := time.Now()

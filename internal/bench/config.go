@@ -107,7 +107,11 @@ type Config struct {
 	// times the guest's RAM (25 × 4 GiB = 100 GiB). Default 1024; -1: no
 	// limit.
 	CopyMaxMiB int `json:"copy_max_mib"`
-	// DropCaches drops the host page cache before each cold burst (root).
+	// DropCaches drops the host page cache (and the kernel's dentry and
+	// inode caches) before each cold burst, before each of its batch calls
+	// and again before its concurrent calls, and times a second series of
+	// serial forks, each right after a drop, for the cold bursts to be set
+	// against (root).
 	DropCaches bool `json:"drop_caches"`
 	// TouchTimeout bounds the wait for one fork's workload to cover its
 	// working set; default 2 min.

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -450,5 +451,53 @@ func TestKeepLogsCopiesEveryLogOut(t *testing.T) {
 		case !strings.HasSuffix(rel, ".log") && err == nil:
 			t.Errorf("kept %s, which is not a log", rel)
 		}
+	}
+}
+
+// TestForkBurstTimesColdForksEachAfterADrop: with drop-caches, a cold
+// cell's batch calls and its concurrent calls each come right after a drop
+// (the batch calls read back what the one before the cell emptied), and
+// cold serial forks, each right after a drop too, are timed beside the warm
+// ones for the cold cells to be set against. The drops are counted here,
+// not made: the host's caches are other tests' too.
+func TestForkBurstTimesColdForksEachAfterADrop(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a daemon and VMMs")
+	}
+	testenv.NeedRoot(t) // the run refuses drop-caches to anyone else
+	var drops atomic.Int64
+	dropPageCache = func() error { drops.Add(1); return nil }
+	t.Cleanup(func() { dropPageCache = DropPageCache })
+	bin := buildForkd(t)
+	const serial, calls = 2, 2
+	rep, _ := runForkBurst(t, 3*time.Minute, Options{
+		Config: Config{SizesMiB: []int{64}, WorkingSetMiB: 4, Forks: []int{2}, Rates: []int{20000}, Prefetch: []string{PrefetchOff},
+			Backends: []string{api.BackendFile}, Temperatures: []string{Cold}, Strategies: []string{StrategyHardlink},
+			Batch: true, BatchCalls: calls, SerialForks: serial, DropCaches: true},
+		Binary: bin,
+	})
+	var warm, cold *SerialFork
+	for i := range rep.Serial {
+		switch s := &rep.Serial[i]; s.Temperature {
+		case "":
+			warm = s
+		case Cold:
+			cold = s
+		}
+	}
+	if warm == nil || cold == nil || warm.Fork.N != serial || cold.Fork.N != serial || cold.Error != "" {
+		t.Fatalf("serial rows %+v: want a warm and a cold one of %d forks each", rep.Serial, serial)
+	}
+	// One drop per cold serial fork; for the cell, one before it, one
+	// before each batch call and one before the concurrent calls.
+	if want := int64(serial + 1 + calls + 1); drops.Load() != want {
+		t.Errorf("%d drops, want %d", drops.Load(), want)
+	}
+	found := false
+	for _, r := range rep.Ratios() {
+		found = found || r.Name == "64 MiB file cold: one batch call of the burst's forks, p50 / cold serial fork p50 (like for like)"
+	}
+	if !found {
+		t.Errorf("no like-for-like ratio of the cold batch calls: %v", rep.Ratios())
 	}
 }

@@ -31,8 +31,13 @@ type SerialFork struct {
 	// timed serial forks have only the first daemon's, without it.
 	Prefetch string `json:"prefetch,omitempty"`
 	// Build is the name of the daemon's --binary ("" without builds).
-	Build string  `json:"build,omitempty"`
-	Fork  Summary `json:"fork"`
+	Build string `json:"build,omitempty"`
+	// Temperature is "" for forks made one after another, and Cold for
+	// forks each made right after the host's page cache and the kernel's
+	// dentry and inode caches were dropped (Config.DropCaches): what a cold
+	// burst's batch calls are set against, like for like.
+	Temperature string  `json:"temperature,omitempty"`
+	Fork        Summary `json:"fork"`
 	// Floor is one link() plus an fsync of its directory on the data dir's
 	// filesystem, sampled before each fork: the physical limit of a durable
 	// fork, measured alongside it.
@@ -242,7 +247,7 @@ func (r *Report) writeSerialTable(w io.Writer) error {
 		return nil
 	}
 	builds := len(r.Config.Builds) > 1
-	fmt.Fprint(w, "\nserial forks (one at a time, to Standby: the fork's own cost; floor: one link() + fsync(dir) on the same filesystem, sampled before each fork; cpu/fork: CPU time per fork call, daemon+this client")
+	fmt.Fprint(w, "\nserial forks (one at a time, to Standby: the fork's own cost; floor: one link() + fsync(dir) on the same filesystem, sampled before each fork; cpu/fork: CPU time per fork call, daemon+this client; temp cold: each fork right after the caches were dropped")
 	if len(r.Config.Prefetch) > 1 {
 		fmt.Fprintf(w, "; the daemons take turns every %d forks", SerialRound)
 	}
@@ -251,7 +256,7 @@ func (r *Report) writeSerialTable(w io.Writer) error {
 	}
 	fmt.Fprintln(w, ")")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	head := "size\tstrategy\tprefetch\tbinary\tn\tp50\tp95\tmax\tfloor p50\tp95\tp50/floor\tcpu/fork\t"
+	head := "size\tstrategy\tprefetch\tbinary\ttemp\tn\tp50\tp95\tmax\tfloor p50\tp95\tp50/floor\tcpu/fork\t"
 	if builds {
 		head += "p50/" + r.Config.Builds[0] + "\t"
 	}
@@ -265,7 +270,11 @@ func (r *Report) writeSerialTable(w io.Writer) error {
 		if b := r.serialBase(s); b != nil && s.Fork.P50 > 0 {
 			vs = fmt.Sprintf("%.2fx", float64(s.Fork.P50)/float64(b.Fork.P50))
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t", s.SizeMiB, s.Strategy, orDash(PrefetchSetting(s.Prefetch)), orDash(s.Build),
+		temp := s.Temperature
+		if temp == "" {
+			temp = Warm
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t", s.SizeMiB, s.Strategy, orDash(PrefetchSetting(s.Prefetch)), orDash(s.Build), temp,
 			s.Fork.N, durStr(s.Fork.P50), durStr(s.Fork.P95), durStr(s.Fork.Max), durStr(s.Floor.P50), durStr(s.Floor.P95), over, cpuStr(s.ForkCPU))
 		if builds {
 			fmt.Fprintf(tw, "%s\t", vs)
@@ -396,7 +405,7 @@ func (r *Report) Ratios() []Ratio {
 	// report from before every daemon timed them has only those, unnamed).
 	serial := func(size int, strategy string) *SerialFork {
 		for i := range r.Serial {
-			if s := &r.Serial[i]; s.SizeMiB == size && s.Strategy == strategy && s.Fork.N > 0 && (s.Prefetch == "" || s.Prefetch == base.prefetch) {
+			if s := &r.Serial[i]; s.SizeMiB == size && s.Strategy == strategy && s.Fork.N > 0 && s.Temperature == "" && (s.Prefetch == "" || s.Prefetch == base.prefetch) {
 				return s
 			}
 		}
@@ -419,14 +428,36 @@ func (r *Report) Ratios() []Ratio {
 			} else if len(r.Config.Prefetch) > 1 {
 				at, colon = at+" "+pf, ":"
 			}
+			burst := func(be, temp string, round int) *Cell {
+				f := base
+				f.size, f.strategy, f.prefetch, f.backend, f.temp, f.run = size, StrategyHardlink, pf, be, temp, round
+				return r.find(f)
+			}
+			if h.Temperature == Cold {
+				// Cold bursts against cold serial forks, like for like: each
+				// call and each fork made right after the caches were dropped.
+				for _, be := range r.Config.Backends {
+					per(fmt.Sprintf("%s %s cold: burst fork p50 / cold serial fork p50 (like for like)", at, be), func(k int) (float64, float64, bool) {
+						if c := burst(be, Cold, k); c != nil {
+							return both(float64(c.Fork.P50), float64(h.Fork.P50))
+						}
+						return 0, 0, false
+					})
+					if r.Config.Batch {
+						per(fmt.Sprintf("%s %s cold: one batch call of the burst's forks, p50 / cold serial fork p50 (like for like)", at, be), func(k int) (float64, float64, bool) {
+							if c := burst(be, Cold, k); c != nil && c.Batch != nil && c.Batch.Err == "" && c.Batch.Call > 0 {
+								return both(float64(c.Batch.Call), float64(h.Fork.P50))
+							}
+							return 0, 0, false
+						})
+					}
+				}
+				continue
+			}
 			add(fmt.Sprintf("%s%s serial fork p50 / link+fsync floor p50 (budget 5x)", at, colon), float64(h.Fork.P50), float64(h.Floor.P50))
 			for _, be := range r.Config.Backends {
 				for _, temp := range r.Config.Temperatures {
-					burst := func(round int) *Cell {
-						f := base
-						f.size, f.strategy, f.prefetch, f.backend, f.temp, f.run = size, StrategyHardlink, pf, be, temp, round
-						return r.find(f)
-					}
+					burst := func(round int) *Cell { return burst(be, temp, round) }
 					per(fmt.Sprintf("%s %s %s: burst fork p50 / serial fork p50 (budget 3x)", at, be, temp), func(k int) (float64, float64, bool) {
 						if c := burst(k); c != nil {
 							return both(float64(c.Fork.P50), float64(h.Fork.P50))
@@ -523,7 +554,7 @@ func (r *Report) serialBase(s *SerialFork) *SerialFork {
 	}
 	for i := range r.Serial {
 		b := &r.Serial[i]
-		if b.Build == r.Config.Builds[0] && b.SizeMiB == s.SizeMiB && b.Strategy == s.Strategy &&
+		if b.Build == r.Config.Builds[0] && b.SizeMiB == s.SizeMiB && b.Strategy == s.Strategy && b.Temperature == s.Temperature &&
 			PrefetchSetting(b.Prefetch) == PrefetchSetting(s.Prefetch) && b.Fork.N > 0 {
 			return b
 		}

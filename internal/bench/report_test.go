@@ -395,3 +395,41 @@ func TestBatchCallIsABudgetRatio(t *testing.T) {
 		}
 	}
 }
+
+// A cold burst is set against cold serial forks, like for like, beside the
+// warm serial fork it was always set against; the serial fork's floor budget
+// is the warm row's alone, and warm bursts get no cold ratio.
+func TestColdBurstsAreSetAgainstColdSerialForks(t *testing.T) {
+	rep := sampleReport()
+	rep.Config.Batch = true
+	rep.Cells[0].Batch = &BatchFork{Call: 6 * time.Millisecond, Calls: []time.Duration{6 * time.Millisecond}}
+	warm := rep.Cells[0]
+	warm.Temperature, warm.Fork.P50 = Warm, 7*time.Millisecond
+	rep.Cells = append(rep.Cells, warm)
+	rep.Serial = append(rep.Serial, SerialFork{SizeMiB: 256, Strategy: "hardlink", Temperature: Cold,
+		Fork: Summary{N: 10, P50: 8 * time.Millisecond}, Floor: Summary{N: 10, P50: 2 * time.Millisecond}})
+	got := checkRatios(t, rep, map[string]float64{
+		"256 MiB file cold: burst fork p50 / cold serial fork p50 (like for like)":                           10.0 / 8,
+		"256 MiB file cold: one batch call of the burst's forks, p50 / cold serial fork p50 (like for like)": 6.0 / 8,
+		"256 MiB file cold: one batch call of the burst's forks, p50 / serial fork p50 (budget 3x)":          6.0 / 4,
+		"256 MiB serial fork p50 / link+fsync floor p50 (budget 5x)":                                         4.0,
+		"256 MiB file warm: burst fork p50 / serial fork p50 (budget 3x)":                                    7.0 / 4,
+	})
+	for name := range got {
+		if strings.Contains(name, "warm") && strings.Contains(name, "cold serial") {
+			t.Errorf("a warm burst was set against the cold serial forks: %q", name)
+		}
+	}
+	var b bytes.Buffer
+	if err := rep.WriteTable(&b); err != nil {
+		t.Fatal(err)
+	}
+	coldRow := false
+	for _, line := range strings.Split(b.String(), "\n") {
+		f := strings.Fields(line)
+		coldRow = coldRow || len(f) > 6 && f[4] == Cold && f[6] == "8.0ms"
+	}
+	if !strings.Contains(b.String(), "temp cold: each fork right after the caches were dropped") || !coldRow {
+		t.Errorf("the serial table does not show the cold row as cold:\n%s", b.String())
+	}
+}

@@ -140,11 +140,19 @@ type daemon struct {
 // cached by the VMMs running it. Without this a cold burst's disk reads
 // counted ~22 MiB of the VMM executable beside the working set.
 func (d *daemon) dropCaches() error {
-	if err := DropPageCache(); err != nil {
+	if err := dropPageCache(); err != nil {
 		return err
 	}
 	return warmVMMProgram(d.layout)
 }
+
+// dropPageCache is DropPageCache; the package's tests count the drops in
+// its place instead of emptying the host's caches under other tests.
+var dropPageCache = DropPageCache
+
+// coldSerial reports whether the run times cold serial forks: it has cold
+// bursts and drops the caches for them (serialForks).
+func (c Config) coldSerial() bool { return c.DropCaches && slices.Contains(c.Temperatures, Cold) }
 
 // warmVMMProgram reads data dir l's staged VMM program into the page cache.
 func warmVMMProgram(l guestdir.Layout) error {

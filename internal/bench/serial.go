@@ -15,10 +15,11 @@ const SerialRound = 5
 
 // serialSeries is one daemon's serial forks.
 type serialSeries struct {
-	d   *daemon
-	par *parent // nil when no parent could be made (sf.Error says why)
-	sf  SerialFork
-	cpu *cpuMeter
+	d    *daemon
+	par  *parent // nil when no parent could be made (sf.Error says why)
+	sf   SerialFork
+	cpu  *cpuMeter
+	cold bool // each fork right after the caches are dropped (sf.Temperature)
 }
 
 // serialForks times cfg.SerialForks forks to Standby on each daemon of ds
@@ -30,7 +31,10 @@ type serialSeries struct {
 // fork can be compared with another's measured in the same run on the same
 // machine. It returns one SerialFork per daemon, in the order of ds; a
 // daemon whose fork fails stops there (its Error says why) and the others
-// go on.
+// go on. A run with cold bursts that drops the caches for them
+// (Config.coldSerial) then times the same number of cold serial forks per
+// daemon, each right after a drop, as its cold bursts' batch calls are, and
+// returns those rows after the warm ones.
 func (r *runner) serialForks(ctx context.Context, ds []*daemon, srcs []*source, size int) []SerialFork {
 	series := make([]*serialSeries, len(ds))
 	names := make([]string, len(ds))
@@ -45,6 +49,13 @@ func (r *runner) serialForks(ctx context.Context, ds []*daemon, srcs []*source, 
 		}
 		s.par = &par
 		defer par.release(ctx, r, d)
+	}
+	if r.cfg.coldSerial() {
+		for _, s := range series[:len(ds)] {
+			c := *s
+			c.sf.Temperature, c.sf.Samples, c.cpu, c.cold = Cold, &SerialSamples{}, newCPUMeter(s.d.pid), true
+			series = append(series, &c)
+		}
 	}
 	out := func() []SerialFork {
 		sfs := make([]SerialFork, len(series))
@@ -70,9 +81,16 @@ func (r *runner) serialForks(ctx context.Context, ds []*daemon, srcs []*source, 
 			size, ds[0].v.Strategy, r.cfg.SerialForks, strings.Join(names, ", "), SerialRound))
 	}
 	r.settle()
-	alternate(len(series), r.cfg.SerialForks, SerialRound, func(i int) bool {
-		return r.serialFork(ctx, series[i], floor)
+	warm := series[:len(ds)]
+	alternate(len(warm), r.cfg.SerialForks, SerialRound, func(i int) bool {
+		return r.serialFork(ctx, warm[i], floor)
 	})
+	if cold := series[len(ds):]; len(cold) > 0 {
+		r.progress(fmt.Sprintf("%d MiB %s: %d cold forks of each daemon, one at a time, each right after the caches are dropped", size, ds[0].v.Strategy, r.cfg.SerialForks))
+		alternate(len(cold), r.cfg.SerialForks, SerialRound, func(i int) bool {
+			return r.serialFork(ctx, cold[i], floor)
+		})
+	}
 	return out()
 }
 
@@ -83,6 +101,12 @@ func (r *runner) serialForks(ctx context.Context, ds []*daemon, srcs []*source, 
 func (r *runner) serialFork(ctx context.Context, s *serialSeries, floor *floorProbe) bool {
 	if s.par == nil || s.sf.Error != "" {
 		return false
+	}
+	if s.cold {
+		if err := s.d.dropCaches(); err != nil {
+			s.sf.Error = err.Error()
+			return false
+		}
 	}
 	f, err := floor.sample()
 	if err != nil {
