@@ -361,17 +361,28 @@ func (m *Manager) fork(ctx context.Context, id string, pooled bool, req api.Fork
 		return m.forkLive(ctx, job, spec)
 	}
 	err = m.forkJournalled(ctx, job, m.buildFork(ctx, job, spec, nil))
-	if err == nil { // the fork's own name only once the journal names it
-		trace.WithRegion(ctx, "fork: rename", func() { err = atomicfile.Rename(job.tmp.Jail, job.final.Jail) })
-	}
 	if err != nil {
 		return m.failFork(ctx, job, err)
 	}
-	crashPoint("fork", "files") // test hook: the fork's dir is durable, its record still Forking
+	// The last commit's statements run while the dir takes its own name
+	// and the rename is made durable; it commits only on the go-ahead
+	// (store.GroupAfter), after that fsync, as in a batch (forkBatch).
 	rec := completed(job.rec, job.res)
-	r := trace.StartRegion(ctx, "fork: last commit")
-	err = m.db.GroupUnsynced(ctx, "fork:committing", finishForkUnit(job.o, rec))
-	r.End()
+	ready, committed := make(chan error, 1), make(chan error, 1)
+	go func() {
+		committed <- m.db.GroupAfter(ctx, "fork:committing", store.After{Ready: ready, Unsynced: true}, finishForkUnit(job.o, rec))
+	}()
+	// The fork's own name only once the journal names it.
+	trace.WithRegion(ctx, "fork: rename", func() { err = atomicfile.Rename(job.tmp.Jail, job.final.Jail) })
+	if err == nil {
+		crashPoint("fork", "files") // test hook: the fork's dir is durable, its record still Forking
+	}
+	ready <- err // no store write before it: the committer waits for it
+	trace.WithRegion(ctx, "fork: last commit", func() {
+		if cerr := <-committed; err == nil {
+			err = cerr
+		}
+	})
 	if err != nil {
 		return m.failFork(ctx, job, err)
 	}

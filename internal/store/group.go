@@ -157,18 +157,19 @@ type After struct {
 }
 
 // GroupAfter is Group for a unit whose statements may run before the caller
-// is ready for them to be durable (a fork batch's last commit, while its
-// directories are made durable): the committer runs fn, then waits, the
-// group's transaction open, for one value on a.Ready before the group's
-// COMMIT. nil commits the unit with the group; an error rolls back the
+// is ready for them to be durable (a fork's or a fork batch's last commit,
+// while its directories are made durable): the committer runs fn, then
+// waits, the group's transaction open, for one value on a.Ready before the
+// group's COMMIT. nil commits the unit with the group; an error rolls back the
 // unit's writes alone (the rest of the group commits) and GroupAfter
 // returns it. So nothing of the unit is durable, or even visible, before
 // the go-ahead: the commit order the caller needs is kept.
 //
 // The committer holds the store's writer until the go-ahead (the units of
-// the group after it run once it has come), so the caller must send it
-// without waiting for any write of the store, or the two wait for each
-// other forever; reads are free.
+// the group after it run once it has come, and later groups wait: a fork's
+// rename fsync, ~0.5 ms), so the caller must send it without waiting for
+// any write of the store, or the two wait for each other forever; reads
+// are free.
 func (s *Store) GroupAfter(ctx context.Context, label string, a After, fn func(tx *Tx) error) error {
 	return s.enqueue(&unit{ctx: ctx, label: label, fn: fn, unsynced: a.Unsynced, ready: a.Ready, done: make(chan error, 1)})
 }
