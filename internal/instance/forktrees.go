@@ -4,7 +4,6 @@ import (
 	"os"
 
 	"github.com/forkd/forkd/internal/atomicfile"
-
 	"github.com/forkd/forkd/internal/forktree"
 	"github.com/forkd/forkd/internal/guestdir"
 )
