@@ -368,20 +368,14 @@ func (m *Manager) fork(ctx context.Context, id string, pooled bool, req api.Fork
 	// and the rename is made durable; it commits only on the go-ahead
 	// (store.GroupAfter), after that fsync, as in a batch (forkBatch).
 	rec := completed(job.rec, job.res)
-	ready, committed := make(chan error, 1), make(chan error, 1)
-	go func() {
-		committed <- m.db.GroupAfter(ctx, "fork:committing", store.After{Ready: ready, Unsynced: true}, finishForkUnit(job.o, rec))
-	}()
-	// The fork's own name only once the journal names it.
-	trace.WithRegion(ctx, "fork: rename", func() { err = atomicfile.Rename(job.tmp.Jail, job.final.Jail) })
-	if err == nil {
-		crashPoint("fork", "files") // test hook: the fork's dir is durable, its record still Forking
-	}
-	ready <- err // no store write before it: the committer waits for it
-	trace.WithRegion(ctx, "fork: last commit", func() {
-		if cerr := <-committed; err == nil {
-			err = cerr
+	err = m.commitAfter(ctx, "fork:committing", finishForkUnit(job.o, rec), func() error {
+		// The fork's own name only once the journal names it.
+		var err error
+		trace.WithRegion(ctx, "fork: rename", func() { err = atomicfile.Rename(job.tmp.Jail, job.final.Jail) })
+		if err == nil {
+			crashPoint("fork", "files") // test hook: the fork's dir is durable, its record still Forking
 		}
+		return err
 	})
 	if err != nil {
 		return m.failFork(ctx, job, err)
@@ -707,4 +701,25 @@ func (m *Manager) applyTarget(ctx context.Context, rec store.Instance, target, b
 		return api.Instance{}, fmt.Errorf("fork %q: target state %s: %w (fork removed)", rec.Name, target, err)
 	}
 	return m.toAPI(ctx, rec), nil
+}
+
+// commitAfter is a fork's last commit, unsynced, made while durable runs:
+// the committer runs unit's statements at once and commits them only once
+// durable has returned nil (store.GroupAfter), so nothing of unit is
+// visible before what durable makes is durable. durable must make no store
+// write: the committer holds the store's writer until it returns. It
+// returns durable's error, else the commit's.
+func (m *Manager) commitAfter(ctx context.Context, label string, unit func(*store.Tx) error, durable func() error) error {
+	ready, committed := make(chan error, 1), make(chan error, 1)
+	go func() {
+		committed <- m.db.GroupAfter(ctx, label, store.After{Ready: ready, Unsynced: true}, unit)
+	}()
+	err := durable()
+	ready <- err
+	trace.WithRegion(ctx, "fork: last commit", func() {
+		if cerr := <-committed; err == nil {
+			err = cerr
+		}
+	})
+	return err
 }

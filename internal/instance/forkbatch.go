@@ -176,26 +176,15 @@ func (m *Manager) forkBatch(ctx context.Context, ids []string, pooled int, names
 	// It is not synced: what it says, the reconciler can say again from
 	// the first commit and the durable dirs (rollForwardBatches).
 	recs := make([]store.Instance, len(jobs))
-	ready, committed := make(chan error, 1), make(chan error, 1)
-	go func() {
-		after := store.After{Ready: ready, Unsynced: true}
-		committed <- m.db.GroupAfter(ctx, "fork:batch-committing", after, func(tx *store.Tx) error {
-			for i, job := range jobs {
-				recs[i] = completed(job.rec, job.res)
-				if err := finishForkUnit(job.o, recs[i])(tx); err != nil {
-					return err
-				}
+	err = m.commitAfter(ctx, "fork:batch-committing", func(tx *store.Tx) error {
+		for i, job := range jobs {
+			recs[i] = completed(job.rec, job.res)
+			if err := finishForkUnit(job.o, recs[i])(tx); err != nil {
+				return err
 			}
-			return nil
-		})
-	}()
-	err = m.renameBatch(ctx, jobs)
-	ready <- err // no store write before it: the committer waits for it
-	trace.WithRegion(ctx, "fork: last commit", func() {
-		if cerr := <-committed; err == nil {
-			err = cerr
 		}
-	})
+		return nil
+	}, func() error { return m.renameBatch(ctx, jobs) })
 	if err != nil {
 		return nil, m.failBatch(ctx, jobs, err)
 	}
