@@ -296,21 +296,20 @@ func (l Layout) guestAt(jail string) Guest {
 
 // TempGuest is where a fork or create of id is built before its Jail is
 // renamed to Guest(id)'s.
-func (l Layout) TempGuest(id string) (Guest, error) {
-	if _, err := l.Guest(id); err != nil {
-		return Guest{}, err
-	}
-	return l.guestAt(filepath.Join(l.JailsDir(), TempPrefix+id)), nil
-}
+func (l Layout) TempGuest(id string) (Guest, error) { return l.prefixedGuest(TempPrefix, id) }
 
 // PooledGuest is where the empty tree made ahead for a fork of id lies
 // (forktree's pool); a fork that takes it builds there instead of in its
 // TempGuest, and renames its Jail to Guest(id)'s the same way.
-func (l Layout) PooledGuest(id string) (Guest, error) {
+func (l Layout) PooledGuest(id string) (Guest, error) { return l.prefixedGuest(PoolPrefix, id) }
+
+// prefixedGuest is a guest tree of id under jail/<exec>/ named prefix+id
+// (id checked as Guest checks it).
+func (l Layout) prefixedGuest(prefix, id string) (Guest, error) {
 	if _, err := l.Guest(id); err != nil {
 		return Guest{}, err
 	}
-	return l.guestAt(filepath.Join(l.JailsDir(), PoolPrefix+id)), nil
+	return l.guestAt(filepath.Join(l.JailsDir(), prefix+id)), nil
 }
 
 // LegacyGuest is where instance id's guest dir lay before jails

@@ -415,10 +415,11 @@ func (m *Manager) newForkJob(id string, pooled bool, name string, publish []api.
 	if err != nil {
 		return nil, err
 	}
-	tmp, err := m.layout.TempGuest(id)
+	tempGuest := m.layout.TempGuest
 	if pooled {
-		tmp, err = m.layout.PooledGuest(id)
+		tempGuest = m.layout.PooledGuest
 	}
+	tmp, err := tempGuest(id)
 	if err != nil {
 		return nil, err
 	}
