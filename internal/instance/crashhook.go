@@ -96,6 +96,13 @@ const UnsafeStaleForkRecordEnv = "FORKD_TEST_UNSAFE_STALE_FORK_RECORD"
 // is what keeps an acknowledged fork there; never set it elsewhere.
 const UnsafeUnsyncedForkBeginEnv = "FORKD_TEST_UNSAFE_UNSYNCED_FORK_BEGIN"
 
+// UnsafeRemoveForkInPlaceEnv, set to "1", makes the removal of a failed
+// fork's dir start under the dir's own name (removePartialFiles), as it did
+// before a fork renamed its dir ahead of its one commit. It exists only so
+// a test can show that renaming the dir aside first is what keeps a
+// half-removed fork from being taken back; never set it elsewhere.
+const UnsafeRemoveForkInPlaceEnv = "FORKD_TEST_UNSAFE_REMOVE_FORK_IN_PLACE"
+
 // GroupMinEnv, set to N > 1, holds every store group commit until N units
 // are queued (or 30 s passed), so crash and power-loss tests can put N
 // concurrent forks in one group and crash it at "fork:committing" (the

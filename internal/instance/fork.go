@@ -327,25 +327,36 @@ type forkSpec struct {
 // failure removes the partial fork.
 //
 // A fork of a Standby instance or a snapshot has one durable point: the
-// rename of its directory into place. Its first commit
-// (the journal entry naming the fork, with its Forking record, which
-// already holds everything the finished record holds but its state) is
-// made once the mem-file is shared (its fork_mode known), while the rest of
-// the directory is built, and the directory takes the fork's own name only
-// once that commit is made. Where the data dir keeps directory records
-// (fsAdvice.records), the directory carries the finished record itself
-// (dirrecord, written before the rename and made durable by it), so neither
-// commit waits for an fsync (store.GroupUnsynced): a power cut that loses
-// them leaves the directory under its own name, which only a complete,
-// durable fork has, and the reconciler restores the record from it
-// (restoreForkRecord) or, when the first commit survived, completes it
-// (rollForwardFork). Where it keeps none, the first commit is synced, and
-// only the last is not. A networked fork's first commit also takes its
-// network slot (a warm one when the pool has one) and its publishes; its
-// network is made once that commit is made, and its directory's record,
-// which holds the slot and the publishes too, is written after it, before
-// the rename. Both commits are shared with whatever other forks commit at
-// the same moment (store.Group).
+// rename of its directory into place.
+//
+// Where the data dir keeps directory records (fsAdvice.records), a fork
+// with no network makes one commit (oneCommit). Its directory carries its
+// finished record (dirrecord, written before the rename and made durable
+// by it); the rename needs nothing of the store, so it comes first, and
+// the one commit (journal entry begun and closed, and the finished record:
+// the name check is this insert) runs its statements during the rename's
+// fsync and commits, unsynced, after it (store.GroupAfter). A crash or a
+// power cut that loses that commit leaves the directory under its own
+// name, which only a complete, durable fork has, and the reconciler
+// restores the record from it (restoreForkRecord). A failure after the
+// rename (a taken name) removes the dir, which first loses its own name
+// (removePartialFiles).
+//
+// Any other fork makes two commits. Its first (the journal entry naming
+// the fork, with its Forking record, which already holds everything the
+// finished record holds but its state) is made once the mem-file is shared
+// (its fork_mode known), while the rest of the directory is built, and the
+// directory takes the fork's own name only once that commit is made. A
+// networked fork's first commit also takes its network slot (a warm one
+// when the pool has one) and its publishes; its network is made once that
+// commit is made, and where the data dir keeps records its directory's
+// record, which holds the slot and the publishes too, is written after it,
+// before the rename: neither commit then waits for an fsync
+// (store.GroupUnsynced), and the reconciler restores a record a power cut
+// lost from the directory, or, when the first commit survived, completes
+// it (rollForwardFork). Where the data dir keeps none, the first commit is
+// synced, and only the last is not. Every commit is shared with whatever
+// other forks commit at the same moment (store.Group).
 //
 // A live fork journals and records itself first, and makes its network,
 // before it pauses its source; its last commit is synced.
@@ -360,6 +371,7 @@ func (m *Manager) fork(ctx context.Context, id string, pooled bool, req api.Fork
 	if spec.live != nil {
 		return m.forkLive(ctx, job, spec)
 	}
+	job.oneCommit = m.fs.records && !job.rec.Networked
 	err = m.forkJournalled(ctx, job, m.buildFork(ctx, job, spec, nil))
 	if err != nil {
 		return m.failFork(ctx, job, err)
@@ -368,12 +380,18 @@ func (m *Manager) fork(ctx context.Context, id string, pooled bool, req api.Fork
 	// and the rename is made durable; it commits only on the go-ahead
 	// (store.GroupAfter), after that fsync, as in a batch (forkBatch).
 	rec := completed(job.rec, job.res)
-	err = m.commitAfter(ctx, "fork:committing", finishForkUnit(job.o, rec), func() error {
-		// The fork's own name only once the journal names it.
+	unit := finishForkUnit(job.o, rec)
+	if job.oneCommit {
+		unit = oneCommitForkUnit(rec)
+	}
+	err = m.commitAfter(ctx, "fork:committing", unit, func() error {
+		// The fork's own name only once the journal names it, or, for a
+		// fork of one commit, once its dir carries its record.
 		var err error
 		trace.WithRegion(ctx, "fork: rename", func() { err = atomicfile.Rename(job.tmp.Jail, job.final.Jail) })
 		if err == nil {
-			crashPoint("fork", "files") // test hook: the fork's dir is durable, its record still Forking
+			crashPoint("fork", "files") // test hook: the fork's dir is durable, its record still Forking (or none yet)
+			err = m.fault("fork:renamed")
 		}
 		return err
 	})
@@ -400,6 +418,9 @@ type forkJob struct {
 	// batch: one fork of a batch (forkBatch), whose first commit is synced
 	// and which neither rolls forward nor carries a directory record.
 	batch bool
+	// oneCommit: a fork with no network whose directory carries its record
+	// (fsAdvice.records) makes one commit, after its rename (fork).
+	oneCommit bool
 }
 
 // newForkJob checks what a fork of tmpl named name (its id if "") asks,
@@ -463,7 +484,7 @@ func (m *Manager) failFork(ctx context.Context, job *forkJob, err error) (store.
 // joined to it (as an API error when nothing was journalled: a taken name).
 func (m *Manager) undoFork(ctx context.Context, job *forkJob, err error) error {
 	u := m.undo("fork", job.id)
-	if job.o == nil { // nothing journalled: only the temp dir may exist
+	if job.o == nil { // nothing journalled: its temp dir may exist, or a fork of one commit's renamed dir
 		u.do("remove the partial fork's files", m.removePartialFiles(job.id))
 		return u.join(apiErr(err))
 	}
@@ -474,8 +495,8 @@ func (m *Manager) undoFork(ctx context.Context, job *forkJob, err error) error {
 }
 
 // buildFork builds a fork's directory under its temp name and, once its
-// mem-file is shared, starts its first commit (beginFork) while the rest is
-// built; then, unless the fork is networked, writes the directory's record
+// mem-file is shared, starts its first commit (beginFork; none for a fork
+// of one commit) while the rest is built; then, unless the fork is networked, writes the directory's record
 // and makes the tree durable (syncForkTree), while that commit is made.
 // Its source files come from srcs (nil: opened for this fork alone). Its
 // error is forkJournalled's to handle.
@@ -491,8 +512,8 @@ func (m *Manager) buildFork(ctx context.Context, job *forkJob, spec forkSpec, sr
 	var err error
 	job.res, job.fresh, err = build(job.tmp, job.pooled, spec.files, func(res memfile.ShareResult) {
 		finishRecord(&job.rec, res, spec.key)
-		if job.batch {
-			return // journalled with its batch (forkBatch)
+		if job.batch || job.oneCommit {
+			return // journalled with its batch (forkBatch), or in its one commit (fork)
 		}
 		synced := !records && os.Getenv(UnsafeUnsyncedForkBeginEnv) != "1" // the env: a twin test only
 		job.journal = m.beginFork(ctx, job.rec, job.pubs, opPayload{Source: job.rec.Source, RollForward: true}, synced)

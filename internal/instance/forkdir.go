@@ -151,6 +151,26 @@ func finishForkUnit(o *op, rec store.Instance) func(*store.Tx) error {
 	}
 }
 
+// oneCommitForkUnit is the one commit of a fork whose directory carries
+// its record (fork): its journal entry begun, committed and closed, and its
+// finished record rec, in one unit. The name check is this insert, so a
+// taken name writes nothing (the caller removes the renamed dir).
+func oneCommitForkUnit(rec store.Instance) func(*store.Tx) error {
+	return func(tx *store.Tx) error {
+		id, err := tx.Begin("fork", rec.ID, opPayload{Source: rec.Source})
+		if err != nil {
+			return err
+		}
+		if err := tx.CreateInstance(rec); err != nil {
+			return err
+		}
+		if err := tx.Step(id, "committed", nil); err != nil {
+			return err
+		}
+		return tx.Finish(id, "done")
+	}
+}
+
 // forkJournal is a fork's first commit (its journal entry and Forking
 // record), made in the background while the fork's files are built.
 type forkJournal struct {
@@ -377,7 +397,18 @@ func (m *Manager) removePartialFiles(id string) error {
 		}
 	}
 	if g, err := m.layout.Guest(id); err == nil {
-		if err := os.RemoveAll(g.Jail); err != nil {
+		// A fork of one commit renames its dir, which carries its record,
+		// before that commit: were the removal cut short, the reconciler
+		// would take back what is left (restoreForkRecord). The dir loses
+		// its own name first, for a temp one, which the reconciler removes.
+		dir := g.Jail
+		if tmp, err := m.layout.TempGuest(id); err == nil && os.Getenv(UnsafeRemoveForkInPlaceEnv) != "1" { // the env: a twin test only
+			if err := os.Rename(g.Jail, tmp.Jail); err == nil {
+				dir = tmp.Jail
+			}
+		}
+		m.fault("fork:removing") // a test's hook: what is left while it is removed
+		if err := os.RemoveAll(dir); err != nil {
 			errs = append(errs, fmt.Errorf("remove its dir: %w", err))
 		}
 	}

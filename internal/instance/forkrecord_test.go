@@ -3,10 +3,12 @@ package instance
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	_ "modernc.org/sqlite"
@@ -314,4 +316,74 @@ func guestOf(t *testing.T, dir, id string) guestdir.Guest {
 		t.Fatal(err)
 	}
 	return g
+}
+
+// TestAFailedForkLosesItsNameBeforeItsFilesGo: a fork whose directory
+// carries its record makes its one commit after its rename, so a failure
+// after the rename (here an injected one) removes a dir that carries a
+// record. The dir loses its own name before any file goes: a removal cut
+// short must leave a temp dir, which the reconciler removes, never a
+// half-removed fork it would take back. After the restart nothing of the
+// fork is left. Its twin removes the dir in place
+// (UnsafeRemoveForkInPlaceEnv) and the fork's own dir is still there while
+// its files go.
+func TestAFailedForkLosesItsNameBeforeItsFilesGo(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		twin bool
+	}{{"renamed aside", false}, {"twin: removed in place", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.twin {
+				t.Setenv(UnsafeRemoveForkInPlaceEnv, "1")
+			}
+			dir := shortDir(t)
+			var named []string // the dirs under a VM's own name while the fork's files go
+			openAndClose(t, dir, func(m *Manager) {
+				if !m.fs.records {
+					t.Fatalf("the data dir %s (%s) keeps no directory records: no fork makes one commit", dir, m.fs.fs)
+				}
+				createRunning(t, m, "src")
+				action(t, m, "src", "standby")
+				m.faults = map[string]error{"fork:renamed": errors.New("injected failure after the rename")}
+				m.faultHook = func(point string) {
+					if point != "fork:removing" {
+						return
+					}
+					ents, err := os.ReadDir(m.layout.JailsDir())
+					if err != nil {
+						t.Error(err)
+					}
+					for _, e := range ents {
+						if !strings.HasPrefix(e.Name(), ".") {
+							named = append(named, e.Name())
+						}
+					}
+				}
+				_, err := m.ForkInstance(context.Background(), "src", api.ForkRequest{Name: "gone"})
+				m.faults, m.faultHook = nil, nil
+				if err == nil || !strings.Contains(err.Error(), "injected failure") {
+					t.Fatalf("fork with a failure after its rename: %v; want the injected failure", err)
+				}
+			})
+			if tc.twin {
+				if len(named) < 2 {
+					t.Fatalf("twin: dirs under their own names during the removal %v; want the fork's beside its source's", named)
+				}
+				return
+			}
+			if len(named) != 1 {
+				t.Fatalf("dirs under their own names while the failed fork's files went: %v; want the source's alone", named)
+			}
+			m := newManagerAt(t, dir)
+			if got, err := m.GetInstance(context.Background(), "gone"); err == nil {
+				t.Fatalf("the failed fork came back after a restart: %+v", got)
+			}
+			if ents, _ := os.ReadDir(m.layout.JailsDir()); len(ents) != 1 {
+				t.Errorf("%d entries in %s after the restart, want the source's alone", len(ents), m.layout.JailsDir())
+			}
+			if _, err := os.Stat(filepath.Join(dir, "lost+found")); err == nil {
+				t.Errorf("something of the failed fork went to lost+found")
+			}
+		})
+	}
 }

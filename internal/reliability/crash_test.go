@@ -114,6 +114,7 @@ func crashCases() []crashCase {
 	// A batch: three concurrent forks whose commits share one group (the
 	// store holds each group until three units wait).
 	batch := []string{instance.GroupMinEnv + "=3"}
+	noRecords := []string{instance.NoDirRecordsEnv + "=1"}
 	forkBatch := func(ctx context.Context, c *api.Client) error {
 		errs := make([]error, 3)
 		var wg sync.WaitGroup
@@ -151,15 +152,21 @@ func crashCases() []crashCase {
 		{at: "restore:begun", setup: standby, op: act("restore")},
 		{at: "restore:launched", setup: standby, op: act("restore")},
 		{at: "restore:resumed", setup: standby, op: act("restore")},
-		{at: "fork:begun", setup: standby, op: fork},
-		{at: "fork:begun", variant: "from-snapshot", setup: withSnapshot, op: func(ctx context.Context, c *api.Client) error {
+		// A fork with no network whose dir carries its record makes one
+		// commit, after its rename (files, then committing, committed):
+		// only a fork of two commits reaches begun and beginning, so those
+		// cases keep no directory records.
+		{at: "fork:begun", variant: "no-dir-records", setup: standby, op: fork, env: noRecords},
+		{at: "fork:begun", variant: "from-snapshot-no-dir-records", setup: withSnapshot, env: noRecords, op: func(ctx context.Context, c *api.Client) error {
 			_, err := c.ForkSnapshot(ctx, "snap", api.ForkRequest{Name: "kid"})
 			return err
 		}},
 		{at: "fork:files", setup: standby, op: fork},
 		{at: "fork:committing", setup: standby, op: fork},
 		{at: "fork:committed", setup: standby, op: fork},
-		{at: "fork:beginning", variant: "batch-of-3", setup: standby, op: forkBatch, env: batch, check: batchSurvives(0)},
+		{at: "fork:files", variant: "no-dir-records", setup: standby, op: fork, env: noRecords},
+		{at: "fork:committing", variant: "no-dir-records", setup: standby, op: fork, env: noRecords},
+		{at: "fork:beginning", variant: "batch-of-3-no-dir-records", setup: standby, op: forkBatch, env: []string{instance.GroupMinEnv + "=3", instance.NoDirRecordsEnv + "=1"}, check: batchSurvives(0)},
 		// The last commit lost: every fork of the batch has its dir in
 		// place, and the reconciler completes all three.
 		{at: "fork:committing", variant: "batch-of-3", setup: standby, op: forkBatch, env: batch, check: batchSurvives(3)},
