@@ -117,8 +117,16 @@ func createInstance(ctx context.Context, x execer, in Instance) error {
 	return nil
 }
 
-// GetInstance returns the instance with exactly this id.
+// GetInstance returns the instance with exactly this id (from the cache).
 func (s *Store) GetInstance(ctx context.Context, id string) (Instance, error) {
+	if in, ok := s.cache.instance(id); ok {
+		return in, nil
+	}
+	return Instance{}, fmt.Errorf("instance %s: %w", id, ErrNotFound)
+}
+
+// getInstanceSQL is GetInstance from the database (the cache's tests).
+func (s *Store) getInstanceSQL(ctx context.Context, id string) (Instance, error) {
 	in, err := scanInstance(s.r().QueryRowContext(ctx, qInstanceGet, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return Instance{}, fmt.Errorf("instance %s: %w", id, ErrNotFound)
@@ -149,10 +157,16 @@ func (s *Store) ListInstances(ctx context.Context) ([]Instance, error) {
 
 // InstancesMatching returns the instances a reference could name: the one
 // named ref, and every one whose id starts with ref (the full id included).
-// Deciding which of them ref means is the caller's. Both terms are index
-// lookups (the name's unique index, a range of the id's), never a scan of
-// every record: every operation on an instance resolves its reference.
+// Deciding which of them ref means is the caller's. Every operation on an
+// instance resolves its reference, so this is answered from the cache.
 func (s *Store) InstancesMatching(ctx context.Context, ref string) ([]Instance, error) {
+	return s.cache.instancesMatching(ref), nil
+}
+
+// instancesMatchingSQL is InstancesMatching from the database (the cache's
+// tests). Both terms are index lookups (the name's unique index, a range of
+// the id's), never a scan of every record.
+func (s *Store) instancesMatchingSQL(ctx context.Context, ref string) ([]Instance, error) {
 	rows, err := s.r().QueryContext(ctx, `SELECT `+instanceCols+` FROM instances`+refMatch, refArgs(ref)...)
 	if err != nil {
 		return nil, fmt.Errorf("find instances %q: %w", ref, err)

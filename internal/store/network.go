@@ -42,6 +42,7 @@ func (s *Store) CreateNetworkedInstance(ctx context.Context, in *Instance, slots
 		in.Networked, in.NetSlot = false, 0
 		return fmt.Errorf("create instance %s: %w", in.ID, err)
 	}
+	s.instanceChanged(Created, *in)
 	return nil
 }
 

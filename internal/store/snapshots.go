@@ -66,8 +66,16 @@ func (s *Store) CreateSnapshot(ctx context.Context, sn Snapshot) error {
 	return nil
 }
 
-// GetSnapshot returns the snapshot with exactly this id.
+// GetSnapshot returns the snapshot with exactly this id (from the cache).
 func (s *Store) GetSnapshot(ctx context.Context, id string) (Snapshot, error) {
+	if sn, ok := s.cache.snapshot(id); ok {
+		return sn, nil
+	}
+	return Snapshot{}, fmt.Errorf("snapshot %s: %w", id, ErrNotFound)
+}
+
+// getSnapshotSQL is GetSnapshot from the database (the cache's tests).
+func (s *Store) getSnapshotSQL(ctx context.Context, id string) (Snapshot, error) {
 	sn, err := scanSnapshot(s.r().QueryRowContext(ctx, `SELECT `+snapshotCols+` FROM snapshots WHERE id = ?`, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return Snapshot{}, fmt.Errorf("snapshot %s: %w", id, ErrNotFound)
@@ -118,8 +126,15 @@ func (s *Store) CacheKeysInUse(ctx context.Context) (map[string]bool, error) {
 }
 
 // SnapshotsMatching returns the snapshots a reference could name: the one
-// named ref, and every one whose id starts with ref (the full id included).
+// named ref, and every one whose id starts with ref (the full id included),
+// from the cache.
 func (s *Store) SnapshotsMatching(ctx context.Context, ref string) ([]Snapshot, error) {
+	return s.cache.snapshotsMatching(ref), nil
+}
+
+// snapshotsMatchingSQL is SnapshotsMatching from the database (the cache's
+// tests).
+func (s *Store) snapshotsMatchingSQL(ctx context.Context, ref string) ([]Snapshot, error) {
 	rows, err := s.r().QueryContext(ctx, `SELECT `+snapshotCols+` FROM snapshots`+refMatch, refArgs(ref)...)
 	if err != nil {
 		return nil, fmt.Errorf("find snapshots %q: %w", ref, err)

@@ -37,6 +37,8 @@ type Store struct {
 	group groupQueue // the group committer's queue (group.go)
 	// observer is told of every committed record write (observe.go).
 	observer atomic.Pointer[func(Change)]
+	// cache holds every instance and snapshot record (cache.go).
+	cache recordCache
 }
 
 // Open opens (creating if needed) the database at path and applies pending
@@ -84,6 +86,12 @@ func OpenWith(ctx context.Context, path string, opts Options) (*Store, error) {
 		s.rdb.Close()
 		db.Close()
 		return nil, fmt.Errorf("open store %s: prepare: %w", path, err)
+	}
+	if err := s.cache.load(ctx, s); err != nil {
+		s.stmts.close()
+		s.rdb.Close()
+		db.Close()
+		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
 	reserveWAL(path + "-wal")
 	s.group.wake = make(chan struct{}, 1)
