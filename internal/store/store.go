@@ -5,6 +5,8 @@
 // rows mean. Every multi-step operation writes a journal entry before it acts
 // (Begin), records each step (Step) and closes it (Finish); the startup
 // reconciler reads the entries left open (Open) and finishes or rolls them back.
+// Every instance and snapshot record is also kept in memory as committed
+// (cache.go), and the lookups every operation starts with answer from it.
 package store
 
 import (
