@@ -114,42 +114,38 @@ func (c *recordCache) snapshot(id string) (Snapshot, bool) {
 func (c *recordCache) instancesMatching(ref string) []Instance {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
-	var out []Instance
-	for _, id := range matchingIDs(c.insts, c.instNames, ref) {
-		out = append(out, c.insts[id])
-	}
-	slices.SortFunc(out, func(a, b Instance) int { return byCreated(a.CreatedAt.UnixNano(), a.ID, b.CreatedAt.UnixNano(), b.ID) })
-	return out
+	return matching(c.insts, c.instNames, ref, func(in Instance) (int64, string) { return in.CreatedAt.UnixNano(), in.ID })
 }
 
 // snapshotsMatching is instancesMatching for snapshots.
 func (c *recordCache) snapshotsMatching(ref string) []Snapshot {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
-	var out []Snapshot
-	for _, id := range matchingIDs(c.snaps, c.snapNames, ref) {
-		out = append(out, c.snaps[id])
-	}
-	slices.SortFunc(out, func(a, b Snapshot) int { return byCreated(a.CreatedAt.UnixNano(), a.ID, b.CreatedAt.UnixNano(), b.ID) })
-	return out
+	return matching(c.snaps, c.snapNames, ref, func(sn Snapshot) (int64, string) { return sn.CreatedAt.UnixNano(), sn.ID })
 }
 
-// matchingIDs is refMatch's condition: the id of the record named ref
-// (names: name to id), and every id of records in [ref, idPrefixEnd(ref)).
-// It reads the keys only: a record is hundreds of bytes.
-func matchingIDs[R any](records map[string]R, names map[string]string, ref string) []string {
-	var ids []string
+// matching is refMatch over records (by id; names: name to id): the record
+// named ref and every one whose id is in [ref, idPrefixEnd(ref)), in
+// refMatch's order (key: a record's created_at and id). It reads only the
+// keys of the records it does not return: a record is hundreds of bytes.
+func matching[R any](records map[string]R, names map[string]string, ref string, key func(R) (int64, string)) []R {
+	var out []R
 	named, ok := names[ref]
 	if ok {
-		ids = append(ids, named)
+		out = append(out, records[named])
 	}
 	end := idPrefixEnd(ref)
 	for id := range records {
 		if id >= ref && id < end && (!ok || id != named) {
-			ids = append(ids, id)
+			out = append(out, records[id])
 		}
 	}
-	return ids
+	slices.SortFunc(out, func(a, b R) int {
+		aAt, aID := key(a)
+		bAt, bID := key(b)
+		return byCreated(aAt, aID, bAt, bID)
+	})
+	return out
 }
 
 // byCreated is refMatch's order: created_at, then id.
