@@ -496,8 +496,9 @@ func (m *Manager) undoFork(ctx context.Context, job *forkJob, err error) error {
 
 // buildFork builds a fork's directory under its temp name and, once its
 // mem-file is shared, starts its first commit (beginFork; none for a fork
-// of one commit) while the rest is built; then, unless the fork is networked, writes the directory's record
-// and makes the tree durable (syncForkTree), while that commit is made.
+// of one commit) while the rest is built; then, unless the fork is
+// networked, writes the directory's record and makes the tree durable
+// (syncForkTree), while that commit is made.
 // Its source files come from srcs (nil: opened for this fork alone). Its
 // error is forkJournalled's to handle.
 func (m *Manager) buildFork(ctx context.Context, job *forkJob, spec forkSpec, srcs sources) error {
