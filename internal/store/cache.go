@@ -1,6 +1,7 @@
 package store
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"reflect"
@@ -30,11 +31,10 @@ import (
 // allows for. Nothing else writes the database while the store is open
 // (the daemon holds the data dir).
 type recordCache struct {
-	mu        sync.RWMutex
-	insts     map[string]Instance // by id; guarded by mu
-	snaps     map[string]Snapshot // by id; guarded by mu
-	instNames map[string]string   // an instance's name to its id; guarded by mu
-	snapNames map[string]string   // a snapshot's name to its id; guarded by mu
+	mu     sync.RWMutex
+	loaded bool              // guarded by mu
+	insts  records[Instance] // guarded by mu
+	snaps  records[Snapshot] // guarded by mu
 }
 
 // load fills c from the database (at open, before any write).
@@ -49,114 +49,120 @@ func (c *recordCache) load(ctx context.Context, s *Store) error {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.insts, c.instNames = make(map[string]Instance, len(insts)), make(map[string]string, len(insts))
-	for _, in := range insts {
-		c.insts[in.ID], c.instNames[in.Name] = in, in.ID
-	}
-	c.snaps, c.snapNames = make(map[string]Snapshot, len(snaps)), make(map[string]string, len(snaps))
-	for _, sn := range snaps {
-		c.snaps[sn.ID], c.snapNames[sn.Name] = sn, sn.ID
-	}
+	c.insts.fill(insts, instanceKey)
+	c.snaps.fill(snaps, snapshotKey)
+	c.loaded = true
 	return nil
 }
 
 // apply records one committed write. A record is kept as a read of the
-// database would return it (asStored), not as its writer passed it; a
-// name is a record's until it is renamed or deleted (names are unique).
+// database would return it (asStored), not as its writer passed it.
 func (c *recordCache) apply(ch Change) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.insts == nil { // not loaded: a write before load (the migrations')
-		return
-	}
 	switch {
+	case !c.loaded: // a write before load (the migrations')
+	case ch.Instance != nil && ch.Op == Deleted:
+		c.insts.remove(ch.Instance.ID)
 	case ch.Instance != nil:
-		if old, ok := c.insts[ch.Instance.ID]; ok {
-			if c.instNames[old.Name] == old.ID { // a name freed may already be another's
-				delete(c.instNames, old.Name)
-			}
-			delete(c.insts, old.ID)
-		}
-		if ch.Op != Deleted {
-			in := ch.Instance.asStored()
-			c.insts[in.ID], c.instNames[in.Name] = in, in.ID
-		}
+		c.insts.put(ch.Instance.asStored())
+	case ch.Snapshot != nil && ch.Op == Deleted:
+		c.snaps.remove(ch.Snapshot.ID)
 	case ch.Snapshot != nil:
-		if old, ok := c.snaps[ch.Snapshot.ID]; ok {
-			if c.snapNames[old.Name] == old.ID {
-				delete(c.snapNames, old.Name)
-			}
-			delete(c.snaps, old.ID)
-		}
-		if ch.Op != Deleted {
-			sn := ch.Snapshot.asStored()
-			c.snaps[sn.ID], c.snapNames[sn.Name] = sn, sn.ID
-		}
+		c.snaps.put(ch.Snapshot.asStored())
 	}
 }
 
 func (c *recordCache) instance(id string) (Instance, bool) {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
-	in, ok := c.insts[id]
+	in, ok := c.insts.byID[id]
 	return in, ok
 }
 
 func (c *recordCache) snapshot(id string) (Snapshot, bool) {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
-	sn, ok := c.snaps[id]
+	sn, ok := c.snaps.byID[id]
 	return sn, ok
 }
 
-// instancesMatching is refMatch over the cache: the instance named ref and
-// every one whose id is in [ref, idPrefixEnd(ref)), oldest first.
 func (c *recordCache) instancesMatching(ref string) []Instance {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
-	return matching(c.insts, c.instNames, ref, func(in Instance) (int64, string) { return in.CreatedAt.UnixNano(), in.ID })
+	return c.insts.matching(ref)
 }
 
-// snapshotsMatching is instancesMatching for snapshots.
 func (c *recordCache) snapshotsMatching(ref string) []Snapshot {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
-	return matching(c.snaps, c.snapNames, ref, func(sn Snapshot) (int64, string) { return sn.CreatedAt.UnixNano(), sn.ID })
+	return c.snaps.matching(ref)
 }
 
-// matching is refMatch over records (by id; names: name to id): the record
-// named ref and every one whose id is in [ref, idPrefixEnd(ref)), in
-// refMatch's order (key: a record's created_at and id). It reads only the
-// keys of the records it does not return: a record is hundreds of bytes.
-func matching[R any](records map[string]R, names map[string]string, ref string, key func(R) (int64, string)) []R {
+// recordKey is what the cache needs of a record: its id, its name and its
+// created_at (refMatch's order).
+type recordKey struct {
+	id, name string
+	created  int64
+}
+
+func instanceKey(in Instance) recordKey { return recordKey{in.ID, in.Name, in.CreatedAt.UnixNano()} }
+func snapshotKey(sn Snapshot) recordKey { return recordKey{sn.ID, sn.Name, sn.CreatedAt.UnixNano()} }
+
+// records is one kind of record, by id, with its names (a name to its
+// id's record). Names are unique, but a name one record frees and another
+// takes may reach the cache in either order: a name is dropped only while
+// it is still the dropped record's.
+type records[R any] struct {
+	byID  map[string]R
+	names map[string]string
+	key   func(R) recordKey
+}
+
+func (t *records[R]) fill(all []R, key func(R) recordKey) {
+	t.byID, t.names, t.key = make(map[string]R, len(all)), make(map[string]string, len(all)), key
+	for _, r := range all {
+		t.put(r)
+	}
+}
+
+func (t *records[R]) put(r R) {
+	k := t.key(r)
+	t.remove(k.id) // its old name, if it was renamed
+	t.byID[k.id], t.names[k.name] = r, k.id
+}
+
+func (t *records[R]) remove(id string) {
+	old, ok := t.byID[id]
+	if !ok {
+		return
+	}
+	if name := t.key(old).name; t.names[name] == id {
+		delete(t.names, name)
+	}
+	delete(t.byID, id)
+}
+
+// matching is refMatch over t: the record named ref and every one whose id
+// is in [ref, idPrefixEnd(ref)), oldest first. It reads only the keys of
+// the records it does not return: a record is hundreds of bytes.
+func (t *records[R]) matching(ref string) []R {
 	var out []R
-	named, ok := names[ref]
+	named, ok := t.names[ref]
 	if ok {
-		out = append(out, records[named])
+		out = append(out, t.byID[named])
 	}
 	end := idPrefixEnd(ref)
-	for id := range records {
+	for id := range t.byID {
 		if id >= ref && id < end && (!ok || id != named) {
-			out = append(out, records[id])
+			out = append(out, t.byID[id])
 		}
 	}
 	slices.SortFunc(out, func(a, b R) int {
-		aAt, aID := key(a)
-		bAt, bID := key(b)
-		return byCreated(aAt, aID, bAt, bID)
+		ka, kb := t.key(a), t.key(b)
+		return cmp.Or(cmp.Compare(ka.created, kb.created), strings.Compare(ka.id, kb.id))
 	})
 	return out
-}
-
-// byCreated is refMatch's order: created_at, then id.
-func byCreated(aAt int64, aID string, bAt int64, bID string) int {
-	if aAt != bAt {
-		if aAt < bAt {
-			return -1
-		}
-		return 1
-	}
-	return strings.Compare(aID, bID)
 }
 
 // asStored is in as a read of the database returns it once written: its
