@@ -400,11 +400,11 @@ func (m *Manager) removePartialFiles(id string) error {
 		// A fork of one commit renames its dir, which carries its record,
 		// before that commit: were the removal cut short, the reconciler
 		// would take back what is left (restoreForkRecord). The dir loses
-		// its own name first, for a temp one, which the reconciler removes.
+		// its own name first, as a deleted instance's does (finishDelete).
 		dir := g.Jail
-		if tmp, err := m.layout.TempGuest(id); err == nil && os.Getenv(UnsafeRemoveForkInPlaceEnv) != "1" { // the env: a twin test only
-			if err := os.Rename(g.Jail, tmp.Jail); err == nil {
-				dir = tmp.Jail
+		if trash, err := m.layout.DeletingGuest(id); err == nil && os.Getenv(UnsafeRemoveForkInPlaceEnv) != "1" { // the env: a twin test only
+			if err := atomicfile.Rename(g.Jail, trash); err == nil {
+				dir = trash
 			}
 		}
 		m.fault("fork:removing") // a test's hook: what is left while it is removed
