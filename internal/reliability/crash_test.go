@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -166,7 +167,7 @@ func crashCases() []crashCase {
 		{at: "fork:committed", setup: standby, op: fork},
 		{at: "fork:files", variant: "no-dir-records", setup: standby, op: fork, env: noRecords},
 		{at: "fork:committing", variant: "no-dir-records", setup: standby, op: fork, env: noRecords},
-		{at: "fork:beginning", variant: "batch-of-3-no-dir-records", setup: standby, op: forkBatch, env: []string{instance.GroupMinEnv + "=3", instance.NoDirRecordsEnv + "=1"}, check: batchSurvives(0)},
+		{at: "fork:beginning", variant: "batch-of-3-no-dir-records", setup: standby, op: forkBatch, env: slices.Concat(batch, noRecords), check: batchSurvives(0)},
 		// The last commit lost: every fork of the batch has its dir in
 		// place, and the reconciler completes all three.
 		{at: "fork:committing", variant: "batch-of-3", setup: standby, op: forkBatch, env: batch, check: batchSurvives(3)},

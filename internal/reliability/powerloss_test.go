@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -224,7 +225,7 @@ func powerCases() []powerCase {
 		{name: "fork:files", at: "fork:files", forks: 2},
 		{name: "fork:committed", at: "fork:committed", forks: 2, survive: 1},
 		{name: "fork:committed/from-snapshot", at: "fork:committed", forks: 2, survive: 1, fromSnapshot: true},
-		{name: "fork:beginning/batch-of-3-no-dir-records", at: "fork:beginning", forks: 3, lost: true, env: []string{instance.GroupMinEnv + "=3", instance.NoDirRecordsEnv + "=1"}},
+		{name: "fork:beginning/batch-of-3-no-dir-records", at: "fork:beginning", forks: 3, lost: true, env: slices.Concat(batch, []string{instance.NoDirRecordsEnv + "=1"})},
 		// The last commit does not wait for an fsync: a cut loses it, and
 		// the reconciler completes the forks from their journal entries and
 		// their dirs in place.
