@@ -149,8 +149,9 @@ func (s *Store) GroupUnsynced(ctx context.Context, label string, fn func(tx *Tx)
 }
 
 // After is GroupAfter's go-ahead: one value on Ready, nil to commit the
-// unit, an error to roll it back. Unsynced is GroupUnsynced's, for a test's
-// twin only.
+// unit, an error to roll it back. Unsynced is GroupUnsynced's: a fork's
+// last (or one) commit and a fork batch's last commit set it, as their
+// loss is repaired from what is durable.
 type After struct {
 	Ready    <-chan error
 	Unsynced bool
